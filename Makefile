@@ -1,0 +1,59 @@
+# Two entry points that work on a fresh Debian machine as root:
+#   make demo   set everything up, then run the demo
+#   make test   set everything up, then run lint and the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := python3 python3-venv python3-dev gcc wireguard-go wireguard-tools nftables iproute2 iputils-ping procps kmod
+
+.PHONY: setup sysdeps venv demo test lint format unit integration bench proto clean
+
+setup: sysdeps venv
+
+# System packages: only when one is missing, and only as root (apt-get works as is).
+sysdeps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing system packages:" $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "warning: missing system packages (run as root to install):" $$missing; fi; \
+	fi
+
+# Python packages in .venv, re-installed only when pyproject.toml changes.
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: setup lint
+	$(PY) -m pytest -q -rs tests
+
+unit: venv
+	$(PY) -m pytest -q tests/unit
+
+integration: setup
+	$(PY) -m pytest -q -rs tests/integration
+
+demo: setup
+	$(PY) -m discovery.demo
+
+bench: setup
+	$(PY) bench/run_all.py
+
+proto: venv
+	$(PY) scripts/genproto.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

@@ -1,0 +1,1 @@
+"""Discovery registry: Talos-compatible server and asyncio client."""

@@ -1,0 +1,1 @@
+"""Asyncio discovery client."""

@@ -1,0 +1,1 @@
+"""Discovery server: registry state, storage, gRPC service and daemon."""

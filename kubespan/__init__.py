@@ -1,0 +1,1 @@
+"""KubeSpan mesh engine (WireGuard controller)."""
