@@ -1,0 +1,255 @@
+"""KubeSpan defaults and the validated mesh configuration.
+
+Every default matches Talos (``pkg/machinery/constants`` and the KubeSpan
+adapters) so that our node and a Talos node agree on the wire and in the
+kernel; every value is configurable through :class:`MeshConfig`.
+
+WireGuard protocol timers (``WG_*``) are facts of the protocol (the
+WireGuard paper, section 6; ``messages.h`` in the Linux module) and are not
+configurable: they are what the endpoint state machine reasons about.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+
+# --- Link and WireGuard device -------------------------------------------------------------------
+
+LINK_NAME = "kubespan"
+LINK_NAME_MAX = 15  # IFNAMSIZ - 1
+LISTEN_PORT = 51820
+MTU = 1420
+MTU_MIN = 1280  # the IPv6 minimum link MTU; Talos' KubeSpanLinkMinimumMTU
+# WireGuard's own per-packet overhead (outer IPv6 40 + UDP 8 + data header 16 + tag 16); the Linux
+# module caps the device MTU at 65535 minus this.
+WG_OVERHEAD = 80
+MTU_MAX = 65535 - WG_OVERHEAD
+PERSISTENT_KEEPALIVE = 25  # seconds
+KEEPALIVE_MAX = 65535  # WireGuard stores the interval as u16 seconds; 0 disables it
+
+# --- Policy routing ------------------------------------------------------------------------------
+
+ROUTING_TABLE = 180
+RESERVED_TABLES = frozenset({0, 253, 254, 255})  # unspec, default, main, local
+TABLE_MAX = 2**32 - 1
+RULE_PRIORITY = 32500
+RULE_PRIORITY_MIN = 1  # priority 0 is the kernel's "lookup local" rule
+RULE_PRIORITY_MAX = 32765  # must come before "lookup main" (32766) to take effect
+ROUTE_METRIC = 1
+
+# --- Firewall marks ------------------------------------------------------------------------------
+
+FWMARK_WIREGUARD = 0x20  # set on WireGuard's own (encrypted) UDP packets
+FWMARK_FORCE = 0x40  # "send this through the mesh"
+FWMARK_MASK = 0x60  # only these bits are ever read or written
+FWMARK_MAX = 2**32 - 1
+
+# --- nftables ------------------------------------------------------------------------------------
+
+NFT_TABLE = "kubespan"  # a dedicated "inet" table (Talos shares "inet talos")
+NFT_NAME_MAX = 64
+# TCP MSS clamp: MTU minus IP header, TCP header and 12 bytes of options (Talos' arithmetic).
+MSS_OVERHEAD_IPV4 = 20 + 20 + 12
+MSS_OVERHEAD_IPV6 = 40 + 20 + 12
+
+# --- Mesh addressing -----------------------------------------------------------------------------
+
+ULA_PURPOSE_BOOTSTRAP = 0x01
+ULA_PURPOSE_KUBESPAN = 0x02
+ULA_PURPOSE_SIDEROLINK = 0x03
+ULA_PURPOSE_VIRTUAL_SIDEROLINK = 0x04
+MESH_PREFIX_LEN = 64
+IDENTITY_FILE = "kubespan-identity.key"
+
+# --- Discovery -----------------------------------------------------------------------------------
+
+DISCOVERY_TTL = 30 * 60.0  # seconds
+
+# --- WireGuard protocol timers (seconds) ---------------------------------------------------------
+
+WG_REKEY_AFTER_TIME = 120.0  # initiator re-handshakes a session this old when it sends
+WG_REJECT_AFTER_TIME = 180.0  # a session this old is dropped
+WG_REKEY_TIMEOUT = 5.0  # an unanswered handshake initiation is retried after this
+WG_REKEY_TIMEOUT_JITTER = 1.0 / 3.0  # ... plus up to this much random jitter
+WG_REKEY_ATTEMPT_TIME = 90.0  # handshake retries stop after this
+WG_KEEPALIVE_TIMEOUT = 10.0  # passive keepalive: data received, nothing sent back for this long
+
+# --- Talos' KubeSpan timers, for comparison (seconds) --------------------------------------------
+
+TALOS_ENDPOINT_CONNECTION_TIMEOUT = 15.0
+TALOS_PEER_DOWN_INTERVAL = WG_REJECT_AFTER_TIME + WG_REKEY_TIMEOUT + WG_REKEY_ATTEMPT_TIME  # 275
+TALOS_PEER_RECONCILE_INTERVAL = 30.0
+
+# --- Our engine's timers (seconds) ---------------------------------------------------------------
+
+POLL_INTERVAL = 1.0  # how often the engine reads WireGuard's peer counters
+RECONCILE_INTERVAL = 2.0  # timer-driven reconcile (self-healing within 5 s)
+LEARNED_ENDPOINTS_MAX = 4  # roamed endpoints remembered (and published) per peer
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; names the field and the limit."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+_NFT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LINK_NAME_BAD = re.compile(r"[\s/:]")
+
+
+@dataclass(frozen=True, slots=True)
+class DetectionTimings:
+    """Thresholds of the per-peer endpoint state machine (see ``kubespan.endpoints``)."""
+
+    poll_interval: float = POLL_INTERVAL
+    # Awaiting a reply (we sent, nothing came back) for this long starts active probing.
+    probe_after: float = 1.0
+    # At most one probe per this interval.
+    probe_interval: float = 1.0
+    # A probe-answering peer is dead after this long without a reply and this many probes.
+    dead_after: float = 4.0
+    dead_min_probes: int = 3
+    # A peer that does not answer probes is dead after this long: two passive keepalives
+    # (WG_KEEPALIVE_TIMEOUT each) plus WireGuard's own re-handshake, with slack.
+    passive_dead_after: float = 2 * WG_KEEPALIVE_TIMEOUT + 3.0
+    # A freshly chosen candidate gets this long to show a reply: one rate-limited handshake
+    # initiation (REKEY_TIMEOUT + jitter) and one retransmission, plus a poll.
+    trial_timeout: float = 2 * (WG_REKEY_TIMEOUT + WG_REKEY_TIMEOUT_JITTER) + 1.5
+    # After each full sweep of the candidates without success the trial time doubles up to this.
+    trial_timeout_max: float = 60.0
+    # A session older than this is dead even if bytes arrive (they can only be handshakes).
+    # REJECT_AFTER_TIME + one keepalive interval (a responder re-handshakes only when it next
+    # sends) + two handshake attempts.
+    session_dead_after: float = WG_REJECT_AFTER_TIME + PERSISTENT_KEEPALIVE + 2 * WG_REKEY_TIMEOUT
+    learned_max: int = LEARNED_ENDPOINTS_MAX
+
+    def __post_init__(self) -> None:
+        positive = (
+            "poll_interval",
+            "probe_after",
+            "probe_interval",
+            "dead_after",
+            "passive_dead_after",
+            "trial_timeout",
+            "trial_timeout_max",
+            "session_dead_after",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(name, f"{value!r} must be greater than 0")
+        if self.dead_min_probes < 1:
+            raise ConfigError("dead_min_probes", f"{self.dead_min_probes} must be at least 1")
+        if self.learned_max < 0:
+            raise ConfigError("learned_max", f"{self.learned_max} must be at least 0")
+        if self.dead_after > self.passive_dead_after:
+            raise ConfigError(
+                "dead_after",
+                f"{self.dead_after} must not exceed passive_dead_after ({self.passive_dead_after})",
+            )
+        if self.trial_timeout > self.trial_timeout_max:
+            raise ConfigError(
+                "trial_timeout",
+                f"{self.trial_timeout} must not exceed trial_timeout_max ({self.trial_timeout_max})",
+            )
+        if self.session_dead_after <= WG_REJECT_AFTER_TIME:
+            raise ConfigError(
+                "session_dead_after",
+                f"{self.session_dead_after} must exceed WireGuard's REJECT_AFTER_TIME ({WG_REJECT_AFTER_TIME})",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """Everything about the local mesh that is configurable; defaults are Talos'."""
+
+    link_name: str = LINK_NAME
+    listen_port: int = LISTEN_PORT
+    mtu: int = MTU
+    persistent_keepalive: int = PERSISTENT_KEEPALIVE
+    routing_table: int = ROUTING_TABLE
+    rule_priority: int = RULE_PRIORITY
+    fwmark_wireguard: int = FWMARK_WIREGUARD
+    fwmark_force: int = FWMARK_FORCE
+    fwmark_mask: int = FWMARK_MASK
+    nft_table: str = NFT_TABLE
+    # Talos' allowDownPeerBypass: traffic to a peer that is down leaves the mesh (fail open).
+    # Never applies to a peer that has not connected yet.
+    allow_down_peer_bypass: bool = False
+    clamp_forwarded_mss: bool = True
+    reconcile_interval: float = RECONCILE_INTERVAL
+    timings: DetectionTimings = field(default_factory=DetectionTimings)
+
+    def __post_init__(self) -> None:
+        _check_link_name(self.link_name)
+        _check_range("listen_port", self.listen_port, 1, 65535)
+        _check_range("mtu", self.mtu, MTU_MIN, MTU_MAX)
+        _check_range("persistent_keepalive", self.persistent_keepalive, 0, KEEPALIVE_MAX)
+        _check_range("routing_table", self.routing_table, 1, TABLE_MAX)
+        if self.routing_table in RESERVED_TABLES:
+            raise ConfigError(
+                "routing_table",
+                f"{self.routing_table} is reserved (reserved: {sorted(RESERVED_TABLES)})",
+            )
+        _check_range("rule_priority", self.rule_priority, RULE_PRIORITY_MIN, RULE_PRIORITY_MAX)
+        _check_range("fwmark_mask", self.fwmark_mask, 1, FWMARK_MAX)
+        for name in ("fwmark_wireguard", "fwmark_force"):
+            value = getattr(self, name)
+            _check_range(name, value, 1, FWMARK_MAX)
+            if value & ~self.fwmark_mask:
+                raise ConfigError(name, f"{value:#x} has bits outside fwmark_mask {self.fwmark_mask:#x}")
+        if self.fwmark_wireguard == self.fwmark_force:
+            raise ConfigError("fwmark_force", f"{self.fwmark_force:#x} must differ from fwmark_wireguard")
+        if not _NFT_NAME.fullmatch(self.nft_table) or len(self.nft_table) > NFT_NAME_MAX:
+            raise ConfigError(
+                "nft_table",
+                f"{self.nft_table!r} must be 1..{NFT_NAME_MAX} characters of [A-Za-z0-9_], "
+                "not starting with a digit",
+            )
+        if not self.reconcile_interval > 0:
+            raise ConfigError("reconcile_interval", f"{self.reconcile_interval!r} must be greater than 0")
+
+    @property
+    def mss_ipv4(self) -> int:
+        """TCP MSS clamp for IPv4 through the mesh."""
+        return self.mtu - MSS_OVERHEAD_IPV4
+
+    @property
+    def mss_ipv6(self) -> int:
+        """TCP MSS clamp for IPv6 through the mesh."""
+        return self.mtu - MSS_OVERHEAD_IPV6
+
+    @property
+    def fwmark_clear(self) -> int:
+        """AND-mask that clears our mark bits and keeps everyone else's."""
+        return ~self.fwmark_mask & FWMARK_MAX
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain values, for status output and logs (nothing here is secret)."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, DetectionTimings):
+                out[f.name] = {t.name: getattr(value, t.name) for t in fields(value)}
+            else:
+                out[f.name] = value
+        return out
+
+
+def _check_range(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(name, f"{value!r} must be an integer")
+    if value < low:
+        raise ConfigError(name, f"{value} is below the minimum {low}")
+    if value > high:
+        raise ConfigError(name, f"{value} is above the maximum {high}")
+
+
+def _check_link_name(name: str) -> None:
+    if not name or len(name) > LINK_NAME_MAX:
+        raise ConfigError("link_name", f"{name!r} must be 1..{LINK_NAME_MAX} characters")
+    if _LINK_NAME_BAD.search(name) or name in (".", ".."):
+        raise ConfigError("link_name", f"{name!r} must not contain whitespace, '/' or ':' nor be '.' or '..'")
