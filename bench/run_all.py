@@ -1,0 +1,28 @@
+"""Run every benchmark and print each figure beside its target."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+BENCHES = ["update_throughput.py", "watch_fanout.py", "memory.py"]
+
+
+def main() -> int:
+    results = []
+    for b in BENCHES:
+        print(f"== {b}", flush=True)
+        proc = subprocess.run([sys.executable, str(HERE / b)], capture_output=True, text=True)
+        print(proc.stdout, end="")
+        if proc.returncode:
+            print(proc.stderr[-3000:], end="")
+        results += [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    print("== summary")
+    print("\n".join(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""``discovery-service``: the self-hosted, server-blind discovery registry daemon.
+
+Flags follow the upstream service (``-addr`` and ``--addr`` are both accepted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from discovery import limits
+from discovery.logs import log_event, setup
+from discovery.server.service import SERVICE, ClusterService, IPNetwork, Metrics, ServiceConfig
+from discovery.server.state import Registry
+from discovery.server.storage import Store
+
+log = logging.getLogger("discovery.server")
+
+DEFAULT_SNAPSHOT_PATH = "/var/discovery-service/state.binpb"
+
+# grpc-core's defaults drop clients that ping more often than every 5 min; Talos pings every 3 min.
+GRPC_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def parse_duration(text: str) -> float:
+    """Go-style durations: ``90s``, ``1m``, ``10m30s``, ``1h``, ``500ms``, or plain seconds."""
+    t = text.strip()
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    total, num = 0.0, ""
+    i = 0
+    while i < len(t):
+        ch = t[i]
+        if ch.isdigit() or ch == ".":
+            num += ch
+            i += 1
+            continue
+        unit = "ms" if t.startswith("ms", i) else ch
+        if unit not in units or not num:
+            raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 30s, 1m, 10m, 1h)")
+        total += float(num) * units[unit]
+        num = ""
+        i += len(unit)
+    if num:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: missing unit after {num}")
+    return total
+
+
+def listen_target(addr: str) -> str:
+    """``:3000`` → ``[::]:3000``; ``127.0.0.1:3000`` unchanged."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid listen address {addr!r}: expected HOST:PORT or :PORT")
+    return f"[::]:{port}" if host in ("", "*") else addr
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    host, _, port = listen_target(addr).rpartition(":")
+    host = host.strip("[]")
+    return ("::" if host in ("", "::") else host), int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="discovery-service",
+        description="Self-hosted, server-blind node discovery registry, wire-compatible with Talos Linux.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--addr", default=":3000", help="gRPC listen address (h2c, or TLS with --certificate-path)"
+    )
+    p.add_argument(
+        "--landing-addr", default=":3001", help="landing page (/, /stats, /healthz); empty disables"
+    )
+    p.add_argument("--metrics-addr", default=":2122", help="Prometheus /metrics; empty disables")
+    p.add_argument(
+        "--certificate-path", default="", help="TLS certificate (PEM); reloaded when the file changes"
+    )
+    p.add_argument("--key-path", default="", help="TLS private key (PEM)")
+    p.add_argument(
+        "--gc-interval", type=parse_duration, default="1m", help="expired-entry collection interval"
+    )
+    p.add_argument("--redirect-endpoint", default="", help="redirect every client to this HOST:PORT")
+    p.add_argument(
+        "--snapshot-path", default=DEFAULT_SNAPSHOT_PATH, help="state snapshot; empty disables persistence"
+    )
+    p.add_argument(
+        "--snapshot-interval",
+        type=parse_duration,
+        default="10m",
+        help="snapshot (journal compaction) interval",
+    )
+    p.add_argument(
+        "--journal-fsync-interval", type=parse_duration, default="1s", help="group-commit fsync interval"
+    )
+    p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="honour X-Real-IP / X-Forwarded-For only from these peers (repeatable; default: none)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=limits.RATE_LIMIT_PER_SECOND,
+        help="requests/s per client IP (0 disables)",
+    )
+    p.add_argument(
+        "--rate-burst", type=int, default=limits.RATE_LIMIT_BURST, help="rate-limit burst per client IP"
+    )
+    p.add_argument(
+        "--disable-client-ip-reporting", action="store_true", help="leave client_ip empty in Hello"
+    )
+    p.add_argument("--no-rpc-log", action="store_true", help="do not log one line per RPC")
+    p.add_argument(
+        "--debug", action="store_true", default=os.environ.get("MODE") == "dev", help="debug logging"
+    )
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Accept Go-style single-dash long flags (-addr=:3000) as upstream documents them.
+    args = [
+        ("-" + a) if a.startswith("-") and not a.startswith("--") and len(a.split("=")[0]) > 2 else a
+        for a in args
+    ]
+    ns = build_parser().parse_args(args)
+    try:
+        ns.trusted_proxy = [ipaddress.ip_network(c, strict=False) for c in ns.trusted_proxy]
+    except ValueError as e:
+        build_parser().error(f"--trusted-proxy: {e}")
+    if bool(ns.certificate_path) != bool(ns.key_path):
+        build_parser().error("--certificate-path and --key-path must be given together")
+    for name in ("addr", "landing_addr", "metrics_addr"):
+        value = getattr(ns, name)
+        if value:
+            try:
+                listen_target(value)
+            except argparse.ArgumentTypeError as e:
+                build_parser().error(f"--{name.replace('_', '-')}: {e}")
+    if ns.gc_interval <= 0 or ns.snapshot_interval <= 0:
+        build_parser().error("--gc-interval and --snapshot-interval must be positive")
+    return ns
+
+
+class ReloadingCertificate:
+    """Serves the current certificate; re-reads the files when their mtime changes."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.cert, self.key = cert, key
+        self._stamp = self._mtimes()
+        self.reloads = 0
+
+    def _mtimes(self) -> tuple[int, int]:
+        return self.cert.stat().st_mtime_ns, self.key.stat().st_mtime_ns
+
+    def config(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(self.key.read_bytes(), self.cert.read_bytes())])
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        try:
+            stamp = self._mtimes()
+            if stamp == self._stamp:
+                return None
+            cfg = self.config()
+        except OSError as e:
+            log_event(
+                log, "certificate reload failed; keeping the previous one", logging.WARNING, error=str(e)
+            )
+            return None
+        self._stamp = stamp
+        self.reloads += 1
+        log_event(log, "certificate reloaded", path=str(self.cert))
+        return cfg
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self.config(), self.fetch, require_client_authentication=False
+        )
+
+
+LANDING_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>Discovery service</title></head>
+<body><h1>Discovery service</h1>
+<p>This is a self-hosted node discovery registry, wire-compatible with Talos Linux's discovery service.
+Nodes publish end-to-end encrypted affiliate records; this server stores only ciphertext and never sees
+hostnames, addresses, keys or endpoints.</p>
+<p>Point Talos at it with a <code>DiscoveryServiceConfig</code> endpoint (<code>http://host:3000</code> for
+h2c, <code>https://host:3000</code> for TLS). Statistics: <a href="/stats">/stats</a>.</p></body></html>"""
+
+
+@dataclass
+class Daemon:
+    ns: argparse.Namespace
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics()
+        self.registry = Registry()
+        self.store: Store | None = Store(Path(self.ns.snapshot_path)) if self.ns.snapshot_path else None
+        config = ServiceConfig(
+            redirect_endpoint=self.ns.redirect_endpoint,
+            trusted_proxies=tuple[IPNetwork, ...](self.ns.trusted_proxy),
+            rate_limit=self.ns.rate_limit,
+            rate_burst=self.ns.rate_burst,
+            client_ip_reporting=not self.ns.disable_client_ip_reporting,
+            log_rpcs=not self.ns.no_rpc_log,
+        )
+        self.service = ClusterService(self.registry, self.store, config, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.stopping = asyncio.Event()
+        self._runners: list[web.AppRunner] = []
+        self.ports: dict[str, int] = {}
+
+    def load(self) -> None:
+        if self.store is None:
+            return
+        t0 = time.perf_counter()
+        report = self.store.load(self.registry)
+        for problem in report.problems:
+            log_event(log, "state file problem (skipped)", logging.WARNING, problem=problem)
+        status = "error" if report.problems else "ok"
+        self.metrics.storage_ops.labels("load", status).inc()
+        self._record_storage(
+            "load", report.clusters, report.affiliates, report.endpoints, time.perf_counter() - t0
+        )
+        log_event(
+            log,
+            "state restored",
+            path=self.ns.snapshot_path,
+            clusters=report.clusters,
+            affiliates=report.affiliates,
+            endpoints=report.endpoints,
+            journal_records=report.records,
+        )
+
+    def _record_storage(
+        self, op: str, clusters: int, affiliates: int, endpoints: int, duration: float
+    ) -> None:
+        m = self.metrics.storage_last
+        m["clusters"].labels(op).set(clusters)
+        m["affiliates"].labels(op).set(affiliates)
+        m["endpoints"].labels(op).set(endpoints)
+        m["duration_seconds"].labels(op).set(duration)
+
+    async def compact(self, in_thread: bool = True) -> None:
+        """Snapshot at a consistent point (on the loop), write it in a worker thread."""
+        if self.store is None:
+            return
+        try:
+            pending = self.store.begin_compact(self.registry)
+            r = await asyncio.to_thread(pending.finish) if in_thread else pending.finish()
+        except Exception as e:
+            self.metrics.storage_ops.labels("save", "error").inc()
+            log_event(log, "snapshot failed", logging.ERROR, error=str(e))
+            return
+        self.metrics.storage_ops.labels("save", "ok").inc()
+        self.metrics.storage_size.set(r.size)
+        self._record_storage("save", r.clusters, r.affiliates, r.endpoints, r.duration)
+        log_event(
+            log,
+            "snapshot saved",
+            size=r.size,
+            clusters=r.clusters,
+            affiliates=r.affiliates,
+            duration_s=round(r.duration, 3),
+        )
+
+    async def _every(self, interval: float, fn: Any) -> None:
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)
+            if self.stopping.is_set():
+                return
+            res = fn()
+            if asyncio.iscoroutine(res):
+                await res
+
+    def gc(self) -> None:
+        st = self.registry.gc()
+        self.service.limiter.gc()
+        m = self.metrics
+        m.gc_runs.inc()
+        m.gc_clusters.inc(st.clusters)
+        m.gc_affiliates.inc(st.affiliates)
+        m.refresh_state(self.registry)
+
+    async def sync(self) -> None:
+        if self.store is not None:
+            await asyncio.to_thread(self.store.sync)
+
+    # -- HTTP pages -------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        clusters, affiliates, endpoints, subs = self.registry.stats()
+        return {"clusters": clusters, "affiliates": affiliates, "endpoints": endpoints, "subscriptions": subs}
+
+    async def _landing(self, _: web.Request) -> web.Response:
+        return web.Response(text=LANDING_HTML, content_type="text/html")
+
+    async def _stats(self, _: web.Request) -> web.Response:
+        return web.Response(
+            text=json.dumps(self.stats()),
+            content_type="application/json",
+            headers={"Access-Control-Allow-Origin": "*"},
+        )
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        if self.stopping.is_set():
+            return web.Response(status=503, text="stopping\n")
+        return web.Response(text="ok\n")
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        self.metrics.refresh_state(self.registry)
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _serve_http(self, name: str, addr: str, routes: list[web.RouteDef]) -> None:
+        app = web.Application()
+        app.add_routes(routes)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        host, port = split_host_port(addr)
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.ports[name] = sockets[0].getsockname()[1] if sockets else port
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self.load()
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server.add_generic_rpc_handlers((self.service.generic_handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        target = listen_target(self.ns.addr)
+        try:
+            if self.ns.certificate_path:
+                cert = ReloadingCertificate(Path(self.ns.certificate_path), Path(self.ns.key_path))
+                port = server.add_secure_port(target, cert.credentials())
+            else:
+                port = server.add_insecure_port(target)
+        except (OSError, RuntimeError) as e:
+            log_event(log, "cannot listen", logging.ERROR, addr=self.ns.addr, error=str(e))
+            return 1
+        self.ports["grpc"] = port
+        await server.start()
+        if self.ns.landing_addr:
+            await self._serve_http(
+                "landing",
+                self.ns.landing_addr,
+                [
+                    web.get("/", self._landing),
+                    web.get("/stats", self._stats),
+                    web.get("/healthz", self._healthz),
+                ],
+            )
+        if self.ns.metrics_addr:
+            await self._serve_http("metrics", self.ns.metrics_addr, [web.get("/metrics", self._metrics)])
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        log_event(
+            log,
+            "serving",
+            grpc=f"{target.rsplit(':', 1)[0]}:{port}",
+            tls=bool(self.ns.certificate_path),
+            landing=self.ns.landing_addr or None,
+            metrics=self.ns.metrics_addr or None,
+            ports=self.ports,
+            persistence=self.ns.snapshot_path or None,
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        tasks = [
+            asyncio.create_task(self._every(self.ns.gc_interval, self.gc)),
+            asyncio.create_task(self._every(self.ns.snapshot_interval, self.compact)),
+            asyncio.create_task(self._every(self.ns.journal_fsync_interval, self.sync)),
+        ]
+        await self.stopping.wait()
+        log_event(log, "shutting down")
+        await self.health.enter_graceful_shutdown()
+        self.service.close_watches()
+        await server.stop(5)
+        for t in tasks:
+            t.cancel()
+        for runner in self._runners:
+            await runner.cleanup()
+        if self.store is not None:
+            await self.compact(in_thread=False)
+            self.store.close()
+        log_event(log, "stopped")
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = parse_args(argv)
+    setup(debug=ns.debug)
+    if ns.snapshot_path:
+        d = Path(ns.snapshot_path).parent
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log_event(log, "cannot create the snapshot directory", logging.ERROR, path=str(d), error=str(e))
+            return 1
+    return asyncio.run(Daemon(ns).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
