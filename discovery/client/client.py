@@ -54,6 +54,7 @@ from discovery.limits import (
     ENDPOINTS_PER_AFFILIATE_MAX,
     TTL_MAX_SECONDS,
 )
+from discovery.logs import log_event
 from spanapi.discovery.client import affiliate_pb2
 from spanapi.discovery.server import cluster_pb2, cluster_pb2_grpc
 
@@ -82,10 +83,8 @@ OnChange = Callable[[dict[str, "DiscoveredAffiliate"]], Awaitable[None] | None]
 
 
 def _event(level: int, event: str, **fields: Any) -> None:
-    """One log line per event: ``event k=v ...`` plus the fields for structured formatters."""
-    if log.isEnabledFor(level):
-        text = " ".join(f"{k}={v}" for k, v in fields.items())
-        log.log(level, f"{event} {text}" if text else event, extra={"_fields": fields})
+    """One structured log line per event (see discovery.logs)."""
+    log_event(log, event, level, **fields)
 
 
 class WatchEndedError(ConnectionError):
