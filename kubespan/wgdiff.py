@@ -1,0 +1,181 @@
+"""Desired vs observed WireGuard state -> the minimal list of operations.
+
+Only what differs is touched: an unchanged peer yields no operation, a peer
+whose endpoint alone changed yields an :class:`UpdatePeer` carrying only the
+endpoint, and so on. Allowed IPs are always *replaced* as a whole when they
+differ (UAPI ``replace_allowed_ips``, netlink ``WGPEER_F_REPLACE_ALLOWEDIPS``),
+never appended to, and the device's peer list is never replaced wholesale
+(that would drop every session).
+
+A desired ``endpoint=None`` means "keep whatever WireGuard has": roaming is
+left alone, as in Talos.
+
+:func:`apply_ops` models how WireGuard executes the operations (including that
+an allowed IP given to one peer is taken away from any other peer holding
+exactly that prefix). Fakes use it, and tests check ``apply_ops(observed,
+diff(desired, observed))`` converges to ``desired``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+from kubespan.wgtypes import (
+    AddrPort,
+    DeviceConfig,
+    IPNetwork,
+    ObservedDevice,
+    ObservedPeer,
+    PeerConfig,
+    PresharedKey,
+    PrivateKey,
+    PublicKey,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SetDevice:
+    """Change device-level settings; ``None`` fields are left alone."""
+
+    private_key: PrivateKey | None = None
+    listen_port: int | None = None
+    fwmark: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AddPeer:
+    """Create a peer with exactly this configuration."""
+
+    peer: PeerConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RemovePeer:
+    public_key: PublicKey
+
+
+@dataclass(frozen=True, slots=True)
+class UpdatePeer:
+    """Change an existing peer; ``None`` fields are unchanged.
+
+    ``preshared_key`` set to the all-zero key clears the PSK; ``allowed_ips``
+    replaces the whole list.
+    """
+
+    public_key: PublicKey
+    endpoint: AddrPort | None = None
+    persistent_keepalive: int | None = None
+    preshared_key: PresharedKey | None = None
+    allowed_ips: frozenset[IPNetwork] | None = None
+
+
+PeerOp = AddPeer | RemovePeer | UpdatePeer
+Op = SetDevice | PeerOp
+
+_ZERO = PresharedKey(bytes(32))
+
+
+def diff_peer(desired: PeerConfig, observed: PeerConfig | ObservedPeer) -> UpdatePeer | None:
+    """The update turning ``observed`` into ``desired``, or None when nothing differs."""
+    endpoint = None
+    if desired.endpoint is not None and desired.endpoint != observed.endpoint:
+        endpoint = desired.endpoint
+    keepalive = None
+    if desired.persistent_keepalive != observed.persistent_keepalive:
+        keepalive = desired.persistent_keepalive
+    psk = None
+    if desired.preshared_key != observed.preshared_key:
+        psk = desired.preshared_key if desired.preshared_key is not None else _ZERO
+    allowed = None
+    if desired.allowed_ips != observed.allowed_ips:
+        allowed = desired.allowed_ips
+    if endpoint is None and keepalive is None and psk is None and allowed is None:
+        return None
+    return UpdatePeer(desired.public_key, endpoint, keepalive, psk, allowed)
+
+
+def diff_peers(
+    desired: Mapping[PublicKey, PeerConfig],
+    observed: Mapping[PublicKey, PeerConfig | ObservedPeer],
+) -> list[PeerOp]:
+    """Removals, then updates, then additions; each group in public-key order."""
+    removes: list[PeerOp] = [RemovePeer(k) for k in sorted(observed) if k not in desired]
+    updates: list[PeerOp] = []
+    adds: list[PeerOp] = []
+    for k in sorted(desired):
+        want = desired[k]
+        have = observed.get(k)
+        if have is None:
+            adds.append(AddPeer(want))
+        else:
+            upd = diff_peer(want, have)
+            if upd is not None:
+                updates.append(upd)
+    return removes + updates + adds
+
+
+def diff_device(desired: DeviceConfig, observed: ObservedDevice | None) -> list[Op]:
+    """All operations to reach ``desired``; empty when the device already matches."""
+    if observed is None:
+        observed = ObservedDevice()
+    ops: list[Op] = []
+    set_dev = SetDevice(
+        private_key=desired.private_key if desired.private_key != observed.private_key else None,
+        listen_port=desired.listen_port if desired.listen_port != observed.listen_port else None,
+        fwmark=desired.fwmark if desired.fwmark != observed.fwmark else None,
+    )
+    if set_dev != SetDevice():
+        ops.append(set_dev)
+    ops.extend(diff_peers(desired.peers, observed.peers))
+    return ops
+
+
+def apply_ops(device: ObservedDevice, ops: Iterable[Op]) -> ObservedDevice:
+    """What WireGuard's device looks like after executing ``ops`` in order."""
+    private_key = device.private_key
+    listen_port = device.listen_port
+    fwmark = device.fwmark
+    peers: dict[PublicKey, ObservedPeer] = dict(device.peers)
+
+    def take(owner: PublicKey, nets: frozenset[IPNetwork]) -> None:
+        for k, p in list(peers.items()):
+            if k != owner and p.allowed_ips & nets:
+                peers[k] = replace(p, allowed_ips=p.allowed_ips - nets)
+
+    for op in ops:
+        if isinstance(op, SetDevice):
+            private_key = op.private_key if op.private_key is not None else private_key
+            listen_port = op.listen_port if op.listen_port is not None else listen_port
+            fwmark = op.fwmark if op.fwmark is not None else fwmark
+        elif isinstance(op, RemovePeer):
+            peers.pop(op.public_key, None)
+        elif isinstance(op, AddPeer):
+            cfg = op.peer
+            old = peers.get(cfg.public_key, ObservedPeer(cfg.public_key))
+            take(cfg.public_key, cfg.allowed_ips)
+            peers[cfg.public_key] = replace(
+                old,
+                allowed_ips=cfg.allowed_ips,
+                endpoint=cfg.endpoint if cfg.endpoint is not None else old.endpoint,
+                persistent_keepalive=cfg.persistent_keepalive,
+                preshared_key=cfg.preshared_key,
+            )
+        elif isinstance(op, UpdatePeer):
+            cur = peers.get(op.public_key)
+            if cur is None:
+                continue  # update_only: the peer vanished meanwhile
+            if op.allowed_ips is not None:
+                take(op.public_key, op.allowed_ips)
+                cur = replace(cur, allowed_ips=op.allowed_ips)
+            if op.endpoint is not None:
+                cur = replace(cur, endpoint=op.endpoint)
+            if op.persistent_keepalive is not None:
+                cur = replace(cur, persistent_keepalive=op.persistent_keepalive)
+            if op.preshared_key is not None:
+                psk = None if op.preshared_key.is_zero() else op.preshared_key
+                cur = replace(cur, preshared_key=psk)
+            peers[op.public_key] = cur
+        else:  # pragma: no cover - exhaustive
+            raise TypeError(f"unknown operation {op!r}")
+    return ObservedDevice(private_key, listen_port, fwmark, peers)
