@@ -37,7 +37,7 @@ def h2load(port: int, body: Path, seconds: float, clients: int, streams: int) ->
         [
             "h2load",
             "-D",
-            str(seconds),
+            str(int(seconds)),
             "--warm-up-time",
             "1",
             "-c",

@@ -48,3 +48,73 @@ def setup(debug: bool = False, stream: Any = None) -> None:
 def log_event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields: Any) -> None:
     if logger.isEnabledFor(level):
         logger.log(level, msg, extra={_FIELDS: fields})
+
+
+encode_str = _encode = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+class FastEventLog:
+    """A low-overhead writer for high-rate events (one per RPC) in the same JSON-lines format.
+
+    Lines are rendered with minimal work and written once per event-loop
+    iteration (batched), not through the logging machinery. Values must be
+    str, int, float, bool or None.
+    """
+
+    def __init__(self, logger: str, stream: Any = None) -> None:
+        self._prefix_logger = _encode(logger)
+        self._stream = stream
+        self._buf: list[str] = []
+        self._scheduled = False
+        self._sec = -1
+        self._sec_text = ""
+
+    def _ts(self) -> str:
+        now = time.time()
+        sec = int(now)
+        if sec != self._sec:
+            self._sec = sec
+            self._sec_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._sec_text}.{int((now - sec) * 1000):03d}Z"
+
+    def head(self, msg: str) -> str:
+        """The opening of a line up to and including ``"msg"``; append ``,"k":v`` pairs and ``}\n``."""
+        return f'{{"ts":"{self._ts()}","level":"info","logger":{self._prefix_logger},"msg":{_encode(msg)}'
+
+    def event(self, msg: str, **fields: Any) -> None:
+        parts = [self.head(msg)]
+        for k, v in fields.items():
+            if v is None:
+                continue
+            if isinstance(v, str):
+                parts.append(f',"{k}":{_encode(v)}')
+            elif isinstance(v, bool):
+                parts.append(f',"{k}":{"true" if v else "false"}')
+            else:
+                parts.append(f',"{k}":{v}')
+        parts.append("}\n")
+        self.write_line("".join(parts))
+
+    def write_line(self, line: str) -> None:
+        """Queue one complete line (built with :meth:`head`)."""
+        self._buf.append(line)
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                import asyncio
+
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._buf:
+            return
+        data, self._buf = "".join(self._buf), []
+        stream = self._stream or sys.stderr
+        try:
+            stream.write(data)
+            stream.flush()
+        except (OSError, ValueError):
+            pass

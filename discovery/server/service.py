@@ -14,15 +14,16 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from discovery.logs import log_event
+from discovery.logs import FastEventLog, encode_str
 from discovery.server.ratelimit import RateLimiter
+from discovery.server.rpcmetrics import RpcMetrics
 from discovery.server.state import Change, Code, Registry, RegistryError
 from discovery.server.storage import Store
 from spanapi.discovery.server import cluster_pb2 as pb
@@ -98,48 +99,13 @@ class Metrics:
             )
             for k in ("clusters", "affiliates", "endpoints", "duration_seconds")
         }
-        self.journal_records = Counter(
-            "discovery_storage_journal_records", "Journal records written.", registry=r
-        )
-        self.started = Counter(
-            "grpc_server_started", "RPCs started.", ["grpc_type", "grpc_service", "grpc_method"], registry=r
-        )
-        self.handled = Counter(
-            "grpc_server_handled",
-            "RPCs completed, by status code.",
-            ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
-            registry=r,
-        )
-        self.handling = Histogram(
-            "grpc_server_handling_seconds",
-            "RPC handling time.",
-            ["grpc_type", "grpc_service", "grpc_method"],
-            buckets=(0.01, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=r,
-        )
+        self.rpcs = RpcMetrics(SERVICE, r)
         self.rate_limited = Counter(
             "discovery_server_rate_limited", "Requests refused by the rate limiter.", registry=r
         )
         self.watch_aborted = Counter(
             "discovery_server_watch_lost_updates", "Watches aborted: lost update.", registry=r
         )
-        self._children: dict[tuple[str, str], tuple[Any, Any, dict[str, Any]]] = {}
-
-    def rpc(self, kind: str, method: str) -> tuple[Any, Any, dict[str, Any]]:
-        """Cached label children for one method: (started, histogram, handled-by-code)."""
-        key = (kind, method)
-        c = self._children.get(key)
-        if c is None:
-            c = (self.started.labels(kind, SERVICE, method), self.handling.labels(kind, SERVICE, method), {})
-            self._children[key] = c
-        return c
-
-    def handled_child(self, kind: str, method: str, code: str) -> Any:
-        codes = self.rpc(kind, method)[2]
-        h = codes.get(code)
-        if h is None:
-            h = codes[code] = self.handled.labels(kind, SERVICE, method, code)
-        return h
 
     def refresh_state(self, reg: Registry) -> None:
         clusters, affiliates, endpoints, subs = reg.stats()
@@ -192,7 +158,7 @@ class _Call:
     method: str
     cluster_id: str = ""
     affiliate_id: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, str] | None = None
 
 
 class ClusterService:
@@ -211,6 +177,8 @@ class ClusterService:
         self.metrics = metrics or Metrics()
         self.limiter = RateLimiter(self.config.rate_limit, self.config.rate_burst)
         self._closing = asyncio.Event()
+        self._rpc_log = FastEventLog("discovery.server")
+        self._peers: dict[str, IPAddress | None] = {}
         self._wakers: set[Callable[[], None]] = set()
 
     # -- plumbing -----------------------------------------------------------------------------------
@@ -240,7 +208,13 @@ class ClusterService:
         )
 
     def client_ip(self, context: grpc.aio.ServicerContext) -> IPAddress | None:
-        peer = parse_peer(context.peer())
+        text = context.peer()
+        try:
+            peer = self._peers[text]
+        except KeyError:
+            if len(self._peers) > 10_000:
+                self._peers.clear()
+            peer = self._peers[text] = parse_peer(text)
         if peer is None or not self.config.trusted_proxies:
             return peer
         if not any(peer in net for net in self.config.trusted_proxies):
@@ -277,8 +251,8 @@ class ClusterService:
         context: grpc.aio.ServicerContext,
         body: Callable[[], Awaitable[Any]],
     ) -> Any:
-        started, hist, _ = self.metrics.rpc(kind, call.method)
-        started.inc()
+        stats = self.metrics.rpcs.method(kind, call.method)
+        stats.started += 1
         t0 = time.perf_counter()
         code = "OK"
         ip = self.client_ip(context)
@@ -306,19 +280,17 @@ class ClusterService:
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
             dt = time.perf_counter() - t0
-            hist.observe(dt)
-            self.metrics.handled_child(kind, call.method, code).inc()
+            stats.done(code, dt)
             if self.config.log_rpcs:
-                log_event(
-                    log,
-                    "rpc",
-                    method=call.method,
-                    code=code,
-                    duration_ms=round(dt * 1000, 3),
-                    cluster_id=call.cluster_id,
-                    affiliate_id=call.affiliate_id or None,
-                    peer=str(ip) if ip else context.peer(),
-                    **call.extra,
+                rl = self._rpc_log
+                aid = f',"affiliate_id":{encode_str(call.affiliate_id)}' if call.affiliate_id else ""
+                extra = (
+                    "".join(f',"{k}":{encode_str(v)}' for k, v in call.extra.items()) if call.extra else ""
+                )
+                rl.write_line(
+                    f'{rl.head("rpc")},"method":"{call.method}","code":"{code}","duration_ms":{dt * 1000:.3f},'
+                    f'"cluster_id":{encode_str(call.cluster_id)}{aid},"peer":{encode_str(str(ip) if ip else context.peer())}'
+                    f"{extra}}}\n"
                 )
 
     # -- RPCs ---------------------------------------------------------------------------------------
