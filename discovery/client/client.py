@@ -725,9 +725,14 @@ class _Session:
             self.backoff.reset()
             _event(logging.DEBUG, "discovery affiliate published", endpoint=self.url, version=local.version)
         elif now - self.last_own_sent >= half - 1e-3:
+            # Keep-alive: no data (watchers are not notified), but our own endpoints are re-sent,
+            # because the server expires each endpoint on its own TTL.
             await stub.AffiliateUpdate(
                 cluster_pb2.AffiliateUpdateRequest(
-                    cluster_id=c.cluster_id, affiliate_id=c.affiliate_id, ttl=ttl
+                    cluster_id=c.cluster_id,
+                    affiliate_id=c.affiliate_id,
+                    affiliate_endpoints=local.endpoints,
+                    ttl=ttl,
                 ),
                 timeout=timeout,
             )

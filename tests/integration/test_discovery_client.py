@@ -571,21 +571,12 @@ async def test_multiple_endpoints_merged(discovery_server: Start) -> None:
 
 # --- 10. TTL-only keep-alives ------------------------------------------------------------------------------------
 
-KEEPALIVE_ENDPOINTS_BUG = (
-    "client bug: the TTL-only keep-alive (discovery/client/client.py, _Session._refresh, the `elif now - "
-    "self.last_own_sent >= half` branch) sends no affiliate_endpoints, but the server (like upstream) expires "
-    "each endpoint on its own expiration; after one TTL the node's own endpoints are GC'd, watchers are "
-    "notified and peers lose them"
-)
-
 
 @pytest.mark.parametrize(
     "with_endpoints",
     [
         pytest.param(False, id="data-only"),
-        pytest.param(
-            True, id="with-endpoints", marks=pytest.mark.xfail(strict=True, reason=KEEPALIVE_ENDPOINTS_BUG)
-        ),
+        pytest.param(True, id="with-endpoints"),
     ],
 )
 async def test_keepalive_keeps_entry_without_notifying(discovery_server: Start, with_endpoints: bool) -> None:
