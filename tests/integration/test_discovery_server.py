@@ -349,3 +349,42 @@ async def test_health_reflection_pages_and_metrics(discovery_server: Start) -> N
     rpc_lines = [r for r in srv.lines() if r.get("msg") == "rpc"]
     assert rpc_lines and rpc_lines[0]["method"] == "Hello" and rpc_lines[0]["code"] == "OK"
     assert rpc_lines[0]["cluster_id"] == CID and "duration_ms" in rpc_lines[0] and "peer" in rpc_lines[0]
+
+
+async def test_slow_watcher_is_aborted_with_lost_update(discovery_server: Start) -> None:
+    srv = discovery_server(state_dir=None)
+    # a fixed 64 KiB HTTP/2 window (no BDP probing) so that a reader that stops reading stalls the server
+    small_window = [("grpc.http2.bdp_probe", 0)]
+    async with (
+        grpc.aio.insecure_channel(srv.target, options=small_window) as ch,
+        grpc.aio.insecure_channel(srv.target) as writer_ch,
+    ):
+        stub, writer = rpc.ClusterStub(ch), rpc.ClusterStub(writer_ch)
+        watch = stub.Watch(pb.WatchRequest(cluster_id=CID), timeout=60)
+        await watch.read()  # the snapshot; then stop reading
+        for i in range(400):
+            await writer.AffiliateUpdate(upd(f"n{i % 50}", os.urandom(2000)), timeout=5)
+        received = 0
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            async with asyncio.timeout(30):
+                while True:
+                    msg = await watch.read()
+                    assert msg is not grpc.aio.EOF, "stream ended without an error"
+                    received += 1
+        assert ei.value.code() == grpc.StatusCode.ABORTED
+        assert "lost update" in (ei.value.details() or "")
+        assert received < 400
+        # a fresh watch starts over with a full snapshot
+        again = stub.Watch(pb.WatchRequest(cluster_id=CID), timeout=10)
+        snap = await again.read()
+        assert len(snap.affiliates) == 50
+        again.cancel()
+
+
+def test_grpc_options_accept_talos_keepalive_pings() -> None:
+    from discovery.server.main import GRPC_OPTIONS
+
+    opts = dict(GRPC_OPTIONS)
+    # Talos pings every max(10 s, TTL/10) = 3 min; grpc-core's default would GOAWAY it (too_many_pings)
+    assert opts["grpc.http2.min_ping_interval_without_data_ms"] <= 10_000
+    assert opts["grpc.http2.max_ping_strikes"] == 0
