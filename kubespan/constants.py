@@ -112,6 +112,8 @@ class DetectionTimings:
     # A probe-answering peer is dead after this long without a reply and this many probes.
     dead_after: float = 4.0
     dead_min_probes: int = 3
+    # While it is unknown whether the peer answers probes, one calibration probe per this.
+    calibrate_interval: float = 5.0
     # A peer that does not answer probes is dead after this long: two passive keepalives
     # (WG_KEEPALIVE_TIMEOUT each) plus WireGuard's own re-handshake, with slack.
     passive_dead_after: float = 2 * WG_KEEPALIVE_TIMEOUT + 3.0
@@ -131,6 +133,7 @@ class DetectionTimings:
             "poll_interval",
             "probe_after",
             "probe_interval",
+            "calibrate_interval",
             "dead_after",
             "passive_dead_after",
             "trial_timeout",

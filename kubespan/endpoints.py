@@ -1,0 +1,580 @@
+"""Per-peer endpoint selection and failure detection (pure; the caller supplies the clock).
+
+What we can observe
+-------------------
+WireGuard tells us, per peer, the endpoint it currently uses, cumulative rx/tx
+byte counters and the time of the last completed handshake. The engine polls
+these every ``poll_interval`` (1 s) and feeds them to :meth:`EndpointMachine.observe`
+with a monotonic ``now``. Talos looks only at handshake age and needs 275 s to
+call a peer down and ~30 s per candidate; we use receive progress, which moves
+within one round trip, and confirm with a probe.
+
+WireGuard facts the thresholds rest on (WireGuard paper section 6)
+--------------------------------------------------------------------
+* A *data* packet received makes the receiver answer within KEEPALIVE_TIMEOUT
+  (10 s) even if it has nothing to say (passive keepalive). A keepalive does
+  not trigger this, so our own persistent keepalives need no answer.
+* After sending data and hearing nothing for KEEPALIVE + REKEY_TIMEOUT (15 s),
+  WireGuard itself re-handshakes; an unanswered initiation is retried every
+  REKEY_TIMEOUT (5 s) plus up to 1/3 s of jitter, and at most once per 5 s.
+* A session older than REJECT_AFTER_TIME (180 s) carries no data; any sender
+  re-keys after REKEY_AFTER_TIME (120 s), so with persistent keepalives (25 s)
+  a live path never shows a handshake older than about 180 + 25 s.
+* Changing a peer's endpoint keeps its session: the next packet, encrypted with
+  the current keys, simply goes to the new address (no handshake needed).
+* WireGuard "roams": an authenticated packet from a new source address makes
+  that address the peer's endpoint.
+
+Detection
+---------
+*Evidence* that the current path works is a reply to one of our probes, or
+rx progress while the session is valid (handshake younger than
+REJECT_AFTER_TIME; bytes arriving on an older session can only be handshake
+attempts).
+
+An *episode* starts when tx grows and rx does not: we sent something and wait
+for an answer. After ``probe_after`` (1 s) the machine asks the engine for a
+probe every ``probe_interval`` (1 s): one small packet through the tunnel that
+the peer answers at once (ICMPv6 echo to its mesh address, or a UDP echo), and
+whose reply the engine itself receives and reports as ``answered``. Any
+evidence ends the episode. The path is dead when:
+
+* the peer is known to answer probes and ``dead_after`` (4 s) passed with at
+  least ``dead_min_probes`` (3) probes unanswered. Under 1 % loss per packet a
+  probe round trip fails with ~2 %, so three in a row fail with ~8e-6 per
+  episode, and episodes only start when something was already lost or after
+  one of our 25 s keepalives; or
+* ``passive_dead_after`` (23 s) passed regardless: long enough for two passive
+  keepalives (10 s each) and WireGuard's own re-handshake at 15 s, so a peer
+  that drops our probes (host firewall) is not declared dead while alive; or
+* the handshake is older than ``session_dead_after`` (215 s = 180 + 25 + 2x5):
+  catches a path that is broken one way only (the peer's initiations reach us,
+  our answers do not), where rx still grows.
+
+A peer "answers probes" once a probe reply has been received, and stops
+counting as such when an episode with ``dead_min_probes`` unanswered probes
+ends in other rx (it is alive but drops them). While this is unknown on a
+working path, a calibration probe goes out every ``calibrate_interval`` (5 s);
+``dead_min_probes`` of them unanswered while other traffic arrives settles it
+as "no". Probe replies are the only
+trustworthy signal: rx that happens to follow a probe may be a passive
+keepalive, and a peer ignoring probes sends one every ~10 s while we send
+data. Until a reply is seen only the passive rule applies. A peer that stops
+answering after having answered costs one needless switch before the next
+path's trial (evidence only from its passive keepalive) marks it.
+
+With traffic flowing (e.g. a 1 Hz ping), a black-holed endpoint is noticed at
+the first poll without rx (<= 1 s), probed from 1 s, declared dead at 4-5 s,
+and the next candidate is configured at once; a working candidate shows
+evidence one round trip plus one poll later, so the path is replaced in about
+6 s (target: 10 s). An idle path is checked at least once per keepalive
+interval (our keepalive starts an episode), so idle detection takes at most
+keepalive + dead_after.
+
+Candidate trials
+----------------
+A newly configured endpoint is probed at once and gets ``trial_timeout``
+(12.2 s = two handshake attempts with jitter, plus a poll) to show evidence:
+if the session is still valid the answer takes one round trip; if not,
+WireGuard's rate-limited initiation may wait 5 s and one loss costs another
+5 s. The same rate limit means that at first contact a dead first candidate
+delays the next one by up to trial_timeout + REKEY_TIMEOUT. A failed trial moves to the next candidate; after every full sweep the
+trial time doubles up to ``trial_timeout_max`` (60 s), and probes are spaced
+REKEY_TIMEOUT apart while there is no valid session (WireGuard cannot
+handshake faster), so a dead peer costs little. To a peer known to drop probes
+they are spaced KEEPALIVE_TIMEOUT apart: each only serves to make it send a
+passive keepalive.
+
+Candidate order: same subnet as one of our addresses, private, public, then
+learned (roamed) endpoints; within a class the published order is kept.
+Endpoints of an address family we have no address in come last.
+
+Roaming
+-------
+When WireGuard reports an endpoint we did not configure *together with* rx
+progress, the peer reached us from there: we adopt it (no reconfiguration) and,
+if it is not a published candidate, remember it as *learned* (most recent
+first, at most ``learned_max``). The engine publishes the learned list for that
+peer only when :attr:`Decision.learned_changed` is set; a learned endpoint that
+dies is dropped from the list. An endpoint that differs *without* rx progress
+means our configuration did not stick (or the device was re-created), so it
+is configured again.
+
+States
+------
+``up``: the current path has shown evidence and has not failed since.
+``down``: the peer was up before and no path has shown evidence since it failed.
+``unknown``: the peer has never been up (not yet connected); it is never
+bypassed even when down-peer bypass is on.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from kubespan.constants import (
+    WG_KEEPALIVE_TIMEOUT,
+    WG_REJECT_AFTER_TIME,
+    WG_REKEY_TIMEOUT,
+    DetectionTimings,
+)
+from kubespan.wgtypes import AddrPort, IPAddress, IPNetwork, ObservedPeer
+
+
+class PeerState(enum.StrEnum):
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+
+
+class CandidateKind(enum.IntEnum):
+    """Preference classes, best first."""
+
+    SAME_SUBNET = 0
+    PRIVATE = 1
+    PUBLIC = 2
+    LEARNED = 3
+    OTHER_FAMILY = 4  # we have no address of this family: try last
+
+
+_PRIVATE = [
+    ipaddress.ip_network(n)
+    for n in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "169.254.0.0/16",
+        "127.0.0.0/8",
+        "fc00::/7",
+        "fe80::/10",
+        "::1/128",
+    )
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    endpoint: AddrPort
+    kind: CandidateKind
+
+
+def _is_private(ip: IPAddress) -> bool:
+    return any(ip.version == n.version and ip in n for n in _PRIVATE)
+
+
+def _usable(ep: AddrPort) -> bool:
+    return not (ep.ip.is_unspecified or ep.ip.is_multicast)
+
+
+def order_candidates(
+    endpoints: Iterable[AddrPort],
+    local_networks: Iterable[IPNetwork | ipaddress.IPv4Interface | ipaddress.IPv6Interface],
+    learned: Iterable[AddrPort] = (),
+    exclude: Iterable[IPNetwork] = (),
+) -> tuple[Candidate, ...]:
+    """Rank a peer's endpoints (plus our learned ones) for trying, best first.
+
+    ``local_networks`` are our own addresses with their prefixes (for "same
+    subnet" and to know which families we can reach). ``exclude`` drops
+    endpoints inside those networks (the mesh subnet: an endpoint reachable
+    only through the tunnel would nest the tunnel in itself). Unspecified and
+    multicast endpoints are dropped; duplicates keep their first position.
+    """
+    nets = [
+        n.network if isinstance(n, ipaddress.IPv4Interface | ipaddress.IPv6Interface) else n
+        for n in local_networks
+    ]
+    families = {n.version for n in nets}
+    excluded = list(exclude)
+    seen: set[AddrPort] = set()
+    ranked: list[tuple[int, int, Candidate]] = []
+    all_eps = [(ep, False) for ep in endpoints] + [(ep, True) for ep in learned]
+    for pos, (ep, is_learned) in enumerate(all_eps):
+        if ep in seen or not _usable(ep):
+            continue
+        if any(ep.ip.version == n.version and ep.ip in n for n in excluded):
+            continue
+        seen.add(ep)
+        if families and ep.ip.version not in families:
+            kind = CandidateKind.OTHER_FAMILY
+        elif is_learned:
+            kind = CandidateKind.LEARNED
+        elif any(ep.ip.version == n.version and ep.ip in n for n in nets):
+            kind = CandidateKind.SAME_SUBNET
+        elif _is_private(ep.ip):
+            kind = CandidateKind.PRIVATE
+        else:
+            kind = CandidateKind.PUBLIC
+        ranked.append((kind, pos, Candidate(ep, kind)))
+    ranked.sort(key=lambda r: (r[0], r[1]))
+    return tuple(c for _, _, c in ranked)
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One poll of a peer: what WireGuard reports, handshake as an age in seconds."""
+
+    endpoint: AddrPort | None
+    rx_bytes: int
+    tx_bytes: int
+    handshake_age: float | None  # None: never
+
+    @classmethod
+    def from_peer(cls, peer: ObservedPeer, wall_now: float) -> Observation:
+        age = None if peer.last_handshake is None else max(0.0, wall_now - peer.last_handshake)
+        return cls(peer.endpoint, peer.rx_bytes, peer.tx_bytes, age)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the engine must do after an observation.
+
+    Apply ``set_endpoint`` (configure the peer's endpoint) before sending the
+    probe, so the probe takes the new path.
+    """
+
+    set_endpoint: AddrPort | None = None
+    probe: bool = False
+    learned_changed: bool = False
+    state_changed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStatus:
+    """A snapshot for status output and metrics (times are the caller's clock)."""
+
+    state: PeerState
+    endpoint: AddrPort | None  # the endpoint WireGuard uses (configured or roamed)
+    last_used_endpoint: AddrPort | None  # the last endpoint we configured
+    last_endpoint_change: float | None
+    last_state_change: float
+    switches: int  # endpoint changes we made
+    roams: int  # endpoint changes WireGuard made (peer reached us from elsewhere)
+    failures: int  # paths declared dead (including failed trials)
+    candidates: tuple[Candidate, ...]
+    learned: tuple[AddrPort, ...]
+    trying: bool  # the current endpoint is on trial (no evidence yet)
+    answers_probes: bool | None
+    last_rx_progress: float | None
+
+
+class EndpointMachine:
+    """Endpoint state of one peer. Feed it observations; it returns decisions."""
+
+    def __init__(
+        self,
+        timings: DetectionTimings | None = None,
+        *,
+        now: float,
+        candidates: Sequence[Candidate] = (),
+        keepalive: bool = True,
+    ) -> None:
+        self.t = timings or DetectionTimings()
+        self._keepalive = keepalive
+        self._candidates: tuple[Candidate, ...] = tuple(candidates)
+        self._learned: list[AddrPort] = []
+        self._current: AddrPort | None = None
+        self._last_used: AddrPort | None = None
+        self._proven = False
+        self._trial_started: float | None = None
+        self._failed_trials = 0
+        self._state = PeerState.UNKNOWN
+        self._ever_up = False
+        self._last_state_change = now
+        self._last_endpoint_change: float | None = None
+        self._switches = 0
+        self._roams = 0
+        self._failures = 0
+        self._baseline = False  # counters seen at least once
+        self._rx = 0
+        self._tx = 0
+        self._last_rx_progress: float | None = None
+        self._awaiting_since: float | None = None
+        self._last_probe: float | None = None
+        self._probes = 0
+        self._responsive: bool | None = None
+        self._calibrations = 0
+        self._first_calibration: float | None = None
+        self._last_calibration: float | None = None
+        self._last_evidence: float | None = None
+
+    # --- inputs ----------------------------------------------------------------------------------
+
+    def set_candidates(self, candidates: Sequence[Candidate]) -> None:
+        """Replace the ranked candidate list (the peer spec or our local addresses changed)."""
+        self._candidates = tuple(candidates)
+
+    @property
+    def learned(self) -> tuple[AddrPort, ...]:
+        """Roamed endpoints to publish for this peer, most recent first."""
+        return tuple(self._learned)
+
+    @property
+    def current(self) -> AddrPort | None:
+        """The endpoint to configure when (re)creating this peer."""
+        return self._current
+
+    @property
+    def state(self) -> PeerState:
+        return self._state
+
+    def status(self) -> EndpointStatus:
+        return EndpointStatus(
+            state=self._state,
+            endpoint=self._current,
+            last_used_endpoint=self._last_used,
+            last_endpoint_change=self._last_endpoint_change,
+            last_state_change=self._last_state_change,
+            switches=self._switches,
+            roams=self._roams,
+            failures=self._failures,
+            candidates=self._candidates,
+            learned=tuple(self._learned),
+            trying=self._current is not None and not self._proven,
+            answers_probes=self._responsive,
+            last_rx_progress=self._last_rx_progress,
+        )
+
+    def observe(self, now: float, obs: Observation | None, *, answered: bool = False) -> Decision:
+        """Process one poll.
+
+        ``obs`` is None while the peer is absent from the device. ``answered`` is
+        True when a reply to one of our probes arrived since the last poll.
+        """
+        before_state = self._state
+        learned_changed = False
+        set_endpoint: AddrPort | None = None
+        probe = False
+
+        if obs is None:
+            # Not configured (yet, or any more): whoever adds it must use this endpoint.
+            if self._current is None:
+                nxt = self._next_candidate()
+                if nxt is not None:
+                    self._start_trial(now, nxt, counted=True)
+            self._baseline = False
+            return Decision(set_endpoint=self._current)
+
+        rx_progress = tx_progress = False
+        if not self._baseline or obs.rx_bytes < self._rx or obs.tx_bytes < self._tx:
+            # First sight, or the peer was (re-)created: counters start over and any
+            # session is gone, so the current endpoint goes back on trial.
+            restarted = self._baseline
+            self._baseline = True
+            if self._current is not None:
+                self._start_trial(now, self._current, counted=False)
+                self._last_probe = None  # probe at once, below
+                if restarted or obs.endpoint != self._current:
+                    set_endpoint = self._current
+        else:
+            rx_progress = obs.rx_bytes > self._rx
+            tx_progress = obs.tx_bytes > self._tx
+        self._rx, self._tx = obs.rx_bytes, obs.tx_bytes
+
+        session_valid = obs.handshake_age is not None and obs.handshake_age <= WG_REJECT_AFTER_TIME
+        evidence = (rx_progress and session_valid) or answered
+        if answered:
+            self._responsive = True
+            self._calibrations = 0
+            self._first_calibration = None
+        if rx_progress:
+            self._last_rx_progress = now
+
+        # --- what is WireGuard using? --------------------------------------------------------------
+        if obs.endpoint is not None and obs.endpoint != self._current:
+            if evidence or self._current is None:
+                # Roamed (an authenticated packet came from there), or set before we started.
+                if self._current is not None:
+                    self._roams += 1
+                self._last_endpoint_change = now
+                self._current = obs.endpoint
+                set_endpoint = None
+                if evidence:
+                    learned_changed = self._learn(obs.endpoint)
+                else:
+                    self._start_trial(now, obs.endpoint, counted=False)
+                    self._last_probe = None
+            else:
+                set_endpoint = self._current  # our configuration did not stick
+        elif obs.endpoint is None and self._current is not None:
+            set_endpoint = self._current
+
+        if self._current is None:
+            nxt = self._next_candidate()
+            if nxt is not None:
+                self._start_trial(now, nxt, counted=True)
+                return self._decide(before_state, nxt, True, learned_changed)
+            return self._decide(before_state, None, False, learned_changed)
+
+        # --- evidence, episodes, probes -------------------------------------------------------------
+        if evidence:
+            self._last_evidence = now
+            self._end_episode(answered)
+            if not self._proven:
+                self._proven = True
+                self._trial_started = None
+                self._failed_trials = 0
+            self._set_state(now, PeerState.UP)
+        elif tx_progress and self._awaiting_since is None and self._proven:
+            self._begin_episode(now)
+
+        dead = False
+        if self._proven:
+            if self._awaiting_since is not None:
+                waited = now - self._awaiting_since
+                if self._probe_due(now, waited, session_valid):
+                    probe = True
+                fast = (
+                    self._responsive is True
+                    and waited >= self.t.dead_after
+                    and self._probes >= self.t.dead_min_probes
+                )
+                dead = fast or waited >= self.t.passive_dead_after
+            elif self._responsive is None and session_valid:
+                probe = self._calibrate(now)
+            if (
+                self._keepalive
+                and not evidence
+                and (obs.handshake_age is None or obs.handshake_age > self.t.session_dead_after)
+            ):
+                dead = True
+        else:
+            assert self._trial_started is not None
+            if now - self._trial_started >= self._trial_timeout():
+                dead = True
+                self._failed_trials += 1
+            elif self._probe_due(now, now - self._trial_started, session_valid, immediate=True):
+                probe = True
+
+        if dead:
+            probe = False
+            self._failures += 1
+            if self._current in self._learned:
+                self._learned.remove(self._current)
+                learned_changed = True
+            if self._ever_up:
+                self._set_state(now, PeerState.DOWN)
+            nxt = self._next_candidate()
+            if nxt is not None and nxt != self._current:
+                self._start_trial(now, nxt, counted=True)
+                set_endpoint = nxt
+                probe = True
+            else:
+                # nothing else to try: give the same path another (longer) trial
+                self._start_trial(now, self._current, counted=False)
+                if obs.endpoint != self._current:
+                    set_endpoint = self._current
+                probe = True
+        return self._decide(before_state, set_endpoint, probe, learned_changed)
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _decide(
+        self, before: PeerState, set_endpoint: AddrPort | None, probe: bool, learned_changed: bool
+    ) -> Decision:
+        if probe:
+            self._probes += 1
+        return Decision(set_endpoint, probe, learned_changed, self._state != before)
+
+    def _set_state(self, now: float, state: PeerState) -> None:
+        if state == PeerState.UP:
+            self._ever_up = True
+        if state != self._state:
+            self._state = state
+            self._last_state_change = now
+
+    def _begin_episode(self, now: float) -> None:
+        self._awaiting_since = now
+        self._last_probe = None
+        self._probes = 0
+
+    def _end_episode(self, answered: bool) -> None:
+        if answered:
+            self._responsive = True
+        elif self._probes >= self.t.dead_min_probes:
+            # the peer is alive but let several probes go unanswered: it drops them
+            self._responsive = False
+        self._awaiting_since = None
+        self._last_probe = None
+        self._probes = 0
+
+    def _calibrate(self, now: float) -> bool:
+        """While it is unknown whether the peer answers probes, send one now and then."""
+        if self._last_calibration is not None and now - self._last_calibration < self.t.calibrate_interval:
+            return False
+        if self._calibrations >= self.t.dead_min_probes:
+            assert self._first_calibration is not None
+            if self._last_evidence is not None and self._last_evidence > self._first_calibration:
+                self._responsive = False  # alive, yet none of them was answered
+                return False
+        if self._first_calibration is None:
+            self._first_calibration = now
+        self._calibrations += 1
+        self._last_calibration = now
+        return True
+
+    def _probe_due(self, now: float, waited: float, session_valid: bool, immediate: bool = False) -> bool:
+        # a tenth of a poll of slack, so that jitter in the poll timing does not skip a poll
+        slack = 0.1 * self.t.poll_interval
+        if not immediate and waited + slack < self.t.probe_after:
+            return False
+        interval = self.t.probe_interval
+        if self._responsive is False:
+            # it will not answer; one data packet a keepalive-timeout apart is enough to
+            # make its WireGuard send a passive keepalive
+            interval = max(interval, WG_KEEPALIVE_TIMEOUT)
+        elif not session_valid:
+            # no session: WireGuard cannot handshake more often than this anyway
+            interval = max(interval, WG_REKEY_TIMEOUT)
+        if self._last_probe is not None and now - self._last_probe + slack < interval:
+            return False
+        self._last_probe = now
+        return True
+
+    def _trial_timeout(self) -> float:
+        sweeps = self._failed_trials // max(1, len(self._order()))
+        return min(self.t.trial_timeout * (2**sweeps), self.t.trial_timeout_max)
+
+    def _start_trial(self, now: float, endpoint: AddrPort | None, *, counted: bool) -> None:
+        if counted and endpoint != self._current:
+            if self._current is not None or self._last_used is not None:
+                self._switches += 1
+            self._last_endpoint_change = now
+        self._current = endpoint
+        if counted:
+            self._last_used = endpoint
+        self._proven = False
+        self._trial_started = now
+        self._begin_episode(now)
+        # the probe sent with this trial's decision is its first
+        self._last_probe = now
+
+    def _order(self) -> list[AddrPort]:
+        order = [c.endpoint for c in self._candidates]
+        order.extend(ep for ep in self._learned if ep not in order)
+        return order
+
+    def _next_candidate(self) -> AddrPort | None:
+        order = self._order()
+        if not order:
+            return None
+        for anchor in (self._current, self._last_used):
+            if anchor is not None and anchor in order:
+                return order[(order.index(anchor) + 1) % len(order)]
+        return order[0]
+
+    def _learn(self, endpoint: AddrPort) -> bool:
+        if any(c.endpoint == endpoint for c in self._candidates) or self.t.learned_max == 0:
+            return False
+        if self._learned and self._learned[0] == endpoint:
+            return False
+        changed_set = endpoint not in self._learned
+        if endpoint in self._learned:
+            self._learned.remove(endpoint)
+        self._learned.insert(0, endpoint)
+        del self._learned[self.t.learned_max :]
+        return changed_set

@@ -1,0 +1,631 @@
+"""Endpoint state machine: candidate order, detection, trials, roaming, and simulated timing targets."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from ipaddress import ip_interface, ip_network
+
+import pytest
+
+from kubespan.constants import WG_REKEY_TIMEOUT, DetectionTimings
+from kubespan.endpoints import (
+    Candidate,
+    CandidateKind,
+    EndpointMachine,
+    Observation,
+    PeerState,
+    order_candidates,
+)
+from kubespan.wgtypes import AddrPort, ObservedPeer, PublicKey
+
+A = AddrPort("192.168.1.2", 51820)
+B = AddrPort("203.0.113.2", 51820)
+C = AddrPort("198.51.100.2", 51820)
+N = AddrPort("198.51.100.77", 40123)  # a NAT mapping nobody published
+
+
+def cands(*eps):
+    return [Candidate(e, CandidateKind.PUBLIC) for e in eps]
+
+
+# --- candidate order -----------------------------------------------------------------------------
+
+
+def test_order_classes_and_stable_within_class():
+    eps = [
+        AddrPort("203.0.113.9", 1),  # public
+        AddrPort("10.0.0.9", 1),  # private, not our subnet
+        AddrPort("192.168.1.9", 1),  # same subnet
+        AddrPort("198.51.100.1", 1),  # public
+        AddrPort("100.64.1.1", 1),  # CGNAT: private-ish
+        AddrPort("fd00::9", 1),  # ULA
+        AddrPort("2001:db8::9", 1),  # same v6 subnet
+    ]
+    local = [ip_interface("192.168.1.1/24"), ip_interface("2001:db8::1/64")]
+    got = order_candidates(eps, local, learned=[N, AddrPort("10.0.0.9", 1)])
+    assert [(str(c.endpoint), c.kind) for c in got] == [
+        ("192.168.1.9:1", CandidateKind.SAME_SUBNET),
+        ("[2001:db8::9]:1", CandidateKind.SAME_SUBNET),
+        ("10.0.0.9:1", CandidateKind.PRIVATE),
+        ("100.64.1.1:1", CandidateKind.PRIVATE),
+        ("[fd00::9]:1", CandidateKind.PRIVATE),
+        ("203.0.113.9:1", CandidateKind.PUBLIC),
+        ("198.51.100.1:1", CandidateKind.PUBLIC),
+        (str(N), CandidateKind.LEARNED),
+    ]
+
+
+def test_order_drops_unusable_excluded_and_demotes_unreachable_family():
+    eps = [
+        AddrPort("0.0.0.0", 1),
+        AddrPort("224.0.0.1", 1),
+        AddrPort("fd7f:175a:b97c:5602::5", 1),  # inside the mesh subnet
+        AddrPort("2001:db8::5", 1),  # we have no IPv6 at all
+        AddrPort("203.0.113.5", 1),
+    ]
+    got = order_candidates(eps, [ip_network("10.0.0.0/24")], exclude=[ip_network("fd7f:175a:b97c:5602::/64")])
+    assert [(str(c.endpoint), c.kind) for c in got] == [
+        ("203.0.113.5:1", CandidateKind.PUBLIC),
+        ("[2001:db8::5]:1", CandidateKind.OTHER_FAMILY),
+    ]
+
+
+def test_order_without_local_knowledge_keeps_all_families():
+    got = order_candidates([AddrPort("2001:db8::5", 1), AddrPort("8.8.8.8", 1)], [])
+    assert [c.kind for c in got] == [CandidateKind.PUBLIC, CandidateKind.PUBLIC]
+
+
+# --- deterministic unit behaviour ----------------------------------------------------------------
+
+
+class Driver:
+    """Feeds a machine hand-made observations at 1 s polls."""
+
+    def __init__(self, eps=(A, B), timings=None, keepalive=True):
+        self.now = 0.0
+        self.m = EndpointMachine(timings, now=0.0, candidates=cands(*eps), keepalive=keepalive)
+        self.rx = self.tx = 0
+        self.hs: float | None = None
+        self.endpoint: AddrPort | None = None
+
+    def step(self, *, rx=0, tx=0, handshake=False, endpoint="keep", dt=1.0, answered=False):
+        self.now += dt
+        self.rx += rx
+        self.tx += tx
+        if handshake:
+            self.hs = self.now
+        if endpoint != "keep":
+            self.endpoint = endpoint
+        age = None if self.hs is None else self.now - self.hs
+        d = self.m.observe(self.now, Observation(self.endpoint, self.rx, self.tx, age), answered=answered)
+        if d.set_endpoint is not None:
+            self.endpoint = d.set_endpoint  # the engine applies it
+        return d
+
+    def connect(self, answered=True):
+        """First poll, then evidence (the trial's probe answered) on the first candidate."""
+        self.step()
+        self.step(rx=100, tx=100, handshake=True, answered=answered)
+        assert self.m.state == PeerState.UP
+
+
+def test_first_observation_configures_first_candidate_and_probes():
+    d = Driver()
+    dec = d.step()
+    assert dec.set_endpoint == A and dec.probe
+    st = d.m.status()
+    assert st.state == PeerState.UNKNOWN and st.trying and st.switches == 0
+    assert st.last_endpoint_change == 1.0
+
+
+def test_absent_peer_reports_endpoint_to_create_with():
+    m = EndpointMachine(now=0.0, candidates=cands(A, B))
+    assert m.observe(1.0, None).set_endpoint == A
+    assert m.observe(2.0, None).set_endpoint == A
+    assert m.current == A
+    assert EndpointMachine(now=0.0).observe(1.0, None).set_endpoint is None
+
+
+def test_evidence_makes_up_and_counts_no_switch():
+    d = Driver()
+    d.connect()
+    st = d.m.status()
+    assert st.state == PeerState.UP and not st.trying and st.switches == 0
+    assert st.last_rx_progress == 2.0
+
+
+def test_rx_without_valid_session_is_not_evidence():
+    d = Driver()
+    d.step()
+    d.step(rx=148, tx=92)  # handshake traffic only, no session
+    assert d.m.state == PeerState.UNKNOWN
+    d.hs = d.now - 200  # a session older than REJECT_AFTER_TIME
+    d.step(rx=148)
+    assert d.m.state == PeerState.UNKNOWN
+
+
+def test_leftover_endpoint_is_adopted_without_switch():
+    d = Driver()
+    d.endpoint = B  # configured by a previous run
+    dec = d.step(rx=5, tx=5)
+    assert dec.set_endpoint is None and dec.probe
+    assert d.m.current == B and d.m.status().switches == 0
+    d.step(rx=10, handshake=True)
+    assert d.m.state == PeerState.UP and d.m.current == B
+
+
+def test_config_that_did_not_stick_is_reapplied():
+    d = Driver()
+    d.connect()
+    assert d.step(rx=1, endpoint=None).set_endpoint == A
+    # WireGuard shows another endpoint but nothing arrived from it: re-apply ours
+    dec = d.step(endpoint=C)
+    assert dec.set_endpoint == A
+    assert d.m.status().roams == 0
+
+
+def test_counter_reset_retries_current_endpoint():
+    d = Driver()
+    d.connect()
+    d.rx = d.tx = 0  # wireguard-go restarted, peer re-added
+    d.hs = None
+    dec = d.step(endpoint=None)
+    assert dec.set_endpoint == A and dec.probe
+    assert d.m.status().trying
+    d.step(rx=50, handshake=True)
+    assert d.m.state == PeerState.UP and d.m.status().switches == 0
+
+
+def test_probe_answer_is_evidence_and_teaches_responsiveness():
+    d = Driver()
+    d.step()
+    assert d.m.status().answers_probes is None
+    d.step(answered=True)  # even before the counters show it
+    assert d.m.state == PeerState.UP
+    assert d.m.status().answers_probes is True
+
+
+def test_rx_after_probe_does_not_teach_responsiveness():
+    d = Driver()
+    d.connect(answered=False)
+    assert d.m.state == PeerState.UP
+    assert d.m.status().answers_probes is None
+
+
+def test_fast_death_after_three_unanswered_probes():
+    d = Driver()
+    d.connect()
+    # black hole: we keep sending, nothing comes back
+    d.step(tx=100)  # episode start
+    probes = [d.step(tx=100).probe for _ in range(3)]
+    assert probes == [True, True, True]
+    dec = d.step(tx=100)  # waited 4 s with 3 probes
+    assert dec.set_endpoint == B and dec.probe and dec.state_changed
+    st = d.m.status()
+    assert st.state == PeerState.DOWN and st.switches == 1 and st.failures == 1
+    assert st.last_used_endpoint == B and st.trying
+    d.step(rx=64, tx=64, answered=True)
+    assert d.m.state == PeerState.UP and d.m.current == B
+
+
+def test_fast_death_needs_the_minimum_probe_count():
+    t = DetectionTimings(probe_interval=2.0)
+    d = Driver(timings=t)
+    d.connect()
+    d.step(tx=100)
+    decs = [d.step(tx=100) for _ in range(6)]
+    # probes at waited 1, 3, 5: the third one is only out at 5 s, so death waits for 6 s
+    assert [x.probe for x in decs[:5]] == [True, False, True, False, True]
+    assert [x.set_endpoint for x in decs] == [None] * 5 + [B]
+
+
+def test_unknown_responsiveness_uses_passive_threshold():
+    t = DetectionTimings()
+    d = Driver()
+    d.connect(answered=False)
+    d.step(tx=100)
+    deaths = [d.step(tx=100).set_endpoint for _ in range(int(t.passive_dead_after))]
+    assert deaths[:-1] == [None] * (len(deaths) - 1)
+    assert deaths[-1] == B
+
+
+def test_peer_that_drops_probes_is_recognised_and_recovers():
+    d = Driver()
+    d.connect()
+    assert d.m.status().answers_probes is True
+    # an episode: probes go unanswered, but a passive keepalive arrives after 3.5 s
+    d.step(tx=100)
+    for _ in range(3):
+        d.step(tx=100)
+    d.step(rx=32, dt=0.5)
+    st = d.m.status()
+    assert st.answers_probes is False and st.failures == 0 and st.state == PeerState.UP
+    # now only the passive rule applies: 10 s of silence is not death
+    d.step(tx=100)
+    assert all(d.step(tx=100).set_endpoint is None for _ in range(10))
+    d.step(rx=32, answered=True)
+    assert d.m.status().answers_probes is True
+
+
+def test_calibration_probes_learn_responsiveness_under_steady_traffic():
+    d = Driver()
+    d.step()
+    # connected, but the trial's probe answer was lost: calibrate at once ...
+    assert d.step(rx=100, tx=100, handshake=True).probe
+    probes = [d.step(rx=100, tx=100).probe for _ in range(11)]
+    # ... and then once per calibrate_interval (5 s)
+    assert [i for i, p in enumerate(probes) if p] == [4, 9]
+    d.step(rx=100, tx=100, answered=True)
+    assert d.m.status().answers_probes is True
+    assert not any(d.step(rx=100, tx=100).probe for _ in range(20))  # no more calibration
+
+
+def test_unanswered_calibration_while_traffic_flows_means_no():
+    d = Driver()
+    d.connect(answered=False)
+    probes = [d.step(rx=100, tx=100).probe for _ in range(16)]
+    assert sum(probes) == 2  # plus the one sent on connecting
+    assert d.m.status().answers_probes is False
+    assert not any(d.step(rx=100, tx=100).probe for _ in range(20))
+
+
+def test_probes_to_a_peer_that_drops_them_are_spaced_by_keepalive_timeout():
+    d = Driver()
+    d.connect(answered=False)
+    for _ in range(16):
+        d.step(rx=100, tx=100)
+    assert d.m.status().answers_probes is False
+    d.step(tx=100)  # episode
+    probes = [d.step(tx=100).probe for _ in range(21)]
+    assert [i for i, p in enumerate(probes) if p] == [0, 10, 20]
+
+
+def test_stale_session_is_dead_even_with_rx():
+    d = Driver()
+    d.connect()
+    d.hs = d.now - 216  # only handshake attempts arrive
+    dec = d.step(rx=148, tx=92)
+    assert dec.set_endpoint == B
+    assert d.m.state == PeerState.DOWN
+
+
+def test_stale_rule_off_without_keepalive():
+    d = Driver(keepalive=False)
+    d.connect()
+    d.hs = d.now - 1000
+    assert d.step().set_endpoint is None
+    assert d.m.state == PeerState.UP
+
+
+def test_trial_timeout_moves_on_and_backs_off_per_sweep():
+    t = DetectionTimings(trial_timeout=10.0, trial_timeout_max=40.0)
+    d = Driver(eps=(A, B), timings=t)
+    d.step()  # trial A at t=1
+    switches = []
+    for _ in range(200):
+        dec = d.step(tx=100)
+        if dec.set_endpoint is not None:
+            switches.append((d.now, dec.set_endpoint))
+    times = [s[0] for s in switches]
+    gaps = [b - a for a, b in zip([1.0, *times], times, strict=False)]
+    # two 10 s trials (one sweep), then two 20 s, then capped at 40 s
+    assert gaps[:6] == [10.0, 10.0, 20.0, 20.0, 40.0, 40.0]
+    assert [s[1] for s in switches[:4]] == [B, A, B, A]
+    assert d.m.state == PeerState.UNKNOWN  # never connected: stays unknown
+    assert d.m.status().failures == len(switches)
+
+
+def test_probes_spaced_by_rekey_timeout_without_session():
+    d = Driver()
+    d.step()  # trial starts with a probe
+    probes = [d.step(tx=148).probe for _ in range(11)]
+    assert [i + 2 for i, p in enumerate(probes) if p] == [6, 11]  # every 5 s, not every second
+
+
+def test_single_candidate_retries_without_counting_switches():
+    d = Driver(eps=(A,))
+    d.connect()
+    d.hs = d.now - 216
+    dec = d.step(tx=1)
+    assert dec.set_endpoint is None and dec.probe  # same endpoint, already configured
+    st = d.m.status()
+    assert st.switches == 0 and st.failures == 1 and st.trying and st.state == PeerState.DOWN
+
+
+def test_roaming_is_adopted_and_learned_once():
+    d = Driver()
+    d.connect()
+    dec = d.step(rx=64, endpoint=N)
+    assert dec.learned_changed and dec.set_endpoint is None
+    assert d.m.current == N and d.m.learned == (N,)
+    st = d.m.status()
+    assert st.roams == 1 and st.switches == 0
+    # more traffic from the same place: nothing to republish
+    assert not d.step(rx=64).learned_changed
+    # roaming to a published candidate is not "learned"
+    assert not d.step(rx=64, endpoint=B).learned_changed
+    assert d.m.learned == (N,)
+    # back to N: already known, order changes but the set does not
+    assert not d.step(rx=64, endpoint=N).learned_changed
+
+
+def test_learned_list_is_bounded_and_dead_learned_endpoints_are_dropped():
+    t = DetectionTimings(learned_max=2)
+    d = Driver(timings=t)
+    d.connect()
+    nat = [AddrPort("198.51.100.7", 40000 + i) for i in range(3)]
+    for ep in nat:
+        assert d.step(rx=64, endpoint=ep).learned_changed
+    assert d.m.learned == (nat[2], nat[1])
+    # the current (learned) path dies: it is forgotten and we move on
+    d.hs = d.now - 216
+    dec = d.step(rx=1)
+    assert dec.learned_changed
+    assert d.m.learned == (nat[1],)
+    assert dec.set_endpoint is not None and dec.set_endpoint != nat[2]
+
+
+def test_learned_endpoints_become_last_candidates():
+    d = Driver(eps=(A,))
+    d.connect()
+    d.step(rx=64, endpoint=N)
+    d.step(rx=64, endpoint=A)  # peer came back on A
+    d.hs = d.now - 216
+    assert d.step(rx=1).set_endpoint == N  # A died: try the learned one
+
+
+def test_learned_max_zero_disables_learning():
+    d = Driver(timings=DetectionTimings(learned_max=0))
+    d.connect()
+    assert not d.step(rx=64, endpoint=N).learned_changed
+    assert d.m.learned == () and d.m.current == N
+
+
+def test_no_candidates_waits_then_adopts_peer_initiated_path():
+    d = Driver(eps=())
+    assert d.step().set_endpoint is None
+    assert d.m.state == PeerState.UNKNOWN
+    dec = d.step(rx=148, tx=92, handshake=True, endpoint=N)
+    assert d.m.state == PeerState.UP and d.m.current == N and dec.learned_changed
+
+
+def test_set_candidates_replaces_list():
+    d = Driver(eps=())
+    d.m.set_candidates(cands(C))
+    assert d.step().set_endpoint == C
+    assert d.m.status().candidates == tuple(cands(C))
+
+
+def test_observation_from_peer():
+    p = ObservedPeer(PublicKey(b"\x01" * 32), endpoint=A, rx_bytes=5, tx_bytes=6, last_handshake=100.0)
+    assert Observation.from_peer(p, 130.0) == Observation(A, 5, 6, 30.0)
+    assert Observation.from_peer(p, 90.0).handshake_age == 0.0  # clock skew never gives negative ages
+    q = ObservedPeer(PublicKey(b"\x01" * 32))
+    assert Observation.from_peer(q, 1.0).handshake_age is None
+
+
+# --- simulated network ---------------------------------------------------------------------------
+
+
+@dataclass
+class Remote:
+    responsive: bool = True  # answers probes/pings at once
+    last_sent: float = 0.0
+    passive_due: float | None = None
+    source: AddrPort | None = None  # where it sends from (sticky: where it was reached)
+
+
+@dataclass
+class Sim:
+    """Us and one peer, 10 ms ticks; WireGuard timers modelled coarsely.
+
+    Packets to a black-holed address (either direction) vanish; every packet is
+    otherwise lost with probability ``loss``. The peer answers data at once if
+    ``responsive``, else only by passive keepalive 10 s after data; each side
+    sends a persistent keepalive 25 s after the last packet it sent *or
+    received* (WireGuard resets that timer on both). A handshake happens when a
+    side sends with a session older than 120 s (rate limited to one per 5 s)
+    and both messages get through.
+    """
+
+    candidates: tuple
+    loss: float = 0.0
+    seed: int = 1
+    ping_interval: float | None = 1.0
+    responsive: bool = True
+    poll: float = 1.0
+    timings: DetectionTimings = field(default_factory=DetectionTimings)
+
+    def __post_init__(self):
+        self.rng = random.Random(self.seed)
+        self.now = 0.0
+        self.blackholed: set = set()
+        self.endpoint: AddrPort | None = None  # our WireGuard's endpoint for the peer
+        self.rx = self.tx = 0
+        self.hs: float | None = None
+        self.last_hs_attempt = -1e9
+        self.our_last_traffic = 0.0
+        # keepalive timers of the two sides are not in phase
+        self.remote = Remote(self.responsive, last_sent=-self.rng.uniform(0, 25))
+        self.m = EndpointMachine(self.timings, now=0.0, candidates=cands(*self.candidates))
+        self.next_ping = 0.5
+        self.next_poll = 0.0
+        self.switch_log: list = []
+        self.answered = False
+        self.probes = 0
+
+    def ok(self, addr):
+        return addr is not None and addr not in self.blackholed and self.rng.random() >= self.loss
+
+    def session_ok(self):
+        return self.hs is not None and self.now - self.hs < 180
+
+    def maybe_handshake(self, via):
+        if self.hs is not None and self.now - self.hs < 120:
+            return
+        if self.now - self.last_hs_attempt < 5:
+            return
+        self.last_hs_attempt = self.now
+        self.tx += 148
+        if self.ok(via):
+            self.remote.source = via
+            if self.ok(via):
+                self.rx += 92
+                self.hs = self.now
+
+    def we_send(self, data: bool, probe: bool = False):
+        via = self.endpoint
+        if via is None:
+            return  # WireGuard sends nothing without an endpoint
+        self.our_last_traffic = self.now
+        self.maybe_handshake(via)
+        self.tx += 96 if data else 32
+        if not self.session_ok() or not self.ok(via):
+            return
+        self.remote.source = via
+        self.remote.last_sent = self.now  # its keepalive timer restarts on receipt too
+        if data:
+            if self.remote.responsive:
+                if self.they_send(data=True) and probe:
+                    self.answered = True
+            elif self.remote.passive_due is None:
+                self.remote.passive_due = self.now + 10
+
+    def they_send(self, data: bool) -> bool:
+        r = self.remote
+        r.last_sent = self.now
+        r.passive_due = None
+        if not self.session_ok() or not self.ok(r.source):
+            return False
+        self.rx += 96 if data else 32
+        self.our_last_traffic = self.now
+        if r.source != self.endpoint:
+            self.endpoint = r.source  # roaming
+        return True
+
+    def run(self, until: float):
+        while self.now < until:
+            self.now = round(self.now + 0.01, 2)
+            if self.ping_interval is not None and self.now >= self.next_ping:
+                self.next_ping += self.ping_interval
+                self.we_send(data=True)
+            if self.now - self.our_last_traffic >= 25:
+                self.we_send(data=False)
+            r = self.remote
+            if r.passive_due is not None and self.now >= r.passive_due:
+                self.they_send(data=False)
+            if self.now - r.last_sent >= 25:
+                self.they_send(data=False)
+            if self.now >= self.next_poll:
+                self.next_poll += self.poll
+                age = None if self.hs is None else self.now - self.hs
+                d = self.m.observe(
+                    self.now, Observation(self.endpoint, self.rx, self.tx, age), answered=self.answered
+                )
+                self.answered = False
+                if d.set_endpoint is not None:
+                    if d.set_endpoint != self.endpoint:
+                        self.switch_log.append((self.now, d.set_endpoint))
+                    self.endpoint = d.set_endpoint
+                if d.probe:
+                    self.probes += 1
+                    self.we_send(data=True, probe=True)
+
+    def time_until_up(self, limit: float) -> float | None:
+        start = self.now
+        while self.now - start < limit:
+            self.run(self.now + 0.01)
+            if self.m.state == PeerState.UP:
+                return self.now - start
+        return None
+
+
+def test_sim_connects_quickly_and_stays_put():
+    sim = Sim((A, B))
+    sim.run(600)
+    st = sim.m.status()
+    assert st.state == PeerState.UP and st.endpoint == A
+    assert st.switches == 0 and st.failures == 0
+    assert st.answers_probes is not False
+
+
+def test_sim_blackholed_endpoint_replaced_within_10s_under_traffic():
+    for seed in range(12):
+        sim = Sim((A, B), seed=seed, loss=0.01)
+        sim.run(300 + seed * 0.37)
+        assert sim.m.state == PeerState.UP and sim.m.current == A
+        start = sim.now
+        sim.blackholed.add(A)
+        sim.run(start + 10)
+        assert sim.switch_log and sim.switch_log[-1][1] == B
+        assert sim.switch_log[-1][0] - start <= 7.0
+        assert sim.m.state == PeerState.UP and sim.m.current == B, seed
+
+
+def test_sim_blackholed_idle_path_detected_within_keepalive_plus_dead_after():
+    sim = Sim((A, B), ping_interval=None)
+    sim.run(300)
+    assert sim.m.state == PeerState.UP
+    start = sim.now
+    sim.blackholed.add(A)
+    sim.run(start + 25 + 4 + 3)
+    assert sim.m.current == B and sim.m.state == PeerState.UP
+
+
+@pytest.mark.parametrize("ping", [1.0, None], ids=["pinging", "idle"])
+def test_sim_no_spurious_switch_under_one_percent_loss(ping):
+    sim = Sim((A, B), loss=0.01, seed=42, ping_interval=ping)
+    sim.run(2 * 3600)
+    st = sim.m.status()
+    assert st.switches == 0 and st.failures == 0, sim.switch_log
+    assert st.state == PeerState.UP
+
+
+def test_sim_peer_that_ignores_probes_is_not_cycled():
+    # one-way traffic to a peer that only ever answers with passive keepalives
+    sim = Sim((A, B), loss=0.01, seed=7, responsive=False)
+    sim.run(3600)
+    st = sim.m.status()
+    assert st.switches == 0 and st.failures == 0, sim.switch_log
+    assert st.answers_probes is not True
+
+
+def test_sim_first_candidate_dead_at_start():
+    sim = Sim((A, B))
+    sim.blackholed.add(A)
+    took = sim.time_until_up(30)
+    # the dead candidate's trial, then WireGuard's rate-limited initiation to the next one
+    assert took is not None and took <= DetectionTimings().trial_timeout + WG_REKEY_TIMEOUT + 2
+    assert sim.m.current == B
+
+
+def test_sim_dead_peer_costs_little():
+    sim = Sim((A, B, C))
+    sim.blackholed.update({A, B, C})
+    sim.run(1800)
+    st = sim.m.status()
+    assert st.state == PeerState.UNKNOWN
+    # backoff: 3 trials of 12 s, 3 of 24 s, 3 of 48 s, then one per 60 s
+    assert 30 <= st.switches <= 40
+    assert sim.probes < 1800 / 4  # well under one probe per second
+    # when the path comes back, it is found within one capped trial sweep
+    sim.blackholed.clear()
+    took = sim.time_until_up(3 * 60 + 5)
+    assert took is not None
+
+
+def test_sim_peer_behind_nat_reaches_us_and_is_learned():
+    sim = Sim((B,))
+    sim.blackholed.add(B)  # its published endpoint is unreachable from here
+    sim.run(20)
+    assert sim.m.state == PeerState.UNKNOWN
+    # the peer reaches us from a NAT mapping: our WireGuard roams there
+    sim.remote.source = N
+    sim.blackholed.discard(N)
+    sim.endpoint = N
+    sim.hs = sim.now
+    sim.they_send(data=True)
+    sim.run(sim.now + 60)
+    assert sim.m.state == PeerState.UP
+    assert sim.m.current == N and sim.m.learned == (N,)
