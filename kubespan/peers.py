@@ -17,6 +17,10 @@ chance are made deterministic: a public key used by two affiliates (the lower
 node id keeps it) and a peer using this node's own key (skipped: WireGuard
 ignores such a peer anyway). Duplicate mesh addresses are reported.
 
+:func:`routed_prefixes` turns peer specs into the destinations the firewall
+marks for the mesh (with Talos' fail-closed default and its optional bypass of
+down peers, which never applies to a peer that has not connected yet).
+
 The local affiliate follows Talos' LocalAffiliateController: addresses are the
 node's addresses minus loopback, link-local, unspecified, multicast and mesh
 addresses; endpoints are those addresses plus the public IP the discovery
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, IPv6Network
 
@@ -37,6 +41,7 @@ from kubespan.constants import (
     ULA_PURPOSE_SIDEROLINK,
     ULA_PURPOSE_VIRTUAL_SIDEROLINK,
 )
+from kubespan.endpoints import PeerState
 from kubespan.identity import is_ula
 from kubespan.ipset import IPSet
 from kubespan.wgtypes import AddrPort, InvalidKeyError, IPAddress, IPNetwork, PublicKey
@@ -457,3 +462,34 @@ def build_local_affiliate(
         machine_type=machine_type,
         operating_system=operating_system,
     )
+
+
+# --- Routed destinations -------------------------------------------------------------------------
+
+
+def routed_prefixes(
+    specs: Iterable[PeerSpec],
+    mesh_subnet: IPv6Network | None,
+    *,
+    states: Mapping[PublicKey, PeerState] | None = None,
+    allow_down_peer_bypass: bool = False,
+) -> list[IPNetwork]:
+    """The destinations steered into the mesh (the contents of the nftables target sets).
+
+    As in Talos, the union of the peers' AllowedIPs without the mesh addresses:
+    mesh-to-mesh traffic takes the link's connected /64 route, so the whole mesh
+    subnet is left out. By default every peer counts (fail closed: traffic to a
+    down peer is dropped rather than sent in the clear). With
+    ``allow_down_peer_bypass`` a peer whose state is ``down`` is left out, so its
+    traffic takes the normal routes; a peer that is ``unknown`` (never connected
+    yet) or missing from ``states`` is never bypassed. The result is the minimal
+    prefix cover, IPv4 first.
+    """
+    union = IPSet()
+    for spec in specs:
+        if allow_down_peer_bypass and states is not None and states.get(spec.public_key) == PeerState.DOWN:
+            continue
+        union = union | IPSet(spec.allowed_ips)
+    if mesh_subnet is not None:
+        union = union - IPSet([mesh_subnet])
+    return union.prefixes()

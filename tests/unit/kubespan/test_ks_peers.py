@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kubespan.endpoints import PeerState
 from kubespan.ipset import IPSet
 from kubespan.peers import (
     AffiliateError,
@@ -18,6 +19,7 @@ from kubespan.peers import (
     compute_peer_specs,
     filter_ips,
     is_node_address,
+    routed_prefixes,
 )
 from kubespan.wgtypes import AddrPort, PublicKey
 from spanapi.discovery.client import affiliate_pb2
@@ -427,3 +429,50 @@ def test_mesh_address_as_plain_address_uses_its_64():
 def test_bad_listen_port():
     with pytest.raises(ValueError, match="listen_port"):
         local(listen_port=0)
+
+
+# --- routed prefixes -----------------------------------------------------------------------------
+
+MESH_NET = ip_network(MESH + "/64")
+
+
+def _specs():
+    return compute_peer_specs(
+        [
+            aff("a", 1, 1, addresses=ips("10.0.0.1", "10.0.0.2"), additional_prefixes=nets("10.244.1.0/24")),
+            aff("b", 2, 2, addresses=ips("10.0.0.3", "2001:db8::3"), additional_prefixes=nets("fd7f::/16")),
+            aff("c", 3, 3, addresses=ips("192.168.5.5")),
+        ],
+        "me",
+    ).specs
+
+
+def test_routed_prefixes_union_without_mesh_subnet():
+    got = routed_prefixes(_specs(), MESH_NET)
+    assert IPSet(got) == IPSet(
+        ["10.0.0.1/32", "10.0.0.2/31", "10.244.1.0/24", "192.168.5.5/32", "2001:db8::3/128", "fd7f::/16"]
+    ) - IPSet([MESH_NET])
+    assert not IPSet(got).overlaps(IPSet([MESH_NET]))  # mesh /128s and the /64 hole
+    assert got == IPSet(got).prefixes()  # minimal cover, IPv4 first
+    assert got[0].version == 4
+
+
+def test_routed_prefixes_fail_closed_by_default():
+    states = {key(3): PeerState.DOWN}
+    assert routed_prefixes(_specs(), MESH_NET, states=states) == routed_prefixes(_specs(), MESH_NET)
+
+
+def test_routed_prefixes_bypass_only_down_peers():
+    states = {key(1): PeerState.UNKNOWN, key(2): PeerState.UP, key(3): PeerState.DOWN}
+    got = IPSet(routed_prefixes(_specs(), MESH_NET, states=states, allow_down_peer_bypass=True))
+    assert ip_address("192.168.5.5") not in got  # down: bypassed
+    assert ip_address("10.0.0.1") in got  # never connected: not bypassed
+    assert ip_address("10.0.0.3") in got
+    # a peer missing from the states is not bypassed either
+    got = IPSet(routed_prefixes(_specs(), MESH_NET, states={}, allow_down_peer_bypass=True))
+    assert ip_address("192.168.5.5") in got
+
+
+def test_routed_prefixes_without_mesh_subnet_keeps_everything():
+    got = IPSet(routed_prefixes(_specs(), None))
+    assert ip_address(MESH + "1") in got
