@@ -117,20 +117,26 @@ def main() -> int:
     ap.add_argument("--channels", type=int, default=16)
     ap.add_argument("--updates", type=int, default=20)
     ap.add_argument("--gap", type=float, default=0.5, help="seconds between updates")
+    ap.add_argument("--procs", type=int, default=1, help="watcher processes (the watchers are split evenly)")
     ns = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(Path(tmp) / "state", "--no-rpc-log") as server:
         asyncio.run(fill(server.target, ns.watchers))
         ctx = mp.get_context("spawn")
         ready, out = ctx.Queue(), ctx.Queue()
-        proc = ctx.Process(
-            target=watcher_main, args=(server.target, ns.watchers, ns.channels, ns.updates, ready, out)
-        )
-        proc.start()
-        ready.get(timeout=120)
+        share = ns.watchers // ns.procs
+        procs = [
+            ctx.Process(target=watcher_main, args=(server.target, share, ns.channels, ns.updates, ready, out))
+            for _ in range(ns.procs)
+        ]
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.get(timeout=120)
         asyncio.run(push(server.target, ns.updates, ns.gap))
-        lat = sorted(out.get(timeout=120 + ns.updates * 5))
-        proc.join(10)
-    expected = ns.watchers * ns.updates
+        lat = sorted(x for _ in procs for x in out.get(timeout=120 + ns.updates * 5))
+        for p in procs:
+            p.join(10)
+    expected = share * ns.procs * ns.updates
     if not lat:
         print("RESULT watch_fanout p99_ms=nan target<=250 MISS (no notification received)")
         return 1
