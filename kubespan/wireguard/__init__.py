@@ -1,0 +1,23 @@
+"""WireGuard backends behind one interface.
+
+:class:`WireGuardBackend` is what the mesh engine codes against; :func:`sync`
+diffs desired against observed state and applies only the difference.
+Implementations: ``userspace`` (:class:`UserspaceBackend`, a supervised
+wireguard-go configured over UAPI by :class:`UapiClient`), ``kernel``
+(:mod:`kubespan.wireguard.kernel`, generic netlink) and ``fake``
+(:class:`FakeWireGuard`, in memory, for tests).
+"""
+
+from kubespan.wireguard.backend import WireGuardBackend, WireGuardError, sync
+from kubespan.wireguard.fake import FakeUapiServer, FakeWireGuard
+from kubespan.wireguard.userspace import UapiClient, UserspaceBackend
+
+__all__ = [
+    "FakeUapiServer",
+    "FakeWireGuard",
+    "UapiClient",
+    "UserspaceBackend",
+    "WireGuardBackend",
+    "WireGuardError",
+    "sync",
+]
