@@ -1,0 +1,558 @@
+"""The mesh engine: discovery in, WireGuard peers, routes, rules and nftables out.
+
+Level-triggered: every pass recomputes the desired state from the inputs (the
+affiliates discovery reports, the host's addresses, the peers' observed
+WireGuard counters) and applies only the difference. A pass runs every poll
+interval (1 s, to feed the endpoint state machines), when an input changes,
+and when netlink reports that something we own was changed from outside. The
+data plane (link, routes, rules, nftables) is also re-checked every
+``reconcile_interval`` (2 s) so that what someone removed comes back within 5 s.
+
+All I/O goes through injected adapters (WireGuard backend, link and nftables
+managers, host info, prober, discovery client), so the engine runs against
+in-memory fakes in unit tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import secrets
+import string
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from discovery.logs import log_event
+from kubespan.constants import MeshConfig
+from kubespan.dataplane.nft import SET_IPV4, SET_IPV6
+from kubespan.endpoints import EndpointMachine, Observation, PeerState, order_candidates
+from kubespan.hostinfo import HostInfo, IPInterface
+from kubespan.identity import MeshIdentity, load_identity, pick_mac
+from kubespan.peers import (
+    AffiliateError,
+    Conflict,
+    LocalAffiliate,
+    PeerSpec,
+    PeerSpecs,
+    RemoteAffiliate,
+    build_local_affiliate,
+    compute_peer_specs,
+    routed_prefixes,
+)
+from kubespan.probe import Prober
+from kubespan.wgdiff import diff_device
+from kubespan.wgtypes import AddrPort, DeviceConfig, ObservedDevice, PeerConfig, PresharedKey, PublicKey
+from kubespan.wireguard.backend import WireGuardBackend, WireGuardError, sync
+from spanapi.discovery.client import affiliate_pb2
+
+log = logging.getLogger("kubespan.engine")
+
+NODE_ID_FILE = "node-id"
+_BASE62 = string.digits + string.ascii_letters
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def load_node_id(state_dir: Path) -> str:
+    """This node's discovery affiliate id: base62 of 32 random bytes, created once (like Talos' NodeID)."""
+    path = state_dir / NODE_ID_FILE
+    try:
+        text = path.read_text().strip()
+        if text:
+            return text
+    except FileNotFoundError:
+        pass
+    n = int.from_bytes(secrets.token_bytes(32), "big")
+    digits = []
+    while n:
+        n, r = divmod(n, 62)
+        digits.append(_BASE62[r])
+    node_id = "".join(reversed(digits)) or "0"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(node_id + "\n")
+    tmp.chmod(0o600)
+    tmp.replace(path)
+    return node_id
+
+
+class DiscoveryLike(Protocol):
+    """The part of :class:`discovery.client.DiscoveryClient` the engine uses."""
+
+    @property
+    def affiliates(self) -> Mapping[str, Any]: ...
+
+    @property
+    def public_ip(self) -> IPAddress | None: ...
+
+    async def set_local_data(
+        self,
+        affiliate: affiliate_pb2.Affiliate,
+        endpoints: Sequence[affiliate_pb2.Endpoint] = (),
+        other_endpoints: Mapping[str, Sequence[affiliate_pb2.Endpoint]] | None = None,
+    ) -> bool: ...
+
+
+@dataclass(frozen=True)
+class MeshOptions:
+    cluster_id: str
+    cluster_secret: bytes
+    state_dir: Path
+    nodename: str
+    hostname: str = ""
+    config: MeshConfig = field(default_factory=MeshConfig)
+    advertise: Sequence[IPNetwork] = ()
+    exclude: Sequence[IPNetwork] = ()
+    endpoint_filters: Sequence[str] = ()
+    extra_endpoints: Sequence[AddrPort] = ()
+    mac: bytes | None = None
+    publish_learned: bool = True
+    operating_system: str = "kubespan-mesh"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    label: str
+    node_id: str
+    public_key: str
+    mesh_address: str | None
+    endpoint: str | None
+    state: str
+    rx_bytes: int
+    tx_bytes: int
+    last_handshake: float | None  # unix time
+    last_used_endpoint: str | None
+    last_endpoint_change: float | None  # unix time
+    endpoint_switches: int
+    roams: int
+    failures: int
+    candidates: tuple[str, ...]
+    learned: tuple[str, ...]
+    allowed_ips: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MeshStatus:
+    ready: bool
+    node_id: str
+    nodename: str
+    public_key: str
+    mesh_address: str
+    listen_port: int
+    backend: str
+    public_ip: str | None
+    endpoints: tuple[str, ...]
+    peers: tuple[PeerStatus, ...]
+    conflicts: tuple[str, ...]
+    errors: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+class Mesh:
+    """Runs the mesh until stopped. ``await mesh.start()`` … ``await mesh.stop()``."""
+
+    def __init__(
+        self,
+        opts: MeshOptions,
+        *,
+        backend: WireGuardBackend,
+        links: Any,
+        nft: Any,
+        host: HostInfo,
+        discovery: DiscoveryLike | None,
+        prober: Prober | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.opts = opts
+        self.cfg = opts.config
+        self.backend = backend
+        self.links = links
+        self.nft = nft
+        self.host = host
+        self.discovery = discovery
+        self.prober = prober or Prober()
+        self.clock = clock
+        self.wall = wall
+        self.identity: MeshIdentity | None = None
+        self.node_id = ""
+        self.psk = PresharedKey(opts.cluster_secret)
+        self.machines: dict[PublicKey, EndpointMachine] = {}
+        self.specs = PeerSpecs((), ())
+        self.local: LocalAffiliate | None = None
+        self.device: ObservedDevice | None = None
+        self.local_addresses: list[IPInterface] = []
+        self.errors: list[str] = []
+        self.passes = 0
+        self.wg_writes = 0
+        self.dataplane_changes: list[str] = []
+        self.ready = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._dataplane_due = True
+        self._full_resync = True
+        self._last_dataplane = -1e9
+        self._last_host = -1e9
+        self._last_affiliates_version: int | None = None
+        self._learned_pub: dict[str, tuple[AddrPort, ...]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.on_pass: Callable[[Mesh], None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.opts.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.node_id = load_node_id(self.opts.state_dir)
+        mac = self.opts.mac or pick_mac(await self.host.links())
+        if mac is None:
+            raise RuntimeError("no link with a MAC address: pass a MAC (--mac) to derive the mesh address")
+        self.identity = load_identity(self.opts.state_dir, self.opts.cluster_id, mac)
+        log_event(
+            log,
+            "mesh identity",
+            node_id=self.node_id,
+            public_key=self.identity.public_key.b64,
+            mesh_address=str(self.identity.address),
+            backend=self.backend.name,
+        )
+        await self.backend.ensure_device()
+        self.prober.open()
+        self._tasks.append(asyncio.create_task(self._run(), name="mesh-loop"))
+        watch = getattr(self.links, "watch", None)
+        if watch is not None:
+            self._tasks.append(asyncio.create_task(self._watch_netlink(watch), name="mesh-netlink"))
+
+    async def stop(self, cleanup: bool = True) -> None:
+        """Stop the loops; with ``cleanup`` remove everything we created (rules, routes, nft, link)."""
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        self.prober.close()
+        if cleanup:
+            for what, step in (
+                ("nftables", self.nft.teardown),
+                ("routes and rules", lambda: self.links.teardown(remove_link=False)),
+            ):
+                try:
+                    await step()
+                except Exception as e:
+                    log_event(log, "cleanup failed", logging.WARNING, what=what, error=str(e))
+        await self.backend.close(remove=cleanup)
+        close = getattr(self.links, "close", None)
+        if close is not None:
+            await close()
+        await self.host.close()
+        log_event(log, "mesh stopped", cleanup=cleanup)
+
+    def wake(self, dataplane: bool = False) -> None:
+        if dataplane:
+            self._dataplane_due = True
+        self._wake.set()
+
+    async def _watch_netlink(self, watch: Callable[..., Any]) -> None:
+        while not self._stopping:
+            try:
+                await watch(lambda *_: self.wake(dataplane=True))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log_event(log, "netlink watch failed; retrying", logging.WARNING, error=str(e))
+                await asyncio.sleep(1)
+
+    async def _run(self) -> None:
+        interval = self.cfg.timings.poll_interval
+        while True:
+            try:
+                await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # keep running; the next pass retries
+                self._error(f"reconcile: {e}")
+                log.exception("reconcile failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+
+    def _error(self, text: str) -> None:
+        self.errors.append(text)
+        del self.errors[:-20]
+        log_event(log, "mesh error", logging.WARNING, error=text)
+
+    # -- one pass ----------------------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """One level-triggered pass."""
+        assert self.identity is not None, "start() first"
+        now = self.clock()
+        self.passes += 1
+        if now - self._last_host >= self.cfg.reconcile_interval or not self.local_addresses:
+            self.local_addresses = await self.host.addresses(exclude_links=(self.cfg.link_name,))
+            self._last_host = now
+        await self._publish_local()
+        self._compute_specs()
+
+        # WireGuard: observe, decide, apply the difference.
+        try:
+            self.device = await self.backend.get()
+        except WireGuardError as e:
+            self._error(f"read WireGuard device: {e}")
+            self.device = None
+        if self.device is None:
+            await self.backend.ensure_device()
+            self._dataplane_due = True
+            self.device = await self.backend.get()
+        desired, probes = self._decide(now)
+        ops = diff_device(desired, self.device)
+        if ops:
+            try:
+                await self.backend.apply(ops)
+            except WireGuardError as e:
+                # sets are not transactional: re-read, re-diff and apply what is still missing
+                log_event(log, "WireGuard apply failed; re-reading", logging.WARNING, error=str(e))
+                try:
+                    ops = await sync(self.backend, desired)
+                except WireGuardError as e2:
+                    self._error(f"apply WireGuard config: {e2}")
+        if ops:
+            self.wg_writes += 1
+            self._dataplane_due = True  # a re-created device loses its addresses
+        for pk, addr in probes:
+            self.prober.send(pk, addr)
+        await self._publish_learned()
+
+        if self._dataplane_due or now - self._last_dataplane >= self.cfg.reconcile_interval:
+            await self._reconcile_dataplane()
+            self._last_dataplane = now
+        if not self.ready.is_set() and self.device is not None:
+            self.ready.set()
+        if self.on_pass is not None:
+            self.on_pass(self)
+
+    async def _publish_local(self) -> None:
+        assert self.identity is not None
+        public_ip = self.discovery.public_ip if self.discovery is not None else None
+        local = build_local_affiliate(
+            node_id=self.node_id,
+            nodename=self.opts.nodename,
+            hostname=self.opts.hostname or self.opts.nodename,
+            public_key=self.identity.public_key,
+            mesh_address=self.identity.address,
+            node_addresses=self.local_addresses,
+            listen_port=self.cfg.listen_port,
+            advertised=self.opts.advertise,
+            excluded=self.opts.exclude,
+            public_ip=public_ip,
+            extra_endpoints=self.opts.extra_endpoints,
+            endpoint_filters=self.opts.endpoint_filters,
+            operating_system=self.opts.operating_system,
+        )
+        if local != self.local:
+            self.local = local
+            if self.discovery is not None:
+                await self.discovery.set_local_data(
+                    local.to_pb(), local.endpoints_pb(), self._other_endpoints_pb()
+                )
+                log_event(
+                    log,
+                    "local affiliate published",
+                    endpoints=[str(e) for e in local.endpoints],
+                    addresses=[str(a) for a in local.addresses],
+                )
+
+    def _remote_affiliates(self) -> list[RemoteAffiliate]:
+        if self.discovery is None:
+            return []
+        out: list[RemoteAffiliate] = []
+        for aid, d in self.discovery.affiliates.items():
+            try:
+                out.append(RemoteAffiliate.from_pb(d.affiliate, d.endpoints))
+            except AffiliateError as e:
+                self._error(f"affiliate {aid[:12]}: {e}")
+        return out
+
+    def _compute_specs(self) -> None:
+        assert self.identity is not None
+        self.specs = compute_peer_specs(
+            self._remote_affiliates(),
+            self.node_id,
+            self.identity.public_key,
+            self.identity.address.ip,
+        )
+        wanted = {s.public_key for s in self.specs.specs}
+        for gone in set(self.machines) - wanted:
+            del self.machines[gone]
+
+    def _decide(self, now: float) -> tuple[DeviceConfig, list[tuple[PublicKey, ipaddress.IPv6Address]]]:
+        assert self.identity is not None
+        observed = self.device.peers if self.device is not None else {}
+        answered = self.prober.take_answered()
+        wall = self.wall()
+        peers: list[PeerConfig] = []
+        probes: list[tuple[PublicKey, ipaddress.IPv6Address]] = []
+        for spec in self.specs.specs:
+            m = self.machines.get(spec.public_key)
+            learned = m.learned if m is not None else ()
+            cands = order_candidates(
+                spec.endpoints, self.local_addresses, learned=learned, exclude=[self.identity.subnet]
+            )
+            if m is None:
+                m = self.machines[spec.public_key] = EndpointMachine(
+                    self.cfg.timings, now=now, candidates=cands
+                )
+            else:
+                m.set_candidates(cands)
+            have = observed.get(spec.public_key)
+            obs = Observation.from_peer(have, wall) if have is not None else None
+            decision = m.observe(now, obs, answered=spec.public_key in answered)
+            if decision.state_changed:
+                log_event(
+                    log,
+                    "peer state",
+                    peer=spec.label or spec.node_id[:12],
+                    state=str(m.state),
+                    endpoint=str(m.current) if m.current else None,
+                )
+            endpoint = decision.set_endpoint
+            if endpoint is None and have is None:
+                endpoint = m.current
+            if decision.set_endpoint is not None:
+                log_event(log, "peer endpoint", peer=spec.label or spec.node_id[:12], endpoint=str(endpoint))
+            peers.append(
+                PeerConfig(
+                    public_key=spec.public_key,
+                    allowed_ips=frozenset(spec.allowed_ips),
+                    endpoint=endpoint,
+                    persistent_keepalive=self.cfg.persistent_keepalive,
+                    preshared_key=self.psk,
+                )
+            )
+            if decision.probe and spec.mesh_address is not None:
+                probes.append((spec.public_key, spec.mesh_address))
+        desired = DeviceConfig.of(
+            self.identity.private_key, self.cfg.listen_port, self.cfg.fwmark_wireguard, peers
+        )
+        return desired, probes
+
+    def _other_endpoints_pb(self) -> dict[str, list[affiliate_pb2.Endpoint]]:
+        return {
+            nid: [affiliate_pb2.Endpoint(ip=e.ip.packed, port=e.port) for e in eps]
+            for nid, eps in self._learned_pub.items()
+        }
+
+    async def _publish_learned(self) -> None:
+        """Publish roamed endpoints we learned for other nodes (NAT), only when they change."""
+        if not self.opts.publish_learned or self.discovery is None or self.local is None:
+            return
+        by_key = {s.public_key: s for s in self.specs.specs}
+        learned = {
+            by_key[pk].node_id: m.learned for pk, m in self.machines.items() if m.learned and pk in by_key
+        }
+        if learned == self._learned_pub:
+            return
+        self._learned_pub = learned
+        await self.discovery.set_local_data(
+            self.local.to_pb(), self.local.endpoints_pb(), self._other_endpoints_pb()
+        )
+
+    async def _reconcile_dataplane(self) -> None:
+        assert self.identity is not None
+        self._dataplane_due = False
+        changes: list[str] = []
+        try:
+            changes += await self.links.reconcile_link([self.identity.address])
+            changes += await self.links.reconcile_routes()
+            changes += await self.links.reconcile_rules()
+        except Exception as e:
+            self._error(f"links/routes/rules: {e}")
+            self._dataplane_due = True
+        states = {pk: m.state for pk, m in self.machines.items()}
+        prefixes = routed_prefixes(
+            self.specs.specs,
+            self.identity.subnet,
+            states=states,
+            allow_down_peer_bypass=self.cfg.allow_down_peer_bypass,
+        )
+        sets = {
+            SET_IPV4: [p for p in prefixes if p.version == 4],
+            SET_IPV6: [p for p in prefixes if p.version == 6],
+        }
+        try:
+            changes += await self.nft.reconcile(sets)
+        except Exception as e:
+            self._error(f"nftables: {e}")
+            self._dataplane_due = True
+        if changes:
+            self.dataplane_changes = (self.dataplane_changes + changes)[-50:]
+            log_event(log, "data plane reconciled", changes=changes)
+
+    # -- status ------------------------------------------------------------------------------------
+
+    def status(self) -> MeshStatus:
+        assert self.identity is not None
+        wall, now = self.wall(), self.clock()
+        observed = self.device.peers if self.device is not None else {}
+        peers: list[PeerStatus] = []
+        for spec in self.specs.specs:
+            m = self.machines.get(spec.public_key)
+            if m is None:
+                continue
+            st = m.status()
+            have = observed.get(spec.public_key)
+            change = st.last_endpoint_change
+            peers.append(
+                PeerStatus(
+                    label=spec.label or spec.node_id[:12],
+                    node_id=spec.node_id,
+                    public_key=spec.public_key.b64,
+                    mesh_address=str(spec.mesh_address) if spec.mesh_address else None,
+                    endpoint=str(have.endpoint) if have is not None and have.endpoint else None,
+                    state=str(st.state),
+                    rx_bytes=have.rx_bytes if have is not None else 0,
+                    tx_bytes=have.tx_bytes if have is not None else 0,
+                    last_handshake=have.last_handshake if have is not None else None,
+                    last_used_endpoint=str(st.last_used_endpoint) if st.last_used_endpoint else None,
+                    last_endpoint_change=(wall - (now - change)) if change is not None else None,
+                    endpoint_switches=st.switches,
+                    roams=st.roams,
+                    failures=st.failures,
+                    candidates=tuple(str(c.endpoint) for c in st.candidates),
+                    learned=tuple(str(e) for e in st.learned),
+                    allowed_ips=tuple(str(p) for p in spec.allowed_ips),
+                )
+            )
+        public_ip = self.discovery.public_ip if self.discovery is not None else None
+        all_up = all(p.state == PeerState.UP for p in peers)
+        return MeshStatus(
+            ready=self.ready.is_set() and all_up,
+            node_id=self.node_id,
+            nodename=self.opts.nodename,
+            public_key=self.identity.public_key.b64,
+            mesh_address=str(self.identity.address.ip),
+            listen_port=self.cfg.listen_port,
+            backend=self.backend.name,
+            public_ip=str(public_ip) if public_ip else None,
+            endpoints=tuple(str(e) for e in self.local.endpoints) if self.local else (),
+            peers=tuple(peers),
+            conflicts=tuple(str(c) for c in self.specs.conflicts),
+            errors=tuple(self.errors[-5:]),
+        )
+
+
+def conflicts_of(specs: PeerSpecs) -> tuple[Conflict, ...]:
+    return specs.conflicts
+
+
+def spec_for(specs: PeerSpecs, key: PublicKey) -> PeerSpec | None:
+    return specs.by_key().get(key)

@@ -1,0 +1,133 @@
+"""Path probes: ICMPv6 echo to a peer's mesh address, through the tunnel.
+
+The endpoint state machine asks for a probe when it needs fresh evidence that
+the current path works; a reply proves the round trip through WireGuard. The
+prober owns one raw ICMPv6 socket (root), sends echo requests with our own
+identifier and maps replies back to peers by sequence number. Without the
+privilege for a raw socket it disables itself and the state machine falls back
+to its passive rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import struct
+from collections.abc import Hashable
+
+from discovery.logs import log_event
+
+log = logging.getLogger("kubespan.probe")
+
+ECHO_REQUEST = 128
+ECHO_REPLY = 129
+_PENDING_MAX = 4096
+
+
+def echo_request(ident: int, seq: int, payload: bytes = b"kubespan-probe") -> bytes:
+    """An ICMPv6 echo request (the kernel fills in the checksum on raw ICMPv6 sockets)."""
+    return struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, ident, seq) + payload
+
+
+def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
+    """``(identifier, sequence)`` of an echo reply, else None."""
+    if len(packet) < 8 or packet[0] != ECHO_REPLY or packet[1] != 0:
+        return None
+    _, _, _, ident, seq = struct.unpack("!BBHHH", packet[:8])
+    return ident, seq
+
+
+class Prober:
+    """Sends probes and collects which peers answered since the last ``take_answered``."""
+
+    def __init__(self) -> None:
+        self.ident = int.from_bytes(os.urandom(2), "big")
+        self._seq = 0
+        self._pending: dict[int, Hashable] = {}
+        self._answered: set[Hashable] = set()
+        self._sock: socket.socket | None = None
+        self.enabled = False
+        self.sent = 0
+        self.replies = 0
+
+    def open(self) -> bool:
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        except OSError as e:
+            log_event(log, "probes disabled: no raw ICMPv6 socket", logging.WARNING, error=str(e))
+            return False
+        sock.setblocking(False)
+        self._sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+        self.enabled = True
+        return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        self.enabled = False
+
+    def send(self, peer: Hashable, address: ipaddress.IPv6Address) -> bool:
+        """One echo request to ``address`` on behalf of ``peer``; False when it could not be sent."""
+        if self._sock is None:
+            return False
+        self._seq = (self._seq + 1) & 0xFFFF
+        if len(self._pending) >= _PENDING_MAX:
+            self._pending.clear()
+        self._pending[self._seq] = peer
+        try:
+            self._sock.sendto(echo_request(self.ident, self._seq), (str(address), 0))
+        except OSError:
+            return False
+        self.sent += 1
+        return True
+
+    def _readable(self) -> None:
+        assert self._sock is not None
+        for _ in range(256):
+            try:
+                data = self._sock.recv(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            parsed = parse_echo_reply(data)
+            if parsed is None or parsed[0] != self.ident:
+                continue
+            peer = self._pending.pop(parsed[1], None)
+            if peer is not None:
+                self.replies += 1
+                self._answered.add(peer)
+
+    def take_answered(self) -> set[Hashable]:
+        out, self._answered = self._answered, set()
+        return out
+
+
+class FakeProber(Prober):
+    """For unit tests: records probes; tests decide which peers answered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+        self.probes: list[tuple[Hashable, ipaddress.IPv6Address]] = []
+
+    def open(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        return None
+
+    def send(self, peer: Hashable, address: ipaddress.IPv6Address) -> bool:
+        self.probes.append((peer, address))
+        return True
+
+    def answer(self, peer: Hashable) -> None:
+        self._answered.add(peer)

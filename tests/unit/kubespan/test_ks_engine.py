@@ -1,0 +1,256 @@
+"""The mesh engine against in-memory fakes (WireGuard, data plane, host, prober, discovery)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from discovery.crypto import endpoint_from_addr
+from kubespan.dataplane.fake import SET_IPV4, SET_IPV6, FakeLinkManager, FakeNftManager
+from kubespan.endpoints import PeerState
+from kubespan.engine import Mesh, MeshOptions, load_node_id
+from kubespan.hostinfo import StaticHost
+from kubespan.identity import LinkInfo, generate_private_key, ula_prefix
+from kubespan.probe import FakeProber
+from kubespan.wgtypes import AddrPort, PresharedKey
+from kubespan.wireguard.fake import FakeWireGuard
+from spanapi.discovery.client import affiliate_pb2
+
+CLUSTER = "8XuV9TZHW08DOk3bVxQjH9ih_TBKjnh-j44tsCLSBzo="
+SECRET = bytes(range(32))
+
+
+@dataclass(frozen=True)
+class Discovered:
+    id: str
+    affiliate: affiliate_pb2.Affiliate
+    endpoints: tuple[affiliate_pb2.Endpoint, ...]
+
+
+@dataclass
+class FakeDiscovery:
+    peers: dict[str, Discovered] = field(default_factory=dict)
+    public_ip: ipaddress.IPv4Address | None = None
+    published: list[tuple[affiliate_pb2.Affiliate, list[affiliate_pb2.Endpoint], dict]] = field(
+        default_factory=list
+    )
+
+    @property
+    def affiliates(self) -> Mapping[str, Discovered]:
+        return dict(self.peers)
+
+    async def set_local_data(
+        self,
+        affiliate: affiliate_pb2.Affiliate,
+        endpoints: Sequence[affiliate_pb2.Endpoint] = (),
+        other_endpoints: Mapping[str, Sequence[affiliate_pb2.Endpoint]] | None = None,
+    ) -> bool:
+        self.published.append((affiliate, list(endpoints), dict(other_endpoints or {})))
+        return True
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def remote(node_id: str, name: str, addr: str, mesh_host: int, *extra_addrs: str):
+    key = generate_private_key().public_key()
+    mesh = ula_prefix(CLUSTER)[mesh_host]
+    a = affiliate_pb2.Affiliate(node_id=node_id, nodename=name, hostname=name)
+    a.addresses.extend(ipaddress.ip_address(x).packed for x in (addr, *extra_addrs))
+    a.kubespan.public_key = key.b64
+    a.kubespan.address = mesh.packed
+    eps = (endpoint_from_addr(ipaddress.ip_address(addr), 51820),)
+    return key, mesh, Discovered(node_id, a, eps)
+
+
+@pytest.fixture
+def mesh(tmp_path: Path):
+    clock = Clock()
+    disc = FakeDiscovery(public_ip=ipaddress.ip_address("203.0.113.9"))
+    wg = FakeWireGuard(clock=lambda: clock.t)
+    links = FakeLinkManager(link_exists=True)
+    nft = FakeNftManager()
+    host = StaticHost(
+        [LinkInfo("eth0", bytes.fromhex("2e1ab6538169"), physical=True), LinkInfo("lo", None, False, True)],
+        [ipaddress.ip_interface("10.5.0.1/24"), ipaddress.ip_interface("fe80::1/64")],
+    )
+    opts = MeshOptions(
+        cluster_id=CLUSTER, cluster_secret=SECRET, state_dir=tmp_path / "state", nodename="self"
+    )
+    m = Mesh(
+        opts,
+        backend=wg,
+        links=links,
+        nft=nft,
+        host=host,
+        discovery=disc,
+        prober=FakeProber(),
+        clock=clock,
+        wall=clock,
+    )
+    return m, disc, wg, links, nft, clock
+
+
+async def test_identity_and_local_affiliate(mesh) -> None:
+    m, disc, wg, links, nft, _ = mesh
+    await m.start()
+    try:
+        await m.reconcile()
+        # Talos' vector: this cluster id and MAC give this address
+        assert str(m.identity.address) == "fd7f:175a:b97c:5602:2c1a:b6ff:fe53:8169/64"
+        aff, eps, _ = disc.published[-1]
+        assert aff.kubespan.public_key == m.identity.public_key.b64
+        assert ipaddress.ip_address(aff.kubespan.address) == m.identity.address.ip
+        # node IPs (no link-local) on the listen port, plus the public IP discovery saw
+        assert [(ipaddress.ip_address(e.ip), e.port) for e in eps] == [
+            (ipaddress.ip_address("10.5.0.1"), 51820),
+            (ipaddress.ip_address("203.0.113.9"), 51820),
+        ]
+        assert [ipaddress.ip_address(a) for a in aff.addresses] == [ipaddress.ip_address("10.5.0.1")]
+        # data plane: mesh /64 on the link, routes and rules, nft table created
+        assert m.identity.address in links.addresses
+        assert links.routes == {"inet", "inet6"} and links.rules == {"inet", "inet6"}
+        assert nft.sets == {SET_IPV4: set(), SET_IPV6: set()}
+        # device: our key, port, fwmark 0x20
+        assert wg.device.private_key == m.identity.private_key
+        assert wg.device.listen_port == 51820 and wg.device.fwmark == 0x20
+        # the key and node id persist across restarts
+        assert load_node_id(m.opts.state_dir) == m.node_id
+        assert (m.opts.state_dir / "node-id").stat().st_mode & 0o077 == 0
+    finally:
+        await m.stop()
+
+
+async def test_peers_from_discovery_and_no_write_when_unchanged(mesh) -> None:
+    m, disc, wg, _links, nft, _ = mesh
+    k1, mesh1, d1 = remote("node-a", "a", "10.5.0.2", 2, "192.0.2.7")
+    k2, _mesh2, d2 = remote("node-b", "b", "198.51.100.3", 3)
+    disc.peers = {"node-a": d1, "node-b": d2}
+    await m.start()
+    try:
+        await m.reconcile()
+        peers = wg.device.peers
+        assert set(peers) == {k1, k2}
+        p1 = peers[k1]
+        assert p1.allowed_ips == frozenset(
+            ipaddress.ip_network(x) for x in ("10.5.0.2/32", "192.0.2.7/32", f"{mesh1}/128")
+        )
+        assert p1.preshared_key == PresharedKey(SECRET)
+        assert p1.persistent_keepalive == 25
+        assert p1.endpoint == AddrPort(ipaddress.ip_address("10.5.0.2"), 51820)
+        # nft: node IPs steered into the mesh, mesh addresses left to the connected /64 route
+        assert nft.sets[SET_IPV4] == {
+            ipaddress.ip_network(x) for x in ("10.5.0.2/32", "192.0.2.7/32", "198.51.100.3/32")
+        }
+        assert nft.sets[SET_IPV6] == set()
+
+        writes, transactions = wg.writes, len(nft.all_transactions)
+        for _ in range(3):
+            await m.reconcile()
+        assert wg.writes == writes, "an unchanged reconcile must not write to WireGuard"
+        assert len(nft.all_transactions) == transactions, "an unchanged reconcile must not write nftables"
+
+        # one peer changes: only that peer is touched
+        d2.affiliate.addresses.append(ipaddress.ip_address("198.51.100.4").packed)
+        await m.reconcile()
+        assert wg.writes == writes + 1
+        last = wg.applies[-1]
+        assert [type(op).__name__ for op in last] == ["UpdatePeer"] and last[0].public_key == k2
+
+        # a peer leaves discovery: removed from WireGuard and from the sets
+        del disc.peers["node-b"]
+        await m.reconcile()
+        assert set(wg.device.peers) == {k1}
+        assert ipaddress.ip_network("198.51.100.3/32") not in nft.sets[SET_IPV4]
+    finally:
+        await m.stop()
+
+
+async def test_overlaps_and_duplicates_are_surfaced(mesh) -> None:
+    m, disc, wg, *_ = mesh
+    k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2, "10.9.9.9")
+    k2, _, d2 = remote("node-b", "b", "10.5.0.3", 3, "10.9.9.9")  # shares a VIP with node-a
+    disc.peers = {"node-a": d1, "node-b": d2}
+    await m.start()
+    try:
+        await m.reconcile()
+        st = m.status()
+        assert any("10.9.9.9" in c and "node-b" in c for c in st.conflicts), st.conflicts
+        # deterministic: the lower node id keeps the contested address
+        assert ipaddress.ip_network("10.9.9.9/32") in wg.device.peers[k1].allowed_ips
+        assert ipaddress.ip_network("10.9.9.9/32") not in wg.device.peers[k2].allowed_ips
+    finally:
+        await m.stop()
+
+
+async def test_outside_removal_is_repaired(mesh) -> None:
+    m, disc, wg, links, nft, clock = mesh
+    _, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    disc.peers = {"node-a": d1}
+    await m.start()
+    try:
+        await m.reconcile()
+        await links.remove_rule("inet")
+        await links.remove_route("inet6")
+        nft.remove_table()
+        wg.remove()
+        clock.t += m.cfg.reconcile_interval
+        await m.reconcile()
+        assert links.rules == {"inet", "inet6"} and links.routes == {"inet", "inet6"}
+        assert nft.sets is not None and ipaddress.ip_network("10.5.0.2/32") in nft.sets[SET_IPV4]
+        assert wg.device is not None and len(wg.device.peers) == 1
+        assert m.identity.address in links.addresses
+    finally:
+        await m.stop()
+
+
+async def test_status_and_state_follow_handshakes(mesh) -> None:
+    m, disc, wg, _links, _nft, clock = mesh
+    k1, mesh1, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    disc.peers = {"node-a": d1}
+    await m.start()
+    try:
+        await m.reconcile()
+        assert m.status().peers[0].state == PeerState.UNKNOWN
+        assert not m.status().ready
+        for _ in range(3):
+            clock.t += 1
+            wg.traffic(k1, rx=148, tx=148, handshake=True)
+            m.prober.answer(k1)
+            await m.reconcile()
+        st = m.status()
+        p = st.peers[0]
+        assert p.state == PeerState.UP and st.ready
+        assert p.label == "a" and p.public_key == k1.b64 and p.mesh_address == str(mesh1)
+        assert p.endpoint == "10.5.0.2:51820" and p.rx_bytes >= 444 and p.last_handshake is not None
+        assert "10.5.0.2:51820" in p.candidates
+        assert SECRET.hex() not in repr(st) and "private" not in repr(st.as_dict()).lower()
+    finally:
+        await m.stop()
+
+
+async def test_stop_cleans_up(mesh) -> None:
+    m, _disc, wg, links, nft, _ = mesh
+    await m.start()
+    await m.reconcile()
+    await m.stop(cleanup=True)
+    assert nft.sets is None
+    assert not links.rules and not links.routes
+    assert wg.closed and wg.removed_on_close
+
+
+def test_node_id_is_stable(tmp_path: Path) -> None:
+    a = load_node_id(tmp_path)
+    assert a == load_node_id(tmp_path) and 40 <= len(a) <= 44 and a.isalnum()
+    os.remove(tmp_path / "node-id")
+    assert load_node_id(tmp_path) != a
