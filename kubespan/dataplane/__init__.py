@@ -1,0 +1,40 @@
+"""The mesh's kernel data plane: link addresses, policy routing (pyroute2) and nftables (``nft -j``).
+
+- :class:`LinkManager` — MTU/up/addresses of the mesh link, the IPv4/IPv6 default routes in the
+  mesh routing table, the ``fwmark F/M lookup T`` rules; plus an rtnetlink event watcher.
+- :class:`NftManager` — the dedicated ``inet`` table: named interval sets of mesh destinations,
+  marking/MSS-clamping chains, updated by set-element diff in one transaction per reconcile.
+- :mod:`kubespan.dataplane.fake` — in-memory fakes of both for engine unit tests.
+
+Every ``reconcile*`` is level-triggered and idempotent and returns the list of changes it made.
+"""
+
+from kubespan.dataplane.links import (
+    DataplaneError,
+    LinkManager,
+    LinkNotFoundError,
+    NetlinkEvent,
+)
+from kubespan.dataplane.nft import (
+    SET_IPV4,
+    SET_IPV6,
+    NftError,
+    NftManager,
+    RulesetParams,
+    Transaction,
+    targets,
+)
+
+__all__ = [
+    "SET_IPV4",
+    "SET_IPV6",
+    "DataplaneError",
+    "LinkManager",
+    "LinkNotFoundError",
+    "NetlinkEvent",
+    "NftError",
+    "NftManager",
+    "RulesetParams",
+    "Transaction",
+    "targets",
+]

@@ -1,0 +1,320 @@
+"""In-memory fakes of :class:`LinkManager` and :class:`NftManager` for engine unit tests.
+
+They keep the same methods, return values and change-list semantics (an
+unchanged reconcile returns ``[]``), record every call, and let a test simulate
+someone else removing things (``remove_*``), which also fires the ``watch``
+callbacks as the real rtnetlink watcher would. ``fail_next(method, exc)``
+makes the next call of a method raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from kubespan import constants as C
+from kubespan.dataplane.links import (
+    Callback,
+    IPInterface,
+    LinkNotFoundError,
+    NetlinkEvent,
+    _notify,
+)
+from kubespan.dataplane.nft import (
+    FAMILY,
+    SET_IPV4,
+    SET_IPV6,
+    IPNetwork,
+    NftError,
+    RulesetParams,
+    Transaction,
+    diff_sets,
+    normalize_desired,
+    render_diff,
+    render_replace,
+)
+
+INET, INET6 = "inet", "inet6"
+
+
+class _Failures:
+    def __init__(self) -> None:
+        self._fail: dict[str, list[BaseException]] = {}
+
+    def fail_next(self, method: str, exc: BaseException) -> None:
+        """The next call of ``method`` raises ``exc`` (queue several for several calls)."""
+        self._fail.setdefault(method, []).append(exc)
+
+    def _maybe_fail(self, method: str) -> None:
+        queue = self._fail.get(method)
+        if queue:
+            raise queue.pop(0)
+
+
+class FakeLinkManager(_Failures):
+    """The link, its addresses, our two default routes and our two rules, as plain state."""
+
+    def __init__(
+        self,
+        ifname: str = C.LINK_NAME,
+        mtu: int = C.MTU,
+        table: int = C.ROUTING_TABLE,
+        priority: int = C.RULE_PRIORITY,
+        fwmark: int = C.FWMARK_FORCE,
+        fwmask: int = C.FWMARK_MASK,
+        *,
+        netns: str | None = None,
+        link_exists: bool = True,
+    ) -> None:
+        super().__init__()
+        self.ifname = ifname
+        self.mtu = mtu
+        self.table = table
+        self.priority = priority
+        self.fwmark = fwmark
+        self.fwmask = fwmask
+        self.netns = netns
+        # observable kernel state
+        self.link_exists = link_exists
+        self.link_mtu = 1500 if link_exists else None
+        self.link_up = False
+        self.addresses: set[IPInterface] = set()
+        self.routes: set[str] = set()  # {"inet", "inet6"}
+        self.rules: set[str] = set()
+        self.calls: list[tuple[str, Any]] = []
+        self.closed = False
+        self._watchers: list[Callback] = []
+
+    @classmethod
+    def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None) -> FakeLinkManager:
+        return cls(
+            cfg.link_name,
+            cfg.mtu,
+            cfg.routing_table,
+            cfg.rule_priority,
+            cfg.fwmark_force,
+            cfg.fwmark_mask,
+            netns=netns,
+        )
+
+    # -- test controls ------------------------------------------------------------------------
+
+    async def _emit(self, kind: str, action: str, detail: str) -> None:
+        for cb in list(self._watchers):
+            await _notify(cb, NetlinkEvent(kind, action, detail))
+
+    async def create_link(self) -> None:
+        """What the WireGuard backend does."""
+        if not self.link_exists:
+            self.link_exists, self.link_mtu, self.link_up = True, 1500, False
+            await self._emit("link", "new", self.ifname)
+
+    async def remove_link(self) -> None:
+        """Someone deleted the link: its addresses and routes go with it."""
+        self.link_exists, self.link_mtu, self.link_up = False, None, False
+        self.addresses.clear()
+        self.routes.clear()
+        await self._emit("link", "del", self.ifname)
+
+    async def remove_address(self, address: IPInterface | str) -> None:
+        self.addresses.discard(ipaddress.ip_interface(address))
+        await self._emit("addr", "del", str(address))
+
+    async def remove_route(self, family: str = INET) -> None:
+        self.routes.discard(family)
+        await self._emit("route", "del", f"{family} default table {self.table}")
+
+    async def remove_rule(self, family: str = INET) -> None:
+        self.rules.discard(family)
+        await self._emit("rule", "del", f"{family} priority {self.priority}")
+
+    async def set_link_down(self) -> None:
+        self.link_up = False
+        await self._emit("link", "new", self.ifname)
+
+    # -- the LinkManager interface ------------------------------------------------------------
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def __aenter__(self) -> FakeLinkManager:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _require_link(self) -> None:
+        if not self.link_exists:
+            raise LinkNotFoundError(f"link {self.ifname!r} not found")
+
+    async def reconcile(self, addresses: Sequence[IPInterface], up: bool = True) -> list[str]:
+        changes = await self.reconcile_link(addresses, up)
+        if up:
+            changes += await self.reconcile_routes()
+        changes += await self.reconcile_rules()
+        return changes
+
+    async def reconcile_link(self, addresses: Sequence[IPInterface], up: bool = True) -> list[str]:
+        desired = [ipaddress.ip_interface(a) for a in addresses]
+        self.calls.append(("reconcile_link", (tuple(desired), up)))
+        self._maybe_fail("reconcile_link")
+        self._require_link()
+        changes = []
+        if self.link_mtu != self.mtu:
+            changes.append(f"link {self.ifname}: mtu {self.link_mtu} -> {self.mtu}")
+            self.link_mtu = self.mtu
+        if self.link_up != up:
+            changes.append(f"link {self.ifname}: {'up' if up else 'down'}")
+            self.link_up = up
+        for a in sorted(self.addresses - set(desired), key=str):
+            self.addresses.discard(a)
+            changes.append(f"address {self.ifname}: del {a}")
+        for a in desired:
+            if a not in self.addresses:
+                self.addresses.add(a)
+                changes.append(f"address {self.ifname}: add {a}")
+        return changes
+
+    async def reconcile_routes(self) -> list[str]:
+        self.calls.append(("reconcile_routes", None))
+        self._maybe_fail("reconcile_routes")
+        self._require_link()
+        changes = []
+        for fam in (INET, INET6):
+            if fam not in self.routes:
+                self.routes.add(fam)
+                changes.append(
+                    f"route table {self.table}: add {fam} default dev {self.ifname} mtu {self.mtu}"
+                )
+        return changes
+
+    async def reconcile_rules(self) -> list[str]:
+        self.calls.append(("reconcile_rules", None))
+        self._maybe_fail("reconcile_rules")
+        changes = []
+        for fam in (INET, INET6):
+            if fam not in self.rules:
+                self.rules.add(fam)
+                changes.append(
+                    f"rule: add {fam} priority {self.priority} fwmark {self.fwmark:#x}/{self.fwmask:#x} "
+                    f"lookup {self.table}"
+                )
+        return changes
+
+    async def teardown(self, remove_link: bool = False) -> None:
+        self.calls.append(("teardown", remove_link))
+        self._maybe_fail("teardown")
+        self.rules.clear()
+        self.routes.clear()
+        self.addresses.clear()
+        if remove_link:
+            self.link_exists, self.link_mtu, self.link_up = False, None, False
+
+    async def watch(self, callback: Callback, *, ready: asyncio.Event | None = None) -> None:
+        self._watchers.append(callback)
+        if ready is not None:
+            ready.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._watchers.remove(callback)
+
+    @property
+    def healthy(self) -> bool:
+        """Everything a full reconcile installs is present."""
+        return (
+            self.link_exists
+            and self.link_up
+            and self.link_mtu == self.mtu
+            and self.routes == {INET, INET6}
+            and self.rules == {INET, INET6}
+        )
+
+
+class FakeNftManager(_Failures):
+    """The table as ``{set name: set of prefixes}`` (``None`` = no table); same change strings."""
+
+    def __init__(
+        self,
+        table_name: str = C.NFT_TABLE,
+        *,
+        netns: str | None = None,
+        **params: Any,
+    ) -> None:
+        super().__init__()
+        self.params = RulesetParams(table=table_name, **params)
+        self.netns = netns
+        self.sets: dict[str, set[IPNetwork]] | None = None
+        self.transactions: list[Transaction] = []
+        self.all_transactions: list[Transaction] = []
+        self.calls: list[tuple[str, Any]] = []
+        self.fail_diffs = 0  # how many upcoming diff transactions fail (drives the fallback)
+
+    @classmethod
+    def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None, **kw: Any) -> FakeNftManager:
+        return cls(
+            cfg.nft_table,
+            netns=netns,
+            ifname=cfg.link_name,
+            mtu=cfg.mtu,
+            fwmark_wireguard=cfg.fwmark_wireguard,
+            fwmark_force=cfg.fwmark_force,
+            fwmark_mask=cfg.fwmark_mask,
+            clamp_forwarded_mss=cfg.clamp_forwarded_mss,
+        )
+
+    @property
+    def table(self) -> str:
+        return self.params.table
+
+    def remove_table(self) -> None:
+        """Someone ran ``nft delete table``."""
+        self.sets = None
+
+    def _record(self, t: Transaction) -> None:
+        self.transactions.append(t)
+        self.all_transactions.append(t)
+
+    async def read_sets(self) -> dict[str, list[IPNetwork]] | None:
+        if self.sets is None:
+            return None
+        return {
+            n: sorted(v, key=lambda x: (int(x.network_address), x.prefixlen)) for n, v in self.sets.items()
+        }
+
+    async def reconcile(self, desired_sets: Mapping[str, Iterable[Any]]) -> list[str]:
+        desired = normalize_desired(desired_sets)
+        self.calls.append(("reconcile", {n: tuple(v) for n, v in desired.items()}))
+        self.transactions = []
+        self._maybe_fail("reconcile")
+        if self.sets is None:
+            self._record(Transaction("create", render_replace(self.params, desired), True))
+            self.sets = {n: set(v) for n, v in desired.items()}
+            return [f"nft table {FAMILY} {self.table}: created"]
+        diffs = diff_sets(self.sets, desired)
+        if not diffs:
+            return []
+        if self.fail_diffs > 0:
+            self.fail_diffs -= 1
+            err = NftError("nft transaction (diff) failed", stderr="Error: injected by FakeNftManager")
+            self._record(Transaction("diff", render_diff(self.table, diffs), False, str(err)))
+            self._record(Transaction("flush", {"nftables": []}, True))
+            for name in diffs:
+                self.sets[name] = set(desired[name])
+            return [f"nft set {name}: flushed and re-added {len(desired[name])}" for name in diffs]
+        self._record(Transaction("diff", render_diff(self.table, diffs), True))
+        for name, d in diffs.items():
+            s = self.sets.setdefault(name, set())
+            s.difference_update(d.delete)
+            s.update(d.add)
+        return [f"nft set {name}: add {len(d.add)}, delete {len(d.delete)}" for name, d in diffs.items()]
+
+    async def teardown(self) -> None:
+        self.calls.append(("teardown", None))
+        self._maybe_fail("teardown")
+        self.sets = None
+
+
+__all__ = ["SET_IPV4", "SET_IPV6", "FakeLinkManager", "FakeNftManager"]
