@@ -149,6 +149,20 @@ class Node:
         )
         return r.returncode == 0
 
+    def pids(self, comm: str | None = None) -> list[int]:
+        """PIDs of processes in this node's network namespace, optionally only those named ``comm``."""
+        out = []
+        for text in sh("ip", "netns", "pids", self.ns, check=False).stdout.split():
+            pid = int(text)
+            if comm is not None:
+                try:
+                    if Path(f"/proc/{pid}/comm").read_text().strip() != comm:
+                        continue
+                except OSError:
+                    continue
+            out.append(pid)
+        return out
+
     def stop_processes(self) -> None:
         for p in self.procs:
             if p.poll() is None:

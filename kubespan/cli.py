@@ -1,0 +1,372 @@
+"""``kubespan``: run the mesh standalone, or show a running mesh's peers.
+
+    kubespan run --cluster-id ID --cluster-secret-file FILE --discovery URL --state-dir DIR ...
+    kubespan status --http-addr 127.0.0.1:51821
+
+``run`` serves ``/status`` (JSON), ``/metrics`` (Prometheus) and ``/healthz``
+on ``--http-addr``; SIGTERM/SIGINT remove everything it created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from discovery.client import DiscoveryClient
+from discovery.crypto import SecretError, parse_secret
+from discovery.logs import log_event, setup
+from kubespan.constants import ConfigError, MeshConfig
+from kubespan.dataplane.links import LinkManager
+from kubespan.dataplane.nft import NftManager
+from kubespan.engine import Mesh, MeshOptions
+from kubespan.hostinfo import NetlinkHost
+from kubespan.metrics import MeshCollector
+from kubespan.peers import EndpointFilter
+from kubespan.probe import Prober
+from kubespan.wgtypes import AddrPort
+from kubespan.wireguard.backend import WireGuardBackend
+
+log = logging.getLogger("kubespan")
+
+DEFAULT_HTTP_ADDR = "127.0.0.1:51821"
+
+
+def _cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CIDR: {e}") from None
+
+
+def _filter(text: str) -> str:
+    try:
+        EndpointFilter.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return text
+
+
+def _addrport(text: str) -> AddrPort:
+    try:
+        return AddrPort.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not IP:PORT: {e}") from None
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _mac(text: str) -> bytes:
+    raw = text.replace(":", "").replace("-", "")
+    if len(raw) != 12:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a MAC address")
+    try:
+        return bytes.fromhex(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a MAC address") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kubespan", description="KubeSpan-style WireGuard mesh, standalone.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = MeshConfig()
+
+    run = sub.add_parser(
+        "run",
+        help="run the mesh",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__,
+    )
+    run.add_argument(
+        "--cluster-id", required=True, help="cluster id (Talos cluster.id); sent to discovery in clear"
+    )
+    sec = run.add_mutually_exclusive_group()
+    sec.add_argument(
+        "--cluster-secret", help="base64 of 32 bytes (prefer --cluster-secret-file or the environment)"
+    )
+    sec.add_argument("--cluster-secret-file", type=Path, help="file holding the base64 cluster secret")
+    run.add_argument(
+        "--discovery",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="discovery service (http:// = h2c, https:// = TLS); repeatable",
+    )
+    run.add_argument("--discovery-ca", type=Path, help="CA bundle for TLS discovery endpoints")
+    run.add_argument("--state-dir", type=Path, required=True, help="where the key and node id are kept")
+    run.add_argument("--nodename", default=socket.gethostname(), help="label shown to peers")
+    run.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto")
+    run.add_argument("--wireguard-go", default="wireguard-go", help="userspace backend binary")
+    run.add_argument(
+        "--socket-dir", type=Path, default=Path("/var/run/wireguard"), help="wireguard-go UAPI socket dir"
+    )
+    run.add_argument("--link", default=d.link_name, help="WireGuard link name")
+    run.add_argument("--listen-port", type=int, default=d.listen_port)
+    run.add_argument("--mtu", type=int, default=d.mtu, help="link MTU (minimum 1280)")
+    run.add_argument(
+        "--keepalive", type=int, default=d.persistent_keepalive, help="persistent keepalive, seconds"
+    )
+    run.add_argument("--table", type=int, default=d.routing_table, help="routing table for marked traffic")
+    run.add_argument("--rule-priority", type=int, default=d.rule_priority)
+    run.add_argument("--fwmark-wireguard", type=lambda s: int(s, 0), default=d.fwmark_wireguard)
+    run.add_argument("--fwmark-force", type=lambda s: int(s, 0), default=d.fwmark_force)
+    run.add_argument("--fwmark-mask", type=lambda s: int(s, 0), default=d.fwmark_mask)
+    run.add_argument("--nft-table", default=d.nft_table, help="dedicated inet table")
+    run.add_argument("--advertise", action="append", type=_cidr, default=[], metavar="CIDR")
+    run.add_argument(
+        "--exclude", action="append", type=_cidr, default=[], metavar="CIDR", help="never advertised"
+    )
+    run.add_argument(
+        "--endpoint-filter",
+        action="append",
+        type=_filter,
+        default=[],
+        metavar="F",
+        help="CIDR, or !CIDR to drop",
+    )
+    run.add_argument("--extra-endpoint", action="append", type=_addrport, default=[], metavar="IP:PORT")
+    run.add_argument("--mac", type=_mac, help="MAC for the mesh address (default: first physical NIC)")
+    run.add_argument(
+        "--allow-down-peer-bypass", action="store_true", help="fail open for peers that went down"
+    )
+    run.add_argument("--no-publish-learned", action="store_true", help="do not publish roamed endpoints")
+    run.add_argument(
+        "--http-addr", default=DEFAULT_HTTP_ADDR, type=_hostport, help="/status, /metrics, /healthz"
+    )
+    run.add_argument("--keep-on-exit", action="store_true", help="leave link, routes and rules on exit")
+    run.add_argument("--debug", action="store_true")
+
+    st = sub.add_parser("status", help="print the peer table of a running mesh")
+    st.add_argument("--http-addr", default=DEFAULT_HTTP_ADDR, help="the mesh's --http-addr")
+    st.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    return p
+
+
+def read_secret(ns: argparse.Namespace) -> bytes:
+    if ns.cluster_secret_file:
+        text = ns.cluster_secret_file.read_text().strip()
+    elif ns.cluster_secret:
+        text = ns.cluster_secret
+    elif os.environ.get("KUBESPAN_CLUSTER_SECRET"):
+        text = os.environ["KUBESPAN_CLUSTER_SECRET"]
+    else:
+        raise SystemExit(
+            "kubespan: a cluster secret is required (--cluster-secret-file, or KUBESPAN_CLUSTER_SECRET)"
+        )
+    try:
+        return parse_secret(text)
+    except SecretError as e:
+        raise SystemExit(f"kubespan: cluster secret: {e}") from None
+
+
+async def make_backend(ns: argparse.Namespace, on_restart: Any) -> WireGuardBackend:
+    kind = ns.backend
+    if kind == "auto":
+        from kubespan.wireguard.kernel import kernel_available
+
+        kind = "kernel" if await kernel_available() else "userspace"
+    if kind == "kernel":
+        from kubespan.wireguard.kernel import KernelBackend
+
+        return KernelBackend(ns.link)
+    from kubespan.wireguard.userspace import UserspaceBackend
+
+    return UserspaceBackend(ns.link, socket_dir=ns.socket_dir, binary=ns.wireguard_go, on_restart=on_restart)
+
+
+async def run(ns: argparse.Namespace) -> int:
+    secret = read_secret(ns)
+    try:
+        cfg = MeshConfig(
+            link_name=ns.link,
+            listen_port=ns.listen_port,
+            mtu=ns.mtu,
+            persistent_keepalive=ns.keepalive,
+            routing_table=ns.table,
+            rule_priority=ns.rule_priority,
+            fwmark_wireguard=ns.fwmark_wireguard,
+            fwmark_force=ns.fwmark_force,
+            fwmark_mask=ns.fwmark_mask,
+            nft_table=ns.nft_table,
+            allow_down_peer_bypass=ns.allow_down_peer_bypass,
+        )
+    except ConfigError as e:
+        print(f"kubespan: {e}", file=sys.stderr)
+        return 2
+    opts = MeshOptions(
+        cluster_id=ns.cluster_id,
+        cluster_secret=secret,
+        state_dir=ns.state_dir,
+        nodename=ns.nodename,
+        hostname=socket.gethostname(),
+        config=cfg,
+        advertise=ns.advertise,
+        exclude=ns.exclude,
+        endpoint_filters=ns.endpoint_filter,
+        extra_endpoints=ns.extra_endpoint,
+        mac=ns.mac,
+        publish_learned=not ns.no_publish_learned,
+    )
+    ns.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    from kubespan.engine import load_node_id
+
+    node_id = load_node_id(ns.state_dir)
+    mesh_ref: list[Mesh] = []
+
+    async def on_restart() -> None:
+        log_event(log, "wireguard-go restarted; re-applying", logging.WARNING)
+        if mesh_ref:
+            mesh_ref[0].wake(dataplane=True)
+
+    backend = await make_backend(ns, on_restart)
+    client = DiscoveryClient(
+        ns.discovery, cluster_id=ns.cluster_id, secret=secret, affiliate_id=node_id, tls_ca=ns.discovery_ca
+    )
+    mesh = Mesh(
+        opts,
+        backend=backend,
+        links=LinkManager.from_config(cfg),
+        nft=NftManager.from_config(cfg),
+        host=NetlinkHost(),
+        discovery=client,
+        prober=Prober(),
+    )
+    mesh_ref.append(mesh)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    client.on_change = lambda _snapshot: mesh.wake()
+    client.on_public_ip = lambda _ip: mesh.wake()
+
+    registry = CollectorRegistry()
+    MeshCollector(lambda: mesh.status() if mesh.identity else None, registry)
+    runner = await serve_http(ns.http_addr, mesh, registry)
+    await client.start()
+    try:
+        await mesh.start()
+    except Exception as e:
+        log_event(log, "mesh failed to start", logging.ERROR, error=str(e))
+        await client.close()
+        await runner.cleanup()
+        await backend.close(remove=not ns.keep_on_exit)
+        return 1
+    log_event(log, "mesh running", http=f"{ns.http_addr[0]}:{ns.http_addr[1]}", discovery=ns.discovery)
+    await stop.wait()
+    log_event(log, "stopping")
+    await mesh.stop(cleanup=not ns.keep_on_exit)
+    await client.close()
+    await runner.cleanup()
+    return 0
+
+
+async def serve_http(addr: tuple[str, int], mesh: Mesh, registry: CollectorRegistry) -> web.AppRunner:
+    async def status(_: web.Request) -> web.Response:
+        if mesh.identity is None:
+            return web.json_response({"error": "starting"}, status=503)
+        return web.json_response(mesh.status().as_dict())
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        ok = mesh.ready.is_set()
+        return web.Response(status=200 if ok else 503, text="ok\n" if ok else "starting\n")
+
+    app = web.Application()
+    app.add_routes([web.get("/status", status), web.get("/metrics", metrics), web.get("/healthz", healthz)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, addr[0], addr[1], reuse_address=True).start()
+    return runner
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if not ts:
+        return "never"
+    s = max(0, int(now - ts))
+    if s < 120:
+        return f"{s}s ago"
+    if s < 7200:
+        return f"{s // 60}m ago"
+    return f"{s // 3600}h ago"
+
+
+def format_table(st: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    rows = [("LABEL", "ENDPOINT", "STATE", "RX", "TX", "LAST HANDSHAKE")]
+    for p in st.get("peers", []):
+        rows.append(
+            (
+                p["label"],
+                p["endpoint"] or "-",
+                p["state"],
+                _human_bytes(p["rx_bytes"]),
+                _human_bytes(p["tx_bytes"]),
+                _ago(p["last_handshake"], now),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    head = (
+        f"node {st.get('nodename')} mesh {st.get('mesh_address')} port {st.get('listen_port')} "
+        f"backend {st.get('backend')} ready {str(st.get('ready')).lower()}"
+    )
+    extra = [f"conflict: {c}" for c in st.get("conflicts", [])]
+    return "\n".join([head, *lines, *extra])
+
+
+def status(ns: argparse.Namespace) -> int:
+    url = f"http://{ns.http_addr}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            st = json.loads(resp.read())
+    except (urllib.error.URLError, OSError) as e:
+        print(f"kubespan: cannot reach {url}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(st, indent=2) if ns.output == "json" else format_table(st))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    if ns.command == "status":
+        return status(ns)
+    setup(debug=ns.debug)
+    if os.geteuid() != 0:
+        print("kubespan run: needs root (network configuration)", file=sys.stderr)
+        return 1
+    return asyncio.run(run(ns))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

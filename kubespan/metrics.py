@@ -1,0 +1,70 @@
+"""Prometheus metrics for the mesh, computed from its status at scrape time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from kubespan.engine import MeshStatus
+
+STATE_VALUES = {"unknown": 0, "up": 1, "down": 2}
+
+
+class MeshCollector:
+    def __init__(self, status: Callable[[], MeshStatus | None], registry: CollectorRegistry) -> None:
+        self._status = status
+        registry.register(self)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._status()
+        if st is None:
+            return
+        now = time.time()
+        labels = ["peer", "public_key"]
+        ready = GaugeMetricFamily("kubespan_ready", "1 when every peer is up.")
+        ready.add_metric([], 1.0 if st.ready else 0.0)
+        peers = GaugeMetricFamily("kubespan_peers", "Peers by state.", labels=["state"])
+        counts = dict.fromkeys(STATE_VALUES, 0)
+        state = GaugeMetricFamily(
+            "kubespan_peer_state", "Peer state: 0 unknown, 1 up, 2 down.", labels=labels
+        )
+        age = GaugeMetricFamily(
+            "kubespan_peer_handshake_age_seconds", "Seconds since the last handshake.", labels=labels
+        )
+        switches = CounterMetricFamily(
+            "kubespan_peer_endpoint_switches", "Endpoint changes made by the mesh.", labels=labels
+        )
+        roams = CounterMetricFamily(
+            "kubespan_peer_roams", "Endpoint changes made by the peer (roaming).", labels=labels
+        )
+        failures = CounterMetricFamily("kubespan_peer_path_failures", "Paths declared dead.", labels=labels)
+        rx = CounterMetricFamily(
+            "kubespan_peer_receive_bytes", "Bytes received from the peer.", labels=labels
+        )
+        tx = CounterMetricFamily("kubespan_peer_transmit_bytes", "Bytes sent to the peer.", labels=labels)
+        cands = GaugeMetricFamily(
+            "kubespan_peer_candidates", "Endpoint candidates known for the peer.", labels=labels
+        )
+        for p in st.peers:
+            lv = [p.label, p.public_key]
+            counts[p.state] = counts.get(p.state, 0) + 1
+            state.add_metric(lv, STATE_VALUES.get(p.state, 0))
+            if p.last_handshake:
+                age.add_metric(lv, max(0.0, now - p.last_handshake))
+            switches.add_metric(lv, p.endpoint_switches)
+            roams.add_metric(lv, p.roams)
+            failures.add_metric(lv, p.failures)
+            rx.add_metric(lv, p.rx_bytes)
+            tx.add_metric(lv, p.tx_bytes)
+            cands.add_metric(lv, len(p.candidates))
+        for name, n in counts.items():
+            peers.add_metric([name], n)
+        conflicts = GaugeMetricFamily("kubespan_conflicts", "Address/key conflicts among affiliates.")
+        conflicts.add_metric([], len(st.conflicts))
+        yield from (ready, peers, state, age, switches, roams, failures, rx, tx, cands, conflicts)

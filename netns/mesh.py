@@ -1,0 +1,141 @@
+"""Mesh scenarios on top of :class:`netns.lab.Lab`: a discovery server and ``kubespan run`` nodes.
+
+Used by integration tests, benchmarks and the demo. Every process runs inside
+its node's namespace; status is read through ``kubespan status`` in the node.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netns.lab import Lab, LabError, Node
+
+PY = sys.executable
+
+
+@dataclass
+class MeshNode:
+    node: Node
+    log: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    def status(self) -> dict[str, Any]:
+        r = self.node.run(PY, "-m", "kubespan.cli", "status", "-o", "json", check=False, timeout=20)
+        if r.returncode != 0:
+            raise LabError(f"kubespan status on {self.name} failed: {r.stderr.strip()}")
+        return json.loads(r.stdout)
+
+    def peer(self, label: str) -> dict[str, Any] | None:
+        for p in self.status()["peers"]:
+            if p["label"] == label:
+                return p
+        return None
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text().splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+
+class MeshLab:
+    """A lab with one discovery server and any number of mesh nodes."""
+
+    def __init__(self, lab: Lab, cluster_id: str = "lab-cluster") -> None:
+        self.lab = lab
+        self.cluster_id = cluster_id
+        self.secret_file = lab.dir / "cluster-secret"
+        self.secret_file.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+        self.secret_file.chmod(0o600)
+        self.discovery_urls: list[str] = []
+        self.nodes: dict[str, MeshNode] = {}
+
+    def start_discovery(self, node: Node, addr: str, *extra: str) -> str:
+        """Run discovery-service in ``node`` listening on ``addr`` (``IP:PORT`` or ``[IPv6]:PORT``)."""
+        node.popen(
+            PY,
+            "-m",
+            "discovery.server.main",
+            "--addr",
+            addr,
+            "--landing-addr",
+            "",
+            "--metrics-addr",
+            "",
+            "--snapshot-path",
+            "",
+            "--rate-limit",
+            "0",
+            *extra,
+            log=self.lab.dir / f"discovery-{node.name}.log",
+            private_run=False,
+        )
+        url = f"http://{addr}"
+        self.discovery_urls.append(url)
+        return url
+
+    def start_node(self, node: Node, *extra: str, discovery: Sequence[str] | None = None) -> MeshNode:
+        args = [
+            PY,
+            "-m",
+            "kubespan.cli",
+            "run",
+            "--cluster-id",
+            self.cluster_id,
+            "--cluster-secret-file",
+            str(self.secret_file),
+            "--state-dir",
+            str(node.run_dir / "state"),
+            "--nodename",
+            node.name,
+            *[a for url in (discovery or self.discovery_urls) for a in ("--discovery", url)],
+            *extra,
+        ]
+        log = self.lab.dir / f"kubespan-{node.name}.log"
+        node.popen(*args, log=log)
+        mn = MeshNode(node, log, args)
+        self.nodes[node.name] = mn
+        return mn
+
+    def stop_node(self, name: str, timeout: float = 15) -> int | None:
+        """SIGTERM the node's kubespan process and wait for it."""
+        mn = self.nodes[name]
+        for p in mn.node.procs:
+            if p.args and "kubespan.cli" in " ".join(map(str, p.args)) and p.poll() is None:
+                os.killpg(p.pid, 15)
+                return p.wait(timeout)
+        return None
+
+    def wait(self, what: str, pred: Callable[[], bool], timeout: float = 60, interval: float = 0.5) -> float:
+        """Poll ``pred`` until true; return the seconds it took; raise with node logs on timeout."""
+        t0 = time.monotonic()
+        last: Exception | None = None
+        while time.monotonic() - t0 < timeout:
+            try:
+                if pred():
+                    return time.monotonic() - t0
+            except (LabError, ValueError, KeyError) as e:
+                last = e
+            time.sleep(interval)
+        logs = "\n".join(f"--- {n}\n{mn.log_tail()}" for n, mn in self.nodes.items())
+        raise TimeoutError(f"{what}: not reached in {timeout}s (last error: {last})\n{logs}")
+
+    def all_up(self, expected_peers: int | None = None) -> bool:
+        for mn in self.nodes.values():
+            st = mn.status()
+            want = len(self.nodes) - 1 if expected_peers is None else expected_peers
+            if len(st["peers"]) != want or not all(p["state"] == "up" for p in st["peers"]):
+                return False
+        return True
