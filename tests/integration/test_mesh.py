@@ -124,7 +124,7 @@ def test_ipv6_only_underlay(lab: Lab) -> None:
     assert n1.node.ping(n2.status()["mesh_address"], count=2)
     before = n1.peer("n2")["tx_bytes"]
     assert tcp_transfer(n1, n2, "fd60::12") == 1 << 20
-    assert n1.peer("n2")["tx_bytes"] - before > 1 << 20
+    ml.wait("traffic counted on the tunnel", lambda: n1.peer("n2")["tx_bytes"] - before > 1 << 20, timeout=10)
 
 
 def test_self_healing_and_wireguard_go_restart(lab: Lab) -> None:
