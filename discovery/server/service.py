@@ -125,6 +125,9 @@ class ServiceConfig:
     log_rpcs: bool = True
 
 
+_UPDATE_OK = pb.AffiliateUpdateResponse()
+
+
 class _Malformed:
     """Stands in for a request whose protobuf did not parse (answered with INVALID_ARGUMENT)."""
 
@@ -231,8 +234,6 @@ class ClusterService:
         return peer
 
     async def _rate_limit(self, context: grpc.aio.ServicerContext, ip: IPAddress | None) -> None:
-        if not self.limiter.enabled:
-            return
         remaining = context.time_remaining()
         wait = self.limiter.reserve(str(ip), remaining)
         if wait is None:
@@ -249,20 +250,26 @@ class ClusterService:
         call: _Call,
         req: Any,
         context: grpc.aio.ServicerContext,
-        body: Callable[[], Awaitable[Any]],
+        body: Callable[[], Any],
     ) -> Any:
+        """Rate limit, run ``body`` (a plain function, or a coroutine function for streams),
+        map errors to status codes, record metrics and the log line."""
         stats = self.metrics.rpcs.method(kind, call.method)
         stats.started += 1
         t0 = time.perf_counter()
         code = "OK"
         ip = self.client_ip(context)
         try:
-            await self._rate_limit(context, ip)
-            if isinstance(req, _Malformed):
+            if self.limiter.enabled:
+                await self._rate_limit(context, ip)
+            if type(req) is _Malformed:
                 raise _Abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"malformed {req.type_name}: cannot parse protobuf"
                 )
-            return await body()
+            result = body()
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
         except RegistryError as e:
             code = _STATUS[e.code].name
             await context.abort(_STATUS[e.code], str(e))
@@ -298,7 +305,7 @@ class ClusterService:
     async def hello(self, req: pb.HelloRequest, context: grpc.aio.ServicerContext) -> pb.HelloResponse:
         call = _Call("Hello", req.cluster_id, extra={"client_version": req.client_version[:64]})
 
-        async def body() -> pb.HelloResponse:
+        def body() -> pb.HelloResponse:
             self.registry.validate_ids(req.cluster_id)
             self.metrics.hello.labels(normalize_version(req.client_version)).inc()
             resp = pb.HelloResponse()
@@ -316,14 +323,14 @@ class ClusterService:
     ) -> pb.AffiliateUpdateResponse:
         call = _Call("AffiliateUpdate", req.cluster_id, req.affiliate_id)
 
-        async def body() -> pb.AffiliateUpdateResponse:
+        def body() -> pb.AffiliateUpdateResponse:
             ttl = req.ttl.seconds + req.ttl.nanos / 1e9
             data = req.affiliate_data if req.HasField("affiliate_data") else None
             endpoints = list(req.affiliate_endpoints)
             self.registry.update(req.cluster_id, req.affiliate_id, data, endpoints, ttl)
             if self.store is not None:
                 self.store.record_update(req.cluster_id, req.affiliate_id, data, endpoints, ttl)
-            return pb.AffiliateUpdateResponse()
+            return _UPDATE_OK
 
         return await self._run("unary", call, req, context, body)
 
@@ -332,7 +339,7 @@ class ClusterService:
     ) -> pb.AffiliateDeleteResponse:
         call = _Call("AffiliateDelete", req.cluster_id, req.affiliate_id)
 
-        async def body() -> pb.AffiliateDeleteResponse:
+        def body() -> pb.AffiliateDeleteResponse:
             self.registry.validate_ids(req.cluster_id, req.affiliate_id)
             if self.registry.delete(req.cluster_id, req.affiliate_id) and self.store is not None:
                 self.store.record_delete(req.cluster_id, req.affiliate_id)
@@ -343,7 +350,7 @@ class ClusterService:
     async def list(self, req: pb.ListRequest, context: grpc.aio.ServicerContext) -> pb.ListResponse:
         call = _Call("List", req.cluster_id)
 
-        async def body() -> pb.ListResponse:
+        def body() -> pb.ListResponse:
             views = self.registry.list(req.cluster_id)
             return pb.ListResponse(
                 affiliates=[pb.Affiliate(id=v.id, data=v.data, endpoints=v.endpoints) for v in views]
