@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime
 import ipaddress
 import os
 import secrets
@@ -22,10 +21,6 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from discovery.client import DiscoveredAffiliate, DiscoveryClient
 from discovery.crypto import (
@@ -36,7 +31,7 @@ from discovery.crypto import (
     endpoint_to_addr,
     ip_to_bytes,
 )
-from discovery.testing import ServerProcess
+from discovery.testing import ServerProcess, self_signed_cert
 from spanapi.discovery.client import affiliate_pb2
 from spanapi.discovery.server import cluster_pb2 as pb
 from spanapi.discovery.server import cluster_pb2_grpc as rpc
@@ -239,30 +234,11 @@ class RawWatcher:
 
 
 def _self_signed(path: Path, cn: str) -> bytes:
-    """Self-signed ECDSA P-256 certificate for ``localhost`` (as in test_discovery_server.py)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    (path / "tls.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    (path / "tls.crt").write_bytes(pem)
-    return pem
+    """Self-signed ECDSA P-256 certificate for ``localhost``, written as tls.crt / tls.key."""
+    cert, key = self_signed_cert("localhost", cn)
+    (path / "tls.key").write_bytes(key)
+    (path / "tls.crt").write_bytes(cert)
+    return cert
 
 
 # --- 1. five clients: publish, see each other, change, delete ------------------------------------------------

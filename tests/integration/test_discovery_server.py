@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import os
 from collections.abc import Callable
@@ -12,14 +11,10 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from discovery.testing import ServerProcess
+from discovery.testing import ServerProcess, self_signed_cert
 from spanapi.discovery.server import cluster_pb2 as pb
 from spanapi.discovery.server import cluster_pb2_grpc as rpc
 
@@ -174,31 +169,13 @@ async def test_redirect(discovery_server: Start) -> None:
 
 
 def _self_signed(path: Path, cn: str) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    (path / "tls.key.tmp").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    (path / "tls.crt.tmp").write_bytes(pem)
+    """Write a fresh certificate and key atomically (the server reloads on change); return the cert."""
+    cert, key = self_signed_cert("localhost", cn)
+    (path / "tls.key.tmp").write_bytes(key)
+    (path / "tls.crt.tmp").write_bytes(cert)
     os.replace(path / "tls.key.tmp", path / "tls.key")
     os.replace(path / "tls.crt.tmp", path / "tls.crt")
-    return pem
+    return cert
 
 
 async def _tls_hello(port: int, root: bytes) -> bytes:

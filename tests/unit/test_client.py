@@ -15,10 +15,6 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from discovery import crypto
 from discovery.client import (
@@ -29,6 +25,7 @@ from discovery.client import (
     redirect_target,
     schedule,
 )
+from discovery.testing import self_signed_cert
 from spanapi.discovery.client import affiliate_pb2
 from spanapi.discovery.server import cluster_pb2, cluster_pb2_grpc
 
@@ -490,25 +487,7 @@ async def test_updates_iterator_ends_on_close() -> None:
 
 
 def _self_signed(tmp: Path) -> tuple[Path, bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "discovery.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("discovery.test")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    cert_pem, key_pem = self_signed_cert("discovery.test")
     ca = tmp / "ca.pem"
     ca.write_bytes(cert_pem)
     return ca, cert_pem, key_pem
