@@ -153,7 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--http-addr", default=DEFAULT_HTTP_ADDR, type=_hostport, help="/status, /metrics, /healthz"
     )
-    run.add_argument("--keep-on-exit", action="store_true", help="leave link, routes and rules on exit")
+    run.add_argument(
+        "--keep-on-exit",
+        action="store_true",
+        help="restart semantics: keep link, routes, rules, nftables and the discovery entry on exit "
+        "(default: leave the mesh and remove everything)",
+    )
     run.add_argument("--debug", action="store_true")
 
     st = sub.add_parser("status", help="print the peer table of a running mesh")
@@ -273,7 +278,16 @@ async def run(ns: argparse.Namespace) -> int:
         return 1
     log_event(log, "mesh running", http=f"{ns.http_addr[0]}:{ns.http_addr[1]}", discovery=ns.discovery)
     await stop.wait()
-    log_event(log, "stopping")
+    log_event(log, "stopping", leave=not ns.keep_on_exit)
+    if not ns.keep_on_exit:
+        # leaving: tell discovery first so peers drop us now rather than when the TTL runs out
+        try:
+            async with asyncio.timeout(5):
+                await client.delete_local_affiliate()
+        except TimeoutError:
+            log_event(
+                log, "discovery delete timed out; peers drop this node when its TTL expires", logging.WARNING
+            )
     await mesh.stop(cleanup=not ns.keep_on_exit)
     await client.close()
     await runner.cleanup()
