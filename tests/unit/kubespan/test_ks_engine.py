@@ -254,3 +254,39 @@ def test_node_id_is_stable(tmp_path: Path) -> None:
     assert a == load_node_id(tmp_path) and 40 <= len(a) <= 44 and a.isalnum()
     os.remove(tmp_path / "node-id")
     assert load_node_id(tmp_path) != a
+
+
+async def test_roamed_endpoint_is_learned_and_published_once(mesh) -> None:
+    m, disc, wg, _links, _nft, clock = mesh
+    k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    disc.peers = {"node-a": d1}
+    await m.start()
+    try:
+        await m.reconcile()
+        for _ in range(2):
+            clock.t += 1
+            wg.traffic(k1, rx=148, tx=148, handshake=True)
+            m.prober.answer(k1)
+            await m.reconcile()
+        # the peer reaches us from a NATed address we never configured (WireGuard roams to it)
+        natted = AddrPort(ipaddress.ip_address("198.51.100.77"), 40123)
+        from dataclasses import replace
+
+        peers = dict(wg.device.peers)
+        peers[k1] = replace(peers[k1], endpoint=natted)
+        wg.device = replace(wg.device, peers=peers)
+        publishes = len(disc.published)
+        for _ in range(3):
+            clock.t += 1
+            wg.traffic(k1, rx=148, tx=148)
+            await m.reconcile()
+        new = disc.published[publishes:]
+        assert len(new) == 1, "learned endpoints are published once, on change"
+        others = new[0][2]
+        assert list(others) == ["node-a"]
+        assert [(ipaddress.ip_address(e.ip), e.port) for e in others["node-a"]] == [(natted.ip, natted.port)]
+        # WireGuard keeps the roamed endpoint: we do not reconfigure it back
+        assert wg.device.peers[k1].endpoint == natted
+        assert "198.51.100.77:40123" in m.status().peers[0].learned
+    finally:
+        await m.stop()
