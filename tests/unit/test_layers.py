@@ -1,0 +1,56 @@
+"""The dependency graph of ARCHITECTURE.md: imports point down only."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+OURS = ("spanapi", "discovery", "kubespan", "machined", "netns")
+
+# package -> prefixes of our modules it may import (besides itself)
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "spanapi": (),
+    "discovery": ("spanapi",),
+    "kubespan": ("spanapi", "discovery.client", "discovery.crypto", "discovery.logs", "discovery.limits"),
+    "machined": ("spanapi", "discovery", "kubespan"),
+    "netns": ("discovery.testing",),
+}
+# modules allowed to reach further for tests/demos (they are not imported by product code)
+EXEMPT = {"discovery/testing.py", "discovery/demo.py"}
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return {m for m in out if m.split(".")[0] in OURS}
+
+
+def test_imports_point_down() -> None:
+    violations = []
+    for pkg, allowed in ALLOWED.items():
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel in EXEMPT:
+                continue
+            for mod in imports_of(path):
+                if mod.split(".")[0] == pkg or any(mod == a or mod.startswith(a + ".") for a in allowed):
+                    continue
+                violations.append(f"{rel} imports {mod}")
+    assert not violations, "layering violations:\n" + "\n".join(violations)
+
+
+def test_product_code_never_imports_the_lab() -> None:
+    for pkg in ("discovery", "kubespan", "machined"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            assert not any(m.startswith("netns") for m in imports_of(path)), path
+
+
+def test_generated_stubs_import_nothing_of_ours_but_themselves() -> None:
+    for path in (ROOT / "spanapi").rglob("*.py"):
+        assert all(m.startswith("spanapi") for m in imports_of(path)), path
