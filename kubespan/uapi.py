@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterable, Sequence
+import re
+import socket
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 
 from kubespan.wgdiff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer
@@ -54,6 +56,63 @@ class UapiProtocolError(ValueError):
 
 
 # --- encoding ------------------------------------------------------------------------------------
+#
+# Formatting addresses with ipaddress' __str__ dominated encoding a large set (~10 us per
+# IPv6 address). The C formatters give the same text: inet_ntoa always does for IPv4;
+# glibc's inet_ntop compresses IPv6 exactly as Python does (the first longest run of two
+# or more zero groups, lowercase hex) except that it may write an embedded IPv4 address
+# in dotted form, so such results, and scoped addresses, go through str(). A self-check at
+# import falls back to str() altogether should a platform's inet_ntop differ.
+
+
+def _v6_text_fast(ip: ipaddress.IPv6Address) -> str:
+    if ip.scope_id:
+        return str(ip)
+    text = socket.inet_ntop(socket.AF_INET6, ip.packed)
+    return str(ip) if "." in text else text
+
+
+def _v6_text_str(ip: ipaddress.IPv6Address) -> str:
+    return str(ip)
+
+
+def _ntop_matches_python() -> bool:
+    vectors = (
+        "::",
+        "::1",
+        "1::",
+        "1:0:0:1:0:0:0:1",
+        "1:0:0:1:1:0:0:1",
+        "1:0:1:1:1:1:1:1",
+        "0:0:1:1:1:1:0:0",
+        "2001:db8::",
+        "2001:db8:0:0:1::1",
+        "fd7f:175a:b97c:5602:2c1a:b6ff:fe53:8169",
+        "64:ff9b::102:304",
+        "ffff::",
+        "::ffff:0:0:1",
+    )
+    try:
+        return all(_v6_text_fast(ipaddress.IPv6Address(v)) == str(ipaddress.IPv6Address(v)) for v in vectors)
+    except (OSError, ValueError):  # pragma: no cover - platform without inet_ntop
+        return False
+
+
+_v6_text = _v6_text_fast if _ntop_matches_python() else _v6_text_str
+
+
+def _net_text(net: IPNetwork) -> str:
+    """``str(net)``, faster."""
+    if net.version == 4:
+        return f"{socket.inet_ntoa(net.network_address.packed)}/{net.prefixlen}"
+    return f"{_v6_text(net.network_address)}/{net.prefixlen}"  # type: ignore[arg-type]
+
+
+def _endpoint_text(ep: AddrPort) -> str:
+    """``str(ep)``, faster."""
+    if ep.ip.version == 4:
+        return f"{socket.inet_ntoa(ep.ip.packed)}:{ep.port}"
+    return f"[{_v6_text(ep.ip)}]:{ep.port}"  # type: ignore[arg-type]
 
 
 def _peer_lines(op: AddPeer | UpdatePeer, lines: list[str]) -> None:
@@ -63,7 +122,7 @@ def _peer_lines(op: AddPeer | UpdatePeer, lines: list[str]) -> None:
         if cfg.preshared_key is not None:
             lines.append(f"preshared_key={cfg.preshared_key.hex}")
         if cfg.endpoint is not None:
-            lines.append(f"endpoint={cfg.endpoint}")
+            lines.append(f"endpoint={_endpoint_text(cfg.endpoint)}")
         if cfg.persistent_keepalive:
             lines.append(f"persistent_keepalive_interval={cfg.persistent_keepalive}")
         allowed: frozenset[IPNetwork] | None = cfg.allowed_ips
@@ -73,33 +132,28 @@ def _peer_lines(op: AddPeer | UpdatePeer, lines: list[str]) -> None:
         if op.preshared_key is not None:
             lines.append(f"preshared_key={op.preshared_key.hex}")
         if op.endpoint is not None:
-            lines.append(f"endpoint={op.endpoint}")
+            lines.append(f"endpoint={_endpoint_text(op.endpoint)}")
         if op.persistent_keepalive is not None:
             lines.append(f"persistent_keepalive_interval={op.persistent_keepalive}")
         allowed = op.allowed_ips
     if allowed is not None:
         lines.append("replace_allowed_ips=true")
-        lines.extend(f"allowed_ip={net}" for net in sorted_networks(allowed))
+        lines.extend(f"allowed_ip={_net_text(net)}" for net in sorted_networks(allowed))
 
 
-def encode_set(ops: Sequence[Op]) -> bytes | None:
-    """The ``set=1`` request for ``ops``, or None when there is nothing to send."""
-    if not ops:
-        return None
+def _request_head(ops: Sequence[Op]) -> tuple[list[str], list[AddPeer | UpdatePeer | RemovePeer]]:
+    """``set=1`` plus the device-level lines (they must come first), and the peer operations."""
     private_key: PrivateKey | None = None
     listen_port: int | None = None
     fwmark: int | None = None
-    peer_lines: list[str] = []
+    peer_ops: list[AddPeer | UpdatePeer | RemovePeer] = []
     for op in ops:
         if isinstance(op, SetDevice):
             private_key = op.private_key if op.private_key is not None else private_key
             listen_port = op.listen_port if op.listen_port is not None else listen_port
             fwmark = op.fwmark if op.fwmark is not None else fwmark
-        elif isinstance(op, RemovePeer):
-            peer_lines.append(f"public_key={op.public_key.hex}")
-            peer_lines.append("remove=true")
-        elif isinstance(op, AddPeer | UpdatePeer):
-            _peer_lines(op, peer_lines)
+        elif isinstance(op, AddPeer | UpdatePeer | RemovePeer):
+            peer_ops.append(op)
         else:
             raise TypeError(f"unknown operation {type(op).__name__}")
     lines = ["set=1"]
@@ -109,10 +163,60 @@ def encode_set(ops: Sequence[Op]) -> bytes | None:
         lines.append(f"listen_port={listen_port}")
     if fwmark is not None:
         lines.append(f"fwmark={fwmark}")
-    lines.extend(peer_lines)
-    if len(lines) == 1:
+    return lines, peer_ops
+
+
+def _op_lines(op: AddPeer | UpdatePeer | RemovePeer, lines: list[str]) -> None:
+    if isinstance(op, RemovePeer):
+        lines.append(f"public_key={op.public_key.hex}")
+        lines.append("remove=true")
+    else:
+        _peer_lines(op, lines)
+
+
+def encode_set(ops: Sequence[Op]) -> bytes | None:
+    """The ``set=1`` request for ``ops``, or None when there is nothing to send."""
+    if not ops:
         return None
+    lines, peer_ops = _request_head(ops)
+    if len(lines) == 1 and not peer_ops:
+        return None
+    for op in peer_ops:
+        _op_lines(op, lines)
     return ("\n".join(lines) + "\n\n").encode("ascii")
+
+
+# A large set is sent in pieces while the rest is still being encoded, so wireguard-go
+# (which applies each line as it reads it) works in parallel with us. The first piece is
+# small so that it starts at once; later ones grow up to _CHUNK_PEERS_MAX peers.
+_CHUNK_PEERS_FIRST = 8
+_CHUNK_PEERS_MAX = 256
+
+
+def encode_set_chunks(ops: Sequence[Op]) -> Iterator[bytes] | None:
+    """:func:`encode_set` in pieces (joined, they are exactly its bytes), or None when there is nothing
+    to send. Operations are checked before the first piece is produced."""
+    if not ops:
+        return None
+    head, peer_ops = _request_head(ops)
+    if len(head) == 1 and not peer_ops:
+        return None
+    return _chunks(head, peer_ops)
+
+
+def _chunks(lines: list[str], peer_ops: list[AddPeer | UpdatePeer | RemovePeer]) -> Iterator[bytes]:
+    batch = _CHUNK_PEERS_FIRST
+    in_batch = 0
+    for op in peer_ops:
+        _op_lines(op, lines)
+        in_batch += 1
+        if in_batch >= batch:
+            yield ("\n".join(lines) + "\n").encode("ascii")
+            lines = []
+            in_batch = 0
+            batch = min(batch * 2, _CHUNK_PEERS_MAX)
+    lines.append("")  # the empty line that ends the request
+    yield ("\n".join(lines) + "\n").encode("ascii")
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -205,10 +309,248 @@ class _PeerBuilder:
 
 
 _U64 = 2**64 - 1
+_U32 = 2**32 - 1
+
+# --- caches of parsed values ---------------------------------------------------------------------
+#
+# A status poll reads the same device every second: the same public keys,
+# endpoints and prefixes come back as the same text, so their parsed (immutable)
+# objects are kept, keyed by that text. Secrets are never cached here (a PSK is
+# memoised only within one parse). Each cache is cleared when it outgrows
+# _CACHE_MAX entries, so memory stays bounded whatever the churn.
+
+_CACHE_MAX = 1 << 15
+_key_cache: dict[str, PublicKey] = {}
+_endpoint_cache: dict[str, AddrPort] = {}
+_network_cache: dict[str, IPNetwork] = {}
+_allowed_cache: dict[str, frozenset[IPNetwork]] = {}  # a peer's allowed_ip lines -> its prefixes
+
+#: how many ``get`` answers took the fast path / the general parser (for tests and profiling)
+parse_stats = {"fast": 0, "general": 0}
 
 
-def parse_get(text: str | bytes) -> ObservedDevice:
-    """Parse a ``get=1`` response; raises :class:`UapiError` on a non-zero errno."""
+def clear_caches() -> None:
+    """Forget the parsed keys, endpoints and prefixes (benchmarks measure a cold parse with this)."""
+    _key_cache.clear()
+    _endpoint_cache.clear()
+    _network_cache.clear()
+    _allowed_cache.clear()
+
+
+def _public_key(text: str) -> PublicKey:
+    key = _key_cache.get(text)
+    if key is None:
+        key = PublicKey.from_hex(text)
+        if len(_key_cache) >= _CACHE_MAX:
+            _key_cache.clear()
+        _key_cache[text] = key
+    return key
+
+
+def _endpoint(text: str) -> AddrPort:
+    ep = _endpoint_cache.get(text)
+    if ep is None:
+        ep = AddrPort.parse(text)
+        if len(_endpoint_cache) >= _CACHE_MAX:
+            _endpoint_cache.clear()
+        _endpoint_cache[text] = ep
+    return ep
+
+
+def _network(text: str) -> IPNetwork:
+    net = _network_cache.get(text)
+    if net is None:
+        net = ipaddress.ip_network(text, strict=False)
+        if len(_network_cache) >= _CACHE_MAX:
+            _network_cache.clear()
+        _network_cache[text] = net
+    return net
+
+
+class PeerCache:
+    """The peers of one device's previous ``get`` answer, by the exact text of each peer.
+
+    A status poll reads the same device every second and most peers' lines
+    (counters included) come back unchanged; those are not parsed again. Only
+    the last answer's peers are kept, so the cache never outgrows one device.
+    The parsed objects are immutable, so sharing them between answers is safe.
+    """
+
+    __slots__ = ("hits", "misses", "peers")
+
+    def __init__(self) -> None:
+        self.peers: dict[str, ObservedPeer] = {}
+        self.hits = 0
+        self.misses = 0
+
+
+def parse_get(text: str | bytes, cache: PeerCache | None = None) -> ObservedDevice:
+    """Parse a ``get=1`` response; raises :class:`UapiError` on a non-zero errno.
+
+    wireguard-go's answers take a fast path (one regular expression per peer,
+    in the order wireguard-go writes the keys; peers whose text is unchanged
+    since the previous answer parsed with the same ``cache`` are reused).
+    Anything else -- another key order, unknown keys, an error, malformed
+    text -- goes through the general line-by-line parser, which gives the same
+    result for what both accept and the precise error (line number, key) for
+    what is wrong.
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("ascii")
+        except UnicodeDecodeError:
+            raise UapiProtocolError("UAPI response is not ASCII") from None
+    device = _parse_get_fast(text, cache)
+    if device is not None:
+        parse_stats["fast"] += 1
+        return device
+    parse_stats["general"] += 1
+    return _parse_get_general(text)
+
+
+# One peer exactly as wireguard-go (device/uapi.go, IpcGetOperation) writes it, after its
+# "public_key=" (the answer is split there). Digit counts bound the numbers' length; their
+# ranges are checked as the general parser does.
+_PEER_RE = re.compile(
+    r"([0-9a-f]{64})\n"
+    r"preshared_key=([0-9a-f]{64})\n"
+    r"protocol_version=([0-9]{1,10})\n"
+    r"(?:endpoint=([^\n]+)\n)?"
+    r"last_handshake_time_sec=([0-9]{1,20})\n"
+    r"last_handshake_time_nsec=([0-9]{1,9})\n"
+    r"tx_bytes=([0-9]{1,20})\n"
+    r"rx_bytes=([0-9]{1,20})\n"
+    r"persistent_keepalive_interval=([0-9]{1,5})"
+    r"((?:\nallowed_ip=[^\n]+)*)"
+)
+_ERRNO_0 = "errno=0\n"
+_PEER_SEP = "\npublic_key="
+_ALLOWED_SEP = "\nallowed_ip="
+
+
+def _parse_get_fast(text: str, cache: PeerCache | None) -> ObservedDevice | None:
+    """wireguard-go's successful answer, or None to let the general parser decide (and explain)."""
+    # the answer ends with "errno=0" and the empty line; nothing but newlines after it
+    tail = text.rfind("\n" + _ERRNO_0) + 1
+    if tail <= 0 or text[tail + len(_ERRNO_0) :].strip("\n"):
+        return None
+    start = text.find("public_key=", 0, tail)
+    if start < 0:
+        start = tail
+    elif start > 0 and text[start - 1] != "\n":
+        return None
+    private_key: PrivateKey | None = None
+    listen_port = 0
+    fwmark = 0
+    try:
+        for line in text[:start].split("\n"):
+            if not line:
+                continue
+            key, sep, value = line.partition("=")
+            if not sep or key == "errno":
+                return None
+            if key == "private_key":
+                private_key = PrivateKey.from_hex(value)
+                if private_key.is_zero():
+                    private_key = None
+            elif key == "listen_port":
+                if not value.isdigit() or int(value) > 65535:
+                    return None
+                listen_port = int(value)
+            elif key == "fwmark":
+                if not value.isdigit() or int(value) > _U32:
+                    return None
+                fwmark = int(value)
+    except ValueError:
+        return None
+
+    peers: dict[PublicKey, ObservedPeer] = {}
+    if start == tail:
+        if cache is not None:
+            cache.peers = {}
+        return ObservedDevice(private_key, listen_port, fwmark, peers)
+    # One block per peer: the text after its "public_key=" up to (without) the newline
+    # that ends its last line. A block is one regex match, or the same text as last time.
+    blocks = text[start + len("public_key=") : tail - 1].split(_PEER_SEP)
+    previous = cache.peers if cache is not None else {}
+    seen: dict[str, ObservedPeer] = {}
+    psk_memo: dict[str, PresharedKey | None] = {}
+    keys, endpoints, allowed_sets = _key_cache, _endpoint_cache, _allowed_cache
+    fullmatch = _PEER_RE.fullmatch
+    misses = 0
+    try:
+        for block in blocks:
+            peer = previous.get(block)
+            if peer is None:
+                m = fullmatch(block)
+                if m is None:
+                    return None
+                misses += 1
+                pk_hex, psk_hex, version, ep_text, hs_sec, hs_nsec, tx, rx, keepalive, allowed_text = (
+                    m.groups()
+                )
+                version_n, hs_sec_n, hs_nsec_n, tx_n, rx_n, keepalive_n = (
+                    int(version),
+                    int(hs_sec),
+                    int(hs_nsec),
+                    int(tx),
+                    int(rx),
+                    int(keepalive),
+                )
+                if version_n > _U32 or hs_sec_n > _U64 or tx_n > _U64 or rx_n > _U64 or keepalive_n > 65535:
+                    return None
+                key = keys.get(pk_hex)
+                if key is None:
+                    key = _public_key(pk_hex)
+                if psk_hex in psk_memo:
+                    psk = psk_memo[psk_hex]
+                else:
+                    psk = PresharedKey.from_hex(psk_hex)
+                    psk = psk_memo[psk_hex] = None if psk.is_zero() else psk
+                endpoint = None
+                if ep_text is not None:
+                    endpoint = endpoints.get(ep_text)
+                    if endpoint is None:
+                        endpoint = _endpoint(ep_text)
+                allowed = allowed_sets.get(allowed_text)
+                if allowed is None:
+                    allowed = _allowed_set(allowed_text)
+                peer = ObservedPeer(  # positional: measurably cheaper than keywords
+                    key,  # public_key
+                    allowed,  # allowed_ips
+                    endpoint,
+                    keepalive_n,  # persistent_keepalive
+                    psk,  # preshared_key
+                    rx_n,  # rx_bytes
+                    tx_n,  # tx_bytes
+                    None if (hs_sec_n == 0 and hs_nsec_n == 0) else hs_sec_n + hs_nsec_n / 1e9,
+                    version_n,  # protocol_version
+                )
+            seen[block] = peer
+            peers[peer.public_key] = peer
+    except ValueError:  # a bad key, endpoint or prefix: the general parser names the line
+        return None
+    if cache is not None:
+        cache.peers = seen
+        cache.misses += misses
+        cache.hits += len(blocks) - misses
+    return ObservedDevice(private_key, listen_port, fwmark, peers)
+
+
+def _allowed_set(lines: str) -> frozenset[IPNetwork]:
+    """The prefixes of a peer's ``allowed_ip=`` lines (each preceded by a newline)."""
+    allowed = (
+        frozenset(_network(net) for net in lines[len(_ALLOWED_SEP) :].split(_ALLOWED_SEP))
+        if lines
+        else frozenset()
+    )
+    if len(_allowed_cache) >= _CACHE_MAX:
+        _allowed_cache.clear()
+    _allowed_cache[lines] = allowed
+    return allowed
+
+
+def _parse_get_general(text: str) -> ObservedDevice:
     private_key: PrivateKey | None = None
     listen_port = 0
     fwmark = 0
@@ -229,7 +571,7 @@ def parse_get(text: str | bytes) -> ObservedDevice:
                     raise UapiProtocolError(f"line {n}: errno must be an integer") from None
             elif key == "public_key":
                 flush()
-                cur = _PeerBuilder(PublicKey.from_hex(value))
+                cur = _PeerBuilder(_public_key(value))
             elif cur is None:
                 if key == "private_key":
                     private_key = PrivateKey.from_hex(value)
@@ -245,12 +587,12 @@ def parse_get(text: str | bytes) -> ObservedDevice:
                 cur.psk = None if psk.is_zero() else psk
             elif key == "endpoint":
                 try:
-                    cur.endpoint = AddrPort.parse(value)
+                    cur.endpoint = _endpoint(value)
                 except ValueError:
                     raise UapiProtocolError(f"line {n}: endpoint is not ip:port") from None
             elif key == "allowed_ip":
                 try:
-                    cur.allowed.append(ipaddress.ip_network(value, strict=False))
+                    cur.allowed.append(_network(value))
                 except ValueError:
                     raise UapiProtocolError(f"line {n}: allowed_ip is not a prefix") from None
             elif key == "rx_bytes":

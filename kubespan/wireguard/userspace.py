@@ -36,7 +36,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -79,6 +79,8 @@ class UapiClient:
         self.gets = 0
         self.sets = 0
         self.last_set_ops: tuple[Op, ...] = ()
+        # the previous answer's parsed peers: unchanged ones are not parsed again
+        self.peer_cache = uapi.PeerCache()
 
     @property
     def requests(self) -> int:
@@ -93,7 +95,7 @@ class UapiClient:
         self.gets += 1
         answer, pid = await self._exchange(uapi.GET_REQUEST, "get")
         try:
-            return uapi.parse_get(answer), pid
+            return uapi.parse_get(answer, self.peer_cache), pid
         except uapi.UapiError as e:
             raise WireGuardError(abs(e.code), f"UAPI get on {self.path}: {e.strerror}") from None
         except uapi.UapiProtocolError as e:
@@ -102,9 +104,11 @@ class UapiClient:
     async def set(self, ops: Sequence[Op]) -> None:
         """Send ``ops`` as one ``set=1`` request; nothing is sent when there is nothing to change.
 
+        A large request is written in pieces as it is encoded, so wireguard-go
+        applies the first peers while later ones are still being encoded.
         Not transactional: on an error, lines before the failing one stay applied.
         """
-        request = uapi.encode_set(ops)
+        request = uapi.encode_set_chunks(ops)
         if request is None:
             return
         self.sets += 1
@@ -120,7 +124,7 @@ class UapiClient:
         except uapi.UapiProtocolError as e:
             raise WireGuardError(errno.EPROTO, f"UAPI set on {self.path}: malformed answer: {e}") from None
 
-    async def _exchange(self, request: bytes, what: str) -> tuple[bytes, int | None]:
+    async def _exchange(self, request: bytes | Iterable[bytes], what: str) -> tuple[bytes, int | None]:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -129,12 +133,14 @@ class UapiClient:
                 await self._connect(loop, sock)
                 pid = _peer_pid(sock)
                 sent_error: OSError | None = None
-                try:
-                    await loop.sock_sendall(sock, request)
-                except (BrokenPipeError, ConnectionResetError) as e:
-                    # wireguard-go answers at the first failing line and stops reading;
-                    # its answer may already be waiting in our receive buffer
-                    sent_error = e
+                for piece in (request,) if isinstance(request, bytes) else request:
+                    try:
+                        await loop.sock_sendall(sock, piece)
+                    except (BrokenPipeError, ConnectionResetError) as e:
+                        # wireguard-go answers at the first failing line and stops reading;
+                        # its answer may already be waiting in our receive buffer
+                        sent_error = e
+                        break
                 answer = await self._read_answer(loop, sock, what, sent_error)
                 return answer, pid
         except TimeoutError:

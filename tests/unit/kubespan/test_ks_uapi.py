@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from ipaddress import IPv4Network, ip_network
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kubespan import uapi
 from kubespan.uapi import (
     GET_REQUEST,
+    PeerCache,
     UapiError,
     UapiProtocolError,
     check_set_response,
     decode_set,
     encode_get_response,
     encode_set,
+    encode_set_chunks,
     parse_errno,
     parse_get,
 )
@@ -289,3 +293,182 @@ def test_get_response_round_trip(dev):
             assert q.last_handshake is None
         else:
             assert q.last_handshake == pytest.approx(p.last_handshake, abs=1e-3)
+
+
+# --- fast path, caches and chunked sets (performance work must not change results) --------------
+
+
+@settings(max_examples=80)
+@given(observed_devices())
+def test_fast_path_agrees_with_general_parser(dev):
+    text = encode_get_response(dev).decode()
+    fast_before = uapi.parse_stats["fast"]
+    got = parse_get(text)
+    assert uapi.parse_stats["fast"] == fast_before + 1, "wireguard-go's layout must take the fast path"
+    assert got == uapi._parse_get_general(text)
+    cache = PeerCache()
+    assert parse_get(text, cache) == got
+    assert parse_get(text, cache) == got  # now from the cache
+    assert cache.hits == len(dev.peers)
+
+
+def test_wireguard_go_sample_takes_fast_path_and_matches_general():
+    before = uapi.parse_stats["fast"]
+    dev = parse_get(WG_GO_SAMPLE)
+    assert uapi.parse_stats["fast"] == before + 1
+    assert dev == uapi._parse_get_general(WG_GO_SAMPLE)
+    assert dev.peers[K1].allowed_ips == frozenset({ip_network("10.9.0.0/16")})
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        # other key orders, unknown keys, uppercase hex, blank lines, CRs: the general parser decides
+        WG_GO_SAMPLE.replace(
+            "protocol_version=1\nendpoint=192.0.2.99:1\n", "endpoint=192.0.2.99:1\nprotocol_version=1\n"
+        ),
+        WG_GO_SAMPLE.replace("tx_bytes=1184\n", "tx_bytes=1184\nfuture_key=7\n"),
+        WG_GO_SAMPLE.replace(K1.hex, K1.hex.upper()),
+        WG_GO_SAMPLE.replace("listen_port=51999\n", "listen_port=51999\n\n"),
+        WG_GO_SAMPLE.replace("fwmark=32\n", "fwmark=32\nfuture_device_key=1\n"),
+        WG_GO_SAMPLE.replace("allowed_ip=10.9.0.0/16\n", "allowed_ip=10.9.0.0/16\r\n"),
+        WG_GO_SAMPLE.replace("errno=0\n\n", "errno=0\n"),
+        WG_GO_SAMPLE.replace("errno=0\n\n", "errno=0\n\n\n"),
+        "listen_port=1\nerrno=0\n\n",
+        "errno=0\n\n",
+        f"public_key={K1.hex}\nerrno=0\n\n",
+    ],
+)
+def test_fast_path_and_general_parser_agree_on_variants(variant):
+    try:
+        want = uapi._parse_get_general(variant)
+    except UapiProtocolError as e:
+        with pytest.raises(UapiProtocolError, match=re.escape(str(e))):
+            parse_get(variant)
+        return
+    assert parse_get(variant) == want
+    assert parse_get(variant, PeerCache()) == want
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fragment"),
+    [
+        ("tx_bytes=1184", f"tx_bytes={2**64}", "tx_bytes is above"),
+        ("persistent_keepalive_interval=25", "persistent_keepalive_interval=65536", "above 65535"),
+        ("protocol_version=1", f"protocol_version={2**32}", "protocol_version is above"),
+        ("endpoint=192.0.2.99:1", "endpoint=192.0.2.99:0", "endpoint is not ip:port"),
+        ("allowed_ip=10.9.0.0/16", "allowed_ip=10.9.0.0/33", "allowed_ip is not a prefix"),
+        ("listen_port=51999", "listen_port=65536", "listen_port is above"),
+        (f"private_key={PRIV.hex}", f"private_key={'0' * 63}x", "private_key is not a 64-character hex key"),
+    ],
+)
+def test_fast_path_leaves_errors_to_the_general_parser(old, new, fragment):
+    text = WG_GO_SAMPLE.replace(old, new, 1)
+    assert text != WG_GO_SAMPLE
+    with pytest.raises(UapiProtocolError, match=fragment):
+        parse_get(text)
+    with pytest.raises(UapiProtocolError, match=fragment):
+        parse_get(text, PeerCache())
+
+
+def test_errno_still_raises_with_cache():
+    with pytest.raises(UapiError):
+        parse_get("errno=-19\n\n", PeerCache())
+    with pytest.raises(UapiError):
+        parse_get(WG_GO_SAMPLE.replace("errno=0", "errno=-5"), PeerCache())
+
+
+def test_peer_cache_reuses_only_unchanged_peers():
+    cache = PeerCache()
+    first = parse_get(WG_GO_SAMPLE, cache)
+    assert (cache.hits, cache.misses) == (0, 2)
+    changed = WG_GO_SAMPLE.replace("rx_bytes=920", "rx_bytes=1000")
+    second = parse_get(changed, cache)
+    assert (cache.hits, cache.misses) == (1, 3)
+    assert second.peers[K2] is first.peers[K2]  # unchanged text: the same (immutable) object
+    assert second.peers[K1].rx_bytes == 1000 and first.peers[K1].rx_bytes == 920
+    # only the last answer is kept: a removed peer leaves the cache
+    only_k2 = (
+        WG_GO_SAMPLE[: WG_GO_SAMPLE.index(f"public_key={K1.hex}")]
+        + WG_GO_SAMPLE[WG_GO_SAMPLE.index(f"public_key={K2.hex}") :]
+    )
+    third = parse_get(only_k2, cache)
+    assert set(third.peers) == {K2} and len(cache.peers) == 1
+    # a malformed answer leaves the cache as it was
+    with pytest.raises(UapiProtocolError):
+        parse_get(only_k2.replace("tx_bytes=0", "tx_bytes=x"), cache)
+    assert len(cache.peers) == 1
+
+
+def test_value_caches_are_bounded(monkeypatch):
+    monkeypatch.setattr(uapi, "_CACHE_MAX", 2)
+    uapi.clear_caches()
+    for n in range(5):
+        parse_get(f"public_key={bytes([n + 1]).hex() * 32}\nallowed_ip=10.0.0.{n}/32\nerrno=0\n\n")
+        assert len(uapi._key_cache) <= 2 and len(uapi._network_cache) <= 2
+        assert len(uapi._allowed_cache) <= 2
+    uapi.clear_caches()
+    assert not uapi._key_cache and not uapi._network_cache and not uapi._allowed_cache
+
+
+def test_secrets_are_not_cached_across_parses():
+    uapi.clear_caches()
+    parse_get(WG_GO_SAMPLE)
+    cached = [*uapi._key_cache.values(), *uapi._endpoint_cache.values(), *uapi._network_cache.values()]
+    assert PSK not in cached and PRIV not in cached
+    assert PSK.hex not in uapi._key_cache and PRIV.hex not in uapi._key_cache
+
+
+@settings(max_examples=60)
+@given(device_configs(), observed_devices())
+def test_chunks_join_to_the_single_request(desired, observed):
+    ops = diff_device(desired, observed)
+    whole = encode_set(ops)
+    chunks = encode_set_chunks(ops)
+    if whole is None:
+        assert chunks is None
+        return
+    assert b"".join(chunks) == whole
+
+
+def test_large_set_is_chunked_with_a_small_first_piece():
+    peers = [
+        PeerConfig(PublicKey(n.to_bytes(32, "big")), frozenset({ip_network(f"fd00::{n:x}/128")}))
+        for n in range(1, 1001)
+    ]
+    ops = diff_device(DeviceConfig.of(PRIV, 1, 0, peers), None)
+    chunks = list(encode_set_chunks(ops))
+    assert b"".join(chunks) == encode_set(ops)
+    assert len(chunks) > 4 and chunks[0].count(b"public_key=") == 8
+    assert max(c.count(b"public_key=") for c in chunks) == 256
+    assert chunks[-1].endswith(b"\n\n") and not any(c.endswith(b"\n\n") for c in chunks[:-1])
+    assert encode_set_chunks([]) is None and encode_set_chunks([SetDevice()]) is None
+    with pytest.raises(TypeError):
+        encode_set_chunks([RemovePeer(K1), object()])  # checked before the first piece
+
+
+_hextet = st.sampled_from([0, 0, 0, 1, 0xFFFF, 0x64, 0xFF9B]) | st.integers(0, 0xFFFF)
+
+
+@settings(max_examples=400)
+@given(st.lists(_hextet, min_size=8, max_size=8), st.integers(0, 128), st.integers(0, 2**32 - 1))
+def test_fast_address_formatting_is_str(hextets, plen, v4):
+    from ipaddress import IPv4Address, IPv6Address, IPv6Network
+
+    v6 = IPv6Address(int.from_bytes(b"".join(h.to_bytes(2, "big") for h in hextets), "big"))
+    net6 = IPv6Network((v6, plen), strict=False)
+    assert uapi._v6_text(v6) == str(v6)
+    assert uapi._net_text(net6) == str(net6)
+    net4 = IPv4Network((v4, plen % 33), strict=False)
+    assert uapi._net_text(net4) == str(net4)
+    for ep in (AddrPort(v6, 51820), AddrPort(IPv4Address(v4), 1)):
+        assert uapi._endpoint_text(ep) == str(ep)
+
+
+@pytest.mark.parametrize(
+    "ip", ["::ffff:192.0.2.1", "::192.0.2.1", "::", "::1", "fe80::1%eth0", "64:ff9b::c000:201", "1:0:0:1::"]
+)
+def test_fast_address_formatting_special_cases(ip):
+    ep = AddrPort(ip, 7)
+    assert uapi._endpoint_text(ep) == str(ep)
+    assert uapi._v6_text(ep.ip) == str(ep.ip)
