@@ -1,20 +1,30 @@
-"""Network-namespace labs: nodes, links, segments and processes, cleaned up even after a crash.
+"""Network-namespace labs: nodes, links, segments, NAT routers, impairments and processes, cleaned up
+even after a crash.
 
 A ``Lab`` owns every namespace it creates; names carry the lab id and the
-creating PID (``ks<pid>x<n>-<node>``), so ``cleanup_stale()`` can remove what a
-killed test run left behind. Each node may give its processes a private
+creating PID (``ks<pid>x<n>-<node>``), so ``cleanup_stale()`` (run by every new
+lab) can remove what a killed test run left behind: namespaces, the processes in
+them and the lab's temp directory. Each node may give its processes a private
 ``/run/wireguard`` (a bind mount inside a private mount namespace), so several
 wireguard-go instances with the same interface name can coexist on one host.
 
-Needs root and iproute2. Traffic stays inside the namespaces the lab created.
+``with Lab() as lab:`` and ``async with Lab() as lab:`` both work; the async form
+adds supervised processes (``await node.spawn(...)``). Every process log is
+kept for ``lab.report()``, and a lab left by an exception attaches that report
+to the exception as a note.
+
+Needs root and iproute2 (nftables for routers and impairments). Traffic stays
+inside the namespaces the lab created.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import itertools
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -25,14 +35,30 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
+
+from netns import impair
+from netns.errors import LabError, NetemUnavailableError
+from netns.nat import FW_TABLE, NAT_TABLE, NAT_TYPES, PortForward
+from netns.nat import ruleset as nat_ruleset
+
+__all__ = [
+    "PREFIX",
+    "Lab",
+    "LabError",
+    "LabProcess",
+    "NetemUnavailableError",
+    "Node",
+    "PortForward",
+    "Router",
+    "cleanup_stale",
+    "list_netns",
+    "sh",
+]
 
 PREFIX = "ks"
 _counter = itertools.count()
-
-
-class LabError(RuntimeError):
-    pass
+_veth_counter = itertools.count()  # per process, so labs in one process never race for a host-side name
 
 
 def sh(
@@ -61,7 +87,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def cleanup_stale(prefix: str = PREFIX) -> list[str]:
-    """Delete namespaces left by lab owners that are no longer running; return their names."""
+    """Delete namespaces (and the processes in them) and temp directories left by lab owners that are no
+    longer running; return the namespace names."""
     removed = []
     for ns in list_netns():
         if not ns.startswith(prefix):
@@ -71,6 +98,12 @@ def cleanup_stale(prefix: str = PREFIX) -> list[str]:
             _kill_netns_pids(ns)
             sh("ip", "netns", "del", ns, check=False)
             removed.append(ns)
+    owned = re.compile(rf"{re.escape(prefix)}(\d+)x\d+-")
+    with contextlib.suppress(OSError):
+        for entry in Path(tempfile.gettempdir()).iterdir():
+            m = owned.match(entry.name)
+            if m and entry.is_dir() and not _pid_alive(int(m.group(1))):
+                shutil.rmtree(entry, ignore_errors=True)
     return removed
 
 
@@ -79,6 +112,73 @@ def _kill_netns_pids(ns: str) -> None:
     for p in pids:
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(p), signal.SIGKILL)
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 256 * n))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-n:])
+
+
+def _killpg(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+class LabProcess:
+    """A process started with ``await node.spawn(...)``: its own session (signals reach the whole process
+    group), output appended to ``log``; terminated and reaped when the lab closes."""
+
+    def __init__(self, node: Node, name: str, proc: asyncio.subprocess.Process, log: Path) -> None:
+        self.node = node
+        self.name = name
+        self.proc = proc
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    @property
+    def running(self) -> bool:
+        return self.proc.returncode is None
+
+    async def wait(self) -> int:
+        """Exit status, once the process has exited (bound it with ``asyncio.timeout``)."""
+        return await self.proc.wait()
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.returncode is None:
+            _killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def terminate(self, grace: float = 5) -> int:
+        """SIGTERM the process group, SIGKILL it after ``grace`` seconds; return the exit status."""
+        self.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(grace):
+                return await self.proc.wait()
+        except TimeoutError:
+            self.kill()
+            return await self.proc.wait()
+
+    def tail(self, n: int = 40) -> str:
+        return _tail(self.log, n)
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else f"exited {self.returncode}"
+        return f"<LabProcess {self.node.name}/{self.name} pid={self.pid} {state}>"
 
 
 @dataclass
@@ -90,6 +190,8 @@ class Node:
     ns: str
     run_dir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    spawned: list[LabProcess] = field(default_factory=list)
+    links: dict[str, tuple[str, str]] = field(default_factory=dict)  # ifname -> other end (netns, ifname)
 
     def argv(self, *args: str, private_run: bool = True) -> list[str]:
         """Command line that runs ``args`` inside this node."""
@@ -112,6 +214,7 @@ class Node:
         out: Any = subprocess.DEVNULL
         if log is not None:
             out = log.open("ab")
+            self.lab._logs.setdefault(log, f"{self.name}: {log.stem}")
         proc = subprocess.Popen(
             self.argv(*args, private_run=private_run),
             stdout=out,
@@ -123,6 +226,33 @@ class Node:
             out.close()
         self.procs.append(proc)
         return proc
+
+    async def spawn(
+        self,
+        *args: str,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+        private_run: bool = True,
+    ) -> LabProcess:
+        """Start a supervised process in this node (asyncio); its output goes to a log kept for
+        ``lab.report()``; it is terminated when the lab closes."""
+        name = name or Path(args[0]).name
+        log = self.lab._log_path(self.name, name)
+        with log.open("ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv(*args, private_run=private_run),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        lp = LabProcess(self, name, proc, log)
+        self.spawned.append(lp)
+        return lp
+
+    def has_default_route(self, version: int = 4) -> bool:
+        return bool(self.run("ip", f"-{version}", "route", "show", "default").stdout.strip())
 
     def addr(self, ifname: str, cidr: str) -> None:
         fam = "-6" if ipaddress.ip_interface(cidr).version == 6 else "-4"
@@ -164,6 +294,8 @@ class Node:
         return out
 
     def stop_processes(self) -> None:
+        for lp in self.spawned:  # normally already reaped by Lab.aclose(); this is the sync fallback
+            lp.kill()
         for p in self.procs:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -179,8 +311,46 @@ class Node:
         self.procs.clear()
 
 
+@dataclass
+class Router(Node):
+    """A node forwarding between an inside and an outside segment, NATing per ``nat`` (see netns.nat)."""
+
+    nat: str | None = None
+    inside_if: str = "lan0"
+    outside_if: str = "wan0"
+    inside_addrs: list[str] = field(default_factory=list)
+    outside_addrs: list[str] = field(default_factory=list)
+    firewall: bool = False
+
+    @property
+    def inside_ip(self) -> str:
+        """The first inside address without its prefix (the gateway of the inside segment)."""
+        return str(ipaddress.ip_interface(self.inside_addrs[0]).ip)
+
+    @property
+    def outside_ip(self) -> str:
+        """The first outside address without its prefix (where NATed flows appear to come from)."""
+        return str(ipaddress.ip_interface(self.outside_addrs[0]).ip)
+
+    def forward(self, port: int, to: str, proto: str = "udp") -> impair.Handle:
+        """Add a port forward at run time (``to`` is ``"ip:port"`` or ``"ip"``); ``.remove()`` undoes it."""
+        pf = PortForward(port, to, proto)
+        h = impair.Handle(self, f"forward {proto} {port} -> {pf.target()}")
+        impair.add_rule(self.ns, "ip", NAT_TABLE, "prerouting", pf.rule(self.outside_if).split(), h)
+        self.lab._handles.append(h)
+        return h
+
+    def unsolicited_dropped(self) -> int:
+        """Packets the firewall dropped so far as new inbound connections on the outside interface."""
+        out = self.run("nft", "list", "table", "inet", FW_TABLE, check=False).stdout
+        return sum(int(n) for n in re.findall(r"counter packets (\d+)", out))
+
+
+_N = TypeVar("_N", bound=Node)
+
+
 class Lab:
-    """A set of namespaces owned by this process; ``with Lab() as lab:`` removes them all."""
+    """A set of namespaces owned by this process; ``with Lab() as lab:`` (or ``async with``) removes them all."""
 
     def __init__(self, prefix: str = PREFIX) -> None:
         if os.geteuid() != 0:
@@ -191,8 +361,13 @@ class Lab:
         cleanup_stale(prefix)
         self.id = f"{prefix}{os.getpid()}x{next(_counter)}"
         self.nodes: dict[str, Node] = {}
+        self.internet_segment: str | None = None
         self._switches: list[str] = []
-        self._veth = itertools.count()
+        self._members: dict[str, list[tuple[Node, list[str]]]] = {}  # segment -> attached nodes, addrs
+        self._gateways: dict[str, list[str]] = {}  # segment -> routers' inside IPs
+        self._handles: list[impair.Handle] = []
+        self._logs: dict[Path, str] = {}  # log file -> label, for report()
+        self._log_ids = itertools.count()
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.id}-"))
         Path("/run/wireguard").mkdir(parents=True, exist_ok=True)
 
@@ -203,12 +378,15 @@ class Lab:
         return ns
 
     def node(self, name: str, sysctls: Iterable[tuple[str, str]] = ()) -> Node:
+        return self._add_node(Node, name, sysctls)
+
+    def _add_node(self, cls: type[_N], name: str, sysctls: Iterable[tuple[str, str]], **kw: Any) -> _N:
         if name in self.nodes:
             raise LabError(f"node {name!r} exists")
         ns = self._ns(name)
         run_dir = self.dir / name
         (run_dir / "wireguard").mkdir(parents=True)
-        node = Node(self, name, ns, run_dir)
+        node = cls(self, name, ns, run_dir, **kw)
         self.nodes[name] = node
         node.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", check=False)
         node.run("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0", check=False)
@@ -217,7 +395,7 @@ class Lab:
         return node
 
     def _veth_names(self) -> tuple[str, str]:
-        n = next(self._veth)
+        n = next(_veth_counter)
         return f"kv{os.getpid() % 100000}a{n}", f"kv{os.getpid() % 100000}b{n}"
 
     def link(
@@ -235,6 +413,7 @@ class Lab:
         sh("ip", "link", "add", ta, "mtu", str(mtu), "type", "veth", "peer", "name", tb, "mtu", str(mtu))
         sh("ip", "link", "set", ta, "netns", a.ns, "name", a_if)
         sh("ip", "link", "set", tb, "netns", b.ns, "name", b_if)
+        a.links[a_if], b.links[b_if] = (b.ns, b_if), (a.ns, a_if)
         for node, ifname, addrs in ((a, a_if, a_addrs), (b, b_if, b_addrs)):
             node.run("ip", "link", "set", ifname, "up")
             for cidr in addrs:
@@ -249,18 +428,209 @@ class Lab:
         return ns
 
     def attach(
-        self, node: Node, segment: str, addrs: Sequence[str] = (), ifname: str = "eth0", mtu: int = 1500
+        self,
+        node: Node,
+        segment: str,
+        addrs: Sequence[str] = (),
+        ifname: str = "eth0",
+        mtu: int = 1500,
+        default_route: bool = True,
     ) -> None:
+        """Plug ``node`` into ``segment``. If a router serves the segment (``router()``), the node gets a
+        default route via it for each address family it has an address in, unless it has one already
+        or ``default_route`` is false."""
         ta, tb = self._veth_names()
         sh("ip", "link", "add", ta, "mtu", str(mtu), "type", "veth", "peer", "name", tb, "mtu", str(mtu))
         sh("ip", "link", "set", ta, "netns", node.ns, "name", ifname)
         sh("ip", "link", "set", tb, "netns", segment)
+        node.links[ifname] = (segment, tb)
         sh("ip", "-n", segment, "link", "set", tb, "master", "br0", "up")
         node.run("ip", "link", "set", ifname, "up")
         for cidr in addrs:
             node.addr(ifname, cidr)
+        self._members.setdefault(segment, []).append((node, list(addrs)))
+        if default_route:
+            self._route_via_gateways(node, segment, addrs)
+
+    def _route_via_gateways(self, node: Node, segment: str, addrs: Sequence[str]) -> None:
+        versions = {ipaddress.ip_interface(a).version for a in addrs}
+        own = {str(ipaddress.ip_interface(a).ip) for a in addrs}
+        for gw in self._gateways.get(segment, []):
+            v = ipaddress.ip_address(gw).version
+            if gw not in own and v in versions and not node.has_default_route(v):
+                node.run("ip", f"-{v}", "route", "add", "default", "via", gw)
+
+    # -- the internet and routers ---------------------------------------------------------------------
+
+    def internet(self, name: str = "internet") -> str:
+        """The lab's one "internet" segment (created on first use): public hosts, routers' outside legs."""
+        if self.internet_segment is None:
+            self.internet_segment = self.segment(name)
+        return self.internet_segment
+
+    def router(
+        self,
+        name: str,
+        inside_segment: str,
+        outside_segment: str,
+        inside_addr: str | Sequence[str],
+        outside_addr: str | Sequence[str],
+        nat: str | None = "eim",
+        port_forward: PortForward | Sequence[PortForward] | None = None,
+        *,
+        firewall: bool | None = None,
+        udp_timeout: int | None = None,
+        inside_if: str = "lan0",
+        outside_if: str = "wan0",
+    ) -> Router:
+        """A router namespace between two segments, forwarding, with NAT per ``nat``:
+
+        * ``"eim"``: ``masquerade`` (endpoint-independent mapping, port kept when free);
+        * ``"symmetric"``: ``masquerade fully-random`` (a random port per destination);
+        * ``None``: plain routing.
+
+        ``firewall`` (default: on when there is NAT) drops new inbound connections on the outside
+        interface, to the router and through it, except ``port_forward`` targets (nat.md: without it a
+        stray packet makes the NAT pick a random port). ``udp_timeout`` sets the conntrack UDP timeouts
+        (netns.sh uses 2 s). Nodes on ``inside_segment``, already attached or attached later, get a
+        default route via ``inside_addr``; if ``outside_segment`` is itself behind a router (CGNAT),
+        this router gets a default route via that one.
+        """
+        if nat not in NAT_TYPES:
+            raise LabError(f"nat must be one of {NAT_TYPES}, not {nat!r}")
+        ins = [inside_addr] if isinstance(inside_addr, str) else list(inside_addr)
+        outs = [outside_addr] if isinstance(outside_addr, str) else list(outside_addr)
+        if isinstance(port_forward, PortForward):
+            forwards = [port_forward]
+        else:
+            forwards = list(port_forward or ())
+        fw = nat is not None if firewall is None else firewall
+        try:  # validate before anything is created
+            rules = nat_ruleset(nat, outside_if, forwards, fw)
+        except ValueError as e:
+            raise LabError(str(e)) from e
+        sysctls = [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+        ]
+        r = self._add_node(
+            Router,
+            name,
+            sysctls,
+            nat=nat,
+            inside_if=inside_if,
+            outside_if=outside_if,
+            inside_addrs=ins,
+            outside_addrs=outs,
+            firewall=fw,
+        )
+        self.attach(r, outside_segment, outs, ifname=outside_if)
+        self.attach(r, inside_segment, ins, ifname=inside_if, default_route=False)
+        r.run("nft", "-f", "-", input=rules.encode())
+        if udp_timeout is not None:
+            r.run("sysctl", "-qw", f"net.netfilter.nf_conntrack_udp_timeout={udp_timeout}")
+            r.run("sysctl", "-qw", f"net.netfilter.nf_conntrack_udp_timeout_stream={udp_timeout}")
+        self._gateways.setdefault(inside_segment, []).extend(str(ipaddress.ip_interface(a).ip) for a in ins)
+        for member, addrs in self._members.get(inside_segment, []):
+            if member is not r:
+                self._route_via_gateways(member, inside_segment, addrs)
+        return r
+
+    # -- impairments ------------------------------------------------------------------------------------
+
+    def loss(
+        self,
+        node: Node,
+        percent: float,
+        *,
+        dst: str | None = None,
+        ifname: str | None = None,
+        port: int | None = None,
+        proto: str = "udp",
+        direction: str = "out",
+    ) -> impair.Handle:
+        """Lose ``percent`` % (whole) of ``node``'s packets like a bad wire (``numgen random mod 100 < N
+        drop``; senders get no error), on ``ifname`` (default: the interface towards ``dst``, else all the
+        lab made) and/or only to ``dst`` (an address, a network, or an ``ip:port`` / ``[v6]:port``
+        endpoint). ``direction``: ``"out"`` (default; includes packets the node forwards), ``"in"`` or
+        ``"both"``. See netns.impair for where the drops happen."""
+        return impair.nft_drop(
+            node,
+            percent=percent,
+            dst=dst,
+            ifname=ifname,
+            port=port,
+            proto=proto,
+            direction=direction,
+            what=f"loss {percent}%",
+        )
+
+    def blackhole(
+        self,
+        node: Node,
+        dst: str | None = None,
+        *,
+        ifname: str | None = None,
+        port: int | None = None,
+        proto: str = "udp",
+        direction: str = "both",
+    ) -> impair.Handle:
+        """Drop everything between ``node`` and ``dst`` (both ways by default); same selectors as ``loss``."""
+        return impair.nft_drop(
+            node,
+            percent=100,
+            dst=dst,
+            ifname=ifname,
+            port=port,
+            proto=proto,
+            direction=direction,
+            what="blackhole",
+        )
+
+    def delay(self, node: Node, ms: float, *, jitter_ms: float = 0, ifname: str = "eth0") -> impair.Handle:
+        """Delay ``node``'s egress on ``ifname`` with tc netem; raises ``NetemUnavailableError`` (a
+        LabError, message ``"netem not available: ..."``) where the kernel has no sch_netem."""
+        return impair.netem_delay(node, ms, jitter_ms, ifname)
+
+    # -- logs and teardown ------------------------------------------------------------------------------
+
+    def _log_path(self, node: str, name: str) -> Path:
+        d = self.dir / "logs"
+        d.mkdir(exist_ok=True)
+        path = d / f"{node}-{name}-{next(self._log_ids)}.log"
+        self._logs[path] = f"{node}: {name}"
+        return path
+
+    def report(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of every process log in this lab (spawned, and popen with a log)."""
+        state = {lp.log: lp for n in self.nodes.values() for lp in n.spawned}
+        parts = []
+        for path, label in self._logs.items():
+            lp = state.get(path)
+            status = "" if lp is None else (" [running]" if lp.running else f" [exit {lp.returncode}]")
+            parts.append(f"--- {label}{status} ({path.name})\n{_tail(path, lines)}".rstrip())
+        return "\n".join(parts)
+
+    def _note(self, e: BaseException | None) -> None:
+        if isinstance(e, Exception):
+            with contextlib.suppress(Exception):
+                if rep := self.report(lines=20):
+                    e.add_note(f"lab {self.id} process logs (tail):\n{rep}")
+
+    async def aclose(self) -> None:
+        """Terminate (SIGTERM, then SIGKILL) and reap spawned processes, then ``close()``."""
+        try:
+            running = [lp for n in self.nodes.values() for lp in n.spawned if lp.running]
+            await asyncio.gather(*(lp.terminate(grace=5) for lp in running), return_exceptions=True)
+        finally:
+            await asyncio.to_thread(self.close)
 
     def close(self) -> None:
+        for h in list(self._handles):
+            with contextlib.suppress(LabError, subprocess.SubprocessError):
+                h.remove()
+        self._handles.clear()
         for node in self.nodes.values():
             node.stop_processes()
         for ns in [n.ns for n in self.nodes.values()] + self._switches:
@@ -276,4 +646,14 @@ class Lab:
     def __exit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._note(e)
         self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._note(e)
+        await self.aclose()
