@@ -193,7 +193,7 @@ def nft_drop(
 @functools.cache
 def netem_available() -> str | None:
     """None when ``tc ... netem`` works on this kernel, else the reason (probed once in a scratch netns)."""
-    ns = f"ksnetem{os.getpid()}"
+    ns = f"ks{os.getpid()}xnetem"  # the lab naming scheme, so cleanup_stale() covers a crash here
     try:
         subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True, timeout=10)
         r = subprocess.run(
