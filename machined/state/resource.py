@@ -60,10 +60,11 @@ def copy_value(value: Any) -> Any:
     t = type(value)
     if t in _IMMUTABLE or isinstance(value, enum.Enum):
         return value
-    if t is dict:
-        return {k: copy_value(v) for k, v in value.items()}
+    imm = _IMMUTABLE
+    if t is dict:  # scalars inline: most spec values are, and a call per value costs more than the copy
+        return {k: v if type(v) in imm else copy_value(v) for k, v in value.items()}
     if t is list:
-        return [copy_value(v) for v in value]
+        return [v if type(v) in imm else copy_value(v) for v in value]
     if t is tuple:
         return tuple(copy_value(v) for v in value)
     return copy.deepcopy(value)
