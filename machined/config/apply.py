@@ -1,0 +1,310 @@
+"""Applying a new machine config: modes AUTO, NO_REBOOT, STAGED and TRY, and dry runs.
+
+Modes (numbered as Talos's ``ApplyConfigurationRequest.Mode``):
+
+* ``AUTO`` is ``NO_REBOOT`` for an agent: nothing it runs needs a reboot. The result reports
+  ``NO_REBOOT``, the mode actually used, as Talos does.
+* ``NO_REBOOT``: persisted atomically, then applied now. Clears a staged config (the newer apply
+  wins, as a later persisted config would in Talos) and confirms a pending TRY.
+* ``STAGED``: stored as the staged config only; it becomes active at the next agent start.
+* ``TRY``: applied now without persisting, and rolled back to the config that ran before the first
+  pending TRY after ``try_timeout`` (default 60 s, Talos's) unless a later apply confirms it. A further
+  TRY replaces the tried config and restarts the timer. ``confirm()`` persists the tried config.
+  Any non-TRY apply (STAGED too, as in Talos) cancels the rollback. If the agent dies while a TRY is
+  pending, the persisted config is what it starts with, which is a rollback too.
+* ``REBOOT`` is refused (``unimplemented``), as on current Talos.
+
+``dry_run`` changes nothing and returns a unified diff of the YAML against the running config with
+secrets redacted (changed secrets are marked as changed), ``No changes.`` when equal.
+
+What a change does to the running agent is in :class:`ChangeEffects` (``result.effects``): which mesh
+settings changed (the mesh engine is rebuilt; with cleanup when the link, routing, marks, nft table,
+backend or cluster change), which services to start, stop or restart, and what waits for the next
+start (state directory, status address). Listeners (:meth:`ConfigManager.subscribe`) receive a
+:class:`ConfigEvent` after every change of the running config, including a TRY rollback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from machined.config.errors import ApplyError, ConfigValidationError
+from machined.config.machine import ChangeEffects, MachineConfig, change_effects, config_diff
+from machined.config.patch import Patch, apply_patches
+from machined.config.store import ConfigStore
+
+log = logging.getLogger("machined.config")
+
+DEFAULT_TRY_TIMEOUT = 60.0
+
+
+class ApplyMode(enum.IntEnum):
+    """Numbered as Talos's ``machine.ApplyConfigurationRequest.Mode``."""
+
+    REBOOT = 0
+    AUTO = 1
+    NO_REBOOT = 2
+    STAGED = 3
+    TRY = 4
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Timer(Protocol):
+    """Clock and one-shot timers; inject :class:`machined.config.testing.ManualTimer` in tests."""
+
+    def now(self) -> float: ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable: ...
+
+
+class LoopTimer:
+    """The running asyncio loop's timers (monotonic clock)."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable:
+        return asyncio.get_running_loop().call_later(delay, callback)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingTry:
+    """A TRY apply waiting for confirmation."""
+
+    config: MachineConfig  # running now, not persisted
+    previous: MachineConfig  # what a rollback returns to (the persisted config)
+    deadline: float  # Timer.now() value at which it rolls back
+    timeout: float
+
+    def remaining(self, now: float) -> float:
+        return max(0.0, self.deadline - now)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigEvent:
+    """The running config changed. ``reason``: boot, apply, try, rollback."""
+
+    reason: str
+    previous: MachineConfig | None
+    current: MachineConfig
+    effects: ChangeEffects
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    mode: ApplyMode  # the mode actually used (AUTO reports NO_REBOOT)
+    mode_details: str
+    warnings: tuple[str, ...]
+    diff: str  # redacted unified diff against the running config; "No changes." when equal
+    effects: ChangeEffects
+    dry_run: bool = False
+    pending: PendingTry | None = None
+
+
+Listener = Callable[[ConfigEvent], None]
+
+
+class ConfigManager:
+    """The running, persisted and staged configs of one agent and the apply modes between them."""
+
+    def __init__(self, store: ConfigStore, *, timer: Timer | None = None) -> None:
+        self.store = store
+        self.timer: Timer = timer or LoopTimer()
+        self._running: MachineConfig | None = None
+        self._persisted: MachineConfig | None = None
+        self._pending: PendingTry | None = None
+        self._handle: Cancellable | None = None
+        self._listeners: list[Listener] = []
+        self._busy = False
+        self.boot_notes: list[str] = []
+
+    # -- state -------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> MachineConfig | None:
+        """The config in effect now (a tried one while a TRY is pending)."""
+        return self._running
+
+    @property
+    def persisted(self) -> MachineConfig | None:
+        """The config the agent starts with next time (unless a staged one is promoted)."""
+        return self._persisted
+
+    @property
+    def staged(self) -> MachineConfig | None:
+        return self.store.load_staged()
+
+    @property
+    def pending(self) -> PendingTry | None:
+        """The TRY apply waiting for confirmation, if any."""
+        return self._pending
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` after every change of the running config; returns an unsubscribe function."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    # -- start -------------------------------------------------------------------------------------
+
+    def boot(self, initial: MachineConfig | None = None) -> MachineConfig | None:
+        """Load the config at agent start: promote a staged config, else the active one, else
+        persist ``initial`` (used only when nothing is persisted). Returns the running config.
+
+        An active file that does not validate raises ``ConfigValidationError``: better not start
+        than run a guess. A staged file that does not validate is set aside (see ``ConfigStore``).
+        """
+        self.boot_notes = [f"removed leftover temporary file {p.name}" for p in self.store.sweep()]
+        try:
+            if self.store.promote_staged() is not None:
+                self.boot_notes.append("promoted the staged config")
+        except ConfigValidationError as e:
+            self.boot_notes.append(f"staged config rejected, kept the active one: {e}")
+        active = self.store.load_active()
+        if active is None and initial is not None:
+            self.store.save_active(initial)
+            active = initial
+        self._running = self._persisted = active
+        if active is not None:
+            self._emit(ConfigEvent("boot", None, active, change_effects(None, active)))
+        return active
+
+    # -- apply -------------------------------------------------------------------------------------
+
+    def apply(
+        self,
+        config: MachineConfig | str | bytes,
+        mode: ApplyMode = ApplyMode.AUTO,
+        *,
+        dry_run: bool = False,
+        try_timeout: float = DEFAULT_TRY_TIMEOUT,
+    ) -> ApplyResult:
+        """Validate and apply ``config`` (see the module docstring for the modes).
+
+        Raises ``ConfigValidationError`` (invalid config: nothing changes) or ``ApplyError``.
+        """
+        mode = ApplyMode(mode)
+        if mode is ApplyMode.REBOOT:
+            raise ApplyError(
+                "unimplemented", "apply mode REBOOT is not supported: nothing on this agent needs a reboot"
+            )
+        if self._busy:
+            raise ApplyError("failed_precondition", "another configuration change is in progress")
+        new = config if isinstance(config, MachineConfig) else MachineConfig.parse(config)
+        used = ApplyMode.NO_REBOOT if mode is ApplyMode.AUTO else mode
+        if used is ApplyMode.TRY:
+            if self._running is None:
+                raise ApplyError("failed_precondition", "TRY needs a running config to roll back to")
+            if not try_timeout > 0:
+                raise ApplyError("invalid_argument", "try_timeout must be greater than 0")
+        old = self._running
+        effects = change_effects(old, new)
+        diff = config_diff(old, new)
+        warnings = tuple(str(w) for w in new.warnings)
+        if dry_run:
+            return ApplyResult(
+                used,
+                f"dry run: {self._details(used, effects, try_timeout)}",
+                warnings,
+                diff,
+                effects,
+                True,
+                self._pending,
+            )
+        self._busy = True
+        try:
+            if used is ApplyMode.NO_REBOOT:
+                self.store.save_active(new)
+                self.store.clear_staged()
+                self._cancel_try()
+                self._persisted = self._running = new
+                self._emit(ConfigEvent("apply", old, new, effects))
+            elif used is ApplyMode.STAGED:
+                self.store.save_staged(new)
+                self._cancel_try()
+            else:
+                assert old is not None
+                previous = self._pending.previous if self._pending else old
+                self._cancel_try()
+                self._pending = PendingTry(new, previous, self.timer.now() + try_timeout, try_timeout)
+                self._handle = self.timer.call_later(try_timeout, self._expire)
+                self._running = new
+                self._emit(ConfigEvent("try", old, new, effects))
+        finally:
+            self._busy = False
+        return ApplyResult(
+            used, self._details(used, effects, try_timeout), warnings, diff, effects, False, self._pending
+        )
+
+    def patch(
+        self,
+        patches: Iterable[Patch | str | bytes],
+        mode: ApplyMode = ApplyMode.AUTO,
+        *,
+        dry_run: bool = False,
+        try_timeout: float = DEFAULT_TRY_TIMEOUT,
+    ) -> ApplyResult:
+        """Patch the running config (strategic merge and/or JSON patches, in order) and apply it."""
+        if self._running is None:
+            raise ApplyError("failed_precondition", "there is no config to patch")
+        new = MachineConfig.from_documents(apply_patches(self._running.documents(), patches))
+        return self.apply(new, mode, dry_run=dry_run, try_timeout=try_timeout)
+
+    def confirm(self) -> ApplyResult:
+        """Make the pending TRY config permanent (an apply of it with NO_REBOOT)."""
+        if self._pending is None:
+            raise ApplyError("failed_precondition", "no TRY apply is waiting for confirmation")
+        return self.apply(self._pending.config, ApplyMode.NO_REBOOT)
+
+    def rollback(self) -> bool:
+        """Roll a pending TRY back now (what its timer does). Returns False when nothing is pending."""
+        if self._pending is None:
+            return False
+        pending = self._pending
+        self._cancel_try()
+        old = self._running
+        self._running = pending.previous
+        log.warning("TRY config not confirmed within %.0f s; rolled back", pending.timeout)
+        self._emit(ConfigEvent("rollback", old, pending.previous, change_effects(old, pending.previous)))
+        return True
+
+    def close(self) -> None:
+        """Cancel the rollback timer (agent shutdown: the persisted config is what runs next)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _expire(self) -> None:
+        self._handle = None
+        self.rollback()
+
+    def _cancel_try(self) -> None:
+        self.close()
+        self._pending = None
+
+    def _details(self, used: ApplyMode, effects: ChangeEffects, try_timeout: float) -> str:
+        if used is ApplyMode.STAGED:
+            return "staged: takes effect at the next agent start"
+        head = (
+            "applied and persisted"
+            if used is ApplyMode.NO_REBOOT
+            else (f"applied without persisting; rolled back in {try_timeout:g} s unless confirmed")
+        )
+        return f"{head}; {effects.describe()}"
+
+    def _emit(self, event: ConfigEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("config listener %r failed", getattr(listener, "__qualname__", listener))

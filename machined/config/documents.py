@@ -1,0 +1,782 @@
+"""The documents of a machine config: value types, and how each document is read and checked.
+
+Talos documents (the ``version: v1alpha1`` document, ``KubeSpanConfig``, ``KubeSpanEndpointsConfig``,
+``DiscoveryServiceConfig``) accept fields we do not use, with one warning per document listing their
+paths. Our own documents (``AgentConfig``, ``ServiceConfig``) reject unknown fields.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from discovery.crypto import SecretError, parse_secret
+from discovery.limits import CLUSTER_ID_MAX
+from kubespan.constants import (
+    FWMARK_FORCE,
+    FWMARK_MASK,
+    FWMARK_MAX,
+    FWMARK_WIREGUARD,
+    KEEPALIVE_MAX,
+    LINK_NAME,
+    LINK_NAME_MAX,
+    LISTEN_PORT,
+    MTU,
+    MTU_MAX,
+    MTU_MIN,
+    NFT_TABLE,
+    PERSISTENT_KEEPALIVE,
+    ROUTING_TABLE,
+    RULE_PRIORITY,
+    RULE_PRIORITY_MAX,
+    RULE_PRIORITY_MIN,
+    TABLE_MAX,
+)
+from kubespan.peers import EndpointFilter
+from kubespan.wgtypes import AddrPort
+from machined.config.errors import Problem
+from machined.config.reader import MISSING, Reader, Sink
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+V1ALPHA1 = "v1alpha1"
+KUBESPAN_CONFIG = "KubeSpanConfig"
+KUBESPAN_ENDPOINTS_CONFIG = "KubeSpanEndpointsConfig"
+DISCOVERY_SERVICE_CONFIG = "DiscoveryServiceConfig"
+AGENT_CONFIG = "AgentConfig"
+SERVICE_CONFIG = "ServiceConfig"
+
+TALOS_KINDS = frozenset({KUBESPAN_CONFIG, KUBESPAN_ENDPOINTS_CONFIG, DISCOVERY_SERVICE_CONFIG})
+OUR_KINDS = frozenset({AGENT_CONFIG, SERVICE_CONFIG})
+NAMED_KINDS = frozenset({DISCOVERY_SERVICE_CONFIG, SERVICE_CONFIG})
+
+DEFAULT_DISCOVERY_ENDPOINT = "https://discovery.talos.dev/"
+LEGACY_DISCOVERY_NAME = "legacy"  # the v1alpha1 cluster.discovery block, as Talos names it
+DEFAULT_STATE_DIR = Path("/var/lib/machined")
+DEFAULT_SOCKET_DIR = Path("/var/run/wireguard")
+DEFAULT_HTTP_STATUS_ADDR = ("127.0.0.1", 51821)
+MACHINE_TYPES = ("controlplane", "worker")
+BACKENDS = ("auto", "kernel", "userspace")
+RESTART_POLICIES = ("always", "on-failure", "never")
+MESH_DEGRADED_POLICIES = ("ignore", "stop", "restart")
+RESERVED_SERVICE_NAMES = frozenset({"machined", "controller-runtime"})  # log ids of the agent itself
+
+UNUSED_MESSAGE = "fields not used by machined (accepted and ignored)"
+
+_TOKEN = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{16}")
+_NAME = re.compile(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DNS_NAME = re.compile(
+    r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+_NFT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_PEM_KEY = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]* )?PRIVATE KEY-----.+-----END ([A-Z0-9 ]* )?PRIVATE KEY-----", re.S
+)
+
+
+# --- value types -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateAuthority:
+    """``machine.ca``: PEM certificate and (control-plane nodes only) PEM key."""
+
+    crt: bytes
+    key: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class KubeSpanSettings:
+    """``machine.network.kubespan`` or a ``KubeSpanConfig`` document; defaults are Talos's."""
+
+    enabled: bool = False
+    advertise_kubernetes_networks: bool = False
+    allow_down_peer_bypass: bool = False
+    # None = not set: our default (publish learned endpoints) applies; Talos's default is false
+    harvest_extra_endpoints: bool | None = None
+    mtu: int = MTU
+    endpoint_filters: tuple[str, ...] = ()
+    exclude_advertised_networks: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class V1Alpha1:
+    """What machined uses of the ``version: v1alpha1`` document."""
+
+    machine_type: str = "worker"
+    token: str | None = field(default=None, repr=False)
+    ca: CertificateAuthority | None = None
+    cert_sans: tuple[str, ...] = ()
+    cluster_id: str | None = None
+    cluster_secret: bytes | None = field(default=None, repr=False)
+    cluster_name: str | None = None
+    discovery_enabled: bool = False
+    discovery_service_disabled: bool = False
+    discovery_service_endpoint: str | None = None
+    kubespan: KubeSpanSettings | None = None  # None when machine.network.kubespan is absent
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryEndpoint:
+    """One discovery service the node registers with (a ``DiscoveryServiceConfig``)."""
+
+    name: str
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """Our ``AgentConfig`` document: what a Linux agent needs besides the Talos settings."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    nodename: str | None = None  # label shown to peers; None = the hostname
+    http_status_addr: tuple[str, int] | None = DEFAULT_HTTP_STATUS_ADDR  # None = not served
+    backend: str = "auto"
+    wireguard_go: str = "wireguard-go"
+    socket_dir: Path = DEFAULT_SOCKET_DIR
+    link_name: str = LINK_NAME
+    listen_port: int = LISTEN_PORT
+    persistent_keepalive: int = PERSISTENT_KEEPALIVE
+    routing_table: int = ROUTING_TABLE
+    rule_priority: int = RULE_PRIORITY
+    fwmark_wireguard: int = FWMARK_WIREGUARD
+    fwmark_force: int = FWMARK_FORCE
+    fwmark_mask: int = FWMARK_MASK
+    nft_table: str = NFT_TABLE
+    advertised_networks: tuple[IPNetwork, ...] = ()
+    mac: bytes | None = None
+    discovery_ca: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """How the supervisor decides a running service is healthy (Talos's timing defaults)."""
+
+    kind: str  # "exec" | "tcp" | "http"
+    command: tuple[str, ...] = ()  # exec: argv; exit status 0 = healthy
+    address: tuple[str, int] | None = None  # tcp: host and port; a completed connect = healthy
+    url: str = ""  # http: GET; a 2xx/3xx status = healthy
+    interval: float = 5.0
+    timeout: float = 0.5
+    initial_delay: float = 1.0
+    tls_verify: bool = True  # https: verify the server certificate
+
+
+@dataclass(frozen=True, slots=True)
+class MeshRequirement:
+    """What a service needs from the mesh before it starts.
+
+    ``none``: nothing. ``ready``: the mesh is ready (every known peer up). ``quorum``: at least
+    ``quorum`` remote peers up (this node not counted), e.g. 1 for a three-member etcd.
+    """
+
+    mode: str = "none"
+    quorum: int = 0
+
+    def satisfied(self, *, ready: bool, peers_up: int) -> bool:
+        if self.mode == "none":
+            return True
+        if self.mode == "ready":
+            return ready
+        return peers_up >= self.quorum
+
+
+@dataclass(frozen=True, slots=True)
+class RestartBackoff:
+    """Delay before the n-th consecutive restart: ``initial * factor**(n-1)``, at most ``max``; a run
+    that lasted ``reset_after`` seconds starts a new streak."""
+
+    initial: float = 1.0
+    factor: float = 2.0
+    max: float = 30.0
+    reset_after: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """One ``ServiceConfig`` document: a process machined supervises."""
+
+    name: str
+    command: str
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # values may be secrets
+    working_dir: Path | None = None
+    user: str | int | None = None
+    enabled: bool = True  # false: the service is Skipped (and counts as up for its dependents)
+    restart: str = "always"  # always | on-failure | never
+    backoff: RestartBackoff = RestartBackoff()
+    stop_timeout: float = 10.0  # SIGTERM, then SIGKILL after this long
+    depends_on: tuple[str, ...] = ()
+    requires_mesh: MeshRequirement = MeshRequirement()
+    on_mesh_degraded: str = "ignore"  # ignore | stop | restart
+    health_check: HealthCheck | None = None
+    log_lines: int = 2000
+    log_file: Path | None = None
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return (self.command, *self.args)
+
+    @property
+    def environ(self) -> dict[str, str]:
+        return dict(self.env)
+
+    def to_service(self) -> Any:
+        """The supervisor's definition (``machined.services.spec.Service``) of this service."""
+        from machined.services import spec as sv
+
+        health = None
+        if (h := self.health_check) is not None:
+            timing = {"interval": h.interval, "timeout": h.timeout, "initial_delay": h.initial_delay}
+            if h.kind == "exec":
+                health = sv.HealthCheck.exec(*h.command, **timing)
+            elif h.kind == "tcp":
+                assert h.address is not None
+                health = sv.HealthCheck.tcp(h.address[0], h.address[1], **timing)
+            else:
+                health = sv.HealthCheck.http(h.url, tls_verify=h.tls_verify, **timing)
+        b = self.backoff
+        return sv.Service(
+            name=self.name,
+            argv=self.argv,
+            env=self.environ,
+            cwd=str(self.working_dir) if self.working_dir else None,
+            user=self.user,
+            restart=sv.RestartPolicy(self.restart),
+            backoff=sv.Backoff(initial=b.initial, factor=b.factor, max=b.max, reset_after=b.reset_after),
+            health=health,
+            stop_timeout=self.stop_timeout,
+            depends_on=self.depends_on,
+            requires_mesh=sv.MeshRequirement(sv.MeshMode(self.requires_mesh.mode), self.requires_mesh.quorum),
+            on_mesh_degraded=sv.OnMeshDegraded(self.on_mesh_degraded),
+            enabled=self.enabled,
+            log_lines=self.log_lines,
+            log_file=str(self.log_file) if self.log_file else None,
+        )
+
+
+# --- document identity -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DocRef:
+    """Which document this is: kind (``v1alpha1`` for the version document) and name."""
+
+    kind: str
+    name: str | None
+    index: int
+
+    @property
+    def label(self) -> str:
+        return label_for(self.kind, self.name)
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return (self.kind, self.name)
+
+
+def label_for(kind: str, name: str | None) -> str:
+    return f"{kind}[{name}]" if name is not None else kind
+
+
+def doc_key(doc: Any) -> tuple[str, str | None] | None:
+    """(kind, name) of a raw document, as documents are matched (patches, diffs); None if unknown."""
+    if not isinstance(doc, dict):
+        return None
+    if "kind" in doc or "apiVersion" in doc:
+        kind = doc.get("kind")
+        if not isinstance(kind, str) or not kind:
+            return None
+        name = doc.get("name")
+        named = kind in NAMED_KINDS or kind not in TALOS_KINDS | OUR_KINDS
+        return (kind, name if named and isinstance(name, str) else None)
+    return (V1ALPHA1, None)
+
+
+def identify(index: int, doc: Any, sink: Sink) -> DocRef | None:
+    """Check a document's header and say which document it is; problems go to ``sink``."""
+    anon = f"document {index + 1}"
+    if not isinstance(doc, dict):
+        sink.problem(Problem(anon, index, "", "must be a mapping"))
+        return None
+    if "kind" in doc or "apiVersion" in doc:
+        kind = doc.get("kind")
+        if not isinstance(kind, str) or not kind:
+            sink.problem(
+                Problem(anon, index, "kind", "is required (a typed document has apiVersion and kind)")
+            )
+            return None
+        name = doc.get("name")
+        named = kind in NAMED_KINDS or (kind not in TALOS_KINDS | OUR_KINDS and isinstance(name, str))
+        ref = DocRef(kind, name if named and isinstance(name, str) else None, index)
+        api = doc.get("apiVersion")
+        if api is None:
+            sink.problem(Problem(ref.label, index, "apiVersion", "is required"))
+        elif kind in TALOS_KINDS | OUR_KINDS and api != V1ALPHA1:
+            sink.problem(Problem(ref.label, index, "apiVersion", f"must be v1alpha1 for kind {kind}"))
+        if kind in NAMED_KINDS:
+            if name is None:
+                sink.problem(Problem(f"{kind} ({anon})", index, "name", "is required"))
+                return None
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                sink.problem(
+                    Problem(
+                        f"{kind} ({anon})",
+                        index,
+                        "name",
+                        "must be 1..63 characters of a-z, 0-9, '.', '_', '-', "
+                        "starting and ending with a letter or digit",
+                    )
+                )
+                return None
+        return ref
+    if "version" in doc:
+        if doc["version"] != V1ALPHA1:
+            sink.problem(Problem(V1ALPHA1, index, "version", "must be v1alpha1"))
+        return DocRef(V1ALPHA1, None, index)
+    sink.problem(Problem(anon, index, "", "must have version: v1alpha1, or apiVersion and kind"))
+    return None
+
+
+# --- field checks ----------------------------------------------------------------------------------
+
+
+def check_discovery_url(text: str) -> str | None:
+    """The rule a discovery endpoint breaks, or None. Never quotes URL credentials."""
+    rule = "must be a discovery endpoint URL: http://, https:// or grpc://host[:port], no path"
+    try:
+        if "@" in urlsplit(text if "://" in text else "//" + text).netloc:
+            return "must not contain credentials"
+    except ValueError:
+        return rule
+    from discovery.client.target import parse_endpoint_url  # imports grpc: only when needed
+
+    try:
+        parse_endpoint_url(text)
+    except ValueError:
+        return rule
+    return None
+
+
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64") from None
+
+
+def _pem_certificate(text: str) -> bytes:
+    from cryptography import x509
+
+    pem = _b64(text)
+    try:
+        x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise ValueError("not a PEM certificate") from None
+    return pem
+
+
+def _pem_private_key(text: str) -> bytes:
+    pem = _b64(text)
+    if not _PEM_KEY.search(pem):
+        raise ValueError("not a PEM private key")
+    return pem
+
+
+def _cert_san(text: str) -> str:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if len(text) > 253 or not _DNS_NAME.fullmatch(text):
+            raise ValueError("not a SAN") from None
+    return text
+
+
+def _network(text: str) -> IPNetwork:
+    return ipaddress.ip_network(text.strip(), strict=False)
+
+
+def _endpoint_filter(text: str) -> str:
+    return str(EndpointFilter.parse(text))
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError("not host:port")
+    return host, int(port)
+
+
+def _mac(text: str) -> bytes:
+    raw = text.replace(":", "").replace("-", "")
+    if len(raw) != 12:
+        raise ValueError("not a MAC")
+    return bytes.fromhex(raw)
+
+
+def _sub(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# --- Talos documents -------------------------------------------------------------------------------
+
+
+def read_kubespan(r: Reader, prefix: str) -> KubeSpanSettings:
+    """``machine.network.kubespan`` (prefix) or a ``KubeSpanConfig`` document (prefix "")."""
+    harvest: bool | None = None
+    if r.present(_sub(prefix, "harvestExtraEndpoints")):
+        harvest = r.boolean(_sub(prefix, "harvestExtraEndpoints"), False)
+    return KubeSpanSettings(
+        enabled=r.boolean(_sub(prefix, "enabled"), False),
+        advertise_kubernetes_networks=r.boolean(_sub(prefix, "advertiseKubernetesNetworks"), False),
+        allow_down_peer_bypass=r.boolean(_sub(prefix, "allowDownPeerBypass"), False),
+        harvest_extra_endpoints=harvest,
+        mtu=r.integer(_sub(prefix, "mtu"), MTU, MTU_MIN, MTU_MAX),
+        endpoint_filters=r.items(
+            _sub(prefix, "filters.endpoints"),
+            _endpoint_filter,
+            "must be a CIDR or IP address, optionally prefixed with '!'",
+        ),
+        exclude_advertised_networks=r.items(
+            _sub(prefix, "filters.excludeAdvertisedNetworks"), _network, "must be a CIDR"
+        ),
+    )
+
+
+def read_v1alpha1(r: Reader) -> V1Alpha1:
+    r.raw("version")
+    machine_type = r.choice("machine.type", "worker", (*MACHINE_TYPES, "init"), required=True)
+    if machine_type == "init":
+        r.warn("machine.type init is deprecated; treated as controlplane", ["v1alpha1.machine.type"])
+        machine_type = "controlplane"
+    token = r.string("machine.token")
+    if token is not None and not _TOKEN.fullmatch(token):
+        r.fail("machine.token", "must be a token of the form [a-z0-9]{6}.[a-z0-9]{16}")
+        token = None
+    ca: CertificateAuthority | None = None
+    if r.mapping("machine.ca") is not None:
+        crt = r.string("machine.ca.crt", required=True)
+        key = r.string("machine.ca.key")
+        crt_pem = key_pem = None
+        if crt is not None:
+            try:
+                crt_pem = _pem_certificate(crt)
+            except ValueError:
+                r.fail("machine.ca.crt", "must be base64 of a PEM certificate")
+        if key is not None:
+            try:
+                key_pem = _pem_private_key(key)
+            except ValueError:
+                r.fail("machine.ca.key", "must be base64 of a PEM private key")
+        if crt_pem is not None:
+            ca = CertificateAuthority(crt_pem, key_pem)
+    cert_sans = r.items("machine.certSANs", _cert_san, "must be an IP address or a DNS name")
+    r.raw("machine.network.kubespan")  # reports a machine.network that is not a mapping
+    kubespan = read_kubespan(r, "machine.network.kubespan") if r.present("machine.network.kubespan") else None
+
+    cluster_id = r.string("cluster.id")
+    if cluster_id is not None and not 1 <= len(cluster_id.encode()) <= CLUSTER_ID_MAX:
+        r.fail("cluster.id", f"must be 1..{CLUSTER_ID_MAX} bytes")
+        cluster_id = None
+    secret_text = r.string("cluster.secret")
+    secret: bytes | None = None
+    if secret_text is not None:
+        try:
+            secret = parse_secret(secret_text)
+        except SecretError:
+            r.fail("cluster.secret", "must be base64 of 32 bytes")
+    endpoint = r.string("cluster.discovery.registries.service.endpoint")
+    if endpoint is not None and (rule := check_discovery_url(endpoint)):
+        r.fail("cluster.discovery.registries.service.endpoint", rule)
+        endpoint = None
+    v1 = V1Alpha1(
+        machine_type=machine_type,
+        token=token,
+        ca=ca,
+        cert_sans=cert_sans,
+        cluster_id=cluster_id,
+        cluster_secret=secret,
+        cluster_name=r.string("cluster.clusterName"),
+        discovery_enabled=r.boolean("cluster.discovery.enabled", False),
+        discovery_service_disabled=r.boolean("cluster.discovery.registries.service.disabled", False),
+        discovery_service_endpoint=endpoint,
+        kubespan=kubespan,
+    )
+    r.warn_unused(UNUSED_MESSAGE)
+    return v1
+
+
+def read_kubespan_config(r: Reader) -> KubeSpanSettings:
+    r.raw("apiVersion")
+    r.raw("kind")
+    ks = read_kubespan(r, "")
+    r.warn_unused(UNUSED_MESSAGE)
+    return ks
+
+
+def read_kubespan_endpoints(r: Reader) -> tuple[AddrPort, ...]:
+    r.raw("apiVersion")
+    r.raw("kind")
+    eps = r.items("extraAnnouncedEndpoints", AddrPort.parse, "must be IP:port (IPv6 as [IP]:port)")
+    r.warn_unused(UNUSED_MESSAGE)
+    return eps
+
+
+def read_discovery_service(r: Reader) -> DiscoveryEndpoint | None:
+    r.raw("apiVersion")
+    r.raw("kind")
+    name = r.string("name", required=True)
+    url = r.string("endpoint", required=True)
+    if url is not None and (rule := check_discovery_url(url)):
+        r.fail("endpoint", rule)
+        url = None
+    r.warn_unused(UNUSED_MESSAGE)
+    if name is None or url is None:
+        return None
+    return DiscoveryEndpoint(name, url)
+
+
+# --- our documents ---------------------------------------------------------------------------------
+
+
+def read_agent(r: Reader) -> AgentSettings:
+    r.raw("apiVersion")
+    r.raw("kind")
+    d = AgentSettings()
+    state_dir = r.string("stateDir")
+    if state_dir is not None and not state_dir.startswith("/"):
+        r.fail("stateDir", "must be an absolute path")
+        state_dir = None
+    nodename = r.string("nodename")
+    if nodename is not None and not nodename.strip():
+        r.fail("nodename", "must not be empty")
+        nodename = None
+    http: tuple[str, int] | None = d.http_status_addr
+    http_text = r.string("httpStatusAddr")
+    if http_text is not None:
+        if http_text == "":
+            http = None
+        else:
+            try:
+                http = _hostport(http_text)
+            except ValueError:
+                r.fail("httpStatusAddr", f"must be HOST:PORT or empty (not served), got {http_text!r}")
+    socket_dir = r.string("wireguard.socketDir")
+    if socket_dir is not None and not socket_dir.startswith("/"):
+        r.fail("wireguard.socketDir", "must be an absolute path")
+        socket_dir = None
+    link = r.string("wireguard.linkName", LINK_NAME)
+    if link is None:
+        link = LINK_NAME
+    if not link or len(link) > LINK_NAME_MAX or re.search(r"[\s/:]", link) or link in (".", ".."):
+        r.fail(
+            "wireguard.linkName",
+            f"must be 1..{LINK_NAME_MAX} characters without whitespace, '/' or ':', got {link!r}",
+        )
+        link = LINK_NAME
+    nft = r.string("routing.nftTable", NFT_TABLE)
+    if nft is None:
+        nft = NFT_TABLE
+    if not _NFT_NAME.fullmatch(nft):
+        r.fail(
+            "routing.nftTable",
+            f"must be 1..64 characters of [A-Za-z0-9_], not starting with a digit, got {nft!r}",
+        )
+        nft = NFT_TABLE
+    mac_raw = r.raw("mesh.mac")
+    mac: bytes | None = None
+    if mac_raw is not MISSING:
+        if not isinstance(mac_raw, str):
+            r.fail("mesh.mac", 'must be a quoted string such as "52:54:00:12:34:56"')
+        else:
+            try:
+                mac = _mac(mac_raw)
+            except ValueError:
+                r.fail("mesh.mac", f"must be a MAC address such as 52:54:00:12:34:56, got {mac_raw!r}")
+    ca = r.string("discovery.caFile")
+    if ca is not None and not ca.startswith("/"):
+        r.fail("discovery.caFile", "must be an absolute path")
+        ca = None
+    settings = AgentSettings(
+        state_dir=Path(state_dir) if state_dir else d.state_dir,
+        nodename=nodename,
+        http_status_addr=http,
+        backend=r.choice("wireguard.backend", "auto", BACKENDS),
+        wireguard_go=r.string("wireguard.wireguardGo", d.wireguard_go) or d.wireguard_go,
+        socket_dir=Path(socket_dir) if socket_dir else d.socket_dir,
+        link_name=link,
+        listen_port=r.integer("wireguard.listenPort", LISTEN_PORT, 1, 65535),
+        persistent_keepalive=r.integer(
+            "wireguard.persistentKeepalive", PERSISTENT_KEEPALIVE, 0, KEEPALIVE_MAX
+        ),
+        routing_table=r.integer("routing.table", ROUTING_TABLE, 1, TABLE_MAX),
+        rule_priority=r.integer("routing.rulePriority", RULE_PRIORITY, RULE_PRIORITY_MIN, RULE_PRIORITY_MAX),
+        fwmark_wireguard=r.integer("routing.fwmarkWireguard", FWMARK_WIREGUARD, 1, FWMARK_MAX),
+        fwmark_force=r.integer("routing.fwmarkForce", FWMARK_FORCE, 1, FWMARK_MAX),
+        fwmark_mask=r.integer("routing.fwmarkMask", FWMARK_MASK, 1, FWMARK_MAX),
+        nft_table=nft,
+        advertised_networks=r.items("mesh.advertisedNetworks", _network, "must be a CIDR"),
+        mac=mac,
+        discovery_ca=Path(ca) if ca else None,
+    )
+    r.reject_unknown()
+    return settings
+
+
+def _read_requirement(r: Reader) -> MeshRequirement:
+    v = r.raw("requiresMesh")
+    rule = "must be none, ready, or {quorum: N} (N remote peers up, N >= 1)"
+    if v is MISSING:
+        return MeshRequirement()
+    if v in ("none", "ready"):
+        return MeshRequirement(v)
+    if isinstance(v, dict):
+        for k in v:
+            if k != "quorum":
+                r.fail(f"requiresMesh.{k}", "unknown field (only quorum)")
+        n = v.get("quorum")
+        if n is None:
+            r.fail("requiresMesh.quorum", "is required")
+            return MeshRequirement()
+        quorum = r.check_int(("requiresMesh", "quorum"), n, 0, 1, 1024)
+        return MeshRequirement("quorum", quorum) if quorum else MeshRequirement()
+    r.fail("requiresMesh", f"{rule}, {r.show(('requiresMesh',), v)}")
+    return MeshRequirement()
+
+
+def _read_health(r: Reader) -> HealthCheck | None:
+    if r.mapping("healthCheck") is None:
+        return None
+    kinds = [k for k in ("exec", "tcp", "http") if r.present(f"healthCheck.{k}")]
+    interval = r.seconds("healthCheck.interval", 5.0)
+    timeout = r.seconds("healthCheck.timeout", 0.5)
+    initial = r.seconds("healthCheck.initialDelay", 1.0, allow_zero=True)
+    tls_verify = r.boolean("healthCheck.tlsVerify", True)
+    command = r.strings("healthCheck.exec")
+    tcp = r.string("healthCheck.tcp")
+    url = r.string("healthCheck.http")
+    if len(kinds) != 1:
+        r.fail("healthCheck", "must have exactly one of exec, tcp or http")
+        return None
+    kind = kinds[0]
+    if kind == "exec":
+        if not command:
+            r.fail("healthCheck.exec", "must be a non-empty list: [command, args...]")
+            return None
+        return HealthCheck("exec", command=command, interval=interval, timeout=timeout, initial_delay=initial)
+    if kind == "tcp":
+        try:
+            address = _hostport(tcp or "")
+        except ValueError:
+            r.fail("healthCheck.tcp", f"must be HOST:PORT, got {tcp!r}")
+            return None
+        return HealthCheck("tcp", address=address, interval=interval, timeout=timeout, initial_delay=initial)
+    try:
+        parts = urlsplit(url or "")
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        ok = False
+    if not ok:
+        r.fail("healthCheck.http", "must be an http:// or https:// URL with a host")
+        return None
+    if parts.username is not None or parts.password is not None:
+        r.fail("healthCheck.http", "must not contain credentials")
+        return None
+    return HealthCheck(
+        "http",
+        url=url or "",
+        interval=interval,
+        timeout=timeout,
+        initial_delay=initial,
+        tls_verify=tls_verify,
+    )
+
+
+def read_service(r: Reader) -> ServiceSpec | None:
+    r.raw("apiVersion")
+    r.raw("kind")
+    name = r.string("name", required=True) or ""
+    if name in RESERVED_SERVICE_NAMES:
+        r.fail(
+            "name", f"is reserved ({', '.join(sorted(RESERVED_SERVICE_NAMES))} are the agent's own log ids)"
+        )
+    command = r.string("command", required=True)
+    if command is not None and not command.strip():
+        r.fail("command", "must not be empty")
+    args = r.strings("args")
+    env: list[tuple[str, str]] = []
+    env_map = r.mapping("env")
+    for k, v in (env_map or {}).items():
+        if not _ENV_NAME.fullmatch(k):
+            r.fail(("env", k), "must be a variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        elif isinstance(v, bool) or not isinstance(v, str | int):
+            r.fail(("env", k), "must be a string (quote it)")
+        else:
+            env.append((k, str(v)))
+    working_dir = r.string("workingDir")
+    if working_dir is not None and not working_dir.startswith("/"):
+        r.fail("workingDir", "must be an absolute path")
+        working_dir = None
+    user_raw = r.raw("user")
+    user: str | int | None = None
+    if user_raw is not MISSING:
+        if isinstance(user_raw, bool) or not isinstance(user_raw, str | int) or user_raw in ("", -1):
+            r.fail("user", f"must be a user name or uid, {r.show(('user',), user_raw)}")
+        elif isinstance(user_raw, int):
+            user = r.check_int(("user",), user_raw, 0, 0, 2**32 - 2)
+        else:
+            user = user_raw
+    backoff = RestartBackoff(
+        initial=r.seconds("backoff.initial", 1.0),
+        factor=_factor(r),
+        max=r.seconds("backoff.max", 30.0),
+        reset_after=r.seconds("backoff.resetAfter", 60.0, allow_zero=True),
+    )
+    if backoff.max < backoff.initial:
+        r.fail("backoff.max", f"must be at least backoff.initial ({backoff.initial:g}s)")
+        backoff = RestartBackoff(backoff.initial, backoff.factor, backoff.initial, backoff.reset_after)
+    log_file = r.string("logFile")
+    if log_file is not None and not log_file.startswith("/"):
+        r.fail("logFile", "must be an absolute path")
+        log_file = None
+    depends_on = r.strings("dependsOn")
+    if len(set(depends_on)) != len(depends_on):
+        r.fail("dependsOn", "lists a service twice")
+    spec = ServiceSpec(
+        name=name,
+        command=command or "",
+        args=args,
+        env=tuple(env),
+        working_dir=Path(working_dir) if working_dir else None,
+        user=user,
+        enabled=r.boolean("enabled", True),
+        restart=r.choice("restart", "always", RESTART_POLICIES),
+        backoff=backoff,
+        stop_timeout=r.seconds("stopTimeout", 10.0),
+        depends_on=tuple(dict.fromkeys(depends_on)),
+        requires_mesh=_read_requirement(r),
+        on_mesh_degraded=r.choice("onMeshDegraded", "ignore", MESH_DEGRADED_POLICIES),
+        health_check=_read_health(r),
+        log_lines=r.integer("logLines", 2000, 1, 1_000_000),
+        log_file=Path(log_file) if log_file else None,
+    )
+    r.reject_unknown()
+    return spec if name and command else None
+
+
+def _factor(r: Reader) -> float:
+    v = r.raw("backoff.factor")
+    if v is MISSING:
+        return 2.0
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 1 <= v <= 100:
+        r.fail("backoff.factor", f"must be a number from 1 to 100, {r.show(('backoff', 'factor'), v)}")
+        return 2.0
+    return float(v)
