@@ -184,9 +184,8 @@ def strategic_merge(docs: Sequence[dict[str, Any]], patch: StrategicMergePatch) 
             del out[idx]
             continue
         if idx is None:
-            new = _clean(pdoc, key[0], (), where)
-            if isinstance(new, _Delete):  # pragma: no cover - handled above
-                continue
+            new = _merge(_NOTHING, pdoc, key[0], (), where)
+            assert isinstance(new, dict)
             if key[0] == d.V1ALPHA1 and "version" not in new:
                 new = {"version": d.V1ALPHA1, **new}
             out.append(new)
@@ -197,7 +196,15 @@ def strategic_merge(docs: Sequence[dict[str, Any]], patch: StrategicMergePatch) 
     return out
 
 
+class _Nothing:
+    pass
+
+
+_NOTHING = _Nothing()  # "no value to merge into"
+
+
 def _merge(base: Any, patch: Any, kind: str, path: tuple[str | int, ...], where: str) -> Any:
+    """Merge ``patch`` into ``base`` (``_NOTHING`` when absent); returns the result or ``_DELETE``."""
     if isinstance(patch, dict):
         directive = patch.get("$patch")
         if directive is not None:
@@ -206,15 +213,11 @@ def _merge(base: Any, patch: Any, kind: str, path: tuple[str | int, ...], where:
                     "unsupported $patch (only delete)", document=where, path=_fmt((*path, "$patch"))
                 )
             return _DELETE
-        if not isinstance(base, dict):
-            return _clean(patch, kind, path, where)
-        out = dict(base)
+        out = dict(base) if isinstance(base, dict) else {}
         for k, v in patch.items():
-            if v is None:
+            if v is None:  # null leaves a value alone (use $patch: delete to remove it)
                 continue
-            merged = (
-                _merge(out[k], v, kind, (*path, k), where) if k in out else _clean(v, kind, (*path, k), where)
-            )
+            merged = _merge(out.get(k, _NOTHING), v, kind, (*path, k), where)
             if isinstance(merged, _Delete):
                 out.pop(k, None)
             else:
@@ -232,7 +235,9 @@ def _merge(base: Any, patch: Any, kind: str, path: tuple[str | int, ...], where:
                     document=where,
                     path=_fmt((*path, i)),
                 )
-        items = [_clean(item, kind, (*path, i), where) for i, item in enumerate(patch)]
+        start = len(base) if isinstance(base, list) and rule != _REPLACE else 0
+        items = [_merge(_NOTHING, item, kind, (*path, start + i), where) for i, item in enumerate(patch)]
+        items = [v for v in items if not isinstance(v, _Delete)]
         if rule == _REPLACE or not isinstance(base, list):
             return items
         return [*base, *items]
@@ -256,45 +261,16 @@ def _merge_keyed(
                 document=where,
                 path=_fmt((*path, i)),
             )
-        match = next(
-            (j for j, b in enumerate(out) if isinstance(b, dict) and b.get(key) == item[key]),
-            None,
-        )
+        match = next((j for j, b in enumerate(out) if isinstance(b, dict) and b.get(key) == item[key]), None)
+        merged = _merge(out[match] if match is not None else _NOTHING, item, kind, (*path, i), where)
         if match is None:
-            new = _clean(item, kind, (*path, len(out)), where)
-            if not isinstance(new, _Delete):
-                out.append(new)
-            continue
-        merged = _merge(out[match], item, kind, (*path, match), where)
-        if isinstance(merged, _Delete):
+            if not isinstance(merged, _Delete):
+                out.append(merged)
+        elif isinstance(merged, _Delete):
             del out[match]
         else:
             out[match] = merged
     return out
-
-
-def _clean(value: Any, kind: str, path: tuple[str | int, ...], where: str) -> Any:
-    """A patch subtree that has nothing to merge into: drop nulls and deletions, copy the rest."""
-    if isinstance(value, dict):
-        directive = value.get("$patch")
-        if directive is not None:
-            if directive != "delete":
-                raise PatchError(
-                    "unsupported $patch (only delete)", document=where, path=_fmt((*path, "$patch"))
-                )
-            return _DELETE
-        out = {}
-        for k, v in value.items():
-            if v is None:
-                continue
-            c = _clean(v, kind, (*path, k), where)
-            if not isinstance(c, _Delete):
-                out[k] = c
-        return out
-    if isinstance(value, list):
-        items = [_clean(v, kind, (*path, i), where) for i, v in enumerate(value)]
-        return [v for v in items if not isinstance(v, _Delete)]
-    return copy.deepcopy(value)
 
 
 # --- JSON patch ------------------------------------------------------------------------------------
