@@ -44,6 +44,7 @@ class FakeProcess:
         self.stdout = asyncio.StreamReader()
         self.stderr = asyncio.StreamReader()
         self.signals: list[int] = []
+        self.closed = False
         self.ignore_sigterm = ignore_sigterm
         self.term_code = term_code
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -78,6 +79,9 @@ class FakeProcess:
 
     async def wait(self) -> int:
         return await asyncio.shield(self._exit)
+
+    def close(self) -> None:
+        self.closed = True
 
     def signal_group(self, sig: int) -> None:
         self.signals.append(sig)

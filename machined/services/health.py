@@ -65,6 +65,8 @@ async def _exec(check: HealthCheck, spawner: Spawner, base: Command | None) -> t
                 await asyncio.gather(*readers, return_exceptions=True)
         for r in readers:
             r.cancel()
+        if proc.returncode is not None:
+            proc.close()
     last = next((ln for ln in reversed(out.decode("utf-8", "replace").splitlines()) if ln.strip()), "")
     if code == 0:
         return True, last

@@ -12,6 +12,7 @@ import os
 import pwd
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ class Process(Protocol):
         """Send ``sig`` to the process group; no error when it is already gone."""
         ...
 
+    def close(self) -> None:
+        """Release pipes and OS resources; called once the process has exited."""
+        ...
+
 
 class Spawner(Protocol):
     async def spawn(self, cmd: Command) -> Process: ...
@@ -74,19 +79,40 @@ class SystemClock:
         await asyncio.sleep(seconds)
 
 
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's stream protocol plus an "exited" future.
+
+    ``asyncio.subprocess.Process.wait()`` (before Python 3.12) only returns once the output pipes are
+    closed too, so a grandchild that keeps them open would hide the exit of the service's process.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=2**16, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
 class _SystemProcess:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self._proc = proc
-        self.pid = proc.pid
-        self.stdout = proc.stdout
-        self.stderr = proc.stderr
+    def __init__(self, transport: asyncio.SubprocessTransport, protocol: _Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.pid: int = transport.get_pid()
+        self.stdout = protocol.stdout
+        self.stderr = protocol.stderr
 
     @property
     def returncode(self) -> int | None:
-        return self._proc.returncode
+        return self._transport.get_returncode()
 
     async def wait(self) -> int:
-        return await self._proc.wait()
+        await asyncio.shield(self._protocol.exited)
+        code = self._transport.get_returncode()
+        assert code is not None
+        return code
 
     def signal_group(self, sig: int) -> None:
         # the group outlives its leader while any member lives; killpg after the leader was reaped
@@ -94,9 +120,13 @@ class _SystemProcess:
         try:
             os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
-            if self._proc.returncode is None:
+            if self.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    self._proc.send_signal(sig)
+                    self._transport.send_signal(sig)
+
+    def close(self) -> None:
+        """Release the pipes (after the process exited; before that, asyncio would kill it)."""
+        self._transport.close()
 
 
 def resolve_user(user: str | int) -> tuple[int, int, list[int], str]:
@@ -149,21 +179,23 @@ class SystemSpawner:
 
     async def spawn(self, cmd: Command) -> Process:
         exe, env, kw = prepare(cmd)
+        loop = asyncio.get_running_loop()
         try:
-            proc = await asyncio.create_subprocess_exec(
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _Protocol(loop),
                 exe,
                 *cmd.argv[1:],
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 env=env,
                 cwd=cmd.cwd,
                 start_new_session=True,
-                **kw,  # type: ignore[arg-type]
+                **kw,
             )
         except OSError as e:
             raise SpawnError(f"cannot start {exe}: {e.strerror or e}") from e
-        return _SystemProcess(proc)
+        return _SystemProcess(transport, protocol)
 
 
 def describe_exit(code: int) -> str:

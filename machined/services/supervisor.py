@@ -284,8 +284,10 @@ class _Runner:
                 waiter.cancel()
             if pumps:
                 _, pending = await asyncio.wait(pumps, timeout=DRAIN_GRACE)
-                for p in pending:
+                for p in pending:  # someone outside the group holds the pipes open
                     p.cancel()
+            if proc.returncode is not None:
+                proc.close()
             self.proc = None
             self.health = HealthStatus()
 
