@@ -24,7 +24,7 @@ import inspect
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Self
@@ -71,6 +71,9 @@ __all__ = [
 log = logging.getLogger("discovery.client")
 
 HELLO_TIMEOUT = 10.0
+# How long entries missing from a reconnect snapshot are kept (a server that restarted without state
+# is refilled as nodes reconnect; reconnect backoff is capped at 60 s with +-50 % jitter).
+SNAPSHOT_GRACE = 120.0
 RPC_TIMEOUT = 30.0
 MAX_REDIRECTS = 5
 MAX_OTHER_AFFILIATES_PER_REFRESH = 128
@@ -157,6 +160,9 @@ class _Entry:
     affiliate: affiliate_pb2.Affiliate
     endpoints: tuple[affiliate_pb2.Endpoint, ...]
     seq: int  # client-wide order in which this data was first received, for "newest data wins"
+    # Set when a reconnect snapshot no longer lists this entry: it is kept until then (a server that
+    # restarted empty is refilled by the other nodes within moments), unless deleted explicitly.
+    unconfirmed_until: float | None = None
 
 
 # --- client ------------------------------------------------------------------------------------------------
@@ -190,9 +196,11 @@ class DiscoveryClient:
         backoff_max: float = MAX_INTERVAL,
         max_other_affiliates_per_refresh: int = MAX_OTHER_AFFILIATES_PER_REFRESH,
         coalesce_delay: float = 0.05,
+        snapshot_grace: float = SNAPSHOT_GRACE,
     ) -> None:
         if isinstance(endpoints, str):
             raise TypeError("endpoints must be a sequence of URLs, not a single string")
+        self.snapshot_grace = snapshot_grace
         if not endpoints:
             raise ValueError("at least one discovery endpoint is required")
         targets: dict[str, DiscoveryTarget] = {}
@@ -805,6 +813,19 @@ class _Session:
             call.cancel()
         raise WatchEndedError("watch stream ended by the server")
 
+    def _drop_unconfirmed(self) -> None:
+        """Drop entries a reconnect snapshot left out and nobody republished within the grace period."""
+        now = asyncio.get_running_loop().time()
+        gone = {
+            aid
+            for aid, e in self.entries.items()
+            if e.unconfirmed_until is not None and e.unconfirmed_until <= now
+        }
+        for aid in gone:
+            del self.entries[aid]
+        if gone:
+            self.client._merge(gone)
+
     def _apply(self, resp: cluster_pb2.WatchResponse, *, snapshot: bool) -> set[str]:
         """Apply one Watch message to this session's cache; return the ids whose entry may have changed."""
         c = self.client
@@ -815,10 +836,13 @@ class _Session:
             self.entries = {}
         seq = c._next_seq()
         own_present: bool | None = False if snapshot else None
+        deleted_now: set[str] = set()
         for a in resp.affiliates:
             if a.id == c.affiliate_id:
                 own_present = bool(a.data) and not resp.deleted
                 continue
+            if resp.deleted:
+                deleted_now.add(a.id)
             if resp.deleted or not a.data:  # data-less entries only carry endpoints harvested by others
                 if self.entries.pop(a.id, None) is not None:
                     changed.add(a.id)
@@ -850,6 +874,30 @@ class _Session:
                 endpoints.setdefault(ep.SerializeToString(deterministic=True), ep)
             self.entries[a.id] = _Entry(a.data, affiliate, tuple(endpoints.values()), entry_seq)
             changed.add(a.id)
+        if snapshot and previous and c.snapshot_grace > 0:
+            # A reconnect snapshot without entries we knew: the server may have restarted with no state.
+            # Keep them for a grace period; the nodes republish (and explicit deletes still apply at once).
+            now = asyncio.get_running_loop().time()
+            kept = 0
+            for aid, prev in previous.items():
+                if aid in self.entries or aid in deleted_now:
+                    continue
+                if prev.unconfirmed_until is not None and prev.unconfirmed_until <= now:
+                    continue
+                self.entries[aid] = replace(
+                    prev, unconfirmed_until=prev.unconfirmed_until or now + c.snapshot_grace
+                )
+                changed.discard(aid)
+                kept += 1
+            if kept:
+                _event(
+                    logging.INFO,
+                    "discovery snapshot lacks known affiliates; keeping them for a grace period",
+                    endpoint=self.url,
+                    kept=kept,
+                    grace_s=c.snapshot_grace,
+                )
+                asyncio.get_running_loop().call_later(c.snapshot_grace + 0.05, self._drop_unconfirmed)
         if own_present is False and c._local is not None:
             _event(logging.INFO, "discovery own affiliate missing, republishing", endpoint=self.url)
             self.own_missing = True

@@ -563,17 +563,9 @@ def test_bulk_tcp_mtu_and_mss_clamp(lab: Lab) -> None:
         assert seen["clamped"] >= 1 and seen["unclamped"] == 0 and seen["outside"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug: a discovery server restarted without its state (no --snapshot-path, lost volume) "
-        "makes the first agent that reconnects drop every peer: its Watch snapshot holds only itself and "
-        "discovery/client/client.py _Session._apply(snapshot=True) replaces the session cache, so the engine "
-        "removes the WireGuard peers and empties the nftables target sets (node-IP traffic then leaves in "
-        "the clear) until each other node has reconnected and republished (reconnect backoff: up to 60 s)"
-    ),
-)
 def test_discovery_restarted_without_state_keeps_peers(lab: Lab) -> None:
+    """A server that restarted empty must not make the first reconnecting agent drop its peers:
+    entries missing from a reconnect snapshot are kept for a grace period while nodes republish."""
     ml = lan(lab, ["n1", "n2", "n3"])  # MeshLab's server keeps no state (--snapshot-path "")
     disc, addr = lab.nodes["disc"], f"10.60.0.2:{DISC_PORT}"
     nodes = [ml.start_node(lab.nodes[n]) for n in ("n1", "n2", "n3")]

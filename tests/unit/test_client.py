@@ -335,7 +335,7 @@ async def test_full_data_after_reconnect_and_snapshot_replaces() -> None:
     c: DiscoveryClient | None = None
     try:
         async with serve(first) as port:
-            c = make_client(f"http://127.0.0.1:{port}")
+            c = make_client(f"http://127.0.0.1:{port}", snapshot_grace=1.0)
             await c.set_local_data(aff("me"), [ep("10.0.0.1")], {"peer-x": [ep("192.0.2.50")]})
             await c.start()
             await eventually(lambda: "peer-old" in c.affiliates and len(first.full_updates()) == 1)
@@ -347,12 +347,38 @@ async def test_full_data_after_reconnect_and_snapshot_replaces() -> None:
         second.put("peer-new", enc(aff("new")))
         async with serve(second, port):
             await eventually(lambda: len(second.full_updates()) == 1 and "peer-new" in c.affiliates)
-            assert set(c.affiliates) == {"peer-new"}  # the new snapshot replaced the old view
+            # A server that restarted empty must not make us drop everyone at once: entries the new
+            # snapshot lacks are kept for the grace period, then the snapshot's view wins.
+            assert set(c.affiliates) == {"peer-new", "peer-old"}
+            await eventually(lambda: set(c.affiliates) == {"peer-new"})
             u = second.full_updates()[0]
             assert crypto.decrypt_affiliate(KEY, u.affiliate_data) == aff("me")
             assert len(u.affiliate_endpoints) == 1
             await eventually(lambda: [u.affiliate_id for u in second.updates].count("peer-x") == 1)
             assert c.stats.reconnects >= 1
+    finally:
+        if c is not None:
+            await c.close()
+
+
+async def test_explicit_delete_during_grace_is_immediate() -> None:
+    first = FakeCluster()
+    first.put("peer-a", enc(aff("a")))
+    first.put("peer-b", enc(aff("b")))
+    c: DiscoveryClient | None = None
+    try:
+        async with serve(first) as port:
+            c = make_client(f"http://127.0.0.1:{port}", snapshot_grace=30.0)
+            await c.start()
+            await eventually(lambda: set(c.affiliates) == {"peer-a", "peer-b"})
+        await eventually(lambda: not c.connected)
+        second = FakeCluster()
+        second.put("peer-a", enc(aff("a")))
+        async with serve(second, port):
+            await eventually(lambda: c.connected)
+            assert set(c.affiliates) == {"peer-a", "peer-b"}  # b kept (unconfirmed) for the grace period
+            second.remove("peer-b")
+            await eventually(lambda: set(c.affiliates) == {"peer-a"})  # a real delete applies at once
     finally:
         if c is not None:
             await c.close()
