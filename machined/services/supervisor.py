@@ -7,7 +7,7 @@ One run loop per started service::
     Waiting ─conditions hold→ Preparing ─┬→ Running                (process spawned)
                                          └→ Failed                 (could not spawn)
     Running ─exit 0→ Finished   ─exit≠0/signal→ Failed
-    Running ─stop / mesh policy→ Stopping ─→ Finished (stop) | Waiting (mesh stop/restart)
+    Running ─stop / mesh policy→ Stopping ─→ Finished (stop) | Waiting or Preparing (mesh policy)
     Finished|Failed ─restart policy→ Waiting ("Restarting in Ns") → (conditions) → Preparing → …
     Starting|Waiting|Preparing ─stop→ Finished
 

@@ -226,3 +226,15 @@ async def test_follow_logs_of_a_real_process():
                     break
         assert got[-1] == "line 5" and got == [f"line {i}" for i in range(6 - len(got), 6)]
         assert [ln.text for ln in sup.logs("talker").tail(2)] == ["line 4", "line 5"]
+
+
+@pytest.mark.root
+async def test_a_service_runs_as_its_user():
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    svc = Service("whoami", ("sh", "-c", "id -u; id -g"), user="nobody", restart=RestartPolicy.NEVER, cwd="/")
+    async with Supervisor([svc]) as sup:
+        await sup.start("whoami")
+        await until(sup, "whoami", S.FINISHED)
+    assert [ln.text for ln in sup.logs("whoami").tail()] == [str(nobody.pw_uid), str(nobody.pw_gid)]
