@@ -10,7 +10,7 @@ accepts and keep values predictable:
 * syntax errors carry line and column but never the text of the offending line, which could be a
   secret.
 
-Dumping produces block style with indented lists (Talos's look) and literal blocks for multi-line
+Dumping produces block style, 4-space indents and indented lists (Talos's look) and literal blocks for multi-line
 strings.
 """
 
@@ -126,6 +126,7 @@ def dump_documents(docs: Sequence[Any]) -> str:
         sort_keys=False,
         default_flow_style=False,
         allow_unicode=True,
+        indent=4,
         width=1_000_000,
     )
 

@@ -559,7 +559,9 @@ def test_yaml_syntax_error_gives_position_but_not_the_line():
 
 
 def test_yaml_duplicate_keys_are_errors():
-    text = config_yaml(secret=SECRET).replace("  type: worker\n", "  type: worker\n  type: controlplane\n")
+    text = config_yaml(secret=SECRET).replace(
+        "    type: worker\n", "    type: worker\n    type: controlplane\n"
+    )
     with pytest.raises(ConfigValidationError) as e:
         MachineConfig.parse(text)
     assert "duplicate key 'type'" in str(e.value)
