@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import ipaddress
 import itertools
 import os
@@ -28,8 +29,10 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +60,17 @@ __all__ = [
 ]
 
 PREFIX = "ks"
+_CLONE_NEWNET = 0x40000000
+_LIBC: Any = None
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
 _counter = itertools.count()
 _veth_counter = itertools.count()  # per process, so labs in one process never race for a host-side name
 
@@ -292,6 +306,46 @@ class Node:
                     continue
             out.append(pid)
         return out
+
+    def connect_tcp(self, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+        """A TCP connection made from inside this node (a socket keeps its namespace), without a subprocess."""
+        result: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                fd = os.open(f"/run/netns/{self.ns}", os.O_RDONLY)
+                try:
+                    if _libc().setns(fd, _CLONE_NEWNET) != 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, f"setns({self.ns}): {os.strerror(err)}")
+                finally:
+                    os.close(fd)
+                result["sock"] = socket.create_connection((host, port), timeout)
+            except BaseException as e:
+                result["error"] = e
+
+        t = threading.Thread(target=work, name=f"netns-{self.name}")
+        t.start()
+        t.join()
+        if "error" in result:
+            raise result["error"]
+        return result["sock"]
+
+    def http_get(self, host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        """A plain HTTP/1.0 GET from inside this node: ``(status, body)``."""
+        with self.connect_tcp(host, port, timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        raw = b"".join(chunks)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        try:
+            status = int(head.split(b" ", 2)[1])
+        except (IndexError, ValueError):
+            raise LabError(f"bad HTTP response from {host}:{port} in {self.name}") from None
+        return status, body
 
     def stop_processes(self) -> None:
         for lp in self.spawned:  # normally already reaped by Lab.aclose(); this is the sync fallback
@@ -631,7 +685,8 @@ class Lab:
             with contextlib.suppress(LabError, subprocess.SubprocessError):
                 h.remove()
         self._handles.clear()
-        for node in self.nodes.values():
+        # newest first: agents stop before the services they report to (e.g. a discovery server)
+        for node in reversed(self.nodes.values()):
             node.stop_processes()
         for ns in [n.ns for n in self.nodes.values()] + self._switches:
             _kill_netns_pids(ns)

@@ -19,6 +19,7 @@ from typing import Any
 from netns.lab import Lab, LabError, Node
 
 PY = sys.executable
+STATUS_PORT = 51821  # kubespan run's default --http-addr port
 
 
 @dataclass
@@ -32,10 +33,14 @@ class MeshNode:
         return self.node.name
 
     def status(self) -> dict[str, Any]:
-        r = self.node.run(PY, "-m", "kubespan.cli", "status", "-o", "json", check=False, timeout=20)
-        if r.returncode != 0:
-            raise LabError(f"kubespan status on {self.name} failed: {r.stderr.strip()}")
-        return json.loads(r.stdout)
+        """The agent's /status, read over HTTP from inside the node (no subprocess)."""
+        try:
+            code, body = self.node.http_get("127.0.0.1", STATUS_PORT, "/status")
+        except OSError as e:
+            raise LabError(f"kubespan status on {self.name}: {e}") from None
+        if code != 200:
+            raise LabError(f"kubespan status on {self.name}: HTTP {code}: {body[:200]!r}")
+        return json.loads(body)
 
     def peer(self, label: str) -> dict[str, Any] | None:
         for p in self.status()["peers"]:
