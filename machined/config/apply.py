@@ -191,7 +191,10 @@ class ConfigManager:
 
         Raises ``ConfigValidationError`` (invalid config: nothing changes) or ``ApplyError``.
         """
-        mode = ApplyMode(mode)
+        try:
+            mode = ApplyMode(mode)
+        except ValueError:
+            raise ApplyError("invalid_argument", f"unknown apply mode {mode!r}") from None
         if mode is ApplyMode.REBOOT:
             raise ApplyError(
                 "unimplemented", "apply mode REBOOT is not supported: nothing on this agent needs a reboot"

@@ -241,6 +241,7 @@ class MachineConfig:
         agent: AgentSettings | None = None
         agent_ref: DocRef | None = None
         services: list[tuple[DocRef, ServiceSpec]] = []
+        discovery_declared = False  # a DiscoveryServiceConfig exists, valid or not
 
         for i, doc in enumerate(docs):
             ref = d.identify(i, doc, sink)
@@ -266,6 +267,7 @@ class MachineConfig:
             elif ref.kind == d.KUBESPAN_ENDPOINTS_CONFIG:
                 extra = d.read_kubespan_endpoints(r)
             elif ref.kind == d.DISCOVERY_SERVICE_CONFIG:
+                discovery_declared = True
                 ep = d.read_discovery_service(r)
                 if ep is not None:
                     discos.append((ref, ep))
@@ -335,7 +337,7 @@ class MachineConfig:
                 )
                 continue
             discovery.append(ep)
-        if kubespan.enabled and not discovery:
+        if kubespan.enabled and not discovery and not discovery_declared:
             sink.problem(
                 Problem(
                     d.V1ALPHA1,

@@ -29,6 +29,7 @@ quote values (a ``test`` failure says only that the value differs).
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -77,10 +78,12 @@ def list_rule(kind: str, path: Sequence[str | int]) -> str | tuple[str, ...]:
 
 def load_patch(text: str | bytes) -> Patch:
     """A patch from text: a YAML/JSON list of operations is a JSON patch, mappings a strategic merge."""
-    try:
-        docs = load_documents(text, "patch")
-    except ConfigValidationError as e:
-        raise PatchError(str(e.problems[0])) from None
+    docs = _load_json(text)
+    if docs is None:
+        try:
+            docs = load_documents(text, "patch")
+        except ConfigValidationError as e:
+            raise PatchError(str(e.problems[0])) from None
     if not docs:
         raise PatchError("the patch is empty")
     if isinstance(docs[0], list):
@@ -91,6 +94,26 @@ def load_patch(text: str | bytes) -> Patch:
         if not isinstance(doc, dict):
             raise PatchError("must be a mapping (a partial config document)", document=f"document {i + 1}")
     return StrategicMergePatch(tuple(docs))
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise PatchError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _load_json(text: str | bytes) -> list[Any] | None:
+    """The patch as JSON when it is JSON (YAML 1.1 reads a few JSON escapes differently), else None."""
+    stripped = text.lstrip()
+    if not stripped or stripped[:1] not in ("[", "{", b"[", b"{"):
+        return None
+    try:
+        return [json.loads(text, object_pairs_hook=_reject_duplicates)]
+    except ValueError:
+        return None
 
 
 def json_patch_of(operations: Sequence[Any]) -> JsonPatch:

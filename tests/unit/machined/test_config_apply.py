@@ -155,6 +155,23 @@ def test_a_different_no_reboot_apply_also_cancels_the_rollback(env):
     assert mgr.running == final == store.load_active()
 
 
+def test_staged_apply_cancels_a_pending_rollback_as_in_talos(env):
+    mgr, store, timer, _events, first = env
+    tried = MachineConfig.parse(text("tried"))
+    mgr.apply(tried, ApplyMode.TRY, try_timeout=10)
+    mgr.apply(text("staged"), ApplyMode.STAGED)
+    timer.advance(60)
+    assert mgr.pending is None and mgr.running == tried  # keeps running, not persisted
+    assert store.load_active() == first and mgr.staged is not None
+
+
+def test_unknown_mode_is_invalid_argument(env):
+    mgr, *_ = env
+    with pytest.raises(ApplyError) as e:
+        mgr.apply(text("x"), 9)  # type: ignore[arg-type]
+    assert e.value.code == "invalid_argument"
+
+
 def test_second_try_restarts_the_timer_and_keeps_the_rollback_target(env):
     mgr, _store, timer, _events, first = env
     mgr.apply(text("t1"), ApplyMode.TRY, try_timeout=10)

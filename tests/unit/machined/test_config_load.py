@@ -477,6 +477,16 @@ def test_each_rule_names_document_field_and_rule(mutate, location, rule):
         assert s not in text
 
 
+def test_credentials_in_a_discovery_url_are_not_echoed():
+    docs = base_docs()
+    doc(docs, "DiscoveryServiceConfig")["endpoint"] = "https://admin:pa55w0rd@d.example/"
+    with pytest.raises(ConfigValidationError) as e:
+        MachineConfig.from_documents(docs)
+    (p,) = e.value.problems
+    assert p.location == "DiscoveryServiceConfig[ds0].endpoint" and p.rule == "must not contain credentials"
+    assert "pa55w0rd" not in str(e.value)
+
+
 def test_kubespan_needs_discovery():
     with pytest.raises(ConfigValidationError) as e:
         MachineConfig.from_documents(base_docs(discovery=()))

@@ -358,6 +358,14 @@ def test_json_equality_rules():
     assert not json_equal("1", 1)
 
 
+def test_json_text_is_read_as_json():
+    patch = load_patch('[{"op": "add", "path": "/a\\/b", "value": "\\u00e9\\/"}]')
+    assert isinstance(patch, JsonPatch)
+    assert patch.operations[0]["value"] == "é/" and patch.operations[0]["path"] == "/a/b"
+    with pytest.raises(PatchError, match="duplicate key 'op'"):
+        load_patch('[{"op": "add", "op": "remove", "path": "/a"}]')
+
+
 def test_load_patch_detects_kind_and_rejects_nonsense():
     assert isinstance(load_patch("- {op: remove, path: /a}\n"), JsonPatch)
     assert isinstance(load_patch("machine: {}\n---\nkind: X\napiVersion: v1\n"), StrategicMergePatch)
