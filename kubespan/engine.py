@@ -38,14 +38,16 @@ from kubespan.peers import (
     Conflict,
     LocalAffiliate,
     PeerSpec,
+    PeerSpecMemo,
     PeerSpecs,
+    PrefixMemo,
     RemoteAffiliate,
     build_local_affiliate,
     compute_peer_specs,
     routed_prefixes,
 )
 from kubespan.probe import Prober
-from kubespan.wgdiff import diff_device
+from kubespan.wgdiff import DiffMemo, SetDevice, diff_device
 from kubespan.wgtypes import AddrPort, DeviceConfig, ObservedDevice, PeerConfig, PresharedKey, PublicKey
 from kubespan.wireguard.backend import WireGuardBackend, WireGuardError, sync
 from spanapi.discovery.client import affiliate_pb2
@@ -81,7 +83,14 @@ def load_node_id(state_dir: Path) -> str:
 
 
 class DiscoveryLike(Protocol):
-    """The part of :class:`discovery.client.DiscoveryClient` the engine uses."""
+    """The part of :class:`discovery.client.DiscoveryClient` the engine uses.
+
+    A discovery that also has an integer ``version`` attribute (as the client
+    does) promises that it changes whenever ``affiliates`` does, and that an
+    entry is replaced, never modified in place, when it changes. The engine then
+    skips re-reading unchanged affiliates. Without ``version`` every pass
+    re-reads them all.
+    """
 
     @property
     def affiliates(self) -> Mapping[str, Any]: ...
@@ -197,10 +206,23 @@ class Mesh:
         self.ready = asyncio.Event()
         self._wake = asyncio.Event()
         self._dataplane_due = True
+        self._sets_due = False
         self._full_resync = True
         self._last_dataplane = -1e9
         self._last_host = -1e9
         self._last_affiliates_version: int | None = None
+        # Per-pass work reused while its inputs are the same (immutable) objects; see _compute_specs,
+        # _candidates and _peer_config. None of it changes a result, only what is recomputed.
+        self._remote_cache: dict[str, tuple[Any, RemoteAffiliate | None, str | None]] = {}
+        self._remotes: list[RemoteAffiliate] | None = None
+        self._spec_memo = PeerSpecMemo()
+        self._prefix_memo = PrefixMemo()
+        self._diff_memo = DiffMemo()
+        self._specs_inputs: tuple[Any, ...] | None = None
+        self._local_key: tuple[Any, ...] = ()
+        self._local_gen = 0
+        self._cand_cache: dict[PublicKey, tuple[tuple[AddrPort, ...], tuple[AddrPort, ...], int, Any]] = {}
+        self._config_cache: dict[PublicKey, tuple[tuple[IPNetwork, ...], AddrPort | None, PeerConfig]] = {}
         self._learned_pub: dict[str, tuple[AddrPort, ...]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -300,6 +322,10 @@ class Mesh:
         if now - self._last_host >= self.cfg.reconcile_interval or not self.local_addresses:
             self.local_addresses = await self.host.addresses(exclude_links=(self.cfg.link_name,))
             self._last_host = now
+            local_key = tuple(self.local_addresses)
+            if local_key != self._local_key:
+                self._local_key = local_key
+                self._local_gen += 1  # candidate orderings depend on our addresses
         await self._publish_local()
         self._compute_specs()
 
@@ -314,7 +340,7 @@ class Mesh:
             self._dataplane_due = True
             self.device = await self.backend.get()
         desired, probes = self._decide(now)
-        ops = diff_device(desired, self.device)
+        ops = diff_device(desired, self.device, self._diff_memo)
         if ops:
             try:
                 await self.backend.apply(ops)
@@ -327,7 +353,11 @@ class Mesh:
                     self._error(f"apply WireGuard config: {e2}")
         if ops:
             self.wg_writes += 1
-            self._dataplane_due = True  # a re-created device loses its addresses
+            self._sets_due = True  # the nftables target sets follow the peers' AllowedIPs
+            if any(isinstance(op, SetDevice) for op in ops):
+                # device-level settings were missing: a re-created device, which lost its
+                # addresses and routes (peer-only changes leave links, routes and rules alone)
+                self._dataplane_due = True
         for pk, addr in probes:
             self.prober.send(pk, addr)
         await self._publish_learned()
@@ -335,6 +365,8 @@ class Mesh:
         if self._dataplane_due or now - self._last_dataplane >= self.cfg.reconcile_interval:
             await self._reconcile_dataplane()
             self._last_dataplane = now
+        elif self._sets_due:
+            await self._reconcile_dataplane(links=False)
         if not self.ready.is_set() and self.device is not None:
             self.ready.set()
         if self.on_pass is not None:
@@ -372,27 +404,104 @@ class Mesh:
                 )
 
     def _remote_affiliates(self) -> list[RemoteAffiliate]:
+        """The affiliates as :class:`RemoteAffiliate`; malformed ones are reported (every pass) and skipped.
+
+        With a versioned discovery (see :class:`DiscoveryLike`) nothing is re-read
+        while the version is unchanged, and an entry that is the same object as
+        last time keeps its conversion.
+        """
         if self.discovery is None:
             return []
-        out: list[RemoteAffiliate] = []
-        for aid, d in self.discovery.affiliates.items():
-            try:
-                out.append(RemoteAffiliate.from_pb(d.affiliate, d.endpoints))
-            except AffiliateError as e:
-                self._error(f"affiliate {aid[:12]}: {e}")
-        return out
+        version = getattr(self.discovery, "version", None)
+        if not isinstance(version, int) or isinstance(version, bool):
+            version = None
+        if version is None or version != self._last_affiliates_version or self._remotes is None:
+            previous = self._remote_cache if version is not None else {}
+            cache: dict[str, tuple[Any, RemoteAffiliate | None, str | None]] = {}
+            remotes: list[RemoteAffiliate] = []
+            for aid, d in self.discovery.affiliates.items():
+                entry = previous.get(aid)
+                if entry is None or entry[0] is not d:
+                    try:
+                        entry = (d, RemoteAffiliate.from_pb(d.affiliate, d.endpoints), None)
+                    except AffiliateError as e:
+                        entry = (d, None, f"affiliate {aid[:12]}: {e}")
+                cache[aid] = entry
+                if entry[1] is not None:
+                    remotes.append(entry[1])
+            self._remote_cache = cache
+            self._remotes = remotes
+            self._last_affiliates_version = version
+        for _, _remote, error in self._remote_cache.values():
+            if error is not None:
+                self._error(error)
+        return self._remotes
 
     def _compute_specs(self) -> None:
         assert self.identity is not None
+        remotes = self._remote_affiliates()
+        inputs = (self.node_id, self.identity.public_key, self.identity.address.ip)
+        if (
+            self._specs_inputs is not None
+            and remotes is self._specs_inputs[0]
+            and inputs == self._specs_inputs[1:]
+        ):
+            return  # same affiliates (the same list object: nothing was re-read), same identity
+        self._specs_inputs = (remotes, *inputs)
         self.specs = compute_peer_specs(
-            self._remote_affiliates(),
+            remotes,
             self.node_id,
             self.identity.public_key,
             self.identity.address.ip,
+            memo=self._spec_memo,
         )
         wanted = {s.public_key for s in self.specs.specs}
         for gone in set(self.machines) - wanted:
             del self.machines[gone]
+        for cache in (self._cand_cache, self._config_cache):
+            for gone in set(cache) - wanted:
+                del cache[gone]
+
+    def _candidates(self, spec: PeerSpec, learned: tuple[AddrPort, ...]) -> Any:
+        """:func:`order_candidates` for a peer, recomputed only when its endpoints, its learned
+        endpoints or our addresses changed."""
+        assert self.identity is not None
+        cached = self._cand_cache.get(spec.public_key)
+        if (
+            cached is not None
+            and cached[2] == self._local_gen
+            and (cached[0] is spec.endpoints or cached[0] == spec.endpoints)
+            and cached[1] == learned
+        ):
+            return cached[3]
+        cands = order_candidates(
+            spec.endpoints, self.local_addresses, learned=learned, exclude=[self.identity.subnet]
+        )
+        self._cand_cache[spec.public_key] = (spec.endpoints, learned, self._local_gen, cands)
+        return cands
+
+    def _peer_config(self, spec: PeerSpec, endpoint: AddrPort | None) -> PeerConfig:
+        """The desired config of a peer; the previous pass's object when nothing in it changed."""
+        cached = self._config_cache.get(spec.public_key)
+        if (
+            cached is not None
+            and cached[0] is spec.allowed_ips
+            and cached[1] == endpoint
+            and cached[2].persistent_keepalive == self.cfg.persistent_keepalive
+            and cached[2].preshared_key is self.psk
+        ):
+            return cached[2]
+        config = PeerConfig(
+            public_key=spec.public_key,
+            allowed_ips=frozenset(spec.allowed_ips),
+            endpoint=endpoint,
+            persistent_keepalive=self.cfg.persistent_keepalive,
+            preshared_key=self.psk,
+        )
+        # the memo compares psk by identity: keep ours (PeerConfig keeps a non-zero key as given)
+        if config.preshared_key is self.psk:
+            self._config_cache[spec.public_key] = (spec.allowed_ips, endpoint, config)
+        return config
 
     def _decide(self, now: float) -> tuple[DeviceConfig, list[tuple[PublicKey, ipaddress.IPv6Address]]]:
         assert self.identity is not None
@@ -404,9 +513,7 @@ class Mesh:
         for spec in self.specs.specs:
             m = self.machines.get(spec.public_key)
             learned = m.learned if m is not None else ()
-            cands = order_candidates(
-                spec.endpoints, self.local_addresses, learned=learned, exclude=[self.identity.subnet]
-            )
+            cands = self._candidates(spec, learned)
             if m is None:
                 m = self.machines[spec.public_key] = EndpointMachine(
                     self.cfg.timings, now=now, candidates=cands
@@ -429,15 +536,7 @@ class Mesh:
                 endpoint = m.current
             if decision.set_endpoint is not None:
                 log_event(log, "peer endpoint", peer=spec.label or spec.node_id[:12], endpoint=str(endpoint))
-            peers.append(
-                PeerConfig(
-                    public_key=spec.public_key,
-                    allowed_ips=frozenset(spec.allowed_ips),
-                    endpoint=endpoint,
-                    persistent_keepalive=self.cfg.persistent_keepalive,
-                    preshared_key=self.psk,
-                )
-            )
+            peers.append(self._peer_config(spec, endpoint))
             if decision.probe and spec.mesh_address is not None:
                 probes.append((spec.public_key, spec.mesh_address))
         desired = DeviceConfig.of(
@@ -466,23 +565,27 @@ class Mesh:
             self.local.to_pb(), self.local.endpoints_pb(), self._other_endpoints_pb()
         )
 
-    async def _reconcile_dataplane(self) -> None:
+    async def _reconcile_dataplane(self, links: bool = True) -> None:
+        """Links, routes and rules (unless ``links`` is False), then the nftables table and sets."""
         assert self.identity is not None
-        self._dataplane_due = False
+        self._sets_due = False
         changes: list[str] = []
-        try:
-            changes += await self.links.reconcile_link([self.identity.address])
-            changes += await self.links.reconcile_routes()
-            changes += await self.links.reconcile_rules()
-        except Exception as e:
-            self._error(f"links/routes/rules: {e}")
-            self._dataplane_due = True
+        if links:
+            self._dataplane_due = False
+            try:
+                changes += await self.links.reconcile_link([self.identity.address])
+                changes += await self.links.reconcile_routes()
+                changes += await self.links.reconcile_rules()
+            except Exception as e:
+                self._error(f"links/routes/rules: {e}")
+                self._dataplane_due = True
         states = {pk: m.state for pk, m in self.machines.items()}
         prefixes = routed_prefixes(
             self.specs.specs,
             self.identity.subnet,
             states=states,
             allow_down_peer_bypass=self.cfg.allow_down_peer_bypass,
+            memo=self._prefix_memo,
         )
         sets = {
             SET_IPV4: [p for p in prefixes if p.version == 4],

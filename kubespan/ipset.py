@@ -70,17 +70,50 @@ def _intersect(a: tuple[Range, ...], b: tuple[Range, ...]) -> tuple[Range, ...]:
     return tuple(out)
 
 
+# Prefix objects built from (address, length), kept for reuse: reconciles rebuild the same
+# covers over and over, and constructing an ipaddress network costs microseconds while the
+# objects are immutable. Cleared when it outgrows _NETWORKS_MAX.
+_NETWORKS_MAX = 1 << 15
+_networks: dict[tuple[int, int, int], IPNetwork] = {}
+
+
+def _network(version: int, lo: int, plen: int) -> IPNetwork:
+    key = (version, lo, plen)
+    net = _networks.get(key)
+    if net is None:
+        net = (IPv4Network if version == 4 else IPv6Network)((lo, plen))
+        if len(_networks) >= _NETWORKS_MAX:
+            _networks.clear()
+        _networks[key] = net
+    return net
+
+
+def canonical_network(net: IPNetwork) -> IPNetwork:
+    """The shared object equal to ``net`` (the one :func:`range_to_prefixes` returns for it).
+
+    Lists of shared objects compare by identity, without ipaddress' Python-level ``__eq__``.
+    """
+    if net.version == 6 and net.network_address.scope_id:  # type: ignore[union-attr]
+        return net  # not equal to the unscoped prefix with the same bits
+    key = (net.version, int(net.network_address), net.prefixlen)
+    cached = _networks.get(key)
+    if cached is None:
+        if len(_networks) >= _NETWORKS_MAX:
+            _networks.clear()
+        _networks[key] = cached = net
+    return cached
+
+
 def range_to_prefixes(lo: int, hi: int, version: int) -> Iterator[IPNetwork]:
     """The minimal list of prefixes covering exactly ``[lo, hi]`` (ascending)."""
     bits = _BITS[version]
-    cls = IPv4Network if version == 4 else IPv6Network
     while lo <= hi:
         # the largest aligned block starting at lo ...
         size = (lo & -lo) if lo else 1 << bits
         # ... that does not run past hi
         while size > hi - lo + 1:
             size >>= 1
-        yield cls((lo, bits - size.bit_length() + 1))
+        yield _network(version, lo, bits - size.bit_length() + 1)
         lo += size
 
 
@@ -93,8 +126,8 @@ def _as_network(item: IPNetwork | IPAddress | str) -> IPNetwork:
 
 
 def _range_of(net: IPNetwork) -> Range:
-    lo = int(net.network_address)
-    return lo, lo + net.num_addresses - 1
+    lo = int(net.network_address)  # host bits are zero: the last address is lo | hostmask
+    return lo, lo | ((1 << (net.max_prefixlen - net.prefixlen)) - 1)
 
 
 class IPSet:
@@ -106,10 +139,19 @@ class IPSet:
         v4: list[Range] = []
         v6: list[Range] = []
         for item in items:
+            if isinstance(item, IPv4Address | IPv6Address):  # a single address: no network object needed
+                value = int(item)
+                (v4 if item.version == 4 else v6).append((value, value))
+                continue
             net = _as_network(item)
             (v4 if net.version == 4 else v6).append(_range_of(net))
         self._v4 = _merge(v4)
         self._v6 = _merge(v6)
+
+    @classmethod
+    def from_ranges(cls, v4: Iterable[Range] = (), v6: Iterable[Range] = ()) -> IPSet:
+        """The set of these inclusive integer ranges per family (any order; overlaps are merged)."""
+        return cls._from_ranges(_merge(v4), _merge(v6))
 
     @classmethod
     def _from_ranges(cls, v4: tuple[Range, ...], v6: tuple[Range, ...]) -> IPSet:

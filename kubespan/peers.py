@@ -30,6 +30,7 @@ the extra endpoints (de-duplicated, not filtered).
 
 from __future__ import annotations
 
+import bisect
 import enum
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,7 +44,7 @@ from kubespan.constants import (
 )
 from kubespan.endpoints import PeerState
 from kubespan.identity import is_ula
-from kubespan.ipset import IPSet
+from kubespan.ipset import IPSet, Range
 from kubespan.wgtypes import AddrPort, InvalidKeyError, IPAddress, IPNetwork, PublicKey
 from spanapi.discovery.client import affiliate_pb2
 
@@ -201,18 +202,91 @@ class PeerSpecs:
         return {s.public_key: s for s in self.specs}
 
 
+class PeerSpecMemo:
+    """What :func:`compute_peer_specs` derived from each affiliate last time, for reuse.
+
+    :class:`RemoteAffiliate` is immutable, so while the caller passes the *same*
+    affiliate object again, its address set (and, when no overlap changed it,
+    its :class:`PeerSpec`) is taken from here instead of being recomputed. Only
+    the last call's affiliates are kept.
+    """
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[RemoteAffiliate, IPSet, PeerSpec | None]] = {}
+
+
+def _wanted(aff: RemoteAffiliate) -> IPSet:
+    """Talos' address set of one affiliate, before overlaps with other peers are resolved."""
+    wanted = IPSet(aff.additional_prefixes) | IPSet(aff.addresses)
+    wanted = wanted - IPSet(aff.excluded_prefixes)
+    if aff.mesh_address is not None:
+        wanted = wanted | IPSet([aff.mesh_address])
+    return wanted
+
+
+class _Claims:
+    """The addresses already given to peers: one sorted list of disjoint ranges per family,
+    each tagged with the index of the peer that owns it (claimed sets never overlap)."""
+
+    __slots__ = ("_his", "_los", "_owners")
+
+    def __init__(self) -> None:
+        self._los: dict[int, list[int]] = {4: [], 6: []}
+        self._his: dict[int, list[int]] = {4: [], 6: []}
+        self._owners: dict[int, list[int]] = {4: [], 6: []}
+
+    def overlaps(self, wanted: IPSet) -> dict[int, IPSet]:
+        """Per owner index, the part of ``wanted`` it already holds."""
+        found: dict[int, tuple[list[Range], list[Range]]] = {}
+        for version in (4, 6):
+            los, his, owners = self._los[version], self._his[version], self._owners[version]
+            if not los:
+                continue
+            for lo, hi in wanted.ranges(version):
+                i = bisect.bisect_left(his, lo)  # the first claimed range ending at or after lo
+                while i < len(los) and los[i] <= hi:
+                    parts = found.setdefault(owners[i], ([], []))
+                    parts[0 if version == 4 else 1].append((max(lo, los[i]), min(hi, his[i])))
+                    i += 1
+        return {owner: IPSet.from_ranges(v4, v6) for owner, (v4, v6) in found.items()}
+
+    def add(self, owner: int, claimed: IPSet) -> None:
+        for version in (4, 6):
+            los, his, owners = self._los[version], self._his[version], self._owners[version]
+            for lo, hi in claimed.ranges(version):
+                i = bisect.bisect_left(los, lo)
+                los.insert(i, lo)
+                his.insert(i, hi)
+                owners.insert(i, owner)
+
+
 def compute_peer_specs(
     affiliates: Iterable[RemoteAffiliate],
     local_node_id: str,
     local_public_key: PublicKey | None = None,
     local_mesh_address: IPv6Address | None = None,
+    *,
+    memo: PeerSpecMemo | None = None,
 ) -> PeerSpecs:
-    """Peer specs with Talos' AllowedIPs and overlap rules, plus the conflicts found."""
+    """Peer specs with Talos' AllowedIPs and overlap rules, plus the conflicts found.
+
+    Affiliates are taken in node-id order and each loses what earlier ones
+    already claimed. Claimed sets are disjoint, so a peer's overlap with each
+    earlier one is found by binary search over all claimed ranges instead of
+    comparing with every earlier peer (quadratic at 1000 peers). ``memo``
+    reuses the per-affiliate work of the previous call for unchanged
+    affiliates; the result is the same with or without it.
+    """
     specs: list[PeerSpec] = []
     conflicts: list[Conflict] = []
-    claimed: list[tuple[str, IPSet]] = []  # (node id, final set) in processing order
+    claims = _Claims()
+    claimed_by: list[str] = []  # node id of each claimed set, in processing order
     key_owner: dict[PublicKey, str] = {}
     mesh_owner: dict[IPv6Address, str] = {}
+    previous = memo.entries if memo is not None else {}
+    entries: dict[str, tuple[RemoteAffiliate, IPSet, PeerSpec | None]] = {}
 
     for aff in sorted(affiliates, key=lambda a: a.node_id):
         if aff.node_id == local_node_id or aff.public_key is None:
@@ -227,10 +301,12 @@ def compute_peer_specs(
             continue
         key_owner[aff.public_key] = aff.node_id
 
-        wanted = IPSet(aff.additional_prefixes) | IPSet(aff.addresses)
-        wanted = wanted - IPSet(aff.excluded_prefixes)
+        entry = previous.get(aff.node_id)
+        if entry is not None and entry[0] is aff:
+            wanted, cached_spec = entry[1], entry[2]
+        else:
+            wanted, cached_spec = _wanted(aff), None
         if aff.mesh_address is not None:
-            wanted = wanted | IPSet([aff.mesh_address])
             if local_mesh_address is not None and aff.mesh_address == local_mesh_address:
                 conflicts.append(
                     Conflict(
@@ -252,30 +328,34 @@ def compute_peer_specs(
             else:
                 mesh_owner[aff.mesh_address] = aff.node_id
 
-        for other_id, other_set in claimed:
-            overlap = wanted & other_set
-            if overlap:
-                conflicts.append(
-                    Conflict(
-                        ConflictKind.ADDRESS_OVERLAP,
-                        aff.node_id,
-                        other_id,
-                        tuple(overlap.prefixes()),
-                    )
+        final = wanted
+        overlaps = claims.overlaps(wanted)
+        for owner in sorted(overlaps):
+            overlap = overlaps[owner]
+            conflicts.append(
+                Conflict(
+                    ConflictKind.ADDRESS_OVERLAP, aff.node_id, claimed_by[owner], tuple(overlap.prefixes())
                 )
-                wanted = wanted - other_set
-        claimed.append((aff.node_id, wanted))
+            )
+            final = final - overlap
+        claims.add(len(claimed_by), final)
+        claimed_by.append(aff.node_id)
 
-        specs.append(
-            PeerSpec(
+        if overlaps or cached_spec is None:
+            spec = PeerSpec(
                 public_key=aff.public_key,
                 node_id=aff.node_id,
                 label=aff.nodename,
                 mesh_address=aff.mesh_address,
-                allowed_ips=tuple(wanted.prefixes()),
+                allowed_ips=tuple(final.prefixes()),
                 endpoints=aff.endpoints,
             )
-        )
+        else:
+            spec = cached_spec
+        specs.append(spec)
+        entries[aff.node_id] = (aff, wanted, None if overlaps else spec)
+    if memo is not None:
+        memo.entries = entries
     return PeerSpecs(tuple(specs), tuple(conflicts))
 
 
@@ -467,12 +547,23 @@ def build_local_affiliate(
 # --- Routed destinations -------------------------------------------------------------------------
 
 
+class PrefixMemo:
+    """Each peer's AllowedIPs as an :class:`IPSet` from an earlier :func:`routed_prefixes`, reused
+    while the spec's ``allowed_ips`` is the same (immutable) tuple."""
+
+    __slots__ = ("sets",)
+
+    def __init__(self) -> None:
+        self.sets: dict[PublicKey, tuple[tuple[IPNetwork, ...], IPSet]] = {}
+
+
 def routed_prefixes(
     specs: Iterable[PeerSpec],
     mesh_subnet: IPv6Network | None,
     *,
     states: Mapping[PublicKey, PeerState] | None = None,
     allow_down_peer_bypass: bool = False,
+    memo: PrefixMemo | None = None,
 ) -> list[IPNetwork]:
     """The destinations steered into the mesh (the contents of the nftables target sets).
 
@@ -483,13 +574,31 @@ def routed_prefixes(
     ``allow_down_peer_bypass`` a peer whose state is ``down`` is left out, so its
     traffic takes the normal routes; a peer that is ``unknown`` (never connected
     yet) or missing from ``states`` is never bypassed. The result is the minimal
-    prefix cover, IPv4 first.
+    prefix cover, IPv4 first. ``memo`` only saves work; the result is the same.
     """
-    union = IPSet()
-    for spec in specs:
-        if allow_down_peer_bypass and states is not None and states.get(spec.public_key) == PeerState.DOWN:
-            continue
-        union = union | IPSet(spec.allowed_ips)
+    specs = list(specs)
+    counted = [
+        spec
+        for spec in specs
+        if not (
+            allow_down_peer_bypass and states is not None and states.get(spec.public_key) == PeerState.DOWN
+        )
+    ]
+    if memo is None:
+        union = IPSet(net for spec in counted for net in spec.allowed_ips)
+    else:
+        v4: list[Range] = []
+        v6: list[Range] = []
+        sets = dict(memo.sets)
+        for spec in counted:
+            entry = sets.get(spec.public_key)
+            if entry is None or entry[0] is not spec.allowed_ips:
+                entry = sets[spec.public_key] = (spec.allowed_ips, IPSet(spec.allowed_ips))
+            v4.extend(entry[1].ranges(4))
+            v6.extend(entry[1].ranges(6))
+        wanted = {spec.public_key for spec in specs}
+        memo.sets = {k: v for k, v in sets.items() if k in wanted}
+        union = IPSet.from_ranges(v4, v6)
     if mesh_subnet is not None:
         union = union - IPSet([mesh_subnet])
     return union.prefixes()

@@ -95,28 +95,67 @@ def diff_peer(desired: PeerConfig, observed: PeerConfig | ObservedPeer) -> Updat
     return UpdatePeer(desired.public_key, endpoint, keepalive, psk, allowed)
 
 
+class DiffMemo:
+    """Peers found in sync by the last :func:`diff_device` that used this memo.
+
+    WireGuard state is re-read and desired state recomputed every reconcile, but
+    when a peer's desired :class:`PeerConfig` and observed :class:`ObservedPeer`
+    are the very same (immutable) objects as last time, the comparison cannot
+    come out differently, so it is skipped. Only the last call's peers are kept.
+    """
+
+    __slots__ = ("in_sync",)
+
+    def __init__(self) -> None:
+        self.in_sync: dict[PublicKey, tuple[PeerConfig, PeerConfig | ObservedPeer]] = {}
+
+
+def _by_key(op: PeerOp) -> bytes:
+    return op.peer.public_key.raw if isinstance(op, AddPeer) else op.public_key.raw
+
+
 def diff_peers(
     desired: Mapping[PublicKey, PeerConfig],
     observed: Mapping[PublicKey, PeerConfig | ObservedPeer],
+    memo: DiffMemo | None = None,
 ) -> list[PeerOp]:
     """Removals, then updates, then additions; each group in public-key order."""
-    removes: list[PeerOp] = [RemovePeer(k) for k in sorted(observed) if k not in desired]
+    removes: list[PeerOp] = [RemovePeer(k) for k in observed if k not in desired]
     updates: list[PeerOp] = []
     adds: list[PeerOp] = []
-    for k in sorted(desired):
-        want = desired[k]
+    previous = memo.in_sync if memo is not None else {}
+    in_sync: dict[PublicKey, tuple[PeerConfig, PeerConfig | ObservedPeer]] = {}
+    for k, want in desired.items():
         have = observed.get(k)
         if have is None:
             adds.append(AddPeer(want))
+            continue
+        known = previous.get(k)
+        if known is not None and known[0] is want and known[1] is have:
+            in_sync[k] = known
+            continue
+        upd = diff_peer(want, have)
+        if upd is None:
+            in_sync[k] = (want, have)
         else:
-            upd = diff_peer(want, have)
-            if upd is not None:
-                updates.append(upd)
+            updates.append(upd)
+    if memo is not None:
+        memo.in_sync = in_sync
+    # PublicKey orders by its bytes; sorting by them directly avoids a Python-level __lt__ per comparison
+    removes.sort(key=_by_key)
+    updates.sort(key=_by_key)
+    adds.sort(key=_by_key)
     return removes + updates + adds
 
 
-def diff_device(desired: DeviceConfig, observed: ObservedDevice | None) -> list[Op]:
-    """All operations to reach ``desired``; empty when the device already matches."""
+def diff_device(
+    desired: DeviceConfig, observed: ObservedDevice | None, memo: DiffMemo | None = None
+) -> list[Op]:
+    """All operations to reach ``desired``; empty when the device already matches.
+
+    ``memo`` (optional) skips re-comparing peers whose desired and observed
+    objects are unchanged since the last call; the result is the same.
+    """
     if observed is None:
         observed = ObservedDevice()
     ops: list[Op] = []
@@ -127,7 +166,7 @@ def diff_device(desired: DeviceConfig, observed: ObservedDevice | None) -> list[
     )
     if set_dev != SetDevice():
         ops.append(set_dev)
-    ops.extend(diff_peers(desired.peers, observed.peers))
+    ops.extend(diff_peers(desired.peers, observed.peers, memo))
     return ops
 
 

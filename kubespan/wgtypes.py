@@ -69,6 +69,10 @@ class _Key:
     def is_zero(self) -> bool:
         return self.raw == bytes(KEY_LEN)
 
+    def __hash__(self) -> int:
+        # keys are dict keys all over a reconcile; cheaper than the generated hash((self.raw,))
+        return hash(self.raw)
+
 
 class PublicKey(_Key):
     """A Curve25519 public key; ordering by bytes gives a stable peer order."""
@@ -199,7 +203,7 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         peers = dict(self.peers)
         for key, peer in peers.items():
-            if key != peer.public_key:
+            if key is not peer.public_key and key != peer.public_key:  # `is`: no Python-level __eq__ per peer
                 raise ValueError(f"peers: key {key} does not match peer {peer.public_key}")
         object.__setattr__(self, "peers", MappingProxyType(peers))
 

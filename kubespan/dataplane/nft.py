@@ -49,7 +49,7 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from kubespan import constants as C
-from kubespan.ipset import IPSet, range_to_prefixes
+from kubespan.ipset import IPSet, canonical_network, range_to_prefixes
 
 log = logging.getLogger("kubespan.dataplane.nft")
 
@@ -325,8 +325,12 @@ def diff_sets(
     """Per set: exact elements to delete and to add (only sets that differ)."""
     out: dict[str, SetDiff] = {}
     for name in sorted(set(live) | set(desired)):
-        have = set(live.get(name, ()))
-        want = set(desired.get(name, ()))
+        have_items = list(live.get(name, ()))
+        want_items = list(desired.get(name, ()))
+        if have_items == want_items:  # the usual case, and cheap: shared objects compare by identity
+            continue
+        have = set(have_items)
+        want = set(want_items)
         if have != want:
             out[name] = SetDiff(add=tuple(_sorted(want - have)), delete=tuple(_sorted(have - want)))
     return out
@@ -397,15 +401,32 @@ class LiveTable:
     rules: dict[str, list[str | None]] = field(default_factory=dict)  # chain -> [comment]
 
 
+# Listed elements parsed before, by their text: every reconcile lists the same elements, and
+# parsing an address with ipaddress costs microseconds. The objects are the shared ones of
+# kubespan.ipset, so an unchanged listing compares with the desired prefixes by identity.
+_ELEMENTS_MAX = 1 << 15
+_elements: dict[str, IPNetwork] = {}
+
+
+def _element(text: str) -> IPNetwork:
+    net = _elements.get(text)
+    if net is None:
+        net = canonical_network(ipaddress.ip_network(text))
+        if len(_elements) >= _ELEMENTS_MAX:
+            _elements.clear()
+        _elements[text] = net
+    return net
+
+
 def parse_element(elem: Any, version: int) -> list[IPNetwork]:
     """One element of an interval set as listed by nft: address, prefix or range."""
     if isinstance(elem, dict) and "elem" in elem:  # element with options (timeout, counter, ...)
         return parse_element(elem["elem"].get("val"), version)
     if isinstance(elem, str):
-        return [ipaddress.ip_network(elem)]
+        return [_element(elem)]
     if isinstance(elem, dict) and "prefix" in elem:
         pfx = elem["prefix"]
-        return [ipaddress.ip_network(f"{pfx['addr']}/{pfx['len']}")]
+        return [_element(f"{pfx['addr']}/{pfx['len']}")]
     if isinstance(elem, dict) and "range" in elem:
         lo, hi = (ipaddress.ip_address(x) for x in elem["range"])
         return list(range_to_prefixes(int(lo), int(hi), version))

@@ -1219,3 +1219,44 @@ async def test_fake_nft_manager_matches_the_real_one() -> None:
         await fake.reconcile({})
     assert FakeNftManager.from_config(C.MeshConfig(mtu=1300)).params.mtu == 1300
     assert FakeLinkManager.from_config(C.MeshConfig(routing_table=7)).table == 7
+
+
+# --- parsed elements are shared objects; an unchanged listing diffs by identity (performance) -----
+
+
+def test_parsed_elements_are_shared_and_equal_to_ipaddress():
+    from kubespan.ipset import IPSet as _IPSet
+
+    a = N.parse_element("10.1.2.3", 4)
+    b = N.parse_element({"prefix": {"addr": "10.1.0.0", "len": 16}}, 4)
+    c = N.parse_element({"elem": {"val": "fd00::1"}}, 6)
+    assert (
+        a == [ip_network("10.1.2.3/32")]
+        and b == [ip_network("10.1.0.0/16")]
+        and c == [ip_network("fd00::1/128")]
+    )
+    assert N.parse_element("10.1.2.3", 4)[0] is a[0]
+    # the same objects the desired side (minimal covers) is built from
+    assert _IPSet(["10.1.0.0/16"]).prefixes()[0] is b[0]
+    with pytest.raises(ValueError):
+        N.parse_element("10.1.2.3/8", 4)  # host bits set: still rejected (strict), never cached
+    with pytest.raises(ValueError):
+        N.parse_element({"prefix": {"addr": "nope", "len": 8}}, 4)
+
+
+def test_element_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(N, "_ELEMENTS_MAX", 3)
+    monkeypatch.setattr(N, "_elements", {})
+    for n in range(10):
+        assert N.parse_element(f"192.0.2.{n}", 4) == [ip_network(f"192.0.2.{n}/32")]
+        assert len(N._elements) <= 3
+
+
+def test_diff_sets_same_result_for_equal_lists_in_any_order():
+    nets = [ip_network(f"10.0.{n}.0/24") for n in range(5)]
+    fresh = [ip_network(f"10.0.{n}.0/24") for n in range(5)]  # equal, not the same objects
+    assert N.diff_sets({SET_IPV4: nets}, {SET_IPV4: fresh}) == {}
+    assert N.diff_sets({SET_IPV4: nets}, {SET_IPV4: list(reversed(fresh))}) == {}
+    d = N.diff_sets({SET_IPV4: nets[:4]}, {SET_IPV4: fresh[1:]})
+    assert d == {SET_IPV4: N.SetDiff(add=(fresh[4],), delete=(nets[0],))}
+    assert N.diff_sets({}, {SET_IPV6: []}) == {}

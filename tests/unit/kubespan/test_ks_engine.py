@@ -290,3 +290,122 @@ async def test_roamed_endpoint_is_learned_and_published_once(mesh) -> None:
         assert "198.51.100.77:40123" in m.status().peers[0].learned
     finally:
         await m.stop()
+
+
+# --- work reused between passes (performance) must not change what the engine does ---------------
+
+
+class VersionedDiscovery(FakeDiscovery):
+    """Like the discovery client: ``version`` moves on every change and changed entries are new objects."""
+
+    version: int = 0
+
+    def put(self, entry: Discovered) -> None:
+        self.peers[entry.id] = entry
+        self.version += 1
+
+
+def _readdress(d: Discovered, *extra: str) -> Discovered:
+    a = affiliate_pb2.Affiliate()
+    a.CopyFrom(d.affiliate)
+    a.addresses.extend(ipaddress.ip_address(x).packed for x in extra)
+    return Discovered(d.id, a, d.endpoints)
+
+
+@pytest.fixture
+def versioned(mesh, monkeypatch):
+    m, _disc, wg, links, nft, clock = mesh
+    disc = VersionedDiscovery(public_ip=ipaddress.ip_address("203.0.113.9"))
+    m.discovery = disc
+    from kubespan import engine
+
+    conversions: list[str] = []
+    original = engine.RemoteAffiliate.from_pb
+
+    def counting(pb, endpoints=()):
+        conversions.append(pb.node_id)
+        return original(pb, endpoints)
+
+    monkeypatch.setattr(engine.RemoteAffiliate, "from_pb", staticmethod(counting))
+    return m, disc, wg, links, nft, clock, conversions
+
+
+async def test_versioned_discovery_rereads_only_changed_entries(versioned) -> None:
+    m, disc, wg, _links, nft, _clock, conversions = versioned
+    k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    k2, _, d2 = remote("node-b", "b", "10.5.0.3", 3)
+    disc.peers = {"node-a": d1, "node-b": d2}
+    await m.start()
+    try:
+        await m.reconcile()
+        assert sorted(conversions) == ["node-a", "node-b"] and set(wg.device.peers) == {k1, k2}
+        specs = m.specs
+        await m.reconcile()
+        await m.reconcile()
+        assert len(conversions) == 2, "an unchanged version re-reads nothing"
+        assert m.specs is specs, "and recomputes no peer specs"
+
+        disc.put(_readdress(d2, "198.51.100.4"))
+        await m.reconcile()
+        assert conversions[2:] == ["node-b"], "only the replaced entry is converted again"
+        assert ipaddress.ip_network("198.51.100.4/32") in wg.device.peers[k2].allowed_ips
+        assert ipaddress.ip_network("198.51.100.4/32") in nft.sets[SET_IPV4]
+        assert m.specs.specs[0] is specs.specs[0], "the unchanged peer's spec is reused"
+        last = wg.applies[-1]
+        assert [type(op).__name__ for op in last] == ["UpdatePeer"] and last[0].public_key == k2
+
+        del disc.peers["node-a"]
+        disc.version += 1
+        await m.reconcile()
+        assert set(wg.device.peers) == {k2} and set(m.machines) == {k2}
+        assert ipaddress.ip_network("10.5.0.2/32") not in nft.sets[SET_IPV4]
+    finally:
+        await m.stop()
+
+
+async def test_malformed_affiliate_is_reported_every_pass_even_when_not_reread(versioned) -> None:
+    m, disc, wg, *_ = versioned
+    _, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    bad = _readdress(d1)
+    bad.affiliate.kubespan.public_key = "not a key"
+    disc.peers = {"node-a": d1, "node-z": Discovered("node-z", bad.affiliate, ())}
+    await m.start()
+    try:
+        for n in range(1, 4):
+            await m.reconcile()
+            assert sum("affiliate node-z" in e for e in m.errors) == n
+        assert len(wg.device.peers) == 1
+    finally:
+        await m.stop()
+
+
+async def test_peer_change_updates_sets_without_rechecking_links(mesh) -> None:
+    m, disc, wg, links, nft, clock = mesh
+    _, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    _, _, d2 = remote("node-b", "b", "10.5.0.9", 3)
+    disc.peers = {"node-a": d1}
+    await m.start()
+    try:
+        await m.reconcile()
+        link_calls = len(links.calls)
+        disc.peers["node-b"] = d2  # a new peer: WireGuard and the sets change, links do not
+        await m.reconcile()
+        assert len(links.calls) == link_calls
+        assert ipaddress.ip_network("10.5.0.9/32") in nft.sets[SET_IPV4]
+        assert [t.kind for t in nft.transactions] == ["diff"]
+        # nothing changed: nothing read or written beyond WireGuard
+        reconciles = len(nft.calls)
+        await m.reconcile()
+        assert len(nft.calls) == reconciles and len(links.calls) == link_calls
+        # a re-created device (device-level settings missing) gets links, routes and rules again
+        wg.remove()
+        await links.remove_address(m.identity.address)
+        await m.reconcile()
+        assert len(links.calls) > link_calls and m.identity.address in links.addresses
+        # and the periodic check still runs
+        link_calls = len(links.calls)
+        clock.t += m.cfg.reconcile_interval
+        await m.reconcile()
+        assert len(links.calls) > link_calls
+    finally:
+        await m.stop()

@@ -128,3 +128,39 @@ def test_collapse_helper():
         IPv6Network("fd00::/127"),
     ]
     assert "IPSet([10.0.0.0/8])" == repr(IPSet(["10.0.0.0/8"]))
+
+
+# --- shared prefix objects (performance): equal to what ipaddress builds ---------------------------
+
+
+@given(st.lists(small_v4_nets(), max_size=6), st.lists(st.integers(0, 255), max_size=4))
+def test_addresses_are_single_address_ranges(nets, hosts):
+    addrs = [ipaddress.IPv4Address(BASE + h) for h in hosts]
+    assert IPSet([*nets, *addrs]) == IPSet([*nets, *(IPv4Network(a) for a in addrs)])
+
+
+def test_prefixes_are_shared_objects_equal_to_fresh_ones():
+    from kubespan.ipset import canonical_network
+
+    first = IPSet(["10.0.0.0/24", "fd00::/64", "192.0.2.1"]).prefixes()
+    again = IPSet(["10.0.0.0/25", "10.0.0.128/25", "fd00::/64", "192.0.2.1/32"]).prefixes()
+    assert first == again == [ip_network("10.0.0.0/24"), ip_network("192.0.2.1/32"), ip_network("fd00::/64")]
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    fresh = ip_network("10.0.0.0/24")
+    assert canonical_network(fresh) is first[0]
+    new = ip_network("198.51.100.0/24")
+    assert canonical_network(new) is new and canonical_network(ip_network("198.51.100.0/24")) is new
+    scoped = IPv6Network("fe80::%eth0/64")
+    assert canonical_network(scoped) is scoped  # not equal to the unscoped prefix: never shared
+    assert canonical_network(IPv6Network("fe80::/64")) == IPv6Network("fe80::/64") != scoped
+
+
+def test_shared_prefix_cache_is_bounded(monkeypatch):
+    from kubespan import ipset
+
+    monkeypatch.setattr(ipset, "_NETWORKS_MAX", 4)
+    monkeypatch.setattr(ipset, "_networks", {})
+    for n in range(20):
+        (net,) = range_to_prefixes(BASE + n * 256, BASE + n * 256 + 255, 4)
+        assert net == IPv4Network((BASE + n * 256, 24))
+        assert len(ipset._networks) <= 4

@@ -476,3 +476,134 @@ def test_routed_prefixes_bypass_only_down_peers():
 def test_routed_prefixes_without_mesh_subnet_keeps_everything():
     got = IPSet(routed_prefixes(_specs(), None))
     assert ip_address(MESH + "1") in got
+
+
+# --- the O(n log n) overlap resolution and the memo give Talos' quadratic result ----------------
+
+
+def _reference_specs(affiliates, local_node_id, local_public_key=None, local_mesh_address=None):
+    """The original quadratic algorithm (every peer against every earlier one), kept as the oracle."""
+    from kubespan.peers import Conflict, PeerSpec, PeerSpecs
+
+    specs, conflicts, claimed, key_owner, mesh_owner = [], [], [], {}, {}
+    for a in sorted(affiliates, key=lambda a: a.node_id):
+        if a.node_id == local_node_id or a.public_key is None:
+            continue
+        if local_public_key is not None and a.public_key == local_public_key:
+            conflicts.append(Conflict(ConflictKind.LOCAL_PUBLIC_KEY, a.node_id, None))
+            continue
+        if a.public_key in key_owner:
+            conflicts.append(Conflict(ConflictKind.DUPLICATE_PUBLIC_KEY, a.node_id, key_owner[a.public_key]))
+            continue
+        key_owner[a.public_key] = a.node_id
+        wanted = (IPSet(a.additional_prefixes) | IPSet(a.addresses)) - IPSet(a.excluded_prefixes)
+        if a.mesh_address is not None:
+            wanted = wanted | IPSet([a.mesh_address])
+            mesh_net = (ip_network(a.mesh_address),)
+            if local_mesh_address is not None and a.mesh_address == local_mesh_address:
+                conflicts.append(Conflict(ConflictKind.LOCAL_MESH_ADDRESS, a.node_id, None, mesh_net))
+            if a.mesh_address in mesh_owner:
+                conflicts.append(
+                    Conflict(
+                        ConflictKind.DUPLICATE_MESH_ADDRESS, a.node_id, mesh_owner[a.mesh_address], mesh_net
+                    )
+                )
+            else:
+                mesh_owner[a.mesh_address] = a.node_id
+        for other_id, other_set in claimed:
+            overlap = wanted & other_set
+            if overlap:
+                conflicts.append(
+                    Conflict(ConflictKind.ADDRESS_OVERLAP, a.node_id, other_id, tuple(overlap.prefixes()))
+                )
+                wanted = wanted - other_set
+        claimed.append((a.node_id, wanted))
+        specs.append(
+            PeerSpec(
+                a.public_key, a.node_id, a.nodename, a.mesh_address, tuple(wanted.prefixes()), a.endpoints
+            )
+        )
+    return PeerSpecs(tuple(specs), tuple(conflicts))
+
+
+_v4_pool = [
+    ip_network(n) for n in ("10.0.0.0/30", "10.0.0.0/31", "10.0.0.2/32", "10.0.0.4/30", "10.0.0.0/28")
+]
+_v6_pool = [ip_network(n) for n in ("fd00::/126", "fd00::2/127", "fd00::/64", "2001:db8::/127")]
+
+
+@st.composite
+def messy_affiliates(draw):
+    out = []
+    for i in range(draw(st.integers(0, 12))):
+        out.append(
+            RemoteAffiliate(
+                node_id=f"n{draw(st.integers(0, 30)):02d}-{i}",
+                nodename=f"x{i}",
+                public_key=key(draw(st.integers(1, 10))) if draw(st.integers(0, 9)) else None,
+                mesh_address=draw(
+                    st.none() | st.sampled_from([IPv6Address(f"{MESH}{n}") for n in (1, 2, 3)])
+                ),
+                addresses=tuple(
+                    draw(st.lists(st.sampled_from([*ips("10.0.0.1", "10.0.0.5", "fd00::1")]), max_size=3))
+                ),
+                additional_prefixes=tuple(draw(st.lists(st.sampled_from(_v4_pool + _v6_pool), max_size=3))),
+                excluded_prefixes=tuple(
+                    draw(st.lists(st.sampled_from(_v4_pool[:2] + _v6_pool[:1]), max_size=1))
+                ),
+            )
+        )
+    return out
+
+
+@settings(max_examples=50, deadline=None)
+@given(messy_affiliates(), messy_affiliates(), st.booleans())
+def test_compute_peer_specs_matches_reference_with_and_without_memo(first, second, local):
+    from kubespan.peers import PeerSpecMemo
+
+    lk, lm = (key(3), IPv6Address(f"{MESH}2")) if local else (None, None)
+    want = _reference_specs(first, "n05-0", lk, lm)
+    memo = PeerSpecMemo()
+    assert compute_peer_specs(first, "n05-0", lk, lm) == want
+    assert compute_peer_specs(first, "n05-0", lk, lm, memo=memo) == want
+    assert compute_peer_specs(first, "n05-0", lk, lm, memo=memo) == want  # all from the memo
+    # some affiliates kept (same objects), others replaced or new: still the reference result
+    mixed = first[::2] + second
+    assert compute_peer_specs(mixed, "n05-0", lk, lm, memo=memo) == _reference_specs(mixed, "n05-0", lk, lm)
+
+
+def test_memo_reuses_unchanged_specs_and_forgets_gone_affiliates():
+    from kubespan.peers import PeerSpecMemo
+
+    a = aff("a", 1, 1, addresses=ips("10.0.0.1"))
+    b = aff("b", 2, 2, addresses=ips("10.0.0.2"))
+    memo = PeerSpecMemo()
+    first = compute_peer_specs([a, b], "me", memo=memo)
+    b2 = aff("b", 2, 2, addresses=ips("10.0.0.2", "10.0.0.3"))
+    second = compute_peer_specs([a, b2], "me", memo=memo)
+    assert second.specs[0] is first.specs[0]  # a: the same object, not recomputed
+    assert second.specs[1].allowed_ips == nets("10.0.0.2/31", f"{MESH}2/128")
+    compute_peer_specs([b2], "me", memo=memo)
+    assert set(memo.entries) == {"b"}
+    # a winner that appears later takes the address away from a memoized spec
+    c = aff("0c", 3, 3, addresses=ips("10.0.0.2"))
+    third = compute_peer_specs([c, b2], "me", memo=memo)
+    assert third.specs[1].allowed_ips == nets("10.0.0.3/32", f"{MESH}2/128")
+
+
+@settings(max_examples=50, deadline=None)
+@given(messy_affiliates(), messy_affiliates(), st.booleans())
+def test_routed_prefixes_memo_gives_the_same_result(first, second, bypass):
+    from kubespan.peers import PrefixMemo
+
+    memo = PrefixMemo()
+    for affs in (first, first, first[::2] + second):
+        specs = compute_peer_specs(affs, "me").specs
+        states = {s.public_key: PeerState.DOWN for s in specs[::2]}
+        for subnet in (MESH_NET, None):
+            want = routed_prefixes(specs, subnet, states=states, allow_down_peer_bypass=bypass)
+            assert (
+                routed_prefixes(specs, subnet, states=states, allow_down_peer_bypass=bypass, memo=memo)
+                == want
+            )
+        assert set(memo.sets) <= {s.public_key for s in specs}

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from kubespan.wgdiff import (
     AddPeer,
+    DiffMemo,
     RemovePeer,
     SetDevice,
     UpdatePeer,
@@ -215,3 +216,54 @@ def test_apply_diff_converges(desired, observed):
         op.peer.public_key for op in ops if isinstance(op, AddPeer)
     }
     assert not matched & touched
+
+
+def _reference_diff_peers(desired, observed):
+    """The original formulation: groups built in sorted-key order (PublicKey.__lt__)."""
+    removes = [RemovePeer(k) for k in sorted(observed) if k not in desired]
+    updates, adds = [], []
+    for k in sorted(desired):
+        have = observed.get(k)
+        if have is None:
+            adds.append(AddPeer(desired[k]))
+        elif (upd := diff_peer(desired[k], have)) is not None:
+            updates.append(upd)
+    return removes + updates + adds
+
+
+@settings(max_examples=100)
+@given(devices(observed=False), devices(observed=True), devices(observed=True))
+def test_diff_memo_never_changes_the_result(desired, observed, later):
+    assert diff_peers(desired.peers, observed.peers) == _reference_diff_peers(desired.peers, observed.peers)
+    memo = DiffMemo()
+    plain = diff_device(desired, observed)
+    assert diff_device(desired, observed, memo) == plain
+    assert diff_device(desired, observed, memo) == plain  # peers in sync now come from the memo
+    # the device changed: some peer objects are the same, others are new
+    mixed = ObservedDevice(
+        later.private_key, later.listen_port, later.fwmark, {**later.peers, **observed.peers}
+    )
+    for k in list(mixed.peers)[::2]:
+        if k in later.peers:
+            mixed = ObservedDevice(
+                mixed.private_key, mixed.listen_port, mixed.fwmark, {**mixed.peers, k: later.peers[k]}
+            )
+    assert diff_device(desired, mixed, memo) == diff_device(desired, mixed)
+
+
+def test_diff_memo_skips_only_identical_objects():
+    want = device(PeerConfig(key(1), nets("10.0.0.1/32"), None, 25, PSK))
+    have = observed_from(want)
+    memo = DiffMemo()
+    assert diff_device(want, have, memo) == [] and key(1) in memo.in_sync
+    # an equal but different observed object is compared again (and still in sync)
+    assert diff_device(want, observed_from(want), memo) == []
+    # a changed observed peer is never taken from the memo
+    moved = ObservedDevice(
+        have.private_key,
+        have.listen_port,
+        have.fwmark,
+        {key(1): ObservedPeer(key(1), nets("10.0.0.2/32"), None, 25, PSK)},
+    )
+    assert diff_device(want, moved, memo) == [UpdatePeer(key(1), allowed_ips=nets("10.0.0.1/32"))]
+    assert key(1) not in memo.in_sync

@@ -164,3 +164,10 @@ def test_sorted_networks_v4_first():
         ip_network("1.0.0.0/8"),
     ]
     assert sorted_networks(nets) == [nets[3], nets[1], nets[2], nets[0]]
+
+
+def test_key_hash_is_the_bytes_hash_and_equal_keys_collide():
+    raw = bytes(range(32))
+    assert hash(PublicKey(raw)) == hash(PublicKey(bytes(raw))) == hash(raw)
+    assert {PublicKey(raw): 1}[PublicKey(bytes(raw))] == 1
+    assert PublicKey(raw) != PresharedKey(raw)  # same hash, still different kinds
