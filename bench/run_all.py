@@ -7,7 +7,15 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHES = ["update_throughput.py", "watch_fanout.py", "memory.py"]
+BENCHES = [
+    "update_throughput.py",
+    "watch_fanout.py",
+    "memory.py",
+    "mesh_join.py",
+    "mesh_cold_start.py",
+    "mesh_failover.py",
+    "mesh_throughput.py",
+]
 
 
 def main() -> int:

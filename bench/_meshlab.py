@@ -1,0 +1,422 @@
+"""Shared plumbing for the mesh benchmarks (mesh_join, mesh_cold_start, mesh_failover, mesh_throughput).
+
+Sampling must not perturb what it measures on a 2-core machine, so nothing here forks per sample:
+
+* ``status(node)`` reads the agent's ``/status`` (the document ``kubespan status -o json`` prints) over a
+  TCP socket created *inside* the node's network namespace by this process (``setns`` in a throwaway
+  thread); the CLI costs ~0.6 s of CPU per call, this costs a few milliseconds.
+* :class:`Pinger` sends ICMPv6 echo requests from raw sockets created the same way, any number of
+  (source node, destination) pairs from one thread, and timestamps every request and reply with
+  ``time.monotonic()``.
+
+Everything runs inside namespaces a :class:`netns.lab.Lab` created; the lab removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import math
+import os
+import random
+import select
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from netns.lab import Lab, LabError, Node
+from netns.mesh import MeshLab, MeshNode
+
+HTTP_PORT = 51821
+WG_PORT = 51820
+DISC_PORT = 3000
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def skip_unless_root(name: str) -> bool:
+    if os.geteuid() == 0:
+        return False
+    print(f"{name}: needs root (network namespaces, wireguard-go, nftables); skipped")
+    print(f"RESULT {name} SKIP needs-root")
+    return True
+
+
+def host_load() -> str:
+    """The 1/5/15-minute load averages: other work on the same cores skews every figure here."""
+    with open("/proc/loadavg") as f:
+        one, five, fifteen = f.read().split()[:3]
+    return f"load average {one} {five} {fifteen} on {os.cpu_count()} cores"
+
+
+# --- sockets inside a node's network namespace ---------------------------------------------------
+
+
+def in_netns(ns: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a throwaway thread that joined network namespace ``ns`` (sockets keep the namespace
+    they were created in, so a socket made here works from any thread)."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {ns}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            out["value"] = fn()
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=target, name=f"netns-{ns}")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def status(node: Node | MeshNode, timeout: float = 5) -> dict[str, Any]:
+    """The agent's ``/status`` JSON; raises LabError when it does not answer 200."""
+    n = node.node if isinstance(node, MeshNode) else node
+    s = in_netns(n.ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    try:
+        s.settimeout(timeout)
+        try:
+            s.connect(("127.0.0.1", HTTP_PORT))
+            s.sendall(b"GET /status HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            chunks = []
+            while True:
+                b = s.recv(1 << 16)
+                if not b:
+                    break
+                chunks.append(b)
+        except OSError as e:
+            raise LabError(f"status of {n.name}: {e}") from None
+    finally:
+        s.close()
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    if " 200 " not in line + " ":
+        raise LabError(f"status of {n.name}: {line} {body[:200]!r}")
+    return json.loads(body)
+
+
+def peers(node: Node | MeshNode) -> dict[str, dict[str, Any]]:
+    return {p["label"]: p for p in status(node)["peers"]}
+
+
+def safe_peers(node: Node | MeshNode) -> dict[str, dict[str, Any]] | None:
+    try:
+        return peers(node)
+    except (LabError, ValueError):
+        return None
+
+
+def full_mesh(nodes: Sequence[MeshNode]) -> bool:
+    """Every node lists exactly the others, all ``up``."""
+    names = {n.name for n in nodes}
+    for mn in nodes:
+        ps = safe_peers(mn)
+        if ps is None or set(ps) != names - {mn.name} or any(p["state"] != "up" for p in ps.values()):
+            return False
+    return True
+
+
+def wait_for(what: str, pred: Callable[[], bool], timeout: float, interval: float = 0.1) -> float:
+    """Poll ``pred`` until true; return the seconds it took; TimeoutError after ``timeout``."""
+    t0 = time.monotonic()
+    while True:
+        if pred():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{what}: not reached in {timeout:.0f} s")
+        time.sleep(interval)
+
+
+# --- building meshes -------------------------------------------------------------------------------
+
+
+@dataclass
+class LanMesh:
+    """Discovery server plus agents on one LAN segment (10.60.0.0/24)."""
+
+    lab: Lab
+    ml: MeshLab
+    seg: str
+    disc: Node
+    nodes: list[MeshNode] = field(default_factory=list)
+    _next_ip: int = 11
+
+    @classmethod
+    def create(cls, lab: Lab) -> LanMesh:
+        ml = MeshLab(lab)
+        seg = lab.segment("lan")
+        disc = lab.node("disc")
+        lab.attach(disc, seg, ["10.60.0.2/24"])
+        ml.start_discovery(disc, f"10.60.0.2:{DISC_PORT}")
+        mesh = cls(lab, ml, seg, disc)
+        wait_for("discovery listening", lambda: listening(disc, "10.60.0.2", DISC_PORT), timeout=30)
+        return mesh
+
+    def add_node(self, name: str) -> Node:
+        """A namespace on the LAN, no agent yet."""
+        if self._next_ip > 250:
+            raise LabError("LanMesh: out of addresses")
+        node = self.lab.node(name)
+        self.lab.attach(node, self.seg, [f"10.60.0.{self._next_ip}/24"])
+        self._next_ip += 1
+        return node
+
+    def start(self, node: Node) -> MeshNode:
+        mn = self.ml.start_node(node)
+        self.nodes.append(mn)
+        return mn
+
+    def forget(self, mn: MeshNode) -> None:
+        self.nodes.remove(mn)
+        self.ml.nodes.pop(mn.name, None)
+
+
+def listening(node: Node, addr: str, port: int) -> bool:
+    """Does something accept TCP connections on ``addr:port`` as seen from ``node``?"""
+
+    def probe() -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            return s.connect_ex((addr, port)) == 0
+
+    return bool(in_netns(node.ns, probe))
+
+
+def agent_proc(mn: MeshNode) -> subprocess.Popen[bytes] | None:
+    for p in mn.node.procs:
+        if p.poll() is None and "kubespan.cli" in " ".join(map(str, p.args)):
+            return p
+    return None
+
+
+def stop_agent(mn: MeshNode, timeout: float = 15) -> int | None:
+    """SIGTERM one agent (it leaves the mesh: deletes its discovery entry, removes its link)."""
+    p = agent_proc(mn)
+    if p is None:
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGTERM)
+    try:
+        return p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        return p.wait(5)
+
+
+def stop_agents(lab: Lab, timeout: float = 15) -> None:
+    """SIGTERM every agent at once while discovery still runs (Lab.close goes node by node in creation
+    order, discovery first, so 20 agents would each wait 5 s for a delete ack from a server gone)."""
+    procs = [
+        p
+        for node in lab.nodes.values()
+        for p in node.procs
+        if p.poll() is None and "kubespan.cli" in " ".join(map(str, p.args))
+    ]
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(max(0.1, deadline - time.monotonic()))
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU seconds consumed so far by ``pids`` (and their reaped children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[0] is field 3 (state); utime, stime, cutime, cstime are fields 14-17
+        total += sum(int(x) for x in fields[11:15])
+    return total / tick
+
+
+def wg_pids(nodes: Iterable[MeshNode]) -> list[int]:
+    return [pid for mn in nodes for pid in mn.node.pids("wireguard-go")]
+
+
+# --- ICMPv6 echo from inside nodes ---------------------------------------------------------------
+
+ECHO_REQUEST, ECHO_REPLY = 128, 129
+ICMP6_FILTER = 1  # linux/icmpv6.h
+_PAYLOAD = b"kubespan-bench-" + bytes(41)  # 56 bytes, like ping
+
+
+@dataclass
+class Pair:
+    """One (source node, destination address) echo flow and everything observed on it."""
+
+    key: Any
+    src: str  # namespace
+    dst: str
+    ident: int
+    until_first: bool
+    active: bool = True
+    sent: dict[int, float] = field(default_factory=dict)  # seq -> monotonic send time
+    replies: dict[int, float] = field(default_factory=dict)  # seq -> monotonic receive time
+    send_errors: int = 0
+    _seq: int = 0
+
+    def first_reply(self) -> float | None:
+        return min(self.replies.values()) if self.replies else None
+
+    def snapshot(self) -> tuple[dict[int, float], dict[int, float]]:
+        return dict(self.sent), dict(self.replies)
+
+
+class Pinger:
+    """ICMPv6 echo requests every ``interval`` seconds for each pair, from one background thread.
+
+    A pair with ``until_first`` stops after its first reply (join/cold-start latency); other pairs run
+    until :meth:`stop`. Bounded: the thread ends after ``max_seconds`` regardless."""
+
+    def __init__(self, interval: float = 0.1, max_seconds: float = 900) -> None:
+        self.interval = interval
+        self.max_seconds = max_seconds
+        self.pairs: dict[Any, Pair] = {}
+        self._socks: dict[str, socket.socket] = {}
+        self._by_sock: dict[int, dict[int, Pair]] = {}  # fileno -> ident -> pair
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pinger", daemon=True)
+        self._idents = random.sample(range(1, 65535), 4000)
+
+    def __enter__(self) -> Pinger:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _sock(self, ns: str) -> socket.socket:
+        s = self._socks.get(ns)
+        if s is None:
+            s = in_netns(ns, lambda: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6))
+            # let only echo replies through (a set bit blocks that type)
+            words = [0xFFFFFFFF] * 8
+            words[ECHO_REPLY >> 5] &= ~(1 << (ECHO_REPLY & 31))
+            s.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, struct.pack("8I", *words))
+            s.setblocking(False)
+            self._socks[ns] = s
+            self._by_sock[s.fileno()] = {}
+        return s
+
+    def add(self, key: Any, src: Node | MeshNode, dst: str, until_first: bool = False) -> Pair:
+        n = src.node if isinstance(src, MeshNode) else src
+        with self._lock:
+            s = self._sock(n.ns)
+            pair = Pair(key, n.ns, dst, self._idents.pop(), until_first)
+            self.pairs[key] = pair
+            self._by_sock[s.fileno()][pair.ident] = pair
+        return pair
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        for s in self._socks.values():
+            s.close()
+        self._socks.clear()
+
+    def _run(self) -> None:
+        end = time.monotonic() + self.max_seconds
+        next_send = time.monotonic()
+        while not self._stop.is_set() and time.monotonic() < end:
+            now = time.monotonic()
+            if now >= next_send:
+                self._send_all()
+                next_send += self.interval
+                if next_send < now:
+                    next_send = now + self.interval
+            with self._lock:
+                socks = list(self._socks.values())
+            timeout = max(0.0, min(next_send - time.monotonic(), 0.05))
+            if not socks:
+                time.sleep(timeout)
+                continue
+            try:
+                readable, _, _ = select.select(socks, [], [], timeout)
+            except (OSError, ValueError):
+                continue
+            for s in readable:
+                self._drain(s)
+
+    def _send_all(self) -> None:
+        with self._lock:
+            pairs = [p for p in self.pairs.values() if p.active]
+            socks = dict(self._socks)
+        for p in pairs:
+            p._seq = (p._seq + 1) & 0xFFFF
+            pkt = struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, p.ident, p._seq) + _PAYLOAD
+            t = time.monotonic()
+            try:
+                socks[p.src].sendto(pkt, (p.dst, 0))
+            except OSError:
+                p.send_errors += 1
+                continue
+            p.sent[p._seq] = t
+
+    def _drain(self, s: socket.socket) -> None:
+        table = self._by_sock.get(s.fileno(), {})
+        while True:
+            try:
+                data, addr = s.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            t = time.monotonic()
+            if len(data) < 8 or data[0] != ECHO_REPLY:
+                continue
+            _, _, _, ident, seq = struct.unpack("!BBHHH", data[:8])
+            pair = table.get(ident)
+            if pair is None or addr[0].split("%")[0] != pair.dst or seq not in pair.sent:
+                continue
+            pair.replies.setdefault(seq, t)
+            if pair.until_first:
+                pair.active = False
+
+
+# --- statistics ------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default); ``q`` in [0, 100]."""
+    xs = sorted(values)
+    if not xs:
+        return math.nan
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"

@@ -1,0 +1,185 @@
+"""Join convergence: a node joining a running mesh of N = 5, 10, 20 nodes on one LAN.
+
+For each N a fresh lab gets a discovery server and N agents; once they form a full mesh (and a few
+seconds of quiet), a new node's agent is started. Measured from that start (t0, just before the agent
+process is spawned: Python start-up, key generation and discovery publication included) until BOTH
+
+* every one of the N peers reports the new node ``up`` in its status, and
+* ICMPv6 echo over the mesh addresses succeeds both ways between the new node and every peer
+  (10 Hz per direction from t0; the pair counts once its first reply arrives),
+
+i.e. the later of the two. Each round uses a new node; it leaves again (SIGTERM) before the next one.
+Target: <= 3 s at N = 20 (the worst round counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+from _meshlab import (
+    LanMesh,
+    Pinger,
+    full_mesh,
+    host_load,
+    median,
+    safe_peers,
+    skip_unless_root,
+    status,
+    stop_agent,
+    stop_agents,
+    verdict,
+    wait_for,
+)
+
+from netns.lab import Lab, LabError
+from netns.mesh import MeshNode
+
+NAME = "mesh_join"
+TARGET = 3.0
+TARGET_N = 20
+
+
+def join_once(
+    mesh: LanMesh, existing: list[MeshNode], name: str, timeout: float
+) -> tuple[dict[str, float], MeshNode]:
+    addrs = {mn.name: status(mn)["mesh_address"] for mn in existing}
+    node = mesh.add_node(name)  # namespace and veth exist before t0: only the agent is timed
+    with Pinger(interval=0.1, max_seconds=timeout + 10) as pinger:
+        t0 = time.monotonic()
+        new = mesh.start(node)
+        for mn in existing:
+            pinger.add(("out", mn.name), node, addrs[mn.name], until_first=True)
+        up_at: dict[str, float] = {}
+        new_addr: str | None = None
+        sees_all_at = math.nan
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            if new_addr is None:
+                try:
+                    new_addr = status(new)["mesh_address"]
+                except (LabError, ValueError):
+                    pass
+                else:
+                    for mn in existing:
+                        pinger.add(("in", mn.name), mn, new_addr, until_first=True)
+            for mn in existing:
+                if mn.name in up_at:
+                    continue
+                ps = safe_peers(mn)
+                if ps is not None and ps.get(name, {}).get("state") == "up":
+                    up_at[mn.name] = time.monotonic() - t0
+            if math.isnan(sees_all_at):
+                ps = safe_peers(new)
+                if (
+                    ps is not None
+                    and len(ps) == len(existing)
+                    and all(p["state"] == "up" for p in ps.values())
+                ):
+                    sees_all_at = time.monotonic() - t0
+            pings_done = new_addr is not None and all(
+                p.first_reply() is not None for p in pinger.pairs.values()
+            )
+            if len(up_at) == len(existing) and pings_done:
+                break
+            time.sleep(0.05)
+        pairs = dict(pinger.pairs)
+    missing_up = [mn.name for mn in existing if mn.name not in up_at]
+    missing_ping = [f"{d}:{n}" for (d, n), p in pairs.items() if p.first_reply() is None]
+    if new_addr is None:
+        missing_ping.append("new node never answered /status")
+    if missing_up or missing_ping:
+        print(
+            f"    {name}: not converged within {timeout:.0f} s; peers not reporting it up: {missing_up or '-'}; "
+            f"ping directions without a reply: {missing_ping[:8] or '-'}"
+        )
+        print("    new node log tail:\n      " + new.log_tail(15).replace("\n", "\n      "))
+    t_up = max(up_at.values()) if len(up_at) == len(existing) else math.inf
+    firsts = [p.first_reply() for p in pairs.values()]
+    t_ping = math.inf
+    if new_addr is not None and firsts and all(f is not None for f in firsts):
+        t_ping = max(f for f in firsts if f is not None) - t0
+    res = {
+        "join": max(t_up, t_ping),
+        "up": t_up,
+        "ping": t_ping,
+        "first_up": min(up_at.values()) if up_at else math.inf,
+        "new_sees_all": sees_all_at,
+    }
+    return res, new
+
+
+def leave(mesh: LanMesh, existing: list[MeshNode], new: MeshNode) -> None:
+    stop_agent(new)
+    mesh.forget(new)
+    wait_for(
+        f"peers dropped {new.name}",
+        lambda: all((ps := safe_peers(mn)) is not None and new.name not in ps for mn in existing),
+        timeout=30,
+        interval=0.2,
+    )
+
+
+def run_size(n: int, rounds: int, timeout: float, settle: float) -> list[dict[str, float]]:
+    out: list[dict[str, float]] = []
+    with Lab() as lab:
+        try:
+            mesh = LanMesh.create(lab)
+            for i in range(1, n + 1):
+                mesh.start(mesh.add_node(f"n{i}"))
+            took = wait_for(f"{n}-node mesh", lambda: full_mesh(mesh.nodes), timeout=180, interval=0.25)
+            existing = list(mesh.nodes)
+            print(f"  N={n}: base mesh up after {took:.1f} s; settling {settle:.0f} s", flush=True)
+            time.sleep(settle)
+            for r in range(rounds):
+                res, new = join_once(mesh, existing, f"j{r + 1}", timeout)
+                print(
+                    f"  N={n} round {r + 1}: join {res['join']:.2f} s (every peer reports up {res['up']:.2f} s, "
+                    f"first peer {res['first_up']:.2f} s; pings both ways {res['ping']:.2f} s; "
+                    f"new node sees all up {res['new_sees_all']:.2f} s)",
+                    flush=True,
+                )
+                out.append(res)
+                leave(mesh, existing, new)
+                time.sleep(settle)
+        finally:
+            stop_agents(lab)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="5,10,20", help="comma-separated mesh sizes N")
+    ap.add_argument("--rounds", type=int, default=3, help="joins per N (each a new node)")
+    ap.add_argument("--timeout", type=float, default=60, help="give up on one join after this many seconds")
+    ap.add_argument("--settle", type=float, default=5, help="quiet seconds before each join")
+    ap.add_argument("--quick", action="store_true", help="one join per N")
+    ns = ap.parse_args()
+    if skip_unless_root(NAME):
+        return 0
+    rounds = 1 if ns.quick else ns.rounds
+    sizes = [int(x) for x in ns.sizes.split(",") if x.strip()]
+    print(f"{NAME}: sizes {sizes}, {rounds} join(s) each; {host_load()}", flush=True)
+    results: dict[int, list[dict[str, float]]] = {}
+    for n in sizes:
+        results[n] = run_size(n, rounds, ns.timeout, ns.settle)
+    print(f"host after the run: {host_load()}")
+    print(
+        f"{'N':>4}  {'joins':>5}  {'median s':>8}  {'worst s':>8}  {'up (worst)':>10}  {'ping (worst)':>12}  target"
+    )
+    for n, rs in results.items():
+        joins = [r["join"] for r in rs]
+        print(
+            f"{n:>4}  {len(rs):>5}  {median(joins):>8.2f}  {max(joins):>8.2f}  {max(r['up'] for r in rs):>10.2f}  "
+            f"{max(r['ping'] for r in rs):>12.2f}  {f'<= {TARGET:g} s' if n == TARGET_N else '-'}"
+        )
+    key = TARGET_N if TARGET_N in results else max(results)
+    worst = max(r["join"] for r in results[key])
+    print(f"RESULT {NAME} join_s_n{key}_worst={worst:.2f} target<={TARGET:g} {verdict(worst <= TARGET)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Throughput cost: TCP throughput over the mesh divided by a hand-configured wireguard-go tunnel.
+
+One lab, two identical pairs of namespaces, each pair on its own LAN segment (veth MTU 1500):
+
+* mesh pair m1, m2: the discovery server and two ``kubespan run`` agents (link MTU 1420, their
+  nftables marking, policy routing and MSS clamp, the agents polling once a second); traffic from
+  m1 to m2's mesh address (IPv6);
+* hand pair h1, h2: fresh namespaces with ``wireguard-go -f wg0`` started like the agent starts it
+  (same binary, ``WG_PROCESS_FOREGROUND=1 LOG_LEVEL=error``), configured by hand with ``wg set`` and
+  ``ip`` (MTU 1420, a preshared key and keepalive 25 like the mesh, an IPv6 tunnel address so the
+  inner packets are the same size); traffic from h1 to h2's tunnel address.
+
+Each round is one bounded TCP transfer per pair (``--mib`` MiB or ``--seconds`` s, whichever ends
+first; a Python sender writing 64 KiB chunks and a receiver, each in its node), the pairs alternating
+(and which goes first alternating too). Throughput is the bytes received over the receiver's time from
+accept to EOF. Ratio = median(mesh) / median(hand); the median of the per-round ratios (each from two
+transfers seconds apart, so slow drifts in other load cancel) is printed beside it. Target: >= 0.95.
+On a shared machine other processes' CPU use shows up as spread between rounds: read the round lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from _meshlab import (
+    LanMesh,
+    agent_proc,
+    cpu_seconds,
+    full_mesh,
+    host_load,
+    median,
+    skip_unless_root,
+    status,
+    stop_agents,
+    verdict,
+    wait_for,
+)
+
+from netns.lab import Lab, LabError, Node, sh
+
+NAME = "mesh_throughput"
+TARGET = 0.95
+MTU = 1420
+PORT = 5201
+
+_SERVER = """
+import json, socket, sys, time
+addr, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((addr, port)); s.listen(1); s.settimeout(timeout)
+print("ready", flush=True)
+c, _ = s.accept(); c.settimeout(timeout); t0 = time.monotonic(); n = 0
+buf = bytearray(1 << 18)
+while True:
+    k = c.recv_into(buf)
+    if not k: break
+    n += k
+print(json.dumps([n, time.monotonic() - t0]), flush=True)
+"""
+
+_CLIENT = """
+import socket, sys, time
+addr, port, size, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+c = socket.create_connection((addr, port), timeout=10)
+end = time.monotonic() + seconds
+chunk = memoryview(b"x" * (1 << 16))
+left = size
+while left > 0 and time.monotonic() < end:
+    left -= c.send(chunk[: min(left, len(chunk))])
+c.close()
+"""
+
+
+def transfer(src: Node, dst: Node, addr: str, size: int, seconds: float) -> tuple[int, float]:
+    srv = subprocess.Popen(
+        dst.argv(sys.executable, "-c", _SERVER, addr, str(PORT), str(seconds + 20), private_run=False),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert srv.stdout is not None
+        if srv.stdout.readline().strip() != "ready":
+            raise LabError(
+                f"transfer server on {dst.name} did not start: {srv.stderr.read() if srv.stderr else ''}"
+            )
+        src.run(sys.executable, "-c", _CLIENT, addr, str(PORT), str(size), str(seconds), timeout=seconds + 30)
+        out, err = srv.communicate(timeout=seconds + 30)
+        if srv.returncode != 0:
+            raise LabError(f"transfer server on {dst.name} failed: {err.strip()}")
+        n, took = json.loads(out.strip().splitlines()[-1])
+        return int(n), float(took)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait(5)
+
+
+def hand_tunnel(lab: Lab) -> tuple[Node, Node, str]:
+    """Two fresh namespaces with a wireguard-go tunnel configured by hand; returns (h1, h2, h2's address)."""
+    seg = lab.segment("hand")
+    nodes = []
+    for i in (1, 2):
+        node = lab.node(f"h{i}")
+        lab.attach(node, seg, [f"10.70.0.1{i}/24"])
+        nodes.append(node)
+    h1, h2 = nodes
+    keys = {}
+    for node in nodes:
+        priv = sh("wg", "genkey").stdout.strip()
+        pub = sh("wg", "pubkey", input=(priv + "\n").encode()).stdout.strip()
+        path = node.run_dir / "private.key"
+        path.write_text(priv + "\n")
+        path.chmod(0o600)
+        keys[node.name] = (path, pub if isinstance(pub, str) else pub.decode())
+    psk = lab.dir / "hand.psk"
+    psk.write_text(sh("wg", "genpsk").stdout.strip() + "\n")
+    psk.chmod(0o600)
+    env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="error")
+    for node in nodes:
+        node.popen("wireguard-go", "-f", "wg0", log=lab.dir / f"wireguard-go-{node.name}.log", env=env)
+    for node in nodes:
+        sock = node.run_dir / "wireguard" / "wg0.sock"
+        wait_for(f"wireguard-go socket in {node.name}", sock.exists, timeout=10)
+    for node, peer, me, other in ((h1, h2, 1, 2), (h2, h1, 2, 1)):
+        sh(
+            *node.argv(
+                "wg", "set", "wg0",
+                "listen-port", "51820",
+                "private-key", str(keys[node.name][0]),
+                "peer", keys[peer.name][1],
+                "preshared-key", str(psk),
+                "allowed-ips", f"fd99::{other}/128",
+                "endpoint", f"10.70.0.1{other}:51820",
+                "persistent-keepalive", "25",
+            )
+        )  # fmt: skip
+        node.run("ip", "link", "set", "wg0", "mtu", str(MTU), "up")
+        node.run("ip", "-6", "addr", "add", f"fd99::{me}/64", "dev", "wg0", "nodad")
+    wait_for("hand tunnel answers", lambda: h1.ping("fd99::2", count=1), timeout=20, interval=0.2)
+    return h1, h2, "fd99::2"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--mib", type=int, default=200, help="bytes per transfer, MiB (upper bound)")
+    ap.add_argument("--seconds", type=float, default=10, help="time per transfer (upper bound)")
+    ap.add_argument("--quick", action="store_true", help="2 rounds of at most 100 MiB / 5 s")
+    ns = ap.parse_args()
+    if skip_unless_root(NAME):
+        return 0
+    rounds, mib, seconds = (2, 100, 5.0) if ns.quick else (ns.rounds, ns.mib, ns.seconds)
+    size = mib << 20
+    print(f"{NAME}: {rounds} rounds of <= {mib} MiB / {seconds:g} s per path; {host_load()}", flush=True)
+    mesh_rates: list[float] = []
+    hand_rates: list[float] = []
+    paired: list[float] = []
+    with Lab() as lab:
+        try:
+            mesh = LanMesh.create(lab)
+            m1 = mesh.start(mesh.add_node("m1"))
+            m2 = mesh.start(mesh.add_node("m2"))
+            wait_for("2-node mesh", lambda: full_mesh([m1, m2]), timeout=90, interval=0.25)
+            m2_addr = status(m2)["mesh_address"]
+            h1, h2, h2_addr = hand_tunnel(lab)
+            for node, dev in ((m1.node, "kubespan"), (m2.node, "kubespan"), (h1, "wg0"), (h2, "wg0")):
+                mtu = node.run("cat", f"/sys/class/net/{dev}/mtu").stdout.strip()
+                if mtu != str(MTU):
+                    raise LabError(f"{node.name}/{dev} has MTU {mtu}, want {MTU}")
+            agents = [p.pid for mn in (m1, m2) if (p := agent_proc(mn)) is not None]
+            tx0 = status(m1)["peers"][0]["tx_bytes"]
+            cpu0, t0 = cpu_seconds(agents), time.monotonic()
+            for r in range(rounds):
+                # alternate which path goes first, so neither always follows the other
+                order = [("mesh", m1.node, m2.node, m2_addr), ("hand", h1, h2, h2_addr)]
+                if r % 2:
+                    order.reverse()
+                line = []
+                got = {}
+                for kind, src, dst, addr in order:
+                    n, took = transfer(src, dst, addr, size, seconds)
+                    rate = n * 8 / took / 1e6
+                    (mesh_rates if kind == "mesh" else hand_rates).append(rate)
+                    got[kind] = rate
+                    line.append(f"{kind} {rate:7.0f} Mbit/s ({n / (1 << 20):.0f} MiB in {took:.2f} s)")
+                paired.append(got["mesh"] / got["hand"])
+                print(f"  round {r + 1}: " + ", ".join(line) + f"; ratio {paired[-1]:.3f}", flush=True)
+            agent_share = (cpu_seconds(agents) - cpu0) / (time.monotonic() - t0)
+            tx = status(m1)["peers"][0]["tx_bytes"] - tx0
+        finally:
+            stop_agents(lab)
+    print(f"host after the run: {host_load()}")
+    mm, hm = median(mesh_rates), median(hand_rates)
+    ratio = mm / hm
+    print(
+        f"mesh (kubespan, MTU {MTU}) : median {mm:7.0f} Mbit/s  (rounds: {', '.join(f'{x:.0f}' for x in mesh_rates)})"
+    )
+    print(
+        f"hand (wg0, MTU {MTU})      : median {hm:7.0f} Mbit/s  (rounds: {', '.join(f'{x:.0f}' for x in hand_rates)})"
+    )
+    print(
+        f"m1's WireGuard tx for m2 grew by {tx / (1 << 20):.0f} MiB over the run (the mesh transfers went through "
+        f"the tunnel); the two agents used {100 * agent_share:.1f} % of one core meanwhile"
+    )
+    print(
+        f"median of the per-round ratios: {median(paired):.3f} (rounds: {', '.join(f'{x:.3f}' for x in paired)})"
+    )
+    print(f"RESULT {NAME} ratio={ratio:.3f} target>={TARGET} {verdict(ratio >= TARGET)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
