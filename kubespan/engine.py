@@ -217,6 +217,7 @@ class Mesh:
         self._remotes: list[RemoteAffiliate] | None = None
         self._spec_memo = PeerSpecMemo()
         self._prefix_memo = PrefixMemo()
+        self._target_sets: tuple[PeerSpecs, frozenset[PublicKey], dict[str, list[IPNetwork]]] | None = None
         self._diff_memo = DiffMemo()
         self._specs_inputs: tuple[Any, ...] | None = None
         self._local_key: tuple[Any, ...] = ()
@@ -580,17 +581,28 @@ class Mesh:
                 self._error(f"links/routes/rules: {e}")
                 self._dataplane_due = True
         states = {pk: m.state for pk, m in self.machines.items()}
-        prefixes = routed_prefixes(
-            self.specs.specs,
-            self.identity.subnet,
-            states=states,
-            allow_down_peer_bypass=self.cfg.allow_down_peer_bypass,
-            memo=self._prefix_memo,
+        # the target sets depend on the specs and, with the bypass, on which peers are down
+        down = (
+            frozenset(pk for pk, st in states.items() if st == PeerState.DOWN)
+            if self.cfg.allow_down_peer_bypass
+            else frozenset()
         )
-        sets = {
-            SET_IPV4: [p for p in prefixes if p.version == 4],
-            SET_IPV6: [p for p in prefixes if p.version == 6],
-        }
+        cached = self._target_sets
+        if cached is not None and cached[0] is self.specs and cached[1] == down:
+            sets = cached[2]
+        else:
+            prefixes = routed_prefixes(
+                self.specs.specs,
+                self.identity.subnet,
+                states=states,
+                allow_down_peer_bypass=self.cfg.allow_down_peer_bypass,
+                memo=self._prefix_memo,
+            )
+            sets = {
+                SET_IPV4: [p for p in prefixes if p.version == 4],
+                SET_IPV6: [p for p in prefixes if p.version == 6],
+            }
+            self._target_sets = (self.specs, down, sets)
         try:
             changes += await self.nft.reconcile(sets)
         except Exception as e:

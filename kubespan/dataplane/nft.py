@@ -550,6 +550,7 @@ class NftManager:
         self._lock = asyncio.Lock()
         # the documents sent by the last reconcile/teardown (tests and debugging read these)
         self.transactions: list[Transaction] = []
+        self._normalized: tuple[dict[str, list[Any]], dict[str, list[IPNetwork]]] | None = None
 
     @classmethod
     def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None, **kw: Any) -> NftManager:
@@ -623,7 +624,7 @@ class NftManager:
         ``desired_sets`` maps set names (``targets_ipv4``, ``targets_ipv6``; see
         :func:`targets`) to prefixes; a missing name means an empty set.
         """
-        desired = normalize_desired(desired_sets)
+        desired = self._normalize(desired_sets)
         async with self._lock:
             self.transactions = []
             live = await self._list()
@@ -652,6 +653,16 @@ class NftManager:
             return await self._replace(
                 "replace", desired, f"nft table {FAMILY} {self.table}: replaced (set update failed)"
             )
+
+    def _normalize(self, desired_sets: Mapping[str, Iterable[Any]]) -> dict[str, list[IPNetwork]]:
+        """:func:`normalize_desired`, reusing the last result when the input lists are equal
+        (cheap when they hold the same objects, as the engine's do between passes)."""
+        given = {name: list(items) for name, items in desired_sets.items()}
+        if self._normalized is not None and self._normalized[0] == given:
+            return self._normalized[1]
+        desired = normalize_desired(given)
+        self._normalized = (given, desired)
+        return desired
 
     async def _replace(self, kind: str, desired: Mapping[str, Sequence[IPNetwork]], change: str) -> list[str]:
         error = await self._apply(kind, render_replace(self.params, desired))

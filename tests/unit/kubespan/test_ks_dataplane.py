@@ -1260,3 +1260,24 @@ def test_diff_sets_same_result_for_equal_lists_in_any_order():
     d = N.diff_sets({SET_IPV4: nets[:4]}, {SET_IPV4: fresh[1:]})
     assert d == {SET_IPV4: N.SetDiff(add=(fresh[4],), delete=(nets[0],))}
     assert N.diff_sets({}, {SET_IPV6: []}) == {}
+
+
+async def test_nft_normalization_reused_only_for_equal_input(monkeypatch) -> None:
+    sim = NftSim()
+    nm = NftManager(runner=sim)
+    calls: list[int] = []
+    original = N.normalize_desired
+
+    def counting(sets):
+        calls.append(1)
+        return original(sets)
+
+    monkeypatch.setattr(N, "normalize_desired", counting)
+    wanted = targets(["10.0.0.0/25", "10.0.0.128/25", "fd00::/64"])
+    await nm.reconcile(wanted)
+    await nm.reconcile(targets(["10.0.0.0/25", "10.0.0.128/25", "fd00::/64"]))  # equal lists: reused
+    assert len(calls) == 1
+    wanted[SET_IPV4].append(ip_network("10.9.0.0/16"))  # the caller's list changed afterwards
+    assert await nm.reconcile(wanted) == ["nft set targets_ipv4: add 1, delete 0"]
+    assert len(calls) == 2
+    assert sim.elements()[SET_IPV4] == [ip_network("10.0.0.0/24"), ip_network("10.9.0.0/16")]

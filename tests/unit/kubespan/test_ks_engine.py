@@ -409,3 +409,23 @@ async def test_peer_change_updates_sets_without_rechecking_links(mesh) -> None:
         assert len(links.calls) > link_calls
     finally:
         await m.stop()
+
+
+async def test_bypass_of_a_down_peer_still_updates_the_sets(mesh) -> None:
+    m, disc, _wg, _links, nft, clock = mesh
+    from dataclasses import replace as dc_replace
+
+    m.cfg = dc_replace(m.cfg, allow_down_peer_bypass=True)
+    k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2, "192.0.2.7")
+    disc.peers = {"node-a": d1}
+    await m.start()
+    try:
+        await m.reconcile()
+        assert ipaddress.ip_network("192.0.2.7/32") in nft.sets[SET_IPV4]
+        m.machines[k1]._state = PeerState.DOWN  # what the endpoint machine decides after a failure
+        clock.t += m.cfg.reconcile_interval
+        await m.reconcile()
+        assert m.machines[k1].state == PeerState.DOWN
+        assert ipaddress.ip_network("192.0.2.7/32") not in nft.sets[SET_IPV4]
+    finally:
+        await m.stop()
