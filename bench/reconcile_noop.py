@@ -1,0 +1,369 @@
+"""The mesh engine at 1000 peers on the real data plane: a no-op reconcile writes nothing, one change is cheap.
+
+Inside one lab node: :class:`kubespan.engine.Mesh` with the real userspace
+backend (wireguard-go), the real :class:`NftManager` and :class:`LinkManager`
+and the real host addresses (netlink), fed by an in-memory discovery that
+behaves like the discovery client (a ``version`` that moves on every change,
+entries replaced rather than modified). ICMPv6 probes go to a recording fake.
+
+1. 1000 affiliates are discovered; reconcile until nothing is written.
+2. (a) No-op: more reconciles with nothing changed, half of them with the data
+   plane check forced (links, routes, rules, nft table read and compared).
+   Counted: UAPI ``set`` requests and nft transactions. Target: 0 and 0.
+3. (b) One change while 1000 peers exist: one affiliate gains (or, the next
+   round, loses) an address. ``await mesh.reconcile()`` is timed end to end;
+   it must send exactly one UpdatePeer for that peer and one nft ``diff``
+   transaction holding only that element. Target: median <= 10 ms.
+
+Where the time of a pass goes is measured by timing the adapters' calls
+(WireGuard read and write, host addresses, links, nft read and write); the
+rest is the engine's own work. Needs root (runs inside a lab node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from _wglab import IFNAME, fmt, inside, median, run_in_node, skip_unless_root, strip_inside, verdict
+
+from discovery.crypto import endpoint_from_addr
+from kubespan.dataplane.links import LinkManager
+from kubespan.dataplane.nft import NftManager
+from kubespan.engine import Mesh, MeshOptions
+from kubespan.hostinfo import NetlinkHost
+from kubespan.identity import generate_private_key, ula_prefix
+from kubespan.probe import FakeProber
+from kubespan.wgdiff import UpdatePeer
+from kubespan.wireguard import UserspaceBackend
+from spanapi.discovery.client import affiliate_pb2
+
+NAME = "reconcile"
+TARGET_MS = 10.0
+CLUSTER = "bench-cluster-reconcile"
+SECRET = bytes(range(32))
+
+
+@dataclass(frozen=True)
+class Discovered:
+    id: str
+    affiliate: affiliate_pb2.Affiliate
+    endpoints: tuple[affiliate_pb2.Endpoint, ...]
+
+
+class Discovery:
+    """Like the discovery client: ``version`` moves on every change; a changed entry is a new object."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Discovered] = {}
+        self.version = 0
+        self.public_ip = None
+
+    @property
+    def affiliates(self) -> Mapping[str, Discovered]:
+        return dict(self.entries)
+
+    def put(self, entry: Discovered) -> None:
+        self.entries[entry.id] = entry
+        self.version += 1
+
+    async def set_local_data(
+        self, affiliate: Any, endpoints: Sequence[Any] = (), other_endpoints: Any = None
+    ) -> bool:
+        return True
+
+
+def affiliate(i: int, extra: Sequence[str] = ()) -> tuple[Discovered, Any]:
+    key = generate_private_key().public_key()
+    node_id = f"node-{i:05d}"
+    ip = ipaddress.ip_address(f"10.{64 + (i >> 8)}.{i & 255}.1")
+    a = affiliate_pb2.Affiliate(node_id=node_id, nodename=node_id, hostname=node_id)
+    a.addresses.append(ip.packed)
+    if i % 3 == 0:  # a second node address
+        a.addresses.append(ipaddress.ip_address(f"192.168.{i >> 8}.{i & 255}").packed)
+    a.addresses.extend(ipaddress.ip_address(x).packed for x in extra)
+    a.kubespan.public_key = key.b64
+    a.kubespan.address = ula_prefix(CLUSTER)[0x1000 + i].packed
+    return Discovered(node_id, a, (endpoint_from_addr(ip, 51820),)), key
+
+
+def with_addresses(d: Discovered, base: Sequence[bytes], extra: Sequence[str]) -> Discovered:
+    """A new entry (as the client makes on a change) with the node addresses ``base + extra``."""
+    a = affiliate_pb2.Affiliate()
+    a.CopyFrom(d.affiliate)
+    del a.addresses[:]
+    a.addresses.extend([*base, *(ipaddress.ip_address(x).packed for x in extra)])
+    return Discovered(d.id, a, d.endpoints)
+
+
+class Timers:
+    """Wall time spent in the adapters' calls during one pass."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = defaultdict(float)
+
+    def wrap(self, obj: Any, method: str, label: str) -> None:
+        orig: Callable[..., Awaitable[Any]] = getattr(obj, method)
+
+        async def timed(*args: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await orig(*args, **kw)
+            finally:
+                self.spent[label] += (time.perf_counter() - t0) * 1000
+
+        setattr(obj, method, timed)
+
+    def wrap_sync(self, obj: Any, name: str, label: str) -> None:
+        orig: Callable[..., Any] = getattr(obj, name)
+
+        def timed(*args: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return orig(*args, **kw)
+            finally:
+                self.spent[label] += (time.perf_counter() - t0) * 1000
+
+        setattr(obj, name, timed)
+
+    def take(self) -> dict[str, float]:
+        out, self.spent = dict(self.spent), defaultdict(float)
+        return out
+
+
+def node_setup() -> None:
+    """A NIC with an address (the engine's candidate ordering and local affiliate use it)."""
+    for cmd in (
+        ["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"],
+        ["ip", "addr", "add", "10.5.0.1/16", "dev", "eth0"],
+        ["ip", "link", "set", "eth0", "up"],
+        ["ip", "link", "set", "eth0peer", "up"],
+    ):
+        subprocess.run(cmd, check=True)
+
+
+async def bench(ns: argparse.Namespace) -> int:
+    node_setup()
+    tmp = Path(tempfile.mkdtemp(prefix="reconcile-"))
+    disc = Discovery()
+    keys = {}
+    for i in range(ns.peers):
+        d, key = affiliate(i)
+        disc.entries[d.id] = d
+        keys[d.id] = key
+    backend = UserspaceBackend(IFNAME, existing="replace", request_timeout=120, log_path=tmp / "wg-go.log")
+    links = LinkManager() if not ns.fake_links else None
+    if links is None:
+        from kubespan.dataplane.fake import FakeLinkManager
+
+        links = FakeLinkManager()
+    nft = NftManager()
+    opts = MeshOptions(
+        cluster_id=CLUSTER,
+        cluster_secret=SECRET,
+        state_dir=tmp / "state",
+        nodename="bench",
+        mac=bytes.fromhex("2e1ab6538169"),
+    )
+    mesh = Mesh(
+        opts, backend=backend, links=links, nft=nft, host=NetlinkHost(), discovery=disc, prober=FakeProber()
+    )
+    timers = Timers()
+    timers.wrap(backend, "get", "wg read")
+    timers.wrap(backend, "apply", "wg write")
+    timers.wrap(mesh.host, "addresses", "host addresses")
+    for m in ("reconcile_link", "reconcile_routes", "reconcile_rules"):
+        timers.wrap(links, m, "links")
+    timers.wrap(nft, "_list", "nft read")
+    timers.wrap(nft, "_apply", "nft write")
+    # the engine's own steps (sync code), to show where "the rest" goes
+    import kubespan.dataplane.nft as nft_module
+    import kubespan.engine as engine_module
+
+    timers.wrap_sync(mesh, "_compute_specs", "engine: specs")
+    timers.wrap_sync(mesh, "_decide", "engine: decide")
+    timers.wrap_sync(engine_module, "diff_device", "engine: diff")
+    timers.wrap_sync(engine_module, "routed_prefixes", "engine: routed")
+    timers.wrap_sync(nft_module, "normalize_desired", "nft: normalize")
+    timers.wrap_sync(nft_module, "diff_sets", "nft: diff")
+
+    async def one_pass(force_dataplane: bool = False) -> tuple[float, int, list[Any], dict[str, float]]:
+        if force_dataplane:
+            mesh.wake(dataplane=True)
+        nft.transactions = []
+        sets = backend.client.sets
+        timers.take()
+        t0 = time.perf_counter()
+        await mesh.reconcile()
+        ms = (time.perf_counter() - t0) * 1000
+        return ms, backend.client.sets - sets, list(nft.transactions), timers.take()
+
+    await mesh.start()
+    # the benchmark drives the passes itself: stop the engine's own 1 s loop (the netlink watcher
+    # stays, and marks the data plane due when something changes, as in production)
+    for task in list(mesh._tasks):
+        if task.get_name() == "mesh-loop":
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            mesh._tasks.remove(task)
+    try:
+        # 1. converge
+        t0 = time.perf_counter()
+        quiet = 0
+        passes = 0
+        while quiet < 3:
+            passes += 1
+            if passes > 40:
+                raise SystemExit("no steady state after 40 passes")
+            _, sets, txs, _ = await one_pass()
+            quiet = quiet + 1 if not sets and not txs else 0
+        dev = await backend.get()
+        assert dev is not None and len(dev.peers) == ns.peers
+        print(f"{ns.peers} peers converged in {passes} passes, {time.perf_counter() - t0:.1f} s")
+
+        # (a) nothing changed
+        noop_ms: list[float] = []
+        noop_full_ms: list[float] = []
+        total_sets = 0
+        total_txs = 0
+        noop_parts: list[dict[str, float]] = []
+        for _ in range(ns.rounds):
+            for force in (False, True):
+                ms, sets, txs, parts = await one_pass(force_dataplane=force)
+                total_sets += sets
+                total_txs += len(txs)
+                (noop_full_ms if force else noop_ms).append(ms)
+                if force:
+                    noop_parts.append(parts)
+            await asyncio.sleep(0.05)
+        errors = list(mesh.errors)
+
+        # (b) one affiliate changes while 1000 exist
+        change_ms: list[float] = []
+        change_parts: list[dict[str, float]] = []
+        bad: list[str] = []
+        ids = sorted(disc.entries)
+        base = {i: list(disc.entries[i].affiliate.addresses) for i in ids}
+        for r in range(ns.rounds):
+            target = ids[(r * 97 + 13) % len(ids)]
+            extra = f"172.31.{100 + r}.1"
+            for adding in (True, False):
+                _, sets, txs, _ = await one_pass()  # settle: nothing pending
+                if sets or txs:
+                    bad.append(f"round {r}: settle pass wrote ({sets} sets, {len(txs)} nft)")
+                disc.put(with_addresses(disc.entries[target], base[target], [extra] if adding else []))
+                if ns.profile and r == ns.rounds - 1 and adding:
+                    import cProfile
+                    import pstats
+
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    ms, sets, txs, parts = await one_pass()
+                    prof.disable()
+                    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+                else:
+                    ms, sets, txs, parts = await one_pass()
+                change_ms.append(ms)
+                change_parts.append(parts)
+                ops = backend.client.last_set_ops
+                ok_wg = (
+                    sets == 1
+                    and len(ops) == 1
+                    and isinstance(ops[0], UpdatePeer)
+                    and ops[0].public_key == keys[target]
+                    and ops[0].endpoint is None
+                    and ops[0].persistent_keepalive is None
+                    and ops[0].preshared_key is None
+                    and ops[0].allowed_ips is not None
+                    and (ipaddress.ip_network(f"{extra}/32") in ops[0].allowed_ips) == adding
+                )
+                want_cmd = "add" if adding else "delete"
+                ok_nft = (
+                    len(txs) == 1
+                    and txs[0].kind == "diff"
+                    and txs[0].ok
+                    and [list(c) for c in txs[0].document["nftables"]] == [[want_cmd]]
+                    and txs[0].document["nftables"][0][want_cmd]["element"]["elem"] == [extra]
+                )
+                if not ok_wg:
+                    bad.append(f"round {r} {want_cmd}: WireGuard wrote {sets} sets, ops {ops!r}")
+                if not ok_nft:
+                    bad.append(
+                        f"round {r} {want_cmd}: nft {[(t.kind, json.dumps(t.document)[:200]) for t in txs]}"
+                    )
+    finally:
+        await mesh.stop(cleanup=True)
+
+    io = ["wg read", "wg write", "host addresses", "links", "nft read", "nft write"]
+    cpu = ["engine: specs", "engine: decide", "engine: diff", "engine: routed", "nft: normalize", "nft: diff"]
+
+    def breakdown(samples: list[dict[str, float]], total: list[float]) -> str:
+        def med(label: str) -> float:
+            return median([s.get(label, 0.0) for s in samples])
+
+        rest = median([t - sum(s.values()) for t, s in zip(total, samples, strict=True)])
+        return (
+            "I/O: "
+            + ", ".join(f"{label} {med(label):.1f}" for label in io)
+            + "\n      CPU: "
+            + ", ".join(f"{label.split(': ')[1]} {med(label):.1f}" for label in cpu)
+            + f", other {rest:.1f} ms"
+        )
+
+    print(f"(a) no-op reconcile, {2 * ns.rounds} passes ({ns.rounds} with the data plane check forced)")
+    print(f"    UAPI sets {total_sets} (target 0), nft transactions {total_txs} (target 0)")
+    print(f"    pass time: {median(noop_ms):.1f} ms median (rounds: {fmt(noop_ms)})")
+    print(
+        f"    with the data plane check: {median(noop_full_ms):.1f} ms median (rounds: {fmt(noop_full_ms)})"
+    )
+    print(f"    where it goes (medians, ms), {breakdown(noop_parts, noop_full_ms)}")
+    if errors:
+        print(f"    engine errors: {errors[-3:]}")
+    print(f"(b) one affiliate changed, {len(change_ms)} changes (an address added, then removed)")
+    print(f"    reconcile: {median(change_ms):.1f} ms median (rounds: {fmt(change_ms)})")
+    print(f"    where it goes (medians, ms), {breakdown(change_parts, change_ms)}")
+    print(f"    only that peer and its element touched: {'yes' if not bad else 'NO'}")
+    for line in bad[:5]:
+        print(f"      {line}")
+    noop_ok = total_sets == 0 and total_txs == 0
+    print(
+        f"RESULT {NAME}_noop_writes wg_sets={total_sets} nft_transactions={total_txs} target=0 {verdict(noop_ok)}"
+    )
+    ms = median(change_ms)
+    ok = ms <= TARGET_MS and not bad
+    print(
+        f"RESULT {NAME}_one_change ms={ms:.1f} target<={TARGET_MS:g} minimal_writes={not bad} {verdict(ok)}"
+    )
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peers", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--profile", action="store_true", help="print a profile of one changed pass")
+    ap.add_argument(
+        "--fake-links", action="store_true", help="in-memory links/routes/rules instead of netlink"
+    )
+    if skip_unless_root(NAME):
+        return 0
+    if not inside(sys.argv):
+        return run_in_node(__file__, sys.argv[1:])
+    return asyncio.run(bench(ap.parse_args(strip_inside(sys.argv[1:]))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
