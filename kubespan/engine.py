@@ -109,7 +109,7 @@ class DiscoveryLike(Protocol):
 @dataclass(frozen=True)
 class MeshOptions:
     cluster_id: str
-    cluster_secret: bytes
+    cluster_secret: bytes = field(repr=False)
     state_dir: Path
     nodename: str
     hostname: str = ""

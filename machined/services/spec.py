@@ -202,7 +202,7 @@ class Service:
 
     name: str
     argv: tuple[str, ...]
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # may carry secrets
     cwd: str | None = None
     user: str | int | None = None  # name or uid; needs machined to run as root (or as that user)
     restart: RestartPolicy = RestartPolicy.ALWAYS
