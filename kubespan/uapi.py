@@ -36,6 +36,7 @@ from kubespan.wgtypes import (
     PresharedKey,
     PrivateKey,
     PublicKey,
+    observed_peer_unchecked,
     sorted_networks,
 )
 
@@ -515,7 +516,8 @@ def _parse_get_fast(text: str, cache: PeerCache | None) -> ObservedDevice | None
                 allowed = allowed_sets.get(allowed_text)
                 if allowed is None:
                     allowed = _allowed_set(allowed_text)
-                peer = ObservedPeer(  # positional: measurably cheaper than keywords
+                # the values are checked and normalised above (frozenset, no zero PSK)
+                peer = observed_peer_unchecked(
                     key,  # public_key
                     allowed,  # allowed_ips
                     endpoint,

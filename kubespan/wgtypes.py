@@ -15,7 +15,7 @@ import base64
 import binascii
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import MappingProxyType
 from typing import Self
@@ -243,6 +243,59 @@ class ObservedPeer:
             self.persistent_keepalive,
             self.preshared_key,
         )
+
+
+_OBSERVED_PEER_FIELDS = (
+    "public_key",
+    "allowed_ips",
+    "endpoint",
+    "persistent_keepalive",
+    "preshared_key",
+    "rx_bytes",
+    "tx_bytes",
+    "last_handshake",
+    "protocol_version",
+)
+if tuple(f.name for f in fields(ObservedPeer)) != _OBSERVED_PEER_FIELDS:  # pragma: no cover
+    raise RuntimeError("observed_peer_unchecked must set every field of ObservedPeer")
+(
+    _set_public_key,
+    _set_allowed_ips,
+    _set_endpoint,
+    _set_keepalive,
+    _set_psk,
+    _set_rx,
+    _set_tx,
+    _set_handshake,
+    _set_version,
+) = (ObservedPeer.__dict__[name].__set__ for name in _OBSERVED_PEER_FIELDS)
+
+
+def observed_peer_unchecked(
+    public_key: PublicKey,
+    allowed_ips: frozenset[IPNetwork],
+    endpoint: AddrPort | None,
+    persistent_keepalive: int,
+    preshared_key: PresharedKey | None,
+    rx_bytes: int,
+    tx_bytes: int,
+    last_handshake: float | None,
+    protocol_version: int,
+) -> ObservedPeer:
+    """An :class:`ObservedPeer` from values a parser has already checked and normalised
+    (``allowed_ips`` a frozenset, never the all-zero PSK): ``__post_init__`` is not run again.
+    About a third cheaper than the constructor, which counts when a status poll parses 1000 peers."""
+    peer = object.__new__(ObservedPeer)
+    _set_public_key(peer, public_key)
+    _set_allowed_ips(peer, allowed_ips)
+    _set_endpoint(peer, endpoint)
+    _set_keepalive(peer, persistent_keepalive)
+    _set_psk(peer, preshared_key)
+    _set_rx(peer, rx_bytes)
+    _set_tx(peer, tx_bytes)
+    _set_handshake(peer, last_handshake)
+    _set_version(peer, protocol_version)
+    return peer
 
 
 @dataclass(frozen=True, slots=True)

@@ -171,3 +171,26 @@ def test_key_hash_is_the_bytes_hash_and_equal_keys_collide():
     assert hash(PublicKey(raw)) == hash(PublicKey(bytes(raw))) == hash(raw)
     assert {PublicKey(raw): 1}[PublicKey(bytes(raw))] == 1
     assert PublicKey(raw) != PresharedKey(raw)  # same hash, still different kinds
+
+
+def test_observed_peer_unchecked_equals_the_checked_constructor():
+    from ipaddress import ip_network
+
+    from kubespan.wgtypes import observed_peer_unchecked
+
+    args = (
+        PublicKey(bytes(range(32))),
+        frozenset({ip_network("10.0.0.0/24")}),
+        AddrPort("192.0.2.1", 51820),
+        25,
+        PresharedKey(b"\x07" * 32),
+        1,
+        2,
+        1700000000.5,
+        1,
+    )
+    fast, checked = observed_peer_unchecked(*args), ObservedPeer(*args)
+    assert fast == checked and hash(fast) == hash(checked) and repr(fast) == repr(checked)
+    assert fast.config() == checked.config()
+    with pytest.raises(AttributeError):
+        fast.rx_bytes = 5  # still frozen
