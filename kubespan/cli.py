@@ -28,19 +28,14 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from discovery.client import DiscoveryClient
 from discovery.crypto import SecretError, parse_secret
 from discovery.logs import log_event, setup
 from kubespan.constants import ConfigError, MeshConfig
-from kubespan.dataplane.links import LinkManager
-from kubespan.dataplane.nft import NftManager
 from kubespan.engine import Mesh, MeshOptions
-from kubespan.hostinfo import NetlinkHost
 from kubespan.metrics import MeshCollector
 from kubespan.peers import EndpointFilter
-from kubespan.probe import Prober
 from kubespan.wgtypes import AddrPort
-from kubespan.wireguard.backend import WireGuardBackend
+from kubespan.wiring import build_mesh
 
 log = logging.getLogger("kubespan")
 
@@ -184,21 +179,6 @@ def read_secret(ns: argparse.Namespace) -> bytes:
         raise SystemExit(f"kubespan: cluster secret: {e}") from None
 
 
-async def make_backend(ns: argparse.Namespace, on_restart: Any) -> WireGuardBackend:
-    kind = ns.backend
-    if kind == "auto":
-        from kubespan.wireguard.kernel import kernel_available
-
-        kind = "kernel" if await kernel_available() else "userspace"
-    if kind == "kernel":
-        from kubespan.wireguard.kernel import KernelBackend
-
-        return KernelBackend(ns.link)
-    from kubespan.wireguard.userspace import UserspaceBackend
-
-    return UserspaceBackend(ns.link, socket_dir=ns.socket_dir, binary=ns.wireguard_go, on_restart=on_restart)
-
-
 async def run(ns: argparse.Namespace) -> int:
     secret = read_secret(ns)
     try:
@@ -232,65 +212,35 @@ async def run(ns: argparse.Namespace) -> int:
         mac=ns.mac,
         publish_learned=not ns.no_publish_learned,
     )
-    ns.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    from kubespan.engine import load_node_id
-
-    node_id = load_node_id(ns.state_dir)
-    mesh_ref: list[Mesh] = []
-
-    async def on_restart() -> None:
-        log_event(log, "wireguard-go restarted; re-applying", logging.WARNING)
-        if mesh_ref:
-            mesh_ref[0].wake(dataplane=True)
-
-    backend = await make_backend(ns, on_restart)
-    client = DiscoveryClient(
-        ns.discovery, cluster_id=ns.cluster_id, secret=secret, affiliate_id=node_id, tls_ca=ns.discovery_ca
-    )
-    mesh = Mesh(
+    runner = await build_mesh(
         opts,
-        backend=backend,
-        links=LinkManager.from_config(cfg),
-        nft=NftManager.from_config(cfg),
-        host=NetlinkHost(),
-        discovery=client,
-        prober=Prober(),
+        discovery_urls=ns.discovery,
+        discovery_ca=ns.discovery_ca,
+        backend=ns.backend,
+        wireguard_go=ns.wireguard_go,
+        socket_dir=ns.socket_dir,
     )
-    mesh_ref.append(mesh)
+    mesh = runner.mesh
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    client.on_change = lambda _snapshot: mesh.wake()
-    client.on_public_ip = lambda _ip: mesh.wake()
 
     registry = CollectorRegistry()
     MeshCollector(lambda: mesh.status() if mesh.identity else None, registry)
-    runner = await serve_http(ns.http_addr, mesh, registry)
-    await client.start()
+    http = await serve_http(ns.http_addr, mesh, registry)
     try:
-        await mesh.start()
+        await runner.start()
     except Exception as e:
         log_event(log, "mesh failed to start", logging.ERROR, error=str(e))
-        await client.close()
-        await runner.cleanup()
-        await backend.close(remove=not ns.keep_on_exit)
+        await http.cleanup()
         return 1
     log_event(log, "mesh running", http=f"{ns.http_addr[0]}:{ns.http_addr[1]}", discovery=ns.discovery)
     await stop.wait()
     log_event(log, "stopping", leave=not ns.keep_on_exit)
-    if not ns.keep_on_exit:
-        # leaving: tell discovery first so peers drop us now rather than when the TTL runs out
-        try:
-            async with asyncio.timeout(5):
-                await client.delete_local_affiliate()
-        except TimeoutError:
-            log_event(
-                log, "discovery delete timed out; peers drop this node when its TTL expires", logging.WARNING
-            )
-    await mesh.stop(cleanup=not ns.keep_on_exit)
-    await client.close()
-    await runner.cleanup()
+    # leaving: tell discovery first so peers drop us now rather than when the TTL runs out
+    await runner.stop(cleanup=not ns.keep_on_exit)
+    await http.cleanup()
     return 0
 
 

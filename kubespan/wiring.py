@@ -1,0 +1,193 @@
+"""The mesh engine wired to its real adapters: what ``kubespan run`` and machined share.
+
+:func:`build_mesh` picks the WireGuard backend, creates the discovery client and
+the data-plane managers and hands them to :class:`~kubespan.engine.Mesh`;
+:class:`MeshRunner` starts them in order (discovery first, then the engine) and
+stops them, optionally leaving the cluster first. Tests and benchmarks pass
+fakes through :class:`MeshDeps` for any adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from discovery.logs import log_event
+from kubespan.engine import Mesh, MeshOptions, load_node_id
+from kubespan.hostinfo import HostInfo
+from kubespan.probe import Prober
+from kubespan.wireguard.backend import WireGuardBackend
+
+log = logging.getLogger("kubespan")
+
+DEFAULT_SOCKET_DIR = Path("/var/run/wireguard")
+LEAVE_TIMEOUT = 5.0
+
+
+async def make_backend(
+    kind: str,
+    link_name: str,
+    *,
+    socket_dir: Path = DEFAULT_SOCKET_DIR,
+    binary: str = "wireguard-go",
+    on_restart: Callable[[], Awaitable[None]] | None = None,
+) -> WireGuardBackend:
+    """``kind`` is ``auto`` (kernel when ``ip link add type wireguard`` works), ``kernel`` or ``userspace``."""
+    if kind == "auto":
+        from kubespan.wireguard.kernel import kernel_available
+
+        kind = "kernel" if await kernel_available() else "userspace"
+    if kind == "kernel":
+        from kubespan.wireguard.kernel import KernelBackend
+
+        return KernelBackend(link_name)
+    if kind != "userspace":
+        raise ValueError(f"WireGuard backend must be auto, kernel or userspace, not {kind!r}")
+    from kubespan.wireguard.userspace import UserspaceBackend
+
+    return UserspaceBackend(link_name, socket_dir=socket_dir, binary=binary, on_restart=on_restart)
+
+
+@dataclass
+class MeshDeps:
+    """Adapters to use instead of the real ones (any subset; None = the real adapter)."""
+
+    backend: WireGuardBackend | None = None
+    links: Any = None
+    nft: Any = None
+    host: HostInfo | None = None
+    prober: Prober | None = None
+    # replaces the DiscoveryClient (anything with the engine's DiscoveryLike surface; ``start``,
+    # ``close`` and ``delete_local_affiliate`` are called when present)
+    discovery: Any = None
+
+
+class MeshRunner:
+    """A built mesh and its discovery client; ``await start()`` … ``await stop()``."""
+
+    def __init__(self, mesh: Mesh, discovery: Any, backend: WireGuardBackend) -> None:
+        self.mesh = mesh
+        self.discovery = discovery
+        self.backend = backend
+        self.started = False
+
+    async def start(self) -> None:
+        """Start discovery, then the engine. On failure everything is closed again and the error raised."""
+        start = getattr(self.discovery, "start", None)
+        if start is not None:
+            await start()
+        try:
+            await self.mesh.start()
+        except BaseException:
+            await self._close_discovery()
+            try:
+                await self.backend.close(remove=True)
+            except Exception as e:
+                log_event(log, "backend close after a failed start failed", logging.WARNING, error=str(e))
+            raise
+        self.started = True
+
+    async def stop(self, *, cleanup: bool = True, leave: bool | None = None) -> None:
+        """Stop the engine. ``leave`` (default: ``cleanup``) deletes our discovery entry first so peers
+        drop us at once; ``cleanup`` removes the link, routes, rules and nftables table."""
+        leave = cleanup if leave is None else leave
+        if leave and self.started:
+            delete = getattr(self.discovery, "delete_local_affiliate", None)
+            if delete is not None:
+                try:
+                    async with asyncio.timeout(LEAVE_TIMEOUT):
+                        await delete()
+                except TimeoutError:
+                    log_event(
+                        log,
+                        "discovery delete timed out; peers drop this node when its TTL expires",
+                        logging.WARNING,
+                    )
+                except Exception as e:
+                    log_event(log, "discovery delete failed", logging.WARNING, error=str(e))
+        if self.started:
+            await self.mesh.stop(cleanup=cleanup)
+        self.started = False
+        await self._close_discovery()
+
+    async def _close_discovery(self) -> None:
+        close = getattr(self.discovery, "close", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception as e:
+                log_event(log, "discovery close failed", logging.WARNING, error=str(e))
+
+
+async def build_mesh(
+    opts: MeshOptions,
+    *,
+    discovery_urls: Sequence[str],
+    discovery_ca: Path | None = None,
+    backend: str = "auto",
+    wireguard_go: str = "wireguard-go",
+    socket_dir: Path = DEFAULT_SOCKET_DIR,
+    deps: MeshDeps | None = None,
+) -> MeshRunner:
+    """The engine with its adapters, not started. The discovery client wakes the engine on every
+    change of the affiliates and of our public IP."""
+    deps = deps or MeshDeps()
+    cfg = opts.config
+    opts.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ref: list[Mesh] = []
+
+    def wake(*_: object) -> None:
+        if ref:
+            ref[0].wake()
+
+    async def on_restart() -> None:
+        log_event(log, "wireguard-go restarted; re-applying", logging.WARNING)
+        if ref:
+            ref[0].wake(dataplane=True)
+
+    wg = deps.backend or await make_backend(
+        backend, cfg.link_name, socket_dir=socket_dir, binary=wireguard_go, on_restart=on_restart
+    )
+    discovery = deps.discovery
+    if discovery is None and discovery_urls:
+        from discovery.client import DiscoveryClient
+
+        discovery = DiscoveryClient(
+            list(discovery_urls),
+            cluster_id=opts.cluster_id,
+            secret=opts.cluster_secret,
+            affiliate_id=load_node_id(opts.state_dir),
+            tls_ca=discovery_ca,
+            on_change=wake,
+            on_public_ip=wake,
+        )
+    links = deps.links
+    if links is None:
+        from kubespan.dataplane.links import LinkManager
+
+        links = LinkManager.from_config(cfg)
+    nft = deps.nft
+    if nft is None:
+        from kubespan.dataplane.nft import NftManager
+
+        nft = NftManager.from_config(cfg)
+    host = deps.host
+    if host is None:
+        from kubespan.hostinfo import NetlinkHost
+
+        host = NetlinkHost()
+    mesh = Mesh(
+        opts,
+        backend=wg,
+        links=links,
+        nft=nft,
+        host=host,
+        discovery=discovery,
+        prober=deps.prober or Prober(),
+    )
+    ref.append(mesh)
+    return MeshRunner(mesh, discovery, wg)
