@@ -437,6 +437,28 @@ class Supervisor:
         for svc in new.values():
             self._runners[svc.name] = _Runner(self, svc, self._ring_size)
 
+    def replace(self, svc: Service) -> None:
+        """Swap the definition of a service that is not active (a changed config; start it again
+        afterwards). Its event history is kept; its log ring too, unless ``log_lines`` or ``log_file``
+        changed. Dependencies must exist and form no cycle."""
+        r = self._runner(svc.name)
+        if r.active:
+            raise RuntimeError(f"service {svc.name!r} is {r.state}; stop it before replacing it")
+        defs = {n: o.svc for n, o in self._runners.items()} | {svc.name: svc}
+        for d in svc.depends_on:
+            if d not in defs:
+                raise ServiceConfigError(f"services[{svc.name}].depends_on", f"unknown service {d!r}")
+        cycle = _find_cycle(defs)
+        if cycle:
+            raise ServiceConfigError(
+                f"services[{cycle[0]}].depends_on", "dependency cycle: " + " -> ".join(cycle)
+            )
+        old = r.svc
+        r.svc = svc
+        if (old.log_lines, old.log_file) != (svc.log_lines, svc.log_file):
+            r.logs.close()
+            r.logs = LogRing(svc.log_lines, path=svc.log_file, clock=self.clock)
+
     def remove(self, name: str) -> None:
         """Forget a service that is not running and that nothing depends on."""
         r = self._runner(name)
