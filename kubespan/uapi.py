@@ -411,10 +411,11 @@ def parse_get(text: str | bytes, cache: PeerCache | None = None) -> ObservedDevi
 
 # One peer exactly as wireguard-go (device/uapi.go, IpcGetOperation) writes it, after its
 # "public_key=" (the answer is split there). Digit counts bound the numbers' length; their
-# ranges are checked as the general parser does.
+# ranges are checked as the general parser does. Keys are 64 characters here and checked by
+# from_hex (or were, when first put in the key cache), as in the general parser.
 _PEER_RE = re.compile(
-    r"([0-9a-f]{64})\n"
-    r"preshared_key=([0-9a-f]{64})\n"
+    r"([^\n]{64})\n"
+    r"preshared_key=([^\n]{64})\n"
     r"protocol_version=([0-9]{1,10})\n"
     r"(?:endpoint=([^\n]+)\n)?"
     r"last_handshake_time_sec=([0-9]{1,20})\n"

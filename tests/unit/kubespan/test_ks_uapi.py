@@ -472,3 +472,13 @@ def test_fast_address_formatting_special_cases(ip):
     ep = AddrPort(ip, 7)
     assert uapi._endpoint_text(ep) == str(ep)
     assert uapi._v6_text(ep.ip) == str(ep.ip)
+
+
+@pytest.mark.parametrize("bad", ["g" * 64, "0" * 62 + " 1", "=" * 64])
+def test_fast_path_keys_are_checked_like_the_general_parser(bad):
+    for old in (K1.hex, PSK.hex):
+        text = WG_GO_SAMPLE.replace(old, bad, 1)
+        with pytest.raises(UapiProtocolError, match="is not a 64-character hex key"):
+            parse_get(text)
+        with pytest.raises(UapiProtocolError, match="is not a 64-character hex key"):
+            parse_get(text, PeerCache())
