@@ -1,0 +1,146 @@
+"""The mesh as resources, in Talos's names: KubeSpanIdentity, KubeSpanPeerSpec, KubeSpanPeerStatus
+(read from the running engine through :class:`~machined.daemon.meshhost.MeshHost`, woken after every
+engine pass) and KubeSpanEndpoint (derived from peer statuses and affiliates).
+
+Ids are Talos's: the identity is ``local``; peer specs, statuses and endpoints are keyed by the peer's
+public key.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from machined.runtime import Controller, ControllerContext, Output, weak
+from machined.state.catalog import (
+    AFFILIATE,
+    KUBESPAN_ENDPOINT,
+    KUBESPAN_IDENTITY,
+    KUBESPAN_PEER_SPEC,
+    KUBESPAN_PEER_STATUS,
+    NS_CLUSTER,
+    NS_KUBESPAN,
+)
+
+from .base import Outputs, rfc3339
+
+if TYPE_CHECKING:
+    from machined.daemon.meshhost import MeshHost
+
+IDENTITY_ID = "local"
+MESH_TIMER = 30.0  # Talos's ManagerController also runs on a 30 s timer
+
+
+class KubeSpanIdentityController(Controller):
+    name = "kubespan.IdentityController"
+    outputs = (Output(KUBESPAN_IDENTITY),)
+    interval = MESH_TIMER
+
+    def __init__(self, host: MeshHost) -> None:
+        self.host = host
+        self.out = Outputs(NS_KUBESPAN, KUBESPAN_IDENTITY)
+
+    async def reconcile(self, ctx: ControllerContext) -> None:
+        mesh = self.host.mesh
+        ident = mesh.identity if mesh is not None else None
+        if ident is not None:
+            await self.out.put(
+                ctx,
+                IDENTITY_ID,
+                {
+                    "address": f"{ident.address.ip}/128",
+                    "subnet": str(ident.subnet),
+                    "privateKey": ident.private_key.b64,
+                    "publicKey": ident.public_key.b64,
+                },
+            )
+        await self.out.cleanup(ctx)
+
+
+class KubeSpanPeerSpecController(Controller):
+    name = "kubespan.PeerSpecController"
+    outputs = (Output(KUBESPAN_PEER_SPEC),)
+    interval = MESH_TIMER
+
+    def __init__(self, host: MeshHost) -> None:
+        self.host = host
+        self.out = Outputs(NS_KUBESPAN, KUBESPAN_PEER_SPEC)
+        self._seen: Any = None
+
+    async def reconcile(self, ctx: ControllerContext) -> None:
+        mesh = self.host.mesh
+        specs = mesh.specs if mesh is not None else None
+        if specs is not None and specs is self._seen:
+            self.out.keep_all(ctx)  # the engine recomputes specs only when its inputs change
+            return
+        self._seen = specs
+        for s in specs.specs if specs is not None else ():
+            await self.out.put(
+                ctx,
+                s.public_key.b64,
+                {
+                    "address": str(s.mesh_address) if s.mesh_address else "",
+                    "allowedIPs": [str(p) for p in s.allowed_ips],
+                    "label": s.label,
+                    "endpoints": [str(e) for e in s.endpoints],
+                },
+            )
+        await self.out.cleanup(ctx)
+
+
+class KubeSpanPeerStatusController(Controller):
+    """The engine's per-peer state with Talos's field names (LABEL ENDPOINT STATE RX TX columns)."""
+
+    name = "kubespan.PeerStatusController"
+    outputs = (Output(KUBESPAN_PEER_STATUS),)
+    interval = MESH_TIMER
+
+    def __init__(self, host: MeshHost) -> None:
+        self.host = host
+        self.out = Outputs(NS_KUBESPAN, KUBESPAN_PEER_STATUS)
+
+    async def reconcile(self, ctx: ControllerContext) -> None:
+        st = self.host.status()
+        for p in st.peers if st is not None else ():
+            await self.out.put(
+                ctx,
+                p.public_key,
+                {
+                    "label": p.label,
+                    "endpoint": p.endpoint or "",
+                    "state": p.state,
+                    "receiveBytes": p.rx_bytes,
+                    "transmitBytes": p.tx_bytes,
+                    "lastHandshakeTime": rfc3339(p.last_handshake),
+                    "lastUsedEndpoint": p.last_used_endpoint or "",
+                    "lastEndpointChange": rfc3339(p.last_endpoint_change),
+                },
+            )
+        await self.out.cleanup(ctx)
+
+
+class KubeSpanEndpointController(Controller):
+    """Endpoints of peers that are up, with the affiliate they belong to (Talos's EndpointController:
+    PeerStatus + Affiliate -> Endpoint), for publishing and for restarts."""
+
+    name = "kubespan.EndpointController"
+    inputs = (weak(NS_KUBESPAN, KUBESPAN_PEER_STATUS), weak(NS_CLUSTER, AFFILIATE))
+    outputs = (Output(KUBESPAN_ENDPOINT),)
+
+    def __init__(self) -> None:
+        self.out = Outputs(NS_KUBESPAN, KUBESPAN_ENDPOINT)
+
+    async def reconcile(self, ctx: ControllerContext) -> None:
+        by_key: dict[str, str] = {}
+        for a in await ctx.list(NS_CLUSTER, AFFILIATE):
+            key = ((a.spec or {}).get("kubespan") or {}).get("publicKey")
+            if key:
+                by_key[key] = a.metadata.id
+        for r in await ctx.list(NS_KUBESPAN, KUBESPAN_PEER_STATUS):
+            spec = r.spec
+            if spec.get("state") != "up" or not spec.get("endpoint"):
+                continue
+            affiliate = by_key.get(r.metadata.id)
+            if affiliate is None:
+                continue
+            await self.out.put(ctx, r.metadata.id, {"affiliateID": affiliate, "endpoint": spec["endpoint"]})
+        await self.out.cleanup(ctx)
