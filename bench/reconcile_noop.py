@@ -154,9 +154,8 @@ def node_setup() -> None:
         subprocess.run(cmd, check=True)
 
 
-async def bench(ns: argparse.Namespace) -> int:
+async def bench(ns: argparse.Namespace, tmp: Path) -> int:
     node_setup()
-    tmp = Path(tempfile.mkdtemp(prefix="reconcile-"))
     disc = Discovery()
     keys = {}
     for i in range(ns.peers):
@@ -362,7 +361,8 @@ def main() -> int:
         return 0
     if not inside(sys.argv):
         return run_in_node(__file__, sys.argv[1:])
-    return asyncio.run(bench(ap.parse_args(strip_inside(sys.argv[1:]))))
+    with tempfile.TemporaryDirectory(prefix="reconcile-") as tmp:
+        return asyncio.run(bench(ap.parse_args(strip_inside(sys.argv[1:])), Path(tmp)))
 
 
 if __name__ == "__main__":

@@ -47,11 +47,10 @@ NAME = "wg_apply"
 TARGET = 1.0
 
 
-async def bench(ns: argparse.Namespace) -> int:
+async def bench(ns: argparse.Namespace, tmp: Path) -> int:
     if ns.whole:
         uapi._CHUNK_PEERS_FIRST = uapi._CHUNK_PEERS_MAX = 1 << 30
     cfg = make_config(ns.peers, seed=ns.seed)
-    tmp = Path(tempfile.mkdtemp(prefix="wg-apply-"))
     conf = tmp / "wg.conf"
     conf.write_text(wg_conf(cfg))
     backend = UserspaceBackend(IFNAME, existing="replace", request_timeout=120, log_path=tmp / "wg-go.log")
@@ -143,7 +142,8 @@ def main() -> int:
         return 0
     if not inside(sys.argv):
         return run_in_node(__file__, sys.argv[1:])
-    return asyncio.run(bench(ap.parse_args(strip_inside(sys.argv[1:]))))
+    with tempfile.TemporaryDirectory(prefix="wg-apply-") as tmp:
+        return asyncio.run(bench(ap.parse_args(strip_inside(sys.argv[1:])), Path(tmp)))
 
 
 if __name__ == "__main__":

@@ -70,9 +70,8 @@ async def timed_get(client: UapiClient, n: int, fresh_cache: bool) -> tuple[floa
     return (t1 - t0) * 1000, (c1 - c0) * 1000
 
 
-async def bench(ns: argparse.Namespace) -> int:
+async def bench(ns: argparse.Namespace, tmp: Path) -> int:
     cfg = make_config(ns.peers, seed=ns.seed)
-    tmp = Path(tempfile.mkdtemp(prefix="wg-readback-"))
     backend = UserspaceBackend(IFNAME, existing="replace", request_timeout=120, log_path=tmp / "wg-go.log")
     client = backend.client
     ours: dict[str, list[float]] = {"steady": [], "changed": []}
@@ -162,7 +161,8 @@ def main() -> int:
         return 0
     if not inside(sys.argv):
         return run_in_node(__file__, sys.argv[1:])
-    return asyncio.run(bench(ap.parse_args(strip_inside(sys.argv[1:]))))
+    with tempfile.TemporaryDirectory(prefix="wg-readback-") as tmp:
+        return asyncio.run(bench(ap.parse_args(strip_inside(sys.argv[1:])), Path(tmp)))
 
 
 if __name__ == "__main__":
