@@ -69,7 +69,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--streams", type=int, default=32)
-    ap.add_argument("--server-arg", action="append", default=[], help="extra discovery-service flag (repeatable)")
+    ap.add_argument(
+        "--server-arg", action="append", default=[], help="extra discovery-service flag (repeatable)"
+    )
     ns = ap.parse_args()
 
     req = pb.AffiliateUpdateRequest(
@@ -90,7 +92,9 @@ def main() -> int:
         try:
             assert noop.stdout is not None
             noop_port = int(noop.stdout.readline().split()[1])
-            with ServerProcess(Path(tmp) / "state", *ns.server_arg, log_path=Path(tmp) / "server.log") as server:
+            with ServerProcess(
+                Path(tmp) / "state", *ns.server_arg, log_path=Path(tmp) / "server.log"
+            ) as server:
                 port = server.ports["grpc"]
                 base, ours = [], []
                 for _ in range(ns.rounds):
