@@ -1,5 +1,5 @@
 # Two entry points that work on a fresh Debian machine as root:
-#   make demo   set everything up, then run the demo
+#   make demo   set everything up, then run the demo (the mesh across two NATed clouds; 40-60 s)
 #   make test   set everything up, then run lint and the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3 python3-venv python3-dev gcc wireguard-go wireguard-tools nftables iproute2 iputils-ping procps kmod nghttp2-client
 
-.PHONY: setup sysdeps venv demo test lint format unit integration bench proto clean
+.PHONY: setup sysdeps venv demo demo-discovery test lint format unit integration bench proto clean
 
 setup: sysdeps venv
 
@@ -46,7 +46,12 @@ unit: venv
 integration: setup
 	$(PY) -m pytest -q -rs tests/integration
 
+# The mesh demo: discovery server, a public node and two clouds behind NAT routers, in network namespaces.
 demo: setup
+	$(PY) -m netns.demo
+
+# The discovery-only demo: a server and three encrypted clients on loopback.
+demo-discovery: setup
 	$(PY) -m discovery.demo
 
 bench: setup

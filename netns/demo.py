@@ -1,0 +1,666 @@
+"""Mesh demo (``make demo``): two clouds behind NAT routers, a public node and the discovery server.
+
+Builds this lab in network namespaces (198.51.100.0/24 plays the public internet)::
+
+    internet 198.51.100.0/24
+      disc  .2   discovery-service :3000
+      pub   .10  mesh node with a public address
+      nat-a .11  EIM NAT router ── cloud A 10.1.0.0/24: a1 .11, a2 .12
+      nat-b .12  EIM NAT router ── cloud B 10.2.0.0/24: b1 .11, b2 .12
+
+starts ``kubespan run`` (real wireguard-go, nftables, policy routing) in every node, shows the mesh
+converging, prints every node's ``kubespan status``, a ping matrix over the mesh addresses and a check that
+traffic to a node's own (underlay) address is carried by the tunnel, then tears everything down and checks
+that nothing is left. Exit status 0 only when every peer link came up and every ping passed.
+
+Needs root, iproute2, nftables and wireguard-go (``make demo`` installs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netns.lab import Lab, LabError, Node, list_netns, sh
+from netns.mesh import MeshLab, MeshNode
+from netns.probe import ping
+
+PY = sys.executable
+INTERNET = "198.51.100"  # TEST-NET-2: "public" addresses, only inside the lab
+DISC_IP = f"{INTERNET}.2"
+DISC_PORT = 3000
+CONVERGE_TIMEOUT = 75.0
+
+# What this topology leaves out, and why (kubespan punches through NATs with WireGuard's own packets and
+# endpoints learned by roaming; it has no relay). Checked: cloud B behind "symmetric" forms pub<->b1 only.
+NOT_SHOWN = (
+    "not shown: a node behind a symmetric (port-randomising) NAT can reach the public node but no node "
+    "behind another NAT (its mapping changes per destination and there is no relay), so both clouds use "
+    "endpoint-independent NATs here"
+)
+
+
+@dataclass(frozen=True)
+class Cloud:
+    name: str
+    lan: str  # first three octets of the /24
+    nat: str
+    router_ip: str  # outside address
+    nodes: tuple[str, ...]
+
+
+CLOUDS = (
+    Cloud("a", "10.1.0", "eim", f"{INTERNET}.11", ("a1", "a2")),
+    Cloud("b", "10.2.0", "eim", f"{INTERNET}.12", ("b1", "b2")),
+)
+PUBLIC_NODE = ("pub", f"{INTERNET}.10")
+
+# One small stdlib process per node answers "give me /status" requests on stdin with one JSON line on
+# stdout: cheaper and steadier than starting a process per sample (the full `kubespan status` CLI costs
+# ~0.6 s of CPU per call, too much to sample every node every second).
+_POLLER = """
+import http.client, sys
+for _ in sys.stdin:
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", 51821, timeout=3)
+        c.request("GET", "/status")
+        r = c.getresponse()
+        body = r.read().decode()
+        c.close()
+        line = body if r.status == 200 else "null"
+    except Exception:
+        line = "null"
+    sys.stdout.write(line.replace(chr(10), " ") + chr(10))
+    sys.stdout.flush()
+"""
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def heading(text: str) -> None:
+    say(f"\n== {text}")
+
+
+# --- talking to the nodes ------------------------------------------------------------------------------
+
+
+async def run_in(node: Node, *args: str, limit: float = 20) -> tuple[int, str]:
+    """Run a command inside ``node`` (its network namespace); return (exit status, stdout)."""
+    proc = await asyncio.create_subprocess_exec(
+        *node.argv(*args, private_run=False),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with asyncio.timeout(limit):
+            out, _ = await proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+class StatusPoller:
+    """Reads one node's /status (the document ``kubespan status -o json`` prints) through ``_POLLER``."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lock = asyncio.Lock()
+
+    async def get(self) -> dict[str, Any] | None:
+        async with self.lock:
+            try:
+                if self.proc is None or self.proc.returncode is not None:
+                    self.proc = await asyncio.create_subprocess_exec(
+                        *self.node.argv(PY, "-I", "-S", "-c", _POLLER, private_run=False),
+                        stdin=asyncio.subprocess.PIPE,
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=asyncio.subprocess.DEVNULL,
+                    )
+                assert self.proc.stdin is not None and self.proc.stdout is not None
+                self.proc.stdin.write(b"\n")
+                await self.proc.stdin.drain()
+                async with asyncio.timeout(5):
+                    line = await self.proc.stdout.readline()
+                return json.loads(line) if line else None
+            except (OSError, ValueError, TimeoutError):
+                await self.close()
+                return None
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+        self.proc = None
+
+
+def links_up(st: dict[str, Any] | None, others: Sequence[str]) -> int:
+    if st is None:
+        return 0
+    up = {p["label"] for p in st.get("peers", []) if p.get("state") == "up"}
+    return sum(1 for o in others if o in up)
+
+
+# --- the lab -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Demo:
+    lab: Lab
+    ml: MeshLab
+    disc: Node
+    routers: dict[str, Node]
+    order: list[str]  # mesh node names, display order
+    underlay: dict[str, str]  # mesh node -> its own address
+    hosts: list[tuple[Node, int]]  # mesh node, WireGuard listen port
+    pollers: dict[str, StatusPoller] = field(default_factory=dict)
+
+    @property
+    def mesh(self) -> dict[str, MeshNode]:
+        return self.ml.nodes
+
+    def others(self, name: str) -> list[str]:
+        return [o for o in self.order if o != name]
+
+    async def status(self, name: str) -> dict[str, Any] | None:
+        if name not in self.pollers:
+            self.pollers[name] = StatusPoller(self.mesh[name].node)
+        return await self.pollers[name].get()
+
+    async def statuses(self) -> dict[str, dict[str, Any] | None]:
+        got = await asyncio.gather(*(self.status(n) for n in self.order))
+        return dict(zip(self.order, got, strict=True))
+
+    async def close_pollers(self) -> None:
+        await asyncio.gather(*(p.close() for p in self.pollers.values()))
+
+
+def build(lab: Lab, listen_ports: str) -> Demo:
+    internet = lab.internet()
+    ml = MeshLab(lab, cluster_id="kubespan-demo")
+    disc = lab.node("disc")
+    lab.attach(disc, internet, [f"{DISC_IP}/24"])
+    pub_name, pub_ip = PUBLIC_NODE
+    pub = lab.node(pub_name)
+    lab.attach(pub, internet, [f"{pub_ip}/24"])
+    order = [pub_name]
+    underlay = {pub_name: pub_ip}
+    routers: dict[str, Node] = {}
+    hosts: list[tuple[Node, int]] = [(pub, 51820)]
+    for cloud in CLOUDS:
+        seg = lab.segment(f"lan-{cloud.name}")
+        routers[cloud.name] = lab.router(
+            f"nat-{cloud.name}", seg, internet, f"{cloud.lan}.1/24", f"{cloud.router_ip}/24", nat=cloud.nat
+        )
+        for i, name in enumerate(cloud.nodes):
+            node = lab.node(name)
+            ip = f"{cloud.lan}.{11 + i}"
+            lab.attach(node, seg, [f"{ip}/24"])
+            order.append(name)
+            underlay[name] = ip
+            hosts.append((node, 51820 + i if listen_ports == "distinct" else 51820))
+    ml.start_discovery(disc, f"{DISC_IP}:{DISC_PORT}", "--no-rpc-log")
+    return Demo(lab, ml, disc, routers, order, underlay, hosts)
+
+
+async def wait_discovery(demo: Demo, within: float = 20) -> None:
+    probe = (
+        "import socket, sys, time\n"
+        f"end = time.monotonic() + {within}\n"
+        "while True:\n"
+        "    try:\n"
+        f"        socket.create_connection(({DISC_IP!r}, {DISC_PORT}), timeout=1).close(); break\n"
+        "    except OSError:\n"
+        "        if time.monotonic() > end: sys.exit(1)\n"
+        "        time.sleep(0.1)\n"
+    )
+    code, _ = await run_in(demo.disc, PY, "-I", "-S", "-c", probe, limit=within + 5)
+    if code != 0:
+        log = demo.lab.dir / f"discovery-{demo.disc.name}.log"
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.exists() else ""
+        raise LabError(
+            f"discovery-service did not listen on {DISC_IP}:{DISC_PORT} within {within:.0f} s; log tail:\n{tail}"
+        )
+
+
+def start_agents(demo: Demo) -> None:
+    for node, port in demo.hosts:
+        extra = [] if port == 51820 else ["--listen-port", str(port)]
+        demo.ml.start_node(node, *extra)
+
+
+async def converge(demo: Demo, within: float) -> tuple[bool, float, dict[str, dict[str, Any] | None]]:
+    """One progress line per second until every node has every other node up, or ``within`` seconds."""
+    total = len(demo.order) * (len(demo.order) - 1)
+    t0 = time.monotonic()
+    states: dict[str, dict[str, Any] | None] = {}
+    tick = t0
+    while True:
+        states = await demo.statuses()
+        per = {n: links_up(states[n], demo.others(n)) for n in demo.order}
+        up = sum(per.values())
+        elapsed = time.monotonic() - t0
+        detail = "  ".join(
+            f"{n} {per[n]}/{len(demo.others(n))}" if states[n] is not None else f"{n} starting"
+            for n in demo.order
+        )
+        say(f"  [{tick - t0:3.0f}s] peer links up {up:2d}/{total}   {detail}")
+        if up == total:
+            return True, elapsed, states
+        dead = [n for n in demo.order if not _agent_running(demo.mesh[n])]
+        if dead:
+            say(f"  agent exited on: {', '.join(dead)}")
+            return False, elapsed, states
+        if elapsed >= within:
+            return False, elapsed, states
+        tick += 1.0  # one line per second, on a fixed grid (a slow sample skips a slot)
+        while tick <= time.monotonic():
+            tick += 1.0
+        await asyncio.sleep(tick - time.monotonic())
+
+
+def _agent_running(mn: MeshNode) -> bool:
+    return any(p.poll() is None for p in mn.node.procs if "kubespan.cli" in " ".join(map(str, p.args)))
+
+
+# --- what the demo shows -------------------------------------------------------------------------------
+
+
+async def show_status_tables(demo: Demo) -> None:
+    async def one(name: str) -> str:
+        code, out = await run_in(demo.mesh[name].node, PY, "-m", "kubespan.cli", "status", limit=30)
+        return out.rstrip() if code == 0 else f"(kubespan status failed: {out.strip()})"
+
+    outs = await asyncio.gather(*(one(n) for n in demo.order))
+    for name, out in zip(demo.order, outs, strict=True):
+        say(f"\n-- {name} ({demo.underlay[name]}): kubespan status")
+        for line in out.splitlines():
+            say(f"   {line}")
+
+
+def show_paths(demo: Demo, states: dict[str, dict[str, Any] | None]) -> None:
+    """How every link is reached: over the LAN, at the endpoint the peer published (its public IP as
+    discovery saw it, with its listen port), or at a NAT mapping some node learned when the peer's packets
+    arrived from there (WireGuard roaming) and published for it through discovery."""
+    lan = {n: demo.underlay[n].rsplit(".", 1)[0] + "." for n in demo.order}
+    counts = {"LAN": 0, "published": 0, "learned": 0}
+    mapped: dict[tuple[str, str], tuple[list[str], list[str]]] = {}  # (peer, endpoint) -> users, learners
+    for name in demo.order:
+        for p in (states.get(name) or {}).get("peers", []):
+            ep, peer = p.get("endpoint") or "", p["label"]
+            published = (states.get(peer) or {}).get("endpoints", [])
+            if ep.startswith(lan[name]) and not ep.startswith(INTERNET):
+                counts["LAN"] += 1
+            elif ep in published:
+                counts["published"] += 1
+            elif ep:
+                counts["learned"] += 1
+                users, learners = mapped.setdefault((peer, ep), ([], []))
+                users.append(name)
+                if ep in p.get("learned", ()):
+                    learners.append(name)
+    say(
+        f"  links by endpoint: {counts['LAN']} over the LAN, {counts['published']} at the endpoint the peer "
+        f"published, {counts['learned']} at a NAT mapping learned by roaming"
+    )
+    for (peer, ep), (users, learners) in sorted(mapped.items()):
+        public = [e for e in (states.get(peer) or {}).get("endpoints", []) if e.startswith(INTERNET)]
+        why = ""
+        if public and public[0].rsplit(":", 1)[0] == ep.rsplit(":", 1)[0]:
+            why = f" (a neighbour holds {public[0]}, the endpoint {peer} publishes, so its NAT picked another port)"
+        who = " and ".join(learners) if learners else "a peer"
+        say(
+            f"    {peer} is reached at {ep}{why}: {who} learned it when {peer}'s packets came from there and "
+            f"published it through discovery; used by {', '.join(users)}"
+        )
+
+
+async def ping_matrix(demo: Demo, addrs: dict[str, str]) -> int:
+    """Ping every ordered pair over the mesh addresses; print a matrix; return the number of failures."""
+    pairs = [(a, b) for a in demo.order for b in demo.order if a != b]
+    sem = asyncio.Semaphore(8)
+
+    async def one(a: str, b: str) -> tuple[str, str, Any]:
+        async with sem:
+            r = await asyncio.to_thread(ping, demo.mesh[a], addrs[b], 3, 2, 0.2)
+            return a, b, r
+
+    results = {(a, b): r for a, b, r in await asyncio.gather(*(one(a, b) for a, b in pairs))}
+    width = 11
+    say("  " + "from \\ to".ljust(6) + "".join(n.rjust(width) for n in demo.order))
+    failed = 0
+    for a in demo.order:
+        cells = []
+        for b in demo.order:
+            if a == b:
+                cells.append("·".rjust(width))
+                continue
+            r = results[(a, b)]
+            if r.ok:
+                avg = sum(r.rtts) / len(r.rtts) if r.rtts else 0.0
+                cells.append(f"✓ {avg:.2f}ms".rjust(width))
+            else:
+                failed += 1
+                cells.append(f"✗ {r.received}/{r.sent}".rjust(width))
+        say("  " + a.ljust(9) + "".join(cells))
+    say(f"  {len(pairs) - failed}/{len(pairs)} ordered pairs answered (3 pings each, average RTT)")
+    return failed
+
+
+async def tunnel_check(demo: Demo, src: str, dst: str, note: str) -> bool:
+    """Traffic from ``src`` to ``dst``'s own underlay address is marked by nftables, routed by table 180 into
+    the tunnel and counted in ``src``'s WireGuard tx for peer ``dst``."""
+    target = demo.underlay[dst]
+    mn = demo.mesh[src]
+
+    async def tx() -> int:
+        st = await demo.status(src)
+        return next((int(p["tx_bytes"]) for p in (st or {}).get("peers", []) if p["label"] == dst), -1)
+
+    size, count = 1000, 5
+    before = await tx()
+    _, route = await run_in(mn.node, "ip", "route", "get", target, "mark", "0x40")
+    _, out = await run_in(
+        mn.node, "ping", "-4", "-n", "-c", str(count), "-i", "0.2", "-W", "2", "-s", str(size), target
+    )
+    m = re.search(r"(\d+) received", out)
+    received = int(m.group(1)) if m else 0
+    answered = received == count
+    grew = 0
+    for _ in range(30):  # the agent reads WireGuard's counters once a second
+        grew = await tx() - before
+        if grew >= count * size:
+            break
+        await asyncio.sleep(0.1)
+    carried = answered and before >= 0 and grew >= count * size
+    via = "dev kubespan table 180" if "dev kubespan" in route and "table 180" in route else route.strip()
+    say(
+        f"  {'✓' if carried else '✗'} {src} → {target} ({dst}'s own address{note}): "
+        f"{received}/{count} pings of {size} B answered, {src}'s WireGuard tx "
+        f"to peer {dst} +{grew} B; nftables mark 0x40 → {via}"
+    )
+    return carried
+
+
+# --- teardown ------------------------------------------------------------------------------------------
+
+
+async def stop_agents(demo: Demo, grace: float = 10) -> None:
+    """SIGTERM every agent at once while discovery still runs (each says goodbye to discovery, then removes
+    its link, routes, rules and nftables table); SIGKILL any still running after ``grace`` seconds."""
+    procs = {
+        name: p
+        for name, mn in demo.mesh.items()
+        for p in mn.node.procs
+        if p.poll() is None and "kubespan.cli" in " ".join(map(str, p.args))
+    }
+    t0 = time.monotonic()
+    for p in procs.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    while any(p.poll() is None for p in procs.values()) and time.monotonic() - t0 < grace:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    took = time.monotonic() - t0
+    stuck = [n for n, p in procs.items() if p.poll() is None]
+    for name in stuck:
+        say(f"  ✗ {name}: agent still running {grace:.0f} s after SIGTERM; killing it. Its log tail:")
+        for line in demo.mesh[name].log_tail(8).splitlines():
+            say(f"      {line}")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(procs[name].pid, signal.SIGKILL)
+    codes = {n: p.poll() for n, p in procs.items() if n not in stuck}
+    bad = {n: c for n, c in codes.items() if c != 0}
+    if codes:
+        say(
+            f"  {len(codes)} agents left the mesh in {took:.1f} s"
+            + (f" (exit codes {bad})" if bad else " (SIGTERM, exit 0)")
+        )
+
+
+def lab_pids(lab: Lab) -> set[int]:
+    pids: set[int] = set()
+    for node in lab.nodes.values():
+        pids.update(node.pids())
+        pids.update(p.pid for p in node.procs)
+    return pids
+
+
+def leftovers(lab_id: str, lab_dir: Path, pids: set[int]) -> list[str]:
+    left = []
+    ns = [n for n in list_netns() if n.startswith(f"{lab_id}-")]
+    if ns:
+        left.append(f"namespaces {ns}")
+    alive = []
+    for pid in sorted(pids):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] != "Z":
+            alive.append(pid)
+    if alive:
+        left.append(f"processes {alive}")
+    if lab_dir.exists():
+        left.append(f"directory {lab_dir}")
+    veth = f"kv{os.getpid() % 100000}"
+    host_links = [ln for ln in sh("ip", "-o", "link", check=False).stdout.splitlines() if f": {veth}" in ln]
+    if host_links:
+        left.append(f"{len(host_links)} host links")
+    return left
+
+
+async def report_failure(demo: Demo, took: float, states: dict[str, dict[str, Any] | None]) -> None:
+    total = len(demo.order) * (len(demo.order) - 1)
+    up = sum(links_up(states.get(n), demo.others(n)) for n in demo.order)
+    say(f"\nFAILED: the mesh did not form: {up}/{total} peer links up after {took:.0f} s")
+    missing = []
+    for n in demo.order:
+        st = states.get(n)
+        peers = {p["label"]: p for p in (st or {}).get("peers", [])}
+        for o in demo.others(n):
+            p = peers.get(o)
+            if p is None or p["state"] != "up":
+                what = "not a peer" if p is None else f"{p['state']}, trying {p.get('endpoint') or '-'}"
+                missing.append(f"{n}→{o} ({what})")
+    say(f"  links not up: {', '.join(missing)}")
+    heading("agent log tails")
+    for name in demo.order:
+        say(f"--- {name} ({demo.mesh[name].log})")
+        for line in demo.mesh[name].log_tail(15).splitlines():
+            say(f"    {line}")
+    heading("peer status of every node (kubespan status)")
+    await show_status_tables(demo)
+
+
+async def show_mesh(demo: Demo) -> bool:
+    """Status tables, how links are reached, ping matrix, underlay-through-tunnel check; True when all pass."""
+    heading("peer status of every node (kubespan status)")
+    await show_status_tables(demo)
+    final = await demo.statuses()
+    show_paths(demo, final)
+    addrs = {n: (final[n] or {}).get("mesh_address", "") for n in demo.order}
+    heading("ping matrix over the mesh addresses (fdXX:…::/64)")
+    failed = await ping_matrix(demo, addrs)
+    heading("traffic to a node's own (underlay) address goes through the tunnel too")
+    same_lan = await tunnel_check(demo, "a1", "a2", ", same LAN: would go direct without the mesh")
+    other_cloud = await tunnel_check(
+        demo, "b1", "a1", ", private, in the other cloud: reachable only through the mesh"
+    )
+    return failed == 0 and same_lan and other_cloud
+
+
+# --- the whole demo ------------------------------------------------------------------------------------
+
+
+async def run_demo(lab: Lab, ns: argparse.Namespace, holder: list[Demo]) -> int:
+    """Build, start, wait, show; return the exit status. Teardown is the caller's (it must not be cancelled)."""
+    heading("building the lab: internet, two clouds behind NAT routers, a public node")
+    demo = build(lab, ns.listen_ports)
+    holder.append(demo)
+    say(f"  internet {INTERNET}.0/24: discovery {DISC_IP}:{DISC_PORT}, {PUBLIC_NODE[0]} {PUBLIC_NODE[1]}")
+    for cloud in CLOUDS:
+        members = ", ".join(f"{n} {demo.underlay[n]}" for n in cloud.nodes)
+        say(
+            f"  cloud {cloud.name.upper()} {cloud.lan}.0/24 behind nat-{cloud.name} ({cloud.nat.upper()} NAT, "
+            f"outside {cloud.router_ip}, firewall drops unsolicited inbound): {members}"
+        )
+    say(f"  {NOT_SHOWN}")
+    await wait_discovery(demo)
+    heading(f"starting kubespan on {len(demo.order)} nodes (wireguard-go, nftables, table 180)")
+    start_agents(demo)
+    say(
+        "  nodes in one cloud meet over their LAN; across clouds each side first tries the other's LAN "
+        "address (unreachable from there: one 12 s trial), then its public endpoint, then NAT mappings "
+        "learned by roaming, so the last links come up after ~30-40 s"
+    )
+    ok, took, states = await converge(demo, ns.timeout)
+    if not ok:
+        await report_failure(demo, took, states)
+        return 1
+    say(f"  mesh formed in {took:.1f} s")
+    return 0 if await show_mesh(demo) else 1
+
+
+async def teardown(lab: Lab, demo: Demo | None, keep_logs: Path | None = None) -> int:
+    """Stop everything and check that nothing is left; return 0 when clean. Never cancelled."""
+    heading("tearing down")
+    t0 = time.monotonic()
+    pids = lab_pids(lab)
+    lab_id, lab_dir = lab.id, lab.dir
+    try:
+        if demo is not None:
+            await demo.close_pollers()
+            await stop_agents(demo)  # all at once, while discovery still answers their goodbye
+    finally:
+        if keep_logs is not None:
+            copy_logs(lab.dir, keep_logs)
+        await lab.aclose()
+        # namespaces a command interrupted half-way (e.g. by Ctrl-C) may not be registered with the lab
+        stray = sweep(lab_id, lab_dir)
+    left = leftovers(lab_id, lab_dir, pids)
+    if left:
+        say(f"  ✗ left behind: {'; '.join(left)}")
+        return 1
+    extra = f" (swept {len(stray)} half-made namespaces: {', '.join(stray)})" if stray else ""
+    say(
+        f"  ✓ nothing left ({time.monotonic() - t0:.1f} s): {len(pids)} processes gone, no {lab_id}-* "
+        f"namespaces, no host links, no temp directory{extra}"
+    )
+    return 0
+
+
+def copy_logs(src: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for log in src.glob("*.log"):
+        shutil.copy(log, dest / log.name)
+    say(f"  logs kept in {dest}")
+
+
+def sweep(lab_id: str, lab_dir: Path) -> list[str]:
+    stray = [n for n in list_netns() if n.startswith(f"{lab_id}-")]
+    for n in stray:
+        for pid in sh("ip", "netns", "pids", n, check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        sh("ip", "netns", "del", n, check=False)
+    shutil.rmtree(lab_dir, ignore_errors=True)
+    return stray
+
+
+async def demo_main(ns: argparse.Namespace) -> int:
+    t_start = time.monotonic()
+    loop = asyncio.get_running_loop()
+    work: asyncio.Task[int] | None = None
+    interrupted: list[str] = []
+
+    def on_signal(signame: str) -> None:
+        if not interrupted:
+            say(f"\n!! {signame}: stopping, tearing the lab down")
+            if work is not None:
+                work.cancel()
+        else:
+            say(f"!! {signame} again: still tearing down (bounded, a few seconds)")
+        interrupted.append(signame)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        lab = Lab()
+    except LabError as e:
+        say(f"FAILED: {e}")
+        return 1
+    holder: list[Demo] = []
+    code = 1
+    try:
+        if not interrupted:
+            work = asyncio.create_task(run_demo(lab, ns, holder))
+            try:
+                code = await work
+            except asyncio.CancelledError:
+                code = 130
+            except Exception as e:
+                await asyncio.sleep(0.1)  # a Ctrl-C also kills the command running: let its handler run first
+                if interrupted:
+                    code = 130
+                else:
+                    say(f"\nFAILED: {e}" if isinstance(e, LabError) else "\nFAILED: unexpected error")
+                    if not isinstance(e, LabError):
+                        traceback.print_exc()
+                    code = 1
+        else:
+            code = 130
+    finally:
+        clean = await teardown(lab, holder[0] if holder else None, ns.keep_logs)
+    code = code or (0 if clean == 0 else 1)
+    verdict = {0: "demo finished", 130: "demo interrupted"}.get(code, "demo FAILED")
+    say(f"\n== {verdict} in {time.monotonic() - t_start:.1f} s")
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument(
+        "--timeout", type=float, default=CONVERGE_TIMEOUT, help="seconds to wait for the mesh to form"
+    )
+    ap.add_argument(
+        "--listen-ports",
+        choices=("same", "distinct"),
+        default="same",
+        help="WireGuard port of nodes behind one NAT: all 51820 (NAT remaps all but one), or 51820, 51821",
+    )
+    ap.add_argument(
+        "--keep-logs", type=Path, metavar="DIR", help="copy the agents' and discovery's logs here"
+    )
+    ns = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("the demo builds network namespaces: run it as root (make demo)", file=sys.stderr)
+        return 1
+    # a command killed by the same Ctrl-C may be reaped before asyncio's child watcher sees it, which it
+    # reports as a warning ("Unknown child process pid ..."): harmless here, so keep it off the screen
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    return asyncio.run(demo_main(ns))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
