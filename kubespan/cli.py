@@ -288,7 +288,7 @@ def _ago(ts: float | None, now: float) -> str:
 def format_table(st: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     rows = [("LABEL", "ENDPOINT", "STATE", "RX", "TX", "LAST HANDSHAKE")]
-    for p in st.get("peers", []):
+    for p in sorted(st.get("peers", []), key=lambda p: p["label"]):
         rows.append(
             (
                 p["label"],

@@ -417,6 +417,7 @@ class Lab:
         self.nodes: dict[str, Node] = {}
         self.internet_segment: str | None = None
         self._switches: list[str] = []
+        self._created: list[str] = []
         self._members: dict[str, list[tuple[Node, list[str]]]] = {}  # segment -> attached nodes, addrs
         self._gateways: dict[str, list[str]] = {}  # segment -> routers' inside IPs
         self._handles: list[impair.Handle] = []
@@ -428,6 +429,7 @@ class Lab:
     def _ns(self, name: str) -> str:
         ns = f"{self.id}-{name}"
         sh("ip", "netns", "add", ns)
+        self._created.append(ns)  # owned from here on, even if the next steps fail
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         return ns
 
@@ -688,11 +690,12 @@ class Lab:
         # newest first: agents stop before the services they report to (e.g. a discovery server)
         for node in reversed(self.nodes.values()):
             node.stop_processes()
-        for ns in [n.ns for n in self.nodes.values()] + self._switches:
+        for ns in dict.fromkeys([n.ns for n in self.nodes.values()] + self._switches + self._created):
             _kill_netns_pids(ns)
             sh("ip", "netns", "del", ns, check=False)
         self.nodes.clear()
         self._switches.clear()
+        self._created.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Self:
