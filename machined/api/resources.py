@@ -145,7 +145,7 @@ class StateServicer(state_pb2_grpc.StateServicer):
         assert d is not None
         ns = namespace or d.default_namespace
         known = {x.default_namespace for x in self.state.definitions()}
-        if ns not in known and not self.state.collections(d.type):
+        if ns not in known and (ns, d.type) not in self.state.collections(d.type):
             await context.abort(grpc.StatusCode.NOT_FOUND, f'namespace "{ns}" is not registered')
         if d.sensitive and not is_admin(roles):
             await context.abort(

@@ -1,0 +1,226 @@
+"""machined's controllers on a real runtime and state: unchanged inputs write nothing, derived
+resources follow their inputs, cleanup removes what is no longer produced."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from machined.controllers import (
+    KubeSpanPeerStatusController,
+    MachineStatusController,
+    MemberController,
+    Outputs,
+    rfc3339,
+)
+from machined.runtime import Controller, ControllerContext, Output, Runtime
+from machined.state import DEFINITIONS, EventType, Resource, State, register_all
+from machined.state.catalog import (
+    AFFILIATE,
+    KUBESPAN_PEER_STATUS,
+    MACHINE_STATUS,
+    MEMBER,
+    NS_CLUSTER,
+    NS_KUBESPAN,
+    NS_RUNTIME,
+    SERVICE,
+)
+
+T = 5.0
+
+
+def state() -> State:
+    s = State()
+    register_all(s, DEFINITIONS)
+    return s
+
+
+async def until(pred: Any) -> None:
+    async with asyncio.timeout(T):
+        while True:
+            ok = pred()
+            if asyncio.iscoroutine(ok):
+                ok = await ok
+            if ok:
+                return
+            await asyncio.sleep(0.005)
+
+
+async def settle(rt: Runtime, name: str, runs: int) -> None:
+    await until(lambda: rt.stats()[name].runs >= runs and rt.stats()[name].state == "idle")
+
+
+async def _gone(s: State, *key: str) -> bool:
+    return await s.find(*key) is None
+
+
+async def _ready(s: State) -> bool:
+    return (await s.get(NS_RUNTIME, MACHINE_STATUS, "machine")).spec["status"]["ready"]
+
+
+def peer(label: str, state: str, rx: int = 0) -> Any:
+    return SimpleNamespace(
+        public_key=f"{label}-key=",
+        label=label,
+        endpoint="10.0.0.1:51820",
+        state=state,
+        rx_bytes=rx,
+        tx_bytes=rx,
+        last_handshake=1_700_000_000.0,
+        last_used_endpoint=None,
+        last_endpoint_change=None,
+    )
+
+
+class Host:
+    def __init__(self) -> None:
+        self.peers: list[Any] = []
+
+    def status(self) -> Any:
+        return SimpleNamespace(peers=tuple(self.peers))
+
+
+async def test_peer_statuses_are_written_only_when_they_change_and_cleaned_up():
+    s, host = state(), Host()
+    host.peers = [peer("a", "up"), peer("b", "unknown")]
+    rt = Runtime(s)
+    c = KubeSpanPeerStatusController(host)  # type: ignore[arg-type]
+    rt.register(c)
+    w = s.watch(NS_KUBESPAN, KUBESPAN_PEER_STATUS, bootstrap=False)
+    async with rt:
+        await settle(rt, c.name, 1)
+        for _ in range(3):  # nothing changed: no writes, no events
+            rt.wake(c.name)
+        await settle(rt, c.name, 2)
+        assert w.pending() == 2
+        host.peers = [peer("a", "up", rx=100)]
+        rt.wake(c.name)
+        await settle(rt, c.name, 3)
+    kinds = []
+    while w.pending():
+        e = await anext(w)
+        kinds.append((e.type, e.resource.spec["label"]))
+    assert kinds == [
+        (EventType.CREATED, "a"),
+        (EventType.CREATED, "b"),
+        (EventType.UPDATED, "a"),
+        (EventType.DESTROYED, "b"),
+    ]
+    a = await s.get(NS_KUBESPAN, KUBESPAN_PEER_STATUS, "a-key=")
+    assert a.spec["receiveBytes"] == 100 and a.spec["lastHandshakeTime"] == rfc3339(1_700_000_000.0)
+    assert a.spec["lastUsedEndpoint"] == "" and a.spec["lastEndpointChange"] is None
+
+
+async def test_members_follow_affiliates():
+    s = state()
+    rt = Runtime(s)
+    rt.register(MemberController())
+    await s.create(
+        Resource.new(
+            NS_CLUSTER,
+            AFFILIATE,
+            "id1",
+            {
+                "nodeId": "id1",
+                "nodename": "n1",
+                "hostname": "h1",
+                "addresses": ["10.0.0.1"],
+                "machineType": "worker",
+                "operatingSystem": "x",
+            },
+        ),
+        owner="test",
+    )
+    async with rt:
+        await settle(rt, MemberController.name, 1)
+        m = await s.get(NS_CLUSTER, MEMBER, "n1")
+        assert m.spec == {
+            "nodeId": "id1",
+            "addresses": ["10.0.0.1"],
+            "hostname": "h1",
+            "machineType": "worker",
+            "operatingSystem": "x",
+        }
+        await s.destroy(NS_CLUSTER, AFFILIATE, "id1", owner="test")
+        await until(lambda: _gone(s, NS_CLUSTER, MEMBER, "n1"))
+
+
+async def test_machine_status_names_what_is_unmet():
+    s = state()
+    stage = ["booting"]
+    rt = Runtime(s)
+    c = MachineStatusController(lambda: stage[0])
+    rt.register(c)
+    await s.create(
+        Resource.new(
+            NS_RUNTIME,
+            SERVICE,
+            "etcd",
+            {"running": False, "healthy": False, "unknown": True, "state": "Waiting"},
+        ),
+        owner="t",
+    )
+    await s.create(
+        Resource.new(
+            NS_RUNTIME,
+            SERVICE,
+            "job",
+            {"running": False, "healthy": False, "unknown": False, "state": "Finished"},
+        ),
+        owner="t",
+    )
+    await s.create(
+        Resource.new(NS_KUBESPAN, KUBESPAN_PEER_STATUS, "k", {"label": "n2", "state": "down"}), owner="t"
+    )
+    async with rt:
+        await settle(rt, c.name, 1)
+        ms = await s.get(NS_RUNTIME, MACHINE_STATUS, "machine")
+        assert ms.spec == {
+            "stage": "booting",
+            "status": {
+                "ready": False,
+                "unmetConditions": [
+                    {"name": "stage", "reason": "machined is booting"},
+                    {"name": "services", "reason": "unhealthy services: etcd"},
+                    {"name": "mesh", "reason": "peers not up: n2"},
+                ],
+            },
+        }
+        stage[0] = "running"
+        r = await s.get(NS_RUNTIME, SERVICE, "etcd")
+        r.spec = {"running": True, "healthy": True, "unknown": False, "state": "Running"}
+        await s.update(r, owner="t")
+        r = await s.get(NS_KUBESPAN, KUBESPAN_PEER_STATUS, "k")
+        r.spec = {"label": "n2", "state": "up"}
+        await s.update(r, owner="t")
+        await until(lambda: _ready(s))
+
+
+async def test_outputs_keep_all_protects_from_cleanup():
+    s = state()
+
+    class C(Controller):
+        name = "test.C"
+        outputs = (Output(SERVICE),)
+
+        def __init__(self) -> None:
+            self.out = Outputs(NS_RUNTIME, SERVICE)
+            self.skip = False
+
+        async def reconcile(self, ctx: ControllerContext) -> None:
+            if self.skip:
+                self.out.keep_all(ctx)
+            else:
+                await self.out.put(ctx, "x", {"running": True})
+            await self.out.cleanup(ctx)
+
+    c = C()
+    rt = Runtime(s)
+    rt.register(c)
+    async with rt:
+        await settle(rt, c.name, 1)
+        c.skip = True
+        rt.wake(c.name)
+        await settle(rt, c.name, 2)
+        assert await s.find(NS_RUNTIME, SERVICE, "x") is not None
