@@ -22,6 +22,8 @@ import time
 from _meshlab import (
     LanMesh,
     Pinger,
+    agent_proc,
+    cpu_seconds,
     full_mesh,
     host_load,
     median,
@@ -44,7 +46,7 @@ TARGET_N = 20
 
 def join_once(
     mesh: LanMesh, existing: list[MeshNode], name: str, timeout: float
-) -> tuple[dict[str, float], MeshNode]:
+) -> tuple[dict[str, float], str, MeshNode]:
     addrs = {mn.name: status(mn)["mesh_address"] for mn in existing}
     node = mesh.add_node(name)  # namespace and veth exist before t0: only the agent is timed
     with Pinger(interval=0.1, max_seconds=timeout + 10) as pinger:
@@ -55,6 +57,7 @@ def join_once(
         up_at: dict[str, float] = {}
         new_addr: str | None = None
         sees_all_at = math.nan
+        status_at = math.inf
         deadline = t0 + timeout
         while time.monotonic() < deadline:
             if new_addr is None:
@@ -63,6 +66,7 @@ def join_once(
                 except (LabError, ValueError):
                     pass
                 else:
+                    status_at = time.monotonic() - t0
                     for mn in existing:
                         pinger.add(("in", mn.name), mn, new_addr, until_first=True)
             for mn in existing:
@@ -107,8 +111,16 @@ def join_once(
         "ping": t_ping,
         "first_up": min(up_at.values()) if up_at else math.inf,
         "new_sees_all": sees_all_at,
+        "status": status_at,
     }
-    return res, new
+    slow_peer = max(up_at, key=up_at.__getitem__, default="-")
+    done = {k: f - t0 for k, p in pairs.items() if (f := p.first_reply()) is not None}
+    slow_ping = max(done, key=done.__getitem__, default=("-", "-"))
+    detail = (
+        f"last peer to report it up: {slow_peer}; slowest echo: "
+        f"{'new -> ' + slow_ping[1] if slow_ping[0] == 'out' else slow_ping[1] + ' -> new'}"
+    )
+    return res, detail, new
 
 
 def leave(mesh: LanMesh, existing: list[MeshNode], new: MeshNode) -> None:
@@ -132,13 +144,21 @@ def run_size(n: int, rounds: int, timeout: float, settle: float) -> list[dict[st
             took = wait_for(f"{n}-node mesh", lambda: full_mesh(mesh.nodes), timeout=180, interval=0.25)
             existing = list(mesh.nodes)
             print(f"  N={n}: base mesh up after {took:.1f} s; settling {settle:.0f} s", flush=True)
+            pids = [p.pid for mn in existing if (p := agent_proc(mn)) is not None]
+            c0, w0 = cpu_seconds(pids), time.monotonic()
             time.sleep(settle)
+            idle = (cpu_seconds(pids) - c0) / (time.monotonic() - w0)
+            print(
+                f"  N={n}: idle agents use {100 * idle:.0f} % of one core together ({host_load()})",
+                flush=True,
+            )
             for r in range(rounds):
-                res, new = join_once(mesh, existing, f"j{r + 1}", timeout)
+                res, detail, new = join_once(mesh, existing, f"j{r + 1}", timeout)
                 print(
                     f"  N={n} round {r + 1}: join {res['join']:.2f} s (every peer reports up {res['up']:.2f} s, "
                     f"first peer {res['first_up']:.2f} s; pings both ways {res['ping']:.2f} s; "
-                    f"new node sees all up {res['new_sees_all']:.2f} s)",
+                    f"new node sees all up {res['new_sees_all']:.2f} s; its agent answered /status at {res['status']:.2f} s); "
+                    f"{detail}",
                     flush=True,
                 )
                 out.append(res)
