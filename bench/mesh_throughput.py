@@ -19,7 +19,8 @@ transfers seconds apart, so slow drifts in other load cancel) is printed beside 
 For information (``--no-same-ns`` skips it) a third path: a second hand-configured wireguard-go (wg1,
 port 51900, fwmark 0x20 so the agent's nftables leave its packets alone) between m1 and m2 themselves,
 which tells a cost of the mesh's device and agent apart from one of the namespaces' rules and routes.
-On a shared machine other processes' CPU use shows up as spread between rounds: read the round lines.
+On a shared machine other processes' CPU use shows up as spread between rounds (read the round lines);
+many short rounds (default 12 of <= 4 s) resist bursts of it better than a few long ones.
 """
 
 from __future__ import annotations
@@ -165,19 +166,19 @@ def hand_tunnel(lab: Lab) -> tuple[Node, Node, str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--mib", type=int, default=200, help="bytes per transfer, MiB (upper bound)")
-    ap.add_argument("--seconds", type=float, default=10, help="time per transfer (upper bound)")
+    ap.add_argument("--seconds", type=float, default=4, help="time per transfer (upper bound)")
     ap.add_argument(
         "--no-same-ns",
         action="store_true",
         help="skip the informational hand tunnel inside the mesh namespaces",
     )
-    ap.add_argument("--quick", action="store_true", help="2 rounds of at most 100 MiB / 5 s")
+    ap.add_argument("--quick", action="store_true", help="3 rounds of at most 100 MiB / 3 s")
     ns = ap.parse_args()
     if skip_unless_root(NAME):
         return 0
-    rounds, mib, seconds = (2, 100, 5.0) if ns.quick else (ns.rounds, ns.mib, ns.seconds)
+    rounds, mib, seconds = (3, 100, 3.0) if ns.quick else (ns.rounds, ns.mib, ns.seconds)
     size = mib << 20
     print(f"{NAME}: {rounds} rounds of <= {mib} MiB / {seconds:g} s per path; {host_load()}", flush=True)
     rates: dict[str, list[float]] = {}
