@@ -1,0 +1,320 @@
+"""Certificates for the OS API: the cluster CA, client and server certificates, renewal, key files.
+
+Everything we issue is **ECDSA P-256** with SHA-256: grpcio's TLS cannot negotiate Ed25519
+(machined.md §0, grpc/grpc#24252). A CA that Talos generated (Ed25519) can be *loaded* — it signs
+fine with ``cryptography`` — but cannot be used by a TLS server or client built on grpcio;
+:func:`check_tls_usable` says so with the fix.
+
+* CA: self-signed, ``O=talos`` (as Talos), valid 10 years, ``BasicConstraints(ca=True)``.
+* Client certificates: ``O=<role>`` for each role (``os:admin``, ``os:reader``…), EKU exactly
+  ``[clientAuth]`` (apid checks it, as Talos's ``apidCheckExtKeyUsage``), default TTL 1 year.
+* Server certificates: SANs = addresses (IP SANs, including the mesh address) and hostnames (DNS
+  SANs), EKU ``[serverAuth]``, short-lived (24 h by default) and renewed at half-life
+  (:func:`needs_renewal`).
+
+Pure functions over PEM bytes, plus :func:`write_secret_file` (atomic, 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_TTL = dt.timedelta(hours=87600)  # as Talos's OS CA
+CLIENT_TTL = dt.timedelta(days=365)  # as talosctl's admin certificate
+SERVER_TTL = dt.timedelta(hours=24)  # as Talos's apid server certificate
+NODE_CLIENT_TTL = dt.timedelta(hours=24)  # os:impersonator certificate for node-to-node forwarding
+CA_ORGANIZATION = "talos"
+BACKDATE = dt.timedelta(seconds=30)  # tolerate small clock skew between nodes
+
+ED25519_FIX = (
+    "grpcio's TLS cannot use Ed25519 certificates (as Talos generates by default); "
+    "regenerate the secrets with `spanctl gen secrets` (ECDSA P-256) and re-issue the configs and "
+    "client configs, or replace machine.ca with an ECDSA P-256 CA"
+)
+
+
+class PKIError(ValueError):
+    """A certificate or key that cannot be used; the message says why (never contains key material)."""
+
+
+class UnsupportedKeyError(PKIError):
+    """A key type grpcio's TLS cannot use (Ed25519, Ed448, RSA-less exotic curves)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPair:
+    """A PEM certificate and its PEM private key (PKCS#8, unencrypted)."""
+
+    crt: bytes
+    key: bytes = field(repr=False)
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.crt)
+
+
+# --- keys ------------------------------------------------------------------------------------------
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def load_private_key(pem: bytes) -> object:
+    try:
+        return serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise PKIError(f"not a usable unencrypted PEM private key ({type(e).__name__})") from None
+
+
+def load_certificate(pem: bytes) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise PKIError("not a PEM certificate") from None
+
+
+def key_algorithm(obj: object) -> str:
+    """A short name for a key's (or certificate's public key's) algorithm."""
+    if isinstance(obj, x509.Certificate):
+        obj = obj.public_key()
+    if isinstance(obj, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    if isinstance(obj, ed448.Ed448PrivateKey | ed448.Ed448PublicKey):
+        return "Ed448"
+    if isinstance(obj, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        return f"ECDSA {obj.curve.name}"
+    return type(obj).__name__
+
+
+def check_tls_usable(ca_crt: bytes, ca_key: bytes | None = None) -> None:
+    """Raise :class:`UnsupportedKeyError` when the CA cannot be used by grpcio's TLS (Ed25519/Ed448)."""
+    cert = load_certificate(ca_crt)
+    objs: list[object] = [cert]
+    if ca_key is not None:
+        objs.append(load_private_key(ca_key))
+    for o in objs:
+        alg = key_algorithm(o)
+        if alg in ("Ed25519", "Ed448"):
+            raise UnsupportedKeyError(f"the cluster CA (machine.ca) is {alg}: {ED25519_FIX}")
+
+
+def _signing_hash(ca_key: object) -> hashes.HashAlgorithm | None:
+    if isinstance(ca_key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return None
+    return hashes.SHA256()
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _now(now: dt.datetime | None) -> dt.datetime:
+    return now if now is not None else dt.datetime.now(dt.UTC)
+
+
+# --- issuing ---------------------------------------------------------------------------------------
+
+
+def generate_ca(
+    organization: str = CA_ORGANIZATION, ttl: dt.timedelta = CA_TTL, *, now: dt.datetime | None = None
+) -> KeyPair:
+    """A new self-signed ECDSA P-256 CA."""
+    key = _new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)])
+    t = _now(now)
+    crt = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(t - BACKDATE)
+        .not_valid_after(t + ttl)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return KeyPair(crt.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def _leaf(
+    ca: KeyPair,
+    subject: x509.Name,
+    eku: Sequence[x509.ObjectIdentifier],
+    ttl: dt.timedelta,
+    now: dt.datetime | None,
+    sans: Sequence[x509.GeneralName] = (),
+) -> KeyPair:
+    if ttl <= dt.timedelta(0):
+        raise PKIError(f"certificate TTL must be positive, got {ttl}")
+    ca_crt = load_certificate(ca.crt)
+    ca_key = load_private_key(ca.key)
+    key = _new_key()
+    t = _now(now)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_crt.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(t - BACKDATE)
+        .not_valid_after(t + ttl)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
+    )
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    crt = b.sign(ca_key, _signing_hash(ca_key))  # type: ignore[arg-type]
+    return KeyPair(crt.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def issue_client(
+    ca: KeyPair,
+    roles: Sequence[str],
+    ttl: dt.timedelta = CLIENT_TTL,
+    *,
+    common_name: str = "spanctl",
+    now: dt.datetime | None = None,
+) -> KeyPair:
+    """A client certificate with one ``O=`` per role and EKU ``[clientAuth]``."""
+    if not roles:
+        raise PKIError("a client certificate needs at least one role")
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, r) for r in roles]
+        + [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
+    return _leaf(ca, subject, [ExtendedKeyUsageOID.CLIENT_AUTH], ttl, now)
+
+
+def server_sans(addresses: Iterable[str], hostnames: Iterable[str] = ()) -> list[x509.GeneralName]:
+    """IP SANs for addresses (IPv4/IPv6, e.g. the node and mesh addresses) and DNS SANs for the rest."""
+    out: list[x509.GeneralName] = []
+    seen: set[str] = set()
+    for a in [*addresses, *hostnames]:
+        a = a.strip()
+        if not a or a in seen:
+            continue
+        seen.add(a)
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(a)))
+        except ValueError:
+            out.append(x509.DNSName(a))
+    return out
+
+
+def issue_server(
+    ca: KeyPair,
+    addresses: Iterable[str],
+    hostnames: Iterable[str] = (),
+    ttl: dt.timedelta = SERVER_TTL,
+    *,
+    now: dt.datetime | None = None,
+) -> KeyPair:
+    """A short-lived server certificate for a node (EKU ``[serverAuth]``)."""
+    hostnames = list(hostnames)
+    sans = server_sans(addresses, hostnames)
+    if not sans:
+        raise PKIError("a server certificate needs at least one address or hostname")
+    cn = hostnames[0] if hostnames else "apid"
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return _leaf(ca, subject, [ExtendedKeyUsageOID.SERVER_AUTH], ttl, now, sans)
+
+
+# --- inspection ------------------------------------------------------------------------------------
+
+
+def roles_of(cert: x509.Certificate) -> frozenset[str]:
+    """The roles a certificate carries: every ``O=`` of its subject."""
+    return frozenset(
+        str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME) if a.value
+    )
+
+
+def ext_key_usage(cert: x509.Certificate) -> tuple[x509.ObjectIdentifier, ...]:
+    try:
+        return tuple(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return ()
+
+
+def is_client_cert(cert: x509.Certificate) -> bool:
+    """EKU exactly ``[clientAuth]`` (Talos's ``verifyExtKeyUsage``)."""
+    return ext_key_usage(cert) == (ExtendedKeyUsageOID.CLIENT_AUTH,)
+
+
+def needs_renewal(cert: x509.Certificate | bytes, now: dt.datetime | None = None) -> bool:
+    """True once half of the certificate's lifetime has passed (or it is not valid yet/any more)."""
+    if isinstance(cert, bytes):
+        cert = load_certificate(cert)
+    t = _now(now)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return not start <= t < start + (end - start) / 2
+
+
+def renewal_time(cert: x509.Certificate | bytes) -> dt.datetime:
+    """When :func:`needs_renewal` turns true."""
+    if isinstance(cert, bytes):
+        cert = load_certificate(cert)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return start + (end - start) / 2
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+
+def write_secret_file(path: Path | str, data: bytes | str, mode: int = 0o600) -> None:
+    """Write atomically (temp file in the same directory, fsync, rename, fsync of the directory),
+    born with ``mode`` (0600): no moment where the secret is readable by others."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

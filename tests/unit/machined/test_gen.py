@@ -1,0 +1,132 @@
+import base64
+import stat
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from machined import gen, pki
+from machined.config import ConfigValidationError, MachineConfig
+
+
+def test_gen_secrets_shape():
+    s = gen.gen_secrets()
+    assert len(base64.b64decode(s.cluster_id, validate=True)) == 32
+    assert len(base64.b64decode(s.cluster_secret, validate=True)) == 32
+    assert s.cluster_id != s.cluster_secret
+    assert len(s.token) == 23 and s.token[6] == "."
+    assert pki.key_algorithm(s.os_ca.certificate) == "ECDSA secp256r1"
+    assert s.warnings == ()
+    assert s.cluster_secret not in repr(s) and s.token not in repr(s)
+
+
+def test_secrets_roundtrip_and_talos_layout(tmp_path):
+    s = gen.gen_secrets()
+    doc = yaml.safe_load(s.to_yaml())
+    assert doc["certs"]["os"]["crt"] == base64.b64encode(s.os_ca.crt).decode()
+    assert doc["trustdinfo"]["token"] == s.token
+    p = tmp_path / "secrets.yaml"
+    s.write(p)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    assert gen.Secrets.from_yaml(p.read_bytes()) == s
+    # a Talos bundle carries more sections: ignored
+    doc["secrets"] = {"bootstraptoken": "x", "secretboxencryptionsecret": "y"}
+    doc["certs"]["etcd"] = {"crt": "", "key": ""}
+    assert gen.Secrets.from_yaml(yaml.safe_dump(doc)) == s
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda d: d["cluster"].pop("secret"), "cluster.secret"),
+        (lambda d: d["cluster"].__setitem__("secret", "c2hvcnQ="), "cluster.secret"),
+        (lambda d: d["certs"]["os"].__setitem__("crt", "bm90IGEgY2VydA=="), "certs.os.crt"),
+        (lambda d: d.pop("trustdinfo"), "trustdinfo.token"),
+    ],
+)
+def test_secrets_bad_bundle_names_field(mutate, field):
+    doc = gen.gen_secrets().to_dict()
+    mutate(doc)
+    with pytest.raises(gen.GenError, match=field.replace(".", r"\.")):
+        gen.Secrets.from_yaml(yaml.safe_dump(doc))
+
+
+def test_ed25519_secrets_load_with_warning():
+    from test_pki import ed25519_ca
+
+    s = gen.gen_secrets()
+    doc = s.to_dict()
+    ca = ed25519_ca()
+    doc["certs"]["os"] = {"crt": base64.b64encode(ca.crt).decode(), "key": base64.b64encode(ca.key).decode()}
+    s2 = gen.Secrets.from_yaml(yaml.safe_dump(doc))
+    assert s2.warnings and "Ed25519" in s2.warnings[0]
+
+
+def test_gen_config_files_parse_and_carry_secrets(tmp_path):
+    s = gen.gen_secrets()
+    g = gen.gen_config("demo", "https://disc.example:3000/", s, cert_sans=["10.0.0.1"])
+    cp = MachineConfig.parse(g.controlplane)
+    wk = MachineConfig.parse(g.worker)
+    assert cp.warnings == () and wk.warnings == ()
+    for m in (cp, wk):
+        v = m.v1alpha1
+        assert v.token == s.token
+        assert v.ca.crt == s.os_ca.crt
+        assert v.cluster_id == s.cluster_id
+        assert v.cluster_secret == base64.b64decode(s.cluster_secret)
+        assert v.cluster_name == "demo"
+        assert v.discovery_service_endpoint == "https://disc.example:3000/"
+        assert v.cert_sans == ("10.0.0.1",)
+        assert m.kubespan.enabled
+    assert cp.v1alpha1.machine_type == "controlplane" and cp.v1alpha1.ca.key == s.os_ca.key
+    assert wk.v1alpha1.machine_type == "worker" and wk.v1alpha1.ca.key is None
+
+    written = g.write(tmp_path)
+    assert sorted(p.name for p in written) == ["controlplane.yaml", "talosconfig", "worker.yaml"]
+    for p in written:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    with pytest.raises(gen.GenError, match="overwrite"):
+        g.write(tmp_path)
+    g.write(tmp_path, overwrite=True)
+
+
+def test_talosconfig_client_cert():
+    s = gen.gen_secrets()
+    g = gen.gen_config("demo", "https://d.example/", s, endpoints=["10.0.0.1"], nodes=["10.0.0.2"])
+    doc = yaml.safe_load(g.talosconfig)
+    assert doc["context"] == "demo"
+    ctx = gen.load_talosconfig_context(g.talosconfig)
+    assert ctx["endpoints"] == ["10.0.0.1"] and ctx["nodes"] == ["10.0.0.2"]
+    assert ctx["ca"] == s.os_ca.crt
+    crt = x509.load_pem_x509_certificate(ctx["crt"])
+    crt.verify_directly_issued_by(s.os_ca.certificate)
+    assert pki.roles_of(crt) == {"os:admin"}
+    assert pki.ext_key_usage(crt) == (ExtendedKeyUsageOID.CLIENT_AUTH,)
+    assert pki.key_algorithm(crt) == "ECDSA secp256r1"
+    assert pki.key_algorithm(pki.load_private_key(ctx["key"])) == "ECDSA secp256r1"
+
+
+def test_gen_config_patches():
+    s = gen.gen_secrets()
+    g = gen.gen_config(
+        "demo",
+        "https://d.example/",
+        s,
+        ["machine:\n  certSANs: [a.example]\n"],
+        controlplane_patches=["apiVersion: v1alpha1\nkind: KubeSpanConfig\nmtu: 1380\n"],
+        worker_patches=['[{"op": "add", "path": "/cluster/clusterName", "value": "w"}]'],
+    )
+    cp, wk = MachineConfig.parse(g.controlplane), MachineConfig.parse(g.worker)
+    assert cp.v1alpha1.cert_sans == ("a.example",) == wk.v1alpha1.cert_sans
+    assert cp.kubespan.mtu == 1380 and wk.kubespan.mtu != 1380
+    assert wk.v1alpha1.cluster_name == "w" and cp.v1alpha1.cluster_name == "demo"
+
+
+def test_gen_config_invalid_patch_names_field():
+    with pytest.raises(ConfigValidationError, match="mtu"):
+        gen.gen_config(
+            "demo", "https://d.example/", None, ["apiVersion: v1alpha1\nkind: KubeSpanConfig\nmtu: 5\n"]
+        )
+    with pytest.raises(gen.GenError):
+        gen.gen_config("", "https://d.example/")
