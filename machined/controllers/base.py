@@ -29,6 +29,7 @@ class Outputs:
         self.namespace = namespace
         self.type = type
         self._last: dict[str, tuple[Any, Mapping[str, str] | None]] = {}
+        self._swept = False  # a full cleanup ran once (removing what an earlier incarnation left)
 
     async def put(
         self, ctx: ControllerContext, id: str, spec: Any, labels: Mapping[str, str] | None = None
@@ -51,8 +52,13 @@ class Outputs:
             ctx.keep(self.namespace, self.type, id)
 
     async def cleanup(self, ctx: ControllerContext) -> int:
-        n = await ctx.cleanup_outputs(self.type, namespace=self.namespace)
+        """Remove this controller's outputs of this type that the run did not produce. Skipped (no
+        state scan) when the run produced everything written before: nothing can be stale then."""
         touched = {id for ns, t, id in ctx.touched if ns == self.namespace and t == self.type}
+        if self._swept and all(id in touched for id in self._last):
+            return 0
+        n = await ctx.cleanup_outputs(self.type, namespace=self.namespace)
+        self._swept = True
         for id in list(self._last):
             if id not in touched:
                 del self._last[id]
@@ -60,3 +66,4 @@ class Outputs:
 
     def forget(self) -> None:
         self._last.clear()
+        self._swept = False

@@ -8,6 +8,8 @@ public key.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from machined.runtime import Controller, ControllerContext, Output, weak
@@ -24,7 +26,7 @@ from machined.state.catalog import (
 from .base import Outputs, rfc3339
 
 if TYPE_CHECKING:
-    from machined.daemon.meshhost import MeshHost
+    from machined.daemon.meshhost import MeshHost, PeerView
 
 IDENTITY_ID = "local"
 MESH_TIMER = 30.0  # Talos's ManagerController also runs on a 30 s timer
@@ -88,22 +90,47 @@ class KubeSpanPeerSpecController(Controller):
 
 
 class KubeSpanPeerStatusController(Controller):
-    """The engine's per-peer state with Talos's field names (LABEL ENDPOINT STATE RX TX columns)."""
+    """The engine's per-peer state with Talos's field names (LABEL ENDPOINT STATE RX TX columns).
+
+    A change of state, endpoint or label is written at once (after the engine pass that saw it).
+    Changes of only the counters (bytes, handshake time: every keepalive moves them) are written
+    together, every ``counter_refresh`` seconds: an idle mesh of N peers does not rewrite N/25
+    resources every second, and what derives from them (endpoints, machine status) runs once per
+    batch rather than once per keepalive.
+    """
 
     name = "kubespan.PeerStatusController"
     outputs = (Output(KUBESPAN_PEER_STATUS),)
-    interval = MESH_TIMER
+    counter_refresh = 5.0
+    interval = counter_refresh  # so held-back counters are written even when nothing wakes it
 
-    def __init__(self, host: MeshHost) -> None:
+    def __init__(self, host: MeshHost, clock: Callable[[], float] = time.monotonic) -> None:
         self.host = host
+        self.clock = clock
         self.out = Outputs(NS_KUBESPAN, KUBESPAN_PEER_STATUS)
+        self._last: dict[str, PeerView] = {}
+        self._next_flush = 0.0
 
     async def reconcile(self, ctx: ControllerContext) -> None:
-        st = self.host.status()
-        for p in st.peers if st is not None else ():
+        now = self.clock()
+        flush = now >= self._next_flush
+        if flush:
+            self._next_flush = now + self.counter_refresh
+        seen: set[str] = set()
+        for p in self.host.peers() or ():
+            key = p.public_key
+            seen.add(key)
+            prev = self._last.get(key)
+            if prev is not None and (
+                prev is p
+                or prev == p
+                or (not flush and (prev.state, prev.endpoint, prev.label) == (p.state, p.endpoint, p.label))
+            ):
+                ctx.keep(NS_KUBESPAN, KUBESPAN_PEER_STATUS, key)
+                continue
             await self.out.put(
                 ctx,
-                p.public_key,
+                key,
                 {
                     "label": p.label,
                     "endpoint": p.endpoint or "",
@@ -115,6 +142,9 @@ class KubeSpanPeerStatusController(Controller):
                     "lastEndpointChange": rfc3339(p.last_endpoint_change),
                 },
             )
+            self._last[key] = p
+        for key in [k for k in self._last if k not in seen]:
+            del self._last[key]
         await self.out.cleanup(ctx)
 
 

@@ -28,12 +28,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("controller-runtime.network")
 
-NETWORK_POLL = 5.0
+NETWORK_POLL = 60.0
 
 
 class NetworkStatusController(Controller):
-    """Links, addresses and routes of the agent's network namespace, every few seconds (and when the
-    agent wakes it, e.g. after the mesh link was created)."""
+    """Links, addresses and routes of the agent's network namespace: read again whenever the agent
+    wakes it (netlink notifications, mesh start and stop) and every ``NETWORK_POLL`` seconds."""
 
     name = "network.StatusController"
     outputs = (Output(LINK_STATUS), Output(ADDRESS_STATUS), Output(ROUTE_STATUS))
@@ -48,9 +48,7 @@ class NetworkStatusController(Controller):
 
     async def reconcile(self, ctx: ControllerContext) -> None:
         try:
-            links = await self.net.links()
-            addresses = await self.net.addresses()
-            routes = await self.net.routes()
+            links, addresses, routes = await self.net.snapshot()
         except OSError as e:
             if not self._failing:
                 log_event(

@@ -87,13 +87,55 @@ log = logging.getLogger("machined")
 
 SOCKET_NAME = "machined.sock"
 MESH_POLL = 1.0
+NETLINK_SPACING = 3.0  # seconds between network status refreshes caused by netlink notifications
 
 _MESH_CONTROLLERS = (
     KubeSpanIdentityController.name,
     KubeSpanPeerSpecController.name,
     KubeSpanPeerStatusController.name,
     AffiliateController.name,
-)
+)  # woken on mesh start/stop; after a pass only those whose source moved
+
+
+_UNSEEN = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Element-wise identity for tuples (of snapshots), plain identity otherwise."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+    return a is b
+
+
+class RateLimitedWake:
+    """Wake a controller at most once per ``spacing`` seconds; a wake inside the window is deferred to
+    its end (so the last change is always read). For noisy sources such as netlink notifications."""
+
+    def __init__(self, wake: Callable[[], None], spacing: float) -> None:
+        self._wake = wake
+        self.spacing = spacing
+        self._last = -1e9
+        self._pending: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> None:
+        if self._pending is not None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = self._last + self.spacing - loop.time()
+        if delay <= 0:
+            self._fire()
+        else:
+            self._pending = loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._pending = None
+        self._last = asyncio.get_running_loop().time()
+        self._wake()
+
+    def cancel(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
 
 
 class AgentError(Exception):
@@ -161,6 +203,8 @@ class Agent:
         self._applying.set()
         self._stopped = False
         self._mesh_ready: bool | None = None
+        self._mesh_seen: dict[str, Any] = {}
+        self._net_wake: RateLimitedWake | None = None
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -273,6 +317,12 @@ class Agent:
         self._register_controllers(cfg)
         await self.runtime.start()
         self._tasks.append(asyncio.create_task(self._watch_machine_status(), name="machine-status-events"))
+        watch = getattr(self.netinfo, "watch", None)
+        if watch is not None:
+            self._net_wake = RateLimitedWake(
+                lambda: self._wake(NetworkStatusController.name), NETLINK_SPACING
+            )
+            self._tasks.append(asyncio.create_task(watch(self._net_wake), name="netlink-watch"))
 
         # 4. services, gated on the mesh
         self.supervisor = Supervisor(
@@ -357,11 +407,27 @@ class Agent:
                 self.runtime.wake(n)
 
     def _on_mesh(self, reason: str) -> None:
-        self._wake(*_MESH_CONTROLLERS)
         if reason != "pass":
-            self._wake(NetworkStatusController.name)
+            self._wake(*_MESH_CONTROLLERS, NetworkStatusController.name)
             self._mesh_ready = None
+            self._mesh_seen = {}
             return
+        # after an engine pass, wake only the controllers whose source moved (identity compares)
+        mesh = self.meshhost.mesh
+        disc = self.meshhost.discovery
+        seen = {
+            KubeSpanPeerSpecController.name: mesh.specs if mesh is not None else None,
+            KubeSpanPeerStatusController.name: self.meshhost.peers(),
+            AffiliateController.name: (
+                mesh.local if mesh is not None else None,
+                getattr(disc, "version", None),
+            ),
+        }
+        for name, value in seen.items():
+            old = self._mesh_seen.get(name, _UNSEEN)
+            if old is _UNSEEN or not _same(old, value):
+                self._wake(name)
+        self._mesh_seen = seen
         health = self.meshhost.health()
         ready = health is not None and health.ready and health.up >= health.peers
         if ready != self._mesh_ready:
@@ -468,6 +534,8 @@ class Agent:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._net_wake is not None:
+            self._net_wake.cancel()
         self.events.close()
         if self._http is not None:
             await self._http.close()

@@ -7,7 +7,11 @@ subset of Talos's fields). :class:`StaticNetInfo` is the in-memory stand-in for 
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import ipaddress
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,6 +29,8 @@ _IFF = (
     (0x10000, "LOWER_UP"),
 )
 _ARPHRD = {1: "ether", 772: "loopback", 65534: "none", 776: "sit", 768: "ipip", 823: "ip6gre"}
+# RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+_GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
 _SCOPE = {0: "global", 200: "site", 253: "link", 254: "host", 255: "nowhere"}
 _TABLE = {253: "default", 254: "main", 255: "local"}
 _PROTO = {0: "unspecified", 1: "redirect", 2: "kernel", 3: "boot", 4: "static", 16: "dhcp", 186: "bgp"}
@@ -57,6 +63,8 @@ class NetInfo(Protocol):
     async def addresses(self) -> dict[str, Spec]: ...  # id (link/address) -> AddressStatus spec
 
     async def routes(self) -> dict[str, Spec]: ...  # id -> RouteStatus spec
+
+    async def snapshot(self) -> tuple[dict[str, Spec], dict[str, Spec], dict[str, Spec]]: ...
 
     async def close(self) -> None: ...
 
@@ -128,7 +136,8 @@ def route_spec(m: Any, names: dict[int, str]) -> tuple[str, Spec]:
 
 
 class NetlinkInfo:
-    """Dumps of the current network namespace (one rtnetlink socket, opened lazily)."""
+    """Dumps of the current network namespace (one rtnetlink socket, opened lazily), and
+    :meth:`watch` for change notifications (links, addresses, routes)."""
 
     def __init__(self) -> None:
         self._ipr: Any = None
@@ -173,6 +182,65 @@ class NetlinkInfo:
             finally:
                 self._ipr = None
 
+    async def snapshot(self) -> tuple[dict[str, Spec], dict[str, Spec], dict[str, Spec]]:
+        """Links, addresses and routes from one dump of each."""
+        link_msgs = await self._dump("link")
+        names = {m.get("index"): m.get("IFLA_IFNAME") for m in link_msgs}
+        links = dict(link_spec(m) for m in link_msgs)
+        addresses: dict[str, Spec] = {}
+        for m in await self._dump("addr"):
+            item = address_spec(m, names)
+            if item is not None:
+                addresses[item[0]] = item[1]
+        routes = dict(route_spec(m, names) for m in await self._dump("route"))
+        return links, addresses, routes
+
+    async def watch(self, callback: Callable[[], None], *, retry: float = 1.0) -> None:
+        """Call ``callback()`` after every burst of rtnetlink notifications about links, addresses or
+        routes, and once after each (re)subscription (events may have been missed). The messages are
+        not decoded: the callback only learns that something changed. Runs until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            except OSError:
+                await asyncio.sleep(retry)
+                continue
+            changed = asyncio.Event()
+            broken: list[OSError] = []
+
+            def readable(
+                sock: socket.socket = sock, changed: asyncio.Event = changed, broken: list[OSError] = broken
+            ) -> None:
+                try:
+                    while sock.recv(1 << 16):
+                        pass
+                except BlockingIOError:
+                    pass
+                except OSError as e:
+                    if e.errno != errno.ENOBUFS:  # an overrun only means we missed some: re-read anyway
+                        broken.append(e)
+                changed.set()
+
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                sock.bind((0, _GROUPS))
+                loop.add_reader(sock.fileno(), readable)
+                try:
+                    callback()
+                    while not broken:
+                        await changed.wait()
+                        changed.clear()
+                        callback()
+                finally:
+                    loop.remove_reader(sock.fileno())
+            except OSError:
+                pass
+            finally:
+                sock.close()
+            await asyncio.sleep(retry)
+
 
 @dataclass
 class StaticNetInfo:
@@ -193,6 +261,9 @@ class StaticNetInfo:
 
     async def close(self) -> None:
         return None
+
+    async def snapshot(self) -> tuple[dict[str, Spec], dict[str, Spec], dict[str, Spec]]:
+        return await self.links(), await self.addresses(), await self.routes()
 
     def add_address(self, link: str, cidr: str, scope: str = "global") -> None:
         iface = ipaddress.ip_interface(cidr)

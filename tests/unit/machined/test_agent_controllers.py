@@ -4,7 +4,6 @@ resources follow their inputs, cleanup removes what is no longer produced."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import Any
 
 from machined.controllers import (
@@ -14,6 +13,7 @@ from machined.controllers import (
     Outputs,
     rfc3339,
 )
+from machined.daemon.meshhost import PeerView
 from machined.runtime import Controller, ControllerContext, Output, Runtime
 from machined.state import DEFINITIONS, EventType, Resource, State, register_all
 from machined.state.catalog import (
@@ -59,11 +59,12 @@ async def _ready(s: State) -> bool:
     return (await s.get(NS_RUNTIME, MACHINE_STATUS, "machine")).spec["status"]["ready"]
 
 
-def peer(label: str, state: str, rx: int = 0) -> Any:
-    return SimpleNamespace(
+def peer(label: str, state: str, rx: int = 0, endpoint: str = "10.0.0.1:51820") -> PeerView:
+    return PeerView(
         public_key=f"{label}-key=",
+        node_id=f"id-{label}",
         label=label,
-        endpoint="10.0.0.1:51820",
+        endpoint=endpoint,
         state=state,
         rx_bytes=rx,
         tx_bytes=rx,
@@ -75,17 +76,18 @@ def peer(label: str, state: str, rx: int = 0) -> Any:
 
 class Host:
     def __init__(self) -> None:
-        self.peers: list[Any] = []
+        self.views: list[PeerView] = []
 
-    def status(self) -> Any:
-        return SimpleNamespace(peers=tuple(self.peers))
+    def peers(self) -> tuple[PeerView, ...]:
+        return tuple(self.views)
 
 
 async def test_peer_statuses_are_written_only_when_they_change_and_cleaned_up():
     s, host = state(), Host()
-    host.peers = [peer("a", "up"), peer("b", "unknown")]
+    host.views = [peer("a", "up"), peer("b", "unknown")]
     rt = Runtime(s)
     c = KubeSpanPeerStatusController(host)  # type: ignore[arg-type]
+    c.counter_refresh = 0
     rt.register(c)
     w = s.watch(NS_KUBESPAN, KUBESPAN_PEER_STATUS, bootstrap=False)
     async with rt:
@@ -94,7 +96,7 @@ async def test_peer_statuses_are_written_only_when_they_change_and_cleaned_up():
             rt.wake(c.name)
         await settle(rt, c.name, 2)
         assert w.pending() == 2
-        host.peers = [peer("a", "up", rx=100)]
+        host.views = [peer("a", "up", rx=100)]
         rt.wake(c.name)
         await settle(rt, c.name, 3)
     kinds = []
@@ -110,6 +112,35 @@ async def test_peer_statuses_are_written_only_when_they_change_and_cleaned_up():
     a = await s.get(NS_KUBESPAN, KUBESPAN_PEER_STATUS, "a-key=")
     assert a.spec["receiveBytes"] == 100 and a.spec["lastHandshakeTime"] == rfc3339(1_700_000_000.0)
     assert a.spec["lastUsedEndpoint"] == "" and a.spec["lastEndpointChange"] is None
+
+
+async def test_counter_only_changes_are_batched_state_changes_are_not():
+    s, host, now = state(), Host(), [100.0]
+    host.views = [peer("a", "up")]
+    rt = Runtime(s)
+    c = KubeSpanPeerStatusController(host, clock=lambda: now[0])  # type: ignore[arg-type]
+    rt.register(c)
+
+    async def rx() -> int:
+        return (await s.get(NS_KUBESPAN, KUBESPAN_PEER_STATUS, "a-key=")).spec["receiveBytes"]
+
+    async with rt:
+        await settle(rt, c.name, 1)
+        host.views = [peer("a", "up", rx=10)]
+        now[0] += 1
+        rt.wake(c.name)
+        await settle(rt, c.name, 2)
+        assert await rx() == 0  # counters only, 1 s after the last write: not yet
+        now[0] += 5
+        rt.wake(c.name)
+        await settle(rt, c.name, 3)
+        assert await rx() == 10  # refreshed
+        host.views = [peer("a", "down", rx=11)]
+        now[0] += 0.1
+        rt.wake(c.name)
+        await settle(rt, c.name, 4)
+        r = await s.get(NS_KUBESPAN, KUBESPAN_PEER_STATUS, "a-key=")
+        assert r.spec["state"] == "down" and r.spec["receiveBytes"] == 11  # a state change: at once
 
 
 async def test_members_follow_affiliates():
