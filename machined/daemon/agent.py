@@ -344,9 +344,12 @@ class Agent:
         if self.opts.serve_api:
             from machined.api.server import serve
 
-            self._api = await serve(
-                self, self.opts.socket, mode=self.opts.socket_mode, group=self.opts.socket_group
-            )
+            try:
+                self._api = await serve(
+                    self, self.opts.socket, mode=self.opts.socket_mode, group=self.opts.socket_group
+                )
+            except (OSError, RuntimeError, ValueError) as e:
+                raise AgentError(f"machine API socket {self.opts.socket}: {e}") from None
         if self.opts.serve_http and cfg.agent.http_status_addr is not None:
             await self._start_http(cfg.agent.http_status_addr)
 
