@@ -30,7 +30,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from discovery.crypto import SecretError, parse_secret
 from discovery.logs import log_event, setup
-from discovery.version import version_string
 from kubespan.constants import ConfigError, MeshConfig
 from kubespan.engine import Mesh, MeshOptions
 from kubespan.metrics import MeshCollector
@@ -84,7 +83,6 @@ def _mac(text: str) -> bytes:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubespan", description="KubeSpan-style WireGuard mesh, standalone.")
-    p.add_argument("--version", action="version", version=version_string("kubespan"))
     sub = p.add_subparsers(dest="command", required=True)
     d = MeshConfig()
 
