@@ -247,6 +247,7 @@ class Mesh:
             backend=self.backend.name,
         )
         await self.backend.ensure_device()
+        self.prober.on_reply = self.wake
         self.prober.open()
         self._tasks.append(asyncio.create_task(self._run(), name="mesh-loop"))
         watch = getattr(self.links, "watch", None)
@@ -632,7 +633,10 @@ class Mesh:
                     node_id=spec.node_id,
                     public_key=spec.public_key.b64,
                     mesh_address=str(spec.mesh_address) if spec.mesh_address else None,
-                    endpoint=str(have.endpoint) if have is not None and have.endpoint else None,
+                    # the machine's view includes a switch applied after this pass read the device
+                    endpoint=str(st.endpoint)
+                    if st.endpoint is not None
+                    else (str(have.endpoint) if have is not None and have.endpoint else None),
                     state=str(st.state),
                     rx_bytes=have.rx_bytes if have is not None else 0,
                     tx_bytes=have.tx_bytes if have is not None else 0,

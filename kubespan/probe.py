@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 from discovery.logs import log_event
 
@@ -53,6 +53,8 @@ class Prober:
         self.enabled = False
         self.sent = 0
         self.replies = 0
+        # called after replies arrived (the engine wakes so evidence is used at once, not at the next poll)
+        self.on_reply: Callable[[], None] | None = None
 
     def open(self) -> bool:
         try:
@@ -90,6 +92,15 @@ class Prober:
         return True
 
     def _readable(self) -> None:
+        assert self._sock is not None
+        before = self.replies
+        try:
+            self._drain()
+        finally:
+            if self.replies != before and self.on_reply is not None:
+                self.on_reply()
+
+    def _drain(self) -> None:
         assert self._sock is not None
         for _ in range(256):
             try:
