@@ -127,7 +127,11 @@ class PeerViews:
                     public_key=strings(pk) or "",
                     node_id=spec.node_id,
                     label=spec.label or spec.node_id[:12],
-                    endpoint=strings(have.endpoint) if have is not None and have.endpoint else None,
+                    # as the engine's status(): the machine's endpoint includes a switch applied
+                    # after this pass read the device
+                    endpoint=strings(current)
+                    if current is not None
+                    else (strings(have.endpoint) if have is not None and have.endpoint else None),
                     state=str(state),
                     rx_bytes=have.rx_bytes if have is not None else 0,
                     tx_bytes=have.tx_bytes if have is not None else 0,
