@@ -1,0 +1,225 @@
+"""Connections: mTLS to apid (``endpoint:50000``, the context's certificates) or machined's unix socket
+(no TLS), and the per-node error bookkeeping of talosctl.
+
+Routing: through apid, machine API calls for several nodes send ``nodes`` metadata (apid fans out and
+merges, one item per node), and resource API calls (which apid does not fan out) are made once per
+node with ``node`` metadata. A unix socket reaches exactly one machined: no routing metadata is sent.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from .config import ClientConfig, ConfigError, Context
+
+APID_PORT = 50000
+MAX_MESSAGE = 32 << 20
+UNIX_PREFIXES = ("unix://", "unix:")
+
+
+class ConnectionSetupError(Exception):
+    """The CLI cannot even try to connect (no endpoint, no certificates, ...)."""
+
+
+@dataclass(frozen=True)
+class NodeError:
+    node: str
+    message: str
+
+    def render(self) -> str:
+        return f"error from node {self.node}: {self.message}" if self.node else f"error: {self.message}"
+
+
+def socket_path(endpoint: str) -> str | None:
+    """The path of a ``unix:///path`` (or ``unix:/path``) endpoint, else None."""
+    for p in UNIX_PREFIXES:
+        if endpoint.startswith(p):
+            return endpoint[len(p) :] or None
+    return None
+
+
+def tcp_target(endpoint: str, port: int = APID_PORT) -> str:
+    """``host`` → ``host:50000``; IPv6 addresses are bracketed; an explicit port is kept."""
+    if endpoint.startswith("["):
+        return endpoint if "]:" in endpoint else f"{endpoint}:{port}"
+    if endpoint.count(":") > 1:  # bare IPv6
+        return f"[{endpoint}]:{port}"
+    if ":" in endpoint:
+        return endpoint
+    return f"{endpoint}:{port}"
+
+
+def describe_rpc_error(e: grpc.RpcError, where: str) -> str:
+    code = e.code() if hasattr(e, "code") else None
+    details = (e.details() if hasattr(e, "details") else None) or str(code)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"cannot connect to {where}: {details}"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"{where} did not answer in time"
+    name = code.name.lower().replace("_", " ") if code is not None else "error"
+    return f"{name}: {details}"
+
+
+@dataclass
+class Target:
+    """Where calls go (``endpoint`` or ``socket``) and for which ``nodes``."""
+
+    endpoint: str = ""
+    socket: str | None = None
+    nodes: list[str] = field(default_factory=list)
+    context: Context = field(default_factory=Context)
+    timeout: float = 30.0
+    _channel: grpc.Channel | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_args(
+        cls,
+        config: ClientConfig,
+        *,
+        context: str | None = None,
+        endpoints: list[str] | None = None,
+        nodes: list[str] | None = None,
+        socket: str | None = None,
+    ) -> Target:
+        try:
+            _, ctx = config.current(context)
+        except ConfigError as e:
+            raise ConnectionSetupError(str(e)) from None
+        node_list = list(nodes) if nodes else list(ctx.nodes)
+        if socket:
+            return cls(endpoint=f"unix://{socket}", socket=socket, nodes=node_list, context=ctx)
+        eps = list(endpoints) if endpoints else list(ctx.endpoints)
+        if not eps:
+            raise ConnectionSetupError(
+                "no endpoint: pass --endpoints/-e or --socket, or set endpoints in the client config "
+                "(spanctl config endpoint ...)"
+            )
+        path = socket_path(eps[0])
+        if path:
+            return cls(endpoint=eps[0], socket=path, nodes=node_list, context=ctx)
+        return cls(endpoint=eps[0], nodes=node_list, context=ctx)
+
+    @property
+    def direct(self) -> bool:
+        return self.socket is not None
+
+    @property
+    def where(self) -> str:
+        return self.socket if self.socket else tcp_target(self.endpoint)
+
+    def check(self) -> None:
+        if self.direct and len(self.nodes) > 1:
+            raise ConnectionSetupError(
+                f"a unix socket reaches one machined; {len(self.nodes)} nodes given "
+                "(go through apid with --endpoints to reach several)"
+            )
+
+    def channel(self) -> grpc.Channel:
+        if self._channel is not None:
+            return self._channel
+        self.check()
+        opts = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ]
+        if self.direct:
+            self._channel = grpc.insecure_channel(f"unix:{self.socket}", options=opts)
+            return self._channel
+        ctx = self.context
+        missing = [k for k in ("ca", "crt", "key") if not getattr(ctx, k)]
+        if missing:
+            raise ConnectionSetupError(
+                f"the client config context has no {', '.join(missing)}: cannot authenticate to apid "
+                "(use a config from 'spanctl gen config' or 'spanctl config new', or --socket for a local machined)"
+            )
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ctx.ca, private_key=ctx.key, certificate_chain=ctx.crt
+        )
+        self._channel = grpc.secure_channel(tcp_target(self.endpoint), creds, options=opts)
+        return self._channel
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    def fanout_metadata(self) -> list[tuple[str, str]]:
+        """Metadata for a machine API call to every node (apid's ``nodes``)."""
+        if self.direct or not self.nodes:
+            return []
+        return [("nodes", n) for n in self.nodes]
+
+    def node_metadata(self, node: str | None) -> list[tuple[str, str]]:
+        """Metadata for a call to one node (apid's ``node``)."""
+        if self.direct or not node:
+            return []
+        return [("node", node)]
+
+    def each_node(self) -> list[str | None]:
+        """One entry per node for per-node calls (None: the endpoint's own node)."""
+        if self.direct:
+            return [self.nodes[0] if self.nodes else None]
+        return list(self.nodes) or [None]
+
+    def label(self, node: str | None) -> str:
+        """The NODE cell for ``node`` (the endpoint when none was named, as talosctl's peer address)."""
+        if node:
+            return node
+        return self.socket if self.socket else self.endpoint
+
+
+def split_messages(messages: Iterable[Any], default_node: str) -> tuple[list[Any], list[NodeError]]:
+    """Good items and the error entries apid adds for failed nodes (``metadata.error``)."""
+    good: list[Any] = []
+    errors: list[NodeError] = []
+    for m in messages:
+        md = m.metadata
+        if md.error:
+            errors.append(NodeError(md.hostname or default_node, md.error))
+        else:
+            good.append(m)
+    return good, errors
+
+
+def node_of(message: Any, default: str) -> str:
+    """The node an item came from: the hostname apid (or machined) put in its metadata."""
+    try:
+        return message.metadata.hostname or default
+    except AttributeError:
+        return default
+
+
+class Errors:
+    """Per-node errors, printed after the output (stderr); any of them makes the exit status 1."""
+
+    def __init__(self) -> None:
+        self.items: list[NodeError] = []
+
+    def add(self, node: str, message: str) -> None:
+        self.items.append(NodeError(node, message))
+
+    def extend(self, errors: Iterable[NodeError]) -> None:
+        self.items.extend(errors)
+
+    def rpc(self, node: str, e: grpc.RpcError, where: str) -> None:
+        self.add(node, describe_rpc_error(e, where))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def lines(self) -> Iterator[str]:
+        for e in self.items:
+            yield e.render()
+
+    def report(self, stream: Any = None) -> int:
+        stream = stream if stream is not None else sys.stderr
+        for line in self.lines():
+            print(line, file=stream)
+        return 1 if self.items else 0
