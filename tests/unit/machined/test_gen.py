@@ -53,7 +53,7 @@ def test_secrets_bad_bundle_names_field(mutate, field):
 
 
 def test_ed25519_secrets_load_with_warning():
-    from test_pki import ed25519_ca
+    from machined.apid.testing import ed25519_ca
 
     s = gen.gen_secrets()
     doc = s.to_dict()

@@ -1,0 +1,201 @@
+"""``apid``: the mTLS gateway to machined's API.
+
+    apid --config FILE --machined-socket PATH [--listen :50000] [--hostname NAME] [--address IP ...]
+
+``--config`` is the node's machine config: apid uses ``machine.ca`` (certificate and key) and
+``machine.certSANs``. It issues its own server certificate (SANs: ``--address`` values, the
+addresses machined reports in ``NodeAddresses/current`` — including the mesh address —, certSANs,
+the hostname, loopback) and an ``os:impersonator`` client certificate for forwarding, both 24 h and
+re-issued at half-life without a restart. Exit status 2 with a message on a config it cannot serve
+with (no CA, no CA key, an Ed25519 CA). See ``machined/apid/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import yaml
+
+from discovery.logs import log_event, setup
+from machined import pki
+from machined.config import ConfigValidationError, MachineConfig
+from spanapi.talos.cosi import state_pb2, state_pb2_grpc
+
+from .proxy import APID_PORT, Proxy
+from .tls import Identity
+
+log = logging.getLogger("apid")
+
+
+class StartError(RuntimeError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="apid", description="mTLS gateway to machined's machine API.")
+    p.add_argument("--config", type=Path, required=True, help="machine config (uses machine.ca crt+key)")
+    p.add_argument("--machined-socket", type=Path, required=True, help="machined's API unix socket")
+    p.add_argument("--listen", default=f":{APID_PORT}", help="address:port to listen on (default :50000)")
+    p.add_argument("--hostname", default=None, help="node name for the certificate (default: hostname)")
+    p.add_argument(
+        "--address", action="append", default=[], help="extra address for the server certificate (repeatable)"
+    )
+    p.add_argument(
+        "--node-port", type=int, default=APID_PORT, help="port of other nodes' apid (default 50000)"
+    )
+    p.add_argument(
+        "--cert-ttl", type=float, default=pki.SERVER_TTL.total_seconds(), help="certificate lifetime, seconds"
+    )
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def listen_address(value: str) -> str:
+    """``:50000`` → ``[::]:50000``; ``127.0.0.1:1`` and ``[::1]:1`` kept."""
+    return f"[::]{value}" if value.startswith(":") else value
+
+
+def load_ca(path: Path) -> tuple[pki.KeyPair, tuple[str, ...]]:
+    """The CA key pair and certSANs from a machine config; :class:`StartError` says why it cannot serve."""
+    try:
+        mc = MachineConfig.parse(path.read_bytes())
+    except OSError as e:
+        raise StartError(f"cannot read {path}: {e.strerror}") from None
+    except ConfigValidationError as e:
+        raise StartError(f"{path} is not a valid machine config: {e}") from None
+    v1 = mc.v1alpha1
+    if v1.ca is None:
+        raise StartError(f"{path}: machine.ca is missing; apid needs the cluster CA")
+    if v1.ca.key is None:
+        raise StartError(
+            f"{path}: machine.ca has no key (a worker config). apid issues its own certificates from the CA "
+            "key; obtaining one from a control-plane node (Talos's trustd) is not implemented yet: "
+            "run apid on control-plane nodes"
+        )
+    ca = pki.KeyPair(v1.ca.crt, v1.ca.key)
+    try:
+        pki.check_tls_usable(ca.crt, ca.key)
+    except pki.UnsupportedKeyError as e:
+        raise StartError(f"{path}: refusing to serve: {e}") from None
+    return ca, v1.cert_sans
+
+
+async def node_addresses(socket_path: Path, wait: float = 2.0) -> list[str]:
+    """``NodeAddresses/current`` from machined (incl. the mesh address); [] when unavailable."""
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{socket_path}") as ch:
+            stub = state_pb2_grpc.StateStub(ch)
+            r = await stub.Get(
+                state_pb2.GetRequest(namespace="network", type="NodeAddresses.net.talos.dev", id="current"),
+                timeout=wait,
+            )
+        spec = yaml.safe_load(r.resource.spec.yaml_spec) or {}
+        out = []
+        for a in spec.get("addresses") or []:
+            try:
+                out.append(str(ipaddress.ip_interface(a).ip))
+            except ValueError:
+                continue
+        return out
+    except (grpc.aio.AioRpcError, yaml.YAMLError, AttributeError) as e:
+        log_event(log, "node addresses unavailable", logging.WARNING, error=str(e)[:200])
+        return []
+
+
+class Apid:
+    def __init__(self, ns: argparse.Namespace) -> None:
+        self.ns = ns
+        self.hostname = ns.hostname or socket.gethostname()
+        self.server: grpc.aio.Server | None = None
+        self.proxy: Proxy | None = None
+        self.identity: Identity | None = None
+        self.port = 0
+
+    async def _sans(self, cert_sans: Sequence[str]) -> list[str]:
+        found = await node_addresses(self.ns.machined_socket)
+        return [*self.ns.address, *found, *cert_sans, "127.0.0.1", "::1", "localhost"]
+
+    async def start(self) -> None:
+        ca, cert_sans = load_ca(self.ns.config)
+        self._cert_sans = cert_sans
+        ttl = dt.timedelta(seconds=self.ns.cert_ttl)
+        self.identity = Identity(
+            ca, self.hostname, await self._sans(cert_sans), server_ttl=ttl, client_ttl=ttl
+        )
+        self.proxy = Proxy(
+            str(self.ns.machined_socket), self.identity, node_port=self.ns.node_port, name=self.hostname
+        )
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 32 << 20),
+                ("grpc.max_send_message_length", 32 << 20),
+            ]
+        )
+        self.server.add_generic_rpc_handlers((self.proxy,))
+        self.port = self.server.add_secure_port(
+            listen_address(self.ns.listen), self.identity.server_credentials()
+        )
+        if self.port == 0:
+            raise StartError(f"cannot listen on {self.ns.listen}")
+        await self.server.start()
+        log_event(log, "apid serving", listen=self.ns.listen, port=self.port, sans=self.identity.addresses)
+
+    async def renew_loop(self) -> None:
+        assert self.identity is not None
+        while True:
+            wait = (self.identity.next_renewal() - dt.datetime.now(dt.UTC)).total_seconds()
+            await asyncio.sleep(max(1.0, min(wait, 300.0)))
+            if self.identity.needs_renewal():
+                self.identity.renew(await self._sans(self._cert_sans))
+                log_event(
+                    log,
+                    "certificates renewed",
+                    expires_at=self.identity.server.certificate.not_valid_after_utc.isoformat(),
+                )
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(0.5)
+        if self.proxy is not None:
+            await self.proxy.close()
+
+
+async def run(ns: argparse.Namespace) -> int:
+    apid = Apid(ns)
+    try:
+        await apid.start()
+    except StartError as e:
+        log_event(log, "apid cannot start", logging.ERROR, error=str(e))
+        print(f"apid: {e}", file=sys.stderr)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    renew = asyncio.create_task(apid.renew_loop())
+    try:
+        await stop.wait()
+    finally:
+        renew.cancel()
+        await apid.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    setup(debug=ns.debug)
+    return asyncio.run(run(ns))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Test and benchmark helpers: an in-process machined API (the real servicers over a small fake node)
+on a unix socket, an in-process apid, and mTLS client channels."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from machined import gen, pki
+from machined.api.server import ApiServer, serve
+from machined.config import ConfigManager, ConfigStore, MachineConfig
+from machined.config.testing import config_yaml
+from machined.daemon import MachineEvents
+from machined.daemon.logcapture import make_rings
+from machined.services import EventRing
+from machined.state import DEFINITIONS, Resource, State, register_all
+from machined.state.catalog import KUBESPAN_IDENTITY, NS_KUBESPAN
+
+from .main import Apid
+
+
+class FakeNode:
+    """What :func:`machined.api.server.serve` needs; one sensitive resource (KubeSpanIdentities/local)."""
+
+    def __init__(self, hostname: str, tmp: Path) -> None:
+        self.hostname = hostname
+        self.state = State()
+        register_all(self.state, DEFINITIONS)
+        self.config = ConfigManager(ConfigStore(tmp / "cfg"))
+        self.config.boot(MachineConfig.parse(config_yaml(cluster_id="c")))
+        self.supervisor = None
+        self.events = MachineEvents()
+        self.machined_events = EventRing()
+        self.rings = make_rings()
+
+    async def seed(self) -> None:
+        await self.state.create(
+            Resource.new(
+                NS_KUBESPAN, KUBESPAN_IDENTITY, "local", {"privateKey": "PRIVATE", "publicKey": "pub"}
+            ),
+            owner="test",
+        )
+
+    def log_ring(self, id: str) -> Any:
+        return self.rings.get(id)
+
+
+async def start_machined(hostname: str, tmp: Path) -> tuple[ApiServer, Path]:
+    node = FakeNode(hostname, tmp)
+    await node.seed()
+    path = tmp / f"{hostname}.sock"
+    return await serve(node, path), path
+
+
+@dataclass
+class Cluster:
+    """A CA and a control-plane config file holding it."""
+
+    secrets: gen.Secrets
+    config: Path
+
+    @classmethod
+    def create(cls, tmp: Path) -> Cluster:
+        s = gen.gen_secrets()
+        g = gen.gen_config("test", "https://discovery.invalid/", s)
+        path = tmp / "controlplane.yaml"
+        pki.write_secret_file(path, g.controlplane)
+        return cls(s, path)
+
+    @property
+    def ca(self) -> pki.KeyPair:
+        return self.secrets.os_ca
+
+    def client(self, *roles: str, **kw: Any) -> pki.KeyPair:
+        return pki.issue_client(self.ca, list(roles), **kw)
+
+    def credentials(self, kp: pki.KeyPair | None) -> grpc.ChannelCredentials:
+        if kp is None:
+            return grpc.ssl_channel_credentials(self.ca.crt)
+        return grpc.ssl_channel_credentials(self.ca.crt, kp.key, kp.crt)
+
+    def channel(self, port: int, kp: pki.KeyPair | None) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(f"127.0.0.1:{port}", self.credentials(kp))
+
+
+async def start_apid(
+    cluster: Cluster, socket_path: Path, hostname: str = "apid", *, cert_ttl: dt.timedelta | None = None
+) -> Apid:
+    ns = argparse.Namespace(
+        config=cluster.config,
+        machined_socket=socket_path,
+        listen="127.0.0.1:0",
+        hostname=hostname,
+        address=["127.0.0.1"],
+        node_port=50000,
+        cert_ttl=(cert_ttl or pki.SERVER_TTL).total_seconds(),
+        debug=False,
+    )
+    a = Apid(ns)
+    await a.start()
+    return a
+
+
+def ed25519_ca() -> pki.KeyPair:
+    """A CA as Talos generates it (Ed25519): loads and signs, but grpcio's TLS cannot use it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.x509.oid import NameOID
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "talos")])
+    now = dt.datetime.now(dt.UTC)
+    crt = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, None)
+    )
+    return pki.KeyPair(
+        crt.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )

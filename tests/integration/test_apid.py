@@ -1,0 +1,367 @@
+"""apid end to end on loopback: real TLS, the real machine API servicers behind it (in-process, on a
+unix socket), an authorization matrix, refused certificates, node forwarding and fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from google.protobuf import empty_pb2
+
+from machined import pki
+from machined.apid.testing import Cluster, start_apid, start_machined
+from machined.state.catalog import KUBESPAN_IDENTITY, NS_KUBESPAN
+from spanapi.talos.cosi import state_pb2, state_pb2_grpc
+from spanapi.talos.machine import machine_pb2, machine_pb2_grpc
+
+OK = "ok"
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.fixture
+async def world(tmp_path):
+    cluster = Cluster.create(tmp_path)
+    srv, sock = await start_machined("node-a", tmp_path)
+    apid = await start_apid(cluster, sock, "node-a")
+    yield cluster, apid
+    await apid.stop()
+    await srv.stop()
+
+
+CALLS = {
+    "Version": lambda m, s: m.Version(empty_pb2.Empty(), timeout=5),
+    "ServiceRestart": lambda m, s: m.ServiceRestart(machine_pb2.ServiceRestartRequest(id="nope"), timeout=5),
+    "ApplyConfiguration": lambda m, s: m.ApplyConfiguration(
+        machine_pb2.ApplyConfigurationRequest(data=b"not: [yaml", dry_run=True), timeout=5
+    ),
+    "GetSensitive": lambda m, s: s.Get(
+        state_pb2.GetRequest(namespace=NS_KUBESPAN, type=KUBESPAN_IDENTITY, id="local"), timeout=5
+    ),
+}
+
+# what each role gets; "past" = apid let it through and machined answered (any non-permission status)
+MATRIX = {
+    "os:admin": {"Version": OK, "ServiceRestart": "past", "ApplyConfiguration": "past", "GetSensitive": OK},
+    "os:operator": {
+        "Version": OK,
+        "ServiceRestart": "past",
+        "ApplyConfiguration": DENIED,
+        "GetSensitive": DENIED,
+    },
+    "os:reader": {
+        "Version": OK,
+        "ServiceRestart": DENIED,
+        "ApplyConfiguration": DENIED,
+        "GetSensitive": DENIED,
+    },
+    "os:impersonator": {
+        "Version": DENIED,
+        "ServiceRestart": DENIED,
+        "ApplyConfiguration": DENIED,
+        "GetSensitive": DENIED,
+    },
+    "os:unknown": {
+        "Version": DENIED,
+        "ServiceRestart": DENIED,
+        "ApplyConfiguration": DENIED,
+        "GetSensitive": DENIED,
+    },
+}
+
+
+async def outcome(call):
+    try:
+        await call
+        return OK
+    except grpc.aio.AioRpcError as e:
+        return e.code()
+
+
+async def test_authorization_matrix(world):
+    cluster, apid = world
+    for role, expected in MATRIX.items():
+        async with cluster.channel(apid.port, cluster.client(role)) as ch:
+            m, s = machine_pb2_grpc.MachineServiceStub(ch), state_pb2_grpc.StateStub(ch)
+            for name, make in CALLS.items():
+                got = await outcome(make(m, s))
+                want = expected[name]
+                if want == "past":
+                    assert got not in (
+                        DENIED,
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        grpc.StatusCode.UNAVAILABLE,
+                    ), (role, name, got)
+                else:
+                    assert got == want, (role, name, got)
+
+
+async def test_roles_reach_machined_and_replies_pass_through(world):
+    cluster, apid = world
+    async with cluster.channel(apid.port, cluster.client("os:reader")) as ch:
+        m = machine_pb2_grpc.MachineServiceStub(ch)
+        v = await m.Version(empty_pb2.Empty(), timeout=5)
+        assert v.messages[0].metadata.hostname == "node-a"
+        # a reader cannot smuggle admin through talos-role metadata
+        s = state_pb2_grpc.StateStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await s.Get(
+                state_pb2.GetRequest(namespace=NS_KUBESPAN, type=KUBESPAN_IDENTITY, id="local"),
+                metadata=(("talos-role", "os:admin"),),
+                timeout=5,
+            )
+        assert e.value.code() == DENIED
+    async with cluster.channel(apid.port, cluster.client("os:admin", "os:reader")) as ch:
+        s = state_pb2_grpc.StateStub(ch)
+        r = await s.Get(
+            state_pb2.GetRequest(namespace=NS_KUBESPAN, type=KUBESPAN_IDENTITY, id="local"), timeout=5
+        )
+        assert "PRIVATE" in r.resource.spec.yaml_spec
+        # server streaming through the proxy
+        got = [
+            x
+            async for x in s.List(
+                state_pb2.ListRequest(namespace=NS_KUBESPAN, type=KUBESPAN_IDENTITY), timeout=5
+            )
+        ]
+        assert [x.resource.metadata.id for x in got] == ["local"]
+
+
+def other_ca_client():
+    return pki.issue_client(pki.generate_ca(), ["os:admin"])
+
+
+@pytest.mark.parametrize("which", ["none", "other-ca", "expired", "server-only"])
+async def test_bad_client_certificates_refused(world, which):
+    cluster, apid = world
+    now = dt.datetime.now(dt.UTC)
+    kp = {
+        "none": None,
+        "other-ca": other_ca_client(),
+        "expired": cluster.client("os:admin", ttl=dt.timedelta(hours=1), now=now - dt.timedelta(hours=3)),
+        "server-only": pki.issue_server(cluster.ca, ["127.0.0.1"], ["x"]),
+    }[which]
+    async with cluster.channel(apid.port, kp) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await machine_pb2_grpc.MachineServiceStub(ch).Version(empty_pb2.Empty(), timeout=5)
+    assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED), e.value
+
+
+async def test_node_forwarding_and_fan_out_with_one_node_down(tmp_path):
+    cluster = Cluster.create(tmp_path)
+    servers, apids = [], []
+    try:
+        for name in ("front", "n1", "n2"):
+            srv, sock = await start_machined(name, tmp_path)
+            servers.append(srv)
+            apids.append(await start_apid(cluster, sock, name))
+        front, n1, n2 = apids
+        s = __import__("socket").socket()
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+        s.close()  # nothing listens there
+        targets = [f"127.0.0.1:{n1.port}", f"127.0.0.1:{dead}", f"127.0.0.1:{n2.port}"]
+        async with cluster.channel(front.port, cluster.client("os:reader")) as ch:
+            m = machine_pb2_grpc.MachineServiceStub(ch)
+            v = await m.Version(empty_pb2.Empty(), metadata=(("node", targets[0]),), timeout=10)
+            assert [x.metadata.hostname for x in v.messages] == ["n1"]
+
+            t0 = time.monotonic()
+            v = await m.Version(empty_pb2.Empty(), metadata=[("nodes", t) for t in targets], timeout=15)
+            assert time.monotonic() - t0 < 10
+            ok = [x.metadata.hostname for x in v.messages if not x.metadata.error]
+            bad = [x.metadata for x in v.messages if x.metadata.error]
+            assert sorted(ok) == ["n1", "n2"]
+            assert len(bad) == 1 and bad[0].hostname == targets[1]
+            assert (
+                "unreachable" in bad[0].error and bad[0].status.code == grpc.StatusCode.UNAVAILABLE.value[0]
+            )
+
+            # comma-separated nodes too; roles travel: the reader stays a reader on the other node
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await m.ServiceRestart(
+                    machine_pb2.ServiceRestartRequest(id="x"), metadata=(("node", targets[0]),), timeout=10
+                )
+            assert e.value.code() == DENIED
+            # COSI cannot fan out
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await state_pb2_grpc.StateStub(ch).Get(
+                    state_pb2.GetRequest(namespace=NS_KUBESPAN, type=KUBESPAN_IDENTITY, id="local"),
+                    metadata=(("nodes", ",".join(targets)),),
+                    timeout=10,
+                )
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # loop prevention: proxyfrom means local, whatever node says
+            v = await m.Version(
+                empty_pb2.Empty(), metadata=(("node", targets[0]), ("proxyfrom", "elsewhere")), timeout=10
+            )
+            assert [x.metadata.hostname for x in v.messages] == ["front"]
+
+        # an admin's impersonated roles reach the remote machined
+        async with cluster.channel(front.port, cluster.client("os:admin")) as ch:
+            r = await state_pb2_grpc.StateStub(ch).Get(
+                state_pb2.GetRequest(namespace=NS_KUBESPAN, type=KUBESPAN_IDENTITY, id="local"),
+                metadata=(("node", targets[2]),),
+                timeout=10,
+            )
+            assert "PRIVATE" in r.resource.spec.yaml_spec
+    finally:
+        for a in apids:
+            await a.stop()
+        for srv in servers:
+            await srv.stop()
+
+
+async def test_server_certificate_renewed_and_hot_reloaded(tmp_path):
+    cluster = Cluster.create(tmp_path)
+    srv, sock = await start_machined("node-a", tmp_path)
+    apid = await start_apid(cluster, sock, "node-a", cert_ttl=dt.timedelta(seconds=6))
+    task = asyncio.create_task(apid.renew_loop())
+    try:
+        first = apid.identity.server.crt
+        async with cluster.channel(apid.port, cluster.client("os:reader")) as ch:
+            await machine_pb2_grpc.MachineServiceStub(ch).Version(empty_pb2.Empty(), timeout=5)
+        async with asyncio.timeout(15):
+            while apid.identity.server.crt == first:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+        expiry = pki.load_certificate(first).not_valid_after_utc
+        await asyncio.sleep(max(0.0, (expiry - dt.datetime.now(dt.UTC)).total_seconds()) + 0.5)
+        # the first certificate has expired: a new handshake succeeds only with the renewed one
+        async with cluster.channel(apid.port, cluster.client("os:reader")) as ch:  # new handshake
+            await machine_pb2_grpc.MachineServiceStub(ch).Version(empty_pb2.Empty(), timeout=5)
+    finally:
+        task.cancel()
+        await apid.stop()
+        await srv.stop()
+
+
+def _apid_cmd():
+    exe = shutil.which("apid", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "machined.apid.main"]
+
+
+def test_ed25519_config_is_refused_by_the_apid_command(tmp_path):
+    import base64
+
+    import yaml
+
+    from machined import gen
+    from machined.apid.testing import ed25519_ca
+
+    s = gen.gen_secrets()
+    ca = ed25519_ca()
+    text = gen.gen_config("t", "https://d.invalid/", s).controlplane
+    docs = list(yaml.safe_load_all(text))
+    docs[0]["machine"]["ca"] = {
+        "crt": base64.b64encode(ca.crt).decode(),
+        "key": base64.b64encode(ca.key).decode(),
+    }
+    cfg = tmp_path / "cp.yaml"
+    cfg.write_text(yaml.safe_dump_all(docs))
+    from machined.config import MachineConfig
+
+    MachineConfig.parse(cfg.read_text())  # the config itself loads
+    p = subprocess.run(
+        [
+            *_apid_cmd(),
+            "--config",
+            str(cfg),
+            "--machined-socket",
+            str(tmp_path / "none.sock"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 2
+    assert "Ed25519" in p.stderr and "grpcio" in p.stderr and "ECDSA P-256" in p.stderr
+
+
+def test_real_machined_behind_apid_process(tmp_path):
+    """The real ``machined`` (no root: the mesh is off) behind the real ``apid`` process."""
+    machined = shutil.which("machined", path=os.path.dirname(sys.executable))
+    if machined is None:
+        pytest.skip("machined console script not installed")
+    cluster = Cluster.create(tmp_path)
+    from machined.config.testing import config_yaml
+
+    mcfg = tmp_path / "machined.yaml"
+    mcfg.write_text(config_yaml(kubespan=False, agent={"stateDir": str(tmp_path / "state")}))
+    sock = tmp_path / "machined.sock"
+    procs = []
+    try:
+        procs.append(
+            subprocess.Popen(
+                [
+                    machined,
+                    "--config",
+                    str(mcfg),
+                    "--state-dir",
+                    str(tmp_path / "state"),
+                    "--socket",
+                    str(sock),
+                    "--hostname",
+                    "real-node",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=open(tmp_path / "machined.log", "w"),
+            )
+        )
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            if procs[0].poll() is not None or time.monotonic() > deadline:
+                pytest.skip(
+                    f"machined did not start without root: {(tmp_path / 'machined.log').read_text()[-500:]}"
+                )
+            time.sleep(0.1)
+        s = __import__("socket").socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        procs.append(
+            subprocess.Popen(
+                [
+                    *_apid_cmd(),
+                    "--config",
+                    str(cluster.config),
+                    "--machined-socket",
+                    str(sock),
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--hostname",
+                    "real-node",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=open(tmp_path / "apid.log", "w"),
+            )
+        )
+
+        async def call():
+            async with cluster.channel(port, cluster.client("os:reader")) as ch:
+                m = machine_pb2_grpc.MachineServiceStub(ch)
+                for _ in range(100):
+                    try:
+                        return await m.Version(empty_pb2.Empty(), timeout=2)
+                    except grpc.aio.AioRpcError:
+                        await asyncio.sleep(0.2)
+                raise AssertionError((tmp_path / "apid.log").read_text()[-2000:])
+
+        v = asyncio.run(call())
+        assert v.messages[0].metadata.hostname == "real-node"
+        assert v.messages[0].version.tag
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
