@@ -45,6 +45,7 @@ class FakeNode:
             ),
             owner="test",
         )
+        self.rings["machined"].append(f"hello from {self.hostname}")
 
     def log_ring(self, id: str) -> Any:
         return self.rings.get(id)

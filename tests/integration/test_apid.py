@@ -184,7 +184,20 @@ async def test_node_forwarding_and_fan_out_with_one_node_down(tmp_path):
                 "unreachable" in bad[0].error and bad[0].status.code == grpc.StatusCode.UNAVAILABLE.value[0]
             )
 
-            # comma-separated nodes too; roles travel: the reader stays a reader on the other node
+            # server-streaming fan-out: every node's messages, one error message for the dead one
+            logs = [
+                x
+                async for x in m.Logs(
+                    machine_pb2.LogsRequest(id="machined", tail_lines=-1),
+                    metadata=(("nodes", ",".join(targets)),),
+                    timeout=15,
+                )
+            ]
+            texts = sorted(x.bytes.decode().strip() for x in logs if not x.metadata.error)
+            assert texts == ["hello from n1", "hello from n2"]
+            assert [x.metadata.hostname for x in logs if x.metadata.error] == [targets[1]]
+
+            # roles travel: the reader stays a reader on the other node
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await m.ServiceRestart(
                     machine_pb2.ServiceRestartRequest(id="x"), metadata=(("node", targets[0]),), timeout=10
