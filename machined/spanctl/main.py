@@ -122,6 +122,7 @@ class App:
         """The NODE cell: the node as given, or the hostname of the socket's machined (talosctl shows
         the peer address; a socket path says less than the node's name)."""
         t = self.target
+        node = node or (t.nodes[0] if t.direct and t.nodes else None)
         if node or not t.direct:
             return t.label(node)
         if self._hostname is None:
@@ -713,6 +714,58 @@ def cmd_health(app: App) -> None:
         time.sleep(min(ns.interval, max(0.0, deadline - time.monotonic())))
 
 
+# gen -------------------------------------------------------------------------------------------
+
+
+def _gen_error_types() -> tuple[type[BaseException], ...]:
+    from machined.config import ConfigValidationError
+    from machined.gen import GenError
+
+    return (GenError, ConfigValidationError)
+
+
+def cmd_gen(app: App) -> None:
+    ns = app.ns
+    if ns.gen_cmd is None:
+        raise UsageError("gen: a subcommand is required (secrets, config)")
+    from machined import gen
+
+    errors = _gen_error_types()
+    try:
+        if ns.gen_cmd == "secrets":
+            path = Path(ns.output_file or "secrets.yaml")
+            if path.exists() and not ns.force:
+                raise UsageError(f"refusing to overwrite {path} (use --force)")
+            secrets = gen.gen_secrets()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            secrets.write(path)
+            for w in secrets.warnings:
+                print(f"warning: {w}", file=app.err)
+            app.out.write(f"secrets written to {path}\n")
+            return
+        secrets = None
+        if ns.with_secrets:
+            secrets = gen.Secrets.from_yaml(_read_file(ns.with_secrets))
+            for w in secrets.warnings:
+                print(f"warning: {w}", file=app.err)
+        generated = gen.gen_config(
+            ns.name,
+            ns.discovery_endpoint,
+            secrets,
+            [load_patch_arg(p) for p in ns.config_patch or ()],
+            controlplane_patches=[load_patch_arg(p) for p in ns.config_patch_control_plane or ()],
+            worker_patches=[load_patch_arg(p) for p in ns.config_patch_worker or ()],
+            endpoints=ns.endpoints or ("127.0.0.1",),
+            nodes=ns.nodes or (),
+            roles=[r for v in ns.roles for r in _csv(v)] if ns.roles else gen.ADMIN_ROLES,
+            cert_sans=[x for v in ns.additional_sans or () for x in _csv(v)],
+        )
+        for path in generated.write(ns.output_dir, overwrite=ns.force):
+            app.out.write(f"generated {path}\n")
+    except errors as e:
+        raise UsageError(str(e)) from None
+
+
 # -- argument parsing ---------------------------------------------------------------------------
 
 
@@ -843,6 +896,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--interval", type=parse_duration, default=1.0, help=argparse.SUPPRESS)
 
     add("mesh", "every node's view of its peers, as one matrix", cmd_mesh)
+    sp = add("gen", "generate secrets and configs: gen secrets | gen config NAME DISCOVERY-ENDPOINT", cmd_gen)
+    gsub = sp.add_subparsers(dest="gen_cmd", metavar="SUBCOMMAND")
+    c = gsub.add_parser("secrets", parents=[g], help="a secrets bundle (cluster id/secret, OS CA, token)")
+    c.add_argument("-o", "--output-file", help="where to write it (default secrets.yaml)")
+    c.add_argument("--force", action="store_true", help="overwrite an existing file")
+    c = gsub.add_parser("config", parents=[g], help="controlplane.yaml, worker.yaml and talosconfig")
+    c.add_argument("name", help="cluster name")
+    c.add_argument("discovery_endpoint", help="discovery service URL")
+    c.add_argument("--with-secrets", help="use this secrets bundle (from gen secrets)")
+    c.add_argument("--config-patch", action="append", help="patch for both configs (text or @file)")
+    c.add_argument("--config-patch-control-plane", action="append", help="patch for controlplane.yaml")
+    c.add_argument("--config-patch-worker", action="append", help="patch for worker.yaml")
+    c.add_argument(
+        "--roles", action="append", help="roles of the talosconfig's certificate (default os:admin)"
+    )
+    c.add_argument("--additional-sans", action="append", help="extra certificate SANs")
+    c.add_argument("-o", "--output-dir", default=".", help="directory for the three files (default .)")
+    c.add_argument("--force", action="store_true", help="overwrite existing files")
     return p
 
 
@@ -877,6 +948,10 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None, err: IO[
     except grpc.RpcError as e:
         out.flush()
         print(f"spanctl: {describe_rpc_error(e, app.target.where if app._target else '?')}", file=err)
+        return 1
+    except OSError as e:
+        out.flush()
+        print(f"spanctl: {e}", file=err)
         return 1
     except KeyboardInterrupt:
         out.flush()
