@@ -19,6 +19,10 @@ BENCHES = [
     "wg_apply.py",
     "wg_readback.py",
     "reconcile_noop.py",
+    # issue 5 and 6: the node agent and the gateway
+    "resource_watch.py",
+    "agent_footprint.py",
+    "apid_latency.py",
 ]
 
 
