@@ -1,0 +1,206 @@
+"""spanctl against a real machined, as subprocesses over the machine API socket (``--socket``).
+
+``TestLocalAgent`` runs machined on the host with the mesh switched off (``KubeSpanConfig enabled:
+false``: no netlink, no WireGuard) and one chatty service, and checks version, ``get`` in the three
+output formats, ``service`` and ``logs --tail``. ``test_mesh_two_nodes`` (root) runs two agents in a
+netns lab with a discovery server so the peer statuses are real, and checks ``get
+kubespanpeerstatuses`` in every format, ``mesh`` and ``health``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parents[2]
+PEER_STATUS = "KubeSpanPeerStatuses.kubespan.talos.dev"
+SECRET = base64.b64encode(b"s" * 32).decode()
+
+
+def spanctl(
+    socket: Path, *args: str, timeout: float = 30, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SPANCTL_CONFIG": "/nonexistent/spanctl-config"}
+    p = subprocess.run(
+        [PY, "-m", "machined.spanctl.main", "--socket", str(socket), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+    if check:
+        assert p.returncode == 0, f"spanctl {' '.join(args)}: rc={p.returncode}\n{p.stdout}\n{p.stderr}"
+    assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+def json_objects(text: str) -> list[Any]:
+    dec = json.JSONDecoder()
+    out, pos = [], 0
+    text = text.strip()
+    while pos < len(text):
+        obj, end = dec.raw_decode(text, pos)
+        out.append(obj)
+        pos = end
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    return out
+
+
+def wait_for(pred: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"{what}: not within {timeout:.0f}s (last: {last!r})")
+
+
+# -- one agent on the host, mesh off ---------------------------------------------------------------
+
+
+def local_config(node: str) -> str:
+    docs = [
+        {
+            "version": "v1alpha1",
+            "machine": {"type": "controlplane"},
+            "cluster": {
+                "id": "spanctl-it",
+                "secret": SECRET,
+                "clusterName": "it",
+                "discovery": {"enabled": False},
+            },
+        },
+        {"apiVersion": "v1alpha1", "kind": "KubeSpanConfig", "enabled": False},
+        {"apiVersion": "v1alpha1", "kind": "AgentConfig", "nodename": node, "httpStatusAddr": ""},
+        {
+            "apiVersion": "v1alpha1",
+            "kind": "ServiceConfig",
+            "name": "ticker",
+            "command": "/bin/sh",
+            "args": ["-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done"],
+            "restart": "always",
+        },
+    ]
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    d = tmp_path_factory.mktemp("spanctl-agent")
+    cfg = d / "config.yaml"
+    cfg.write_text(local_config("spanctl-node"))
+    sock = d / "state" / "machined.sock"
+    log = open(d / "machined.log", "wb")
+    proc = subprocess.Popen(
+        [PY, "-m", "machined.main", "--config", str(cfg), "--state-dir", str(d / "state")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, 20, "machined socket")
+        if proc.poll() is not None:
+            pytest.fail(f"machined exited: {(d / 'machined.log').read_text()[-2000:]}")
+        yield sock
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+class TestLocalAgent:
+    def test_version(self, agent: Path) -> None:
+        out = spanctl(agent, "version").stdout
+        assert out.startswith("Client:\n")
+        assert "Server:\n\tNODE:        spanctl-node\n" in out
+
+    def test_get_peer_statuses_in_every_format(self, agent: Path) -> None:
+        # mesh off: no peers, but the type resolves by alias and every format is well formed
+        table = spanctl(agent, "get", "kubespanpeerstatuses").stdout.splitlines()
+        assert table[0].split() == [
+            "NODE",
+            "NAMESPACE",
+            "TYPE",
+            "ID",
+            "VERSION",
+            "LABEL",
+            "ENDPOINT",
+            "STATE",
+            "RX",
+            "TX",
+        ]
+        assert len(table) == 1
+        assert spanctl(agent, "get", "kubespanpeerstatuses", "-o", "json").stdout.strip() == ""
+        assert spanctl(agent, "get", "kubespanpeerstatuses", "-o", "yaml").stdout.strip() == ""
+
+    def test_get_services_in_every_format(self, agent: Path) -> None:
+        def ticker_running() -> bool:
+            objs = json_objects(spanctl(agent, "get", "services", "ticker", "-o", "json").stdout)
+            return bool(objs) and objs[0]["spec"]["state"] == "Running"
+
+        wait_for(ticker_running, 20, "ticker running")
+        rows = spanctl(agent, "get", "services").stdout.splitlines()
+        assert rows[0].split()[:5] == ["NODE", "NAMESPACE", "TYPE", "ID", "VERSION"]
+        ids = {r.split()[3] for r in rows[1:]}
+        assert {"ticker", "machined"} <= ids
+        assert all(r.split()[0] == "spanctl-node" for r in rows[1:])
+        objs = json_objects(spanctl(agent, "get", "services", "ticker", "-o", "json").stdout)
+        assert len(objs) == 1
+        assert objs[0]["node"] == "spanctl-node"
+        assert objs[0]["metadata"]["id"] == "ticker" and objs[0]["metadata"]["namespace"] == "runtime"
+        docs = list(yaml.safe_load_all(spanctl(agent, "get", "services", "-o", "yaml").stdout))
+        assert {d["metadata"]["id"] for d in docs} >= {"ticker", "machined"}
+        assert all(list(d)[:3] == ["node", "metadata", "spec"] for d in docs)
+
+    def test_get_unknown_type_fails_clearly(self, agent: Path) -> None:
+        p = spanctl(agent, "get", "nosuchtype", check=False)
+        assert p.returncode == 1
+        assert p.stderr.strip() == 'spanctl: resource "nosuchtype" is not registered'
+
+    def test_service_list_and_status(self, agent: Path) -> None:
+        lines = spanctl(agent, "service").stdout.splitlines()
+        assert lines[0].split() == ["NODE", "SERVICE", "STATE", "HEALTH", "LAST", "CHANGE", "LAST", "EVENT"]
+        rows = {line.split()[1]: line.split() for line in lines[1:]}
+        assert rows["ticker"][0] == "spanctl-node"
+        assert rows["ticker"][2] == "Running"
+        status = spanctl(agent, "service", "ticker").stdout
+        assert "ID       ticker" in status and "STATE    Running" in status
+        p = spanctl(agent, "service", "nope", check=False)
+        assert p.returncode == 1 and p.stderr == 'error from node spanctl-node: service "nope" not found\n'
+
+    def test_logs_tail(self, agent: Path) -> None:
+        wait_for(lambda: len(spanctl(agent, "logs", "ticker").stdout.splitlines()) >= 5, 20, "5 log lines")
+        lines = spanctl(agent, "logs", "ticker", "--tail", "3").stdout.splitlines()
+        assert len(lines) == 3
+        assert all(line.startswith("spanctl-node: tick ") for line in lines)
+        n = [int(line.rsplit(" ", 1)[1]) for line in lines]
+        assert n == sorted(n) and n[2] - n[0] == 2
+
+    def test_missing_log_is_a_node_error(self, agent: Path) -> None:
+        p = spanctl(agent, "logs", "nope", check=False)
+        assert p.returncode == 1
+        assert p.stderr.startswith("error from node spanctl-node: not found")
+
+    def test_missing_socket_is_a_clear_error(self, tmp_path: Path) -> None:
+        p = spanctl(tmp_path / "none.sock", "version", check=False)
+        assert p.returncode == 1
+        assert "cannot connect to" in p.stderr
