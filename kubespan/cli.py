@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,17 @@ def _mac(text: str) -> bytes:
         raise argparse.ArgumentTypeError(f"{text!r} is not a MAC address") from None
 
 
+def _version() -> str:
+    """From the installed metadata, like discovery.version (kubespan may not import it; see test_layers)."""
+    try:
+        return metadata.version("kubespan-mesh")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubespan", description="KubeSpan-style WireGuard mesh, standalone.")
+    p.add_argument("--version", action="version", version=f"kubespan {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     d = MeshConfig()
 

@@ -21,12 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from discovery.logs import log_event, setup
+from discovery.version import version_string
 
 log = logging.getLogger("machined")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="machined", description="Node agent hosting the KubeSpan mesh.")
+    p.add_argument("--version", action="version", version=version_string("machined"))
     p.add_argument(
         "--config", type=Path, help="machine config (multi-document YAML); used when none is persisted"
     )

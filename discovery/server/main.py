@@ -31,6 +31,7 @@ from discovery.logs import log_event, setup
 from discovery.server.service import SERVICE, ClusterService, IPNetwork, Metrics, ServiceConfig
 from discovery.server.state import Registry
 from discovery.server.storage import Store
+from discovery.version import version_string
 
 log = logging.getLogger("discovery.server")
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-hosted, server-blind node discovery registry, wire-compatible with Talos Linux.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=version_string("discovery-service"))
     p.add_argument(
         "--addr", default=":3000", help="gRPC listen address (h2c, or TLS with --certificate-path)"
     )
