@@ -47,6 +47,7 @@ PROXYFROM = "proxyfrom"
 NODE = "node"
 NODES = "nodes"
 FANOUT_PREFIXES = ("/machine.", "/cluster.", "/inspect.", "/storage.", "/time.")
+RETIRE_GRACE = 300.0  # how long a channel with a replaced client certificate stays open for in-flight calls
 DEFAULT_BACKEND_TIMEOUT = 30.0  # unary calls to other nodes when the client set no deadline
 _STRIP = frozenset({ROLE_METADATA, NODE, NODES, PROXYFROM, "user-agent", "content-type", "te"})
 _TALOS_STREAMING = frozenset(
@@ -134,9 +135,12 @@ class Proxy(grpc.GenericRpcHandler):
         self.local = grpc.aio.insecure_channel(f"unix:{machined_socket}", options=_CHANNEL_OPTIONS)
         self._remote: dict[str, tuple[int, grpc.aio.Channel]] = {}
         self._old: list[grpc.aio.Channel] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._certs: OrderedDict[bytes, tuple[bool, frozenset[str]]] = OrderedDict()
 
     async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
         chans = [self.local, *self._old, *(c for _, c in self._remote.values())]
         self._remote.clear()
         self._old.clear()
@@ -234,11 +238,25 @@ class Proxy(grpc.GenericRpcHandler):
         hit = self._remote.get(target)
         if hit is not None and hit[0] == gen:
             return hit[1]
-        if hit is not None:
-            self._old.append(hit[1])  # closed at shutdown; in-flight calls on it finish
+        if hit is not None:  # certificate renewed: new calls use a new channel, in-flight ones finish
+            self._retire(hit[1])
         ch = grpc.aio.secure_channel(target, self.identity.client_credentials(), options=_CHANNEL_OPTIONS)
         self._remote[target] = (gen, ch)
         return ch
+
+    def _retire(self, ch: grpc.aio.Channel, grace: float | None = None) -> None:
+        wait = RETIRE_GRACE if grace is None else grace
+        self._old.append(ch)
+
+        async def close_later() -> None:
+            await asyncio.sleep(wait)
+            if ch in self._old:
+                self._old.remove(ch)
+                await ch.close(grace=1.0)
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @staticmethod
     def _timeout(context: grpc.aio.ServicerContext, default: float | None) -> float | None:
@@ -263,7 +281,10 @@ class Proxy(grpc.GenericRpcHandler):
                 reply = await self._channel(targets[0]).unary_unary(method)(
                     request, metadata=md, timeout=self._timeout(context, DEFAULT_BACKEND_TIMEOUT)
                 )
-                return wire.splice_reply(reply, targets[0]) if splices(method) else reply
+                try:
+                    return wire.splice_reply(reply, targets[0]) if splices(method) else reply
+                except wire.WireError as e:
+                    raise _Abort(grpc.StatusCode.INTERNAL, f"{targets[0]}: malformed reply ({e})") from None
             replies = await asyncio.gather(*(self._one(method, request, md, t, context) for t in targets))
             return wire.merge(replies)
         except (_Abort, grpc.aio.AioRpcError) as e:
@@ -307,6 +328,10 @@ class Proxy(grpc.GenericRpcHandler):
                     yield wire.splice_item(msg, targets[0]) if splice and targets else msg
             except grpc.aio.AioRpcError as e:
                 await self._abort(context, e)
+            except wire.WireError as e:
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, f"{targets and targets[0]}: malformed reply ({e})"
+                )
             finally:
                 call.cancel()
             return
@@ -322,6 +347,10 @@ class Proxy(grpc.GenericRpcHandler):
                     await queue.put(wire.splice_item(msg, node))
             except grpc.aio.AioRpcError as e:
                 await queue.put(wire.error_item(node, e.code(), _node_error(node, e)))
+            except wire.WireError as e:
+                await queue.put(
+                    wire.error_item(node, grpc.StatusCode.INTERNAL, f"{node}: malformed reply ({e})")
+                )
             finally:
                 call.cancel()
                 await queue.put(None)
