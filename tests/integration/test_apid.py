@@ -378,3 +378,40 @@ def test_real_machined_behind_apid_process(tmp_path):
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+async def test_tls_1_2_minimum(world, tmp_path):
+    import socket
+    import ssl
+    import warnings
+
+    cluster, apid = world
+    kp = cluster.client("os:admin")
+    for name, data in (("c.pem", kp.crt), ("k.pem", kp.key), ("ca.pem", cluster.ca.crt)):
+        (tmp_path / name).write_bytes(data)
+
+    def probe(maxv):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(str(tmp_path / "ca.pem"))
+        ctx.load_cert_chain(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+        ctx.set_alpn_protocols(["h2"])
+        ctx.set_ciphers("ALL:@SECLEVEL=0")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            ctx.maximum_version = maxv
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", apid.port), timeout=5) as s,
+                ctx.wrap_socket(s, server_hostname="127.0.0.1") as t,
+            ):
+                return t.version()
+        except (ssl.SSLError, OSError) as e:
+            return e
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = ssl.TLSVersion.TLSv1_1
+    assert isinstance(await asyncio.to_thread(probe, old), Exception)
+    assert await asyncio.to_thread(probe, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+    assert await asyncio.to_thread(probe, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
