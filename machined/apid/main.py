@@ -36,6 +36,8 @@ from .tls import Identity
 
 log = logging.getLogger("apid")
 
+ADDRESS_POLL = 30.0  # seconds between checks of machined's NodeAddresses
+
 
 class StartError(RuntimeError):
     pass
@@ -90,7 +92,7 @@ def load_ca(path: Path) -> tuple[pki.KeyPair, tuple[str, ...]]:
     return ca, v1.cert_sans
 
 
-async def node_addresses(socket_path: Path, wait: float = 2.0) -> list[str]:
+async def node_addresses(socket_path: Path, wait: float = 2.0, *, quiet: bool = False) -> list[str]:
     """``NodeAddresses/current`` from machined (incl. the mesh address); [] when unavailable."""
     try:
         async with grpc.aio.insecure_channel(f"unix:{socket_path}") as ch:
@@ -108,7 +110,8 @@ async def node_addresses(socket_path: Path, wait: float = 2.0) -> list[str]:
                 continue
         return out
     except (grpc.aio.AioRpcError, yaml.YAMLError, AttributeError) as e:
-        log_event(log, "node addresses unavailable", logging.WARNING, error=str(e)[:200])
+        level = logging.DEBUG if quiet else logging.WARNING
+        log_event(log, "node addresses unavailable", level, error=str(e)[:200])
         return []
 
 
@@ -121,8 +124,8 @@ class Apid:
         self.identity: Identity | None = None
         self.port = 0
 
-    async def _sans(self, cert_sans: Sequence[str]) -> list[str]:
-        found = await node_addresses(self.ns.machined_socket)
+    async def _sans(self, cert_sans: Sequence[str], *, quiet: bool = False) -> list[str]:
+        found = await node_addresses(self.ns.machined_socket, quiet=quiet)
         return [*self.ns.address, *found, *cert_sans, "127.0.0.1", "::1", "localhost"]
 
     async def start(self) -> None:
@@ -150,16 +153,26 @@ class Apid:
         await self.server.start()
         log_event(log, "apid serving", listen=self.ns.listen, port=self.port, sans=self.identity.addresses)
 
-    async def renew_loop(self) -> None:
+    async def renew_loop(self, poll: float = ADDRESS_POLL) -> None:
+        """Re-issue at half-life, and as soon as the node's addresses change (the mesh address
+        appears after machined brings the mesh up)."""
         assert self.identity is not None
         while True:
             wait = (self.identity.next_renewal() - dt.datetime.now(dt.UTC)).total_seconds()
-            await asyncio.sleep(max(1.0, min(wait, 300.0)))
+            await asyncio.sleep(max(min(1.0, poll), min(wait, poll)))
+            sans = await self._sans(self._cert_sans, quiet=True)
+            reason = None
             if self.identity.needs_renewal():
-                self.identity.renew(await self._sans(self._cert_sans))
+                reason = "half-life"
+            elif set(sans) != set(self.identity.addresses):
+                reason = "addresses changed"
+            if reason is not None:
+                self.identity.renew(sans)
                 log_event(
                     log,
                     "certificates renewed",
+                    reason=reason,
+                    sans=sans,
                     expires_at=self.identity.server.certificate.not_valid_after_utc.isoformat(),
                 )
 

@@ -51,11 +51,16 @@ class FakeNode:
         return self.rings.get(id)
 
 
-async def start_machined(hostname: str, tmp: Path) -> tuple[ApiServer, Path]:
+async def start_fake_machined(hostname: str, tmp: Path) -> tuple[FakeNode, ApiServer, Path]:
     node = FakeNode(hostname, tmp)
     await node.seed()
     path = tmp / f"{hostname}.sock"
-    return await serve(node, path), path
+    return node, await serve(node, path), path
+
+
+async def start_machined(hostname: str, tmp: Path) -> tuple[ApiServer, Path]:
+    _node, srv, path = await start_fake_machined(hostname, tmp)
+    return srv, path
 
 
 @dataclass

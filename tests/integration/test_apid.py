@@ -415,3 +415,44 @@ async def test_tls_1_2_minimum(world, tmp_path):
     assert isinstance(await asyncio.to_thread(probe, old), Exception)
     assert await asyncio.to_thread(probe, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
     assert await asyncio.to_thread(probe, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+
+
+async def test_server_certificate_follows_node_addresses(tmp_path):
+    """The mesh address appears after apid started: the certificate is re-issued with it."""
+    import ipaddress
+
+    from cryptography import x509
+
+    from machined.apid.testing import start_fake_machined
+    from machined.state import Resource
+    from machined.state.catalog import NODE_ADDRESS, NS_NETWORK
+
+    cluster = Cluster.create(tmp_path)
+    node, srv, sock = await start_fake_machined("node-a", tmp_path)
+    apid = await start_apid(cluster, sock, "node-a")
+    task = asyncio.create_task(apid.renew_loop(poll=0.2))
+    try:
+        first = apid.identity.server.crt
+        await node.state.create(
+            Resource.new(
+                NS_NETWORK, NODE_ADDRESS, "current", {"addresses": ["192.0.2.7/24", "fd7a:115c::9/128"]}
+            ),
+            owner="test",
+        )
+        async with asyncio.timeout(10):
+            while apid.identity.server.crt == first:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        san = apid.identity.server.certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+        ips = set(san.get_values_for_type(x509.IPAddress))
+        assert {ipaddress.ip_address("192.0.2.7"), ipaddress.ip_address("fd7a:115c::9")} <= ips
+        gen = apid.identity.generation
+        await asyncio.sleep(1)
+        assert apid.identity.generation == gen  # no churn while nothing changes
+        async with cluster.channel(apid.port, cluster.client("os:reader")) as ch:
+            await machine_pb2_grpc.MachineServiceStub(ch).Version(empty_pb2.Empty(), timeout=5)
+    finally:
+        task.cancel()
+        await apid.stop()
+        await srv.stop()
