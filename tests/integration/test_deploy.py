@@ -208,3 +208,105 @@ def test_install_script_is_posix_sh():
     if shutil.which("dash") is None:
         pytest.skip("dash missing")
     run(["dash", "-n", str(CONTAINER / "install.sh")])
+
+
+# --- nginx in front of the registry, with the shipped config -------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nginx_grpc_pass_through(discovery_server, tmp_path: Path):
+    """deploy/nginx/discovery-service.conf for real: TLS at nginx, gRPC to the registry, and the client's
+    address passed in X-Real-IP to a registry that trusts only the proxy's address (nginx connects from
+    127.0.0.5 here, so a registry that ignored the header would report 127.0.0.5)."""
+    import ssl
+    import time
+    import urllib.request
+
+    from discovery.testing import self_signed_cert
+
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        pytest.skip("nginx missing: install Debian's nginx-light (in the Makefile's APT_PACKAGES)")
+    if os.geteuid() != 0:
+        pytest.skip("nginx as a non-root user cannot write its default temp paths here")
+    srv = discovery_server("--trusted-proxy", "127.0.0.5/32", state_dir=None)
+    cert, key = self_signed_cert("discovery.example.net")
+    (tmp_path / "tls.crt").write_bytes(cert)
+    (tmp_path / "tls.key").write_bytes(key)
+    port = _free_port()
+    site = (ROOT / "deploy" / "nginx" / "discovery-service.conf").read_text()
+    replacements = {
+        "/etc/nginx/tls/discovery.crt": str(tmp_path / "tls.crt"),
+        "/etc/nginx/tls/discovery.key": str(tmp_path / "tls.key"),
+        "server 127.0.0.1:3000;": f"server 127.0.0.1:{srv.ports['grpc']};",
+        "server 127.0.0.1:3001;": f"server 127.0.0.1:{srv.ports['landing']};",
+        "listen 443 ssl http2;": f"listen 127.0.0.1:{port} ssl http2;",
+        "listen [::]:443 ssl http2;": "",
+        "grpc_pass grpc://discovery_grpc;": "grpc_pass grpc://discovery_grpc;\n        grpc_bind 127.0.0.5;",
+    }
+    for old, new in replacements.items():
+        assert old in site, old
+        site = site.replace(old, new)
+    (tmp_path / "site.conf").write_text(site)
+    main = tmp_path / "nginx.conf"
+    main.write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nworker_processes 1;\n"
+        "events {}\nhttp {\n"
+        f"    access_log {tmp_path}/access.log;\n    client_body_temp_path {tmp_path}/body;\n"
+        f"    proxy_temp_path {tmp_path}/proxy;\n    include {tmp_path}/site.conf;\n}}\n"
+    )
+    proc = subprocess.Popen(
+        [nginx, "-p", str(tmp_path), "-c", str(main), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert)
+        opts = [("grpc.ssl_target_name_override", "discovery.example.net")]
+        with grpc.secure_channel(f"127.0.0.1:{port}", creds, options=opts) as ch:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    grpc.channel_ready_future(ch).result(timeout=1)
+                    break
+                except grpc.FutureTimeoutError:
+                    assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                    assert time.monotonic() < deadline, "nginx did not come up"
+            stub = rpc.ClusterStub(ch)
+            hello = stub.Hello(
+                pb.HelloRequest(cluster_id="via-nginx", client_version="deploy-test"), timeout=10
+            )
+            assert hello.client_ip == bytes([127, 0, 0, 1])  # X-Real-IP, not nginx's 127.0.0.5
+            stub.AffiliateUpdate(
+                pb.AffiliateUpdateRequest(
+                    cluster_id="via-nginx",
+                    affiliate_id="n1",
+                    affiliate_data=b"x",
+                    ttl=duration_pb2.Duration(seconds=60),
+                ),
+                timeout=10,
+            )
+            assert [
+                a.id for a in stub.List(pb.ListRequest(cluster_id="via-nginx"), timeout=10).affiliates
+            ] == ["n1"]
+            # a Watch stream passes through too: its first message is the snapshot
+            watch = stub.Watch(pb.WatchRequest(cluster_id="via-nginx"), timeout=10)
+            first = next(iter(watch))
+            assert [a.id for a in first.affiliates] == ["n1"]
+            watch.cancel()
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        ctx = ssl.create_default_context(cadata=cert.decode())
+        ctx.check_hostname = False
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ctx, timeout=10) as r:
+            assert r.status == 200
+    finally:
+        proc.terminate()
+        proc.wait(15)
