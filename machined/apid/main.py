@@ -27,6 +27,7 @@ import grpc
 import yaml
 
 from discovery.logs import log_event, setup
+from discovery.version import version_string
 from machined import pki
 from machined.config import ConfigValidationError, MachineConfig
 from spanapi.talos.cosi import state_pb2, state_pb2_grpc
@@ -45,6 +46,7 @@ class StartError(RuntimeError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apid", description="mTLS gateway to machined's machine API.")
+    p.add_argument("--version", action="version", version=version_string("apid"))
     p.add_argument("--config", type=Path, required=True, help="machine config (uses machine.ca crt+key)")
     p.add_argument("--machined-socket", type=Path, required=True, help="machined's API unix socket")
     p.add_argument("--listen", default=f":{APID_PORT}", help="address:port to listen on (default :50000)")
