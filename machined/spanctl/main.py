@@ -274,8 +274,10 @@ def _watch(app: App, writer: ResourceWriter, defn: ResourceDefinition, namespace
     nodes = t.each_node()
     calls = []
 
+    labels = {n: app.label(n) for n in nodes}  # before the threads start: label() may call Hostname
+
     def pump(node: str | None, call: Any) -> None:
-        label = app.label(node)
+        label = labels[node]
         try:
             for resp in call:
                 for ev in resp.event:
@@ -296,7 +298,7 @@ def _watch(app: App, writer: ResourceWriter, defn: ResourceDefinition, namespace
         call = st.Watch(req, metadata=t.node_metadata(node))
         calls.append(call)
         threading.Thread(target=pump, args=(node, call), daemon=True).start()
-    pending = {app.label(n) for n in nodes}
+    pending = set(labels.values())
     live = 0
     bootstrapped = False
     try:

@@ -200,7 +200,31 @@ class TestLocalAgent:
         assert p.returncode == 1
         assert p.stderr.startswith("error from node spanctl-node: not found")
 
+    def test_get_watch_flushes_after_bootstrap(self, agent: Path) -> None:
+        w = subprocess.Popen(
+            [PY, "-m", "machined.spanctl.main", "--socket", str(agent), "get", "services", "-w"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "SPANCTL_CONFIG": "/nonexistent/spanctl-config"},
+        )
+        try:
+            assert w.stdout is not None
+            header = w.stdout.readline().split()
+            assert header[:3] == ["*", "NODE", "NAMESPACE"]
+            rows = [w.stdout.readline() for _ in range(2)]
+            assert all(r.split()[:4] == ["+", "spanctl-node", "runtime", "Services"] for r in rows), rows
+            spanctl(agent, "service", "ticker", "restart")
+            later = w.stdout.readline()  # an update after the bootstrap is flushed at once, blank mark
+            assert later.startswith(" ") and later.split()[:1] == ["spanctl-node"], later
+            assert later.split()[3] == "ticker", later
+        finally:
+            w.terminate()
+            w.wait(10)
+
     def test_missing_socket_is_a_clear_error(self, tmp_path: Path) -> None:
         p = spanctl(tmp_path / "none.sock", "version", check=False)
         assert p.returncode == 1
         assert "cannot connect to" in p.stderr
+
