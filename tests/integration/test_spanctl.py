@@ -228,3 +228,124 @@ class TestLocalAgent:
         assert p.returncode == 1
         assert "cannot connect to" in p.stderr
 
+
+# -- two agents in a netns lab, mesh on (root) -----------------------------------------------------
+
+LAN = "10.77.0"
+DISC = f"{LAN}.2"
+
+
+def mesh_config(node: str, mac: str, port: int) -> str:
+    docs = [
+        {
+            "version": "v1alpha1",
+            "machine": {"type": "controlplane"},
+            "cluster": {
+                "id": "spanctl-mesh",
+                "secret": SECRET,
+                "clusterName": "it",
+                "discovery": {"enabled": False},
+            },
+        },
+        {"apiVersion": "v1alpha1", "kind": "KubeSpanConfig", "enabled": True},
+        {
+            "apiVersion": "v1alpha1",
+            "kind": "DiscoveryServiceConfig",
+            "name": "lab",
+            "endpoint": f"http://{DISC}:3000",
+        },
+        {
+            "apiVersion": "v1alpha1",
+            "kind": "AgentConfig",
+            "nodename": node,
+            "httpStatusAddr": "",
+            "wireguard": {"backend": "userspace", "listenPort": port},
+            "mesh": {"mac": mac},
+        },
+    ]
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def peer_states(socket: Path) -> dict[str, str]:
+    p = spanctl(socket, "get", "kubespanpeerstatuses", "-o", "json", check=False)
+    if p.returncode != 0:
+        return {}
+    return {o["spec"]["label"]: o["spec"]["state"] for o in json_objects(p.stdout)}
+
+
+@pytest.mark.root
+def test_mesh_two_nodes() -> None:
+    from netns.lab import Lab
+
+    with Lab() as lab:
+        seg = lab.segment("lan")
+        disc = lab.node("disc")
+        lab.attach(disc, seg, [f"{DISC}/24"])
+        disc.popen(
+            PY, "-m", "discovery.server.main", "--addr", f"{DISC}:3000", "--landing-addr", "", "--metrics-addr", "",
+            "--snapshot-path", "", "--rate-limit", "0", "--no-rpc-log",
+            log=lab.dir / "discovery.log", private_run=False,
+        )  # fmt: skip
+        sockets: dict[str, Path] = {}
+        for i, name in enumerate(("n1", "n2"), start=1):
+            node = lab.node(name)
+            lab.attach(node, seg, [f"{LAN}.{10 + i}/24"])
+            cfg = lab.dir / f"{name}.yaml"
+            cfg.write_text(mesh_config(name, f"02:00:00:00:01:{i:02x}", 51820 + i))
+            state = node.run_dir / "state"
+            node.popen(
+                PY, "-m", "machined.main", "--config", str(cfg), "--state-dir", str(state),
+                log=lab.dir / f"machined-{name}.log",
+            )  # fmt: skip
+            sockets[name] = state / "machined.sock"
+
+        s1, s2 = sockets["n1"], sockets["n2"]
+        wait_for(
+            lambda: peer_states(s1) == {"n2": "up"} and peer_states(s2) == {"n1": "up"}, 90, "both peers up"
+        )
+
+        table = spanctl(s1, "get", "kubespanpeerstatuses").stdout.splitlines()
+        assert table[0].split() == [
+            "NODE",
+            "NAMESPACE",
+            "TYPE",
+            "ID",
+            "VERSION",
+            "LABEL",
+            "ENDPOINT",
+            "STATE",
+            "RX",
+            "TX",
+        ]
+        row = table[1].split()
+        assert row[:3] == ["n1", "kubespan", "KubeSpanPeerStatuses"]
+        assert row[5] == "n2" and row[6].startswith(f"{LAN}.12:") and row[7] == "up"
+        docs = list(yaml.safe_load_all(spanctl(s2, "get", "kubespanpeerstatuses", "-o", "yaml").stdout))
+        assert len(docs) == 1 and docs[0]["node"] == "n2"
+        assert docs[0]["metadata"]["type"] == PEER_STATUS and docs[0]["spec"]["label"] == "n1"
+        objs = json_objects(spanctl(s1, "get", "ksps.kubespan", "-o", "json", check=False).stdout)
+        assert objs == [] or objs[0]["spec"]["label"] == "n2"  # ambiguous aliases are refused, not guessed
+
+        assert spanctl(s1, "mesh").stdout.splitlines() == ["NODE   n1   n2", "n1     -    up"]
+        health = spanctl(s1, "health", "--wait-timeout", "60s", timeout=90)
+        assert health.stdout == "n1: mesh OK (1/1 peers up)\n"
+
+        # get -w: the bootstrap listing is flushed with the `*` column
+        env = {**os.environ, "SPANCTL_CONFIG": "/nonexistent/spanctl-config"}
+        w = subprocess.Popen(
+            [PY, "-m", "machined.spanctl.main", "--socket", str(s1), "get", "kubespanpeerstatuses", "-w"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        try:
+            assert w.stdout is not None
+            header = w.stdout.readline().split()
+            first = w.stdout.readline()
+            assert header[:2] == ["*", "NODE"]
+            assert first.startswith("+   n1") and " n2 " in first
+        finally:
+            w.terminate()
+            w.wait(10)
