@@ -323,8 +323,10 @@ def test_mesh_two_nodes() -> None:
         docs = list(yaml.safe_load_all(spanctl(s2, "get", "kubespanpeerstatuses", "-o", "yaml").stdout))
         assert len(docs) == 1 and docs[0]["node"] == "n2"
         assert docs[0]["metadata"]["type"] == PEER_STATUS and docs[0]["spec"]["label"] == "n1"
-        objs = json_objects(spanctl(s1, "get", "ksps.kubespan", "-o", "json", check=False).stdout)
-        assert objs == [] or objs[0]["spec"]["label"] == "n2"  # ambiguous aliases are refused, not guessed
+        objs = json_objects(spanctl(s1, "get", "kubespanpeerstatus", "-o", "json").stdout)
+        assert [o["spec"]["label"] for o in objs] == ["n2"] and objs[0]["node"] == "n1"
+        p = spanctl(s1, "get", "ksps", check=False)  # KubeSpanPeerSpecs too: refused, not guessed
+        assert p.returncode == 1 and "ambiguous" in p.stderr
 
         assert spanctl(s1, "mesh").stdout.splitlines() == ["NODE   n1   n2", "n1     -    up"]
         health = spanctl(s1, "health", "--wait-timeout", "60s", timeout=90)
