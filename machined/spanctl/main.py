@@ -23,6 +23,7 @@ import grpc
 import yaml
 from google.protobuf import duration_pb2, empty_pb2
 
+from discovery.version import version_string
 from machined.state.definitions import RESOURCE_DEFINITION_TYPE, ResourceDefinition, resolve
 from machined.state.errors import AmbiguousTypeError, UnknownTypeError
 from spanapi.talos.cosi import state_pb2, state_pb2_grpc
@@ -812,6 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="spanctl", description="Operator CLI for machined/apid (talosctl's conventions).", parents=[g]
     )
+    p.add_argument("--version", action="version", version=version_string("spanctl"))
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(
