@@ -53,11 +53,14 @@ def log_event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fie
 encode_str = _encode = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
+FLUSH_INTERVAL = 0.05  # seconds: lines are written in batches at most this late
+
+
 class FastEventLog:
     """A low-overhead writer for high-rate events (one per RPC) in the same JSON-lines format.
 
-    Lines are rendered with minimal work and written once per event-loop
-    iteration (batched), not through the logging machinery. Values must be
+    Lines are rendered with minimal work and written in batches every
+    ``FLUSH_INTERVAL`` (and at exit), not through the logging machinery. Values must be
     str, int, float, bool or None.
     """
 
@@ -103,7 +106,7 @@ class FastEventLog:
             try:
                 import asyncio
 
-                asyncio.get_running_loop().call_soon(self.flush)
+                asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
             except RuntimeError:
                 self.flush()
 

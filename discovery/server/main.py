@@ -413,6 +413,7 @@ class Daemon:
         await self.health.enter_graceful_shutdown()
         self.service.close_watches()
         await server.stop(5)
+        self.service.flush_logs()
         for t in tasks:
             t.cancel()
         for runner in self._runners:

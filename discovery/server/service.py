@@ -386,6 +386,10 @@ class ClusterService:
 
         await self._run(kind, call, req, context, body)
 
+    def flush_logs(self) -> None:
+        """Write out per-RPC log lines still batched in memory."""
+        self._rpc_log.flush()
+
     def close_watches(self) -> None:
         """End every watch stream with OK (server shutdown)."""
         self._closing.set()

@@ -323,7 +323,12 @@ async def test_health_reflection_pages_and_metrics(discovery_server: Start) -> N
         "grpc_server_handling_seconds_bucket",
     ):
         assert name in metrics, name
-    rpc_lines = [r for r in srv.lines() if r.get("msg") == "rpc"]
+    rpc_lines: list[dict] = []
+    for _ in range(50):  # per-RPC lines are written in batches (discovery.logs.FLUSH_INTERVAL)
+        rpc_lines = [r for r in srv.lines() if r.get("msg") == "rpc"]
+        if rpc_lines:
+            break
+        await asyncio.sleep(0.1)
     assert rpc_lines and rpc_lines[0]["method"] == "Hello" and rpc_lines[0]["code"] == "OK"
     assert rpc_lines[0]["cluster_id"] == CID and "duration_ms" in rpc_lines[0] and "peer" in rpc_lines[0]
 
