@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3 python3-venv python3-dev gcc wireguard-go wireguard-tools nftables iproute2 iputils-ping procps kmod nghttp2-client systemd nginx-light
+APT_PACKAGES := python3 python3-venv python3-dev gcc wireguard-go wireguard-tools nftables iproute2 iputils-ping procps kmod nghttp2-client systemd nginx-light etcd-server etcd-client
 
 .PHONY: setup sysdeps venv demo demo-discovery test lint format unit integration bench proto clean
 
