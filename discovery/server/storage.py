@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from discovery import fsutil
 from discovery.server.state import Registry, RegistryError, SnapshotError
 
 __all__ = ["CompactReport", "LoadReport", "PendingCompaction", "Store"]
@@ -259,23 +260,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, rename, fsync dir."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Write ``data`` to ``path`` atomically (a crash leaves at most ``<path>.tmp`` behind)."""
+    fsutil.write_atomic(path, data, mode, tmp=path.with_name(path.name + ".tmp"))
 
 
 class PendingCompaction:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 
+from discovery import fsutil
 from machined.config.machine import MachineConfig
 
 ACTIVE = "config.yaml"
@@ -29,28 +29,11 @@ _TMP_SUFFIX = ".tmp"
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (tmp + fsync + rename + dir fsync)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    """Replace ``path`` with ``data`` atomically and durably (leftovers: ``.<name>.*.tmp``)."""
+    fsutil.write_atomic(path, data, mode)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+fsync_dir = fsutil.fsync_dir
 
 
 class ConfigStore:
