@@ -251,12 +251,7 @@ class _Segment:
                 os.close(self.fd)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsutil.fsync_dir
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
