@@ -173,18 +173,20 @@ def _leaf(
     ttl: dt.timedelta,
     now: dt.datetime | None,
     sans: Sequence[x509.GeneralName] = (),
+    public_key: ec.EllipticCurvePublicKey | None = None,
 ) -> KeyPair:
+    """A CA-signed leaf; with ``public_key`` (a CSR's) the returned key is empty."""
     if ttl <= dt.timedelta(0):
         raise PKIError(f"certificate TTL must be positive, got {ttl}")
     ca_crt = load_certificate(ca.crt)
     ca_key = load_private_key(ca.key)
-    key = _new_key()
+    key = _new_key() if public_key is None else None
     t = _now(now)
     b = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca_crt.subject)
-        .public_key(key.public_key())
+        .public_key(key.public_key() if key is not None else public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(t - BACKDATE)
         .not_valid_after(t + ttl)
@@ -195,7 +197,7 @@ def _leaf(
     if sans:
         b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
     crt = b.sign(ca_key, _signing_hash(ca_key))  # type: ignore[arg-type]
-    return KeyPair(crt.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+    return KeyPair(crt.public_bytes(serialization.Encoding.PEM), _key_pem(key) if key is not None else b"")
 
 
 def issue_client(
@@ -248,6 +250,62 @@ def issue_server(
     cn = hostnames[0] if hostnames else "apid"
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     return _leaf(ca, subject, [ExtendedKeyUsageOID.SERVER_AUTH], ttl, now, sans)
+
+
+def server_csr(addresses: Iterable[str], hostnames: Iterable[str] = ()) -> tuple[bytes, bytes]:
+    """A new ECDSA P-256 key and a CSR for a server certificate with those SANs: (csr PEM, key PEM)."""
+    hostnames = list(hostnames)
+    sans = server_sans(addresses, hostnames)
+    if not sans:
+        raise PKIError("a server certificate needs at least one address or hostname")
+    key = _new_key()
+    cn = hostnames[0] if hostnames else "apid"
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def sign_server_csr(
+    ca: KeyPair, csr_pem: bytes, ttl: dt.timedelta = SERVER_TTL, *, now: dt.datetime | None = None
+) -> tuple[bytes, list[str]]:
+    """Sign a node's CSR (Talos's trustd): (certificate PEM, the SANs granted).
+
+    Refused (:class:`PKIError`): not a PEM CSR, a bad signature, a key other than ECDSA P-256, a
+    request for ``CA:true``. Only IP and DNS SANs are kept, and only ``CN`` of the subject (never
+    ``O=``: no roles). The certificate is a leaf (``CA:false``) with EKU serverAuth + clientAuth.
+    """
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise PKIError("not a PEM certificate signing request") from None
+    pub = csr.public_key()
+    if not isinstance(pub, ec.EllipticCurvePublicKey) or not isinstance(pub.curve, ec.SECP256R1):
+        raise PKIError(f"CSR key must be ECDSA P-256, got {key_algorithm(pub)}")
+    if not csr.is_signature_valid:
+        raise PKIError("CSR signature is invalid")
+    try:
+        bc = csr.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is not None and bc.ca:
+        raise PKIError("CSR asks for a CA certificate (CA:true): refused")
+    try:
+        requested = list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        requested = []
+    sans: list[x509.GeneralName] = [g for g in requested if isinstance(g, x509.IPAddress | x509.DNSName)]
+    if not sans:
+        raise PKIError("CSR has no IP or DNS subject alternative name")
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(cns[0].value) if cns and cns[0].value else "apid"
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    kp = _leaf(ca, subject, eku, ttl, now, sans, public_key=pub)
+    return kp.crt, [str(g.value) for g in sans]
 
 
 # --- inspection ------------------------------------------------------------------------------------

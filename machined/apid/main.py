@@ -1,13 +1,17 @@
 """``apid``: the mTLS gateway to machined's API.
 
     apid --config FILE --machined-socket PATH [--listen :50000] [--hostname NAME] [--address IP ...]
+         [--trustd-listen :50001] [--trustd-endpoint HOST:PORT ...]
 
-``--config`` is the node's machine config: apid uses ``machine.ca`` (certificate and key) and
-``machine.certSANs``. It issues its own server certificate (SANs: ``--address`` values, the
-addresses machined reports in ``NodeAddresses/current`` — including the mesh address —, certSANs,
-the hostname, loopback) and an ``os:impersonator`` client certificate for forwarding, both 24 h and
-re-issued at half-life without a restart. Exit status 2 with a message on a config it cannot serve
-with (no CA, no CA key, an Ed25519 CA). See ``machined/apid/README.md``.
+``--config`` is the node's machine config: apid uses ``machine.ca``, ``machine.token`` and
+``machine.certSANs``. On a control-plane node (CA key present) it issues its own server certificate
+(SANs: ``--address`` values, the addresses machined reports in ``NodeAddresses/current`` — including
+the mesh address —, certSANs, the hostname, loopback) and an ``os:impersonator`` client certificate
+for forwarding, both 24 h and re-issued at half-life without a restart, and serves trustd on
+``--trustd-listen``. On a worker (no CA key) it obtains its server certificate from a control-plane
+node's trustd (``--trustd-endpoint``) with a CSR and the machine token. Exit status 2 with a message
+on a config it cannot serve with (no CA, no CA key and no trustd endpoint, an Ed25519 CA). See
+``machined/apid/README.md``.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ from discovery.logs import log_event, setup
 from discovery.version import version_string
 from machined import pki
 from machined.config import ConfigValidationError, MachineConfig
+from machined.config.documents import V1Alpha1
 from spanapi.talos.cosi import state_pb2, state_pb2_grpc
+from spanapi.talos.security import security_pb2_grpc
 
+from . import trustd
 from .proxy import APID_PORT, Proxy
 from .tls import Identity
 
@@ -60,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cert-ttl", type=float, default=pki.SERVER_TTL.total_seconds(), help="certificate lifetime, seconds"
     )
+    p.add_argument(
+        "--trustd-listen",
+        default=f":{trustd.TRUSTD_PORT}",
+        help="control-plane nodes: address:port of trustd (default :50001; 'off' disables)",
+    )
+    p.add_argument(
+        "--trustd-endpoint",
+        action="append",
+        default=[],
+        help="workers: a control-plane node's trustd, HOST[:PORT] (repeatable)",
+    )
+    p.add_argument(
+        "--trustd-wait",
+        type=float,
+        default=60.0,
+        help="workers: seconds to keep trying trustd at start before giving up (default 60)",
+    )
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -69,8 +93,8 @@ def listen_address(value: str) -> str:
     return f"[::]{value}" if value.startswith(":") else value
 
 
-def load_ca(path: Path) -> tuple[pki.KeyPair, tuple[str, ...]]:
-    """The CA key pair and certSANs from a machine config; :class:`StartError` says why it cannot serve."""
+def read_config(path: Path) -> V1Alpha1:
+    """The machine config's v1alpha1 document with a CA; :class:`StartError` says why not."""
     try:
         mc = MachineConfig.parse(path.read_bytes())
     except OSError as e:
@@ -80,11 +104,17 @@ def load_ca(path: Path) -> tuple[pki.KeyPair, tuple[str, ...]]:
     v1 = mc.v1alpha1
     if v1.ca is None:
         raise StartError(f"{path}: machine.ca is missing; apid needs the cluster CA")
+    return v1
+
+
+def load_ca(path: Path) -> tuple[pki.KeyPair, tuple[str, ...]]:
+    """The CA key pair and certSANs from a machine config; :class:`StartError` says why it cannot serve."""
+    v1 = read_config(path)
+    assert v1.ca is not None
     if v1.ca.key is None:
         raise StartError(
-            f"{path}: machine.ca has no key (a worker config). apid issues its own certificates from the CA "
-            "key; obtaining one from a control-plane node (Talos's trustd) is not implemented yet: "
-            "run apid on control-plane nodes"
+            f"{path}: machine.ca has no key (a worker config): a worker obtains its certificate from a "
+            "control-plane node's trustd (--trustd-endpoint HOST:PORT)"
         )
     ca = pki.KeyPair(v1.ca.crt, v1.ca.key)
     try:
@@ -124,21 +154,84 @@ class Apid:
         self.server: grpc.aio.Server | None = None
         self.proxy: Proxy | None = None
         self.identity: Identity | None = None
+        self.trustd_server: grpc.aio.Server | None = None
         self.port = 0
+        self.trustd_port = 0
+        self.worker = False
 
     async def _sans(self, cert_sans: Sequence[str], *, quiet: bool = False) -> list[str]:
         found = await node_addresses(self.ns.machined_socket, quiet=quiet)
         return [*self.ns.address, *found, *cert_sans, "127.0.0.1", "::1", "localhost"]
 
-    async def start(self) -> None:
-        ca, cert_sans = load_ca(self.ns.config)
-        self._cert_sans = cert_sans
+    async def _worker_identity(self, v1: V1Alpha1) -> Identity:
+        assert v1.ca is not None
+        path = self.ns.config
+        endpoints = list(getattr(self.ns, "trustd_endpoint", None) or [])
+        if not endpoints:
+            raise StartError(
+                f"{path}: machine.ca has no key (a worker config) and no trustd endpoint is given: pass "
+                "--trustd-endpoint HOST:PORT of a control-plane node (or use a control-plane config)"
+            )
+        if not v1.token:
+            raise StartError(f"{path}: machine.token is missing; a worker needs it to ask trustd")
+        try:
+            pki.check_tls_usable(v1.ca.crt)
+        except pki.UnsupportedKeyError as e:
+            raise StartError(f"{path}: refusing to serve: {e}") from None
+        sans = await self._sans(v1.cert_sans)
+        wait = float(getattr(self.ns, "trustd_wait", 60.0))
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            try:
+                return await asyncio.to_thread(
+                    trustd.WorkerIdentity, v1.ca.crt, self.hostname, sans, v1.token, endpoints
+                )
+            except trustd.TrustdError as e:
+                left = deadline - asyncio.get_running_loop().time()
+                log_event(log, "trustd: no certificate yet", logging.WARNING, error=str(e)[:300])
+                if left <= 0:
+                    raise StartError(
+                        f"no server certificate: trustd unreachable or refused within {wait:g} s ({e})"
+                    ) from None
+                await asyncio.sleep(min(1.0, left))
+
+    async def _start_trustd(self, ca: pki.KeyPair, token: str | None) -> None:
+        listen = getattr(self.ns, "trustd_listen", None)
+        if not listen or listen == "off":
+            return
+        assert self.identity is not None
         ttl = dt.timedelta(seconds=self.ns.cert_ttl)
-        self.identity = Identity(
-            ca, self.hostname, await self._sans(cert_sans), server_ttl=ttl, client_ttl=ttl
+        self.trustd_server = grpc.aio.server()
+        security_pb2_grpc.add_SecurityServiceServicer_to_server(
+            trustd.SecurityService(ca, token, ttl), self.trustd_server
         )
+        self.trustd_port = self.trustd_server.add_secure_port(
+            listen_address(listen), trustd.server_credentials(self.identity)
+        )
+        if self.trustd_port == 0:
+            raise StartError(f"trustd cannot listen on {listen}")
+        await self.trustd_server.start()
+        log_event(log, "trustd serving", listen=listen, port=self.trustd_port)
+
+    async def start(self) -> None:
+        v1 = read_config(self.ns.config)
+        assert v1.ca is not None
+        self._cert_sans = v1.cert_sans
+        if v1.ca.key is None:
+            self.worker = True
+            self.identity = await self._worker_identity(v1)
+        else:
+            ca, cert_sans = load_ca(self.ns.config)
+            ttl = dt.timedelta(seconds=self.ns.cert_ttl)
+            self.identity = Identity(
+                ca, self.hostname, await self._sans(cert_sans), server_ttl=ttl, client_ttl=ttl
+            )
+            await self._start_trustd(ca, v1.token)
         self.proxy = Proxy(
-            str(self.ns.machined_socket), self.identity, node_port=self.ns.node_port, name=self.hostname
+            str(self.ns.machined_socket),
+            None if self.worker else self.identity,
+            node_port=self.ns.node_port,
+            name=self.hostname,
         )
         self.server = grpc.aio.server(
             options=[
@@ -169,7 +262,17 @@ class Apid:
             elif set(sans) != set(self.identity.addresses):
                 reason = "addresses changed"
             if reason is not None:
-                self.identity.renew(sans)
+                try:
+                    await asyncio.to_thread(self.identity.renew, sans)
+                except (trustd.TrustdError, pki.PKIError) as e:
+                    log_event(
+                        log,
+                        "certificate renewal failed; serving with the current one",
+                        logging.WARNING,
+                        reason=reason,
+                        error=str(e)[:300],
+                    )
+                    continue
                 log_event(
                     log,
                     "certificates renewed",
@@ -179,6 +282,8 @@ class Apid:
                 )
 
     async def stop(self) -> None:
+        if self.trustd_server is not None:
+            await self.trustd_server.stop(0.5)
         if self.server is not None:
             await self.server.stop(0.5)
         if self.proxy is not None:

@@ -95,10 +95,21 @@ class Cluster:
 
 
 async def start_apid(
-    cluster: Cluster, socket_path: Path, hostname: str = "apid", *, cert_ttl: dt.timedelta | None = None
+    cluster: Cluster,
+    socket_path: Path,
+    hostname: str = "apid",
+    *,
+    cert_ttl: dt.timedelta | None = None,
+    config: Path | None = None,
+    trustd_listen: str | None = None,
+    trustd_endpoint: list[str] | None = None,
+    trustd_wait: float = 10.0,
 ) -> Apid:
     ns = argparse.Namespace(
-        config=cluster.config,
+        config=config or cluster.config,
+        trustd_listen=trustd_listen,
+        trustd_endpoint=trustd_endpoint or [],
+        trustd_wait=trustd_wait,
         machined_socket=socket_path,
         listen="127.0.0.1:0",
         hostname=hostname,
