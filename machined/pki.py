@@ -17,10 +17,8 @@ Pure functions over PEM bytes, plus :func:`write_secret_file` (atomic, 0600).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from discovery import fsutil
 
 CA_TTL = dt.timedelta(hours=87600)  # as Talos's OS CA
 CLIENT_TTL = dt.timedelta(days=365)  # as talosctl's admin certificate
@@ -351,28 +351,5 @@ def renewal_time(cert: x509.Certificate | bytes) -> dt.datetime:
 
 
 def write_secret_file(path: Path | str, data: bytes | str, mode: int = 0o600) -> None:
-    """Write atomically (temp file in the same directory, fsync, rename, fsync of the directory),
-    born with ``mode`` (0600): no moment where the secret is readable by others."""
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Write atomically, born with ``mode`` (0600): no moment where the secret is readable by others."""
+    fsutil.write_atomic(path, data, mode)
