@@ -7,7 +7,7 @@
    roles as ``talos-role`` and setting ``proxyfrom``.
 3. ``nodes: a, b…`` (one value per node, or comma-separated): fan out concurrently and merge
    (:mod:`.wire`): unary replies concatenated, streams interleaved, each item's
-   ``metadata.hostname`` set to the target when the node left it empty; a node that fails becomes
+   ``metadata.hostname`` set to the target as given; a node that fails becomes
    one item whose ``metadata.error`` says why while the others answer. Only for the envelope
    services (``machine.``, ``cluster.``, ``inspect.``, ``storage.``, ``time.``); COSI State gets
    INVALID_ARGUMENT.

@@ -3,11 +3,12 @@
 apid never decodes replies. Envelope convention: a unary reply is ``XResponse{repeated X messages = 1}``
 and every ``X`` (and every stream message) starts with ``common.Metadata metadata = 1``.
 
-* :func:`splice_reply` adds ``metadata.hostname = <node>`` to each item of a unary reply and
-  :func:`splice_item` to one stream message — only where the backend left hostname empty (machined
-  fills its own node name; upstream Talos overwrites it with the target). The splice appends an
-  encoded ``Metadata{hostname}`` as another field 1 inside the item: protobuf merges repeated
-  occurrences of an embedded message.
+* :func:`splice_reply` sets ``metadata.hostname = <node>`` in each item of a unary reply and
+  :func:`splice_item` in one stream message, ``<node>`` being the target as the caller typed it (as
+  upstream Talos does: the NODE column then shows what the operator asked for, the same string as a
+  failed node's error entry). The splice appends an encoded ``Metadata{hostname}`` as another field
+  1 inside the item: protobuf merges repeated occurrences of an embedded message, the last scalar
+  wins, and the backend's ``error``/``status`` are kept.
 * Unary replies from several nodes are merged by **concatenation**: repeated fields append.
 * :func:`error_reply` / :func:`error_item` encode a failed node as
   ``EmptyResponse{[Empty{metadata{hostname, error, status}}]}`` (or one ``Empty`` stream message),
@@ -86,25 +87,14 @@ def _len_field(num: int, payload: bytes) -> bytes:
     return _enc_varint(num << 3 | WIRE_LEN) + _enc_varint(len(payload)) + payload
 
 
-def _has_hostname(item: bytes) -> bool:
-    """Whether any field-1 (metadata) occurrence of ``item`` carries a non-empty hostname."""
-    for num, wt, _s, vs, end in fields(item):
-        if num == 1 and wt == WIRE_LEN:
-            for n2, w2, _s2, v2, e2 in fields(item[vs:end]):
-                if n2 == 1 and w2 == WIRE_LEN and e2 > v2:
-                    return True
-    return False
-
-
 def hostname_metadata(hostname: str) -> bytes:
     """``field 1 = Metadata{hostname}`` as bytes to append to an item."""
     return _len_field(1, common_pb2.Metadata(hostname=hostname).SerializeToString())
 
 
 def splice_item(item: bytes, hostname: str) -> bytes:
-    """One stream message (or reply item) with ``metadata.hostname`` set when it was empty."""
-    if _has_hostname(item):
-        return item
+    """One stream message (or reply item) with ``metadata.hostname`` set to ``hostname``."""
+    fields(item)  # refuse malformed bytes rather than append to them
     return item + hostname_metadata(hostname)
 
 

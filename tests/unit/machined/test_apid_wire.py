@@ -18,10 +18,10 @@ def version_reply(*hosts: str) -> bytes:
     ).SerializeToString()
 
 
-def test_splice_sets_hostname_only_where_empty():
+def test_splice_sets_hostname_to_the_target_as_given():
     raw = version_reply("", "n2")
     out = machine_pb2.VersionResponse.FromString(wire.splice_reply(raw, "10.0.0.1"))
-    assert [m.metadata.hostname for m in out.messages] == ["10.0.0.1", "n2"]
+    assert [m.metadata.hostname for m in out.messages] == ["10.0.0.1", "10.0.0.1"]
     assert [m.version.tag for m in out.messages] == ["v0", "v1"]
 
 
