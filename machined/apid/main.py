@@ -9,9 +9,10 @@
 the mesh address —, certSANs, the hostname, loopback) and an ``os:impersonator`` client certificate
 for forwarding, both 24 h and re-issued at half-life without a restart, and serves trustd on
 ``--trustd-listen``. On a worker (no CA key) it obtains its server certificate from a control-plane
-node's trustd (``--trustd-endpoint``) with a CSR and the machine token. Exit status 2 with a message
-on a config it cannot serve with (no CA, no CA key and no trustd endpoint, an Ed25519 CA). See
-``machined/apid/README.md``.
+node's trustd with a CSR and the machine token: the ``--trustd-endpoint`` values, or else the
+addresses of the control-plane members machined learnt from cluster discovery (as Talos workers find
+their control plane). Exit status 2 with a message on a config it cannot serve with (no CA, an
+Ed25519 CA, a worker that found no trustd in time). See ``machined/apid/README.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import yaml
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--trustd-endpoint",
         action="append",
         default=[],
-        help="workers: a control-plane node's trustd, HOST[:PORT] (repeatable)",
+        help="workers: a control-plane node's trustd, HOST[:PORT] (repeatable; default: the "
+        "control-plane members machined knows from cluster discovery)",
     )
     p.add_argument(
         "--trustd-wait",
@@ -124,6 +127,37 @@ def load_ca(path: Path) -> tuple[pki.KeyPair, tuple[str, ...]]:
     return ca, v1.cert_sans
 
 
+async def _list_specs(socket_path: Path, namespace: str, type_: str, wait: float) -> list[tuple[str, Any]]:
+    """``(id, spec)`` of every resource of ``type_`` machined has (raises on gRPC/YAML errors)."""
+    async with grpc.aio.insecure_channel(f"unix:{socket_path}") as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        stream = stub.List(state_pb2.ListRequest(namespace=namespace, type=type_), timeout=wait)
+        return [(r.resource.metadata.id, yaml.safe_load(r.resource.spec.yaml_spec)) async for r in stream]
+
+
+async def control_plane_endpoints(socket_path: Path, wait: float = 2.0) -> list[str]:
+    """Addresses of the control-plane ``Members`` machined knows (cluster discovery), in member-id
+    order then each member's address order, to try as trustd endpoints; [] when none or unavailable."""
+    try:
+        members = await _list_specs(socket_path, "cluster", "Members.cluster.talos.dev", wait)
+    except (grpc.aio.AioRpcError, yaml.YAMLError) as e:
+        log_event(log, "cluster members unavailable", logging.DEBUG, error=str(e)[:200])
+        return []
+    out: list[str] = []
+    for _id, spec in sorted(members, key=lambda m: m[0]):
+        if not isinstance(spec, dict) or spec.get("machineType") not in ("controlplane", "init"):
+            continue
+        for a in spec.get("addresses") or []:
+            try:
+                ip = ipaddress.ip_address(str(a).split("/")[0])
+            except ValueError:
+                continue
+            if ip.is_link_local or ip.is_unspecified or ip.is_multicast or str(ip) in out:
+                continue
+            out.append(str(ip))
+    return out
+
+
 async def node_addresses(socket_path: Path, wait: float = 2.0, *, quiet: bool = False) -> list[str]:
     """``NodeAddresses/current`` from machined (incl. the mesh address); [] when unavailable."""
     try:
@@ -163,15 +197,16 @@ class Apid:
         found = await node_addresses(self.ns.machined_socket, quiet=quiet)
         return [*self.ns.address, *found, *cert_sans, "127.0.0.1", "::1", "localhost"]
 
+    async def _trustd_endpoints(self) -> tuple[list[str], str]:
+        """The trustd endpoints to try and where they came from."""
+        given = list(getattr(self.ns, "trustd_endpoint", None) or [])
+        if given:
+            return given, "--trustd-endpoint"
+        return await control_plane_endpoints(self.ns.machined_socket), "discovered control-plane members"
+
     async def _worker_identity(self, v1: V1Alpha1) -> Identity:
         assert v1.ca is not None
         path = self.ns.config
-        endpoints = list(getattr(self.ns, "trustd_endpoint", None) or [])
-        if not endpoints:
-            raise StartError(
-                f"{path}: machine.ca has no key (a worker config) and no trustd endpoint is given: pass "
-                "--trustd-endpoint HOST:PORT of a control-plane node (or use a control-plane config)"
-            )
         if not v1.token:
             raise StartError(f"{path}: machine.token is missing; a worker needs it to ask trustd")
         try:
@@ -181,19 +216,37 @@ class Apid:
         sans = await self._sans(v1.cert_sans)
         wait = float(getattr(self.ns, "trustd_wait", 60.0))
         deadline = asyncio.get_running_loop().time() + wait
+        last = ""
         while True:
-            try:
-                return await asyncio.to_thread(
-                    trustd.WorkerIdentity, v1.ca.crt, self.hostname, sans, v1.token, endpoints
+            endpoints, source = await self._trustd_endpoints()
+            if endpoints:
+                try:
+                    identity = await asyncio.to_thread(
+                        trustd.WorkerIdentity, v1.ca.crt, self.hostname, sans, v1.token, endpoints
+                    )
+                    log_event(log, "server certificate from trustd", endpoints=endpoints, source=source)
+                    return identity
+                except trustd.TrustdError as e:
+                    error = str(e)
+            else:
+                error = "machined reports no control-plane member yet (cluster discovery)"
+            if error != last:  # once per distinct reason, not once a second
+                log_event(
+                    log, "trustd: no certificate yet", logging.WARNING, error=error[:300], source=source
                 )
-            except trustd.TrustdError as e:
-                left = deadline - asyncio.get_running_loop().time()
-                log_event(log, "trustd: no certificate yet", logging.WARNING, error=str(e)[:300])
-                if left <= 0:
+                last = error
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                if not endpoints:
                     raise StartError(
-                        f"no server certificate: trustd unreachable or refused within {wait:g} s ({e})"
-                    ) from None
-                await asyncio.sleep(min(1.0, left))
+                        f"{path}: machine.ca has no key (a worker config) and no trustd endpoint was "
+                        f"found within {wait:g} s: pass --trustd-endpoint HOST:PORT of a control-plane "
+                        "node, or enable cluster discovery so machined learns the control-plane members"
+                    )
+                raise StartError(
+                    f"no server certificate: trustd unreachable or refused within {wait:g} s ({error})"
+                )
+            await asyncio.sleep(min(1.0, left))
 
     async def _start_trustd(self, ca: pki.KeyPair, token: str | None) -> None:
         listen = getattr(self.ns, "trustd_listen", None)
@@ -262,6 +315,10 @@ class Apid:
             elif set(sans) != set(self.identity.addresses):
                 reason = "addresses changed"
             if reason is not None:
+                if isinstance(self.identity, trustd.WorkerIdentity):
+                    endpoints, _ = await self._trustd_endpoints()
+                    if endpoints:  # the control plane may have moved since the last certificate
+                        self.identity.endpoints = endpoints
                 try:
                     await asyncio.to_thread(self.identity.renew, sans)
                 except (trustd.TrustdError, pki.PKIError) as e:

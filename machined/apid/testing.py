@@ -104,6 +104,7 @@ async def start_apid(
     trustd_listen: str | None = None,
     trustd_endpoint: list[str] | None = None,
     trustd_wait: float = 10.0,
+    addresses: tuple[str, ...] = (),
 ) -> Apid:
     ns = argparse.Namespace(
         config=config or cluster.config,
@@ -113,7 +114,7 @@ async def start_apid(
         machined_socket=socket_path,
         listen="127.0.0.1:0",
         hostname=hostname,
-        address=["127.0.0.1"],
+        address=["127.0.0.1", *addresses],
         node_port=50000,
         cert_ttl=(cert_ttl or pki.SERVER_TTL).total_seconds(),
         debug=False,

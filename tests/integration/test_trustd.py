@@ -144,9 +144,10 @@ def test_worker_refuses_to_start_without_trustd(tmp_path):
     )
     assert p.returncode == 2, p.stderr
     assert "trustd" in p.stderr and "no server certificate" in p.stderr
-    p = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    # no --trustd-endpoint and no machined to learn control-plane members from: gives up and says how
+    p = subprocess.run([*base, "--trustd-wait", "1"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2, p.stderr
-    assert "no key" in p.stderr and "--trustd-endpoint" in p.stderr
+    assert "no key" in p.stderr and "--trustd-endpoint" in p.stderr and "discovery" in p.stderr
 
 
 async def test_worker_renews_and_keeps_serving_when_trustd_is_gone(tmp_path):
@@ -179,6 +180,50 @@ async def test_worker_renews_and_keeps_serving_when_trustd_is_gone(tmp_path):
     finally:
         renew.cancel()
         await worker.stop()
+        await cp.stop()
+        await cp_srv.stop()
+        await w_srv.stop()
+
+
+async def test_worker_finds_trustd_through_discovered_control_plane_members(tmp_path):
+    """No --trustd-endpoint: the worker asks the control-plane Members machined knows (port 50001)."""
+    from machined.apid.main import StartError, control_plane_endpoints
+    from machined.apid.testing import start_fake_machined
+    from machined.state import Resource
+    from machined.state.catalog import MEMBER, NS_CLUSTER
+
+    cluster = Cluster.create(tmp_path)
+    cp_ip = f"127.0.{os.getpid() % 200 + 20}.{os.getpid() % 250 + 2}"
+    cp_srv, cp_sock = await start_machined("cp-1", tmp_path / "cp")
+    node, w_srv, w_sock = await start_fake_machined("worker-1", tmp_path / "w")
+    members = {
+        "cp-1": {"machineType": "controlplane", "addresses": ["fe80::1", "not-an-ip", cp_ip, cp_ip]},
+        "worker-1": {"machineType": "worker", "addresses": ["127.0.0.99"]},
+    }
+    for mid, spec in members.items():
+        await node.state.create(Resource.new(NS_CLUSTER, MEMBER, mid, spec), owner="test")
+    assert await control_plane_endpoints(w_sock) == [cp_ip]
+    assert await control_plane_endpoints(tmp_path / "no-such.sock", wait=0.5) == []
+    try:
+        cp = await start_apid(cluster, cp_sock, "cp-1", trustd_listen=f"{cp_ip}:50001", addresses=(cp_ip,))
+    except (StartError, RuntimeError) as e:  # only a port clash with something else on this machine
+        if "listen" in str(e) or "bind" in str(e).lower():
+            pytest.skip(f"cannot listen on {cp_ip}:50001 (trustd's fixed port is taken): {e}")
+        raise
+    try:
+        worker = await start_apid(
+            cluster, w_sock, "worker-1", config=_worker_config(cluster, tmp_path), trustd_wait=20
+        )
+        try:
+            assert worker.worker and worker.identity is not None
+            crt = worker.identity.server.certificate
+            crt.verify_directly_issued_by(pki.load_certificate(cluster.ca.crt))
+            async with cluster.channel(worker.port, cluster.client("os:reader")) as ch:
+                v = await machine_pb2_grpc.MachineServiceStub(ch).Version(empty_pb2.Empty(), timeout=5)
+            assert v.messages[0].metadata.hostname == "worker-1"
+        finally:
+            await worker.stop()
+    finally:
         await cp.stop()
         await cp_srv.stop()
         await w_srv.stop()

@@ -144,7 +144,7 @@ async def test_fan_out_merges_good_failed_and_malformed(setup, monkeypatch):
     ctx = Ctx(pem(pki.issue_client(ca, ["os:reader"])), [("nodes", "a, b"), ("nodes", "c,d")])
     out = machine_pb2.VersionResponse.FromString(await p._unary(VERSION, b"", ctx))
     got = [(m.metadata.hostname, m.metadata.error) for m in out.messages]
-    assert got[0] == ("a", "") and got[3] == ("named", "")
+    assert got[0] == ("a", "") and got[3] == ("d", "")  # the target as given, not the node's own name
     assert got[1][0] == "b" and "unreachable" in got[1][1]
     assert got[2][0] == "c" and "malformed" in got[2][1]
     # forwarded with proxyfrom and the caller's roles, routing headers stripped
