@@ -49,6 +49,7 @@ NODES = "nodes"
 FANOUT_PREFIXES = ("/machine.", "/cluster.", "/inspect.", "/storage.", "/time.")
 RETIRE_GRACE = 300.0  # how long a channel with a replaced client certificate stays open for in-flight calls
 DEFAULT_BACKEND_TIMEOUT = 30.0  # unary calls to other nodes when the client set no deadline
+REMOTE_MARGIN = 1.0  # seconds: calls to other nodes end this much before the caller's deadline
 _STRIP = frozenset({ROLE_METADATA, NODE, NODES, PROXYFROM, "user-agent", "content-type", "te"})
 _TALOS_STREAMING = frozenset(
     "Logs Dmesg Events List Read Copy DiskUsage Kubeconfig EtcdSnapshot PacketCapture Watch "
@@ -58,8 +59,10 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_reconnect_backoff_ms", 15000),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.initial_reconnect_backoff_ms", 100),
+    # grpc core also takes min_reconnect_backoff_ms as the connect timeout: leave it at its 20 s
+    # default (Talos's too), or a TCP+TLS handshake slower than it (a long path, a WireGuard
+    # handshake on the first packet through the mesh) fails the call.
 ]
 
 
@@ -259,9 +262,16 @@ class Proxy(grpc.GenericRpcHandler):
         task.add_done_callback(self._tasks.discard)
 
     @staticmethod
-    def _timeout(context: grpc.aio.ServicerContext, default: float | None) -> float | None:
+    def _timeout(
+        context: grpc.aio.ServicerContext, default: float | None, *, remote: bool = False
+    ) -> float | None:
+        """The deadline for the call we make. To another node it ends a little before the caller's
+        (10 %, at most 1 s): a node that does not answer becomes its own error entry and the other
+        nodes' answers still reach the caller, instead of the whole call running out of time."""
         t = context.time_remaining()
-        return t if t is not None and t < 1e9 else default
+        if t is None or t >= 1e9:
+            return default
+        return max(0.05, t - min(REMOTE_MARGIN, t * 0.1)) if remote else t
 
     async def _abort(self, context: grpc.aio.ServicerContext, e: _Abort | grpc.aio.AioRpcError) -> None:
         if isinstance(e, _Abort):
@@ -279,7 +289,7 @@ class Proxy(grpc.GenericRpcHandler):
                 )
             if not fanout:
                 reply = await self._channel(targets[0]).unary_unary(method)(
-                    request, metadata=md, timeout=self._timeout(context, DEFAULT_BACKEND_TIMEOUT)
+                    request, metadata=md, timeout=self._timeout(context, DEFAULT_BACKEND_TIMEOUT, remote=True)
                 )
                 try:
                     return wire.splice_reply(reply, targets[0]) if splices(method) else reply
@@ -301,7 +311,7 @@ class Proxy(grpc.GenericRpcHandler):
     ) -> bytes:
         try:
             reply = await self._channel(node).unary_unary(method)(
-                request, metadata=md, timeout=self._timeout(context, DEFAULT_BACKEND_TIMEOUT)
+                request, metadata=md, timeout=self._timeout(context, DEFAULT_BACKEND_TIMEOUT, remote=True)
             )
             return wire.splice_reply(reply, node)
         except grpc.aio.AioRpcError as e:
@@ -321,7 +331,9 @@ class Proxy(grpc.GenericRpcHandler):
             return
         if not fanout:
             ch = self.local if targets is None else self._channel(targets[0])
-            call = ch.unary_stream(method)(request, metadata=md, timeout=self._timeout(context, None))
+            call = ch.unary_stream(method)(
+                request, metadata=md, timeout=self._timeout(context, None, remote=targets is not None)
+            )
             splice = targets is not None and splices(method)
             try:
                 async for msg in call:
@@ -340,7 +352,7 @@ class Proxy(grpc.GenericRpcHandler):
 
         async def pump(node: str) -> None:
             call = self._channel(node).unary_stream(method)(
-                request, metadata=md, timeout=self._timeout(context, None)
+                request, metadata=md, timeout=self._timeout(context, None, remote=True)
             )
             try:
                 async for msg in call:

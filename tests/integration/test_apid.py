@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -456,3 +457,36 @@ async def test_server_certificate_follows_node_addresses(tmp_path):
         task.cancel()
         await apid.stop()
         await srv.stop()
+
+
+async def test_fan_out_to_a_node_that_never_answers_still_returns_the_others(tmp_path):
+    """A node that accepts TCP but never speaks (a hung host) must not cost the caller the other
+    nodes' answers: apid's call to it ends before the caller's deadline and becomes an error entry."""
+    cluster = Cluster.create(tmp_path)
+    servers, apids = [], []
+    hung = socket.socket()  # accepts TCP (the kernel's listen backlog), never reads or answers
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    try:
+        for name in ("front", "n1"):
+            srv, sock = await start_machined(name, tmp_path)
+            servers.append(srv)
+            apids.append(await start_apid(cluster, sock, name))
+        front, n1 = apids
+        targets = [f"127.0.0.1:{n1.port}", f"127.0.0.1:{hung.getsockname()[1]}"]
+        async with cluster.channel(front.port, cluster.client("os:reader")) as ch:
+            t0 = time.monotonic()
+            v = await machine_pb2_grpc.MachineServiceStub(ch).Version(
+                empty_pb2.Empty(), metadata=(("nodes", ",".join(targets)),), timeout=4
+            )
+            took = time.monotonic() - t0
+        assert took < 4, took
+        assert [x.metadata.hostname for x in v.messages if not x.metadata.error] == [targets[0]]
+        bad = [x.metadata for x in v.messages if x.metadata.error]
+        assert [b.hostname for b in bad] == [targets[1]] and "unreachable" in bad[0].error
+    finally:
+        hung.close()
+        for a in apids:
+            await a.stop()
+        for s in servers:
+            await s.stop()

@@ -179,3 +179,21 @@ async def test_channels_replaced_after_renewal_and_old_ones_closed(setup, monkey
             break
         await asyncio.sleep(0.01)
     assert c1 not in p._old
+
+
+def test_calls_to_other_nodes_end_before_the_callers_deadline():
+    class Timed(Ctx):
+        def __init__(self, left):
+            super().__init__()
+            self.left = left
+
+        def time_remaining(self):
+            return self.left
+
+    # remote: 10 % earlier, at most 1 s earlier, never below 50 ms; local: the caller's own deadline
+    assert Proxy._timeout(Timed(30.0), 5.0, remote=True) == pytest.approx(29.0)
+    assert Proxy._timeout(Timed(2.0), 5.0, remote=True) == pytest.approx(1.8)
+    assert Proxy._timeout(Timed(0.01), 5.0, remote=True) == pytest.approx(0.05)
+    assert Proxy._timeout(Timed(30.0), 5.0) == pytest.approx(30.0)
+    assert Proxy._timeout(Timed(None), 5.0, remote=True) == 5.0
+    assert Proxy._timeout(Timed(1e10), None, remote=True) is None
