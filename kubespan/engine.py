@@ -121,6 +121,7 @@ class MeshOptions:
     mac: bytes | None = None
     publish_learned: bool = True
     operating_system: str = "kubespan-mesh"
+    machine_type: str = ""  # controlplane / worker (the affiliate's machine_type; empty: not a Talos role)
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,6 +392,7 @@ class Mesh:
             extra_endpoints=self.opts.extra_endpoints,
             endpoint_filters=self.opts.endpoint_filters,
             operating_system=self.opts.operating_system,
+            machine_type=self.opts.machine_type,
         )
         if local != self.local:
             self.local = local

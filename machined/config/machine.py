@@ -70,6 +70,7 @@ class MeshSettings:
     extra_endpoints: tuple[AddrPort, ...] = ()
     publish_learned: bool = True  # harvestExtraEndpoints; unset = on (our default), false = off
     mac: bytes | None = None
+    machine_type: str = ""  # machine.type, published in the affiliate (workers find trustd by it)
 
     @property
     def discovery_urls(self) -> tuple[str, ...]:
@@ -92,6 +93,7 @@ class MeshSettings:
             extra_endpoints=self.extra_endpoints,
             mac=self.mac,
             publish_learned=self.publish_learned,
+            machine_type=self.machine_type,
         )
 
 
@@ -414,6 +416,7 @@ class MachineConfig:
             extra_endpoints=extra,
             publish_learned=kubespan.harvest_extra_endpoints is not False,
             mac=agent.mac,
+            machine_type=v1.machine_type,
         )
         return self
 

@@ -27,92 +27,25 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import yaml
-from google.protobuf import empty_pb2
+from machined_lab import DISC, PEER_STATUS, Agent, build, full_mesh, kill_node, wait
 
-from kubespan.identity import mesh_address
-from netns.lab import Lab, LabError, Node
+from netns.lab import Lab, Node
 from spanapi.talos.cosi import state_pb2, state_pb2_grpc
-from spanapi.talos.machine import machine_pb2_grpc
 
 pytestmark = pytest.mark.root
 
-PY = sys.executable
-NET = "198.51.100"
-DISC = f"{NET}.2"
 CLUSTER = "machined-it"
 ETCD = "/usr/bin/etcd"
 ETCDCTL = "/usr/bin/etcdctl"
-PEER_STATUS = "KubeSpanPeerStatuses.kubespan.talos.dev"
-
-
-@dataclass
-class Agent:
-    node: Node
-    index: int
-    config: Path
-    state_dir: Path
-    port: int
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def name(self) -> str:
-        return self.node.name
-
-    @property
-    def socket(self) -> Path:
-        return self.state_dir / "machined.sock"
-
-    @property
-    def mac(self) -> str:
-        return f"02:00:00:00:00:{self.index:02x}"
-
-    @property
-    def mesh_ip(self) -> str:
-        return str(mesh_address(CLUSTER, self.mac).ip)
-
-    @property
-    def log(self) -> Path:
-        return self.node.lab.dir / f"machined-{self.name}.log"
-
-    def start(self) -> None:
-        self.proc = self.node.popen(
-            PY, "-m", "machined.main", "--config", str(self.config), "--state-dir", str(self.state_dir),
-            log=self.log,
-        )  # fmt: skip
-
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(f"unix:{self.socket}")
-
-    def services(self) -> dict[str, Any]:
-        with self.channel() as ch:
-            resp = machine_pb2_grpc.MachineServiceStub(ch).ServiceList(empty_pb2.Empty(), timeout=5)
-        return {s.id: s for s in resp.messages[0].services}
-
-    def peers(self) -> dict[str, dict[str, Any]]:
-        """label -> KubeSpanPeerStatus spec, read through the resource API."""
-        with self.channel() as ch:
-            stream = state_pb2_grpc.StateStub(ch).List(
-                state_pb2.ListRequest(namespace="kubespan", type=PEER_STATUS), timeout=5
-            )
-            specs = [yaml.safe_load(r.resource.spec.yaml_spec) for r in stream]
-        return {s["label"]: s for s in specs}
-
-    def tail(self, n: int = 25) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return ""
 
 
 def etcd_service(agents: list[Agent], me: Agent) -> dict[str, Any]:
@@ -166,41 +99,10 @@ def write_config(agents: list[Agent], me: Agent, secret: str) -> None:
             "name": "lab",
             "endpoint": f"http://{DISC}:3000",
         },
-        {
-            "apiVersion": "v1alpha1",
-            "kind": "AgentConfig",
-            "nodename": me.name,
-            "httpStatusAddr": "",
-            "wireguard": {"backend": "userspace", "listenPort": me.port},
-            "mesh": {"mac": me.mac},
-        },
+        me.agent_config(),
         etcd_service(agents, me),
     ]
     me.config.write_text(yaml.safe_dump_all(docs, sort_keys=False))
-
-
-def wait(what: str, pred: Callable[[], Any], timeout: float, agents: list[Agent], every: float = 0.5) -> Any:
-    t0 = time.monotonic()
-    last: Exception | None = None
-    while time.monotonic() - t0 < timeout:
-        try:
-            value = pred()
-            if value:
-                return value
-        except (grpc.RpcError, LabError, KeyError, OSError, subprocess.SubprocessError) as e:
-            last = e
-        time.sleep(every)
-    logs = "\n".join(f"--- {a.name}\n{a.tail()}" for a in agents)
-    raise AssertionError(f"{what}: not within {timeout:.0f}s (last error: {last})\n{logs}")
-
-
-def full_mesh(agents: list[Agent]) -> bool:
-    for a in agents:
-        ps = a.peers()
-        want = {b.name for b in agents if b is not a}
-        if set(ps) != want or any(p["state"] != "up" for p in ps.values()):
-            return False
-    return True
 
 
 def etcd_ok(a: Agent) -> bool:
@@ -260,16 +162,6 @@ class Watcher:
         self.thread.join(5)
 
 
-def kill_node(node: Node) -> None:
-    """The node goes away: every process in it is SIGKILLed (agent, wireguard-go, etcd)."""
-    for pid in node.pids():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    for p in node.procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(5)
-
-
 @pytest.fixture
 def lab() -> Iterator[Lab]:
     if not (os.path.exists(ETCD) and os.path.exists(ETCDCTL)):
@@ -278,35 +170,18 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-def build(lab: Lab) -> list[Agent]:
-    net = lab.internet()
-    disc = lab.node("disc")
-    lab.attach(disc, net, [f"{DISC}/24"])
-    disc.popen(
-        PY, "-m", "discovery.server.main", "--addr", f"{DISC}:3000", "--landing-addr", "", "--metrics-addr", "",
-        "--snapshot-path", "", "--rate-limit", "0", "--no-rpc-log",
-        log=lab.dir / "discovery.log", private_run=False,
-    )  # fmt: skip
-    clouds = {"a": ("10.1.0", f"{NET}.11", ["n1", "n2"]), "b": ("10.2.0", f"{NET}.12", ["n3"])}
-    agents: list[Agent] = []
-    for cloud, (lan, wan, names) in clouds.items():
-        seg = lab.segment(f"lan-{cloud}")
-        lab.router(f"nat-{cloud}", seg, net, f"{lan}.1/24", f"{wan}/24", nat="eim")
-        for i, name in enumerate(names):
-            node = lab.node(name)
-            lab.attach(node, seg, [f"{lan}.{11 + i}/24"])
-            n = len(agents) + 1
-            agents.append(
-                Agent(node, n, lab.dir / f"{name}.yaml", node.run_dir / "state", 51820 + 10 * (n - 1))
-            )
+def setup(lab: Lab) -> list[Agent]:
+    agents = build(lab, {"a": ["n1", "n2"], "b": ["n3"]})
     secret = base64.b64encode(os.urandom(32)).decode()
+    for a in agents:
+        a.cluster_id = CLUSTER
     for a in agents:
         write_config(agents, a, secret)
     return agents
 
 
 def test_three_agents_mesh_across_nats_and_run_etcd_over_it(lab: Lab) -> None:
-    agents = build(lab)
+    agents = setup(lab)
     n1, n2, n3 = agents
     for a in agents:
         a.start()

@@ -85,7 +85,11 @@ def mesh(tmp_path: Path):
         [ipaddress.ip_interface("10.5.0.1/24"), ipaddress.ip_interface("fe80::1/64")],
     )
     opts = MeshOptions(
-        cluster_id=CLUSTER, cluster_secret=SECRET, state_dir=tmp_path / "state", nodename="self"
+        cluster_id=CLUSTER,
+        cluster_secret=SECRET,
+        state_dir=tmp_path / "state",
+        nodename="self",
+        machine_type="controlplane",
     )
     m = Mesh(
         opts,
@@ -117,6 +121,7 @@ async def test_identity_and_local_affiliate(mesh) -> None:
             (ipaddress.ip_address("203.0.113.9"), 51820),
         ]
         assert [ipaddress.ip_address(a) for a in aff.addresses] == [ipaddress.ip_address("10.5.0.1")]
+        assert aff.machine_type == "controlplane"  # workers find the control plane's trustd by it
         # data plane: mesh /64 on the link, routes and rules, nft table created
         assert m.identity.address in links.addresses
         assert links.routes == {"inet", "inet6"} and links.rules == {"inet", "inet6"}

@@ -84,6 +84,7 @@ def test_valid_config_derived_views():
     assert cfg.service("app").requires_mesh.mode == "ready"  # type: ignore[union-attr]
     opts = cfg.mesh_options("host-a")
     assert opts.nodename == "host-a" and opts.cluster_secret == mesh.cluster_secret
+    assert opts.machine_type == cfg.v1alpha1.machine_type != ""  # published in the affiliate
 
 
 def test_reprs_never_show_secrets():
