@@ -15,6 +15,7 @@ machine API unix socket directly.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -115,6 +116,32 @@ class Agent:
             return ""
 
 
+def start_discovery(lab: Lab, segment: str, address: str) -> Node:
+    """A ``disc`` node on ``segment`` running discovery-service on ``address:3000`` (in memory)."""
+    disc = lab.node("disc")
+    lab.attach(disc, segment, [f"{address}/24"])
+    disc.popen(
+        PY, "-m", "discovery.server.main", "--addr", f"{address}:3000", "--landing-addr", "",
+        "--metrics-addr", "", "--snapshot-path", "", "--rate-limit", "0", "--no-rpc-log",
+        log=lab.dir / "discovery.log", private_run=False,
+    )  # fmt: skip
+    return disc
+
+
+def json_objects(text: str) -> list[Any]:
+    """The objects of a stream of JSON documents (``spanctl -o json`` prints one per resource)."""
+    dec = json.JSONDecoder()
+    out, pos = [], 0
+    text = text.strip()
+    while pos < len(text):
+        obj, end = dec.raw_decode(text, pos)
+        out.append(obj)
+        pos = end
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    return out
+
+
 def build(
     lab: Lab,
     layout: dict[str, Sequence[str]],
@@ -124,13 +151,7 @@ def build(
     """Discovery on the internet and one NATed cloud per ``layout`` key (``a``, ``b``) holding the
     named nodes; ``forwards`` adds port forwards to a cloud's NAT. Configs are the caller's to write."""
     net = lab.internet()
-    disc = lab.node("disc")
-    lab.attach(disc, net, [f"{DISC}/24"])
-    disc.popen(
-        PY, "-m", "discovery.server.main", "--addr", f"{DISC}:3000", "--landing-addr", "", "--metrics-addr", "",
-        "--snapshot-path", "", "--rate-limit", "0", "--no-rpc-log",
-        log=lab.dir / "discovery.log", private_run=False,
-    )  # fmt: skip
+    start_discovery(lab, net, DISC)
     agents: list[Agent] = []
     for cloud, names in layout.items():
         lan, wan = CLOUDS[cloud]

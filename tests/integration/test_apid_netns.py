@@ -13,14 +13,13 @@ control-plane member that discovery reports (no --trustd-endpoint).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from machined_lab import CLOUDS, DISC, PY, Agent, build, full_mesh, kill_node, wait
+from machined_lab import CLOUDS, DISC, PY, Agent, build, full_mesh, json_objects, kill_node, wait
 
 from machined import gen, pki
 from netns.lab import Lab, Node
@@ -147,17 +146,3 @@ def test_fan_out_through_one_apid_to_three_netns_nodes_with_one_down(lab: Lab) -
     assert {ln.split()[0] for ln in svc.stdout.strip().splitlines()[1:]} == {n1.ip, n2.ip}, svc.stdout
     assert n3.ip in svc.stderr, svc.stderr
     print(f"fan-out with n3 down answered in {took:.1f}s; stderr: {down.stderr.strip()}")
-
-
-def json_objects(text: str) -> list[dict]:
-    """spanctl -o json prints one JSON object per resource."""
-    dec = json.JSONDecoder()
-    out, i = [], 0
-    text = text.strip()
-    while i < len(text):
-        obj, j = dec.raw_decode(text, i)
-        out.append(obj)
-        i = j
-        while i < len(text) and text[i].isspace():
-            i += 1
-    return out

@@ -10,7 +10,6 @@ kubespanpeerstatuses`` in every format, ``mesh`` and ``health``.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from machined_lab import json_objects, start_discovery
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,19 +44,6 @@ def spanctl(
         assert p.returncode == 0, f"spanctl {' '.join(args)}: rc={p.returncode}\n{p.stdout}\n{p.stderr}"
     assert "Traceback" not in p.stderr, p.stderr
     return p
-
-
-def json_objects(text: str) -> list[Any]:
-    dec = json.JSONDecoder()
-    out, pos = [], 0
-    text = text.strip()
-    while pos < len(text):
-        obj, end = dec.raw_decode(text, pos)
-        out.append(obj)
-        pos = end
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-    return out
 
 
 def wait_for(pred: Any, timeout: float, what: str) -> Any:
@@ -279,13 +266,7 @@ def test_mesh_two_nodes() -> None:
 
     with Lab() as lab:
         seg = lab.segment("lan")
-        disc = lab.node("disc")
-        lab.attach(disc, seg, [f"{DISC}/24"])
-        disc.popen(
-            PY, "-m", "discovery.server.main", "--addr", f"{DISC}:3000", "--landing-addr", "", "--metrics-addr", "",
-            "--snapshot-path", "", "--rate-limit", "0", "--no-rpc-log",
-            log=lab.dir / "discovery.log", private_run=False,
-        )  # fmt: skip
+        start_discovery(lab, seg, DISC)
         sockets: dict[str, Path] = {}
         for i, name in enumerate(("n1", "n2"), start=1):
             node = lab.node(name)
