@@ -463,3 +463,27 @@ async def test_generate_client_configuration(api, node):
     assert e.code is grpc.StatusCode.INVALID_ARGUMENT and "os:root" in e.details
     e = await aborted(api.GenerateClientConfiguration, req, OPERATOR)
     assert e.code is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_client_certificates_from_an_ed25519_ca_and_the_ttl_limits():
+    """A Talos-generated (Ed25519) CA still signs client certificates for GenerateClientConfiguration."""
+    import datetime as dt
+
+    import pytest
+
+    from machined import pki
+    from machined.api.certs import MAX_TTL, CertError, issue_client_certificate, talosconfig
+    from machined.apid.testing import ed25519_ca
+    from machined.gen import load_talosconfig_context
+
+    ca = ed25519_ca()
+    crt, key = issue_client_certificate(ca.crt, ca.key, ["os:reader"], dt.timedelta(hours=1))
+    cert = pki.load_certificate(crt)
+    cert.verify_directly_issued_by(pki.load_certificate(ca.crt))
+    assert pki.roles_of(cert) == {"os:reader"} and pki.is_client_cert(cert)
+    assert pki.key_algorithm(pki.load_private_key(key)) == "ECDSA secp256r1"
+    ctx = load_talosconfig_context(talosconfig("c", ca.crt, crt, key, ["10.0.0.1"]))
+    assert ctx["endpoints"] == ["10.0.0.1"] and ctx["crt"] == crt and ctx["key"] == key
+    for bad in (dt.timedelta(0), MAX_TTL + dt.timedelta(days=1)):
+        with pytest.raises(CertError, match="crt_ttl"):
+            issue_client_certificate(ca.crt, ca.key, ["os:reader"], bad)
