@@ -301,6 +301,7 @@ class EndpointMachine:
         self._first_calibration: float | None = None
         self._last_calibration: float | None = None
         self._last_evidence: float | None = None
+        self._probed_absent = False  # a probe was sent along with adding the (absent) peer
 
     # --- inputs ----------------------------------------------------------------------------------
 
@@ -351,13 +352,20 @@ class EndpointMachine:
         probe = False
 
         if obs is None:
-            # Not configured (yet, or any more): whoever adds it must use this endpoint.
+            # Not configured (yet, or any more): whoever adds it must use this endpoint, and
+            # probes it right after adding it (the probe starts the handshake and its reply is
+            # the first evidence; waiting for the first observation would cost a poll).
             if self._current is None:
                 nxt = self._next_candidate()
                 if nxt is not None:
-                    self._start_trial(now, nxt, counted=True)
+                    self._start_trial(now, nxt, counted=True)  # counts as this probe
+                    probe = True
+            elif self._probe_due(now, 0.0, False, immediate=True):
+                probe = True
+            if probe:
+                self._probed_absent = True
             self._baseline = False
-            return Decision(set_endpoint=self._current)
+            return self._decide(before_state, self._current, probe, False)
 
         rx_progress = tx_progress = False
         if not self._baseline or obs.rx_bytes < self._rx or obs.tx_bytes < self._tx:
@@ -366,14 +374,24 @@ class EndpointMachine:
             restarted = self._baseline
             self._baseline = True
             if self._current is not None:
+                probed = self._last_probe
                 self._start_trial(now, self._current, counted=False)
-                self._last_probe = None  # probe at once, below
+                self._last_probe = None  # probe at once, below ...
+                slack = 0.1 * self.t.poll_interval
+                if (
+                    not restarted
+                    and self._probed_absent
+                    and probed is not None
+                    and now - probed + slack < self.t.probe_interval
+                ):
+                    self._last_probe = probed  # ... unless one went out with the add just now
                 if restarted or obs.endpoint != self._current:
                     set_endpoint = self._current
         else:
             rx_progress = obs.rx_bytes > self._rx
             tx_progress = obs.tx_bytes > self._tx
         self._rx, self._tx = obs.rx_bytes, obs.tx_bytes
+        self._probed_absent = False
 
         session_valid = obs.handshake_age is not None and obs.handshake_age <= WG_REJECT_AFTER_TIME
         evidence = (rx_progress and session_valid) or answered

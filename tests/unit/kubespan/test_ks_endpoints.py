@@ -127,6 +127,29 @@ def test_absent_peer_reports_endpoint_to_create_with():
     assert EndpointMachine(now=0.0).observe(1.0, None).set_endpoint is None
 
 
+def test_absent_peer_is_probed_with_its_add_once():
+    """The engine adds an absent peer and probes it in the same pass; while it stays absent the
+    probes are spaced like any probe without a session, and its first sight does not repeat one."""
+    m = EndpointMachine(now=0.0, candidates=cands(A, B))
+    first = m.observe(1.0, None)
+    assert first.set_endpoint == A and first.probe
+    assert not m.observe(2.0, None).probe, "still absent (add failed): no probe per poll"
+    assert m.observe(1.0 + WG_REKEY_TIMEOUT, None).probe
+    # configured now; first sight right after the add's probe: no second probe yet
+    t = 1.0 + WG_REKEY_TIMEOUT
+    d = m.observe(t + 0.2, Observation(A, 0, 148, None))
+    assert not d.probe and d.set_endpoint is None
+    # the reply to the add's probe is evidence at once
+    d = m.observe(t + 0.3, Observation(A, 148, 148, 0.0), answered=True)
+    assert m.state == PeerState.UP and d.state_changed
+
+
+def test_first_sight_long_after_the_add_probes_again():
+    m = EndpointMachine(now=0.0, candidates=cands(A))
+    assert m.observe(1.0, None).probe
+    assert m.observe(2.0, Observation(A, 0, 0, None)).probe  # no reply within a poll: ask again
+
+
 def test_evidence_makes_up_and_counts_no_switch():
     d = Driver()
     d.connect()

@@ -181,6 +181,35 @@ async def test_peers_from_discovery_and_no_write_when_unchanged(mesh) -> None:
         await m.stop()
 
 
+async def test_new_peer_is_probed_in_the_pass_that_adds_it(mesh) -> None:
+    m, disc, wg, *_ = mesh
+    k1, mesh1, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    await m.start()
+    try:
+        await m.reconcile()
+        configured_when_probed: list[bool] = []
+        send = m.prober.send
+
+        def checking_send(peer, address) -> bool:
+            configured_when_probed.append(peer in wg.device.peers)
+            return send(peer, address)
+
+        m.prober.send = checking_send  # type: ignore[method-assign]
+        disc.peers = {"node-a": d1}
+        await m.reconcile()
+        assert k1 in wg.device.peers
+        assert m.prober.probes == [(k1, mesh1)], "probed in the pass that added it"
+        assert configured_when_probed == [True], "after the WireGuard peer was configured"
+        # its reply (which wakes the engine) makes it up in the next pass, without a second probe
+        wg.traffic(k1, rx=148, tx=148, handshake=True)
+        m.prober.answer(k1)
+        await m.reconcile()
+        assert m.machines[k1].state == PeerState.UP
+        assert m.prober.probes == [(k1, mesh1)]
+    finally:
+        await m.stop()
+
+
 async def test_overlaps_and_duplicates_are_surfaced(mesh) -> None:
     m, disc, wg, *_ = mesh
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2, "10.9.9.9")
