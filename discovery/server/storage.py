@@ -11,6 +11,12 @@ Files, all beside the snapshot (mode 0600):
   ``fsync_interval`` by the daemon, and at close) makes the batch durable
   against power loss (group commit).
 
+  Why not one ``os.write`` per event-loop iteration: grpc.aio starts one RPC
+  per loop iteration (measured under h2load with 128 concurrent streams: 1.0006
+  AffiliateUpdate handlers per iteration), so such batches hold one record,
+  while making each RPC await a future resolved after the grouped write costs
+  ~8-10 µs per RPC against ~1.7 µs for the ``os.write`` it would save.
+
 Record framing: ``magic (2) | payload length (u32 LE) | CRC32 of payload
 (u32 LE) | payload``. The payload starts with a kind byte and the wall-clock
 time (f64). Kinds:
@@ -427,7 +433,7 @@ class Store:
         if len(cb) > _ID_MAX or len(ab) > _ID_MAX or n > _ID_MAX:
             raise ValueError("identifier or endpoint list too large for the journal")
         wall = self._wall()
-        lens = (_LENS[n] if n <= 64 else struct.Struct(f"<{n}H")).pack(*[len(e) for e in endpoints])
+        lens = (_LENS[n] if n <= 64 else struct.Struct(f"<{n}H")).pack(*map(len, endpoints))
         body = b"".join(
             (_UPDATE.pack(KIND_UPDATE, wall, ttl, len(cb), len(ab), len(d), n), lens, cb, ab, d, *endpoints)
         )

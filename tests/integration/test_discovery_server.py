@@ -159,6 +159,14 @@ async def test_proxy_headers_only_from_trusted_proxies(discovery_server: Start) 
         xff = (("x-forwarded-for", "2001:db8::5, 10.0.0.1"),)
         hello = await rpc.ClusterStub(ch).Hello(pb.HelloRequest(cluster_id=CID), metadata=xff, timeout=5)
         assert hello.client_ip == bytes.fromhex("20010db8000000000000000000000005")
+    # the per-RPC log line names the same client address (cached per connection, forwarded per call)
+    peers: list[str] = []
+    for _ in range(50):  # per-RPC lines are written in batches (discovery.logs.FLUSH_INTERVAL)
+        peers = [r["peer"] for r in trusting.lines() if r.get("msg") == "rpc"]
+        if len(peers) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    assert peers == ["203.0.113.7", "2001:db8::5"]
 
 
 async def test_redirect(discovery_server: Start) -> None:
@@ -330,7 +338,8 @@ async def test_health_reflection_pages_and_metrics(discovery_server: Start) -> N
             break
         await asyncio.sleep(0.1)
     assert rpc_lines and rpc_lines[0]["method"] == "Hello" and rpc_lines[0]["code"] == "OK"
-    assert rpc_lines[0]["cluster_id"] == CID and "duration_ms" in rpc_lines[0] and "peer" in rpc_lines[0]
+    assert rpc_lines[0]["cluster_id"] == CID and "duration_ms" in rpc_lines[0]
+    assert rpc_lines[0]["peer"] == "127.0.0.1"
 
 
 async def test_slow_watcher_is_aborted_with_lost_update(discovery_server: Start) -> None:
