@@ -8,6 +8,15 @@ and when netlink reports that something we own was changed from outside. The
 data plane (link, routes, rules, nftables) is also re-checked every
 ``reconcile_interval`` (2 s) so that what someone removed comes back within 5 s.
 
+A pass between polls that nothing but our own inputs asked for (a discovery
+change, typically) is *light*: it neither reads the WireGuard device nor the
+nftables table, and runs no endpoint state machine of a peer whose spec did not
+change. It trusts that both still hold what our last successful writes left
+(anything changed from outside is found by the next poll, at most one
+``poll_interval`` later, or by the data plane check), and writes only what the
+changed peer specs imply. Probe replies, netlink events, a failed write and the
+periodic checks all make the next pass a full one.
+
 All I/O goes through injected adapters (WireGuard backend, link and nftables
 managers, host info, prober, discovery client), so the engine runs against
 in-memory fakes in unit tests.
@@ -33,6 +42,7 @@ from kubespan.dataplane.nft import SET_IPV4, SET_IPV6
 from kubespan.endpoints import EndpointMachine, Observation, PeerState, order_candidates
 from kubespan.hostinfo import HostInfo, IPInterface
 from kubespan.identity import MeshIdentity, load_identity, pick_mac
+from kubespan.ipset import IPSet
 from kubespan.peers import (
     AffiliateError,
     Conflict,
@@ -42,13 +52,22 @@ from kubespan.peers import (
     PeerSpecs,
     PrefixMemo,
     RemoteAffiliate,
+    RoutedIndex,
     build_local_affiliate,
     compute_peer_specs,
     routed_prefixes,
 )
 from kubespan.probe import Prober
-from kubespan.wgdiff import DiffMemo, SetDevice, diff_device
-from kubespan.wgtypes import AddrPort, DeviceConfig, ObservedDevice, PeerConfig, PresharedKey, PublicKey
+from kubespan.wgdiff import DiffMemo, SetDevice, apply_ops, diff_device, diff_peers
+from kubespan.wgtypes import (
+    AddrPort,
+    DeviceConfig,
+    ObservedDevice,
+    ObservedPeer,
+    PeerConfig,
+    PresharedKey,
+    PublicKey,
+)
 from kubespan.wireguard.backend import WireGuardBackend, WireGuardError, sync
 from spanapi.discovery.client import affiliate_pb2
 
@@ -202,6 +221,7 @@ class Mesh:
         self.local_addresses: list[IPInterface] = []
         self.errors: list[str] = []
         self.passes = 0
+        self.light_passes = 0  # passes that trusted the last observation (see the module docstring)
         self.wg_writes = 0
         self.dataplane_changes: list[str] = []
         self.ready = asyncio.Event()
@@ -212,12 +232,17 @@ class Mesh:
         self._last_dataplane = -1e9
         self._last_host = -1e9
         self._last_affiliates_version: int | None = None
+        self._last_observe = -1e9  # when the device was last read (a full pass)
+        # self.device holds what WireGuard has after our last writes (no failed write since it was read)
+        self._device_known = False
+        self._by_key: tuple[PeerSpecs, dict[PublicKey, PeerSpec]] | None = None
         # Per-pass work reused while its inputs are the same (immutable) objects; see _compute_specs,
         # _candidates and _peer_config. None of it changes a result, only what is recomputed.
         self._remote_cache: dict[str, tuple[Any, RemoteAffiliate | None, str | None]] = {}
         self._remotes: list[RemoteAffiliate] | None = None
         self._spec_memo = PeerSpecMemo()
         self._prefix_memo = PrefixMemo()
+        self._routed = RoutedIndex()
         self._target_sets: tuple[PeerSpecs, frozenset[PublicKey], dict[str, list[IPNetwork]]] | None = None
         self._diff_memo = DiffMemo()
         self._specs_inputs: tuple[Any, ...] | None = None
@@ -299,15 +324,18 @@ class Mesh:
     async def _run(self) -> None:
         interval = self.cfg.timings.poll_interval
         while True:
+            delay = interval
             try:
                 await self.reconcile()
+                # polls keep their cadence however many light passes come between them
+                delay = max(0.1 * interval, min(interval, self._last_observe + interval - self.clock()))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # keep running; the next pass retries
                 self._error(f"reconcile: {e}")
                 log.exception("reconcile failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                await asyncio.wait_for(self._wake.wait(), delay)
             self._wake.clear()
 
     def _error(self, text: str) -> None:
@@ -318,11 +346,12 @@ class Mesh:
     # -- one pass ----------------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """One level-triggered pass."""
+        """One level-triggered pass (light or full, see the module docstring)."""
         assert self.identity is not None, "start() first"
         now = self.clock()
         self.passes += 1
-        if now - self._last_host >= self.cfg.reconcile_interval or not self.local_addresses:
+        light = self._light_possible(now)
+        if not light and (now - self._last_host >= self.cfg.reconcile_interval or not self.local_addresses):
             self.local_addresses = await self.host.addresses(exclude_links=(self.cfg.link_name,))
             self._last_host = now
             local_key = tuple(self.local_addresses)
@@ -330,40 +359,21 @@ class Mesh:
                 self._local_key = local_key
                 self._local_gen += 1  # candidate orderings depend on our addresses
         await self._publish_local()
+        previous = self.specs
         self._compute_specs()
 
-        # WireGuard: observe, decide, apply the difference.
-        try:
-            self.device = await self.backend.get()
-        except WireGuardError as e:
-            self._error(f"read WireGuard device: {e}")
-            self.device = None
-        if self.device is None:
-            await self.backend.ensure_device()
-            self._dataplane_due = True
-            self.device = await self.backend.get()
-        desired, probes = self._decide(now)
-        ops = diff_device(desired, self.device, self._diff_memo)
-        if ops:
-            try:
-                await self.backend.apply(ops)
-            except WireGuardError as e:
-                # sets are not transactional: re-read, re-diff and apply what is still missing
-                log_event(log, "WireGuard apply failed; re-reading", logging.WARNING, error=str(e))
-                try:
-                    ops = await sync(self.backend, desired)
-                except WireGuardError as e2:
-                    self._error(f"apply WireGuard config: {e2}")
-        if ops:
-            self.wg_writes += 1
-            self._sets_due = True  # the nftables target sets follow the peers' AllowedIPs
-            if any(isinstance(op, SetDevice) for op in ops):
-                # device-level settings were missing: a re-created device, which lost its
-                # addresses and routes (peer-only changes leave links, routes and rules alone)
-                self._dataplane_due = True
-        for pk, addr in probes:
+        probes: list[tuple[PublicKey, ipaddress.IPv6Address]] = []
+        if light:
+            light = await self._reconcile_peers_light(now, previous, probes)
+        if light:
+            self.light_passes += 1
+        else:
+            await self._reconcile_peers_full(now, probes)
+        for pk, addr in dict.fromkeys(probes):
             self.prober.send(pk, addr)
-        await self._publish_learned()
+        if not light or (self.specs is not previous and self._learned_pub):
+            # learned endpoints change only when machines observe, or when a peer that has some leaves
+            await self._publish_learned()
 
         if self._dataplane_due or now - self._last_dataplane >= self.cfg.reconcile_interval:
             await self._reconcile_dataplane()
@@ -374,6 +384,125 @@ class Mesh:
             self.ready.set()
         if self.on_pass is not None:
             self.on_pass(self)
+
+    def _light_possible(self, now: float) -> bool:
+        """Whether this pass may trust the last observation: between polls, with no probe reply
+        to process, nothing reported changed from outside and no periodic check due."""
+        poll = self.cfg.timings.poll_interval
+        return (
+            self.device is not None
+            and self._device_known
+            and bool(self.local_addresses)
+            and not self._dataplane_due
+            and now - self._last_observe + 0.1 * poll < poll
+            and now - self._last_dataplane < self.cfg.reconcile_interval
+            and now - self._last_host < self.cfg.reconcile_interval
+            and not self.prober.has_answered
+        )
+
+    async def _reconcile_peers_full(
+        self, now: float, probes: list[tuple[PublicKey, ipaddress.IPv6Address]]
+    ) -> None:
+        """WireGuard: observe, run every peer's state machine, apply the difference."""
+        self._last_observe = now
+        try:
+            self.device = await self.backend.get()
+        except WireGuardError as e:
+            self._error(f"read WireGuard device: {e}")
+            self.device = None
+        if self.device is None:
+            await self.backend.ensure_device()
+            self._dataplane_due = True
+            self.device = await self.backend.get()
+        self._device_known = self.device is not None
+        desired, decided = self._decide(now)
+        probes.extend(decided)
+        ops = diff_device(desired, self.device, self._diff_memo)
+        if ops:
+            try:
+                await self.backend.apply(ops)
+            except WireGuardError as e:
+                # sets are not transactional: re-read, re-diff and apply what is still missing
+                self._device_known = False
+                log_event(log, "WireGuard apply failed; re-reading", logging.WARNING, error=str(e))
+                try:
+                    ops = await sync(self.backend, desired)
+                except WireGuardError as e2:
+                    self._error(f"apply WireGuard config: {e2}")
+            else:
+                if self.device is not None:
+                    self.device = apply_ops(self.device, ops)
+        if ops:
+            self.wg_writes += 1
+            self._sets_due = True  # the nftables target sets follow the peers' AllowedIPs
+            if any(isinstance(op, SetDevice) for op in ops):
+                # device-level settings were missing: a re-created device, which lost its
+                # addresses and routes (peer-only changes leave links, routes and rules alone)
+                self._dataplane_due = True
+
+    def _specs_by_key(self, specs: PeerSpecs) -> dict[PublicKey, PeerSpec]:
+        cached = self._by_key
+        if cached is not None and cached[0] is specs:
+            return cached[1]
+        by_key = specs.by_key()
+        self._by_key = (specs, by_key)
+        return by_key
+
+    async def _reconcile_peers_light(
+        self, now: float, previous: PeerSpecs, probes: list[tuple[PublicKey, ipaddress.IPv6Address]]
+    ) -> bool:
+        """WireGuard for the peers whose spec changed since ``previous``, against the last
+        observation (see the module docstring). False: the write failed, do a full pass."""
+        if self.specs is previous:
+            return True
+        assert self.device is not None
+        old = self._specs_by_key(previous)
+        new = self._specs_by_key(self.specs)
+        observed = self.device.peers
+        desired: dict[PublicKey, PeerConfig] = {}
+        have: dict[PublicKey, ObservedPeer] = {}
+        for spec in self.specs.specs:
+            if old.get(spec.public_key) is spec:
+                continue
+            m = self.machines.get(spec.public_key)
+            cands = self._candidates(spec, m.learned if m is not None else ())
+            if m is None:
+                m = self.machines[spec.public_key] = EndpointMachine(
+                    self.cfg.timings, now=now, candidates=cands
+                )
+            else:
+                m.set_candidates(cands)  # a present peer's machine runs at the next poll
+            peer = observed.get(spec.public_key)
+            endpoint: AddrPort | None = None
+            if peer is None:
+                # absent: add it with the endpoint its machine picks, and probe it
+                decision = m.observe(now, None)
+                endpoint = decision.set_endpoint
+                if endpoint is not None:
+                    log_event(
+                        log, "peer endpoint", peer=spec.label or spec.node_id[:12], endpoint=str(endpoint)
+                    )
+                if decision.probe and spec.mesh_address is not None:
+                    probes.append((spec.public_key, spec.mesh_address))
+            else:
+                have[spec.public_key] = peer
+            desired[spec.public_key] = self._peer_config(spec, endpoint)
+        for key in old:
+            if key not in new and key in observed:
+                have[key] = observed[key]
+        ops = diff_peers(desired, have)
+        if not ops:
+            return True
+        try:
+            await self.backend.apply(ops)
+        except WireGuardError as e:
+            self._device_known = False
+            log_event(log, "WireGuard apply failed; re-reading", logging.WARNING, error=str(e))
+            return False
+        self.device = apply_ops(self.device, ops)
+        self.wg_writes += 1
+        self._sets_due = True
+        return True
 
     async def _publish_local(self) -> None:
         assert self.identity is not None
@@ -459,6 +588,8 @@ class Mesh:
             self.identity.address.ip,
             memo=self._spec_memo,
         )
+        if not self._spec_memo.keys_changed:
+            return  # the same peers (only some specs replaced in place): nothing to forget
         wanted = {s.public_key for s in self.specs.specs}
         for gone in set(self.machines) - wanted:
             del self.machines[gone]
@@ -594,20 +725,26 @@ class Mesh:
         if cached is not None and cached[0] is self.specs and cached[1] == down:
             sets = cached[2]
         else:
-            prefixes = routed_prefixes(
-                self.specs.specs,
-                self.identity.subnet,
-                states=states,
-                allow_down_peer_bypass=self.cfg.allow_down_peer_bypass,
-                memo=self._prefix_memo,
-            )
-            sets = {
-                SET_IPV4: [p for p in prefixes if p.version == 4],
-                SET_IPV6: [p for p in prefixes if p.version == 6],
-            }
+            bypass = self.cfg.allow_down_peer_bypass
+            # a few specs replaced: update the union by their old and new addresses only
+            by_family = None if bypass else self._routed.update(self.specs.specs, self.identity.subnet)
+            if by_family is None:
+                prefixes = routed_prefixes(
+                    self.specs.specs,
+                    self.identity.subnet,
+                    states=states,
+                    allow_down_peer_bypass=bypass,
+                    memo=self._prefix_memo,
+                )
+                by_family = self._routed.reset(
+                    None if bypass else self.specs.specs, self.identity.subnet, IPSet(prefixes)
+                )
+            sets = {SET_IPV4: by_family[4], SET_IPV6: by_family[6]}
             self._target_sets = (self.specs, down, sets)
         try:
-            changes += await self.nft.reconcile(sets)
+            # a sets-only pass follows our own WireGuard writes: nothing to re-read (the periodic
+            # check reads the table and repairs what was changed from outside)
+            changes += await self.nft.reconcile(sets, trust_cache=not links, normalized=True)
         except Exception as e:
             self._error(f"nftables: {e}")
             self._dataplane_due = True

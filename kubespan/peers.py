@@ -44,7 +44,7 @@ from kubespan.constants import (
 )
 from kubespan.endpoints import PeerState
 from kubespan.identity import is_ula
-from kubespan.ipset import IPSet, Range
+from kubespan.ipset import IPSet, Range, range_to_prefixes
 from kubespan.wgtypes import AddrPort, InvalidKeyError, IPAddress, IPNetwork, PublicKey
 from spanapi.discovery.client import affiliate_pb2
 
@@ -211,10 +211,29 @@ class PeerSpecMemo:
     the last call's affiliates are kept.
     """
 
-    __slots__ = ("entries",)
+    __slots__ = (
+        "claims",
+        "entries",
+        "involved",
+        "keys_changed",
+        "local",
+        "owner",
+        "position",
+        "result",
+        "seen",
+    )
 
     def __init__(self) -> None:
         self.entries: dict[str, tuple[RemoteAffiliate, IPSet, PeerSpec | None]] = {}
+        # For updating the last result in place when few affiliates changed (see compute_peer_specs):
+        self.seen: dict[str, RemoteAffiliate] = {}  # every affiliate of the last call, by node id
+        self.result: PeerSpecs | None = None
+        self.local: tuple[str, PublicKey | None, IPv6Address | None] | None = None
+        self.claims = _Claims()  # the final address sets, owner = index into ``owner``'s values
+        self.owner: dict[str, int] = {}  # node id -> claims owner index
+        self.position: dict[str, int] = {}  # node id -> index in result.specs
+        self.involved: frozenset[str] = frozenset()  # node ids named by any conflict
+        self.keys_changed = True  # whether the last call may have changed the peers' key sequence
 
 
 def _wanted(aff: RemoteAffiliate) -> IPSet:
@@ -261,6 +280,16 @@ class _Claims:
                 his.insert(i, hi)
                 owners.insert(i, owner)
 
+    def remove(self, owner: int, claimed: IPSet) -> None:
+        """Take back exactly what ``add(owner, claimed)`` put in."""
+        for version in (4, 6):
+            los, his, owners = self._los[version], self._his[version], self._owners[version]
+            for lo, hi in claimed.ranges(version):
+                i = bisect.bisect_left(los, lo)
+                if i == len(los) or los[i] != lo or his[i] != hi or owners[i] != owner:
+                    raise ValueError("claims out of step")
+                del los[i], his[i], owners[i]
+
 
 def compute_peer_specs(
     affiliates: Iterable[RemoteAffiliate],
@@ -279,6 +308,11 @@ def compute_peer_specs(
     reuses the per-affiliate work of the previous call for unchanged
     affiliates; the result is the same with or without it.
     """
+    affiliates = list(affiliates)  # iterated twice with a memo
+    if memo is not None:
+        updated = _update_specs(affiliates, (local_node_id, local_public_key, local_mesh_address), memo)
+        if updated is not None:
+            return updated
     specs: list[PeerSpec] = []
     conflicts: list[Conflict] = []
     claims = _Claims()
@@ -354,9 +388,90 @@ def compute_peer_specs(
             spec = cached_spec
         specs.append(spec)
         entries[aff.node_id] = (aff, wanted, None if overlaps else spec)
+    result = PeerSpecs(tuple(specs), tuple(conflicts))
     if memo is not None:
         memo.entries = entries
-    return PeerSpecs(tuple(specs), tuple(conflicts))
+        memo.seen = {a.node_id: a for a in affiliates}
+        memo.result = result
+        memo.local = (local_node_id, local_public_key, local_mesh_address)
+        memo.claims = claims
+        memo.owner = {node_id: i for i, node_id in enumerate(claimed_by)}
+        memo.position = {spec.node_id: i for i, spec in enumerate(result.specs)}
+        memo.involved = frozenset(
+            n for c in result.conflicts for n in (c.node_id, c.other_node_id) if n is not None
+        )
+        memo.keys_changed = True
+    return result
+
+
+_UPDATE_MAX = 8  # more changed affiliates than this: recompute everything
+
+
+def _update_specs(
+    affiliates: Sequence[RemoteAffiliate],
+    local: tuple[str, PublicKey | None, IPv6Address | None],
+    memo: PeerSpecMemo,
+) -> PeerSpecs | None:
+    """The last result with the specs of the few changed affiliates replaced, when that is what a
+    full computation gives; None when it might not be (then the caller computes everything).
+
+    It is when every changed affiliate keeps its node id, public key and mesh address, was
+    part of no conflict, and its new address set overlaps no other peer's: then no other peer's
+    spec and no conflict changes, and its own AllowedIPs are just its address set.
+    """
+    result = memo.result
+    if result is None or memo.local != local or len(affiliates) != len(memo.seen):
+        return None
+    changed = [a for a in affiliates if memo.seen.get(a.node_id) is not a]
+    if not changed:
+        memo.keys_changed = False
+        return result
+    if len(changed) > _UPDATE_MAX:
+        return None
+    node_id = local[0]
+    plan: list[tuple[RemoteAffiliate, RemoteAffiliate]] = []
+    for new in changed:
+        old = memo.seen.get(new.node_id)
+        if old is None or new.node_id in memo.involved:
+            return None
+        skipped = old.node_id == node_id or old.public_key is None
+        if skipped and (new.node_id == node_id or new.public_key is None):
+            continue  # skipped before and now, with no conflict either way
+        if (
+            skipped
+            or new.public_key != old.public_key
+            or new.mesh_address != old.mesh_address
+            or new.node_id not in memo.entries
+        ):
+            return None
+        plan.append((old, new))
+    specs = list(result.specs)
+    for _old, new in plan:
+        owner = memo.owner[new.node_id]
+        before = memo.entries[new.node_id][1]  # no conflict: its final set is its wanted set
+        wanted = _wanted(new)
+        if set(memo.claims.overlaps(wanted)) - {owner}:
+            # the full computation that follows rebuilds the claims and the rest of the memo
+            # (the entries updated so far hold what it would compute for them)
+            return None
+        memo.claims.remove(owner, before)
+        memo.claims.add(owner, wanted)
+        assert new.public_key is not None
+        spec = PeerSpec(
+            public_key=new.public_key,
+            node_id=new.node_id,
+            label=new.nodename,
+            mesh_address=new.mesh_address,
+            allowed_ips=tuple(wanted.prefixes()),
+            endpoints=new.endpoints,
+        )
+        specs[memo.position[new.node_id]] = spec
+        memo.entries[new.node_id] = (new, wanted, spec)
+    for new in changed:
+        memo.seen[new.node_id] = new
+    memo.result = PeerSpecs(tuple(specs), result.conflicts)
+    memo.keys_changed = False
+    return memo.result
 
 
 # --- Local affiliate -----------------------------------------------------------------------------
@@ -557,14 +672,14 @@ class PrefixMemo:
         self.sets: dict[PublicKey, tuple[tuple[IPNetwork, ...], IPSet]] = {}
 
 
-def routed_prefixes(
+def routed_union(
     specs: Iterable[PeerSpec],
     mesh_subnet: IPv6Network | None,
     *,
     states: Mapping[PublicKey, PeerState] | None = None,
     allow_down_peer_bypass: bool = False,
     memo: PrefixMemo | None = None,
-) -> list[IPNetwork]:
+) -> IPSet:
     """The destinations steered into the mesh (the contents of the nftables target sets).
 
     As in Talos, the union of the peers' AllowedIPs without the mesh addresses:
@@ -573,8 +688,8 @@ def routed_prefixes(
     down peer is dropped rather than sent in the clear). With
     ``allow_down_peer_bypass`` a peer whose state is ``down`` is left out, so its
     traffic takes the normal routes; a peer that is ``unknown`` (never connected
-    yet) or missing from ``states`` is never bypassed. The result is the minimal
-    prefix cover, IPv4 first. ``memo`` only saves work; the result is the same.
+    yet) or missing from ``states`` is never bypassed. ``memo`` only saves work; the
+    result is the same.
     """
     specs = list(specs)
     counted = [
@@ -601,4 +716,120 @@ def routed_prefixes(
         union = IPSet.from_ranges(v4, v6)
     if mesh_subnet is not None:
         union = union - IPSet([mesh_subnet])
-    return union.prefixes()
+    return union
+
+
+def routed_prefixes(
+    specs: Iterable[PeerSpec],
+    mesh_subnet: IPv6Network | None,
+    *,
+    states: Mapping[PublicKey, PeerState] | None = None,
+    allow_down_peer_bypass: bool = False,
+    memo: PrefixMemo | None = None,
+) -> list[IPNetwork]:
+    """The destinations steered into the mesh (the contents of the nftables target sets).
+
+    See :func:`routed_union`; the result is its minimal prefix cover, IPv4 first.
+    """
+    return routed_union(
+        specs, mesh_subnet, states=states, allow_down_peer_bypass=allow_down_peer_bypass, memo=memo
+    ).prefixes()
+
+
+class RoutedIndex:
+    """:func:`routed_union` (without down-peer bypass) kept up to date when a few specs change.
+
+    Peer specs claim disjoint address sets, so the union changes by exactly the changed
+    peers' old and new contributions: each old range is cut out of the merged range holding
+    it, each new one is inserted and merged with adjacent neighbours. Anything unexpected (a
+    different peer list, many changes, an overlap) answers None, and the caller recomputes
+    and calls :meth:`reset`. Prefix covers are kept per merged range, so unchanged ranges give
+    the same prefix objects again (cheap to compare).
+    """
+
+    _UPDATE_MAX = 8
+
+    def __init__(self) -> None:
+        self._specs: tuple[PeerSpec, ...] | None = None
+        self._subnet: IPv6Network | None = None
+        self._merged: dict[int, list[Range]] = {4: [], 6: []}
+        self._covers: dict[tuple[int, int, int], tuple[IPNetwork, ...]] = {}
+
+    def reset(
+        self, specs: tuple[PeerSpec, ...] | None, mesh_subnet: IPv6Network | None, union: IPSet
+    ) -> dict[int, list[IPNetwork]]:
+        """Start over from ``union`` (= ``routed_union(specs, mesh_subnet)``; specs None: do not
+        update from it later). Returns its prefixes per family."""
+        self._specs, self._subnet = specs, mesh_subnet
+        self._merged = {v: list(union.ranges(v)) for v in (4, 6)}
+        return self._prefixes()
+
+    def update(
+        self, specs: tuple[PeerSpec, ...], mesh_subnet: IPv6Network | None
+    ) -> dict[int, list[IPNetwork]] | None:
+        """The prefixes per family for ``specs``, or None when :meth:`reset` is needed."""
+        prev = self._specs
+        if prev is None or mesh_subnet != self._subnet or len(prev) != len(specs):
+            return None
+        if prev is specs:
+            return self._prefixes()
+        changed = [(a, b) for a, b in zip(prev, specs, strict=True) if a is not b]
+        if len(changed) > self._UPDATE_MAX or any(a.public_key != b.public_key for a, b in changed):
+            return None
+        self._specs = None  # until the update completes
+        for a, b in changed:
+            old, new = self._contribution(a), self._contribution(b)
+            for v in (4, 6):
+                for r in old.ranges(v):
+                    if not self._cut(v, r):
+                        return None
+            for v in (4, 6):
+                for r in new.ranges(v):
+                    if not self._insert(v, r):
+                        return None
+        self._specs = specs
+        return self._prefixes()
+
+    def _contribution(self, spec: PeerSpec) -> IPSet:
+        own = IPSet(spec.allowed_ips)
+        return own - IPSet([self._subnet]) if self._subnet is not None else own
+
+    def _cut(self, v: int, r: Range) -> bool:
+        merged = self._merged[v]
+        lo, hi = r
+        i = bisect.bisect_right(merged, (lo, 1 << 129)) - 1
+        if i < 0 or not (merged[i][0] <= lo and hi <= merged[i][1]):
+            return False
+        first, last = merged[i]
+        parts = [p for p in ((first, lo - 1), (hi + 1, last)) if p[0] <= p[1]]
+        merged[i : i + 1] = parts
+        return True
+
+    def _insert(self, v: int, r: Range) -> bool:
+        merged = self._merged[v]
+        lo, hi = r
+        i = bisect.bisect_left(merged, (lo, -1))
+        if (i > 0 and merged[i - 1][1] >= lo) or (i < len(merged) and merged[i][0] <= hi):
+            return False  # overlaps: not disjoint after all
+        start, end = i, i
+        if i > 0 and merged[i - 1][1] + 1 == lo:
+            start, lo = i - 1, merged[i - 1][0]
+        if i < len(merged) and merged[i][0] == hi + 1:
+            end, hi = i + 1, merged[i][1]
+        merged[start:end] = [(lo, hi)]
+        return True
+
+    def _prefixes(self) -> dict[int, list[IPNetwork]]:
+        old, covers = self._covers, {}
+        out: dict[int, list[IPNetwork]] = {4: [], 6: []}
+        for v in (4, 6):
+            acc = out[v]
+            for lo, hi in self._merged[v]:
+                key = (v, lo, hi)
+                cover = old.get(key)
+                if cover is None:
+                    cover = tuple(range_to_prefixes(lo, hi, v))
+                covers[key] = cover
+                acc.extend(cover)
+        self._covers = covers
+        return out

@@ -117,6 +117,11 @@ class Prober:
                 self.replies += 1
                 self._answered.add(peer)
 
+    @property
+    def has_answered(self) -> bool:
+        """Replies arrived that no ``take_answered`` collected yet."""
+        return bool(self._answered)
+
     def take_answered(self) -> set[Hashable]:
         out, self._answered = self._answered, set()
         return out

@@ -251,6 +251,8 @@ class FakeNftManager(_Failures):
         self.all_transactions: list[Transaction] = []
         self.calls: list[tuple[str, Any]] = []
         self.fail_diffs = 0  # how many upcoming diff transactions fail (drives the fallback)
+        self.reads = 0  # how often the table was listed
+        self._known: dict[str, set[IPNetwork]] | None = None  # as NftManager: what we last read/wrote
 
     @classmethod
     def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None, **kw: Any) -> FakeNftManager:
@@ -284,11 +286,46 @@ class FakeNftManager(_Failures):
             n: sorted(v, key=lambda x: (int(x.network_address), x.prefixlen)) for n, v in self.sets.items()
         }
 
-    async def reconcile(self, desired_sets: Mapping[str, Iterable[Any]]) -> list[str]:
+    async def reconcile(
+        self,
+        desired_sets: Mapping[str, Iterable[Any]],
+        *,
+        trust_cache: bool = False,
+        normalized: bool = False,
+    ) -> list[str]:
         desired = normalize_desired(desired_sets)
         self.calls.append(("reconcile", {n: tuple(v) for n, v in desired.items()}))
         self.transactions = []
         self._maybe_fail("reconcile")
+        try:
+            if trust_cache and self._known is not None:
+                changes = self._diff_known(desired)
+                if changes is not None:
+                    return changes
+            self.reads += 1
+            return self._reconcile_read(desired)
+        finally:
+            self._known = None if self.sets is None else {n: set(v) for n, v in self.sets.items()}
+
+    def _diff_known(self, desired: Mapping[str, list[IPNetwork]]) -> list[str] | None:
+        """The diff against what we last knew, applied as nft would (None: the transaction failed)."""
+        assert self._known is not None
+        diffs = diff_sets(self._known, desired)
+        if not diffs:
+            return []
+        ok = self.sets is not None and all(
+            set(d.delete) <= self.sets.get(name, set()) for name, d in diffs.items()
+        )
+        self._record(Transaction("diff", render_diff(self.table, diffs), ok))
+        if not ok or self.sets is None:
+            return None
+        for name, d in diffs.items():
+            s = self.sets.setdefault(name, set())
+            s.difference_update(d.delete)
+            s.update(d.add)
+        return [f"nft set {name}: add {len(d.add)}, delete {len(d.delete)}" for name, d in diffs.items()]
+
+    def _reconcile_read(self, desired: Mapping[str, list[IPNetwork]]) -> list[str]:
         if self.sets is None:
             self._record(Transaction("create", render_replace(self.params, desired), True))
             self.sets = {n: set(v) for n, v in desired.items()}
@@ -315,6 +352,7 @@ class FakeNftManager(_Failures):
         self.calls.append(("teardown", None))
         self._maybe_fail("teardown")
         self.sets = None
+        self._known = None
 
 
 __all__ = ["SET_IPV4", "SET_IPV6", "FakeLinkManager", "FakeNftManager"]

@@ -299,6 +299,8 @@ class NftSim:
                     raise ValueError("No such file or directory")
                 del self.tables[obj["name"]]
             return
+        if obj["table"] not in self.tables:
+            raise ValueError("No such file or directory")
         t = self.tables[obj["table"]]
         if kind == "set" and op == "add":
             t["sets"].setdefault(obj["name"], {"type": obj["type"], "flags": obj["flags"], "elem": []})
@@ -411,6 +413,34 @@ async def test_nft_one_prefix_changed_is_one_add_one_delete() -> None:
         ("add", [{"prefix": {"addr": "10.3.0.0", "len": 24}}]),
     ]
     assert sim.elements()[SET_IPV4] == [ip_network("10.1.0.0/24"), ip_network("10.3.0.0/24")]
+
+
+async def test_nft_trusted_cache_skips_the_read_until_a_diff_fails() -> None:
+    sim = NftSim()
+    nm = NftManager(runner=sim)
+    await nm.reconcile(targets(["10.1.0.0/24", "10.2.0.0/24"]))
+    lists = sum(1 for c in sim.calls if "list" in c)
+    changes = await nm.reconcile(targets(["10.1.0.0/24", "10.3.0.0/24"]), trust_cache=True, normalized=True)
+    assert changes == ["nft set targets_ipv4: add 1, delete 1"]
+    assert sum(1 for c in sim.calls if "list" in c) == lists, "no read"
+    assert await nm.reconcile(targets(["10.1.0.0/24", "10.3.0.0/24"]), trust_cache=True) == []
+    assert sum(1 for c in sim.calls if "list" in c) == lists
+    # changed behind our back: the diff against the cache fails, the table is read and repaired
+    sim.tables["kubespan"]["sets"][SET_IPV4]["elem"] = [ip_network("10.9.0.0/24")]
+    changes = await nm.reconcile(targets(["10.1.0.0/24"]), trust_cache=True)
+    assert [(t.kind, t.ok) for t in nm.transactions] == [("diff", False), ("diff", True)]
+    assert sim.elements()[SET_IPV4] == [ip_network("10.1.0.0/24")]
+    # a plain reconcile always reads
+    await nm.reconcile(targets(["10.1.0.0/24"]))
+    assert sim.calls[-1] == ["nft", "-j", "list", "table", "inet", "kubespan"]
+    # the table deleted behind our back: re-created
+    del sim.tables["kubespan"]
+    assert await nm.reconcile(targets(["10.4.0.0/24"]), trust_cache=True) == [
+        "nft table inet kubespan: created"
+    ]
+    assert sim.elements()[SET_IPV4] == [ip_network("10.4.0.0/24")]
+    with pytest.raises(ValueError, match="unknown nftables set"):
+        await nm.reconcile({"nope": []}, normalized=True)
 
 
 async def test_nft_widening_prefix_goes_through_the_diff() -> None:

@@ -432,8 +432,10 @@ async def test_peer_change_updates_sets_without_rechecking_links(mesh) -> None:
         await m.reconcile()
         assert len(nft.calls) == reconciles and len(links.calls) == link_calls
         # a re-created device (device-level settings missing) gets links, routes and rules again
+        # (at the next poll at the latest: netlink would also wake a full pass at once)
         wg.remove()
         await links.remove_address(m.identity.address)
+        clock.t += m.cfg.timings.poll_interval
         await m.reconcile()
         assert len(links.calls) > link_calls and m.identity.address in links.addresses
         # and the periodic check still runs
@@ -461,5 +463,137 @@ async def test_bypass_of_a_down_peer_still_updates_the_sets(mesh) -> None:
         await m.reconcile()
         assert m.machines[k1].state == PeerState.DOWN
         assert ipaddress.ip_network("192.0.2.7/32") not in nft.sets[SET_IPV4]
+    finally:
+        await m.stop()
+
+
+# --- light passes: a discovery change between polls trusts the last observation --------------------
+
+
+async def test_discovery_only_pass_reads_nothing_and_writes_only_the_change(versioned) -> None:
+    m, disc, wg, links, nft, clock, _ = versioned
+    k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    k2, _, d2 = remote("node-b", "b", "10.5.0.3", 3)
+    disc.peers = {"node-a": d1, "node-b": d2}
+    await m.start()
+    try:
+        await m.reconcile()
+        gets, reads, link_calls, light = wg.gets, nft.reads, len(links.calls), m.light_passes
+        machine_a = m.machines[k1]
+        observed_a = machine_a.observe
+        ran: list[str] = []
+
+        def spy(*args, **kw):
+            ran.append("node-a")
+            return observed_a(*args, **kw)
+
+        machine_a.observe = spy  # type: ignore[method-assign]
+        clock.t += 0.2  # between polls
+        disc.put(_readdress(d2, "198.51.100.4"))
+        await m.reconcile()
+        assert m.light_passes == light + 1
+        assert wg.gets == gets, "the device is not re-read"
+        assert nft.reads == reads, "nor the nftables table"
+        assert len(links.calls) == link_calls
+        assert ran == [], "and the unchanged peer's state machine does not run"
+        last = wg.applies[-1]
+        assert [type(op).__name__ for op in last] == ["UpdatePeer"] and last[0].public_key == k2
+        assert ipaddress.ip_network("198.51.100.4/32") in wg.device.peers[k2].allowed_ips
+        assert ipaddress.ip_network("198.51.100.4/32") in nft.sets[SET_IPV4]
+        assert [t.kind for t in nft.transactions] == ["diff"]
+
+        # a new peer between polls: added and probed in that light pass (the join path)
+        k3, mesh3, d3 = remote("node-c", "c", "10.5.0.4", 4)
+        disc.put(d3)
+        await m.reconcile()
+        assert m.light_passes == light + 2 and wg.gets == gets
+        assert k3 in wg.device.peers and m.prober.probes[-1] == (k3, mesh3)
+        # its reply makes the next pass a full one, which sees it up
+        wg.traffic(k3, rx=148, tx=148, handshake=True)
+        m.prober.answer(k3)
+        await m.reconcile()
+        assert wg.gets == gets + 1 and m.light_passes == light + 2
+        assert m.machines[k3].state == PeerState.UP
+
+        # a peer leaves between polls: removed from WireGuard and the sets
+        del disc.peers["node-b"]
+        disc.version += 1
+        await m.reconcile()
+        assert set(wg.device.peers) == {k1, k3}
+        assert ipaddress.ip_network("10.5.0.3/32") not in nft.sets[SET_IPV4]
+    finally:
+        await m.stop()
+
+
+async def test_outside_changes_missed_by_light_passes_are_repaired_by_the_periodic_ones(versioned) -> None:
+    m, disc, wg, _links, nft, clock, _ = versioned
+    k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    _k2, _, d2 = remote("node-b", "b", "10.5.0.9", 3)
+    disc.peers = {"node-a": d1, "node-b": d2}
+    await m.start()
+    try:
+        await m.reconcile()
+        # someone removes a peer and a set element behind our back
+        from dataclasses import replace
+
+        wg.device = replace(wg.device, peers={k: p for k, p in wg.device.peers.items() if k != k1})
+        nft.sets[SET_IPV4].discard(ipaddress.ip_network("10.5.0.2/32"))
+        clock.t += 0.2
+        disc.put(_readdress(d2, "198.51.100.4"))
+        await m.reconcile()  # light: does not notice
+        assert k1 not in wg.device.peers
+        # the next poll reads the device and repairs the peer
+        clock.t += m.cfg.timings.poll_interval
+        await m.reconcile()
+        assert k1 in wg.device.peers
+        # the data plane check reads the table and repairs the element
+        clock.t += m.cfg.reconcile_interval
+        await m.reconcile()
+        assert ipaddress.ip_network("10.5.0.2/32") in nft.sets[SET_IPV4]
+        assert ipaddress.ip_network("198.51.100.4/32") in nft.sets[SET_IPV4]
+    finally:
+        await m.stop()
+
+
+async def test_light_pass_whose_write_fails_falls_back_to_a_full_pass(versioned) -> None:
+    m, disc, wg, _links, nft, clock, _ = versioned
+    k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    disc.peers = {"node-a": d1}
+    await m.start()
+    try:
+        await m.reconcile()
+        gets, light = wg.gets, m.light_passes
+        clock.t += 0.2
+        k2, mesh2, d2 = remote("node-b", "b", "10.5.0.9", 3)
+        disc.put(d2)
+        wg.fail_next_apply()
+        await m.reconcile()
+        assert m.light_passes == light and wg.gets > gets, "re-read after the failed write"
+        assert set(wg.device.peers) == {k1, k2}
+        assert (k2, mesh2) in m.prober.probes, "the new peer is still probed"
+        assert ipaddress.ip_network("10.5.0.9/32") in nft.sets[SET_IPV4]
+        # and the pass after it is a full one too only if something asks for it
+        clock.t += 0.1
+        await m.reconcile()
+        assert m.light_passes == light + 1
+    finally:
+        await m.stop()
+
+
+async def test_nft_diff_against_a_stale_cache_falls_back_to_reading(versioned) -> None:
+    m, disc, _wg, _links, nft, clock, _ = versioned
+    _, _, d1 = remote("node-a", "a", "10.5.0.2", 2, "192.0.2.7")
+    disc.peers = {"node-a": d1}
+    await m.start()
+    try:
+        await m.reconcile()
+        nft.remove_table()  # behind our back
+        clock.t += 0.2
+        disc.put(_readdress(d1, "198.51.100.4"))
+        reads = nft.reads
+        await m.reconcile()
+        assert nft.reads == reads + 1, "the failed diff made it read the table"
+        assert nft.sets is not None and ipaddress.ip_network("198.51.100.4/32") in nft.sets[SET_IPV4]
+        assert ipaddress.ip_network("192.0.2.7/32") in nft.sets[SET_IPV4]
     finally:
         await m.stop()

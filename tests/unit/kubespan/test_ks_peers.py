@@ -14,7 +14,9 @@ from kubespan.peers import (
     AffiliateError,
     ConflictKind,
     EndpointFilter,
+    PeerSpecMemo,
     RemoteAffiliate,
+    RoutedIndex,
     build_local_affiliate,
     compute_peer_specs,
     filter_ips,
@@ -282,6 +284,125 @@ def test_overlap_resolution_properties(affs, rnd):
     shuffled = list(affs)
     rnd.shuffle(shuffled)
     assert compute_peer_specs(shuffled, "me") == res
+
+
+def _variant(a: RemoteAffiliate, draw_ints: list[int]) -> RemoteAffiliate:
+    """A changed copy of ``a``: new prefixes, sometimes a new key, mesh address or no key at all."""
+    from dataclasses import replace
+
+    kind, octet, plen = draw_ints
+    prefixes = (IPv4Network((0x0A000000 + (octet >> (32 - plen) << (32 - plen)), plen)),)
+    if kind == 0:
+        return replace(a, public_key=None)
+    if kind == 1:
+        return replace(a, public_key=key(200 + octet % 50))
+    if kind == 2:
+        return replace(a, mesh_address=IPv6Address(f"{MESH}{octet:x}"), additional_prefixes=prefixes)
+    if kind == 3:
+        return replace(a, addresses=(ip_address(f"192.0.2.{octet}"),), additional_prefixes=())
+    return replace(a, additional_prefixes=prefixes)
+
+
+@settings(max_examples=80)
+@given(
+    affiliate_sets(),
+    st.lists(
+        st.lists(
+            st.tuples(st.integers(0, 7), st.integers(0, 9), st.integers(0, 255), st.integers(26, 32)),
+            min_size=1,
+            max_size=3,
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_specs_updated_in_place_equal_a_full_computation(affs, steps):
+    memo = PeerSpecMemo()
+    current = list(affs)
+    local_key, local_mesh = key(77), IPv6Address(f"{MESH}1")
+    assert compute_peer_specs(current, "me", local_key, local_mesh, memo=memo) == compute_peer_specs(
+        current, "me", local_key, local_mesh
+    )
+    for step in steps:
+        for kind, which, octet, plen in step:
+            i = which % len(current)
+            current[i] = _variant(current[i], [kind, octet, plen])
+        got = compute_peer_specs(current, "me", local_key, local_mesh, memo=memo)
+        assert got == compute_peer_specs(current, "me", local_key, local_mesh)
+
+
+def test_one_changed_affiliate_without_overlaps_is_updated_in_place():
+    from dataclasses import replace
+
+    affs = [aff(f"n{i:03d}", i + 1, i + 16, addresses=ips(f"10.1.{i}.1")) for i in range(100)]
+    memo = PeerSpecMemo()
+    first = compute_peer_specs(affs, "me", memo=memo)
+    affs[42] = replace(affs[42], addresses=ips("10.1.42.1", "172.16.0.9"))
+    second = compute_peer_specs(affs, "me", memo=memo)
+    assert not memo.keys_changed, "updated in place"
+    assert second == compute_peer_specs(affs, "me")
+    assert all(a is b for i, (a, b) in enumerate(zip(first.specs, second.specs, strict=True)) if i != 42)
+    assert ip_network("172.16.0.9/32") in second.specs[42].allowed_ips
+    # taking an address another peer holds is a conflict: computed in full, with the conflict
+    affs[43] = replace(affs[43], addresses=ips("10.1.43.1", "172.16.0.9"))
+    third = compute_peer_specs(affs, "me", memo=memo)
+    assert memo.keys_changed and third == compute_peer_specs(affs, "me")
+    assert [c.kind for c in third.conflicts] == [ConflictKind.ADDRESS_OVERLAP]
+    # and while n043 is part of a conflict, its changes are computed in full too
+    affs[43] = replace(affs[43], addresses=ips("10.1.43.1"))
+    assert compute_peer_specs(affs, "me", memo=memo) == compute_peer_specs(affs, "me")
+    assert memo.keys_changed
+
+
+@settings(max_examples=80)
+@given(
+    affiliate_sets(),
+    st.lists(
+        st.lists(
+            st.tuples(st.integers(0, 7), st.integers(0, 9), st.integers(0, 255), st.integers(26, 32)),
+            min_size=1,
+            max_size=3,
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_routed_index_updates_equal_a_full_computation(affs, steps):
+    subnet = IPv6Interface(f"{MESH}1/64").network
+    memo = PeerSpecMemo()
+    index = RoutedIndex()
+    current = list(affs)
+    specs = compute_peer_specs(current, "me", memo=memo).specs
+    index.reset(specs, subnet, IPSet(routed_prefixes(specs, subnet)))
+    for step in steps:
+        for kind, which, octet, plen in step:
+            i = which % len(current)
+            current[i] = _variant(current[i], [kind, octet, plen])
+        specs = compute_peer_specs(current, "me", memo=memo).specs
+        want = routed_prefixes(specs, subnet)
+        got = index.update(specs, subnet)
+        if got is None:
+            got = index.reset(specs, subnet, IPSet(want))
+        assert got[4] + got[6] == want
+
+
+def test_routed_index_cuts_and_merges_neighbours():
+    subnet = IPv6Interface(f"{MESH}1/64").network
+    affs = [aff(f"n{i}", i + 1, i + 16, addresses=ips(f"10.0.0.{i}")) for i in range(8)]
+    memo = PeerSpecMemo()
+    specs = compute_peer_specs(affs, "me", memo=memo).specs
+    index = RoutedIndex()
+    assert index.reset(specs, subnet, IPSet(routed_prefixes(specs, subnet)))[4] == [ip_network("10.0.0.0/29")]
+    from dataclasses import replace
+
+    affs[3] = replace(affs[3], addresses=ips("10.0.1.3"))  # a hole in the middle, a new range
+    specs = compute_peer_specs(affs, "me", memo=memo).specs
+    assert not memo.keys_changed
+    got = index.update(specs, subnet)
+    assert got is not None and got[4] == routed_prefixes(specs, subnet)
+    affs[3] = replace(affs[3], addresses=ips("10.0.0.3"))  # back: merged into one /29 again
+    specs = compute_peer_specs(affs, "me", memo=memo).specs
+    assert index.update(specs, subnet) == {4: [ip_network("10.0.0.0/29")], 6: []}
 
 
 # --- endpoint filters ----------------------------------------------------------------------------
