@@ -236,6 +236,19 @@ class PeerSpecMemo:
         self.keys_changed = True  # whether the last call may have changed the peers' key sequence
 
 
+def _peer_spec(aff: RemoteAffiliate, allowed: IPSet) -> PeerSpec:
+    """The WireGuard peer for an affiliate with a key, given its final (overlap-free) address set."""
+    assert aff.public_key is not None
+    return PeerSpec(
+        public_key=aff.public_key,
+        node_id=aff.node_id,
+        label=aff.nodename,
+        mesh_address=aff.mesh_address,
+        allowed_ips=tuple(allowed.prefixes()),
+        endpoints=aff.endpoints,
+    )
+
+
 def _wanted(aff: RemoteAffiliate) -> IPSet:
     """Talos' address set of one affiliate, before overlaps with other peers are resolved."""
     wanted = IPSet(aff.additional_prefixes) | IPSet(aff.addresses)
@@ -376,14 +389,7 @@ def compute_peer_specs(
         claimed_by.append(aff.node_id)
 
         if overlaps or cached_spec is None:
-            spec = PeerSpec(
-                public_key=aff.public_key,
-                node_id=aff.node_id,
-                label=aff.nodename,
-                mesh_address=aff.mesh_address,
-                allowed_ips=tuple(final.prefixes()),
-                endpoints=aff.endpoints,
-            )
+            spec = _peer_spec(aff, final)
         else:
             spec = cached_spec
         specs.append(spec)
@@ -456,15 +462,7 @@ def _update_specs(
             return None
         memo.claims.remove(owner, before)
         memo.claims.add(owner, wanted)
-        assert new.public_key is not None
-        spec = PeerSpec(
-            public_key=new.public_key,
-            node_id=new.node_id,
-            label=new.nodename,
-            mesh_address=new.mesh_address,
-            allowed_ips=tuple(wanted.prefixes()),
-            endpoints=new.endpoints,
-        )
+        spec = _peer_spec(new, wanted)
         specs[memo.position[new.node_id]] = spec
         memo.entries[new.node_id] = (new, wanted, spec)
     for new in changed:
