@@ -551,7 +551,9 @@ class LibNftables:
         """None when libnftables is missing or ``KUBESPAN_NFT_EXEC=1`` asks for the ``nft`` command."""
         if os.environ.get("KUBESPAN_NFT_EXEC") == "1":
             return None
-        for name in (ctypes.util.find_library("nftables"), "libnftables.so.1"):
+        # the soname first: find_library runs ldconfig (a fork and exec) and is only the fallback
+        for find in (lambda: "libnftables.so.1", lambda: ctypes.util.find_library("nftables")):
+            name = find()
             if not name:
                 continue
             try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -66,6 +67,7 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+@functools.lru_cache(maxsize=1024)
 def method_kind(method: str) -> str:
     """``unary``, ``server_stream`` or ``client_stream`` (bidi counts as client_stream: not proxied)."""
     try:

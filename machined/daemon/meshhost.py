@@ -145,11 +145,6 @@ class PeerViews:
         return tuple(out)
 
 
-def peer_views(mesh: Mesh) -> tuple[PeerView, ...]:
-    """The engine's peers as :class:`PeerView` (the fields of its ``status()`` the agent publishes)."""
-    return PeerViews()(mesh)
-
-
 class MeshHost:
     def __init__(self, factory: MeshFactory | None = None, *, hostname: str | None = None) -> None:
         self.factory = factory or real_factory()

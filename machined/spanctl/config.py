@@ -17,12 +17,13 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from discovery.fsutil import write_atomic
 
 ENV = "SPANCTL_CONFIG"
 DEFAULT_PATH = Path("~/.spanctl/config")
@@ -167,17 +168,6 @@ class ClientConfig:
 
 
 def write_private(path: Path, data: str | bytes) -> None:
-    """Write ``data`` atomically with mode 0600 (temp file, fsync, rename)."""
-    raw = data.encode() if isinstance(data, str) else data
+    """Write ``data`` atomically with mode 0600 (``discovery.fsutil.write_atomic``), parents 0700."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, 0o600)

@@ -38,6 +38,7 @@ import pytest
 import yaml
 from machined_lab import DISC, PEER_STATUS, Agent, build, full_mesh, kill_node, wait
 
+from machined.config.testing import config_yaml
 from netns.lab import Lab, Node
 from spanapi.talos.cosi import state_pb2, state_pb2_grpc
 
@@ -81,28 +82,16 @@ def etcd_service(agents: list[Agent], me: Agent) -> dict[str, Any]:
 
 
 def write_config(agents: list[Agent], me: Agent, secret: str) -> None:
-    docs = [
-        {
-            "version": "v1alpha1",
-            "machine": {"type": "controlplane"},
-            "cluster": {
-                "id": CLUSTER,
-                "secret": secret,
-                "clusterName": "it",
-                "discovery": {"enabled": False},
-            },
-        },
-        {"apiVersion": "v1alpha1", "kind": "KubeSpanConfig", "enabled": True},
-        {
-            "apiVersion": "v1alpha1",
-            "kind": "DiscoveryServiceConfig",
-            "name": "lab",
-            "endpoint": f"http://{DISC}:3000",
-        },
-        me.agent_config(),
-        etcd_service(agents, me),
-    ]
-    me.config.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    me.config.write_text(
+        config_yaml(
+            cluster_id=CLUSTER,
+            secret=secret,
+            discovery=[f"http://{DISC}:3000"],
+            agent=me.agent_config(),
+            services=[etcd_service(agents, me)],
+            machine_type="controlplane",
+        )
+    )
 
 
 def etcd_ok(a: Agent) -> bool:

@@ -22,6 +22,8 @@ import pytest
 import yaml
 from machined_lab import json_objects, start_discovery
 
+from machined.config.testing import config_yaml
+
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[2]
 PEER_STATUS = "KubeSpanPeerStatuses.kubespan.talos.dev"
@@ -61,29 +63,21 @@ def wait_for(pred: Any, timeout: float, what: str) -> Any:
 
 
 def local_config(node: str) -> str:
-    docs = [
-        {
-            "version": "v1alpha1",
-            "machine": {"type": "controlplane"},
-            "cluster": {
-                "id": "spanctl-it",
-                "secret": SECRET,
-                "clusterName": "it",
-                "discovery": {"enabled": False},
-            },
-        },
-        {"apiVersion": "v1alpha1", "kind": "KubeSpanConfig", "enabled": False},
-        {"apiVersion": "v1alpha1", "kind": "AgentConfig", "nodename": node, "httpStatusAddr": ""},
-        {
-            "apiVersion": "v1alpha1",
-            "kind": "ServiceConfig",
-            "name": "ticker",
-            "command": "/bin/sh",
-            "args": ["-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done"],
-            "restart": "always",
-        },
-    ]
-    return yaml.safe_dump_all(docs, sort_keys=False)
+    ticker = {
+        "name": "ticker",
+        "command": "/bin/sh",
+        "args": ["-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done"],
+        "restart": "always",
+    }
+    return config_yaml(
+        cluster_id="spanctl-it",
+        secret=SECRET,
+        discovery=(),
+        kubespan=False,
+        agent={"nodename": node, "httpStatusAddr": ""},
+        services=[ticker],
+        machine_type="controlplane",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -223,34 +217,19 @@ DISC = f"{LAN}.2"
 
 
 def mesh_config(node: str, mac: str, port: int) -> str:
-    docs = [
-        {
-            "version": "v1alpha1",
-            "machine": {"type": "controlplane"},
-            "cluster": {
-                "id": "spanctl-mesh",
-                "secret": SECRET,
-                "clusterName": "it",
-                "discovery": {"enabled": False},
-            },
-        },
-        {"apiVersion": "v1alpha1", "kind": "KubeSpanConfig", "enabled": True},
-        {
-            "apiVersion": "v1alpha1",
-            "kind": "DiscoveryServiceConfig",
-            "name": "lab",
-            "endpoint": f"http://{DISC}:3000",
-        },
-        {
-            "apiVersion": "v1alpha1",
-            "kind": "AgentConfig",
-            "nodename": node,
-            "httpStatusAddr": "",
-            "wireguard": {"backend": "userspace", "listenPort": port},
-            "mesh": {"mac": mac},
-        },
-    ]
-    return yaml.safe_dump_all(docs, sort_keys=False)
+    agent = {
+        "nodename": node,
+        "httpStatusAddr": "",
+        "wireguard": {"backend": "userspace", "listenPort": port},
+        "mesh": {"mac": mac},
+    }
+    return config_yaml(
+        cluster_id="spanctl-mesh",
+        secret=SECRET,
+        discovery=[f"http://{DISC}:3000"],
+        agent=agent,
+        machine_type="controlplane",
+    )
 
 
 def peer_states(socket: Path) -> dict[str, str]:
