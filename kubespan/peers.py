@@ -745,8 +745,6 @@ class RoutedIndex:
     the same prefix objects again (cheap to compare).
     """
 
-    _UPDATE_MAX = 8
-
     def __init__(self) -> None:
         self._specs: tuple[PeerSpec, ...] | None = None
         self._subnet: IPv6Network | None = None
@@ -772,7 +770,7 @@ class RoutedIndex:
         if prev is specs:
             return self._prefixes()
         changed = [(a, b) for a, b in zip(prev, specs, strict=True) if a is not b]
-        if len(changed) > self._UPDATE_MAX or any(a.public_key != b.public_key for a, b in changed):
+        if len(changed) > _UPDATE_MAX or any(a.public_key != b.public_key for a, b in changed):
             return None
         self._specs = None  # until the update completes
         for a, b in changed:

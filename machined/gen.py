@@ -183,7 +183,7 @@ def _base_documents(
     ]
 
 
-def _render(docs: list[dict[str, Any]], patches: Sequence[Patch | str | bytes], what: str) -> str:
+def _render(docs: list[dict[str, Any]], patches: Sequence[Patch | str | bytes]) -> str:
     docs = apply_patches(docs, patches)
     text = dump_documents(docs)
     MachineConfig.parse(text)  # raises ConfigValidationError naming the field if a patch broke it
@@ -240,12 +240,10 @@ def gen_config(
     cp = _render(
         _base_documents(name, discovery_endpoint, s, "controlplane", cert_sans),
         [*patches, *controlplane_patches],
-        CONTROLPLANE_FILE,
     )
     wk = _render(
         _base_documents(name, discovery_endpoint, s, "worker", cert_sans),
         [*patches, *worker_patches],
-        WORKER_FILE,
     )
     client = pki.issue_client(s.os_ca, list(roles))
     tc = talosconfig(name, s.os_ca.crt, client, endpoints, nodes)

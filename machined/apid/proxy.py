@@ -249,12 +249,11 @@ class Proxy(grpc.GenericRpcHandler):
         self._remote[target] = (gen, ch)
         return ch
 
-    def _retire(self, ch: grpc.aio.Channel, grace: float | None = None) -> None:
-        wait = RETIRE_GRACE if grace is None else grace
+    def _retire(self, ch: grpc.aio.Channel) -> None:
         self._old.append(ch)
 
         async def close_later() -> None:
-            await asyncio.sleep(wait)
+            await asyncio.sleep(RETIRE_GRACE)
             if ch in self._old:
                 self._old.remove(ch)
                 await ch.close(grace=1.0)
