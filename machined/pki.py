@@ -312,7 +312,8 @@ def sign_server_csr(
 
 
 def roles_of(cert: x509.Certificate) -> frozenset[str]:
-    """The roles a certificate carries: every ``O=`` of its subject."""
+    """Every ``O=`` value of the subject, as written: each is one role (never split; see
+    :func:`machined.api.roles.parse_roles`, which apid applies to these)."""
     return frozenset(
         str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME) if a.value
     )

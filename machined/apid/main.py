@@ -2,6 +2,7 @@
 
     apid --config FILE --machined-socket PATH [--listen :50000] [--hostname NAME] [--address IP ...]
          [--trustd-listen :50001] [--trustd-endpoint HOST:PORT ...]
+         [--backend-channels 256] [--backend-idle 300]
 
 ``--config`` is the node's machine config: apid uses ``machine.ca``, ``machine.token`` and
 ``machine.certSANs``. On a control-plane node (CA key present) it issues its own server certificate
@@ -41,6 +42,7 @@ from spanapi.talos.cosi import state_pb2, state_pb2_grpc
 from spanapi.talos.security import security_pb2_grpc
 
 from . import trustd
+from .channels import DEFAULT_IDLE, DEFAULT_MAX_CHANNELS
 from .proxy import APID_PORT, Proxy
 from .tls import Identity
 
@@ -87,8 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="workers: seconds to keep trying trustd at start before giving up (default 60)",
     )
+    p.add_argument(
+        "--backend-channels",
+        type=_positive_int,
+        default=DEFAULT_MAX_CHANNELS,
+        help=f"most channels to other nodes' apid kept open for reuse (default {DEFAULT_MAX_CHANNELS})",
+    )
+    p.add_argument(
+        "--backend-idle",
+        type=_positive_float,
+        default=DEFAULT_IDLE,
+        help=f"seconds a channel to another node may stay unused before it is closed (default {DEFAULT_IDLE:g})",
+    )
     p.add_argument("--debug", action="store_true")
     return p
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    x = float(text)
+    if not x > 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return x
 
 
 def listen_address(value: str) -> str:
@@ -285,6 +313,8 @@ class Apid:
             None if self.worker else self.identity,
             node_port=self.ns.node_port,
             name=self.hostname,
+            max_channels=getattr(self.ns, "backend_channels", DEFAULT_MAX_CHANNELS),
+            channel_idle=getattr(self.ns, "backend_idle", DEFAULT_IDLE),
         )
         self.server = grpc.aio.server(
             options=[

@@ -22,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
+import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -34,10 +36,11 @@ from google.protobuf import descriptor_pool
 import spanapi.talos.cosi.state_pb2
 import spanapi.talos.machine.machine_pb2  # noqa: F401  (registers descriptors)
 from machined import pki
-from machined.api.roles import ROLE_METADATA
+from machined.api.roles import ROLE_METADATA, allowed, parse_roles, role_metadata
 
 from . import wire
-from .rules import allowed, effective_roles
+from .channels import DEFAULT_IDLE, DEFAULT_MAX_CHANNELS, ChannelCache
+from .rules import effective_roles
 from .tls import Identity
 
 log = logging.getLogger("apid")
@@ -48,7 +51,8 @@ PROXYFROM = "proxyfrom"
 NODE = "node"
 NODES = "nodes"
 FANOUT_PREFIXES = ("/machine.", "/cluster.", "/inspect.", "/storage.", "/time.")
-RETIRE_GRACE = 300.0  # how long a channel with a replaced client certificate stays open for in-flight calls
+MAX_TARGET_LEN = 255  # characters in one node target (a DNS name is at most 253, plus a port)
+MAX_FANOUT = 256  # targets one call's nodes metadata may name
 DEFAULT_BACKEND_TIMEOUT = 30.0  # unary calls to other nodes when the client set no deadline
 REMOTE_MARGIN = 1.0  # seconds: calls to other nodes end this much before the caller's deadline
 _STRIP = frozenset({ROLE_METADATA, NODE, NODES, PROXYFROM, "user-agent", "content-type", "te"})
@@ -90,17 +94,56 @@ def splices(method: str) -> bool:
     return method.startswith(FANOUT_PREFIXES)
 
 
+class TargetError(ValueError):
+    """A ``node``/``nodes`` value that is no target apid will dial (INVALID_ARGUMENT)."""
+
+
+_TARGET_CHARS = re.compile(r"[A-Za-z0-9._:%\[\]-]+")
+
+
+def _bad_target(node: str) -> TargetError:
+    shown = node if len(node) <= 64 else node[:64] + "…"
+    return TargetError(f"node target {shown!r} is not a host, host:port, IPv6 address or [IPv6]:port")
+
+
+def _port(node: str, text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise TargetError(f"node target {node[:64]!r}: the port must be a number from 1 to 65535")
+    return int(text)
+
+
+def _ipv6(node: str, host: str) -> str:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise _bad_target(node) from None
+    return host
+
+
 def backend_target(node: str, port: int = APID_PORT) -> str:
     """``host:port`` to dial for a ``node`` value: ``10.0.0.1`` → ``10.0.0.1:50000``; a value that
-    names a port (``h:1234``, ``[v6]:1234``) is kept; a bare IPv6 address gets brackets."""
+    names a port (``h:1234``, ``[v6]:1234``) is kept; a bare IPv6 address gets brackets.
+    :class:`TargetError` for anything else: longer than :data:`MAX_TARGET_LEN`, characters no host
+    name or address has (``/``, ``@``, spaces, …), a port that is not 1-65535."""
     node = node.strip()
+    if len(node) > MAX_TARGET_LEN:
+        raise TargetError(f"node target is {len(node)} characters long; the limit is {MAX_TARGET_LEN}")
+    if not _TARGET_CHARS.fullmatch(node):
+        raise _bad_target(node)
     if node.startswith("["):
-        return node if "]:" in node else f"{node}:{port}"
-    if node.count(":") == 1:
-        return node
-    if ":" in node:
-        return f"[{node}]:{port}"
-    return f"{node}:{port}"
+        host, sep, rest = node[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise _bad_target(node)
+        _ipv6(node, host)
+        return f"[{host}]:{_port(node, rest[1:]) if rest else port}"
+    if "[" in node or "]" in node:
+        raise _bad_target(node)
+    if node.count(":") > 1:
+        return f"[{_ipv6(node, node)}]:{port}"
+    host, _, p = node.partition(":")
+    if not host or "%" in host:
+        raise _bad_target(node)
+    return f"{host}:{_port(node, p) if ':' in node else port}"
 
 
 def _values(md: Sequence[tuple[str, Any]], key: str) -> list[str]:
@@ -133,25 +176,24 @@ class Proxy(grpc.GenericRpcHandler):
         *,
         node_port: int = APID_PORT,
         name: str = "apid",
+        max_channels: int = DEFAULT_MAX_CHANNELS,
+        channel_idle: float = DEFAULT_IDLE,
+        max_fanout: int = MAX_FANOUT,
+        channel_factory: Callable[[str], Any] | None = None,
     ) -> None:
         self.identity = identity
         self.node_port = node_port
         self.name = name
+        self.max_fanout = max_fanout
         self.local = grpc.aio.insecure_channel(f"unix:{machined_socket}", options=_CHANNEL_OPTIONS)
-        self._remote: dict[str, tuple[int, grpc.aio.Channel]] = {}
-        self._old: list[grpc.aio.Channel] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        # channels to other nodes' apid, keyed by backend_target(); bounded and idle-expiring
+        self.channels = ChannelCache(channel_factory or self._dial, max_size=max_channels, idle=channel_idle)
         self._certs: OrderedDict[bytes, tuple[bool, frozenset[str]]] = OrderedDict()
 
     async def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        chans = [self.local, *self._old, *(c for _, c in self._remote.values())]
-        self._remote.clear()
-        self._old.clear()
-        for c in chans:
-            with contextlib.suppress(Exception):
-                await c.close()
+        await self.channels.aclose()
+        with contextlib.suppress(Exception):
+            await self.local.close()
 
     # -- grpc entry point ---------------------------------------------------------------------------
 
@@ -184,7 +226,7 @@ class Proxy(grpc.GenericRpcHandler):
         hit = self._certs.get(pem)
         if hit is None:
             cert = x509.load_pem_x509_certificate(pem)
-            hit = (pki.is_client_cert(cert), pki.roles_of(cert))
+            hit = (pki.is_client_cert(cert), parse_roles(pki.roles_of(cert)))  # one role per O=
             self._certs[pem] = hit
             if len(self._certs) > 256:
                 self._certs.popitem(last=False)
@@ -211,9 +253,9 @@ class Proxy(grpc.GenericRpcHandler):
         self, method: str, context: grpc.aio.ServicerContext
     ) -> tuple[list[str] | None, list[tuple[str, Any]], bool]:
         """``(targets or None for local, outgoing metadata, fan-out?)``."""
-        roles = self.authorize(method, context)
+        roles = self.authorize(method, context)  # allowed, so at least one role (a known one)
         md = tuple(context.invocation_metadata() or ())
-        out = forward_metadata(md) + [(ROLE_METADATA, r) for r in sorted(roles)]
+        out = forward_metadata(md) + role_metadata(roles)  # one value per role, never empty
         if any(k == PROXYFROM for k, _ in md):
             return None, out, False  # already forwarded once: local only
         node, nodes = _values(md, NODE), _values(md, NODES)
@@ -233,34 +275,34 @@ class Proxy(grpc.GenericRpcHandler):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{method} cannot fan out to several nodes; use node metadata",
             )
+        if len(nodes) > self.max_fanout:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"nodes metadata names {len(nodes)} targets; the limit is {self.max_fanout} per call",
+            )
+        for t in node or nodes:
+            try:
+                backend_target(t, self.node_port)
+            except TargetError as e:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         out.append((PROXYFROM, self.name))
         return (node or nodes), out, bool(nodes)
 
-    def _channel(self, node: str) -> grpc.aio.Channel:
+    def _dial(self, target: str) -> grpc.aio.Channel:
+        """A channel to another node's apid; ``target`` is a :func:`backend_target` (``dns:///``: a
+        host named like a grpc URI scheme, ``unix:1234``, stays a host name)."""
         assert self.identity is not None
-        target = backend_target(node, self.node_port)
-        gen = self.identity.generation
-        hit = self._remote.get(target)
-        if hit is not None and hit[0] == gen:
-            return hit[1]
-        if hit is not None:  # certificate renewed: new calls use a new channel, in-flight ones finish
-            self._retire(hit[1])
-        ch = grpc.aio.secure_channel(target, self.identity.client_credentials(), options=_CHANNEL_OPTIONS)
-        self._remote[target] = (gen, ch)
-        return ch
+        return grpc.aio.secure_channel(
+            f"dns:///{target}", self.identity.client_credentials(), options=_CHANNEL_OPTIONS
+        )
 
-    def _retire(self, ch: grpc.aio.Channel) -> None:
-        self._old.append(ch)
-
-        async def close_later() -> None:
-            await asyncio.sleep(RETIRE_GRACE)
-            if ch in self._old:
-                self._old.remove(ch)
-                await ch.close(grace=1.0)
-
-        task = asyncio.get_running_loop().create_task(close_later())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    @contextlib.contextmanager
+    def _lease(self, node: str) -> Iterator[grpc.aio.Channel]:
+        """The channel to ``node``'s apid for one call (the cache closes it only after the call). A new
+        client certificate (``identity.generation``) means a new channel for new calls."""
+        assert self.identity is not None
+        with self.channels.lease(backend_target(node, self.node_port), self.identity.generation) as ch:
+            yield ch
 
     @staticmethod
     def _timeout(
@@ -289,9 +331,12 @@ class Proxy(grpc.GenericRpcHandler):
                     request, metadata=md, timeout=self._timeout(context, None)
                 )
             if not fanout:
-                reply = await self._channel(targets[0]).unary_unary(method)(
-                    request, metadata=md, timeout=self._timeout(context, DEFAULT_BACKEND_TIMEOUT, remote=True)
-                )
+                with self._lease(targets[0]) as ch:
+                    reply = await ch.unary_unary(method)(
+                        request,
+                        metadata=md,
+                        timeout=self._timeout(context, DEFAULT_BACKEND_TIMEOUT, remote=True),
+                    )
                 try:
                     return wire.splice_reply(reply, targets[0]) if splices(method) else reply
                 except wire.WireError as e:
@@ -311,9 +356,12 @@ class Proxy(grpc.GenericRpcHandler):
         context: grpc.aio.ServicerContext,
     ) -> bytes:
         try:
-            reply = await self._channel(node).unary_unary(method)(
-                request, metadata=md, timeout=self._timeout(context, DEFAULT_BACKEND_TIMEOUT, remote=True)
-            )
+            with self._lease(node) as ch:
+                reply = await ch.unary_unary(method)(
+                    request,
+                    metadata=md,
+                    timeout=self._timeout(context, DEFAULT_BACKEND_TIMEOUT, remote=True),
+                )
             return wire.splice_reply(reply, node)
         except grpc.aio.AioRpcError as e:
             return wire.error_reply(node, e.code(), _node_error(node, e))
@@ -331,42 +379,51 @@ class Proxy(grpc.GenericRpcHandler):
             await self._abort(context, e)
             return
         if not fanout:
-            ch = self.local if targets is None else self._channel(targets[0])
-            call = ch.unary_stream(method)(
-                request, metadata=md, timeout=self._timeout(context, None, remote=targets is not None)
-            )
-            splice = targets is not None and splices(method)
-            try:
-                async for msg in call:
-                    yield wire.splice_item(msg, targets[0]) if splice and targets else msg
-            except grpc.aio.AioRpcError as e:
-                await self._abort(context, e)
-            except wire.WireError as e:
-                await context.abort(
-                    grpc.StatusCode.INTERNAL, f"{targets and targets[0]}: malformed reply ({e})"
+            lease = contextlib.nullcontext(self.local) if targets is None else self._lease(targets[0])
+            with lease as ch:
+                call = ch.unary_stream(method)(
+                    request, metadata=md, timeout=self._timeout(context, None, remote=targets is not None)
                 )
-            finally:
-                call.cancel()
+                splice = targets is not None and splices(method)
+                try:
+                    async for msg in call:
+                        yield wire.splice_item(msg, targets[0]) if splice and targets else msg
+                except grpc.aio.AioRpcError as e:
+                    await self._abort(context, e)
+                except wire.WireError as e:
+                    await context.abort(
+                        grpc.StatusCode.INTERNAL, f"{targets and targets[0]}: malformed reply ({e})"
+                    )
+                finally:
+                    call.cancel()
             return
         assert targets is not None
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
 
         async def pump(node: str) -> None:
-            call = self._channel(node).unary_stream(method)(
-                request, metadata=md, timeout=self._timeout(context, None, remote=True)
-            )
+            ended = True
             try:
-                async for msg in call:
-                    await queue.put(wire.splice_item(msg, node))
-            except grpc.aio.AioRpcError as e:
-                await queue.put(wire.error_item(node, e.code(), _node_error(node, e)))
-            except wire.WireError as e:
-                await queue.put(
-                    wire.error_item(node, grpc.StatusCode.INTERNAL, f"{node}: malformed reply ({e})")
-                )
+                with self._lease(node) as ch:
+                    call = ch.unary_stream(method)(
+                        request, metadata=md, timeout=self._timeout(context, None, remote=True)
+                    )
+                    try:
+                        async for msg in call:
+                            await queue.put(wire.splice_item(msg, node))
+                    except grpc.aio.AioRpcError as e:
+                        await queue.put(wire.error_item(node, e.code(), _node_error(node, e)))
+                    except wire.WireError as e:
+                        await queue.put(
+                            wire.error_item(node, grpc.StatusCode.INTERNAL, f"{node}: malformed reply ({e})")
+                        )
+                    finally:
+                        call.cancel()
+            except asyncio.CancelledError:
+                ended = False  # the merge is over (the client left): nobody waits for our end mark,
+                raise  # and with the queue full, putting one would block this task for ever
             finally:
-                call.cancel()
-                await queue.put(None)
+                if ended:
+                    await queue.put(None)
 
         tasks = [asyncio.create_task(pump(t)) for t in targets]
         try:

@@ -105,6 +105,8 @@ async def start_apid(
     trustd_endpoint: list[str] | None = None,
     trustd_wait: float = 10.0,
     addresses: tuple[str, ...] = (),
+    backend_channels: int = 256,
+    backend_idle: float = 300.0,
 ) -> Apid:
     ns = argparse.Namespace(
         config=config or cluster.config,
@@ -117,6 +119,8 @@ async def start_apid(
         address=["127.0.0.1", *addresses],
         node_port=50000,
         cert_ttl=(cert_ttl or pki.SERVER_TTL).total_seconds(),
+        backend_channels=backend_channels,
+        backend_idle=backend_idle,
         debug=False,
     )
     a = Apid(ns)

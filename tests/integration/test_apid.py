@@ -75,6 +75,19 @@ MATRIX = {
         "ApplyConfiguration": DENIED,
         "GetSensitive": DENIED,
     },
+    "os:etcd:backup": {  # EtcdSnapshot only
+        "Version": DENIED,
+        "ServiceRestart": DENIED,
+        "ApplyConfiguration": DENIED,
+        "GetSensitive": DENIED,
+    },
+    # one O= value is one role: "x,os:admin" is an unknown role, never os:admin (issue 11)
+    "x,os:admin": {
+        "Version": DENIED,
+        "ServiceRestart": DENIED,
+        "ApplyConfiguration": DENIED,
+        "GetSensitive": DENIED,
+    },
 }
 
 
@@ -490,3 +503,145 @@ async def test_fan_out_to_a_node_that_never_answers_still_returns_the_others(tmp
             await a.stop()
         for s in servers:
             await s.stop()
+
+
+async def test_an_o_value_with_a_comma_is_one_role_end_to_end(tmp_path):
+    """A CA-signed client certificate with ``O=x,os:admin`` (plus ``O=os:reader`` so apid lets reads
+    through) must not read admin-only resources: not from the local machined, nor through another
+    node's apid (the roles travel as one metadata value each)."""
+    cluster = Cluster.create(tmp_path)
+    servers, apids = [], []
+    try:
+        for name in ("front", "n1"):
+            srv, sock = await start_machined(name, tmp_path)
+            servers.append(srv)
+            apids.append(await start_apid(cluster, sock, name))
+        front, n1 = apids
+        sensitive = state_pb2.GetRequest(namespace=NS_KUBESPAN, type=KUBESPAN_IDENTITY, id="local")
+        kp = cluster.client("x,os:admin", "os:reader")
+        assert pki.roles_of(pki.load_certificate(kp.crt)) == {"x,os:admin", "os:reader"}
+        for md in ((), (("node", f"127.0.0.1:{n1.port}"),)):
+            async with cluster.channel(front.port, kp) as ch:
+                m, s = machine_pb2_grpc.MachineServiceStub(ch), state_pb2_grpc.StateStub(ch)
+                v = await m.Version(empty_pb2.Empty(), metadata=md, timeout=10)  # a reader may
+                assert v.messages[0].metadata.hostname in ("front", f"127.0.0.1:{n1.port}")
+                # apid lets a reader's Get through; machined refuses the sensitive type (no os:admin)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await s.Get(sensitive, metadata=md, timeout=10)
+                assert e.value.code() == DENIED and "os:admin role is required" in e.value.details(), md
+                for name in ("ServiceRestart", "ApplyConfiguration"):
+                    got = await outcome(_with(CALLS[name], m, s, md))
+                    assert got == DENIED, (name, md)
+        async with cluster.channel(front.port, cluster.client("os:admin")) as ch:
+            r = await state_pb2_grpc.StateStub(ch).Get(sensitive, timeout=10)  # the control case
+            assert "PRIVATE" in r.resource.spec.yaml_spec
+    finally:
+        for a in apids:
+            await a.stop()
+        for srv in servers:
+            await srv.stop()
+
+
+def _with(make, m, s, md):
+    """``make(m, s)`` with extra metadata: wrap the stubs' methods."""
+
+    class Bound:
+        def __init__(self, stub):
+            self.stub = stub
+
+        def __getattr__(self, name):
+            fn = getattr(self.stub, name)
+            return lambda req, **kw: fn(req, metadata=md, **kw)
+
+    return make(Bound(m), Bound(s))
+
+
+def _dead_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there
+    return port
+
+
+async def test_many_bogus_targets_do_not_grow_the_channel_cache(tmp_path):
+    """A reader naming hundreds of distinct node targets: apid keeps at most --backend-channels
+    channels, closes what it evicts, still forwards, keeps a channel that carries a stream (and lets
+    the stream finish when the channel is replaced), and closes channels idle for --backend-idle."""
+    from machined.apid.testing import start_fake_machined
+
+    cluster = Cluster.create(tmp_path)
+    bound = 8
+    fsrv, fsock = await start_machined("front", tmp_path)
+    n1node, n1srv, n1sock = await start_fake_machined("n1", tmp_path)
+    front = await start_apid(cluster, fsock, "front", backend_channels=bound, backend_idle=2.0)
+    n1 = await start_apid(cluster, n1sock, "n1")
+    cache = front.proxy.channels
+    dead = _dead_port()
+    real = f"127.0.0.1:{n1.port}"
+    try:
+        async with cluster.channel(front.port, cluster.client("os:reader")) as ch:
+            m = machine_pb2_grpc.MachineServiceStub(ch)
+            # 300 distinct targets one by one (all refuse the connection), then fan-outs of 50
+            for i in range(300):
+                got = await outcome(
+                    m.Version(
+                        empty_pb2.Empty(),
+                        metadata=(("node", f"127.0.{i // 250}.{i % 250 + 2}:{dead}"),),
+                        timeout=10,
+                    )
+                )
+                assert got == grpc.StatusCode.UNAVAILABLE
+                assert len(cache) <= bound
+            for j in range(4):
+                targets = [f"127.1.{j}.{i + 2}:{dead}" for i in range(50)]
+                v = await m.Version(empty_pb2.Empty(), metadata=(("nodes", ",".join(targets)),), timeout=15)
+                assert len([x for x in v.messages if x.metadata.error]) == 50
+                assert len(cache) <= bound
+            await asyncio.sleep(0.2)
+            st = cache.stats()
+            assert st["cached"] <= bound and st["draining"] == 0 and st["in_use"] == 0, st
+            assert st["opened"] == 500 and st["closed"] == st["opened"] - st["cached"], st
+
+            # forwarding still works, and a stream on a channel that gets evicted runs to its end
+            v = await m.Version(empty_pb2.Empty(), metadata=(("node", real),), timeout=10)
+            assert [x.metadata.hostname for x in v.messages] == [real]
+            logs = m.Logs(
+                machine_pb2.LogsRequest(id="machined", tail_lines=1, follow=True),
+                metadata=(("node", real),),
+                timeout=30,
+            )
+            first = await logs.read()
+            assert first.bytes.decode().strip() == "hello from n1"
+            for i in range(2 * bound):  # the idle channels are evicted first: n1's carries a call
+                await outcome(
+                    m.Version(empty_pb2.Empty(), metadata=(("node", f"127.2.0.{i + 2}:{dead}"),), timeout=10)
+                )
+            assert len(cache) <= bound and real in cache
+            # a renewed client certificate: n1's channel leaves the cache for new calls ...
+            front.identity.renew()
+            v = await m.Version(empty_pb2.Empty(), metadata=(("node", real),), timeout=10)
+            assert [x.metadata.hostname for x in v.messages] == [real]
+            assert cache.stats()["draining"] == 1 and cache.stats()["replaced"] == 1
+            # ... and the stream still running on it goes on
+            n1node.rings["machined"].append("after the eviction")
+            nxt = await logs.read()
+            assert nxt.bytes.decode().strip() == "after the eviction"
+            logs.cancel()
+            async with asyncio.timeout(10):
+                while cache.stats()["draining"]:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            # idle expiry: nothing used for --backend-idle seconds → every channel closed
+            async with asyncio.timeout(15):
+                while len(cache):  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+            st = cache.stats()
+            assert st["closed"] == st["opened"] and st["expired"] >= 1, st
+            # and a new call simply opens a new channel
+            v = await m.Version(empty_pb2.Empty(), metadata=(("node", real),), timeout=10)
+            assert [x.metadata.hostname for x in v.messages] == [real]
+    finally:
+        await n1.stop()
+        await front.stop()
+        await n1srv.stop()
+        await fsrv.stop()

@@ -163,8 +163,11 @@ async def test_roles_follow_talos_rules(api):
     await call(api.ServiceStop, machine_pb2.ServiceStopRequest(id="web"), OPERATOR)
     e = await aborted(api.Logs, machine_pb2.LogsRequest(id="machined"), ["os:etcd:backup"])
     assert e.code is grpc.StatusCode.PERMISSION_DENIED
-    # several roles in one comma-separated value
-    await call(api.ServiceStart, machine_pb2.ServiceStartRequest(id="web"), ["os:reader, os:operator"])
+    # one role per talos-role value: a comma-separated value is no role (and grants nothing)
+    await call(api.ServiceStart, machine_pb2.ServiceStartRequest(id="web"), ["os:reader", "os:operator"])
+    for joined in ("os:reader, os:operator", "x,os:admin"):
+        e = await aborted(api.ServiceStart, machine_pb2.ServiceStartRequest(id="web"), [joined])
+        assert e.code is grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_os_only_calls_answer_failed_precondition(api):

@@ -120,6 +120,10 @@ async def test_sensitive_types_need_the_admin_role(api):
     assert spec(r)["publicKey"] == "pub"
     e = await aborted(api.Get(req, FakeContext(["os:etcd:backup"])))
     assert e.code is grpc.StatusCode.PERMISSION_DENIED and e.details == "not authorized"
+    # one role per talos-role value (never split): "x,os:admin" is not os:admin, nor a local caller
+    for joined in ("x,os:admin", "os:reader,os:admin"):
+        e = await aborted(api.Get(req, FakeContext([joined])))
+        assert e.code is grpc.StatusCode.PERMISSION_DENIED, joined
 
 
 async def test_list_with_label_and_id_queries(api):

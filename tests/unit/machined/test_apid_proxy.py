@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from machined import pki
-from machined.apid import proxy as proxy_mod
+from machined.api.roles import role_metadata
 from machined.apid.proxy import Proxy
 from machined.apid.tls import Identity
 from spanapi.talos.common import common_pb2
@@ -53,8 +53,15 @@ class FakeChannel:
 
         return call
 
+    closed = False
+
     async def close(self, grace=None):
-        pass
+        self.closed = True
+
+
+def use(p, chans):
+    """Route ``node`` values to fake channels: the cache's factory gets ``backend_target(node)``."""
+    p.channels.factory = lambda target: chans[target.removesuffix(":50000")]
 
 
 def rpc_error(code, details):
@@ -140,7 +147,7 @@ async def test_fan_out_merges_good_failed_and_malformed(setup, monkeypatch):
         "c": FakeChannel(b"\x0a\x09garbage"),
         "d": FakeChannel(version("named")),
     }
-    monkeypatch.setattr(p, "_channel", lambda node: chans[node])
+    use(p, chans)
     ctx = Ctx(pem(pki.issue_client(ca, ["os:reader"])), [("nodes", "a, b"), ("nodes", "c,d")])
     out = machine_pb2.VersionResponse.FromString(await p._unary(VERSION, b"", ctx))
     got = [(m.metadata.hostname, m.metadata.error) for m in out.messages]
@@ -156,7 +163,7 @@ async def test_fan_out_merges_good_failed_and_malformed(setup, monkeypatch):
 async def test_node_forward_errors_keep_status_and_malformed_is_internal(setup, monkeypatch):
     ca, p = setup
     chans = {"x": FakeChannel(rpc_error(grpc.StatusCode.NOT_FOUND, "nope")), "y": FakeChannel(b"\x80")}
-    monkeypatch.setattr(p, "_channel", lambda node: chans[node])
+    use(p, chans)
     admin = pem(pki.issue_client(ca, ["os:admin"]))
     with pytest.raises(Aborted) as e:
         await p._unary(VERSION, b"", Ctx(admin, [("node", "x")]))
@@ -166,19 +173,29 @@ async def test_node_forward_errors_keep_status_and_malformed_is_internal(setup, 
     assert e.value.code == grpc.StatusCode.INTERNAL
 
 
-async def test_channels_replaced_after_renewal_and_old_ones_closed(setup, monkeypatch):
+async def test_channels_replaced_after_renewal_and_old_ones_closed_after_their_calls(setup):
     _ca, p = setup
-    monkeypatch.setattr(proxy_mod, "RETIRE_GRACE", 0.0)
-    c1 = p._channel("127.0.0.1:1")
-    assert p._channel("127.0.0.1:1") is c1
-    p.identity.renew()
-    c2 = p._channel("127.0.0.1:1")
-    assert c2 is not c1 and c1 in p._old
-    for _ in range(50):
-        if c1 not in p._old:
-            break
-        await asyncio.sleep(0.01)
-    assert c1 not in p._old
+    made = []
+    p.channels.factory = lambda target: made.append(FakeChannel(b"")) or made[-1]
+    with p._lease("127.0.0.1:1") as c1:
+        with p._lease("127.0.0.1:1") as again:
+            assert again is c1  # one channel per target
+        p.identity.renew()  # a new client certificate: new calls get a new channel ...
+        with p._lease("127.0.0.1:1") as c2:
+            assert c2 is not c1
+        await asyncio.sleep(0)
+        assert not c1.closed  # ... while the call still running on the old one finishes
+    await asyncio.sleep(0)
+    assert c1.closed and not c2.closed
+    assert p.channels.stats()["replaced"] == 1
+
+
+async def test_the_real_dial_is_a_dns_target(setup):
+    """A host named like a grpc URI scheme (``unix:1234``) stays a host name: never a unix socket."""
+    _ca, p = setup
+    with p._lease("unix:1234") as ch:
+        assert isinstance(ch, grpc.aio.Channel)
+    assert "unix:1234" in p.channels
 
 
 def test_calls_to_other_nodes_end_before_the_callers_deadline():
@@ -197,3 +214,150 @@ def test_calls_to_other_nodes_end_before_the_callers_deadline():
     assert Proxy._timeout(Timed(30.0), 5.0) == pytest.approx(30.0)
     assert Proxy._timeout(Timed(None), 5.0, remote=True) == 5.0
     assert Proxy._timeout(Timed(1e10), None, remote=True) is None
+
+
+# -- bad targets, fan-out bound, the channel cache ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "md, needle",
+    [
+        ([("node", "h" * 256)], "the limit is 255"),
+        ([("node", "unix:/run/machined/machined.sock")], "not a host"),
+        ([("node", "a b")], "not a host"),
+        ([("node", "user@h")], "not a host"),
+        ([("node", "h:0")], "port must be a number from 1 to 65535"),
+        ([("node", "h:65536")], "port must be a number from 1 to 65535"),
+        ([("node", "h:http")], "port must be a number from 1 to 65535"),
+        ([("node", "[fd00::1")], "not a host"),
+        ([("node", "[h]:1")], "not a host"),
+        ([("node", "fd00::zz")], "not a host"),
+        ([("nodes", "ok1,ok2,bad/x")], "not a host"),
+        (
+            [("nodes", ",".join(f"10.0.{i // 250}.{i % 250}" for i in range(257)))],
+            "the limit is 256 per call",
+        ),
+    ],
+)
+async def test_bad_targets_and_too_many_are_refused_before_dialing(setup, md, needle):
+    ca, p = setup
+    p.channels.factory = lambda target: pytest.fail(f"dialed {target}")
+    with pytest.raises(Aborted) as e:
+        await p._unary(VERSION, b"", Ctx(pem(pki.issue_client(ca, ["os:reader"])), md))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details, e.value.details
+    assert len(p.channels) == 0
+
+
+async def test_the_fan_out_bound_allows_256(setup):
+    ca, p = setup
+    p.channels.factory = lambda target: FakeChannel(version(""))
+    nodes = [f"10.0.{i // 250}.{i % 250}" for i in range(256)]
+    ctx = Ctx(pem(pki.issue_client(ca, ["os:reader"])), [("nodes", ",".join(nodes))])
+    out = machine_pb2.VersionResponse.FromString(await p._unary(VERSION, b"", ctx))
+    assert len(out.messages) == 256
+
+
+async def test_3000_distinct_targets_keep_the_cache_bounded_and_close_what_leaves(tmp_path):
+    """The issue: one reader naming 3,000 distinct node targets grew apid without bound."""
+    ca = pki.generate_ca()
+    made = []
+
+    def factory(target):
+        made.append(FakeChannel(rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused")))
+        return made[-1]
+
+    p = Proxy("/nonexistent.sock", Identity(ca, "front"), max_channels=32, channel_factory=factory)
+    try:
+        reader = pem(pki.issue_client(ca, ["os:reader"]))
+        for i in range(3000):
+            with pytest.raises(Aborted):
+                await p._unary(VERSION, b"", Ctx(reader, [("node", f"10.{i // 250}.{i % 250}.1")]))
+            assert len(p.channels) <= 32
+        await asyncio.sleep(0)
+        st = p.channels.stats()
+        assert st["cached"] == 32 and st["draining"] == 0 and st["in_use"] == 0
+        assert st["opened"] == 3000 and st["closed"] == 3000 - 32 and st["evicted"] == 3000 - 32
+        assert sum(c.closed for c in made) == 3000 - 32
+        assert not any(c.closed for c in made[-32:])  # the 32 most recent are the cached ones
+    finally:
+        await p.close()
+    assert all(c.closed for c in made)
+
+
+async def test_a_certificate_with_o_x_comma_admin_is_not_admin(setup):
+    """One role per O= value: ``O=x,os:admin`` is one unknown role; it grants nothing and is never
+    forwarded as (or split into) os:admin."""
+    ca, p = setup
+    p.local = FakeChannel(version("front"))
+    odd = pem(pki.issue_client(ca, ["x,os:admin"]))
+    for method in (VERSION, "/cosi.resource.State/Get", "/machine.MachineService/ApplyConfiguration"):
+        with pytest.raises(Aborted) as e:
+            await p._unary(method, b"", Ctx(odd, [("talos-role", "os:admin")]))
+        assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert p.local.seen == []
+    both = pem(pki.issue_client(ca, ["x,os:admin", "os:reader"]))
+    await p._unary(VERSION, b"", Ctx(both))
+    assert [v for k, v in p.local.seen[0][2] if k == "talos-role"] == ["os:reader"]
+    with pytest.raises(Aborted) as e:
+        await p._unary("/machine.MachineService/ApplyConfiguration", b"", Ctx(both))
+    assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_an_impersonator_forwards_roles_one_value_each(setup):
+    ca, p = setup
+    p.local = FakeChannel(version("front"))
+    imp = pem(pki.issue_client(ca, ["os:impersonator"]))
+    await p._unary(VERSION, b"", Ctx(imp, role_metadata({"os:reader", "os:operator"})))
+    assert [v for k, v in p.local.seen[0][2] if k == "talos-role"] == ["os:operator", "os:reader"]
+    # a joined value from an impersonator is no role: nothing allowed (not its own certificate's roles)
+    with pytest.raises(Aborted) as e:
+        await p._unary(VERSION, b"", Ctx(imp, [("talos-role", "os:reader,os:admin")]))
+    assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+class StreamChannel:
+    """``unary_stream(method)(...)`` yields ``n`` replies (forever when n is None)."""
+
+    def __init__(self, n=None):
+        self.n, self.closed, self.cancelled = n, False, 0
+
+    def unary_stream(self, method):
+        chan = self
+
+        class Call:
+            def __init__(self):
+                self.i = 0
+
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                if chan.n is not None and self.i >= chan.n:
+                    raise StopAsyncIteration
+                self.i += 1
+                await asyncio.sleep(0)
+                return version("")
+
+            def cancel(self):
+                chan.cancelled += 1
+
+        return lambda request, metadata=None, timeout=None: Call()
+
+    async def close(self, grace=None):
+        self.closed = True
+
+
+async def test_a_fan_out_stream_the_client_abandons_ends_and_returns_its_channels(setup):
+    """The client reads one message and goes away while every node still has more to send (the
+    merge queue full): the pumps end, and their channels are no longer in use."""
+    ca, p = setup
+    chans = {n: StreamChannel() for n in ("a", "b", "c")}
+    use(p, chans)
+    ctx = Ctx(pem(pki.issue_client(ca, ["os:reader"])), [("nodes", "a,b,c")])
+    stream = p._stream("/machine.MachineService/Logs", b"", ctx)
+    await stream.__anext__()
+    await asyncio.sleep(0.05)  # the pumps fill the queue and block on it
+    async with asyncio.timeout(5):
+        await stream.aclose()
+    assert p.channels.stats()["in_use"] == 0
+    assert all(c.cancelled for c in chans.values())

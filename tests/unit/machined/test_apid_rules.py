@@ -1,7 +1,17 @@
+"""apid and machined share one rule table (machined.api.roles); apid adds only impersonation."""
+
 import pytest
 
-from machined.api.roles import RULES as MACHINED_RULES
-from machined.apid.rules import RULES, allowed, effective_roles, required_roles
+import machined.api
+import machined.api.roles
+import machined.apid
+from machined.apid.rules import effective_roles
+
+RULES, allowed, required_roles = (
+    machined.api.roles.RULES,
+    machined.api.roles.allowed,
+    machined.api.roles.required_roles,
+)
 
 A, O, R, I = "os:admin", "os:operator", "os:reader", "os:impersonator"  # noqa: E741
 
@@ -39,19 +49,23 @@ A, O, R, I = "os:admin", "os:operator", "os:reader", "os:impersonator"  # noqa: 
 )
 def test_rule_table(method, roles):
     assert required_roles(method) == roles
-    for role in (A, O, R, I, "os:etcd:backup", "os:meta:writer", "x:unknown"):
+    for role in (A, O, R, I, "os:etcd:backup", "os:meta:writer", "x:unknown", "x,os:admin"):
         assert allowed(method, {role}) == (role in roles)
 
 
-def test_agrees_with_machined_on_every_method_machined_lists():
-    for method, roles in MACHINED_RULES.items():
-        assert RULES[method] == roles, method
+def test_one_table_for_apid_and_machined():
+    assert machined.apid.RULES is machined.api.RULES is RULES
+    assert machined.apid.allowed is machined.api.allowed is allowed
+    assert machined.apid.required_roles is required_roles
 
 
 def test_impersonator_roles_from_metadata_others_ignored():
-    md = (("talos-role", "os:reader,os:operator"), ("talos-role", "os:x"), ("other", "v"))
+    md = (("talos-role", "os:reader"), ("talos-role", "os:operator"), ("talos-role", "os:x"), ("other", "v"))
     assert effective_roles(frozenset({I}), md) == {R, O, "os:x"}
-    assert effective_roles(frozenset({I}), [(b"talos-role", b"os:admin")][:0]) == {I}
+    assert effective_roles(frozenset({I}), ()) == {I}  # no header: the certificate's roles
     assert effective_roles(frozenset({R}), (("talos-role", "os:admin"),)) == {R}  # no escalation
     assert effective_roles(frozenset({A, R}), None) == {A, R}
     assert not allowed("/machine.MachineService/Version", effective_roles(frozenset({I}), ()))
+    # one role per value here too: a comma-joined value is no role at all, and grants nothing
+    assert effective_roles(frozenset({I}), (("talos-role", "x,os:admin"),)) == frozenset()
+    assert effective_roles(frozenset({I}), (("talos-role", "os:reader,os:admin"),)) == frozenset()

@@ -79,6 +79,10 @@ def test_backend_targets_and_metadata_filter():
     assert backend_target("fd00::1") == "[fd00::1]:50000"
     assert backend_target("[fd00::1]") == "[fd00::1]:50000"
     assert backend_target("[fd00::1]:7") == "[fd00::1]:7"
+    assert backend_target(" Node_1.example.com:7 ") == "Node_1.example.com:7"
+    assert backend_target("fe80::1%eth0") == "[fe80::1%eth0]:50000"
+    assert backend_target("unix:1234") == "unix:1234"  # a host named unix (dialed as dns:///unix:1234)
+    assert backend_target("h" * 249 + ":50000") == "h" * 249 + ":50000"  # 255 characters: the limit
     md = [("talos-role", "os:admin"), ("node", "a"), ("nodes", "b"), ("proxyfrom", "x"), (":authority", "h"),
           ("user-agent", "u"), ("grpc-timeout", "1"), ("x-trace", "t")]  # fmt: skip
     assert forward_metadata(md) == [("x-trace", "t")]
