@@ -35,6 +35,7 @@ from kubespan.constants import ConfigError, MeshConfig
 from kubespan.engine import Mesh, MeshOptions
 from kubespan.metrics import MeshCollector
 from kubespan.peers import EndpointFilter
+from kubespan.perms import warn_permissions
 from kubespan.wgtypes import AddrPort
 from kubespan.wiring import build_mesh
 
@@ -191,6 +192,7 @@ def read_secret(ns: argparse.Namespace) -> bytes:
 
 async def run(ns: argparse.Namespace) -> int:
     secret = read_secret(ns)
+    warn_permissions(log, (ns.cluster_secret_file,), ns.state_dir)
     try:
         cfg = MeshConfig(
             link_name=ns.link,

@@ -66,6 +66,23 @@ class Node(Protocol):
     def log_ring(self, id: str) -> LogRing | None: ...
 
 
+MAX_STATUS_BYTES = 4096  # a status message travels percent-encoded in trailers; gRPC allows ~8 KiB of them
+
+
+def status_message(text: str, limit: int = MAX_STATUS_BYTES) -> str:
+    """``text`` cut so that its percent-encoded form (``grpc-message``: every byte outside printable
+    ASCII, and ``%``, takes three) fits in ``limit`` bytes, with `` ... (truncated)`` at the cut."""
+    tail = " ... (truncated)"
+    used, cut = 0, len(text)
+    for i, ch in enumerate(text):
+        used += 1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode("utf-8", "replace"))
+        if used > limit - len(tail) and cut == len(text):
+            cut = i
+        if used > limit:
+            return text[:cut] + tail
+    return text
+
+
 def _version() -> str:
     try:
         return "v" + importlib.metadata.version("kubespan-mesh")
@@ -191,17 +208,19 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
         self, request: machine_pb2.ApplyConfigurationRequest, context: Any
     ) -> machine_pb2.ApplyConfigurationResponse:
         try_timeout = DEFAULT_TRY_TIMEOUT
-        if request.HasField("try_mode_timeout"):
-            try_timeout = request.try_mode_timeout.ToTimedelta().total_seconds()
+        if request.HasField("try_mode_timeout"):  # not ToTimedelta(): it overflows past 999999999 days
+            d = request.try_mode_timeout
+            try_timeout = d.seconds + d.nanos / 1e9  # range-checked (TRY only) by the config manager
         try:
-            result = self.node.config.apply(
+            result = await self.node.config.apply_async(
                 bytes(request.data), request.mode, dry_run=request.dry_run, try_timeout=try_timeout
             )
         except ConfigValidationError as e:
             self.node.events.publish(machine_pb2.ConfigValidationErrorEvent(error=str(e)))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(str(e)))
         except ApplyError as e:
-            await context.abort(_APPLY_CODES.get(e.code, grpc.StatusCode.FAILED_PRECONDITION), str(e))
+            code = _APPLY_CODES.get(e.code, grpc.StatusCode.FAILED_PRECONDITION)
+            await context.abort(code, status_message(str(e)))
         details = result.mode_details
         if result.dry_run:
             details = f"Dry run summary:\n{details}\n\nConfig diff:\n\n{result.diff}"

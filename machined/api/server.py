@@ -3,7 +3,9 @@
 The socket is created with mode 0660 (``mode``) and, when ``group`` is given, owned by that group:
 its permissions decide who may connect, and a connected caller without ``talos-role`` metadata is
 ``os:admin`` (see :mod:`machined.api.roles`). A stale socket file left by a killed agent is removed;
-a socket that still answers belongs to a running machined and is an error.
+a socket that still answers belongs to a running machined and is an error. Anything else at the path
+(a regular file, a directory, a symbolic link, ...) is never removed: serving refuses to start
+(:func:`check_socket_path`), so a mistyped ``--socket`` cannot delete a file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import grp
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +42,37 @@ def _gid(group: str | int) -> int:
         raise ValueError(f"socket group {group!r} does not exist") from None
 
 
+class NotASocket(ValueError):
+    """Something other than a unix socket is at the socket path."""
+
+
+_KINDS = (
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def check_socket_path(path: Path | str) -> bool:
+    """True when a unix socket is at ``path``, False when nothing is; :class:`NotASocket` (naming the
+    path and what is there) for anything else. Symbolic links are not followed."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISSOCK(mode):
+        return True
+    what = next((name for test, name in _KINDS if test(mode)), "not a socket")
+    raise NotASocket(
+        f"{path} is {what}, not a unix socket: refusing to replace it (remove it or pass another --socket)"
+    )
+
+
 def _clear_stale(path: Path) -> None:
-    if not path.exists() and not path.is_symlink():
+    if not check_socket_path(path):
         return
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -61,8 +93,9 @@ class ApiServer:
 
     async def stop(self, grace: float | None = 0.5) -> None:
         await self.server.stop(grace)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        with contextlib.suppress(FileNotFoundError, NotASocket):
+            if check_socket_path(self.path):  # ours, unless it was replaced meanwhile
+                self.path.unlink()
 
 
 async def serve(

@@ -10,6 +10,7 @@
 
 from machined.config.apply import (
     DEFAULT_TRY_TIMEOUT,
+    MAX_TRY_TIMEOUT,
     ApplyMode,
     ApplyResult,
     ConfigEvent,
@@ -17,6 +18,7 @@ from machined.config.apply import (
     LoopTimer,
     PendingTry,
     Timer,
+    check_try_timeout,
 )
 from machined.config.documents import (
     DEFAULT_DISCOVERY_ENDPOINT,
@@ -37,6 +39,7 @@ from machined.config.store import ConfigStore
 __all__ = [
     "DEFAULT_DISCOVERY_ENDPOINT",
     "DEFAULT_TRY_TIMEOUT",
+    "MAX_TRY_TIMEOUT",
     "AgentSettings",
     "ApplyError",
     "ApplyMode",
@@ -65,5 +68,6 @@ __all__ = [
     "Timer",
     "V1Alpha1",
     "apply_patches",
+    "check_try_timeout",
     "load_patch",
 ]

@@ -15,7 +15,12 @@ Modes (numbered as Talos's ``ApplyConfigurationRequest.Mode``):
 * ``REBOOT`` is refused (``unimplemented``), as on current Talos.
 
 ``dry_run`` changes nothing and returns a unified diff of the YAML against the running config with
-secrets redacted (changed secrets are marked as changed), ``No changes.`` when equal.
+secrets redacted (changed secrets are marked as changed), ``No changes.`` when equal. The diff is
+computed for a dry run only.
+
+:meth:`ConfigManager.apply_async` is what the machine API calls: the same, with parsing, the dry run's
+diff and the store's writes in a worker thread, so a large config never stalls the event loop (which
+also runs the mesh). The size of what gets that far is bounded by :mod:`machined.config.yamlio`.
 
 What a change does to the running agent is in :class:`ChangeEffects` (``result.effects``): which mesh
 settings changed (the mesh engine is rebuilt; with cleanup when the link, routing, marks, nft table,
@@ -42,6 +47,25 @@ from machined.config.store import ConfigStore
 log = logging.getLogger("machined.config")
 
 DEFAULT_TRY_TIMEOUT = 60.0
+MAX_TRY_TIMEOUT = 24 * 3600.0  # a TRY is meant to be confirmed within minutes; a day is already generous
+
+
+def check_try_timeout(seconds: float) -> float:
+    """``seconds`` if it is a usable TRY timeout, else ``ApplyError`` (invalid_argument) naming the range."""
+    if not 0 < seconds <= MAX_TRY_TIMEOUT:  # NaN fails too
+        raise ApplyError(
+            "invalid_argument",
+            f"try_mode_timeout: must be greater than 0 and at most {MAX_TRY_TIMEOUT:.0f} s (24h), "
+            f"got {seconds:.6g} s",
+        )
+    return seconds
+
+
+def _parse(text: str | bytes, dry_run: bool) -> MachineConfig:
+    cfg = MachineConfig.parse(text)
+    if not dry_run:
+        cfg.canonical_yaml()  # rendered here rather than on the event loop by the MachineConfig resource
+    return cfg
 
 
 class ApplyMode(enum.IntEnum):
@@ -104,7 +128,7 @@ class ApplyResult:
     mode: ApplyMode  # the mode actually used (AUTO reports NO_REBOOT)
     mode_details: str
     warnings: tuple[str, ...]
-    diff: str  # redacted unified diff against the running config; "No changes." when equal
+    diff: str  # dry run: redacted unified diff against the running config ("No changes." when equal); else ""
     effects: ChangeEffects
     dry_run: bool = False
     pending: PendingTry | None = None
@@ -191,61 +215,45 @@ class ConfigManager:
 
         Raises ``ConfigValidationError`` (invalid config: nothing changes) or ``ApplyError``.
         """
-        try:
-            mode = ApplyMode(mode)
-        except ValueError:
-            raise ApplyError("invalid_argument", f"unknown apply mode {mode!r}") from None
-        if mode is ApplyMode.REBOOT:
-            raise ApplyError(
-                "unimplemented", "apply mode REBOOT is not supported: nothing on this agent needs a reboot"
-            )
-        if self._busy:
-            raise ApplyError("failed_precondition", "another configuration change is in progress")
+        used = self._check(mode, try_timeout)
         new = config if isinstance(config, MachineConfig) else MachineConfig.parse(config)
-        used = ApplyMode.NO_REBOOT if mode is ApplyMode.AUTO else mode
-        if used is ApplyMode.TRY:
-            if self._running is None:
-                raise ApplyError("failed_precondition", "TRY needs a running config to roll back to")
-            if not try_timeout > 0:
-                raise ApplyError("invalid_argument", "try_timeout must be greater than 0")
-        old = self._running
-        effects = change_effects(old, new)
-        diff = config_diff(old, new)
-        warnings = tuple(str(w) for w in new.warnings)
         if dry_run:
-            return ApplyResult(
-                used,
-                f"dry run: {self._details(used, effects, try_timeout)}",
-                warnings,
-                diff,
-                effects,
-                True,
-                self._pending,
-            )
+            old = self._running
+            return self._dry_run(used, old, new, try_timeout, config_diff(old, new))
         self._busy = True
         try:
-            if used is ApplyMode.NO_REBOOT:
-                self.store.save_active(new)
-                self.store.clear_staged()
-                self._cancel_try()
-                self._persisted = self._running = new
-                self._emit(ConfigEvent("apply", old, new, effects))
-            elif used is ApplyMode.STAGED:
-                self.store.save_staged(new)
-                self._cancel_try()
-            else:
-                assert old is not None
-                previous = self._pending.previous if self._pending else old
-                self._cancel_try()
-                self._pending = PendingTry(new, previous, self.timer.now() + try_timeout, try_timeout)
-                self._handle = self.timer.call_later(try_timeout, self._expire)
-                self._running = new
-                self._emit(ConfigEvent("try", old, new, effects))
+            self._persist(used, new)
+            return self._commit(used, new, try_timeout)
         finally:
             self._busy = False
-        return ApplyResult(
-            used, self._details(used, effects, try_timeout), warnings, diff, effects, False, self._pending
+
+    async def apply_async(
+        self,
+        config: MachineConfig | str | bytes,
+        mode: ApplyMode = ApplyMode.AUTO,
+        *,
+        dry_run: bool = False,
+        try_timeout: float = DEFAULT_TRY_TIMEOUT,
+    ) -> ApplyResult:
+        """:meth:`apply` on the event loop: parsing, the dry run's diff and the store's writes (which
+        parse the text again) run in a worker thread; the switch of the running config stays on the
+        loop. A second change that arrives meanwhile is refused as in :meth:`apply`."""
+        used = self._check(mode, try_timeout)
+        new = (
+            config if isinstance(config, MachineConfig) else await asyncio.to_thread(_parse, config, dry_run)
         )
+        if dry_run:
+            old = self._running
+            diff = await asyncio.to_thread(config_diff, old, new)
+            return self._dry_run(used, old, new, try_timeout, diff)
+        self._check(mode, try_timeout)  # again: the state may have changed while parsing
+        self._busy = True
+        try:
+            if used is not ApplyMode.TRY:
+                await asyncio.to_thread(self._persist, used, new)
+            return self._commit(used, new, try_timeout)
+        finally:
+            self._busy = False
 
     def patch(
         self,
@@ -286,6 +294,70 @@ class ConfigManager:
             self._handle = None
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _check(self, mode: ApplyMode | int, try_timeout: float) -> ApplyMode:
+        """The mode actually used, or ``ApplyError`` when the request cannot be honoured now."""
+        try:
+            mode = ApplyMode(mode)
+        except ValueError:
+            raise ApplyError("invalid_argument", f"unknown apply mode {mode!r}") from None
+        if mode is ApplyMode.REBOOT:
+            raise ApplyError(
+                "unimplemented", "apply mode REBOOT is not supported: nothing on this agent needs a reboot"
+            )
+        if self._busy:
+            raise ApplyError("failed_precondition", "another configuration change is in progress")
+        used = ApplyMode.NO_REBOOT if mode is ApplyMode.AUTO else mode
+        if used is ApplyMode.TRY:
+            check_try_timeout(try_timeout)
+            if self._running is None:
+                raise ApplyError("failed_precondition", "TRY needs a running config to roll back to")
+        return used
+
+    def _dry_run(
+        self, used: ApplyMode, old: MachineConfig | None, new: MachineConfig, try_timeout: float, diff: str
+    ) -> ApplyResult:
+        effects = change_effects(old, new)
+        return ApplyResult(
+            used,
+            f"dry run: {self._details(used, effects, try_timeout)}",
+            tuple(str(w) for w in new.warnings),
+            diff,
+            effects,
+            True,
+            self._pending,
+        )
+
+    def _persist(self, used: ApplyMode, new: MachineConfig) -> None:
+        """The store's part of an apply (no in-memory state: safe in a worker thread)."""
+        if used is ApplyMode.NO_REBOOT:
+            self.store.save_active(new)
+            self.store.clear_staged()
+        elif used is ApplyMode.STAGED:
+            self.store.save_staged(new)
+
+    def _commit(self, used: ApplyMode, new: MachineConfig, try_timeout: float) -> ApplyResult:
+        """The running agent's part of an apply, after :meth:`_persist` succeeded."""
+        old = self._running
+        effects = change_effects(old, new)
+        if used is ApplyMode.NO_REBOOT:
+            self._cancel_try()
+            self._persisted = self._running = new
+            self._emit(ConfigEvent("apply", old, new, effects))
+        elif used is ApplyMode.STAGED:
+            self._cancel_try()
+        else:
+            assert old is not None
+            previous = self._pending.previous if self._pending else old
+            self._cancel_try()
+            self._pending = PendingTry(new, previous, self.timer.now() + try_timeout, try_timeout)
+            self._handle = self.timer.call_later(try_timeout, self._expire)
+            self._running = new
+            self._emit(ConfigEvent("try", old, new, effects))
+        warnings = tuple(str(w) for w in new.warnings)
+        return ApplyResult(
+            used, self._details(used, effects, try_timeout), warnings, "", effects, False, self._pending
+        )
 
     def _expire(self) -> None:
         self._handle = None

@@ -7,7 +7,22 @@ was broken. Messages never carry the value of a secret field.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+MAX_LISTED = 10  # problems (or warning paths) listed in a message; the rest are counted
+MAX_LINE = 300  # characters of one listed item (a field path can hold a key of any length)
+
+
+def clip(text: str, limit: int = MAX_LINE) -> str:
+    """``text`` cut to ``limit`` characters (``...`` marks the cut)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def listing(items: Sequence[str], limit: int = MAX_LISTED) -> tuple[list[str], str]:
+    """The first ``limit`` items, each clipped, and ``and N more`` (or "") for the rest."""
+    rest = len(items) - limit
+    return [clip(i) for i in items[:limit]], (f"and {rest} more" if rest > 0 else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,19 +58,28 @@ class ConfigWarning:
 
     def __str__(self) -> str:
         where = f" (document {self.index + 1})" if self.index >= 0 else ""
-        listed = f": {', '.join(self.paths)}" if self.paths else ""
-        return f"{self.document}{where}: {self.message}{listed}"
+        shown, more = listing(self.paths)
+        listed = f": {', '.join([*shown, more] if more else shown)}" if self.paths else ""
+        return clip(f"{self.document}{where}: {clip(self.message, 4 * MAX_LINE)}{listed}", 8 * MAX_LINE)
 
 
 class ConfigValidationError(ValueError):
-    """The config is invalid; ``problems`` holds every broken rule found (not only the first)."""
+    """The config is invalid; ``problems`` holds every broken rule found (not only the first).
+
+    The message lists the first :data:`MAX_LISTED` problems, each cut to :data:`MAX_LINE` characters,
+    and counts the rest: it stays a few KB whatever the config (it travels in a gRPC status, whose
+    metadata is limited to 8 KiB, and in logs and events).
+    """
 
     def __init__(self, problems: tuple[Problem, ...], warnings: tuple[ConfigWarning, ...] = ()) -> None:
         self.problems = problems
         self.warnings = warnings
         n = len(problems)
+        shown, more = listing([str(p) for p in problems[: MAX_LISTED + 1]])
         lines = [f"invalid machine config ({n} problem{'s' if n != 1 else ''}):"]
-        lines += [f"  - {p}" for p in problems]
+        lines += [f"  - {p}" for p in shown]
+        if more:
+            lines.append(f"  - and {n - MAX_LISTED} more")
         super().__init__("\n".join(lines))
 
 

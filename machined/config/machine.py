@@ -187,6 +187,7 @@ class MachineConfig:
 
     __slots__ = (
         "_agent",
+        "_canonical",
         "_discovery",
         "_docs",
         "_extra_endpoints",
@@ -200,6 +201,7 @@ class MachineConfig:
     )
 
     _agent: AgentSettings
+    _canonical: str | None
     _discovery: tuple[DiscoveryEndpoint, ...]
     _docs: tuple[dict[str, Any], ...]
     _extra_endpoints: tuple[AddrPort, ...]
@@ -388,6 +390,7 @@ class MachineConfig:
 
         self = object.__new__(cls)
         self._docs = tuple(docs)
+        self._canonical = None
         self._refs = tuple(refs)
         self._source = source
         self._v1 = v1
@@ -480,7 +483,10 @@ class MachineConfig:
         return self._source if self._source is not None else self.canonical_yaml()
 
     def canonical_yaml(self) -> str:
-        return dump_documents(self._docs)
+        """The documents as YAML (rendered once: the MachineConfig resource shows it on every read)."""
+        if self._canonical is None:
+            self._canonical = dump_documents(self._docs)
+        return self._canonical
 
     def redacted_yaml(self) -> str:
         """Canonical YAML with every secret replaced by ``<redacted>``."""

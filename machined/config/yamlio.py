@@ -10,6 +10,28 @@ accepts and keep values predictable:
 * syntax errors carry line and column but never the text of the offending line, which could be a
   secret.
 
+Loading is also bounded, so a hostile document cannot stall machined (and the mesh on the same event
+loop) or exhaust its memory. The limits are checked while the YAML is composed, before any Python
+object is built, and a refusal names the limit (``config: alias expansion exceeds 100000 nodes``):
+
+* :data:`MAX_BYTES`, 4 MiB of text. Real machine configs are a few tens of KB; the largest are
+  Talos configs with inline manifests (a CNI manifest is 0.1 to 1.5 MB). Cloud user data, the usual
+  transport of a Talos config, is capped far lower (16 KB to 256 KB).
+* :data:`MAX_DEPTH`, 64 nested mappings/sequences, counted through aliases. A Talos config nests
+  about 8 deep (``machine.network.interfaces[].vlans[].addresses[]``); manifests are strings.
+* :data:`MAX_NODES`, 100,000 YAML nodes (keys, values, items) in the whole stream, with an alias
+  counted as the full size of the node it refers to every time it is referenced: this is the size of
+  the data after alias expansion, so an alias bomb ("billion laughs") is refused after reading a
+  few hundred bytes. A Talos config has a few hundred to a few thousand nodes. The bound also keeps
+  every later step (validation, redaction, diff, dump) to well under a second.
+* :data:`MAX_DOCUMENTS`, 64 documents. machined reads about six kinds, one document each except
+  ``ServiceConfig`` and ``DiscoveryServiceConfig``; a Talos config has one to a few dozen.
+
+A recursive alias (``&a [*a]``) is refused too: its expansion is infinite.
+
+The parser is libyaml's (PyYAML's C extension, about 50 times faster than the pure-Python scanner)
+when it is available; composing (where the limits are checked) and constructing are in Python.
+
 Dumping produces block style, 4-space indents and indented lists (Talos's look) and literal blocks for multi-line
 strings.
 """
@@ -44,8 +66,123 @@ _FLOAT = re.compile(
 )
 
 
-class _Loader(yaml.SafeLoader):
-    pass
+MAX_BYTES = 4 << 20
+MAX_DEPTH = 64
+MAX_NODES = 100_000
+MAX_DOCUMENTS = 64
+
+try:  # libyaml's parser; the pure-Python one (same events, 30-100x slower) otherwise
+    from yaml.cyaml import CParser
+
+    _SOURCE: tuple[type, ...] = (CParser,)
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    _SOURCE = (yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser)
+
+
+class LimitExceeded(Exception):
+    """The YAML is over one of the loading limits; ``rule`` names it (see the module docstring)."""
+
+    def __init__(self, rule: str) -> None:
+        super().__init__(rule)
+        self.rule = rule
+
+
+def _at(mark: Any) -> str:
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+
+
+class _BoundedComposer(yaml.composer.Composer):
+    """PyYAML's composer with the limits of the module docstring checked as each node is composed.
+
+    ``_nodes`` counts the nodes of the stream so far with each alias counted as the expanded size of
+    its node (``_sizes``, per anchor, known once the anchored node is complete); ``_depth`` is the
+    number of open collections and ``_peak`` the deepest point reached (aliases included), from which
+    an anchored node's height (``_heights``) is known. An alias whose node is not complete yet is
+    recursive.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._nodes = 0
+        self._documents = 0
+        self._depth = 0
+        self._peak = 0
+        self._sizes: dict[str, int] = {}
+        self._heights: dict[str, int] = {}
+
+    def compose_document(self) -> Any:
+        self._documents += 1
+        if self._documents > MAX_DOCUMENTS:
+            raise LimitExceeded(f"more than {MAX_DOCUMENTS} documents{_at(self.peek_event().start_mark)}")
+        node = super().compose_document()
+        self._sizes.clear()
+        self._heights.clear()
+        return node
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            anchor = event.anchor
+            if anchor in self.anchors and anchor not in self._sizes:
+                raise LimitExceeded(
+                    f"alias *{anchor} refers to a node that contains it{_at(event.start_mark)}"
+                )
+            if anchor in self._sizes:
+                self._nodes += self._sizes[anchor]
+                if self._nodes > MAX_NODES:
+                    raise LimitExceeded(f"alias expansion exceeds {MAX_NODES} nodes{_at(event.start_mark)}")
+                deepest = self._depth + self._heights[anchor]
+                if deepest > MAX_DEPTH:
+                    raise LimitExceeded(
+                        f"nesting deeper than {MAX_DEPTH} levels through alias *{anchor}{_at(event.start_mark)}"
+                    )
+                self._peak = max(self._peak, deepest)
+            return super().compose_node(parent, index)  # undefined alias: PyYAML's error
+        event = self.peek_event()
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise LimitExceeded(f"more than {MAX_NODES} nodes{_at(event.start_mark)}")
+        anchor = event.anchor
+        if anchor is None or anchor in self.anchors:  # a duplicate anchor: PyYAML's error
+            return super().compose_node(parent, index)
+        nodes, peak = self._nodes, self._peak
+        self._peak = self._depth
+        node = super().compose_node(parent, index)
+        self._sizes[anchor] = self._nodes - nodes + 1
+        self._heights[anchor] = self._peak - self._depth
+        self._peak = max(peak, self._peak)
+        return node
+
+    def _enter(self) -> None:
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise LimitExceeded(f"nesting deeper than {MAX_DEPTH} levels{_at(self.peek_event().start_mark)}")
+        self._peak = max(self._peak, self._depth)
+
+    def compose_sequence_node(self, anchor: Any) -> Any:
+        self._enter()
+        node = super().compose_sequence_node(anchor)
+        self._depth -= 1
+        return node
+
+    def compose_mapping_node(self, anchor: Any) -> Any:
+        self._enter()
+        node = super().compose_mapping_node(anchor)
+        self._depth -= 1
+        return node
+
+
+class _Loader(_BoundedComposer, *_SOURCE, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):  # type: ignore[misc]
+    def __init__(self, stream: str) -> None:
+        if len(_SOURCE) == 1:
+            _SOURCE[0].__init__(self, stream)  # type: ignore[misc]
+        else:  # pragma: no cover - PyYAML without libyaml
+            yaml.reader.Reader.__init__(self, stream)
+            yaml.scanner.Scanner.__init__(self)
+            yaml.parser.Parser.__init__(self)
+        _BoundedComposer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -102,8 +239,12 @@ def syntax_problem(err: yaml.YAMLError, what: str = "yaml") -> Problem:
 def load_documents(text: str | bytes, what: str = "yaml") -> list[Any]:
     """All non-empty documents of a multi-document YAML stream.
 
-    Raises :class:`ConfigValidationError` on a syntax error (position and reason only).
+    Raises :class:`ConfigValidationError` on a syntax error (position and reason only) and when the
+    text is over one of the limits of the module docstring (the problem names the limit).
     """
+    size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_BYTES:
+        raise ConfigValidationError((Problem(what, -1, "", f"{size} bytes, limit {MAX_BYTES} (4 MiB)"),))
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -112,9 +253,18 @@ def load_documents(text: str | bytes, what: str = "yaml") -> list[Any]:
                 (Problem(what, -1, "", f"must be UTF-8 text (invalid byte at offset {e.start})"),)
             ) from None
     try:
-        docs = list(yaml.load_all(text, Loader=_Loader))  # our _Loader is a SafeLoader
+        docs = list(yaml.load_all(text, Loader=_Loader))  # safe: SafeConstructor, bounded composer
     except yaml.YAMLError as e:
+        if "maximum nesting depth" in str(getattr(e, "problem", "")):  # libyaml's own bound (1000)
+            mark = getattr(e, "problem_mark", None)
+            raise ConfigValidationError(
+                (Problem(what, -1, "", f"nesting deeper than {MAX_DEPTH} levels{_at(mark)}"),)
+            ) from None
         raise ConfigValidationError((syntax_problem(e, what),)) from None
+    except LimitExceeded as e:
+        raise ConfigValidationError((Problem(what, -1, "", e.rule),)) from None
+    except RecursionError:  # not expected within MAX_DEPTH; never an UNKNOWN with a huge traceback
+        raise ConfigValidationError((Problem(what, -1, "", "nested too deeply"),)) from None
     return [d for d in docs if d is not None]
 
 

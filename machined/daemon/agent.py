@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from discovery.logs import log_event
+from kubespan.perms import warn_permissions
 from machined.config import (
     ChangeEffects,
     ConfigEvent,
@@ -273,6 +274,16 @@ class Agent:
         self._log_handler = logcapture.install(self.log_rings)
         log_event(log, "machined starting", state_dir=str(self.state_dir), pid=os.getpid())
         self.machined_event("Starting machined", ServiceState.STARTING)
+        if self.opts.serve_api:  # refuse a --socket path holding something else before anything starts
+            from machined.api.server import check_socket_path
+
+            try:
+                check_socket_path(self.opts.socket)
+            except ValueError as e:
+                raise AgentError(f"machine API socket: {e}") from None
+        # the config file and the persisted configs hold the cluster secret
+        secrets = (self.opts.config_path, self.store.active_path, self.store.staged_path)
+        warn_permissions(log, secrets, self.state_dir)
 
         # 1. config
         initial = self._load_initial()

@@ -245,6 +245,75 @@ async def test_apply_modes_and_errors(api, node):
     assert "machine.type" in ev.message.error
 
 
+async def test_hostile_configs_are_invalid_argument_naming_the_limit(api, node):
+    persisted = node.config.store.active_path.read_bytes()
+    running = node.config.running
+    bomb = "version: v1alpha1\nx:\n  a0: &a0 [lol]\n" + "".join(
+        f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 7)
+    )
+    cases = {
+        bomb: "config: alias expansion exceeds 100000 nodes",
+        "[" * 50_000: "config: nesting deeper than 64 levels",
+        "{a: " * 5_000: "config: nesting deeper than 64 levels",
+        "x: " + "y" * 20_000_000: "config: 20000003 bytes, limit 4194304",
+        "---\nversion: v1alpha1\n" * 10_000: "config: more than 64 documents",
+    }
+    for text, expected in cases.items():
+        for dry_run in (True, False):
+            e = await aborted(api.ApplyConfiguration, machine_pb2.ApplyConfigurationRequest(
+                data=text.encode(), mode=AUTO, dry_run=dry_run
+            ))  # fmt: skip
+            assert e.code is grpc.StatusCode.INVALID_ARGUMENT, (expected, e)
+            assert expected in e.details and len(e.details) < 1024
+    assert node.config.running is running and node.config.store.active_path.read_bytes() == persisted
+    assert node.config.staged is None
+
+
+async def test_many_problems_give_a_bounded_status(api, node):
+    docs = cfg().split("---\n")
+    many = "---\n".join([*docs, *([docs[-1]] * 60)])  # 60 duplicate documents, one problem each
+    e = await aborted(
+        api.ApplyConfiguration, machine_pb2.ApplyConfigurationRequest(data=many.encode(), mode=AUTO)
+    )
+    assert e.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "(60 problems)" in e.details and e.details.endswith("and 50 more") and len(e.details) < 4096
+    [ev] = [
+        x
+        for x in node.events.history(tail_events=-1)
+        if x.message.DESCRIPTOR.name == "ConfigValidationErrorEvent"
+    ]
+    assert ev.message.error == e.details
+
+
+async def test_huge_try_mode_timeout_is_invalid_argument(api, node):
+    for seconds in (2**62, 86_401, 0, -1):
+        e = await aborted(api.ApplyConfiguration, machine_pb2.ApplyConfigurationRequest(
+            data=cfg().encode(), mode=machine_pb2.ApplyConfigurationRequest.TRY,
+            try_mode_timeout=duration_pb2.Duration(seconds=seconds),
+        ))  # fmt: skip
+        assert e.code is grpc.StatusCode.INVALID_ARGUMENT, seconds
+        assert e.details.startswith("try_mode_timeout: must be greater than 0 and at most 86400 s")
+    assert node.config.pending is None
+    # other modes ignore the field (talosctl always sends it), without overflowing
+    r = (await call(api.ApplyConfiguration, machine_pb2.ApplyConfigurationRequest(
+        data=cfg().encode(), mode=AUTO, dry_run=True, try_mode_timeout=duration_pb2.Duration(seconds=2**62),
+    ))).messages[0]  # fmt: skip
+    assert r.mode_details.startswith("Dry run summary:")
+
+
+def test_status_messages_fit_in_grpc_trailers():
+    from machined.api.machine import MAX_STATUS_BYTES, status_message
+
+    def encoded(text: str) -> int:  # grpc-message percent-encoding
+        return sum(1 if " " <= c <= "~" and c != "%" else 3 * len(c.encode()) for c in text)
+
+    assert status_message("short: fine") == "short: fine"
+    for text in ("x" * 100_000, "é" * 100_000, "\n%" * 100_000, "🙂" * 10_000, "x" * MAX_STATUS_BYTES):
+        out = status_message(text)
+        assert encoded(out) <= MAX_STATUS_BYTES and text.startswith(out.removesuffix(" ... (truncated)"))
+    assert status_message("x" * MAX_STATUS_BYTES) == "x" * MAX_STATUS_BYTES
+
+
 # --- services ----------------------------------------------------------------------------------------------
 
 

@@ -63,7 +63,8 @@ def test_auto_is_no_reboot_and_persists(env):
 def test_apply_text_and_no_op(env):
     mgr, *_ = env
     res = mgr.apply(text("one"))
-    assert res.diff == "No changes." and res.effects.empty
+    assert res.effects.empty and res.diff == ""  # the diff is a dry run's only
+    assert mgr.apply(text("one"), dry_run=True).diff == "No changes."
 
 
 def test_reboot_mode_is_refused(env):
@@ -139,7 +140,7 @@ def test_try_confirmed_by_a_later_apply(env):
     mgr.apply(tried, ApplyMode.TRY, try_timeout=10)
     timer.advance(5)
     res = mgr.confirm()
-    assert res.mode is ApplyMode.NO_REBOOT and res.diff == "No changes."
+    assert res.mode is ApplyMode.NO_REBOOT and res.effects.empty
     assert mgr.pending is None and store.load_active() == tried
     timer.advance(60)
     assert mgr.running == tried
