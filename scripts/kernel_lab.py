@@ -105,7 +105,7 @@ modprobe wireguard || echo "kernel lab: modprobe wireguard failed"
 modprobe sch_netem || echo "kernel lab: modprobe sch_netem failed"
 export KUBESPAN_KERNEL_LAB=1 PYTHONUNBUFFERED=1 {"CI=true" if ci else ""}
 export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH
-{python} -m pytest -m kernel -p no:cacheprovider -v -rfEs --durations=10 \\
+{python} -m pytest -m kernel -p no:cacheprovider -v -rA --durations=10 \\
     --junitxml="$R/junit.xml" {args} 2>&1 | tee "$R/pytest.log"
 echo "${{PIPESTATUS[0]}}" > "$R/pytest.rc"
 """

@@ -4,6 +4,8 @@ a two-node mesh carries ping and TCP, SIGTERM removes everything, outside remova
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from kernellab import REPAIR_TIMEOUT, UP_TIMEOUT, scenarios
 
@@ -56,3 +58,83 @@ def test_auto_picks_kernel_mesh_carries_ping_and_tcp_then_sigterm_removes_everyt
     assert scenarios.stale_state(n1.node) == []
     ml.wait("n2 dropped the node that left", lambda: peers(n2) == {}, timeout=REPAIR_TIMEOUT, interval=1)
     assert wg_peers(n2) == []
+
+
+def ifindex(mn: MeshNode) -> int:
+    return int(mn.node.run("cat", "/sys/class/net/kubespan/ifindex").stdout)
+
+
+def routing_intact(mn: MeshNode) -> bool:
+    node = mn.node
+    return (
+        "32500:" in node.run("ip", "rule").stdout
+        and "32500:" in node.run("ip", "-6", "rule").stdout
+        and "default dev kubespan" in node.run("ip", "route", "show", "table", "180").stdout
+        and node.run("nft", "list", "table", "inet", "kubespan", check=False).returncode == 0
+    )
+
+
+def test_outside_removals_repaired_then_keep_on_exit_restart_keeps_the_tunnel(lab: Lab) -> None:
+    ml, n1, n2 = two_nodes(lab, "--keep-on-exit")
+    node = n1.node
+    key2, mesh1, mesh2 = status(n2)["public_key"], status(n1)["mesh_address"], status(n2)["mesh_address"]
+
+    def mesh_ok() -> bool:
+        return node.ping(mesh2, count=1, timeout=3)
+
+    # a peer removed from the kernel device with the wg tool
+    node.run("wg", "set", "kubespan", "peer", key2, "remove")
+    took = ml.wait("peer re-added", lambda: wg_peers(n1) == [key2] and mesh_ok(), timeout=REPAIR_TIMEOUT)
+    print(f"peer removed with wg: back in {took:.1f}s")
+    # a rule, a route and the nft table
+    node.run("ip", "rule", "del", "priority", "32500")
+    node.run("ip", "-6", "route", "del", "default", "table", "180")
+    node.run("nft", "delete", "table", "inet", "kubespan")
+    took = ml.wait("rule, route and nft table restored", lambda: routing_intact(n1), timeout=REPAIR_TIMEOUT)
+    print(f"rule, route, nft table removed: back in {took:.1f}s")
+    # the link itself
+    before = ifindex(n1)
+    node.run("ip", "link", "del", "kubespan")
+    took = ml.wait(
+        "link re-created, peers and routing back",
+        lambda: wg_peers(n1) == [key2] and routing_intact(n1) and mesh_ok(),
+        timeout=REPAIR_TIMEOUT,
+    )
+    print(f"link deleted: back in {took:.1f}s")
+    assert ifindex(n1) != before and status(n1)["backend"] == "kernel"
+    assert scenarios.tcp_transfer(n2.node, n1.node, "10.60.0.11", 7821, 1 << 20, timeout=120) == 1 << 20
+
+    # --keep-on-exit: SIGTERM leaves the kernel device configured; traffic keeps flowing while no
+    # agent runs, and the restarted agent takes the same link over without re-creating it
+    link = ifindex(n1)
+    ping = scenarios.Ping.start(n2.node, mesh1, interval=0.2, count=3000, name="keep")
+    try:
+        ml.wait("baseline pings", lambda: len(ping.replies()) >= 5, timeout=60, interval=0.5)
+        t_stop = time.time()
+        assert ml.stop_node("n1", timeout=60) == 0
+        assert ifindex(n1) == link and wg_peers(n1) == [key2] and routing_intact(n1)
+        ml.wait(
+            "pings answered while the agent is down",
+            lambda: any(t > t_stop + 2 for t in ping.replies().values()),
+            timeout=60,
+            interval=0.5,
+        )
+        t_start = time.time()
+        n1 = ml.start_node(node, "--keep-on-exit")
+        ml.wait("restarted agent up", lambda: full_mesh([n1, n2]), timeout=UP_TIMEOUT, interval=1)
+        ml.wait(
+            "pings after the restart",
+            lambda: sum(t > time.time() - 3 for t in ping.replies().values()) >= 5,
+            timeout=60,
+            interval=0.5,
+        )
+    finally:
+        sent, received = ping.stop()
+    replies = ping.replies()
+    print(
+        f"keep-on-exit restart: {sent - received}/{sent} pings lost (0.2 s interval) from SIGTERM to "
+        f"the restarted agent up; longest gap {scenarios.longest_gap(replies, t_stop):.1f}s; "
+        f"agent down {t_start - t_stop:.0f}s"
+    )
+    assert ifindex(n1) == link, "the restarted agent re-created the link"
+    assert status(n1)["mesh_address"] == mesh1
