@@ -15,7 +15,6 @@ import random
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -25,13 +24,6 @@ from spanapi.discovery.server import cluster_pb2 as pb
 from spanapi.discovery.server import cluster_pb2_grpc as rpc
 
 TARGET_MIB = 1024
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 async def fill(target: str, clusters: int, per_cluster: int, concurrency: int) -> int:
@@ -74,14 +66,13 @@ def main() -> int:
     ns = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(Path(tmp) / "state", "--no-rpc-log") as server:
         assert server.proc is not None
-        before = rss_mib(server.proc.pid)
+        before = server.rss_mib()
         t0 = time.monotonic()
         sent = asyncio.run(fill(server.target, ns.clusters, ns.affiliates, ns.concurrency))
         dt = time.monotonic() - t0
         time.sleep(1)
-        after = rss_mib(server.proc.pid)
-        url = f"http://127.0.0.1:{server.ports['landing']}/stats"
-        stats = json.loads(urllib.request.urlopen(url).read())
+        after = server.rss_mib()
+        stats = json.loads(server.http_get("landing", "/stats"))
     print(f"filled {sent} affiliates in {dt:.1f} s ({sent / dt:.0f}/s); server reports {stats}")
     print(f"server RSS: {before:.0f} MiB idle -> {after:.0f} MiB loaded")
     verdict = "PASS" if after <= TARGET_MIB and stats["affiliates"] == ns.clusters * ns.affiliates else "MISS"

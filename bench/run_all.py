@@ -23,6 +23,8 @@ BENCHES = [
     "resource_watch.py",
     "agent_footprint.py",
     "apid_latency.py",
+    # issue 11: one hostile client address against the registry
+    "registry_abuse.py",
 ]
 
 

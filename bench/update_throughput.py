@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 from discovery.testing import ServerProcess
@@ -100,11 +99,7 @@ def main() -> int:
                 for _ in range(ns.rounds):
                     base.append(h2load(noop_port, body, ns.seconds, ns.clients, ns.streams))
                     ours.append(h2load(port, body, ns.seconds, ns.clients, ns.streams))
-                metrics = (
-                    urllib.request.urlopen(f"http://127.0.0.1:{server.ports['metrics']}/metrics")
-                    .read()
-                    .decode()
-                )
+                metrics = server.http_get("metrics", "/metrics").decode()
                 ok = re.search(
                     r'grpc_server_handled_total\{.*grpc_code="OK".*grpc_method="AffiliateUpdate".*\} ([\d.e+]+)',
                     metrics,

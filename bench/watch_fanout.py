@@ -119,7 +119,10 @@ def main() -> int:
     ap.add_argument("--gap", type=float, default=0.5, help="seconds between updates")
     ap.add_argument("--procs", type=int, default=1, help="watcher processes (the watchers are split evenly)")
     ns = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, ServerProcess(Path(tmp) / "state", "--no-rpc-log") as server:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ServerProcess(Path(tmp) / "state", "--no-rpc-log", "--max-watches-per-ip", "0") as server,
+    ):
         asyncio.run(fill(server.target, ns.watchers))
         ctx = mp.get_context("spawn")
         ready, out = ctx.Queue(), ctx.Queue()

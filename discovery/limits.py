@@ -16,6 +16,9 @@ ENDPOINTS_PER_AFFILIATE_MAX = 64
 AFFILIATES_PER_CLUSTER_MAX = 1024
 TTL_MAX_SECONDS = 30 * 60.0
 WATCH_BUFFER = 32  # notifications queued for one watcher before it is aborted
+# ... or bytes of queued notifications (affiliate sizes): with the limits above 32 notifications are
+# at most ~140 KiB, so this only binds when watch_buffer or the size limits are raised.
+WATCH_BUFFER_BYTES = 256 << 10
 RATE_LIMIT_PER_SECOND = 15.0
 RATE_LIMIT_BURST = 60
 
@@ -37,6 +40,7 @@ class Limits:
     affiliates_per_cluster_max: int = AFFILIATES_PER_CLUSTER_MAX
     ttl_max: float = TTL_MAX_SECONDS
     watch_buffer: int = WATCH_BUFFER
+    watch_buffer_bytes: int = WATCH_BUFFER_BYTES
 
 
 DEFAULT_LIMITS = Limits()

@@ -52,6 +52,25 @@ def log_event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fie
 
 encode_str = _encode = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
+CLIP_CHARS = 64  # client-supplied strings in logs and error messages: at most this many characters
+
+
+def clip(text: str, limit: int = CLIP_CHARS) -> str:
+    """``text`` when it has at most ``limit`` characters, else its first ``limit`` characters and
+    a marker with the UTF-8 size of the rest: ``abc…(+1048512 bytes)``.
+
+    For anything a client sent (IDs, versions, header values) before it goes into a log line or an
+    error message, so that one request cannot write megabytes to the log.
+    """
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    if text.isascii():
+        rest = len(text) - limit
+    else:
+        rest = len(text.encode("utf-8", "surrogatepass")) - len(head.encode("utf-8", "surrogatepass"))
+    return f"{head}\u2026(+{rest} bytes)"
+
 
 FLUSH_INTERVAL = 0.05  # seconds: lines are written in batches at most this late
 
@@ -80,9 +99,9 @@ class FastEventLog:
             self._sec_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         return f"{self._sec_text}.{int((now - sec) * 1000):03d}Z"
 
-    def head(self, msg: str) -> str:
+    def head(self, msg: str, level: str = "info") -> str:
         """The opening of a line up to and including ``"msg"``; append ``,"k":v`` pairs and ``}\n``."""
-        return f'{{"ts":"{self._ts()}","level":"info","logger":{self._prefix_logger},"msg":{_encode(msg)}'
+        return f'{{"ts":"{self._ts()}","level":"{level}","logger":{self._prefix_logger},"msg":{_encode(msg)}'
 
     def event(self, msg: str, **fields: Any) -> None:
         parts = [self.head(msg)]

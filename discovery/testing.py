@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -94,6 +95,20 @@ class ServerProcess:
             except ValueError:
                 out.append({"raw": line.decode(errors="replace")})
         return out
+
+    def rss_mib(self) -> float:
+        """The server's resident set size in MiB (VmRSS)."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError(f"no VmRSS for pid {self.proc.pid}")
+
+    def http_get(self, port: str, path: str, timeout: float = 10.0) -> bytes:
+        """GET ``path`` from the server's ``port`` ("landing" or "metrics") on loopback."""
+        url = f"http://127.0.0.1:{self.ports[port]}{path}"
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.read()
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM and wait (graceful: final snapshot)."""

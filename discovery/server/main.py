@@ -24,26 +24,75 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
 from discovery import limits
 from discovery.logs import log_event, setup
-from discovery.server.service import SERVICE, ClusterService, IPNetwork, Metrics, ServiceConfig
+from discovery.server.service import (
+    MAX_WATCHES,
+    MAX_WATCHES_PER_IP,
+    SERVICE,
+    WATCH_INFLIGHT_BUDGET,
+    WATCH_INFLIGHT_PER_IP,
+    WATCH_STALL_TIMEOUT,
+    ClusterService,
+    IPNetwork,
+    Metrics,
+    ServiceConfig,
+)
 from discovery.server.state import Registry
-from discovery.server.storage import Store
+from discovery.server.storage import LoadReport, Store
 from discovery.version import version_string
 
 log = logging.getLogger("discovery.server")
 
 DEFAULT_SNAPSHOT_PATH = "/var/discovery-service/state.binpb"
 
-# grpc-core's defaults drop clients that ping more often than every 5 min; Talos pings every 3 min.
-GRPC_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.so_reuseport", 0),
-]
+# Server keepalive: a connection is pinged after KEEPALIVE_TIME without traffic and closed when the
+# ping is not answered within KEEPALIVE_TIMEOUT, so a client behind a downed link (half-open: no
+# FIN, no RST) loses its watches within ~50 s. grpc-core also sets TCP_USER_TIMEOUT to the keepalive
+# timeout, so a connection whose sent data stays unacknowledged, or whose peer keeps a zero window
+# (never reads), is closed by the kernel after that long.
+KEEPALIVE_TIME = 30.0
+KEEPALIVE_TIMEOUT = 20.0
+# The largest valid request (an AffiliateUpdate at every field's limit) is under 5 KiB; grpc-core
+# refuses anything longer than this with RESOURCE_EXHAUSTED before it is buffered whole or parsed
+# (the default, 4 MiB, let one client make the server hold and decode megabytes per call).
+MAX_REQUEST_SIZE = 64 << 10
+MAX_CONNECTION_IDLE = 120.0
+
+
+def grpc_options(
+    keepalive_time: float = KEEPALIVE_TIME,
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+    max_request_size: int = MAX_REQUEST_SIZE,
+    max_connection_idle: float = MAX_CONNECTION_IDLE,
+) -> list[tuple[str, Any]]:
+    """The gRPC server's channel arguments."""
+    return [
+        ("grpc.max_receive_message_length", max_request_size),
+        # grpc-core's defaults drop clients that ping more often than every 5 min; Talos pings every
+        # max(10 s, TTL/10) = 3 min, idle or not.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+        # Our own pings: on idle connections too (permit_without_calls above), and without a cap on
+        # pings sent while no data flows (an idle Watch may carry nothing for hours).
+        ("grpc.keepalive_time_ms", int(keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive_timeout * 1000)),
+        # grpc-core (1.85) times every ping out after grpc.http2.ping_timeout_ms (default 1 min),
+        # keepalive pings included: keep it equal to the keepalive timeout.
+        ("grpc.http2.ping_timeout_ms", int(keepalive_timeout * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
+        # A connection with no call for this long is closed (GOAWAY): a client's refused or
+        # finished calls cannot keep its connection's memory (~25 KiB each) forever. Nodes keep
+        # a Watch open, so their connections are never idle.
+        ("grpc.max_connection_idle_ms", int(max_connection_idle * 1000)),
+    ]
+
+
+GRPC_OPTIONS: list[tuple[str, Any]] = grpc_options()
 
 
 def parse_duration(text: str) -> float:
@@ -71,6 +120,22 @@ def parse_duration(text: str) -> float:
     if num:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}: missing unit after {num}")
     return total
+
+
+def parse_size(text: str) -> int:
+    """Byte sizes: ``65536``, ``64KiB``, ``64MiB``, ``1GiB`` (``K``/``M``/``G``, ``KB``/``MB``/``GB`` are
+    binary too)."""
+    t = text.strip()
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    num = t.rstrip("BbIi").rstrip()
+    unit = num[-1:].lower() if num[-1:].isalpha() else ""
+    if unit:
+        num = num[:-1]
+    try:
+        value = float(num) * units[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 65536, 64KiB, 64MiB)") from None
+    return int(value)
 
 
 def listen_target(addr: str) -> str:
@@ -140,6 +205,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--disable-client-ip-reporting", action="store_true", help="leave client_ip empty in Hello"
     )
+    p.add_argument(
+        "--max-watches",
+        type=int,
+        default=MAX_WATCHES,
+        help="open Watch streams in total (~20 KiB each when idle); more are refused (0: no limit)",
+    )
+    p.add_argument(
+        "--max-watches-per-ip",
+        type=int,
+        default=MAX_WATCHES_PER_IP,
+        help="open Watch streams per client IP (IPv6: per /64); a full cluster may share one NAT "
+        "address (0: no limit)",
+    )
+    p.add_argument(
+        "--watch-stall-timeout",
+        type=parse_duration,
+        default=f"{WATCH_STALL_TIMEOUT:g}s",
+        help="a Watch stream whose write makes no progress for this long is ABORTED (0 disables)",
+    )
+    p.add_argument(
+        "--watch-inflight-budget",
+        type=parse_size,
+        default=f"{WATCH_INFLIGHT_BUDGET >> 20}MiB",
+        help="bytes of Watch messages being written, all streams together; past it writes wait and "
+        "streams that stopped reading are shed (0: no budget)",
+    )
+    p.add_argument(
+        "--watch-inflight-per-ip",
+        type=parse_size,
+        default=f"{WATCH_INFLIGHT_PER_IP >> 20}MiB",
+        help="one client address's share of --watch-inflight-budget (IPv6: per /64), so streams that "
+        "never read cannot starve other clients' watches (0: no share limit)",
+    )
+    p.add_argument(
+        "--keepalive-time",
+        type=parse_duration,
+        default=f"{KEEPALIVE_TIME:g}s",
+        help="ping a connection after this long without traffic",
+    )
+    p.add_argument(
+        "--keepalive-timeout",
+        type=parse_duration,
+        default=f"{KEEPALIVE_TIMEOUT:g}s",
+        help="close a connection whose ping is not answered (or whose sent data stays unacknowledged) "
+        "for this long",
+    )
+    p.add_argument(
+        "--max-request-size",
+        type=parse_size,
+        default=f"{MAX_REQUEST_SIZE >> 10}KiB",
+        help="longest request message accepted; longer ones get RESOURCE_EXHAUSTED before they are "
+        "parsed (valid requests are under 5 KiB)",
+    )
+    p.add_argument(
+        "--max-connection-idle",
+        type=parse_duration,
+        default=f"{MAX_CONNECTION_IDLE:g}s",
+        help="close a client connection that has had no call for this long",
+    )
     p.add_argument("--no-rpc-log", action="store_true", help="do not log one line per RPC")
     p.add_argument(
         "--debug", action="store_true", default=os.environ.get("MODE") == "dev", help="debug logging"
@@ -168,6 +292,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 listen_target(value)
             except argparse.ArgumentTypeError as e:
                 build_parser().error(f"--{name.replace('_', '-')}: {e}")
+    for name in (
+        "max_watches",
+        "max_watches_per_ip",
+        "watch_stall_timeout",
+        "watch_inflight_budget",
+        "watch_inflight_per_ip",
+    ):
+        if getattr(ns, name) < 0:
+            build_parser().error(f"--{name.replace('_', '-')} must not be negative")
+    if not 8 << 10 <= ns.max_request_size <= 4 << 20:
+        build_parser().error(f"--max-request-size: {ns.max_request_size} bytes, allowed 8KiB to 4MiB")
+    if ns.max_connection_idle < 1:
+        build_parser().error("--max-connection-idle must be at least 1s")
+    if ns.keepalive_time < 1 or ns.keepalive_timeout < 1:
+        build_parser().error("--keepalive-time and --keepalive-timeout must be at least 1s")
     if ns.gc_interval <= 0 or ns.snapshot_interval <= 0:
         build_parser().error("--gc-interval and --snapshot-interval must be positive")
     return ns
@@ -218,14 +357,56 @@ hostnames, addresses, keys or endpoints.</p>
 h2c, <code>https://host:3000</code> for TLS). Statistics: <a href="/stats">/stats</a>.</p></body></html>"""
 
 
+SNAPSHOT_LOAD_RESULTS = ("absent", "verified", "unverified", "damaged", "missing")
+
+
+class StorageMetrics:
+    """Persistence health: what the last load found, and whether writes can be journalled now."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        r = metrics.registry
+        self.degraded = Gauge(
+            "discovery_storage_degraded",
+            "1 while the journal cannot be written or synced: updates and deletes are refused with "
+            "UNAVAILABLE and health is NOT_SERVING (/healthz says why).",
+            registry=r,
+        )
+        self.load_problems = Counter(
+            "discovery_storage_load_problems",
+            "Problems found in the state files at start-up (damaged snapshot, damaged journal records, ...).",
+            ["file"],
+            registry=r,
+        )
+        self.load_snapshot = Gauge(
+            "discovery_storage_load_snapshot",
+            "The snapshot's verification at start-up: 1 for the outcome (verified against the journal's "
+            "checkpoint, unverified, damaged or missing and rebuilt from the journal, absent).",
+            ["result"],
+            registry=r,
+        )
+        for result in SNAPSHOT_LOAD_RESULTS:
+            self.load_snapshot.labels(result).set(0)
+        self.load_problems.labels("snapshot")
+        self.load_problems.labels("journal")
+
+
 @dataclass
 class Daemon:
     ns: argparse.Namespace
 
     def __post_init__(self) -> None:
         self.metrics = Metrics()
+        self.storage_metrics = StorageMetrics(self.metrics)
         self.registry = Registry()
-        self.store: Store | None = Store(Path(self.ns.snapshot_path)) if self.ns.snapshot_path else None
+        self.store: Store | None = (
+            Store(Path(self.ns.snapshot_path), on_health_change=self._storage_health_changed)
+            if self.ns.snapshot_path
+            else None
+        )
+        self.storage_problem: str | None = None  # why the journal cannot be written (last applied)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._serving = False
+        self._background: set[asyncio.Task[Any]] = set()
         config = ServiceConfig(
             redirect_endpoint=self.ns.redirect_endpoint,
             trusted_proxies=tuple[IPNetwork, ...](self.ns.trusted_proxy),
@@ -233,6 +414,11 @@ class Daemon:
             rate_burst=self.ns.rate_burst,
             client_ip_reporting=not self.ns.disable_client_ip_reporting,
             log_rpcs=not self.ns.no_rpc_log,
+            max_watches=self.ns.max_watches,
+            max_watches_per_ip=self.ns.max_watches_per_ip,
+            watch_stall_timeout=self.ns.watch_stall_timeout,
+            watch_inflight_budget=self.ns.watch_inflight_budget,
+            watch_inflight_per_ip=self.ns.watch_inflight_per_ip,
         )
         self.service = ClusterService(self.registry, self.store, config, self.metrics)
         self.health = health.aio.HealthServicer()
@@ -240,13 +426,43 @@ class Daemon:
         self._runners: list[web.AppRunner] = []
         self.ports: dict[str, int] = {}
 
-    def load(self) -> None:
+    def load(self) -> LoadReport | None:
         if self.store is None:
-            return
+            return None
         t0 = time.perf_counter()
         report = self.store.load(self.registry)
+        damage = report.damage
+        sm = self.storage_metrics
         for problem in report.problems:
+            sm.load_problems.labels("snapshot" if problem.startswith("snapshot") else "journal").inc()
+            if damage is not None and problem == damage.message:
+                continue  # logged below, at ERROR
             log_event(log, "state file problem (skipped)", logging.WARNING, problem=problem)
+        sm.load_snapshot.labels(report.snapshot).set(1)
+        if damage is not None:
+            log_event(
+                log,
+                "snapshot damaged: not loaded, state rebuilt from the journal",
+                logging.ERROR,
+                path=str(self.store.snapshot_path),
+                problem=damage.message,
+                found=damage.found,
+                length=damage.length,
+                crc32=f"{damage.crc:#010x}" if damage.crc is not None else None,
+                expected_length=damage.expected_length,
+                expected_crc32=f"{damage.expected_crc:#010x}",
+                checkpoint=damage.checkpoint,
+                kept_as=damage.kept_as,
+                journal_segments=list(damage.segments) if damage.segments else None,
+                clusters_recovered=damage.clusters,
+                affiliates_recovered=damage.affiliates,
+                affiliates_readable=damage.readable,
+                affiliates_lost_readable=damage.lost_readable,
+            )
+        elif report.note:
+            log_event(
+                log, f"snapshot {report.snapshot}", note=report.note, path=str(self.store.snapshot_path)
+            )
         status = "error" if report.problems else "ok"
         self.metrics.storage_ops.labels("load", status).inc()
         self._record_storage(
@@ -256,11 +472,71 @@ class Daemon:
             log,
             "state restored",
             path=self.ns.snapshot_path,
+            snapshot=report.snapshot,
             clusters=report.clusters,
             affiliates=report.affiliates,
             endpoints=report.endpoints,
             journal_records=report.records,
         )
+        return report
+
+    # -- storage health ---------------------------------------------------------------------------
+
+    def _storage_health_changed(self, _reason: str | None) -> None:
+        """Store callback (any thread): apply the new state on the event loop."""
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop:
+            self._apply_storage_health()
+        else:
+            loop.call_soon_threadsafe(self._apply_storage_health)
+
+    def _apply_storage_health(self) -> None:
+        """Gauge, one log line per transition, gRPC health; a recovery from an fsync failure compacts."""
+        if self.store is None:
+            return
+        reason = self.store.degraded
+        before, self.storage_problem = self.storage_problem, reason
+        if reason == before:
+            return
+        self.storage_metrics.degraded.set(1 if reason else 0)
+        if reason:
+            log_event(
+                log,
+                "storage degraded: updates and deletes are refused (UNAVAILABLE) until the journal "
+                "can be written again",
+                logging.ERROR,
+                reason=reason,
+                path=str(self.store.snapshot_path),
+            )
+        else:
+            log_event(log, "storage recovered: the journal can be written again", previously=before)
+        self._spawn(self._push_health())
+        if reason is None and before and "fsync" in before and self._serving:
+            # Records of a segment whose fsync failed may not be on disk: write them all again.
+            self._spawn(self.compact())
+
+    def _spawn(self, coro: Any) -> None:
+        if self._loop is None:
+            coro.close()
+            return
+        task = self._loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _push_health(self) -> None:
+        if not self._serving:
+            return  # run() sets the initial status
+        status = (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+            if self.storage_problem
+            else health_pb2.HealthCheckResponse.SERVING
+        )
+        await self.health.set("", status)
+        await self.health.set(SERVICE, status)
 
     def _record_storage(
         self, op: str, clusters: int, affiliates: int, endpoints: int, duration: float
@@ -279,8 +555,14 @@ class Daemon:
             pending = self.store.begin_compact(self.registry)
             r = await asyncio.to_thread(pending.finish) if in_thread else pending.finish()
         except Exception as e:
+            # The previous snapshot and the journal that continues it are still in place.
             self.metrics.storage_ops.labels("save", "error").inc()
-            log_event(log, "snapshot failed", logging.ERROR, error=str(e))
+            log_event(
+                log,
+                "snapshot failed; the previous snapshot and the journal stay in use",
+                logging.ERROR,
+                error=str(e),
+            )
             return
         self.metrics.storage_ops.labels("save", "ok").inc()
         self.metrics.storage_size.set(r.size)
@@ -314,8 +596,18 @@ class Daemon:
         m.refresh_state(self.registry)
 
     async def sync(self) -> None:
-        if self.store is not None:
-            await asyncio.to_thread(self.store.sync)
+        """Group commit; while degraded, first probe whether the journal can be written again."""
+        store = self.store
+        if store is None:
+            return
+        if store.degraded:
+            store.probe()
+        try:
+            await asyncio.to_thread(store.sync)
+        except OSError:
+            pass  # the store is degraded now: reported once, by _apply_storage_health
+        except Exception as e:
+            log_event(log, "journal sync failed", logging.ERROR, error=str(e))
 
     # -- HTTP pages -------------------------------------------------------------------------------
 
@@ -336,6 +628,10 @@ class Daemon:
     async def _healthz(self, _: web.Request) -> web.Response:
         if self.stopping.is_set():
             return web.Response(status=503, text="stopping\n")
+        if self.storage_problem:
+            return web.Response(
+                status=503, text=f"degraded: registry storage unavailable: {self.storage_problem}\n"
+            )
         return web.Response(text="ok\n")
 
     async def _metrics(self, _: web.Request) -> web.Response:
@@ -359,8 +655,19 @@ class Daemon:
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def run(self) -> int:
-        self.load()
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        self._loop = asyncio.get_running_loop()
+        report = self.load()
+        if report is not None and report.damage is not None:
+            # Write a verified snapshot of what was recovered now, rather than at the first interval.
+            await self.compact(in_thread=False)
+        server = grpc.aio.server(
+            options=grpc_options(
+                self.ns.keepalive_time,
+                self.ns.keepalive_timeout,
+                self.ns.max_request_size,
+                self.ns.max_connection_idle,
+            )
+        )
         server.add_generic_rpc_handlers((self.service.generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -388,8 +695,15 @@ class Daemon:
             )
         if self.ns.metrics_addr:
             await self._serve_http("metrics", self.ns.metrics_addr, [web.get("/metrics", self._metrics)])
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
+        self._apply_storage_health()
+        initial = (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+            if self.storage_problem
+            else health_pb2.HealthCheckResponse.SERVING
+        )
+        await self.health.set("", initial)
+        await self.health.set(SERVICE, initial)
         log_event(
             log,
             "serving",
@@ -420,7 +734,10 @@ class Daemon:
             await runner.cleanup()
         if self.store is not None:
             await self.compact(in_thread=False)
-            self.store.close()
+            try:
+                self.store.close()
+            except OSError as e:
+                log_event(log, "journal close failed", logging.ERROR, error=str(e))
         log_event(log, "stopped")
         return 0
 

@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from google.protobuf.message import DecodeError
 
@@ -39,6 +40,7 @@ __all__ = [
     "Change",
     "Code",
     "GcStats",
+    "Journal",
     "Registry",
     "RegistryError",
     "SnapshotError",
@@ -68,6 +70,19 @@ class RegistryError(Exception):
 
 class SnapshotError(ValueError):
     """A snapshot could not be decoded at all (nothing was imported)."""
+
+
+class Journal(Protocol):
+    """Where :meth:`Registry.update` / :meth:`Registry.delete` record a validated mutation before applying it.
+
+    A method that raises leaves the registry unchanged (and notifies nobody); the exception propagates.
+    """
+
+    def record_update(
+        self, cluster_id: str, affiliate_id: str, data: bytes | None, endpoints: Sequence[bytes], ttl: float
+    ) -> None: ...
+
+    def record_delete(self, cluster_id: str, affiliate_id: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +154,16 @@ def _view(aid: str, aff: _Affiliate) -> AffiliateView:
 class Subscription:
     """A watch on one cluster: an atomic snapshot plus the changes queued since."""
 
-    __slots__ = ("_cluster", "_pending", "_registry", "cluster_id", "lost", "snapshot", "waker")
+    __slots__ = (
+        "_cluster",
+        "_pending",
+        "_pending_bytes",
+        "_registry",
+        "cluster_id",
+        "lost",
+        "snapshot",
+        "waker",
+    )
 
     def __init__(
         self, registry: Registry, cluster: _Cluster, cluster_id: str, snapshot: list[AffiliateView]
@@ -149,6 +173,7 @@ class Subscription:
         self.lost = False
         self.waker: Callable[[], None] | None = None
         self._pending: list[Change] = []
+        self._pending_bytes = 0  # approximate wire size of _pending
         self._registry: Registry | None = registry
         self._cluster: _Cluster | None = cluster
 
@@ -158,6 +183,7 @@ class Subscription:
         if not pending:
             return []
         self._pending = []
+        self._pending_bytes = 0
         if len(pending) == 1:
             return pending
         seen: set[str] = set()
@@ -186,6 +212,14 @@ class Subscription:
     def _detach(self) -> None:
         # Called by the registry when the subscriber overflowed; the registry already removed it.
         self._cluster = self._registry = None
+
+
+def change_size(change: Change) -> int:
+    """About the bytes ``change`` adds to a WatchResponse (id, data, endpoints, framing)."""
+    a = change.affiliate
+    if a is None:
+        return len(change.id) + 8
+    return len(a.id) + len(a.data) + 3 * len(a.endpoints) + sum(map(len, a.endpoints)) + 16
 
 
 def _varint(n: int) -> bytes:
@@ -221,12 +255,13 @@ def _duration_seconds(seconds: int, nanos: int) -> float:
 class Registry:
     """The in-memory registry. Not thread-safe: use it from one thread (the event loop)."""
 
-    __slots__ = ("_buf", "_clock", "_clusters", "_limits", "_n_affs", "_n_eps", "_n_subs")
+    __slots__ = ("_buf", "_buf_bytes", "_clock", "_clusters", "_limits", "_n_affs", "_n_eps", "_n_subs")
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, clock: Callable[[], float] = time.monotonic) -> None:
         self._limits = limits
         self._clock = clock
         self._buf = limits.watch_buffer
+        self._buf_bytes = limits.watch_buffer_bytes
         self._clusters: dict[str, _Cluster] = {}
         self._n_affs = 0
         self._n_eps = 0
@@ -279,6 +314,7 @@ class Registry:
         data: bytes | None,
         endpoints: Sequence[bytes],
         ttl: float,
+        journal: Journal | None = None,
     ) -> bool:
         """Create or update an affiliate; merge endpoints; extend TTLs.
 
@@ -287,8 +323,13 @@ class Registry:
         endpoint), in which case one :class:`Change` was queued to every
         watcher of the cluster (there may be none). Raises
         :class:`RegistryError` without changing anything.
+
+        With a ``journal``, the request is validated completely, then
+        ``journal.record_update`` is called with the arguments as given, then
+        it is applied: a journal that raises leaves everything unchanged, and
+        a journalled update is never refused afterwards.
         """
-        return self._update_at(self._clock(), cluster_id, affiliate_id, data, endpoints, ttl)
+        return self._update_at(self._clock(), cluster_id, affiliate_id, data, endpoints, ttl, journal)
 
     def _update_at(
         self,
@@ -298,8 +339,10 @@ class Registry:
         data: bytes | None,
         endpoints: Sequence[bytes],
         ttl: float,
+        journal: Journal | None = None,
     ) -> bool:
         lim = self._limits
+        raw_ttl = ttl
         # --- validate everything first: a rejected request changes nothing.
         if not (cluster_id.isascii() and 0 < len(cluster_id) <= lim.cluster_id_max):
             self._check_id(cluster_id, "cluster_id", lim.cluster_id_max)
@@ -346,7 +389,9 @@ class Registry:
                         "affiliate_endpoints",
                         f"{have + fresh} endpoints exceeds the limit of {lim.endpoints_per_affiliate_max}",
                     )
-        # --- apply.
+        # --- journal (may raise: still nothing changed), then apply (cannot fail).
+        if journal is not None:
+            journal.record_update(cluster_id, affiliate_id, data, endpoints, raw_ttl)
         expiration = now + ttl
         if cluster is None:
             cluster = self._clusters[cluster_id] = _Cluster()
@@ -411,17 +456,21 @@ class Registry:
             self._gc_cluster(cluster, now, GcStats())
             return self._update_at(now, cluster_id, affiliate_id, data, endpoints, ttl)
 
-    def delete(self, cluster_id: str, affiliate_id: str) -> bool:
-        """Remove an affiliate; idempotent. True if it existed (watchers are then notified)."""
+    def delete(self, cluster_id: str, affiliate_id: str, journal: Journal | None = None) -> bool:
+        """Remove an affiliate; idempotent. True if it existed (watchers are then notified).
+
+        With a ``journal``, ``journal.record_delete`` is called when the
+        affiliate exists, before it is removed; if it raises, nothing changes.
+        """
         lim = self._limits
         self._check_id(cluster_id, "cluster_id", lim.cluster_id_max)
         self._check_id(affiliate_id, "affiliate_id", lim.affiliate_id_max)
         cluster = self._clusters.get(cluster_id)
-        if cluster is None:
+        if cluster is None or affiliate_id not in cluster.affiliates:
             return False
-        aff = cluster.affiliates.pop(affiliate_id, None)
-        if aff is None:
-            return False
+        if journal is not None:
+            journal.record_delete(cluster_id, affiliate_id)
+        aff = cluster.affiliates.pop(affiliate_id)
         self._n_affs -= 1
         self._n_eps -= len(aff.endpoints)
         if cluster.subscribers:
@@ -430,13 +479,17 @@ class Registry:
 
     def _publish(self, cluster: _Cluster, change: Change) -> None:
         buf = self._buf
+        buf_bytes = self._buf_bytes
+        size = change_size(change)
         lost: list[Subscription] | None = None
         for sub in tuple(cluster.subscribers):
             pending = sub._pending
             pending.append(change)
-            if len(pending) > buf:
+            sub._pending_bytes += size
+            if len(pending) > buf or sub._pending_bytes > buf_bytes:
                 sub.lost = True
                 sub._pending = []
+                sub._pending_bytes = 0
                 if lost is None:
                     lost = [sub]
                 else:

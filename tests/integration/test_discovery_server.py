@@ -376,8 +376,10 @@ async def test_slow_watcher_is_aborted_with_lost_update(discovery_server: Start)
         assert received < 400
         # a fresh watch starts over with a full snapshot
         again = stub.Watch(pb.WatchRequest(cluster_id=CID), timeout=10)
-        snap = await again.read()
-        assert len(snap.affiliates) == 50
+        ids: set[str] = set()
+        while len(ids) < 50:  # ~100 KB: split into chunks of SNAPSHOT_CHUNK_BYTES
+            ids.update(a.id for a in (await again.read()).affiliates)
+        assert len(ids) == 50
         again.cancel()
 
 
@@ -388,3 +390,20 @@ def test_grpc_options_accept_talos_keepalive_pings() -> None:
     # Talos pings every max(10 s, TTL/10) = 3 min; grpc-core's default would GOAWAY it (too_many_pings)
     assert opts["grpc.http2.min_ping_interval_without_data_ms"] <= 10_000
     assert opts["grpc.http2.max_ping_strikes"] == 0
+    assert opts["grpc.keepalive_permit_without_calls"] == 1
+
+
+def test_grpc_options_ping_clients_and_bound_dead_connections() -> None:
+    from discovery.server.main import GRPC_OPTIONS, grpc_options, parse_args
+
+    opts = dict(GRPC_OPTIONS)
+    # our own pings detect half-open connections within keepalive time + timeout (< 1 min)
+    assert opts["grpc.keepalive_time_ms"] + opts["grpc.keepalive_timeout_ms"] <= 60_000
+    # grpc-core times pings out after ping_timeout_ms, not keepalive_timeout_ms: keep them equal
+    assert opts["grpc.http2.ping_timeout_ms"] == opts["grpc.keepalive_timeout_ms"]
+    assert opts["grpc.http2.max_pings_without_data"] == 0  # idle watches are pinged forever
+    ns = parse_args(["--keepalive-time", "45s", "--keepalive-timeout", "10s"])
+    custom = dict(grpc_options(ns.keepalive_time, ns.keepalive_timeout))
+    assert custom["grpc.keepalive_time_ms"] == 45_000
+    assert custom["grpc.keepalive_timeout_ms"] == custom["grpc.http2.ping_timeout_ms"] == 10_000
+    assert custom["grpc.http2.min_ping_interval_without_data_ms"] <= 10_000  # Talos-compatible still

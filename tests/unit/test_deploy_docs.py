@@ -135,10 +135,12 @@ def test_guide_metric_names_exist():
     """Every registry metric the guide's alerts use is exported (with its _total suffix for counters)."""
     from prometheus_client import generate_latest
 
+    from discovery.server.main import StorageMetrics
     from discovery.server.service import Metrics
 
     m = Metrics()
     m.storage_ops.labels("save", "error")
+    StorageMetrics(m)
     exported = generate_latest(m.registry).decode()
     used = set(re.findall(r"\b(discovery_[a-z_]+)", (DOCS / "operator-guide.md").read_text()))
     assert used

@@ -688,3 +688,60 @@ def test_property_limits_hold_and_rejections_change_nothing(seq: list[tuple[obje
             else:
                 model[ch.id] = ch.affiliate
         assert model == {v.id: v for v in reg.list(cid)}
+
+
+def test_rejections_name_field_and_limit_never_the_request(clock: Clock) -> None:
+    """Every RegistryError for an over-limit request is short and quotes nothing the client sent
+    (the service passes str(e) to the client as status details and into its log)."""
+    huge = "Q" * (1 << 20)
+    blob = b"Q" * (1 << 20)
+    reg = Registry(Limits(affiliates_per_cluster_max=1, endpoints_per_affiliate_max=1), clock=clock)
+    reg.update(C, A, b"d", [ep(1)], 60)
+    cases = [
+        (lambda: reg.update(huge, A, None, [], 60), f"cluster_id: {1 << 20} bytes exceeds the limit of 256"),
+        (
+            lambda: reg.update(C, huge, None, [], 60),
+            f"affiliate_id: {1 << 20} bytes exceeds the limit of 256",
+        ),
+        (lambda: reg.update(C, "é" * 200, None, [], 60), "affiliate_id: 400 bytes exceeds the limit of 256"),
+        (
+            lambda: reg.update(C, A, blob, [], 60),
+            f"affiliate_data: {1 << 20} bytes exceeds the limit of 2048",
+        ),
+        (
+            lambda: reg.update(C, A, None, [blob], 60),
+            f"affiliate_endpoints[0]: {1 << 20} bytes exceeds the limit of 32",
+        ),
+        (
+            lambda: reg.update(C, A, None, [b"Q" * 17], 60),
+            "affiliate_endpoints[0]: 17 bytes is not a multiple of 16",
+        ),
+        (
+            lambda: reg.update(C, A, None, [ep(2)], 60),
+            "affiliate_endpoints: 2 endpoints exceeds the limit of 1",
+        ),
+        (
+            lambda: reg.update(C, B, None, [], 60),
+            "affiliates: the cluster already holds 1 affiliates, the limit is 1",
+        ),
+        (lambda: reg.update(C, A, None, [], 1e300), "ttl: 1e+300 s exceeds the limit of 1800 s"),
+        (lambda: reg.delete(huge, huge), f"cluster_id: {1 << 20} bytes exceeds the limit of 256"),
+        (lambda: reg.delete(C, huge), f"affiliate_id: {1 << 20} bytes exceeds the limit of 256"),
+        (lambda: reg.list(huge), f"cluster_id: {1 << 20} bytes exceeds the limit of 256"),
+        (lambda: reg.subscribe(huge), f"cluster_id: {1 << 20} bytes exceeds the limit of 256"),
+        (lambda: reg.validate_ids(huge), f"cluster_id: {1 << 20} bytes exceeds the limit of 256"),
+        (lambda: reg.validate_ids(C, huge), f"affiliate_id: {1 << 20} bytes exceeds the limit of 256"),
+    ]
+    for fn, message in cases:
+        with pytest.raises(RegistryError) as info:
+            fn()
+        assert str(info.value) == message
+        assert "QQ" not in str(info.value) and len(str(info.value)) < 100
+    # snapshot import problems (logged at start-up) are as bounded
+    snap = storage_pb2.StateSnapshot()
+    snap.clusters.add(id=huge)
+    snap.clusters.add(id=C).affiliates.add(id=huge, ttl=duration_pb2.Duration(seconds=60))
+    problems: list[str] = []
+    Registry(clock=clock).import_snapshot(snap.SerializeToString(), problems=problems)
+    assert len(problems) == 2
+    assert all("QQ" not in p and len(p) < 120 for p in problems), problems

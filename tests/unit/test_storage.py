@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -21,7 +22,14 @@ from hypothesis import strategies as st
 from discovery.limits import Limits
 from discovery.server import storage
 from discovery.server.state import AffiliateView, Registry
-from discovery.server.storage import FRAME_SIZE, MAGIC, CompactReport, Store, parse_journal
+from discovery.server.storage import (
+    FRAME_SIZE,
+    MAGIC,
+    CompactReport,
+    StorageUnavailable,
+    Store,
+    parse_journal,
+)
 from spanapi.discovery.storage import storage_pb2
 
 C = "cluster-1"
@@ -537,3 +545,353 @@ def test_arbitrary_snapshot_bytes_never_raise(tmp_path: Path, blob: bytes) -> No
     rep = Store(p).load(reg)
     c, a, e, _ = reg.stats()
     assert (rep.clusters, rep.affiliates, rep.endpoints) == (c, a, e)
+
+
+# ---------------------------------------------------------------------------- snapshot verification
+
+
+def top_level_fields(buf: bytes) -> list[int]:
+    """Offsets where each top-level field (one cluster) of a StateSnapshot starts, plus the end."""
+    out, pos = [], 0
+    while pos < len(buf):
+        out.append(pos)
+        assert buf[pos] == 0x0A
+        pos += 1
+        n = shift = 0
+        while True:
+            b = buf[pos]
+            pos += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        pos += n
+    out.append(pos)
+    return out
+
+
+def snapshot_then_journal(path: Path) -> Node:
+    """4 clusters x 3 affiliates in a compacted snapshot, then three records in two journal segments
+    (the checkpoint's, and one started by a restart)."""
+    n = Node(path)
+    for c in range(4):
+        for a in range(3):
+            n.update(f"c{c}", f"a{a}", f"data-{c}-{a}".encode(), [ep(c * 3 + a)])
+    n.store.compact(n.reg)
+    n.update("c0", "a0", b"newer", [])
+    n.store.close()
+    n = Node(path)
+    assert n.report.snapshot == "verified"
+    n.update("c9", "z", b"z", [])
+    n.delete("c1", "a1")
+    n.store.close()
+    return n
+
+
+JOURNAL_ONLY = {"c0": {"a0": AffiliateView("a0", b"newer", ())}, "c9": {"z": AffiliateView("z", b"z", ())}}
+
+
+def damage(path: Path, kind: str) -> bytes:
+    good = path.read_bytes()
+    if kind == "truncated":
+        bad = good[: top_level_fields(good)[2]]  # exactly two whole clusters: still a valid protobuf
+    elif kind == "empty":
+        bad = b""
+    else:
+        pos = good.index(b"data-2-1")
+        bad = good[:pos] + b"X" + good[pos + 1 :]  # one byte: decodes fine, data silently wrong
+    path.write_bytes(bad)
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("kind", "readable", "lost_readable"),
+    [("truncated", 6, 4), ("empty", 0, 0), ("flipped", 12, 10)],
+)
+def test_damaged_snapshot_is_not_loaded_and_is_reported(
+    path: Path, kind: str, readable: int, lost_readable: int
+) -> None:
+    snapshot_then_journal(path)
+    checkpoint_seg, _ = segments(path)
+    good = path.read_bytes()
+    bad = damage(path, kind)
+    m = Node(path)
+    rep = m.report
+    # nothing of the damaged snapshot is served: only what the journal holds
+    assert state(m.reg) == JOURNAL_ONLY
+    assert rep.snapshot == "damaged"
+    d = rep.damage
+    assert d is not None and d.found == "damaged"
+    assert (d.length, d.crc) == (len(bad), zlib.crc32(bad))
+    assert (d.expected_length, d.expected_crc) == (len(good), zlib.crc32(good))
+    assert d.expected_totals == (4, 12, 12)
+    assert d.checkpoint == checkpoint_seg.name
+    assert (d.clusters, d.affiliates) == (2, 2)
+    assert (d.readable, d.lost_readable) == (readable, lost_readable)
+    gen = int(checkpoint_seg.name.rsplit(".", 1)[1])
+    assert d.segments == (gen, gen + 1)
+    msg = d.message
+    assert msg in rep.problems and "corrupt" in msg
+    for needle in (
+        path.name,
+        f"{len(bad)} bytes with CRC32 {zlib.crc32(bad):#010x}",
+        f"expects {len(good)} bytes with CRC32 {zlib.crc32(good):#010x}",
+        "2 clusters / 2 affiliates recovered",
+        "held 4 clusters / 12 affiliates",
+        f"{readable} unexpired affiliates, {lost_readable} of them in no replayed record",
+        f"state rebuilt from journal segments {gen}..{gen + 1}",
+        f"every affiliate written before segment {gen} and not updated since",
+    ):
+        assert needle in msg, (needle, msg)
+    # kept aside for forensics, byte for byte; nothing will overwrite it
+    assert d.kept_as is not None and d.kept_as in msg
+    aside = path.with_name(d.kept_as)
+    assert aside.read_bytes() == bad and d.kept_as.startswith(path.name + ".corrupt-")
+    assert not path.exists()
+    # the next compaction writes a verified snapshot of what was recovered; the damaged copy stays
+    m.store.compact(m.reg)
+    m.store.close()
+    k = Node(path)
+    assert k.report.snapshot == "verified" and k.report.problems == []
+    assert state(k.reg) == JOURNAL_ONLY
+    assert aside.read_bytes() == bad
+
+
+def test_missing_snapshot_with_a_checkpoint_is_reported(path: Path) -> None:
+    snapshot_then_journal(path)
+    path.unlink()
+    m = Node(path)
+    assert state(m.reg) == JOURNAL_ONLY
+    assert m.report.snapshot == "missing"
+    d = m.report.damage
+    assert d is not None and d.found == "missing" and d.kept_as is None and d.readable is None
+    assert "is missing" in d.message and d.message in m.report.problems
+
+
+def test_upstream_snapshot_without_journal_is_loaded_unverified(path: Path) -> None:
+    n = Node(path)
+    n.update(C, A, b"a", [ep(1)])
+    upstream = n.reg.export_snapshot()
+    for s in segments(path):
+        s.unlink()
+    path.write_bytes(upstream)
+    m = Node(path)
+    assert m.report.snapshot == "unverified" and m.report.problems == [] and m.report.damage is None
+    assert "unverified" in m.report.note and "no journal checkpoint" in m.report.note
+    assert set(state(m.reg)[C]) == {A}
+    # a restart before the first compaction: the journal starts with segment 1, still unverified
+    m.update(C, B, b"b", [])
+    m.store.close()
+    k = Node(path)
+    assert k.report.snapshot == "unverified" and set(state(k.reg)[C]) == {A, B}
+    # and when that first compaction never completed (a checkpoint for a snapshot never written)
+    k.store.begin_compact(k.reg)
+    k.update(C, "c", b"c", [])
+    j = Node(path)
+    assert j.report.snapshot == "unverified" and j.report.problems == []
+    assert set(state(j.reg)[C]) == {A, B, "c"} and path.read_bytes() == upstream
+
+
+def test_fresh_and_verified_outcomes(path: Path) -> None:
+    n = Node(path)
+    assert (n.report.snapshot, n.report.note, n.report.damage) == ("absent", "", None)
+    n.update(C, A, b"a", [])
+    n.store.compact(n.reg)
+    m = Node(path)
+    assert (m.report.snapshot, m.report.note) == ("verified", "")
+    # a compaction that did not complete: the snapshot matches the older checkpoint, not damage
+    m.update(C, B, b"b", [])
+    m.store.begin_compact(m.reg)
+    k = Node(path)
+    assert k.report.snapshot == "verified" and k.report.problems == []
+    assert "did not complete" in k.report.note
+
+
+def test_checkpoint_without_totals_still_verifies(path: Path) -> None:
+    """Journals written before checkpoints carried the snapshot's totals."""
+    n = Node(path)
+    n.update(C, A, b"a", [ep(1)])
+    n.store.compact(n.reg)
+    n.update(C, B, b"b", [])
+    n.store.close()
+    seg = segments(path)[0]
+    buf = seg.read_bytes()
+    length = int.from_bytes(buf[2:6], "little")
+    payload = buf[FRAME_SIZE : FRAME_SIZE + length]
+    assert payload[0] == storage.KIND_CHECKPOINT
+    old = payload[: storage._CHECKPOINT_V1.size]
+    seg.write_bytes(framed(old) + buf[FRAME_SIZE + length :])
+    m = Node(path)
+    assert m.report.snapshot == "verified" and m.report.problems == []
+    assert set(state(m.reg)[C]) == {A, B}
+    path.write_bytes(b"")
+    k = Node(path)
+    assert k.report.snapshot == "damaged" and k.report.damage is not None
+    assert k.report.damage.expected_totals is None and "held" not in k.report.damage.message
+
+
+# ---------------------------------------------------------------------------- write failures (disk full)
+
+
+class FailingWrites:
+    """os.write as the store sees it: raises ENOSPC while ``full`` (``torn`` first writes half)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.full = False
+        self.torn = False
+        self.real = os.write
+        monkeypatch.setattr(storage.os, "write", self)
+
+    def __call__(self, fd: int, data: bytes) -> int:
+        if self.torn:
+            self.torn = False
+            return self.real(fd, data[: len(data) // 2])
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.real(fd, data)
+
+
+def watched(n: Node, cid: str = C):
+    sub = n.reg.subscribe(cid)
+    assert sub.drain() == []
+    return sub
+
+
+@pytest.mark.parametrize("torn", [False, True])
+def test_failed_journal_write_changes_nothing(
+    path: Path, monkeypatch: pytest.MonkeyPatch, torn: bool
+) -> None:
+    seen: list[str | None] = []
+    n = Node(path, on_health_change=seen.append)
+    n.reg.update(C, A, b"a", [ep(1)], 600, journal=n.store)
+    before = state(n.reg)
+    sub = watched(n)
+    disk = FailingWrites(monkeypatch)
+    disk.full, disk.torn = True, torn
+    files = segments(path)
+    for i in range(20):  # updates, deletes, new and existing affiliates: all refused, nothing changes
+        with pytest.raises(StorageUnavailable) as ei:
+            n.reg.update(C, f"new{i}", b"x", [ep(2)], 600, journal=n.store)
+        assert ei.value.errno == errno.ENOSPC and ei.value.reason == "No space left on device"
+        with pytest.raises(StorageUnavailable):
+            n.reg.update(C, A, b"changed", [ep(3)], 600, journal=n.store)
+        with pytest.raises(StorageUnavailable):
+            n.reg.delete(C, A, journal=n.store)
+    assert not n.reg.delete(C, "absent", journal=n.store)  # nothing to record: not an error
+    assert state(n.reg) == before and sub.drain() == [] and not sub.lost
+    assert n.store.degraded == "journal write failed: No space left on device"
+    assert seen == ["journal write failed: No space left on device"]  # one transition, not per write
+    assert segments(path) == files  # no new (empty) segment per failed write
+    assert not n.store.probe()
+    assert segments(path) == files
+    disk.full = False
+    n.reg.update(C, B, b"b", [], 600, journal=n.store)  # the next write recovers
+    assert n.store.degraded is None and seen[-1] is None and len(seen) == 2
+    assert [c.id for c in sub.drain()] == [B]
+    expected = state(n.reg)
+    n.store.close()
+    m = Node(path)
+    assert state(m.reg) == expected
+    assert len(m.report.problems) == (1 if torn else 0)  # the torn record, reported, never replayed
+
+
+def test_probe_recovers_an_idle_store(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str | None] = []
+    n = Node(path, on_health_change=seen.append)
+    disk = FailingWrites(monkeypatch)
+    disk.full = True
+    with pytest.raises(StorageUnavailable):
+        n.reg.update(C, A, b"a", [], 600, journal=n.store)
+    assert not n.store.probe() and n.store.degraded
+    disk.full = False
+    assert n.store.probe() and n.store.degraded is None
+    assert seen == ["journal write failed: No space left on device", None]
+    assert n.store.probe()  # healthy: a no-op
+
+
+def test_disk_full_at_start_degrades_and_leaves_no_segment(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = FailingWrites(monkeypatch)
+    disk.full = True
+    seen: list[str | None] = []
+    n = Node(path, on_health_change=seen.append)
+    assert segments(path) == [] and n.store.degraded and seen
+    assert any("cannot start a new segment" in p for p in n.report.problems)
+    disk.full = False
+    n.reg.update(C, A, b"a", [], 600, journal=n.store)
+    assert n.store.degraded is None and len(segments(path)) == 1
+
+
+def test_failed_compaction_keeps_snapshot_and_journal_consistent(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = Node(path)
+    populate(n)
+    n.store.compact(n.reg)
+    s0 = path.read_bytes()
+    n.update(C, "after", b"x", [])
+    files = segments(path)
+    disk = FailingWrites(monkeypatch)
+    disk.full = True
+    with pytest.raises(StorageUnavailable):  # the checkpoint segment cannot be written
+        n.store.compact(n.reg)
+    assert segments(path) == files
+    assert n.store.degraded is None  # records still go to the current segment: not degraded
+    disk.full = False
+
+    def no_space(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "write_atomic", no_space)
+    with pytest.raises(OSError):  # the snapshot cannot be written
+        n.store.compact(n.reg)
+    assert path.read_bytes() == s0 and n.store.degraded is None
+    n.update(C, "later", b"y", [])
+    expected = state(n.reg)
+    n.store.close()
+    m = Node(path)
+    assert m.report.problems == [] and m.report.snapshot == "verified" and "did not complete" in m.report.note
+    assert state(m.reg) == expected
+
+
+def test_failed_fsync_degrades_until_a_fresh_segment_syncs(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str | None] = []
+    n = Node(path, on_health_change=seen.append, heartbeat=0)
+    n.update(C, A, b"a", [])
+    real = os.fsync
+    failing = [True]
+
+    def fsync(fd: int) -> None:
+        if failing[0]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    with pytest.raises(StorageUnavailable):
+        n.store.sync()
+    assert n.store.degraded == "journal fsync failed: Input/output error"
+    failing[0] = False
+    n.store.sync()  # the segment whose fsync failed is not trusted again
+    assert n.store.degraded
+    assert n.store.probe()  # starts a new segment
+    assert len(segments(path)) == 2
+    n.store.sync()
+    assert n.store.degraded is None and seen[-1] is None
+    n.update(C, B, b"b", [])
+    n.store.close()
+    assert set(state(Node(path).reg)[C]) == {A, B}
+
+
+def test_unreadable_snapshot_with_a_checkpoint_is_damage(path: Path) -> None:
+    snapshot_then_journal(path)
+    path.unlink()
+    path.mkdir()  # reading it fails with an OSError
+    m = Node(path)
+    assert state(m.reg) == JOURNAL_ONLY
+    assert m.report.snapshot == "damaged"
+    d = m.report.damage
+    assert d is not None and d.found == "unreadable" and "is unreadable" in d.message
+    assert d.kept_as is not None and path.with_name(d.kept_as).is_dir() and not path.exists()
