@@ -250,7 +250,8 @@ class Mesh:
         self._local_gen = 0
         self._cand_cache: dict[PublicKey, tuple[tuple[AddrPort, ...], tuple[AddrPort, ...], int, Any]] = {}
         self._config_cache: dict[PublicKey, tuple[tuple[IPNetwork, ...], AddrPort | None, PeerConfig]] = {}
-        self._learned_pub: dict[str, tuple[AddrPort, ...]] = {}
+        self._learned_pub: dict[str, tuple[AddrPort, ...]] = {}  # as last published
+        self._unpublished: object = None  # what the last failed publish tried (reported once)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.on_pass: Callable[[Mesh], None] | None = None
@@ -523,18 +524,32 @@ class Mesh:
             operating_system=self.opts.operating_system,
             machine_type=self.opts.machine_type,
         )
-        if local != self.local:
-            self.local = local
-            if self.discovery is not None:
+        if local == self.local:
+            return
+        if self.discovery is not None:
+            try:
                 await self.discovery.set_local_data(
-                    local.to_pb(), local.endpoints_pb(), self._other_endpoints_pb()
+                    local.to_pb(), local.endpoints_pb(), self._other_endpoints_pb(self._learned_pub)
                 )
-                log_event(
-                    log,
-                    "local affiliate published",
-                    endpoints=[str(e) for e in local.endpoints],
-                    addresses=[str(a) for a in local.addresses],
-                )
+            except Exception as e:  # e.g. too large for the registry: the next pass tries again
+                self._publish_failed(local, e)
+                return
+            log_event(
+                log,
+                "local affiliate published",
+                endpoints=[str(e) for e in local.endpoints],
+                addresses=[str(a) for a in local.addresses],
+            )
+        self.local = local  # only what was published: status shows it, later passes compare with it
+        self._unpublished = None
+
+    def _publish_failed(self, what: object, error: Exception) -> None:
+        """Report a failed publish once per content (then at DEBUG: every pass retries it)."""
+        if what != self._unpublished:
+            self._unpublished = what
+            self._error(f"publish to discovery: {error}")
+        else:
+            log_event(log, "publish to discovery failed again", logging.DEBUG, error=str(error))
 
     def _remote_affiliates(self) -> list[RemoteAffiliate]:
         """The affiliates as :class:`RemoteAffiliate`; malformed ones are reported (every pass) and skipped.
@@ -679,10 +694,13 @@ class Mesh:
         )
         return desired, probes
 
-    def _other_endpoints_pb(self) -> dict[str, list[affiliate_pb2.Endpoint]]:
+    @staticmethod
+    def _other_endpoints_pb(
+        learned: Mapping[str, tuple[AddrPort, ...]],
+    ) -> dict[str, list[affiliate_pb2.Endpoint]]:
         return {
             nid: [affiliate_pb2.Endpoint(ip=e.ip.packed, port=e.port) for e in eps]
-            for nid, eps in self._learned_pub.items()
+            for nid, eps in learned.items()
         }
 
     async def _publish_learned(self) -> None:
@@ -695,10 +713,15 @@ class Mesh:
         }
         if learned == self._learned_pub:
             return
-        self._learned_pub = learned
-        await self.discovery.set_local_data(
-            self.local.to_pb(), self.local.endpoints_pb(), self._other_endpoints_pb()
-        )
+        try:
+            await self.discovery.set_local_data(
+                self.local.to_pb(), self.local.endpoints_pb(), self._other_endpoints_pb(learned)
+            )
+        except Exception as e:  # the next full pass tries again
+            self._publish_failed(learned, e)
+            return
+        self._learned_pub = learned  # only what was published
+        self._unpublished = None
 
     async def _reconcile_dataplane(self, links: bool = True) -> None:
         """Links, routes and rules (unless ``links`` is False), then the nftables table and sets."""

@@ -39,6 +39,7 @@ class FakeDiscovery:
     published: list[tuple[affiliate_pb2.Affiliate, list[affiliate_pb2.Endpoint], dict]] = field(
         default_factory=list
     )
+    fail_publishes: int = 0  # the next N set_local_data calls raise (as an oversized affiliate does)
 
     @property
     def affiliates(self) -> Mapping[str, Discovered]:
@@ -50,6 +51,9 @@ class FakeDiscovery:
         endpoints: Sequence[affiliate_pb2.Endpoint] = (),
         other_endpoints: Mapping[str, Sequence[affiliate_pb2.Endpoint]] | None = None,
     ) -> bool:
+        if self.fail_publishes:
+            self.fail_publishes -= 1
+            raise ValueError("affiliate too large: 2100 bytes, the limit is 2048")
         self.published.append((affiliate, list(endpoints), dict(other_endpoints or {})))
         return True
 
@@ -597,3 +601,95 @@ async def test_nft_diff_against_a_stale_cache_falls_back_to_reading(versioned) -
         assert ipaddress.ip_network("192.0.2.7/32") in nft.sets[SET_IPV4]
     finally:
         await m.stop()
+
+
+# --- publishing: what status shows was published, and a failed publish is retried ----------------
+
+
+async def test_failed_publish_is_retried_and_not_shown_as_published(mesh) -> None:
+    m, disc, wg, *_ = mesh
+    k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    disc.peers = {"node-a": d1}
+    await m.start()
+    try:
+        disc.fail_publishes = 1
+        await m.reconcile()  # the publish fails; the pass still configures the peers
+        assert k1 in wg.device.peers
+        assert disc.published == []
+        assert m.status().endpoints == (), "status shows only what was published"
+        assert any("too large" in e for e in m.status().errors)
+        await m.reconcile()  # nothing changed locally, but the last publish failed: retried
+        assert len(disc.published) == 1
+        assert m.status().endpoints == ("10.5.0.1:51820", "203.0.113.9:51820")
+        await m.reconcile()
+        assert len(disc.published) == 1, "and published once"
+    finally:
+        await m.stop()
+
+
+async def test_failed_publish_of_learned_endpoints_is_retried(mesh) -> None:
+    m, disc, wg, _links, _nft, clock = mesh
+    k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    disc.peers = {"node-a": d1}
+    await m.start()
+    try:
+        await m.reconcile()
+        for _ in range(2):
+            clock.t += 1
+            wg.traffic(k1, rx=148, tx=148, handshake=True)
+            m.prober.answer(k1)
+            await m.reconcile()
+        from dataclasses import replace
+
+        natted = AddrPort(ipaddress.ip_address("198.51.100.77"), 40123)
+        peers = dict(wg.device.peers)
+        peers[k1] = replace(peers[k1], endpoint=natted)
+        wg.device = replace(wg.device, peers=peers)
+        publishes = len(disc.published)
+        disc.fail_publishes = 1
+        clock.t += 1
+        wg.traffic(k1, rx=148, tx=148)
+        await m.reconcile()  # learns the roamed endpoint; its publish fails
+        assert len(disc.published) == publishes
+        for _ in range(2):
+            clock.t += 1
+            wg.traffic(k1, rx=148, tx=148)
+            await m.reconcile()
+        new = disc.published[publishes:]
+        assert len(new) == 1, "the learned endpoint is published by a later pass, once"
+        assert [(ipaddress.ip_address(e.ip), e.port) for e in new[0][2]["node-a"]] == [
+            (natted.ip, natted.port)
+        ]
+    finally:
+        await m.stop()
+
+
+async def test_affiliate_too_large_for_the_registry_is_published_once_it_fits(mesh) -> None:
+    m, *_ = mesh
+    from discovery.client import DiscoveryClient
+
+    # the real client (never started: set_local_data validates and records without any RPC)
+    client = DiscoveryClient(
+        ["http://127.0.0.1:1"], cluster_id=CLUSTER, secret=SECRET, affiliate_id="self-node"
+    )
+    m.discovery = client
+    many = [ipaddress.ip_interface(f"2001:db8::{i:x}/64") for i in range(1, 120)]
+    m.host.address_list.extend(many)
+    await m.start()
+    try:
+        await m.reconcile()
+        assert client._local is None, "too large: nothing recorded"
+        assert m.status().endpoints == ()
+        assert sum("publish" in e for e in m.errors) == 1
+        m.clock.t += m.cfg.reconcile_interval
+        await m.reconcile()
+        assert sum("publish" in e for e in m.errors) == 1, "the same failure is reported once"
+        for a in many:
+            m.host.address_list.remove(a)
+        m.clock.t += m.cfg.reconcile_interval
+        await m.reconcile()
+        assert client._local is not None
+        assert m.status().endpoints == ("10.5.0.1:51820",)
+    finally:
+        await m.stop()
+        await client.close()
