@@ -300,11 +300,13 @@ class Mesh:
                     await step()
                 except Exception as e:
                     log_event(log, "cleanup failed", logging.WARNING, what=what, error=str(e))
-        await self.backend.close(remove=cleanup)
-        close = getattr(self.links, "close", None)
-        if close is not None:
-            await close()
-        await self.host.close()
+        # every adapter is closed (and its sockets released) even when another one's close raises
+        async with contextlib.AsyncExitStack() as closing:
+            closing.push_async_callback(self.host.close)
+            close = getattr(self.links, "close", None)
+            if close is not None:
+                closing.push_async_callback(close)
+            await self.backend.close(remove=cleanup)
         log_event(log, "mesh stopped", cleanup=cleanup)
 
     def wake(self, dataplane: bool = False) -> None:

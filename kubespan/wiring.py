@@ -109,10 +109,12 @@ class MeshRunner:
                     )
                 except Exception as e:
                     log_event(log, "discovery delete failed", logging.WARNING, error=str(e))
-        if self.started:
-            await self.mesh.stop(cleanup=cleanup)
-        self.started = False
-        await self._close_discovery()
+        try:
+            if self.started:
+                await self.mesh.stop(cleanup=cleanup)
+        finally:  # the discovery sessions and watches stop even when the engine's stop raises
+            self.started = False
+            await self._close_discovery()
 
     async def _close_discovery(self) -> None:
         close = getattr(self.discovery, "close", None)

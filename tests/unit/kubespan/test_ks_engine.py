@@ -693,3 +693,58 @@ async def test_affiliate_too_large_for_the_registry_is_published_once_it_fits(me
     finally:
         await m.stop()
         await client.close()
+
+
+# --- shutdown: one adapter failing to close does not leak the others ------------------------------
+
+
+class ClosingHost(StaticHost):
+    closed: bool = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FailingCloseWireGuard(FakeWireGuard):
+    async def close(self, remove: bool = False) -> None:
+        await super().close(remove)
+        raise OSError("wireguard-go did not exit")
+
+
+class ClosableDiscovery(FakeDiscovery):
+    closed: bool = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_stop_closes_every_adapter_when_the_backend_close_raises(tmp_path: Path) -> None:
+    from kubespan.wiring import MeshDeps, build_mesh
+
+    links = FakeLinkManager(link_exists=True)
+    host = ClosingHost(
+        [LinkInfo("eth0", bytes.fromhex("2e1ab6538169"), physical=True)],
+        [ipaddress.ip_interface("10.5.0.1/24")],
+    )
+    disc = ClosableDiscovery()
+    runner = await build_mesh(
+        MeshOptions(cluster_id=CLUSTER, cluster_secret=SECRET, state_dir=tmp_path, nodename="self"),
+        discovery_urls=(),
+        deps=MeshDeps(
+            backend=FailingCloseWireGuard(),
+            links=links,
+            nft=FakeNftManager(),
+            host=host,
+            prober=FakeProber(),
+            discovery=disc,
+        ),
+    )
+    await runner.start()
+    await runner.mesh.reconcile()
+    with pytest.raises(OSError, match="did not exit"):
+        await runner.stop(cleanup=True, leave=False)
+    assert runner.backend.closed
+    assert links.closed, "the netlink sockets are released"
+    assert host.closed
+    assert disc.closed, "the discovery client's sessions and watches are stopped"
+    assert not runner.started
