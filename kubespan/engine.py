@@ -240,6 +240,7 @@ class Mesh:
         # _candidates and _peer_config. None of it changes a result, only what is recomputed.
         self._remote_cache: dict[str, tuple[Any, RemoteAffiliate | None, str | None]] = {}
         self._remotes: list[RemoteAffiliate] | None = None
+        self._malformed: dict[str, tuple[str, bytes, tuple[bytes, ...]]] = {}  # last reported, by id
         self._spec_memo = PeerSpecMemo()
         self._prefix_memo = PrefixMemo()
         self._routed = RoutedIndex()
@@ -554,7 +555,7 @@ class Mesh:
             log_event(log, "publish to discovery failed again", logging.DEBUG, error=str(error))
 
     def _remote_affiliates(self) -> list[RemoteAffiliate]:
-        """The affiliates as :class:`RemoteAffiliate`; malformed ones are reported (every pass) and skipped.
+        """The affiliates as :class:`RemoteAffiliate`; malformed ones are reported (once) and skipped.
 
         With a versioned discovery (see :class:`DiscoveryLike`) nothing is re-read
         while the version is unchanged, and an entry that is the same object as
@@ -576,16 +577,30 @@ class Mesh:
                         entry = (d, RemoteAffiliate.from_pb(d.affiliate, d.endpoints), None)
                     except AffiliateError as e:
                         entry = (d, None, f"affiliate {aid[:12]}: {e}")
+                        self._report_malformed(aid, d, entry[2])
                 cache[aid] = entry
                 if entry[1] is not None:
                     remotes.append(entry[1])
             self._remote_cache = cache
             self._remotes = remotes
             self._last_affiliates_version = version
-        for _, _remote, error in self._remote_cache.values():
-            if error is not None:
-                self._error(error)
+            # forget the affiliates that left or were fixed: broken again, they are news again
+            for aid in [a for a in self._malformed if cache.get(a, (None, None, None))[2] is None]:
+                del self._malformed[aid]
         return self._remotes
+
+    def _report_malformed(self, aid: str, d: Any, error: str) -> None:
+        """Report a malformed affiliate once per content; every pass re-reads it, at DEBUG after the first."""
+        payload = (
+            error,
+            d.affiliate.SerializeToString(deterministic=True),
+            tuple(e.SerializeToString(deterministic=True) for e in d.endpoints),
+        )
+        if self._malformed.get(aid) == payload:
+            log_event(log, "malformed affiliate still skipped", logging.DEBUG, error=error)
+            return
+        self._malformed[aid] = payload
+        self._error(error)
 
     def _compute_specs(self) -> None:
         assert self.identity is not None

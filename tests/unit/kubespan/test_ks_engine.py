@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -401,18 +402,53 @@ async def test_versioned_discovery_rereads_only_changed_entries(versioned) -> No
         await m.stop()
 
 
-async def test_malformed_affiliate_is_reported_every_pass_even_when_not_reread(versioned) -> None:
-    m, disc, wg, *_ = versioned
+def _warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    return sum(
+        1
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and text in str(getattr(r, "_fields", {}).get("error", ""))
+    )
+
+
+@pytest.mark.parametrize("versioned_discovery", [True, False])
+async def test_malformed_affiliate_is_reported_once_per_content(
+    mesh, versioned_discovery: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    m, disc, wg, *_ = mesh
+    if versioned_discovery:
+        disc = m.discovery = VersionedDiscovery(public_ip=disc.public_ip)
     _, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
     bad = _readdress(d1)
     bad.affiliate.kubespan.public_key = "not a key"
     disc.peers = {"node-a": d1, "node-z": Discovered("node-z", bad.affiliate, ())}
+    caplog.set_level(logging.DEBUG, "kubespan.engine")
     await m.start()
     try:
-        for n in range(1, 4):
+        for _ in range(5):  # about once a second in production
             await m.reconcile()
-            assert sum("affiliate node-z" in e for e in m.errors) == n
+        assert _warnings_about(caplog, "affiliate node-z") == 1, "reported once, not every pass"
+        assert sum("affiliate node-z" in e for e in m.errors) == 1
         assert len(wg.device.peers) == 1
+        # a different bad payload from the same affiliate is news: reported again, once
+        worse = _readdress(bad, "192.0.2.1")
+        disc.peers["node-z"] = Discovered("node-z", worse.affiliate, ())
+        if versioned_discovery:
+            disc.version += 1
+        for _ in range(3):
+            await m.reconcile()
+        assert _warnings_about(caplog, "affiliate node-z") == 2
+        # fixed, then broken the same way again: reported again
+        disc.peers["node-z"] = remote("node-z", "z", "10.5.0.7", 7)[2]
+        if versioned_discovery:
+            disc.version += 1
+        await m.reconcile()
+        assert len(wg.device.peers) == 2
+        disc.peers["node-z"] = Discovered("node-z", worse.affiliate, ())
+        if versioned_discovery:
+            disc.version += 1
+        await m.reconcile()
+        await m.reconcile()
+        assert _warnings_about(caplog, "affiliate node-z") == 3
     finally:
         await m.stop()
 
