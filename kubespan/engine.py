@@ -17,6 +17,11 @@ change. It trusts that both still hold what our last successful writes left
 changed peer specs imply. Probe replies, netlink events, a failed write and the
 periodic checks all make the next pass a full one.
 
+A pass writes to WireGuard at most once, and the engine is what diffs (with
+:mod:`kubespan.wgdiff`, against its last observation). Writes are not
+transactional: after a failed one the next pass re-reads the device and applies
+what is missing; a failed light pass asks for that pass at once.
+
 All I/O goes through injected adapters (WireGuard backend, link and nftables
 managers, host info, prober, discovery client), so the engine runs against
 in-memory fakes in unit tests.
@@ -68,7 +73,7 @@ from kubespan.wgtypes import (
     PresharedKey,
     PublicKey,
 )
-from kubespan.wireguard.backend import WireGuardBackend, WireGuardError, sync
+from kubespan.wireguard.backend import WireGuardBackend, WireGuardError
 from spanapi.discovery.client import affiliate_pb2
 
 log = logging.getLogger("kubespan.engine")
@@ -253,6 +258,7 @@ class Mesh:
         self._config_cache: dict[PublicKey, tuple[tuple[IPNetwork, ...], AddrPort | None, PeerConfig]] = {}
         self._learned_pub: dict[str, tuple[AddrPort, ...]] = {}  # as last published
         self._unpublished: object = None  # what the last failed publish tried (reported once)
+        self._deferred_probes: list[tuple[PublicKey, ipaddress.IPv6Address]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.on_pass: Callable[[Mesh], None] | None = None
@@ -366,15 +372,20 @@ class Mesh:
         previous = self.specs
         self._compute_specs()
 
-        probes: list[tuple[PublicKey, ipaddress.IPv6Address]] = []
+        # probes of a pass whose write failed wait for the next write (their peers may be missing)
+        probes, self._deferred_probes = self._deferred_probes, []
         if light:
             light = await self._reconcile_peers_light(now, previous, probes)
-        if light:
-            self.light_passes += 1
-        else:
-            await self._reconcile_peers_full(now, probes)
-        for pk, addr in dict.fromkeys(probes):
-            self.prober.send(pk, addr)
+            if light:
+                self.light_passes += 1
+            else:  # one write per pass: the re-read and the repair are the next (full) pass's, now
+                self._deferred_probes = probes
+                self.wake()
+        elif not await self._reconcile_peers_full(now, probes):
+            self._deferred_probes = probes
+        if not self._deferred_probes:
+            for pk, addr in dict.fromkeys(probes):
+                self.prober.send(pk, addr)
         if not light or (self.specs is not previous and self._learned_pub):
             # learned endpoints change only when machines observe, or when a peer that has some leaves
             await self._publish_learned()
@@ -406,8 +417,9 @@ class Mesh:
 
     async def _reconcile_peers_full(
         self, now: float, probes: list[tuple[PublicKey, ipaddress.IPv6Address]]
-    ) -> None:
-        """WireGuard: observe, run every peer's state machine, apply the difference."""
+    ) -> bool:
+        """WireGuard: observe, run every peer's state machine, apply the difference (at most one
+        write). False: the write failed."""
         self._last_observe = now
         try:
             self.device = await self.backend.get()
@@ -422,27 +434,24 @@ class Mesh:
         desired, decided = self._decide(now)
         probes.extend(decided)
         ops = diff_device(desired, self.device, self._diff_memo)
-        if ops:
-            try:
-                await self.backend.apply(ops)
-            except WireGuardError as e:
-                # sets are not transactional: re-read, re-diff and apply what is still missing
-                self._device_known = False
-                log_event(log, "WireGuard apply failed; re-reading", logging.WARNING, error=str(e))
-                try:
-                    ops = await sync(self.backend, desired)
-                except WireGuardError as e2:
-                    self._error(f"apply WireGuard config: {e2}")
-            else:
-                if self.device is not None:
-                    self.device = apply_ops(self.device, ops)
-        if ops:
-            self.wg_writes += 1
-            self._sets_due = True  # the nftables target sets follow the peers' AllowedIPs
-            if any(isinstance(op, SetDevice) for op in ops):
-                # device-level settings were missing: a re-created device, which lost its
-                # addresses and routes (peer-only changes leave links, routes and rules alone)
-                self._dataplane_due = True
+        if not ops:
+            return True
+        if any(isinstance(op, SetDevice) for op in ops):
+            # device-level settings were missing: a re-created device, which lost its
+            # addresses and routes (peer-only changes leave links, routes and rules alone)
+            self._dataplane_due = True
+        try:
+            await self.backend.apply(ops)
+        except WireGuardError as e:
+            # sets are not transactional: the next pass (a full one) re-reads and applies what is missing
+            self._device_known = False
+            self._error(f"apply WireGuard config: {e}")
+            return False
+        if self.device is not None:
+            self.device = apply_ops(self.device, ops)
+        self.wg_writes += 1
+        self._sets_due = True  # the nftables target sets follow the peers' AllowedIPs
+        return True
 
     def _specs_by_key(self, specs: PeerSpecs) -> dict[PublicKey, PeerSpec]:
         cached = self._by_key
@@ -456,7 +465,7 @@ class Mesh:
         self, now: float, previous: PeerSpecs, probes: list[tuple[PublicKey, ipaddress.IPv6Address]]
     ) -> bool:
         """WireGuard for the peers whose spec changed since ``previous``, against the last
-        observation (see the module docstring). False: the write failed, do a full pass."""
+        observation (see the module docstring). False: the write failed (the next pass is full)."""
         if self.specs is previous:
             return True
         assert self.device is not None
@@ -501,7 +510,7 @@ class Mesh:
             await self.backend.apply(ops)
         except WireGuardError as e:
             self._device_known = False
-            log_event(log, "WireGuard apply failed; re-reading", logging.WARNING, error=str(e))
+            self._error(f"apply WireGuard config: {e}")
             return False
         self.device = apply_ops(self.device, ops)
         self.wg_writes += 1

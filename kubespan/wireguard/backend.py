@@ -2,8 +2,10 @@
 
 A backend is an adapter over one WireGuard device: the kernel's (generic
 netlink), wireguard-go's (UAPI socket) or an in-memory fake. It observes the
-device and applies :mod:`kubespan.wgdiff` operations; it decides nothing.
-:func:`sync` is the only place that compares desired and observed state.
+device and applies :mod:`kubespan.wgdiff` operations; it decides nothing and
+compares nothing. The mesh engine diffs against its own observation and calls
+``apply``; :func:`sync` (read, diff, apply) is for callers that keep no
+observation of their own: one-shot tools and tests.
 """
 
 from __future__ import annotations

@@ -595,27 +595,65 @@ async def test_outside_changes_missed_by_light_passes_are_repaired_by_the_period
         await m.stop()
 
 
-async def test_light_pass_whose_write_fails_falls_back_to_a_full_pass(versioned) -> None:
+async def test_light_pass_whose_write_fails_is_followed_by_a_full_pass(versioned) -> None:
     m, disc, wg, _links, nft, clock, _ = versioned
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
     disc.peers = {"node-a": d1}
     await m.start()
     try:
         await m.reconcile()
-        gets, light = wg.gets, m.light_passes
+        gets, light, writes, applies = wg.gets, m.light_passes, m.wg_writes, len(wg.applies)
         clock.t += 0.2
         k2, mesh2, d2 = remote("node-b", "b", "10.5.0.9", 3)
         disc.put(d2)
         wg.fail_next_apply()
+        m._wake.clear()
         await m.reconcile()
-        assert m.light_passes == light and wg.gets > gets, "re-read after the failed write"
+        assert len(wg.applies) == applies + 1, "one pass applies at most once"
+        assert m.wg_writes == writes, "a failed write is not counted"
+        assert m.light_passes == light
+        assert m._wake.is_set(), "the next pass is asked for at once"
+        assert (k2, mesh2) not in m.prober.probes, "no probe to a peer that is not configured"
+        # the next pass is a full one: it re-reads, applies what is missing and probes the new peer
+        clock.t += 0.01
+        await m.reconcile()
+        assert wg.gets > gets and m.light_passes == light, "re-read after the failed write"
+        assert len(wg.applies) == applies + 2 and m.wg_writes == writes + 1
         assert set(wg.device.peers) == {k1, k2}
-        assert (k2, mesh2) in m.prober.probes, "the new peer is still probed"
+        assert (k2, mesh2) in m.prober.probes, "the new peer is probed once configured"
         assert ipaddress.ip_network("10.5.0.9/32") in nft.sets[SET_IPV4]
         # and the pass after it is a full one too only if something asks for it
         clock.t += 0.1
         await m.reconcile()
         assert m.light_passes == light + 1
+    finally:
+        await m.stop()
+
+
+async def test_failed_full_pass_applies_once_counts_nothing_and_the_next_pass_repairs(mesh) -> None:
+    m, disc, wg, _links, _nft, clock = mesh
+    k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    k2, _, d2 = remote("node-b", "b", "10.5.0.3", 3)
+    disc.peers = {"node-a": d1}
+    await m.start()
+    try:
+        await m.reconcile()
+        writes, applies = m.wg_writes, len(wg.applies)
+        disc.peers["node-b"] = d2
+        wg.fail_next_apply()
+        wg.fail_next_apply()
+        clock.t += m.cfg.timings.poll_interval
+        await m.reconcile()
+        assert len(wg.applies) == applies + 1, "one pass applies at most once (no retry inside it)"
+        assert m.wg_writes == writes, "failed writes are not counted"
+        assert any("apply WireGuard" in e for e in m.errors)
+        clock.t += m.cfg.timings.poll_interval
+        await m.reconcile()  # the second injected failure
+        assert len(wg.applies) == applies + 2 and m.wg_writes == writes
+        clock.t += m.cfg.timings.poll_interval
+        await m.reconcile()
+        assert len(wg.applies) == applies + 3 and m.wg_writes == writes + 1
+        assert set(wg.device.peers) == {k1, k2}
     finally:
         await m.stop()
 
