@@ -290,6 +290,8 @@ class DiscoveryClient:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        for s in self._sessions:
+            s.cancel_drop()  # no grace timer fires after close
         self._fire_changed()
         self._fire_status()
 
@@ -564,6 +566,7 @@ class _Session:
     other_sent: dict[str, tuple[frozenset[bytes], float]] = field(default_factory=dict)
     other_backlog: bool = False
     disconnected_since: float | None = None
+    drop_timer: asyncio.TimerHandle | None = None  # for the entries a reconnect snapshot left out
     backoff: ExponentialBackoff = field(init=False)
 
     def __post_init__(self) -> None:
@@ -813,8 +816,22 @@ class _Session:
             call.cancel()
         raise WatchEndedError("watch stream ended by the server")
 
+    def _schedule_drop(self) -> None:
+        """(Re)arm the one timer of this session for the earliest grace deadline, if any."""
+        self.cancel_drop()
+        deadlines = [e.unconfirmed_until for e in self.entries.values() if e.unconfirmed_until is not None]
+        if deadlines:
+            loop = asyncio.get_running_loop()
+            self.drop_timer = loop.call_at(min(deadlines) + 0.05, self._drop_unconfirmed)
+
+    def cancel_drop(self) -> None:
+        if self.drop_timer is not None:
+            self.drop_timer.cancel()
+            self.drop_timer = None
+
     def _drop_unconfirmed(self) -> None:
         """Drop entries a reconnect snapshot left out and nobody republished within the grace period."""
+        self.drop_timer = None
         now = asyncio.get_running_loop().time()
         gone = {
             aid
@@ -823,6 +840,7 @@ class _Session:
         }
         for aid in gone:
             del self.entries[aid]
+        self._schedule_drop()  # entries left out by a later snapshot have a later deadline
         if gone:
             self.client._merge(gone)
 
@@ -897,7 +915,7 @@ class _Session:
                     kept=kept,
                     grace_s=c.snapshot_grace,
                 )
-                asyncio.get_running_loop().call_later(c.snapshot_grace + 0.05, self._drop_unconfirmed)
+                self._schedule_drop()
         if own_present is False and c._local is not None:
             _event(logging.INFO, "discovery own affiliate missing, republishing", endpoint=self.url)
             self.own_missing = True

@@ -597,3 +597,34 @@ async def test_oversized_affiliate_rejected_without_state_change() -> None:
     with pytest.raises(crypto.AffiliateTooLargeError):
         await c.set_local_data(aff("me", operating_system="x" * 3000))
     assert not await c.set_local_data(aff("me"))  # the previous data is still current
+
+
+async def test_grace_timer_is_cancelled_by_close() -> None:
+    c = make_client("http://127.0.0.1:1", snapshot_grace=0.1)
+    s = c._sessions[0]
+    known = cluster_pb2.Affiliate(id="peer-a", data=enc(aff("a")))
+    c._merge(s._apply(cluster_pb2.WatchResponse(affiliates=[known]), snapshot=True))
+    # a reconnect snapshot without it: kept for the grace period, a timer drops it afterwards
+    c._merge(s._apply(cluster_pb2.WatchResponse(affiliates=[]), snapshot=True))
+    assert "peer-a" in c.affiliates
+    version = c.version
+    await c.close()
+    await asyncio.sleep(0.3)
+    assert c.version == version and "peer-a" in c.affiliates, "nothing runs after close()"
+
+
+async def test_grace_timer_drops_unconfirmed_entries_at_their_deadline() -> None:
+    c = make_client("http://127.0.0.1:1", snapshot_grace=0.2)
+    try:
+        s = c._sessions[0]
+        a = cluster_pb2.Affiliate(id="peer-a", data=enc(aff("a")))
+        b = cluster_pb2.Affiliate(id="peer-b", data=enc(aff("b")))
+        c._merge(s._apply(cluster_pb2.WatchResponse(affiliates=[a, b]), snapshot=True))
+        c._merge(s._apply(cluster_pb2.WatchResponse(affiliates=[b]), snapshot=True))  # a unconfirmed
+        await asyncio.sleep(0.1)
+        c._merge(s._apply(cluster_pb2.WatchResponse(affiliates=[]), snapshot=True))  # b too, later
+        await eventually(lambda: "peer-a" not in c.affiliates, within=0.2)
+        assert "peer-b" in c.affiliates, "b keeps its own grace period"
+        await eventually(lambda: not c.affiliates, within=0.4)
+    finally:
+        await c.close()
