@@ -50,7 +50,6 @@ from kubespan.identity import MeshIdentity, load_identity, pick_mac
 from kubespan.ipset import IPSet
 from kubespan.peers import (
     AffiliateError,
-    Conflict,
     LocalAffiliate,
     PeerSpec,
     PeerSpecMemo,
@@ -855,11 +854,3 @@ class Mesh:
             conflicts=tuple(str(c) for c in self.specs.conflicts),
             errors=tuple(self.errors[-5:]),
         )
-
-
-def conflicts_of(specs: PeerSpecs) -> tuple[Conflict, ...]:
-    return specs.conflicts
-
-
-def spec_for(specs: PeerSpecs, key: PublicKey) -> PeerSpec | None:
-    return specs.by_key().get(key)
