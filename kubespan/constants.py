@@ -187,7 +187,7 @@ class MeshConfig:
     timings: DetectionTimings = field(default_factory=DetectionTimings)
 
     def __post_init__(self) -> None:
-        _check_link_name(self.link_name)
+        check_link_name(self.link_name)
         _check_range("listen_port", self.listen_port, 1, 65535)
         _check_range("mtu", self.mtu, MTU_MIN, MTU_MAX)
         _check_range("persistent_keepalive", self.persistent_keepalive, 0, KEEPALIVE_MAX)
@@ -251,8 +251,27 @@ def _check_range(name: str, value: object, low: int, high: int) -> None:
         raise ConfigError(name, f"{value} is above the maximum {high}")
 
 
-def _check_link_name(name: str) -> None:
-    if not name or len(name) > LINK_NAME_MAX:
-        raise ConfigError("link_name", f"{name!r} must be 1..{LINK_NAME_MAX} characters")
-    if _LINK_NAME_BAD.search(name) or name in (".", ".."):
-        raise ConfigError("link_name", f"{name!r} must not contain whitespace, '/' or ':' nor be '.' or '..'")
+def link_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be our link's name, or None: the one rule for the config, the WireGuard
+    backends and the link manager. The kernel's (IFNAMSIZ: at most 15 bytes; no '/', ':' or
+    whitespace; not '.' or '..'), restricted to printable ASCII as the kernel backend needs it."""
+    if (
+        isinstance(name, str)
+        and 0 < len(name) <= LINK_NAME_MAX
+        and name.isascii()
+        and name.isprintable()
+        and not _LINK_NAME_BAD.search(name)
+        and name not in (".", "..")
+    ):
+        return None
+    return (
+        f"{name!r} must be 1..{LINK_NAME_MAX} characters of printable ASCII without whitespace, "
+        "'/' or ':', and not '.' or '..'"
+    )
+
+
+def check_link_name(name: object, field_name: str = "link_name") -> None:
+    """Raise :class:`ConfigError` (a ValueError) naming ``field_name`` when ``name`` breaks the rule."""
+    problem = link_name_problem(name)
+    if problem is not None:
+        raise ConfigError(field_name, problem)

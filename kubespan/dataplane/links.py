@@ -353,8 +353,7 @@ class LinkManager:
         metric: int = C.ROUTE_METRIC,
         netns: str | None = None,
     ) -> None:
-        if not ifname or len(ifname) > C.LINK_NAME_MAX:
-            raise C.ConfigError("link_name", f"{ifname!r} must be 1..{C.LINK_NAME_MAX} characters")
+        C.check_link_name(ifname)
         _check_range("mtu", mtu, C.MTU_MIN, C.MTU_MAX)
         _check_range("routing_table", table, 1, C.TABLE_MAX)
         if table in C.RESERVED_TABLES:

@@ -60,6 +60,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.wireguard import wgmsg
 
 from discovery.logs import log_event
+from kubespan.constants import check_link_name
 from kubespan.wgdiff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer
 from kubespan.wgtypes import (
     AddrPort,
@@ -115,7 +116,6 @@ WGPEER_F_REMOVE_ME = 0x1
 WGPEER_F_REPLACE_ALLOWEDIPS = 0x2
 WGPEER_F_UPDATE_ONLY = 0x4
 
-IFNAMSIZ = 16  # including the terminating NUL
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLMSG_MIN_TYPE = 0x10  # below: netlink control messages
@@ -158,19 +158,7 @@ def _protocol_error(detail: str) -> WireGuardError:
 
 
 def _check_ifname(ifname: str) -> None:
-    # the kernel's rules (no '/', ':' or whitespace, not "." or ".."), restricted to ASCII
-    ok = (
-        isinstance(ifname, str)
-        and 0 < len(ifname) < IFNAMSIZ
-        and ifname.isascii()
-        and ifname.isprintable()
-        and ifname not in (".", "..")
-        and not any(c in "/:" or c.isspace() for c in ifname)
-    )
-    if not ok:
-        raise ValueError(
-            f"ifname: {ifname!r} must be 1..{IFNAMSIZ - 1} printable ASCII characters without '/', ':' or spaces"
-        )
+    check_link_name(ifname, "ifname")
 
 
 def _check_max_size(max_size: int) -> None:

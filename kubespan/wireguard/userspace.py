@@ -42,6 +42,7 @@ from typing import Literal
 
 from discovery.logs import log_event
 from kubespan import uapi
+from kubespan.constants import check_link_name
 from kubespan.wgdiff import AddPeer, Op, RemovePeer, UpdatePeer
 from kubespan.wgtypes import ObservedDevice
 
@@ -308,8 +309,7 @@ class UserspaceBackend:
         backoff_max: float = 10.0,
         stable_after: float = 10.0,
     ) -> None:
-        if not ifname or len(ifname) > 15 or "/" in ifname or any(c.isspace() for c in ifname):
-            raise ValueError(f"ifname: {ifname!r} must be 1..15 characters without '/' or spaces")
+        check_link_name(ifname, "ifname")
         if existing not in ("adopt", "replace"):
             raise ValueError(f"existing: {existing!r} must be 'adopt' or 'replace'")
         for field, value in (

@@ -25,7 +25,6 @@ from kubespan.constants import (
     FWMARK_WIREGUARD,
     KEEPALIVE_MAX,
     LINK_NAME,
-    LINK_NAME_MAX,
     LISTEN_PORT,
     MTU,
     MTU_MAX,
@@ -37,6 +36,7 @@ from kubespan.constants import (
     RULE_PRIORITY_MAX,
     RULE_PRIORITY_MIN,
     TABLE_MAX,
+    link_name_problem,
 )
 from kubespan.peers import EndpointFilter
 from kubespan.wgtypes import AddrPort
@@ -576,11 +576,9 @@ def read_agent(r: Reader) -> AgentSettings:
     link = r.string("wireguard.linkName", LINK_NAME)
     if link is None:
         link = LINK_NAME
-    if not link or len(link) > LINK_NAME_MAX or re.search(r"[\s/:]", link) or link in (".", ".."):
-        r.fail(
-            "wireguard.linkName",
-            f"must be 1..{LINK_NAME_MAX} characters without whitespace, '/' or ':', got {link!r}",
-        )
+    problem = link_name_problem(link)  # the rule the WireGuard backends and the link manager apply
+    if problem is not None:
+        r.fail("wireguard.linkName", problem)
         link = LINK_NAME
     nft = r.string("routing.nftTable", NFT_TABLE)
     if nft is None:

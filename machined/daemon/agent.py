@@ -230,6 +230,10 @@ class Agent:
         """The config's mesh settings with the agent's state directory (key and node id live there)."""
         return dataclasses.replace(cfg.mesh(), state_dir=self.state_dir)
 
+    def _mesh_failed(self) -> str:
+        retrying = ", retrying" if self.meshhost.retrying else ""
+        return f"Mesh failed to start{retrying}: {self.meshhost.last_error}"
+
     def machined_event(self, message: str, state: ServiceState = ServiceState.RUNNING) -> None:
         """An event of the ``machined`` pseudo-service (config and mesh changes), also a machine event."""
         ev = ServiceEvent(next(self._machined_seq), MACHINED_SERVICE, state, message, time.time())
@@ -317,7 +321,7 @@ class Agent:
         if settings.enabled:
             ok = await self.meshhost.start(settings)
             self.machined_event(
-                "Mesh started" if ok else f"Mesh failed to start, retrying: {self.meshhost.last_error}",
+                "Mesh started" if ok else self._mesh_failed(),
                 ServiceState.RUNNING if ok else ServiceState.WAITING,
             )
         else:
@@ -495,9 +499,7 @@ class Agent:
         log_event(log, "config change", reason=event.reason, effects=eff.describe())
         if eff.mesh_restart:
             ok = await self.meshhost.reconfigure(self.mesh_settings(new), cleanup=eff.mesh_cleanup)
-            self.machined_event(
-                "Mesh restarted" if ok else f"Mesh failed to start, retrying: {self.meshhost.last_error}"
-            )
+            self.machined_event("Mesh restarted" if ok else self._mesh_failed())
         sup = self.supervisor
         if sup is None:
             return

@@ -7,7 +7,8 @@ supervisor's mesh condition need, read from the engine's public ``specs``, ``mac
 ``device``) and calls its listeners; the engine's full :meth:`Mesh.status` (candidates, allowed IPs,
 ... as strings) is computed only when asked for (``/status``, ``/metrics``). A start that fails (no wireguard-go, a netlink
 error, ...) is retried with backoff in the background until it succeeds or the settings change: the
-agent keeps serving its API meanwhile, and services that need the mesh keep waiting.
+agent keeps serving its API meanwhile, and services that need the mesh keep waiting. An invalid
+setting (:class:`~kubespan.constants.ConfigError`) fails at once: retrying cannot fix it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from discovery.logs import log_event
+from kubespan.constants import ConfigError
 from kubespan.engine import Mesh, MeshStatus
 from kubespan.wiring import MeshDeps, MeshRunner, build_mesh
 from machined.config import MeshSettings
@@ -157,6 +159,7 @@ class MeshHost:
         self._views = PeerViews()
         self._listeners: list[Listener] = []
         self._retry: asyncio.Task[None] | None = None
+        self._invalid = False  # the last start failed on an invalid setting: not retried
         self._lock = asyncio.Lock()
 
     # -- observation ---------------------------------------------------------------------------
@@ -219,7 +222,8 @@ class MeshHost:
 
     async def start(self, settings: MeshSettings) -> bool:
         """Start the mesh for ``settings`` (nothing when disabled). True when it runs (or is disabled);
-        False when the first attempt failed: it is then retried in the background."""
+        False when the first attempt failed: it is then retried in the background, unless a setting
+        is invalid."""
         async with self._lock:
             self._cancel_retry()
             self.settings = settings
@@ -227,8 +231,14 @@ class MeshHost:
                 return True
             if await self._try_start(settings):
                 return True
-            self._retry = asyncio.create_task(self._retry_loop(settings), name="mesh-retry")
+            if not self._invalid:
+                self._retry = asyncio.create_task(self._retry_loop(settings), name="mesh-retry")
             return False
+
+    @property
+    def retrying(self) -> bool:
+        """Whether a failed start is being retried in the background."""
+        return self._retry is not None and not self._retry.done()
 
     async def stop(self, *, cleanup: bool = True) -> None:
         async with self._lock:
@@ -267,10 +277,14 @@ class MeshHost:
             raise
         except Exception as e:
             self.last_error = f"{type(e).__name__}: {e}"
-            log_event(log, "mesh failed to start", logging.ERROR, error=self.last_error)
+            self._invalid = isinstance(e, ConfigError)
+            log_event(
+                log, "mesh failed to start", logging.ERROR, error=self.last_error, retry=not self._invalid
+            )
             return False
         self.runner = runner
         self.last_error = None
+        self._invalid = False
         self.generation += 1
         mesh = runner.mesh
         log_event(
@@ -290,7 +304,7 @@ class MeshHost:
             async with self._lock:
                 if self.settings is not settings or self.runner is not None:
                     return
-                if await self._try_start(settings):
+                if await self._try_start(settings) or self._invalid:
                     return
             delay = min(RETRY_MAX, delay * 2)
 

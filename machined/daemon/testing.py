@@ -112,12 +112,13 @@ class FakeMeshWorld:
     prober: FakeProber | None = None
     runners: list[MeshRunner] = field(default_factory=list)
     fail_next: int = 0  # make the next N builds fail
+    fail_error: Exception | None = None  # what they raise (default: a RuntimeError)
     _alive: asyncio.Task[None] | None = None
 
     async def __call__(self, settings: MeshSettings, hostname: str) -> MeshRunner:
         if self.fail_next > 0:
             self.fail_next -= 1
-            raise RuntimeError("fake: mesh start failed")
+            raise self.fail_error or RuntimeError("fake: mesh start failed")
         opts = settings.options(hostname)
         timings = dataclasses.replace(opts.config.timings, poll_interval=self.poll_interval)
         opts = dataclasses.replace(opts, config=dataclasses.replace(opts.config, timings=timings))

@@ -294,6 +294,22 @@ async def test_a_service_that_requires_the_mesh_waits_for_a_peer(make, world, sp
     )
 
 
+async def test_mesh_start_with_an_invalid_setting_fails_fast(make, world, monkeypatch):
+    import machined.daemon.meshhost as mh
+    from kubespan.constants import ConfigError
+
+    monkeypatch.setattr(mh, "RETRY_INITIAL", 0.01)
+    world.fail_next = 100
+    world.fail_error = ConfigError("ifname", "'ks\u00e9' must be 1..15 characters of printable ASCII")
+    a = await make(cfg())
+    assert not a.meshhost.running and "ifname" in a.meshhost.last_error
+    await asyncio.sleep(0.2)
+    assert world.fail_next == 99, "a configuration error is not retried"
+    assert not a.meshhost.retrying
+    messages = [e.message for e in a.machined_events]
+    assert any("Mesh failed to start" in m and "ifname" in m and "retrying" not in m for m in messages)
+
+
 async def test_mesh_start_failure_is_retried_and_services_wait(make, world, spawner, monkeypatch):
     import machined.daemon.meshhost as mh
 

@@ -290,6 +290,11 @@ CASES = [
         "AgentConfig.wireguard.linkName",
         "1..15 characters",
     ),
+    (
+        _set("wireguard", {"linkName": "ks\u00e9"}, "AgentConfig"),
+        "AgentConfig.wireguard.linkName",
+        "printable ASCII",
+    ),
     (_set("routing", {"table": 254}, "AgentConfig"), "AgentConfig.routing.table", "reserved"),
     (
         _set("routing", {"fwmarkForce": 0x20}, "AgentConfig"),
