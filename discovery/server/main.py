@@ -34,6 +34,7 @@ from discovery.server.service import (
     SERVICE,
     WATCH_INFLIGHT_BUDGET,
     WATCH_INFLIGHT_PER_IP,
+    WATCH_SNAPSHOTS_PER_IP,
     WATCH_STALL_TIMEOUT,
     ClusterService,
     IPNetwork,
@@ -203,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate-burst", type=int, default=limits.RATE_LIMIT_BURST, help="rate-limit burst per client IP"
     )
     p.add_argument(
+        "--rate-limit-max-wait",
+        type=parse_duration,
+        default="10s",
+        help="longest a call waits for a rate-limit token (or its deadline, when sooner); calls that "
+        "would wait longer get RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
         "--disable-client-ip-reporting", action="store_true", help="leave client_ip empty in Hello"
     )
     p.add_argument(
@@ -237,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=f"{WATCH_INFLIGHT_PER_IP >> 20}MiB",
         help="one client address's share of --watch-inflight-budget (IPv6: per /64), so streams that "
         "never read cannot starve other clients' watches (0: no share limit)",
+    )
+    p.add_argument(
+        "--watch-snapshots-per-ip",
+        type=int,
+        default=WATCH_SNAPSHOTS_PER_IP,
+        help="Watch snapshots sent at once to one client address (IPv6: per /64); its other new "
+        "watches wait their turn (0: no limit)",
     )
     p.add_argument(
         "--keepalive-time",
@@ -298,6 +313,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "watch_stall_timeout",
         "watch_inflight_budget",
         "watch_inflight_per_ip",
+        "watch_snapshots_per_ip",
     ):
         if getattr(ns, name) < 0:
             build_parser().error(f"--{name.replace('_', '-')} must not be negative")
@@ -412,6 +428,7 @@ class Daemon:
             trusted_proxies=tuple[IPNetwork, ...](self.ns.trusted_proxy),
             rate_limit=self.ns.rate_limit,
             rate_burst=self.ns.rate_burst,
+            rate_max_wait=self.ns.rate_limit_max_wait,
             client_ip_reporting=not self.ns.disable_client_ip_reporting,
             log_rpcs=not self.ns.no_rpc_log,
             max_watches=self.ns.max_watches,
@@ -419,6 +436,7 @@ class Daemon:
             watch_stall_timeout=self.ns.watch_stall_timeout,
             watch_inflight_budget=self.ns.watch_inflight_budget,
             watch_inflight_per_ip=self.ns.watch_inflight_per_ip,
+            watch_snapshots_per_ip=self.ns.watch_snapshots_per_ip,
         )
         self.service = ClusterService(self.registry, self.store, config, self.metrics)
         self.health = health.aio.HealthServicer()

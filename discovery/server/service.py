@@ -56,6 +56,8 @@ WATCH_INFLIGHT_BUDGET = 64 << 20  # bytes of watch messages being written, all s
 # one NAT still gets its snapshots, 128 streams at a time), and one address that never reads holds
 # at most this much of our memory, not the whole budget (which would starve every other watcher).
 WATCH_INFLIGHT_PER_IP = 8 << 20
+# Snapshots sent at once to one client address (the others wait): see WatchSender.snapshot_slot.
+WATCH_SNAPSHOTS_PER_IP = 8
 
 _STATUS = {
     Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -212,6 +214,9 @@ class ServiceConfig:
     trusted_proxies: Sequence[IPNetwork] = ()
     rate_limit: float = 15.0
     rate_burst: int = 60
+    # A call waits at most this long for a rate-limit token (or its deadline, when sooner): calls
+    # without a deadline (Watch) could otherwise queue without bound, each holding its memory.
+    rate_max_wait: float = 10.0
     # Log lines of rejected requests (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, INTERNAL), all clients
     # together: a token bucket (rate 0: no limit); what it drops is summarised every interval.
     reject_log_rate: float = 10.0
@@ -225,6 +230,7 @@ class ServiceConfig:
     watch_stall_timeout: float = WATCH_STALL_TIMEOUT
     watch_inflight_budget: int = WATCH_INFLIGHT_BUDGET
     watch_inflight_per_ip: int = WATCH_INFLIGHT_PER_IP
+    watch_snapshots_per_ip: int = WATCH_SNAPSHOTS_PER_IP
     watch_refusal_log_interval: float = 10.0
 
 
@@ -348,7 +354,10 @@ class ClusterService:
         cfg = self.config
         self.watch_slots = WatchSlots(cfg.max_watches, cfg.max_watches_per_ip)
         self.watch_sender = WatchSender(
-            cfg.watch_inflight_budget, cfg.watch_stall_timeout, per_client=cfg.watch_inflight_per_ip
+            cfg.watch_inflight_budget,
+            cfg.watch_stall_timeout,
+            per_client=cfg.watch_inflight_per_ip,
+            snapshots_per_client=cfg.watch_snapshots_per_ip,
         )
         self._refusals = RefusalLog(cfg.watch_refusal_log_interval)
         self.metrics.watch_inflight.set_function(lambda: self.watch_sender.in_flight)
@@ -417,11 +426,13 @@ class ClusterService:
     async def _rate_limit(self, context: grpc.aio.ServicerContext, key: str) -> None:
         """Wait for a token of ``key``'s bucket (one bucket per client address)."""
         remaining = context.time_remaining()
-        wait = self.limiter.reserve(key, remaining)
+        cap = self.config.rate_max_wait
+        wait = self.limiter.reserve(key, cap if remaining is None else min(remaining, cap))
         if wait is None:
             self.metrics.rate_limited.inc()
             raise _Abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded: wait would exceed the call deadline"
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"rate limit exceeded: the wait would exceed the call deadline or {cap:g} s",
             )
         if wait > 0:
             await asyncio.sleep(wait)
@@ -588,10 +599,11 @@ class ClusterService:
                 sub = self.registry.subscribe(req.cluster_id)
                 sub.waker = wake.set
                 self._wakers.add(wake.set)
-                for size, message in snapshot_chunks(sub.snapshot):
-                    if sub.lost:
-                        break  # fell behind while the snapshot was being sent: aborted below
-                    await sender.write(context, size, message, key)
+                async with sender.snapshot_slot(key):
+                    for size, message in snapshot_chunks(sub.snapshot):
+                        if sub.lost:
+                            break  # fell behind while the snapshot was being sent: aborted below
+                        await sender.write(context, size, message, key)
                 sub.snapshot = []
                 while not self._closing.is_set():
                     await wake.wait()

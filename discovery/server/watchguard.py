@@ -36,11 +36,12 @@ it disconnects; limit connections per source address in front of the server for 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from discovery.logs import log_event
@@ -127,9 +128,12 @@ class WatchSender:
         stall_timeout: float,
         pressure_stall: float = PRESSURE_STALL,
         per_client: int = 0,
+        snapshots_per_client: int = 0,
     ) -> None:
         self.budget = budget
         self.per_client = per_client
+        self.snapshots_per_client = snapshots_per_client
+        self._snapshots: dict[str, tuple[asyncio.Semaphore, int]] = {}  # client -> (slots, users)
         self._client_bytes: dict[str, int] = {}
         self._client_waiters: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {}
         self.stall_timeout = stall_timeout
@@ -232,6 +236,39 @@ class WatchSender:
         if not waiters:
             del self._client_waiters[client]
 
+    # -- snapshot slots ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def snapshot_slot(self, client: str) -> AsyncIterator[None]:
+        """Hold one of ``client``'s snapshot slots while its snapshot is sent.
+
+        Sending a full cluster's snapshot is the costliest thing a watch asks of the server: a
+        burst of watches from one address would have every snapshot serialized at once (CPU that
+        delays everybody's calls) and, for clients that never read, a chunk of each pinned in
+        grpc-core. With ``snapshots_per_client`` slots the rest wait, cheaply; while they wait,
+        that client's writes in flight are under pressure, so a stalled one frees its slot soon.
+        """
+        if not self.snapshots_per_client:
+            yield
+            return
+        sem, users = self._snapshots.get(client) or (asyncio.Semaphore(self.snapshots_per_client), 0)
+        self._snapshots[client] = (sem, users + 1)
+        try:
+            if sem.locked():
+                self._sweep()  # waiting for a slot: this client's writes are under pressure
+            async with sem:
+                yield
+        finally:
+            sem, users = self._snapshots[client]
+            if users > 1:
+                self._snapshots[client] = (sem, users - 1)
+            else:
+                del self._snapshots[client]
+
+    def _slots_wanted(self, client: str) -> bool:
+        entry = self._snapshots.get(client)
+        return entry is not None and entry[1] > self.snapshots_per_client
+
     # -- stall detection -----------------------------------------------------------------------
 
     def _sweep(self) -> None:
@@ -244,7 +281,7 @@ class WatchSender:
         loop = asyncio.get_running_loop()
         now = loop.time()
         for task, (start, client) in self._writes.items():
-            pressure = self._pressure or client in self._client_waiters
+            pressure = self._pressure or client in self._client_waiters or self._slots_wanted(client)
             limit = self.pressure_stall if pressure else self.stall_timeout
             if limit > 0 and start <= now - limit and task not in self._marked:
                 self._marked[task] = pressure
@@ -261,12 +298,13 @@ class WatchSender:
 
         Raises :class:`WriteStalled` when the write does not complete in time.
         """
-        if self.per_client:
+        share = self.per_client and size > 0  # an empty message (an empty snapshot) takes no share
+        if share:
             await self._client_acquire(client, size)
         try:
             await self._write(context, size, message, client)
         finally:
-            if self.per_client:
+            if share:
                 self._client_release(client, size)
 
     async def _write(

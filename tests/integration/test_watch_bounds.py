@@ -70,9 +70,18 @@ async def read_snapshot(call: grpc.aio.UnaryStreamCall, n: int) -> set[str]:
 
 
 async def test_stalled_watches_hold_bounded_memory_and_are_aborted(discovery_server: Start) -> None:
+    # Every stream sends its snapshot at once (no per-address snapshot slots): what one stalled
+    # stream holds, and the stall timeout; the slots are tested below and in the abuse test.
     n = 200
     srv = discovery_server(
-        "--no-rpc-log", "--watch-stall-timeout", "3s", "--keepalive-timeout", "60s", state_dir=None
+        "--no-rpc-log",
+        "--watch-stall-timeout",
+        "3s",
+        "--keepalive-timeout",
+        "60s",
+        "--watch-snapshots-per-ip",
+        "0",
+        state_dir=None,
     )
     sent = await asyncio.to_thread(hostile.fill_cluster, srv.target, CID, FULL)
     assert sent > 4 * MIB
@@ -126,8 +135,18 @@ async def test_stalled_watches_hold_bounded_memory_and_are_aborted(discovery_ser
 
 async def test_budget_pressure_sheds_stalled_streams_for_readers(discovery_server: Start) -> None:
     # 2 MiB for all watch writes: ~32 stalled streams exhaust it; the readers' writes must not starve
+    # (the per-address limits, which would stop one address first, are off here)
     srv = discovery_server(
-        "--no-rpc-log", "--watch-inflight-budget", "2MiB", "--keepalive-timeout", "60s", state_dir=None
+        "--no-rpc-log",
+        "--watch-inflight-budget",
+        "2MiB",
+        "--keepalive-timeout",
+        "60s",
+        "--watch-snapshots-per-ip",
+        "0",
+        "--watch-inflight-per-ip",
+        "0",
+        state_dir=None,
     )
     await asyncio.to_thread(hostile.fill_cluster, srv.target, CID, FULL)
     socks = hostile.open_stalled_watches(srv.target, CID, 100, source="127.0.0.2")
@@ -258,3 +277,35 @@ async def test_idle_connections_are_closed(discovery_server: Start) -> None:
         assert subscriptions(srv) == 1  # the held watch is a call: its connection is not idle
     finally:
         hostile.close_all(held + refused)
+
+
+async def test_one_address_gets_a_few_snapshots_at_a_time(discovery_server: Start) -> None:
+    # 50 stalled watches from one address on a full cluster: only --watch-snapshots-per-ip (4)
+    # of them send their snapshot at once, so little is pinned and another address's watch is
+    # served at once; the address's own reader waits its turn, then the stalled are shed.
+    srv = discovery_server("--no-rpc-log", "--watch-snapshots-per-ip", "4", state_dir=None)
+    await asyncio.to_thread(hostile.fill_cluster, srv.target, CID, FULL)
+    socks = hostile.open_stalled_watches(srv.target, CID, 50, source="127.0.0.3")
+    try:
+        await wait_for(lambda: subscriptions(srv) == 50, 10, "the stalled watches to subscribe")
+        inflight = metric(srv, "discovery_server_watch_inflight_bytes")
+        assert inflight <= 4 * 80 * 1024, inflight  # four chunks of ~64 KiB at most
+        async with grpc.aio.insecure_channel(srv.target) as ch:
+            other = rpc.ClusterStub(ch).Watch(pb.WatchRequest(cluster_id=CID), timeout=60)
+            assert len(await asyncio.wait_for(read_snapshot(other, FULL), 10)) == FULL
+            other.cancel()
+        proxy = await hostile.FreezableProxy(srv.target, source="127.0.0.3").start()
+        try:
+            async with grpc.aio.insecure_channel(proxy.addr) as ch:
+                same = rpc.ClusterStub(ch).Watch(pb.WatchRequest(cluster_id=CID), timeout=60)
+                t0 = time.monotonic()
+                assert len(await asyncio.wait_for(read_snapshot(same, FULL), 45)) == FULL
+                print(
+                    f"a reader behind 50 stalled watches of its address got its snapshot in {time.monotonic() - t0:.1f} s"
+                )
+                same.cancel()
+        finally:
+            await proxy.close()
+        assert metric(srv, 'discovery_server_watch_stalled_total{reason="pressure"}') >= 4
+    finally:
+        hostile.close_all(socks)

@@ -301,3 +301,18 @@ async def test_status_details_are_clipped() -> None:
     ctx = await call(svc.hello, pb.HelloRequest(cluster_id="c"))
     assert ctx.details == clip("cluster_id: " + "y" * MIB, DETAILS_CHARS)
     assert len(ctx.details.encode()) < DETAILS_CHARS + 32
+
+
+async def test_calls_without_a_deadline_wait_for_a_token_at_most_rate_max_wait() -> None:
+    # 1 token/s, burst 1: the second call would wait ~1 s; with no deadline it used to wait as
+    # long as it took (a client could queue calls without bound); now at most rate_max_wait.
+    svc, _ = service(rate_limit=1, rate_burst=1, rate_max_wait=0.5)
+    first = await call(svc.hello, pb.HelloRequest(cluster_id="c"), Ctx(remaining=None))
+    assert first.code is None
+    second = await call(svc.hello, pb.HelloRequest(cluster_id="c"), Ctx(remaining=None))
+    assert second.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert second.details == "rate limit exceeded: the wait would exceed the call deadline or 0.5 s"
+    svc2, _ = service(rate_limit=4, rate_burst=1, rate_max_wait=0.5)
+    await call(svc2.hello, pb.HelloRequest(cluster_id="c"), Ctx(remaining=None))
+    waited = await call(svc2.hello, pb.HelloRequest(cluster_id="c"), Ctx(remaining=None))
+    assert waited.code is None  # a 0.25 s wait is within the cap

@@ -180,6 +180,13 @@ async def test_one_client_cannot_take_the_whole_budget() -> None:
     assert s.in_flight == 0 and not s._client_bytes and not s._client_waiters
 
 
+async def test_empty_messages_take_no_share() -> None:
+    s = WatchSender(budget=100, stall_timeout=30.0, per_client=30)
+    await asyncio.gather(*(s.write(FakeContext(), 0, b"", "c") for _ in range(5)))
+    await s.write(FakeContext(), 10, b"x" * 10, "c")
+    assert s.in_flight == 0 and not s._client_bytes
+
+
 async def test_client_waiting_for_its_share_sheds_only_its_own_stalled_writes() -> None:
     s = WatchSender(budget=1000, stall_timeout=30.0, pressure_stall=0.05, per_client=20)
     other = asyncio.create_task(s.write(FakeContext(stuck=True), 10, b"o" * 10, "other"))
@@ -195,6 +202,47 @@ async def test_client_waiting_for_its_share_sheds_only_its_own_stalled_writes() 
     other.cancel()
     await asyncio.gather(other, return_exceptions=True)
     assert s.in_flight == 0
+
+
+async def test_snapshot_slots_per_client() -> None:
+    s = WatchSender(budget=0, stall_timeout=30.0, pressure_stall=30.0, snapshots_per_client=2)
+    gate = asyncio.Event()
+    inside: list[str] = []
+
+    async def snapshot(client: str, name: str) -> None:
+        async with s.snapshot_slot(client):
+            inside.append(name)
+            await gate.wait()
+
+    evil = [asyncio.create_task(snapshot("evil", f"e{i}")) for i in range(3)]
+    good = asyncio.create_task(snapshot("good", "g"))
+    await asyncio.sleep(0.01)
+    assert sorted(inside) == ["e0", "e1", "g"]  # the third of one client waits, other clients do not
+    gate.set()
+    await asyncio.gather(*evil, good)
+    assert inside[-1] == "e2" and not s._snapshots
+
+
+async def test_waiting_for_a_snapshot_slot_sheds_the_clients_stalled_snapshot() -> None:
+    s = WatchSender(budget=0, stall_timeout=30.0, pressure_stall=0.05, snapshots_per_client=1)
+
+    async def stalled() -> None:
+        async with s.snapshot_slot("evil"):
+            await s.write(FakeContext(stuck=True), 10, b"x" * 10, "evil")
+
+    first = asyncio.create_task(stalled())
+    await asyncio.sleep(0.1)
+    reader = FakeContext()
+
+    async def second() -> None:
+        async with s.snapshot_slot("evil"):
+            await s.write(reader, 10, b"y" * 10, "evil")
+
+    await asyncio.wait_for(second(), 2)  # the stalled holder was shed, freeing the slot
+    assert reader.written == [b"y" * 10]
+    with pytest.raises(WriteStalled) as ei:
+        await first
+    assert ei.value.shed
 
 
 # ---------------------------------------------------------------------------- lazy messages
