@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
 from discovery.logs import CLIP_CHARS, FastEventLog, clip, encode_str, log_event
 from discovery.server.ratelimit import RateLimiter
@@ -114,6 +114,9 @@ class Metrics:
         self, registry: CollectorRegistry | None = None, hello_versions_max: int = HELLO_VERSIONS_MAX
     ) -> None:
         r = self.registry = registry or CollectorRegistry()
+        if registry is None:
+            # process_resident_memory_bytes and friends: what an abusive client costs shows there
+            ProcessCollector(registry=r)
         self.hello = Counter(
             "discovery_server_hello_requests_total",
             "Hello requests by client version (vX.Y, vX.Y-pre, other, unknown).",
