@@ -163,7 +163,7 @@ def main() -> int:
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ns = p.parse_args()
     if ns.child is not None:
-        from discovery.logs import setup
+        from spanutil.logs import setup
 
         setup()
         asyncio.run(child(ns.peers, ns.child))

@@ -30,7 +30,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from discovery.crypto import SecretError, parse_secret
-from discovery.logs import log_event, setup
 from kubespan.constants import ConfigError, MeshConfig
 from kubespan.engine import Mesh, MeshOptions
 from kubespan.metrics import MeshCollector
@@ -38,6 +37,7 @@ from kubespan.peers import EndpointFilter
 from kubespan.perms import warn_permissions
 from kubespan.wgtypes import AddrPort
 from kubespan.wiring import build_mesh
+from spanutil.logs import log_event, setup
 
 log = logging.getLogger("kubespan")
 

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from discovery.logs import log_event
 from kubespan.constants import MeshConfig
 from kubespan.dataplane.nft import SET_IPV4, SET_IPV6
 from kubespan.endpoints import EndpointMachine, Observation, PeerState, order_candidates
@@ -74,6 +73,7 @@ from kubespan.wgtypes import (
 )
 from kubespan.wireguard.backend import WireGuardBackend, WireGuardError
 from spanapi.discovery.client import affiliate_pb2
+from spanutil.logs import log_event
 
 log = logging.getLogger("kubespan.engine")
 

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from discovery.logs import log_event
+from spanutil.logs import log_event
 
 SECRET_BITS = 0o044  # readable by group or others
 STATE_DIR_BITS = 0o006  # readable or writable by others

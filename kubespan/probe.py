@@ -19,7 +19,7 @@ import socket
 import struct
 from collections.abc import Callable, Hashable
 
-from discovery.logs import log_event
+from spanutil.logs import log_event
 
 log = logging.getLogger("kubespan.probe")
 

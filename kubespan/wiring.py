@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from discovery.logs import log_event
 from kubespan.engine import Mesh, MeshOptions, load_node_id
 from kubespan.hostinfo import HostInfo
 from kubespan.probe import Prober
 from kubespan.wireguard.backend import WireGuardBackend
+from spanutil.logs import log_event
 
 log = logging.getLogger("kubespan")
 

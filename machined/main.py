@@ -20,8 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from discovery.logs import log_event, setup
 from discovery.version import version_string
+from spanutil.logs import log_event, setup
 
 log = logging.getLogger("machined")
 

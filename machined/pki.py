@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from discovery import fsutil
+from spanutil import fsutil
 
 CA_TTL = dt.timedelta(hours=87600)  # as Talos's OS CA
 CLIENT_TTL = dt.timedelta(days=365)  # as talosctl's admin certificate

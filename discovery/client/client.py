@@ -54,9 +54,9 @@ from discovery.limits import (
     ENDPOINTS_PER_AFFILIATE_MAX,
     TTL_MAX_SECONDS,
 )
-from discovery.logs import log_event
 from spanapi.discovery.client import affiliate_pb2
 from spanapi.discovery.server import cluster_pb2, cluster_pb2_grpc
+from spanutil.logs import log_event
 
 __all__ = [
     "ClientStats",
@@ -86,7 +86,7 @@ OnChange = Callable[[dict[str, "DiscoveredAffiliate"]], Awaitable[None] | None]
 
 
 def _event(level: int, event: str, **fields: Any) -> None:
-    """One structured log line per event (see discovery.logs)."""
+    """One structured log line per event (see spanutil.logs)."""
     log_event(log, event, level, **fields)
 
 

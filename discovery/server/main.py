@@ -27,7 +27,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
 from discovery import limits
-from discovery.logs import log_event, setup
 from discovery.server.service import (
     MAX_WATCHES,
     MAX_WATCHES_PER_IP,
@@ -44,6 +43,7 @@ from discovery.server.service import (
 from discovery.server.state import Registry
 from discovery.server.storage import LoadReport, Store
 from discovery.version import version_string
+from spanutil.logs import log_event, setup
 
 log = logging.getLogger("discovery.server")
 

@@ -22,7 +22,6 @@ import grpc
 from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
-from discovery.logs import CLIP_CHARS, FastEventLog, clip, encode_str, log_event
 from discovery.server.ratelimit import RateLimiter
 from discovery.server.rpcmetrics import RpcMetrics
 from discovery.server.state import AffiliateView, Change, Code, Registry, RegistryError, change_size
@@ -36,6 +35,7 @@ from discovery.server.watchguard import (
     client_key,
 )
 from spanapi.discovery.server import cluster_pb2 as pb
+from spanutil.logs import CLIP_CHARS, FastEventLog, clip, encode_str, log_event
 
 SERVICE = "sidero.discovery.server.Cluster"
 log = logging.getLogger("discovery.server")

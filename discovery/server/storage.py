@@ -105,8 +105,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from discovery import fsutil
 from discovery.server.state import Registry, RegistryError, SnapshotError
+from spanutil import fsutil
 
 __all__ = [
     "CompactReport",

@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from discovery.logs import log_event
+from spanutil.logs import log_event
 
 log = logging.getLogger("discovery.server")
 

@@ -15,9 +15,9 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from discovery.logs import log_event
 from kubespan.wgdiff import Op, diff_device
 from kubespan.wgtypes import DeviceConfig, ObservedDevice
+from spanutil.logs import log_event
 
 logger = logging.getLogger("kubespan.wireguard")
 

@@ -59,7 +59,6 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUE
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.wireguard import wgmsg
 
-from discovery.logs import log_event
 from kubespan.constants import check_link_name
 from kubespan.wgdiff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer
 from kubespan.wgtypes import (
@@ -72,6 +71,7 @@ from kubespan.wgtypes import (
     PublicKey,
     sorted_networks,
 )
+from spanutil.logs import log_event
 
 try:
     from kubespan.wireguard.backend import WireGuardError

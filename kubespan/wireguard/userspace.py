@@ -40,11 +40,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from discovery.logs import log_event
 from kubespan import uapi
 from kubespan.constants import check_link_name
 from kubespan.wgdiff import AddPeer, Op, RemovePeer, UpdatePeer
 from kubespan.wgtypes import ObservedDevice
+from spanutil.logs import log_event
 
 from .backend import WireGuardError
 

@@ -20,7 +20,6 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf import any_pb2, empty_pb2
 
-from discovery.logs import log_event
 from machined.config import (
     DEFAULT_TRY_TIMEOUT,
     ApplyError,
@@ -32,6 +31,7 @@ from machined.services import EventRing, LogRing, Supervisor, UnknownService
 from machined.state import State
 from spanapi.talos.common import common_pb2
 from spanapi.talos.machine import machine_pb2, machine_pb2_grpc
+from spanutil.logs import log_event
 
 from . import sysinfo
 from .convert import service_info, timestamp

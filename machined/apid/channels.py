@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from discovery.logs import log_event
+from spanutil.logs import log_event
 
 log = logging.getLogger("apid")
 

@@ -33,13 +33,13 @@ from typing import Any
 import grpc
 import yaml
 
-from discovery.logs import log_event, setup
 from discovery.version import version_string
 from machined import pki
 from machined.config import ConfigValidationError, MachineConfig
 from machined.config.documents import V1Alpha1
 from spanapi.talos.cosi import state_pb2, state_pb2_grpc
 from spanapi.talos.security import security_pb2_grpc
+from spanutil.logs import log_event, setup
 
 from . import trustd
 from .channels import DEFAULT_IDLE, DEFAULT_MAX_CHANNELS

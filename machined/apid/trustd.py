@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 
-from discovery.logs import log_event
 from machined import pki
 from spanapi.talos.security import security_pb2, security_pb2_grpc
+from spanutil.logs import log_event
 
 from .tls import Identity
 

@@ -19,8 +19,8 @@ import contextlib
 import os
 from pathlib import Path
 
-from discovery import fsutil
 from machined.config.machine import MachineConfig
+from spanutil import fsutil
 
 ACTIVE = "config.yaml"
 STAGED = "config.staged.yaml"

@@ -8,7 +8,6 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
-from discovery.logs import log_event
 from machined.runtime import Controller, ControllerContext, Output, weak
 from machined.state.catalog import (
     ADDRESS_STATUS,
@@ -19,6 +18,7 @@ from machined.state.catalog import (
     NS_NETWORK,
     ROUTE_STATUS,
 )
+from spanutil.logs import log_event
 
 from .base import Outputs
 from .config import MACHINE_CONFIG_ID, MachineConfigSpec

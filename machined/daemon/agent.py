@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from discovery.logs import log_event
 from kubespan.perms import warn_permissions
 from machined.config import (
     ChangeEffects,
@@ -78,6 +77,7 @@ from machined.services import (
 )
 from machined.state import DEFINITIONS, EventType, State, register_all
 from machined.state.catalog import MACHINE_STATUS, NS_RUNTIME
+from spanutil.logs import log_event
 
 from . import logcapture
 from .events import MachineEvents

@@ -3,7 +3,7 @@
 Two ids, as Talos names them: ``controller-runtime`` (the controller runtime and the controllers,
 loggers ``controller-runtime`` and ``controller-runtime.*``) and ``machined`` (everything else the
 agent logs: config, mesh, services, API). Each record is one JSON line
-(:class:`discovery.logs.JsonFormatter`), the same text in the ring as on stderr.
+(:class:`spanutil.logs.JsonFormatter`), the same text in the ring as on stderr.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import asyncio
 import logging
 import threading
 
-from discovery.logs import JsonFormatter
 from machined.services.logs import LogRing
+from spanutil.logs import JsonFormatter
 
 MACHINED = "machined"
 CONTROLLER_RUNTIME = "controller-runtime"

@@ -21,12 +21,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from discovery.logs import log_event
 from kubespan.constants import ConfigError
 from kubespan.engine import Mesh, MeshStatus
 from kubespan.wiring import MeshDeps, MeshRunner, build_mesh
 from machined.config import MeshSettings
 from machined.services.mesh import MeshHealth
+from spanutil.logs import log_event
 
 log = logging.getLogger("machined.mesh")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from discovery.logs import log_event
+from spanutil.logs import log_event
 
 from .process import ByteStream, Clock
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from discovery.logs import log_event
+from spanutil.logs import log_event
 
 log = logging.getLogger("machined.services")
 

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from discovery.logs import log_event
+from spanutil.logs import log_event
 
 from .health import HealthStatus, probe
 from .logs import LogRing

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from discovery.fsutil import write_atomic
+from spanutil.fsutil import write_atomic
 
 ENV = "SPANCTL_CONFIG"
 DEFAULT_PATH = Path("~/.spanctl/config")
@@ -168,6 +168,6 @@ class ClientConfig:
 
 
 def write_private(path: Path, data: str | bytes) -> None:
-    """Write ``data`` atomically with mode 0600 (``discovery.fsutil.write_atomic``), parents 0700."""
+    """Write ``data`` atomically with mode 0600 (``spanutil.fsutil.write_atomic``), parents 0700."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_atomic(path, data, 0o600)

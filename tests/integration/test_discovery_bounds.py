@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import grpc
 
-from discovery.logs import clip
 from discovery.server.service import HELLO_VERSIONS_MAX
 from discovery.testing import ServerProcess
 from spanapi.discovery.server import cluster_pb2 as pb
 from spanapi.discovery.server import cluster_pb2_grpc as rpc
+from spanutil.logs import clip
 
 Start = Callable[..., ServerProcess]
 MIB = 1 << 20
@@ -71,7 +71,7 @@ async def test_log_and_details_stay_bounded_for_huge_ids(discovery_server: Start
     async with grpc.aio.insecure_channel(srv.target, options=BIG_MESSAGES) as ch:
         stub = rpc.ClusterStub(ch)
         await stub.Hello(pb.HelloRequest(cluster_id="c", client_version="v1.9.0"), timeout=5)
-        await asyncio.sleep(0.3)  # per-RPC lines are written in batches (discovery.logs.FLUSH_INTERVAL)
+        await asyncio.sleep(0.3)  # per-RPC lines are written in batches (spanutil.logs.FLUSH_INTERVAL)
         before = srv.log_path.stat().st_size
 
         async def update(i: int) -> grpc.aio.AioRpcError | None:

@@ -161,7 +161,7 @@ async def test_proxy_headers_only_from_trusted_proxies(discovery_server: Start) 
         assert hello.client_ip == bytes.fromhex("20010db8000000000000000000000005")
     # the per-RPC log line names the same client address (cached per connection, forwarded per call)
     peers: list[str] = []
-    for _ in range(50):  # per-RPC lines are written in batches (discovery.logs.FLUSH_INTERVAL)
+    for _ in range(50):  # per-RPC lines are written in batches (spanutil.logs.FLUSH_INTERVAL)
         peers = [r["peer"] for r in trusting.lines() if r.get("msg") == "rpc"]
         if len(peers) >= 2:
             break
@@ -341,7 +341,7 @@ async def test_health_reflection_pages_and_metrics(discovery_server: Start) -> N
     ):
         assert name in metrics, name
     rpc_lines: list[dict] = []
-    for _ in range(50):  # per-RPC lines are written in batches (discovery.logs.FLUSH_INTERVAL)
+    for _ in range(50):  # per-RPC lines are written in batches (spanutil.logs.FLUSH_INTERVAL)
         rpc_lines = [r for r in srv.lines() if r.get("msg") == "rpc"]
         if rpc_lines:
             break

@@ -1,4 +1,9 @@
-"""The dependency graph of ARCHITECTURE.md: imports point down only."""
+"""The import graph: imports point down only (packages as listed in README.md, "Layout").
+
+spanctl, apid -> machined -> kubespan -> discovery -> spanapi (generated stubs)
+netns (the lab) may use discovery.testing; product code never imports netns.
+spanutil (logs, durable writes, durations, IP codec) is a leaf every layer may import.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,16 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-OURS = ("spanapi", "discovery", "kubespan", "machined", "netns")
+OURS = ("spanapi", "spanutil", "discovery", "kubespan", "machined", "netns")
 
 # package -> prefixes of our modules it may import (besides itself)
 ALLOWED: dict[str, tuple[str, ...]] = {
     "spanapi": (),
-    "discovery": ("spanapi",),
-    "kubespan": ("spanapi", "discovery.client", "discovery.crypto", "discovery.logs", "discovery.limits"),
-    "machined": ("spanapi", "discovery", "kubespan"),
-    "netns": ("discovery.testing",),
+    "spanutil": (),
+    "discovery": ("spanapi", "spanutil"),
+    "kubespan": ("spanapi", "spanutil", "discovery.client", "discovery.crypto", "discovery.limits"),
+    "machined": ("spanapi", "spanutil", "discovery", "kubespan"),
+    "netns": ("spanutil", "discovery.testing"),
 }
 # modules allowed to reach further for tests/demos (they are not imported by product code)
 EXEMPT = {"discovery/testing.py", "discovery/demo.py"}
@@ -54,3 +60,12 @@ def test_product_code_never_imports_the_lab() -> None:
 def test_generated_stubs_import_nothing_of_ours_but_themselves() -> None:
     for path in (ROOT / "spanapi").rglob("*.py"):
         assert all(m.startswith("spanapi") for m in imports_of(path)), path
+
+
+def test_spanutil_is_a_leaf_every_layer_may_import() -> None:
+    assert (ROOT / "README.md").read_text().count("spanutil/") >= 1
+    for path in (ROOT / "spanutil").rglob("*.py"):
+        assert all(m.startswith("spanutil") for m in imports_of(path)), path
+    for pkg, allowed in ALLOWED.items():
+        if pkg not in ("spanapi", "spanutil"):
+            assert "spanutil" in allowed, pkg

@@ -16,7 +16,6 @@ import grpc
 import pytest
 from prometheus_client import generate_latest
 
-from discovery.logs import CLIP_CHARS, clip
 from discovery.server.service import (
     DETAILS_CHARS,
     HELLO_VERSIONS_MAX,
@@ -28,6 +27,7 @@ from discovery.server.service import (
 )
 from discovery.server.state import Code, Registry, RegistryError
 from spanapi.discovery.server import cluster_pb2 as pb
+from spanutil.logs import CLIP_CHARS, clip
 
 MIB = 1 << 20
 HUGE = "x" * MIB
