@@ -43,6 +43,7 @@ from discovery.server.service import (
 from discovery.server.state import Registry
 from discovery.server.storage import LoadReport, Store
 from discovery.version import version_string
+from spanutil.durations import parse_duration
 from spanutil.logs import log_event, setup
 
 log = logging.getLogger("discovery.server")
@@ -94,33 +95,6 @@ def grpc_options(
 
 
 GRPC_OPTIONS: list[tuple[str, Any]] = grpc_options()
-
-
-def parse_duration(text: str) -> float:
-    """Go-style durations: ``90s``, ``1m``, ``10m30s``, ``1h``, ``500ms``, or plain seconds."""
-    t = text.strip()
-    try:
-        return float(t)
-    except ValueError:
-        pass
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    total, num = 0.0, ""
-    i = 0
-    while i < len(t):
-        ch = t[i]
-        if ch.isdigit() or ch == ".":
-            num += ch
-            i += 1
-            continue
-        unit = "ms" if t.startswith("ms", i) else ch
-        if unit not in units or not num:
-            raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 30s, 1m, 10m, 1h)")
-        total += float(num) * units[unit]
-        num = ""
-        i += len(unit)
-    if num:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: missing unit after {num}")
-    return total
 
 
 def parse_size(text: str) -> int:

@@ -10,12 +10,12 @@ are never quoted in a rule; other values are, shortened.
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from machined.config.errors import ConfigWarning, Problem
 from machined.config.redact import is_secret_path
+from spanutil.durations import parse_duration
 
 T = TypeVar("T")
 
@@ -26,41 +26,6 @@ class _Missing:
 
 
 MISSING: Any = _Missing()
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_DURATION_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from a Go duration (``500ms``, ``1m30s``) or a plain number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError("not a duration")
-    if isinstance(value, int | float):
-        return float(value)
-    if not isinstance(value, str):
-        raise ValueError("not a duration")
-    text = value.strip()
-    if text == "0":
-        return 0.0
-    pos, total = 0, 0.0
-    while pos < len(text):
-        m = _DURATION_PART.match(text, pos)
-        if not m:
-            raise ValueError("not a duration")
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    if not text:
-        raise ValueError("not a duration")
-    return total
 
 
 class Sink:
@@ -271,11 +236,8 @@ class Reader:
         except ValueError:
             self.fail(path, f"must be a duration such as 500ms, 5s or 1m30s, {self.show(_split(path), v)}")
             return default
-        if value < 0 or (value == 0 and not allow_zero):
-            self.fail(
-                path,
-                f"must be {'at least 0' if allow_zero else 'greater than 0'}, {self.show(_split(path), v)}",
-            )
+        if value == 0 and not allow_zero:  # parse_duration refuses negative ones
+            self.fail(path, f"must be greater than 0, {self.show(_split(path), v)}")
             return default
         return value
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import queue
-import re
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ from machined.state.definitions import RESOURCE_DEFINITION_TYPE, ResourceDefinit
 from machined.state.errors import AmbiguousTypeError, UnknownTypeError
 from spanapi.talos.cosi import state_pb2, state_pb2_grpc
 from spanapi.talos.machine import machine_pb2, machine_pb2_grpc
+from spanutil.durations import parse_duration
 
 from . import mesh as meshmod
 from .client import ConnectionSetupError, Errors, Target, describe_rpc_error, node_of, split_messages
@@ -46,29 +46,10 @@ APPLY_MODES = {
     "staged": machine_pb2.ApplyConfigurationRequest.STAGED,
     "try": machine_pb2.ApplyConfigurationRequest.TRY,
 }
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
 
 class UsageError(Exception):
     pass
-
-
-def parse_duration(text: str) -> float:
-    """Go-style durations: ``90s``, ``1m30s``, ``1h``, ``500ms``; a bare number is seconds."""
-    s = text.strip()
-    try:
-        return float(s)
-    except ValueError:
-        pass
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(s):
-        if m.start() != pos:
-            break
-        total += float(m[1]) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m[2]]
-        pos = m.end()
-    if pos != len(s) or not s:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 30s, 1m30s, 2h)")
-    return total
 
 
 def _csv(text: str) -> list[str]:

@@ -17,7 +17,6 @@ from machined.config import (
     MachineConfig,
     MeshRequirement,
 )
-from machined.config.reader import parse_duration
 from machined.config.redact import secret_values
 from machined.config.testing import config_yaml, new_secret
 from machined.config.yamlio import dump_documents, load_documents
@@ -645,29 +644,6 @@ def test_text_round_trip_and_equality():
     docs = cfg.documents()
     docs[0]["machine"]["type"] = "controlplane"  # documents() hands out copies
     assert cfg.v1alpha1.machine_type == "worker"
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        ("5s", 5.0),
-        ("500ms", 0.5),
-        ("1m30s", 90.0),
-        ("1h", 3600.0),
-        ("1.5s", 1.5),
-        ("250us", 0.00025),
-        (3, 3.0),
-        ("0", 0.0),
-    ],
-)
-def test_durations(text, seconds):
-    assert parse_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize("bad", ["", "5", "s", "5 s", "-1s", "1d", True, None])
-def test_bad_durations(bad):
-    with pytest.raises(ValueError):
-        parse_duration(bad)
 
 
 # --- change effects ---------------------------------------------------------------------------------

@@ -296,15 +296,6 @@ def test_describe_rpc_error(code: grpc.StatusCode, text: str) -> None:
     assert describe_rpc_error(FakeRpcError(code, "boom"), "sock") == text
 
 
-def test_parse_duration() -> None:
-    assert cli.parse_duration("90") == 90
-    assert cli.parse_duration("1m30s") == 90
-    assert cli.parse_duration("2h") == 7200
-    assert cli.parse_duration("500ms") == 0.5
-    with pytest.raises(Exception, match="invalid duration"):
-        cli.parse_duration("5 minutes")
-
-
 def test_config_commands_edit_the_file(tmp_path: Path) -> None:
     cfg = tmp_path / "config"
     cfg.write_text("context: a\ncontexts:\n  a: {endpoints: [192.0.2.1]}\n  b: {endpoints: [192.0.2.2]}\n")
