@@ -32,8 +32,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from kubespan.dataplane.nft import NftManager
 from kubespan.engine import Mesh, MeshOptions
 from kubespan.hostinfo import NetlinkHost
 from kubespan.identity import generate_private_key, ula_prefix
-from kubespan.probe import FakeProber
+from kubespan.testing import Discovered, FakeDiscovery, FakeProber
 from kubespan.wgdiff import UpdatePeer
 from kubespan.wireguard import UserspaceBackend
 from spanapi.discovery.client import affiliate_pb2
@@ -54,35 +53,6 @@ NAME = "reconcile"
 TARGET_MS = 10.0
 CLUSTER = "bench-cluster-reconcile"
 SECRET = bytes(range(32))
-
-
-@dataclass(frozen=True)
-class Discovered:
-    id: str
-    affiliate: affiliate_pb2.Affiliate
-    endpoints: tuple[affiliate_pb2.Endpoint, ...]
-
-
-class Discovery:
-    """Like the discovery client: ``version`` moves on every change; a changed entry is a new object."""
-
-    def __init__(self) -> None:
-        self.entries: dict[str, Discovered] = {}
-        self.version = 0
-        self.public_ip = None
-
-    @property
-    def affiliates(self) -> Mapping[str, Discovered]:
-        return dict(self.entries)
-
-    def put(self, entry: Discovered) -> None:
-        self.entries[entry.id] = entry
-        self.version += 1
-
-    async def set_local_data(
-        self, affiliate: Any, endpoints: Sequence[Any] = (), other_endpoints: Any = None
-    ) -> bool:
-        return True
 
 
 def affiliate(i: int, extra: Sequence[str] = ()) -> tuple[Discovered, Any]:
@@ -156,7 +126,7 @@ def node_setup() -> None:
 
 async def bench(ns: argparse.Namespace, tmp: Path) -> int:
     node_setup()
-    disc = Discovery()
+    disc = FakeDiscovery()
     keys = {}
     for i in range(ns.peers):
         d, key = affiliate(i)

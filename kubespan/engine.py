@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from kubespan.constants import MeshConfig
 from kubespan.dataplane.nft import SET_IPV4, SET_IPV6
@@ -60,6 +60,7 @@ from kubespan.peers import (
     compute_peer_specs,
     routed_prefixes,
 )
+from kubespan.ports import Closable, DiscoveryPort, LinkPort, LinkWatcher, NftPort
 from kubespan.probe import Prober
 from kubespan.wgdiff import DiffMemo, SetDevice, apply_ops, diff_device, diff_peers
 from kubespan.wgtypes import (
@@ -103,30 +104,6 @@ def load_node_id(state_dir: Path) -> str:
     tmp.chmod(0o600)
     tmp.replace(path)
     return node_id
-
-
-class DiscoveryLike(Protocol):
-    """The part of :class:`discovery.client.DiscoveryClient` the engine uses.
-
-    A discovery that also has an integer ``version`` attribute (as the client
-    does) promises that it changes whenever ``affiliates`` does, and that an
-    entry is replaced, never modified in place, when it changes. The engine then
-    skips re-reading unchanged affiliates. Without ``version`` every pass
-    re-reads them all.
-    """
-
-    @property
-    def affiliates(self) -> Mapping[str, Any]: ...
-
-    @property
-    def public_ip(self) -> IPAddress | None: ...
-
-    async def set_local_data(
-        self,
-        affiliate: affiliate_pb2.Affiliate,
-        endpoints: Sequence[affiliate_pb2.Endpoint] = (),
-        other_endpoints: Mapping[str, Sequence[affiliate_pb2.Endpoint]] | None = None,
-    ) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -197,10 +174,10 @@ class Mesh:
         opts: MeshOptions,
         *,
         backend: WireGuardBackend,
-        links: Any,
-        nft: Any,
+        links: LinkPort,
+        nft: NftPort,
         host: HostInfo,
-        discovery: DiscoveryLike | None,
+        discovery: DiscoveryPort | None,
         prober: Prober | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -283,9 +260,8 @@ class Mesh:
         self.prober.on_reply = self.wake
         self.prober.open()
         self._tasks.append(asyncio.create_task(self._run(), name="mesh-loop"))
-        watch = getattr(self.links, "watch", None)
-        if watch is not None:
-            self._tasks.append(asyncio.create_task(self._watch_netlink(watch), name="mesh-netlink"))
+        if isinstance(self.links, LinkWatcher):
+            self._tasks.append(asyncio.create_task(self._watch_netlink(self.links), name="mesh-netlink"))
 
     async def stop(self, cleanup: bool = True) -> None:
         """Stop the loops; with ``cleanup`` remove everything we created (rules, routes, nft, link)."""
@@ -309,9 +285,8 @@ class Mesh:
         # every adapter is closed (and its sockets released) even when another one's close raises
         async with contextlib.AsyncExitStack() as closing:
             closing.push_async_callback(self.host.close)
-            close = getattr(self.links, "close", None)
-            if close is not None:
-                closing.push_async_callback(close)
+            if isinstance(self.links, Closable):
+                closing.push_async_callback(self.links.close)
             await self.backend.close(remove=cleanup)
         log_event(log, "mesh stopped", cleanup=cleanup)
 
@@ -320,10 +295,10 @@ class Mesh:
             self._dataplane_due = True
         self._wake.set()
 
-    async def _watch_netlink(self, watch: Callable[..., Any]) -> None:
+    async def _watch_netlink(self, watcher: LinkWatcher) -> None:
         while not self._stopping:
             try:
-                await watch(lambda *_: self.wake(dataplane=True))
+                await watcher.watch(lambda *_: self.wake(dataplane=True))
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -565,17 +540,15 @@ class Mesh:
     def _remote_affiliates(self) -> list[RemoteAffiliate]:
         """The affiliates as :class:`RemoteAffiliate`; malformed ones are reported (once) and skipped.
 
-        With a versioned discovery (see :class:`DiscoveryLike`) nothing is re-read
-        while the version is unchanged, and an entry that is the same object as
-        last time keeps its conversion.
+        Nothing is re-read while the discovery's version is unchanged, and an
+        entry that is the same object as last time keeps its conversion (see
+        :class:`~kubespan.ports.DiscoveryPort`).
         """
         if self.discovery is None:
             return []
-        version = getattr(self.discovery, "version", None)
-        if not isinstance(version, int) or isinstance(version, bool):
-            version = None
-        if version is None or version != self._last_affiliates_version or self._remotes is None:
-            previous = self._remote_cache if version is not None else {}
+        version = self.discovery.version
+        if version != self._last_affiliates_version or self._remotes is None:
+            previous = self._remote_cache
             cache: dict[str, tuple[Any, RemoteAffiliate | None, str | None]] = {}
             remotes: list[RemoteAffiliate] = []
             for aid, d in self.discovery.affiliates.items():

@@ -125,25 +125,3 @@ class Prober:
     def take_answered(self) -> set[Hashable]:
         out, self._answered = self._answered, set()
         return out
-
-
-class FakeProber(Prober):
-    """For unit tests: records probes; tests decide which peers answered."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.enabled = True
-        self.probes: list[tuple[Hashable, ipaddress.IPv6Address]] = []
-
-    def open(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        return None
-
-    def send(self, peer: Hashable, address: ipaddress.IPv6Address) -> bool:
-        self.probes.append((peer, address))
-        return True
-
-    def answer(self, peer: Hashable) -> None:
-        self._answered.add(peer)

@@ -14,10 +14,10 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from kubespan.engine import Mesh, MeshOptions, load_node_id
 from kubespan.hostinfo import HostInfo
+from kubespan.ports import Closable, DiscoveryPort, Leaver, LinkPort, NftPort, Startable
 from kubespan.probe import Prober
 from kubespan.wireguard.backend import WireGuardBackend
 from spanutil.logs import log_event
@@ -57,19 +57,19 @@ class MeshDeps:
     """Adapters to use instead of the real ones (any subset; None = the real adapter)."""
 
     backend: WireGuardBackend | None = None
-    links: Any = None
-    nft: Any = None
+    links: LinkPort | None = None
+    nft: NftPort | None = None
     host: HostInfo | None = None
     prober: Prober | None = None
-    # replaces the DiscoveryClient (anything with the engine's DiscoveryLike surface; ``start``,
-    # ``close`` and ``delete_local_affiliate`` are called when present)
-    discovery: Any = None
+    # replaces the DiscoveryClient; ``start``, ``close`` and ``delete_local_affiliate`` are called
+    # when it has them (Startable, Closable, Leaver)
+    discovery: DiscoveryPort | None = None
 
 
 class MeshRunner:
     """A built mesh and its discovery client; ``await start()`` … ``await stop()``."""
 
-    def __init__(self, mesh: Mesh, discovery: Any, backend: WireGuardBackend) -> None:
+    def __init__(self, mesh: Mesh, discovery: DiscoveryPort | None, backend: WireGuardBackend) -> None:
         self.mesh = mesh
         self.discovery = discovery
         self.backend = backend
@@ -77,9 +77,8 @@ class MeshRunner:
 
     async def start(self) -> None:
         """Start discovery, then the engine. On failure everything is closed again and the error raised."""
-        start = getattr(self.discovery, "start", None)
-        if start is not None:
-            await start()
+        if isinstance(self.discovery, Startable):
+            await self.discovery.start()
         try:
             await self.mesh.start()
         except BaseException:
@@ -96,11 +95,10 @@ class MeshRunner:
         drop us at once; ``cleanup`` removes the link, routes, rules and nftables table."""
         leave = cleanup if leave is None else leave
         if leave and self.started:
-            delete = getattr(self.discovery, "delete_local_affiliate", None)
-            if delete is not None:
+            if isinstance(self.discovery, Leaver):
                 try:
                     async with asyncio.timeout(LEAVE_TIMEOUT):
-                        await delete()
+                        await self.discovery.delete_local_affiliate()
                 except TimeoutError:
                     log_event(
                         log,
@@ -117,10 +115,9 @@ class MeshRunner:
             await self._close_discovery()
 
     async def _close_discovery(self) -> None:
-        close = getattr(self.discovery, "close", None)
-        if close is not None:
+        if isinstance(self.discovery, Closable):
             try:
-                await close()
+                await self.discovery.close()
             except Exception as e:
                 log_event(log, "discovery close failed", logging.WARNING, error=str(e))
 

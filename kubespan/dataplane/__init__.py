@@ -4,7 +4,8 @@
   mesh routing table, the ``fwmark F/M lookup T`` rules; plus an rtnetlink event watcher.
 - :class:`NftManager` — the dedicated ``inet`` table: named interval sets of mesh destinations,
   marking/MSS-clamping chains, updated by set-element diff in one transaction per reconcile.
-- :mod:`kubespan.dataplane.fake` — in-memory fakes of both for engine unit tests.
+- :mod:`kubespan.dataplane.fake` — in-memory fakes of both for unit tests (a test-support module:
+  production code never imports it).
 
 Every ``reconcile*`` is level-triggered and idempotent and returns the list of changes it made.
 """

@@ -21,6 +21,7 @@ from kubespan.dataplane.links import (
     LinkNotFoundError,
     NetlinkEvent,
     _notify,
+    link_args,
 )
 from kubespan.dataplane.nft import (
     FAMILY,
@@ -89,15 +90,7 @@ class FakeLinkManager(_Failures):
 
     @classmethod
     def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None) -> FakeLinkManager:
-        return cls(
-            cfg.link_name,
-            cfg.mtu,
-            cfg.routing_table,
-            cfg.rule_priority,
-            cfg.fwmark_force,
-            cfg.fwmark_mask,
-            netns=netns,
-        )
+        return cls(**link_args(cfg), netns=netns)
 
     # -- test controls ------------------------------------------------------------------------
 
@@ -255,17 +248,10 @@ class FakeNftManager(_Failures):
         self._known: dict[str, set[IPNetwork]] | None = None  # as NftManager: what we last read/wrote
 
     @classmethod
-    def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None, **kw: Any) -> FakeNftManager:
-        return cls(
-            cfg.nft_table,
-            netns=netns,
-            ifname=cfg.link_name,
-            mtu=cfg.mtu,
-            fwmark_wireguard=cfg.fwmark_wireguard,
-            fwmark_force=cfg.fwmark_force,
-            fwmark_mask=cfg.fwmark_mask,
-            clamp_forwarded_mss=cfg.clamp_forwarded_mss,
-        )
+    def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None) -> FakeNftManager:
+        fake = cls(netns=netns)
+        fake.params = RulesetParams.from_config(cfg)
+        return fake
 
     @property
     def table(self) -> str:

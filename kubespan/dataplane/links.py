@@ -325,6 +325,18 @@ def classify_event(
 Callback = Callable[[NetlinkEvent], Awaitable[None] | None]
 
 
+def link_args(cfg: C.MeshConfig) -> dict[str, Any]:
+    """The :class:`LinkManager` constructor arguments that ``cfg`` sets (its fake takes the same)."""
+    return {
+        "ifname": cfg.link_name,
+        "mtu": cfg.mtu,
+        "table": cfg.routing_table,
+        "priority": cfg.rule_priority,
+        "fwmark": cfg.fwmark_force,
+        "fwmask": cfg.fwmark_mask,
+    }
+
+
 # --- The netlink edge -----------------------------------------------------------------------------
 
 
@@ -377,15 +389,7 @@ class LinkManager:
 
     @classmethod
     def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None) -> LinkManager:
-        return cls(
-            cfg.link_name,
-            cfg.mtu,
-            cfg.routing_table,
-            cfg.rule_priority,
-            cfg.fwmark_force,
-            cfg.fwmark_mask,
-            netns=netns,
-        )
+        return cls(**link_args(cfg), netns=netns)
 
     def __repr__(self) -> str:
         where = f" netns={self.netns}" if self.netns else ""

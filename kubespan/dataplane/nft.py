@@ -52,7 +52,7 @@ import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
@@ -648,17 +648,8 @@ class NftManager:
 
     @classmethod
     def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None, **kw: Any) -> NftManager:
-        return cls(
-            cfg.nft_table,
-            netns=netns,
-            ifname=cfg.link_name,
-            mtu=cfg.mtu,
-            fwmark_wireguard=cfg.fwmark_wireguard,
-            fwmark_force=cfg.fwmark_force,
-            fwmark_mask=cfg.fwmark_mask,
-            clamp_forwarded_mss=cfg.clamp_forwarded_mss,
-            **kw,
-        )
+        args = asdict(RulesetParams.from_config(cfg))
+        return cls(args.pop("table"), netns=netns, **args, **kw)
 
     @property
     def table(self) -> str:

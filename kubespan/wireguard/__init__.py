@@ -4,17 +4,14 @@
 diffs desired against observed state and applies only the difference.
 Implementations: ``userspace`` (:class:`UserspaceBackend`, a supervised
 wireguard-go configured over UAPI by :class:`UapiClient`), ``kernel``
-(:mod:`kubespan.wireguard.kernel`, generic netlink) and ``fake``
-(:class:`FakeWireGuard`, in memory, for tests).
+(:mod:`kubespan.wireguard.kernel`, generic netlink). The in-memory fake is
+in :mod:`kubespan.wireguard.fake`, a test-support module this package does not import.
 """
 
 from kubespan.wireguard.backend import WireGuardBackend, WireGuardError, sync
-from kubespan.wireguard.fake import FakeUapiServer, FakeWireGuard
 from kubespan.wireguard.userspace import UapiClient, UserspaceBackend
 
 __all__ = [
-    "FakeUapiServer",
-    "FakeWireGuard",
     "UapiClient",
     "UserspaceBackend",
     "WireGuardBackend",

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from discovery.crypto import endpoint_from_addr
@@ -20,66 +20,12 @@ from kubespan.dataplane.fake import FakeLinkManager, FakeNftManager
 from kubespan.engine import Mesh
 from kubespan.hostinfo import StaticHost
 from kubespan.identity import LinkInfo, generate_private_key, ula_prefix
-from kubespan.probe import FakeProber
+from kubespan.testing import Discovered, FakeDiscovery, FakeProber
 from kubespan.wgtypes import PublicKey
 from kubespan.wireguard.fake import FakeWireGuard
 from kubespan.wiring import MeshDeps, MeshRunner, build_mesh
 from machined.config import MeshSettings
 from spanapi.discovery.client import affiliate_pb2
-
-
-@dataclass(frozen=True)
-class Discovered:
-    """Shaped like :class:`discovery.client.DiscoveredAffiliate`."""
-
-    id: str
-    affiliate: affiliate_pb2.Affiliate
-    endpoints: tuple[affiliate_pb2.Endpoint, ...]
-
-
-@dataclass
-class FakeDiscovery:
-    """Like the discovery client: ``version`` moves on every change; entries are replaced, not edited."""
-
-    entries: dict[str, Discovered] = field(default_factory=dict)
-    public_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
-    version: int = 0
-    published: int = 0
-    deleted: int = 0
-    started: bool = False
-    closed: bool = False
-
-    @property
-    def affiliates(self) -> Mapping[str, Discovered]:
-        return dict(self.entries)
-
-    def put(self, *entries: Discovered) -> None:
-        for e in entries:
-            self.entries[e.id] = e
-        self.version += 1
-
-    def remove(self, *ids: str) -> None:
-        for i in ids:
-            self.entries.pop(i, None)
-        self.version += 1
-
-    async def set_local_data(
-        self,
-        affiliate: affiliate_pb2.Affiliate,
-        endpoints: Sequence[affiliate_pb2.Endpoint] = (),
-        other_endpoints: Mapping[str, Sequence[affiliate_pb2.Endpoint]] | None = None,
-    ) -> bool:
-        self.published += 1
-        return True
-
-    async def start(self) -> None:
-        self.started = True
-
-    async def close(self) -> None:
-        self.closed = True
-
-    async def delete_local_affiliate(self) -> None:
-        self.deleted += 1
 
 
 def remote_affiliate(

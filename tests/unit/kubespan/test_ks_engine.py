@@ -5,8 +5,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -17,46 +15,13 @@ from kubespan.endpoints import PeerState
 from kubespan.engine import Mesh, MeshOptions, load_node_id
 from kubespan.hostinfo import StaticHost
 from kubespan.identity import LinkInfo, generate_private_key, ula_prefix
-from kubespan.probe import FakeProber
+from kubespan.testing import Discovered, FakeDiscovery, FakeProber
 from kubespan.wgtypes import AddrPort, PresharedKey
 from kubespan.wireguard.fake import FakeWireGuard
 from spanapi.discovery.client import affiliate_pb2
 
 CLUSTER = "8XuV9TZHW08DOk3bVxQjH9ih_TBKjnh-j44tsCLSBzo="
 SECRET = bytes(range(32))
-
-
-@dataclass(frozen=True)
-class Discovered:
-    id: str
-    affiliate: affiliate_pb2.Affiliate
-    endpoints: tuple[affiliate_pb2.Endpoint, ...]
-
-
-@dataclass
-class FakeDiscovery:
-    peers: dict[str, Discovered] = field(default_factory=dict)
-    public_ip: ipaddress.IPv4Address | None = None
-    published: list[tuple[affiliate_pb2.Affiliate, list[affiliate_pb2.Endpoint], dict]] = field(
-        default_factory=list
-    )
-    fail_publishes: int = 0  # the next N set_local_data calls raise (as an oversized affiliate does)
-
-    @property
-    def affiliates(self) -> Mapping[str, Discovered]:
-        return dict(self.peers)
-
-    async def set_local_data(
-        self,
-        affiliate: affiliate_pb2.Affiliate,
-        endpoints: Sequence[affiliate_pb2.Endpoint] = (),
-        other_endpoints: Mapping[str, Sequence[affiliate_pb2.Endpoint]] | None = None,
-    ) -> bool:
-        if self.fail_publishes:
-            self.fail_publishes -= 1
-            raise ValueError("affiliate too large: 2100 bytes, the limit is 2048")
-        self.published.append((affiliate, list(endpoints), dict(other_endpoints or {})))
-        return True
 
 
 class Clock:
@@ -145,7 +110,7 @@ async def test_peers_from_discovery_and_no_write_when_unchanged(mesh) -> None:
     m, disc, wg, _links, nft, _ = mesh
     k1, mesh1, d1 = remote("node-a", "a", "10.5.0.2", 2, "192.0.2.7")
     k2, _mesh2, d2 = remote("node-b", "b", "198.51.100.3", 3)
-    disc.peers = {"node-a": d1, "node-b": d2}
+    disc.put(d1, d2)
     await m.start()
     try:
         await m.reconcile()
@@ -171,14 +136,14 @@ async def test_peers_from_discovery_and_no_write_when_unchanged(mesh) -> None:
         assert len(nft.all_transactions) == transactions, "an unchanged reconcile must not write nftables"
 
         # one peer changes: only that peer is touched
-        d2.affiliate.addresses.append(ipaddress.ip_address("198.51.100.4").packed)
+        disc.put(_readdress(d2, "198.51.100.4"))
         await m.reconcile()
         assert wg.writes == writes + 1
         last = wg.applies[-1]
         assert [type(op).__name__ for op in last] == ["UpdatePeer"] and last[0].public_key == k2
 
         # a peer leaves discovery: removed from WireGuard and from the sets
-        del disc.peers["node-b"]
+        disc.remove("node-b")
         await m.reconcile()
         assert set(wg.device.peers) == {k1}
         assert ipaddress.ip_network("198.51.100.3/32") not in nft.sets[SET_IPV4]
@@ -200,7 +165,7 @@ async def test_new_peer_is_probed_in_the_pass_that_adds_it(mesh) -> None:
             return send(peer, address)
 
         m.prober.send = checking_send  # type: ignore[method-assign]
-        disc.peers = {"node-a": d1}
+        disc.put(d1)
         await m.reconcile()
         assert k1 in wg.device.peers
         assert m.prober.probes == [(k1, mesh1)], "probed in the pass that added it"
@@ -219,7 +184,7 @@ async def test_overlaps_and_duplicates_are_surfaced(mesh) -> None:
     m, disc, wg, *_ = mesh
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2, "10.9.9.9")
     k2, _, d2 = remote("node-b", "b", "10.5.0.3", 3, "10.9.9.9")  # shares a VIP with node-a
-    disc.peers = {"node-a": d1, "node-b": d2}
+    disc.put(d1, d2)
     await m.start()
     try:
         await m.reconcile()
@@ -235,7 +200,7 @@ async def test_overlaps_and_duplicates_are_surfaced(mesh) -> None:
 async def test_outside_removal_is_repaired(mesh) -> None:
     m, disc, wg, links, nft, clock = mesh
     _, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
-    disc.peers = {"node-a": d1}
+    disc.put(d1)
     await m.start()
     try:
         await m.reconcile()
@@ -256,7 +221,7 @@ async def test_outside_removal_is_repaired(mesh) -> None:
 async def test_status_and_state_follow_handshakes(mesh) -> None:
     m, disc, wg, _links, _nft, clock = mesh
     k1, mesh1, d1 = remote("node-a", "a", "10.5.0.2", 2)
-    disc.peers = {"node-a": d1}
+    disc.put(d1)
     await m.start()
     try:
         await m.reconcile()
@@ -298,7 +263,7 @@ def test_node_id_is_stable(tmp_path: Path) -> None:
 async def test_roamed_endpoint_is_learned_and_published_once(mesh) -> None:
     m, disc, wg, _links, _nft, clock = mesh
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
-    disc.peers = {"node-a": d1}
+    disc.put(d1)
     await m.start()
     try:
         await m.reconcile()
@@ -334,16 +299,6 @@ async def test_roamed_endpoint_is_learned_and_published_once(mesh) -> None:
 # --- work reused between passes (performance) must not change what the engine does ---------------
 
 
-class VersionedDiscovery(FakeDiscovery):
-    """Like the discovery client: ``version`` moves on every change and changed entries are new objects."""
-
-    version: int = 0
-
-    def put(self, entry: Discovered) -> None:
-        self.peers[entry.id] = entry
-        self.version += 1
-
-
 def _readdress(d: Discovered, *extra: str) -> Discovered:
     a = affiliate_pb2.Affiliate()
     a.CopyFrom(d.affiliate)
@@ -354,7 +309,7 @@ def _readdress(d: Discovered, *extra: str) -> Discovered:
 @pytest.fixture
 def versioned(mesh, monkeypatch):
     m, _disc, wg, links, nft, clock = mesh
-    disc = VersionedDiscovery(public_ip=ipaddress.ip_address("203.0.113.9"))
+    disc = FakeDiscovery(public_ip=ipaddress.ip_address("203.0.113.9"))
     m.discovery = disc
     from kubespan import engine
 
@@ -373,7 +328,7 @@ async def test_versioned_discovery_rereads_only_changed_entries(versioned) -> No
     m, disc, wg, _links, nft, _clock, conversions = versioned
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
     k2, _, d2 = remote("node-b", "b", "10.5.0.3", 3)
-    disc.peers = {"node-a": d1, "node-b": d2}
+    disc.put(d1, d2)
     await m.start()
     try:
         await m.reconcile()
@@ -393,8 +348,7 @@ async def test_versioned_discovery_rereads_only_changed_entries(versioned) -> No
         last = wg.applies[-1]
         assert [type(op).__name__ for op in last] == ["UpdatePeer"] and last[0].public_key == k2
 
-        del disc.peers["node-a"]
-        disc.version += 1
+        disc.remove("node-a")
         await m.reconcile()
         assert set(wg.device.peers) == {k2} and set(m.machines) == {k2}
         assert ipaddress.ip_network("10.5.0.2/32") not in nft.sets[SET_IPV4]
@@ -410,17 +364,14 @@ def _warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> int:
     )
 
 
-@pytest.mark.parametrize("versioned_discovery", [True, False])
 async def test_malformed_affiliate_is_reported_once_per_content(
-    mesh, versioned_discovery: bool, caplog: pytest.LogCaptureFixture
+    mesh, caplog: pytest.LogCaptureFixture
 ) -> None:
     m, disc, wg, *_ = mesh
-    if versioned_discovery:
-        disc = m.discovery = VersionedDiscovery(public_ip=disc.public_ip)
     _, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
     bad = _readdress(d1)
     bad.affiliate.kubespan.public_key = "not a key"
-    disc.peers = {"node-a": d1, "node-z": Discovered("node-z", bad.affiliate, ())}
+    disc.put(d1, Discovered("node-z", bad.affiliate, ()))
     caplog.set_level(logging.DEBUG, "kubespan.engine")
     await m.start()
     try:
@@ -431,21 +382,15 @@ async def test_malformed_affiliate_is_reported_once_per_content(
         assert len(wg.device.peers) == 1
         # a different bad payload from the same affiliate is news: reported again, once
         worse = _readdress(bad, "192.0.2.1")
-        disc.peers["node-z"] = Discovered("node-z", worse.affiliate, ())
-        if versioned_discovery:
-            disc.version += 1
+        disc.put(Discovered("node-z", worse.affiliate, ()))
         for _ in range(3):
             await m.reconcile()
         assert _warnings_about(caplog, "affiliate node-z") == 2
         # fixed, then broken the same way again: reported again
-        disc.peers["node-z"] = remote("node-z", "z", "10.5.0.7", 7)[2]
-        if versioned_discovery:
-            disc.version += 1
+        disc.put(remote("node-z", "z", "10.5.0.7", 7)[2])
         await m.reconcile()
         assert len(wg.device.peers) == 2
-        disc.peers["node-z"] = Discovered("node-z", worse.affiliate, ())
-        if versioned_discovery:
-            disc.version += 1
+        disc.put(Discovered("node-z", worse.affiliate, ()))
         await m.reconcile()
         await m.reconcile()
         assert _warnings_about(caplog, "affiliate node-z") == 3
@@ -457,12 +402,12 @@ async def test_peer_change_updates_sets_without_rechecking_links(mesh) -> None:
     m, disc, wg, links, nft, clock = mesh
     _, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
     _, _, d2 = remote("node-b", "b", "10.5.0.9", 3)
-    disc.peers = {"node-a": d1}
+    disc.put(d1)
     await m.start()
     try:
         await m.reconcile()
         link_calls = len(links.calls)
-        disc.peers["node-b"] = d2  # a new peer: WireGuard and the sets change, links do not
+        disc.put(d2)  # a new peer: WireGuard and the sets change, links do not
         await m.reconcile()
         assert len(links.calls) == link_calls
         assert ipaddress.ip_network("10.5.0.9/32") in nft.sets[SET_IPV4]
@@ -493,7 +438,7 @@ async def test_bypass_of_a_down_peer_still_updates_the_sets(mesh) -> None:
 
     m.cfg = dc_replace(m.cfg, allow_down_peer_bypass=True)
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2, "192.0.2.7")
-    disc.peers = {"node-a": d1}
+    disc.put(d1)
     await m.start()
     try:
         await m.reconcile()
@@ -514,7 +459,7 @@ async def test_discovery_only_pass_reads_nothing_and_writes_only_the_change(vers
     m, disc, wg, links, nft, clock, _ = versioned
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
     k2, _, d2 = remote("node-b", "b", "10.5.0.3", 3)
-    disc.peers = {"node-a": d1, "node-b": d2}
+    disc.put(d1, d2)
     await m.start()
     try:
         await m.reconcile()
@@ -556,8 +501,7 @@ async def test_discovery_only_pass_reads_nothing_and_writes_only_the_change(vers
         assert m.machines[k3].state == PeerState.UP
 
         # a peer leaves between polls: removed from WireGuard and the sets
-        del disc.peers["node-b"]
-        disc.version += 1
+        disc.remove("node-b")
         await m.reconcile()
         assert set(wg.device.peers) == {k1, k3}
         assert ipaddress.ip_network("10.5.0.3/32") not in nft.sets[SET_IPV4]
@@ -569,7 +513,7 @@ async def test_outside_changes_missed_by_light_passes_are_repaired_by_the_period
     m, disc, wg, _links, nft, clock, _ = versioned
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
     _k2, _, d2 = remote("node-b", "b", "10.5.0.9", 3)
-    disc.peers = {"node-a": d1, "node-b": d2}
+    disc.put(d1, d2)
     await m.start()
     try:
         await m.reconcile()
@@ -598,7 +542,7 @@ async def test_outside_changes_missed_by_light_passes_are_repaired_by_the_period
 async def test_light_pass_whose_write_fails_is_followed_by_a_full_pass(versioned) -> None:
     m, disc, wg, _links, nft, clock, _ = versioned
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
-    disc.peers = {"node-a": d1}
+    disc.put(d1)
     await m.start()
     try:
         await m.reconcile()
@@ -634,12 +578,12 @@ async def test_failed_full_pass_applies_once_counts_nothing_and_the_next_pass_re
     m, disc, wg, _links, _nft, clock = mesh
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
     k2, _, d2 = remote("node-b", "b", "10.5.0.3", 3)
-    disc.peers = {"node-a": d1}
+    disc.put(d1)
     await m.start()
     try:
         await m.reconcile()
         writes, applies = m.wg_writes, len(wg.applies)
-        disc.peers["node-b"] = d2
+        disc.put(d2)
         wg.fail_next_apply()
         wg.fail_next_apply()
         clock.t += m.cfg.timings.poll_interval
@@ -661,7 +605,7 @@ async def test_failed_full_pass_applies_once_counts_nothing_and_the_next_pass_re
 async def test_nft_diff_against_a_stale_cache_falls_back_to_reading(versioned) -> None:
     m, disc, _wg, _links, nft, clock, _ = versioned
     _, _, d1 = remote("node-a", "a", "10.5.0.2", 2, "192.0.2.7")
-    disc.peers = {"node-a": d1}
+    disc.put(d1)
     await m.start()
     try:
         await m.reconcile()
@@ -683,7 +627,7 @@ async def test_nft_diff_against_a_stale_cache_falls_back_to_reading(versioned) -
 async def test_failed_publish_is_retried_and_not_shown_as_published(mesh) -> None:
     m, disc, wg, *_ = mesh
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
-    disc.peers = {"node-a": d1}
+    disc.put(d1)
     await m.start()
     try:
         disc.fail_publishes = 1
@@ -704,7 +648,7 @@ async def test_failed_publish_is_retried_and_not_shown_as_published(mesh) -> Non
 async def test_failed_publish_of_learned_endpoints_is_retried(mesh) -> None:
     m, disc, wg, _links, _nft, clock = mesh
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
-    disc.peers = {"node-a": d1}
+    disc.put(d1)
     await m.start()
     try:
         await m.reconcile()
@@ -785,13 +729,6 @@ class FailingCloseWireGuard(FakeWireGuard):
         raise OSError("wireguard-go did not exit")
 
 
-class ClosableDiscovery(FakeDiscovery):
-    closed: bool = False
-
-    async def close(self) -> None:
-        self.closed = True
-
-
 async def test_stop_closes_every_adapter_when_the_backend_close_raises(tmp_path: Path) -> None:
     from kubespan.wiring import MeshDeps, build_mesh
 
@@ -800,7 +737,7 @@ async def test_stop_closes_every_adapter_when_the_backend_close_raises(tmp_path:
         [LinkInfo("eth0", bytes.fromhex("2e1ab6538169"), physical=True)],
         [ipaddress.ip_interface("10.5.0.1/24")],
     )
-    disc = ClosableDiscovery()
+    disc = FakeDiscovery()
     runner = await build_mesh(
         MeshOptions(cluster_id=CLUSTER, cluster_secret=SECRET, state_dir=tmp_path, nodename="self"),
         discovery_urls=(),

@@ -18,15 +18,8 @@ from kubespan import uapi
 from kubespan.identity import generate_private_key
 from kubespan.wgdiff import AddPeer, RemovePeer, SetDevice, UpdatePeer, diff_device
 from kubespan.wgtypes import AddrPort, DeviceConfig, ObservedDevice, PeerConfig, PresharedKey, PublicKey
-from kubespan.wireguard import (
-    FakeUapiServer,
-    FakeWireGuard,
-    UapiClient,
-    UserspaceBackend,
-    WireGuardBackend,
-    WireGuardError,
-    sync,
-)
+from kubespan.wireguard import UapiClient, UserspaceBackend, WireGuardBackend, WireGuardError, sync
+from kubespan.wireguard.fake import FakeUapiServer, FakeWireGuard
 
 PRIV = generate_private_key()
 PSK = PresharedKey(b"\x07" * 32)

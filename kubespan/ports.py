@@ -1,0 +1,130 @@
+"""The mesh engine's ports: what it calls on its links, nftables and discovery adapters.
+
+Each port is the small surface :class:`~kubespan.engine.Mesh` (and
+:mod:`kubespan.wiring`) actually uses; the WireGuard port is
+:class:`~kubespan.wireguard.backend.WireGuardBackend`. An ability only some
+adapters have is its own runtime-checkable Protocol, tested with
+``isinstance`` where it is used. The in-memory fakes that implement these
+live in test-support modules (``kubespan.testing``, ``kubespan.dataplane.fake``,
+``kubespan.wireguard.fake``) that production code never imports.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from kubespan.wireguard.backend import WireGuardBackend
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from kubespan.dataplane.links import NetlinkEvent
+    from spanapi.discovery.client import affiliate_pb2
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+__all__ = [
+    "Closable",
+    "DiscoveryPort",
+    "Leaver",
+    "LinkPort",
+    "LinkWatcher",
+    "NftPort",
+    "Startable",
+    "WireGuardBackend",
+]
+
+
+@runtime_checkable
+class LinkPort(Protocol):
+    """The mesh link's addresses, the default routes in the mesh table and the fwmark rules.
+
+    Every ``reconcile_*`` is idempotent and returns the changes it made (``[]``: none).
+    """
+
+    async def reconcile_link(self, addresses: Sequence[IPInterface], up: bool = True) -> list[str]: ...
+
+    async def reconcile_routes(self) -> list[str]: ...
+
+    async def reconcile_rules(self) -> list[str]: ...
+
+    async def teardown(self, remove_link: bool = False) -> None: ...
+
+
+@runtime_checkable
+class LinkWatcher(Protocol):
+    """Optional: reports changes to what the link port owns; runs until cancelled."""
+
+    async def watch(
+        self,
+        callback: Callable[[NetlinkEvent], Awaitable[None] | None],
+        *,
+        ready: asyncio.Event | None = None,
+    ) -> None: ...
+
+
+@runtime_checkable
+class NftPort(Protocol):
+    """The mesh's nftables table and its destination sets."""
+
+    async def reconcile(
+        self,
+        desired_sets: Mapping[str, Iterable[Any]],
+        *,
+        trust_cache: bool = False,
+        normalized: bool = False,
+    ) -> list[str]: ...
+
+    async def teardown(self) -> None: ...
+
+
+@runtime_checkable
+class DiscoveryPort(Protocol):
+    """The part of :class:`discovery.client.DiscoveryClient` the engine uses.
+
+    ``affiliates`` maps an affiliate id to an entry with ``affiliate`` (the
+    protobuf) and ``endpoints``. ``version`` changes whenever ``affiliates``
+    does, and a changed entry is a new object (never modified in place): the
+    engine re-reads nothing while the version stands, and converts only the
+    entries that are new objects.
+    """
+
+    @property
+    def affiliates(self) -> Mapping[str, Any]: ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def public_ip(self) -> IPAddress | None: ...
+
+    async def set_local_data(
+        self,
+        affiliate: affiliate_pb2.Affiliate,
+        endpoints: Sequence[affiliate_pb2.Endpoint] = (),
+        other_endpoints: Mapping[str, Sequence[affiliate_pb2.Endpoint]] | None = None,
+    ) -> bool: ...
+
+
+@runtime_checkable
+class Startable(Protocol):
+    """Optional: must be started before use (the discovery client's sessions and watches)."""
+
+    async def start(self) -> None: ...
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """Optional: holds resources (sockets, sessions) released by ``close``."""
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Leaver(Protocol):
+    """Optional: can delete our own discovery entry, so peers drop us at once."""
+
+    async def delete_local_affiliate(self) -> None: ...

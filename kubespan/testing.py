@@ -1,0 +1,103 @@
+"""Test doubles for the engine's ports that have no package of their own: discovery and the prober.
+
+A test-support module: production code never imports it (``tests/unit/test_layers.py``
+checks). The WireGuard and data-plane fakes are beside their interfaces, in
+:mod:`kubespan.wireguard.fake` and :mod:`kubespan.dataplane.fake`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from kubespan.probe import Prober
+from spanapi.discovery.client import affiliate_pb2
+
+Published = tuple[
+    affiliate_pb2.Affiliate, list[affiliate_pb2.Endpoint], dict[str, Sequence[affiliate_pb2.Endpoint]]
+]
+
+
+@dataclass(frozen=True)
+class Discovered:
+    """Shaped like :class:`discovery.client.DiscoveredAffiliate`."""
+
+    id: str
+    affiliate: affiliate_pb2.Affiliate
+    endpoints: tuple[affiliate_pb2.Endpoint, ...]
+
+
+@dataclass
+class FakeDiscovery:
+    """The discovery port in memory, with the client's optional abilities (start, close, leave).
+
+    As the client: change ``entries`` with :meth:`put` and :meth:`remove`, which move
+    ``version``; an entry is replaced, never edited in place.
+    """
+
+    entries: dict[str, Discovered] = field(default_factory=dict)
+    public_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    version: int = 0
+    published: list[Published] = field(default_factory=list)  # every successful set_local_data
+    fail_publishes: int = 0  # the next N set_local_data calls raise (as an oversized affiliate does)
+    deleted: int = 0
+    started: bool = False
+    closed: bool = False
+
+    @property
+    def affiliates(self) -> Mapping[str, Discovered]:
+        return dict(self.entries)
+
+    def put(self, *entries: Discovered) -> None:
+        for e in entries:
+            self.entries[e.id] = e
+        self.version += 1
+
+    def remove(self, *ids: str) -> None:
+        for i in ids:
+            self.entries.pop(i, None)
+        self.version += 1
+
+    async def set_local_data(
+        self,
+        affiliate: affiliate_pb2.Affiliate,
+        endpoints: Sequence[affiliate_pb2.Endpoint] = (),
+        other_endpoints: Mapping[str, Sequence[affiliate_pb2.Endpoint]] | None = None,
+    ) -> bool:
+        if self.fail_publishes:
+            self.fail_publishes -= 1
+            raise ValueError("affiliate too large: 2100 bytes, the limit is 2048")
+        self.published.append((affiliate, list(endpoints), dict(other_endpoints or {})))
+        return True
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def delete_local_affiliate(self) -> None:
+        self.deleted += 1
+
+
+class FakeProber(Prober):
+    """Records probes and sends nothing; tests decide which peers answered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+        self.probes: list[tuple[Hashable, ipaddress.IPv6Address]] = []
+
+    def open(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        return None
+
+    def send(self, peer: Hashable, address: ipaddress.IPv6Address) -> bool:
+        self.probes.append((peer, address))
+        return True
+
+    def answer(self, peer: Hashable) -> None:
+        self._answered.add(peer)
