@@ -31,6 +31,7 @@ from google.protobuf import message as _pb_message
 
 from discovery.limits import AFFILIATE_PLAINTEXT_MAX, ENDPOINT_MAX, GCM_NONCE_SIZE, GCM_TAG_SIZE
 from spanapi.discovery.client import affiliate_pb2
+from spanutil.ipcodec import IPAddress, IPNetwork, ip_from_bytes, ip_to_bytes
 
 __all__ = [
     "AES_BLOCK_SIZE",
@@ -38,8 +39,6 @@ __all__ = [
     "AffiliateTooLargeError",
     "DecodeError",
     "DecryptError",
-    "IPAddress",
-    "IPNetwork",
     "MalformedBlobError",
     "SecretError",
     "addresses_to_pb",
@@ -49,8 +48,6 @@ __all__ = [
     "encrypt_endpoint",
     "endpoint_from_addr",
     "endpoint_to_addr",
-    "ip_from_bytes",
-    "ip_to_bytes",
     "parse_secret",
     "prefix_from_pb",
     "prefix_to_pb",
@@ -60,9 +57,6 @@ KEY_SIZE = 32
 AES_BLOCK_SIZE = 16
 _GCM_OVERHEAD = GCM_NONCE_SIZE + GCM_TAG_SIZE
 _M = TypeVar("_M", bound=_pb_message.Message)
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class SecretError(ValueError):
@@ -215,23 +209,6 @@ def _parse(cls: type[_M], data: bytes, what: str) -> _M:
 
 
 # --- conversions between ipaddress objects and protobuf messages -------------------------------------------
-
-
-def ip_to_bytes(ip: IPAddress | str) -> bytes:
-    """Binary form of an IP address as used on the wire: 4 raw bytes for IPv4, 16 for IPv6."""
-    return ipaddress.ip_address(ip).packed
-
-
-def ip_from_bytes(raw: bytes) -> IPAddress:
-    """Parse a 4- or 16-byte binary IP. IPv4-mapped IPv6 stays IPv6 (as Go's ``netip`` keeps it).
-
-    Raises ``ValueError`` for any other length.
-    """
-    if len(raw) == 4:
-        return ipaddress.IPv4Address(bytes(raw))
-    if len(raw) == 16:
-        return ipaddress.IPv6Address(bytes(raw))
-    raise ValueError(f"binary IP address must be 4 or 16 bytes, got {len(raw)}")
 
 
 def endpoint_from_addr(ip: IPAddress | str, port: int) -> affiliate_pb2.Endpoint:

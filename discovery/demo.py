@@ -24,11 +24,12 @@ from pathlib import Path
 import grpc
 
 from discovery.client import DiscoveredAffiliate, DiscoveryClient
-from discovery.crypto import addresses_to_pb, endpoint_from_addr, ip_to_bytes
+from discovery.crypto import addresses_to_pb, endpoint_from_addr
 from discovery.testing import ServerProcess
 from spanapi.discovery.client import affiliate_pb2 as apb
 from spanapi.discovery.server import cluster_pb2 as pb
 from spanapi.discovery.server import cluster_pb2_grpc as rpc
+from spanutil.ipcodec import ip_to_bytes
 
 NODES = [
     ("cp-1", "controlplane", "10.0.1.10", "fd7f:175a:b97c:5602:1::1"),

@@ -121,7 +121,8 @@ from kubespan.constants import (
     WG_REKEY_TIMEOUT,
     DetectionTimings,
 )
-from kubespan.wgtypes import AddrPort, IPAddress, IPNetwork, ObservedPeer
+from kubespan.wgtypes import AddrPort, ObservedPeer
+from spanutil.ipcodec import IPAddress, IPNetwork
 
 
 class PeerState(enum.StrEnum):

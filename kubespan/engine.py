@@ -74,14 +74,13 @@ from kubespan.wgtypes import (
 )
 from kubespan.wireguard.backend import WireGuardBackend, WireGuardError
 from spanapi.discovery.client import affiliate_pb2
+from spanutil.ipcodec import IPNetwork
 from spanutil.logs import log_event
 
 log = logging.getLogger("kubespan.engine")
 
 NODE_ID_FILE = "node-id"
 _BASE62 = string.digits + string.ascii_letters
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def load_node_id(state_dir: Path) -> str:

@@ -16,8 +16,8 @@ import ipaddress
 from collections.abc import Iterable, Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-IPAddress = IPv4Address | IPv6Address
-IPNetwork = IPv4Network | IPv6Network
+from spanutil.ipcodec import IPAddress, IPNetwork
+
 Range = tuple[int, int]
 
 _BITS = {4: 32, 6: 128}

@@ -35,7 +35,7 @@ import enum
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, IPv6Network
+from ipaddress import IPv4Interface, IPv6Address, IPv6Interface, IPv6Network
 
 from kubespan.constants import (
     ULA_PURPOSE_KUBESPAN,
@@ -45,8 +45,9 @@ from kubespan.constants import (
 from kubespan.endpoints import PeerState
 from kubespan.identity import is_ula
 from kubespan.ipset import IPSet, Range, range_to_prefixes
-from kubespan.wgtypes import AddrPort, InvalidKeyError, IPAddress, IPNetwork, PublicKey
+from kubespan.wgtypes import AddrPort, InvalidKeyError, PublicKey
 from spanapi.discovery.client import affiliate_pb2
+from spanutil.ipcodec import IPAddress, IPNetwork, ip_from_bytes
 
 _MESH_PURPOSES = (ULA_PURPOSE_KUBESPAN, ULA_PURPOSE_SIDEROLINK, ULA_PURPOSE_VIRTUAL_SIDEROLINK)
 
@@ -136,11 +137,10 @@ class RemoteAffiliate:
 
 
 def _ip_from_bytes(raw: bytes, field: str) -> IPAddress:
-    if len(raw) == 4:
-        return IPv4Address(raw)
-    if len(raw) == 16:
-        return IPv6Address(raw)
-    raise AffiliateError(field, f"{len(raw)} bytes, need 4 or 16")
+    try:
+        return ip_from_bytes(raw)
+    except ValueError:
+        raise AffiliateError(field, f"{len(raw)} bytes, need 4 or 16") from None
 
 
 def _prefix_from_pb(p: affiliate_pb2.IPPrefix, field: str) -> IPNetwork:

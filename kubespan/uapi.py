@@ -29,7 +29,6 @@ from kubespan.wgdiff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer
 from kubespan.wgtypes import (
     AddrPort,
     InvalidKeyError,
-    IPNetwork,
     ObservedDevice,
     ObservedPeer,
     PeerConfig,
@@ -39,6 +38,7 @@ from kubespan.wgtypes import (
     observed_peer_unchecked,
     sorted_networks,
 )
+from spanutil.ipcodec import IPNetwork
 
 GET_REQUEST = b"get=1\n\n"
 

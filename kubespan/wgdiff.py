@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 from kubespan.wgtypes import (
     AddrPort,
     DeviceConfig,
-    IPNetwork,
     ObservedDevice,
     ObservedPeer,
     PeerConfig,
@@ -32,6 +31,7 @@ from kubespan.wgtypes import (
     PrivateKey,
     PublicKey,
 )
+from spanutil.ipcodec import IPNetwork
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,12 +16,11 @@ import binascii
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv6Address
 from types import MappingProxyType
 from typing import Self
 
-IPAddress = IPv4Address | IPv6Address
-IPNetwork = IPv4Network | IPv6Network
+from spanutil.ipcodec import IPAddress, IPNetwork
 
 KEY_LEN = 32
 

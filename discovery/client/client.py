@@ -38,13 +38,11 @@ from discovery.crypto import (
     KEY_SIZE,
     DecodeError,
     DecryptError,
-    IPAddress,
     decrypt_affiliate,
     decrypt_endpoint,
     encrypt_affiliate,
     encrypt_endpoint,
     endpoint_to_addr,
-    ip_from_bytes,
     parse_secret,
 )
 from discovery.limits import (
@@ -56,6 +54,7 @@ from discovery.limits import (
 )
 from spanapi.discovery.client import affiliate_pb2
 from spanapi.discovery.server import cluster_pb2, cluster_pb2_grpc
+from spanutil.ipcodec import IPAddress, ip_from_bytes
 from spanutil.logs import log_event
 
 __all__ = [

@@ -36,7 +36,6 @@ from discovery.server.service import (
     WATCH_SNAPSHOTS_PER_IP,
     WATCH_STALL_TIMEOUT,
     ClusterService,
-    IPNetwork,
     Metrics,
     ServiceConfig,
 )
@@ -44,6 +43,7 @@ from discovery.server.state import Registry
 from discovery.server.storage import LoadReport, Store
 from discovery.version import version_string
 from spanutil.durations import parse_duration
+from spanutil.ipcodec import IPNetwork
 from spanutil.logs import log_event, setup
 
 log = logging.getLogger("discovery.server")

@@ -35,6 +35,7 @@ from discovery.server.watchguard import (
     client_key,
 )
 from spanapi.discovery.server import cluster_pb2 as pb
+from spanutil.ipcodec import IPAddress, IPNetwork
 from spanutil.logs import CLIP_CHARS, FastEventLog, clip, encode_str, log_event
 
 SERVICE = "sidero.discovery.server.Cluster"
@@ -72,8 +73,6 @@ DETAILS_CHARS = 256
 # Codes caused by what a client sent (and INTERNAL, which a client may be able to trigger): their
 # log lines go through a token bucket (ServiceConfig.reject_log_rate / reject_log_burst).
 _THROTTLED = frozenset(("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "INTERNAL"))
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def normalize_version(v: str) -> str:

@@ -44,6 +44,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from spanutil.ipcodec import IPAddress
 from spanutil.logs import log_event
 
 log = logging.getLogger("discovery.server")
@@ -52,8 +53,6 @@ log = logging.getLogger("discovery.server")
 WATCH_CHUNK_BYTES = 64 << 10
 # While writes wait for the global budget, a write in flight longer than this is abandoned.
 PRESSURE_STALL = 2.0
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class WriteStalled(Exception):

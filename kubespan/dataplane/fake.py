@@ -27,7 +27,6 @@ from kubespan.dataplane.nft import (
     FAMILY,
     SET_IPV4,
     SET_IPV6,
-    IPNetwork,
     NftError,
     RulesetParams,
     Transaction,
@@ -36,6 +35,7 @@ from kubespan.dataplane.nft import (
     render_diff,
     render_replace,
 )
+from spanutil.ipcodec import IPNetwork
 
 INET, INET6 = "inet", "inet6"
 

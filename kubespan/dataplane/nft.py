@@ -58,10 +58,10 @@ from typing import Any
 
 from kubespan import constants as C
 from kubespan.ipset import IPSet, canonical_network, range_to_prefixes
+from spanutil.ipcodec import IPNetwork
 
 log = logging.getLogger("kubespan.dataplane.nft")
 
-IPNetwork = IPv4Network | IPv6Network
 Runner = Callable[[Sequence[str], bytes | None, float], Awaitable[tuple[int, bytes, bytes]]]
 
 FAMILY = "inet"

@@ -63,7 +63,6 @@ from kubespan.constants import check_link_name
 from kubespan.wgdiff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer
 from kubespan.wgtypes import (
     AddrPort,
-    IPNetwork,
     ObservedDevice,
     ObservedPeer,
     PresharedKey,
@@ -71,6 +70,7 @@ from kubespan.wgtypes import (
     PublicKey,
     sorted_networks,
 )
+from spanutil.ipcodec import IPNetwork
 from spanutil.logs import log_event
 
 try:

@@ -42,8 +42,7 @@ from kubespan.peers import EndpointFilter
 from kubespan.wgtypes import AddrPort
 from machined.config.errors import Problem
 from machined.config.reader import MISSING, Reader, Sink
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from spanutil.ipcodec import IPNetwork
 
 V1ALPHA1 = "v1alpha1"
 KUBESPAN_CONFIG = "KubeSpanConfig"

@@ -20,7 +20,6 @@ from machined.config.documents import (
     AgentSettings,
     DiscoveryEndpoint,
     DocRef,
-    IPNetwork,
     KubeSpanSettings,
     ServiceSpec,
     V1Alpha1,
@@ -29,6 +28,7 @@ from machined.config.errors import ConfigValidationError, ConfigWarning, Problem
 from machined.config.reader import Reader, Sink
 from machined.config.redact import redact, redacted_pair, unified_diff
 from machined.config.yamlio import dump_documents, load_documents
+from spanutil.ipcodec import IPNetwork
 
 if TYPE_CHECKING:
     from kubespan.engine import MeshOptions

@@ -29,12 +29,12 @@ from discovery.crypto import (
     decrypt_endpoint,
     endpoint_from_addr,
     endpoint_to_addr,
-    ip_to_bytes,
 )
 from discovery.testing import ServerProcess, self_signed_cert
 from spanapi.discovery.client import affiliate_pb2
 from spanapi.discovery.server import cluster_pb2 as pb
 from spanapi.discovery.server import cluster_pb2_grpc as rpc
+from spanutil.ipcodec import ip_to_bytes
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -28,6 +28,7 @@ from discovery.client import (
 from discovery.testing import self_signed_cert
 from spanapi.discovery.client import affiliate_pb2
 from spanapi.discovery.server import cluster_pb2, cluster_pb2_grpc
+from spanutil.ipcodec import ip_to_bytes
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -189,7 +190,7 @@ async def test_hello_reports_public_ip_and_publishes() -> None:
             assert fake.hellos[0].client_version == "kubespan-mesh/0.1"
             assert fake.updates == []  # nothing to publish yet
 
-            mine = aff("me", addresses=[crypto.ip_to_bytes("10.0.0.1")])
+            mine = aff("me", addresses=[ip_to_bytes("10.0.0.1")])
             assert await c.set_local_data(mine, [ep("10.0.0.1"), ep("2001:db8::1")])
             await eventually(lambda: len(fake.full_updates()) == 1)
             u = fake.full_updates()[0]

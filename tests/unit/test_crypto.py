@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from discovery import crypto
 from discovery.limits import AFFILIATE_DATA_MAX, AFFILIATE_PLAINTEXT_MAX
 from spanapi.discovery.client import affiliate_pb2
+from spanutil.ipcodec import ip_to_bytes
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -23,14 +24,14 @@ OTHER_KEY = bytes(range(1, 33))
 def sample_affiliate() -> affiliate_pb2.Affiliate:
     return affiliate_pb2.Affiliate(
         node_id="7x1SuC8Ege5BGXdAfTEff5iQnlWZLfv9h1LGMxA2pYkC",
-        addresses=[crypto.ip_to_bytes("10.0.0.1"), crypto.ip_to_bytes("fd00::1")],
+        addresses=[ip_to_bytes("10.0.0.1"), ip_to_bytes("fd00::1")],
         hostname="node-1.example",
         nodename="node-1",
         machine_type="worker",
         operating_system="Talos (v1.14.0)",
         kubespan=affiliate_pb2.KubeSpan(
             public_key="mVRj3mTdTfaWnhJe8rqL3M7s4w0hP7ZqmJ6PQ2qQ0m0=",
-            address=crypto.ip_to_bytes("fd7a:115c:a1e0::1"),
+            address=ip_to_bytes("fd7a:115c:a1e0::1"),
             additional_addresses=[crypto.prefix_to_pb("10.244.1.0/24")],
             exclude_advertised_addresses=[crypto.prefix_to_pb("192.168.0.0/16")],
         ),
@@ -236,16 +237,7 @@ def test_endpoint_with_unencodable_ip_refused_on_encrypt() -> None:
 # --- conversions -------------------------------------------------------------------------------------------
 
 
-def test_ip_conversions() -> None:
-    assert crypto.ip_to_bytes("10.1.2.3") == b"\x0a\x01\x02\x03"
-    assert len(crypto.ip_to_bytes(ipaddress.IPv6Address("::1"))) == 16
-    assert crypto.ip_from_bytes(b"\x0a\x01\x02\x03") == ipaddress.IPv4Address("10.1.2.3")
-    mapped = crypto.ip_from_bytes(ipaddress.IPv6Address("::ffff:10.1.2.3").packed)
-    assert isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped == ipaddress.IPv4Address(
-        "10.1.2.3"
-    )
-    with pytest.raises(ValueError, match="4 or 16"):
-        crypto.ip_from_bytes(b"\x00" * 5)
+def test_addresses_to_pb() -> None:
     assert crypto.addresses_to_pb(["10.0.0.1", "::1"]) == [bytes([10, 0, 0, 1]), bytes(15) + b"\x01"]
 
 

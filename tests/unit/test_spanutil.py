@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 
 import pytest
 
 from spanutil.durations import DurationError, parse_duration
+from spanutil.ipcodec import IPAddress, IPNetwork, ip_from_bytes, ip_to_bytes
 
 # Every form the three former parsers accepted (discovery-service flags, spanctl flags, machined
 # config fields), one grammar now.
@@ -85,3 +87,38 @@ def test_argparse_shows_the_message():
     assert p.parse_args(["--every", "1m30s"]).every == 90.0
     with pytest.raises(argparse.ArgumentError, match=r"invalid duration '5 minutes'"):
         p.parse_args(["--every", "5 minutes"])
+
+
+@pytest.mark.parametrize(
+    ("text", "raw"),
+    [
+        ("10.1.2.3", b"\x0a\x01\x02\x03"),
+        ("0.0.0.0", bytes(4)),
+        ("::1", bytes(15) + b"\x01"),
+        ("2001:db8::7", bytes.fromhex("20010db8000000000000000000000007")),
+        ("::ffff:10.1.2.3", bytes(10) + b"\xff\xff\x0a\x01\x02\x03"),
+    ],
+)
+def test_ip_codec_round_trip(text, raw):
+    ip = ipaddress.ip_address(text)
+    assert ip_to_bytes(text) == ip_to_bytes(ip) == raw
+    back = ip_from_bytes(raw)
+    assert back == ip and type(back) is type(ip)  # IPv4-mapped IPv6 stays IPv6, as Go's netip keeps it
+    assert ip_from_bytes(bytearray(raw)) == ip
+    assert isinstance(back, IPAddress)
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 5, 15, 17, 32])
+def test_ip_codec_refuses_other_lengths(size):
+    with pytest.raises(ValueError, match=f"4 or 16 bytes, got {size}"):
+        ip_from_bytes(bytes(size))
+
+
+def test_ip_codec_refuses_bad_text():
+    with pytest.raises(ValueError):
+        ip_to_bytes("10.0.0.256")
+
+
+def test_network_alias():
+    assert isinstance(ipaddress.ip_network("10.0.0.0/8"), IPNetwork)
+    assert isinstance(ipaddress.ip_network("fd00::/8"), IPNetwork)

@@ -1,0 +1,30 @@
+"""IP addresses on the wire: the type aliases and the one byte<->address codec.
+
+Binary form as in Talos's protobufs (Go's ``netip.Addr.AsSlice``): 4 raw bytes for IPv4, 16 for IPv6.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+__all__ = ["IPAddress", "IPNetwork", "ip_from_bytes", "ip_to_bytes"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def ip_to_bytes(ip: IPAddress | str) -> bytes:
+    """Binary form of an IP address: 4 bytes for IPv4, 16 for IPv6."""
+    return ipaddress.ip_address(ip).packed
+
+
+def ip_from_bytes(raw: bytes) -> IPAddress:
+    """Parse a 4- or 16-byte binary IP. IPv4-mapped IPv6 stays IPv6 (as Go's ``netip`` keeps it).
+
+    Raises ``ValueError`` for any other length.
+    """
+    if len(raw) == 4:
+        return ipaddress.IPv4Address(bytes(raw))
+    if len(raw) == 16:
+        return ipaddress.IPv6Address(bytes(raw))
+    raise ValueError(f"binary IP address must be 4 or 16 bytes, got {len(raw)}")
