@@ -35,7 +35,7 @@ from spanapi.discovery.storage import storage_pb2
 C = "cluster-1"
 A = "node-a"
 B = "node-b"
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 class Clock:
