@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kubespan.identity import generate_private_key
-from kubespan.wgtypes import AddrPort, DeviceConfig, PeerConfig, PresharedKey
+from kubespan.wireguard.types import AddrPort, DeviceConfig, PeerConfig, PresharedKey
 
 INSIDE = "--inside-node"
 IFNAME = "kubespan"

@@ -45,8 +45,8 @@ from kubespan.engine import Mesh, MeshOptions
 from kubespan.hostinfo import NetlinkHost
 from kubespan.identity import generate_private_key, ula_prefix
 from kubespan.testing import Discovered, FakeDiscovery, FakeProber
-from kubespan.wgdiff import UpdatePeer
 from kubespan.wireguard import UserspaceBackend
+from kubespan.wireguard.diff import UpdatePeer
 from spanapi.discovery.client import affiliate_pb2
 
 NAME = "reconcile"

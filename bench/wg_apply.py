@@ -6,7 +6,7 @@ peers with a PSK, keepalive 25, 2-3 allowed IPs and an endpoint each), which is
 checked by reading the device back after every round.
 
 * ours: ``sync(UserspaceBackend, desired)``, i.e. a UAPI ``get`` of the device,
-  :func:`kubespan.wgdiff.diff_device`, encoding, and one UAPI ``set`` (what the
+  :func:`kubespan.wireguard.diff.diff_device`, encoding, and one UAPI ``set`` (what the
   engine does), timed end to end in-process;
 * C tool: ``wg setconf kubespan FILE`` with the same configuration as a file,
   timed as the process run (fork+exec, parsing the file, the UAPI set).
@@ -39,9 +39,8 @@ from _wglab import (
     wg_conf,
 )
 
-from kubespan import uapi
-from kubespan.wgdiff import diff_device
-from kubespan.wireguard import UserspaceBackend, sync
+from kubespan.wireguard import UserspaceBackend, sync, uapi
+from kubespan.wireguard.diff import diff_device
 
 NAME = "wg_apply"
 TARGET = 1.0

@@ -40,9 +40,8 @@ from _wglab import (
     verdict,
 )
 
-from kubespan import uapi
-from kubespan.wgdiff import diff_device
-from kubespan.wireguard import UserspaceBackend, sync
+from kubespan.wireguard import UserspaceBackend, sync, uapi
+from kubespan.wireguard.diff import diff_device
 from kubespan.wireguard.userspace import MAX_RESPONSE, UapiClient
 
 NAME = "wg_readback"

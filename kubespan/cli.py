@@ -35,7 +35,7 @@ from kubespan.engine import Mesh, MeshOptions
 from kubespan.metrics import MeshCollector
 from kubespan.peers import EndpointFilter
 from kubespan.perms import warn_permissions
-from kubespan.wgtypes import AddrPort
+from kubespan.wireguard.types import AddrPort
 from kubespan.wiring import build_mesh
 from spanutil.logs import log_event, setup
 

@@ -121,7 +121,7 @@ from kubespan.constants import (
     WG_REKEY_TIMEOUT,
     DetectionTimings,
 )
-from kubespan.wgtypes import AddrPort, ObservedPeer
+from kubespan.wireguard.types import AddrPort, ObservedPeer
 from spanutil.ipcodec import IPAddress, IPNetwork
 
 

@@ -62,8 +62,9 @@ from kubespan.peers import (
 )
 from kubespan.ports import Closable, DiscoveryPort, LinkPort, LinkWatcher, NftPort
 from kubespan.probe import Prober
-from kubespan.wgdiff import DiffMemo, SetDevice, apply_ops, diff_device, diff_peers
-from kubespan.wgtypes import (
+from kubespan.wireguard.backend import WireGuardBackend, WireGuardError
+from kubespan.wireguard.diff import DiffMemo, SetDevice, apply_ops, diff_device, diff_peers
+from kubespan.wireguard.types import (
     AddrPort,
     DeviceConfig,
     ObservedDevice,
@@ -72,7 +73,6 @@ from kubespan.wgtypes import (
     PresharedKey,
     PublicKey,
 )
-from kubespan.wireguard.backend import WireGuardBackend, WireGuardError
 from spanapi.discovery.client import affiliate_pb2
 from spanutil.ipcodec import IPNetwork
 from spanutil.logs import log_event

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from kubespan.constants import IDENTITY_FILE, MESH_PREFIX_LEN, ULA_PURPOSE_KUBESPAN
-from kubespan.wgtypes import InvalidKeyError, PrivateKey, PublicKey
+from kubespan.wireguard.types import InvalidKeyError, PrivateKey, PublicKey
 
 
 class IdentityError(Exception):

@@ -45,7 +45,7 @@ from kubespan.constants import (
 from kubespan.endpoints import PeerState
 from kubespan.identity import is_ula
 from kubespan.ipset import IPSet, Range, range_to_prefixes
-from kubespan.wgtypes import AddrPort, InvalidKeyError, PublicKey
+from kubespan.wireguard.types import AddrPort, InvalidKeyError, PublicKey
 from spanapi.discovery.client import affiliate_pb2
 from spanutil.ipcodec import IPAddress, IPNetwork, ip_from_bytes
 

@@ -2,7 +2,7 @@
 
 A backend is an adapter over one WireGuard device: the kernel's (generic
 netlink), wireguard-go's (UAPI socket) or an in-memory fake. It observes the
-device and applies :mod:`kubespan.wgdiff` operations; it decides nothing and
+device and applies :mod:`kubespan.wireguard.diff` operations; it decides nothing and
 compares nothing. The mesh engine diffs against its own observation and calls
 ``apply``; :func:`sync` (read, diff, apply) is for callers that keep no
 observation of their own: one-shot tools and tests.
@@ -15,8 +15,8 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from kubespan.wgdiff import Op, diff_device
-from kubespan.wgtypes import DeviceConfig, ObservedDevice
+from kubespan.wireguard.diff import Op, diff_device
+from kubespan.wireguard.types import DeviceConfig, ObservedDevice
 from spanutil.logs import log_event
 
 logger = logging.getLogger("kubespan.wireguard")
@@ -57,7 +57,7 @@ class WireGuardBackend(Protocol):
 async def sync(backend: WireGuardBackend, desired: DeviceConfig) -> list[Op]:
     """Bring the device to ``desired`` by applying only the difference.
 
-    ``get`` → :func:`~kubespan.wgdiff.diff_device` → ``apply``. When nothing
+    ``get`` → :func:`~kubespan.wireguard.diff.diff_device` → ``apply``. When nothing
     differs nothing is written and ``[]`` is returned. Sets are not
     transactional, so after a failed apply the device is read again and the
     remaining difference applied once more; a second failure propagates.

@@ -1,7 +1,7 @@
 """In-memory WireGuard device, and a UAPI server backed by it.
 
 :class:`FakeWireGuard` is the test double for :class:`~.backend.WireGuardBackend`:
-it executes operations with :func:`kubespan.wgdiff.apply_ops` (WireGuard's
+it executes operations with :func:`kubespan.wireguard.diff.apply_ops` (WireGuard's
 semantics), records every ``apply`` call so a test can assert that nothing
 was written, can be told to fail (optionally after part of a batch, as a
 real non-transactional set does) and can simulate traffic and handshakes.
@@ -28,9 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kubespan import uapi
-from kubespan.wgdiff import Op, apply_ops
-from kubespan.wgtypes import ObservedDevice, PublicKey
+from kubespan.wireguard import uapi
+from kubespan.wireguard.diff import Op, apply_ops
+from kubespan.wireguard.types import ObservedDevice, PublicKey
 
 from .backend import WireGuardError
 

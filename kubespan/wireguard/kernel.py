@@ -9,11 +9,11 @@ dump parts without merging them or checking ``NLM_F_DUMP_INTR``.
 
 The WireGuard semantics are ours, in two pure functions:
 
-* :func:`encode_set` turns :mod:`kubespan.wgdiff` operations into as few
+* :func:`encode_set` turns :mod:`kubespan.wireguard.diff` operations into as few
   ``WG_CMD_SET_DEVICE`` messages as fit below :data:`MAX_MESSAGE_SIZE`; a peer
   whose allowed IPs do not fit in one message is continued in the next ones.
 * :func:`parse_dump` merges the parts of a ``WG_CMD_GET_DEVICE`` dump into an
-  :class:`~kubespan.wgtypes.ObservedDevice` and raises :class:`DumpInterrupted`
+  :class:`~kubespan.wireguard.types.ObservedDevice` and raises :class:`DumpInterrupted`
   when the kernel flagged the dump as inconsistent (the caller re-reads).
 
 Facts about the kernel interface this module relies on (from the WireGuard UAPI
@@ -60,8 +60,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.wireguard import wgmsg
 
 from kubespan.constants import check_link_name
-from kubespan.wgdiff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer
-from kubespan.wgtypes import (
+from kubespan.wireguard.diff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer
+from kubespan.wireguard.types import (
     AddrPort,
     ObservedDevice,
     ObservedPeer,

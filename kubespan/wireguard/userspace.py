@@ -1,6 +1,6 @@
 """The userspace backend: wireguard-go, spawned and supervised by us, configured over its UAPI socket.
 
-:class:`UapiClient` speaks the UAPI text protocol (codec in :mod:`kubespan.uapi`)
+:class:`UapiClient` speaks the UAPI text protocol (codec in :mod:`kubespan.wireguard.uapi`)
 over one unix-socket connection per request, with a timeout on each; no
 ``wg`` subprocess is involved. :class:`UserspaceBackend` runs
 ``wireguard-go -f IFNAME`` in the foreground and restarts it with exponential
@@ -40,10 +40,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from kubespan import uapi
 from kubespan.constants import check_link_name
-from kubespan.wgdiff import AddPeer, Op, RemovePeer, UpdatePeer
-from kubespan.wgtypes import ObservedDevice
+from kubespan.wireguard import uapi
+from kubespan.wireguard.diff import AddPeer, Op, RemovePeer, UpdatePeer
+from kubespan.wireguard.types import ObservedDevice
 from spanutil.logs import log_event
 
 from .backend import WireGuardError

@@ -39,7 +39,7 @@ from kubespan.constants import (
     link_name_problem,
 )
 from kubespan.peers import EndpointFilter
-from kubespan.wgtypes import AddrPort
+from kubespan.wireguard.types import AddrPort
 from machined.config.errors import Problem
 from machined.config.reader import MISSING, Reader, Sink
 from spanutil.ipcodec import IPNetwork

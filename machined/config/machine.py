@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubespan.constants import ConfigError, MeshConfig
-from kubespan.wgtypes import AddrPort
+from kubespan.wireguard.types import AddrPort
 from machined.config import documents as d
 from machined.config.documents import (
     AgentSettings,

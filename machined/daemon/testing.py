@@ -21,8 +21,8 @@ from kubespan.engine import Mesh
 from kubespan.hostinfo import StaticHost
 from kubespan.identity import LinkInfo, generate_private_key, ula_prefix
 from kubespan.testing import Discovered, FakeDiscovery, FakeProber
-from kubespan.wgtypes import PublicKey
 from kubespan.wireguard.fake import FakeWireGuard
+from kubespan.wireguard.types import PublicKey
 from kubespan.wiring import MeshDeps, MeshRunner, build_mesh
 from machined.config import MeshSettings
 from spanapi.discovery.client import affiliate_pb2

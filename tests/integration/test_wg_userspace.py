@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from kubespan import uapi
 from kubespan.identity import generate_private_key
-from kubespan.wgdiff import UpdatePeer, diff_device
-from kubespan.wgtypes import AddrPort, DeviceConfig, PeerConfig, PresharedKey, PrivateKey, PublicKey
-from kubespan.wireguard import UserspaceBackend, WireGuardError, sync
+from kubespan.wireguard import UserspaceBackend, WireGuardError, sync, uapi
+from kubespan.wireguard.diff import UpdatePeer, diff_device
+from kubespan.wireguard.types import AddrPort, DeviceConfig, PeerConfig, PresharedKey, PrivateKey, PublicKey
 from netns.lab import Lab, Node
 
 pytestmark = pytest.mark.root

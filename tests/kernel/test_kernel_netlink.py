@@ -23,11 +23,11 @@ from pyroute2.netlink import NLM_F_DUMP
 from pyroute2.netlink.generic.wireguard import wgmsg
 
 from kubespan.identity import generate_private_key
-from kubespan.wgdiff import AddPeer, SetDevice, UpdatePeer
-from kubespan.wgtypes import AddrPort, DeviceConfig, PeerConfig, PresharedKey, PublicKey
 from kubespan.wireguard import kernel as kw
 from kubespan.wireguard.backend import sync
+from kubespan.wireguard.diff import AddPeer, SetDevice, UpdatePeer
 from kubespan.wireguard.kernel import DumpInterrupted, KernelBackend, WireGuardError, encode_set
+from kubespan.wireguard.types import AddrPort, DeviceConfig, PeerConfig, PresharedKey, PublicKey
 from netns.lab import Lab, Node
 
 pytestmark = [pytest.mark.root, pytest.mark.kernel, pytest.mark.timeout(600)]

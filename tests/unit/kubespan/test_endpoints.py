@@ -17,7 +17,7 @@ from kubespan.endpoints import (
     PeerState,
     order_candidates,
 )
-from kubespan.wgtypes import AddrPort, ObservedPeer, PublicKey
+from kubespan.wireguard.types import AddrPort, ObservedPeer, PublicKey
 
 A = AddrPort("192.168.1.2", 51820)
 B = AddrPort("203.0.113.2", 51820)

@@ -16,8 +16,8 @@ from kubespan.engine import Mesh, MeshOptions, load_node_id
 from kubespan.hostinfo import StaticHost
 from kubespan.identity import LinkInfo, generate_private_key, ula_prefix
 from kubespan.testing import Discovered, FakeDiscovery, FakeProber
-from kubespan.wgtypes import AddrPort, PresharedKey
 from kubespan.wireguard.fake import FakeWireGuard
+from kubespan.wireguard.types import AddrPort, PresharedKey
 from spanapi.discovery.client import affiliate_pb2
 
 CLUSTER = "8XuV9TZHW08DOk3bVxQjH9ih_TBKjnh-j44tsCLSBzo="

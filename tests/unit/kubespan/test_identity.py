@@ -24,7 +24,7 @@ from kubespan.identity import (
     pick_mac,
     ula_prefix,
 )
-from kubespan.wgtypes import PrivateKey
+from kubespan.wireguard.types import PrivateKey
 
 TALOS_CLUSTER_ID = "8XuV9TZHW08DOk3bVxQjH9ih_TBKjnh-j44tsCLSBzo="
 TALOS_MAC = "2e:1a:b6:53:81:69"

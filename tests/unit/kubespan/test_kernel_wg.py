@@ -5,7 +5,7 @@ the device attributes only in the first dump part, a peer continued in the next
 part with just its public key and the remaining allowed IPs, nested array
 elements typed 0 (as ``nla_nest_start(skb, 0)`` does), ``NLMSG_DONE`` at the end.
 A small model of the kernel's SET_DEVICE handling (independent of
-``wgdiff.apply_ops``) checks that what we send does what the ops say.
+``diff.apply_ops``) checks that what we send does what the ops say.
 """
 
 from __future__ import annotations
@@ -26,18 +26,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import wireguard as p2wg
 from pyroute2.netlink.generic.wireguard import wgmsg
 
-from kubespan.wgdiff import AddPeer, RemovePeer, SetDevice, UpdatePeer, apply_ops, diff_device
-from kubespan.wgtypes import (
-    AddrPort,
-    DeviceConfig,
-    ObservedDevice,
-    ObservedPeer,
-    PeerConfig,
-    PresharedKey,
-    PrivateKey,
-    PublicKey,
-)
 from kubespan.wireguard import kernel as kw
+from kubespan.wireguard.diff import AddPeer, RemovePeer, SetDevice, UpdatePeer, apply_ops, diff_device
 from kubespan.wireguard.kernel import (
     MAX_MESSAGE_SIZE,
     WG_CMD_GET_DEVICE,
@@ -53,6 +43,16 @@ from kubespan.wireguard.kernel import (
     kernel_available,
     message_size,
     parse_dump,
+)
+from kubespan.wireguard.types import (
+    AddrPort,
+    DeviceConfig,
+    ObservedDevice,
+    ObservedPeer,
+    PeerConfig,
+    PresharedKey,
+    PrivateKey,
+    PublicKey,
 )
 
 FAMILY = 0x1D  # a generic netlink family id, as the controller would hand out
@@ -223,7 +223,7 @@ def key_of(peer: dict) -> PublicKey:
     return PublicKey.from_b64(peer["WGPEER_A_PUBLIC_KEY"].decode())
 
 
-# --- a model of the kernel's SET_DEVICE handling (not wgdiff.apply_ops) ------------------------
+# --- a model of the kernel's SET_DEVICE handling (not diff.apply_ops) ------------------------
 
 
 def kernel_set(device: ObservedDevice, msgs) -> ObservedDevice:

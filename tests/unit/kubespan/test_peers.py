@@ -23,7 +23,7 @@ from kubespan.peers import (
     is_node_address,
     routed_prefixes,
 )
-from kubespan.wgtypes import AddrPort, PublicKey
+from kubespan.wireguard.types import AddrPort, PublicKey
 from spanapi.discovery.client import affiliate_pb2
 
 

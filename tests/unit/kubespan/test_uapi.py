@@ -9,8 +9,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubespan import uapi
-from kubespan.uapi import (
+from kubespan.wireguard import uapi
+from kubespan.wireguard.diff import AddPeer, RemovePeer, SetDevice, UpdatePeer, diff_device
+from kubespan.wireguard.types import (
+    AddrPort,
+    DeviceConfig,
+    ObservedDevice,
+    ObservedPeer,
+    PeerConfig,
+    PresharedKey,
+    PrivateKey,
+    PublicKey,
+)
+from kubespan.wireguard.uapi import (
     GET_REQUEST,
     PeerCache,
     UapiError,
@@ -22,17 +33,6 @@ from kubespan.uapi import (
     encode_set_chunks,
     parse_errno,
     parse_get,
-)
-from kubespan.wgdiff import AddPeer, RemovePeer, SetDevice, UpdatePeer, diff_device
-from kubespan.wgtypes import (
-    AddrPort,
-    DeviceConfig,
-    ObservedDevice,
-    ObservedPeer,
-    PeerConfig,
-    PresharedKey,
-    PrivateKey,
-    PublicKey,
 )
 
 PRIV = PrivateKey(bytes(range(32)))

@@ -14,12 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from kubespan import uapi
 from kubespan.identity import generate_private_key
-from kubespan.wgdiff import AddPeer, RemovePeer, SetDevice, UpdatePeer, diff_device
-from kubespan.wgtypes import AddrPort, DeviceConfig, ObservedDevice, PeerConfig, PresharedKey, PublicKey
-from kubespan.wireguard import UapiClient, UserspaceBackend, WireGuardBackend, WireGuardError, sync
+from kubespan.wireguard import UapiClient, UserspaceBackend, WireGuardBackend, WireGuardError, sync, uapi
+from kubespan.wireguard.diff import AddPeer, RemovePeer, SetDevice, UpdatePeer, diff_device
 from kubespan.wireguard.fake import FakeUapiServer, FakeWireGuard
+from kubespan.wireguard.types import (
+    AddrPort,
+    DeviceConfig,
+    ObservedDevice,
+    PeerConfig,
+    PresharedKey,
+    PublicKey,
+)
 
 PRIV = generate_private_key()
 PSK = PresharedKey(b"\x07" * 32)

@@ -7,7 +7,7 @@ from ipaddress import IPv4Network, ip_network
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubespan.wgdiff import (
+from kubespan.wireguard.diff import (
     AddPeer,
     DiffMemo,
     RemovePeer,
@@ -18,7 +18,7 @@ from kubespan.wgdiff import (
     diff_peer,
     diff_peers,
 )
-from kubespan.wgtypes import (
+from kubespan.wireguard.types import (
     AddrPort,
     DeviceConfig,
     ObservedDevice,

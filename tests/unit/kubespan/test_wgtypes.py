@@ -7,7 +7,7 @@ from ipaddress import ip_address, ip_network
 
 import pytest
 
-from kubespan.wgtypes import (
+from kubespan.wireguard.types import (
     AddrPort,
     DeviceConfig,
     InvalidKeyError,
@@ -176,7 +176,7 @@ def test_key_hash_is_the_bytes_hash_and_equal_keys_collide():
 def test_observed_peer_unchecked_equals_the_checked_constructor():
     from ipaddress import ip_network
 
-    from kubespan.wgtypes import observed_peer_unchecked
+    from kubespan.wireguard.types import observed_peer_unchecked
 
     args = (
         PublicKey(bytes(range(32))),

@@ -25,8 +25,8 @@ import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 
-from kubespan.wgdiff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer
-from kubespan.wgtypes import (
+from kubespan.wireguard.diff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer
+from kubespan.wireguard.types import (
     AddrPort,
     InvalidKeyError,
     ObservedDevice,

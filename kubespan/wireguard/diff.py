@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from kubespan.wgtypes import (
+from kubespan.wireguard.types import (
     AddrPort,
     DeviceConfig,
     ObservedDevice,
