@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from kubespan.constants import MeshConfig
-from kubespan.dataplane.nft import SET_IPV4, SET_IPV6
+from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6
 from kubespan.endpoints import EndpointMachine, Observation, PeerState, order_candidates
 from kubespan.hostinfo import HostInfo, IPInterface
 from kubespan.identity import MeshIdentity, load_identity, pick_mac

@@ -3,7 +3,9 @@
 - :class:`LinkManager` — MTU/up/addresses of the mesh link, the IPv4/IPv6 default routes in the
   mesh routing table, the ``fwmark F/M lookup T`` rules; plus an rtnetlink event watcher.
 - :class:`NftManager` — the dedicated ``inet`` table: named interval sets of mesh destinations,
-  marking/MSS-clamping chains, updated by set-element diff in one transaction per reconcile.
+  marking/MSS-clamping chains, updated by set-element diff in one transaction per reconcile
+  (ruleset rendering in :mod:`~kubespan.dataplane.ruleset`, the in-process libnftables binding in
+  :mod:`~kubespan.dataplane.libnftables`).
 - :mod:`kubespan.dataplane.fake` — in-memory fakes of both for unit tests (a test-support module:
   production code never imports it).
 
@@ -16,15 +18,8 @@ from kubespan.dataplane.links import (
     LinkNotFoundError,
     NetlinkEvent,
 )
-from kubespan.dataplane.nft import (
-    SET_IPV4,
-    SET_IPV6,
-    NftError,
-    NftManager,
-    RulesetParams,
-    Transaction,
-    targets,
-)
+from kubespan.dataplane.nft import NftError, NftManager, Transaction
+from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6, RulesetParams, targets
 
 __all__ = [
     "SET_IPV4",

@@ -23,13 +23,12 @@ from kubespan.dataplane.links import (
     _notify,
     link_args,
 )
-from kubespan.dataplane.nft import (
+from kubespan.dataplane.nft import NftError, Transaction
+from kubespan.dataplane.ruleset import (
     FAMILY,
     SET_IPV4,
     SET_IPV6,
-    NftError,
     RulesetParams,
-    Transaction,
     diff_sets,
     normalize_desired,
     render_diff,

@@ -1,26 +1,7 @@
-"""The mesh's nftables table, through nft's official JSON interface (``nft -j -f -``).
+"""The mesh's nftables table kept in line: :class:`NftManager`, through nft's JSON interface.
 
-One dedicated ``inet`` table (default ``kubespan``) holds:
-
-- two **named interval sets**, ``targets_ipv4`` and ``targets_ipv6``: the
-  destinations that must go through the mesh;
-- chain ``prerouting`` (filter, hook prerouting, priority 0) and chain
-  ``output`` (type **route**, hook output, priority 0, so the kernel re-routes
-  after the mark changes), with Talos' semantics: a packet whose mark has the
-  WireGuard bit (``mark & 0x60 == 0x20``) is accepted untouched; ``oifname lo``
-  is accepted (output only); a TCP SYN to a target gets its MSS clamped down to
-  MTU-52 (IPv4) / MTU-72 (IPv6) (output only); a packet to a target gets
-  ``mark = (mark & ~0x60) | 0x40`` and is accepted. Only the mask bits are
-  ever changed;
-- chain ``forward`` (filter, hook forward, priority mangle) clamping the MSS of
-  forwarded TCP SYNs leaving through the mesh link (Talos does not; optional).
-
-Every rule carries a comment ``kubespan:<chain>:<what> <hash>`` where the hash
-covers the rule's own JSON, so a reconcile can tell from one ``nft -j list
-table`` whether the live structure is exactly what this configuration renders
-(also across restarts and configuration changes) without re-sending it.
-
-Each reconcile reads the table and then writes at most one transaction:
+The ruleset and its set diffs are rendered by :mod:`kubespan.dataplane.ruleset`. Each reconcile
+reads the table and then writes at most one transaction:
 
 1. table missing, or its sets/chains/rules differ from the rendering -> one
    transaction that (re)creates the whole table with its elements;
@@ -31,52 +12,44 @@ Each reconcile reads the table and then writes at most one transaction:
    re-add everything for the changed sets, in one transaction;
 4. if that fails too -> the full re-create of step 1.
 
-Nothing is written when nothing changed. The rendering and parsing functions
-are pure and unit-tested; :class:`NftManager` is the thin edge that runs the
-commands: in this process through libnftables (the library the ``nft`` command
-is built on, same commands, same JSON, same error text) when it is installed
-and no namespace or runner is given, which saves a fork and exec of ``nft``
-(10-20 ms) per command; otherwise as ``nft`` subprocesses.
+Nothing is written when nothing changed. Commands run in this process through
+:mod:`kubespan.dataplane.libnftables` when it is installed and no namespace or runner is
+given; otherwise as ``nft`` subprocesses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import hashlib
-import ipaddress
 import json
 import logging
-import os
-import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from ipaddress import IPv4Network, IPv6Network
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from kubespan import constants as C
-from kubespan.ipset import IPSet, canonical_network, range_to_prefixes
+from kubespan.dataplane.libnftables import libnftables
+from kubespan.dataplane.ruleset import (
+    FAMILY,
+    SET_VERSIONS,
+    LiveTable,
+    RulesetParams,
+    diff_sets,
+    normalize_desired,
+    parse_table,
+    render_delete_table,
+    render_diff,
+    render_flush_readd,
+    render_replace,
+    structure_mismatch,
+)
 from spanutil.ipcodec import IPNetwork
 
 log = logging.getLogger("kubespan.dataplane.nft")
 
 Runner = Callable[[Sequence[str], bytes | None, float], Awaitable[tuple[int, bytes, bytes]]]
 
-FAMILY = "inet"
-SET_IPV4 = "targets_ipv4"
-SET_IPV6 = "targets_ipv6"
-SET_VERSIONS = {SET_IPV4: 4, SET_IPV6: 6}
-SET_TYPES = {SET_IPV4: "ipv4_addr", SET_IPV6: "ipv6_addr"}
-SET_FLAGS = ("interval",)
-CHAIN_PREROUTING = "prerouting"
-CHAIN_OUTPUT = "output"
-CHAIN_FORWARD = "forward"
-PRIO_FILTER = 0
-PRIO_MANGLE = -150
 DEFAULT_TIMEOUT = 10.0
-COMMENT_PREFIX = "kubespan:"
 
 
 class NftError(RuntimeError):
@@ -90,409 +63,6 @@ class NftError(RuntimeError):
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr = stderr
-
-
-# --- Rendering -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RulesetParams:
-    """Everything the ruleset depends on (set elements aside)."""
-
-    table: str = C.NFT_TABLE
-    ifname: str = C.LINK_NAME
-    mtu: int = C.MTU
-    fwmark_wireguard: int = C.FWMARK_WIREGUARD
-    fwmark_force: int = C.FWMARK_FORCE
-    fwmark_mask: int = C.FWMARK_MASK
-    clamp_forwarded_mss: bool = True
-
-    def __post_init__(self) -> None:
-        # Reuse MeshConfig's validation (names the field and the limit).
-        C.MeshConfig(
-            link_name=self.ifname,
-            mtu=self.mtu,
-            fwmark_wireguard=self.fwmark_wireguard,
-            fwmark_force=self.fwmark_force,
-            fwmark_mask=self.fwmark_mask,
-            nft_table=self.table,
-        )
-
-    @classmethod
-    def from_config(cls, cfg: C.MeshConfig) -> RulesetParams:
-        return cls(
-            table=cfg.nft_table,
-            ifname=cfg.link_name,
-            mtu=cfg.mtu,
-            fwmark_wireguard=cfg.fwmark_wireguard,
-            fwmark_force=cfg.fwmark_force,
-            fwmark_mask=cfg.fwmark_mask,
-            clamp_forwarded_mss=cfg.clamp_forwarded_mss,
-        )
-
-    @property
-    def mss_ipv4(self) -> int:
-        return self.mtu - C.MSS_OVERHEAD_IPV4
-
-    @property
-    def mss_ipv6(self) -> int:
-        return self.mtu - C.MSS_OVERHEAD_IPV6
-
-    @property
-    def mark_clear(self) -> int:
-        return ~self.fwmark_mask & C.FWMARK_MAX
-
-
-def _meta(key: str) -> dict[str, Any]:
-    return {"meta": {"key": key}}
-
-
-def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-_MSS = {"tcp option": {"name": "maxseg", "field": "size"}}
-_ACCEPT = {"accept": None}
-
-
-def _daddr_in(version: int) -> dict[str, Any]:
-    proto = "ip" if version == 4 else "ip6"
-    name = SET_IPV4 if version == 4 else SET_IPV6
-    return _match({"payload": {"protocol": proto, "field": "daddr"}}, f"@{name}")
-
-
-def _wg_accept(p: RulesetParams) -> list[dict[str, Any]]:
-    return [_match({"&": [_meta("mark"), p.fwmark_mask]}, p.fwmark_wireguard), _ACCEPT]
-
-
-def _set_mark(p: RulesetParams) -> list[dict[str, Any]]:
-    value = {"|": [{"&": [_meta("mark"), p.mark_clear]}, p.fwmark_force]}
-    return [{"mangle": {"key": _meta("mark"), "value": value}}, _ACCEPT]
-
-
-def _clamp(mss: int) -> list[dict[str, Any]]:
-    """TCP SYN (not RST) with an MSS above ``mss`` -> MSS ``mss`` (never raises a smaller one)."""
-    return [
-        _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "rst"]]}, "syn"),
-        _match(_MSS, mss, ">"),
-        {"mangle": {"key": _MSS, "value": mss}},
-    ]
-
-
-@dataclass(frozen=True, slots=True)
-class ChainSpec:
-    name: str
-    type: str
-    hook: str
-    prio: int
-    rules: tuple[tuple[str, tuple[dict[str, Any], ...]], ...]  # (what, expr)
-
-
-def _rules(*items: tuple[str, list[dict[str, Any]]]) -> tuple[tuple[str, tuple[dict[str, Any], ...]], ...]:
-    return tuple((what, tuple(expr)) for what, expr in items)
-
-
-def chain_specs(p: RulesetParams) -> list[ChainSpec]:
-    chains = [
-        ChainSpec(
-            CHAIN_PREROUTING,
-            "filter",
-            "prerouting",
-            PRIO_FILTER,
-            _rules(
-                ("wireguard", _wg_accept(p)),
-                ("mark-ipv4", [_daddr_in(4), *_set_mark(p)]),
-                ("mark-ipv6", [_daddr_in(6), *_set_mark(p)]),
-            ),
-        ),
-        ChainSpec(
-            CHAIN_OUTPUT,
-            "route",
-            "output",
-            PRIO_FILTER,
-            _rules(
-                ("wireguard", _wg_accept(p)),
-                ("loopback", [_match(_meta("oifname"), "lo"), _ACCEPT]),
-                ("mss-ipv4", [_daddr_in(4), *_clamp(p.mss_ipv4)]),
-                ("mss-ipv6", [_daddr_in(6), *_clamp(p.mss_ipv6)]),
-                ("mark-ipv4", [_daddr_in(4), *_set_mark(p)]),
-                ("mark-ipv6", [_daddr_in(6), *_set_mark(p)]),
-            ),
-        ),
-    ]
-    if p.clamp_forwarded_mss:
-        oif = _match(_meta("oifname"), p.ifname)
-        chains.append(
-            ChainSpec(
-                CHAIN_FORWARD,
-                "filter",
-                "forward",
-                PRIO_MANGLE,
-                _rules(
-                    ("mss-ipv4", [oif, _match(_meta("nfproto"), "ipv4"), *_clamp(p.mss_ipv4)]),
-                    ("mss-ipv6", [oif, _match(_meta("nfproto"), "ipv6"), *_clamp(p.mss_ipv6)]),
-                ),
-            )
-        )
-    return chains
-
-
-def rule_comment(chain: str, what: str, expr: Sequence[dict[str, Any]]) -> str:
-    digest = hashlib.sha256(json.dumps([chain, list(expr)], sort_keys=True).encode()).hexdigest()[:12]
-    return f"{COMMENT_PREFIX}{chain}:{what} {digest}"
-
-
-def element_json(net: IPNetwork) -> str | dict[str, Any]:
-    """A set element: a bare address for a host prefix, else ``{"prefix": ...}`` (never a CIDR string,
-    which nft would take for a host name)."""
-    if net.prefixlen == net.max_prefixlen:
-        return str(net.network_address)
-    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
-
-
-def _set_ref(table: str, name: str) -> dict[str, Any]:
-    return {"family": FAMILY, "table": table, "name": name}
-
-
-def _elements_cmd(op: str, table: str, name: str, nets: Iterable[IPNetwork]) -> dict[str, Any]:
-    return {op: {"element": {**_set_ref(table, name), "elem": [element_json(n) for n in nets]}}}
-
-
-def render_structure(p: RulesetParams) -> list[dict[str, Any]]:
-    """Commands that add the sets, chains and rules (the table must exist)."""
-    cmds: list[dict[str, Any]] = []
-    for name in (SET_IPV4, SET_IPV6):
-        cmds.append(
-            {"add": {"set": {**_set_ref(p.table, name), "type": SET_TYPES[name], "flags": list(SET_FLAGS)}}}
-        )
-    for ch in chain_specs(p):
-        cmds.append(
-            {
-                "add": {
-                    "chain": {
-                        "family": FAMILY,
-                        "table": p.table,
-                        "name": ch.name,
-                        "type": ch.type,
-                        "hook": ch.hook,
-                        "prio": ch.prio,
-                        "policy": "accept",
-                    }
-                }
-            }
-        )
-        for what, expr in ch.rules:
-            cmds.append(
-                {
-                    "add": {
-                        "rule": {
-                            "family": FAMILY,
-                            "table": p.table,
-                            "chain": ch.name,
-                            "comment": rule_comment(ch.name, what, expr),
-                            "expr": list(expr),
-                        }
-                    }
-                }
-            )
-    return cmds
-
-
-def render_replace(p: RulesetParams, elements: Mapping[str, Sequence[IPNetwork]]) -> dict[str, Any]:
-    """One transaction that (re)creates the whole table with these elements.
-
-    ``add table; delete table; add table`` works whether or not the table exists.
-    """
-    table = {"table": {"family": FAMILY, "name": p.table}}
-    cmds: list[dict[str, Any]] = [{"add": table}, {"delete": table}, {"add": table}]
-    cmds += render_structure(p)
-    for name in (SET_IPV4, SET_IPV6):
-        if elements.get(name):
-            cmds.append(_elements_cmd("add", p.table, name, elements[name]))
-    return {"nftables": cmds}
-
-
-def render_delete_table(table: str) -> dict[str, Any]:
-    """Idempotent delete (``add`` first, so a missing table is not an error)."""
-    t = {"table": {"family": FAMILY, "name": table}}
-    return {"nftables": [{"add": t}, {"delete": t}]}
-
-
-@dataclass(frozen=True, slots=True)
-class SetDiff:
-    add: tuple[IPNetwork, ...] = ()
-    delete: tuple[IPNetwork, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.add or self.delete)
-
-
-def diff_sets(
-    live: Mapping[str, Iterable[IPNetwork]], desired: Mapping[str, Iterable[IPNetwork]]
-) -> dict[str, SetDiff]:
-    """Per set: exact elements to delete and to add (only sets that differ)."""
-    out: dict[str, SetDiff] = {}
-    for name in sorted(set(live) | set(desired)):
-        have_items = list(live.get(name, ()))
-        want_items = list(desired.get(name, ()))
-        if have_items == want_items:  # the usual case, and cheap: shared objects compare by identity
-            continue
-        # a few elements changed: compare only between the common head and tail (the lists hold
-        # no duplicates, and mostly the same objects in the same order)
-        head, end_have, end_want = 0, len(have_items), len(want_items)
-        while head < min(end_have, end_want) and have_items[head] is want_items[head]:
-            head += 1
-        while end_have > head and end_want > head and have_items[end_have - 1] is want_items[end_want - 1]:
-            end_have -= 1
-            end_want -= 1
-        have = set(have_items[head:end_have])
-        want = set(want_items[head:end_want])
-        if have != want:
-            out[name] = SetDiff(add=tuple(_sorted(want - have)), delete=tuple(_sorted(have - want)))
-    return out
-
-
-def _sorted(nets: Iterable[IPNetwork]) -> list[IPNetwork]:
-    return sorted(nets, key=lambda n: (n.version, int(n.network_address), n.prefixlen))
-
-
-def render_diff(table: str, diffs: Mapping[str, SetDiff]) -> dict[str, Any]:
-    """Deletes before adds (so a replacing, overlapping prefix can go in), one transaction."""
-    cmds = [_elements_cmd("delete", table, n, d.delete) for n, d in diffs.items() if d.delete]
-    cmds += [_elements_cmd("add", table, n, d.add) for n, d in diffs.items() if d.add]
-    return {"nftables": cmds}
-
-
-def render_flush_readd(
-    table: str, desired: Mapping[str, Sequence[IPNetwork]], names: Iterable[str]
-) -> dict[str, Any]:
-    cmds: list[dict[str, Any]] = []
-    for name in names:
-        cmds.append({"flush": {"set": _set_ref(table, name)}})
-        if desired.get(name):
-            cmds.append(_elements_cmd("add", table, name, desired[name]))
-    return {"nftables": cmds}
-
-
-def normalize_desired(desired_sets: Mapping[str, Iterable[Any]]) -> dict[str, list[IPNetwork]]:
-    """Validate set names and families, collapse overlapping/adjacent prefixes (minimal cover)."""
-    out: dict[str, list[IPNetwork]] = {name: [] for name in SET_VERSIONS}
-    for name, items in desired_sets.items():
-        if name not in SET_VERSIONS:
-            raise ValueError(f"unknown nftables set {name!r} (known: {', '.join(SET_VERSIONS)})")
-        version = SET_VERSIONS[name]
-        nets = []
-        for item in items:
-            net = (
-                item
-                if isinstance(item, IPv4Network | IPv6Network)
-                else ipaddress.ip_network(item, strict=False)
-            )
-            if net.version != version:
-                raise ValueError(f"set {name}: {net} is not an IPv{version} prefix")
-            nets.append(net)
-        out[name] = IPSet(nets).prefixes(version)  # type: ignore[assignment]
-    return out
-
-
-def targets(prefixes: Iterable[Any]) -> dict[str, list[IPNetwork]]:
-    """Split mixed-family prefixes into the ``{set name: prefixes}`` that :meth:`NftManager.reconcile` takes."""
-    out: dict[str, list[IPNetwork]] = {SET_IPV4: [], SET_IPV6: []}
-    for item in prefixes:
-        net = (
-            item if isinstance(item, IPv4Network | IPv6Network) else ipaddress.ip_network(item, strict=False)
-        )
-        out[SET_IPV4 if net.version == 4 else SET_IPV6].append(net)
-    return out
-
-
-# --- Parsing ``nft -j list table`` -----------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class LiveTable:
-    sets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"type", "flags"}
-    elements: dict[str, list[IPNetwork]] = field(default_factory=dict)
-    chains: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"type","hook","prio","policy"}
-    rules: dict[str, list[str | None]] = field(default_factory=dict)  # chain -> [comment]
-
-
-# Listed elements parsed before, by their text: every reconcile lists the same elements, and
-# parsing an address with ipaddress costs microseconds. The objects are the shared ones of
-# kubespan.ipset, so an unchanged listing compares with the desired prefixes by identity.
-_ELEMENTS_MAX = 1 << 15
-_elements: dict[str, IPNetwork] = {}
-
-
-def _element(text: str) -> IPNetwork:
-    net = _elements.get(text)
-    if net is None:
-        net = canonical_network(ipaddress.ip_network(text))
-        if len(_elements) >= _ELEMENTS_MAX:
-            _elements.clear()
-        _elements[text] = net
-    return net
-
-
-def parse_element(elem: Any, version: int) -> list[IPNetwork]:
-    """One element of an interval set as listed by nft: address, prefix or range."""
-    if isinstance(elem, dict) and "elem" in elem:  # element with options (timeout, counter, ...)
-        return parse_element(elem["elem"].get("val"), version)
-    if isinstance(elem, str):
-        return [_element(elem)]
-    if isinstance(elem, dict) and "prefix" in elem:
-        pfx = elem["prefix"]
-        return [_element(f"{pfx['addr']}/{pfx['len']}")]
-    if isinstance(elem, dict) and "range" in elem:
-        lo, hi = (ipaddress.ip_address(x) for x in elem["range"])
-        return list(range_to_prefixes(int(lo), int(hi), version))
-    raise ValueError(f"unexpected nftables set element {elem!r}")
-
-
-def parse_table(listing: Mapping[str, Any], table: str) -> LiveTable:
-    live = LiveTable()
-    for obj in listing.get("nftables", []):
-        if "set" in obj:
-            s = obj["set"]
-            if s.get("table") != table or s.get("family") != FAMILY:
-                continue
-            name = s["name"]
-            live.sets[name] = {"type": s.get("type"), "flags": sorted(s.get("flags", []))}
-            version = 6 if s.get("type") == "ipv6_addr" else 4
-            nets: list[IPNetwork] = []
-            for e in s.get("elem", []):
-                nets.extend(parse_element(e, version))
-            live.elements[name] = nets
-        elif "chain" in obj:
-            c = obj["chain"]
-            if c.get("table") != table or c.get("family") != FAMILY:
-                continue
-            live.chains[c["name"]] = {k: c.get(k) for k in ("type", "hook", "prio", "policy")}
-            live.rules.setdefault(c["name"], [])
-        elif "rule" in obj:
-            r = obj["rule"]
-            if r.get("table") != table or r.get("family") != FAMILY:
-                continue
-            live.rules.setdefault(r["chain"], []).append(r.get("comment"))
-    return live
-
-
-def structure_mismatch(live: LiveTable, p: RulesetParams) -> str | None:
-    """Why the live table is not what ``p`` renders (``None`` when it is)."""
-    want_sets = {n: {"type": SET_TYPES[n], "flags": sorted(SET_FLAGS)} for n in SET_VERSIONS}
-    if live.sets != want_sets:
-        return f"sets differ (have {sorted(live.sets)})"
-    specs = chain_specs(p)
-    want_chains = {
-        ch.name: {"type": ch.type, "hook": ch.hook, "prio": ch.prio, "policy": "accept"} for ch in specs
-    }
-    if live.chains != want_chains:
-        return f"chains differ (have {sorted(live.chains)})"
-    for ch in specs:
-        want = [rule_comment(ch.name, what, expr) for what, expr in ch.rules]
-        if live.rules.get(ch.name, []) != want:
-            return f"rules of chain {ch.name} differ"
-    return None
 
 
 # --- Subprocess edge -------------------------------------------------------------------------------
@@ -520,79 +90,6 @@ async def run_subprocess(
             await proc.wait()
         raise
     return proc.returncode or 0, out, err
-
-
-class LibNftables:
-    """``nft -j ...`` commands run by libnftables in this process (one context, one at a time).
-
-    The context (and its netlink socket) is created at the first command, in the network
-    namespace the process is in then. Commands run in a worker thread (ctypes releases the GIL).
-    """
-
-    _JSON_OUTPUT = 1 << 4  # NFT_CTX_OUTPUT_JSON
-
-    def __init__(self, lib: ctypes.CDLL) -> None:
-        lib.nft_ctx_new.restype = ctypes.c_void_p
-        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
-        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
-        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
-        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
-        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
-        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
-        self._lib = lib
-        self._ctx: int | None = None
-        self._lock = threading.Lock()
-
-    @classmethod
-    def load(cls) -> LibNftables | None:
-        """None when libnftables is missing or ``KUBESPAN_NFT_EXEC=1`` asks for the ``nft`` command."""
-        if os.environ.get("KUBESPAN_NFT_EXEC") == "1":
-            return None
-        # the soname first: find_library runs ldconfig (a fork and exec) and is only the fallback
-        for find in (lambda: "libnftables.so.1", lambda: ctypes.util.find_library("nftables")):
-            name = find()
-            if not name:
-                continue
-            try:
-                return cls(ctypes.CDLL(name))
-            except (OSError, AttributeError):
-                continue
-        return None
-
-    def run(self, args: Sequence[str], stdin: bytes | None) -> tuple[int, bytes, bytes]:
-        """``args`` as given to ``nft`` (``-j`` first): ``-j -f -`` runs ``stdin``, else the command words."""
-        if list(args[:1]) != ["-j"]:
-            raise ValueError(f"only JSON commands run in-process, not {list(args)}")
-        rest = list(args[1:])
-        buf = (stdin or b"") if rest == ["-f", "-"] else " ".join(rest).encode()
-        with self._lock:
-            if self._ctx is None:
-                ctx = self._lib.nft_ctx_new(0)
-                if not ctx:
-                    raise OSError("nft_ctx_new failed")
-                self._lib.nft_ctx_output_set_flags(ctx, self._JSON_OUTPUT)
-                self._lib.nft_ctx_buffer_output(ctx)
-                self._lib.nft_ctx_buffer_error(ctx)
-                self._ctx = ctx
-            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, buf)
-            out = self._lib.nft_ctx_get_output_buffer(self._ctx) or b""
-            err = self._lib.nft_ctx_get_error_buffer(self._ctx) or b""
-        return (0 if rc == 0 else 1), out, err
-
-
-_libnft: LibNftables | None = None
-_libnft_loaded = False
-
-
-def libnftables() -> LibNftables | None:
-    """The process's shared :class:`LibNftables` (None: not available)."""
-    global _libnft, _libnft_loaded
-    if not _libnft_loaded:
-        _libnft, _libnft_loaded = LibNftables.load(), True
-    return _libnft
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from kubespan import constants as C
 from kubespan.dataplane import links as L
 from kubespan.dataplane import nft as N
+from kubespan.dataplane import ruleset as R
 from kubespan.dataplane.fake import FakeLinkManager, FakeNftManager
 from kubespan.dataplane.links import (
     DataplaneError,
@@ -31,7 +32,8 @@ from kubespan.dataplane.links import (
     LiveRule,
     NetlinkEvent,
 )
-from kubespan.dataplane.nft import SET_IPV4, SET_IPV6, NftError, NftManager, RulesetParams, targets
+from kubespan.dataplane.nft import NftError, NftManager
+from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6, RulesetParams, targets
 from kubespan.ipset import IPSet
 
 AF4, AF6 = socket.AF_INET, socket.AF_INET6
@@ -56,7 +58,7 @@ def _mangles(rule: dict) -> list[dict]:
 
 
 def test_replace_document_is_one_idempotent_transaction() -> None:
-    doc = N.render_replace(RulesetParams(), targets(["10.0.0.0/24", "fd00::1"]))
+    doc = R.render_replace(RulesetParams(), targets(["10.0.0.0/24", "fd00::1"]))
     cmds = doc["nftables"]
     table = {"table": {"family": "inet", "name": "kubespan"}}
     assert cmds[:3] == [{"add": table}, {"delete": table}, {"add": table}]
@@ -86,12 +88,12 @@ def test_replace_document_is_one_idempotent_transaction() -> None:
 
 
 def test_empty_sets_send_no_element_commands() -> None:
-    doc = N.render_replace(RulesetParams(), {})
+    doc = R.render_replace(RulesetParams(), {})
     assert not [c for c in doc["nftables"] if "element" in c.get("add", {})]
 
 
 def test_rules_have_talos_semantics_and_touch_only_the_mask_bits() -> None:
-    doc = N.render_replace(RulesetParams(), {})
+    doc = R.render_replace(RulesetParams(), {})
     pre, out = _rules_of(doc, "prerouting"), _rules_of(doc, "output")
     wg = {"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 0x60]}, "right": 0x20}}
     assert pre[0]["expr"] == [wg, {"accept": None}] and out[0]["expr"] == [wg, {"accept": None}]
@@ -115,7 +117,7 @@ def test_rules_have_talos_semantics_and_touch_only_the_mask_bits() -> None:
 
 def test_custom_marks_and_mtu() -> None:
     p = RulesetParams(mtu=1280, fwmark_wireguard=0x200, fwmark_force=0x400, fwmark_mask=0x600)
-    doc = N.render_replace(p, {})
+    doc = R.render_replace(p, {})
     out = _rules_of(doc, "output")
     assert out[0]["expr"][0]["match"] == {
         "op": "==",
@@ -129,7 +131,7 @@ def test_custom_marks_and_mtu() -> None:
 
 
 def test_mss_clamp_only_lowers_syns() -> None:
-    (rule4, _rule6) = _rules_of(N.render_replace(RulesetParams(), {}), "forward")
+    (rule4, _rule6) = _rules_of(R.render_replace(RulesetParams(), {}), "forward")
     exprs = rule4["expr"]
     assert exprs[0] == {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "kubespan"}}
     assert exprs[1]["match"]["right"] == "ipv4"
@@ -138,19 +140,19 @@ def test_mss_clamp_only_lowers_syns() -> None:
 
 
 def test_forward_clamp_is_optional() -> None:
-    doc = N.render_replace(RulesetParams(clamp_forwarded_mss=False), {})
+    doc = R.render_replace(RulesetParams(clamp_forwarded_mss=False), {})
     assert not [c for c in doc["nftables"] if c.get("add", {}).get("chain", {}).get("name") == "forward"]
 
 
 def test_rule_comments_identify_the_rendering() -> None:
-    a = N.render_replace(RulesetParams(), {})
-    b = N.render_replace(RulesetParams(mtu=1380), {})
+    a = R.render_replace(RulesetParams(), {})
+    b = R.render_replace(RulesetParams(mtu=1380), {})
     comments = lambda doc, ch: [r["comment"] for r in _rules_of(doc, ch)]  # noqa: E731
     assert len(set(comments(a, "output"))) == 6
     assert all(c.startswith("kubespan:output:") for c in comments(a, "output"))
     assert comments(a, "prerouting") == comments(b, "prerouting")  # MTU does not matter there
     assert comments(a, "output") != comments(b, "output")
-    assert comments(a, "output") == comments(N.render_replace(RulesetParams(), {}), "output")  # stable
+    assert comments(a, "output") == comments(R.render_replace(RulesetParams(), {}), "output")  # stable
 
 
 def test_params_are_validated() -> None:
@@ -171,34 +173,34 @@ def test_params_are_validated() -> None:
 
 
 def test_element_json_never_uses_cidr_strings() -> None:
-    assert N.element_json(ip_network("10.0.0.1/32")) == "10.0.0.1"
-    assert N.element_json(ip_network("::/0")) == {"prefix": {"addr": "::", "len": 0}}
-    assert N.element_json(ip_network("2001:db8::/32")) == {"prefix": {"addr": "2001:db8::", "len": 32}}
+    assert R.element_json(ip_network("10.0.0.1/32")) == "10.0.0.1"
+    assert R.element_json(ip_network("::/0")) == {"prefix": {"addr": "::", "len": 0}}
+    assert R.element_json(ip_network("2001:db8::/32")) == {"prefix": {"addr": "2001:db8::", "len": 32}}
 
 
 def test_parse_element_forms() -> None:
-    assert N.parse_element("10.0.0.1", 4) == [ip_network("10.0.0.1/32")]
-    assert N.parse_element({"prefix": {"addr": "fd00::", "len": 8}}, 6) == [ip_network("fd00::/8")]
-    assert N.parse_element({"range": ["10.0.0.0", "10.0.0.255"]}, 4) == [ip_network("10.0.0.0/24")]
-    assert N.parse_element({"range": ["10.0.0.1", "10.0.0.2"]}, 4) == [
+    assert R.parse_element("10.0.0.1", 4) == [ip_network("10.0.0.1/32")]
+    assert R.parse_element({"prefix": {"addr": "fd00::", "len": 8}}, 6) == [ip_network("fd00::/8")]
+    assert R.parse_element({"range": ["10.0.0.0", "10.0.0.255"]}, 4) == [ip_network("10.0.0.0/24")]
+    assert R.parse_element({"range": ["10.0.0.1", "10.0.0.2"]}, 4) == [
         ip_network("10.0.0.1/32"),
         ip_network("10.0.0.2/32"),
     ]
-    assert N.parse_element({"elem": {"val": "10.0.0.9", "timeout": 5}}, 4) == [ip_network("10.0.0.9/32")]
+    assert R.parse_element({"elem": {"val": "10.0.0.9", "timeout": 5}}, 4) == [ip_network("10.0.0.9/32")]
     with pytest.raises(ValueError):
-        N.parse_element({"what": 1}, 4)
+        R.parse_element({"what": 1}, 4)
 
 
 def test_normalize_desired_collapses_and_validates() -> None:
-    d = N.normalize_desired(
+    d = R.normalize_desired(
         {SET_IPV4: ["10.0.0.0/24", "10.0.0.128/25", "10.0.1.0/24", ip_network("10.0.0.7/32")]}
     )
     assert d == {SET_IPV4: [ip_network("10.0.0.0/23")], SET_IPV6: []}
-    assert N.normalize_desired({SET_IPV6: ["fd00::1", "fd00::/127"]})[SET_IPV6] == [ip_network("fd00::/127")]
+    assert R.normalize_desired({SET_IPV6: ["fd00::1", "fd00::/127"]})[SET_IPV6] == [ip_network("fd00::/127")]
     with pytest.raises(ValueError, match="targets_ipv4: fd00::/8 is not an IPv4 prefix"):
-        N.normalize_desired({SET_IPV4: ["fd00::/8"]})
+        R.normalize_desired({SET_IPV4: ["fd00::/8"]})
     with pytest.raises(ValueError, match="unknown nftables set 'mesh'"):
-        N.normalize_desired({"mesh": []})
+        R.normalize_desired({"mesh": []})
 
 
 def test_targets_splits_by_family() -> None:
@@ -214,20 +216,20 @@ def test_diff_and_its_transaction_order() -> None:
         SET_IPV6: [ip_network("fd00::/64")],
     }
     want = {SET_IPV4: [ip_network("10.0.0.0/23")], SET_IPV6: [ip_network("fd00::/64")]}
-    diffs = N.diff_sets(live, want)
+    diffs = R.diff_sets(live, want)
     assert list(diffs) == [SET_IPV4]
     assert diffs[SET_IPV4].add == (ip_network("10.0.0.0/23"),)
     assert diffs[SET_IPV4].delete == (ip_network("10.0.0.0/24"), ip_network("10.1.0.0/24"))
-    doc = N.render_diff("kubespan", diffs)
+    doc = R.render_diff("kubespan", diffs)
     assert [next(iter(c)) for c in doc["nftables"]] == [
         "delete",
         "add",
     ]  # the wider prefix fits after the deletes
-    assert N.diff_sets(want, want) == {}
+    assert R.diff_sets(want, want) == {}
 
 
 def test_flush_readd_and_delete_table_documents() -> None:
-    doc = N.render_flush_readd(
+    doc = R.render_flush_readd(
         "kubespan", {SET_IPV4: [ip_network("10.0.0.0/8")], SET_IPV6: []}, [SET_IPV4, SET_IPV6]
     )
     assert doc["nftables"] == [
@@ -245,7 +247,7 @@ def test_flush_readd_and_delete_table_documents() -> None:
         {"flush": {"set": {"family": "inet", "table": "kubespan", "name": SET_IPV6}}},
     ]
     t = {"table": {"family": "inet", "name": "x"}}
-    assert N.render_delete_table("x") == {"nftables": [{"add": t}, {"delete": t}]}
+    assert R.render_delete_table("x") == {"nftables": [{"add": t}, {"delete": t}]}
 
 
 # =================================================================================================
@@ -317,7 +319,7 @@ class NftSim:
         elif kind == "element":
             s = t["sets"][obj["name"]]
             version = 4 if s["type"] == "ipv4_addr" else 6
-            nets = [n for e in obj["elem"] for n in N.parse_element(e, version)]
+            nets = [n for e in obj["elem"] for n in R.parse_element(e, version)]
             for n in nets:
                 if op == "add":
                     if n in s["elem"]:
@@ -348,7 +350,7 @@ class NftSim:
                 "flags": s["flags"],
             }
             if s["elem"]:
-                obj["elem"] = [N.element_json(n) for n in s["elem"]]
+                obj["elem"] = [R.element_json(n) for n in s["elem"]]
             out.append({"set": obj})
         for cname, c in t["chains"].items():
             out.append({"chain": {"family": "inet", "table": name, "name": cname, "handle": 3, **c}})
@@ -1257,46 +1259,46 @@ async def test_fake_nft_manager_matches_the_real_one() -> None:
 def test_parsed_elements_are_shared_and_equal_to_ipaddress():
     from kubespan.ipset import IPSet as _IPSet
 
-    a = N.parse_element("10.1.2.3", 4)
-    b = N.parse_element({"prefix": {"addr": "10.1.0.0", "len": 16}}, 4)
-    c = N.parse_element({"elem": {"val": "fd00::1"}}, 6)
+    a = R.parse_element("10.1.2.3", 4)
+    b = R.parse_element({"prefix": {"addr": "10.1.0.0", "len": 16}}, 4)
+    c = R.parse_element({"elem": {"val": "fd00::1"}}, 6)
     assert (
         a == [ip_network("10.1.2.3/32")]
         and b == [ip_network("10.1.0.0/16")]
         and c == [ip_network("fd00::1/128")]
     )
-    assert N.parse_element("10.1.2.3", 4)[0] is a[0]
+    assert R.parse_element("10.1.2.3", 4)[0] is a[0]
     # the same objects the desired side (minimal covers) is built from
     assert _IPSet(["10.1.0.0/16"]).prefixes()[0] is b[0]
     with pytest.raises(ValueError):
-        N.parse_element("10.1.2.3/8", 4)  # host bits set: still rejected (strict), never cached
+        R.parse_element("10.1.2.3/8", 4)  # host bits set: still rejected (strict), never cached
     with pytest.raises(ValueError):
-        N.parse_element({"prefix": {"addr": "nope", "len": 8}}, 4)
+        R.parse_element({"prefix": {"addr": "nope", "len": 8}}, 4)
 
 
 def test_element_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(N, "_ELEMENTS_MAX", 3)
-    monkeypatch.setattr(N, "_elements", {})
+    monkeypatch.setattr(R, "_ELEMENTS_MAX", 3)
+    monkeypatch.setattr(R, "_elements", {})
     for n in range(10):
-        assert N.parse_element(f"192.0.2.{n}", 4) == [ip_network(f"192.0.2.{n}/32")]
-        assert len(N._elements) <= 3
+        assert R.parse_element(f"192.0.2.{n}", 4) == [ip_network(f"192.0.2.{n}/32")]
+        assert len(R._elements) <= 3
 
 
 def test_diff_sets_same_result_for_equal_lists_in_any_order():
     nets = [ip_network(f"10.0.{n}.0/24") for n in range(5)]
     fresh = [ip_network(f"10.0.{n}.0/24") for n in range(5)]  # equal, not the same objects
-    assert N.diff_sets({SET_IPV4: nets}, {SET_IPV4: fresh}) == {}
-    assert N.diff_sets({SET_IPV4: nets}, {SET_IPV4: list(reversed(fresh))}) == {}
-    d = N.diff_sets({SET_IPV4: nets[:4]}, {SET_IPV4: fresh[1:]})
-    assert d == {SET_IPV4: N.SetDiff(add=(fresh[4],), delete=(nets[0],))}
-    assert N.diff_sets({}, {SET_IPV6: []}) == {}
+    assert R.diff_sets({SET_IPV4: nets}, {SET_IPV4: fresh}) == {}
+    assert R.diff_sets({SET_IPV4: nets}, {SET_IPV4: list(reversed(fresh))}) == {}
+    d = R.diff_sets({SET_IPV4: nets[:4]}, {SET_IPV4: fresh[1:]})
+    assert d == {SET_IPV4: R.SetDiff(add=(fresh[4],), delete=(nets[0],))}
+    assert R.diff_sets({}, {SET_IPV6: []}) == {}
 
 
 async def test_nft_normalization_reused_only_for_equal_input(monkeypatch) -> None:
     sim = NftSim()
     nm = NftManager(runner=sim)
     calls: list[int] = []
-    original = N.normalize_desired
+    original = R.normalize_desired
 
     def counting(sets):
         calls.append(1)
