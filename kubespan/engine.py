@@ -62,6 +62,7 @@ from kubespan.peers import (
 )
 from kubespan.ports import Closable, DiscoveryPort, LinkPort, LinkWatcher, NftPort
 from kubespan.probe import Prober
+from kubespan.snapshot import MeshSnapshot, MeshStatus, PeerStatus, RemoteRecord
 from kubespan.wireguard.backend import WireGuardBackend, WireGuardError
 from kubespan.wireguard.diff import DiffMemo, SetDevice, apply_ops, diff_device, diff_peers
 from kubespan.wireguard.types import (
@@ -123,48 +124,6 @@ class MeshOptions:
     machine_type: str = ""  # controlplane / worker (the affiliate's machine_type; empty: not a Talos role)
 
 
-@dataclass(frozen=True, slots=True)
-class PeerStatus:
-    label: str
-    node_id: str
-    public_key: str
-    mesh_address: str | None
-    endpoint: str | None
-    state: str
-    rx_bytes: int
-    tx_bytes: int
-    last_handshake: float | None  # unix time
-    last_used_endpoint: str | None
-    last_endpoint_change: float | None  # unix time
-    endpoint_switches: int
-    roams: int
-    failures: int
-    candidates: tuple[str, ...]
-    learned: tuple[str, ...]
-    allowed_ips: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class MeshStatus:
-    ready: bool
-    node_id: str
-    nodename: str
-    public_key: str
-    mesh_address: str
-    listen_port: int
-    backend: str
-    public_ip: str | None
-    endpoints: tuple[str, ...]
-    peers: tuple[PeerStatus, ...]
-    conflicts: tuple[str, ...]
-    errors: tuple[str, ...]
-
-    def as_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return asdict(self)
-
-
 class Mesh:
     """Runs the mesh until stopped. ``await mesh.start()`` … ``await mesh.stop()``."""
 
@@ -218,8 +177,13 @@ class Mesh:
         self._by_key: tuple[PeerSpecs, dict[PublicKey, PeerSpec]] | None = None
         # Per-pass work reused while its inputs are the same (immutable) objects; see _compute_specs,
         # _candidates and _peer_config. None of it changes a result, only what is recomputed.
-        self._remote_cache: dict[str, tuple[Any, RemoteAffiliate | None, str | None]] = {}
+        self._remote_cache: dict[str, tuple[Any, RemoteRecord | None, str | None]] = {}
         self._remotes: list[RemoteAffiliate] | None = None
+        self._records: tuple[RemoteRecord, ...] = ()  # the same affiliates, for the snapshot
+        self._built_local: LocalAffiliate | None = None  # what the last pass computed (maybe unpublished)
+        self._snapshot: MeshSnapshot | None = None
+        # per peer: (spec, observed peer, machine, machine status key, status) of the last snapshot
+        self._status_cache: dict[PublicKey, tuple[PeerSpec, ObservedPeer | None, Any, Any, PeerStatus]] = {}
         self._malformed: dict[str, tuple[str, bytes, tuple[bytes, ...]]] = {}  # last reported, by id
         self._spec_memo = PeerSpecMemo()
         self._prefix_memo = PrefixMemo()
@@ -236,7 +200,7 @@ class Mesh:
         self._deferred_probes: list[tuple[PublicKey, ipaddress.IPv6Address]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        self.on_pass: Callable[[Mesh], None] | None = None
+        self.on_pass: Callable[[Mesh], None] | None = None  # called after each pass published its snapshot
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -255,6 +219,7 @@ class Mesh:
             mesh_address=str(self.identity.address),
             backend=self.backend.name,
         )
+        self._publish_snapshot(light=False, at=None)
         await self.backend.ensure_device()
         self.prober.on_reply = self.wake
         self.prober.open()
@@ -370,6 +335,7 @@ class Mesh:
             await self._reconcile_dataplane(links=False)
         if not self.ready.is_set() and self.device is not None:
             self.ready.set()
+        self._publish_snapshot(light=light, at=self.wall())
         if self.on_pass is not None:
             self.on_pass(self)
 
@@ -509,6 +475,9 @@ class Mesh:
             operating_system=self.opts.operating_system,
             machine_type=self.opts.machine_type,
         )
+        if local == self._built_local:
+            local = self._built_local  # the same object while unchanged (readers compare identity)
+        self._built_local = local
         if local == self.local:
             return
         if self.discovery is not None:
@@ -548,21 +517,27 @@ class Mesh:
         version = self.discovery.version
         if version != self._last_affiliates_version or self._remotes is None:
             previous = self._remote_cache
-            cache: dict[str, tuple[Any, RemoteAffiliate | None, str | None]] = {}
-            remotes: list[RemoteAffiliate] = []
+            cache: dict[str, tuple[Any, RemoteRecord | None, str | None]] = {}
+            records: list[RemoteRecord] = []
             for aid, d in self.discovery.affiliates.items():
                 entry = previous.get(aid)
                 if entry is None or entry[0] is not d:
                     try:
-                        entry = (d, RemoteAffiliate.from_pb(d.affiliate, d.endpoints), None)
+                        remote = RemoteAffiliate.from_pb(d.affiliate, d.endpoints)
                     except AffiliateError as e:
                         entry = (d, None, f"affiliate {aid[:12]}: {e}")
                         self._report_malformed(aid, d, entry[2])
+                    else:
+                        record = RemoteRecord(
+                            aid, remote, d.affiliate.machine_type, d.affiliate.operating_system
+                        )
+                        entry = (d, record, None)
                 cache[aid] = entry
                 if entry[1] is not None:
-                    remotes.append(entry[1])
+                    records.append(entry[1])
             self._remote_cache = cache
-            self._remotes = remotes
+            self._records = tuple(records)
+            self._remotes = [r.affiliate for r in records]
             self._last_affiliates_version = version
             # forget the affiliates that left or were fixed: broken again, they are news again
             for aid in [a for a in self._malformed if cache.get(a, (None, None, None))[2] is None]:
@@ -774,55 +749,129 @@ class Mesh:
 
     # -- status ------------------------------------------------------------------------------------
 
+    @property
+    def snapshot(self) -> MeshSnapshot | None:
+        """What the last pass published (None before :meth:`start`)."""
+        return self._snapshot
+
     def status(self) -> MeshStatus:
+        """The published snapshot, as strings."""
+        assert self._snapshot is not None, "start() first"
+        return self._snapshot.status()
+
+    def _publish_snapshot(self, *, light: bool, at: float | None) -> None:
+        """Build this pass's :class:`MeshSnapshot`, reusing the previous one (or its parts) where
+        nothing changed, and publish it."""
         assert self.identity is not None
-        wall, now = self.wall(), self.clock()
-        observed = self.device.peers if self.device is not None else {}
-        peers: list[PeerStatus] = []
-        for spec in self.specs.specs:
-            m = self.machines.get(spec.public_key)
-            if m is None:
-                continue
-            st = m.status()
-            have = observed.get(spec.public_key)
-            change = st.last_endpoint_change
-            peers.append(
-                PeerStatus(
-                    label=spec.label or spec.node_id[:12],
-                    node_id=spec.node_id,
-                    public_key=spec.public_key.b64,
-                    mesh_address=str(spec.mesh_address) if spec.mesh_address else None,
-                    # the machine's view includes a switch applied after this pass read the device
-                    endpoint=str(st.endpoint)
-                    if st.endpoint is not None
-                    else (str(have.endpoint) if have is not None and have.endpoint else None),
-                    state=str(st.state),
-                    rx_bytes=have.rx_bytes if have is not None else 0,
-                    tx_bytes=have.tx_bytes if have is not None else 0,
-                    last_handshake=have.last_handshake if have is not None else None,
-                    last_used_endpoint=str(st.last_used_endpoint) if st.last_used_endpoint else None,
-                    last_endpoint_change=(wall - (now - change)) if change is not None else None,
-                    endpoint_switches=st.switches,
-                    roams=st.roams,
-                    failures=st.failures,
-                    candidates=tuple(str(c.endpoint) for c in st.candidates),
-                    learned=tuple(str(e) for e in st.learned),
-                    allowed_ips=tuple(str(p) for p in spec.allowed_ips),
-                )
-            )
+        prev = self._snapshot
+        peers = self._peer_statuses(light, prev.peers if prev is not None else ())
         public_ip = self.discovery.public_ip if self.discovery is not None else None
-        all_up = all(p.state == PeerState.UP for p in peers)
-        return MeshStatus(
-            ready=self.ready.is_set() and all_up,
+        errors = tuple(self.errors[-5:])
+        configured = self.ready.is_set()
+        if (
+            prev is not None
+            and prev.peers is peers
+            and prev.specs is self.specs
+            and prev.remotes is self._records
+            and prev.local is self._built_local
+            and prev.published_local is self.local
+            and prev.configured == configured
+            and prev.public_ip == public_ip
+            and prev.errors == errors
+            and prev.identity is self.identity
+        ):
+            return  # nothing changed: the previous snapshot stands
+        self._snapshot = MeshSnapshot(
+            at=at,
             node_id=self.node_id,
             nodename=self.opts.nodename,
-            public_key=self.identity.public_key.b64,
-            mesh_address=str(self.identity.address.ip),
+            identity=self.identity,
             listen_port=self.cfg.listen_port,
             backend=self.backend.name,
-            public_ip=str(public_ip) if public_ip else None,
-            endpoints=tuple(str(e) for e in self.local.endpoints) if self.local else (),
-            peers=tuple(peers),
-            conflicts=tuple(str(c) for c in self.specs.conflicts),
-            errors=tuple(self.errors[-5:]),
+            configured=configured,
+            public_ip=public_ip,
+            remotes=self._records,
+            specs=self.specs,
+            peers=peers,
+            local=self._built_local,
+            published_local=self.local,
+            errors=prev.errors if prev is not None and prev.errors == errors else errors,
         )
+
+    def _peer_statuses(self, light: bool, prev: tuple[PeerStatus, ...]) -> tuple[PeerStatus, ...]:
+        """Every peer's status; a peer whose spec, observation and endpoint machine did not change
+        keeps its previous object (``light``: this pass ran no machine of an unchanged spec)."""
+        observed = self.device.peers if self.device is not None else {}
+        cache = self._status_cache
+        fresh: dict[PublicKey, tuple[PeerSpec, ObservedPeer | None, Any, Any, PeerStatus]] = {}
+        out: list[PeerStatus] = []
+        times: tuple[float, float] | None = None  # (wall, clock), read once when a status is built
+        for spec in self.specs.specs:
+            pk = spec.public_key
+            m = self.machines.get(pk)
+            if m is None:
+                continue
+            have = observed.get(pk)
+            hit = cache.get(pk)
+            st = None
+            if hit is not None and hit[0] is spec and hit[2] is m and (hit[1] is have or hit[1] == have):
+                if light:
+                    fresh[pk] = hit
+                    out.append(hit[4])
+                    continue
+                st = m.status()
+                key = _status_key(st)
+                if key == hit[3]:
+                    fresh[pk] = (spec, have, m, hit[3], hit[4])
+                    out.append(hit[4])
+                    continue
+            if st is None:
+                st = m.status()
+                key = _status_key(st)
+            if times is None:
+                times = (self.wall(), self.clock())
+            wall, now = times
+            change = st.last_endpoint_change
+            status = PeerStatus(
+                label=spec.label or spec.node_id[:12],
+                node_id=spec.node_id,
+                public_key=spec.public_key.b64,
+                mesh_address=str(spec.mesh_address) if spec.mesh_address else None,
+                # the machine's view includes a switch applied after this pass read the device
+                endpoint=str(st.endpoint)
+                if st.endpoint is not None
+                else (str(have.endpoint) if have is not None and have.endpoint else None),
+                state=str(st.state),
+                rx_bytes=have.rx_bytes if have is not None else 0,
+                tx_bytes=have.tx_bytes if have is not None else 0,
+                last_handshake=have.last_handshake if have is not None else None,
+                last_used_endpoint=str(st.last_used_endpoint) if st.last_used_endpoint else None,
+                last_endpoint_change=(wall - (now - change)) if change is not None else None,
+                endpoint_switches=st.switches,
+                roams=st.roams,
+                failures=st.failures,
+                candidates=tuple(str(c.endpoint) for c in st.candidates),
+                learned=tuple(str(e) for e in st.learned),
+                allowed_ips=tuple(str(p) for p in spec.allowed_ips),
+            )
+            fresh[pk] = (spec, have, m, key, status)
+            out.append(status)
+        self._status_cache = fresh
+        if len(out) == len(prev) and all(a is b for a, b in zip(out, prev, strict=True)):
+            return prev
+        return tuple(out)
+
+
+def _status_key(st: Any) -> tuple[Any, ...]:
+    """What of an :class:`~kubespan.endpoints.EndpointStatus` a :class:`PeerStatus` shows."""
+    return (
+        st.state,
+        st.endpoint,
+        st.last_used_endpoint,
+        st.last_endpoint_change,
+        st.switches,
+        st.roams,
+        st.failures,
+        st.candidates,
+        st.learned,
+    )

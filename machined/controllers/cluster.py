@@ -1,18 +1,21 @@
 """Cluster membership as resources (namespace ``cluster``): Affiliates (this node and every node
-discovery reports) and Members (one per affiliate, keyed by node name), as Talos publishes them."""
+discovery reports) and Members (one per affiliate, keyed by node name), as Talos publishes them.
+
+Affiliates come from the engine's :class:`~kubespan.snapshot.MeshSnapshot`, already decoded: nothing
+here decodes an affiliate again."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kubespan.peers import AffiliateError, RemoteAffiliate
 from machined.runtime import Controller, ControllerContext, Output, weak
 from machined.state.catalog import AFFILIATE, MEMBER, NS_CLUSTER
 
 from .base import Outputs
 
 if TYPE_CHECKING:
+    from kubespan.snapshot import RemoteRecord
     from machined.daemon.meshhost import MeshHost
 
 AFFILIATE_TIMER = 30.0
@@ -58,43 +61,45 @@ class AffiliateController(Controller):
         self.host = host
         self.machine_type = machine_type
         self.out = Outputs(NS_CLUSTER, AFFILIATE)
-        self._key: Any = None
-        self._cache: dict[str, tuple[Any, dict[str, Any] | None]] = {}
+        self._key: tuple[Any, ...] | None = None
+        self._cache: dict[str, tuple[RemoteRecord, dict[str, Any]]] = {}
 
-    def _remote(self, aid: str, d: Any) -> dict[str, Any] | None:
-        hit = self._cache.get(aid)
-        if hit is not None and hit[0] is d:
+    def _remote(self, r: RemoteRecord) -> dict[str, Any]:
+        hit = self._cache.get(r.id)
+        if hit is not None and hit[0] is r:
             return hit[1]
-        try:
-            ra = RemoteAffiliate.from_pb(d.affiliate, d.endpoints)
-        except AffiliateError:
-            spec = None
-        else:
-            spec = _affiliate_spec(
-                ra.node_id or aid,
-                hostname=ra.hostname,
-                nodename=ra.nodename,
-                machine_type=d.affiliate.machine_type,
-                operating_system=d.affiliate.operating_system,
-                addresses=ra.addresses,
-                public_key=ra.public_key.b64 if ra.public_key else None,
-                mesh_address=ra.mesh_address,
-                additional=ra.additional_prefixes,
-                endpoints=ra.endpoints,
-            )
-        self._cache[aid] = (d, spec)
+        ra = r.affiliate
+        spec = _affiliate_spec(
+            ra.node_id or r.id,
+            hostname=ra.hostname,
+            nodename=ra.nodename,
+            machine_type=r.machine_type,
+            operating_system=r.operating_system,
+            addresses=ra.addresses,
+            public_key=ra.public_key.b64 if ra.public_key else None,
+            mesh_address=ra.mesh_address,
+            additional=ra.additional_prefixes,
+            endpoints=ra.endpoints,
+        )
+        self._cache[r.id] = (r, spec)
         return spec
 
     async def reconcile(self, ctx: ControllerContext) -> None:
-        mesh = self.host.mesh
-        disc = self.host.discovery
-        local = mesh.local if mesh is not None else None
-        version = getattr(disc, "version", None)
-        key = (id(mesh), local, version, self.machine_type()) if isinstance(version, int) else None
-        if key is not None and key == self._key:
+        snap = self.host.snapshot()
+        local = snap.published_local if snap is not None else None
+        remotes = snap.remotes if snap is not None else ()
+        machine_type = self.machine_type()
+        key = self._key
+        if (
+            snap is not None
+            and key is not None
+            and key[0] is remotes
+            and key[1] == local
+            and key[2] == machine_type
+        ):
             self.out.keep_all(ctx)
             return
-        self._key = key
+        self._key = (remotes, local, machine_type) if snap is not None else None
         if local is not None:
             await self.out.put(
                 ctx,
@@ -103,7 +108,7 @@ class AffiliateController(Controller):
                     local.node_id,
                     hostname=local.hostname,
                     nodename=local.nodename,
-                    machine_type=self.machine_type(),
+                    machine_type=machine_type,
                     operating_system=local.operating_system,
                     addresses=local.addresses,
                     public_key=local.public_key.b64,
@@ -112,14 +117,11 @@ class AffiliateController(Controller):
                     endpoints=local.endpoints,
                 ),
             )
-        affiliates = disc.affiliates if disc is not None else {}
-        for aid in list(self._cache):
-            if aid not in affiliates:
-                del self._cache[aid]
-        for aid, d in affiliates.items():
-            spec = self._remote(aid, d)
-            if spec is not None:
-                await self.out.put(ctx, aid, spec)
+        ids = {r.id for r in remotes}
+        for aid in [a for a in self._cache if a not in ids]:
+            del self._cache[aid]
+        for r in remotes:
+            await self.out.put(ctx, r.id, self._remote(r))
         await self.out.cleanup(ctx)
 
 

@@ -1,6 +1,6 @@
 """The mesh as resources, in Talos's names: KubeSpanIdentity, KubeSpanPeerSpec, KubeSpanPeerStatus
-(read from the running engine through :class:`~machined.daemon.meshhost.MeshHost`, woken after every
-engine pass) and KubeSpanEndpoint (derived from peer statuses and affiliates).
+(read from the engine's published :class:`~kubespan.snapshot.MeshSnapshot` through
+:class:`~machined.daemon.meshhost.MeshHost`, woken after every engine pass) and KubeSpanEndpoint (derived from peer statuses and affiliates).
 
 Ids are Talos's: the identity is ``local``; peer specs, statuses and endpoints are keyed by the peer's
 public key.
@@ -26,7 +26,8 @@ from machined.state.catalog import (
 from .base import Outputs, rfc3339
 
 if TYPE_CHECKING:
-    from machined.daemon.meshhost import MeshHost, PeerView
+    from kubespan.snapshot import PeerStatus
+    from machined.daemon.meshhost import MeshHost
 
 IDENTITY_ID = "local"
 MESH_TIMER = 30.0  # Talos's ManagerController also runs on a 30 s timer
@@ -42,8 +43,8 @@ class KubeSpanIdentityController(Controller):
         self.out = Outputs(NS_KUBESPAN, KUBESPAN_IDENTITY)
 
     async def reconcile(self, ctx: ControllerContext) -> None:
-        mesh = self.host.mesh
-        ident = mesh.identity if mesh is not None else None
+        snap = self.host.snapshot()
+        ident = snap.identity if snap is not None else None
         if ident is not None:
             await self.out.put(
                 ctx,
@@ -69,8 +70,8 @@ class KubeSpanPeerSpecController(Controller):
         self._seen: Any = None
 
     async def reconcile(self, ctx: ControllerContext) -> None:
-        mesh = self.host.mesh
-        specs = mesh.specs if mesh is not None else None
+        snap = self.host.snapshot()
+        specs = snap.specs if snap is not None else None
         if specs is not None and specs is self._seen:
             self.out.keep_all(ctx)  # the engine recomputes specs only when its inputs change
             return
@@ -108,7 +109,7 @@ class KubeSpanPeerStatusController(Controller):
         self.host = host
         self.clock = clock
         self.out = Outputs(NS_KUBESPAN, KUBESPAN_PEER_STATUS)
-        self._last: dict[str, PeerView] = {}
+        self._last: dict[str, PeerStatus] = {}
         self._next_flush = 0.0
 
     async def reconcile(self, ctx: ControllerContext) -> None:

@@ -430,16 +430,12 @@ class Agent:
             self._mesh_ready = None
             self._mesh_seen = {}
             return
-        # after an engine pass, wake only the controllers whose source moved (identity compares)
-        mesh = self.meshhost.mesh
-        disc = self.meshhost.discovery
+        # after an engine pass, wake only the controllers whose part of the snapshot moved (identity)
+        snap = self.meshhost.snapshot()
         seen = {
-            KubeSpanPeerSpecController.name: mesh.specs if mesh is not None else None,
+            KubeSpanPeerSpecController.name: snap.specs if snap is not None else None,
             KubeSpanPeerStatusController.name: self.meshhost.peers(),
-            AffiliateController.name: (
-                mesh.local if mesh is not None else None,
-                getattr(disc, "version", None),
-            ),
+            AffiliateController.name: ((snap.published_local, snap.remotes) if snap is not None else None),
         }
         for name, value in seen.items():
             old = self._mesh_seen.get(name, _UNSEEN)

@@ -1,11 +1,9 @@
 """The mesh inside machined: built from the config's :class:`MeshSettings`, started first, rebuilt when
 the config changes, observed by the controllers.
 
-:class:`MeshHost` owns at most one running :class:`kubespan.wiring.MeshRunner`. After every engine
-pass it takes a light per-peer snapshot (:class:`PeerView`: what KubeSpanPeerStatus and the
-supervisor's mesh condition need, read from the engine's public ``specs``, ``machines`` and
-``device``) and calls its listeners; the engine's full :meth:`Mesh.status` (candidates, allowed IPs,
-... as strings) is computed only when asked for (``/status``, ``/metrics``). A start that fails (no wireguard-go, a netlink
+:class:`MeshHost` owns at most one running :class:`kubespan.wiring.MeshRunner`. It reads only the
+engine's published :class:`~kubespan.snapshot.MeshSnapshot` (the controllers too), and calls its
+listeners after every engine pass. A start that fails (no wireguard-go, a netlink
 error, ...) is retried with backoff in the background until it succeeds or the settings change: the
 agent keeps serving its API meanwhile, and services that need the mesh keep waiting. An invalid
 setting (:class:`~kubespan.constants.ConfigError`) fails at once: retrying cannot fix it.
@@ -18,11 +16,11 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from kubespan.constants import ConfigError
-from kubespan.engine import Mesh, MeshStatus
+from kubespan.engine import Mesh
+from kubespan.snapshot import MeshSnapshot, MeshStatus, PeerStatus
 from kubespan.wiring import MeshDeps, MeshRunner, build_mesh
 from machined.config import MeshSettings
 from machined.services.mesh import MeshHealth
@@ -54,99 +52,6 @@ def real_factory(deps: MeshDeps | None = None) -> MeshFactory:
     return build
 
 
-@dataclass(frozen=True, slots=True)
-class PeerView:
-    """One peer after an engine pass (times are unix time)."""
-
-    public_key: str
-    node_id: str
-    label: str
-    endpoint: str | None  # what WireGuard uses now
-    state: str  # unknown | up | down
-    rx_bytes: int
-    tx_bytes: int
-    last_handshake: float | None
-    last_used_endpoint: str | None
-    last_endpoint_change: float | None
-
-
-class _Strings:
-    """str() of keys and endpoints, memoised (a few hundred distinct values, formatted every pass)."""
-
-    def __init__(self, limit: int = 8192) -> None:
-        self._cache: dict[Any, str] = {}
-        self._limit = limit
-
-    def __call__(self, value: Any) -> str | None:
-        if value is None:
-            return None
-        s = self._cache.get(value)
-        if s is None:
-            if len(self._cache) >= self._limit:
-                self._cache.clear()
-            s = self._cache[value] = str(value)
-        return s
-
-
-class PeerViews:
-    """Builds :class:`PeerView` s after each pass, reusing a peer's view while its inputs are the same
-    objects (its spec, the device's entry for it, its endpoint machine's state and endpoint): an idle
-    peer costs a few identity checks, not a rebuild."""
-
-    def __init__(self) -> None:
-        self._strings = _Strings()
-        self._cache: dict[Any, tuple[Any, Any, Any, Any, Any, PeerView]] = {}
-
-    def __call__(self, mesh: Mesh) -> tuple[PeerView, ...]:
-        strings = self._strings
-        wall, now = mesh.wall(), mesh.clock()
-        observed = mesh.device.peers if mesh.device is not None else {}
-        machines = mesh.machines
-        cache = self._cache
-        fresh: dict[Any, tuple[Any, Any, Any, Any, Any, PeerView]] = {}
-        out = []
-        for spec in mesh.specs.specs:
-            pk = spec.public_key
-            m = machines.get(pk)
-            if m is None:
-                continue
-            have = observed.get(pk)
-            state, current = m.state, m.current
-            hit = cache.get(pk)
-            if (
-                hit is not None
-                and hit[0] is spec
-                and hit[1] is have
-                and hit[2] is m
-                and hit[3] is state
-                and hit[4] is current
-            ):
-                view = hit[5]
-            else:
-                st = m.status()
-                change = st.last_endpoint_change
-                view = PeerView(
-                    public_key=strings(pk) or "",
-                    node_id=spec.node_id,
-                    label=spec.label or spec.node_id[:12],
-                    # as the engine's status(): the machine's endpoint includes a switch applied
-                    # after this pass read the device
-                    endpoint=strings(current)
-                    if current is not None
-                    else (strings(have.endpoint) if have is not None and have.endpoint else None),
-                    state=str(state),
-                    rx_bytes=have.rx_bytes if have is not None else 0,
-                    tx_bytes=have.tx_bytes if have is not None else 0,
-                    last_handshake=have.last_handshake if have is not None else None,
-                    last_used_endpoint=strings(st.last_used_endpoint),
-                    last_endpoint_change=(wall - (now - change)) if change is not None else None,
-                )
-            fresh[pk] = (spec, have, m, state, current, view)
-            out.append(view)
-        self._cache = fresh
-        return tuple(out)
-
-
 class MeshHost:
     def __init__(self, factory: MeshFactory | None = None, *, hostname: str | None = None) -> None:
         self.factory = factory or real_factory()
@@ -155,8 +60,6 @@ class MeshHost:
         self.runner: MeshRunner | None = None
         self.generation = 0  # bumped on every (re)start and stop
         self.last_error: str | None = None
-        self._peers: tuple[PeerView, ...] | None = None
-        self._views = PeerViews()
         self._listeners: list[Listener] = []
         self._retry: asyncio.Task[None] | None = None
         self._invalid = False  # the last start failed on an invalid setting: not retried
@@ -176,26 +79,31 @@ class MeshHost:
     def running(self) -> bool:
         return self.runner is not None
 
-    def peers(self) -> tuple[PeerView, ...] | None:
+    def snapshot(self) -> MeshSnapshot | None:
+        """What the running engine published last (None without a started engine)."""
+        mesh = self.mesh
+        return mesh.snapshot if mesh is not None else None
+
+    def peers(self) -> tuple[PeerStatus, ...] | None:
         """The peers after the engine's last pass (None before the first pass or without a mesh)."""
-        return self._peers
+        snap = self.snapshot()
+        return snap.peers if snap is not None and snap.at is not None else None
 
     def status(self) -> MeshStatus | None:
-        """The engine's full status, computed now (None while there is no running engine)."""
-        mesh = self.mesh
-        if mesh is None or mesh.identity is None:
-            return None
-        return mesh.status()
+        """The engine's full status, from its snapshot (None while there is no running engine)."""
+        snap = self.snapshot()
+        return snap.status() if snap is not None else None
 
     def health(self) -> MeshHealth | None:
         """What the supervisor's mesh condition sees. ``ready`` means the engine runs (identity loaded,
         first pass done); whether the peers are up is counted separately (``up``/``peers``)."""
-        mesh, peers = self.mesh, self._peers
-        if mesh is None or peers is None:
+        snap = self.snapshot()
+        if snap is None or snap.at is None:
             return None
+        peers = snap.peers
         up = sum(1 for p in peers if p.state == "up")
         down = tuple(p.label for p in peers if p.state != "up")
-        return MeshHealth(ready=mesh.ready.is_set(), peers=len(peers), up=up, down=down)
+        return MeshHealth(ready=snap.configured, peers=len(peers), up=up, down=down)
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         self._listeners.append(listener)
@@ -209,14 +117,8 @@ class MeshHost:
                 log.exception("mesh listener failed")
 
     def _on_pass(self, mesh: Mesh) -> None:
-        if self.mesh is not mesh:
-            return
-        try:
-            self._peers = self._views(mesh)
-        except Exception as e:  # status must never break the engine's loop
-            log_event(log, "mesh status failed", logging.WARNING, error=str(e))
-            return
-        self._notify("pass")
+        if self.mesh is mesh:
+            self._notify("pass")
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -255,8 +157,6 @@ class MeshHost:
 
     async def _stop_runner(self, cleanup: bool) -> None:
         runner, self.runner = self.runner, None
-        self._peers = None
-        self._views = PeerViews()
         if runner is None:
             return
         runner.mesh.on_pass = None
@@ -286,12 +186,12 @@ class MeshHost:
         self.last_error = None
         self._invalid = False
         self.generation += 1
-        mesh = runner.mesh
+        snap = runner.mesh.snapshot
         log_event(
             log,
             "mesh started",
-            mesh_address=str(mesh.identity.address.ip) if mesh.identity else None,
-            backend=getattr(runner.backend, "name", "?"),
+            mesh_address=str(snap.identity.address.ip) if snap is not None else None,
+            backend=snap.backend if snap is not None else "?",
             discovery=list(settings.discovery_urls),
         )
         self._notify("started")

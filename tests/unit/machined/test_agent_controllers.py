@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from kubespan.snapshot import PeerStatus
 from machined.controllers import (
     KubeSpanPeerStatusController,
     MachineStatusController,
@@ -13,7 +14,6 @@ from machined.controllers import (
     Outputs,
     rfc3339,
 )
-from machined.daemon.meshhost import PeerView
 from machined.runtime import Controller, ControllerContext, Output, Runtime
 from machined.state import DEFINITIONS, EventType, Resource, State, register_all
 from machined.state.catalog import (
@@ -59,11 +59,12 @@ async def _ready(s: State) -> bool:
     return (await s.get(NS_RUNTIME, MACHINE_STATUS, "machine")).spec["status"]["ready"]
 
 
-def peer(label: str, state: str, rx: int = 0, endpoint: str = "10.0.0.1:51820") -> PeerView:
-    return PeerView(
-        public_key=f"{label}-key=",
-        node_id=f"id-{label}",
+def peer(label: str, state: str, rx: int = 0, endpoint: str = "10.0.0.1:51820") -> PeerStatus:
+    return PeerStatus(
         label=label,
+        node_id=f"id-{label}",
+        public_key=f"{label}-key=",
+        mesh_address=None,
         endpoint=endpoint,
         state=state,
         rx_bytes=rx,
@@ -71,14 +72,20 @@ def peer(label: str, state: str, rx: int = 0, endpoint: str = "10.0.0.1:51820") 
         last_handshake=1_700_000_000.0,
         last_used_endpoint=None,
         last_endpoint_change=None,
+        endpoint_switches=0,
+        roams=0,
+        failures=0,
+        candidates=(),
+        learned=(),
+        allowed_ips=(),
     )
 
 
 class Host:
     def __init__(self) -> None:
-        self.views: list[PeerView] = []
+        self.views: list[PeerStatus] = []
 
-    def peers(self) -> tuple[PeerView, ...]:
+    def peers(self) -> tuple[PeerStatus, ...]:
         return tuple(self.views)
 
 

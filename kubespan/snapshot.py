@@ -1,0 +1,111 @@
+"""What the mesh engine publishes at the end of every pass: one immutable :class:`MeshSnapshot`.
+
+Readers (``Mesh.status()``, machined's mesh host and its controllers) read only the snapshot, never
+the engine's working state. Everything in it is immutable (frozen dataclasses, tuples, immutable
+key/address types), so a snapshot can be held and compared by identity: a pass that changed nothing
+publishes the previous snapshot again, and parts that did not change are the previous objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kubespan.affiliate import LocalAffiliate, RemoteAffiliate
+    from kubespan.identity import MeshIdentity
+    from kubespan.peerspec import PeerSpecs
+    from spanutil.ipcodec import IPAddress
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRecord:
+    """One affiliate discovery reports, decoded once (by the engine) for every reader."""
+
+    id: str  # the discovery affiliate id
+    affiliate: RemoteAffiliate
+    machine_type: str
+    operating_system: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    label: str
+    node_id: str
+    public_key: str
+    mesh_address: str | None
+    endpoint: str | None  # what WireGuard uses now
+    state: str  # unknown | up | down
+    rx_bytes: int
+    tx_bytes: int
+    last_handshake: float | None  # unix time
+    last_used_endpoint: str | None
+    last_endpoint_change: float | None  # unix time
+    endpoint_switches: int
+    roams: int
+    failures: int
+    candidates: tuple[str, ...]
+    learned: tuple[str, ...]
+    allowed_ips: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MeshStatus:
+    ready: bool
+    node_id: str
+    nodename: str
+    public_key: str
+    mesh_address: str
+    listen_port: int
+    backend: str
+    public_ip: str | None
+    endpoints: tuple[str, ...]
+    peers: tuple[PeerStatus, ...]
+    conflicts: tuple[str, ...]
+    errors: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSnapshot:
+    """The mesh after one engine pass."""
+
+    at: float | None  # unix time of the pass that built this content; None: published at start
+    node_id: str
+    nodename: str
+    identity: MeshIdentity
+    listen_port: int
+    backend: str
+    configured: bool  # the WireGuard device has been read and configured (the engine's ``ready``)
+    public_ip: IPAddress | None
+    remotes: tuple[RemoteRecord, ...]  # well-formed affiliates, in discovery's order
+    specs: PeerSpecs
+    peers: tuple[PeerStatus, ...]  # in the order of ``specs``
+    local: LocalAffiliate | None  # this node's affiliate as the pass computed it
+    published_local: LocalAffiliate | None  # what discovery holds (None: nothing published yet)
+    errors: tuple[str, ...]  # the last few
+
+    @property
+    def local_published(self) -> bool:
+        """Whether this pass's local affiliate is what discovery holds."""
+        return self.local is not None and self.local == self.published_local
+
+    def status(self) -> MeshStatus:
+        all_up = all(p.state == "up" for p in self.peers)
+        published = self.published_local
+        return MeshStatus(
+            ready=self.configured and all_up,
+            node_id=self.node_id,
+            nodename=self.nodename,
+            public_key=self.identity.public_key.b64,
+            mesh_address=str(self.identity.address.ip),
+            listen_port=self.listen_port,
+            backend=self.backend,
+            public_ip=str(self.public_ip) if self.public_ip else None,
+            endpoints=tuple(str(e) for e in published.endpoints) if published else (),
+            peers=self.peers,
+            conflicts=tuple(str(c) for c in self.specs.conflicts),
+            errors=self.errors,
+        )
