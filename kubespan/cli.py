@@ -30,10 +30,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from discovery.crypto import SecretError, parse_secret
+from kubespan.affiliate import EndpointFilter
 from kubespan.constants import ConfigError, MeshConfig
 from kubespan.engine import Mesh, MeshOptions
 from kubespan.metrics import MeshCollector
-from kubespan.peers import EndpointFilter
 from kubespan.perms import warn_permissions
 from kubespan.wireguard.types import AddrPort
 from kubespan.wiring import build_mesh

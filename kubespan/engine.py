@@ -41,27 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubespan.affiliate import AffiliateError, LocalAffiliate, RemoteAffiliate, build_local_affiliate
 from kubespan.constants import MeshConfig
 from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6
 from kubespan.endpoints import EndpointMachine, Observation, PeerState, order_candidates
 from kubespan.hostinfo import HostInfo, IPInterface
 from kubespan.identity import MeshIdentity, load_identity, pick_mac
 from kubespan.ipset import IPSet
-from kubespan.peers import (
-    AffiliateError,
-    LocalAffiliate,
-    PeerSpec,
-    PeerSpecMemo,
-    PeerSpecs,
-    PrefixMemo,
-    RemoteAffiliate,
-    RoutedIndex,
-    build_local_affiliate,
-    compute_peer_specs,
-    routed_prefixes,
-)
+from kubespan.peerspec import PeerSpec, PeerSpecMemo, PeerSpecs, compute_peer_specs
 from kubespan.ports import Closable, DiscoveryPort, LinkPort, LinkWatcher, NftPort
 from kubespan.probe import Prober
+from kubespan.routed import PrefixMemo, RoutedIndex, routed_prefixes
 from kubespan.snapshot import MeshSnapshot, MeshStatus, PeerStatus, RemoteRecord
 from kubespan.wireguard.backend import WireGuardBackend, WireGuardError
 from kubespan.wireguard.diff import DiffMemo, SetDevice, apply_ops, diff_device, diff_peers

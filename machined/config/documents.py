@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from discovery.crypto import SecretError, parse_secret
 from discovery.limits import CLUSTER_ID_MAX
+from kubespan.affiliate import EndpointFilter
 from kubespan.constants import (
     FWMARK_FORCE,
     FWMARK_MASK,
@@ -38,7 +39,6 @@ from kubespan.constants import (
     TABLE_MAX,
     link_name_problem,
 )
-from kubespan.peers import EndpointFilter
 from kubespan.wireguard.types import AddrPort
 from machined.config.errors import Problem
 from machined.config.reader import MISSING, Reader, Sink

@@ -8,21 +8,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubespan.endpoints import PeerState
-from kubespan.ipset import IPSet
-from kubespan.peers import (
+from kubespan.affiliate import (
     AffiliateError,
-    ConflictKind,
     EndpointFilter,
-    PeerSpecMemo,
     RemoteAffiliate,
-    RoutedIndex,
     build_local_affiliate,
-    compute_peer_specs,
     filter_ips,
     is_node_address,
-    routed_prefixes,
 )
+from kubespan.endpoints import PeerState
+from kubespan.ipset import IPSet
+from kubespan.peerspec import ConflictKind, PeerSpecMemo, compute_peer_specs
+from kubespan.routed import RoutedIndex, routed_prefixes
 from kubespan.wireguard.types import AddrPort, PublicKey
 from spanapi.discovery.client import affiliate_pb2
 
@@ -604,7 +601,7 @@ def test_routed_prefixes_without_mesh_subnet_keeps_everything():
 
 def _reference_specs(affiliates, local_node_id, local_public_key=None, local_mesh_address=None):
     """The original quadratic algorithm (every peer against every earlier one), kept as the oracle."""
-    from kubespan.peers import Conflict, PeerSpec, PeerSpecs
+    from kubespan.peerspec import Conflict, PeerSpec, PeerSpecs
 
     specs, conflicts, claimed, key_owner, mesh_owner = [], [], [], {}, {}
     for a in sorted(affiliates, key=lambda a: a.node_id):
@@ -680,7 +677,7 @@ def messy_affiliates(draw):
 @settings(max_examples=50, deadline=None)
 @given(messy_affiliates(), messy_affiliates(), st.booleans())
 def test_compute_peer_specs_matches_reference_with_and_without_memo(first, second, local):
-    from kubespan.peers import PeerSpecMemo
+    from kubespan.peerspec import PeerSpecMemo
 
     lk, lm = (key(3), IPv6Address(f"{MESH}2")) if local else (None, None)
     want = _reference_specs(first, "n05-0", lk, lm)
@@ -694,7 +691,7 @@ def test_compute_peer_specs_matches_reference_with_and_without_memo(first, secon
 
 
 def test_memo_reuses_unchanged_specs_and_forgets_gone_affiliates():
-    from kubespan.peers import PeerSpecMemo
+    from kubespan.peerspec import PeerSpecMemo
 
     a = aff("a", 1, 1, addresses=ips("10.0.0.1"))
     b = aff("b", 2, 2, addresses=ips("10.0.0.2"))
@@ -715,7 +712,7 @@ def test_memo_reuses_unchanged_specs_and_forgets_gone_affiliates():
 @settings(max_examples=50, deadline=None)
 @given(messy_affiliates(), messy_affiliates(), st.booleans())
 def test_routed_prefixes_memo_gives_the_same_result(first, second, bypass):
-    from kubespan.peers import PrefixMemo
+    from kubespan.routed import PrefixMemo
 
     memo = PrefixMemo()
     for affs in (first, first, first[::2] + second):

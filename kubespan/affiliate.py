@@ -1,0 +1,315 @@
+"""Affiliates: decoding a discovered (remote) affiliate, and building this node's own.
+
+:class:`RemoteAffiliate` is decoded from the discovery protobuf and checked field by field
+(:class:`AffiliateError` names the field).
+
+The local affiliate follows Talos' LocalAffiliateController: addresses are the
+node's addresses minus loopback, link-local, unspecified, multicast and mesh
+addresses; endpoints are those addresses plus the public IP the discovery
+service saw, filtered by the endpoint filters, on the listen port, followed by
+the extra endpoints (de-duplicated, not filtered).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Interface, IPv6Address, IPv6Interface, IPv6Network
+
+from kubespan.constants import (
+    ULA_PURPOSE_KUBESPAN,
+    ULA_PURPOSE_SIDEROLINK,
+    ULA_PURPOSE_VIRTUAL_SIDEROLINK,
+)
+from kubespan.identity import is_ula
+from kubespan.ipset import IPSet
+from kubespan.wireguard.types import AddrPort, InvalidKeyError, PublicKey
+from spanapi.discovery.client import affiliate_pb2
+from spanutil.ipcodec import IPAddress, IPNetwork, ip_from_bytes
+
+_MESH_PURPOSES = (ULA_PURPOSE_KUBESPAN, ULA_PURPOSE_SIDEROLINK, ULA_PURPOSE_VIRTUAL_SIDEROLINK)
+
+
+class AffiliateError(ValueError):
+    """A decoded affiliate is malformed; the message names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+# --- Remote affiliates ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteAffiliate:
+    """Another node as discovery describes it (the fields KubeSpan uses)."""
+
+    node_id: str
+    nodename: str = ""
+    hostname: str = ""
+    public_key: PublicKey | None = None  # None: the node does not run KubeSpan
+    mesh_address: IPv6Address | None = None
+    addresses: tuple[IPAddress, ...] = ()
+    additional_prefixes: tuple[IPNetwork, ...] = ()
+    excluded_prefixes: tuple[IPNetwork, ...] = ()
+    endpoints: tuple[AddrPort, ...] = ()
+
+    @classmethod
+    def from_pb(
+        cls,
+        pb: affiliate_pb2.Affiliate,
+        endpoints: Iterable[affiliate_pb2.Endpoint | AddrPort] = (),
+    ) -> RemoteAffiliate:
+        """Convert a decrypted affiliate and its separately decrypted endpoints.
+
+        Malformed affiliate data raises :class:`AffiliateError` naming the field.
+        Endpoints are independent records (possibly reported by third nodes), so an
+        invalid one is dropped rather than failing the affiliate; duplicates are removed.
+        """
+        addresses = tuple(_ip_from_bytes(raw, f"addresses[{i}]") for i, raw in enumerate(pb.addresses))
+        public_key: PublicKey | None = None
+        mesh: IPv6Address | None = None
+        additional: tuple[IPNetwork, ...] = ()
+        excluded: tuple[IPNetwork, ...] = ()
+        if pb.HasField("kubespan"):
+            ks = pb.kubespan
+            if ks.public_key:
+                try:
+                    public_key = PublicKey.from_b64(ks.public_key)
+                except InvalidKeyError as exc:
+                    raise AffiliateError("kubespan.public_key", str(exc)) from None
+            if ks.address:
+                addr = _ip_from_bytes(ks.address, "kubespan.address")
+                if addr.version != 6:
+                    raise AffiliateError("kubespan.address", "must be an IPv6 address")
+                mesh = addr
+            additional = tuple(
+                _prefix_from_pb(p, f"kubespan.additional_addresses[{i}]")
+                for i, p in enumerate(ks.additional_addresses)
+            )
+            excluded = tuple(
+                _prefix_from_pb(p, f"kubespan.exclude_advertised_addresses[{i}]")
+                for i, p in enumerate(ks.exclude_advertised_addresses)
+            )
+        eps: list[AddrPort] = []
+        for ep in endpoints:
+            if not isinstance(ep, AddrPort):
+                try:
+                    ep = AddrPort(_ip_from_bytes(ep.ip, "endpoint.ip"), ep.port)
+                except ValueError:
+                    continue
+            if ep not in eps:
+                eps.append(ep)
+        return cls(
+            node_id=pb.node_id,
+            nodename=pb.nodename,
+            hostname=pb.hostname,
+            public_key=public_key,
+            mesh_address=mesh,
+            addresses=addresses,
+            additional_prefixes=additional,
+            excluded_prefixes=excluded,
+            endpoints=tuple(eps),
+        )
+
+
+def _ip_from_bytes(raw: bytes, field: str) -> IPAddress:
+    try:
+        return ip_from_bytes(raw)
+    except ValueError:
+        raise AffiliateError(field, f"{len(raw)} bytes, need 4 or 16") from None
+
+
+def _prefix_from_pb(p: affiliate_pb2.IPPrefix, field: str) -> IPNetwork:
+    ip = _ip_from_bytes(p.ip, f"{field}.ip")
+    limit = 32 if ip.version == 4 else 128
+    if p.bits > limit:
+        raise AffiliateError(f"{field}.bits", f"{p.bits} is above the maximum {limit}")
+    return ipaddress.ip_network((ip, p.bits), strict=False)
+
+
+# --- Local affiliate -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointFilter:
+    """One endpoint filter: a network, optionally negated with a leading ``!``."""
+
+    network: IPNetwork
+    negate: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> EndpointFilter:
+        raw = text.strip()
+        negate = raw.startswith("!")
+        body = raw[1:] if negate else raw
+        try:
+            net = ipaddress.ip_network(body, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"endpoint_filters: {text!r} is not a CIDR or IP address (optionally prefixed with '!')"
+            ) from None
+        return cls(net, negate)
+
+    def __str__(self) -> str:
+        return ("!" if self.negate else "") + str(self.network)
+
+
+def filter_ips(ips: Sequence[IPAddress], filters: Sequence[EndpointFilter | str]) -> list[IPAddress]:
+    """Apply endpoint filters in order.
+
+    As in Talos (siderolabs/net ``FilterIPs``): each positive filter appends the
+    addresses it matches that are not selected yet (filter order, then address
+    order) and each ``!`` filter drops the matching addresses selected so far, so
+    later filters see the effect of earlier ones. An empty filter list keeps all.
+
+    One deliberate difference: when *no* filter is positive, selection starts
+    from all addresses (Talos would select nothing, leaving the node without
+    endpoints), so ``!10.0.0.0/8`` alone means "everything but 10/8".
+    """
+    parsed = [f if isinstance(f, EndpointFilter) else EndpointFilter.parse(f) for f in filters]
+    if not parsed:
+        return list(ips)
+    selected: list[IPAddress] = [] if any(not f.negate for f in parsed) else list(dict.fromkeys(ips))
+    for flt in parsed:
+        if flt.negate:
+            selected = [ip for ip in selected if not _net_contains(flt.network, ip)]
+        else:
+            for ip in ips:
+                if _net_contains(flt.network, ip) and ip not in selected:
+                    selected.append(ip)
+    return selected
+
+
+def _net_contains(net: IPNetwork, ip: IPAddress) -> bool:
+    return net.version == ip.version and ip in net
+
+
+def is_node_address(ip: IPAddress, mesh_subnet: IPv6Network | None = None) -> bool:
+    """Whether an address may be advertised as a node address / endpoint."""
+    if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
+        return False
+    if mesh_subnet is not None and ip.version == 6 and ip in mesh_subnet:
+        return False
+    return not any(is_ula(ip, purpose) for purpose in _MESH_PURPOSES)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAffiliate:
+    """This node's affiliate, ready to publish."""
+
+    node_id: str
+    nodename: str
+    hostname: str
+    public_key: PublicKey
+    mesh_address: IPv6Address
+    addresses: tuple[IPAddress, ...]
+    additional_prefixes: tuple[IPNetwork, ...]
+    excluded_prefixes: tuple[IPNetwork, ...]
+    endpoints: tuple[AddrPort, ...]
+    machine_type: str = ""
+    operating_system: str = ""
+
+    def to_pb(self) -> affiliate_pb2.Affiliate:
+        return affiliate_pb2.Affiliate(
+            node_id=self.node_id,
+            addresses=[ip.packed for ip in self.addresses],
+            hostname=self.hostname,
+            nodename=self.nodename,
+            machine_type=self.machine_type,
+            operating_system=self.operating_system,
+            kubespan=affiliate_pb2.KubeSpan(
+                public_key=self.public_key.b64,
+                address=self.mesh_address.packed,
+                additional_addresses=[_prefix_to_pb(p) for p in self.additional_prefixes],
+                exclude_advertised_addresses=[_prefix_to_pb(p) for p in self.excluded_prefixes],
+            ),
+        )
+
+    def endpoints_pb(self) -> list[affiliate_pb2.Endpoint]:
+        return [affiliate_pb2.Endpoint(ip=ep.ip.packed, port=ep.port) for ep in self.endpoints]
+
+
+def _prefix_to_pb(net: IPNetwork) -> affiliate_pb2.IPPrefix:
+    return affiliate_pb2.IPPrefix(ip=net.network_address.packed, bits=net.prefixlen)
+
+
+def _networks(items: Iterable[IPNetwork | str]) -> tuple[IPNetwork, ...]:
+    return tuple(dict.fromkeys(ipaddress.ip_network(n, strict=False) for n in items))
+
+
+def _as_ip(item: IPAddress | IPv4Interface | IPv6Interface | str) -> IPAddress:
+    if isinstance(item, IPv4Interface | IPv6Interface):
+        return item.ip
+    if isinstance(item, str):
+        return ipaddress.ip_interface(item).ip
+    return item
+
+
+def build_local_affiliate(
+    *,
+    node_id: str,
+    nodename: str,
+    hostname: str,
+    public_key: PublicKey,
+    mesh_address: IPv6Address | IPv6Interface,
+    node_addresses: Iterable[IPAddress | IPv4Interface | IPv6Interface | str],
+    listen_port: int,
+    advertised: Iterable[IPNetwork | str] = (),
+    excluded: Iterable[IPNetwork | str] = (),
+    public_ip: IPAddress | None = None,
+    extra_endpoints: Iterable[AddrPort | str] = (),
+    endpoint_filters: Sequence[EndpointFilter | str] = (),
+    exclude_addresses: Iterable[IPNetwork | str] = (),
+    machine_type: str = "",
+    operating_system: str = "",
+) -> LocalAffiliate:
+    """Build this node's affiliate (see the module docstring for the rules).
+
+    ``node_addresses`` should be in the node's preferred order (it becomes the
+    endpoint order). ``exclude_addresses`` drops node addresses inside those
+    networks (pod/service CIDRs: Talos' "no-k8s" filter). The mesh subnet is
+    taken from ``mesh_address`` when it is an interface, else its /64.
+    """
+    if isinstance(mesh_address, IPv6Interface):
+        mesh_ip, mesh_subnet = mesh_address.ip, mesh_address.network
+    else:
+        mesh_ip = mesh_address
+        mesh_subnet = IPv6Network((mesh_address, 64), strict=False)
+    if not 0 < listen_port < 65536:
+        raise ValueError(f"listen_port: {listen_port} must be 1..65535")
+    drop = IPSet(exclude_addresses)
+
+    addresses: list[IPAddress] = []
+    for item in node_addresses:
+        ip = _as_ip(item)
+        if ip == mesh_ip or not is_node_address(ip, mesh_subnet) or ip in drop:
+            continue
+        if ip not in addresses:
+            addresses.append(ip)
+
+    candidates = list(addresses)
+    if public_ip is not None and public_ip not in candidates and is_node_address(public_ip, mesh_subnet):
+        candidates.append(public_ip)
+    chosen = filter_ips(candidates, endpoint_filters)
+    endpoints: list[AddrPort] = [AddrPort(ip, listen_port) for ip in chosen]
+    for extra in extra_endpoints:
+        ep = extra if isinstance(extra, AddrPort) else AddrPort.parse(extra)
+        if ep not in endpoints:
+            endpoints.append(ep)
+
+    return LocalAffiliate(
+        node_id=node_id,
+        nodename=nodename,
+        hostname=hostname,
+        public_key=public_key,
+        mesh_address=mesh_ip,
+        addresses=tuple(addresses),
+        additional_prefixes=_networks(advertised),
+        excluded_prefixes=_networks(excluded),
+        endpoints=tuple(endpoints),
+        machine_type=machine_type,
+        operating_system=operating_system,
+    )

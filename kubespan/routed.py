@@ -1,0 +1,191 @@
+"""The routed-prefix index: peer specs turned into the destinations the firewall marks for the mesh.
+
+:func:`routed_prefixes` applies Talos' fail-closed default and its optional bypass of down
+peers (which never applies to a peer that has not connected yet); :class:`RoutedIndex` keeps
+the union up to date when a few specs change.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping
+from ipaddress import IPv6Network
+
+from kubespan.endpoints import PeerState
+from kubespan.ipset import IPSet, Range, range_to_prefixes
+from kubespan.peerspec import UPDATE_MAX, PeerSpec
+from kubespan.wireguard.types import PublicKey
+from spanutil.ipcodec import IPNetwork
+
+# --- Routed destinations -------------------------------------------------------------------------
+
+
+class PrefixMemo:
+    """Each peer's AllowedIPs as an :class:`IPSet` from an earlier :func:`routed_prefixes`, reused
+    while the spec's ``allowed_ips`` is the same (immutable) tuple."""
+
+    __slots__ = ("sets",)
+
+    def __init__(self) -> None:
+        self.sets: dict[PublicKey, tuple[tuple[IPNetwork, ...], IPSet]] = {}
+
+
+def routed_union(
+    specs: Iterable[PeerSpec],
+    mesh_subnet: IPv6Network | None,
+    *,
+    states: Mapping[PublicKey, PeerState] | None = None,
+    allow_down_peer_bypass: bool = False,
+    memo: PrefixMemo | None = None,
+) -> IPSet:
+    """The destinations steered into the mesh (the contents of the nftables target sets).
+
+    As in Talos, the union of the peers' AllowedIPs without the mesh addresses:
+    mesh-to-mesh traffic takes the link's connected /64 route, so the whole mesh
+    subnet is left out. By default every peer counts (fail closed: traffic to a
+    down peer is dropped rather than sent in the clear). With
+    ``allow_down_peer_bypass`` a peer whose state is ``down`` is left out, so its
+    traffic takes the normal routes; a peer that is ``unknown`` (never connected
+    yet) or missing from ``states`` is never bypassed. ``memo`` only saves work; the
+    result is the same.
+    """
+    specs = list(specs)
+    counted = [
+        spec
+        for spec in specs
+        if not (
+            allow_down_peer_bypass and states is not None and states.get(spec.public_key) == PeerState.DOWN
+        )
+    ]
+    if memo is None:
+        union = IPSet(net for spec in counted for net in spec.allowed_ips)
+    else:
+        v4: list[Range] = []
+        v6: list[Range] = []
+        sets = dict(memo.sets)
+        for spec in counted:
+            entry = sets.get(spec.public_key)
+            if entry is None or entry[0] is not spec.allowed_ips:
+                entry = sets[spec.public_key] = (spec.allowed_ips, IPSet(spec.allowed_ips))
+            v4.extend(entry[1].ranges(4))
+            v6.extend(entry[1].ranges(6))
+        wanted = {spec.public_key for spec in specs}
+        memo.sets = {k: v for k, v in sets.items() if k in wanted}
+        union = IPSet.from_ranges(v4, v6)
+    if mesh_subnet is not None:
+        union = union - IPSet([mesh_subnet])
+    return union
+
+
+def routed_prefixes(
+    specs: Iterable[PeerSpec],
+    mesh_subnet: IPv6Network | None,
+    *,
+    states: Mapping[PublicKey, PeerState] | None = None,
+    allow_down_peer_bypass: bool = False,
+    memo: PrefixMemo | None = None,
+) -> list[IPNetwork]:
+    """The destinations steered into the mesh (the contents of the nftables target sets).
+
+    See :func:`routed_union`; the result is its minimal prefix cover, IPv4 first.
+    """
+    return routed_union(
+        specs, mesh_subnet, states=states, allow_down_peer_bypass=allow_down_peer_bypass, memo=memo
+    ).prefixes()
+
+
+class RoutedIndex:
+    """:func:`routed_union` (without down-peer bypass) kept up to date when a few specs change.
+
+    Peer specs claim disjoint address sets, so the union changes by exactly the changed
+    peers' old and new contributions: each old range is cut out of the merged range holding
+    it, each new one is inserted and merged with adjacent neighbours. Anything unexpected (a
+    different peer list, many changes, an overlap) answers None, and the caller recomputes
+    and calls :meth:`reset`. Prefix covers are kept per merged range, so unchanged ranges give
+    the same prefix objects again (cheap to compare).
+    """
+
+    def __init__(self) -> None:
+        self._specs: tuple[PeerSpec, ...] | None = None
+        self._subnet: IPv6Network | None = None
+        self._merged: dict[int, list[Range]] = {4: [], 6: []}
+        self._covers: dict[tuple[int, int, int], tuple[IPNetwork, ...]] = {}
+
+    def reset(
+        self, specs: tuple[PeerSpec, ...] | None, mesh_subnet: IPv6Network | None, union: IPSet
+    ) -> dict[int, list[IPNetwork]]:
+        """Start over from ``union`` (= ``routed_union(specs, mesh_subnet)``; specs None: do not
+        update from it later). Returns its prefixes per family."""
+        self._specs, self._subnet = specs, mesh_subnet
+        self._merged = {v: list(union.ranges(v)) for v in (4, 6)}
+        return self._prefixes()
+
+    def update(
+        self, specs: tuple[PeerSpec, ...], mesh_subnet: IPv6Network | None
+    ) -> dict[int, list[IPNetwork]] | None:
+        """The prefixes per family for ``specs``, or None when :meth:`reset` is needed."""
+        prev = self._specs
+        if prev is None or mesh_subnet != self._subnet or len(prev) != len(specs):
+            return None
+        if prev is specs:
+            return self._prefixes()
+        changed = [(a, b) for a, b in zip(prev, specs, strict=True) if a is not b]
+        if len(changed) > UPDATE_MAX or any(a.public_key != b.public_key for a, b in changed):
+            return None
+        self._specs = None  # until the update completes
+        for a, b in changed:
+            old, new = self._contribution(a), self._contribution(b)
+            for v in (4, 6):
+                for r in old.ranges(v):
+                    if not self._cut(v, r):
+                        return None
+            for v in (4, 6):
+                for r in new.ranges(v):
+                    if not self._insert(v, r):
+                        return None
+        self._specs = specs
+        return self._prefixes()
+
+    def _contribution(self, spec: PeerSpec) -> IPSet:
+        own = IPSet(spec.allowed_ips)
+        return own - IPSet([self._subnet]) if self._subnet is not None else own
+
+    def _cut(self, v: int, r: Range) -> bool:
+        merged = self._merged[v]
+        lo, hi = r
+        i = bisect.bisect_right(merged, (lo, 1 << 129)) - 1
+        if i < 0 or not (merged[i][0] <= lo and hi <= merged[i][1]):
+            return False
+        first, last = merged[i]
+        parts = [p for p in ((first, lo - 1), (hi + 1, last)) if p[0] <= p[1]]
+        merged[i : i + 1] = parts
+        return True
+
+    def _insert(self, v: int, r: Range) -> bool:
+        merged = self._merged[v]
+        lo, hi = r
+        i = bisect.bisect_left(merged, (lo, -1))
+        if (i > 0 and merged[i - 1][1] >= lo) or (i < len(merged) and merged[i][0] <= hi):
+            return False  # overlaps: not disjoint after all
+        start, end = i, i
+        if i > 0 and merged[i - 1][1] + 1 == lo:
+            start, lo = i - 1, merged[i - 1][0]
+        if i < len(merged) and merged[i][0] == hi + 1:
+            end, hi = i + 1, merged[i][1]
+        merged[start:end] = [(lo, hi)]
+        return True
+
+    def _prefixes(self) -> dict[int, list[IPNetwork]]:
+        old, covers = self._covers, {}
+        out: dict[int, list[IPNetwork]] = {4: [], 6: []}
+        for v in (4, 6):
+            acc = out[v]
+            for lo, hi in self._merged[v]:
+                key = (v, lo, hi)
+                cover = old.get(key)
+                if cover is None:
+                    cover = tuple(range_to_prefixes(lo, hi, v))
+                covers[key] = cover
+                acc.extend(cover)
+        self._covers = covers
+        return out
