@@ -17,6 +17,7 @@ from google.protobuf import timestamp_pb2
 
 from machined.api.envelope import node_error
 from machined.spanctl import main as cli
+from machined.spanctl.app import App
 from machined.spanctl.client import Errors, NodeError, describe_rpc_error, split_messages
 from machined.state.catalog import MESH_DEFINITIONS
 from machined.state.definitions import RESOURCE_DEFINITION_TYPE
@@ -127,9 +128,9 @@ def run(
     monkeypatch: pytest.MonkeyPatch, argv: list[str], machine: Any = None, state: Any = None
 ) -> tuple[int, str, str]:
     if machine is not None:
-        monkeypatch.setattr(cli.App, "machine", lambda self: machine)
+        monkeypatch.setattr(App, "machine", lambda self: machine)
     if state is not None:
-        monkeypatch.setattr(cli.App, "state", lambda self: state)
+        monkeypatch.setattr(App, "state", lambda self: state)
     out, err = io.StringIO(), io.StringIO()
     rc = cli.main(argv, out, err)
     return rc, out.getvalue(), err.getvalue()

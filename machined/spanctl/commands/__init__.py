@@ -1,0 +1,1 @@
+"""spanctl's commands, one module per command group; :mod:`machined.spanctl.parser` wires them."""
