@@ -18,7 +18,7 @@ changed peer specs imply. Probe replies, netlink events, a failed write and the
 periodic checks all make the next pass a full one.
 
 A pass writes to WireGuard at most once, and the engine is what diffs (with
-:mod:`kubespan.wgdiff`, against its last observation). Writes are not
+:mod:`kubespan.wireguard.diff`, against its last observation). Writes are not
 transactional: after a failed one the next pass re-reads the device and applies
 what is missing; a failed light pass asks for that pass at once.
 
