@@ -1,92 +1,9 @@
-"""Durable registry state: upstream-format snapshot plus an append-only journal.
+"""Durable registry state: upstream-format snapshot plus an append-only journal (group-committed).
 
-Files, all beside the snapshot (mode 0600):
-
-* ``state.binpb``: an upstream ``StateSnapshot`` with relative TTLs, replaced
-  atomically (temp file, fsync, rename, fsync of the directory).
-* ``state.binpb.journal.<generation>``: journal segments. Every acknowledged
-  update or delete is one record written with a single ``os.write`` to an
-  ``O_APPEND`` descriptor, so it is in the kernel before the RPC is
-  acknowledged and survives ``kill -9``; :meth:`Store.sync` (called every
-  ``fsync_interval`` by the daemon, and at close) makes the batch durable
-  against power loss (group commit).
-
-  Why not one ``os.write`` per event-loop iteration: grpc.aio starts one RPC
-  per loop iteration (measured under h2load with 128 concurrent streams: 1.0006
-  AffiliateUpdate handlers per iteration), so such batches hold one record,
-  while making each RPC await a future resolved after the grouped write costs
-  ~8-10 µs per RPC against ~1.7 µs for the ``os.write`` it would save.
-
-Record framing: ``magic (2) | payload length (u32 LE) | CRC32 of payload
-(u32 LE) | payload``. The payload starts with a kind byte and the wall-clock
-time (f64). Kinds:
-
-* ``OPEN``: first record of a segment started when the process starts;
-* ``CHECKPOINT``: first record of a segment started by a compaction; it
-  carries the length and CRC32 of the snapshot written by that compaction and
-  the clusters, affiliates and endpoints it holds (older journals carry no
-  totals; both forms are read);
-* ``UPDATE`` / ``DELETE``: what the service validated, then applied and
-  acknowledged (a record whose RPC died with the process may be unanswered);
-* ``TICK``: written by :meth:`Store.sync` when the journal was idle for
-  ``heartbeat`` seconds, so replay knows how long the process was up.
-
-Loading: read the snapshot and verify it against the journal's checkpoints
-(length and CRC32; the snapshot itself has no checksum):
-
-* it matches a CHECKPOINT: replay from the newest matching segment on
-  (``verified``; a newer checkpoint that matches nothing is a compaction that
-  did not complete, crash window 2 below, and is not damage);
-* no checkpoint exists, or the journal still starts with segment 1 opened by
-  a process start (no compaction ever completed): the snapshot predates the
-  journal (an upstream snapshot) and cannot be verified; it is loaded as is
-  and every segment is replayed (``unverified``, said at INFO);
-* otherwise the snapshot is damaged (truncated, emptied, a flipped byte) or
-  missing. It is never loaded, not even in part: there is no per-cluster CRC,
-  so a flipped byte cannot be located. The file is renamed to
-  ``state.binpb.corrupt-<UTC time>`` for forensics, every remaining segment is
-  replayed, and :attr:`LoadReport.damage` says what was expected, what was
-  found and what is lost (affiliates written before the oldest remaining
-  segment and not updated since; counted from the checkpoint's totals and
-  from what the damaged copy still decodes to).
-
-Replay is safe when it overlaps the snapshot: data is replaced, endpoints are
-unioned, expirations take the maximum, deletes are deletes, so re-applying a
-suffix of history that the snapshot already contains yields the same state.
-
-Time during replay: let ``T`` be the newest wall time among the replayed
-records. A record written at ``t`` with TTL ``ttl`` gets ``ttl - (T - t)``;
-the snapshot's relative TTLs are reduced by ``T - anchor`` where ``anchor``
-is the matching CHECKPOINT's time (or the first replayed record's). Downtime
-does not count, as with upstream's relative-TTL snapshots.
-
-Compaction crash windows (old snapshot S0, its checkpoint segment k, older
-segments, current segment N):
-
-1. crash while exporting: nothing changed on disk;
-2. new segment N+1 created, snapshot not yet renamed: S0 still matches k,
-   segments k..N+1 are replayed;
-3. snapshot renamed (durable after the directory fsync), old segments not yet
-   deleted: the new snapshot matches N+1, older segments are ignored;
-4. old segments partly deleted: as 3.
-
-A corrupt or unreadable file is reported in :attr:`LoadReport.problems` and
-skipped; a record with a bad CRC is skipped (the reader resynchronises on the
-next valid record) and a torn tail is ignored.
-
-Write failures (a full disk, an I/O error): a record that cannot be written
-raises :class:`StorageUnavailable` and nothing was journalled, so the caller
-must not apply or acknowledge it (:meth:`Registry.update` with ``journal=``
-validates, journals, then applies). The segment is not appended to again (a
-torn record may end it); the next write starts a new segment, and when that
-fails too the new file is removed, so a full disk does not collect one empty
-segment per refused write. The store is *degraded* (:attr:`Store.degraded`
-names why, ``on_health_change`` is told at each transition) until a new
-segment can be written, by a record or by :meth:`Store.probe`; after a failed
-fsync the segment is not trusted again and the store stays degraded until a
-new segment has been fsynced. A failed compaction leaves the previous snapshot
-and the journal that continues it in place, and does not degrade the store
-(records still reach the current segment).
+Every acknowledged update or delete is one CRC-framed journal record written before it is applied;
+compaction writes the snapshot atomically and starts a segment whose CHECKPOINT records the
+snapshot's length and CRC32, which loading verifies. File layout, record kinds, verification,
+replay timing, crash windows and write failures: docs/design/registry-storage.md.
 """
 
 from __future__ import annotations
