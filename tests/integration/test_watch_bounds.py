@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.request
 from collections.abc import Callable
 
 import grpc
@@ -32,17 +31,12 @@ STREAM_BOUND = 512 << 10
 FIXED_SLACK = 32 * MIB
 
 
-def get(srv: ServerProcess, port: str, path: str) -> bytes:
-    with urllib.request.urlopen(f"http://127.0.0.1:{srv.ports[port]}{path}", timeout=10) as resp:
-        return resp.read()
-
-
 def subscriptions(srv: ServerProcess) -> int:
-    return int(json.loads(get(srv, "landing", "/stats"))["subscriptions"])
+    return int(json.loads(srv.http_get("landing", "/stats"))["subscriptions"])
 
 
 def metric(srv: ServerProcess, series: str) -> float:
-    for line in get(srv, "metrics", "/metrics").decode().splitlines():
+    for line in srv.http_get("metrics", "/metrics").decode().splitlines():
         if line.startswith(series + " "):
             return float(line.split()[1])
     raise AssertionError(f"no {series} in /metrics")
