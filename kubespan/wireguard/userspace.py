@@ -1,27 +1,9 @@
 """The userspace backend: wireguard-go, spawned and supervised by us, configured over its UAPI socket.
 
-:class:`UapiClient` speaks the UAPI text protocol (codec in :mod:`kubespan.wireguard.uapi`)
-over one unix-socket connection per request, with a timeout on each; no
-``wg`` subprocess is involved. :class:`UserspaceBackend` runs
-``wireguard-go -f IFNAME`` in the foreground and restarts it with exponential
-backoff when it dies; the restarted device is empty, so it then calls
-``on_restart`` and the engine re-applies the whole configuration.
-
-wireguard-go's socket directory is fixed (``/var/run/wireguard``). For any
-other ``socket_dir`` the daemon runs in a private mount namespace with
-``socket_dir`` bind-mounted there, so each lab node (or each container) has
-its own, and we reach the socket through ``socket_dir``.
-
-A wireguard-go already serving the socket when :meth:`UserspaceBackend.ensure_device`
-runs (typically left over when the previous agent was killed: the daemon is
-in its own session and outlives us) is **adopted** by default: its sessions,
-roamed endpoints and counters survive an agent restart, and the first
-reconcile finds nothing to write. It is identified through the socket's peer
-credentials (its pid, whose ``/proc/PID/comm`` must name our binary) and
-watched through a pidfd, so its death is noticed like a child's and it is
-then replaced by a child of ours. ``existing="replace"`` terminates it instead
-(to pick up a new binary). A socket served by a process we cannot identify is
-an error; we never guess which process to kill.
+:class:`UapiClient` speaks UAPI over one unix-socket connection per request; :class:`UserspaceBackend`
+runs and restarts ``wireguard-go -f IFNAME`` and adopts a daemon left running by a killed agent, so
+sessions survive an agent restart. Socket directories, adoption and restart rules:
+docs/design/wireguard-userspace.md.
 """
 
 from __future__ import annotations

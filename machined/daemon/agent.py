@@ -1,24 +1,8 @@
 """The agent: config, then the mesh, then the resources, then the services, then the API.
 
-Start order (:meth:`Agent.start`):
-
-1. **Config.** :class:`ConfigManager` boots from the state directory: a staged config is promoted,
-   else the persisted active config runs, else the ``--config`` file is validated, persisted and run.
-   Once a config is persisted it wins over the file at later starts (change it with
-   ApplyConfiguration); a file that differs is reported, a file that does not validate is reported
-   and ignored when a persisted config exists.
-2. **The mesh, first.** :class:`MeshHost` builds the engine and discovery client (as ``kubespan run``)
-   from the config's mesh settings; a failed start is retried in the background.
-3. **Resources.** The state, the controllers (``machined.controllers``) and their runtime; the mesh
-   and cluster controllers are woken after every engine pass.
-4. **Services.** The supervisor with the configured services; those that require the mesh wait for
-   it (``poll_mesh`` over :meth:`MeshHost.health`).
-5. **The machine API** on the unix socket (``machined.api``), and the HTTP status endpoint.
-
-Config changes (apply, TRY, rollback) are applied per :class:`ChangeEffects`, one change at a time:
-the mesh is rebuilt (with cleanup when kernel objects or the cluster change), services are removed,
-added, or stopped-redefined-started. :meth:`Agent.stop` (SIGTERM) stops the services (dependents
-first), then the mesh (with cleanup unless ``keep_on_exit``), then the controllers and the API.
+:meth:`Agent.start` brings these up in that order, :meth:`Agent.stop` takes them down in reverse,
+and config changes are applied one at a time per :class:`ChangeEffects`. Each step and why it comes
+where it does: docs/design/machined-agent.md.
 """
 
 from __future__ import annotations

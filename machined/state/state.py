@@ -1,33 +1,8 @@
 """The in-memory resource state: namespaced collections, owner-checked writes, watches.
 
-Semantics (COSI's, with the choices spelled out):
-
-- ``create`` stores version 1; every change stores version+1. Versions are
-  per resource and restart at 1 when a destroyed resource is created again.
-- Writes name their ``owner`` (the controller). ``create`` records it; every
-  later write (``update``, ``modify``, ``teardown``, ``destroy``) by anyone
-  else raises :class:`OwnerConflictError`. The ``owner`` in the metadata the
-  caller passes is ignored. Finalizers may be added/removed by anyone (the
-  controller runtime allows it only on strong inputs).
-- ``update`` is optimistic: the caller's ``metadata.version`` must equal the
-  stored version (0 means "unconditional"), else :class:`ConflictError`.
-- A write whose spec, labels and annotations equal the stored ones is a
-  no-op: no event, no version bump, ``updated`` unchanged.
-- ``teardown`` moves a resource to phase ``tearingDown`` (an UPDATED event)
-  and reports whether it has no finalizers left; ``destroy`` refuses while
-  finalizers are present.
-
-Copies: ``get``/``list``/``modify`` return independent copies; ``create`` and
-``update`` store a copy of what they are given and write the new metadata
-(version, timestamps, owner) back into the caller's object, so it can be
-changed and updated again. Watch events carry shared, read-only snapshots:
-changing one in place corrupts the state, so ``update`` refuses the stored
-snapshot itself.
-
-Writes never wait for watchers: see :mod:`machined.state.watch` for the
-bounded queue and the ERRORED event sent to a watcher that falls behind.
-All methods must be called from the event loop's thread; the async write
-methods never suspend, so each is atomic with respect to other tasks.
+COSI's semantics: per-resource versions, writes checked against the creating controller, optimistic
+``update``, no-op writes that change nothing, and watches that never slow a writer. The rules, the
+copy discipline and why: docs/design/resource-state.md.
 """
 
 from __future__ import annotations
