@@ -45,6 +45,7 @@ from discovery.version import version_string
 from spanutil.durations import parse_duration
 from spanutil.ipcodec import IPNetwork
 from spanutil.logs import log_event, setup
+from spanutil.sizes import parse_size
 
 log = logging.getLogger("discovery.server")
 
@@ -95,22 +96,6 @@ def grpc_options(
 
 
 GRPC_OPTIONS: list[tuple[str, Any]] = grpc_options()
-
-
-def parse_size(text: str) -> int:
-    """Byte sizes: ``65536``, ``64KiB``, ``64MiB``, ``1GiB`` (``K``/``M``/``G``, ``KB``/``MB``/``GB`` are
-    binary too)."""
-    t = text.strip()
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    num = t.rstrip("BbIi").rstrip()
-    unit = num[-1:].lower() if num[-1:].isalpha() else ""
-    if unit:
-        num = num[:-1]
-    try:
-        value = float(num) * units[unit]
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 65536, 64KiB, 64MiB)") from None
-    return int(value)
 
 
 def listen_target(addr: str) -> str:

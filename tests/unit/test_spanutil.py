@@ -1,4 +1,4 @@
-"""spanutil: the one duration grammar and the one byte<->IP codec."""
+"""spanutil: the one duration grammar, the one size grammar and the one byte<->IP codec."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from spanutil.durations import DurationError, parse_duration
 from spanutil.ipcodec import IPAddress, IPNetwork, ip_from_bytes, ip_to_bytes
+from spanutil.sizes import SizeError, parse_size
 
 # Every form the three former parsers accepted (discovery-service flags, spanctl flags, machined
 # config fields), one grammar now.
@@ -122,3 +123,38 @@ def test_ip_codec_refuses_bad_text():
 def test_network_alias():
     assert isinstance(ipaddress.ip_network("10.0.0.0/8"), IPNetwork)
     assert isinstance(ipaddress.ip_network("fd00::/8"), IPNetwork)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("65536", 65536),
+        ("0", 0),
+        ("64KiB", 64 << 10),
+        ("64K", 64 << 10),
+        ("64kb", 64 << 10),
+        ("8MiB", 8 << 20),
+        ("8MB", 8 << 20),
+        ("1GiB", 1 << 30),
+        (" 1.5KiB ", 1536),
+        ("4 MiB", 4 << 20),
+    ],
+)
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["", "KiB", "64TiB", "lots", "-1KiB", "nan", "inf", "1e400"])
+def test_bad_sizes_name_the_input(bad):
+    with pytest.raises(SizeError, match="invalid size") as e:
+        parse_size(bad)
+    assert repr(bad) in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_size_flags_show_the_message():
+    p = argparse.ArgumentParser(exit_on_error=False)
+    p.add_argument("--budget", type=parse_size)
+    assert p.parse_args(["--budget", "2MiB"]).budget == 2 << 20
+    with pytest.raises(argparse.ArgumentError, match="invalid size 'two'"):
+        p.parse_args(["--budget", "two"])
