@@ -1,7 +1,8 @@
 """Affiliates: decoding a discovered (remote) affiliate, and building this node's own.
 
 :class:`RemoteAffiliate` is decoded from the discovery protobuf and checked field by field
-(:class:`AffiliateError` names the field).
+(:class:`AffiliateError` names the field). :class:`Traversal` carries our NAT-traversal facts in a
+field Talos does not know and skips (``kubespan.traversal``, encrypted like the rest).
 
 The local affiliate follows Talos' LocalAffiliateController: addresses are the
 node's addresses minus loopback, link-local, unspecified, multicast and mesh
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Address, IPv6Interface, IPv6Network
 
 from kubespan.constants import (
@@ -39,6 +40,72 @@ class AffiliateError(ValueError):
         self.field = field
 
 
+# --- NAT traversal (our extension) -------------------------------------------------------------
+
+NAT_CLASSES = ("unknown", "public", "eim", "edm")  # index = the NatClass enum value on the wire
+MAX_PUNCH_INTENTS = 16  # one affiliate must fit the registry's 2 KiB data limit
+CANDIDATES_HASH_LEN = 8
+
+
+@dataclass(frozen=True, slots=True)
+class PunchIntent:
+    """ "I punch towards ``peer`` at ``start_ms`` (Unix ms), trying the candidates hashed here"."""
+
+    peer: PublicKey
+    candidates_hash: bytes
+    start_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Traversal:
+    """A node's NAT class, whether it relays for others, and its punch intents."""
+
+    nat_class: str = "unknown"
+    relay: bool = False
+    punches: tuple[PunchIntent, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.nat_class not in NAT_CLASSES:
+            raise ValueError(f"nat_class: {self.nat_class!r} is not one of {NAT_CLASSES}")
+        if len(self.punches) > MAX_PUNCH_INTENTS:
+            raise ValueError(f"punches: {len(self.punches)} is above the maximum {MAX_PUNCH_INTENTS}")
+
+    @property
+    def empty(self) -> bool:
+        return self == _NO_TRAVERSAL
+
+    def to_pb(self) -> affiliate_pb2.Traversal:
+        return affiliate_pb2.Traversal(
+            nat_class=NAT_CLASSES.index(self.nat_class),
+            relay=self.relay,
+            punch=[
+                affiliate_pb2.PunchIntent(
+                    peer_public_key=p.peer.raw, candidates_hash=p.candidates_hash, start_unix_ms=p.start_ms
+                )
+                for p in self.punches
+            ],
+        )
+
+    @classmethod
+    def from_pb(cls, pb: affiliate_pb2.Traversal) -> Traversal:
+        """Lenient: a newer peer's unknown NAT class reads as unknown, and a malformed or surplus punch
+        intent is dropped (an extension must never cost a peer its mesh)."""
+        nat = NAT_CLASSES[pb.nat_class] if 0 <= pb.nat_class < len(NAT_CLASSES) else "unknown"
+        punches: list[PunchIntent] = []
+        for p in pb.punch[:MAX_PUNCH_INTENTS]:
+            if len(p.candidates_hash) != CANDIDATES_HASH_LEN:
+                continue
+            try:
+                peer = PublicKey(p.peer_public_key)
+            except InvalidKeyError:
+                continue
+            punches.append(PunchIntent(peer, bytes(p.candidates_hash), int(p.start_unix_ms)))
+        return cls(nat, bool(pb.relay), tuple(punches))
+
+
+_NO_TRAVERSAL = Traversal()
+
+
 # --- Remote affiliates ---------------------------------------------------------------------------
 
 
@@ -55,6 +122,7 @@ class RemoteAffiliate:
     additional_prefixes: tuple[IPNetwork, ...] = ()
     excluded_prefixes: tuple[IPNetwork, ...] = ()
     endpoints: tuple[AddrPort, ...] = ()
+    traversal: Traversal = _NO_TRAVERSAL
 
     @classmethod
     def from_pb(
@@ -73,6 +141,7 @@ class RemoteAffiliate:
         mesh: IPv6Address | None = None
         additional: tuple[IPNetwork, ...] = ()
         excluded: tuple[IPNetwork, ...] = ()
+        traversal = _NO_TRAVERSAL
         if pb.HasField("kubespan"):
             ks = pb.kubespan
             if ks.public_key:
@@ -93,6 +162,8 @@ class RemoteAffiliate:
                 _prefix_from_pb(p, f"kubespan.exclude_advertised_addresses[{i}]")
                 for i, p in enumerate(ks.exclude_advertised_addresses)
             )
+            if ks.HasField("traversal"):
+                traversal = Traversal.from_pb(ks.traversal)
         eps: list[AddrPort] = []
         for ep in endpoints:
             if not isinstance(ep, AddrPort):
@@ -112,6 +183,7 @@ class RemoteAffiliate:
             additional_prefixes=additional,
             excluded_prefixes=excluded,
             endpoints=tuple(eps),
+            traversal=traversal,
         )
 
 
@@ -211,9 +283,10 @@ class LocalAffiliate:
     endpoints: tuple[AddrPort, ...]
     machine_type: str = ""
     operating_system: str = ""
+    traversal: Traversal = _NO_TRAVERSAL  # empty: not written, so the bytes are Talos' own layout
 
     def to_pb(self) -> affiliate_pb2.Affiliate:
-        return affiliate_pb2.Affiliate(
+        pb = affiliate_pb2.Affiliate(
             node_id=self.node_id,
             addresses=[ip.packed for ip in self.addresses],
             hostname=self.hostname,
@@ -227,6 +300,9 @@ class LocalAffiliate:
                 exclude_advertised_addresses=[_prefix_to_pb(p) for p in self.excluded_prefixes],
             ),
         )
+        if not self.traversal.empty:
+            pb.kubespan.traversal.CopyFrom(self.traversal.to_pb())
+        return pb
 
     def endpoints_pb(self) -> list[affiliate_pb2.Endpoint]:
         return [affiliate_pb2.Endpoint(ip=ep.ip.packed, port=ep.port) for ep in self.endpoints]
@@ -265,6 +341,7 @@ def build_local_affiliate(
     exclude_addresses: Iterable[IPNetwork | str] = (),
     machine_type: str = "",
     operating_system: str = "",
+    traversal: Traversal = _NO_TRAVERSAL,
 ) -> LocalAffiliate:
     """Build this node's affiliate (see the module docstring for the rules).
 
@@ -312,4 +389,5 @@ def build_local_affiliate(
         endpoints=tuple(endpoints),
         machine_type=machine_type,
         operating_system=operating_system,
+        traversal=traversal,
     )

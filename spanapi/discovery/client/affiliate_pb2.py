@@ -24,21 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(spanapi/discovery/client/affiliate.proto\x12\x17sidero.discovery.client\"\x9f\x02\n\tAffiliate\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\x0c\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x10\n\x08nodename\x18\x04 \x01(\t\x12\x14\n\x0cmachine_type\x18\x05 \x01(\t\x12\x18\n\x10operating_system\x18\x06 \x01(\t\x12\x38\n\x08kubespan\x18\x07 \x01(\x0b\x32!.sidero.discovery.client.KubeSpanH\x00\x88\x01\x01\x12\x41\n\rcontrol_plane\x18\x08 \x01(\x0b\x32%.sidero.discovery.client.ControlPlaneH\x01\x88\x01\x01\x42\x0b\n\t_kubespanB\x10\n\x0e_control_plane\"\xb9\x01\n\x08KubeSpan\x12\x12\n\npublic_key\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0c\x12?\n\x14\x61\x64\x64itional_addresses\x18\x03 \x03(\x0b\x32!.sidero.discovery.client.IPPrefix\x12G\n\x1c\x65xclude_advertised_addresses\x18\x04 \x03(\x0b\x32!.sidero.discovery.client.IPPrefix\"$\n\x08IPPrefix\x12\n\n\x02ip\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\"$\n\x08\x45ndpoint\x12\n\n\x02ip\x18\x01 \x01(\x0c\x12\x0c\n\x04port\x18\x02 \x01(\r\"\'\n\x0c\x43ontrolPlane\x12\x17\n\x0f\x61pi_server_port\x18\x01 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(spanapi/discovery/client/affiliate.proto\x12\x17sidero.discovery.client\"\x9f\x02\n\tAffiliate\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\x0c\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x10\n\x08nodename\x18\x04 \x01(\t\x12\x14\n\x0cmachine_type\x18\x05 \x01(\t\x12\x18\n\x10operating_system\x18\x06 \x01(\t\x12\x38\n\x08kubespan\x18\x07 \x01(\x0b\x32!.sidero.discovery.client.KubeSpanH\x00\x88\x01\x01\x12\x41\n\rcontrol_plane\x18\x08 \x01(\x0b\x32%.sidero.discovery.client.ControlPlaneH\x01\x88\x01\x01\x42\x0b\n\t_kubespanB\x10\n\x0e_control_plane\"\x83\x02\n\x08KubeSpan\x12\x12\n\npublic_key\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0c\x12?\n\x14\x61\x64\x64itional_addresses\x18\x03 \x03(\x0b\x32!.sidero.discovery.client.IPPrefix\x12G\n\x1c\x65xclude_advertised_addresses\x18\x04 \x03(\x0b\x32!.sidero.discovery.client.IPPrefix\x12:\n\ttraversal\x18\x64 \x01(\x0b\x32\".sidero.discovery.client.TraversalH\x00\x88\x01\x01\x42\x0c\n\n_traversal\"\x85\x01\n\tTraversal\x12\x34\n\tnat_class\x18\x01 \x01(\x0e\x32!.sidero.discovery.client.NatClass\x12\r\n\x05relay\x18\x02 \x01(\x08\x12\x33\n\x05punch\x18\x03 \x03(\x0b\x32$.sidero.discovery.client.PunchIntent\"V\n\x0bPunchIntent\x12\x17\n\x0fpeer_public_key\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63\x61ndidates_hash\x18\x02 \x01(\x0c\x12\x15\n\rstart_unix_ms\x18\x03 \x01(\x04\"$\n\x08IPPrefix\x12\n\n\x02ip\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\"$\n\x08\x45ndpoint\x12\n\n\x02ip\x18\x01 \x01(\x0c\x12\x0c\n\x04port\x18\x02 \x01(\r\"\'\n\x0c\x43ontrolPlane\x12\x17\n\x0f\x61pi_server_port\x18\x01 \x01(\r*]\n\x08NatClass\x12\x15\n\x11NAT_CLASS_UNKNOWN\x10\x00\x12\x14\n\x10NAT_CLASS_PUBLIC\x10\x01\x12\x11\n\rNAT_CLASS_EIM\x10\x02\x12\x11\n\rNAT_CLASS_EDM\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spanapi.discovery.client.affiliate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_NATCLASS']._serialized_start=962
+  _globals['_NATCLASS']._serialized_end=1055
   _globals['_AFFILIATE']._serialized_start=70
   _globals['_AFFILIATE']._serialized_end=357
   _globals['_KUBESPAN']._serialized_start=360
-  _globals['_KUBESPAN']._serialized_end=545
-  _globals['_IPPREFIX']._serialized_start=547
-  _globals['_IPPREFIX']._serialized_end=583
-  _globals['_ENDPOINT']._serialized_start=585
-  _globals['_ENDPOINT']._serialized_end=621
-  _globals['_CONTROLPLANE']._serialized_start=623
-  _globals['_CONTROLPLANE']._serialized_end=662
+  _globals['_KUBESPAN']._serialized_end=619
+  _globals['_TRAVERSAL']._serialized_start=622
+  _globals['_TRAVERSAL']._serialized_end=755
+  _globals['_PUNCHINTENT']._serialized_start=757
+  _globals['_PUNCHINTENT']._serialized_end=843
+  _globals['_IPPREFIX']._serialized_start=845
+  _globals['_IPPREFIX']._serialized_end=881
+  _globals['_ENDPOINT']._serialized_start=883
+  _globals['_ENDPOINT']._serialized_end=919
+  _globals['_CONTROLPLANE']._serialized_start=921
+  _globals['_CONTROLPLANE']._serialized_end=960
 # @@protoc_insertion_point(module_scope)
