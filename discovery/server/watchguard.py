@@ -1,36 +1,9 @@
 """Bounds on Watch streams: how many there are, from whom, and the bytes they hold in flight.
 
-A Watch stream costs the server little while it is idle (~20 KiB: gRPC call state, a task, a
-subscription), but every message the server writes is held in memory until the client reads it:
-our serialized copy and grpc-core's, then the kernel's socket buffer. A client that opens streams
-and never reads its socket would pin all of that for as long as it keeps the connection open. The
-bounds here, used by :meth:`ClusterService.watch`:
-
-* :class:`WatchSlots` caps the open watches in total and per client address (an IPv6 client's
-  /64, as one host or site is usually given a whole /64); a watch over a cap is refused with
-  RESOURCE_EXHAUSTED;
-* :class:`WatchSender` writes one message at a time per stream, each at most
-  ``WATCH_CHUNK_BYTES`` or so for snapshots (which are serialized lazily, chunk by chunk), and
-  accounts the bytes of every write in flight against one global budget and against the client
-  address's share of it: a write that would exceed either waits (first come, first served). A write that does not complete within the stall timeout
-  fails with :class:`WriteStalled` (the stream is then ABORTED); while writes are waiting for the
-  budget, every write in flight gets at most ``PRESSURE_STALL`` seconds, so streams that stopped
-  reading are shed first and cannot starve the readers;
-* :class:`RefusalLog` writes at most one line per interval about refused watches, with counts, so
-  refusals cannot be turned into a log flood.
-
-Measured with a full cluster (1,024 maximum-size affiliates, a ~4.3 MiB snapshot) and clients that
-never read: ~180 KiB of server memory per stream (about two chunks and the stream's state), where
-the whole snapshot was queued before (~3.2 MiB per stream, more with a larger client receive
-buffer). Chunks of 16 KiB would cut that to ~75 KiB but cost twice the CPU per snapshot.
-
-Connections: grpc-core sets ``TCP_USER_TIMEOUT`` to the keepalive timeout, and Linux (5.11 and
-later) applies it to a peer that keeps a zero window too, so the connection of a client that never
-reads is closed by the kernel after ``--keepalive-timeout`` whatever the stall timeout; a half-open
-one (nothing answers) goes after ``--keepalive-time`` + ``--keepalive-timeout`` (pings, see
-``discovery.server.main``). Not bounded here: a client that drains its connection very slowly keeps
-the kernel's send buffer and grpc-core's last write (one chunk) after its stream was aborted, until
-it disconnects; limit connections per source address in front of the server for that.
+A client that opens streams and never reads would otherwise pin the server's memory: these caps
+(open watches in total and per address, bytes in flight in total and per address, snapshot slots,
+stall timeouts) keep that bounded, and :class:`RefusalLog` keeps refusals from flooding the log.
+The design and its measurements: ``docs/design/watch-bounds.md``.
 """
 
 from __future__ import annotations
@@ -40,10 +13,10 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from discovery.server.bytegate import ByteGate
 from spanutil.ipcodec import IPAddress
 from spanutil.logs import log_event
 
@@ -110,7 +83,7 @@ class WatchSender:
 
     ``budget`` 0 means no budget; ``stall_timeout`` 0 means no timeout (writes are then abandoned
     only under budget pressure). ``per_client`` (0: none) caps one client's share of the budget
-    with a queue of its own, so one address's streams that never read cannot take the whole
+    with a :class:`ByteGate` (a queue) of its own, so one address's streams that never read cannot take the whole
     budget and starve everybody else's watches; a client waiting for its share puts only its own
     writes under pressure. One stream has at most one write in flight (its handler awaits
     each), so the budget also bounds the bytes of the snapshots being produced: a chunk is
@@ -129,111 +102,52 @@ class WatchSender:
         per_client: int = 0,
         snapshots_per_client: int = 0,
     ) -> None:
-        self.budget = budget
         self.per_client = per_client
         self.snapshots_per_client = snapshots_per_client
         self._snapshots: dict[str, tuple[asyncio.Semaphore, int]] = {}  # client -> (slots, users)
-        self._client_bytes: dict[str, int] = {}
-        self._client_waiters: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {}
+        self._clients: dict[str, ByteGate] = {}  # per-client shares, while in use
         self.stall_timeout = stall_timeout
         self.pressure_stall = min(pressure_stall, stall_timeout) if stall_timeout > 0 else pressure_stall
         limits = [self.pressure_stall / 4, 1.0] + ([stall_timeout / 4] if stall_timeout > 0 else [])
         self.period = max(0.005, min(limits))
-        self.in_flight = 0  # bytes granted and not yet released
-        self.peak = 0
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        # Writes waiting for the global budget put every write in flight under pressure.
+        self._gate = ByteGate(budget, on_wait=self._sweep)
         self._writes: dict[asyncio.Task[Any], tuple[float, str]] = {}  # task -> (start, client)
         self._marked: dict[asyncio.Task[Any], bool] = {}  # abandoned writes -> under pressure?
         self._sweeper: asyncio.TimerHandle | None = None
-        self._pressure = False
 
     # -- budget ------------------------------------------------------------------------------
 
-    def _fits(self, n: int) -> bool:
-        return self.in_flight + n <= self.budget or self.in_flight == 0
+    @property
+    def in_flight(self) -> int:
+        """Bytes granted by the global budget and not yet released."""
+        return self._gate.in_flight
 
-    async def _wait(self, n: int) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (n, fut)
-        self._waiters.append(entry)
-        if not self._pressure:
-            # Budget exhausted with writers waiting: writes in flight get pressure_stall from now on.
-            self._pressure = True
-            self._sweep()
+    @property
+    def peak(self) -> int:
+        return self._gate.peak
+
+    @property
+    def clients_tracked(self) -> int:
+        """Client addresses with bytes in flight or writes waiting for their share."""
+        return len(self._clients)
+
+    def _under_pressure(self, client: str) -> bool:
+        gate = self._clients.get(client)
+        return self._gate.waiting or (gate is not None and gate.waiting) or self._slots_wanted(client)
+
+    @contextlib.asynccontextmanager
+    async def _client_share(self, client: str, n: int) -> AsyncIterator[None]:
+        """Hold ``n`` bytes of ``client``'s share; its gate is dropped once idle."""
+        gate = self._clients.get(client)
+        if gate is None:
+            gate = self._clients[client] = ByteGate(self.per_client, on_wait=self._sweep)
         try:
-            await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self._release(n)  # granted, then cancelled before it could be used
-            else:
-                self._waiters.remove(entry)
-                self._wake()
-            raise
-
-    def _grant(self, n: int) -> None:
-        self.in_flight += n
-        if self.in_flight > self.peak:
-            self.peak = self.in_flight
-
-    def _release(self, n: int) -> None:
-        self.in_flight -= n
-        if self._waiters:
-            self._wake()
-
-    def _wake(self) -> None:
-        waiters = self._waiters
-        while waiters and self._fits(waiters[0][0]):
-            n, fut = waiters.popleft()
-            if not fut.done():
-                self._grant(n)
-                fut.set_result(None)
-        if not waiters:
-            self._pressure = False
-
-    def _client_fits(self, client: str, n: int) -> bool:
-        used = self._client_bytes.get(client, 0)
-        return used + n <= self.per_client or used == 0
-
-    async def _client_acquire(self, client: str, n: int) -> None:
-        waiters = self._client_waiters.get(client)
-        if waiters is None and self._client_fits(client, n):
-            self._client_bytes[client] = self._client_bytes.get(client, 0) + n
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (n, fut)
-        if waiters is None:
-            waiters = self._client_waiters[client] = deque()
-            self._sweep()  # this client's writes in flight are under pressure from now on
-        waiters.append(entry)
-        try:
-            await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self._client_release(client, n)
-            else:
-                waiters.remove(entry)
-                self._client_wake(client)
-            raise
-
-    def _client_release(self, client: str, n: int) -> None:
-        left = self._client_bytes[client] - n
-        if left:
-            self._client_bytes[client] = left
-        else:
-            del self._client_bytes[client]
-        self._client_wake(client)
-
-    def _client_wake(self, client: str) -> None:
-        waiters = self._client_waiters.get(client)
-        if waiters is None:
-            return
-        while waiters and self._client_fits(client, waiters[0][0]):
-            n, fut = waiters.popleft()
-            if not fut.done():
-                self._client_bytes[client] = self._client_bytes.get(client, 0) + n
-                fut.set_result(None)
-        if not waiters:
-            del self._client_waiters[client]
+            async with gate.hold(n):
+                yield
+        finally:
+            if gate.idle:
+                del self._clients[client]
 
     # -- snapshot slots ------------------------------------------------------------------------
 
@@ -280,7 +194,7 @@ class WatchSender:
         loop = asyncio.get_running_loop()
         now = loop.time()
         for task, (start, client) in self._writes.items():
-            pressure = self._pressure or client in self._client_waiters or self._slots_wanted(client)
+            pressure = self._under_pressure(client)
             limit = self.pressure_stall if pressure else self.stall_timeout
             if limit > 0 and start <= now - limit and task not in self._marked:
                 self._marked[task] = pressure
@@ -297,23 +211,16 @@ class WatchSender:
 
         Raises :class:`WriteStalled` when the write does not complete in time.
         """
-        share = self.per_client and size > 0  # an empty message (an empty snapshot) takes no share
-        if share:
-            await self._client_acquire(client, size)
-        try:
+        if self.per_client and size > 0:  # an empty message (an empty snapshot) takes no share
+            async with self._client_share(client, size):
+                await self._write(context, size, message, client)
+        else:
             await self._write(context, size, message, client)
-        finally:
-            if share:
-                self._client_release(client, size)
 
     async def _write(
         self, context: Any, size: int, message: bytes | Callable[[], bytes], client: str
     ) -> None:
-        if self.budget and (self._waiters or not self._fits(size)):
-            await self._wait(size)
-        else:
-            self._grant(size)
-        try:
+        async with self._gate.hold(size):
             data = message() if callable(message) else message
             task = asyncio.current_task()
             assert task is not None
@@ -330,8 +237,6 @@ class WatchSender:
                 raise WriteStalled(self.pressure_stall if shed else self.stall_timeout, shed) from None
             finally:
                 del self._writes[task]
-        finally:
-            self._release(size)
 
 
 class RefusalLog:

@@ -177,14 +177,14 @@ async def test_one_client_cannot_take_the_whole_budget() -> None:
     for t in evil:
         t.cancel()
     await asyncio.gather(*evil, return_exceptions=True)
-    assert s.in_flight == 0 and not s._client_bytes and not s._client_waiters
+    assert s.in_flight == 0 and s.clients_tracked == 0
 
 
 async def test_empty_messages_take_no_share() -> None:
     s = WatchSender(budget=100, stall_timeout=30.0, per_client=30)
     await asyncio.gather(*(s.write(FakeContext(), 0, b"", "c") for _ in range(5)))
     await s.write(FakeContext(), 10, b"x" * 10, "c")
-    assert s.in_flight == 0 and not s._client_bytes
+    assert s.in_flight == 0 and s.clients_tracked == 0
 
 
 async def test_client_waiting_for_its_share_sheds_only_its_own_stalled_writes() -> None:
