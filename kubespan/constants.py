@@ -12,6 +12,7 @@ configurable: they are what the endpoint state machine reasons about.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 
 # --- Link and WireGuard device -------------------------------------------------------------------
@@ -89,11 +90,18 @@ LEARNED_ENDPOINTS_MAX = 4  # roamed endpoints remembered (and published) per pee
 
 
 class ConfigError(ValueError):
-    """A configuration value is out of range; names the field and the limit."""
+    """A configuration value is out of range; names the field and the limit.
+
+    ``rule`` is the message without the field name (callers that know where the field was set, a
+    YAML path or a command-line flag, put their own name in front). ``errors`` lists every problem
+    the same check found, this one first, so a caller can report them all at once.
+    """
 
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        self.rule = message
+        self.errors: tuple[ConfigError, ...] = (self,)
 
 
 _NFT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -187,33 +195,12 @@ class MeshConfig:
     timings: DetectionTimings = field(default_factory=DetectionTimings)
 
     def __post_init__(self) -> None:
-        check_link_name(self.link_name)
-        _check_range("listen_port", self.listen_port, 1, 65535)
-        _check_range("mtu", self.mtu, MTU_MIN, MTU_MAX)
-        _check_range("persistent_keepalive", self.persistent_keepalive, 0, KEEPALIVE_MAX)
-        _check_range("routing_table", self.routing_table, 1, TABLE_MAX)
-        if self.routing_table in RESERVED_TABLES:
-            raise ConfigError(
-                "routing_table",
-                f"{self.routing_table} is reserved (reserved: {sorted(RESERVED_TABLES)})",
-            )
-        _check_range("rule_priority", self.rule_priority, RULE_PRIORITY_MIN, RULE_PRIORITY_MAX)
-        _check_range("fwmark_mask", self.fwmark_mask, 1, FWMARK_MAX)
-        for name in ("fwmark_wireguard", "fwmark_force"):
-            value = getattr(self, name)
-            _check_range(name, value, 1, FWMARK_MAX)
-            if value & ~self.fwmark_mask:
-                raise ConfigError(name, f"{value:#x} has bits outside fwmark_mask {self.fwmark_mask:#x}")
-        if self.fwmark_wireguard == self.fwmark_force:
-            raise ConfigError("fwmark_force", f"{self.fwmark_force:#x} must differ from fwmark_wireguard")
-        if not _NFT_NAME.fullmatch(self.nft_table) or len(self.nft_table) > NFT_NAME_MAX:
-            raise ConfigError(
-                "nft_table",
-                f"{self.nft_table!r} must be 1..{NFT_NAME_MAX} characters of [A-Za-z0-9_], "
-                "not starting with a digit",
-            )
-        if not self.reconcile_interval > 0:
-            raise ConfigError("reconcile_interval", f"{self.reconcile_interval!r} must be greater than 0")
+        # The one validation of the mesh settings: the machine config, ``kubespan run`` and the
+        # data-plane adapters' loose-value constructors all come through here, once.
+        errors = list(_mesh_problems(self))
+        if errors:
+            errors[0].errors = tuple(errors)
+            raise errors[0]
 
     @property
     def mss_ipv4(self) -> int:
@@ -242,13 +229,52 @@ class MeshConfig:
         return out
 
 
-def _check_range(name: str, value: object, low: int, high: int) -> None:
+def _mesh_problems(cfg: MeshConfig) -> Iterator[ConfigError]:
+    """Every rule ``cfg`` breaks, in field order; a check that spans fields runs only when the fields
+    it reads are valid themselves."""
+    if (problem := link_name_problem(cfg.link_name)) is not None:
+        yield ConfigError("link_name", problem)
+    yield from _range("listen_port", cfg.listen_port, 1, 65535)
+    yield from _range("mtu", cfg.mtu, MTU_MIN, MTU_MAX)
+    yield from _range("persistent_keepalive", cfg.persistent_keepalive, 0, KEEPALIVE_MAX)
+    table = list(_range("routing_table", cfg.routing_table, 1, TABLE_MAX))
+    yield from table
+    if not table and cfg.routing_table in RESERVED_TABLES:
+        yield ConfigError(
+            "routing_table", f"{cfg.routing_table} is reserved (reserved: {sorted(RESERVED_TABLES)})"
+        )
+    yield from _range("rule_priority", cfg.rule_priority, RULE_PRIORITY_MIN, RULE_PRIORITY_MAX)
+    mask = list(_range("fwmark_mask", cfg.fwmark_mask, 1, FWMARK_MAX))
+    yield from mask
+    marks_ok = True
+    for name in ("fwmark_wireguard", "fwmark_force"):
+        value = getattr(cfg, name)
+        bad = list(_range(name, value, 1, FWMARK_MAX))
+        yield from bad
+        marks_ok = marks_ok and not bad
+        if not bad and not mask and value & ~cfg.fwmark_mask:
+            yield ConfigError(name, f"{value:#x} has bits outside fwmark_mask {cfg.fwmark_mask:#x}")
+    if marks_ok and cfg.fwmark_wireguard == cfg.fwmark_force:
+        yield ConfigError("fwmark_force", f"{cfg.fwmark_force:#x} must differ from fwmark_wireguard")
+    nft = cfg.nft_table
+    if not isinstance(nft, str) or not _NFT_NAME.fullmatch(nft) or len(nft) > NFT_NAME_MAX:
+        yield ConfigError(
+            "nft_table",
+            f"{nft!r} must be 1..{NFT_NAME_MAX} characters of [A-Za-z0-9_], not starting with a digit",
+        )
+    interval = cfg.reconcile_interval
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval > 0:
+        yield ConfigError("reconcile_interval", f"{interval!r} must be greater than 0")
+
+
+def _range(name: str, value: object, low: int, high: int) -> Iterator[ConfigError]:
+    """The problem with an integer field, if any: the message has the limit broken and the range."""
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(name, f"{value!r} must be an integer")
-    if value < low:
-        raise ConfigError(name, f"{value} is below the minimum {low}")
-    if value > high:
-        raise ConfigError(name, f"{value} is above the maximum {high}")
+        yield ConfigError(name, f"{value!r} must be an integer between {low} and {high}")
+    elif value < low:
+        yield ConfigError(name, f"{value} is below the minimum {low}: must be between {low} and {high}")
+    elif value > high:
+        yield ConfigError(name, f"{value} is above the maximum {high}: must be between {low} and {high}")
 
 
 def link_name_problem(name: object) -> str | None:

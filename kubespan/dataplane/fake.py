@@ -233,10 +233,11 @@ class FakeNftManager(_Failures):
         table_name: str = C.NFT_TABLE,
         *,
         netns: str | None = None,
-        **params: Any,
+        params: RulesetParams | None = None,
+        **loose: Any,
     ) -> None:
         super().__init__()
-        self.params = RulesetParams(table=table_name, **params)
+        self.params = params or RulesetParams.of(table_name, **loose)
         self.netns = netns
         self.sets: dict[str, set[IPNetwork]] | None = None
         self.transactions: list[Transaction] = []
@@ -248,9 +249,7 @@ class FakeNftManager(_Failures):
 
     @classmethod
     def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None) -> FakeNftManager:
-        fake = cls(netns=netns)
-        fake.params = RulesetParams.from_config(cfg)
-        return fake
+        return cls(netns=netns, params=RulesetParams.from_config(cfg))
 
     @property
     def table(self) -> str:

@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from kubespan import constants as C
@@ -119,9 +119,11 @@ class NftManager:
         nft: str = "nft",
         timeout: float = DEFAULT_TIMEOUT,
         runner: Runner | None = None,
+        params: RulesetParams | None = None,
     ) -> None:
-        self.params = RulesetParams(
-            table=table_name,
+        # ``params`` (from_config: a checked MeshConfig) replaces the loose values, checked otherwise
+        self.params = params or RulesetParams.of(
+            table_name,
             ifname=ifname,
             mtu=mtu,
             fwmark_wireguard=fwmark_wireguard,
@@ -145,8 +147,7 @@ class NftManager:
 
     @classmethod
     def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None, **kw: Any) -> NftManager:
-        args = asdict(RulesetParams.from_config(cfg))
-        return cls(args.pop("table"), netns=netns, **args, **kw)
+        return cls(netns=netns, params=RulesetParams.from_config(cfg), **kw)
 
     @property
     def table(self) -> str:

@@ -56,7 +56,9 @@ COMMENT_PREFIX = "kubespan:"
 
 @dataclass(frozen=True, slots=True)
 class RulesetParams:
-    """Everything the ruleset depends on (set elements aside)."""
+    """Everything the ruleset depends on (set elements aside), taken from a checked MeshConfig:
+    :meth:`from_config` for one already built, :meth:`of` for loose values (checked by MeshConfig).
+    The constructor itself checks nothing."""
 
     table: str = C.NFT_TABLE
     ifname: str = C.LINK_NAME
@@ -66,19 +68,9 @@ class RulesetParams:
     fwmark_mask: int = C.FWMARK_MASK
     clamp_forwarded_mss: bool = True
 
-    def __post_init__(self) -> None:
-        # Reuse MeshConfig's validation (names the field and the limit).
-        C.MeshConfig(
-            link_name=self.ifname,
-            mtu=self.mtu,
-            fwmark_wireguard=self.fwmark_wireguard,
-            fwmark_force=self.fwmark_force,
-            fwmark_mask=self.fwmark_mask,
-            nft_table=self.table,
-        )
-
     @classmethod
     def from_config(cls, cfg: C.MeshConfig) -> RulesetParams:
+        """The ruleset's part of ``cfg`` (which MeshConfig has checked: nothing is checked again)."""
         return cls(
             table=cfg.nft_table,
             ifname=cfg.link_name,
@@ -88,6 +80,30 @@ class RulesetParams:
             fwmark_mask=cfg.fwmark_mask,
             clamp_forwarded_mss=cfg.clamp_forwarded_mss,
         )
+
+    @classmethod
+    def of(
+        cls,
+        table: str = C.NFT_TABLE,
+        *,
+        ifname: str = C.LINK_NAME,
+        mtu: int = C.MTU,
+        fwmark_wireguard: int = C.FWMARK_WIREGUARD,
+        fwmark_force: int = C.FWMARK_FORCE,
+        fwmark_mask: int = C.FWMARK_MASK,
+        clamp_forwarded_mss: bool = True,
+    ) -> RulesetParams:
+        """Loose values checked by MeshConfig (the one validator; ``ConfigError`` names the field)."""
+        cfg = C.MeshConfig(
+            nft_table=table,
+            link_name=ifname,
+            mtu=mtu,
+            fwmark_wireguard=fwmark_wireguard,
+            fwmark_force=fwmark_force,
+            fwmark_mask=fwmark_mask,
+            clamp_forwarded_mss=clamp_forwarded_mss,
+        )
+        return cls.from_config(cfg)
 
     @property
     def mss_ipv4(self) -> int:

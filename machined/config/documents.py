@@ -19,26 +19,7 @@ from urllib.parse import urlsplit
 from discovery.crypto import SecretError, parse_secret
 from discovery.limits import CLUSTER_ID_MAX
 from kubespan.affiliate import EndpointFilter
-from kubespan.constants import (
-    FWMARK_FORCE,
-    FWMARK_MASK,
-    FWMARK_MAX,
-    FWMARK_WIREGUARD,
-    KEEPALIVE_MAX,
-    LINK_NAME,
-    LISTEN_PORT,
-    MTU,
-    MTU_MAX,
-    MTU_MIN,
-    NFT_TABLE,
-    PERSISTENT_KEEPALIVE,
-    ROUTING_TABLE,
-    RULE_PRIORITY,
-    RULE_PRIORITY_MAX,
-    RULE_PRIORITY_MIN,
-    TABLE_MAX,
-    link_name_problem,
-)
+from kubespan.constants import MTU
 from kubespan.wireguard.types import AddrPort
 from machined.config.errors import Problem
 from machined.config.reader import MISSING, Reader, Sink
@@ -68,13 +49,27 @@ RESERVED_SERVICE_NAMES = frozenset({"machined", "controller-runtime"})  # log id
 
 UNUSED_MESSAGE = "fields not used by machined (accepted and ignored)"
 
+# The MeshConfig fields an AgentConfig sets, and where (mtu and allow_down_peer_bypass come from the
+# KubeSpan settings). The reader checks only the YAML type; MeshConfig checks the values, once.
+AGENT_MESH_INTS = {
+    "listen_port": "wireguard.listenPort",
+    "persistent_keepalive": "wireguard.persistentKeepalive",
+    "routing_table": "routing.table",
+    "rule_priority": "routing.rulePriority",
+    "fwmark_wireguard": "routing.fwmarkWireguard",
+    "fwmark_force": "routing.fwmarkForce",
+    "fwmark_mask": "routing.fwmarkMask",
+}
+AGENT_MESH_STRINGS = {"link_name": "wireguard.linkName", "nft_table": "routing.nftTable"}
+AGENT_MESH_PATHS = {**AGENT_MESH_STRINGS, **AGENT_MESH_INTS}
+KUBESPAN_MESH_PATHS = {"mtu": "mtu", "allow_down_peer_bypass": "allowDownPeerBypass"}
+
 _TOKEN = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{16}")
 _NAME = re.compile(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DNS_NAME = re.compile(
     r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
 )
-_NFT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _PEM_KEY = re.compile(
     rb"-----BEGIN ([A-Z0-9 ]* )?PRIVATE KEY-----.+-----END ([A-Z0-9 ]* )?PRIVATE KEY-----", re.S
 )
@@ -93,7 +88,10 @@ class CertificateAuthority:
 
 @dataclass(frozen=True, slots=True)
 class KubeSpanSettings:
-    """``machine.network.kubespan`` or a ``KubeSpanConfig`` document; defaults are Talos's."""
+    """``machine.network.kubespan`` or a ``KubeSpanConfig`` document; defaults are Talos's.
+
+    ``mtu`` is checked by the ``MeshConfig`` the machine config builds from it (a ``MachineConfig``
+    with a bad one is never made)."""
 
     enabled: bool = False
     advertise_kubernetes_networks: bool = False
@@ -132,7 +130,10 @@ class DiscoveryEndpoint:
 
 @dataclass(frozen=True, slots=True)
 class AgentSettings:
-    """Our ``AgentConfig`` document: what a Linux agent needs besides the Talos settings."""
+    """Our ``AgentConfig`` document: what a Linux agent needs besides the Talos settings.
+
+    The document's mesh settings (``wireguard.linkName``, ``routing.*`` ...) are not here: they go
+    into the one ``MeshConfig`` (``MachineConfig.mesh().config``), see :data:`AGENT_MESH_PATHS`."""
 
     state_dir: Path = DEFAULT_STATE_DIR
     nodename: str | None = None  # label shown to peers; None = the hostname
@@ -140,15 +141,6 @@ class AgentSettings:
     backend: str = "auto"
     wireguard_go: str = "wireguard-go"
     socket_dir: Path = DEFAULT_SOCKET_DIR
-    link_name: str = LINK_NAME
-    listen_port: int = LISTEN_PORT
-    persistent_keepalive: int = PERSISTENT_KEEPALIVE
-    routing_table: int = ROUTING_TABLE
-    rule_priority: int = RULE_PRIORITY
-    fwmark_wireguard: int = FWMARK_WIREGUARD
-    fwmark_force: int = FWMARK_FORCE
-    fwmark_mask: int = FWMARK_MASK
-    nft_table: str = NFT_TABLE
     advertised_networks: tuple[IPNetwork, ...] = ()
     mac: bytes | None = None
     discovery_ca: Path | None = None
@@ -438,7 +430,7 @@ def read_kubespan(r: Reader, prefix: str) -> KubeSpanSettings:
         advertise_kubernetes_networks=r.boolean(_sub(prefix, "advertiseKubernetesNetworks"), False),
         allow_down_peer_bypass=r.boolean(_sub(prefix, "allowDownPeerBypass"), False),
         harvest_extra_endpoints=harvest,
-        mtu=r.integer(_sub(prefix, "mtu"), MTU, MTU_MIN, MTU_MAX),
+        mtu=r.integer(_sub(prefix, "mtu"), MTU),
         endpoint_filters=r.items(
             _sub(prefix, "filters.endpoints"),
             _endpoint_filter,
@@ -546,7 +538,8 @@ def read_discovery_service(r: Reader) -> DiscoveryEndpoint | None:
 # --- our documents ---------------------------------------------------------------------------------
 
 
-def read_agent(r: Reader) -> AgentSettings:
+def read_agent(r: Reader) -> tuple[AgentSettings, dict[str, int | str]]:
+    """The document's settings, and the MeshConfig fields it sets (by field name, type-checked only)."""
     r.raw("apiVersion")
     r.raw("kind")
     d = AgentSettings()
@@ -572,22 +565,13 @@ def read_agent(r: Reader) -> AgentSettings:
     if socket_dir is not None and not socket_dir.startswith("/"):
         r.fail("wireguard.socketDir", "must be an absolute path")
         socket_dir = None
-    link = r.string("wireguard.linkName", LINK_NAME)
-    if link is None:
-        link = LINK_NAME
-    problem = link_name_problem(link)  # the rule the WireGuard backends and the link manager apply
-    if problem is not None:
-        r.fail("wireguard.linkName", problem)
-        link = LINK_NAME
-    nft = r.string("routing.nftTable", NFT_TABLE)
-    if nft is None:
-        nft = NFT_TABLE
-    if not _NFT_NAME.fullmatch(nft):
-        r.fail(
-            "routing.nftTable",
-            f"must be 1..64 characters of [A-Za-z0-9_], not starting with a digit, got {nft!r}",
-        )
-        nft = NFT_TABLE
+    mesh: dict[str, int | str] = {}
+    for name, path in AGENT_MESH_STRINGS.items():
+        if (text := r.string(path)) is not None:
+            mesh[name] = text
+    for name, path in AGENT_MESH_INTS.items():
+        if (number := r.integer(path, None)) is not None:
+            mesh[name] = number
     mac_raw = r.raw("mesh.mac")
     mac: bytes | None = None
     if mac_raw is not MISSING:
@@ -609,23 +593,12 @@ def read_agent(r: Reader) -> AgentSettings:
         backend=r.choice("wireguard.backend", "auto", BACKENDS),
         wireguard_go=r.string("wireguard.wireguardGo", d.wireguard_go) or d.wireguard_go,
         socket_dir=Path(socket_dir) if socket_dir else d.socket_dir,
-        link_name=link,
-        listen_port=r.integer("wireguard.listenPort", LISTEN_PORT, 1, 65535),
-        persistent_keepalive=r.integer(
-            "wireguard.persistentKeepalive", PERSISTENT_KEEPALIVE, 0, KEEPALIVE_MAX
-        ),
-        routing_table=r.integer("routing.table", ROUTING_TABLE, 1, TABLE_MAX),
-        rule_priority=r.integer("routing.rulePriority", RULE_PRIORITY, RULE_PRIORITY_MIN, RULE_PRIORITY_MAX),
-        fwmark_wireguard=r.integer("routing.fwmarkWireguard", FWMARK_WIREGUARD, 1, FWMARK_MAX),
-        fwmark_force=r.integer("routing.fwmarkForce", FWMARK_FORCE, 1, FWMARK_MAX),
-        fwmark_mask=r.integer("routing.fwmarkMask", FWMARK_MASK, 1, FWMARK_MAX),
-        nft_table=nft,
         advertised_networks=r.items("mesh.advertisedNetworks", _network, "must be a CIDR"),
         mac=mac,
         discovery_ca=Path(ca) if ca else None,
     )
     r.reject_unknown()
-    return settings
+    return settings, mesh
 
 
 def _read_requirement(r: Reader) -> MeshRequirement:

@@ -34,19 +34,6 @@ if TYPE_CHECKING:
     from kubespan.engine import MeshOptions
     from machined.config.patch import Patch
 
-# MeshConfig field -> where it is set in the config (for errors raised by MeshConfig itself)
-_MESH_FIELD_PATHS = {
-    "link_name": (d.AGENT_CONFIG, "wireguard.linkName"),
-    "listen_port": (d.AGENT_CONFIG, "wireguard.listenPort"),
-    "persistent_keepalive": (d.AGENT_CONFIG, "wireguard.persistentKeepalive"),
-    "routing_table": (d.AGENT_CONFIG, "routing.table"),
-    "rule_priority": (d.AGENT_CONFIG, "routing.rulePriority"),
-    "fwmark_wireguard": (d.AGENT_CONFIG, "routing.fwmarkWireguard"),
-    "fwmark_force": (d.AGENT_CONFIG, "routing.fwmarkForce"),
-    "fwmark_mask": (d.AGENT_CONFIG, "routing.fwmarkMask"),
-    "nft_table": (d.AGENT_CONFIG, "routing.nftTable"),
-}
-
 
 @dataclass(frozen=True, slots=True)
 class MeshSettings:
@@ -243,6 +230,7 @@ class MachineConfig:
         extra: tuple[AddrPort, ...] = ()
         discos: list[tuple[DocRef, DiscoveryEndpoint]] = []
         agent: AgentSettings | None = None
+        agent_mesh: dict[str, int | str] = {}
         agent_ref: DocRef | None = None
         services: list[tuple[DocRef, ServiceSpec]] = []
         discovery_declared = False  # a DiscoveryServiceConfig exists, valid or not
@@ -276,7 +264,7 @@ class MachineConfig:
                 if ep is not None:
                     discos.append((ref, ep))
             elif ref.kind == d.AGENT_CONFIG:
-                agent, agent_ref = d.read_agent(r), ref
+                (agent, agent_mesh), agent_ref = d.read_agent(r), ref
             elif ref.kind == d.SERVICE_CONFIG:
                 svc = d.read_service(r)
                 if svc is not None:
@@ -362,30 +350,28 @@ class MachineConfig:
                     Problem(d.V1ALPHA1, v1_ref.index, "cluster.secret", f"is required: {needs_cluster}")
                 )
 
-        # the mesh's own settings; MeshConfig checks what spans several fields
-        mesh_config = MeshConfig()
+        # the mesh's own settings, from AgentConfig and the KubeSpan settings: checked here, once
+        ks_doc_label, ks_prefix = (
+            (d.KUBESPAN_CONFIG, "") if ks_doc is not None else (d.V1ALPHA1, "machine.network.kubespan.")
+        )
+        mesh_config: MeshConfig | None = None
         try:
             mesh_config = MeshConfig(
-                link_name=agent.link_name,
-                listen_port=agent.listen_port,
+                **agent_mesh,  # field names and YAML types checked by read_agent
                 mtu=kubespan.mtu,
-                persistent_keepalive=agent.persistent_keepalive,
-                routing_table=agent.routing_table,
-                rule_priority=agent.rule_priority,
-                fwmark_wireguard=agent.fwmark_wireguard,
-                fwmark_force=agent.fwmark_force,
-                fwmark_mask=agent.fwmark_mask,
-                nft_table=agent.nft_table,
                 allow_down_peer_bypass=kubespan.allow_down_peer_bypass,
             )
         except ConfigError as e:
-            kind, path = _MESH_FIELD_PATHS.get(e.field, (d.AGENT_CONFIG, e.field))
-            rule = str(e).split(": ", 1)[-1]
-            sink.problem(Problem(kind, agent_index, path, rule))
+            for err in e.errors:
+                if err.field in d.KUBESPAN_MESH_PATHS:
+                    where = (ks_doc_label, ks_index, ks_prefix + d.KUBESPAN_MESH_PATHS[err.field])
+                else:
+                    where = (d.AGENT_CONFIG, agent_index, d.AGENT_MESH_PATHS.get(err.field, err.field))
+                sink.problem(Problem(*where, err.rule))
 
         services_sorted = _check_services(services, kubespan.enabled, sink)
 
-        if sink.problems:
+        if sink.problems or mesh_config is None:
             raise ConfigValidationError(sink.problems, tuple(sink.warnings))
 
         self = object.__new__(cls)

@@ -145,17 +145,21 @@ class Reader:
             return default
         return v
 
-    def integer(self, path: str, default: int, low: int, high: int) -> int:
+    def integer(self, path: str, default: T, low: int | None = None, high: int | None = None) -> int | T:
+        """An integer; without ``low`` and ``high`` only the type is checked (the value's own
+        validator, such as ``MeshConfig``, checks the range)."""
         v = self.raw(path)
         if v is MISSING:
             return default
         return self.check_int(_split(path), v, default, low, high)
 
-    def check_int(self, parts: tuple[str | int, ...], v: object, default: int, low: int, high: int) -> int:
+    def check_int(
+        self, parts: tuple[str | int, ...], v: object, default: T, low: int | None, high: int | None
+    ) -> int | T:
         if not isinstance(v, int) or isinstance(v, bool):
             self.fail(parts, f"must be an integer, {self.show(parts, v)}")
             return default
-        if not low <= v <= high:
+        if low is not None and high is not None and not low <= v <= high:
             self.fail(parts, f"must be between {low} and {high}, {self.show(parts, v)}")
             return default
         return v

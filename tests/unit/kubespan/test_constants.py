@@ -124,3 +124,14 @@ def test_as_dict_is_plain_and_complete():
     assert isinstance(d["timings"], dict)
     assert d["timings"]["dead_after"] == 4.0
     assert set(d) == {f.name for f in dataclasses.fields(MeshConfig)}
+
+
+def test_one_check_lists_every_problem_first_one_raised():
+    with pytest.raises(ConfigError) as info:
+        MeshConfig(listen_port=0, mtu=70000, fwmark_mask="x", fwmark_force=0x80, nft_table=5)
+    err = info.value
+    assert err.field == "listen_port" and err.rule == "0 is below the minimum 1: must be between 1 and 65535"
+    assert [e.field for e in err.errors] == ["listen_port", "mtu", "fwmark_mask", "nft_table"]
+    assert err.errors[0] is err
+    # a check that spans fields (bits outside the mask) waits until the mask itself is valid
+    assert "fwmark_force" not in {e.field for e in err.errors}

@@ -155,16 +155,31 @@ def test_rule_comments_identify_the_rendering() -> None:
     assert comments(a, "output") == comments(R.render_replace(RulesetParams(), {}), "output")  # stable
 
 
-def test_params_are_validated() -> None:
+def test_loose_params_are_checked_by_mesh_config() -> None:
     with pytest.raises(C.ConfigError, match="mtu"):
-        RulesetParams(mtu=1279)
+        RulesetParams.of(mtu=1279)
     with pytest.raises(C.ConfigError, match="fwmark_force"):
-        RulesetParams(fwmark_force=0x80)
+        RulesetParams.of(fwmark_force=0x80)
     with pytest.raises(C.ConfigError, match="nft_table"):
-        RulesetParams(table="bad name")
+        RulesetParams.of("bad name")
+    with pytest.raises(C.ConfigError, match="mtu: 1279 is below the minimum 1280"):
+        NftManager(mtu=1279)
+    with pytest.raises(C.ConfigError, match="link_name"):
+        FakeNftManager(ifname="a/b")
     cfg = C.MeshConfig(mtu=1400, nft_table="ks2", clamp_forwarded_mss=False)
     p = RulesetParams.from_config(cfg)
     assert (p.table, p.mtu, p.clamp_forwarded_mss, p.mss_ipv4, p.mss_ipv6) == ("ks2", 1400, False, 1348, 1328)
+    assert RulesetParams.of("ks2", mtu=1400, clamp_forwarded_mss=False) == p
+
+
+def test_params_from_a_checked_config_are_not_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = C.MeshConfig(mtu=1400, nft_table="ks2")
+    checks: list[C.MeshConfig] = []
+    real = C.MeshConfig.__post_init__
+    monkeypatch.setattr(C.MeshConfig, "__post_init__", lambda self: (checks.append(self), real(self)))
+    for manager in (NftManager, FakeNftManager):
+        assert manager.from_config(cfg).params == RulesetParams.from_config(cfg)
+    assert checks == []
 
 
 # =================================================================================================

@@ -525,6 +525,61 @@ def test_all_problems_are_collected_in_one_error():
     assert str(e.value).startswith("invalid machine config (4 problems):")
 
 
+def test_every_bad_mesh_value_is_listed_with_its_yaml_path_and_limit():
+    docs = base_docs()
+    _set("wireguard", {"listenPort": 70000, "linkName": "a/b", "persistentKeepalive": "25"}, "AgentConfig")(
+        docs
+    )
+    _set("routing", {"table": 254, "nftTable": "bad-name"}, "AgentConfig")(docs)
+    _set("mtu", 1000, "KubeSpanConfig")(docs)
+    with pytest.raises(ConfigValidationError) as e:
+        MachineConfig.from_documents(docs)
+    rules = {p.location: p.rule for p in e.value.problems}
+    assert set(rules) == {
+        "AgentConfig.wireguard.listenPort",
+        "AgentConfig.wireguard.linkName",
+        "AgentConfig.wireguard.persistentKeepalive",
+        "AgentConfig.routing.table",
+        "AgentConfig.routing.nftTable",
+        "KubeSpanConfig.mtu",
+    }
+    assert "above the maximum 65535" in rules["AgentConfig.wireguard.listenPort"]
+    assert "must be an integer, got '25'" == rules["AgentConfig.wireguard.persistentKeepalive"]
+    assert "below the minimum 1280" in rules["KubeSpanConfig.mtu"]
+    assert "reserved" in rules["AgentConfig.routing.table"]
+
+
+def test_mtu_in_the_v1alpha1_document_is_named_there():
+    docs = base_docs()
+    docs = [d for d in docs if d.get("kind") != "KubeSpanConfig"]
+    _set("machine.network", {"kubespan": {"enabled": True, "mtu": 70000}})(docs)
+    with pytest.raises(ConfigValidationError) as e:
+        MachineConfig.from_documents(docs)
+    assert [(p.location, "above the maximum" in p.rule) for p in e.value.problems] == [
+        ("v1alpha1.machine.network.kubespan.mtu", True)
+    ]
+
+
+def test_the_mesh_config_is_validated_once(monkeypatch: pytest.MonkeyPatch):
+    from kubespan.constants import MeshConfig
+    from kubespan.dataplane.ruleset import RulesetParams
+
+    checks: list[int] = []
+    real = MeshConfig.__post_init__
+
+    def counting(self: MeshConfig) -> None:
+        checks.append(self.listen_port)
+        real(self)
+
+    monkeypatch.setattr(MeshConfig, "__post_init__", counting)
+    cfg = MachineConfig.from_documents(base_docs(agent={"wireguard": {"listenPort": 51999}}))
+    assert checks == [51999]  # the YAML values are checked once, where the config is built
+    opts = cfg.mesh_options("host")  # MeshSettings -> MeshOptions carry the checked MeshConfig
+    params = RulesetParams.from_config(opts.config)  # and the ruleset derives from it
+    assert opts.config is cfg.mesh().config and params.mtu == opts.config.mtu
+    assert checks == [51999]
+
+
 def test_document_level_problems():
     v1 = {"version": "v1alpha1", "machine": {"type": "worker"}}
     cases = [
