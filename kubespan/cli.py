@@ -43,6 +43,22 @@ log = logging.getLogger("kubespan")
 
 DEFAULT_HTTP_ADDR = "127.0.0.1:51821"
 
+# MeshConfig field -> the ``run`` flag that sets it: MeshConfig checks the values (once, in
+# :func:`mesh_config`) and its errors are reported under the flag's name.
+MESH_FLAGS = {
+    "link_name": "--link",
+    "listen_port": "--listen-port",
+    "mtu": "--mtu",
+    "persistent_keepalive": "--keepalive",
+    "routing_table": "--table",
+    "rule_priority": "--rule-priority",
+    "fwmark_wireguard": "--fwmark-wireguard",
+    "fwmark_force": "--fwmark-force",
+    "fwmark_mask": "--fwmark-mask",
+    "nft_table": "--nft-table",
+    "allow_down_peer_bypass": "--allow-down-peer-bypass",
+}
+
 
 def _cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
@@ -173,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def mesh_config(ns: argparse.Namespace) -> MeshConfig:
+    """The MeshConfig the ``run`` flags describe; a ``ConfigError`` lists every bad value."""
+    return MeshConfig(**{name: getattr(ns, flag[2:].replace("-", "_")) for name, flag in MESH_FLAGS.items()})
+
+
+def flag_problems(error: ConfigError) -> str:
+    """``--flag: rule`` for every problem MeshConfig found, joined for ``parser.error``."""
+    return "; ".join(f"{MESH_FLAGS.get(e.field, e.field)}: {e.rule}" for e in error.errors)
+
+
 def read_secret(ns: argparse.Namespace) -> bytes:
     if ns.cluster_secret_file:
         text = ns.cluster_secret_file.read_text().strip()
@@ -190,26 +216,10 @@ def read_secret(ns: argparse.Namespace) -> bytes:
         raise SystemExit(f"kubespan: cluster secret: {e}") from None
 
 
-async def run(ns: argparse.Namespace) -> int:
+async def run(ns: argparse.Namespace, cfg: MeshConfig) -> int:
+    """Run the mesh until SIGTERM/SIGINT; ``cfg`` is :func:`mesh_config` of ``ns``, already checked."""
     secret = read_secret(ns)
     warn_permissions(log, (ns.cluster_secret_file,), ns.state_dir)
-    try:
-        cfg = MeshConfig(
-            link_name=ns.link,
-            listen_port=ns.listen_port,
-            mtu=ns.mtu,
-            persistent_keepalive=ns.keepalive,
-            routing_table=ns.table,
-            rule_priority=ns.rule_priority,
-            fwmark_wireguard=ns.fwmark_wireguard,
-            fwmark_force=ns.fwmark_force,
-            fwmark_mask=ns.fwmark_mask,
-            nft_table=ns.nft_table,
-            allow_down_peer_bypass=ns.allow_down_peer_bypass,
-        )
-    except ConfigError as e:
-        print(f"kubespan: {e}", file=sys.stderr)
-        return 2
     opts = MeshOptions(
         cluster_id=ns.cluster_id,
         cluster_secret=secret,
@@ -334,14 +344,19 @@ def status(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
     if ns.command == "status":
         return status(ns)
+    try:
+        cfg = mesh_config(ns)
+    except ConfigError as e:
+        parser.error(flag_problems(e))  # exits 2, like any other bad flag
     setup(debug=ns.debug)
     if os.geteuid() != 0:
         print("kubespan run: needs root (network configuration)", file=sys.stderr)
         return 1
-    return asyncio.run(run(ns))
+    return asyncio.run(run(ns, cfg))
 
 
 if __name__ == "__main__":
