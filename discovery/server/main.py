@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
 from discovery import limits
+from discovery.server import stun
 from discovery.server.service import (
     MAX_WATCHES,
     MAX_WATCHES_PER_IP,
@@ -133,6 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gc-interval", type=parse_duration, default="1m", help="expired-entry collection interval"
     )
+    p.add_argument(
+        "--stun-addr",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="answer STUN Binding requests on this UDP address (repeatable; e.g. :3478, or one per public "
+        "IP so nodes can classify their NAT); stateless; off when not given",
+    )
+    p.add_argument(
+        "--stun-rate-limit",
+        type=float,
+        default=stun.RATE,
+        help="STUN replies/s per source address (IPv6: per /64); 0 disables",
+    )
+    p.add_argument("--stun-rate-burst", type=float, default=stun.BURST, help="STUN rate-limit burst")
     p.add_argument("--redirect-endpoint", default="", help="redirect every client to this HOST:PORT")
     p.add_argument(
         "--snapshot-path", default=DEFAULT_SNAPSHOT_PATH, help="state snapshot; empty disables persistence"
@@ -266,6 +282,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 listen_target(value)
             except argparse.ArgumentTypeError as e:
                 build_parser().error(f"--{name.replace('_', '-')}: {e}")
+    ns.stun_addr = [a for a in ns.stun_addr if a]  # an empty value (a config default) means off
+    for value in ns.stun_addr:
+        try:
+            listen_target(value)
+        except argparse.ArgumentTypeError as e:
+            build_parser().error(f"--stun-addr: {e}")
+    if ns.stun_rate_limit < 0 or ns.stun_rate_burst < 1:
+        build_parser().error("--stun-rate-limit must not be negative and --stun-rate-burst at least 1")
     for name in (
         "max_watches",
         "max_watches_per_ip",
@@ -372,6 +396,8 @@ class Daemon:
     def __post_init__(self) -> None:
         self.metrics = Metrics()
         self.storage_metrics = StorageMetrics(self.metrics)
+        self.stun_metrics = stun.StunMetrics(self.metrics.registry)
+        self._stun: list[asyncio.DatagramTransport] = []
         self.registry = Registry()
         self.store: Store | None = (
             Store(Path(self.ns.snapshot_path), on_health_change=self._storage_health_changed)
@@ -629,6 +655,28 @@ class Daemon:
         sockets = getattr(server, "sockets", None) or []
         self.ports[name] = sockets[0].getsockname()[1] if sockets else port
 
+    async def _serve_stun(self) -> bool:
+        """Bind every ``--stun-addr`` (one rate table shared by all); False (logged) if one cannot."""
+        limiter = stun.RateTable(self.ns.stun_rate_limit, self.ns.stun_rate_burst)
+        for i, addr in enumerate(self.ns.stun_addr):
+            responder = stun.StunResponder(limiter)
+            host, port = split_host_port(addr)
+            try:
+                transport, bound = await stun.serve(host, port, responder)
+            except OSError as e:
+                log_event(log, "cannot listen", logging.ERROR, stun_addr=addr, error=str(e))
+                self._close_stun()
+                return False
+            self._stun.append(transport)
+            self.stun_metrics.responders.append(responder)
+            self.ports["stun" if i == 0 else f"stun{i}"] = bound
+        return True
+
+    def _close_stun(self) -> None:
+        for transport in self._stun:
+            transport.close()
+        self._stun.clear()
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -659,6 +707,8 @@ class Daemon:
             log_event(log, "cannot listen", logging.ERROR, addr=self.ns.addr, error=str(e))
             return 1
         self.ports["grpc"] = port
+        if not await self._serve_stun():
+            return 1
         await server.start()
         if self.ns.landing_addr:
             await self._serve_http(
@@ -688,6 +738,7 @@ class Daemon:
             tls=bool(self.ns.certificate_path),
             landing=self.ns.landing_addr or None,
             metrics=self.ns.metrics_addr or None,
+            stun=self.ns.stun_addr or None,
             ports=self.ports,
             persistence=self.ns.snapshot_path or None,
         )
@@ -709,6 +760,7 @@ class Daemon:
             t.cancel()
         for runner in self._runners:
             await runner.cleanup()
+        self._close_stun()
         if self.store is not None:
             await self.compact(in_thread=False)
             try:

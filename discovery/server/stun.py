@@ -1,0 +1,193 @@
+"""A stateless STUN responder (``--stun-addr``): answers Binding requests with the source address seen.
+
+Nodes learn the public mapping of their WireGuard port from it (issue 14). It keeps no per-client state
+beyond a fixed-size rate-limit table, so it is not a store of who asked, and it is a poor amplifier: the
+reply (40 bytes for IPv4, 52 for IPv6) is at most :data:`MAX_GROWTH` bytes longer than the request it
+answers, and each source address (an IPv6 /64) gets only a few replies a second. Anything that is not a
+well-formed Binding request, or that asks for something we do not understand, is dropped silently.
+
+Bind it to a specific address on a multi-homed host: replies leave by the kernel's choice of source, and
+a NAT drops a reply that comes from another address than the one it asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import os
+import socket
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from spanutil import stun
+
+__all__ = ["MAX_GROWTH", "RateTable", "StunResponder", "serve"]
+
+MAX_GROWTH = 32  # bytes a reply may add to its request: 20-byte request -> 52-byte IPv6 reply
+RATE = 10.0  # replies per second per source address (IPv6: per /64)
+BURST = 20.0
+SLOTS = 4096  # rate-limit table size: 64 KiB whatever the number of sources
+GLOBAL_RATE = 20_000.0  # replies per second in total: bounds the CPU and bandwidth a flood can take
+DROP_REASONS = ("malformed", "not_binding", "unsupported", "rate_limited")
+
+
+class RateTable:
+    """Token buckets in a fixed-size table indexed by a keyed hash of the source: sources that collide
+    share a bucket (a legitimate client then gets fewer replies), and nothing grows with the number of
+    sources. ``rate <= 0`` disables the limit."""
+
+    def __init__(
+        self,
+        rate: float = RATE,
+        burst: float = BURST,
+        slots: int = SLOTS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate, self.burst, self.slots, self.clock = rate, max(1.0, burst), slots, clock
+        self._key = os.urandom(16)  # an outsider cannot aim many sources at one slot
+        self._tokens = array("d", [self.burst]) * slots
+        self._stamp = array("d", [clock()]) * slots
+
+    def _slot(self, source: bytes) -> int:
+        digest = hashlib.blake2b(source, digest_size=8, key=self._key).digest()
+        return int.from_bytes(digest, "little") % self.slots
+
+    def allow(self, source: bytes) -> bool:
+        """Take one token for ``source`` (the address bytes to limit by); False when none is left."""
+        if self.rate <= 0:
+            return True
+        i = self._slot(source)
+        now = self.clock()
+        tokens = min(self.burst, self._tokens[i] + (now - self._stamp[i]) * self.rate)
+        self._stamp[i] = now
+        if tokens < 1.0:
+            self._tokens[i] = tokens
+            return False
+        self._tokens[i] = tokens - 1.0
+        return True
+
+
+def limit_key(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    """What a source is rate-limited by: its IPv4 address, or its IPv6 /64 (one host owns a whole /64)."""
+    return ip.packed if ip.version == 4 else ip.packed[:8]
+
+
+def source_address(addr: Any) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
+    """The datagram's source as (ip, port), IPv4-mapped IPv6 (dual-stack socket) turned back into IPv4."""
+    try:
+        ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+        port = int(addr[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip, port
+
+
+class StunResponder(asyncio.DatagramProtocol):
+    """Answers each Binding request with XOR-MAPPED-ADDRESS and FINGERPRINT; counts what it did.
+
+    Counters are plain integers (one event loop), read by :class:`StunMetrics` at scrape time.
+    """
+
+    def __init__(self, limiter: RateTable | None = None, global_limiter: RateTable | None = None) -> None:
+        self.limiter = limiter or RateTable()
+        self.global_limiter = global_limiter or RateTable(GLOBAL_RATE, GLOBAL_RATE, slots=1)
+        self.answered = 0
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def reply(self, data: bytes, addr: Any) -> bytes | None:
+        """The reply to one datagram (None: drop it). Pure apart from the rate tables and counters."""
+        if not stun.looks_like_stun(data):
+            self.dropped["malformed"] += 1
+            return None
+        try:
+            msg = stun.parse(data)
+        except stun.StunError:
+            self.dropped["malformed"] += 1
+            return None
+        if msg.type != stun.BINDING_REQUEST:
+            self.dropped["not_binding"] += 1  # responses, indications, other methods: never answered
+            return None
+        # A request asking for something we do not do (credentials, other attributes that must be
+        # understood) would deserve a 4xx; a stateless responder keeps it simple and stays silent.
+        if msg.unknown_required(frozenset()):
+            self.dropped["unsupported"] += 1
+            return None
+        src = source_address(addr)
+        if src is None:
+            self.dropped["malformed"] += 1
+            return None
+        if not self.limiter.allow(limit_key(src[0])) or not self.global_limiter.allow(b""):
+            self.dropped["rate_limited"] += 1
+            return None
+        out = stun.binding_success(msg.transaction_id, src)
+        if len(out) > len(data) + MAX_GROWTH:  # cannot happen with the replies above; a guard for edits
+            self.dropped["unsupported"] += 1
+            return None
+        self.answered += 1
+        return out
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        out = self.reply(data, addr)
+        if out is not None and self.transport is not None:
+            self.transport.sendto(out, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors for earlier replies (a spoofed source): nothing to do, nothing to keep
+
+
+class StunMetrics:
+    """``discovery_stun_requests_total{result}``: answered, or dropped and why, summed over listeners."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.responders: list[StunResponder] = []
+        registry.register(self)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        m = CounterMetricFamily(
+            "discovery_stun_requests",
+            "STUN datagrams received on --stun-addr: answered, or dropped (malformed, not a Binding "
+            "request, unsupported attributes, rate-limited).",
+            labels=["result"],
+        )
+        m.add_metric(["answered"], sum(r.answered for r in self.responders))
+        for reason in DROP_REASONS:
+            m.add_metric([reason], sum(r.dropped[reason] for r in self.responders))
+        yield m
+
+
+def _socket(host: str, port: int) -> socket.socket:
+    """A UDP socket bound to ``host:port``; ``::`` is dual-stack (IPv4 sources arrive IPv4-mapped)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(host: str, port: int, responder: StunResponder) -> tuple[asyncio.DatagramTransport, int]:
+    """Start answering on ``host:port`` (port 0: any); return the transport and the bound port."""
+    loop = asyncio.get_running_loop()
+    sock = _socket(host, port)
+    transport, _ = await loop.create_datagram_endpoint(lambda: responder, sock=sock)
+    return transport, sock.getsockname()[1]
