@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +44,8 @@ from netns import impair
 from netns.errors import LabError, NetemUnavailableError
 from netns.nat import FW_TABLE, NAT_TABLE, NAT_TYPES, PortForward
 from netns.nat import ruleset as nat_ruleset
+from netns.natprofiles import WG_PORT, NatProfile
+from netns.natprofiles import profile as nat_profile
 
 __all__ = [
     "PREFIX",
@@ -54,6 +56,7 @@ __all__ = [
     "Node",
     "PortForward",
     "Router",
+    "Site",
     "cleanup_stale",
     "list_netns",
     "sh",
@@ -400,6 +403,23 @@ class Router(Node):
         return sum(int(n) for n in re.findall(r"counter packets (\d+)", out))
 
 
+@dataclass(frozen=True)
+class Site:
+    """A node behind one of the lab's NAT profiles (``Lab.site``); unpacks as ``node, routers``.
+
+    ``routers`` run from the node's gateway outwards (empty for ``open``); ``public_ip`` is where the
+    internet sees the node's flows come from, ``lan_ip`` the node's own address."""
+
+    node: Node
+    routers: tuple[Router, ...]
+    profile: NatProfile
+    public_ip: str
+    lan_ip: str
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.node, self.routers))
+
+
 _N = TypeVar("_N", bound=Node)
 
 
@@ -423,6 +443,7 @@ class Lab:
         self._handles: list[impair.Handle] = []
         self._logs: dict[Path, str] = {}  # log file -> label, for report()
         self._log_ids = itertools.count()
+        self._sites = itertools.count(1)
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.id}-"))
         Path("/run/wireguard").mkdir(parents=True, exist_ok=True)
 
@@ -592,6 +613,49 @@ class Lab:
             if member is not r:
                 self._route_via_gateways(member, inside_segment, addrs)
         return r
+
+    def site(self, name: str, profile: str | NatProfile, public: str | None = None) -> Site:
+        """Node ``name`` behind NAT profile ``profile`` (``netns.natprofiles``), attached to the internet.
+
+        ``public`` is the site's internet address with its prefix (the node's own for ``open``, else the
+        outermost router's); default ``203.0.113.(100+k)/24`` for the lab's k-th site. Inside, the k-th
+        site uses 10.200.k.0/24 (node .10, gateway .1) and, behind a carrier, 100.64.k.0/24 (carrier .1,
+        CPE .2; a further carrier 100.65.k.0/24, and so on). A forwarding router sends udp ``WG_PORT``
+        to the node."""
+        prof = nat_profile(profile)
+        k = next(self._sites)
+        if k > 254:
+            raise LabError("a lab holds at most 254 sites")
+        public = public or f"203.0.113.{100 + k}/24"
+        internet = self.internet()
+        node = self.node(name)
+        if not prof.routers:
+            self.attach(node, internet, [public])
+            ip = str(ipaddress.ip_interface(public).ip)
+            return Site(node, (), prof, ip, ip)
+        lan_ip = f"10.200.{k}.10"
+        # outermost first; each inner segment is the next router's outside
+        outside_seg, outside_addr = internet, public
+        routers: list[Router] = []
+        for depth, spec in reversed(list(enumerate(prof.routers))):
+            inner = depth == 0
+            seg = self.segment(f"{name}-lan" if inner else f"{name}-isp{depth}")
+            inside_addr = f"10.200.{k}.1/24" if inner else f"100.{63 + depth}.{k}.1/24"
+            forwards = [PortForward(WG_PORT, lan_ip)] if spec.forward_wg_port else []
+            r = self.router(
+                f"{name}-nat" if inner else f"{name}-cgn{depth}",
+                seg,
+                outside_seg,
+                inside_addr,
+                outside_addr,
+                nat=spec.nat,
+                port_forward=forwards,
+                firewall=spec.firewall,
+            )
+            routers.insert(0, r)
+            outside_seg, outside_addr = seg, f"100.{63 + depth}.{k}.2/24"
+        self.attach(node, outside_seg, [f"{lan_ip}/24"])
+        return Site(node, tuple(routers), prof, routers[-1].outside_ip, lan_ip)
 
     # -- impairments ------------------------------------------------------------------------------------
 

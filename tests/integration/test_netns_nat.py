@@ -1,13 +1,20 @@
 """Lab routers behave like the NAT types they model (shared/reference/nat.md §0, §4), observed from outside:
-small UDP echo servers on "internet" hosts report the source address each datagram arrived from."""
+small UDP echo servers on "internet" hosts report the source address each datagram arrived from. The six
+profiles of netns.natprofiles are each built with ``Lab.site`` and checked against what they declare."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
 from netns import Lab, Node, PortForward, Router, ping, tcp_transfer, udp_echo, udp_mapped
+from netns.lab import Site
+from netns.natprofiles import PROFILES, WG_PORT
+from netns.reflect import ask, parse_addr, receive, udp_socket
+from netns.reflect import start as start_reflector
 
 pytestmark = pytest.mark.root
 
@@ -112,3 +119,79 @@ def test_routers_in_series_model_cgnat(lab: Lab) -> None:
     assert "default via 100.64.0.1" in home_r.run("ip", "route").stdout
     udp_echo(o1, O1, 3478)
     assert udp_mapped(h, [f"{O1}:3478"], sport=40000) == [f"{WAN}:40000"]
+
+
+# -- the six profiles of netns.natprofiles, each measured against its declaration ---------------------------
+
+CGN_SPACE = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598: between a CPE and a carrier NAT
+O3 = "203.0.113.13"  # a third internet host that never got a packet from the sites
+REFLECTORS = (f"{O1}:3478", f"{O2}:3478")
+
+
+@dataclass
+class World:
+    lab: Lab
+    o1: Node
+    o3: Node
+    sites: dict[str, Site]
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    """One lab: two reflectors on different internet addresses, a stranger, and one site per profile."""
+    with Lab() as lab:
+        net = lab.internet()
+        hosts = {}
+        for name, ip in (("o1", O1), ("o2", O2), ("o3", O3)):
+            hosts[name] = lab.node(name)
+            lab.attach(hosts[name], net, [f"{ip}/24"])
+        start_reflector(hosts["o1"], O1, 3478)
+        start_reflector(hosts["o2"], O2, 3478)
+        sites = {name: lab.site(name, name) for name in PROFILES}
+        yield World(lab, hosts["o1"], hosts["o3"], sites)
+
+
+@pytest.mark.parametrize("name", list(PROFILES))
+def test_profile_maps_and_filters_as_declared(world: World, name: str) -> None:
+    site = world.sites[name]
+    p = site.profile
+    node, routers = site
+    assert len(routers) == p.layers
+    with udp_socket(node, "0.0.0.0", WG_PORT) as s:
+        # mapping: one source port, two reflectors on different addresses
+        m1, m2 = (ask(s, r) for r in REFLECTORS)
+        assert m1 is not None and m2 is not None, (m1, m2)
+        (ip1, port1), (ip2, port2) = parse_addr(m1), parse_addr(m2)
+        assert ip1 == ip2 == site.public_ip  # for cgnat the carrier's address, not the CPE's
+        assert all(ipaddress.ip_address(r.outside_ip) in CGN_SPACE for r in routers[:-1])
+        if p.mapping == "none":
+            assert site.public_ip == site.lan_ip
+        assert (m1 == m2) == (p.mapping != "edm"), (m1, m2)
+        assert (port1 == port2 == WG_PORT) == p.port_preserved, (m1, m2)
+        # filtering: to the mapping towards reflector 1, from a stranger and from reflector 1's host
+        # on another port
+        with udp_socket(world.o3, O3) as stranger, udp_socket(world.o1, O1) as same_host:
+            stranger.sendto(b"stranger", (ip1, port1))
+            same_host.sendto(b"same-host", (ip1, port1))
+            got = {data for data, _ in receive(s, 0.5)}
+    want = {"open": {b"stranger", b"same-host"}, "adf": {b"same-host"}, "apdf": set()}[p.filtering]
+    assert got == want
+    if routers and p.filtering != "open":  # what kept them out: the firewall, or only the NAT
+        assert (routers[-1].unsolicited_dropped() > 0) == p.wan_input_drop
+
+
+@pytest.mark.parametrize("name", list(PROFILES))
+def test_a_stray_inbound_packet_changes_the_port_only_where_declared(world: World, name: str) -> None:
+    """nat.md §0: without a WAN input drop, an unsolicited packet leaves an UNREPLIED conntrack entry,
+    and the node's first packet to that remote then leaves from a random port (the pollution case)."""
+    site = world.sites[name]
+    p = site.profile
+    with udp_socket(world.o3, O3, 7000) as remote, udp_socket(site.node, "0.0.0.0", WG_PORT) as s:
+        remote.sendto(b"stray", (site.public_ip, WG_PORT))
+        assert bool(receive(s, 0.3)) == (p.filtering == "open")
+        s.sendto(b"hello", (O3, 7000))
+        got = receive(remote, 1.0)
+    assert [data for data, _ in got] == [b"hello"]
+    seen_ip, seen_port = parse_addr(got[0][1])
+    assert seen_ip == site.public_ip
+    assert (seen_port == WG_PORT) == p.keeps_port_after_stray_inbound, got
