@@ -10,6 +10,9 @@ The firewall (on by default whenever there is NAT) is the CPE rule nat.md insist
 arriving on the WAN side are dropped, both to the router itself and through it, except port forwards.
 Without it a stray inbound packet leaves an UNREPLIED conntrack entry that makes the NAT pick a random port
 for the next flow to that remote (nat.md §0), so EIM would no longer look EIM.
+
+The named lab NAT types (open, forward, easy, easy-fw, hard, cgnat) combine these rulesets: see
+``netns.natprofiles`` and ``Lab.site``.
 """
 
 from __future__ import annotations

@@ -61,7 +61,10 @@ def serve(sock: socket.socket, lifetime: float) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m netns.reflect", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m netns.reflect",
+        description="Answer every UDP datagram with the source ip:port it came from; print nothing.",
+    )
     ap.add_argument("--addr", default="0.0.0.0", help="address to bind (default: any IPv4)")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--lifetime", type=float, default=120, help="seconds before exiting (default 120)")
