@@ -162,9 +162,9 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
     import kubespan.engine as engine_module
 
     timers.wrap_sync(mesh, "_compute_specs", "engine: specs")
-    timers.wrap_sync(mesh, "_decide", "engine: decide")
+    timers.wrap_sync(mesh, "_plan", "engine: plan")
     timers.wrap_sync(engine_module, "diff_device", "engine: diff")
-    timers.wrap_sync(engine_module, "routed_prefixes", "engine: routed")
+    timers.wrap_sync(engine_module, "routed_union", "engine: routed")
     timers.wrap_sync(nft_module, "normalize_desired", "nft: normalize")
     timers.wrap_sync(nft_module, "diff_sets", "nft: diff")
 
@@ -277,7 +277,7 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
         await mesh.stop(cleanup=True)
 
     io = ["wg read", "wg write", "host addresses", "links", "nft read", "nft write"]
-    cpu = ["engine: specs", "engine: decide", "engine: diff", "engine: routed", "nft: normalize", "nft: diff"]
+    cpu = ["engine: specs", "engine: plan", "engine: diff", "engine: routed", "nft: normalize", "nft: diff"]
 
     def breakdown(samples: list[dict[str, float]], total: list[float]) -> str:
         def med(label: str) -> float:

@@ -36,7 +36,8 @@ import logging
 import secrets
 import string
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,17 +45,17 @@ from typing import Any
 from kubespan.affiliate import AffiliateError, LocalAffiliate, RemoteAffiliate, build_local_affiliate
 from kubespan.constants import MeshConfig
 from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6
-from kubespan.endpoints import EndpointMachine, Observation, PeerState, order_candidates
+from kubespan.endpoints import EndpointMachine, Observation
 from kubespan.hostinfo import HostInfo, IPInterface
 from kubespan.identity import MeshIdentity, load_identity, pick_mac
-from kubespan.ipset import IPSet
-from kubespan.peerspec import PeerSpec, PeerSpecMemo, PeerSpecs, compute_peer_specs
+from kubespan.peerspec import PeerSpecMemo, PeerSpecs, compute_peer_specs
 from kubespan.ports import Closable, DiscoveryPort, LinkPort, LinkWatcher, NftPort
 from kubespan.probe import Prober
-from kubespan.routed import PrefixMemo, RoutedIndex, routed_prefixes
+from kubespan.routed import RoutedIndex, routed_union
+from kubespan.runtime import PeerRuntime, peer_status
 from kubespan.snapshot import MeshSnapshot, MeshStatus, PeerStatus, RemoteRecord
 from kubespan.wireguard.backend import WireGuardBackend, WireGuardError
-from kubespan.wireguard.diff import DiffMemo, SetDevice, apply_ops, diff_device, diff_peers
+from kubespan.wireguard.diff import DiffMemo, SetDevice, apply_ops, diff_device
 from kubespan.wireguard.types import (
     AddrPort,
     DeviceConfig,
@@ -143,11 +144,11 @@ class Mesh:
         self.identity: MeshIdentity | None = None
         self.node_id = ""
         self.psk = PresharedKey(opts.cluster_secret)
-        self.machines: dict[PublicKey, EndpointMachine] = {}
+        self.peers: dict[PublicKey, PeerRuntime] = {}  # one record per peer of self.specs
         self.specs = PeerSpecs((), ())
         self.local: LocalAffiliate | None = None
         self.device: ObservedDevice | None = None
-        self.local_addresses: list[IPInterface] = []
+        self.local_addresses: tuple[IPInterface, ...] = ()  # replaced only when they change
         self.errors: list[str] = []
         self.passes = 0
         self.light_passes = 0  # passes that trusted the last observation (see the module docstring)
@@ -157,34 +158,23 @@ class Mesh:
         self._wake = asyncio.Event()
         self._dataplane_due = True
         self._sets_due = False
-        self._full_resync = True
         self._last_dataplane = -1e9
         self._last_host = -1e9
-        self._last_affiliates_version: int | None = None
         self._last_observe = -1e9  # when the device was last read (a full pass)
         # self.device holds what WireGuard has after our last writes (no failed write since it was read)
         self._device_known = False
-        self._by_key: tuple[PeerSpecs, dict[PublicKey, PeerSpec]] | None = None
-        # Per-pass work reused while its inputs are the same (immutable) objects; see _compute_specs,
-        # _candidates and _peer_config. None of it changes a result, only what is recomputed.
-        self._remote_cache: dict[str, tuple[Any, RemoteRecord | None, str | None]] = {}
+        # Work reused while its inputs are the same (immutable) objects; none of it changes a result.
+        self._affiliates_version: int | None = None  # the discovery version _remotes was read at
+        self._remote_cache: dict[str, tuple[Any, RemoteRecord | None, str | None]] = {}  # by affiliate id
         self._remotes: list[RemoteAffiliate] | None = None
         self._records: tuple[RemoteRecord, ...] = ()  # the same affiliates, for the snapshot
+        self._specs_from: tuple[Any, ...] | None = None  # (remotes, node id, public key, mesh address)
+        self._spec_memo = PeerSpecMemo()
+        self._routed = RoutedIndex()
+        self._diff_memo = DiffMemo()
         self._built_local: LocalAffiliate | None = None  # what the last pass computed (maybe unpublished)
         self._snapshot: MeshSnapshot | None = None
-        # per peer: (spec, observed peer, machine, machine status key, status) of the last snapshot
-        self._status_cache: dict[PublicKey, tuple[PeerSpec, ObservedPeer | None, Any, Any, PeerStatus]] = {}
         self._malformed: dict[str, tuple[str, bytes, tuple[bytes, ...]]] = {}  # last reported, by id
-        self._spec_memo = PeerSpecMemo()
-        self._prefix_memo = PrefixMemo()
-        self._routed = RoutedIndex()
-        self._target_sets: tuple[PeerSpecs, frozenset[PublicKey], dict[str, list[IPNetwork]]] | None = None
-        self._diff_memo = DiffMemo()
-        self._specs_inputs: tuple[Any, ...] | None = None
-        self._local_key: tuple[Any, ...] = ()
-        self._local_gen = 0
-        self._cand_cache: dict[PublicKey, tuple[tuple[AddrPort, ...], tuple[AddrPort, ...], int, Any]] = {}
-        self._config_cache: dict[PublicKey, tuple[tuple[IPNetwork, ...], AddrPort | None, PeerConfig]] = {}
         self._learned_pub: dict[str, tuple[AddrPort, ...]] = {}  # as last published
         self._unpublished: object = None  # what the last failed publish tried (reported once)
         self._deferred_probes: list[tuple[PublicKey, ipaddress.IPv6Address]] = []
@@ -290,27 +280,26 @@ class Mesh:
         self.passes += 1
         light = self._light_possible(now)
         if not light and (now - self._last_host >= self.cfg.reconcile_interval or not self.local_addresses):
-            self.local_addresses = await self.host.addresses(exclude_links=(self.cfg.link_name,))
+            addresses = tuple(await self.host.addresses(exclude_links=(self.cfg.link_name,)))
+            if addresses != self.local_addresses:
+                self.local_addresses = addresses  # a new object: the peers' candidates are reordered
             self._last_host = now
-            local_key = tuple(self.local_addresses)
-            if local_key != self._local_key:
-                self._local_key = local_key
-                self._local_gen += 1  # candidate orderings depend on our addresses
         await self._publish_local()
         previous = self.specs
-        self._compute_specs()
+        changed = self._compute_specs(now)
 
         # probes of a pass whose write failed wait for the next write (their peers may be missing)
         probes, self._deferred_probes = self._deferred_probes, []
-        if light:
-            light = await self._reconcile_peers_light(now, previous, probes)
-            if light:
-                self.light_passes += 1
-            else:  # one write per pass: the re-read and the repair are the next (full) pass's, now
-                self._deferred_probes = probes
-                self.wake()
-        elif not await self._reconcile_peers_full(now, probes):
+        written = (light and self.specs is previous) or await self._reconcile_peers(
+            now, changed if light else None, probes
+        )
+        if not written:
             self._deferred_probes = probes
+            if light:  # one write per pass: the re-read and the repair are the next (full) pass's, now
+                light = False
+                self.wake()
+        elif light:
+            self.light_passes += 1
         if not self._deferred_probes:
             for pk, addr in dict.fromkeys(probes):
                 self.prober.send(pk, addr)
@@ -344,11 +333,26 @@ class Mesh:
             and not self.prober.has_answered
         )
 
-    async def _reconcile_peers_full(
-        self, now: float, probes: list[tuple[PublicKey, ipaddress.IPv6Address]]
+    async def _reconcile_peers(
+        self,
+        now: float,
+        changed: AbstractSet[PublicKey] | None,
+        probes: list[tuple[PublicKey, ipaddress.IPv6Address]],
     ) -> bool:
-        """WireGuard: observe, run every peer's state machine, apply the difference (at most one
-        write). False: the write failed."""
+        """WireGuard: plan (:meth:`_plan`) and apply the difference, at most one write. ``changed``
+        None: a full pass, which reads the device first; otherwise a light one, against the last
+        observation. The probes to send are added to ``probes``. False: the write failed."""
+        answered: AbstractSet[Hashable] = frozenset()
+        if changed is None:
+            await self._read_device(now)
+            answered = self.prober.take_answered()
+        observed = self.device.peers if self.device is not None else {}
+        desired, planned = self._plan(now, observed, answered, changed)
+        probes.extend(planned)
+        return await self._write(desired)
+
+    async def _read_device(self, now: float) -> None:
+        """Observe the WireGuard device (creating it when it is missing)."""
         self._last_observe = now
         try:
             self.device = await self.backend.get()
@@ -360,8 +364,67 @@ class Mesh:
             self._dataplane_due = True
             self.device = await self.backend.get()
         self._device_known = self.device is not None
-        desired, decided = self._decide(now)
-        probes.extend(decided)
+
+    def _plan(
+        self,
+        now: float,
+        observed: Mapping[PublicKey, ObservedPeer],
+        answered: AbstractSet[Hashable],
+        changed: AbstractSet[PublicKey] | None,
+    ) -> tuple[DeviceConfig, list[tuple[PublicKey, ipaddress.IPv6Address]]]:
+        """The desired device and the probes to send.
+
+        Full pass (``changed`` None): every peer's endpoint machine observes its peer in
+        ``observed``. Light pass: only the peers in ``changed`` (new, or with a replaced spec) are
+        looked at; an absent one gets the endpoint its machine picks, and a probe; a present one
+        keeps WireGuard's endpoint (its machine runs at the next poll); the others keep their
+        last config.
+        """
+        assert self.identity is not None
+        wall = self.wall()
+        keepalive, subnet = self.cfg.persistent_keepalive, self.identity.subnet
+        peers: list[PeerConfig] = []
+        probes: list[tuple[PublicKey, ipaddress.IPv6Address]] = []
+        for spec in self.specs.specs:
+            peer = self.peers[spec.public_key]
+            if changed is not None and peer.config is not None and spec.public_key not in changed:
+                peers.append(peer.config)
+                continue
+            peer.machine.set_candidates(peer.candidates(self.local_addresses, subnet))
+            have = observed.get(spec.public_key)
+            endpoint = None
+            if changed is None or have is None:
+                endpoint, probe = self._step(peer, now, have, wall, spec.public_key in answered)
+                if probe and spec.mesh_address is not None:
+                    probes.append((spec.public_key, spec.mesh_address))
+            peers.append(peer.config_for(endpoint, keepalive, self.psk))
+        desired = DeviceConfig.of(
+            self.identity.private_key, self.cfg.listen_port, self.cfg.fwmark_wireguard, peers
+        )
+        return desired, probes
+
+    @staticmethod
+    def _step(
+        peer: PeerRuntime, now: float, have: ObservedPeer | None, wall: float, answered: bool
+    ) -> tuple[AddrPort | None, bool]:
+        """Run a peer's endpoint machine on its observation: the endpoint to configure (None:
+        keep WireGuard's) and whether to probe it."""
+        m = peer.machine
+        obs = Observation.from_peer(have, wall) if have is not None else None
+        decision = m.observe(now, obs, answered=answered)
+        if decision.state_changed:
+            endpoint = str(m.current) if m.current else None
+            log_event(log, "peer state", peer=peer.label, state=str(m.state), endpoint=endpoint)
+        if decision.set_endpoint is not None:
+            log_event(log, "peer endpoint", peer=peer.label, endpoint=str(decision.set_endpoint))
+        endpoint = decision.set_endpoint
+        if endpoint is None and have is None:
+            endpoint = m.current  # an absent peer is (re-)added with the machine's endpoint
+        return endpoint, decision.probe
+
+    async def _write(self, desired: DeviceConfig) -> bool:
+        """Apply the difference between ``desired`` and the last observation in one write.
+        False: the write failed (WireGuard may hold part of it: the next pass re-reads)."""
         ops = diff_device(desired, self.device, self._diff_memo)
         if not ops:
             return True
@@ -372,7 +435,6 @@ class Mesh:
         try:
             await self.backend.apply(ops)
         except WireGuardError as e:
-            # sets are not transactional: the next pass (a full one) re-reads and applies what is missing
             self._device_known = False
             self._error(f"apply WireGuard config: {e}")
             return False
@@ -380,70 +442,6 @@ class Mesh:
             self.device = apply_ops(self.device, ops)
         self.wg_writes += 1
         self._sets_due = True  # the nftables target sets follow the peers' AllowedIPs
-        return True
-
-    def _specs_by_key(self, specs: PeerSpecs) -> dict[PublicKey, PeerSpec]:
-        cached = self._by_key
-        if cached is not None and cached[0] is specs:
-            return cached[1]
-        by_key = specs.by_key()
-        self._by_key = (specs, by_key)
-        return by_key
-
-    async def _reconcile_peers_light(
-        self, now: float, previous: PeerSpecs, probes: list[tuple[PublicKey, ipaddress.IPv6Address]]
-    ) -> bool:
-        """WireGuard for the peers whose spec changed since ``previous``, against the last
-        observation (see the module docstring). False: the write failed (the next pass is full)."""
-        if self.specs is previous:
-            return True
-        assert self.device is not None
-        old = self._specs_by_key(previous)
-        new = self._specs_by_key(self.specs)
-        observed = self.device.peers
-        desired: dict[PublicKey, PeerConfig] = {}
-        have: dict[PublicKey, ObservedPeer] = {}
-        for spec in self.specs.specs:
-            if old.get(spec.public_key) is spec:
-                continue
-            m = self.machines.get(spec.public_key)
-            cands = self._candidates(spec, m.learned if m is not None else ())
-            if m is None:
-                m = self.machines[spec.public_key] = EndpointMachine(
-                    self.cfg.timings, now=now, candidates=cands
-                )
-            else:
-                m.set_candidates(cands)  # a present peer's machine runs at the next poll
-            peer = observed.get(spec.public_key)
-            endpoint: AddrPort | None = None
-            if peer is None:
-                # absent: add it with the endpoint its machine picks, and probe it
-                decision = m.observe(now, None)
-                endpoint = decision.set_endpoint
-                if endpoint is not None:
-                    log_event(
-                        log, "peer endpoint", peer=spec.label or spec.node_id[:12], endpoint=str(endpoint)
-                    )
-                if decision.probe and spec.mesh_address is not None:
-                    probes.append((spec.public_key, spec.mesh_address))
-            else:
-                have[spec.public_key] = peer
-            desired[spec.public_key] = self._peer_config(spec, endpoint)
-        for key in old:
-            if key not in new and key in observed:
-                have[key] = observed[key]
-        ops = diff_peers(desired, have)
-        if not ops:
-            return True
-        try:
-            await self.backend.apply(ops)
-        except WireGuardError as e:
-            self._device_known = False
-            self._error(f"apply WireGuard config: {e}")
-            return False
-        self.device = apply_ops(self.device, ops)
-        self.wg_writes += 1
-        self._sets_due = True
         return True
 
     async def _publish_local(self) -> None:
@@ -505,7 +503,7 @@ class Mesh:
         if self.discovery is None:
             return []
         version = self.discovery.version
-        if version != self._last_affiliates_version or self._remotes is None:
+        if version != self._affiliates_version or self._remotes is None:
             previous = self._remote_cache
             cache: dict[str, tuple[Any, RemoteRecord | None, str | None]] = {}
             records: list[RemoteRecord] = []
@@ -528,7 +526,7 @@ class Mesh:
             self._remote_cache = cache
             self._records = tuple(records)
             self._remotes = [r.affiliate for r in records]
-            self._last_affiliates_version = version
+            self._affiliates_version = version
             # forget the affiliates that left or were fixed: broken again, they are news again
             for aid in [a for a in self._malformed if cache.get(a, (None, None, None))[2] is None]:
                 del self._malformed[aid]
@@ -547,114 +545,44 @@ class Mesh:
         self._malformed[aid] = payload
         self._error(error)
 
-    def _compute_specs(self) -> None:
+    def _compute_specs(self, now: float) -> set[PublicKey]:
+        """Peer specs from the affiliates (and their records, :meth:`_sync_peers`). Returns the
+        peers whose spec is new or replaced (empty when the specs are unchanged)."""
         assert self.identity is not None
-        remotes = self._remote_affiliates()
-        inputs = (self.node_id, self.identity.public_key, self.identity.address.ip)
+        since = (self._remote_affiliates(), self.node_id, self.identity.public_key, self.identity.address.ip)
         if (
-            self._specs_inputs is not None
-            and remotes is self._specs_inputs[0]
-            and inputs == self._specs_inputs[1:]
+            self._specs_from is not None
+            and since[0] is self._specs_from[0]
+            and since[1:] == self._specs_from[1:]
         ):
-            return  # same affiliates (the same list object: nothing was re-read), same identity
-        self._specs_inputs = (remotes, *inputs)
-        self.specs = compute_peer_specs(
-            remotes,
-            self.node_id,
-            self.identity.public_key,
-            self.identity.address.ip,
-            memo=self._spec_memo,
-        )
-        if not self._spec_memo.keys_changed:
-            return  # the same peers (only some specs replaced in place): nothing to forget
-        wanted = {s.public_key for s in self.specs.specs}
-        for gone in set(self.machines) - wanted:
-            del self.machines[gone]
-        for cache in (self._cand_cache, self._config_cache):
-            for gone in set(cache) - wanted:
-                del cache[gone]
+            return set()  # same affiliates (the same list object: nothing was re-read), same identity
+        self._specs_from = since
+        specs = compute_peer_specs(*since, memo=self._spec_memo)
+        if specs is self.specs:
+            return set()
+        self.specs = specs
+        return self._sync_peers(now)
 
-    def _candidates(self, spec: PeerSpec, learned: tuple[AddrPort, ...]) -> Any:
-        """:func:`order_candidates` for a peer, recomputed only when its endpoints, its learned
-        endpoints or our addresses changed."""
-        assert self.identity is not None
-        cached = self._cand_cache.get(spec.public_key)
-        if (
-            cached is not None
-            and cached[2] == self._local_gen
-            and (cached[0] is spec.endpoints or cached[0] == spec.endpoints)
-            and cached[1] == learned
-        ):
-            return cached[3]
-        cands = order_candidates(
-            spec.endpoints, self.local_addresses, learned=learned, exclude=[self.identity.subnet]
-        )
-        self._cand_cache[spec.public_key] = (spec.endpoints, learned, self._local_gen, cands)
-        return cands
-
-    def _peer_config(self, spec: PeerSpec, endpoint: AddrPort | None) -> PeerConfig:
-        """The desired config of a peer; the previous pass's object when nothing in it changed."""
-        cached = self._config_cache.get(spec.public_key)
-        if (
-            cached is not None
-            and cached[0] is spec.allowed_ips
-            and cached[1] == endpoint
-            and cached[2].persistent_keepalive == self.cfg.persistent_keepalive
-            and cached[2].preshared_key is self.psk
-        ):
-            return cached[2]
-        config = PeerConfig(
-            public_key=spec.public_key,
-            allowed_ips=frozenset(spec.allowed_ips),
-            endpoint=endpoint,
-            persistent_keepalive=self.cfg.persistent_keepalive,
-            preshared_key=self.psk,
-        )
-        # the memo compares psk by identity: keep ours (PeerConfig keeps a non-zero key as given)
-        if config.preshared_key is self.psk:
-            self._config_cache[spec.public_key] = (spec.allowed_ips, endpoint, config)
-        return config
-
-    def _decide(self, now: float) -> tuple[DeviceConfig, list[tuple[PublicKey, ipaddress.IPv6Address]]]:
-        assert self.identity is not None
-        observed = self.device.peers if self.device is not None else {}
-        answered = self.prober.take_answered()
-        wall = self.wall()
-        peers: list[PeerConfig] = []
-        probes: list[tuple[PublicKey, ipaddress.IPv6Address]] = []
-        for spec in self.specs.specs:
-            m = self.machines.get(spec.public_key)
-            learned = m.learned if m is not None else ()
-            cands = self._candidates(spec, learned)
-            if m is None:
-                m = self.machines[spec.public_key] = EndpointMachine(
-                    self.cfg.timings, now=now, candidates=cands
-                )
+    def _sync_peers(self, now: float) -> set[PublicKey]:
+        """One :class:`PeerRuntime` per peer of ``self.specs``: new peers get one, a replaced
+        spec resets its record's derived values, departed peers lose theirs. Returns the peers
+        whose spec is new or replaced."""
+        specs = self.specs
+        changed: set[PublicKey] = set()
+        for spec in specs.specs:
+            peer = self.peers.get(spec.public_key)
+            if peer is None:
+                self.peers[spec.public_key] = PeerRuntime(spec, EndpointMachine(self.cfg.timings, now=now))
+            elif peer.spec is not spec:
+                peer.respec(spec)
             else:
-                m.set_candidates(cands)
-            have = observed.get(spec.public_key)
-            obs = Observation.from_peer(have, wall) if have is not None else None
-            decision = m.observe(now, obs, answered=spec.public_key in answered)
-            if decision.state_changed:
-                log_event(
-                    log,
-                    "peer state",
-                    peer=spec.label or spec.node_id[:12],
-                    state=str(m.state),
-                    endpoint=str(m.current) if m.current else None,
-                )
-            endpoint = decision.set_endpoint
-            if endpoint is None and have is None:
-                endpoint = m.current
-            if decision.set_endpoint is not None:
-                log_event(log, "peer endpoint", peer=spec.label or spec.node_id[:12], endpoint=str(endpoint))
-            peers.append(self._peer_config(spec, endpoint))
-            if decision.probe and spec.mesh_address is not None:
-                probes.append((spec.public_key, spec.mesh_address))
-        desired = DeviceConfig.of(
-            self.identity.private_key, self.cfg.listen_port, self.cfg.fwmark_wireguard, peers
-        )
-        return desired, probes
+                continue
+            changed.add(spec.public_key)
+        if len(self.peers) > len(specs.specs):  # some left
+            wanted = {s.public_key for s in specs.specs}
+            for gone in [k for k in self.peers if k not in wanted]:
+                del self.peers[gone]
+        return changed
 
     @staticmethod
     def _other_endpoints_pb(
@@ -669,10 +597,7 @@ class Mesh:
         """Publish roamed endpoints we learned for other nodes (NAT), only when they change."""
         if not self.opts.publish_learned or self.discovery is None or self.local is None:
             return
-        by_key = {s.public_key: s for s in self.specs.specs}
-        learned = {
-            by_key[pk].node_id: m.learned for pk, m in self.machines.items() if m.learned and pk in by_key
-        }
+        learned = {p.spec.node_id: p.machine.learned for p in self.peers.values() if p.machine.learned}
         if learned == self._learned_pub:
             return
         try:
@@ -699,33 +624,7 @@ class Mesh:
             except Exception as e:
                 self._error(f"links/routes/rules: {e}")
                 self._dataplane_due = True
-        states = {pk: m.state for pk, m in self.machines.items()}
-        # the target sets depend on the specs and, with the bypass, on which peers are down
-        down = (
-            frozenset(pk for pk, st in states.items() if st == PeerState.DOWN)
-            if self.cfg.allow_down_peer_bypass
-            else frozenset()
-        )
-        cached = self._target_sets
-        if cached is not None and cached[0] is self.specs and cached[1] == down:
-            sets = cached[2]
-        else:
-            bypass = self.cfg.allow_down_peer_bypass
-            # a few specs replaced: update the union by their old and new addresses only
-            by_family = None if bypass else self._routed.update(self.specs.specs, self.identity.subnet)
-            if by_family is None:
-                prefixes = routed_prefixes(
-                    self.specs.specs,
-                    self.identity.subnet,
-                    states=states,
-                    allow_down_peer_bypass=bypass,
-                    memo=self._prefix_memo,
-                )
-                by_family = self._routed.reset(
-                    None if bypass else self.specs.specs, self.identity.subnet, IPSet(prefixes)
-                )
-            sets = {SET_IPV4: by_family[4], SET_IPV6: by_family[6]}
-            self._target_sets = (self.specs, down, sets)
+        sets = self._target_sets()
         try:
             # a sets-only pass follows our own WireGuard writes: nothing to re-read (the periodic
             # check reads the table and repairs what was changed from outside)
@@ -736,6 +635,22 @@ class Mesh:
         if changes:
             self.dataplane_changes = (self.dataplane_changes + changes)[-50:]
             log_event(log, "data plane reconciled", changes=changes)
+
+    def _target_sets(self) -> dict[str, list[IPNetwork]]:
+        """The nftables target sets: the routed prefixes by family. The routed index updates them
+        by the replaced specs; with the down-peer bypass they also depend on which peers are down
+        and are recomputed."""
+        assert self.identity is not None
+        specs, subnet = self.specs.specs, self.identity.subnet
+        if self.cfg.allow_down_peer_bypass:
+            states = {key: peer.machine.state for key, peer in self.peers.items()}
+            union = routed_union(specs, subnet, states=states, allow_down_peer_bypass=True)
+            by_family = self._routed.reset(None, subnet, union)
+        else:
+            by_family = self._routed.update(specs, subnet)
+            if by_family is None:
+                by_family = self._routed.reset(specs, subnet, routed_union(specs, subnet))
+        return {SET_IPV4: by_family[4], SET_IPV6: by_family[6]}
 
     # -- status ------------------------------------------------------------------------------------
 
@@ -749,12 +664,13 @@ class Mesh:
         assert self._snapshot is not None, "start() first"
         return self._snapshot.status()
 
-    def _publish_snapshot(self, *, light: bool, at: float | None) -> None:
+    def _publish_snapshot(self, *, light: bool, at: float | None, reuse: bool = True) -> None:
         """Build this pass's :class:`MeshSnapshot`, reusing the previous one (or its parts) where
-        nothing changed, and publish it."""
+        nothing changed, and publish it. ``reuse`` False builds every peer status afresh (for
+        tests that compare the two)."""
         assert self.identity is not None
         prev = self._snapshot
-        peers = self._peer_statuses(light, prev.peers if prev is not None else ())
+        peers = self._peer_statuses(light, prev.peers if prev is not None else (), reuse)
         public_ip = self.discovery.public_ip if self.discovery is not None else None
         errors = tuple(self.errors[-5:])
         configured = self.ready.is_set()
@@ -788,80 +704,20 @@ class Mesh:
             errors=prev.errors if prev is not None and prev.errors == errors else errors,
         )
 
-    def _peer_statuses(self, light: bool, prev: tuple[PeerStatus, ...]) -> tuple[PeerStatus, ...]:
-        """Every peer's status; a peer whose spec, observation and endpoint machine did not change
-        keeps its previous object (``light``: this pass ran no machine of an unchanged spec)."""
+    def _peer_statuses(
+        self, light: bool, prev: tuple[PeerStatus, ...], reuse: bool = True
+    ) -> tuple[PeerStatus, ...]:
+        """Every peer's status, in the order of the specs; ``prev`` again when no status changed
+        (see :meth:`PeerRuntime.status`; ``light``: this pass ran no machine of an unchanged spec)."""
         observed = self.device.peers if self.device is not None else {}
-        cache = self._status_cache
-        fresh: dict[PublicKey, tuple[PeerSpec, ObservedPeer | None, Any, Any, PeerStatus]] = {}
+        wall, now = self.wall(), self.clock()
         out: list[PeerStatus] = []
-        times: tuple[float, float] | None = None  # (wall, clock), read once when a status is built
         for spec in self.specs.specs:
-            pk = spec.public_key
-            m = self.machines.get(pk)
-            if m is None:
-                continue
-            have = observed.get(pk)
-            hit = cache.get(pk)
-            st = None
-            if hit is not None and hit[0] is spec and hit[2] is m and (hit[1] is have or hit[1] == have):
-                if light:
-                    fresh[pk] = hit
-                    out.append(hit[4])
-                    continue
-                st = m.status()
-                key = _status_key(st)
-                if key == hit[3]:
-                    fresh[pk] = (spec, have, m, hit[3], hit[4])
-                    out.append(hit[4])
-                    continue
-            if st is None:
-                st = m.status()
-                key = _status_key(st)
-            if times is None:
-                times = (self.wall(), self.clock())
-            wall, now = times
-            change = st.last_endpoint_change
-            status = PeerStatus(
-                label=spec.label or spec.node_id[:12],
-                node_id=spec.node_id,
-                public_key=spec.public_key.b64,
-                mesh_address=str(spec.mesh_address) if spec.mesh_address else None,
-                # the machine's view includes a switch applied after this pass read the device
-                endpoint=str(st.endpoint)
-                if st.endpoint is not None
-                else (str(have.endpoint) if have is not None and have.endpoint else None),
-                state=str(st.state),
-                rx_bytes=have.rx_bytes if have is not None else 0,
-                tx_bytes=have.tx_bytes if have is not None else 0,
-                last_handshake=have.last_handshake if have is not None else None,
-                last_used_endpoint=str(st.last_used_endpoint) if st.last_used_endpoint else None,
-                last_endpoint_change=(wall - (now - change)) if change is not None else None,
-                endpoint_switches=st.switches,
-                roams=st.roams,
-                failures=st.failures,
-                candidates=tuple(str(c.endpoint) for c in st.candidates),
-                learned=tuple(str(e) for e in st.learned),
-                allowed_ips=tuple(str(p) for p in spec.allowed_ips),
-            )
-            fresh[pk] = (spec, have, m, key, status)
-            out.append(status)
-        self._status_cache = fresh
+            peer, have = self.peers[spec.public_key], observed.get(spec.public_key)
+            if reuse:
+                out.append(peer.status(have, light=light, wall=wall, now=now))
+            else:
+                out.append(peer_status(spec, peer.machine.status(), have, wall=wall, now=now))
         if len(out) == len(prev) and all(a is b for a, b in zip(out, prev, strict=True)):
             return prev
         return tuple(out)
-
-
-def _status_key(st: Any) -> tuple[Any, ...]:
-    """What of an :class:`~kubespan.endpoints.EndpointStatus` a :class:`PeerStatus` shows."""
-    return (
-        st.state,
-        st.endpoint,
-        st.last_used_endpoint,
-        st.last_endpoint_change,
-        st.switches,
-        st.roams,
-        st.failures,
-        st.candidates,
-        st.learned,
-    )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from kubespan.hostinfo import StaticHost
 from kubespan.identity import LinkInfo, generate_private_key, ula_prefix
 from kubespan.testing import Discovered, FakeDiscovery, FakeProber
 from kubespan.wireguard.fake import FakeWireGuard
-from kubespan.wireguard.types import AddrPort, PresharedKey
+from kubespan.wireguard.types import AddrPort, PresharedKey, PublicKey
 from spanapi.discovery.client import affiliate_pb2
 
 CLUSTER = "8XuV9TZHW08DOk3bVxQjH9ih_TBKjnh-j44tsCLSBzo="
@@ -43,8 +46,45 @@ def remote(node_id: str, name: str, addr: str, mesh_host: int, *extra_addrs: str
     return key, mesh, Discovered(node_id, a, eps)
 
 
+@dataclass
+class Rig:
+    """A mesh on in-memory fakes, and the fakes, for one test."""
+
+    m: Mesh
+    disc: FakeDiscovery
+    wg: FakeWireGuard
+    links: FakeLinkManager
+    nft: FakeNftManager
+    clock: Clock
+
+    @contextlib.asynccontextmanager
+    async def running(self, *discovered: Discovered) -> AsyncIterator[Mesh]:
+        """With ``discovered`` in discovery: start the mesh, run one pass; stop it at the end."""
+        self.disc.put(*discovered)
+        await self.m.start()
+        try:
+            await self.m.reconcile()
+            yield self.m
+        finally:
+            await self.m.stop()
+
+    async def bring_up(self, key: PublicKey, passes: int = 2) -> None:
+        """Passes a second apart in which the peer handshakes and answers its probe."""
+        for _ in range(passes):
+            self.clock.t += 1
+            self.wg.traffic(key, rx=148, tx=148, handshake=True)
+            self.m.prober.answer(key)
+            await self.m.reconcile()
+
+    def roam(self, key: PublicKey, endpoint: AddrPort) -> None:
+        """WireGuard moves the peer to ``endpoint`` (an authenticated packet came from there)."""
+        peers = dict(self.wg.device.peers)
+        peers[key] = replace(peers[key], endpoint=endpoint)
+        self.wg.device = replace(self.wg.device, peers=peers)
+
+
 @pytest.fixture
-def mesh(tmp_path: Path):
+def rig(tmp_path: Path) -> Rig:
     clock = Clock()
     disc = FakeDiscovery(public_ip=ipaddress.ip_address("203.0.113.9"))
     wg = FakeWireGuard(clock=lambda: clock.t)
@@ -72,17 +112,14 @@ def mesh(tmp_path: Path):
         clock=clock,
         wall=clock,
     )
-    return m, disc, wg, links, nft, clock
+    return Rig(m, disc, wg, links, nft, clock)
 
 
-async def test_identity_and_local_affiliate(mesh) -> None:
-    m, disc, wg, links, nft, _ = mesh
-    await m.start()
-    try:
-        await m.reconcile()
+async def test_identity_and_local_affiliate(rig: Rig) -> None:
+    async with rig.running() as m:
         # Talos' vector: this cluster id and MAC give this address
         assert str(m.identity.address) == "fd7f:175a:b97c:5602:2c1a:b6ff:fe53:8169/64"
-        aff, eps, _ = disc.published[-1]
+        aff, eps, _ = rig.disc.published[-1]
         assert aff.kubespan.public_key == m.identity.public_key.b64
         assert ipaddress.ip_address(aff.kubespan.address) == m.identity.address.ip
         # node IPs (no link-local) on the listen port, plus the public IP discovery saw
@@ -93,27 +130,22 @@ async def test_identity_and_local_affiliate(mesh) -> None:
         assert [ipaddress.ip_address(a) for a in aff.addresses] == [ipaddress.ip_address("10.5.0.1")]
         assert aff.machine_type == "controlplane"  # workers find the control plane's trustd by it
         # data plane: mesh /64 on the link, routes and rules, nft table created
-        assert m.identity.address in links.addresses
-        assert links.routes == {"inet", "inet6"} and links.rules == {"inet", "inet6"}
-        assert nft.sets == {SET_IPV4: set(), SET_IPV6: set()}
+        assert m.identity.address in rig.links.addresses
+        assert rig.links.routes == {"inet", "inet6"} and rig.links.rules == {"inet", "inet6"}
+        assert rig.nft.sets == {SET_IPV4: set(), SET_IPV6: set()}
         # device: our key, port, fwmark 0x20
-        assert wg.device.private_key == m.identity.private_key
-        assert wg.device.listen_port == 51820 and wg.device.fwmark == 0x20
+        assert rig.wg.device.private_key == m.identity.private_key
+        assert rig.wg.device.listen_port == 51820 and rig.wg.device.fwmark == 0x20
         # the key and node id persist across restarts
         assert load_node_id(m.opts.state_dir) == m.node_id
         assert (m.opts.state_dir / "node-id").stat().st_mode & 0o077 == 0
-    finally:
-        await m.stop()
 
 
-async def test_peers_from_discovery_and_no_write_when_unchanged(mesh) -> None:
-    m, disc, wg, _links, nft, _ = mesh
+async def test_peers_from_discovery_and_no_write_when_unchanged(rig: Rig) -> None:
+    wg, nft = rig.wg, rig.nft
     k1, mesh1, d1 = remote("node-a", "a", "10.5.0.2", 2, "192.0.2.7")
     k2, _mesh2, d2 = remote("node-b", "b", "198.51.100.3", 3)
-    disc.put(d1, d2)
-    await m.start()
-    try:
-        await m.reconcile()
+    async with rig.running(d1, d2) as m:
         peers = wg.device.peers
         assert set(peers) == {k1, k2}
         p1 = peers[k1]
@@ -136,27 +168,23 @@ async def test_peers_from_discovery_and_no_write_when_unchanged(mesh) -> None:
         assert len(nft.all_transactions) == transactions, "an unchanged reconcile must not write nftables"
 
         # one peer changes: only that peer is touched
-        disc.put(_readdress(d2, "198.51.100.4"))
+        rig.disc.put(_readdress(d2, "198.51.100.4"))
         await m.reconcile()
         assert wg.writes == writes + 1
         last = wg.applies[-1]
         assert [type(op).__name__ for op in last] == ["UpdatePeer"] and last[0].public_key == k2
 
         # a peer leaves discovery: removed from WireGuard and from the sets
-        disc.remove("node-b")
+        rig.disc.remove("node-b")
         await m.reconcile()
         assert set(wg.device.peers) == {k1}
         assert ipaddress.ip_network("198.51.100.3/32") not in nft.sets[SET_IPV4]
-    finally:
-        await m.stop()
 
 
-async def test_new_peer_is_probed_in_the_pass_that_adds_it(mesh) -> None:
-    m, disc, wg, *_ = mesh
+async def test_new_peer_is_probed_in_the_pass_that_adds_it(rig: Rig) -> None:
+    wg = rig.wg
     k1, mesh1, d1 = remote("node-a", "a", "10.5.0.2", 2)
-    await m.start()
-    try:
-        await m.reconcile()
+    async with rig.running() as m:
         configured_when_probed: list[bool] = []
         send = m.prober.send
 
@@ -165,7 +193,7 @@ async def test_new_peer_is_probed_in_the_pass_that_adds_it(mesh) -> None:
             return send(peer, address)
 
         m.prober.send = checking_send  # type: ignore[method-assign]
-        disc.put(d1)
+        rig.disc.put(d1)
         await m.reconcile()
         assert k1 in wg.device.peers
         assert m.prober.probes == [(k1, mesh1)], "probed in the pass that added it"
@@ -174,64 +202,43 @@ async def test_new_peer_is_probed_in_the_pass_that_adds_it(mesh) -> None:
         wg.traffic(k1, rx=148, tx=148, handshake=True)
         m.prober.answer(k1)
         await m.reconcile()
-        assert m.machines[k1].state == PeerState.UP
+        assert m.peers[k1].machine.state == PeerState.UP
         assert m.prober.probes == [(k1, mesh1)]
-    finally:
-        await m.stop()
 
 
-async def test_overlaps_and_duplicates_are_surfaced(mesh) -> None:
-    m, disc, wg, *_ = mesh
+async def test_overlaps_and_duplicates_are_surfaced(rig: Rig) -> None:
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2, "10.9.9.9")
     k2, _, d2 = remote("node-b", "b", "10.5.0.3", 3, "10.9.9.9")  # shares a VIP with node-a
-    disc.put(d1, d2)
-    await m.start()
-    try:
-        await m.reconcile()
+    async with rig.running(d1, d2) as m:
         st = m.status()
         assert any("10.9.9.9" in c and "node-b" in c for c in st.conflicts), st.conflicts
         # deterministic: the lower node id keeps the contested address
-        assert ipaddress.ip_network("10.9.9.9/32") in wg.device.peers[k1].allowed_ips
-        assert ipaddress.ip_network("10.9.9.9/32") not in wg.device.peers[k2].allowed_ips
-    finally:
-        await m.stop()
+        assert ipaddress.ip_network("10.9.9.9/32") in rig.wg.device.peers[k1].allowed_ips
+        assert ipaddress.ip_network("10.9.9.9/32") not in rig.wg.device.peers[k2].allowed_ips
 
 
-async def test_outside_removal_is_repaired(mesh) -> None:
-    m, disc, wg, links, nft, clock = mesh
+async def test_outside_removal_is_repaired(rig: Rig) -> None:
+    links, nft, wg = rig.links, rig.nft, rig.wg
     _, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
-    disc.put(d1)
-    await m.start()
-    try:
-        await m.reconcile()
+    async with rig.running(d1) as m:
         await links.remove_rule("inet")
         await links.remove_route("inet6")
         nft.remove_table()
         wg.remove()
-        clock.t += m.cfg.reconcile_interval
+        rig.clock.t += m.cfg.reconcile_interval
         await m.reconcile()
         assert links.rules == {"inet", "inet6"} and links.routes == {"inet", "inet6"}
         assert nft.sets is not None and ipaddress.ip_network("10.5.0.2/32") in nft.sets[SET_IPV4]
         assert wg.device is not None and len(wg.device.peers) == 1
         assert m.identity.address in links.addresses
-    finally:
-        await m.stop()
 
 
-async def test_status_and_state_follow_handshakes(mesh) -> None:
-    m, disc, wg, _links, _nft, clock = mesh
+async def test_status_and_state_follow_handshakes(rig: Rig) -> None:
     k1, mesh1, d1 = remote("node-a", "a", "10.5.0.2", 2)
-    disc.put(d1)
-    await m.start()
-    try:
-        await m.reconcile()
+    async with rig.running(d1) as m:
         assert m.status().peers[0].state == PeerState.UNKNOWN
         assert not m.status().ready
-        for _ in range(3):
-            clock.t += 1
-            wg.traffic(k1, rx=148, tx=148, handshake=True)
-            m.prober.answer(k1)
-            await m.reconcile()
+        await rig.bring_up(k1, passes=3)
         st = m.status()
         p = st.peers[0]
         assert p.state == PeerState.UP and st.ready
@@ -239,18 +246,14 @@ async def test_status_and_state_follow_handshakes(mesh) -> None:
         assert p.endpoint == "10.5.0.2:51820" and p.rx_bytes >= 444 and p.last_handshake is not None
         assert "10.5.0.2:51820" in p.candidates
         assert SECRET.hex() not in repr(st) and "private" not in repr(st.as_dict()).lower()
-    finally:
-        await m.stop()
 
 
-async def test_stop_cleans_up(mesh) -> None:
-    m, _disc, wg, links, nft, _ = mesh
-    await m.start()
-    await m.reconcile()
-    await m.stop(cleanup=True)
-    assert nft.sets is None
-    assert not links.rules and not links.routes
-    assert wg.closed and wg.removed_on_close
+async def test_stop_cleans_up(rig: Rig) -> None:
+    async with rig.running():
+        pass
+    assert rig.nft.sets is None
+    assert not rig.links.rules and not rig.links.routes
+    assert rig.wg.closed and rig.wg.removed_on_close
 
 
 def test_node_id_is_stable(tmp_path: Path) -> None:
@@ -260,40 +263,28 @@ def test_node_id_is_stable(tmp_path: Path) -> None:
     assert load_node_id(tmp_path) != a
 
 
-async def test_roamed_endpoint_is_learned_and_published_once(mesh) -> None:
-    m, disc, wg, _links, _nft, clock = mesh
-    k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
-    disc.put(d1)
-    await m.start()
-    try:
-        await m.reconcile()
-        for _ in range(2):
-            clock.t += 1
-            wg.traffic(k1, rx=148, tx=148, handshake=True)
-            m.prober.answer(k1)
-            await m.reconcile()
-        # the peer reaches us from a NATed address we never configured (WireGuard roams to it)
-        natted = AddrPort(ipaddress.ip_address("198.51.100.77"), 40123)
-        from dataclasses import replace
+NATTED = AddrPort(ipaddress.ip_address("198.51.100.77"), 40123)  # a peer's address behind a NAT
 
-        peers = dict(wg.device.peers)
-        peers[k1] = replace(peers[k1], endpoint=natted)
-        wg.device = replace(wg.device, peers=peers)
-        publishes = len(disc.published)
+
+async def test_roamed_endpoint_is_learned_and_published_once(rig: Rig) -> None:
+    k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    async with rig.running(d1) as m:
+        await rig.bring_up(k1)
+        # the peer reaches us from a NATed address we never configured (WireGuard roams to it)
+        rig.roam(k1, NATTED)
+        publishes = len(rig.disc.published)
         for _ in range(3):
-            clock.t += 1
-            wg.traffic(k1, rx=148, tx=148)
+            rig.clock.t += 1
+            rig.wg.traffic(k1, rx=148, tx=148)
             await m.reconcile()
-        new = disc.published[publishes:]
+        new = rig.disc.published[publishes:]
         assert len(new) == 1, "learned endpoints are published once, on change"
         others = new[0][2]
         assert list(others) == ["node-a"]
-        assert [(ipaddress.ip_address(e.ip), e.port) for e in others["node-a"]] == [(natted.ip, natted.port)]
+        assert [(ipaddress.ip_address(e.ip), e.port) for e in others["node-a"]] == [(NATTED.ip, NATTED.port)]
         # WireGuard keeps the roamed endpoint: we do not reconfigure it back
-        assert wg.device.peers[k1].endpoint == natted
+        assert rig.wg.device.peers[k1].endpoint == NATTED
         assert "198.51.100.77:40123" in m.status().peers[0].learned
-    finally:
-        await m.stop()
 
 
 # --- work reused between passes (performance) must not change what the engine does ---------------
@@ -307,31 +298,26 @@ def _readdress(d: Discovered, *extra: str) -> Discovered:
 
 
 @pytest.fixture
-def versioned(mesh, monkeypatch):
-    m, _disc, wg, links, nft, clock = mesh
-    disc = FakeDiscovery(public_ip=ipaddress.ip_address("203.0.113.9"))
-    m.discovery = disc
+def conversions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The node ids of the affiliates the engine decodes, in order."""
     from kubespan import engine
 
-    conversions: list[str] = []
+    seen: list[str] = []
     original = engine.RemoteAffiliate.from_pb
 
     def counting(pb, endpoints=()):
-        conversions.append(pb.node_id)
+        seen.append(pb.node_id)
         return original(pb, endpoints)
 
     monkeypatch.setattr(engine.RemoteAffiliate, "from_pb", staticmethod(counting))
-    return m, disc, wg, links, nft, clock, conversions
+    return seen
 
 
-async def test_versioned_discovery_rereads_only_changed_entries(versioned) -> None:
-    m, disc, wg, _links, nft, _clock, conversions = versioned
+async def test_versioned_discovery_rereads_only_changed_entries(rig: Rig, conversions: list[str]) -> None:
+    wg, nft = rig.wg, rig.nft
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
     k2, _, d2 = remote("node-b", "b", "10.5.0.3", 3)
-    disc.put(d1, d2)
-    await m.start()
-    try:
-        await m.reconcile()
+    async with rig.running(d1, d2) as m:
         assert sorted(conversions) == ["node-a", "node-b"] and set(wg.device.peers) == {k1, k2}
         specs = m.specs
         await m.reconcile()
@@ -339,7 +325,7 @@ async def test_versioned_discovery_rereads_only_changed_entries(versioned) -> No
         assert len(conversions) == 2, "an unchanged version re-reads nothing"
         assert m.specs is specs, "and recomputes no peer specs"
 
-        disc.put(_readdress(d2, "198.51.100.4"))
+        rig.disc.put(_readdress(d2, "198.51.100.4"))
         await m.reconcile()
         assert conversions[2:] == ["node-b"], "only the replaced entry is converted again"
         assert ipaddress.ip_network("198.51.100.4/32") in wg.device.peers[k2].allowed_ips
@@ -348,12 +334,31 @@ async def test_versioned_discovery_rereads_only_changed_entries(versioned) -> No
         last = wg.applies[-1]
         assert [type(op).__name__ for op in last] == ["UpdatePeer"] and last[0].public_key == k2
 
-        disc.remove("node-a")
+        rig.disc.remove("node-a")
         await m.reconcile()
-        assert set(wg.device.peers) == {k2} and set(m.machines) == {k2}
+        assert set(wg.device.peers) == {k2} and set(m.peers) == {k2}
         assert ipaddress.ip_network("10.5.0.2/32") not in nft.sets[SET_IPV4]
-    finally:
-        await m.stop()
+
+
+async def test_a_replaced_spec_keeps_the_peers_endpoint_machine(rig: Rig) -> None:
+    k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    async with rig.running(d1) as m:
+        await rig.bring_up(k1)
+        peer = m.peers[k1]
+        machine, spec, config = peer.machine, peer.spec, peer.config
+        rig.disc.put(_readdress(d1, "198.51.100.4"))
+        rig.clock.t += 1
+        await m.reconcile()
+        assert m.peers[k1] is peer and peer.spec is not spec
+        assert peer.machine is machine and machine.state == PeerState.UP, "its up/down history stays"
+        assert (
+            peer.config is not config and ipaddress.ip_network("198.51.100.4/32") in peer.config.allowed_ips
+        )
+        assert m.status().peers[0].allowed_ips == (
+            "10.5.0.2/32",
+            "198.51.100.4/32",
+            f"{spec.mesh_address}/128",
+        )
 
 
 def _warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> int:
@@ -365,21 +370,19 @@ def _warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> int:
 
 
 async def test_malformed_affiliate_is_reported_once_per_content(
-    mesh, caplog: pytest.LogCaptureFixture
+    rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    m, disc, wg, *_ = mesh
+    disc = rig.disc
     _, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
     bad = _readdress(d1)
     bad.affiliate.kubespan.public_key = "not a key"
-    disc.put(d1, Discovered("node-z", bad.affiliate, ()))
     caplog.set_level(logging.DEBUG, "kubespan.engine")
-    await m.start()
-    try:
-        for _ in range(5):  # about once a second in production
+    async with rig.running(d1, Discovered("node-z", bad.affiliate, ())) as m:
+        for _ in range(4):  # about once a second in production
             await m.reconcile()
         assert _warnings_about(caplog, "affiliate node-z") == 1, "reported once, not every pass"
         assert sum("affiliate node-z" in e for e in m.errors) == 1
-        assert len(wg.device.peers) == 1
+        assert len(rig.wg.device.peers) == 1
         # a different bad payload from the same affiliate is news: reported again, once
         worse = _readdress(bad, "192.0.2.1")
         disc.put(Discovered("node-z", worse.affiliate, ()))
@@ -389,25 +392,20 @@ async def test_malformed_affiliate_is_reported_once_per_content(
         # fixed, then broken the same way again: reported again
         disc.put(remote("node-z", "z", "10.5.0.7", 7)[2])
         await m.reconcile()
-        assert len(wg.device.peers) == 2
+        assert len(rig.wg.device.peers) == 2
         disc.put(Discovered("node-z", worse.affiliate, ()))
         await m.reconcile()
         await m.reconcile()
         assert _warnings_about(caplog, "affiliate node-z") == 3
-    finally:
-        await m.stop()
 
 
-async def test_peer_change_updates_sets_without_rechecking_links(mesh) -> None:
-    m, disc, wg, links, nft, clock = mesh
+async def test_peer_change_updates_sets_without_rechecking_links(rig: Rig) -> None:
+    links, nft = rig.links, rig.nft
     _, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
     _, _, d2 = remote("node-b", "b", "10.5.0.9", 3)
-    disc.put(d1)
-    await m.start()
-    try:
-        await m.reconcile()
+    async with rig.running(d1) as m:
         link_calls = len(links.calls)
-        disc.put(d2)  # a new peer: WireGuard and the sets change, links do not
+        rig.disc.put(d2)  # a new peer: WireGuard and the sets change, links do not
         await m.reconcile()
         assert len(links.calls) == link_calls
         assert ipaddress.ip_network("10.5.0.9/32") in nft.sets[SET_IPV4]
@@ -418,53 +416,40 @@ async def test_peer_change_updates_sets_without_rechecking_links(mesh) -> None:
         assert len(nft.calls) == reconciles and len(links.calls) == link_calls
         # a re-created device (device-level settings missing) gets links, routes and rules again
         # (at the next poll at the latest: netlink would also wake a full pass at once)
-        wg.remove()
+        rig.wg.remove()
         await links.remove_address(m.identity.address)
-        clock.t += m.cfg.timings.poll_interval
+        rig.clock.t += m.cfg.timings.poll_interval
         await m.reconcile()
         assert len(links.calls) > link_calls and m.identity.address in links.addresses
         # and the periodic check still runs
         link_calls = len(links.calls)
-        clock.t += m.cfg.reconcile_interval
+        rig.clock.t += m.cfg.reconcile_interval
         await m.reconcile()
         assert len(links.calls) > link_calls
-    finally:
-        await m.stop()
 
 
-async def test_bypass_of_a_down_peer_still_updates_the_sets(mesh) -> None:
-    m, disc, _wg, _links, nft, clock = mesh
-    from dataclasses import replace as dc_replace
-
-    m.cfg = dc_replace(m.cfg, allow_down_peer_bypass=True)
+async def test_bypass_of_a_down_peer_still_updates_the_sets(rig: Rig) -> None:
+    rig.m.cfg = replace(rig.m.cfg, allow_down_peer_bypass=True)
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2, "192.0.2.7")
-    disc.put(d1)
-    await m.start()
-    try:
+    async with rig.running(d1) as m:
+        assert ipaddress.ip_network("192.0.2.7/32") in rig.nft.sets[SET_IPV4]
+        m.peers[k1].machine._state = PeerState.DOWN  # what the endpoint machine decides after a failure
+        rig.clock.t += m.cfg.reconcile_interval
         await m.reconcile()
-        assert ipaddress.ip_network("192.0.2.7/32") in nft.sets[SET_IPV4]
-        m.machines[k1]._state = PeerState.DOWN  # what the endpoint machine decides after a failure
-        clock.t += m.cfg.reconcile_interval
-        await m.reconcile()
-        assert m.machines[k1].state == PeerState.DOWN
-        assert ipaddress.ip_network("192.0.2.7/32") not in nft.sets[SET_IPV4]
-    finally:
-        await m.stop()
+        assert m.peers[k1].machine.state == PeerState.DOWN
+        assert ipaddress.ip_network("192.0.2.7/32") not in rig.nft.sets[SET_IPV4]
 
 
 # --- light passes: a discovery change between polls trusts the last observation --------------------
 
 
-async def test_discovery_only_pass_reads_nothing_and_writes_only_the_change(versioned) -> None:
-    m, disc, wg, links, nft, clock, _ = versioned
+async def test_discovery_only_pass_reads_nothing_and_writes_only_the_change(rig: Rig) -> None:
+    wg, links, nft, clock = rig.wg, rig.links, rig.nft, rig.clock
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
     k2, _, d2 = remote("node-b", "b", "10.5.0.3", 3)
-    disc.put(d1, d2)
-    await m.start()
-    try:
-        await m.reconcile()
+    async with rig.running(d1, d2) as m:
         gets, reads, link_calls, light = wg.gets, nft.reads, len(links.calls), m.light_passes
-        machine_a = m.machines[k1]
+        machine_a = m.peers[k1].machine
         observed_a = machine_a.observe
         ran: list[str] = []
 
@@ -474,7 +459,7 @@ async def test_discovery_only_pass_reads_nothing_and_writes_only_the_change(vers
 
         machine_a.observe = spy  # type: ignore[method-assign]
         clock.t += 0.2  # between polls
-        disc.put(_readdress(d2, "198.51.100.4"))
+        rig.disc.put(_readdress(d2, "198.51.100.4"))
         await m.reconcile()
         assert m.light_passes == light + 1
         assert wg.gets == gets, "the device is not re-read"
@@ -489,7 +474,7 @@ async def test_discovery_only_pass_reads_nothing_and_writes_only_the_change(vers
 
         # a new peer between polls: added and probed in that light pass (the join path)
         k3, mesh3, d3 = remote("node-c", "c", "10.5.0.4", 4)
-        disc.put(d3)
+        rig.disc.put(d3)
         await m.reconcile()
         assert m.light_passes == light + 2 and wg.gets == gets
         assert k3 in wg.device.peers and m.prober.probes[-1] == (k3, mesh3)
@@ -498,32 +483,25 @@ async def test_discovery_only_pass_reads_nothing_and_writes_only_the_change(vers
         m.prober.answer(k3)
         await m.reconcile()
         assert wg.gets == gets + 1 and m.light_passes == light + 2
-        assert m.machines[k3].state == PeerState.UP
+        assert m.peers[k3].machine.state == PeerState.UP
 
         # a peer leaves between polls: removed from WireGuard and the sets
-        disc.remove("node-b")
+        rig.disc.remove("node-b")
         await m.reconcile()
         assert set(wg.device.peers) == {k1, k3}
         assert ipaddress.ip_network("10.5.0.3/32") not in nft.sets[SET_IPV4]
-    finally:
-        await m.stop()
 
 
-async def test_outside_changes_missed_by_light_passes_are_repaired_by_the_periodic_ones(versioned) -> None:
-    m, disc, wg, _links, nft, clock, _ = versioned
+async def test_outside_changes_missed_by_light_passes_are_repaired_by_the_periodic_ones(rig: Rig) -> None:
+    wg, nft, clock = rig.wg, rig.nft, rig.clock
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
     _k2, _, d2 = remote("node-b", "b", "10.5.0.9", 3)
-    disc.put(d1, d2)
-    await m.start()
-    try:
-        await m.reconcile()
+    async with rig.running(d1, d2) as m:
         # someone removes a peer and a set element behind our back
-        from dataclasses import replace
-
         wg.device = replace(wg.device, peers={k: p for k, p in wg.device.peers.items() if k != k1})
         nft.sets[SET_IPV4].discard(ipaddress.ip_network("10.5.0.2/32"))
         clock.t += 0.2
-        disc.put(_readdress(d2, "198.51.100.4"))
+        rig.disc.put(_readdress(d2, "198.51.100.4"))
         await m.reconcile()  # light: does not notice
         assert k1 not in wg.device.peers
         # the next poll reads the device and repairs the peer
@@ -535,21 +513,16 @@ async def test_outside_changes_missed_by_light_passes_are_repaired_by_the_period
         await m.reconcile()
         assert ipaddress.ip_network("10.5.0.2/32") in nft.sets[SET_IPV4]
         assert ipaddress.ip_network("198.51.100.4/32") in nft.sets[SET_IPV4]
-    finally:
-        await m.stop()
 
 
-async def test_light_pass_whose_write_fails_is_followed_by_a_full_pass(versioned) -> None:
-    m, disc, wg, _links, nft, clock, _ = versioned
+async def test_light_pass_whose_write_fails_is_followed_by_a_full_pass(rig: Rig) -> None:
+    wg, clock = rig.wg, rig.clock
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
-    disc.put(d1)
-    await m.start()
-    try:
-        await m.reconcile()
+    async with rig.running(d1) as m:
         gets, light, writes, applies = wg.gets, m.light_passes, m.wg_writes, len(wg.applies)
         clock.t += 0.2
         k2, mesh2, d2 = remote("node-b", "b", "10.5.0.9", 3)
-        disc.put(d2)
+        rig.disc.put(d2)
         wg.fail_next_apply()
         m._wake.clear()
         await m.reconcile()
@@ -565,25 +538,20 @@ async def test_light_pass_whose_write_fails_is_followed_by_a_full_pass(versioned
         assert len(wg.applies) == applies + 2 and m.wg_writes == writes + 1
         assert set(wg.device.peers) == {k1, k2}
         assert (k2, mesh2) in m.prober.probes, "the new peer is probed once configured"
-        assert ipaddress.ip_network("10.5.0.9/32") in nft.sets[SET_IPV4]
+        assert ipaddress.ip_network("10.5.0.9/32") in rig.nft.sets[SET_IPV4]
         # and the pass after it is a full one too only if something asks for it
         clock.t += 0.1
         await m.reconcile()
         assert m.light_passes == light + 1
-    finally:
-        await m.stop()
 
 
-async def test_failed_full_pass_applies_once_counts_nothing_and_the_next_pass_repairs(mesh) -> None:
-    m, disc, wg, _links, _nft, clock = mesh
+async def test_failed_full_pass_applies_once_counts_nothing_and_the_next_pass_repairs(rig: Rig) -> None:
+    wg, clock = rig.wg, rig.clock
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
     k2, _, d2 = remote("node-b", "b", "10.5.0.3", 3)
-    disc.put(d1)
-    await m.start()
-    try:
-        await m.reconcile()
+    async with rig.running(d1) as m:
         writes, applies = m.wg_writes, len(wg.applies)
-        disc.put(d2)
+        rig.disc.put(d2)
         wg.fail_next_apply()
         wg.fail_next_apply()
         clock.t += m.cfg.timings.poll_interval
@@ -598,41 +566,31 @@ async def test_failed_full_pass_applies_once_counts_nothing_and_the_next_pass_re
         await m.reconcile()
         assert len(wg.applies) == applies + 3 and m.wg_writes == writes + 1
         assert set(wg.device.peers) == {k1, k2}
-    finally:
-        await m.stop()
 
 
-async def test_nft_diff_against_a_stale_cache_falls_back_to_reading(versioned) -> None:
-    m, disc, _wg, _links, nft, clock, _ = versioned
+async def test_nft_diff_against_a_stale_cache_falls_back_to_reading(rig: Rig) -> None:
+    nft = rig.nft
     _, _, d1 = remote("node-a", "a", "10.5.0.2", 2, "192.0.2.7")
-    disc.put(d1)
-    await m.start()
-    try:
-        await m.reconcile()
+    async with rig.running(d1) as m:
         nft.remove_table()  # behind our back
-        clock.t += 0.2
-        disc.put(_readdress(d1, "198.51.100.4"))
+        rig.clock.t += 0.2
+        rig.disc.put(_readdress(d1, "198.51.100.4"))
         reads = nft.reads
         await m.reconcile()
         assert nft.reads == reads + 1, "the failed diff made it read the table"
         assert nft.sets is not None and ipaddress.ip_network("198.51.100.4/32") in nft.sets[SET_IPV4]
         assert ipaddress.ip_network("192.0.2.7/32") in nft.sets[SET_IPV4]
-    finally:
-        await m.stop()
 
 
 # --- publishing: what status shows was published, and a failed publish is retried ----------------
 
 
-async def test_failed_publish_is_retried_and_not_shown_as_published(mesh) -> None:
-    m, disc, wg, *_ = mesh
+async def test_failed_publish_is_retried_and_not_shown_as_published(rig: Rig) -> None:
+    disc = rig.disc
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
-    disc.put(d1)
-    await m.start()
-    try:
-        disc.fail_publishes = 1
-        await m.reconcile()  # the publish fails; the pass still configures the peers
-        assert k1 in wg.device.peers
+    disc.fail_publishes = 1
+    async with rig.running(d1) as m:  # the publish fails; the pass still configures the peers
+        assert k1 in rig.wg.device.peers
         assert disc.published == []
         assert m.status().endpoints == (), "status shows only what was published"
         assert any("too large" in e for e in m.status().errors)
@@ -641,75 +599,56 @@ async def test_failed_publish_is_retried_and_not_shown_as_published(mesh) -> Non
         assert m.status().endpoints == ("10.5.0.1:51820", "203.0.113.9:51820")
         await m.reconcile()
         assert len(disc.published) == 1, "and published once"
-    finally:
-        await m.stop()
 
 
-async def test_failed_publish_of_learned_endpoints_is_retried(mesh) -> None:
-    m, disc, wg, _links, _nft, clock = mesh
+async def test_failed_publish_of_learned_endpoints_is_retried(rig: Rig) -> None:
+    disc = rig.disc
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
-    disc.put(d1)
-    await m.start()
-    try:
-        await m.reconcile()
-        for _ in range(2):
-            clock.t += 1
-            wg.traffic(k1, rx=148, tx=148, handshake=True)
-            m.prober.answer(k1)
-            await m.reconcile()
-        from dataclasses import replace
-
-        natted = AddrPort(ipaddress.ip_address("198.51.100.77"), 40123)
-        peers = dict(wg.device.peers)
-        peers[k1] = replace(peers[k1], endpoint=natted)
-        wg.device = replace(wg.device, peers=peers)
+    async with rig.running(d1) as m:
+        await rig.bring_up(k1)
+        rig.roam(k1, NATTED)
         publishes = len(disc.published)
         disc.fail_publishes = 1
-        clock.t += 1
-        wg.traffic(k1, rx=148, tx=148)
+        rig.clock.t += 1
+        rig.wg.traffic(k1, rx=148, tx=148)
         await m.reconcile()  # learns the roamed endpoint; its publish fails
         assert len(disc.published) == publishes
         for _ in range(2):
-            clock.t += 1
-            wg.traffic(k1, rx=148, tx=148)
+            rig.clock.t += 1
+            rig.wg.traffic(k1, rx=148, tx=148)
             await m.reconcile()
         new = disc.published[publishes:]
         assert len(new) == 1, "the learned endpoint is published by a later pass, once"
         assert [(ipaddress.ip_address(e.ip), e.port) for e in new[0][2]["node-a"]] == [
-            (natted.ip, natted.port)
+            (NATTED.ip, NATTED.port)
         ]
-    finally:
-        await m.stop()
 
 
-async def test_affiliate_too_large_for_the_registry_is_published_once_it_fits(mesh) -> None:
-    m, *_ = mesh
+async def test_affiliate_too_large_for_the_registry_is_published_once_it_fits(rig: Rig) -> None:
     from discovery.client import DiscoveryClient
 
     # the real client (never started: set_local_data validates and records without any RPC)
     client = DiscoveryClient(
         ["http://127.0.0.1:1"], cluster_id=CLUSTER, secret=SECRET, affiliate_id="self-node"
     )
-    m.discovery = client
+    rig.m.discovery = client
     many = [ipaddress.ip_interface(f"2001:db8::{i:x}/64") for i in range(1, 120)]
-    m.host.address_list.extend(many)
-    await m.start()
+    rig.m.host.address_list.extend(many)
     try:
-        await m.reconcile()
-        assert client._local is None, "too large: nothing recorded"
-        assert m.status().endpoints == ()
-        assert sum("publish" in e for e in m.errors) == 1
-        m.clock.t += m.cfg.reconcile_interval
-        await m.reconcile()
-        assert sum("publish" in e for e in m.errors) == 1, "the same failure is reported once"
-        for a in many:
-            m.host.address_list.remove(a)
-        m.clock.t += m.cfg.reconcile_interval
-        await m.reconcile()
-        assert client._local is not None
-        assert m.status().endpoints == ("10.5.0.1:51820",)
+        async with rig.running() as m:
+            assert client._local is None, "too large: nothing recorded"
+            assert m.status().endpoints == ()
+            assert sum("publish" in e for e in m.errors) == 1
+            rig.clock.t += m.cfg.reconcile_interval
+            await m.reconcile()
+            assert sum("publish" in e for e in m.errors) == 1, "the same failure is reported once"
+            for a in many:
+                m.host.address_list.remove(a)
+            rig.clock.t += m.cfg.reconcile_interval
+            await m.reconcile()
+            assert client._local is not None
+            assert m.status().endpoints == ("10.5.0.1:51820",)
     finally:
-        await m.stop()
         await client.close()
 
 

@@ -86,14 +86,14 @@ def mesh(tmp_path: Path) -> tuple[Mesh, FakeDiscovery, FakeWireGuard, list[float
 
 def rebuilt(m: Mesh) -> MeshSnapshot:
     """The snapshot built from scratch (no reuse) from the engine's current state."""
-    prev, cache = m.snapshot, m._status_cache
+    prev = m.snapshot
     assert prev is not None
-    m._snapshot, m._status_cache = None, {}
+    m._snapshot = None
     try:
-        m._publish_snapshot(light=False, at=prev.at)
+        m._publish_snapshot(light=False, at=prev.at, reuse=False)
         fresh = m.snapshot
     finally:
-        m._snapshot, m._status_cache = prev, cache
+        m._snapshot = prev
     assert fresh is not None and fresh is not prev
     return fresh
 
