@@ -32,12 +32,14 @@ start (state directory, status address). Listeners (:meth:`ConfigManager.subscri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol, TypedDict, Unpack
 
 from machined.config.errors import ApplyError, ConfigValidationError
 from machined.config.machine import ChangeEffects, MachineConfig, change_effects, config_diff
@@ -134,6 +136,13 @@ class ApplyResult:
     pending: PendingTry | None = None
 
 
+class ApplyOptions(TypedDict, total=False):
+    """The keyword options of every apply (:meth:`ConfigManager.apply`, ``apply_async``, ``patch``)."""
+
+    dry_run: bool  # change nothing; the result has the diff (default False)
+    try_timeout: float  # TRY mode: seconds until the rollback (default DEFAULT_TRY_TIMEOUT)
+
+
 Listener = Callable[[ConfigEvent], None]
 
 
@@ -207,67 +216,50 @@ class ConfigManager:
         self,
         config: MachineConfig | str | bytes,
         mode: ApplyMode = ApplyMode.AUTO,
-        *,
-        dry_run: bool = False,
-        try_timeout: float = DEFAULT_TRY_TIMEOUT,
+        **options: Unpack[ApplyOptions],
     ) -> ApplyResult:
         """Validate and apply ``config`` (see the module docstring for the modes).
 
         Raises ``ConfigValidationError`` (invalid config: nothing changes) or ``ApplyError``.
         """
-        used = self._check(mode, try_timeout)
-        new = config if isinstance(config, MachineConfig) else MachineConfig.parse(config)
-        if dry_run:
-            old = self._running
-            return self._dry_run(used, old, new, try_timeout, config_diff(old, new))
-        self._busy = True
-        try:
-            self._persist(used, new)
-            return self._commit(used, new, try_timeout)
-        finally:
-            self._busy = False
+        steps = self._apply_steps(config, mode, **options)
+        with contextlib.closing(steps):  # a raising step still runs the steps' cleanup
+            try:
+                work = next(steps)
+                while True:
+                    work = steps.send(work())
+            except StopIteration as done:
+                return done.value
 
     async def apply_async(
         self,
         config: MachineConfig | str | bytes,
         mode: ApplyMode = ApplyMode.AUTO,
-        *,
-        dry_run: bool = False,
-        try_timeout: float = DEFAULT_TRY_TIMEOUT,
+        **options: Unpack[ApplyOptions],
     ) -> ApplyResult:
         """:meth:`apply` on the event loop: parsing, the dry run's diff and the store's writes (which
         parse the text again) run in a worker thread; the switch of the running config stays on the
         loop. A second change that arrives meanwhile is refused as in :meth:`apply`."""
-        used = self._check(mode, try_timeout)
-        new = (
-            config if isinstance(config, MachineConfig) else await asyncio.to_thread(_parse, config, dry_run)
-        )
-        if dry_run:
-            old = self._running
-            diff = await asyncio.to_thread(config_diff, old, new)
-            return self._dry_run(used, old, new, try_timeout, diff)
-        self._check(mode, try_timeout)  # again: the state may have changed while parsing
-        self._busy = True
-        try:
-            if used is not ApplyMode.TRY:
-                await asyncio.to_thread(self._persist, used, new)
-            return self._commit(used, new, try_timeout)
-        finally:
-            self._busy = False
+        steps = self._apply_steps(config, mode, **options)
+        with contextlib.closing(steps):
+            try:
+                work = next(steps)
+                while True:
+                    work = steps.send(await asyncio.to_thread(work))
+            except StopIteration as done:
+                return done.value
 
     def patch(
         self,
         patches: Iterable[Patch | str | bytes],
         mode: ApplyMode = ApplyMode.AUTO,
-        *,
-        dry_run: bool = False,
-        try_timeout: float = DEFAULT_TRY_TIMEOUT,
+        **options: Unpack[ApplyOptions],
     ) -> ApplyResult:
         """Patch the running config (strategic merge and/or JSON patches, in order) and apply it."""
         if self._running is None:
             raise ApplyError("failed_precondition", "there is no config to patch")
         new = MachineConfig.from_documents(apply_patches(self._running.documents(), patches))
-        return self.apply(new, mode, dry_run=dry_run, try_timeout=try_timeout)
+        return self.apply(new, mode, **options)
 
     def confirm(self) -> ApplyResult:
         """Make the pending TRY config permanent (an apply of it with NO_REBOOT)."""
@@ -294,6 +286,31 @@ class ConfigManager:
             self._handle = None
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _apply_steps(
+        self,
+        config: MachineConfig | str | bytes,
+        mode: ApplyMode | int,
+        *,
+        dry_run: bool = False,
+        try_timeout: float = DEFAULT_TRY_TIMEOUT,
+    ) -> Generator[Callable[[], Any], Any, ApplyResult]:
+        """One apply for :meth:`apply` and :meth:`apply_async`: the blocking work (parsing, the dry
+        run's diff, the store's writes) is yielded for the caller to run, inline or in a thread, and
+        its result sent back; the in-memory switch happens here, between the yields."""
+        used = self._check(mode, try_timeout)
+        new = config if isinstance(config, MachineConfig) else (yield partial(_parse, config, dry_run))
+        if dry_run:
+            old = self._running
+            return self._dry_run(used, old, new, try_timeout, (yield partial(config_diff, old, new)))
+        self._check(mode, try_timeout)  # again: the state may have changed while parsing
+        self._busy = True
+        try:
+            if used is not ApplyMode.TRY:
+                yield partial(self._persist, used, new)
+            return self._commit(used, new, try_timeout)
+        finally:
+            self._busy = False
 
     def _check(self, mode: ApplyMode | int, try_timeout: float) -> ApplyMode:
         """The mode actually used, or ``ApplyError`` when the request cannot be honoured now."""

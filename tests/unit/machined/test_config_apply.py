@@ -93,6 +93,24 @@ def test_failed_write_changes_nothing(env, monkeypatch):
     assert mgr.running == first and mgr.persisted == first and len(events) == 1
 
 
+async def test_a_failed_write_leaves_the_manager_free_for_the_next_change(env, monkeypatch):
+    mgr, store, _timer, _events, first = env
+    real = store.save_active
+
+    def fail(_cfg):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "save_active", fail)
+    with pytest.raises(OSError):
+        mgr.apply(text("two"))
+    with pytest.raises(OSError):
+        await mgr.apply_async(text("two"))
+    monkeypatch.setattr(store, "save_active", real)
+    assert mgr.running == first
+    assert (await mgr.apply_async(text("three"))).mode is ApplyMode.NO_REBOOT  # not "in progress"
+    assert mgr.apply(text("four")).mode is ApplyMode.NO_REBOOT
+
+
 def test_staged_takes_effect_at_next_start(env, tmp_path):
     mgr, store, _timer, events, first = env
     staged = MachineConfig.parse(text("staged"))
