@@ -37,6 +37,7 @@ from kubespan.metrics import MeshCollector
 from kubespan.perms import warn_permissions
 from kubespan.wireguard.types import AddrPort
 from kubespan.wiring import build_mesh
+from spanutil.ipcodec import IPNetwork
 from spanutil.logs import log_event, setup
 
 log = logging.getLogger("kubespan")
@@ -60,7 +61,7 @@ MESH_FLAGS = {
 }
 
 
-def _cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+def _cidr(text: str) -> IPNetwork:
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError as e:

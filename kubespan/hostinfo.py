@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kubespan.identity import LinkInfo
-
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+from spanutil.ipcodec import IPInterface
 
 
 class HostInfo(Protocol):

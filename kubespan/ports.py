@@ -11,20 +11,17 @@ live in test-support modules (``kubespan.testing``, ``kubespan.dataplane.fake``,
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from kubespan.wireguard.backend import WireGuardBackend
+from spanutil.ipcodec import IPAddress, IPInterface
 
 if TYPE_CHECKING:
     import asyncio
 
     from kubespan.dataplane.links import NetlinkEvent
     from spanapi.discovery.client import affiliate_pb2
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 __all__ = [
     "Closable",

@@ -1,4 +1,4 @@
-"""IP addresses on the wire: the type aliases and the one byte<->address codec.
+"""IP addresses: the type aliases (defined here only) and the one byte<->address codec.
 
 Binary form as in Talos's protobufs (Go's ``netip.Addr.AsSlice``): 4 raw bytes for IPv4, 16 for IPv6.
 """
@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["IPAddress", "IPNetwork", "ip_from_bytes", "ip_to_bytes"]
+__all__ = ["IPAddress", "IPInterface", "IPNetwork", "ip_from_bytes", "ip_to_bytes"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
 def ip_to_bytes(ip: IPAddress | str) -> bytes:

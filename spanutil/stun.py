@@ -12,12 +12,13 @@ message carries one.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import struct
 import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from spanutil.ipcodec import IPAddress, ip_from_bytes
 
 __all__ = [
     "BINDING_ERROR",
@@ -82,8 +83,6 @@ RESPONSE_KNOWN = frozenset(
 
 _HEADER = struct.Struct("!HHI12s")
 _ATTR = struct.Struct("!HH")
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class StunError(ValueError):
@@ -241,7 +240,7 @@ def _decode_address(value: bytes, txid: bytes | None, name: str) -> Mapped:
         port ^= MAGIC_COOKIE >> 16
         key = struct.pack("!I", MAGIC_COOKIE) + txid
         raw = bytes(a ^ b for a, b in zip(raw, key, strict=False))
-    ip: IPAddress = ipaddress.IPv4Address(raw) if size == 4 else ipaddress.IPv6Address(raw)
+    ip = ip_from_bytes(raw)
     if port == 0:
         raise StunError(f"{name}: port 0")
     return Mapped(ip, port)

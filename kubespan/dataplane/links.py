@@ -31,14 +31,12 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any, Protocol
 
 from kubespan import constants as C
+from spanutil.ipcodec import IPInterface
 
 log = logging.getLogger("kubespan.dataplane.links")
-
-IPInterface = IPv4Interface | IPv6Interface
 
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
 FAMILY_NAMES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6"}

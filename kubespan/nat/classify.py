@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from kubespan.wireguard.types import AddrPort
+from spanutil.ipcodec import IPAddress
 
 __all__ = ["NatClass", "NatReport", "Observation", "classify"]
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class NatClass(StrEnum):
