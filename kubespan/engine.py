@@ -1,30 +1,12 @@
-"""The mesh engine: discovery in, WireGuard peers, routes, rules and nftables out.
+"""The mesh engine: discovery in; WireGuard peers, routes, rules and nftables out.
 
-Level-triggered: every pass recomputes the desired state from the inputs (the
-affiliates discovery reports, the host's addresses, the peers' observed
-WireGuard counters) and applies only the difference. A pass runs every poll
-interval (1 s, to feed the endpoint state machines), when an input changes,
-and when netlink reports that something we own was changed from outside. The
-data plane (link, routes, rules, nftables) is also re-checked every
-``reconcile_interval`` (2 s) so that what someone removed comes back within 5 s.
-
-A pass between polls that nothing but our own inputs asked for (a discovery
-change, typically) is *light*: it neither reads the WireGuard device nor the
-nftables table, and runs no endpoint state machine of a peer whose spec did not
-change. It trusts that both still hold what our last successful writes left
-(anything changed from outside is found by the next poll, at most one
-``poll_interval`` later, or by the data plane check), and writes only what the
-changed peer specs imply. Probe replies, netlink events, a failed write and the
-periodic checks all make the next pass a full one.
-
-A pass writes to WireGuard at most once, and the engine is what diffs (with
-:mod:`kubespan.wireguard.diff`, against its last observation). Writes are not
-transactional: after a failed one the next pass re-reads the device and applies
-what is missing; a failed light pass asks for that pass at once.
-
-All I/O goes through injected adapters (WireGuard backend, link and nftables
-managers, host info, prober, discovery client), so the engine runs against
-in-memory fakes in unit tests.
+Level-triggered: every pass recomputes the desired state from its inputs (the affiliates, our
+addresses, the peers' observed WireGuard counters), keeping one :class:`~kubespan.runtime.PeerRuntime`
+per peer, plans the device with one planner for both kinds of pass (:meth:`Mesh._plan`) and writes
+only the difference, at most once. A discovery change between polls runs a *light* pass that trusts
+the last observation instead of re-reading the device. The path of one affiliate update, and when a
+pass is light: docs/design/affiliate-path.md. All I/O goes through injected ports, so unit tests run
+the engine against in-memory fakes.
 """
 
 from __future__ import annotations
@@ -151,7 +133,7 @@ class Mesh:
         self.local_addresses: tuple[IPInterface, ...] = ()  # replaced only when they change
         self.errors: list[str] = []
         self.passes = 0
-        self.light_passes = 0  # passes that trusted the last observation (see the module docstring)
+        self.light_passes = 0  # passes that trusted the last observation
         self.wg_writes = 0
         self.dataplane_changes: list[str] = []
         self.ready = asyncio.Event()
@@ -274,7 +256,7 @@ class Mesh:
     # -- one pass ----------------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """One level-triggered pass (light or full, see the module docstring)."""
+        """One level-triggered pass, light or full (see docs/design/affiliate-path.md)."""
         assert self.identity is not None, "start() first"
         now = self.clock()
         self.passes += 1
@@ -290,9 +272,10 @@ class Mesh:
 
         # probes of a pass whose write failed wait for the next write (their peers may be missing)
         probes, self._deferred_probes = self._deferred_probes, []
-        written = (light and self.specs is previous) or await self._reconcile_peers(
-            now, changed if light else None, probes
-        )
+        if light and self.specs is previous:
+            written = True  # no peer changed, and the last observation is trusted
+        else:
+            written = await self._reconcile_peers(now, changed if light else None, probes)
         if not written:
             self._deferred_probes = probes
             if light:  # one write per pass: the re-read and the repair are the next (full) pass's, now
