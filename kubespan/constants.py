@@ -12,7 +12,7 @@ configurable: they are what the endpoint state machine reasons about.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 
 # --- Link and WireGuard device -------------------------------------------------------------------
@@ -196,11 +196,8 @@ class MeshConfig:
 
     def __post_init__(self) -> None:
         # The one validation of the mesh settings: the machine config, ``kubespan run`` and the
-        # data-plane adapters' loose-value constructors all come through here, once.
-        errors = list(_mesh_problems(self))
-        if errors:
-            errors[0].errors = tuple(errors)
-            raise errors[0]
+        # data-plane adapters' loose-value constructors all come through these rules, once.
+        check_mesh_fields(**{name: getattr(self, name) for name in _CHECKED})
 
     @property
     def mss_ipv4(self) -> int:
@@ -229,40 +226,60 @@ class MeshConfig:
         return out
 
 
-def _mesh_problems(cfg: MeshConfig) -> Iterator[ConfigError]:
-    """Every rule ``cfg`` breaks, in field order; a check that spans fields runs only when the fields
-    it reads are valid themselves."""
-    if (problem := link_name_problem(cfg.link_name)) is not None:
+# MeshConfig's checked fields in the order problems are reported; integers with their range.
+_RANGES = {
+    "listen_port": (1, 65535),
+    "mtu": (MTU_MIN, MTU_MAX),
+    "persistent_keepalive": (0, KEEPALIVE_MAX),
+    "routing_table": (1, TABLE_MAX),
+    "rule_priority": (RULE_PRIORITY_MIN, RULE_PRIORITY_MAX),
+    "fwmark_mask": (1, FWMARK_MAX),
+    "fwmark_wireguard": (1, FWMARK_MAX),
+    "fwmark_force": (1, FWMARK_MAX),
+}
+_CHECKED = ("link_name", *_RANGES, "nft_table", "reconcile_interval")
+
+
+def check_mesh_fields(**values: object) -> None:
+    """Check the given MeshConfig fields by MeshConfig's rules; a rule that spans fields applies when
+    they are all given. For MeshConfig itself and for adapters built from loose values rather than a
+    MeshConfig (the link manager sets no WireGuard mark). Raises the first :class:`ConfigError`, with
+    every problem in ``errors``."""
+    errors = list(_mesh_problems(values))
+    if errors:
+        errors[0].errors = tuple(errors)
+        raise errors[0]
+
+
+def _mesh_problems(v: Mapping[str, object]) -> Iterator[ConfigError]:
+    """Every rule the values in ``v`` break, in field order; a rule that spans fields runs only when
+    the fields it reads are present and valid themselves."""
+    if "link_name" in v and (problem := link_name_problem(v["link_name"])) is not None:
         yield ConfigError("link_name", problem)
-    yield from _range("listen_port", cfg.listen_port, 1, 65535)
-    yield from _range("mtu", cfg.mtu, MTU_MIN, MTU_MAX)
-    yield from _range("persistent_keepalive", cfg.persistent_keepalive, 0, KEEPALIVE_MAX)
-    table = list(_range("routing_table", cfg.routing_table, 1, TABLE_MAX))
-    yield from table
-    if not table and cfg.routing_table in RESERVED_TABLES:
-        yield ConfigError(
-            "routing_table", f"{cfg.routing_table} is reserved (reserved: {sorted(RESERVED_TABLES)})"
-        )
-    yield from _range("rule_priority", cfg.rule_priority, RULE_PRIORITY_MIN, RULE_PRIORITY_MAX)
-    mask = list(_range("fwmark_mask", cfg.fwmark_mask, 1, FWMARK_MAX))
-    yield from mask
-    marks_ok = True
-    for name in ("fwmark_wireguard", "fwmark_force"):
-        value = getattr(cfg, name)
-        bad = list(_range(name, value, 1, FWMARK_MAX))
+    valid: dict[str, int] = {}
+    for name, (low, high) in _RANGES.items():
+        if name not in v:
+            continue
+        value = v[name]
+        bad = list(_range(name, value, low, high))
         yield from bad
-        marks_ok = marks_ok and not bad
-        if not bad and not mask and value & ~cfg.fwmark_mask:
-            yield ConfigError(name, f"{value:#x} has bits outside fwmark_mask {cfg.fwmark_mask:#x}")
-    if marks_ok and cfg.fwmark_wireguard == cfg.fwmark_force:
-        yield ConfigError("fwmark_force", f"{cfg.fwmark_force:#x} must differ from fwmark_wireguard")
-    nft = cfg.nft_table
+        if not bad and isinstance(value, int):
+            valid[name] = value
+            if name == "routing_table" and value in RESERVED_TABLES:
+                yield ConfigError(name, f"{value} is reserved (reserved: {sorted(RESERVED_TABLES)})")
+            mask = valid.get("fwmark_mask")
+            if name in ("fwmark_wireguard", "fwmark_force") and mask is not None and value & ~mask:
+                yield ConfigError(name, f"{value:#x} has bits outside fwmark_mask {mask:#x}")
+    marks = (valid.get("fwmark_wireguard"), valid.get("fwmark_force"))
+    if None not in marks and marks[0] == marks[1]:
+        yield ConfigError("fwmark_force", f"{marks[1]:#x} must differ from fwmark_wireguard")
+    nft = v.get("nft_table", NFT_TABLE)
     if not isinstance(nft, str) or not _NFT_NAME.fullmatch(nft) or len(nft) > NFT_NAME_MAX:
         yield ConfigError(
             "nft_table",
             f"{nft!r} must be 1..{NFT_NAME_MAX} characters of [A-Za-z0-9_], not starting with a digit",
         )
-    interval = cfg.reconcile_interval
+    interval = v.get("reconcile_interval", RECONCILE_INTERVAL)
     if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval > 0:
         yield ConfigError("reconcile_interval", f"{interval!r} must be greater than 0")
 

@@ -338,11 +338,6 @@ def link_args(cfg: C.MeshConfig) -> dict[str, Any]:
 # --- The netlink edge -----------------------------------------------------------------------------
 
 
-def _check_range(name: str, value: int, low: int, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise C.ConfigError(name, f"{value!r} must be an integer in {low}..{high}")
-
-
 class LinkManager:
     """Addresses on the mesh link, default routes in the mesh table and the fwmark rules.
 
@@ -363,17 +358,31 @@ class LinkManager:
         metric: int = C.ROUTE_METRIC,
         netns: str | None = None,
     ) -> None:
-        C.check_link_name(ifname)
-        _check_range("mtu", mtu, C.MTU_MIN, C.MTU_MAX)
-        _check_range("routing_table", table, 1, C.TABLE_MAX)
-        if table in C.RESERVED_TABLES:
-            raise C.ConfigError("routing_table", f"{table} is reserved")
-        _check_range("rule_priority", priority, C.RULE_PRIORITY_MIN, C.RULE_PRIORITY_MAX)
-        _check_range("fwmark_mask", fwmask, 1, C.FWMARK_MAX)
-        _check_range("fwmark_force", fwmark, 1, C.FWMARK_MAX)
-        if fwmark & ~fwmask:
-            raise C.ConfigError("fwmark_force", f"{fwmark:#x} has bits outside fwmark_mask {fwmask:#x}")
-        _check_range("route_metric", metric, 0, 2**32 - 1)
+        """Loose values, checked by MeshConfig's rules (:meth:`from_config` takes a checked config)."""
+        C.check_mesh_fields(
+            link_name=ifname,
+            mtu=mtu,
+            routing_table=table,
+            rule_priority=priority,
+            fwmark_force=fwmark,
+            fwmark_mask=fwmask,
+        )
+        if isinstance(metric, bool) or not isinstance(metric, int) or not 0 <= metric <= 2**32 - 1:
+            raise C.ConfigError("route_metric", f"{metric!r} must be an integer in 0..{2**32 - 1}")
+        self._setup(ifname, mtu, table, priority, fwmark, fwmask, metric=metric, netns=netns)
+
+    def _setup(
+        self,
+        ifname: str,
+        mtu: int,
+        table: int,
+        priority: int,
+        fwmark: int,
+        fwmask: int,
+        *,
+        metric: int,
+        netns: str | None,
+    ) -> None:
         self.ifname = ifname
         self.mtu = mtu
         self.table = table
@@ -387,7 +396,10 @@ class LinkManager:
 
     @classmethod
     def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None) -> LinkManager:
-        return cls(**link_args(cfg), netns=netns)
+        """The manager for ``cfg``, which MeshConfig has checked: nothing is checked again."""
+        manager = cls.__new__(cls)
+        manager._setup(**link_args(cfg), metric=C.ROUTE_METRIC, netns=netns)
+        return manager
 
     def __repr__(self) -> str:
         where = f" netns={self.netns}" if self.netns else ""

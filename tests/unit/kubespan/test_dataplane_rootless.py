@@ -172,14 +172,22 @@ def test_loose_params_are_checked_by_mesh_config() -> None:
     assert RulesetParams.of("ks2", mtu=1400, clamp_forwarded_mss=False) == p
 
 
-def test_params_from_a_checked_config_are_not_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_adapters_built_from_a_checked_config_do_not_check_again(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = C.MeshConfig(mtu=1400, nft_table="ks2")
-    checks: list[C.MeshConfig] = []
-    real = C.MeshConfig.__post_init__
-    monkeypatch.setattr(C.MeshConfig, "__post_init__", lambda self: (checks.append(self), real(self)))
+    checks: list[dict[str, object]] = []
+    real = C.check_mesh_fields
+
+    def counting(**values: object) -> None:
+        checks.append(values)
+        real(**values)
+
+    monkeypatch.setattr(C, "check_mesh_fields", counting)
     for manager in (NftManager, FakeNftManager):
         assert manager.from_config(cfg).params == RulesetParams.from_config(cfg)
+    assert LinkManager.from_config(cfg).mtu == 1400
     assert checks == []
+    LinkManager(mtu=1400)  # loose values are checked, by the same rules
+    assert len(checks) == 1 and checks[0]["mtu"] == 1400
 
 
 # =================================================================================================
@@ -794,6 +802,16 @@ def test_link_manager_validation_and_from_config() -> None:
         LinkManager(fwmark=0x80)
     with pytest.raises(C.ConfigError, match="link_name"):
         LinkManager("x" * 16)
+    with pytest.raises(C.ConfigError, match="route_metric"):
+        LinkManager(metric=-1)
+    # MeshConfig's rules and messages; a custom mask and force mark need no WireGuard mark here
+    with pytest.raises(C.ConfigError) as info:
+        LinkManager(mtu=70000, table=0)
+    assert [str(e) for e in info.value.errors] == [
+        "mtu: 70000 is above the maximum 65455: must be between 1280 and 65455",
+        "routing_table: 0 is below the minimum 1: must be between 1 and 4294967295",
+    ]
+    assert LinkManager(fwmark=0x4000, fwmask=0x6000).fwmark == 0x4000
     cfg = C.MeshConfig(
         link_name="ks1",
         mtu=1300,
