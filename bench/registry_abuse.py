@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from discovery import abuse
+from discovery import abuse, hostile
 from discovery.limits import AFFILIATES_PER_CLUSTER_MAX, RATE_LIMIT_PER_SECOND
 from discovery.testing import ServerProcess
 
@@ -28,7 +28,7 @@ async def one(name: str, attacks: list[str], seconds: float) -> bool:
         srv = ServerProcess(Path(tmp) / "state", rate_limit=RATE_LIMIT_PER_SECOND, log_path=Path(tmp) / "log")
         with srv:
             n = AFFILIATES_PER_CLUSTER_MAX
-            await abuse.fill_cluster(srv.target, abuse.EVIL_CLUSTER, n, abuse.fill_sources(n))
+            await hostile.fill_cluster(srv.target, abuse.EVIL_CLUSTER, n, abuse.fill_sources(n))
             report = await abuse.run(srv, attacks, seconds)
     print(f"{name}: {report.describe()}")
     p99 = report.legit.p99_ms()

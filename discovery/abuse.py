@@ -20,56 +20,14 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from discovery.hostile import FreezableProxy, affiliate_request, close_all, open_stalled_watches
-from discovery.limits import AFFILIATE_DATA_MAX, ENDPOINT_MAX, ENDPOINTS_PER_AFFILIATE_MAX, RATE_LIMIT_BURST
+from discovery.hostile import FreezableProxy, close_all, open_stalled_watches
+from discovery.limits import RATE_LIMIT_BURST
 from discovery.testing import ServerProcess
 from spanapi.discovery.server import cluster_pb2 as pb
 from spanapi.discovery.server import cluster_pb2_grpc as rpc
 
 ATTACKER_IP = "127.0.0.66"
 EVIL_CLUSTER = "evil"
-
-
-async def fill_cluster(
-    target: str, cid: str, n: int, sources: list[str], data_size: int = AFFILIATE_DATA_MAX
-) -> int:
-    """Fill ``cid`` with ``n`` max-size affiliates, spreading calls over ``sources``
-    (one relay each) so the per-IP rate limit does not make set-up take minutes.
-    Returns how many updates were acknowledged."""
-    done = 0
-    relays = [await FreezableProxy(target, source=ip).start() for ip in sources]
-    try:
-        chans = [grpc.aio.insecure_channel(r.addr) for r in relays]
-        stubs = [rpc.ClusterStub(c) for c in chans]
-
-        async def one(i: int) -> None:
-            nonlocal done
-            for attempt in range(20):
-                try:
-                    req = affiliate_request(
-                        cid, f"fill-{i:05d}", data_size, ENDPOINTS_PER_AFFILIATE_MAX, ENDPOINT_MAX
-                    )
-                    await stubs[i % len(stubs)].AffiliateUpdate(req, timeout=10)
-                    done += 1
-                    return
-                except grpc.aio.AioRpcError as e:
-                    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == 19:
-                        raise
-                    await asyncio.sleep(0.5)
-
-        sem = asyncio.Semaphore(64)
-
-        async def bounded(i: int) -> None:
-            async with sem:
-                await one(i)
-
-        await asyncio.gather(*(bounded(i) for i in range(n)))
-        for c in chans:
-            await c.close()
-    finally:
-        for r in relays:
-            await r.close()
-    return done
 
 
 def fill_sources(n: int, burst: int = RATE_LIMIT_BURST) -> list[str]:

@@ -14,8 +14,7 @@ abusive client would, so that tests and benchmarks can check the server's bounds
   connections: no FIN, no RST, no answer to pings).
 
 Rate limiting is per client IP: fill a cluster against a server started with ``--rate-limit 0``,
-or trust the loopback as a proxy (``--trusted-proxy 127.0.0.0/8``) and pass ``spread_ips`` so the
-updates seem to come from many addresses.
+or pass ``sources`` (loopback addresses) so the updates come from many addresses.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+
+from discovery.limits import AFFILIATE_DATA_MAX, ENDPOINT_MAX, ENDPOINTS_PER_AFFILIATE_MAX
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 WATCH_PATH = "/sidero.discovery.server.Cluster/Watch"
@@ -241,48 +241,57 @@ def affiliate_request(
     return req
 
 
-def fill_cluster(
-    addr: str,
+async def fill_cluster(
+    target: str,
     cluster_id: str,
     n: int,
-    data_size: int = 2048,
+    sources: Sequence[str] = (),
+    data_size: int = AFFILIATE_DATA_MAX,
     *,
-    endpoints: int = 64,
-    endpoint_size: int = 32,
-    spread_ips: int = 0,
-    prefix: str = "fill-",
-    workers: int = 16,
-    timeout: float = 30.0,
+    width: int = 64,
 ) -> int:
-    """Publish ``n`` affiliates (``prefix0`` .. ``prefix{n-1}``) of ``data_size`` bytes of data and
-    ``endpoints`` blobs of ``endpoint_size`` bytes each; the defaults are the protocol maxima (a
-    full cluster is 1,024 of them, ~4.3 MiB per snapshot). Returns the serialized bytes sent.
+    """Publish ``n`` affiliates (``fill-0`` ...) of ``data_size`` bytes of data and the most
+    endpoints of the largest size (with the defaults, a full cluster of 1,024 is ~4.3 MiB per
+    snapshot), ``width`` calls at a time. Returns how many updates were acknowledged.
 
-    With ``spread_ips`` > 0 every request carries ``x-real-ip: 10.77.x.y`` from a pool of that many
-    addresses, which a server trusting the caller as a proxy rate-limits per forwarded address.
+    With ``sources`` the calls are spread over those loopback addresses (one
+    :class:`FreezableProxy` bound to each), so the per-IP rate limit does not make set-up take
+    minutes; a call refused with RESOURCE_EXHAUSTED is retried for about ten seconds.
     """
     import grpc
 
     from spanapi.discovery.server import cluster_pb2_grpc as rpc
 
-    reqs = [
-        affiliate_request(cluster_id, f"{prefix}{i}", data_size, endpoints, endpoint_size) for i in range(n)
-    ]
-    sent = sum(r.ByteSize() for r in reqs)  # type: ignore[attr-defined]
-    with grpc.insecure_channel(addr) as ch:
-        stub = rpc.ClusterStub(ch)
+    done = 0
+    relays = [await FreezableProxy(target, source=ip).start() for ip in sources]
+    chans = [grpc.aio.insecure_channel(r.addr) for r in relays] or [grpc.aio.insecure_channel(target)]
+    try:
+        stubs = [rpc.ClusterStub(c) for c in chans]
+        sem = asyncio.Semaphore(width)
 
-        def one(i: int) -> None:
-            md = None
-            if spread_ips > 0:
-                k = i % spread_ips
-                md = (("x-real-ip", f"10.77.{k // 250}.{k % 250 + 1}"),)
-            stub.AffiliateUpdate(reqs[i], metadata=md, timeout=timeout)
+        async def one(i: int) -> None:
+            nonlocal done
+            req = affiliate_request(
+                cluster_id, f"fill-{i}", data_size, ENDPOINTS_PER_AFFILIATE_MAX, ENDPOINT_MAX
+            )
+            async with sem:
+                for attempt in range(20):
+                    try:
+                        await stubs[i % len(stubs)].AffiliateUpdate(req, timeout=10)
+                        done += 1
+                        return
+                    except grpc.aio.AioRpcError as e:
+                        if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == 19:
+                            raise
+                        await asyncio.sleep(0.5)
 
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for _ in pool.map(one, range(n)):
-                pass
-    return sent
+        await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        for c in chans:
+            await c.close()
+        for r in relays:
+            await r.close()
+    return done
 
 
 class FreezableProxy:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from discovery import abuse
+from discovery import abuse, hostile
 from discovery.limits import AFFILIATES_PER_CLUSTER_MAX, RATE_LIMIT_PER_SECOND
 from discovery.testing import ServerProcess
 
@@ -28,7 +28,7 @@ async def test_one_hostile_ip_cannot_exhaust_the_registry(
     discovery_server: Callable[..., ServerProcess],
 ) -> None:
     srv = discovery_server(rate_limit=RATE_LIMIT_PER_SECOND)
-    filled = await abuse.fill_cluster(
+    filled = await hostile.fill_cluster(
         srv.target,
         abuse.EVIL_CLUSTER,
         AFFILIATES_PER_CLUSTER_MAX,

@@ -77,8 +77,7 @@ async def test_stalled_watches_hold_bounded_memory_and_are_aborted(discovery_ser
         "0",
         state_dir=None,
     )
-    sent = await asyncio.to_thread(hostile.fill_cluster, srv.target, CID, FULL)
-    assert sent > 4 * MIB
+    assert await hostile.fill_cluster(srv.target, CID, FULL) == FULL
     base = srv.rss_mib() * MIB
     socks = hostile.open_stalled_watches(srv.target, CID, n)
     try:
@@ -142,7 +141,7 @@ async def test_budget_pressure_sheds_stalled_streams_for_readers(discovery_serve
         "0",
         state_dir=None,
     )
-    await asyncio.to_thread(hostile.fill_cluster, srv.target, CID, FULL)
+    assert await hostile.fill_cluster(srv.target, CID, FULL) == FULL
     socks = hostile.open_stalled_watches(srv.target, CID, 100, source="127.0.0.2")
     try:
         await wait_for(
@@ -278,7 +277,7 @@ async def test_one_address_gets_a_few_snapshots_at_a_time(discovery_server: Star
     # of them send their snapshot at once, so little is pinned and another address's watch is
     # served at once; the address's own reader waits its turn, then the stalled are shed.
     srv = discovery_server("--no-rpc-log", "--watch-snapshots-per-ip", "4", state_dir=None)
-    await asyncio.to_thread(hostile.fill_cluster, srv.target, CID, FULL)
+    assert await hostile.fill_cluster(srv.target, CID, FULL) == FULL
     socks = hostile.open_stalled_watches(srv.target, CID, 50, source="127.0.0.3")
     try:
         await wait_for(lambda: subscriptions(srv) == 50, 10, "the stalled watches to subscribe")
