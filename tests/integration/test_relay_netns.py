@@ -307,3 +307,33 @@ async def test_symmetric_nat_peers_talk_through_the_relay_and_nothing_else_passe
         assert not sent_payloads & {*forged, *junk, handshake(ka.public_key().raw, forged=True)}
         ab_kinds = {wgmsg.message_type(p) for sport, p in packets if sport in (pa, pb)}
         assert {1, 2, 4} <= ab_kinds
+
+
+async def test_the_relay_relatches_after_a_nat_rebind(capsys: pytest.CaptureFixture[str]) -> None:
+    """A's router forgets its mappings (conntrack flushed): A's next packets come from a new random port.
+    Data from there is dropped until WireGuard, hearing nothing back, starts a new handshake (after
+    about 15 s); its initiation moves leg A (nat.md §5, lab test 5: re-latch within 15 s under traffic)."""
+    ka, kb = generate_private_key(), generate_private_key()
+    async with relay_lab() as (lab, r, _f, a, b):
+        status, [(pa, pb)] = await start_relay(lab, r, (ka.public_key().raw, kb.public_key().raw))
+        wg: list[Peer] = []
+        try:
+            wg.append(await wg_peer(a, ka, TUN_A, kb, TUN_B, f"{R_IP}:{pa}"))
+            wg.append(await wg_peer(b, kb, TUN_B, ka, TUN_A, f"{R_IP}:{pb}"))
+            assert wait_ping(a, TUN_B, 20), "no ping over the relayed tunnel"
+            before = relay_status(status, time.time())[str(pa)]
+            lab.nodes["ra"].run(sys.executable, "-c", "from pyroute2 import Conntrack; Conntrack().flush()")
+            t0 = time.monotonic()
+            assert wait_ping(a, TUN_B, 30), "the relayed tunnel did not come back after the rebind"
+            took = time.monotonic() - t0
+            after = relay_status(status, time.time())[str(pa)]
+        finally:
+            for p in wg:
+                await p.backend.close(remove=True)
+    assert after["latched"][0] != before["latched"][0] and after["latched"][0].startswith("203.0.113.1:")
+    assert after["latched"][1] == before["latched"][1]
+    assert after["latches"] == before["latches"] + 1
+    assert delta(after, before).get("unlatched_source", 0) > 0  # data from the new port, before the handshake
+    assert took <= 20, took
+    with capsys.disabled():
+        print(f"\nrelay re-latch after a NAT rebind: {took:.1f} s (nat.md target: <= 15 s under traffic)")
