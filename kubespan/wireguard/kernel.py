@@ -64,7 +64,7 @@ from kubespan.wireguard.diff import AddPeer, Op, RemovePeer, SetDevice, UpdatePe
 from kubespan.wireguard.types import (
     AddrPort,
     ObservedDevice,
-    ObservedPeer,
+    ObservedPeerBuilder,
     PresharedKey,
     PrivateKey,
     PublicKey,
@@ -452,35 +452,7 @@ def _endpoint(value: Any) -> AddrPort | None:
     return AddrPort(ip, value["port"])
 
 
-class _PeerAcc:
-    __slots__ = ("allowed", "endpoint", "handshake", "keepalive", "key", "psk", "rx", "tx", "version")
-
-    def __init__(self, key: PublicKey) -> None:
-        self.key = key
-        self.psk: PresharedKey | None = None
-        self.endpoint: AddrPort | None = None
-        self.keepalive = 0
-        self.rx = 0
-        self.tx = 0
-        self.handshake: float | None = None
-        self.version = 1
-        self.allowed: list[IPNetwork] = []
-
-    def build(self) -> ObservedPeer:
-        return ObservedPeer(
-            public_key=self.key,
-            allowed_ips=frozenset(self.allowed),
-            endpoint=self.endpoint,
-            persistent_keepalive=self.keepalive,
-            preshared_key=self.psk,
-            rx_bytes=self.rx,
-            tx_bytes=self.tx,
-            last_handshake=self.handshake,
-            protocol_version=self.version,
-        )
-
-
-def _merge_peer(item: Any, peers: dict[PublicKey, _PeerAcc]) -> None:
+def _merge_peer(item: Any, peers: dict[PublicKey, ObservedPeerBuilder]) -> None:
     attrs = item["attrs"]
     key: PublicKey | None = None
     for name, value in attrs:
@@ -491,7 +463,7 @@ def _merge_peer(item: Any, peers: dict[PublicKey, _PeerAcc]) -> None:
         raise _protocol_error("peer without public key")
     acc = peers.get(key)
     if acc is None:
-        acc = peers[key] = _PeerAcc(key)
+        acc = peers[key] = ObservedPeerBuilder(key)
     for name, value in attrs:
         if name == "WGPEER_A_ALLOWEDIPS":
             # a continuation part repeats the key and carries more allowed IPs: append
@@ -508,8 +480,7 @@ def _merge_peer(item: Any, peers: dict[PublicKey, _PeerAcc]) -> None:
         elif name == "WGPEER_A_TX_BYTES":
             acc.tx = value
         elif name == "WGPEER_A_LAST_HANDSHAKE_TIME":
-            sec, nsec = value["tv_sec"], value["tv_nsec"]
-            acc.handshake = None if sec == 0 and nsec == 0 else sec + nsec / 1e9
+            acc.hs_sec, acc.hs_nsec = value["tv_sec"], value["tv_nsec"]
         elif name == "WGPEER_A_PROTOCOL_VERSION":
             acc.version = value
 
@@ -526,7 +497,7 @@ def parse_dump(messages: Iterable[nlmsg], *, interrupted: bool = False) -> Obser
     private_key: PrivateKey | None = None
     listen_port = 0
     fwmark = 0
-    peers: dict[PublicKey, _PeerAcc] = {}
+    peers: dict[PublicKey, ObservedPeerBuilder] = {}
     parts = 0
     for msg in messages:
         header = msg["header"]

@@ -297,6 +297,55 @@ def observed_peer_unchecked(
     return peer
 
 
+def handshake_time(sec: int, nsec: int) -> float | None:
+    """WireGuard's last-handshake timespec as unix seconds; None for 0/0 (never)."""
+    return None if sec == 0 and nsec == 0 else sec + nsec / 1e9
+
+
+class ObservedPeerBuilder:
+    """One peer's fields as a readback reports them, attribute by attribute (a UAPI ``get`` line by
+    line, a netlink dump in parts that repeat the key), then :meth:`build` makes the
+    :class:`ObservedPeer`. Both WireGuard backends parse into it."""
+
+    __slots__ = (
+        "allowed",
+        "endpoint",
+        "hs_nsec",
+        "hs_sec",
+        "keepalive",
+        "psk",
+        "public_key",
+        "rx",
+        "tx",
+        "version",
+    )
+
+    def __init__(self, public_key: PublicKey) -> None:
+        self.public_key = public_key
+        self.psk: PresharedKey | None = None
+        self.endpoint: AddrPort | None = None
+        self.keepalive = 0
+        self.rx = 0
+        self.tx = 0
+        self.hs_sec = 0
+        self.hs_nsec = 0
+        self.version = 1
+        self.allowed: list[IPNetwork] = []
+
+    def build(self) -> ObservedPeer:
+        return ObservedPeer(
+            public_key=self.public_key,
+            allowed_ips=frozenset(self.allowed),
+            endpoint=self.endpoint,
+            persistent_keepalive=self.keepalive,
+            preshared_key=self.psk,
+            rx_bytes=self.rx,
+            tx_bytes=self.tx,
+            last_handshake=handshake_time(self.hs_sec, self.hs_nsec),
+            protocol_version=self.version,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ObservedDevice:
     """The WireGuard device as reported (UAPI ``get=1`` or a netlink dump)."""

@@ -22,8 +22,9 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 from kubespan.wireguard.diff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer
 from kubespan.wireguard.types import (
@@ -31,10 +32,12 @@ from kubespan.wireguard.types import (
     InvalidKeyError,
     ObservedDevice,
     ObservedPeer,
+    ObservedPeerBuilder,
     PeerConfig,
     PresharedKey,
     PrivateKey,
     PublicKey,
+    handshake_time,
     observed_peer_unchecked,
     sorted_networks,
 )
@@ -268,47 +271,6 @@ def check_set_response(text: str | bytes) -> None:
         raise UapiError(code)
 
 
-class _PeerBuilder:
-    __slots__ = (
-        "allowed",
-        "endpoint",
-        "hs_nsec",
-        "hs_sec",
-        "keepalive",
-        "psk",
-        "pubkey",
-        "rx",
-        "tx",
-        "version",
-    )
-
-    def __init__(self, pubkey: PublicKey) -> None:
-        self.pubkey = pubkey
-        self.psk: PresharedKey | None = None
-        self.endpoint: AddrPort | None = None
-        self.keepalive = 0
-        self.rx = 0
-        self.tx = 0
-        self.hs_sec = 0
-        self.hs_nsec = 0
-        self.version = 1
-        self.allowed: list[IPNetwork] = []
-
-    def build(self) -> ObservedPeer:
-        handshake = None if (self.hs_sec == 0 and self.hs_nsec == 0) else self.hs_sec + self.hs_nsec / 1e9
-        return ObservedPeer(
-            public_key=self.pubkey,
-            allowed_ips=frozenset(self.allowed),
-            endpoint=self.endpoint,
-            persistent_keepalive=self.keepalive,
-            preshared_key=self.psk,
-            rx_bytes=self.rx,
-            tx_bytes=self.tx,
-            last_handshake=handshake,
-            protocol_version=self.version,
-        )
-
-
 _U64 = 2**64 - 1
 _U32 = 2**32 - 1
 
@@ -321,10 +283,38 @@ _U32 = 2**32 - 1
 # _CACHE_MAX entries, so memory stays bounded whatever the churn.
 
 _CACHE_MAX = 1 << 15
-_key_cache: dict[str, PublicKey] = {}
-_endpoint_cache: dict[str, AddrPort] = {}
-_network_cache: dict[str, IPNetwork] = {}
-_allowed_cache: dict[str, frozenset[IPNetwork]] = {}  # a peer's allowed_ip lines -> its prefixes
+_T = TypeVar("_T")
+
+
+class _ParseCache(dict[str, _T]):
+    """Parsed values by their text: a miss parses (a ValueError stores nothing) and keeps the value;
+    the whole cache is cleared when it outgrows ``_CACHE_MAX``."""
+
+    __slots__ = ("_parse",)
+
+    def __init__(self, parse: Callable[[str], _T]) -> None:
+        super().__init__()
+        self._parse = parse
+
+    def __missing__(self, text: str) -> _T:
+        value = self._parse(text)
+        if len(self) >= _CACHE_MAX:
+            self.clear()
+        self[text] = value
+        return value
+
+
+def _allowed_set(lines: str) -> frozenset[IPNetwork]:
+    """The prefixes of a peer's ``allowed_ip=`` lines (each preceded by a newline)."""
+    if not lines:
+        return frozenset()
+    return frozenset(_network_cache[net] for net in lines[len(_ALLOWED_SEP) :].split(_ALLOWED_SEP))
+
+
+_key_cache: _ParseCache[PublicKey] = _ParseCache(PublicKey.from_hex)
+_endpoint_cache: _ParseCache[AddrPort] = _ParseCache(AddrPort.parse)
+_network_cache: _ParseCache[IPNetwork] = _ParseCache(lambda text: ipaddress.ip_network(text, strict=False))
+_allowed_cache: _ParseCache[frozenset[IPNetwork]] = _ParseCache(_allowed_set)  # a peer's allowed_ip lines
 
 #: how many ``get`` answers took the fast path / the general parser (for tests and profiling)
 parse_stats = {"fast": 0, "general": 0}
@@ -336,36 +326,6 @@ def clear_caches() -> None:
     _endpoint_cache.clear()
     _network_cache.clear()
     _allowed_cache.clear()
-
-
-def _public_key(text: str) -> PublicKey:
-    key = _key_cache.get(text)
-    if key is None:
-        key = PublicKey.from_hex(text)
-        if len(_key_cache) >= _CACHE_MAX:
-            _key_cache.clear()
-        _key_cache[text] = key
-    return key
-
-
-def _endpoint(text: str) -> AddrPort:
-    ep = _endpoint_cache.get(text)
-    if ep is None:
-        ep = AddrPort.parse(text)
-        if len(_endpoint_cache) >= _CACHE_MAX:
-            _endpoint_cache.clear()
-        _endpoint_cache[text] = ep
-    return ep
-
-
-def _network(text: str) -> IPNetwork:
-    net = _network_cache.get(text)
-    if net is None:
-        net = ipaddress.ip_network(text, strict=False)
-        if len(_network_cache) >= _CACHE_MAX:
-            _network_cache.clear()
-        _network_cache[text] = net
-    return net
 
 
 class PeerCache:
@@ -501,22 +461,14 @@ def _parse_get_fast(text: str, cache: PeerCache | None) -> ObservedDevice | None
                 )
                 if version_n > _U32 or hs_sec_n > _U64 or tx_n > _U64 or rx_n > _U64 or keepalive_n > 65535:
                     return None
-                key = keys.get(pk_hex)
-                if key is None:
-                    key = _public_key(pk_hex)
+                key = keys[pk_hex]
                 if psk_hex in psk_memo:
                     psk = psk_memo[psk_hex]
                 else:
                     psk = PresharedKey.from_hex(psk_hex)
                     psk = psk_memo[psk_hex] = None if psk.is_zero() else psk
-                endpoint = None
-                if ep_text is not None:
-                    endpoint = endpoints.get(ep_text)
-                    if endpoint is None:
-                        endpoint = _endpoint(ep_text)
-                allowed = allowed_sets.get(allowed_text)
-                if allowed is None:
-                    allowed = _allowed_set(allowed_text)
+                endpoint = None if ep_text is None else endpoints[ep_text]
+                allowed = allowed_sets[allowed_text]
                 # the values are checked and normalised above (frozenset, no zero PSK)
                 peer = observed_peer_unchecked(
                     key,  # public_key
@@ -526,7 +478,7 @@ def _parse_get_fast(text: str, cache: PeerCache | None) -> ObservedDevice | None
                     psk,  # preshared_key
                     rx_n,  # rx_bytes
                     tx_n,  # tx_bytes
-                    None if (hs_sec_n == 0 and hs_nsec_n == 0) else hs_sec_n + hs_nsec_n / 1e9,
+                    handshake_time(hs_sec_n, hs_nsec_n),
                     version_n,  # protocol_version
                 )
             seen[block] = peer
@@ -540,30 +492,17 @@ def _parse_get_fast(text: str, cache: PeerCache | None) -> ObservedDevice | None
     return ObservedDevice(private_key, listen_port, fwmark, peers)
 
 
-def _allowed_set(lines: str) -> frozenset[IPNetwork]:
-    """The prefixes of a peer's ``allowed_ip=`` lines (each preceded by a newline)."""
-    allowed = (
-        frozenset(_network(net) for net in lines[len(_ALLOWED_SEP) :].split(_ALLOWED_SEP))
-        if lines
-        else frozenset()
-    )
-    if len(_allowed_cache) >= _CACHE_MAX:
-        _allowed_cache.clear()
-    _allowed_cache[lines] = allowed
-    return allowed
-
-
 def _parse_get_general(text: str) -> ObservedDevice:
     private_key: PrivateKey | None = None
     listen_port = 0
     fwmark = 0
     peers: dict[PublicKey, ObservedPeer] = {}
-    cur: _PeerBuilder | None = None
+    cur: ObservedPeerBuilder | None = None
     errno: int | None = None
 
     def flush() -> None:
         if cur is not None:
-            peers[cur.pubkey] = cur.build()
+            peers[cur.public_key] = cur.build()
 
     for n, key, value in _lines(text):
         try:
@@ -574,7 +513,7 @@ def _parse_get_general(text: str) -> ObservedDevice:
                     raise UapiProtocolError(f"line {n}: errno must be an integer") from None
             elif key == "public_key":
                 flush()
-                cur = _PeerBuilder(_public_key(value))
+                cur = ObservedPeerBuilder(_key_cache[value])
             elif cur is None:
                 if key == "private_key":
                     private_key = PrivateKey.from_hex(value)
@@ -590,12 +529,12 @@ def _parse_get_general(text: str) -> ObservedDevice:
                 cur.psk = None if psk.is_zero() else psk
             elif key == "endpoint":
                 try:
-                    cur.endpoint = _endpoint(value)
+                    cur.endpoint = _endpoint_cache[value]
                 except ValueError:
                     raise UapiProtocolError(f"line {n}: endpoint is not ip:port") from None
             elif key == "allowed_ip":
                 try:
-                    cur.allowed.append(_network(value))
+                    cur.allowed.append(_network_cache[value])
                 except ValueError:
                     raise UapiProtocolError(f"line {n}: allowed_ip is not a prefix") from None
             elif key == "rx_bytes":
