@@ -21,7 +21,6 @@ from kubespan.dataplane.links import (
     LinkNotFoundError,
     NetlinkEvent,
     _notify,
-    link_args,
 )
 from kubespan.dataplane.nft import NftError, Transaction
 from kubespan.dataplane.ruleset import (
@@ -57,24 +56,13 @@ class FakeLinkManager(_Failures):
     """The link, its addresses, our two default routes and our two rules, as plain state."""
 
     def __init__(
-        self,
-        ifname: str = C.LINK_NAME,
-        mtu: int = C.MTU,
-        table: int = C.ROUTING_TABLE,
-        priority: int = C.RULE_PRIORITY,
-        fwmark: int = C.FWMARK_FORCE,
-        fwmask: int = C.FWMARK_MASK,
-        *,
-        netns: str | None = None,
-        link_exists: bool = True,
+        self, cfg: C.MeshConfig | None = None, *, netns: str | None = None, link_exists: bool = True
     ) -> None:
+        """The settings of ``cfg`` (MeshConfig's defaults when None), as ``LinkManager.from_config``."""
         super().__init__()
-        self.ifname = ifname
-        self.mtu = mtu
-        self.table = table
-        self.priority = priority
-        self.fwmark = fwmark
-        self.fwmask = fwmask
+        cfg = cfg or C.MeshConfig()
+        self.ifname, self.mtu, self.table = cfg.link_name, cfg.mtu, cfg.routing_table
+        self.priority, self.fwmark, self.fwmask = cfg.rule_priority, cfg.fwmark_force, cfg.fwmark_mask
         self.netns = netns
         # observable kernel state
         self.link_exists = link_exists
@@ -89,7 +77,7 @@ class FakeLinkManager(_Failures):
 
     @classmethod
     def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None) -> FakeLinkManager:
-        return cls(**link_args(cfg), netns=netns)
+        return cls(cfg, netns=netns)
 
     # -- test controls ------------------------------------------------------------------------
 

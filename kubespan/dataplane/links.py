@@ -324,7 +324,7 @@ Callback = Callable[[NetlinkEvent], Awaitable[None] | None]
 
 
 def link_args(cfg: C.MeshConfig) -> dict[str, Any]:
-    """The :class:`LinkManager` constructor arguments that ``cfg`` sets (its fake takes the same)."""
+    """The :class:`LinkManager` constructor arguments that ``cfg`` sets."""
     return {
         "ifname": cfg.link_name,
         "mtu": cfg.mtu,
