@@ -151,7 +151,7 @@ def _open(server: IPAddress, port: int, wg_port: int, fwmark: int) -> tuple[sock
                 sock.recv(RECV_SIZE)
     except PermissionError as e:
         sock.close()
-        raise NoRawSocketPrivilege(f"no privilege for the raw socket's options: {e.strerror}") from None
+        raise NoRawSocketPrivilege(f"no privilege (CAP_NET_ADMIN) to set the fwmark: {e.strerror}") from None
     except OSError as e:
         sock.close()
         raise StunProbeError(f"cannot reach it: {e.strerror or e}") from None

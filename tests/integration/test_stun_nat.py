@@ -20,6 +20,7 @@ pytestmark = pytest.mark.root
 
 PY = sys.executable
 S1, S2 = "203.0.113.11", "203.0.113.12"
+S1V6, S2V6, PV6 = "2001:db8::11", "2001:db8::12", "2001:db8::20"
 STUN_PORT = 3478
 WG_PORT = 51820
 
@@ -29,19 +30,22 @@ CLASSIFY = """
 import asyncio, json, socket, sys
 from kubespan.nat.rawstun import discover
 port, local, servers = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:]
-holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-holder.bind(("0.0.0.0", port))
-report = asyncio.run(discover(port, [(s.rsplit(":", 1)[0], int(s.rsplit(":", 1)[1])) for s in servers], local))
+holder = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)  # both families, like wireguard-go
+holder.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+holder.bind(("::", port))
+targets = [(s.rsplit(":", 1)[0].strip("[]"), int(s.rsplit(":", 1)[1])) for s in servers]
+report = asyncio.run(discover(port, targets, local))
 out = report.to_dict()
 out["observations"] = {str(o.responder): str(o.mapped) if o.mapped else o.error for o in report.observations}
 print(json.dumps(out))
 """
 
 
-def start_responders(lab: Lab, *nodes_ips: tuple[Node, str], extra: tuple[str, ...] = ()) -> None:
-    """discovery-service with ``--stun-addr IP:3478`` in each node; returns when every one serves."""
+def start_responders(lab: Lab, *nodes_ips: tuple[Node, str, str]) -> None:
+    """discovery-service with ``--stun-addr`` on an IPv4 and an IPv6 address in each node; returns when
+    every one serves."""
     logs = []
-    for node, ip in nodes_ips:
+    for node, ip, ip6 in nodes_ips:
         log = lab.dir / f"discovery-{node.name}.log"
         node.popen(
             PY,
@@ -57,7 +61,8 @@ def start_responders(lab: Lab, *nodes_ips: tuple[Node, str], extra: tuple[str, .
             "",
             "--stun-addr",
             f"{ip}:{STUN_PORT}",
-            *extra,
+            "--stun-addr",
+            f"[{ip6}]:{STUN_PORT}",
             log=log,
             private_run=False,
         )
@@ -69,10 +74,9 @@ def start_responders(lab: Lab, *nodes_ips: tuple[Node, str], extra: tuple[str, .
         time.sleep(0.1)
 
 
-def classify_in(node: Node, local: str) -> dict:
-    r = node.run(
-        PY, "-c", CLASSIFY, str(WG_PORT), local, f"{S1}:{STUN_PORT}", f"{S2}:{STUN_PORT}", timeout=30
-    )
+def classify_in(node: Node, local: str, servers: tuple[str, str] = (S1, S2)) -> dict:
+    targets = [f"[{s}]:{STUN_PORT}" if ":" in s else f"{s}:{STUN_PORT}" for s in servers]
+    r = node.run(PY, "-c", CLASSIFY, str(WG_PORT), local, *targets, timeout=30)
     return json.loads(r.stdout)
 
 
@@ -97,16 +101,16 @@ def world() -> Iterator[tuple[Lab, dict[str, Node], dict[str, Router]]]:
     with Lab() as lab:
         net = lab.internet()
         nodes: dict[str, Node] = {}
-        for name, ip in (("s1", S1), ("s2", S2), ("p", "203.0.113.20")):
+        for name, ip, ip6 in (("s1", S1, S1V6), ("s2", S2, S2V6), ("p", "203.0.113.20", PV6)):
             nodes[name] = lab.node(name)
-            lab.attach(nodes[name], net, [f"{ip}/24"])
+            lab.attach(nodes[name], net, [f"{ip}/24", f"{ip6}/64"])
         routers: dict[str, Router] = {}
         for i, nat in ((1, "eim"), (2, "symmetric")):
             lan = lab.segment(f"lan{i}")
             nodes[f"h{i}"] = lab.node(f"h{i}")
             lab.attach(nodes[f"h{i}"], lan, [f"192.168.{i}.10/24"])
             routers[nat] = lab.router(f"r{i}", lan, net, f"192.168.{i}.1/24", f"203.0.113.{i}/24", nat=nat)
-        start_responders(lab, (nodes["s1"], S1), (nodes["s2"], S2))
+        start_responders(lab, (nodes["s1"], S1, S1V6), (nodes["s2"], S2, S2V6))
         yield lab, nodes, routers
 
 
@@ -120,6 +124,10 @@ def test_nat_classes_and_mapped_endpoints(world):
         f"{S1}:{STUN_PORT}": public["mapped"],
         f"{S2}:{STUN_PORT}": public["mapped"],
     }
+
+    v6 = classify_in(nodes["p"], PV6, (S1V6, S2V6))  # IPv6: the kernel fills the checksum (IPV6_CHECKSUM)
+    assert v6["class"] == "public", v6
+    assert v6["mapped"] == f"[{PV6}]:{WG_PORT}"
 
     eim = classify_in(nodes["h1"], "192.168.1.10")
     assert eim["class"] == "eim", eim
