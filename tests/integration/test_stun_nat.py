@@ -216,3 +216,28 @@ def test_udp_checksum_matches_the_kernel(world):
     out = nodes["p"].run(PY, "-c", TUN_CHECK, timeout=30).stdout.strip()
     # four kernel checksums equal ours; our good datagram is delivered, the corrupted one dropped
     assert out == str([True, True, True, True, True, False]), out
+
+
+FWMARK = """
+import asyncio, sys
+from kubespan.nat.rawstun import StunProbeError, mapped_endpoint
+async def main():
+    for mark in (0, 0x20):
+        try:
+            print(mark, await mapped_endpoint(int(sys.argv[1]), (sys.argv[2], 3478), timeout=1, fwmark=mark))
+        except StunProbeError as e:
+            print(mark, "error:", e)
+asyncio.run(main())
+"""
+
+
+def test_fwmark_lets_probes_bypass_the_mesh_routing_table(world):
+    """Like the mesh's policy routing: unmarked traffic goes to a table that cannot reach the internet,
+    packets marked like WireGuard's own (0x20) use the main table."""
+    _lab, nodes, _routers = world
+    h1 = nodes["h1"]
+    h1.run("ip", "route", "add", "blackhole", "default", "table", "180")
+    h1.run("ip", "rule", "add", "not", "fwmark", "0x20/0x60", "lookup", "180", "priority", "100")
+    lines = h1.run(PY, "-c", FWMARK, str(WG_PORT), S1, timeout=30).stdout.splitlines()
+    assert lines[0].startswith("0 error: "), lines
+    assert lines[1] == f"32 203.0.113.1:{WG_PORT}", lines
