@@ -141,7 +141,12 @@ def _open(server: IPAddress, port: int, wg_port: int, fwmark: int) -> tuple[sock
         _attach_filter(sock, bpf_program(wg_port, server.version == 6))
         if fwmark:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, fwmark)
-        src = _source_for(server, port, fwmark)
+        try:
+            src = _source_for(server, port, fwmark)
+        except PermissionError:
+            raise
+        except OSError as e:
+            raise StunProbeError(f"no route to the responder: {e.strerror or e}") from None
         if server.version == 6:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_CHECKSUM, 6)
         sock.bind((str(src), 0))  # the source the checksum was computed for, and replies to it only
@@ -149,12 +154,15 @@ def _open(server: IPAddress, port: int, wg_port: int, fwmark: int) -> tuple[sock
         with contextlib.suppress(BlockingIOError):  # anything queued before the filter was attached
             for _ in range(1024):
                 sock.recv(RECV_SIZE)
+    except StunProbeError:
+        sock.close()
+        raise
     except PermissionError as e:
         sock.close()
         raise NoRawSocketPrivilege(f"no privilege (CAP_NET_ADMIN) to set the fwmark: {e.strerror}") from None
     except OSError as e:
         sock.close()
-        raise StunProbeError(f"cannot reach it: {e.strerror or e}") from None
+        raise StunProbeError(f"raw socket: {e.strerror or e}") from None
     return sock, src
 
 
@@ -204,9 +212,9 @@ async def mapped_endpoint(
             for _ in range(64):  # bounded per wake-up; the rest waits for the next one
                 try:
                     data, addr = sock.recvfrom(RECV_SIZE)
-                except (BlockingIOError, InterruptedError):
-                    return
                 except OSError:
+                    # nothing left, or an ICMP error queued on the socket: it can concern any UDP packet
+                    # from this address (WireGuard's too), so it proves nothing about our responder
                     return
                 body = _reply(data, addr, ip, port, wg_port)
                 if body is None or answer.done():
