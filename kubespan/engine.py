@@ -28,7 +28,7 @@ from kubespan.affiliate import AffiliateError, LocalAffiliate, RemoteAffiliate, 
 from kubespan.constants import MeshConfig
 from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6
 from kubespan.endpoints import EndpointMachine, Observation
-from kubespan.hostinfo import HostInfo, IPInterface
+from kubespan.hostinfo import HostInfo
 from kubespan.identity import MeshIdentity, load_identity, pick_mac
 from kubespan.peerspec import PeerSpecMemo, PeerSpecs, compute_peer_specs
 from kubespan.ports import Closable, DiscoveryPort, LinkPort, LinkWatcher, NftPort
@@ -48,7 +48,7 @@ from kubespan.wireguard.types import (
     PublicKey,
 )
 from spanapi.discovery.client import affiliate_pb2
-from spanutil.ipcodec import IPNetwork
+from spanutil.ipcodec import IPInterface, IPNetwork
 from spanutil.logs import log_event
 
 log = logging.getLogger("kubespan.engine")

@@ -13,10 +13,10 @@ from ipaddress import IPv6Network
 from typing import Any
 
 from kubespan.endpoints import Candidate, EndpointMachine, EndpointStatus, order_candidates
-from kubespan.hostinfo import IPInterface
 from kubespan.peerspec import PeerSpec
 from kubespan.snapshot import PeerStatus
 from kubespan.wireguard.types import AddrPort, ObservedPeer, PeerConfig, PresharedKey
+from spanutil.ipcodec import IPInterface
 
 
 class PeerRuntime:
