@@ -132,8 +132,9 @@ class Allocation:
         self.created = now
         self.last_active = now
 
-    def receive(self, leg: int, data: bytes, src: Addr, now: float) -> Addr | None:
-        """The address on the other leg to send ``data`` to, or None (dropped and counted)."""
+    def receive(self, leg: int, data: bytes | memoryview, src: Addr, now: float) -> Addr | None:
+        """The address on the other leg to send ``data`` to, or None (dropped and counted). ``data`` may
+        be a view of a reused buffer: nothing keeps a reference to it."""
         kind = wgmsg.message_type(data)
         if kind is None:
             return self._drop(Drop.NOT_WIREGUARD)
@@ -141,7 +142,7 @@ class Allocation:
         if wgmsg.is_handshake(kind):
             if not wgmsg.verify_mac1_key(data, this.mac1_key):
                 return self._drop(Drop.BAD_MAC1)
-            mac = data[len(data) - 32 : len(data) - 16]
+            mac = bytes(data[len(data) - 32 : len(data) - 16])
             if src != this.latched:
                 if mac in this.recent:
                     return self._drop(Drop.REPLAYED)

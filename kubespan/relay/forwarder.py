@@ -13,16 +13,19 @@ import asyncio
 import contextlib
 import errno
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Self, cast
+from typing import Any, Self
 
 from kubespan.relay.allocation import Addr, Allocation, Budget, Limits
 from kubespan.wireguard.types import PublicKey
 from spanutil.logs import log_event
 
 log = logging.getLogger("kubespan.relay")
+
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # Linux; not in the socket module
 
 
 class RelayError(Exception):
@@ -44,63 +47,68 @@ class RelayLimits:
             raise ValueError(f"max_allocations must be at least 1, not {self.max_allocations}")
 
 
-class _LegProtocol(asyncio.DatagramProtocol):
-    """One leg's socket: hands every datagram to its slot; tracks whether the socket is backed up."""
-
-    def __init__(self, slot: _Slot, leg: int) -> None:
-        self.slot = slot
-        self.leg = leg
-        self.transport: asyncio.DatagramTransport | None = None
-        self.paused = False
-        self.errors = 0
-        self.closed = asyncio.Event()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed.set()
-
-    def datagram_received(self, data: bytes, addr: Addr) -> None:
-        self.slot.on_datagram(self.leg, data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        self.errors += 1  # e.g. ICMP port unreachable from a peer that went away
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
+_BATCH = 256  # datagrams read per wake-up of one socket before the event loop gets a turn
+_MAX_DATAGRAM = 65535
 
 
 class _Slot:
-    """An allocation with its two sockets."""
+    """An allocation with its two non-blocking UDP sockets, read straight from the event loop's selector:
+    one wake-up drains up to ``_BATCH`` datagrams, and each accepted one is sent at once (a full send
+    buffer drops it, as a router would)."""
 
     def __init__(self, allocation: Allocation, clock: Callable[[], float]) -> None:
         self.allocation = allocation
         self.clock = clock
-        self.protocols = (_LegProtocol(self, 0), _LegProtocol(self, 1))
+        self.socks: list[socket.socket | None] = [None, None]
         self.ports = (0, 0)
+        self.recv_errors = 0
+        self._buf = bytearray(_MAX_DATAGRAM)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def on_datagram(self, leg: int, data: bytes, src: Addr) -> None:
+    def attach(self, loop: asyncio.AbstractEventLoop, leg: int, sock: socket.socket) -> None:
+        self._loop = loop
+        self.socks[leg] = sock
+        loop.add_reader(sock.fileno(), self.on_readable, leg)
+
+    def on_readable(self, leg: int) -> None:
+        sock, out = self.socks[leg], self.socks[1 - leg]
+        if sock is None:
+            return
         alloc = self.allocation
-        latches = alloc.counters.latches
-        dst = alloc.receive(leg, data, src, self.clock())
-        if alloc.counters.latches != latches:
-            log_event(log, "relay leg latched", port=self.ports[leg], leg="ab"[leg], addr=_fmt(src))
-        if dst is None:
-            return
-        out = self.protocols[1 - leg]
-        if out.transport is None or out.paused:
-            alloc.send_failed(len(data))
-            return
-        out.transport.sendto(data, dst)
+        now = self.clock()
+        buf = self._buf
+        view = memoryview(buf)
+        for _ in range(_BATCH):
+            try:
+                size, src = sock.recvfrom_into(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.recv_errors += 1  # e.g. a queued ICMP error
+                continue
+            data = view[:size]  # no copy: sent on (or dropped) before the next read reuses the buffer
+            latches = alloc.counters.latches
+            dst = alloc.receive(leg, data, src, now)
+            if alloc.counters.latches != latches:
+                log_event(log, "relay leg latched", port=self.ports[leg], leg="ab"[leg], addr=_fmt(src))
+            if dst is None:
+                continue
+            try:
+                if out is None:
+                    raise BlockingIOError
+                out.sendto(data, dst)
+            except OSError:
+                alloc.send_failed(size)
 
     def close(self) -> None:
-        for p in self.protocols:
-            if p.transport is not None:
-                p.transport.close()
+        """Stop reading and close both sockets, now."""
+        for i, sock in enumerate(self.socks):
+            if sock is None:
+                continue
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+            self.socks[i] = None
 
     def status(self, now: float) -> dict[str, Any]:
         a = self.allocation
@@ -113,6 +121,16 @@ class _Slot:
             "idle": round(now - a.last_active, 3),
             **a.counters.as_dict(),
         }
+
+
+def _set_buffers(sock: socket.socket, size: int) -> None:
+    """Ask for ``size``-byte buffers: beyond net.core.[rw]mem_max where allowed (CAP_NET_ADMIN), else
+    as much as the limit gives."""
+    for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
 def _fmt(addr: Addr) -> str:
@@ -130,7 +148,8 @@ class Forwarder:
     ``ports`` restricts the ports allocations may use (e.g. a range opened in a firewall); by default
     the kernel picks free ones. ``clock`` is a monotonic clock in seconds (injected by tests);
     ``sweep_interval`` is how often idle allocations are looked for (default: a quarter of the idle
-    timeout, at most 5 s)."""
+    timeout, at most 5 s); ``buffer_bytes`` sizes each socket's receive and send buffers (bursts from
+    WireGuard's batched sends overflow the default ones)."""
 
     def __init__(
         self,
@@ -141,12 +160,14 @@ class Forwarder:
         ports: Iterable[int] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sweep_interval: float | None = None,
+        buffer_bytes: int = 4 << 20,
     ) -> None:
         self.host = host
         self.limits = limits or Limits()
         self.relay_limits = relay_limits or RelayLimits()
         self.ports = list(ports) if ports is not None else None
         self.clock = clock
+        self.buffer_bytes = buffer_bytes
         self.sweep_interval = sweep_interval or min(5.0, self.limits.idle_timeout / 4)
         rl = self.relay_limits
         self._relay_budget = (
@@ -168,18 +189,15 @@ class Forwarder:
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="relay-idle-sweep")
 
     async def close(self) -> None:
-        """Stop the sweeper and release every allocation; returns once every socket is closed."""
+        """Stop the sweeper and release every allocation (closing its sockets)."""
         self._state = "closed"
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
-        slots = self._unique()
-        for slot in slots:
+        for slot in self._unique():
             self.release(slot.ports[0])
-        closing = [p.closed.wait() for s in slots for p in s.protocols if p.transport is not None]
-        await asyncio.gather(*closing)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -201,8 +219,8 @@ class Forwarder:
             raise RelayError(f"relay full: {self.relay_limits.max_allocations} allocations (max_allocations)")
         slot = _Slot(alloc, self.clock)
         try:
-            port_a = await self._bind(slot.protocols[0])
-            port_b = await self._bind(slot.protocols[1])
+            port_a = self._bind(slot, 0)
+            port_b = self._bind(slot, 1)
         except BaseException:
             slot.close()
             raise
@@ -212,8 +230,8 @@ class Forwarder:
         return port_a, port_b
 
     def release(self, port: int) -> bool:
-        """Release the allocation that owns ``port`` (either leg); False when there is none. Its sockets
-        close at the event loop's next turn."""
+        """Release the allocation that owns ``port`` (either leg), closing its sockets; False when there is
+        none."""
         slot = self._slots.get(port)
         if slot is None:
             return False
@@ -250,19 +268,22 @@ class Forwarder:
     def _unique(self) -> list[_Slot]:
         return list({id(s): s for s in self._slots.values()}.values())
 
-    async def _bind(self, proto: _LegProtocol) -> int:
-        loop = asyncio.get_running_loop()
+    def _bind(self, slot: _Slot, leg: int) -> int:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         candidates = [0] if self.ports is None else [p for p in self.ports if p not in self._slots]
         for port in candidates:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
-                transport, _ = await loop.create_datagram_endpoint(
-                    lambda: proto, local_addr=(self.host, port)
-                )
+                _set_buffers(sock, self.buffer_bytes)
+                sock.bind((self.host, port))
+                sock.setblocking(False)
             except OSError as e:
+                sock.close()
                 if e.errno == errno.EADDRINUSE and self.ports is not None:
                     continue
                 raise RelayError(f"cannot bind a relay port on {self.host}: {e.strerror or e}") from e
-            return int(transport.get_extra_info("sockname")[1])
+            slot.attach(asyncio.get_running_loop(), leg, sock)
+            return int(sock.getsockname()[1])
         raise RelayError(f"no free relay port on {self.host} in the configured range")
 
     async def _sweep_loop(self) -> None:

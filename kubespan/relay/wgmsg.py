@@ -31,7 +31,7 @@ _LABEL_MAC1: Final = b"mac1----"
 _EXACT: Final = {INITIATION: INITIATION_LEN, RESPONSE: RESPONSE_LEN, COOKIE_REPLY: COOKIE_REPLY_LEN}
 
 
-def message_type(data: bytes) -> int | None:
+def message_type(data: bytes | memoryview) -> int | None:
     """The WireGuard message type (1-4) of ``data``, or None when it is not a well-formed one."""
     if len(data) < TRANSPORT_MIN_LEN or data[1:4] != b"\x00\x00\x00":
         return None
@@ -54,13 +54,13 @@ def mac1_key(receiver_public_key: bytes) -> bytes:
     return hashlib.blake2s(_LABEL_MAC1 + receiver_public_key).digest()
 
 
-def compute_mac1(message: bytes, key: bytes) -> bytes:
+def compute_mac1(message: bytes | memoryview, key: bytes) -> bytes:
     """mac1 of a handshake message (the 16 bytes it should hold) under a precomputed ``mac1_key``."""
     body = message[: len(message) - _MACS_LEN]
     return hashlib.blake2s(body, digest_size=MAC_LEN, key=key).digest()
 
 
-def verify_mac1_key(message: bytes, key: bytes) -> bool:
+def verify_mac1_key(message: bytes | memoryview, key: bytes) -> bool:
     """Whether ``message`` is a handshake initiation or response whose mac1 verifies under ``key``."""
     if not is_handshake(message_type(message)):
         return False
@@ -68,7 +68,7 @@ def verify_mac1_key(message: bytes, key: bytes) -> bool:
     return hmac.compare_digest(compute_mac1(message, key), message[start : start + MAC_LEN])
 
 
-def verify_mac1(message: bytes, receiver_public_key: bytes) -> bool:
+def verify_mac1(message: bytes | memoryview, receiver_public_key: bytes) -> bool:
     """Whether ``message`` is a handshake initiation or response addressed (by mac1) to the owner of
     ``receiver_public_key``; the key derivation is cached per public key."""
     return verify_mac1_key(message, mac1_key(receiver_public_key))
