@@ -222,24 +222,6 @@ def stop_agent(mn: MeshNode, timeout: float = 15) -> int | None:
         return p.wait(5)
 
 
-def stop_agents(lab: Lab, timeout: float = 15) -> None:
-    """SIGTERM every agent at once while discovery still runs (Lab.close goes node by node in creation
-    order, discovery first, so 20 agents would each wait 5 s for a delete ack from a server gone)."""
-    procs = [
-        p
-        for node in lab.nodes.values()
-        for p in node.procs
-        if p.poll() is None and "kubespan.cli" in " ".join(map(str, p.args))
-    ]
-    for p in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(max(0.1, deadline - time.monotonic()))
-
-
 def cpu_seconds(pids: Iterable[int]) -> float:
     """User + system CPU seconds consumed so far by ``pids`` (and their reaped children)."""
     tick = os.sysconf("SC_CLK_TCK")

@@ -25,13 +25,12 @@ from _meshlab import (
     safe_peers,
     skip_unless_root,
     status,
-    stop_agents,
     verdict,
     wg_pids,
 )
 
 from netns.lab import Lab
-from netns.mesh import MeshNode
+from netns.mesh import MeshNode, stop_agents
 
 NAME = "mesh_cold_start"
 TARGET = 15.0

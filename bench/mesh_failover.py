@@ -46,13 +46,12 @@ from _meshlab import (
     safe_peers,
     skip_unless_root,
     status,
-    stop_agents,
     verdict,
     wait_for,
 )
 
 from netns.lab import Lab
-from netns.mesh import MeshLab, MeshNode
+from netns.mesh import MeshLab, MeshNode, stop_agents
 
 NAME = "mesh_failover"
 NAME_SPURIOUS = "mesh_spurious_switches"
@@ -63,18 +62,8 @@ STEADY = 5  # consecutive answered echoes that count as "flowing"
 
 def build(lab: Lab) -> tuple[MeshNode, MeshNode]:
     ml = MeshLab(lab)
-    seg_a, seg_b = lab.segment("a"), lab.segment("b")
-    disc = lab.node("disc")
-    lab.attach(disc, seg_a, ["10.61.0.2/24"])
-    ml.start_discovery(disc, f"10.61.0.2:{DISC_PORT}")
-    wait_for("discovery listening", lambda: listening(disc, "10.61.0.2", DISC_PORT), timeout=30)
-    out = []
-    for i in (1, 2):
-        node = lab.node(f"n{i}")
-        lab.attach(node, seg_a, [f"10.61.0.1{i}/24"], ifname="eth0")
-        lab.attach(node, seg_b, [f"10.62.0.1{i}/24"], ifname="eth1")
-        out.append(ml.start_node(node))
-    n1, n2 = out
+    n1, n2 = ml.start_two_paths(DISC_PORT)
+    wait_for("discovery listening", lambda: listening(lab.nodes["disc"], "10.61.0.2", DISC_PORT), timeout=30)
     wait_for("2-node mesh", lambda: full_mesh([n1, n2]), timeout=90, interval=0.25)
     for a, b in ((n1, n2), (n2, n1)):
         cands = peers(a)[b.name]["candidates"]

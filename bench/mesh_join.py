@@ -31,13 +31,12 @@ from _meshlab import (
     skip_unless_root,
     status,
     stop_agent,
-    stop_agents,
     verdict,
     wait_for,
 )
 
 from netns.lab import Lab, LabError
-from netns.mesh import MeshNode
+from netns.mesh import MeshNode, stop_agents
 
 NAME = "mesh_join"
 TARGET = 3.0

@@ -41,12 +41,12 @@ from _meshlab import (
     median,
     skip_unless_root,
     status,
-    stop_agents,
     verdict,
     wait_for,
 )
 
 from netns.lab import Lab, LabError, Node, sh
+from netns.mesh import stop_agents
 
 NAME = "mesh_throughput"
 TARGET = 0.95

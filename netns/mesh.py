@@ -7,11 +7,14 @@ its node's namespace; status is read through ``kubespan status`` in the node.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +117,22 @@ class MeshLab:
         self.nodes[node.name] = mn
         return mn
 
+    def start_two_paths(self, disc_port: int) -> tuple[MeshNode, MeshNode]:
+        """Discovery and two nodes on two segments (10.61/24 with discovery at 10.61.0.2, and 10.62/24):
+        every node has two candidate endpoints, so a failover has somewhere to go. Does not wait."""
+        lab = self.lab
+        seg_a, seg_b = lab.segment("a"), lab.segment("b")
+        disc = lab.node("disc")
+        lab.attach(disc, seg_a, ["10.61.0.2/24"])
+        self.start_discovery(disc, f"10.61.0.2:{disc_port}")
+        nodes = []
+        for i in (1, 2):
+            node = lab.node(f"n{i}")
+            lab.attach(node, seg_a, [f"10.61.0.1{i}/24"], ifname="eth0")
+            lab.attach(node, seg_b, [f"10.62.0.1{i}/24"], ifname="eth1")
+            nodes.append(self.start_node(node))
+        return nodes[0], nodes[1]
+
     def stop_node(self, name: str, timeout: float = 15) -> int | None:
         """SIGTERM the node's kubespan process and wait for it."""
         mn = self.nodes[name]
@@ -144,3 +163,31 @@ class MeshLab:
             if len(st["peers"]) != want or not all(p["state"] == "up" for p in st["peers"]):
                 return False
         return True
+
+
+def stop_agents(lab: Lab, timeout: float = 15) -> None:
+    """SIGTERM every ``kubespan run`` at once while discovery still runs (Lab.close goes node by node in
+    creation order, discovery first, so agents would each wait for a delete ack from a server gone)."""
+    procs = [
+        p
+        for node in lab.nodes.values()
+        for p in node.procs
+        if p.poll() is None and "kubespan.cli" in " ".join(map(str, p.args))
+    ]
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(max(0.1, deadline - time.monotonic()))
+
+
+@contextlib.contextmanager
+def mesh_lab(stop_timeout: float = 15) -> Iterator[Lab]:
+    """A :class:`Lab` whose agents are stopped together (:func:`stop_agents`) before it closes."""
+    with Lab() as lab:
+        try:
+            yield lab
+        finally:
+            stop_agents(lab, stop_timeout)

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from netns.lab import Lab, LabError, Node
-from netns.mesh import MeshLab, MeshNode
+from netns.mesh import MeshLab, MeshNode, mesh_lab
 
 pytestmark = pytest.mark.root
 
@@ -39,29 +39,8 @@ DISC_PORT = 3000
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    with Lab() as lab:
-        try:
-            yield lab
-        finally:
-            stop_agents(lab)
-
-
-def stop_agents(lab: Lab, timeout: float = 10) -> None:
-    """SIGTERM every `kubespan run` at once, while discovery still runs (Lab.close stops nodes one by one
-    in creation order, so agents would otherwise wait for a delete ack from a server already gone)."""
-    procs = [
-        p
-        for node in lab.nodes.values()
-        for p in node.procs
-        if p.poll() is None and "kubespan.cli" in " ".join(map(str, p.args))
-    ]
-    for p in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(max(0.1, deadline - time.monotonic()))
+    with mesh_lab(stop_timeout=10) as lab:
+        yield lab
 
 
 _STATUS = (
@@ -346,51 +325,49 @@ def test_node_joins_then_leaves_with_sigterm(lab: Lab) -> None:
 # --- 4. failover to the other candidate endpoint ---------------------------------------------------------
 
 
-def test_failover_when_endpoint_in_use_is_blackholed(lab: Lab) -> None:
-    ml = MeshLab(lab)
-    seg_a, seg_b = lab.segment("a"), lab.segment("b")
-    disc = lab.node("disc")
-    lab.attach(disc, seg_a, ["10.61.0.2/24"])
-    ml.start_discovery(disc, f"10.61.0.2:{DISC_PORT}")
-    nodes = []
-    for i in (1, 2):
-        node = lab.node(f"n{i}")
-        lab.attach(node, seg_a, [f"10.61.0.1{i}/24"], ifname="eth0")
-        lab.attach(node, seg_b, [f"10.62.0.1{i}/24"], ifname="eth1")
-        nodes.append(ml.start_node(node))
-    n1, n2 = nodes
-    ml.wait("2-node mesh over two paths", lambda: full_mesh(nodes), timeout=60)
+def blackhole_endpoint_in_use(
+    ml: MeshLab, n1: MeshNode, n2: MeshNode, ping: Ping, timeout: float, interval: float
+) -> tuple[str, str, float, float]:
+    """Black-hole the endpoint n1 uses for n2 (both ways, in n2's namespace) and wait until n1 has
+    switched to n2's other candidate and ``ping`` (n1 to n2) gets replies again. Returns the endpoint
+    black-holed, the one switched to, when the black-hole went up and the first reply after it."""
     p = peers(n1)["n2"]
-    assert sorted(p["candidates"]) == [f"10.61.0.12:{WG_PORT}", f"10.62.0.12:{WG_PORT}"]
     used = p["endpoint"]
-    assert used in p["candidates"]
     other = next(c for c in p["candidates"] if c != used)
     used_ip = used.rsplit(":", 1)[0]
+    nft_load(
+        n2.node,
+        f"""
+        table inet bh {{
+          chain in {{ type filter hook input priority -10; ip daddr {used_ip} udp dport {WG_PORT} drop; }}
+          chain out {{ type filter hook output priority -10; ip saddr {used_ip} udp sport {WG_PORT} drop; }}
+        }}
+        """,
+    )
+    t_bh = time.time()
+    ml.wait(
+        "n1 switched n2 to the other candidate and pings flow again",
+        lambda: peers(n1)["n2"]["endpoint"] == other and any(t > t_bh + 1 for t in ping.replies().values()),
+        timeout=timeout,
+        interval=interval,
+    )
+    resumed = min(t for t in ping.replies().values() if t > t_bh + 0.5)
+    return used, other, t_bh, resumed
+
+
+def test_failover_when_endpoint_in_use_is_blackholed(lab: Lab) -> None:
+    ml = MeshLab(lab)
+    n1, n2 = ml.start_two_paths(DISC_PORT)
+    ml.wait("2-node mesh over two paths", lambda: full_mesh([n1, n2]), timeout=60)
+    p = peers(n1)["n2"]
+    assert sorted(p["candidates"]) == [f"10.61.0.12:{WG_PORT}", f"10.62.0.12:{WG_PORT}"]
+    assert p["endpoint"] in p["candidates"]
     target = status(n2)["mesh_address"]
 
     ping = Ping.start(n1.node, target, interval=0.2, count=300, name="failover")  # <= 60 s
     try:
         ml.wait("baseline pings", lambda: len(ping.replies()) >= 10, timeout=10, interval=0.2)
-        # black-hole n2's endpoint in use, both ways, in n2's namespace
-        nft_load(
-            n2.node,
-            f"""
-            table inet bh {{
-              chain in {{ type filter hook input priority -10; ip daddr {used_ip} udp dport {WG_PORT} drop; }}
-              chain out {{ type filter hook output priority -10; ip saddr {used_ip} udp sport {WG_PORT} drop; }}
-            }}
-            """,
-        )
-        t_bh = time.time()
-        ml.wait(
-            "n1 switched n2 to the other candidate and traffic flows",
-            lambda: (
-                peers(n1)["n2"]["endpoint"] == other and any(t > t_bh + 1 for t in ping.replies().values())
-            ),
-            timeout=30,
-            interval=0.3,
-        )
-        resumed = min(t for t in ping.replies().values() if t > t_bh + 0.5)
+        used, other, t_bh, resumed = blackhole_endpoint_in_use(ml, n1, n2, ping, timeout=30, interval=0.3)
         time.sleep(2)  # traffic keeps flowing on the new path
     finally:
         sent, received = ping.stop()

@@ -5,16 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from kernellab import scenarios
 
 from netns.lab import Lab
+from netns.mesh import mesh_lab
 
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    """A lab whose agents get SIGTERM together before the lab closes (see scenarios.stop_agents)."""
-    with Lab() as lab:
-        try:
-            yield lab
-        finally:
-            scenarios.stop_agents(lab, timeout=30)
+    """A lab whose agents get SIGTERM together before the lab closes (see netns.mesh.stop_agents)."""
+    with mesh_lab(stop_timeout=30) as lab:
+        yield lab

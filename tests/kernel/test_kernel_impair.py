@@ -28,17 +28,8 @@ STEADY_SECONDS = 90.0
 def two_paths(lab: Lab) -> tuple[MeshLab, MeshNode, MeshNode]:
     """Two nodes on two segments (10.61/24 with the discovery server, 10.62/24): two candidates each."""
     ml = MeshLab(lab)
-    seg_a, seg_b = lab.segment("a"), lab.segment("b")
-    disc = lab.node("disc")
-    lab.attach(disc, seg_a, ["10.61.0.2/24"])
-    ml.start_discovery(disc, f"10.61.0.2:{scenarios.DISC_PORT}")
-    nodes = []
-    for i in (1, 2):
-        node = lab.node(f"n{i}")
-        lab.attach(node, seg_a, [f"10.61.0.1{i}/24"], ifname="eth0")
-        lab.attach(node, seg_b, [f"10.62.0.1{i}/24"], ifname="eth1")
-        nodes.append(ml.start_node(node))
-    n1, n2 = nodes
+    n1, n2 = ml.start_two_paths(scenarios.DISC_PORT)
+    nodes = [n1, n2]
     took = ml.wait("2-node mesh over two paths", lambda: full_mesh(nodes), timeout=UP_TIMEOUT, interval=1)
     print(f"mesh up in {took:.0f}s (emulated)")
     assert status(n1)["backend"] == "kernel"
@@ -87,29 +78,9 @@ def test_no_spurious_switch_then_failover_under_100ms_rtt_and_1pct_loss(lab: Lab
         assert not_up == [], not_up
 
         # failover: black-hole the endpoint n1 uses for n2 (both ways, on n2), delay and loss still on
-        p = peers(n1)["n2"]
-        used = p["endpoint"]
-        other = next(c for c in p["candidates"] if c != used)
-        used_ip = used.rsplit(":", 1)[0]
-        scenarios.nft_load(
-            n2.node,
-            f"""
-            table inet bh {{
-              chain in {{ type filter hook input priority -10; ip daddr {used_ip} udp dport {WG_PORT} drop; }}
-              chain out {{ type filter hook output priority -10; ip saddr {used_ip} udp sport {WG_PORT} drop; }}
-            }}
-            """,
+        used, other, t_bh, resumed = scenarios.blackhole_endpoint_in_use(
+            ml, n1, n2, ping, timeout=REPAIR_TIMEOUT, interval=1
         )
-        t_bh = time.time()
-        ml.wait(
-            "n1 switched n2 to the other candidate and pings flow again",
-            lambda: (
-                peers(n1)["n2"]["endpoint"] == other and any(t > t_bh + 1 for t in ping.replies().values())
-            ),
-            timeout=REPAIR_TIMEOUT,
-            interval=1,
-        )
-        resumed = min(t for t in ping.replies().values() if t > t_bh + 0.5)
     finally:
         sent, received = ping.stop()
     print(
