@@ -30,11 +30,11 @@ from spanutil.logs import setup
 def _key_pair(text: str) -> tuple[PublicKey, PublicKey]:
     a, sep, b = text.partition(",")
     if not sep:
-        raise argparse.ArgumentTypeError("--alloc takes KEY_A,KEY_B (two base64 WireGuard public keys)")
+        raise argparse.ArgumentTypeError("takes KEY_A,KEY_B (two base64 WireGuard public keys)")
     try:
         return PublicKey.from_b64(a), PublicKey.from_b64(b)
     except InvalidKeyError as e:
-        raise argparse.ArgumentTypeError(f"--alloc: {e}") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _port_range(text: str) -> range:
@@ -42,9 +42,9 @@ def _port_range(text: str) -> range:
     try:
         first, last = int(lo), int(hi or lo)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--ports: {text!r} is not PORT or FIRST-LAST") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not PORT or FIRST-LAST") from None
     if not 1 <= first <= last <= 65535:
-        raise argparse.ArgumentTypeError(f"--ports: {text!r} must lie within 1-65535, first <= last")
+        raise argparse.ArgumentTypeError(f"{text!r} must lie within 1-65535, first <= last")
     return range(first, last + 1)
 
 

@@ -1,4 +1,5 @@
-"""The relay forwarder: asyncio UDP sockets around :class:`~kubespan.relay.allocation.Allocation`.
+"""The relay forwarder: non-blocking UDP sockets on the asyncio loop around
+:class:`~kubespan.relay.allocation.Allocation`.
 
 Each allocation owns two UDP ports on the relay (leg A for node A, leg B for node B). A datagram that
 the allocation accepts on one leg leaves through the other leg's socket, unchanged: the relay adds no
@@ -120,6 +121,7 @@ class _Slot:
             "age": round(now - a.created, 3),
             "idle": round(now - a.last_active, 3),
             **a.counters.as_dict(),
+            "recv_errors": self.recv_errors,
         }
 
 
