@@ -397,7 +397,7 @@ class Daemon:
         self.metrics = Metrics()
         self.storage_metrics = StorageMetrics(self.metrics)
         self.stun_metrics = stun.StunMetrics(self.metrics.registry)
-        self._stun: list[asyncio.DatagramTransport] = []
+        self._stun: list[stun.Listener] = []
         self.registry = Registry()
         self.store: Store | None = (
             Store(Path(self.ns.snapshot_path), on_health_change=self._storage_health_changed)
@@ -662,19 +662,19 @@ class Daemon:
             responder = stun.StunResponder(limiter)
             host, port = split_host_port(addr)
             try:
-                transport, bound = await stun.serve(host, port, responder)
+                listener, bound = await stun.serve(host, port, responder)
             except OSError as e:
                 log_event(log, "cannot listen", logging.ERROR, stun_addr=addr, error=str(e))
                 self._close_stun()
                 return False
-            self._stun.append(transport)
+            self._stun.append(listener)
             self.stun_metrics.responders.append(responder)
             self.ports["stun" if i == 0 else f"stun{i}"] = bound
         return True
 
     def _close_stun(self) -> None:
-        for transport in self._stun:
-            transport.close()
+        for listener in self._stun:
+            listener.close()
         self._stun.clear()
 
     # -- lifecycle --------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ reply (40 bytes for IPv4, 52 for IPv6) is at most :data:`MAX_GROWTH` bytes longe
 answers, and each source address (an IPv6 /64) gets only a few replies a second. Anything that is not a
 well-formed Binding request, or that asks for something we do not understand, is dropped silently.
 
-Bind it to a specific address on a multi-homed host: replies leave by the kernel's choice of source, and
-a NAT drops a reply that comes from another address than the one it asked.
+Each reply leaves from the address its request was sent to (``IP_PKTINFO`` / ``IPV6_PKTINFO``), so a
+wildcard listener on a multi-homed host still answers from the right IP: a NAT drops a reply that comes
+from another address than the one it asked.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ import hashlib
 import ipaddress
 import os
 import socket
+import struct
 import time
 from array import array
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from spanutil import stun
 
-__all__ = ["MAX_GROWTH", "RateTable", "StunResponder", "serve"]
+__all__ = ["MAX_GROWTH", "Listener", "RateTable", "StunResponder", "reply_source", "serve"]
 
 MAX_GROWTH = 32  # bytes a reply may add to its request: 20-byte request -> 52-byte IPv6 reply
 RATE = 10.0  # replies per second per source address (IPv6: per /64)
@@ -35,6 +37,12 @@ BURST = 20.0
 SLOTS = 4096  # rate-limit table size: 64 KiB whatever the number of sources
 GLOBAL_RATE = 20_000.0  # replies per second in total: bounds the CPU and bandwidth a flood can take
 DROP_REASONS = ("malformed", "not_binding", "unsupported", "rate_limited")
+RECV_SIZE = 2048  # longer datagrams arrive truncated and fail the length check
+
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst (the local address), addr (header destination)
+_IN6_PKTINFO = struct.Struct("=16si")  # addr, ifindex
+_CMSG_SPACE = socket.CMSG_SPACE(_IN_PKTINFO.size) + socket.CMSG_SPACE(_IN6_PKTINFO.size)
 
 
 class RateTable:
@@ -90,21 +98,15 @@ def source_address(addr: Any) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Add
     return ip, port
 
 
-class StunResponder(asyncio.DatagramProtocol):
-    """Answers each Binding request with XOR-MAPPED-ADDRESS and FINGERPRINT; counts what it did.
-
-    Counters are plain integers (one event loop), read by :class:`StunMetrics` at scrape time.
-    """
+class StunResponder:
+    """Decides the reply to each datagram (XOR-MAPPED-ADDRESS and FINGERPRINT for a Binding request) and
+    counts what it did: plain integers (one event loop), read by :class:`StunMetrics` at scrape time."""
 
     def __init__(self, limiter: RateTable | None = None, global_limiter: RateTable | None = None) -> None:
         self.limiter = limiter or RateTable()
         self.global_limiter = global_limiter or RateTable(GLOBAL_RATE, GLOBAL_RATE, slots=1)
         self.answered = 0
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def reply(self, data: bytes, addr: Any) -> bytes | None:
         """The reply to one datagram (None: drop it). Pure apart from the rate tables and counters."""
@@ -138,13 +140,55 @@ class StunResponder(asyncio.DatagramProtocol):
         self.answered += 1
         return out
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        out = self.reply(data, addr)
-        if out is not None and self.transport is not None:
-            self.transport.sendto(out, addr)
 
-    def error_received(self, exc: Exception) -> None:
-        pass  # ICMP errors for earlier replies (a spoofed source): nothing to do, nothing to keep
+def reply_source(ancdata: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """Ancillary data that makes a reply leave from the address the request was sent to (none: the
+    kernel chooses). IPv4 uses the local address the kernel matched (``spec_dst``); IPv6 (and IPv4 on a
+    dual-stack socket, as a mapped address) the header destination, keeping the interface only where the
+    address needs it (link-local)."""
+    for level, ctype, data in ancdata:
+        if level == socket.IPPROTO_IP and ctype == IP_PKTINFO and len(data) >= _IN_PKTINFO.size:
+            _ifindex, local, _dst = _IN_PKTINFO.unpack_from(data)
+            return [(socket.IPPROTO_IP, IP_PKTINFO, _IN_PKTINFO.pack(0, local, bytes(4)))]
+        if level == socket.IPPROTO_IPV6 and ctype == socket.IPV6_PKTINFO and len(data) >= _IN6_PKTINFO.size:
+            dst, ifindex = _IN6_PKTINFO.unpack_from(data)
+            keep = ifindex if ipaddress.IPv6Address(dst).is_link_local else 0
+            return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, _IN6_PKTINFO.pack(dst, keep))]
+    return []
+
+
+class Listener:
+    """One ``--stun-addr`` socket on the event loop: reads datagrams with their destination address and
+    sends each reply from it. ``close()`` stops it."""
+
+    def __init__(self, sock: socket.socket, responder: StunResponder) -> None:
+        self.sock, self.responder = sock, responder
+        self.send_errors = 0
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def _readable(self) -> None:
+        for _ in range(64):  # bounded per wake-up: other work on the loop keeps its turn under a flood
+            try:
+                data, ancdata, _flags, addr = self.sock.recvmsg(RECV_SIZE, _CMSG_SPACE)
+            except OSError:
+                return  # nothing left (or an error queued by ICMP: nothing to keep)
+            out = self.responder.reply(data, addr)
+            if out is None:
+                continue
+            try:
+                self.sock.sendmsg([out], reply_source(ancdata), 0, addr)
+            except OSError:
+                self.send_errors += 1  # e.g. a full socket buffer: the client asks again
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 class StunMetrics:
@@ -171,12 +215,17 @@ class StunMetrics:
 
 
 def _socket(host: str, port: int) -> socket.socket:
-    """A UDP socket bound to ``host:port``; ``::`` is dual-stack (IPv4 sources arrive IPv4-mapped)."""
+    """A UDP socket bound to ``host:port`` that reports each datagram's destination; ``::`` is dual-stack
+    (IPv4 sources arrive IPv4-mapped)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        if family == socket.AF_INET6 and host == "::":
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if family == socket.AF_INET6:
+            if host == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         sock.bind((host, port))
         sock.setblocking(False)
     except OSError:
@@ -185,9 +234,7 @@ def _socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(host: str, port: int, responder: StunResponder) -> tuple[asyncio.DatagramTransport, int]:
-    """Start answering on ``host:port`` (port 0: any); return the transport and the bound port."""
-    loop = asyncio.get_running_loop()
-    sock = _socket(host, port)
-    transport, _ = await loop.create_datagram_endpoint(lambda: responder, sock=sock)
-    return transport, sock.getsockname()[1]
+async def serve(host: str, port: int, responder: StunResponder) -> tuple[Listener, int]:
+    """Start answering on ``host:port`` (port 0: any); return the listener and the bound port."""
+    listener = Listener(_socket(host, port), responder)
+    return listener, listener.port

@@ -14,7 +14,15 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from discovery.server import main as server_main
-from discovery.server.stun import MAX_GROWTH, RateTable, StunMetrics, StunResponder, serve
+from discovery.server.stun import (
+    IP_PKTINFO,
+    MAX_GROWTH,
+    RateTable,
+    StunMetrics,
+    StunResponder,
+    reply_source,
+    serve,
+)
 from spanutil import stun
 
 V4 = ("192.0.2.10", 40000)
@@ -216,3 +224,17 @@ async def test_daemon_serves_stun_and_counts_it():
         daemon.stopping.set()
         assert await asyncio.wait_for(task, 15) == 0
     assert daemon._stun == []
+
+
+def test_reply_source_echoes_the_address_asked():
+    v4 = struct.pack("=i4s4s", 3, bytes([10, 1, 0, 2]), bytes([10, 1, 0, 255]))
+    assert reply_source([(socket.IPPROTO_IP, IP_PKTINFO, v4)]) == [
+        (socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, bytes([10, 1, 0, 2]), bytes(4)))
+    ]
+    glob = ipaddress.IPv6Address("2001:db8::2").packed
+    local = ipaddress.IPv6Address("fe80::2").packed
+    v6 = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, struct.pack("=16si", glob, 7))]
+    assert reply_source(v6)[0][2] == struct.pack("=16si", glob, 0)  # any interface may carry it
+    v6 = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, struct.pack("=16si", local, 7))]
+    assert reply_source(v6)[0][2] == struct.pack("=16si", local, 7)  # link-local: its interface
+    assert reply_source([]) == [] and reply_source([(socket.IPPROTO_IP, IP_PKTINFO, b"short")]) == []
