@@ -127,7 +127,7 @@ class StunResponder:
             self.dropped["unsupported"] += 1
             return None
         src = source_address(addr)
-        if src is None:
+        if src is None or src[1] == 0:  # port 0 cannot be answered (nor mapped)
             self.dropped["malformed"] += 1
             return None
         if not self.limiter.allow(limit_key(src[0])) or not self.global_limiter.allow(b""):

@@ -92,6 +92,11 @@ def test_everything_else_is_dropped_and_counted(data, reason):
     assert r.answered == 0 and r.dropped[reason] == 1
 
 
+def test_source_port_zero_is_not_answered():
+    r = unlimited()
+    assert r.reply(stun.binding_request(), ("192.0.2.10", 0)) is None and r.dropped["malformed"] == 1
+
+
 def test_optional_attributes_in_a_request_are_fine():
     assert unlimited().reply(_with_attr(0x8022, b"client 1.0"), V4) is not None
 
