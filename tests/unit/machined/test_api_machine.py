@@ -16,11 +16,11 @@ import grpc
 import pytest
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from google.protobuf import duration_pb2, empty_pb2
 
+from machined import pki
 from machined.api import NOT_OS, MachineServicer, node_error
 from machined.api.sysinfo import format_kmsg
 from machined.api.testing import Aborted, FakeContext, collect
@@ -483,32 +483,13 @@ async def test_netstat_filters(api):
 # --- client configuration -------------------------------------------------------------------------------------
 
 
-def _ca() -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "talos")])
-    now = dt.datetime.now(dt.UTC)
-    crt = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return crt.public_bytes(serialization.Encoding.PEM), key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 async def test_generate_client_configuration(api, node):
     req = machine_pb2.GenerateClientConfigurationRequest(roles=["os:reader"])
     e = await aborted(api.GenerateClientConfiguration, req)
     assert e.code is grpc.StatusCode.FAILED_PRECONDITION and "machine.ca.key" in e.details
 
-    crt_pem, key_pem = _ca()
+    ca = pki.generate_ca("talos")
+    crt_pem, key_pem = ca.crt, ca.key
     docs = list(yaml.safe_load_all(cfg()))
     docs[0]["machine"]["ca"] = {
         "crt": base64.b64encode(crt_pem).decode(),
@@ -539,7 +520,6 @@ async def test_generate_client_configuration(api, node):
 
 def test_client_certificates_from_an_ed25519_ca_and_the_ttl_limits():
     """A Talos-generated (Ed25519) CA still signs client certificates for GenerateClientConfiguration."""
-    import datetime as dt
 
     import pytest
 
