@@ -27,10 +27,13 @@ from .main import Apid
 class FakeNode:
     """What :func:`machined.api.server.serve` needs; one sensitive resource (KubeSpanIdentities/local)."""
 
-    def __init__(self, hostname: str, tmp: Path) -> None:
+    def __init__(self, hostname: str, tmp: Path, state: State | None = None) -> None:
+        """``state``: a registry with the resource definitions registered (default: a new one)."""
         self.hostname = hostname
-        self.state = State()
-        register_all(self.state, DEFINITIONS)
+        if state is None:
+            state = State()
+            register_all(state, DEFINITIONS)
+        self.state = state
         self.config = ConfigManager(ConfigStore(tmp / "cfg"))
         self.config.boot(MachineConfig.parse(config_yaml(cluster_id="c")))
         self.supervisor = None

@@ -7,7 +7,6 @@ import asyncio
 import os
 import socket
 import stat
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,11 +17,9 @@ from google.protobuf import empty_pb2
 from machined.api import WRITE_DENIED, StateServicer
 from machined.api.server import SocketInUse, serve
 from machined.api.testing import Aborted, FakeContext, collect
-from machined.config import ConfigManager, ConfigStore, MachineConfig
+from machined.apid.testing import FakeNode
+from machined.config import MachineConfig
 from machined.config.testing import config_yaml
-from machined.daemon import MachineEvents
-from machined.daemon.logcapture import make_rings
-from machined.services import EventRing
 from machined.state import DEFINITIONS, Resource, State, register_all
 from machined.state.catalog import (
     KUBESPAN_IDENTITY,
@@ -288,24 +285,9 @@ async def test_a_watcher_that_falls_behind_gets_errored(state):
 # --- the server on a unix socket -------------------------------------------------------------------------
 
 
-class Node:
-    def __init__(self, state: State, tmp: Path) -> None:
-        self.state = state
-        self.config = ConfigManager(ConfigStore(tmp / "cfg"))
-        self.config.boot(MachineConfig.parse(config_yaml(cluster_id="c")))
-        self.supervisor = None
-        self.events = MachineEvents()
-        self.machined_events = EventRing()
-        self.rings = make_rings()
-        self.hostname = "sock-node"
-
-    def log_ring(self, id: str) -> Any:
-        return self.rings.get(id)
-
-
 async def test_server_on_a_unix_socket(state, tmp_path):
     path = tmp_path / "run" / "machine.sock"
-    server = await serve(Node(state, tmp_path), path)
+    server = await serve(FakeNode("sock-node", tmp_path, state), path)
     try:
         assert stat.S_ISSOCK(path.stat().st_mode) and (path.stat().st_mode & 0o777) == 0o660
         async with grpc.aio.insecure_channel(f"unix:{path}") as ch:
@@ -328,7 +310,7 @@ async def test_server_on_a_unix_socket(state, tmp_path):
                 )
         # a second agent on the same socket is refused
         with pytest.raises(SocketInUse):
-            await serve(Node(state, tmp_path), path)
+            await serve(FakeNode("sock-node", tmp_path, state), path)
     finally:
         await server.stop(0)
     assert not path.exists()
@@ -339,7 +321,7 @@ async def test_a_stale_socket_is_replaced(state, tmp_path):
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(path))
     s.close()  # bound, never listening: what a killed agent leaves
-    server = await serve(Node(state, tmp_path), path, mode=0o600, group=os.getgid())
+    server = await serve(FakeNode("sock-node", tmp_path, state), path, mode=0o600, group=os.getgid())
     try:
         assert (path.stat().st_mode & 0o777) == 0o600 and path.stat().st_gid == os.getgid()
     finally:
