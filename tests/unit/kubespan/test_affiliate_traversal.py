@@ -14,6 +14,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from kubespan.affiliate import (
     MAX_PUNCH_INTENTS,
+    NAT_CLASSES,
     LocalAffiliate,
     PunchIntent,
     RemoteAffiliate,
@@ -160,3 +161,9 @@ def test_full_affiliate_fits_the_registry_limit() -> None:
     pb = _local(Traversal("eim", True, punches)).to_pb()
     # AES-GCM adds a 12-byte nonce and a 16-byte tag; the registry's data limit is 2 KiB.
     assert len(pb.SerializeToString()) + 28 < 2048
+
+
+def test_wire_classes_are_the_classifiers() -> None:
+    from kubespan.nat.classify import NatClass
+
+    assert set(NAT_CLASSES) == {c.value for c in NatClass}
