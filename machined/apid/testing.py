@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,3 +164,26 @@ def ed25519_ca() -> pki.KeyPair:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ),
     )
+
+
+def apid_command() -> list[str]:
+    """The argv prefix that runs apid: the console script beside this Python, else ``-m``."""
+    exe = shutil.which("apid", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "machined.apid.main"]
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (free when asked; nothing reserves it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_processes(procs: list[subprocess.Popen[Any]], timeout: float = 10) -> None:
+    """SIGTERM ``procs`` last first, each given ``timeout`` seconds before SIGKILL."""
+    for p in reversed(procs):
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()

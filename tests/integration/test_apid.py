@@ -7,7 +7,6 @@ import asyncio
 import datetime as dt
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from machined import pki
-from machined.apid.testing import Cluster, start_apid, start_machined
+from machined.apid.testing import Cluster, apid_command, free_port, start_apid, start_machined, stop_processes
 from machined.state.catalog import KUBESPAN_IDENTITY, NS_KUBESPAN
 from spanapi.talos.cosi import state_pb2, state_pb2_grpc
 from spanapi.talos.machine import machine_pb2, machine_pb2_grpc
@@ -177,10 +176,7 @@ async def test_node_forwarding_and_fan_out_with_one_node_down(tmp_path):
             servers.append(srv)
             apids.append(await start_apid(cluster, sock, name))
         front, n1, n2 = apids
-        s = __import__("socket").socket()
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
-        s.close()  # nothing listens there
+        dead = free_port()  # nothing listens there
         targets = [f"127.0.0.1:{n1.port}", f"127.0.0.1:{dead}", f"127.0.0.1:{n2.port}"]
         async with cluster.channel(front.port, cluster.client("os:reader")) as ch:
             m = machine_pb2_grpc.MachineServiceStub(ch)
@@ -269,11 +265,6 @@ async def test_server_certificate_renewed_and_hot_reloaded(tmp_path):
         await srv.stop()
 
 
-def _apid_cmd():
-    exe = shutil.which("apid", path=os.path.dirname(sys.executable))
-    return [exe] if exe else [sys.executable, "-m", "machined.apid.main"]
-
-
 def test_ed25519_config_is_refused_by_the_apid_command(tmp_path):
     import base64
 
@@ -297,7 +288,7 @@ def test_ed25519_config_is_refused_by_the_apid_command(tmp_path):
     MachineConfig.parse(cfg.read_text())  # the config itself loads
     p = subprocess.run(
         [
-            *_apid_cmd(),
+            *apid_command(),
             "--config",
             str(cfg),
             "--machined-socket",
@@ -350,14 +341,11 @@ def test_real_machined_behind_apid_process(tmp_path):
                     f"machined did not start without root: {(tmp_path / 'machined.log').read_text()[-500:]}"
                 )
             time.sleep(0.1)
-        s = __import__("socket").socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
+        port = free_port()
         procs.append(
             subprocess.Popen(
                 [
-                    *_apid_cmd(),
+                    *apid_command(),
                     "--config",
                     str(cluster.config),
                     "--machined-socket",
@@ -386,12 +374,7 @@ def test_real_machined_behind_apid_process(tmp_path):
         assert v.messages[0].metadata.hostname == "real-node"
         assert v.messages[0].version.tag
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
 
 
 async def test_tls_1_2_minimum(world, tmp_path):
@@ -556,14 +539,6 @@ def _with(make, m, s, md):
     return make(Bound(m), Bound(s))
 
 
-def _dead_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there
-    return port
-
-
 async def test_many_bogus_targets_do_not_grow_the_channel_cache(tmp_path):
     """A reader naming hundreds of distinct node targets: apid keeps at most --backend-channels
     channels, closes what it evicts, still forwards, keeps a channel that carries a stream (and lets
@@ -577,7 +552,7 @@ async def test_many_bogus_targets_do_not_grow_the_channel_cache(tmp_path):
     front = await start_apid(cluster, fsock, "front", backend_channels=bound, backend_idle=2.0)
     n1 = await start_apid(cluster, n1sock, "n1")
     cache = front.proxy.channels
-    dead = _dead_port()
+    dead = free_port()
     real = f"127.0.0.1:{n1.port}"
     try:
         async with cluster.channel(front.port, cluster.client("os:reader")) as ch:

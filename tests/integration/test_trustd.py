@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -17,23 +13,10 @@ import pytest
 from google.protobuf import empty_pb2
 
 from machined import gen, pki
-from machined.apid.testing import Cluster, start_apid, start_machined
+from machined.apid.testing import Cluster, apid_command, free_port, start_apid, start_machined, stop_processes
 from machined.config import MachineConfig
 from spanapi.talos.machine import machine_pb2_grpc
 from spanapi.talos.security import security_pb2, security_pb2_grpc
-
-
-def _apid_cmd() -> list[str]:
-    exe = shutil.which("apid", path=os.path.dirname(sys.executable))
-    return [exe] if exe else [sys.executable, "-m", "machined.apid.main"]
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _worker_config(cluster: Cluster, tmp: Path) -> Path:
@@ -52,17 +35,8 @@ def _token(cluster: Cluster) -> str:
 
 def _apid(tmp: Path, name: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [*_apid_cmd(), *args], stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "w")
+        [*apid_command(), *args], stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "w")
     )
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in reversed(procs):
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 async def _certificate(port: int, ca: bytes, token: str, csr: bytes) -> security_pb2.CertificateResponse:
@@ -78,7 +52,7 @@ async def test_worker_gets_its_certificate_from_trustd(tmp_path):
     worker_cfg = _worker_config(cluster, tmp_path)
     cp_srv, cp_sock = await start_machined("cp-1", tmp_path / "cp")
     w_srv, w_sock = await start_machined("worker-1", tmp_path / "w")
-    cp_port, trustd_port, w_port = _free_port(), _free_port(), _free_port()
+    cp_port, trustd_port, w_port = free_port(), free_port(), free_port()
     procs = [
         _apid(tmp_path, "cp", "--config", str(cluster.config), "--machined-socket", str(cp_sock),
               "--listen", f"127.0.0.1:{cp_port}", "--trustd-listen", f"127.0.0.1:{trustd_port}",
@@ -126,7 +100,7 @@ async def test_worker_gets_its_certificate_from_trustd(tmp_path):
         assert "trustd issued certificate" in log
         assert _token(cluster) not in log
     finally:
-        await asyncio.to_thread(_stop, procs)
+        await asyncio.to_thread(stop_processes, procs)
         await cp_srv.stop()
         await w_srv.stop()
 
@@ -134,10 +108,10 @@ async def test_worker_gets_its_certificate_from_trustd(tmp_path):
 def test_worker_refuses_to_start_without_trustd(tmp_path):
     cluster = Cluster.create(tmp_path)
     worker_cfg = _worker_config(cluster, tmp_path)
-    base = [*_apid_cmd(), "--config", str(worker_cfg), "--machined-socket", str(tmp_path / "none.sock"),
+    base = [*apid_command(), "--config", str(worker_cfg), "--machined-socket", str(tmp_path / "none.sock"),
             "--listen", "127.0.0.1:0"]  # fmt: skip
     p = subprocess.run(
-        [*base, "--trustd-endpoint", f"127.0.0.1:{_free_port()}", "--trustd-wait", "2"],
+        [*base, "--trustd-endpoint", f"127.0.0.1:{free_port()}", "--trustd-wait", "2"],
         capture_output=True,
         text=True,
         timeout=60,
