@@ -276,3 +276,38 @@ async def test_lifecycle_leaves_known_state(peers) -> None:
     for port in ports:  # every socket was closed
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind((HOST, port))
+
+
+async def test_ipv6_works_alike() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this kernel")
+    socks = []
+    try:
+        for _ in range(2):
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            socks.append(s)
+            try:
+                s.bind(("::1", 0))
+            except OSError as e:
+                pytest.skip(f"no IPv6 loopback here: {e}")
+            s.setblocking(False)
+        a, b = socks
+        ka, kb = keys()
+        loop = asyncio.get_running_loop()
+        async with Forwarder("::1") as fwd:
+            pa, pb = await fwd.allocate(ka, kb)
+            a.sendto(handshake(kb), ("::1", pa))
+            await asyncio.sleep(0.05)
+            b.sendto(handshake(ka), ("::1", pb))
+            _, src = await asyncio.wait_for(loop.sock_recvfrom(a, 2048), 2)
+            assert src[:2] == ("::1", pa)
+            data = transport()
+            a.sendto(data, ("::1", pa))
+            assert (await asyncio.wait_for(loop.sock_recvfrom(b, 2048), 2))[0] == data
+            assert fwd.status()[0]["latched"] == [
+                f"[::1]:{a.getsockname()[1]}",
+                f"[::1]:{b.getsockname()[1]}",
+            ]
+    finally:
+        for s in socks:
+            s.close()
