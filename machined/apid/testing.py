@@ -187,3 +187,4 @@ def stop_processes(procs: list[subprocess.Popen[Any]], timeout: float = 10) -> N
             p.wait(timeout)
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()

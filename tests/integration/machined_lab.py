@@ -7,6 +7,8 @@ Lab (198.51.100.0/24 plays the internet)::
     cloud a    10.1.0.0/24: nodes .11, .12, ...  (behind nat-a)
     cloud b    10.2.0.0/24: nodes .11, ...       (behind nat-b)
 
+:func:`start_host_machined` runs one agent on the host instead (no namespace, no root needed).
+
 Each agent runs ``machined --config FILE --state-dir DIR`` (real wireguard-go, nftables, policy
 routing). The state directory is on the host filesystem, so the test process reaches each agent's
 machine API unix socket directly.
@@ -114,6 +116,25 @@ class Agent:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
         except FileNotFoundError:
             return ""
+
+
+def start_host_machined(
+    d: Path, config: str, *extra: str, config_mode: int = 0o600
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """``machined`` on the host with ``config`` written to ``d/config.yaml`` (mode ``config_mode``) and
+    its state in ``d/state``; returns the process and its output log (``d/machined.log``)."""
+    cfg = d / "config.yaml"
+    cfg.write_text(config)
+    cfg.chmod(config_mode)
+    log = d / "machined.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [PY, "-m", "machined.main", "--config", str(cfg), "--state-dir", str(d / "state"), *extra],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+    return proc, log
 
 
 def start_discovery(lab: Lab, segment: str, address: str) -> Node:

@@ -16,7 +16,6 @@ import concurrent.futures
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,12 +24,12 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import duration_pb2, empty_pb2
+from machined_lab import start_host_machined
 
+from machined.apid.testing import stop_processes
 from machined.config.testing import config_yaml
 from spanapi.talos.machine import machine_pb2, machine_pb2_grpc
 
-PY = sys.executable
-ROOT = Path(__file__).resolve().parents[2]
 SECRET = base64.b64encode(b"h" * 32).decode()
 AUTO = machine_pb2.ApplyConfigurationRequest.AUTO
 TRY = machine_pb2.ApplyConfigurationRequest.TRY
@@ -87,17 +86,7 @@ class Machined:
 
 
 def start(d: Path, *extra: str, config_mode: int = 0o600) -> tuple[subprocess.Popen[bytes], Path]:
-    cfg = d / "config.yaml"
-    cfg.write_text(config())
-    cfg.chmod(config_mode)
-    log = d / "machined.log"
-    proc = subprocess.Popen(
-        [PY, "-m", "machined.main", "--config", str(cfg), "--state-dir", str(d / "state"), *extra],
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-    return proc, log
+    return start_host_machined(d, config(), *extra, config_mode=config_mode)
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +108,7 @@ def machined(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machined]:
             pytest.fail(f"machined did not start: {log.read_text()[-3000:]}")
         yield m
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes([proc], 15)
 
 
 def apply(

@@ -20,9 +20,11 @@ from typing import Any
 
 import pytest
 import yaml
-from machined_lab import json_objects, start_discovery
+from machined_lab import json_objects, start_discovery, start_host_machined
 
+from machined.apid.testing import stop_processes
 from machined.config.testing import config_yaml
+from machined.spanctl.testing import PEER_STATUS_HEADER
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,29 +85,15 @@ def local_config(node: str) -> str:
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     d = tmp_path_factory.mktemp("spanctl-agent")
-    cfg = d / "config.yaml"
-    cfg.write_text(local_config("spanctl-node"))
     sock = d / "state" / "machined.sock"
-    log = open(d / "machined.log", "wb")
-    proc = subprocess.Popen(
-        [PY, "-m", "machined.main", "--config", str(cfg), "--state-dir", str(d / "state")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
+    proc, log = start_host_machined(d, local_config("spanctl-node"))
     try:
         wait_for(lambda: sock.exists() or proc.poll() is not None, 20, "machined socket")
         if proc.poll() is not None:
-            pytest.fail(f"machined exited: {(d / 'machined.log').read_text()[-2000:]}")
+            pytest.fail(f"machined exited: {log.read_text()[-2000:]}")
         yield sock
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_processes([proc], 15)
 
 
 class TestLocalAgent:
@@ -117,18 +105,7 @@ class TestLocalAgent:
     def test_get_peer_statuses_in_every_format(self, agent: Path) -> None:
         # mesh off: no peers, but the type resolves by alias and every format is well formed
         table = spanctl(agent, "get", "kubespanpeerstatuses").stdout.splitlines()
-        assert table[0].split() == [
-            "NODE",
-            "NAMESPACE",
-            "TYPE",
-            "ID",
-            "VERSION",
-            "LABEL",
-            "ENDPOINT",
-            "STATE",
-            "RX",
-            "TX",
-        ]
+        assert table[0].split() == PEER_STATUS_HEADER
         assert len(table) == 1
         assert spanctl(agent, "get", "kubespanpeerstatuses", "-o", "json").stdout.strip() == ""
         assert spanctl(agent, "get", "kubespanpeerstatuses", "-o", "yaml").stdout.strip() == ""
@@ -265,18 +242,7 @@ def test_mesh_two_nodes() -> None:
         )
 
         table = spanctl(s1, "get", "kubespanpeerstatuses").stdout.splitlines()
-        assert table[0].split() == [
-            "NODE",
-            "NAMESPACE",
-            "TYPE",
-            "ID",
-            "VERSION",
-            "LABEL",
-            "ENDPOINT",
-            "STATE",
-            "RX",
-            "TX",
-        ]
+        assert table[0].split() == PEER_STATUS_HEADER
         row = table[1].split()
         assert row[:3] == ["n1", "kubespan", "KubeSpanPeerStatuses"]
         assert row[5] == "n2" and row[6].startswith(f"{LAN}.12:") and row[7] == "up"

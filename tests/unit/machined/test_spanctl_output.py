@@ -16,6 +16,7 @@ from machined.spanctl.output import (
     table,
     widths,
 )
+from machined.spanctl.testing import PEER_STATUS_HEADER
 from machined.state.catalog import MESH_DEFINITIONS
 from spanapi.talos.cosi import resource_pb2, state_pb2
 
@@ -80,18 +81,7 @@ def test_resource_table_node_first_with_print_columns() -> None:
     w.add("n1", peer("KEY2=", "n3", "down", version=7))
     w.flush()
     lines = buf.getvalue().splitlines()
-    assert lines[0].split() == [
-        "NODE",
-        "NAMESPACE",
-        "TYPE",
-        "ID",
-        "VERSION",
-        "LABEL",
-        "ENDPOINT",
-        "STATE",
-        "RX",
-        "TX",
-    ]
+    assert lines[0].split() == PEER_STATUS_HEADER
     assert lines[1].split() == [
         "n1",
         "kubespan",
