@@ -25,6 +25,8 @@ BENCHES = [
     "apid_latency.py",
     # issue 11: one hostile client address against the registry
     "registry_abuse.py",
+    # issue 14: NAT traversal (need root)
+    "relay_throughput.py",
 ]
 
 
