@@ -69,3 +69,53 @@ def test_spanutil_is_a_leaf_every_layer_may_import() -> None:
     for pkg, allowed in ALLOWED.items():
         if pkg not in ("spanapi", "spanutil"):
             assert "spanutil" in allowed, pkg
+
+
+# Inside kubespan: NAT traversal and the relay are leaves the engine uses; they see only value types.
+LEAVES: dict[str, tuple[str, ...]] = {
+    "kubespan/nat": ("kubespan.nat", "kubespan.affiliate", "kubespan.wireguard.types", "kubespan.constants"),
+    "kubespan/relay": ("kubespan.relay", "kubespan.wireguard.types", "kubespan.constants"),
+}
+# Fakes and test helpers: tests, benches and the lab use them, product code never does.
+TEST_SUPPORT = (
+    "kubespan.testing",
+    "kubespan.wireguard.fake",
+    "kubespan.dataplane.fake",
+    "kubespan.relay.testing",
+    "discovery.testing",
+    "discovery.hostile",
+    "discovery.abuse",
+    "machined.daemon.testing",
+    "machined.apid.testing",
+)
+
+
+def test_traversal_leaves_import_only_value_types() -> None:
+    violations = []
+    for folder, allowed in LEAVES.items():
+        assert (ROOT / folder / "__init__.py").is_file(), folder
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for mod in imports_of(path):
+                top = mod.split(".")[0]
+                if top in ("spanutil", "spanapi") or any(
+                    mod == a or mod.startswith(a + ".") for a in allowed
+                ):
+                    continue
+                violations.append(f"{path.relative_to(ROOT)} imports {mod}")
+    assert not violations, "\n".join(violations)
+
+
+def test_product_code_never_imports_test_support() -> None:
+    support_files = {m.replace(".", "/") + ".py" for m in TEST_SUPPORT}
+    missing = [f for f in support_files if not (ROOT / f).is_file()]
+    assert not missing, f"stale TEST_SUPPORT entries: {missing}"
+    violations = []
+    for pkg in ("discovery", "kubespan", "machined"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel in support_files or rel in EXEMPT:
+                continue
+            bad = sorted(m for m in imports_of(path) if m in TEST_SUPPORT)
+            if bad:
+                violations.append(f"{rel} imports {', '.join(bad)}")
+    assert not violations, "\n".join(violations)
