@@ -1,4 +1,4 @@
-"""spanutil: the one duration grammar, the one size grammar and the one byte<->IP codec."""
+"""spanutil: the one duration grammar, the one size grammar, the one byte<->IP codec, the test poller."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from spanutil.durations import DurationError, parse_duration
 from spanutil.ipcodec import IPAddress, IPNetwork, ip_from_bytes, ip_to_bytes
 from spanutil.sizes import SizeError, parse_size
+from spanutil.testing import eventually
 
 # Every form the three former parsers accepted (discovery-service flags, spanctl flags, machined
 # config fields), one grammar now.
@@ -158,3 +159,22 @@ def test_size_flags_show_the_message():
     assert p.parse_args(["--budget", "2MiB"]).budget == 2 << 20
     with pytest.raises(argparse.ArgumentError, match="invalid size 'two'"):
         p.parse_args(["--budget", "two"])
+
+
+# --- the test-support poller ------------------------------------------------------------------------
+
+
+async def test_eventually_returns_the_first_truthy_value_of_a_sync_or_async_predicate() -> None:
+    calls = []
+
+    async def third_time() -> str | None:
+        calls.append(1)
+        return "ready" if len(calls) >= 3 else None
+
+    assert await eventually(third_time, "third call") == "ready" and len(calls) == 3
+    assert await eventually(lambda: 7) == 7
+
+
+async def test_eventually_names_what_it_waited_for_when_it_gives_up() -> None:
+    with pytest.raises(AssertionError, match=r"not reached within 0.05 s: the moon"):
+        await eventually(lambda: False, "the moon", within=0.05)

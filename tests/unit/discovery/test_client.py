@@ -7,7 +7,7 @@ import base64
 import datetime
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from discovery.testing import self_signed_cert
 from spanapi.discovery.client import affiliate_pb2
 from spanapi.discovery.server import cluster_pb2, cluster_pb2_grpc
 from spanutil.ipcodec import ip_to_bytes
+from spanutil.testing import eventually
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -140,13 +141,6 @@ async def serve(
         yield bound
     finally:
         await server.stop(grace=None)
-
-
-async def eventually(pred: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll ``pred`` until it holds (a test helper: the state lives in another task)."""
-    async with asyncio.timeout(within):
-        while not pred():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 def make_client(*urls: str, **kw: Any) -> DiscoveryClient:

@@ -3,9 +3,6 @@ resources follow their inputs, cleanup removes what is no longer produced."""
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
 from kubespan.snapshot import PeerStatus
 from machined.controllers import (
     KubeSpanPeerStatusController,
@@ -26,8 +23,7 @@ from machined.state.catalog import (
     NS_RUNTIME,
     SERVICE,
 )
-
-T = 5.0
+from spanutil.testing import eventually
 
 
 def state() -> State:
@@ -36,19 +32,8 @@ def state() -> State:
     return s
 
 
-async def until(pred: Any) -> None:
-    async with asyncio.timeout(T):
-        while True:
-            ok = pred()
-            if asyncio.iscoroutine(ok):
-                ok = await ok
-            if ok:
-                return
-            await asyncio.sleep(0.005)
-
-
 async def settle(rt: Runtime, name: str, runs: int) -> None:
-    await until(lambda: rt.stats()[name].runs >= runs and rt.stats()[name].state == "idle")
+    await eventually(lambda: rt.stats()[name].runs >= runs and rt.stats()[name].state == "idle")
 
 
 async def _gone(s: State, *key: str) -> bool:
@@ -181,7 +166,7 @@ async def test_members_follow_affiliates():
             "operatingSystem": "x",
         }
         await s.destroy(NS_CLUSTER, AFFILIATE, "id1", owner="test")
-        await until(lambda: _gone(s, NS_CLUSTER, MEMBER, "n1"))
+        await eventually(lambda: _gone(s, NS_CLUSTER, MEMBER, "n1"))
 
 
 async def test_machine_status_names_what_is_unmet():
@@ -232,7 +217,7 @@ async def test_machine_status_names_what_is_unmet():
         r = await s.get(NS_KUBESPAN, KUBESPAN_PEER_STATUS, "k")
         r.spec = {"label": "n2", "state": "up"}
         await s.update(r, owner="t")
-        await until(lambda: _ready(s))
+        await eventually(lambda: _ready(s))
 
 
 async def test_outputs_keep_all_protects_from_cleanup():

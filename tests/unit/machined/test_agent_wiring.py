@@ -4,7 +4,6 @@ config changes applied per ChangeEffects, and shutdown order."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from machined.state.catalog import (
     SERVICE,
 )
 from spanapi.talos.machine import machine_pb2
+from spanutil.testing import eventually
 
 CLUSTER = "agent-test-cluster"
 SECRET = new_secret()
@@ -47,19 +47,6 @@ T = 10.0  # generous bound on every wait
 def cfg(**kw: Any) -> str:
     kw.setdefault("agent", {"nodename": "n1", "httpStatusAddr": ""})
     return config_yaml(cluster_id=CLUSTER, secret=SECRET, **kw)
-
-
-async def eventually(pred: Callable[[], Any], what: str, within: float = T) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = pred()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {within}s: {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import pytest
@@ -21,22 +20,12 @@ from machined.runtime import (
     weak,
 )
 from machined.state import FinalizersPendingError, OwnerConflictError, Phase, Resource, State
+from spanutil.testing import eventually
 
 NS = "test"
 IN = "Inputs.test.dev"
 OUT = "Outputs.test.dev"
 OTHER = "Others.test.dev"
-
-
-async def eventually(pred, within: float = 2.0) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            got = pred()
-            if asyncio.iscoroutine(got):
-                got = await got
-            if got:
-                return
-            await asyncio.sleep(0.002)
 
 
 def ctx_for(state: State, inputs=(), outputs=(), name: str = "ctl") -> ControllerContext:

@@ -18,21 +18,11 @@ from machined.runtime import (
 )
 from machined.runtime.controller import OutputKind
 from machined.state import Resource, State
+from spanutil.testing import eventually
 
 NS = "test"
 IN = "Inputs.test.dev"
 OUT = "Outputs.test.dev"
-
-
-async def eventually(pred, within: float = 2.0) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            got = pred()
-            if asyncio.iscoroutine(got):
-                got = await got
-            if got:
-                return
-            await asyncio.sleep(0.002)
 
 
 async def settle() -> None:
