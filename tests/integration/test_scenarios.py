@@ -222,6 +222,33 @@ def tcp_transfer(src: Node, dst: Node, addr: str, port: int, size: int, timeout:
     return int(out.strip() or 0)
 
 
+def load_mss_probe(n1: Node, n2: Node, port: int, mss: int) -> None:
+    """Count the SYN at n2 and the SYN-ACK at n1 of TCP connections to n2's ``port``: arrived through the
+    tunnel with an MSS of at most ``mss`` ("clamped"), above it ("unclamped"), or another way ("outside")."""
+    for node, match in ((n2, f"tcp dport {port}"), (n1, f"tcp sport {port}")):
+        nft_load(
+            node,
+            f"""
+            table inet mssprobe {{
+              chain in {{
+                type filter hook input priority 0;
+                iifname "kubespan" {match} tcp flags & (syn | rst) == syn tcp option maxseg size 0-{mss} counter comment "clamped"
+                iifname "kubespan" {match} tcp flags & (syn | rst) == syn tcp option maxseg size > {mss} counter comment "unclamped"
+                iifname != "kubespan" {match} counter comment "outside"
+              }}
+            }}
+            """,
+        )
+
+
+def check_mss_clamped(n1: Node, n2: Node) -> None:
+    """What :func:`load_mss_probe` counted: SYN and SYN-ACK came through the tunnel, clamped."""
+    syn, synack = nft_counters(n2, "mssprobe"), nft_counters(n1, "mssprobe")
+    print(f"SYN at n2 {syn}, SYN-ACK at n1 {synack}")
+    for seen in (syn, synack):
+        assert seen["clamped"] >= 1 and seen["unclamped"] == 0 and seen["outside"] == 0
+
+
 def nft_counters(node: Node, table: str) -> dict[str, int]:
     """Packet counters of the rules in ``table``, keyed by rule comment."""
     data = json.loads(node.run("nft", "-j", "list", "table", "inet", table).stdout)
@@ -508,21 +535,7 @@ def test_bulk_tcp_mtu_and_mss_clamp(lab: Lab) -> None:
 
     # node IP to node IP: the sender's route (eth0) says 1500, the mesh says 1420: the SYN's MSS must be
     # clamped on the way in (count what arrives through the tunnel on each side)
-    mss4 = 1420 - 40
-    for node, match in ((n2.node, "tcp dport 7802"), (n1.node, "tcp sport 7802")):
-        nft_load(
-            node,
-            f"""
-            table inet mssprobe {{
-              chain in {{
-                type filter hook input priority 0;
-                iifname "kubespan" {match} tcp flags & (syn | rst) == syn tcp option maxseg size 0-{mss4} counter comment "clamped"
-                iifname "kubespan" {match} tcp flags & (syn | rst) == syn tcp option maxseg size > {mss4} counter comment "unclamped"
-                iifname != "kubespan" {match} counter comment "outside"
-              }}
-            }}
-            """,
-        )
+    load_mss_probe(n1.node, n2.node, 7802, mss=1420 - 40)
     before = peers(n1)["n2"]["tx_bytes"]
     t0 = time.monotonic()
     assert tcp_transfer(n1.node, n2.node, "10.60.0.12", 7802, size) == size
@@ -534,10 +547,7 @@ def test_bulk_tcp_mtu_and_mss_clamp(lab: Lab) -> None:
         timeout=5,
         interval=0.3,
     )
-    syn, synack = nft_counters(n2.node, "mssprobe"), nft_counters(n1.node, "mssprobe")
-    print(f"SYN at n2 {syn}, SYN-ACK at n1 {synack}")
-    for seen in (syn, synack):
-        assert seen["clamped"] >= 1 and seen["unclamped"] == 0 and seen["outside"] == 0
+    check_mss_clamped(n1.node, n2.node)
 
 
 def test_discovery_restarted_without_state_keeps_peers(lab: Lab) -> None:

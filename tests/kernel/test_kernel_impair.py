@@ -116,27 +116,10 @@ def test_1420_byte_mesh_path_df_pings_mss_clamp_and_bulk_tcp(lab: Lab) -> None:
 
     # node IP to node IP: the socket's route (eth0) says 1500, the mesh 1420: SYN and SYN-ACK must
     # arrive through the tunnel with an MSS of at most 1380
-    mss4 = 1420 - 40
-    for node, match in ((n2.node, "tcp dport 7831"), (n1.node, "tcp sport 7831")):
-        scenarios.nft_load(
-            node,
-            f"""
-            table inet mssprobe {{
-              chain in {{
-                type filter hook input priority 0;
-                iifname "kubespan" {match} tcp flags & (syn | rst) == syn tcp option maxseg size 0-{mss4} counter comment "clamped"
-                iifname "kubespan" {match} tcp flags & (syn | rst) == syn tcp option maxseg size > {mss4} counter comment "unclamped"
-                iifname != "kubespan" {match} counter comment "outside"
-              }}
-            }}
-            """,
-        )
+    scenarios.load_mss_probe(n1.node, n2.node, 7831, mss=1420 - 40)
     size = 8 << 20
     t0 = time.monotonic()
     assert scenarios.tcp_transfer(n1.node, n2.node, "10.60.0.12", 7831, size, timeout=240) == size
     print(f"8 MiB node IP to node IP over kernel WireGuard in {time.monotonic() - t0:.1f}s (emulated)")
-    syn, synack = scenarios.nft_counters(n2.node, "mssprobe"), scenarios.nft_counters(n1.node, "mssprobe")
-    print(f"SYN at n2 {syn}, SYN-ACK at n1 {synack}")
-    for seen in (syn, synack):
-        assert seen["clamped"] >= 1 and seen["unclamped"] == 0 and seen["outside"] == 0
+    scenarios.check_mss_clamped(n1.node, n2.node)
     assert scenarios.tcp_transfer(n1.node, n2.node, mesh2, 7832, size, timeout=240) == size
