@@ -12,6 +12,8 @@ wrapper is charged to either side.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import ipaddress
 import os
 import random
@@ -19,8 +21,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from kubespan.identity import generate_private_key
@@ -59,6 +62,22 @@ def inside(argv: Sequence[str]) -> bool:
 
 def strip_inside(argv: Sequence[str]) -> list[str]:
     return [a for a in argv if a != INSIDE]
+
+
+def main_in_node(
+    name: str,
+    script: str,
+    parser: argparse.ArgumentParser,
+    bench: Callable[[argparse.Namespace, Path], Awaitable[int]],
+) -> int:
+    """A benchmark's ``main``: SKIP unless root; else re-run ``script`` inside a fresh lab node, where
+    ``bench(arguments, scratch directory)`` runs."""
+    if skip_unless_root(name):
+        return 0
+    if not inside(sys.argv):
+        return run_in_node(script, sys.argv[1:])
+    with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:
+        return asyncio.run(bench(parser.parse_args(strip_inside(sys.argv[1:])), Path(tmp)))
 
 
 # --- a realistic 1000-peer configuration ---------------------------------------------------------

@@ -29,14 +29,19 @@ import ipaddress
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from _wglab import IFNAME, fmt, inside, median, run_in_node, skip_unless_root, strip_inside, verdict
+from _wglab import (
+    IFNAME,
+    fmt,
+    main_in_node,
+    median,
+    verdict,
+)
 
 from discovery.crypto import endpoint_from_addr
 from kubespan.dataplane.links import LinkManager
@@ -327,12 +332,7 @@ def main() -> int:
     ap.add_argument(
         "--fake-links", action="store_true", help="in-memory links/routes/rules instead of netlink"
     )
-    if skip_unless_root(NAME):
-        return 0
-    if not inside(sys.argv):
-        return run_in_node(__file__, sys.argv[1:])
-    with tempfile.TemporaryDirectory(prefix="reconcile-") as tmp:
-        return asyncio.run(bench(ap.parse_args(strip_inside(sys.argv[1:])), Path(tmp)))
+    return main_in_node(NAME, __file__, ap, bench)
 
 
 if __name__ == "__main__":

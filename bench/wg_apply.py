@@ -18,22 +18,17 @@ ours/wg <= 1.0. Runs inside a lab node (needs root).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from _wglab import (
     IFNAME,
     fmt,
-    inside,
+    main_in_node,
     make_config,
     median,
-    run_in_node,
     run_tool,
-    skip_unless_root,
-    strip_inside,
     task_cpu_ms,
     verdict,
     wg_conf,
@@ -137,12 +132,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--whole", action="store_true", help="send each set as one piece (no streaming)")
-    if skip_unless_root(NAME):
-        return 0
-    if not inside(sys.argv):
-        return run_in_node(__file__, sys.argv[1:])
-    with tempfile.TemporaryDirectory(prefix="wg-apply-") as tmp:
-        return asyncio.run(bench(ap.parse_args(strip_inside(sys.argv[1:])), Path(tmp)))
+    return main_in_node(NAME, __file__, ap, bench)
 
 
 if __name__ == "__main__":

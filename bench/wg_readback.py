@@ -23,20 +23,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from _wglab import (
     IFNAME,
     fmt,
-    inside,
+    main_in_node,
     make_config,
     median,
-    run_in_node,
     run_tool,
-    skip_unless_root,
-    strip_inside,
     verdict,
 )
 
@@ -156,12 +152,7 @@ def main() -> int:
     ap.add_argument("--peers", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--seed", type=int, default=1)
-    if skip_unless_root(NAME):
-        return 0
-    if not inside(sys.argv):
-        return run_in_node(__file__, sys.argv[1:])
-    with tempfile.TemporaryDirectory(prefix="wg-readback-") as tmp:
-        return asyncio.run(bench(ap.parse_args(strip_inside(sys.argv[1:])), Path(tmp)))
+    return main_in_node(NAME, __file__, ap, bench)
 
 
 if __name__ == "__main__":
