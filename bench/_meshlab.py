@@ -43,14 +43,6 @@ CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def skip_unless_root(name: str) -> bool:
-    if os.geteuid() == 0:
-        return False
-    print(f"{name}: needs root (network namespaces, wireguard-go, nftables); skipped")
-    print(f"RESULT {name} SKIP needs-root")
-    return True
-
-
 def host_load() -> str:
     """The 1/5/15-minute load averages: other work on the same cores skews every figure here."""
     with open("/proc/loadavg") as f:

@@ -1,4 +1,5 @@
-"""Shared plumbing for the WireGuard benchmarks (wg_apply, wg_readback, reconcile_noop).
+"""Shared plumbing for the WireGuard benchmarks (wg_apply, wg_readback, reconcile_noop); its
+skip_unless_root serves every lab benchmark.
 
 Each benchmark re-runs itself *inside* one lab node: in the node's network
 namespace and in a private mount namespace whose ``/run/wireguard`` is the

@@ -23,11 +23,11 @@ from _meshlab import (
     host_load,
     median,
     safe_peers,
-    skip_unless_root,
     status,
     verdict,
     wg_pids,
 )
+from _wglab import skip_unless_root
 
 from netns.lab import Lab
 from netns.mesh import MeshNode, stop_agents

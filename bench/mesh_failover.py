@@ -44,11 +44,11 @@ from _meshlab import (
     peers,
     percentile,
     safe_peers,
-    skip_unless_root,
     status,
     verdict,
     wait_for,
 )
+from _wglab import skip_unless_root
 
 from netns.lab import Lab
 from netns.mesh import MeshLab, MeshNode, stop_agents

@@ -28,12 +28,12 @@ from _meshlab import (
     host_load,
     median,
     safe_peers,
-    skip_unless_root,
     status,
     stop_agent,
     verdict,
     wait_for,
 )
+from _wglab import skip_unless_root
 
 from netns.lab import Lab, LabError
 from netns.mesh import MeshNode, stop_agents

@@ -39,11 +39,11 @@ from _meshlab import (
     full_mesh,
     host_load,
     median,
-    skip_unless_root,
     status,
     verdict,
     wait_for,
 )
+from _wglab import skip_unless_root
 
 from netns.lab import Lab, LabError, Node, sh
 from netns.mesh import stop_agents

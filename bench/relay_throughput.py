@@ -23,7 +23,8 @@ import json
 import os
 import sys
 
-from _meshlab import cpu_seconds, host_load, median, skip_unless_root, verdict, wait_for
+from _meshlab import cpu_seconds, host_load, median, verdict, wait_for
+from _wglab import skip_unless_root
 from mesh_throughput import transfer
 
 from kubespan.identity import generate_private_key
