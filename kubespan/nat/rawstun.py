@@ -63,8 +63,11 @@ class StunTimeout(StunProbeError):
     """The responder did not answer in time."""
 
 
-def bpf_program(wg_port: int, ipv6: bool) -> list[tuple[int, int, int, int]]:
-    """Accept UDP to ``wg_port`` whose payload has the magic cookie at offset 4; drop the rest.
+def bpf_program(
+    wg_port: int, ipv6: bool, magic: int = stun.MAGIC_COOKIE, offset: int = 4
+) -> list[tuple[int, int, int, int]]:
+    """Accept UDP to ``wg_port`` whose payload has the 32-bit ``magic`` at ``offset`` (by default the STUN
+    magic cookie at 4); drop the rest.
 
     IPv4 raw sockets see the packet from the IP header (non-first fragments are dropped, the header
     length is read from IHL); IPv6 raw sockets see it from the UDP header.
@@ -73,8 +76,8 @@ def bpf_program(wg_port: int, ipv6: bool) -> list[tuple[int, int, int, int]]:
         return [
             (_LDH_ABS, 0, 0, 2),  # UDP destination port
             (_JEQ, 0, 3, wg_port),
-            (_LDW_ABS, 0, 0, 8 + 4),  # STUN magic cookie
-            (_JEQ, 0, 1, stun.MAGIC_COOKIE),
+            (_LDW_ABS, 0, 0, 8 + offset),  # the magic
+            (_JEQ, 0, 1, magic),
             (_RET, 0, 0, _ACCEPT),
             (_RET, 0, 0, 0),
         ]
@@ -84,8 +87,8 @@ def bpf_program(wg_port: int, ipv6: bool) -> list[tuple[int, int, int, int]]:
         (_LDXB_MSH, 0, 0, 0),  # X = IP header length
         (_LDH_IND, 0, 0, 2),  # UDP destination port
         (_JEQ, 0, 3, wg_port),
-        (_LDW_IND, 0, 0, 8 + 4),  # STUN magic cookie
-        (_JEQ, 0, 1, stun.MAGIC_COOKIE),
+        (_LDW_IND, 0, 0, 8 + offset),  # the magic
+        (_JEQ, 0, 1, magic),
         (_RET, 0, 0, _ACCEPT),
         (_RET, 0, 0, 0),
     ]
