@@ -11,6 +11,8 @@ engine at the start time both peers agreed on (docs/design/nat-traversal.md, "Ho
   the WireGuard port to the probe's source, so the answer retraces the path WireGuard will use.
 * :func:`probe_candidates`: probes every candidate until the first valid answer and returns the
   address it came from: the endpoint to give WireGuard.
+* :func:`punch`: the two in the order and at the times of one punch (openers at the start, probes 1 s
+  later).
 
 Probes and openers never look like WireGuard messages, so WireGuard drops its copy of them. Needs
 CAP_NET_RAW (:class:`NoRawSocketPrivilege` otherwise).
@@ -57,6 +59,7 @@ __all__ = [
     "ProbeResponder",
     "parse_datagram",
     "probe_candidates",
+    "punch",
     "send_openers",
     "set_ttl",
 ]
@@ -412,3 +415,32 @@ async def probe_candidates(
             sock.close()
         if not found.done():
             found.cancel()
+
+
+async def punch(
+    wg_port: int,
+    candidates: Sequence[AddrPort],
+    start_ms: int,
+    *,
+    key: bytes,
+    own: PublicKey,
+    peer: PublicKey,
+    probe_delay: float = 1.0,
+    ttl: int = OPENER_TTL,
+    timeout: float = PROBE_TIMEOUT,  # noqa: ASYNC109
+    fwmark: int = 0,
+    wall_ms: Callable[[], int] = _wall_ms,
+) -> AddrPort | None:
+    """One punch as nat.md §5 schedules it: openers at ``start_ms`` (wall clock, the time both peers
+    agreed on; at once if it is past), probes ``probe_delay`` seconds later, the answer's source or None.
+
+    Call it only once the peer has committed to the same start (its intent naming us is visible):
+    probes are full-TTL, and sent before the peer's openers they would pollute a bare NAT on its side.
+    The caller runs a :class:`ProbeResponder` meanwhile, for the peer's probes.
+    """
+    await asyncio.sleep(max(0.0, (start_ms - wall_ms()) / 1000))
+    send_openers(wg_port, candidates, ttl, fwmark)
+    await asyncio.sleep(max(0.0, (start_ms - wall_ms()) / 1000 + probe_delay))
+    return await probe_candidates(
+        wg_port, candidates, key=key, own=own, peer=peer, timeout=timeout, fwmark=fwmark, wall_ms=wall_ms
+    )

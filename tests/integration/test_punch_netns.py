@@ -38,9 +38,10 @@ NAIVE_WINDOW = 15.0  # the naive control: no handshake this long after a's start
 PROBE_TIMEOUT = 5.0
 SECRET = os.urandom(32)
 
-# Runs in a node: the probe responder from the start, openers at each time of "openers_at" (wall
-# seconds), probes from "probe_at" until an answer or the timeout; prints one JSON line, keeps answering
-# for "linger" seconds (the peer may still be probing), then prints the responder's counters.
+# Runs in a node: the probe responder from the start, openers at each time of "early_openers_at" (wall
+# seconds), then one punch (openers at "start_ms", probes a second later until an answer or the
+# timeout); prints one JSON line, keeps answering for "linger" seconds (the peer may still be
+# probing), then prints the responder's counters.
 DRIVER = """
 import asyncio, json, sys, time
 from kubespan.nat import opener, probemsg
@@ -53,13 +54,12 @@ async def until(t):
     await asyncio.sleep(max(0.0, t - time.time()))
 async def main():
     async with opener.ProbeResponder(cfg["port"], key, own, lambda k: k == peer, families=(4,)) as r:
-        for t in cfg["openers_at"]:
+        for t in cfg["early_openers_at"]:
             await until(t)
             sent = opener.send_openers(cfg["port"], candidates, ttl=cfg["ttl"])
             print(json.dumps({"openers": sent, "at": time.time()}), flush=True)
-        await until(cfg["probe_at"])
-        found = await opener.probe_candidates(
-            cfg["port"], candidates, key=key, own=own, peer=peer, timeout=cfg["timeout"])
+        found = await opener.punch(cfg["port"], candidates, cfg["start_ms"], key=key, own=own, peer=peer,
+                                   ttl=cfg["ttl"], timeout=cfg["timeout"])
         print(json.dumps({"found": None if found is None else str(found), "at": time.time()}), flush=True)
         await asyncio.sleep(cfg["linger"])
         print(json.dumps({"answered": r.answered, "dropped": dict(r.dropped)}), flush=True)
@@ -163,16 +163,17 @@ async def close(*sides: Side) -> None:
 
 
 async def driver(
-    me: Side, other: Side, openers_at: list[float], probe_at: float, linger: float, ttl: int = 3
+    me: Side, other: Side, start: float, linger: float, ttl: int = 3, early: tuple[float, ...] = ()
 ) -> Any:
+    """The punch driver in ``me``: a punch at ``start`` (wall seconds), openers also at ``early``."""
     cfg = {
         "port": WG_PORT,
         "secret": SECRET.hex(),
         "own": me.key.public_key().b64,
         "peer": other.key.public_key().b64,
         "candidates": other.candidates,
-        "openers_at": openers_at,
-        "probe_at": probe_at,
+        "early_openers_at": list(early),
+        "start_ms": int(start * 1000),
         "ttl": ttl,
         "timeout": PROBE_TIMEOUT,
         "linger": linger,
@@ -225,10 +226,10 @@ async def test_openers_then_probes_connect_the_late_pair_on_a_bare_nat(
             await wg_up(b, a)
             t_b = time.time() + 1.5  # the drivers need about a second to start
             t_a = t_b + STAGGER
-            pb = await driver(b, a, [t_b, t_a], t_a + 1.0, linger=4, ttl=ttl)
+            pb = await driver(b, a, t_a, linger=4, ttl=ttl, early=(t_b,))
             await asyncio.sleep(max(0.0, t_a - 1.5 - time.time()))
             await wg_up(a, b)
-            pa = await driver(a, b, [t_a], t_a + 1.0, linger=4, ttl=ttl)
+            pa = await driver(a, b, t_a, linger=4, ttl=ttl)
             found_a = (await driver_line(pa, "found", STAGGER + PROBE_TIMEOUT + 5))["found"]
             found_b = (await driver_line(pb, "found", PROBE_TIMEOUT + 5))["found"]
             if ttl > 3:
@@ -265,7 +266,7 @@ async def test_probing_finds_a_path_exactly_where_nat_md_says_one_exists(
             await wg_up(a, b)
             await wg_up(b, a)
             t = time.time() + 1.5
-            procs = [await driver(a, b, [t], t + 1.0, linger=2), await driver(b, a, [t], t + 1.0, linger=2)]
+            procs = [await driver(a, b, t, linger=2), await driver(b, a, t, linger=2)]
             if not direct_possible(pa, pb):
                 found = [(await driver_line(p, "found", PROBE_TIMEOUT + 8))["found"] for p in procs]
                 assert found == [None, None]
