@@ -21,6 +21,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import socket
 import struct
 import time
 from collections import deque
@@ -222,9 +223,23 @@ class _Endpoint(asyncio.DatagramProtocol):
         log.debug("relay control socket error: %s", exc)
 
 
-async def _open(host: str, port: int, on_datagram: Callable[[bytes, Any], None]) -> _Endpoint:
+async def _open(
+    host: str, port: int, device: str | None, on_datagram: Callable[[bytes, Any], None]
+) -> _Endpoint:
+    """A UDP socket on ``(host, port)``, bound to ``device`` when given (SO_BINDTODEVICE): then only
+    datagrams that arrived on that link are received, and answers leave through it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if device:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        where = f"{host}:{port}" + (f" on device {device}" if device else "")
+        raise OSError(e.errno, f"cannot bind the relay control socket to {where}: {e.strerror or e}") from e
     loop = asyncio.get_running_loop()
-    _, proto = await loop.create_datagram_endpoint(lambda: _Endpoint(on_datagram), local_addr=(host, port))
+    _, proto = await loop.create_datagram_endpoint(lambda: _Endpoint(on_datagram), sock=sock)
     return proto
 
 
@@ -283,7 +298,9 @@ class ControlServer:
     """The relay's control server on ``(host, port)``, ``host`` being its mesh address.
 
     ``who(source_ip)`` names the peer behind a source mesh address (None: refused); ``where(key)`` is
-    where that peer's client listens (``(mesh address, CLIENT_PORT)``), for NOTIFY. A NOTIFY is sent
+    where that peer's client listens (``(mesh address, CLIENT_PORT)``), for NOTIFY. ``device`` is the mesh
+    link: give it, or Linux's weak host model lets a neighbour on another link reach the mesh address with
+    a forged source and pass as a peer (the tunnel authenticates only what came through it). A NOTIFY is sent
     ``notify_attempts`` times, ``notify_interval`` seconds apart, until a NOTIFIED with its request id
     comes back. At most ``max_inflight`` requests are handled at once; more are dropped (the client
     retries)."""
@@ -296,6 +313,7 @@ class ControlServer:
         where: Callable[[PublicKey], Address | None],
         *,
         port: int = CONTROL_PORT,
+        device: str | None = None,
         notify_interval: float = 0.5,
         notify_attempts: int = 4,
         max_inflight: int = 64,
@@ -309,6 +327,7 @@ class ControlServer:
                 f"{notify_interval} and {notify_attempts}"
             )
         self.port = port
+        self.device = device
         self.handler = handler
         self.who = who
         self.where = where
@@ -331,7 +350,7 @@ class ControlServer:
     async def start(self) -> None:
         if self._endpoint is not None:
             raise RuntimeError("control server already started")
-        self._endpoint = await _open(self.host, self.port, self._on_datagram)
+        self._endpoint = await _open(self.host, self.port, self.device, self._on_datagram)
         log_event(log, "relay control server started", addr=f"{self.host}:{self.address[1]}")
 
     async def stop(self) -> None:
@@ -361,7 +380,8 @@ class ControlServer:
 
     def _error(self, rid: int, code: ErrorCode, text: str, addr: Any) -> None:
         self._refuse(code.name.lower())
-        self._send(Message(MsgType.ERROR, rid, code=code, text=text[:MAX_TEXT]), addr)
+        clipped = text.encode("utf-8")[:MAX_TEXT].decode("utf-8", "ignore")
+        self._send(Message(MsgType.ERROR, rid, code=code, text=clipped), addr)
 
     def _on_datagram(self, data: bytes, addr: Any) -> None:
         try:
@@ -499,7 +519,8 @@ class RelayClient:
     control servers (at ``(relay mesh address, relay_port)``) and NOTIFY delivery.
 
     A NOTIFY from a source ``who`` does not know is ignored; from a known one it is acknowledged (every
-    time, so the relay stops retrying) and handed to ``on_notify`` (once per NOTIFY)."""
+    time, so the relay stops retrying) and handed to ``on_notify`` (once per NOTIFY). ``device``: the
+    mesh link, as for :class:`ControlServer`."""
 
     def __init__(
         self,
@@ -507,11 +528,13 @@ class RelayClient:
         *,
         port: int = CLIENT_PORT,
         relay_port: int = CONTROL_PORT,
+        device: str | None = None,
         who: Callable[[str], PublicKey | None] = lambda _addr: None,
         on_notify: Callable[[Notice], None] | None = None,
     ) -> None:
         self.host = _check_bind_host(host)
         self.port = port
+        self.device = device
         self.relay_port = relay_port
         self.who = who
         self.on_notify = on_notify
@@ -531,7 +554,7 @@ class RelayClient:
     async def start(self) -> None:
         if self._endpoint is not None:
             raise RuntimeError("relay client already started")
-        self._endpoint = await _open(self.host, self.port, self._on_datagram)
+        self._endpoint = await _open(self.host, self.port, self.device, self._on_datagram)
 
     async def stop(self) -> None:
         """Close the socket; requests in flight fail with ControlError."""

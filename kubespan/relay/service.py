@@ -41,7 +41,8 @@ class _Pair:
 
 
 class RelayService:
-    """Forwarder (``public_host``) + control server (``mesh_host``, ``control_port``).
+    """Forwarder (``public_host``) + control server (``mesh_host``, ``control_port``, bound to the mesh
+    link ``device``, which the agent should always give: see :class:`~kubespan.relay.control.ControlServer`).
 
     ``who`` and ``where`` map mesh source addresses to peers and peers to their clients' addresses (see
     :class:`~kubespan.relay.control.ControlServer`); ``limits`` and ``relay_limits`` are the forwarder's;
@@ -56,6 +57,7 @@ class RelayService:
         *,
         public_host: str = "0.0.0.0",
         control_port: int = CONTROL_PORT,
+        device: str | None = None,
         limits: Limits | None = None,
         relay_limits: RelayLimits | None = None,
         ports: range | None = None,
@@ -76,6 +78,7 @@ class RelayService:
             who,
             where,
             port=control_port,
+            device=device,
             notify_interval=notify_interval,
             notify_attempts=notify_attempts,
         )

@@ -6,7 +6,9 @@ control server on its mesh address; A asks for an allocation through its tunnel 
 by NOTIFY through its own. The test then points A's peer B at R:port_a and B's peer A at R:port_b and
 checks that A and B handshake and ping end to end. A source the relay does not know is refused; a source
 address that is not in the sending peer's AllowedIPs never reaches the relay (cryptokey routing); a
-stopped relay leaves the client with a timeout, which is what failover acts on.
+neighbour F on R's internet link forging A's mesh address does not reach the relay's control socket,
+which is bound to the mesh link (a socket that is not, is reached); a stopped relay leaves the client
+with a timeout, which is what failover acts on.
 
 Each node's control sockets live on an asyncio loop in a thread that entered the node's network
 namespace, so the sockets are made there without a subprocess.
@@ -28,7 +30,15 @@ from typing import Any, TypeVar
 import pytest
 
 from kubespan.identity import generate_private_key
-from kubespan.relay.control import CLIENT_PORT, ErrorCode, Notice, RelayClient, RelayRefused, RelayTimeout
+from kubespan.relay.control import (
+    CLIENT_PORT,
+    ControlServer,
+    ErrorCode,
+    Notice,
+    RelayClient,
+    RelayRefused,
+    RelayTimeout,
+)
 from kubespan.relay.service import RelayService
 from kubespan.wireguard import UserspaceBackend, sync
 from kubespan.wireguard.types import AddrPort, DeviceConfig, PeerConfig, PrivateKey, PublicKey
@@ -41,6 +51,7 @@ PREFIX = "fd5a:14::"
 MESH = {"r": f"{PREFIX}1", "a": f"{PREFIX}2", "b": f"{PREFIX}3"}
 A_EXTRA = f"{PREFIX}12"  # a second address of A: in R's AllowedIPs for A, unknown to the relay's directory
 KEEPALIVE = 2
+F_IP, F_V6, R_V6 = "203.0.113.66", "2001:db8:14::66", "2001:db8:14::1"
 
 T = TypeVar("T")
 
@@ -99,9 +110,9 @@ async def wg(node: Node, key: PrivateKey, peers: list[PeerConfig], addrs: list[s
     return backend
 
 
-def extra_addr(node: Node, addr: str) -> None:
-    """``addr``/128 on ``node``'s mesh link, deprecated so that it is a source only when bound to."""
-    node.run("ip", "-6", "addr", "add", f"{addr}/128", "dev", "kubespan", "nodad", "preferred_lft", "0")
+def extra_addr(node: Node, addr: str, dev: str = "kubespan") -> None:
+    """``addr``/128 on ``node``'s link ``dev``, deprecated so that it is a source only when bound to."""
+    node.run("ip", "-6", "addr", "add", f"{addr}/128", "dev", dev, "nodad", "preferred_lft", "0")
 
 
 def peer(key: PrivateKey, *allowed: str, endpoint: str | None = None) -> PeerConfig:
@@ -133,6 +144,11 @@ async def test_allocation_over_the_mesh_joins_two_symmetric_nat_nodes() -> None:
         r_site, a_site, b_site = lab.site("r", "open"), lab.site("a", "hard"), lab.site("b", "hard")
         r, a, b = r_site.node, a_site.node, b_site.node
         r_ip = r_site.public_ip
+        f = lab.node("f")  # a neighbour of R's on the internet segment, with R as its route to the mesh
+        lab.attach(f, lab.internet(), [f"{F_IP}/24"])
+        r.addr("eth0", f"{R_V6}/64")
+        f.addr("eth0", f"{F_V6}/64")
+        f.route(f"{MESH['r']}/128", "via", R_V6)
         try:
             t0 = time.monotonic()
             backends.append(await wg(r, kr, [peer(ka, MESH["a"], A_EXTRA), peer(kb, MESH["b"])], [MESH["r"]]))
@@ -146,13 +162,17 @@ async def test_allocation_over_the_mesh_joins_two_symmetric_nat_nodes() -> None:
             # the relay's directory: mesh address -> key, key -> client address
             who_r = {MESH["a"]: KA, MESH["b"]: KB}
             where_r = {KA: (MESH["a"], CLIENT_PORT), KB: (MESH["b"], CLIENT_PORT)}
-            for node in (r, a, b):
+            for node in (r, a, b, f):
                 loops[node.name] = NetnsLoop(node)
-            lr, la, lb = loops["r"], loops["a"], loops["b"]
+            lr, la, lb, lf = loops["r"], loops["a"], loops["b"], loops["f"]
 
             async def start_service() -> dict[str, Any]:
                 svc = RelayService(
-                    MESH["r"], lambda addr: who_r.get(normal(addr)), where_r.get, public_host=r_ip
+                    MESH["r"],
+                    lambda addr: who_r.get(normal(addr)),
+                    where_r.get,
+                    public_host=r_ip,
+                    device="kubespan",
                 )
                 await svc.start()
                 service_box["svc"] = svc
@@ -241,7 +261,34 @@ async def test_allocation_over_the_mesh_joins_two_symmetric_nat_nodes() -> None:
                 await la.run(ca_spoof.ping(MESH["r"], timeout=1))
             assert (await lr.run(_status(svc)))["control"] == before
 
-            # 4. the relay stops: the client times out (what failover acts on)
+            # 4. a neighbour on another link forging A's mesh address reaches a socket not held to the mesh
+            # link (Linux's weak host model), but not the relay's, which is bound to it
+            loose_box: dict[str, ControlServer] = {}
+
+            async def start_loose() -> int:
+                loose = ControlServer(
+                    MESH["r"], svc, lambda addr: who_r.get(normal(addr)), where_r.get, port=0
+                )
+                await loose.start()
+                loose_box["s"] = loose
+                return loose.address[1]
+
+            loose_port = await lr.run(start_loose())
+            try:
+                extra_addr(f, MESH["a"], "eth0")
+                forger = await start_client(lf, MESH["a"])
+                before = (await lr.run(_status(svc)))["control"]
+                with pytest.raises(RelayTimeout):  # the answer goes to the real A, through the tunnel
+                    await lf.run(forger.ping(MESH["r"], timeout=1))
+                assert (await lr.run(_status(svc)))["control"] == before
+                forger.relay_port = loose_port
+                with pytest.raises(RelayTimeout):
+                    await lf.run(forger.ping(MESH["r"], timeout=1))
+                assert loose_box["s"].counters.requests == {"PING": 1}  # taken for A: the hole is real
+            finally:
+                await lr.run(loose_box["s"].stop())
+
+            # 5. the relay stops: the client times out (what failover acts on)
             await lr.run(svc.stop())
             t_stop = time.monotonic()
             with pytest.raises(RelayTimeout):

@@ -415,3 +415,27 @@ async def test_requests_beyond_the_inflight_limit_are_dropped(mesh: Mesh) -> Non
 def test_header_layout_is_eight_bytes() -> None:
     assert HEADER.size == 8
     assert struct.pack("!2sBBI", b"KR", 1, 5, 9) == encode(Message(MsgType.PING, 9))
+
+
+async def test_a_long_refusal_text_is_clipped_to_the_limit(mesh: Mesh) -> None:
+    mesh.handler.refuse = Refusal(ErrorCode.INTERNAL, "é" * 100)  # 200 bytes of UTF-8
+    with pytest.raises(RelayRefused) as e:
+        await mesh.a.allocate(RELAY, KB, timeout=1)
+    assert e.value.text == "é" * (MAX_TEXT // 2)
+
+
+async def test_the_sockets_can_be_held_to_one_link() -> None:
+    """``device``: SO_BINDTODEVICE to the mesh link (here lo); a missing link is a clear error."""
+    clients: dict[PublicKey, tuple[str, int]] = {}
+    who, where = directory(clients)
+    server = ControlServer(RELAY, FakeHandler(), who, where, port=0, device="lo")  # type: ignore[arg-type]
+    await server.start()
+    client = RelayClient(A, port=0, relay_port=server.address[1], device="lo")
+    await client.start()
+    try:
+        assert await client.ping(RELAY, timeout=1) > 0
+    finally:
+        await client.stop()
+        await server.stop()
+    with pytest.raises(OSError, match="on device nosuchlink0"):
+        await RelayClient(A, port=0, device="nosuchlink0").start()
