@@ -66,8 +66,7 @@ class ErrorCode(IntEnum):
     RELAY_FULL = 3  # the relay holds its maximum number of allocations
     LIMIT = 4  # the requester holds its maximum number of allocations
     NOT_A_RELAY = 5  # the node does not relay (now)
-    BAD_REQUEST = 6  # a well-formed message that is not a request
-    INTERNAL = 7  # the relay failed (e.g. no free port)
+    INTERNAL = 6  # the relay failed (e.g. no free port)
 
 
 _BODY = {  # exact body length per type; ERROR is 2 + its text
@@ -395,12 +394,13 @@ class ControlServer:
             if ack is not None and _same_host(ack[0], addr[0]) and not ack[1].done():
                 ack[1].set_result(None)
             return
+        if msg.type not in _REQUESTS:
+            # never answered: an answer to an answer could loop between two relays' servers
+            self._refuse("not_a_request")
+            return
         requester = self.who(addr[0])
         if requester is None:
             self._error(msg.request_id, ErrorCode.UNKNOWN_SOURCE, f"{addr[0]} is not a known peer", addr)
-            return
-        if msg.type not in _REQUESTS:
-            self._error(msg.request_id, ErrorCode.BAD_REQUEST, f"{msg.type.name} is not a request", addr)
             return
         self.counters.requests[msg.type.name] = self.counters.requests.get(msg.type.name, 0) + 1
         if msg.type == MsgType.PING:
