@@ -4,7 +4,9 @@ addresses (issue 14; layouts and rules in docs/design/relay.md, "Control protoco
 It runs inside WireGuard: a datagram from mesh address X reached us only if it came through the tunnel
 of the peer whose AllowedIPs hold X (cryptokey routing), so the source address names the requester. The
 caller maps addresses to public keys (``who``) and keys to control addresses (``where``); a source it
-does not know is refused.
+does not know is refused. That holds only for datagrams that came through the tunnel, so the sockets
+bind the mesh address (never a wildcard) and should be held to the mesh link (``device``). Only
+requests are answered.
 
 - :func:`encode` / :func:`decode`: the strict codec (magic, version, type, request id, fixed bodies).
 - :class:`ControlServer`: the relay's side, on ``(mesh address, CONTROL_PORT)``. It answers ALLOCATE,
