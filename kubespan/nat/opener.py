@@ -120,6 +120,20 @@ def _raw_socket(version: int, program: Sequence[tuple[int, int, int, int]], fwma
     return sock
 
 
+def _open_family(
+    version: int, program: Sequence[tuple[int, int, int, int]], fwmark: int
+) -> socket.socket | None:
+    """A raw socket, or None when this address family is unusable here (an IPv4-only host): its
+    candidates are skipped. A missing privilege is raised: nothing will work then."""
+    try:
+        return _raw_socket(version, program, fwmark)
+    except NoRawSocketPrivilege:
+        raise
+    except StunProbeError as e:
+        log.info("no IPv%d raw socket, its candidates skipped: %s", version, e)
+        return None
+
+
 def _magic_filter(wg_port: int, version: int, magic: bytes) -> list[tuple[int, int, int, int]]:
     return bpf_program(wg_port, version == 6, int.from_bytes(magic, "big"), 0)
 
@@ -156,7 +170,9 @@ def send_openers(wg_port: int, candidates: Iterable[AddrPort], ttl: int = OPENER
         by_version.setdefault(c.ip.version, []).append(c)
     sent = 0
     for version, targets in sorted(by_version.items()):
-        sock = _raw_socket(version, _DROP_ALL, fwmark)
+        sock = _open_family(version, _DROP_ALL, fwmark)
+        if sock is None:
+            continue
         try:
             set_ttl(sock, version, ttl)
             for target in targets:
@@ -261,17 +277,13 @@ class ProbeResponder:
         loop = asyncio.get_running_loop()
         try:
             for version in self.families:
-                try:
-                    sock = _raw_socket(
-                        version, _magic_filter(self.wg_port, version, PROBE_MAGIC), self.fwmark
-                    )
-                except StunProbeError as e:
-                    if version == 4 or isinstance(e, NoRawSocketPrivilege):
-                        raise
-                    log.info("probe responder without IPv6: %s", e)
+                sock = _open_family(version, _magic_filter(self.wg_port, version, PROBE_MAGIC), self.fwmark)
+                if sock is None:
                     continue
                 self._socks[version] = sock
                 loop.add_reader(sock.fileno(), self._readable, sock, version)
+            if not self._socks:
+                raise StunProbeError(f"no usable raw socket (address families {self.families})")
         except BaseException:
             self.close()
             raise
@@ -384,9 +396,13 @@ async def probe_candidates(
 
     try:
         for version in sorted({t.ip.version for t in targets}):
-            sock = _raw_socket(version, _magic_filter(wg_port, version, ANSWER_MAGIC), fwmark)
-            socks[version] = sock
-            loop.add_reader(sock.fileno(), readable, sock, version)
+            sock = _open_family(version, _magic_filter(wg_port, version, ANSWER_MAGIC), fwmark)
+            if sock is not None:
+                socks[version] = sock
+                loop.add_reader(sock.fileno(), readable, sock, version)
+        targets = [t for t in targets if t.ip.version in socks]
+        if not targets:
+            return None
         deadline = loop.time() + timeout
         rounds = 0
         while loop.time() < deadline:

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from ipaddress import ip_network
+from ipaddress import ip_address, ip_network
 from typing import Any
 
 import pytest
@@ -53,7 +53,7 @@ candidates = [AddrPort.parse(c) for c in cfg["candidates"]]
 async def until(t):
     await asyncio.sleep(max(0.0, t - time.time()))
 async def main():
-    async with opener.ProbeResponder(cfg["port"], key, own, lambda k: k == peer, families=(4,)) as r:
+    async with opener.ProbeResponder(cfg["port"], key, own, lambda k: k == peer) as r:
         for t in cfg["early_openers_at"]:
             await until(t)
             sent = opener.send_openers(cfg["port"], candidates, ttl=cfg["ttl"])
@@ -80,7 +80,7 @@ class Side:
     def candidates(self) -> list[str]:
         """What the peer would know from discovery: the mapped endpoint (the port is kept, or for a
         symmetric NAT is the peer's guess) and the LAN address (unreachable from the other site)."""
-        return [f"{self.public_ip}:{WG_PORT}", f"{self.lan_ip}:{WG_PORT}"]
+        return [str(AddrPort(ip_address(ip), WG_PORT)) for ip in dict.fromkeys((self.public_ip, self.lan_ip))]
 
 
 def build(lab: Lab, a_profile: str, b_profile: str) -> tuple[Side, Side]:
@@ -286,3 +286,19 @@ async def test_probing_finds_a_path_exactly_where_nat_md_says_one_exists(
                 )
         finally:
             await close(a, b)
+
+
+async def test_probes_and_answers_over_ipv6() -> None:
+    """The IPv6 socket path (kernel checksum, hop limit, the filter seeing the UDP header, the answer's
+    source chosen with IPV6_PKTINFO) between two directly linked nodes, both probing."""
+    async with Lab() as lab:
+        na, nb = lab.node("a"), lab.node("b")
+        lab.link(na, nb, ["2001:db8::1/64"], ["2001:db8::2/64"])
+        a = Side(na, "2001:db8::1", "2001:db8::1", generate_private_key(), "")
+        b = Side(nb, "2001:db8::2", "2001:db8::2", generate_private_key(), "")
+        t = time.time() + 1.5
+        procs = [await driver(a, b, t, linger=1), await driver(b, a, t, linger=1)]
+        found = [(await driver_line(p, "found", PROBE_TIMEOUT + 8))["found"] for p in procs]
+        assert found == ["[2001:db8::2]:51820", "[2001:db8::1]:51820"]
+        stats = [await driver_line(p, "answered", 5) for p in procs]
+        assert all(st["answered"] >= 1 and not st["dropped"] for st in stats), stats
