@@ -408,13 +408,15 @@ class Site:
     """A node behind one of the lab's NAT profiles (``Lab.site``); unpacks as ``node, routers``.
 
     ``routers`` run from the node's gateway outwards (empty for ``open``); ``public_ip`` is where the
-    internet sees the node's flows come from, ``lan_ip`` the node's own address."""
+    internet sees the node's flows come from, ``lan_ip`` the node's own address. ``isp`` is the plain
+    transit router between the outermost NAT router and the internet (None without one)."""
 
     node: Node
     routers: tuple[Router, ...]
     profile: NatProfile
     public_ip: str
     lan_ip: str
+    isp: Router | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.node, self.routers))
@@ -614,14 +616,29 @@ class Lab:
                 self._route_via_gateways(member, inside_segment, addrs)
         return r
 
-    def site(self, name: str, profile: str | NatProfile, public: str | None = None) -> Site:
+    def site(
+        self, name: str, profile: str | NatProfile, public: str | None = None, *, transit: bool = True
+    ) -> Site:
         """Node ``name`` behind NAT profile ``profile`` (``netns.natprofiles``), attached to the internet.
 
         ``public`` is the site's internet address with its prefix (the node's own for ``open``, else the
         outermost router's); default ``203.0.113.(100+k)/24`` for the lab's k-th site. Inside, the k-th
         site uses 10.200.k.0/24 (node .10, gateway .1) and, behind a carrier, 100.64.k.0/24 (carrier .1,
         CPE .2; a further carrier 100.65.k.0/24, and so on). A forwarding router sends udp ``WG_PORT``
-        to the node."""
+        to the node.
+
+        With ``transit`` (the default) a site with NAT reaches the internet through its own plain router
+        ``{name}-isp`` (``Site.isp``: routing only, no NAT, no firewall), as a real NAT reaches the
+        internet through its provider's router: between two sites' NAT routers there are then two routed
+        hops (ISP A, ISP B), so a datagram a node sends with TTL 3 passes its own NAT and expires at the
+        peer's ISP, never reaching the peer's NAT (nat.md §2's openers; with a single NAT layer, TTL 4 is
+        the least that arrives). The public address stays on the internet's subnet: the ISP answers ARP
+        for it on the internet segment (proxy ARP) and routes it to the NAT's outside leg, which holds it
+        as a /32 with a default route via the ISP (transit link ``198.18.k.1``; the ISP's internet leg is
+        ``198.19.0.k/24`` and reaches every internet host on-link). ``transit=False`` attaches the
+        outermost NAT router straight to the internet segment (NATs of different sites are then
+        neighbours). ``open`` sites are always attached directly: the node holds the public address and
+        stays a neighbour of the internet hosts."""
         prof = nat_profile(profile)
         k = next(self._sites)
         if k > 254:
@@ -633,9 +650,13 @@ class Lab:
             self.attach(node, internet, [public])
             ip = str(ipaddress.ip_interface(public).ip)
             return Site(node, (), prof, ip, ip)
+        isp: Router | None = None
+        outside_seg, outside_addr = internet, public
+        if transit:
+            isp, outside_seg = self._isp(name, k, public)
+            outside_addr = f"{ipaddress.ip_interface(public).ip}/32"
         lan_ip = f"10.200.{k}.10"
         # outermost first; each inner segment is the next router's outside
-        outside_seg, outside_addr = internet, public
         routers: list[Router] = []
         for depth, spec in reversed(list(enumerate(prof.routers))):
             inner = depth == 0
@@ -652,10 +673,40 @@ class Lab:
                 port_forward=forwards,
                 firewall=spec.firewall,
             )
+            if isp is not None and not routers:  # the outermost: its only way out is the ISP
+                r.run(
+                    "ip", "-4", "route", "add", "default", "via", isp.inside_ip, "dev", r.outside_if, "onlink"
+                )
             routers.insert(0, r)
             outside_seg, outside_addr = seg, f"100.{63 + depth}.{k}.2/24"
         self.attach(node, outside_seg, [f"{lan_ip}/24"])
-        return Site(node, tuple(routers), prof, routers[-1].outside_ip, lan_ip)
+        return Site(node, tuple(routers), prof, routers[-1].outside_ip, lan_ip, isp)
+
+    def _isp(self, name: str, k: int, public: str) -> tuple[Router, str]:
+        """Site ``k``'s transit router ``{name}-isp`` on the internet, serving ``public`` (an IPv4 address)
+        on a new segment; returns the router and that segment (see ``site``)."""
+        ip = ipaddress.ip_interface(public).ip
+        if ip.version != 4:
+            raise LabError(f"a transit router serves an IPv4 public address, not {public}; use transit=False")
+        seg = self.segment(f"{name}-up")
+        sysctls = [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+        ]
+        isp = self._add_node(
+            Router,
+            f"{name}-isp",
+            sysctls,
+            nat=None,
+            inside_addrs=[f"198.18.{k}.1/32"],
+            outside_addrs=[f"198.19.0.{k}/24"],
+        )
+        self.attach(isp, self.internet(), isp.outside_addrs, ifname=isp.outside_if, default_route=False)
+        self.attach(isp, seg, isp.inside_addrs, ifname=isp.inside_if, default_route=False)
+        isp.run("ip", "-4", "route", "add", "default", "dev", isp.outside_if)  # every internet host on-link
+        isp.run("ip", "-4", "route", "add", f"{ip}/32", "dev", isp.inside_if)
+        isp.run("ip", "-4", "neigh", "add", "proxy", str(ip), "dev", isp.outside_if)
+        return isp, seg
 
     # -- impairments ------------------------------------------------------------------------------------
 

@@ -5,7 +5,10 @@ profiles of netns.natprofiles are each built with ``Lab.site`` and checked again
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+import re
+import socket
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -195,3 +198,70 @@ def test_a_stray_inbound_packet_changes_the_port_only_where_declared(world: Worl
     seen_ip, seen_port = parse_addr(got[0][1])
     assert seen_ip == site.public_ip
     assert (seen_port == WG_PORT) == p.keeps_port_after_stray_inbound, got
+
+
+# -- the transit ("ISP") hop of Lab.site: TTL-limited openers die between two NATs ---------------------------
+
+TTL_TABLE = "kslab_ttl"
+
+
+def count_udp(router: Router, ports: Iterable[int]) -> None:
+    """Count udp datagrams to each of ``ports`` arriving at ``router`` (before conntrack and routing), by
+    the TTL they arrive with."""
+    lines = [
+        f"table ip {TTL_TABLE} {{",
+        "  chain pre { type filter hook prerouting priority raw; policy accept;",
+    ]
+    for p in ports:
+        lines += [f"    udp dport {p} ip ttl {t} counter" for t in (1, 2, 3)]
+        lines.append(f"    udp dport {p} counter")
+    lines += ["  }", "}"]
+    router.run("nft", "-f", "-", input=("\n".join(lines) + "\n").encode())
+
+
+def arrivals(router: Router) -> dict[tuple[int, int | None], int]:
+    """``(port, ttl) -> packets`` from ``count_udp``'s counters (``ttl`` None: any TTL)."""
+    out = router.run("nft", "list", "table", "ip", TTL_TABLE).stdout
+    got: dict[tuple[int, int | None], int] = {}
+    for m in re.finditer(r"udp dport (\d+) (?:ip ttl (\d+) )?counter packets (\d+)", out):
+        got[(int(m.group(1)), int(m.group(2)) if m.group(2) else None)] = int(m.group(3))
+    return got
+
+
+def send_with_ttl(node: Node, dst: str, port: int, ttl: int, count: int = 3) -> None:
+    with udp_socket(node) as s:
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+        for _ in range(count):
+            s.sendto(b"opener", (dst, port))
+
+
+def test_sites_reach_the_internet_through_a_transit_router_so_ttl3_dies_before_the_peer_nat() -> None:
+    """``Lab.site`` puts a plain ISP router in front of each NAT: node -> own NAT (TTL 3 -> 2) -> own ISP
+    (2 -> 1) -> peer's ISP, which drops it. So an opener with TTL 3 never reaches the peer's NAT, while
+    TTL 4 arrives there with TTL 1 and TTL 64 arrives too; an internet host is one hop (the ISP) from a
+    site's public address. With ``transit=False`` two sites' NATs are neighbours and TTL 2 arrives."""
+    with Lab() as lab:
+        o1 = lab.node("o1")
+        lab.attach(o1, lab.internet(), [f"{O1}/24"])
+        a, b = lab.site("a", "easy"), lab.site("b", "easy")
+        x, y = lab.site("x", "easy", transit=False), lab.site("y", "easy", transit=False)
+        assert a.isp is not None and b.isp is not None and x.isp is None and y.isp is None
+        assert b.public_ip == "203.0.113.102" and b.routers[-1].outside_ip == b.public_ip
+        assert "nat" not in b.isp.run("nft", "list", "ruleset").stdout  # plain routing
+        assert o1.ping(b.public_ip) and a.node.ping(b.public_ip) and x.node.ping(b.public_ip)
+        count_udp(b.routers[-1], (9003, 9004, 9064, 9101, 9102))
+        count_udp(b.isp, (9003,))
+        count_udp(y.routers[-1], (9002,))
+        for ttl in (3, 4, 64):
+            send_with_ttl(a.node, b.public_ip, 9000 + ttl, ttl)
+        send_with_ttl(o1, b.public_ip, 9101, 1)
+        send_with_ttl(o1, b.public_ip, 9102, 2)
+        send_with_ttl(x.node, y.public_ip, 9002, 2)
+        time.sleep(0.3)
+        at_nat, at_isp, flat = arrivals(b.routers[-1]), arrivals(b.isp), arrivals(y.routers[-1])
+        assert at_isp[(9003, 1)] == 3  # got as far as the peer's ISP, with TTL 1 left
+        assert at_nat[(9003, None)] == 0  # ... and died there
+        assert at_nat[(9004, 1)] == 3  # one more hop of TTL reaches the NAT, exactly spent
+        assert at_nat[(9064, None)] == 3
+        assert at_nat[(9101, None)] == 0 and at_nat[(9102, 1)] == 3  # internet host -> ISP -> NAT
+        assert flat[(9002, 1)] == 3  # without transit: node -> NAT x -> NAT y
