@@ -1,9 +1,8 @@
 """Hole punching with TTL-limited openers and MAC'd probes between real wireguard-go nodes (root, netns).
 
-Layout: node a (10.20.1.10) behind router a-nat (198.51.100.2), node b (10.20.2.10) behind b-nat
-(203.0.113.2), each NAT per a ``netns.natprofiles`` profile. Unlike ``Lab.site`` the two NATs are not
-neighbours: two plain routers (ixa, ixb) sit between them, as on the internet, so an opener with TTL 3
-passes its own NAT (TTL 3 -> 2), ixa (2 -> 1) and dies at ixb, never reaching the peer's NAT.
+Layout: nodes a and b, each behind a ``netns.natprofiles`` profile built by ``Lab.site`` (a-nat, b-nat),
+each NAT behind its own plain ISP router (a-isp, b-isp), as on the internet: an opener with TTL 3 passes
+its own NAT (TTL 3 -> 2), its ISP (2 -> 1) and dies at the peer's ISP, never reaching the peer's NAT.
 
 In each node a driver process (``DRIVER``) runs what the engine will run at a punch: the probe
 responder, openers at the given wall-clock times, then probes; it prints the address that answered.
@@ -27,8 +26,7 @@ from kubespan.identity import generate_private_key
 from kubespan.wireguard import UserspaceBackend, sync
 from kubespan.wireguard.types import AddrPort, DeviceConfig, PeerConfig, PresharedKey, PrivateKey
 from netns import Lab, Node
-from netns.nat import PortForward
-from netns.natprofiles import WG_PORT, direct_possible, profile
+from netns.natprofiles import WG_PORT, direct_possible
 
 pytestmark = pytest.mark.root
 
@@ -84,28 +82,12 @@ class Side:
 
 
 def build(lab: Lab, a_profile: str, b_profile: str) -> tuple[Side, Side]:
-    """Two sites behind single-router NAT profiles, with two plain routers between their NATs."""
-    core = lab.segment("core")
+    """Two sites (``Lab.site``, with their transit routers) and the WireGuard side of each."""
     sides = []
-    for k, (name, prof_name, wan_net, ix_core) in enumerate(
-        (("a", a_profile, "198.51.100", "192.0.2.1"), ("b", b_profile, "203.0.113", "192.0.2.2")), start=1
-    ):
-        prof = profile(prof_name)
-        assert len(prof.routers) == 1, f"{prof_name}: one NAT router only in this layout"
-        spec = prof.routers[0]
-        wan, lan = lab.segment(f"wan{name}"), lab.segment(f"lan{name}")
-        lab.router(f"ix{name}", wan, core, f"{wan_net}.1/24", f"{ix_core}/24", nat=None)
-        lan_ip = f"10.20.{k}.10"
-        forwards = [PortForward(WG_PORT, lan_ip)] if spec.forward_wg_port else []
-        lab.router(
-            f"{name}-nat", lan, wan, f"10.20.{k}.1/24", f"{wan_net}.2/24",
-            nat=spec.nat, port_forward=forwards, firewall=spec.firewall,
-        )  # fmt: skip
-        node = lab.node(name)
-        lab.attach(node, lan, [f"{lan_ip}/24"])
-        sides.append(Side(node, f"{wan_net}.2", lan_ip, generate_private_key(), f"10.88.0.{k}"))
-    lab.nodes["ixa"].route("203.0.113.0/24", "via", "192.0.2.2")
-    lab.nodes["ixb"].route("198.51.100.0/24", "via", "192.0.2.1")
+    for k, (name, prof_name) in enumerate((("a", a_profile), ("b", b_profile)), start=1):
+        site = lab.site(name, prof_name)
+        assert site.isp is not None, "the openers need a transit hop between the NATs"
+        sides.append(Side(site.node, site.public_ip, site.lan_ip, generate_private_key(), f"10.88.0.{k}"))
     return sides[0], sides[1]
 
 
@@ -204,9 +186,11 @@ async def test_naive_endpoints_deadlock_on_a_bare_nat_when_one_side_is_late() ->
             await wg_up(a, b, f"{b.public_ip}:{WG_PORT}")
             assert await handshake_at(a, NAIVE_WINDOW) is None, "the naive path connected: no pollution?"
             conntrack = lab.nodes["a-nat"].run("cat", "/proc/net/nf_conntrack", check=False).stdout
-            remapped = [ln for ln in conntrack.splitlines() if "dport=51820" in ln and "src=10.20.1.10" in ln]
+            remapped = [
+                ln for ln in conntrack.splitlines() if "dport=51820" in ln and f"src={a.lan_ip} " in ln
+            ]
             assert remapped and all(
-                f"dport={WG_PORT} " not in ln.split("src=203.0.113.2")[-1] for ln in remapped
+                f"dport={WG_PORT} " not in ln.split(f"src={b.public_ip} ")[-1] for ln in remapped
             )
         finally:
             await close(a, b)
