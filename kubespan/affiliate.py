@@ -6,9 +6,11 @@ field Talos does not know and skips (``kubespan.traversal``, encrypted like the 
 
 The local affiliate follows Talos' LocalAffiliateController: addresses are the
 node's addresses minus loopback, link-local, unspecified, multicast and mesh
-addresses; endpoints are those addresses plus the public IP the discovery
-service saw, filtered by the endpoint filters, on the listen port, followed by
-the extra endpoints (de-duplicated, not filtered).
+addresses; endpoints are those addresses, then the mapped endpoint STUN found
+(when it does not depend on the destination), then the public IP the discovery
+service saw (unless STUN mapped that IP already), filtered by the endpoint
+filters, on the listen port, followed by the extra endpoints (de-duplicated, not
+filtered).
 """
 
 from __future__ import annotations
@@ -342,6 +344,7 @@ def build_local_affiliate(
     machine_type: str = "",
     operating_system: str = "",
     traversal: Traversal = _NO_TRAVERSAL,
+    mapped_endpoint: AddrPort | None = None,
 ) -> LocalAffiliate:
     """Build this node's affiliate (see the module docstring for the rules).
 
@@ -349,6 +352,8 @@ def build_local_affiliate(
     endpoint order). ``exclude_addresses`` drops node addresses inside those
     networks (pod/service CIDRs: Talos' "no-k8s" filter). The mesh subnet is
     taken from ``mesh_address`` when it is an interface, else its /64.
+    ``mapped_endpoint`` is what STUN responders saw of the listen port (publishable only: public or
+    endpoint-independent mapping); it replaces the guess "public IP on the listen port" for its IP.
     """
     if isinstance(mesh_address, IPv6Interface):
         mesh_ip, mesh_subnet = mesh_address.ip, mesh_address.network
@@ -368,10 +373,22 @@ def build_local_affiliate(
             addresses.append(ip)
 
     candidates = list(addresses)
-    if public_ip is not None and public_ip not in candidates and is_node_address(public_ip, mesh_subnet):
+    guessed: IPAddress | None = None  # the public IP discovery saw, when it is no address of ours
+    if (
+        public_ip is not None
+        and public_ip not in candidates
+        and is_node_address(public_ip, mesh_subnet)
+        and not (mapped_endpoint is not None and mapped_endpoint.ip == public_ip)  # measured beats guessed
+    ):
         candidates.append(public_ip)
+        guessed = public_ip
     chosen = filter_ips(candidates, endpoint_filters)
-    endpoints: list[AddrPort] = [AddrPort(ip, listen_port) for ip in chosen]
+    endpoints: list[AddrPort] = [AddrPort(ip, listen_port) for ip in chosen if ip != guessed]
+    if mapped_endpoint is not None and filter_ips([mapped_endpoint.ip], endpoint_filters):
+        if mapped_endpoint not in endpoints:
+            endpoints.append(mapped_endpoint)
+    if guessed is not None and guessed in chosen:
+        endpoints.append(AddrPort(guessed, listen_port))
     for extra in extra_endpoints:
         ep = extra if isinstance(extra, AddrPort) else AddrPort.parse(extra)
         if ep not in endpoints:

@@ -24,18 +24,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubespan.affiliate import AffiliateError, LocalAffiliate, RemoteAffiliate, build_local_affiliate
+from kubespan.affiliate import (
+    AffiliateError,
+    LocalAffiliate,
+    RemoteAffiliate,
+    Traversal,
+    build_local_affiliate,
+)
 from kubespan.constants import MeshConfig
 from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6
 from kubespan.endpoints import EndpointMachine, Observation
 from kubespan.hostinfo import HostInfo
 from kubespan.identity import MeshIdentity, load_identity, pick_mac
+from kubespan.nat.classify import NatClass, NatReport
 from kubespan.peerspec import PeerSpecMemo, PeerSpecs, compute_peer_specs
-from kubespan.ports import Closable, DiscoveryPort, LinkPort, LinkWatcher, NftPort
+from kubespan.ports import Closable, DiscoveryPort, LinkPort, LinkWatcher, NftPort, StunPort
 from kubespan.probe import Prober
 from kubespan.routed import RoutedIndex, routed_union
 from kubespan.runtime import PeerRuntime, peer_status
-from kubespan.snapshot import MeshSnapshot, MeshStatus, PeerStatus, RemoteRecord
+from kubespan.snapshot import NO_STUN, MeshSnapshot, MeshStatus, NatStatus, PeerStatus, RemoteRecord
 from kubespan.wireguard.backend import WireGuardBackend, WireGuardError
 from kubespan.wireguard.diff import DiffMemo, SetDevice, apply_ops, diff_device
 from kubespan.wireguard.types import (
@@ -54,6 +61,7 @@ from spanutil.logs import log_event
 log = logging.getLogger("kubespan.engine")
 
 NODE_ID_FILE = "node-id"
+STUN_INTERVAL = 60.0  # seconds between endpoint discoveries (also re-run when our addresses change)
 _BASE62 = string.digits + string.ascii_letters
 
 
@@ -95,6 +103,8 @@ class MeshOptions:
     publish_learned: bool = True
     operating_system: str = "kubespan-mesh"
     machine_type: str = ""  # controlplane / worker (the affiliate's machine_type; empty: not a Talos role)
+    stun_servers: Sequence[tuple[str, int]] = ()  # (host, port) STUN responders; empty: no discovery
+    stun_interval: float = STUN_INTERVAL
 
 
 class Mesh:
@@ -110,6 +120,7 @@ class Mesh:
         host: HostInfo,
         discovery: DiscoveryPort | None,
         prober: Prober | None = None,
+        stun: StunPort | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -121,6 +132,7 @@ class Mesh:
         self.host = host
         self.discovery = discovery
         self.prober = prober or Prober()
+        self.stun = stun
         self.clock = clock
         self.wall = wall
         self.identity: MeshIdentity | None = None
@@ -161,6 +173,14 @@ class Mesh:
         self._unpublished: object = None  # what the last failed publish tried (reported once)
         self._deferred_probes: list[tuple[PublicKey, ipaddress.IPv6Address]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # endpoint discovery (STUN): one run in flight at most; its result is taken by the next pass
+        self.nat: NatReport | None = None  # what the last completed run found
+        self.stun_runs = 0
+        self._stun_task: asyncio.Task[NatReport] | None = None
+        self._stun_for: tuple[IPInterface, ...] | None = None  # the addresses the last run started with
+        self._stun_next = 0.0  # (clock) when the periodic run is due
+        self._nat_status: NatStatus = self._no_stun_status()
+        self._nat_classes: tuple[tuple[RemoteRecord, ...], dict[str, str]] = ((), {})  # by node id
         self._stopping = False
         self.on_pass: Callable[[Mesh], None] | None = None  # called after each pass published its snapshot
 
@@ -192,9 +212,13 @@ class Mesh:
     async def stop(self, cleanup: bool = True) -> None:
         """Stop the loops; with ``cleanup`` remove everything we created (rules, routes, nft, link)."""
         self._stopping = True
-        for t in self._tasks:
+        running: list[asyncio.Task[Any]] = [*self._tasks]
+        if self._stun_task is not None:
+            running.append(self._stun_task)
+            self._stun_task = None
+        for t in running:
             t.cancel()
-        for t in self._tasks:
+        for t in running:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
@@ -233,7 +257,9 @@ class Mesh:
 
     async def _run(self) -> None:
         interval = self.cfg.timings.poll_interval
-        while True:
+        # not ``while True``: Python 3.11's wait_for returns the result instead of raising when it is
+        # cancelled just as its awaitable finishes (a wake-up at stop time), losing stop()'s cancel
+        while not self._stopping:
             delay = interval
             try:
                 await self.reconcile()
@@ -253,6 +279,76 @@ class Mesh:
         del self.errors[:-20]
         log_event(log, "mesh error", logging.WARNING, error=text)
 
+    # -- endpoint discovery (STUN) -----------------------------------------------------------------
+
+    def _step_stun(self, now: float) -> None:
+        """Take a finished discovery's result and start the next one when it is due: at start, when
+        our addresses changed since the last run started, and every ``stun_interval``. The run is a
+        background task (a pass never waits for responders); its end wakes the engine, whose next
+        pass publishes the result."""
+        task = self._stun_task
+        if task is not None:
+            if not task.done():
+                return  # one in flight at a time
+            self._stun_task = None
+            try:
+                report = task.result()
+            except Exception as e:  # a port must not raise, but if it does: no STUN, with the reason
+                report = NatReport(NatClass.UNKNOWN, None, (), f"discovery failed: {e}")
+            self._take_nat(report)
+        if self.stun is None or not self.opts.stun_servers or not self.local_addresses or self._stopping:
+            return
+        if self._stun_for is self.local_addresses and now < self._stun_next:
+            return
+        self._stun_for = self.local_addresses
+        self._stun_next = now + self.opts.stun_interval
+        self.stun_runs += 1
+        local = tuple(dict.fromkeys(a.ip for a in self.local_addresses))
+        self._stun_task = asyncio.create_task(
+            self.stun.discover(self.cfg.listen_port, tuple(self.opts.stun_servers), local),
+            name="mesh-stun",
+        )
+        self._stun_task.add_done_callback(lambda _: self.wake())
+
+    def _take_nat(self, report: NatReport) -> None:
+        """Keep a finished discovery's report (published by this pass) and its status."""
+        previous, self.nat = self.nat, report
+        publish = report.publishable
+        error = f"STUN: {report.error}" if report.error else None
+        if publish is None and error is None:  # an answered but endpoint-dependent mapping
+            error = "STUN: the mapping depends on the destination (symmetric NAT): nothing to publish"
+        self._nat_status = NatStatus(
+            nat_class=str(report.nat_class),
+            mapped=str(report.mapped) if report.mapped else None,
+            published=str(publish) if publish else None,
+            responders=tuple(str(r) for r in report.responders),
+            servers=self._nat_status.servers,
+            error=error,
+            checked_at=self.wall(),
+        )
+        if previous is None or (previous.nat_class, previous.mapped, previous.error) != (
+            report.nat_class,
+            report.mapped,
+            report.error,
+        ):
+            log_event(
+                log,
+                "endpoint discovery",
+                nat_class=str(report.nat_class),
+                mapped=str(report.mapped) if report.mapped else None,
+                published=str(publish) if publish else None,
+                error=report.error or None,
+            )
+
+    def _no_stun_status(self) -> NatStatus:
+        """The NAT status before any discovery finished (or when none runs), with the reason."""
+        servers = tuple(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.opts.stun_servers)
+        if not servers:
+            return NO_STUN
+        if self.stun is None:
+            return NatStatus(servers=servers, error="STUN: no STUN port (endpoint discovery is off)")
+        return NatStatus(servers=servers, error="STUN: discovery has not finished yet")
+
     # -- one pass ----------------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
@@ -266,6 +362,7 @@ class Mesh:
             if addresses != self.local_addresses:
                 self.local_addresses = addresses  # a new object: the peers' candidates are reordered
             self._last_host = now
+        self._step_stun(now)
         await self._publish_local()
         previous = self.specs
         changed = self._compute_specs(now)
@@ -445,6 +542,8 @@ class Mesh:
             endpoint_filters=self.opts.endpoint_filters,
             operating_system=self.opts.operating_system,
             machine_type=self.opts.machine_type,
+            mapped_endpoint=self.nat.publishable if self.nat is not None else None,
+            traversal=Traversal(nat_class=str(self.nat.nat_class)) if self.nat is not None else Traversal(),
         )
         if local == self._built_local:
             local = self._built_local  # the same object while unchanged (readers compare identity)
@@ -668,6 +767,7 @@ class Mesh:
             and prev.public_ip == public_ip
             and prev.errors == errors
             and prev.identity is self.identity
+            and prev.nat is self._nat_status
         ):
             return  # nothing changed: the previous snapshot stands
         self._snapshot = MeshSnapshot(
@@ -685,7 +785,16 @@ class Mesh:
             local=self._built_local,
             published_local=self.local,
             errors=prev.errors if prev is not None and prev.errors == errors else errors,
+            nat=self._nat_status,
         )
+
+    def _peer_nat_classes(self) -> dict[str, str]:
+        """The NAT class each affiliate publishes, by node id (recomputed when the affiliates change)."""
+        records, classes = self._nat_classes
+        if records is not self._records:
+            classes = {r.affiliate.node_id: r.affiliate.traversal.nat_class for r in self._records}
+            self._nat_classes = (self._records, classes)
+        return classes
 
     def _peer_statuses(
         self, light: bool, prev: tuple[PeerStatus, ...], reuse: bool = True
@@ -694,13 +803,15 @@ class Mesh:
         (see :meth:`PeerRuntime.status`; ``light``: this pass ran no machine of an unchanged spec)."""
         observed = self.device.peers if self.device is not None else {}
         wall, now = self.wall(), self.clock()
+        classes = self._peer_nat_classes()
         out: list[PeerStatus] = []
         for spec in self.specs.specs:
             peer, have = self.peers[spec.public_key], observed.get(spec.public_key)
+            nat = classes.get(spec.node_id, "unknown")
             if reuse:
-                out.append(peer.status(have, light=light, wall=wall, now=now))
+                out.append(peer.status(have, light=light, wall=wall, now=now, nat_class=nat))
             else:
-                out.append(peer_status(spec, peer.machine.status(), have, wall=wall, now=now))
+                out.append(peer_status(spec, peer.machine.status(), have, wall=wall, now=now, nat_class=nat))
         if len(out) == len(prev) and all(a is b for a, b in zip(out, prev, strict=True)):
             return prev
         return tuple(out)

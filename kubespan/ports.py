@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from kubespan.dataplane.links import NetlinkEvent
+    from kubespan.nat.classify import NatReport
     from spanapi.discovery.client import affiliate_pb2
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "LinkWatcher",
     "NftPort",
     "Startable",
+    "StunPort",
     "WireGuardBackend",
 ]
 
@@ -104,6 +106,20 @@ class DiscoveryPort(Protocol):
         endpoints: Sequence[affiliate_pb2.Endpoint] = (),
         other_endpoints: Mapping[str, Sequence[affiliate_pb2.Endpoint]] | None = None,
     ) -> bool: ...
+
+
+@runtime_checkable
+class StunPort(Protocol):
+    """Endpoint discovery: what STUN responders see of the WireGuard port, and the NAT class.
+
+    ``servers`` are ``(host, port)`` pairs as configured (names are the adapter's to resolve);
+    ``local_addrs`` are this host's addresses (an answer showing one of them with ``wg_port``
+    means no NAT). Never raises for a responder's failure: the report's ``error`` says why.
+    """
+
+    async def discover(
+        self, wg_port: int, servers: Sequence[tuple[str, int]], local_addrs: Sequence[IPAddress]
+    ) -> NatReport: ...
 
 
 @runtime_checkable

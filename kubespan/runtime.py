@@ -42,7 +42,7 @@ class PeerRuntime:
         self._config: PeerConfig | None = None
         self._config_from: tuple[Any, ...] = ()  # (endpoint, keepalive, psk)
         self._status: PeerStatus | None = None
-        self._status_from: tuple[Any, ...] = ()  # (observed peer, _status_key of the machine)
+        self._status_from: tuple[Any, ...] = ()  # (observed peer, _status_key of the machine, NAT class)
 
     @property
     def label(self) -> str:
@@ -91,31 +91,40 @@ class PeerRuntime:
         self._config_from = (endpoint, keepalive, psk)
         return self._config
 
-    def status(self, have: ObservedPeer | None, *, light: bool, wall: float, now: float) -> PeerStatus:
-        """The peer's status; the previous object while its spec, observation and what the
-        machine shows are unchanged (``light``: the machine did not run, only the spec and the
-        observation are compared)."""
+    def status(
+        self, have: ObservedPeer | None, *, light: bool, wall: float, now: float, nat_class: str = "unknown"
+    ) -> PeerStatus:
+        """The peer's status; the previous object while its spec, observation, published NAT class
+        and what the machine shows are unchanged (``light``: the machine did not run, only the spec,
+        the observation and the NAT class are compared)."""
         since, st = self._status_from, None
-        if self._status is not None and (since[0] is have or since[0] == have):
+        if self._status is not None and (since[0] is have or since[0] == have) and since[2] == nat_class:
             if light:
                 return self._status
             st = self.machine.status()
             key = _status_key(st)
             if key == since[1]:
-                self._status_from = (have, key)
+                self._status_from = (have, key, nat_class)
                 return self._status
         if st is None:
             st = self.machine.status()
-        self._status = peer_status(self.spec, st, have, wall=wall, now=now)
-        self._status_from = (have, _status_key(st))
+        self._status = peer_status(self.spec, st, have, wall=wall, now=now, nat_class=nat_class)
+        self._status_from = (have, _status_key(st), nat_class)
         return self._status
 
 
 def peer_status(
-    spec: PeerSpec, st: EndpointStatus, have: ObservedPeer | None, *, wall: float, now: float
+    spec: PeerSpec,
+    st: EndpointStatus,
+    have: ObservedPeer | None,
+    *,
+    wall: float,
+    now: float,
+    nat_class: str = "unknown",
 ) -> PeerStatus:
-    """A peer's :class:`PeerStatus` from its spec, its machine's status and its observation
-    (``wall`` and ``now``: the same moment by the wall clock and the engine's clock)."""
+    """A peer's :class:`PeerStatus` from its spec, its machine's status, its observation and the
+    NAT class it publishes (``wall`` and ``now``: the same moment by the wall clock and the
+    engine's clock)."""
     change = st.last_endpoint_change
     return PeerStatus(
         label=spec.label or spec.node_id[:12],
@@ -138,6 +147,7 @@ def peer_status(
         candidates=tuple(str(c.endpoint) for c in st.candidates),
         learned=tuple(str(e) for e in st.learned),
         allowed_ips=tuple(str(p) for p in spec.allowed_ips),
+        nat_class=nat_class,
     )
 
 

@@ -47,6 +47,25 @@ class PeerStatus:
     candidates: tuple[str, ...]
     learned: tuple[str, ...]
     allowed_ips: tuple[str, ...]
+    nat_class: str = "unknown"  # what the peer publishes (public | eim | edm | unknown)
+
+
+@dataclass(frozen=True, slots=True)
+class NatStatus:
+    """This node's endpoint discovery: the NAT class, the mapped endpoint STUN responders saw, the
+    one published to peers (None: none, as without STUN), who answered, and why it is not better
+    known (``"STUN: ..."``; None when it is)."""
+
+    nat_class: str = "unknown"
+    mapped: str | None = None
+    published: str | None = None
+    responders: tuple[str, ...] = ()
+    servers: tuple[str, ...] = ()  # as configured
+    error: str | None = None
+    checked_at: float | None = None  # unix time the last discovery finished
+
+
+NO_STUN = NatStatus(error="STUN: no responder configured")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +82,7 @@ class MeshStatus:
     peers: tuple[PeerStatus, ...]
     conflicts: tuple[str, ...]
     errors: tuple[str, ...]
+    nat: NatStatus = NO_STUN
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +106,7 @@ class MeshSnapshot:
     local: LocalAffiliate | None  # this node's affiliate as the pass computed it
     published_local: LocalAffiliate | None  # what discovery holds (None: nothing published yet)
     errors: tuple[str, ...]  # the last few
+    nat: NatStatus = NO_STUN  # endpoint discovery, as the last completed run left it
 
     @property
     def local_published(self) -> bool:
@@ -108,4 +129,5 @@ class MeshSnapshot:
             peers=self.peers,
             conflicts=tuple(str(c) for c in self.specs.conflicts),
             errors=self.errors,
+            nat=self.nat,
         )

@@ -1,4 +1,4 @@
-"""Test doubles for the engine's ports that have no package of their own: discovery and the prober.
+"""Test doubles for the engine's ports that have no package of their own: discovery, the prober and STUN.
 
 A test-support module: production code never imports it (``tests/unit/test_layers.py``
 checks). The WireGuard and data-plane fakes are beside their interfaces, in
@@ -7,12 +7,15 @@ checks). The WireGuard and data-plane fakes are beside their interfaces, in
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from kubespan.nat.classify import NatClass, NatReport
 from kubespan.probe import Prober
 from spanapi.discovery.client import affiliate_pb2
+from spanutil.ipcodec import IPAddress
 
 Published = tuple[
     affiliate_pb2.Affiliate, list[affiliate_pb2.Endpoint], dict[str, Sequence[affiliate_pb2.Endpoint]]
@@ -101,3 +104,46 @@ class FakeProber(Prober):
 
     def answer(self, peer: Hashable) -> None:
         self._answered.add(peer)
+
+
+@dataclass
+class StunCall:
+    """One :meth:`FakeStun.discover` call, as the engine made it."""
+
+    wg_port: int
+    servers: tuple[tuple[str, int], ...]
+    local_addrs: tuple[IPAddress, ...]
+
+
+@dataclass
+class FakeStun:
+    """The STUN port in memory: answers ``report`` (or raises ``error``); with ``hold`` set, every
+    call waits until :meth:`release` (to see what the engine does while a discovery is in flight)."""
+
+    report: NatReport = field(default_factory=lambda: NatReport(NatClass.UNKNOWN, None, (), "no answer"))
+    error: Exception | None = None
+    hold: bool = False
+    calls: list[StunCall] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    _gate: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def discover(
+        self, wg_port: int, servers: Sequence[tuple[str, int]], local_addrs: Sequence[IPAddress]
+    ) -> NatReport:
+        self.calls.append(StunCall(wg_port, tuple(servers), tuple(local_addrs)))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.hold:
+                await self._gate.wait()
+                self._gate.clear()
+            if self.error is not None:
+                raise self.error
+            return self.report
+        finally:
+            self.in_flight -= 1
+
+    def release(self) -> None:
+        """Let the held call finish."""
+        self._gate.set()
