@@ -90,6 +90,14 @@ def _hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _stun_server(text: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (IPv6 as [IP]:PORT, port 1-65535)")
+    return host, int(port)
+
+
 def _mac(text: str) -> bytes:
     raw = text.replace(":", "").replace("-", "")
     if len(raw) != 12:
@@ -168,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="CIDR, or !CIDR to drop",
     )
     run.add_argument("--extra-endpoint", action="append", type=_addrport, default=[], metavar="IP:PORT")
+    run.add_argument(
+        "--stun-server",
+        action="append",
+        type=_stun_server,
+        default=[],
+        metavar="HOST:PORT",
+        help="STUN responder for endpoint discovery from the WireGuard port (discovery-service "
+        "--stun-addr, or any standard STUN server); repeatable, two on different IPs classify the NAT",
+    )
     run.add_argument("--mac", type=_mac, help="MAC for the mesh address (default: first physical NIC)")
     run.add_argument(
         "--allow-down-peer-bypass", action="store_true", help="fail open for peers that went down"
@@ -234,6 +251,7 @@ async def run(ns: argparse.Namespace, cfg: MeshConfig) -> int:
         extra_endpoints=ns.extra_endpoint,
         mac=ns.mac,
         publish_learned=not ns.no_publish_learned,
+        stun_servers=tuple(ns.stun_server),
     )
     runner = await build_mesh(
         opts,
@@ -310,7 +328,7 @@ def _ago(ts: float | None, now: float) -> str:
 
 def format_table(st: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    rows = [("LABEL", "ENDPOINT", "STATE", "RX", "TX", "LAST HANDSHAKE")]
+    rows = [("LABEL", "ENDPOINT", "STATE", "RX", "TX", "LAST HANDSHAKE", "NAT")]
     for p in sorted(st.get("peers", []), key=lambda p: p["label"]):
         rows.append(
             (
@@ -320,6 +338,7 @@ def format_table(st: dict[str, Any], now: float | None = None) -> str:
                 _human_bytes(p["rx_bytes"]),
                 _human_bytes(p["tx_bytes"]),
                 _ago(p["last_handshake"], now),
+                p.get("nat_class") or "unknown",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -329,7 +348,19 @@ def format_table(st: dict[str, Any], now: float | None = None) -> str:
         f"backend {st.get('backend')} ready {str(st.get('ready')).lower()}"
     )
     extra = [f"conflict: {c}" for c in st.get("conflicts", [])]
-    return "\n".join([head, *lines, *extra])
+    return "\n".join([head, _nat_line(st.get("nat") or {}), *lines, *extra])
+
+
+def _nat_line(nat: dict[str, Any]) -> str:
+    """``nat eim mapped 198.51.100.7:40000 (published) via 2 responders``, or the reason there is none."""
+    text = f"nat {nat.get('nat_class') or 'unknown'}"
+    if nat.get("mapped"):
+        text += f" mapped {nat['mapped']}" + (" (published)" if nat.get("published") else "")
+    if nat.get("responders"):
+        text += f" via {len(nat['responders'])} responder{'s' if len(nat['responders']) != 1 else ''}"
+    if nat.get("error"):
+        text += f" ({nat['error']})"
+    return text
 
 
 def status(ns: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kubespan.engine import Mesh, MeshOptions, load_node_id
 from kubespan.hostinfo import HostInfo
-from kubespan.ports import Closable, DiscoveryPort, Leaver, LinkPort, NftPort, Startable
+from kubespan.ports import Closable, DiscoveryPort, Leaver, LinkPort, NftPort, Startable, StunPort
 from kubespan.probe import Prober
 from kubespan.wireguard.backend import WireGuardBackend
 from spanutil.logs import log_event
@@ -64,6 +64,7 @@ class MeshDeps:
     # replaces the DiscoveryClient; ``start``, ``close`` and ``delete_local_affiliate`` are called
     # when it has them (Startable, Closable, Leaver)
     discovery: DiscoveryPort | None = None
+    stun: StunPort | None = None  # endpoint discovery (the real one runs only with STUN servers)
 
 
 class MeshRunner:
@@ -179,6 +180,11 @@ async def build_mesh(
         from kubespan.hostinfo import NetlinkHost
 
         host = NetlinkHost()
+    stun = deps.stun
+    if stun is None and opts.stun_servers:
+        from kubespan.nat.stunclient import RawStun
+
+        stun = RawStun(fwmark=cfg.fwmark_wireguard)  # probes skip the mesh's routing, like WireGuard's
     mesh = Mesh(
         opts,
         backend=wg,
@@ -187,6 +193,7 @@ async def build_mesh(
         host=host,
         discovery=discovery,
         prober=deps.prober or Prober(),
+        stun=stun,
     )
     ref.append(mesh)
     return MeshRunner(mesh, discovery, wg)

@@ -44,3 +44,48 @@ def test_bad_values_are_named_by_flag_before_anything_runs(capsys: pytest.Captur
     assert "--listen-port: 0 is below the minimum 1: must be between 1 and 65535" in err
     assert "--mtu: 70000 is above the maximum 65455" in err
     assert "--link: 'a/b' must be 1..15 characters" in err
+
+
+def test_stun_servers_are_repeatable_host_port_pairs(capsys: pytest.CaptureFixture[str]) -> None:
+    ns = cli.build_parser().parse_args(
+        [*REQUIRED, "--stun-server", "stun.example.net:3478", "--stun-server", "[2001:db8::1]:3479"]
+    )
+    assert ns.stun_server == [("stun.example.net", 3478), ("2001:db8::1", 3479)]
+    assert cli.build_parser().parse_args(REQUIRED).stun_server == []
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args([*REQUIRED, "--stun-server", "stun.example.net"])
+    assert exit_info.value.code == 2
+    assert "is not HOST:PORT" in capsys.readouterr().err
+
+
+def test_status_table_shows_the_nat_line_and_each_peers_class() -> None:
+    st = {
+        "nodename": "n1",
+        "mesh_address": "fd00::1",
+        "listen_port": 51820,
+        "backend": "userspace",
+        "ready": True,
+        "nat": {
+            "nat_class": "eim",
+            "mapped": "198.51.100.7:40000",
+            "published": "198.51.100.7:40000",
+            "responders": ["192.0.2.1:3478", "192.0.2.2:3478"],
+            "error": None,
+        },
+        "peers": [
+            {
+                "label": "n2",
+                "endpoint": "192.0.2.9:51820",
+                "state": "up",
+                "rx_bytes": 0,
+                "tx_bytes": 0,
+                "last_handshake": None,
+                "nat_class": "edm",
+            }
+        ],
+    }
+    lines = cli.format_table(st, now=0).splitlines()
+    assert lines[1] == "nat eim mapped 198.51.100.7:40000 (published) via 2 responders"
+    assert lines[2].split()[-1] == "NAT" and lines[3].split()[-1] == "edm"
+    st["nat"] = {"nat_class": "unknown", "error": "STUN: no responder configured"}
+    assert cli.format_table(st, now=0).splitlines()[1] == "nat unknown (STUN: no responder configured)"
