@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from kubespan.engine import MeshStatus
 
 STATE_VALUES = {"unknown": 0, "up": 1, "down": 2}
+NAT_CLASSES = ("public", "eim", "edm", "unknown")
 
 
 class MeshCollector:
@@ -68,3 +69,26 @@ class MeshCollector:
         conflicts = GaugeMetricFamily("kubespan_conflicts", "Address/key conflicts among affiliates.")
         conflicts.add_metric([], len(st.conflicts))
         yield from (ready, peers, state, age, switches, roams, failures, rx, tx, cands, conflicts)
+        yield from self._nat(st)
+
+    @staticmethod
+    def _nat(st: MeshStatus) -> Iterator[Metric]:
+        """Endpoint discovery: this node's NAT class (1 on the current one), whether a mapped endpoint
+        is published, and each peer's published class."""
+        nat = GaugeMetricFamily(
+            "kubespan_nat_class", "This node's NAT class from STUN (1: the current one).", labels=["class"]
+        )
+        for name in NAT_CLASSES:
+            nat.add_metric([name], 1.0 if st.nat.nat_class == name else 0.0)
+        mapped = GaugeMetricFamily(
+            "kubespan_nat_mapped_endpoint_published", "1 when a STUN-mapped endpoint is published to peers."
+        )
+        mapped.add_metric([], 1.0 if st.nat.published else 0.0)
+        peer_nat = GaugeMetricFamily(
+            "kubespan_peer_nat_class",
+            "The NAT class each peer publishes (1 on its current one).",
+            labels=["peer", "public_key", "class"],
+        )
+        for p in st.peers:
+            peer_nat.add_metric([p.label, p.public_key, p.nat_class], 1.0)
+        yield from (nat, mapped, peer_nat)

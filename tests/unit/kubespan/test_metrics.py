@@ -1,0 +1,64 @@
+"""The mesh's Prometheus collector: endpoint discovery's gauges (node class, published mapping, peers' classes)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from kubespan.metrics import MeshCollector
+from kubespan.snapshot import MeshStatus, NatStatus, PeerStatus
+
+
+def status(nat: NatStatus, peer_class: str) -> MeshStatus:
+    peer = PeerStatus(
+        label="n2",
+        node_id="id2",
+        public_key="pk2",
+        mesh_address=None,
+        endpoint=None,
+        state="up",
+        rx_bytes=0,
+        tx_bytes=0,
+        last_handshake=None,
+        last_used_endpoint=None,
+        last_endpoint_change=None,
+        endpoint_switches=0,
+        roams=0,
+        failures=0,
+        candidates=(),
+        learned=(),
+        allowed_ips=(),
+        nat_class=peer_class,
+    )
+    return MeshStatus(
+        ready=True,
+        node_id="id1",
+        nodename="n1",
+        public_key="pk1",
+        mesh_address="fd00::1",
+        listen_port=51820,
+        backend="userspace",
+        public_ip=None,
+        endpoints=(),
+        peers=(peer,),
+        conflicts=(),
+        errors=(),
+        nat=nat,
+    )
+
+
+def scrape(st: MeshStatus) -> str:
+    registry = CollectorRegistry()
+    MeshCollector(lambda: st, registry)
+    return generate_latest(registry).decode()
+
+
+def test_nat_gauges_follow_the_status() -> None:
+    text = scrape(status(NatStatus("eim", "198.51.100.7:40000", "198.51.100.7:40000"), "edm"))
+    assert 'kubespan_nat_class{class="eim"} 1.0' in text
+    assert 'kubespan_nat_class{class="public"} 0.0' in text
+    assert "kubespan_nat_mapped_endpoint_published 1.0" in text
+    assert 'kubespan_peer_nat_class{class="edm",peer="n2",public_key="pk2"} 1.0' in text
+
+    text = scrape(status(NatStatus(error="STUN: no responder configured"), "unknown"))
+    assert 'kubespan_nat_class{class="unknown"} 1.0' in text
+    assert "kubespan_nat_mapped_endpoint_published 0.0" in text
