@@ -24,6 +24,7 @@ from .kubespan import (
     IDENTITY_ID,
     KubeSpanEndpointController,
     KubeSpanIdentityController,
+    KubeSpanNATStatusController,
     KubeSpanPeerSpecController,
     KubeSpanPeerStatusController,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "KubeSpanConfigController",
     "KubeSpanEndpointController",
     "KubeSpanIdentityController",
+    "KubeSpanNATStatusController",
     "KubeSpanPeerSpecController",
     "KubeSpanPeerStatusController",
     "MachineConfigController",

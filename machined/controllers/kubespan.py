@@ -1,6 +1,7 @@
 """The mesh as resources, in Talos's names: KubeSpanIdentity, KubeSpanPeerSpec, KubeSpanPeerStatus
 (read from the engine's published :class:`~kubespan.snapshot.MeshSnapshot` through
 :class:`~machined.daemon.meshhost.MeshHost`, woken after every engine pass) and KubeSpanEndpoint (derived from peer statuses and affiliates).
+KubeSpanNATStatus (ours, id ``local``) shows endpoint discovery: NAT class, mapped endpoint, responders.
 
 Ids are Talos's: the identity is ``local``; peer specs, statuses and endpoints are keyed by the peer's
 public key.
@@ -17,6 +18,7 @@ from machined.state.catalog import (
     AFFILIATE,
     KUBESPAN_ENDPOINT,
     KUBESPAN_IDENTITY,
+    KUBESPAN_NAT_STATUS,
     KUBESPAN_PEER_SPEC,
     KUBESPAN_PEER_STATUS,
     NS_CLUSTER,
@@ -26,7 +28,7 @@ from machined.state.catalog import (
 from .base import Outputs, rfc3339
 
 if TYPE_CHECKING:
-    from kubespan.snapshot import PeerStatus
+    from kubespan.snapshot import NatStatus, PeerStatus
     from machined.daemon.meshhost import MeshHost
 
 IDENTITY_ID = "local"
@@ -54,6 +56,43 @@ class KubeSpanIdentityController(Controller):
                     "subnet": str(ident.subnet),
                     "privateKey": ident.private_key.b64,
                     "publicKey": ident.public_key.b64,
+                },
+            )
+        await self.out.cleanup(ctx)
+
+
+class KubeSpanNATStatusController(Controller):
+    """This node's endpoint discovery (the snapshot's :class:`~kubespan.snapshot.NatStatus`), written
+    when it changes; absent while no engine runs."""
+
+    name = "kubespan.NATStatusController"
+    outputs = (Output(KUBESPAN_NAT_STATUS),)
+    interval = MESH_TIMER
+
+    def __init__(self, host: MeshHost) -> None:
+        self.host = host
+        self.out = Outputs(NS_KUBESPAN, KUBESPAN_NAT_STATUS)
+        self._seen: NatStatus | None = None
+
+    async def reconcile(self, ctx: ControllerContext) -> None:
+        snap = self.host.snapshot()
+        nat = snap.nat if snap is not None else None
+        if nat is not None and nat is self._seen:
+            self.out.keep_all(ctx)
+            return
+        self._seen = nat
+        if nat is not None:
+            await self.out.put(
+                ctx,
+                IDENTITY_ID,
+                {
+                    "natClass": nat.nat_class,
+                    "mappedEndpoint": nat.mapped or "",
+                    "publishedEndpoint": nat.published or "",
+                    "responders": list(nat.responders),
+                    "stunServers": list(nat.servers),
+                    "error": nat.error or "",
+                    "lastCheckTime": rfc3339(nat.checked_at),
                 },
             )
         await self.out.cleanup(ctx)
@@ -125,7 +164,11 @@ class KubeSpanPeerStatusController(Controller):
             if prev is not None and (
                 prev is p
                 or prev == p
-                or (not flush and (prev.state, prev.endpoint, prev.label) == (p.state, p.endpoint, p.label))
+                or (
+                    not flush
+                    and (prev.state, prev.endpoint, prev.label, prev.nat_class)
+                    == (p.state, p.endpoint, p.label, p.nat_class)
+                )
             ):
                 ctx.keep(NS_KUBESPAN, KUBESPAN_PEER_STATUS, key)
                 continue
@@ -141,6 +184,7 @@ class KubeSpanPeerStatusController(Controller):
                     "lastHandshakeTime": rfc3339(p.last_handshake),
                     "lastUsedEndpoint": p.last_used_endpoint or "",
                     "lastEndpointChange": rfc3339(p.last_endpoint_change),
+                    "natClass": p.nat_class,  # ours: the class the peer publishes
                 },
             )
             self._last[key] = p

@@ -38,6 +38,7 @@ from machined.controllers import (
     KubeSpanConfigController,
     KubeSpanEndpointController,
     KubeSpanIdentityController,
+    KubeSpanNATStatusController,
     KubeSpanPeerSpecController,
     KubeSpanPeerStatusController,
     MachineConfigController,
@@ -78,6 +79,7 @@ _MESH_CONTROLLERS = (
     KubeSpanIdentityController.name,
     KubeSpanPeerSpecController.name,
     KubeSpanPeerStatusController.name,
+    KubeSpanNATStatusController.name,
     AffiliateController.name,
 )  # woken on mesh start/stop; after a pass only those whose source moved
 
@@ -368,6 +370,7 @@ class Agent:
             KubeSpanIdentityController(self.meshhost),
             KubeSpanPeerSpecController(self.meshhost),
             KubeSpanPeerStatusController(self.meshhost),
+            KubeSpanNATStatusController(self.meshhost),
             KubeSpanEndpointController(),
             AffiliateController(self.meshhost, machine_type),
             MemberController(),
@@ -419,6 +422,7 @@ class Agent:
         seen = {
             KubeSpanPeerSpecController.name: snap.specs if snap is not None else None,
             KubeSpanPeerStatusController.name: self.meshhost.peers(),
+            KubeSpanNATStatusController.name: snap.nat if snap is not None else None,
             AffiliateController.name: ((snap.published_local, snap.remotes) if snap is not None else None),
         }
         for name, value in seen.items():

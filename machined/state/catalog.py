@@ -25,6 +25,7 @@ KUBESPAN_IDENTITY = "KubeSpanIdentities.kubespan.talos.dev"
 KUBESPAN_PEER_SPEC = "KubeSpanPeerSpecs.kubespan.talos.dev"
 KUBESPAN_PEER_STATUS = "KubeSpanPeerStatuses.kubespan.talos.dev"
 KUBESPAN_ENDPOINT = "KubeSpanEndpoints.kubespan.talos.dev"
+KUBESPAN_NAT_STATUS = "KubeSpanNATStatuses.kubespan.talos.dev"  # ours: endpoint discovery (STUN)
 AFFILIATE = "Affiliates.cluster.talos.dev"
 MEMBER = "Members.cluster.talos.dev"
 LINK_STATUS = "LinkStatuses.net.talos.dev"
@@ -63,6 +64,18 @@ MESH_DEFINITIONS: tuple[ResourceDefinition, ...] = (
         KUBESPAN_ENDPOINT,
         NS_KUBESPAN,
         print_columns=_cols(("Endpoint", "{.endpoint}"), ("Affiliate ID", "{.affiliateID}")),
+    ),
+    ResourceDefinition(
+        KUBESPAN_NAT_STATUS,
+        NS_KUBESPAN,
+        singular="KubeSpanNATStatus",
+        aliases=("kubespannat",),
+        print_columns=_cols(
+            ("Class", "{.natClass}"),
+            ("Mapped", "{.mappedEndpoint}"),
+            ("Published", "{.publishedEndpoint}"),
+            ("Error", "{.error}"),
+        ),
     ),
     ResourceDefinition(AFFILIATE, NS_CLUSTER),
     ResourceDefinition(

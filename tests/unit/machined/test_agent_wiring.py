@@ -22,6 +22,7 @@ from machined.state.catalog import (
     KUBESPAN_CONFIG,
     KUBESPAN_ENDPOINT,
     KUBESPAN_IDENTITY,
+    KUBESPAN_NAT_STATUS,
     KUBESPAN_PEER_SPEC,
     KUBESPAN_PEER_STATUS,
     LINK_STATUS,
@@ -165,7 +166,9 @@ async def test_mesh_state_is_published_as_talos_resources(make, world):
         "lastHandshakeTime",
         "lastUsedEndpoint",
         "lastEndpointChange",
+        "natClass",  # ours: the class the peer publishes
     }
+    assert st.spec["natClass"] == "unknown"  # the remote publishes no traversal field
     assert st.spec["label"] == "n2" and st.spec["endpoint"] == "10.5.0.2:51820"
     assert st.spec["receiveBytes"] > 0 and st.spec["lastHandshakeTime"].endswith("Z")
 
@@ -175,6 +178,10 @@ async def test_mesh_state_is_published_as_talos_resources(make, world):
     assert ident is not None and ident.spec["address"].endswith("/128")
     assert ident.spec["publicKey"] == world.mesh.identity.public_key.b64
     assert a.state.definition(KUBESPAN_IDENTITY).sensitive
+    nat = await find(a, NS_KUBESPAN, KUBESPAN_NAT_STATUS, "local")
+    assert nat is not None and nat.spec["natClass"] == "unknown"
+    assert nat.spec["error"] == "STUN: no responder configured"  # no stunServers in the config
+    assert not a.state.definition(KUBESPAN_NAT_STATUS).sensitive
 
     ksc = await eventually(lambda: find(a, NS_CONFIG, KUBESPAN_CONFIG, "kubespan"), "kubespan config")
     assert ksc.spec["enabled"] and ksc.spec["clusterId"] == CLUSTER and ksc.spec["mtu"] == 1420

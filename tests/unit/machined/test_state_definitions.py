@@ -28,6 +28,7 @@ def test_mesh_types_in_talos_names_namespaces_and_sensitivity():
     assert table == {
         "KubeSpanConfigs.kubespan.talos.dev": ("config", True),
         "KubeSpanIdentities.kubespan.talos.dev": ("kubespan", True),
+        "KubeSpanNATStatuses.kubespan.talos.dev": ("kubespan", False),  # ours: endpoint discovery
         "KubeSpanPeerSpecs.kubespan.talos.dev": ("kubespan", False),
         "KubeSpanPeerStatuses.kubespan.talos.dev": ("kubespan", False),
         "KubeSpanEndpoints.kubespan.talos.dev": ("kubespan", False),
