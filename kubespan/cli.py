@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="HOST:PORT",
         help="STUN responder for endpoint discovery from the WireGuard port (discovery-service "
-        "--stun-addr, or any standard STUN server); repeatable, two on different IPs classify the NAT",
+        "--stun-addr, or any standard STUN server); two on different IPs classify the NAT",
     )
     run.add_argument("--mac", type=_mac, help="MAC for the mesh address (default: first physical NIC)")
     run.add_argument(

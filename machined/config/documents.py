@@ -144,6 +144,7 @@ class AgentSettings:
     advertised_networks: tuple[IPNetwork, ...] = ()
     mac: bytes | None = None
     discovery_ca: Path | None = None
+    stun_servers: tuple[tuple[str, int], ...] = ()  # mesh.stunServers: endpoint discovery (HOST:PORT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -596,6 +597,9 @@ def read_agent(r: Reader) -> tuple[AgentSettings, dict[str, int | str]]:
         advertised_networks=r.items("mesh.advertisedNetworks", _network, "must be a CIDR"),
         mac=mac,
         discovery_ca=Path(ca) if ca else None,
+        stun_servers=r.items(
+            "mesh.stunServers", _hostport, "must be HOST:PORT (IPv6 as [IP]:PORT, port 1-65535)"
+        ),
     )
     r.reject_unknown()
     return settings, mesh

@@ -58,6 +58,7 @@ class MeshSettings:
     publish_learned: bool = True  # harvestExtraEndpoints; unset = on (our default), false = off
     mac: bytes | None = None
     machine_type: str = ""  # machine.type, published in the affiliate (workers find trustd by it)
+    stun_servers: tuple[tuple[str, int], ...] = ()  # AgentConfig mesh.stunServers
 
     @property
     def discovery_urls(self) -> tuple[str, ...]:
@@ -81,6 +82,7 @@ class MeshSettings:
             mac=self.mac,
             publish_learned=self.publish_learned,
             machine_type=self.machine_type,
+            stun_servers=self.stun_servers,
         )
 
 
@@ -406,6 +408,7 @@ class MachineConfig:
             publish_learned=kubespan.harvest_extra_endpoints is not False,
             mac=agent.mac,
             machine_type=v1.machine_type,
+            stun_servers=agent.stun_servers,
         )
         return self
 

@@ -123,7 +123,11 @@ def test_agent_config_full():
             "fwmarkMask": 0x300,
             "nftTable": "ks_t",
         },
-        "mesh": {"advertisedNetworks": ["10.10.0.0/24", "fd00::/64"], "mac": "52:54:00:12:34:56"},
+        "mesh": {
+            "advertisedNetworks": ["10.10.0.0/24", "fd00::/64"],
+            "mac": "52:54:00:12:34:56",
+            "stunServers": ["stun.example.net:3478", "[2001:db8::1]:3479"],
+        },
         "discovery": {"caFile": "/etc/m/ca.pem"},
     }
     # an unquoted MAC would be a base-60 number in YAML 1.1; our loader keeps it a string
@@ -146,6 +150,8 @@ def test_agent_config_full():
     assert m.mac == bytes.fromhex("525400123456")
     assert m.discovery_ca == Path("/etc/m/ca.pem")
     assert m.nodename == "n1"
+    assert m.stun_servers == (("stun.example.net", 3478), ("2001:db8::1", 3479))
+    assert m.options("h").stun_servers == m.stun_servers
 
 
 def test_empty_http_status_addr_disables_it():
@@ -306,6 +312,11 @@ CASES = [
         "outside fwmark_mask",
     ),
     (_set("mesh", {"mac": "zz:zz"}, "AgentConfig"), "AgentConfig.mesh.mac", "must be a MAC address"),
+    (
+        _set("mesh", {"stunServers": ["stun.example.net"]}, "AgentConfig"),
+        "AgentConfig.mesh.stunServers[0]",
+        "must be HOST:PORT",
+    ),
     (
         _set("mesh", {"advertisedNetworks": ["10.1.0.0/16", 5]}, "AgentConfig"),
         "AgentConfig.mesh.advertisedNetworks[1]",
