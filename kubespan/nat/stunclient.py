@@ -1,9 +1,10 @@
 """The engine's STUN port over :mod:`kubespan.nat.rawstun`: probes from the WireGuard port, marked.
 
-Host names are resolved once per run (the first successful answer is kept; a name that fails is
-tried again next time), every probe carries WireGuard's fwmark so the mesh's own policy routing
-does not take it into the tunnel, and a missing raw-socket privilege is reported once as the
-reason (the engine then keeps what works without STUN).
+Every probe carries WireGuard's fwmark, so the mesh's own policy routing does not take it into the
+tunnel. Host names are resolved once per run (the first address of each family; a name that fails is
+tried again at the next discovery). The NAT is classified from one address family, IPv4 when an IPv4
+responder answers. Without the raw-socket privilege the report says so (the engine then keeps what
+works without STUN).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from kubespan.nat import rawstun
-from kubespan.nat.classify import NatClass, NatReport, classify
+from kubespan.nat.classify import NatClass, NatReport, Observation, classify
 from spanutil.ipcodec import IPAddress
 
 __all__ = ["NO_PRIVILEGE", "RawStun"]
@@ -50,7 +51,7 @@ class RawStun:
             targets.extend((ip, port) for ip in ips)
         targets = list(dict.fromkeys(targets))
         observations = await rawstun.probe(wg_port, targets, self.timeout, self.fwmark) if targets else []
-        report = classify(observations, local_addrs, wg_port)
+        report = classify(_one_family(observations), local_addrs, wg_port)
         if unresolved:
             why = "; ".join(unresolved)
             if not observations:
@@ -78,6 +79,17 @@ class RawStun:
                 raise OSError(f"{host}: no IPv4 or IPv6 address") from None
         self._resolved[key] = ips
         return ips
+
+
+def _one_family(observations: Sequence[Observation]) -> list[Observation]:
+    """The observations of one address family: IPv4's when an IPv4 responder answered (NAT is an IPv4
+    matter; an IPv6 mapping beside it would read as "depends on the destination"), else IPv6's when
+    one answered, else all of them (for the reasons)."""
+    for version in (4, 6):
+        mine = [o for o in observations if o.responder.ip.version == version]
+        if any(o.mapped is not None for o in mine):
+            return mine
+    return list(observations)
 
 
 def _raw_allowed() -> bool:
