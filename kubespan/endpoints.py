@@ -82,15 +82,18 @@ def order_candidates(
     endpoints inside those networks (the mesh subnet: an endpoint reachable
     only through the tunnel would nest the tunnel in itself). Unspecified and
     multicast endpoints are dropped; duplicates keep their first position.
+    Among public endpoints, global IPv6 ones come first when we have a global
+    IPv6 address too: that path needs no NAT traversal.
     """
     nets = [
         n.network if isinstance(n, ipaddress.IPv4Interface | ipaddress.IPv6Interface) else n
         for n in local_networks
     ]
     families = {n.version for n in nets}
+    global6 = any(n.version == 6 and not _is_private(n.network_address) for n in nets)
     excluded = list(exclude)
     seen: set[AddrPort] = set()
-    ranked: list[tuple[int, int, Candidate]] = []
+    ranked: list[tuple[int, int, int, Candidate]] = []
     all_eps = [(ep, False) for ep in endpoints] + [(ep, True) for ep in learned]
     for pos, (ep, is_learned) in enumerate(all_eps):
         if ep in seen or not _usable(ep):
@@ -108,9 +111,10 @@ def order_candidates(
             kind = CandidateKind.PRIVATE
         else:
             kind = CandidateKind.PUBLIC
-        ranked.append((kind, pos, Candidate(ep, kind)))
-    ranked.sort(key=lambda r: (r[0], r[1]))
-    return tuple(c for _, _, c in ranked)
+        v6_first = 0 if kind == CandidateKind.PUBLIC and global6 and ep.ip.version == 6 else 1
+        ranked.append((kind, v6_first, pos, Candidate(ep, kind)))
+    ranked.sort(key=lambda r: (r[0], r[1], r[2]))
+    return tuple(c for _, _, _, c in ranked)
 
 
 @dataclass(frozen=True, slots=True)

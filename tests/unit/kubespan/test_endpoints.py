@@ -71,6 +71,27 @@ def test_order_drops_unusable_excluded_and_demotes_unreachable_family():
     ]
 
 
+def test_global_ipv6_is_preferred_among_public_endpoints_when_we_have_one_too():
+    # what a node behind an IPv4 NAT with a global IPv6 address publishes: LAN, STUN-mapped v4, v6
+    eps = [
+        AddrPort("10.200.1.10", 51820),
+        AddrPort("203.0.113.101", 40000),
+        AddrPort("2001:db8:1::10", 51820),
+    ]
+    dual = [ip_interface("10.200.2.10/24"), ip_interface("2001:db8:2::10/64")]
+    assert [str(c.endpoint) for c in order_candidates(eps, dual)] == [
+        "10.200.1.10:51820",  # private first, as before (it may be a routed LAN)
+        "[2001:db8:1::10]:51820",  # both sides global IPv6: no NAT on that path
+        "203.0.113.101:40000",
+    ]
+    # we have only a ULA: the peer's IPv6 keeps its published place among the public ones
+    ula = [ip_interface("10.200.2.10/24"), ip_interface("fd00::10/64")]
+    assert [str(c.endpoint) for c in order_candidates(eps, ula)][1:] == [
+        "203.0.113.101:40000",
+        "[2001:db8:1::10]:51820",
+    ]
+
+
 def test_order_without_local_knowledge_keeps_all_families():
     got = order_candidates([AddrPort("2001:db8::5", 1), AddrPort("8.8.8.8", 1)], [])
     assert [c.kind for c in got] == [CandidateKind.PUBLIC, CandidateKind.PUBLIC]

@@ -725,3 +725,20 @@ def test_routed_prefixes_memo_gives_the_same_result(first, second, bypass):
                 == want
             )
         assert set(memo.sets) <= {s.public_key for s in specs}
+
+
+def test_local_endpoints_with_a_stun_mapping():
+    # after our addresses (the global IPv6 one among them), before discovery's guess for another IP
+    la = local(public_ip=ip_address("203.0.113.9"), mapped_endpoint=AddrPort("198.51.100.7", 40000))
+    assert [str(e) for e in la.endpoints] == [
+        "10.0.0.5:51820",
+        "[2001:db8::5]:51820",
+        "198.51.100.7:40000",
+        "203.0.113.9:51820",
+    ]
+    # the same IP as discovery saw: the measured port replaces the guessed one
+    la = local(public_ip=ip_address("203.0.113.9"), mapped_endpoint=AddrPort("203.0.113.9", 61000))
+    assert [str(e) for e in la.endpoints][2:] == ["203.0.113.9:61000"]
+    # endpoint filters apply to it like to the public IP
+    la = local(mapped_endpoint=AddrPort("198.51.100.7", 40000), endpoint_filters=["!198.51.100.0/24"])
+    assert AddrPort("198.51.100.7", 40000) not in la.endpoints
