@@ -1,4 +1,4 @@
-"""Test support for every layer's tests: wait for a condition that another task brings about."""
+"""Test support for every layer's tests: wait for a condition another task brings about; a manual clock."""
 
 from __future__ import annotations
 
@@ -25,3 +25,17 @@ async def eventually(
                 await asyncio.sleep(every)
     except TimeoutError:
         raise AssertionError(f"not reached within {within:g} s: {what or pred}") from None
+
+
+class ManualClock:
+    """A clock to inject where code takes ``clock() -> float``: it reads ``t`` (seconds), which only the
+    test moves (:meth:`advance`, or set ``t``)."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt

@@ -3,18 +3,11 @@ from __future__ import annotations
 import pytest
 
 from discovery.server.ratelimit import RateLimiter
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
+from spanutil.testing import ManualClock
 
 
 def test_burst_then_wait() -> None:
-    c = Clock()
+    c = ManualClock(100.0)
     rl = RateLimiter(rate=1.0, burst=60, clock=c)
     assert all(rl.reserve("a") == 0.0 for _ in range(60))
     # upstream test: the 61st call at 1 req/s with a 1 s deadline... waits exactly 1 s
@@ -25,7 +18,7 @@ def test_burst_then_wait() -> None:
 
 
 def test_keys_are_independent_and_refill() -> None:
-    c = Clock()
+    c = ManualClock(100.0)
     rl = RateLimiter(rate=15, burst=2, clock=c)
     assert rl.reserve("a") == 0 and rl.reserve("a") == 0
     assert rl.reserve("a", max_wait=0) is None
@@ -35,7 +28,7 @@ def test_keys_are_independent_and_refill() -> None:
 
 
 def test_gc_forgets_idle_buckets_only() -> None:
-    c = Clock()
+    c = ManualClock(100.0)
     rl = RateLimiter(rate=1, burst=5, clock=c)
     rl.reserve("idle")
     for _ in range(5):

@@ -20,21 +20,11 @@ from discovery.server.state import (
     SnapshotError,
 )
 from spanapi.discovery.storage import storage_pb2
+from spanutil.testing import ManualClock
 
 C = "cluster-1"
 A = "node-a"
 B = "node-b"
-
-
-class Clock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
 
 
 def ep(i: int, size: int = 16) -> bytes:
@@ -42,12 +32,12 @@ def ep(i: int, size: int = 16) -> bytes:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
-def reg(clock: Clock) -> Registry:
+def reg(clock: ManualClock) -> Registry:
     return Registry(clock=clock)
 
 
@@ -96,7 +86,7 @@ def test_endpoint_only_update_creates_dataless_affiliate(reg: Registry) -> None:
     assert views(reg)[B] == AffiliateView(B, b"", (ep(7),))
 
 
-def test_ttl_expiry_and_gc(reg: Registry, clock: Clock) -> None:
+def test_ttl_expiry_and_gc(reg: Registry, clock: ManualClock) -> None:
     reg.update(C, A, b"a", [ep(1)], 60)
     reg.update(C, B, b"b", [], 120)
     clock.advance(59.9)
@@ -111,7 +101,7 @@ def test_ttl_expiry_and_gc(reg: Registry, clock: Clock) -> None:
 
 
 @pytest.mark.parametrize("ttl", [0.0, -5.0, -math.inf])
-def test_zero_or_negative_ttl_expires_at_next_gc(reg: Registry, clock: Clock, ttl: float) -> None:
+def test_zero_or_negative_ttl_expires_at_next_gc(reg: Registry, clock: ManualClock, ttl: float) -> None:
     reg.update(C, A, b"a", [ep(1)], ttl)
     assert reg.expirations(C, A) == (clock.t, {ep(1): clock.t})  # negative counts as 0
     assert set(views(reg)) == {A}
@@ -119,7 +109,7 @@ def test_zero_or_negative_ttl_expires_at_next_gc(reg: Registry, clock: Clock, tt
     assert views(reg) == {}
 
 
-def test_expiration_is_max_of_old_and_new(reg: Registry, clock: Clock) -> None:
+def test_expiration_is_max_of_old_and_new(reg: Registry, clock: ManualClock) -> None:
     reg.update(C, A, b"a", [ep(1)], 100)
     reg.update(C, A, None, [ep(1)], 10)  # shorter TTL does not shorten anything
     clock.advance(50)
@@ -130,7 +120,7 @@ def test_expiration_is_max_of_old_and_new(reg: Registry, clock: Clock) -> None:
     assert views(reg) == {}
 
 
-def test_known_endpoint_expiration_is_extended(reg: Registry, clock: Clock) -> None:
+def test_known_endpoint_expiration_is_extended(reg: Registry, clock: ManualClock) -> None:
     reg.update(C, A, b"a", [ep(1), ep(2)], 10)
     reg.update(C, A, None, [ep(2)], 100)
     clock.advance(50)
@@ -138,7 +128,7 @@ def test_known_endpoint_expiration_is_extended(reg: Registry, clock: Clock) -> N
     assert views(reg)[A].endpoints == (ep(2),)
 
 
-def test_keepalive_extends_ttl_without_notification(reg: Registry, clock: Clock) -> None:
+def test_keepalive_extends_ttl_without_notification(reg: Registry, clock: ManualClock) -> None:
     reg.update(C, A, b"a", [ep(1)], 60)
     sub = reg.subscribe(C)
     clock.advance(50)
@@ -174,7 +164,7 @@ def test_new_endpoint_notifies_existing_endpoint_does_not(reg: Registry) -> None
     assert change.affiliate is not None and change.affiliate.endpoints == (ep(1), ep(2))
 
 
-def test_endpoint_expiry_sends_update_not_delete(reg: Registry, clock: Clock) -> None:
+def test_endpoint_expiry_sends_update_not_delete(reg: Registry, clock: ManualClock) -> None:
     reg.update(C, A, b"d", [ep(1)], 10)
     reg.update(C, A, None, [ep(2)], 100)
     sub = reg.subscribe(C)
@@ -189,7 +179,7 @@ def test_endpoint_expiry_sends_update_not_delete(reg: Registry, clock: Clock) ->
     assert sub.drain() == []
 
 
-def test_affiliate_expiry_sends_delete(reg: Registry, clock: Clock) -> None:
+def test_affiliate_expiry_sends_delete(reg: Registry, clock: ManualClock) -> None:
     reg.update(C, A, b"d", [ep(1)], 10)
     sub = reg.subscribe(C)
     clock.advance(11)
@@ -423,7 +413,7 @@ def test_drain_coalesces_last_wins_in_order_of_last_occurrence(reg: Registry) ->
     assert [c.id for c in sub.drain()] == [B]
 
 
-def test_watcher_overflow_marks_lost(clock: Clock) -> None:
+def test_watcher_overflow_marks_lost(clock: ManualClock) -> None:
     reg = Registry(Limits(watch_buffer=4), clock=clock)
     slow = reg.subscribe(C)
     fast = reg.subscribe(C)
@@ -446,7 +436,7 @@ def test_watcher_overflow_marks_lost(clock: Clock) -> None:
     assert reg.stats()[3] == 0
 
 
-def test_lost_is_per_raw_count_even_for_one_id(clock: Clock) -> None:
+def test_lost_is_per_raw_count_even_for_one_id(clock: ManualClock) -> None:
     reg = Registry(Limits(watch_buffer=2), clock=clock)
     sub = reg.subscribe(C)
     for i in range(3):
@@ -464,7 +454,7 @@ def test_fanout_to_1024_watchers(reg: Registry) -> None:
 # ---------------------------------------------------------------------------- snapshots
 
 
-def test_snapshot_round_trip_relative_ttls(clock: Clock) -> None:
+def test_snapshot_round_trip_relative_ttls(clock: ManualClock) -> None:
     reg = Registry(clock=clock)
     reg.update(C, A, b"a" * 500, [ep(1)], 100)
     reg.update(C, A, None, [ep(2, 32)], 300)
@@ -485,7 +475,7 @@ def test_snapshot_round_trip_relative_ttls(clock: Clock) -> None:
     assert [(e.data, e.ttl.seconds) for e in a[A].endpoints] == [(ep(1), 90), (ep(2, 32), 290)]
     assert a[B].data == b"" and a[B].ttl.seconds == 40
 
-    other_clock = Clock(50_000.0)  # a different process: monotonic origin differs
+    other_clock = ManualClock(50_000.0)  # a different process: monotonic origin differs
     reg2 = Registry(clock=other_clock)
     assert reg2.import_snapshot(data) == (1, 2, 3)
     assert full_state(reg2) == {C: reg.list(C)}
@@ -495,18 +485,18 @@ def test_snapshot_round_trip_relative_ttls(clock: Clock) -> None:
     assert reg2.stats() == (1, 2, 3, 0)
 
 
-def test_snapshot_import_elapsed_reduces_ttls(clock: Clock) -> None:
+def test_snapshot_import_elapsed_reduces_ttls(clock: ManualClock) -> None:
     reg = Registry(clock=clock)
     reg.update(C, A, b"a", [ep(1)], 100)
     reg.update(C, B, b"b", [], 30)
     data = reg.export_snapshot()
-    reg2 = Registry(clock=Clock(0.0))
+    reg2 = Registry(clock=ManualClock(0.0))
     assert reg2.import_snapshot(data, elapsed=40) == (1, 1, 1)
     assert reg2.expirations(C, A) == (pytest.approx(60.0), {ep(1): pytest.approx(60.0)})
     assert reg2.expirations(C, B) is None
 
 
-def test_snapshot_import_legacy_absolute_timestamps(clock: Clock) -> None:
+def test_snapshot_import_legacy_absolute_timestamps(clock: ManualClock) -> None:
     wall = 1_700_000_000.0
     snap = storage_pb2.StateSnapshot()
     c = snap.clusters.add(id=C)
@@ -521,7 +511,7 @@ def test_snapshot_import_legacy_absolute_timestamps(clock: Clock) -> None:
     assert set(views(reg)) == {A}
 
 
-def test_snapshot_import_enforces_limits(clock: Clock) -> None:
+def test_snapshot_import_enforces_limits(clock: ManualClock) -> None:
     limits = Limits(affiliates_per_cluster_max=2, endpoints_per_affiliate_max=2)
     ttl = duration_pb2.Duration(seconds=60)
     snap = storage_pb2.StateSnapshot()
@@ -554,7 +544,7 @@ def test_snapshot_import_enforces_limits(clock: Clock) -> None:
     assert len(problems) == 6
 
 
-def test_snapshot_import_merges_into_existing_state(reg: Registry, clock: Clock) -> None:
+def test_snapshot_import_merges_into_existing_state(reg: Registry, clock: ManualClock) -> None:
     reg.update(C, A, b"old", [ep(1)], 100)
     other = Registry(clock=clock)
     other.update(C, A, b"new", [ep(2)], 10)
@@ -579,7 +569,7 @@ def test_replay_update_applies_at_past_time(reg: Registry) -> None:
     assert reg.expirations(C, A) == (pytest.approx(1070.0), {ep(1): pytest.approx(1070.0)})
 
 
-def test_replay_update_prunes_expired_endpoints_first(clock: Clock) -> None:
+def test_replay_update_prunes_expired_endpoints_first(clock: ManualClock) -> None:
     reg = Registry(Limits(endpoints_per_affiliate_max=2), clock=clock)
     reg.replay_update(C, A, b"d", [ep(1), ep(2)], 10, age=100)  # endpoints expired at now - 90
     reg.replay_update(C, A, None, [], 200, age=95)  # keep-alive: the affiliate lives on
@@ -600,7 +590,7 @@ def test_replay_update_starts_over_when_the_affiliate_had_expired(reg: Registry)
     assert views(reg)[A] == AffiliateView(A, b"", (ep(3),))  # the old data was gone by then
 
 
-def test_replay_update_frees_expired_affiliates_for_capacity(clock: Clock) -> None:
+def test_replay_update_frees_expired_affiliates_for_capacity(clock: ManualClock) -> None:
     reg = Registry(Limits(affiliates_per_cluster_max=1), clock=clock)
     reg.replay_update(C, A, b"a", [], 10, age=100)
     assert reg.replay_update(C, B, b"b", [], 100, age=50) is True
@@ -644,7 +634,7 @@ ops = st.one_of(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ops, max_size=40))
 def test_property_limits_hold_and_rejections_change_nothing(seq: list[tuple[object, ...]]) -> None:
-    clock = Clock()
+    clock = ManualClock()
     reg = Registry(SMALL, clock=clock)
     subs = {cid: reg.subscribe(cid) for cid in ("a", "b")}
     for op in seq:
@@ -690,7 +680,7 @@ def test_property_limits_hold_and_rejections_change_nothing(seq: list[tuple[obje
         assert model == {v.id: v for v in reg.list(cid)}
 
 
-def test_rejections_name_field_and_limit_never_the_request(clock: Clock) -> None:
+def test_rejections_name_field_and_limit_never_the_request(clock: ManualClock) -> None:
     """Every RegistryError for an over-limit request is short and quotes nothing the client sent
     (the service passes str(e) to the client as status details and into its log)."""
     huge = "Q" * (1 << 20)

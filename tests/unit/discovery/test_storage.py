@@ -31,22 +31,12 @@ from discovery.server.storage import (
     parse_journal,
 )
 from spanapi.discovery.storage import storage_pb2
+from spanutil.testing import ManualClock
 
 C = "cluster-1"
 A = "node-a"
 B = "node-b"
 ROOT = Path(__file__).resolve().parents[3]
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
 
 
 def ep(i: int, size: int = 16) -> bytes:
@@ -70,10 +60,10 @@ class Node:
     """A registry plus its store, driven the way the service does (update, then record)."""
 
     def __init__(
-        self, path: Path, wall: Clock | None = None, mono: Clock | None = None, **kw: object
+        self, path: Path, wall: ManualClock | None = None, mono: ManualClock | None = None, **kw: object
     ) -> None:
-        self.wall = wall or Clock(1_000_000.0)
-        self.mono = mono or Clock(500.0)
+        self.wall = wall or ManualClock(1_000_000.0)
+        self.mono = mono or ManualClock(500.0)
         self.reg = Registry(kw.pop("limits", Limits()), clock=self.mono)  # type: ignore[arg-type]
         self.store = Store(path, wall_clock=self.wall, **kw)  # type: ignore[arg-type]
         self.report = self.store.load(self.reg)
@@ -189,8 +179,8 @@ def test_downtime_does_not_eat_ttls(path: Path) -> None:
     n.tick(50)
     n.update(C, B, b"b", [], ttl=100)  # newest record: 50 s after A's
     n.store.close()
-    wall = Clock(n.wall.t + 86_400)  # a day later, in a new process
-    m = Node(path, wall=wall, mono=Clock(7.0))
+    wall = ManualClock(n.wall.t + 86_400)  # a day later, in a new process
+    m = Node(path, wall=wall, mono=ManualClock(7.0))
     assert m.reg.expirations(C, A) == (pytest.approx(7.0 + 50), {ep(1): pytest.approx(7.0 + 50)})
     assert m.reg.expirations(C, B) == (pytest.approx(7.0 + 100), {})
 
@@ -202,7 +192,7 @@ def test_heartbeat_records_uptime_while_idle(path: Path) -> None:
     n.store.sync()  # not idle long enough: no heartbeat
     n.tick(55)
     n.store.sync()  # heartbeat: the process was alive 60 s after the update
-    m = Node(path, wall=Clock(n.wall.t + 3600), mono=Clock(0.0))
+    m = Node(path, wall=ManualClock(n.wall.t + 3600), mono=ManualClock(0.0))
     assert m.reg.expirations(C, A)[0] == pytest.approx(40.0)  # type: ignore[index]
 
 
@@ -213,7 +203,7 @@ def test_snapshot_ages_by_journal_time_after_checkpoint(path: Path) -> None:
     n.store.compact(n.reg)  # A has 90 s left at the checkpoint
     n.tick(30)
     n.update(C, B, b"b", [], ttl=100)
-    m = Node(path, wall=Clock(n.wall.t + 999), mono=Clock(0.0))
+    m = Node(path, wall=ManualClock(n.wall.t + 999), mono=ManualClock(0.0))
     assert m.report.problems == []
     assert m.reg.expirations(C, A) == (pytest.approx(60.0), {ep(1): pytest.approx(60.0)})
     assert m.reg.expirations(C, B)[0] == pytest.approx(100.0)  # type: ignore[index]
@@ -236,7 +226,7 @@ def test_legacy_upstream_snapshot_with_absolute_timestamps(path: Path) -> None:
     )
     a.endpoints.add(data=ep(1), expiration=timestamp_pb2.Timestamp(seconds=int(wall) + 200))
     path.write_bytes(snap.SerializeToString())
-    n = Node(path, wall=Clock(wall), mono=Clock(0.0))
+    n = Node(path, wall=ManualClock(wall), mono=ManualClock(0.0))
     assert n.report.problems == []
     assert (n.report.clusters, n.report.affiliates, n.report.endpoints) == (1, 1, 1)
     assert n.reg.expirations(C, A) == (pytest.approx(300.0), {ep(1): pytest.approx(200.0)})

@@ -24,16 +24,9 @@ from discovery.server.stun import (
     serve,
 )
 from spanutil import stun
+from spanutil.testing import ManualClock
 
 V4 = ("192.0.2.10", 40000)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def unlimited() -> StunResponder:
@@ -102,7 +95,7 @@ def test_optional_attributes_in_a_request_are_fine():
 
 
 def test_rate_limit_per_source_refills_over_time():
-    clock = Clock()
+    clock = ManualClock()
     r = StunResponder(RateTable(rate=2, burst=3, clock=clock), RateTable(0))
     req = stun.binding_request()
     assert [r.reply(req, V4) is not None for _ in range(5)] == [True, True, True, False, False]
@@ -113,7 +106,7 @@ def test_rate_limit_per_source_refills_over_time():
 
 
 def test_ipv6_sources_are_limited_per_64():
-    r = StunResponder(RateTable(rate=1, burst=2, clock=Clock()), RateTable(0))
+    r = StunResponder(RateTable(rate=1, burst=2, clock=ManualClock()), RateTable(0))
     req = stun.binding_request()
     got = [r.reply(req, (f"2001:db8:1:2::{i:x}", 1, 0, 0)) is not None for i in range(1, 5)]
     assert got == [True, True, False, False]
@@ -121,14 +114,14 @@ def test_ipv6_sources_are_limited_per_64():
 
 
 def test_rate_table_has_a_fixed_size_whatever_the_sources():
-    table = RateTable(rate=1, burst=1, slots=64, clock=Clock())
+    table = RateTable(rate=1, burst=1, slots=64, clock=ManualClock())
     for i in range(10_000):
         table.allow(i.to_bytes(4, "big"))
     assert len(table._tokens) == len(table._stamp) == 64
 
 
 def test_global_limit_caps_all_sources_together():
-    r = StunResponder(RateTable(0), RateTable(rate=1, burst=3, slots=1, clock=Clock()))
+    r = StunResponder(RateTable(0), RateTable(rate=1, burst=3, slots=1, clock=ManualClock()))
     req = stun.binding_request()
     answered = [r.reply(req, (f"192.0.2.{i}", 1)) is not None for i in range(1, 7)]
     assert answered == [True, True, True, False, False, False]

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from machined.apid.channels import ChannelCache
+from spanutil.testing import ManualClock
 
 
 class Chan:
@@ -13,14 +14,6 @@ class Chan:
 
     async def close(self, grace=None):
         self.closed += 1
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
 
 
 def cache(**kw):
@@ -105,7 +98,7 @@ async def test_an_evicted_channel_under_a_call_closes_when_the_call_ends():
 
 
 async def test_idle_expiry_with_an_injected_clock():
-    clock = Clock()
+    clock = ManualClock()
     c, made = cache(max_size=10, idle=300.0, clock=clock)
     try:
         with c.lease("old"):
