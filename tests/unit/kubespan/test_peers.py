@@ -300,19 +300,20 @@ def _variant(a: RemoteAffiliate, draw_ints: list[int]) -> RemoteAffiliate:
     return replace(a, additional_prefixes=prefixes)
 
 
-@settings(max_examples=80)
-@given(
-    affiliate_sets(),
+#: Rounds of changes to a set of affiliates: (kind for :func:`_variant`, which affiliate, octet, prefix length).
+change_steps = st.lists(
     st.lists(
-        st.lists(
-            st.tuples(st.integers(0, 7), st.integers(0, 9), st.integers(0, 255), st.integers(26, 32)),
-            min_size=1,
-            max_size=3,
-        ),
+        st.tuples(st.integers(0, 7), st.integers(0, 9), st.integers(0, 255), st.integers(26, 32)),
         min_size=1,
-        max_size=6,
+        max_size=3,
     ),
+    min_size=1,
+    max_size=6,
 )
+
+
+@settings(max_examples=80)
+@given(affiliate_sets(), change_steps)
 def test_specs_updated_in_place_equal_a_full_computation(affs, steps):
     memo = PeerSpecMemo()
     current = list(affs)
@@ -352,18 +353,7 @@ def test_one_changed_affiliate_without_overlaps_is_updated_in_place():
 
 
 @settings(max_examples=80)
-@given(
-    affiliate_sets(),
-    st.lists(
-        st.lists(
-            st.tuples(st.integers(0, 7), st.integers(0, 9), st.integers(0, 255), st.integers(26, 32)),
-            min_size=1,
-            max_size=3,
-        ),
-        min_size=1,
-        max_size=6,
-    ),
-)
+@given(affiliate_sets(), change_steps)
 def test_routed_index_updates_equal_a_full_computation(affs, steps):
     subnet = IPv6Interface(f"{MESH}1/64").network
     memo = PeerSpecMemo()
