@@ -4,6 +4,7 @@ on a unix socket, an in-process apid, and mTLS client channels."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +166,25 @@ def ed25519_ca() -> pki.KeyPair:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ),
     )
+
+
+@contextlib.asynccontextmanager
+async def apid_nodes(cluster: Cluster, tmp: Path, *names: str) -> AsyncIterator[list[Apid]]:
+    """For each of ``names``, a fake machined and an apid in front of it (in this process); all are
+    stopped on exit, apids first."""
+    servers: list[ApiServer] = []
+    apids: list[Apid] = []
+    try:
+        for name in names:
+            srv, sock = await start_machined(name, tmp)
+            servers.append(srv)
+            apids.append(await start_apid(cluster, sock, name))
+        yield apids
+    finally:
+        for a in apids:
+            await a.stop()
+        for srv in servers:
+            await srv.stop()
 
 
 def apid_command() -> list[str]:

@@ -17,7 +17,15 @@ import pytest
 from google.protobuf import empty_pb2
 
 from machined import pki
-from machined.apid.testing import Cluster, apid_command, free_port, start_apid, start_machined, stop_processes
+from machined.apid.testing import (
+    Cluster,
+    apid_command,
+    apid_nodes,
+    free_port,
+    start_apid,
+    start_machined,
+    stop_processes,
+)
 from machined.state.catalog import KUBESPAN_IDENTITY, NS_KUBESPAN
 from spanapi.talos.cosi import state_pb2, state_pb2_grpc
 from spanapi.talos.machine import machine_pb2, machine_pb2_grpc
@@ -169,13 +177,7 @@ async def test_bad_client_certificates_refused(world, which):
 
 async def test_node_forwarding_and_fan_out_with_one_node_down(tmp_path):
     cluster = Cluster.create(tmp_path)
-    servers, apids = [], []
-    try:
-        for name in ("front", "n1", "n2"):
-            srv, sock = await start_machined(name, tmp_path)
-            servers.append(srv)
-            apids.append(await start_apid(cluster, sock, name))
-        front, n1, n2 = apids
+    async with apid_nodes(cluster, tmp_path, "front", "n1", "n2") as (front, n1, n2):
         dead = free_port()  # nothing listens there
         targets = [f"127.0.0.1:{n1.port}", f"127.0.0.1:{dead}", f"127.0.0.1:{n2.port}"]
         async with cluster.channel(front.port, cluster.client("os:reader")) as ch:
@@ -235,11 +237,6 @@ async def test_node_forwarding_and_fan_out_with_one_node_down(tmp_path):
                 timeout=10,
             )
             assert "PRIVATE" in r.resource.spec.yaml_spec
-    finally:
-        for a in apids:
-            await a.stop()
-        for srv in servers:
-            await srv.stop()
 
 
 async def test_server_certificate_renewed_and_hot_reloaded(tmp_path):
@@ -459,33 +456,24 @@ async def test_fan_out_to_a_node_that_never_answers_still_returns_the_others(tmp
     """A node that accepts TCP but never speaks (a hung host) must not cost the caller the other
     nodes' answers: apid's call to it ends before the caller's deadline and becomes an error entry."""
     cluster = Cluster.create(tmp_path)
-    servers, apids = [], []
     hung = socket.socket()  # accepts TCP (the kernel's listen backlog), never reads or answers
     hung.bind(("127.0.0.1", 0))
     hung.listen(8)
     try:
-        for name in ("front", "n1"):
-            srv, sock = await start_machined(name, tmp_path)
-            servers.append(srv)
-            apids.append(await start_apid(cluster, sock, name))
-        front, n1 = apids
-        targets = [f"127.0.0.1:{n1.port}", f"127.0.0.1:{hung.getsockname()[1]}"]
-        async with cluster.channel(front.port, cluster.client("os:reader")) as ch:
-            t0 = time.monotonic()
-            v = await machine_pb2_grpc.MachineServiceStub(ch).Version(
-                empty_pb2.Empty(), metadata=(("nodes", ",".join(targets)),), timeout=4
-            )
-            took = time.monotonic() - t0
-        assert took < 4, took
-        assert [x.metadata.hostname for x in v.messages if not x.metadata.error] == [targets[0]]
-        bad = [x.metadata for x in v.messages if x.metadata.error]
-        assert [b.hostname for b in bad] == [targets[1]] and "unreachable" in bad[0].error
+        async with apid_nodes(cluster, tmp_path, "front", "n1") as (front, n1):
+            targets = [f"127.0.0.1:{n1.port}", f"127.0.0.1:{hung.getsockname()[1]}"]
+            async with cluster.channel(front.port, cluster.client("os:reader")) as ch:
+                t0 = time.monotonic()
+                v = await machine_pb2_grpc.MachineServiceStub(ch).Version(
+                    empty_pb2.Empty(), metadata=(("nodes", ",".join(targets)),), timeout=4
+                )
+                took = time.monotonic() - t0
+            assert took < 4, took
+            assert [x.metadata.hostname for x in v.messages if not x.metadata.error] == [targets[0]]
+            bad = [x.metadata for x in v.messages if x.metadata.error]
+            assert [b.hostname for b in bad] == [targets[1]] and "unreachable" in bad[0].error
     finally:
         hung.close()
-        for a in apids:
-            await a.stop()
-        for s in servers:
-            await s.stop()
 
 
 async def test_an_o_value_with_a_comma_is_one_role_end_to_end(tmp_path):
@@ -493,13 +481,7 @@ async def test_an_o_value_with_a_comma_is_one_role_end_to_end(tmp_path):
     through) must not read admin-only resources: not from the local machined, nor through another
     node's apid (the roles travel as one metadata value each)."""
     cluster = Cluster.create(tmp_path)
-    servers, apids = [], []
-    try:
-        for name in ("front", "n1"):
-            srv, sock = await start_machined(name, tmp_path)
-            servers.append(srv)
-            apids.append(await start_apid(cluster, sock, name))
-        front, n1 = apids
+    async with apid_nodes(cluster, tmp_path, "front", "n1") as (front, n1):
         sensitive = state_pb2.GetRequest(namespace=NS_KUBESPAN, type=KUBESPAN_IDENTITY, id="local")
         kp = cluster.client("x,os:admin", "os:reader")
         assert pki.roles_of(pki.load_certificate(kp.crt)) == {"x,os:admin", "os:reader"}
@@ -518,11 +500,6 @@ async def test_an_o_value_with_a_comma_is_one_role_end_to_end(tmp_path):
         async with cluster.channel(front.port, cluster.client("os:admin")) as ch:
             r = await state_pb2_grpc.StateStub(ch).Get(sensitive, timeout=10)  # the control case
             assert "PRIVATE" in r.resource.spec.yaml_spec
-    finally:
-        for a in apids:
-            await a.stop()
-        for srv in servers:
-            await srv.stop()
 
 
 def _with(make, m, s, md):
