@@ -32,22 +32,40 @@ PEER_STATUS = "KubeSpanPeerStatuses.kubespan.talos.dev"
 SECRET = base64.b64encode(b"s" * 32).decode()
 
 
+SPANCTL_ENV = {**os.environ, "SPANCTL_CONFIG": "/nonexistent/spanctl-config"}
+
+
+def spanctl_argv(socket: Path, *args: str) -> list[str]:
+    return [PY, "-m", "machined.spanctl.main", "--socket", str(socket), *args]
+
+
 def spanctl(
     socket: Path, *args: str, timeout: float = 30, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SPANCTL_CONFIG": "/nonexistent/spanctl-config"}
     p = subprocess.run(
-        [PY, "-m", "machined.spanctl.main", "--socket", str(socket), *args],
+        spanctl_argv(socket, *args),
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env=env,
+        env=SPANCTL_ENV,
     )
     if check:
         assert p.returncode == 0, f"spanctl {' '.join(args)}: rc={p.returncode}\n{p.stdout}\n{p.stderr}"
     assert "Traceback" not in p.stderr, p.stderr
     return p
+
+
+def spanctl_watch(socket: Path, *args: str) -> subprocess.Popen[str]:
+    """spanctl in the background (``get -w``), its output on text pipes."""
+    return subprocess.Popen(
+        spanctl_argv(socket, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=SPANCTL_ENV,
+    )
 
 
 def wait_for(pred: Any, timeout: float, what: str) -> Any:
@@ -159,14 +177,7 @@ class TestLocalAgent:
         assert p.stderr.startswith("error from node spanctl-node: not found")
 
     def test_get_watch_flushes_after_bootstrap(self, agent: Path) -> None:
-        w = subprocess.Popen(
-            [PY, "-m", "machined.spanctl.main", "--socket", str(agent), "get", "services", "-w"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env={**os.environ, "SPANCTL_CONFIG": "/nonexistent/spanctl-config"},
-        )
+        w = spanctl_watch(agent, "get", "services", "-w")
         try:
             assert w.stdout is not None
             header = w.stdout.readline().split()
@@ -259,15 +270,7 @@ def test_mesh_two_nodes() -> None:
         assert health.stdout == "n1: mesh OK (1/1 peers up)\n"
 
         # get -w: the bootstrap listing is flushed with the `*` column
-        env = {**os.environ, "SPANCTL_CONFIG": "/nonexistent/spanctl-config"}
-        w = subprocess.Popen(
-            [PY, "-m", "machined.spanctl.main", "--socket", str(s1), "get", "kubespanpeerstatuses", "-w"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=env,
-        )
+        w = spanctl_watch(s1, "get", "kubespanpeerstatuses", "-w")
         try:
             assert w.stdout is not None
             header = w.stdout.readline().split()
