@@ -65,6 +65,14 @@ def strip_inside(argv: Sequence[str]) -> list[str]:
     return [a for a in argv if a != INSIDE]
 
 
+def bench_parser(doc: str, *, rounds: int) -> argparse.ArgumentParser:
+    """The arguments every WireGuard benchmark takes: ``--peers`` (1000) and ``--rounds``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--peers", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    return ap
+
+
 def main_in_node(
     name: str,
     script: str,

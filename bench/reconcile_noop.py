@@ -37,6 +37,7 @@ from typing import Any
 
 from _wglab import (
     IFNAME,
+    bench_parser,
     fmt,
     main_in_node,
     median,
@@ -325,9 +326,7 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--peers", type=int, default=1000)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap = bench_parser(__doc__, rounds=7)
     ap.add_argument("--profile", action="store_true", help="print a profile of one changed pass")
     ap.add_argument(
         "--fake-links", action="store_true", help="in-memory links/routes/rules instead of netlink"

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from _wglab import (
     IFNAME,
+    bench_parser,
     fmt,
     main_in_node,
     make_config,
@@ -148,9 +149,7 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--peers", type=int, default=1000)
-    ap.add_argument("--rounds", type=int, default=15)
+    ap = bench_parser(__doc__, rounds=15)
     ap.add_argument("--seed", type=int, default=1)
     return main_in_node(NAME, __file__, ap, bench)
 
