@@ -124,6 +124,11 @@ class FakeState:
             )
 
 
+def at_nodes(tmp_path: Path, *nodes: str) -> list[str]:
+    """The global flags of a call to ``nodes`` (one ``-n`` each) through endpoint 192.0.2.1, no config file."""
+    return ["--config", str(tmp_path / "none"), "-e", "192.0.2.1", *(a for n in nodes for a in ("-n", n))]
+
+
 def run(
     monkeypatch: pytest.MonkeyPatch, argv: list[str], machine: Any = None, state: Any = None
 ) -> tuple[int, str, str]:
@@ -140,17 +145,7 @@ def test_service_list_with_a_failed_node(monkeypatch: pytest.MonkeyPatch, tmp_pa
     m = FakeMachine()
     rc, out, err = run(
         monkeypatch,
-        [
-            "--config",
-            str(tmp_path / "none"),
-            "-e",
-            "192.0.2.1",
-            "-n",
-            "10.0.0.1,10.0.0.2",
-            "-n",
-            "10.0.0.3",
-            "service",
-        ],
+        [*at_nodes(tmp_path, "10.0.0.1,10.0.0.2", "10.0.0.3"), "service"],
         machine=m,
     )
     lines = out.splitlines()
@@ -201,16 +196,7 @@ def test_get_resolves_alias_and_loops_nodes_with_node_metadata(
     st = FakeState({"a": [{"label": "b", "state": "up", "endpoint": "1.2.3.4:51820"}], "b": []})
     rc, out, err = run(
         monkeypatch,
-        [
-            "--config",
-            str(tmp_path / "none"),
-            "-e",
-            "192.0.2.1",
-            "-n",
-            "a,b,down",
-            "get",
-            "kubespanpeerstatus",
-        ],
+        [*at_nodes(tmp_path, "a,b,down"), "get", "kubespanpeerstatus"],
         state=st,
     )
     assert rc == 1
@@ -234,7 +220,7 @@ def test_mesh_matrix_from_several_nodes(monkeypatch: pytest.MonkeyPatch, tmp_pat
     st = FakeState({"a": [{"label": "b", "state": "up"}], "b": [{"label": "a", "state": "down"}]})
     rc, out, err = run(
         monkeypatch,
-        ["--config", str(tmp_path / "x"), "-e", "192.0.2.1", "-n", "a,b,down", "mesh"],
+        [*at_nodes(tmp_path, "a,b,down"), "mesh"],
         FakeMachine(),
         st,
     )
@@ -248,7 +234,7 @@ def test_health_fails_after_wait_timeout_with_reasons(
     st = FakeState({"a": [{"label": "b", "state": "up", "lastHandshakeTime": "2000-01-01T00:00:00Z"}]})
     rc, _, err = run(
         monkeypatch,
-        ["--config", str(tmp_path / "x"), "-e", "192.0.2.1", "-n", "a", "health", "--wait-timeout", "0"],
+        [*at_nodes(tmp_path, "a"), "health", "--wait-timeout", "0"],
         FakeMachine(),
         st,
     )
@@ -263,7 +249,7 @@ def test_health_ok(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     st = FakeState({"a": [{"label": "b", "state": "up", "lastHandshakeTime": now}]})
     rc, out, err = run(
         monkeypatch,
-        ["--config", str(tmp_path / "x"), "-e", "192.0.2.1", "-n", "a", "health"],
+        [*at_nodes(tmp_path, "a"), "health"],
         FakeMachine(),
         st,
     )
