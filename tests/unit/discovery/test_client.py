@@ -7,7 +7,7 @@ import base64
 import datetime
 import ipaddress
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,23 @@ def make_client(*urls: str, **kw: Any) -> DiscoveryClient:
     kw.setdefault("backoff_max", 0.2)
     kw.setdefault("coalesce_delay", 0.0)
     return DiscoveryClient(list(urls), cluster_id=CLUSTER, secret=KEY, affiliate_id=ME, **kw)
+
+
+ClientFactory = Callable[..., DiscoveryClient]
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[ClientFactory]:
+    """:func:`make_client`, every client it made closed at teardown."""
+    made: list[DiscoveryClient] = []
+
+    def make(*urls: str, **kw: Any) -> DiscoveryClient:
+        made.append(make_client(*urls, **kw))
+        return made[-1]
+
+    yield make
+    for c in made:
+        await c.close()
 
 
 def aff(name: str, **kw: Any) -> affiliate_pb2.Affiliate:
@@ -325,76 +342,61 @@ async def test_keepalive_without_data_when_nothing_changed() -> None:
         assert crypto.decrypt_affiliate(KEY, fake.full_updates()[1].affiliate_data).hostname == "renamed"
 
 
-async def test_full_data_after_reconnect_and_snapshot_replaces() -> None:
+async def test_full_data_after_reconnect_and_snapshot_replaces(clients: ClientFactory) -> None:
     first = FakeCluster()
     first.put("peer-old", enc(aff("old")))
-    c: DiscoveryClient | None = None
-    try:
-        async with serve(first) as port:
-            c = make_client(f"http://127.0.0.1:{port}", snapshot_grace=1.0)
-            await c.set_local_data(aff("me"), [ep("10.0.0.1")], {"peer-x": [ep("192.0.2.50")]})
-            await c.start()
-            await eventually(lambda: "peer-old" in c.affiliates and len(first.full_updates()) == 1)
-            await eventually(lambda: [u.affiliate_id for u in first.updates].count("peer-x") == 1)
-        # The server is gone; a fresh one with different state comes back on the same port.
-        await eventually(lambda: not c.connected)
-        assert "peer-old" in c.affiliates  # the cached view survives a short outage
-        second = FakeCluster()
-        second.put("peer-new", enc(aff("new")))
-        async with serve(second, port):
-            await eventually(lambda: len(second.full_updates()) == 1 and "peer-new" in c.affiliates)
-            # A server that restarted empty must not make us drop everyone at once: entries the new
-            # snapshot lacks are kept for the grace period, then the snapshot's view wins.
-            assert set(c.affiliates) == {"peer-new", "peer-old"}
-            await eventually(lambda: set(c.affiliates) == {"peer-new"})
-            u = second.full_updates()[0]
-            assert crypto.decrypt_affiliate(KEY, u.affiliate_data) == aff("me")
-            assert len(u.affiliate_endpoints) == 1
-            await eventually(lambda: [u.affiliate_id for u in second.updates].count("peer-x") == 1)
-            assert c.stats.reconnects >= 1
-    finally:
-        if c is not None:
-            await c.close()
+    async with serve(first) as port:
+        c = clients(f"http://127.0.0.1:{port}", snapshot_grace=1.0)
+        await c.set_local_data(aff("me"), [ep("10.0.0.1")], {"peer-x": [ep("192.0.2.50")]})
+        await c.start()
+        await eventually(lambda: "peer-old" in c.affiliates and len(first.full_updates()) == 1)
+        await eventually(lambda: [u.affiliate_id for u in first.updates].count("peer-x") == 1)
+    # The server is gone; a fresh one with different state comes back on the same port.
+    await eventually(lambda: not c.connected)
+    assert "peer-old" in c.affiliates  # the cached view survives a short outage
+    second = FakeCluster()
+    second.put("peer-new", enc(aff("new")))
+    async with serve(second, port):
+        await eventually(lambda: len(second.full_updates()) == 1 and "peer-new" in c.affiliates)
+        # A server that restarted empty must not make us drop everyone at once: entries the new
+        # snapshot lacks are kept for the grace period, then the snapshot's view wins.
+        assert set(c.affiliates) == {"peer-new", "peer-old"}
+        await eventually(lambda: set(c.affiliates) == {"peer-new"})
+        u = second.full_updates()[0]
+        assert crypto.decrypt_affiliate(KEY, u.affiliate_data) == aff("me")
+        assert len(u.affiliate_endpoints) == 1
+        await eventually(lambda: [u.affiliate_id for u in second.updates].count("peer-x") == 1)
+        assert c.stats.reconnects >= 1
 
 
-async def test_explicit_delete_during_grace_is_immediate() -> None:
+async def test_explicit_delete_during_grace_is_immediate(clients: ClientFactory) -> None:
     first = FakeCluster()
     first.put("peer-a", enc(aff("a")))
     first.put("peer-b", enc(aff("b")))
-    c: DiscoveryClient | None = None
-    try:
-        async with serve(first) as port:
-            c = make_client(f"http://127.0.0.1:{port}", snapshot_grace=30.0)
-            await c.start()
-            await eventually(lambda: set(c.affiliates) == {"peer-a", "peer-b"})
-        await eventually(lambda: not c.connected)
-        second = FakeCluster()
-        second.put("peer-a", enc(aff("a")))
-        async with serve(second, port):
-            await eventually(lambda: c.connected)
-            assert set(c.affiliates) == {"peer-a", "peer-b"}  # b kept (unconfirmed) for the grace period
-            second.remove("peer-b")
-            await eventually(lambda: set(c.affiliates) == {"peer-a"})  # a real delete applies at once
-    finally:
-        if c is not None:
-            await c.close()
+    async with serve(first) as port:
+        c = clients(f"http://127.0.0.1:{port}", snapshot_grace=30.0)
+        await c.start()
+        await eventually(lambda: set(c.affiliates) == {"peer-a", "peer-b"})
+    await eventually(lambda: not c.connected)
+    second = FakeCluster()
+    second.put("peer-a", enc(aff("a")))
+    async with serve(second, port):
+        await eventually(lambda: c.connected)
+        assert set(c.affiliates) == {"peer-a", "peer-b"}  # b kept (unconfirmed) for the grace period
+        second.remove("peer-b")
+        await eventually(lambda: set(c.affiliates) == {"peer-a"})  # a real delete applies at once
 
 
-async def test_cache_dropped_after_ttl_without_connection() -> None:
+async def test_cache_dropped_after_ttl_without_connection(clients: ClientFactory) -> None:
     fake = FakeCluster()
     fake.put("peer-b", enc(aff("b")))
-    c: DiscoveryClient | None = None
-    try:
-        async with serve(fake) as port:
-            c = make_client(f"http://127.0.0.1:{port}", ttl=1.0)
-            await c.start()
-            await eventually(lambda: "peer-b" in c.affiliates)
-        await eventually(lambda: not c.connected)
-        assert "peer-b" in c.affiliates  # kept through a short outage...
-        await eventually(lambda: not c.affiliates)  # ...but not past the TTL: the server forgot it too
-    finally:
-        if c is not None:
-            await c.close()
+    async with serve(fake) as port:
+        c = clients(f"http://127.0.0.1:{port}", ttl=1.0)
+        await c.start()
+        await eventually(lambda: "peer-b" in c.affiliates)
+    await eventually(lambda: not c.connected)
+    assert "peer-b" in c.affiliates  # kept through a short outage...
+    await eventually(lambda: not c.affiliates)  # ...but not past the TTL: the server forgot it too
 
 
 async def test_own_affiliate_missing_is_republished() -> None:
