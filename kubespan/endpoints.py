@@ -243,6 +243,14 @@ class EndpointMachine:
             last_rx_progress=self._last_rx_progress,
         )
 
+    def adopt(self, now: float, endpoint: AddrPort) -> bool:
+        """Switch to an endpoint found outside the machine (a punch's answer, a relay allocation): it
+        goes on trial like a chosen candidate. False when it is the current endpoint already."""
+        if endpoint == self._current:
+            return False
+        self._start_trial(now, endpoint, counted=True)
+        return True
+
     def observe(self, now: float, obs: Observation | None, *, answered: bool = False) -> Decision:
         """Process one poll.
 

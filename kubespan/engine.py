@@ -33,16 +33,29 @@ from kubespan.affiliate import (
 )
 from kubespan.constants import MeshConfig
 from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6
-from kubespan.endpoints import EndpointMachine, Observation
+from kubespan.endpoints import Candidate, CandidateKind, EndpointMachine, Observation
 from kubespan.hostinfo import HostInfo
 from kubespan.identity import MeshIdentity, load_identity, pick_mac
 from kubespan.nat.classify import NatClass, NatReport
+from kubespan.nat.punch import PunchTimings
 from kubespan.peerspec import PeerSpecMemo, PeerSpecs, compute_peer_specs
-from kubespan.ports import Closable, DiscoveryPort, LinkPort, LinkWatcher, NftPort, StunPort
+from kubespan.ports import (
+    Closable,
+    DiscoveryPort,
+    LinkPort,
+    LinkWatcher,
+    NftPort,
+    PunchPort,
+    RelayClientPort,
+    RelayServerPort,
+    StunPort,
+)
 from kubespan.probe import Prober
 from kubespan.routed import RoutedIndex, routed_union
 from kubespan.runtime import PeerRuntime, peer_status
 from kubespan.snapshot import NO_STUN, MeshSnapshot, MeshStatus, NatStatus, PeerStatus, RemoteRecord
+from kubespan.traversal import NO_PATH, PeerFacts, Route
+from kubespan.traversal import Traversal as TraversalWork
 from kubespan.wireguard.backend import WireGuardBackend, WireGuardError
 from kubespan.wireguard.diff import DiffMemo, SetDevice, apply_ops, diff_device
 from kubespan.wireguard.types import (
@@ -105,6 +118,9 @@ class MeshOptions:
     machine_type: str = ""  # controlplane / worker (the affiliate's machine_type; empty: not a Talos role)
     stun_servers: Sequence[tuple[str, int]] = ()  # (host, port) STUN responders; empty: no discovery
     stun_interval: float = STUN_INTERVAL
+    relay: bool = False  # run a relay for other nodes (announced in Traversal.relay)
+    punch_timings: PunchTimings | None = None  # None: the defaults (2 s lead, 10 s window, 60 s → 10 min)
+    relay_failover: float = 5.0  # seconds without rx on a relayed path before the next relay
 
 
 class Mesh:
@@ -121,6 +137,9 @@ class Mesh:
         discovery: DiscoveryPort | None,
         prober: Prober | None = None,
         stun: StunPort | None = None,
+        punch: PunchPort | None = None,
+        relay_client: RelayClientPort | None = None,
+        relay_server: RelayServerPort | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -133,6 +152,12 @@ class Mesh:
         self.discovery = discovery
         self.prober = prober or Prober()
         self.stun = stun
+        self.punch = punch
+        self.relay_client = relay_client
+        self.relay_server = relay_server if opts.relay else None
+        self.traversal: TraversalWork | None = None  # created at start (needs our key)
+        self._traversal_facts: tuple[tuple[RemoteRecord, ...], dict[str, Traversal]] = ((), {})
+        self._traversal_dir: PeerSpecs | None = None  # the specs the relay directory was built from
         self.clock = clock
         self.wall = wall
         self.identity: MeshIdentity | None = None
@@ -205,6 +230,19 @@ class Mesh:
         await self.backend.ensure_device()
         self.prober.on_reply = self.wake
         self.prober.open()
+        if self.punch is not None or self.relay_client is not None or self.relay_server is not None:
+            self.traversal = TraversalWork(
+                self.identity.public_key,
+                wg_port=self.cfg.listen_port,
+                punch=self.punch,
+                relay_client=self.relay_client,
+                relay_server=self.relay_server,
+                wake=self.wake,
+                clock=self.clock,
+                wall=self.wall,
+                timings=self.opts.punch_timings,
+                failover_after=self.opts.relay_failover,
+            )
         self._tasks.append(asyncio.create_task(self._run(), name="mesh-loop"))
         if isinstance(self.links, LinkWatcher):
             self._tasks.append(asyncio.create_task(self._watch_netlink(self.links), name="mesh-netlink"))
@@ -223,6 +261,8 @@ class Mesh:
                 await t
         self._tasks.clear()
         self.prober.close()
+        if self.traversal is not None:
+            await self.traversal.close()
         if cleanup:
             for what, step in (
                 ("nftables", self.nft.teardown),
@@ -366,6 +406,9 @@ class Mesh:
         await self._publish_local()
         previous = self.specs
         changed = self._compute_specs(now)
+        if self.traversal is not None and not light:
+            if self._step_traversal(now):
+                await self._publish_local()  # new punch intents: the peer must see them before the start
 
         # probes of a pass whose write failed wait for the next write (their peers may be missing)
         probes, self._deferred_probes = self._deferred_probes, []
@@ -392,6 +435,8 @@ class Mesh:
             self._last_dataplane = now
         elif self._sets_due:
             await self._reconcile_dataplane(links=False)
+        if self.traversal is not None and self._last_dataplane > -1e9 and not self._stopping:
+            await self.traversal.ensure_started(self.identity.address.ip, self.cfg.link_name)
         if not self.ready.is_set() and self.device is not None:
             self.ready.set()
         self._publish_snapshot(light=light, at=self.wall())
@@ -411,6 +456,7 @@ class Mesh:
             and now - self._last_dataplane < self.cfg.reconcile_interval
             and now - self._last_host < self.cfg.reconcile_interval
             and not self.prober.has_answered
+            and not (self.traversal is not None and self.traversal.dirty)
         )
 
     async def _reconcile_peers(
@@ -470,18 +516,96 @@ class Mesh:
             if changed is not None and peer.config is not None and spec.public_key not in changed:
                 peers.append(peer.config)
                 continue
-            peer.machine.set_candidates(peer.candidates(self.local_addresses, subnet))
+            candidates = peer.candidates(self.local_addresses, subnet)
             have = observed.get(spec.public_key)
             endpoint = None
-            if changed is None or have is None:
+            route = self._route(spec.public_key, spec.node_id)
+            if route is not None:
+                candidates = _routed_candidates(candidates, route)
+            peer.machine.set_candidates(candidates)
+            if (
+                route is not None
+                and self.traversal is not None
+                and self.traversal.take_adopt(spec.public_key, route)
+            ):
+                # a punch answered or a relay was allocated: switch now (the machine observes next poll)
+                assert route.first is not None
+                peer.machine.adopt(now, route.first)
+                endpoint = route.first
+                log_event(log, "peer endpoint", peer=peer.label, endpoint=str(endpoint), via="traversal")
+                if spec.mesh_address is not None:
+                    probes.append((spec.public_key, spec.mesh_address))
+            elif changed is None or have is None:
                 endpoint, probe = self._step(peer, now, have, wall, spec.public_key in answered)
                 if probe and spec.mesh_address is not None:
                     probes.append((spec.public_key, spec.mesh_address))
-            peers.append(peer.config_for(endpoint, keepalive, self.psk))
+            ka = route.keepalive if route is not None and route.keepalive is not None else keepalive
+            peers.append(peer.config_for(endpoint, ka, self.psk))
         desired = DeviceConfig.of(
             self.identity.private_key, self.cfg.listen_port, self.cfg.fwmark_wireguard, peers
         )
         return desired, probes
+
+    # -- NAT traversal -----------------------------------------------------------------------------
+
+    def _local_class(self) -> str:
+        """Our NAT class for traversal; ``pending`` while the first discovery runs (peers behind NAT
+        are then held, not tried naively: an early initiation can pollute their NAT)."""
+        if self.nat is not None:
+            return str(self.nat.nat_class)
+        return "pending" if self.stun is not None and self.opts.stun_servers else "unknown"
+
+    def _remote_traversals(self) -> dict[str, Traversal]:
+        """Each affiliate's published :class:`Traversal`, by node id (rebuilt when the affiliates change)."""
+        records, by_node = self._traversal_facts
+        if records is not self._records:
+            by_node = {r.affiliate.node_id: r.affiliate.traversal for r in self._records}
+            self._traversal_facts = (self._records, by_node)
+        return by_node
+
+    def _route(self, key: PublicKey, node_id: str) -> Route | None:
+        """What traversal wants for this peer's endpoint (None: nothing, the machine alone decides)."""
+        if self.traversal is None:
+            return None
+        local = self._local_class()
+        peer_class = self._remote_traversals().get(node_id, Traversal()).nat_class
+        gated = self.traversal.gated("eim" if local == "pending" else local, peer_class)
+        route = self.traversal.route(key, gated)
+        return None if route.first is None and not route.exclusive else route
+
+    def _step_traversal(self, now: float) -> bool:
+        """Feed the punch planner and the relay choice (see :mod:`kubespan.traversal`); True when
+        the punch intents to publish changed."""
+        assert self.traversal is not None
+        t = self.traversal
+        if self.specs is not self._traversal_dir:
+            t.directory((s.public_key, s.mesh_address) for s in self.specs.specs)
+            self._traversal_dir = self.specs
+        remotes = self._remote_traversals()
+        observed = self.device.peers if self.device is not None else {}
+        facts: list[PeerFacts] = []
+        for spec in self.specs.specs:
+            peer = self.peers[spec.public_key]
+            tr = remotes.get(spec.node_id, Traversal())
+            have = observed.get(spec.public_key)
+            facts.append(
+                PeerFacts(
+                    key=spec.public_key,
+                    name=peer.label,
+                    mesh_address=spec.mesh_address,
+                    nat_class=tr.nat_class,
+                    relays=tr.relay,
+                    candidates=spec.endpoints,
+                    intents=tr.punches,
+                    up=str(peer.machine.state) == "up",
+                    endpoint=(have.endpoint if have is not None and have.endpoint else peer.machine.current),
+                    rx_bytes=have.rx_bytes if have is not None else 0,
+                    last_handshake=have.last_handshake if have is not None else None,
+                )
+            )
+        before = t.intents
+        local = self._local_class()
+        return t.step(now, "unknown" if local == "pending" else local, facts) != before
 
     @staticmethod
     def _step(
@@ -543,7 +667,11 @@ class Mesh:
             operating_system=self.opts.operating_system,
             machine_type=self.opts.machine_type,
             mapped_endpoint=self.nat.publishable if self.nat is not None else None,
-            traversal=Traversal(nat_class=str(self.nat.nat_class)) if self.nat is not None else Traversal(),
+            traversal=Traversal(
+                nat_class=str(self.nat.nat_class) if self.nat is not None else "unknown",
+                relay=self.relay_server is not None,
+                punches=self.traversal.intents if self.traversal is not None else (),
+            ),
         )
         if local == self._built_local:
             local = self._built_local  # the same object while unchanged (readers compare identity)
@@ -808,10 +936,20 @@ class Mesh:
         for spec in self.specs.specs:
             peer, have = self.peers[spec.public_key], observed.get(spec.public_key)
             nat = classes.get(spec.node_id, "unknown")
+            path = self.traversal.status(spec.public_key) if self.traversal is not None else NO_PATH
             if reuse:
-                out.append(peer.status(have, light=light, wall=wall, now=now, nat_class=nat))
+                out.append(peer.status(have, light=light, wall=wall, now=now, nat_class=nat, path=path))
             else:
-                out.append(peer_status(spec, peer.machine.status(), have, wall=wall, now=now, nat_class=nat))
+                st = peer.machine.status()
+                out.append(peer_status(spec, st, have, wall=wall, now=now, nat_class=nat, path=path))
         if len(out) == len(prev) and all(a is b for a, b in zip(out, prev, strict=True)):
             return prev
         return tuple(out)
+
+
+def _routed_candidates(candidates: tuple[Candidate, ...], route: Route) -> tuple[Candidate, ...]:
+    """A peer's candidates with traversal's endpoint first (or alone: ``route.exclusive``)."""
+    first = () if route.first is None else (Candidate(route.first, CandidateKind.LEARNED),)
+    if route.exclusive:
+        return first
+    return first + tuple(c for c in candidates if c.endpoint != route.first)

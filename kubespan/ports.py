@@ -19,9 +19,12 @@ from spanutil.ipcodec import IPAddress, IPInterface
 
 if TYPE_CHECKING:
     import asyncio
+    from ipaddress import IPv6Address
 
     from kubespan.dataplane.links import NetlinkEvent
     from kubespan.nat.classify import NatReport
+    from kubespan.relay.control import Notice
+    from kubespan.wireguard.types import AddrPort, PublicKey
     from spanapi.discovery.client import affiliate_pb2
 
 __all__ = [
@@ -31,6 +34,9 @@ __all__ = [
     "LinkPort",
     "LinkWatcher",
     "NftPort",
+    "PunchPort",
+    "RelayClientPort",
+    "RelayServerPort",
     "Startable",
     "StunPort",
     "WireGuardBackend",
@@ -141,3 +147,69 @@ class Leaver(Protocol):
     """Optional: can delete our own discovery entry, so peers drop us at once."""
 
     async def delete_local_affiliate(self) -> None: ...
+
+
+@runtime_checkable
+class PunchPort(Protocol):
+    """Hole punching from the WireGuard port (docs/design/nat-traversal.md).
+
+    ``start`` opens the responder that answers known peers' probes (``known(key)``); ``punch`` runs
+    one punch now (the engine waits for the agreed start): openers unless ``openers`` is False
+    (a public node sends none), probes a second later; the address the peer answered from, or None.
+    Raises for a missing privilege (the engine then relies on the relay)."""
+
+    async def start(self, wg_port: int, own: PublicKey, known: Callable[[PublicKey], bool]) -> None: ...
+
+    async def punch(
+        self,
+        wg_port: int,
+        candidates: Sequence[AddrPort],
+        start_ms: int,
+        *,
+        own: PublicKey,
+        peer: PublicKey,
+        openers: bool = True,
+    ) -> AddrPort | None: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class RelayClientPort(Protocol):
+    """Every node's relay client on its mesh address (docs/design/relay.md): requests to relays'
+    control servers at their mesh addresses, and NOTIFYs delivered to ``on_notify``."""
+
+    async def start(
+        self,
+        host: IPv6Address,
+        device: str,
+        who: Callable[[str], PublicKey | None],
+        on_notify: Callable[[Notice], None],
+    ) -> None: ...
+
+    async def allocate(self, relay: IPv6Address, peer: PublicKey) -> int:
+        """The port on the relay's public address to send ``peer``'s traffic to."""
+        ...
+
+    async def release(self, relay: IPv6Address, peer: PublicKey) -> None: ...
+
+    async def ping(self, relay: IPv6Address) -> float: ...
+
+    async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class RelayServerPort(Protocol):
+    """The relay service of a node that relays (``--relay``): forwarder and control server."""
+
+    async def start(
+        self,
+        host: IPv6Address,
+        device: str,
+        who: Callable[[str], PublicKey | None],
+        where: Callable[[PublicKey], tuple[str, int] | None],
+    ) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def stop(self) -> None: ...

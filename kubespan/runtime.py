@@ -15,6 +15,7 @@ from typing import Any
 from kubespan.endpoints import Candidate, EndpointMachine, EndpointStatus, order_candidates
 from kubespan.peerspec import PeerSpec
 from kubespan.snapshot import PeerStatus
+from kubespan.traversal import NO_PATH, PathStatus, classify_path
 from kubespan.wireguard.types import AddrPort, ObservedPeer, PeerConfig, PresharedKey
 from spanutil.ipcodec import IPInterface
 
@@ -92,24 +93,36 @@ class PeerRuntime:
         return self._config
 
     def status(
-        self, have: ObservedPeer | None, *, light: bool, wall: float, now: float, nat_class: str = "unknown"
+        self,
+        have: ObservedPeer | None,
+        *,
+        light: bool,
+        wall: float,
+        now: float,
+        nat_class: str = "unknown",
+        path: PathStatus = NO_PATH,
     ) -> PeerStatus:
         """The peer's status; the previous object while its spec, observation, published NAT class
         and what the machine shows are unchanged (``light``: the machine did not run, only the spec,
-        the observation and the NAT class are compared)."""
+        the observation and the NAT class are compared; ``path``, traversal's view, by identity)."""
         since, st = self._status_from, None
-        if self._status is not None and (since[0] is have or since[0] == have) and since[2] == nat_class:
+        if (
+            self._status is not None
+            and (since[0] is have or since[0] == have)
+            and since[2] == nat_class
+            and since[3] is path
+        ):
             if light:
                 return self._status
             st = self.machine.status()
             key = _status_key(st)
             if key == since[1]:
-                self._status_from = (have, key, nat_class)
+                self._status_from = (have, key, nat_class, path)
                 return self._status
         if st is None:
             st = self.machine.status()
-        self._status = peer_status(self.spec, st, have, wall=wall, now=now, nat_class=nat_class)
-        self._status_from = (have, _status_key(st), nat_class)
+        self._status = peer_status(self.spec, st, have, wall=wall, now=now, nat_class=nat_class, path=path)
+        self._status_from = (have, _status_key(st), nat_class, path)
         return self._status
 
 
@@ -121,11 +134,15 @@ def peer_status(
     wall: float,
     now: float,
     nat_class: str = "unknown",
+    path: PathStatus = NO_PATH,
 ) -> PeerStatus:
     """A peer's :class:`PeerStatus` from its spec, its machine's status, its observation and the
     NAT class it publishes (``wall`` and ``now``: the same moment by the wall clock and the
     engine's clock)."""
     change = st.last_endpoint_change
+    endpoint = st.endpoint if st.endpoint is not None else (have.endpoint if have is not None else None)
+    if path is NO_PATH:  # no NAT traversal: lan or direct by the endpoint
+        path = PathStatus(classify_path(str(st.state) == "up", endpoint))
     return PeerStatus(
         label=spec.label or spec.node_id[:12],
         node_id=spec.node_id,
@@ -148,6 +165,10 @@ def peer_status(
         learned=tuple(str(e) for e in st.learned),
         allowed_ips=tuple(str(p) for p in spec.allowed_ips),
         nat_class=nat_class,
+        path=path.path,
+        relay_via=path.relay_via,
+        why_not_direct=path.why_not_direct,
+        connect_time=path.connect_time,
     )
 
 

@@ -48,6 +48,10 @@ class PeerStatus:
     learned: tuple[str, ...]
     allowed_ips: tuple[str, ...]
     nat_class: str = "unknown"  # what the peer publishes (public | eim | edm | unknown)
+    path: str = "none"  # lan | direct | relay | none (not up)
+    relay_via: str | None = None  # the relay's node name while path is relay
+    why_not_direct: str | None = None  # e.g. "both behind symmetric NAT"; None on a direct or LAN path
+    connect_time: float | None = None  # seconds from both sides' candidates known to the first handshake
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""Test doubles for the engine's ports that have no package of their own: discovery, the prober and STUN.
+"""Test doubles for the engine's ports that have no package of their own: discovery, the prober, STUN,
+hole punching and the relay.
 
 A test-support module: production code never imports it (``tests/unit/test_layers.py``
 checks). The WireGuard and data-plane fakes are beside their interfaces, in
@@ -9,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Hashable, Mapping, Sequence
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kubespan.nat.classify import NatClass, NatReport
 from kubespan.probe import Prober
+from kubespan.relay.control import Notice
+from kubespan.wireguard.types import AddrPort, PublicKey
 from spanapi.discovery.client import affiliate_pb2
 from spanutil.ipcodec import IPAddress
 
@@ -147,3 +152,122 @@ class FakeStun:
     def release(self) -> None:
         """Let the held call finish."""
         self._gate.set()
+
+
+@dataclass
+class PunchCall:
+    """One :meth:`FakePunch.punch` call: when (wall clock, as the engine's), towards whom."""
+
+    at: float
+    peer: PublicKey
+    candidates: tuple[AddrPort, ...]
+    start_ms: int
+    openers: bool
+
+
+@dataclass
+class FakePunch:
+    """The punch port in memory: ``results[peer]`` is what a punch towards ``peer`` finds (None:
+    nothing); ``error`` makes every punch raise (no raw-socket privilege)."""
+
+    wall: Callable[[], float] = time.time
+    results: dict[PublicKey, AddrPort | None] = field(default_factory=dict)
+    error: Exception | None = None
+    calls: list[PunchCall] = field(default_factory=list)
+    started: bool = False
+    known: Callable[[PublicKey], bool] | None = None
+
+    async def start(self, wg_port: int, own: PublicKey, known: Callable[[PublicKey], bool]) -> None:
+        self.started, self.known = True, known
+
+    async def punch(
+        self,
+        wg_port: int,
+        candidates: Sequence[AddrPort],
+        start_ms: int,
+        *,
+        own: PublicKey,
+        peer: PublicKey,
+        openers: bool = True,
+    ) -> AddrPort | None:
+        self.calls.append(PunchCall(self.wall(), peer, tuple(candidates), start_ms, openers))
+        if self.error is not None:
+            raise self.error
+        return self.results.get(peer)
+
+    async def close(self) -> None:
+        self.started = False
+
+
+@dataclass
+class FakeRelayClient:
+    """The relay client port in memory: ``ports[relay mesh address]`` is the port an ALLOCATE there
+    gets (absent: the relay does not answer); ``rtts`` likewise for PING. :meth:`notify` delivers a
+    NOTIFY as the real client would."""
+
+    ports: dict[ipaddress.IPv6Address, int] = field(default_factory=dict)
+    rtts: dict[ipaddress.IPv6Address, float] = field(default_factory=dict)
+    allocations: list[tuple[ipaddress.IPv6Address, PublicKey]] = field(default_factory=list)
+    releases: list[tuple[ipaddress.IPv6Address, PublicKey]] = field(default_factory=list)
+    started: bool = False
+    who: Callable[[str], PublicKey | None] | None = None
+    on_notify: Callable[[Notice], None] | None = None
+
+    async def start(
+        self,
+        host: ipaddress.IPv6Address,
+        device: str,
+        who: Callable[[str], PublicKey | None],
+        on_notify: Callable[[Notice], None],
+    ) -> None:
+        self.started, self.who, self.on_notify = True, who, on_notify
+
+    async def allocate(self, relay: ipaddress.IPv6Address, peer: PublicKey) -> int:
+        self.allocations.append((relay, peer))
+        if relay not in self.ports:
+            raise TimeoutError(f"no answer from relay {relay}")
+        return self.ports[relay]
+
+    async def release(self, relay: ipaddress.IPv6Address, peer: PublicKey) -> None:
+        self.releases.append((relay, peer))
+
+    async def ping(self, relay: ipaddress.IPv6Address) -> float:
+        if relay not in self.rtts:
+            raise TimeoutError(f"no answer from relay {relay}")
+        return self.rtts[relay]
+
+    def notify(self, relay_addr: ipaddress.IPv6Address, peer: PublicKey, port: int) -> None:
+        """Deliver a NOTIFY from the relay at ``relay_addr`` (it must be a known peer)."""
+        assert self.who is not None and self.on_notify is not None, "start() first"
+        relay = self.who(str(relay_addr))
+        assert relay is not None, f"{relay_addr} is not a peer's mesh address"
+        self.on_notify(Notice(relay, str(relay_addr), peer, port, 180))
+
+    async def stop(self) -> None:
+        self.started = False
+
+
+@dataclass
+class FakeRelayServer:
+    """The relay service port in memory (records that it runs and its directory)."""
+
+    started: bool = False
+    host: ipaddress.IPv6Address | None = None
+    device: str = ""
+    who: Callable[[str], PublicKey | None] | None = None
+    where: Callable[[PublicKey], tuple[str, int] | None] | None = None
+
+    async def start(
+        self,
+        host: ipaddress.IPv6Address,
+        device: str,
+        who: Callable[[str], PublicKey | None],
+        where: Callable[[PublicKey], tuple[str, int] | None],
+    ) -> None:
+        self.started, self.host, self.device, self.who, self.where = True, host, device, who, where
+
+    def status(self) -> dict[str, Any]:
+        return {"running": self.started}
+
+    async def stop(self) -> None:
+        self.started = False

@@ -57,6 +57,7 @@ __all__ = [
     "OPENER_TTL",
     "NoRawSocketPrivilege",
     "ProbeResponder",
+    "RawPunch",
     "parse_datagram",
     "probe_candidates",
     "punch",
@@ -455,8 +456,49 @@ async def punch(
     The caller runs a :class:`ProbeResponder` meanwhile, for the peer's probes.
     """
     await asyncio.sleep(max(0.0, (start_ms - wall_ms()) / 1000))
-    send_openers(wg_port, candidates, ttl, fwmark)
+    if ttl > 0:  # 0: no openers (a public node has no NAT to open)
+        send_openers(wg_port, candidates, ttl, fwmark)
     await asyncio.sleep(max(0.0, (start_ms - wall_ms()) / 1000 + probe_delay))
     return await probe_candidates(
         wg_port, candidates, key=key, own=own, peer=peer, timeout=timeout, fwmark=fwmark, wall_ms=wall_ms
     )
+
+
+class RawPunch:
+    """The engine's punch port over raw sockets: one :class:`ProbeResponder` for the agent's life
+    and :func:`punch` per attempt (``key``: :func:`probemsg.probe_key` of the cluster secret)."""
+
+    def __init__(self, key: bytes, fwmark: int = 0) -> None:
+        self.key, self.fwmark = key, fwmark
+        self.responder: ProbeResponder | None = None
+
+    async def start(self, wg_port: int, own: PublicKey, known: Callable[[PublicKey], bool]) -> None:
+        responder = ProbeResponder(wg_port, self.key, own, known, fwmark=self.fwmark)
+        await responder.start()
+        self.responder = responder
+
+    async def punch(
+        self,
+        wg_port: int,
+        candidates: Sequence[AddrPort],
+        start_ms: int,
+        *,
+        own: PublicKey,
+        peer: PublicKey,
+        openers: bool = True,
+    ) -> AddrPort | None:
+        return await punch(
+            wg_port,
+            candidates,
+            start_ms,
+            key=self.key,
+            own=own,
+            peer=peer,
+            ttl=OPENER_TTL if openers else 0,
+            fwmark=self.fwmark,
+        )
+
+    async def close(self) -> None:
+        if self.responder is not None:
+            self.responder.close()
+            self.responder = None

@@ -1,0 +1,476 @@
+"""NAT traversal in the mesh engine: hole punching and the relay, per peer (issue 14).
+
+Once per full pass the engine gives :meth:`Traversal.step` what it knows of each peer (a
+:class:`PeerFacts`); the step runs the pure :class:`~kubespan.nat.punch.PunchPlanner` and the pure relay
+choice (:func:`kubespan.relay.choose.choose`), starts the background work they call for (a punch at
+its agreed start, an allocation, relay pings; never awaited by a pass) and returns the punch intents
+to publish. What that work found comes back through :meth:`Traversal.route`: the endpoint the engine
+must give the peer's :class:`~kubespan.endpoints.EndpointMachine` (first candidate, or the only one
+for a relayed or punch-gated peer). Each finished task wakes the engine.
+
+A peer is *gated* when both sides are behind NAT (classes eim/edm): its machine gets no candidates
+of its own, since its WireGuard initiations to the peer's public endpoint before the openers would
+pollute a bare NAT (nat.md §0); it is configured only with what a punch or the relay found. Every
+other peer keeps today's behaviour, with a punched endpoint (if any) put first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from kubespan.affiliate import PunchIntent
+from kubespan.nat.punch import PeerView, PunchPlanner, PunchTimings
+from kubespan.ports import PunchPort, RelayClientPort, RelayServerPort
+from kubespan.relay.choose import RelayOption, choose
+from kubespan.relay.control import CLIENT_PORT, Notice
+from kubespan.wireguard.types import AddrPort, PublicKey
+from spanutil.logs import log_event
+
+log = logging.getLogger("kubespan.traversal")
+
+NATTED = frozenset({"eim", "edm"})
+RELAY_FAILOVER = 5.0  # seconds without rx on a relayed path before the next relay
+RELAY_KEEPALIVE = 2  # persistent keepalive of a relayed peer: rx every 2 s shows the path lives
+RELAY_AVOID = 60.0  # a relay that failed is tried last for this long
+PING_INTERVAL = 15.0
+_PRIVATE = [
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "fe80::/10", "169.254.0.0/16")
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerFacts:
+    """What the engine knows of one peer in this pass."""
+
+    key: PublicKey
+    name: str
+    mesh_address: ipaddress.IPv6Address | None
+    nat_class: str
+    relays: bool  # announces relay in its affiliate
+    candidates: tuple[AddrPort, ...]  # its published endpoints
+    intents: tuple[PunchIntent, ...]  # its published punch intents (all of them)
+    up: bool  # its endpoint machine says up
+    endpoint: AddrPort | None  # what WireGuard uses for it
+    rx_bytes: int = 0
+    last_handshake: float | None = None  # unix time
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What the engine gives a peer's machine: ``first`` before its own candidates (``exclusive``:
+    instead of them), and whether to switch to it now (``adopt``, once per new route)."""
+
+    first: AddrPort | None
+    exclusive: bool
+    keepalive: int | None = None  # None: the mesh's
+
+
+@dataclass(frozen=True, slots=True)
+class PathStatus:
+    """A peer's path for status: ``lan`` | ``direct`` | ``relay`` | ``none`` (not up)."""
+
+    path: str = "none"
+    relay_via: str | None = None
+    why_not_direct: str | None = None
+    connect_time: float | None = None
+
+
+NO_PATH = PathStatus()
+
+
+@dataclass
+class _RelayUse:
+    key: PublicKey
+    name: str
+    mesh: ipaddress.IPv6Address
+    endpoint: AddrPort
+    since: float
+    chosen: bool  # we allocated it (else: a NOTIFY told us)
+    applied: bool = False  # WireGuard has used it (seen as the peer's endpoint)
+
+
+@dataclass
+class _Peer:
+    appeared: float  # wall time both sides' candidates were known (when we first had the peer's)
+    punched: AddrPort | None = None
+    adopted: AddrPort | None = None  # the route the machine was last switched to
+    relay: _RelayUse | None = None
+    notice: Notice | None = None
+    need_since: float | None = None
+    why: str | None = None
+    punch_task: asyncio.Task[None] | None = None
+    punch_start: int | None = None
+    alloc_task: asyncio.Task[None] | None = None
+    avoid: dict[PublicKey, float] = field(default_factory=dict)
+    rx: int = -1
+    rx_at: float = 0.0
+    connect_time: float | None = None
+    status: PathStatus = NO_PATH
+
+
+class Traversal:
+    """Per-peer punching and relaying; see the module docstring. Not thread-safe: the engine's loop."""
+
+    def __init__(
+        self,
+        own: PublicKey,
+        *,
+        wg_port: int,
+        punch: PunchPort | None,
+        relay_client: RelayClientPort | None,
+        relay_server: RelayServerPort | None,
+        wake: Callable[[], None],
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+        timings: PunchTimings | None = None,
+        failover_after: float = RELAY_FAILOVER,
+    ) -> None:
+        self.own, self.wg_port = own, wg_port
+        self.punch_port, self.relay_client, self.relay_server = punch, relay_client, relay_server
+        self.wake, self.clock, self.wall = wake, clock, wall
+        self.planner = PunchPlanner(timings)
+        self.failover_after = failover_after
+        self.intents: tuple[PunchIntent, ...] = ()
+        self.peers: dict[PublicKey, _Peer] = {}
+        self.rtt: dict[PublicKey, float | None] = {}
+        self.punches = 0
+        self.punch_successes = 0
+        self.allocations = 0
+        self.dirty = False  # background work finished: the next pass must be a full one
+        self._started = False
+        self._start_error: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._next_ping = 0.0
+        self._who: dict[str, PublicKey] = {}
+        self._where: dict[PublicKey, tuple[str, int]] = {}
+        self.punch_error: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.punch_port is not None or self.relay_client is not None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def ensure_started(self, mesh: ipaddress.IPv6Address, device: str) -> None:
+        """Start the responder, the relay client and (relaying) the service, once the mesh address is
+        on the link; a failure is reported once and retried by the next pass."""
+        if self._started:
+            return
+        try:
+            if self.punch_port is not None:
+                await self.punch_port.start(self.wg_port, self.own, lambda k: k in self.peers)
+            if self.relay_client is not None:
+                await self.relay_client.start(mesh, device, self._lookup, self._on_notify)
+            if self.relay_server is not None:
+                await self.relay_server.start(mesh, device, self._lookup, lambda k: self._where.get(k))
+        except Exception as e:
+            await self._close_ports()
+            if str(e) != self._start_error:
+                self._start_error = str(e)
+                log_event(log, "NAT traversal not started; retrying", logging.WARNING, error=str(e))
+            return
+        self._started = True
+        log_event(log, "NAT traversal started", relay=self.relay_server is not None)
+
+    async def close(self) -> None:
+        for t in [*self._tasks]:
+            t.cancel()
+        for t in [*self._tasks]:
+            with contextlib.suppress(BaseException):
+                await t
+        self._tasks.clear()
+        await self._close_ports()
+        self._started = False
+
+    async def _close_ports(self) -> None:
+        for port in (self.relay_server, self.relay_client, self.punch_port):
+            if port is None:
+                continue
+            try:
+                await (port.close() if isinstance(port, PunchPort) else port.stop())
+            except Exception as e:
+                log_event(log, "NAT traversal port close failed", logging.WARNING, error=str(e))
+
+    def _lookup(self, addr: str) -> PublicKey | None:
+        """The peer whose mesh address ``addr`` is (a relay's ``who``; the tunnel vouches for it)."""
+        return self._who.get(str(ipaddress.ip_address(addr)))
+
+    def directory(self, peers: Iterable[tuple[PublicKey, ipaddress.IPv6Address | None]]) -> None:
+        """The mesh address of every peer (the relay's ``who`` and ``where``)."""
+        self._who = {str(a): k for k, a in peers if a is not None}
+        self._where = {k: (a, CLIENT_PORT) for a, k in self._who.items()}
+
+    # -- one pass ----------------------------------------------------------------------------------
+
+    def gated(self, local_class: str, peer_class: str) -> bool:
+        """Both behind NAT: only punched or relayed endpoints are configured (see the docstring)."""
+        return self.punch_port is not None and local_class in NATTED and peer_class in NATTED
+
+    def route(self, key: PublicKey, gated: bool) -> Route:
+        """The endpoint a peer's machine must use first (or only)."""
+        st = self.peers.get(key)
+        if st is not None and st.relay is not None:
+            return Route(st.relay.endpoint, True, RELAY_KEEPALIVE)
+        if st is not None and st.punched is not None:
+            return Route(st.punched, gated)
+        return Route(None, gated)
+
+    def take_adopt(self, key: PublicKey, route: Route) -> bool:
+        """Whether the machine must switch to ``route.first`` now (once per new route)."""
+        st = self.peers.get(key)
+        if st is None or route.first is None or st.adopted == route.first:
+            return False
+        st.adopted = route.first
+        return True
+
+    def step(self, now: float, local_class: str, facts: Sequence[PeerFacts]) -> tuple[PunchIntent, ...]:
+        """Plan this pass's punches and relays and start what they need; the intents to publish."""
+        self.dirty = False
+        wall = self.wall()
+        by_key = {f.key: f for f in facts}
+        for gone in [k for k in self.peers if k not in by_key]:
+            self._forget(self.peers.pop(gone))
+        views: list[PeerView] = []
+        for f in facts:
+            st = self.peers.setdefault(f.key, _Peer(appeared=wall))
+            if st.connect_time is None and f.last_handshake is not None and f.last_handshake >= st.appeared:
+                st.connect_time = round(f.last_handshake - st.appeared, 3)
+            if st.relay is not None and f.endpoint == st.relay.endpoint:
+                st.relay.applied = True
+            elif st.relay is not None and st.relay.applied and f.up and f.endpoint is not None:
+                # WireGuard roamed off the relay (the peer punched through): direct now
+                self._drop_relay(f.key, st, "the peer reached us directly")
+            if self.punch_port is None or self.punch_error is not None:
+                continue
+            if local_class not in NATTED and f.nat_class not in NATTED:
+                continue  # no NAT on either side: nothing to punch
+            mine = next((i for i in f.intents if i.peer == self.own), None)
+            views.append(PeerView(f.key, f.nat_class, f.candidates, self._direct_up(f, st), mine))
+        plan = self.planner.plan(now=now, now_ms=int(wall * 1000), local_class=local_class, peers=views)
+        for op in plan.openers:
+            self._maybe_punch(by_key[op.key], op.candidates, op.start_ms, local_class)
+        for f in facts:
+            st = self.peers[f.key]
+            reason = plan.relay.get(f.key)
+            if reason is None and self.punch_error is not None and not self._direct_up(f, st):
+                if local_class in NATTED and f.nat_class in NATTED:
+                    reason = f"no hole punching: {self.punch_error}"
+            if reason is None and st.notice is not None and not self._direct_up(f, st):
+                reason = "the peer chose a relay"
+            self._relay_step(now, f, st, reason, by_key)
+            st.status = self._status(f, st)
+        self._ping_relays(now, facts)
+        if plan.intents != self.intents:
+            self.intents = plan.intents
+        return self.intents
+
+    def status(self, key: PublicKey) -> PathStatus:
+        st = self.peers.get(key)
+        return st.status if st is not None else NO_PATH
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _direct_up(self, f: PeerFacts, st: _Peer) -> bool:
+        return f.up and (st.relay is None or f.endpoint != st.relay.endpoint)
+
+    def _spawn(self, coro: object, name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self.dirty = True
+            self.wake()
+
+        task.add_done_callback(done)
+        return task
+
+    def _forget(self, st: _Peer) -> None:
+        for t in (st.punch_task, st.alloc_task):
+            if t is not None:
+                t.cancel()
+
+    def _maybe_punch(
+        self, f: PeerFacts, candidates: Sequence[AddrPort], start_ms: int, local_class: str
+    ) -> None:
+        """Start the punch once the peer has committed to the same start (its intent naming us)."""
+        st = self.peers[f.key]
+        if st.punch_start == start_ms or not candidates:
+            return
+        if not any(i.peer == self.own and i.start_ms == start_ms for i in f.intents):
+            return  # probes are full-TTL: never before the peer's openers (nat.md)
+        st.punch_start = start_ms
+        st.punch_task = self._spawn(
+            self._punch(f.key, f.name, tuple(candidates), start_ms, local_class != "public"),
+            f"punch-{f.name}",
+        )
+
+    async def _punch(
+        self, key: PublicKey, name: str, candidates: tuple[AddrPort, ...], start_ms: int, openers: bool
+    ) -> None:
+        assert self.punch_port is not None
+        await asyncio.sleep(max(0.0, start_ms / 1000 - self.wall()))
+        self.punches += 1
+        try:
+            found = await self.punch_port.punch(
+                self.wg_port, candidates, start_ms, own=self.own, peer=key, openers=openers
+            )
+        except Exception as e:
+            self.punch_error = str(e) or type(e).__name__
+            log_event(log, "hole punching unavailable", logging.WARNING, error=self.punch_error)
+            return
+        st = self.peers.get(key)
+        log_event(log, "punch", peer=name, found=str(found) if found else None)
+        if found is None or st is None:
+            return
+        self.punch_successes += 1
+        st.punched = found
+        if st.relay is not None:
+            self._drop_relay(key, st, f"a probe answered from {found}")
+
+    def _drop_relay(self, key: PublicKey, st: _Peer, why: str) -> None:
+        use, st.relay, st.notice, st.need_since = st.relay, None, None, None
+        if use is None:
+            return
+        log_event(log, "relay left", peer=key.b64[:8], relay=use.name, why=why)
+        if use.chosen and self.relay_client is not None:
+            self._spawn(self._release(use.mesh, key), "relay-release")
+
+    async def _release(self, relay: ipaddress.IPv6Address, peer: PublicKey) -> None:
+        assert self.relay_client is not None
+        try:
+            await self.relay_client.release(relay, peer)
+        except Exception as e:
+            log_event(log, "relay release failed", logging.DEBUG, error=str(e))
+
+    def _options(self, facts: Mapping[PublicKey, PeerFacts]) -> list[RelayOption]:
+        return [
+            RelayOption(f.key, f.name, self.rtt.get(f.key))
+            for f in facts.values()
+            if f.relays and f.up and f.mesh_address is not None and f.endpoint is not None
+        ]
+
+    def _relay_step(
+        self, now: float, f: PeerFacts, st: _Peer, reason: str | None, facts: Mapping[PublicKey, PeerFacts]
+    ) -> None:
+        if reason is None:
+            st.why = None
+            if st.relay is None:
+                st.need_since = None
+            return
+        if st.need_since is None:
+            st.need_since = now
+        if f.rx_bytes != st.rx:
+            st.rx, st.rx_at = f.rx_bytes, now
+        if self.relay_client is None or not self._started:
+            st.why = f"{reason}; no relay client"
+            return
+        stalled = 0.0
+        if st.relay is not None:
+            stalled = now - max(st.relay.since, st.rx_at)
+        for k in [k for k, until in st.avoid.items() if until <= now]:
+            del st.avoid[k]
+        d = choose(
+            self.own,
+            f.key,
+            self._options(facts),
+            failover_after=self.failover_after,
+            current=st.relay.key if st.relay is not None else None,
+            stalled_for=stalled,
+            avoid=st.avoid,
+            notified=st.notice.relay if st.notice is not None else None,
+            waited=now - st.need_since,
+        )
+        st.why = reason
+        if d.failed is not None:
+            st.avoid[d.failed] = now + RELAY_AVOID
+        if d.action == "follow" and d.relay is not None and st.notice is not None:
+            relay_f = facts[d.relay.key]
+            assert relay_f.endpoint is not None and relay_f.mesh_address is not None
+            ep = AddrPort(relay_f.endpoint.ip, st.notice.port)
+            if st.relay is None or st.relay.endpoint != ep:
+                st.relay = _RelayUse(d.relay.key, d.relay.name, relay_f.mesh_address, ep, now, False)
+                log_event(log, "relay followed", peer=f.name, relay=d.relay.name, endpoint=str(ep))
+            if stalled >= self.failover_after and st.relay.since < now - self.failover_after:
+                st.notice = None  # the chooser's relay is dead too: choose ourselves
+        elif d.requests and d.relay is not None:
+            if st.alloc_task is None or st.alloc_task.done():
+                if d.failed is not None and st.relay is not None:
+                    log_event(log, "relay failed", peer=f.name, relay=st.relay.name, reason=d.reason)
+                relay_f = facts[d.relay.key]
+                st.alloc_task = self._spawn(
+                    self._allocate(f.key, f.name, relay_f, d.reason), f"relay-allocate-{f.name}"
+                )
+        elif d.action == "none":
+            st.why = f"{reason}; {d.reason}"
+
+    async def _allocate(self, peer: PublicKey, name: str, relay: PeerFacts, reason: str) -> None:
+        assert self.relay_client is not None and relay.mesh_address is not None
+        try:
+            port = await self.relay_client.allocate(relay.mesh_address, peer)
+        except Exception as e:
+            st = self.peers.get(peer)
+            if st is not None:
+                st.avoid[relay.key] = self.clock() + RELAY_AVOID
+            log_event(
+                log, "relay allocation failed", logging.WARNING, peer=name, relay=relay.name, error=str(e)
+            )
+            return
+        st = self.peers.get(peer)
+        if st is None or relay.endpoint is None:
+            return
+        self.allocations += 1
+        ep = AddrPort(relay.endpoint.ip, port)
+        st.relay = _RelayUse(relay.key, relay.name, relay.mesh_address, ep, self.clock(), True)
+        st.rx_at = self.clock()
+        log_event(log, "relay allocated", peer=name, relay=relay.name, endpoint=str(ep), reason=reason)
+
+    def _on_notify(self, notice: Notice) -> None:
+        st = self.peers.get(notice.peer)
+        if st is None:
+            return
+        st.notice = notice
+        self.dirty = True
+        self.wake()
+
+    def _ping_relays(self, now: float, facts: Sequence[PeerFacts]) -> None:
+        if self.relay_client is None or not self._started or now < self._next_ping:
+            return
+        relays = [f for f in facts if f.relays and f.up and f.mesh_address is not None]
+        if not relays:
+            return
+        self._next_ping = now + PING_INTERVAL
+        for f in relays:
+            self._spawn(self._ping(f.key, f.mesh_address), "relay-ping")  # type: ignore[arg-type]
+
+    async def _ping(self, key: PublicKey, mesh: ipaddress.IPv6Address) -> None:
+        assert self.relay_client is not None
+        try:
+            self.rtt[key] = await self.relay_client.ping(mesh)
+        except Exception:
+            self.rtt[key] = None
+
+    def _status(self, f: PeerFacts, st: _Peer) -> PathStatus:
+        relay_via = st.relay.name if st.relay is not None else None
+        path = classify_path(f.up, f.endpoint, st.relay.endpoint if st.relay is not None else None)
+        why = st.why if path != "direct" and path != "lan" else None
+        new = PathStatus(path, relay_via if path == "relay" else None, why, st.connect_time)
+        return st.status if new == st.status else new
+
+
+def classify_path(up: bool, endpoint: AddrPort | None, relay_endpoint: AddrPort | None = None) -> str:
+    """``relay`` (through a relay's allocation), ``lan`` (a private address), ``direct``, or ``none``
+    (not up)."""
+    if not up or endpoint is None:
+        return "none"
+    if relay_endpoint is not None and endpoint == relay_endpoint:
+        return "relay"
+    if any(endpoint.ip.version == n.version and endpoint.ip in n for n in _PRIVATE):
+        return "lan"
+    return "direct"
