@@ -20,6 +20,7 @@ from kubespan.dataplane.links import (
     IPInterface,
     LinkNotFoundError,
     NetlinkEvent,
+    ReconcileInOrder,
     _notify,
 )
 from kubespan.dataplane.nft import NftError, Transaction
@@ -52,7 +53,7 @@ class _Failures:
             raise queue.pop(0)
 
 
-class FakeLinkManager(_Failures):
+class FakeLinkManager(_Failures, ReconcileInOrder):
     """The link, its addresses, our two default routes and our two rules, as plain state."""
 
     def __init__(
@@ -128,13 +129,6 @@ class FakeLinkManager(_Failures):
     def _require_link(self) -> None:
         if not self.link_exists:
             raise LinkNotFoundError(f"link {self.ifname!r} not found")
-
-    async def reconcile(self, addresses: Sequence[IPInterface], up: bool = True) -> list[str]:
-        changes = await self.reconcile_link(addresses, up)
-        if up:
-            changes += await self.reconcile_routes()
-        changes += await self.reconcile_rules()
-        return changes
 
     async def reconcile_link(self, addresses: Sequence[IPInterface], up: bool = True) -> list[str]:
         desired = [ipaddress.ip_interface(a) for a in addresses]

@@ -338,7 +338,29 @@ def link_args(cfg: C.MeshConfig) -> dict[str, Any]:
 # --- The netlink edge -----------------------------------------------------------------------------
 
 
-class LinkManager:
+class ReconcileInOrder:
+    """``reconcile``: the link, then its routes (only when up), then the rules, from the three steps
+    a link port has; :class:`LinkManager` and its fake share it."""
+
+    async def reconcile_link(self, addresses: Sequence[IPInterface], up: bool = True) -> list[str]:
+        raise NotImplementedError
+
+    async def reconcile_routes(self) -> list[str]:
+        raise NotImplementedError
+
+    async def reconcile_rules(self) -> list[str]:
+        raise NotImplementedError
+
+    async def reconcile(self, addresses: Sequence[IPInterface], up: bool = True) -> list[str]:
+        """Link, then routes, then rules; the changes made (empty when nothing changed)."""
+        changes = await self.reconcile_link(addresses, up)
+        if up:
+            changes += await self.reconcile_routes()
+        changes += await self.reconcile_rules()
+        return changes
+
+
+class LinkManager(ReconcileInOrder):
     """Addresses on the mesh link, default routes in the mesh table and the fwmark rules.
 
     ``netns`` names a network namespace (``ip netns`` name) to work in; it is
@@ -490,14 +512,6 @@ class LinkManager:
         return link
 
     # -- reconcile ----------------------------------------------------------------------------
-
-    async def reconcile(self, addresses: Sequence[IPInterface], up: bool = True) -> list[str]:
-        """Link, then routes, then rules; the changes made (empty when nothing changed)."""
-        changes = await self.reconcile_link(addresses, up)
-        if up:
-            changes += await self.reconcile_routes()
-        changes += await self.reconcile_rules()
-        return changes
 
     async def reconcile_link(self, addresses: Sequence[IPInterface], up: bool = True) -> list[str]:
         """MTU, admin state and addresses of the mesh link.
