@@ -499,6 +499,15 @@ class LinkManager(ReconcileInOrder):
             raise
         return True
 
+    async def _delete_address(self, index: int, a: LiveAddress) -> bool:
+        return await self._delete(
+            f"delete address {a.interface}",
+            "addr",
+            index=index,
+            address=str(a.interface.ip),
+            prefixlen=a.interface.network.prefixlen,
+        )
+
     async def _link(self) -> Any | None:
         links = await self._dump(f"read link {self.ifname}", "link", ifname=self.ifname)
         return links[0] if links else None
@@ -538,13 +547,7 @@ class LinkManager(ReconcileInOrder):
             live = [parse_address(m) for m in await self._dump("read addresses", "addr", index=index)]
             remove, add = plan_addresses(live, desired)
             for a in remove:
-                await self._delete(
-                    f"delete address {a.interface}",
-                    "addr",
-                    index=index,
-                    address=str(a.interface.ip),
-                    prefixlen=a.interface.network.prefixlen,
-                )
+                await self._delete_address(index, a)
                 changes.append(f"address {self.ifname}: del {a.interface}")
             for i in add:
                 await self._send(
@@ -687,13 +690,7 @@ class LinkManager(ReconcileInOrder):
                         )
             for a in [parse_address(m) for m in await self._dump("read addresses", "addr", index=index)]:
                 if a.owned:
-                    await self._delete(
-                        f"delete address {a.interface}",
-                        "addr",
-                        index=index,
-                        address=str(a.interface.ip),
-                        prefixlen=a.interface.network.prefixlen,
-                    )
+                    await self._delete_address(index, a)
             if remove_link:
                 await self._delete(f"delete link {self.ifname}", "link", index=index)
             log.info("dataplane teardown done", extra={"link": self.ifname, "removed_link": remove_link})
