@@ -76,6 +76,25 @@ Op = SetDevice | PeerOp
 _ZERO = PresharedKey(bytes(32))
 
 
+def split_ops(ops: Iterable[Op]) -> tuple[SetDevice, list[PeerOp]]:
+    """The device settings of ``ops`` merged (a later :class:`SetDevice` wins field by field) and the
+    peer operations in order, as both backends' encoders send them; TypeError for anything else."""
+    private_key: PrivateKey | None = None
+    listen_port: int | None = None
+    fwmark: int | None = None
+    peer_ops: list[PeerOp] = []
+    for op in ops:
+        if isinstance(op, SetDevice):
+            private_key = op.private_key if op.private_key is not None else private_key
+            listen_port = op.listen_port if op.listen_port is not None else listen_port
+            fwmark = op.fwmark if op.fwmark is not None else fwmark
+        elif isinstance(op, AddPeer | UpdatePeer | RemovePeer):
+            peer_ops.append(op)
+        else:
+            raise TypeError(f"unknown operation {type(op).__name__}")
+    return SetDevice(private_key, listen_port, fwmark), peer_ops
+
+
 def diff_peer(desired: PeerConfig, observed: PeerConfig | ObservedPeer) -> UpdatePeer | None:
     """The update turning ``observed`` into ``desired``, or None when nothing differs."""
     endpoint = None

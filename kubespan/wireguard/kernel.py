@@ -60,7 +60,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.wireguard import wgmsg
 
 from kubespan.constants import check_link_name
-from kubespan.wireguard.diff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer
+from kubespan.wireguard.diff import AddPeer, Op, RemovePeer, UpdatePeer, split_ops
 from kubespan.wireguard.types import (
     AddrPort,
     ObservedDevice,
@@ -284,19 +284,9 @@ def encode_set(ifname: str, ops: Iterable[Op], *, max_size: int = MAX_MESSAGE_SI
     """
     _check_ifname(ifname)
     _check_max_size(max_size)
-    private_key: PrivateKey | None = None
-    listen_port: int | None = None
-    fwmark: int | None = None
-    entries: list[_PeerEntry] = []
-    for op in ops:
-        if isinstance(op, SetDevice):
-            private_key = op.private_key if op.private_key is not None else private_key
-            listen_port = op.listen_port if op.listen_port is not None else listen_port
-            fwmark = op.fwmark if op.fwmark is not None else fwmark
-        elif isinstance(op, AddPeer | RemovePeer | UpdatePeer):
-            entries.append(_entry(op))
-        else:
-            raise TypeError(f"unknown operation {type(op).__name__}")
+    device, peer_ops = split_ops(ops)
+    private_key, listen_port, fwmark = device.private_key, device.listen_port, device.fwmark
+    entries = [_entry(op) for op in peer_ops]
 
     device_attrs: list[list[Any]] = []
     device_size = 0

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
-from kubespan.wireguard.diff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer
+from kubespan.wireguard.diff import AddPeer, Op, RemovePeer, SetDevice, UpdatePeer, split_ops
 from kubespan.wireguard.types import (
     AddrPort,
     InvalidKeyError,
@@ -147,19 +147,8 @@ def _peer_lines(op: AddPeer | UpdatePeer, lines: list[str]) -> None:
 
 def _request_head(ops: Sequence[Op]) -> tuple[list[str], list[AddPeer | UpdatePeer | RemovePeer]]:
     """``set=1`` plus the device-level lines (they must come first), and the peer operations."""
-    private_key: PrivateKey | None = None
-    listen_port: int | None = None
-    fwmark: int | None = None
-    peer_ops: list[AddPeer | UpdatePeer | RemovePeer] = []
-    for op in ops:
-        if isinstance(op, SetDevice):
-            private_key = op.private_key if op.private_key is not None else private_key
-            listen_port = op.listen_port if op.listen_port is not None else listen_port
-            fwmark = op.fwmark if op.fwmark is not None else fwmark
-        elif isinstance(op, AddPeer | UpdatePeer | RemovePeer):
-            peer_ops.append(op)
-        else:
-            raise TypeError(f"unknown operation {type(op).__name__}")
+    device, peer_ops = split_ops(ops)
+    private_key, listen_port, fwmark = device.private_key, device.listen_port, device.fwmark
     lines = ["set=1"]
     if private_key is not None:
         lines.append(f"private_key={private_key.hex}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Network, ip_network
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +18,7 @@ from kubespan.wireguard.diff import (
     diff_device,
     diff_peer,
     diff_peers,
+    split_ops,
 )
 from kubespan.wireguard.types import (
     AddrPort,
@@ -267,3 +269,17 @@ def test_diff_memo_skips_only_identical_objects():
     )
     assert diff_device(want, moved, memo) == [UpdatePeer(key(1), allowed_ips=nets("10.0.0.1/32"))]
     assert key(1) not in memo.in_sync
+
+
+def test_split_ops_merges_device_settings_and_keeps_peer_order():
+    ops = [
+        SetDevice(private_key=PRIV, listen_port=1),
+        RemovePeer(key(2)),
+        SetDevice(listen_port=2, fwmark=0x20),
+        AddPeer(PeerConfig(key(1))),
+    ]
+    device, peers = split_ops(ops)
+    assert device == SetDevice(PRIV, 2, 0x20)  # a later SetDevice wins field by field
+    assert peers == [RemovePeer(key(2)), AddPeer(PeerConfig(key(1)))]
+    with pytest.raises(TypeError, match="unknown operation str"):
+        split_ops(["private_key=..."])  # type: ignore[list-item]
