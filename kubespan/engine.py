@@ -75,6 +75,7 @@ log = logging.getLogger("kubespan.engine")
 
 NODE_ID_FILE = "node-id"
 STUN_INTERVAL = 60.0  # seconds between endpoint discoveries (also re-run when our addresses change)
+STUN_RETRY = 10.0  # after a discovery no responder answered (e.g. started before the responders)
 _BASE62 = string.digits + string.ascii_letters
 
 
@@ -118,6 +119,7 @@ class MeshOptions:
     machine_type: str = ""  # controlplane / worker (the affiliate's machine_type; empty: not a Talos role)
     stun_servers: Sequence[tuple[str, int]] = ()  # (host, port) STUN responders; empty: no discovery
     stun_interval: float = STUN_INTERVAL
+    stun_retry: float = STUN_RETRY
     relay: bool = False  # run a relay for other nodes (announced in Traversal.relay)
     punch_timings: PunchTimings | None = None  # None: the defaults (2 s lead, 10 s window, 60 s → 10 min)
     relay_failover: float = 5.0  # seconds without rx on a relayed path before the next relay
@@ -323,7 +325,8 @@ class Mesh:
 
     def _step_stun(self, now: float) -> None:
         """Take a finished discovery's result and start the next one when it is due: at start, when
-        our addresses changed since the last run started, and every ``stun_interval``. The run is a
+        our addresses changed since the last run started, and every ``stun_interval`` (``stun_retry``
+        after a run no responder answered). The run is a
         background task (a pass never waits for responders); its end wakes the engine, whose next
         pass publishes the result."""
         task = self._stun_task
@@ -336,6 +339,8 @@ class Mesh:
             except Exception as e:  # a port must not raise, but if it does: no STUN, with the reason
                 report = NatReport(NatClass.UNKNOWN, None, (), f"discovery failed: {e}")
             self._take_nat(report)
+            if not report.responders:  # nobody answered: try again sooner than the interval
+                self._stun_next = min(self._stun_next, now + self.opts.stun_retry)
         if self.stun is None or not self.opts.stun_servers or not self.local_addresses or self._stopping:
             return
         if self._stun_for is self.local_addresses and now < self._stun_next:

@@ -51,8 +51,10 @@ def _link_info(msg: Any) -> LinkInfo:
     return LinkInfo(name=name, mac=mac, physical=kind is None and not loopback, loopback=loopback)
 
 
-class NetlinkHost:
-    """Reads links and addresses of the current network namespace."""
+class RtnlDumps:
+    """Whole-table dumps (``link``, ``addr``, ``route``) of the current network namespace over one
+    rtnetlink socket, opened on first use; a socket that fails is closed and the next dump opens
+    another. Shared by the mesh's host view and machined's network resources."""
 
     def __init__(self) -> None:
         self._ipr: Any = None
@@ -65,12 +67,22 @@ class NetlinkHost:
         return self._ipr
 
     async def _dump(self, method: str) -> list[Any]:
-        ipr = self._sock()
         try:
-            return [m async for m in await getattr(ipr, method)("dump")]
+            return [m async for m in await getattr(self._sock(), method)("dump")]
         except (OSError, EOFError):
             await self.close()
             raise
+
+    async def close(self) -> None:
+        if self._ipr is not None:
+            try:
+                self._ipr.close()
+            finally:
+                self._ipr = None
+
+
+class NetlinkHost(RtnlDumps):
+    """Reads links and addresses of the current network namespace."""
 
     async def links(self) -> list[LinkInfo]:
         return [_link_info(m) for m in await self._dump("link")]
@@ -89,10 +101,3 @@ class NetlinkHost:
                 continue
             out.append(iface)
         return out
-
-    async def close(self) -> None:
-        if self._ipr is not None:
-            try:
-                self._ipr.close()
-            finally:
-                self._ipr = None

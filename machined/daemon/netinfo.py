@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kubespan.hostinfo import RtnlDumps
+
 Spec = dict[str, Any]
 
 _IFF = (
@@ -135,26 +137,9 @@ def route_spec(m: Any, names: dict[int, str]) -> tuple[str, Spec]:
     return rid, spec
 
 
-class NetlinkInfo:
+class NetlinkInfo(RtnlDumps):
     """Dumps of the current network namespace (one rtnetlink socket, opened lazily), and
     :meth:`watch` for change notifications (links, addresses, routes)."""
-
-    def __init__(self) -> None:
-        self._ipr: Any = None
-
-    def _sock(self) -> Any:
-        if self._ipr is None:
-            from pyroute2 import AsyncIPRoute
-
-            self._ipr = AsyncIPRoute()
-        return self._ipr
-
-    async def _dump(self, method: str) -> list[Any]:
-        try:
-            return [m async for m in await getattr(self._sock(), method)("dump")]
-        except (OSError, EOFError):
-            await self.close()
-            raise
 
     async def _names(self) -> dict[int, str]:
         return {m.get("index"): m.get("IFLA_IFNAME") for m in await self._dump("link")}
@@ -174,13 +159,6 @@ class NetlinkInfo:
     async def routes(self) -> dict[str, Spec]:
         names = await self._names()
         return dict(route_spec(m, names) for m in await self._dump("route"))
-
-    async def close(self) -> None:
-        if self._ipr is not None:
-            try:
-                self._ipr.close()
-            finally:
-                self._ipr = None
 
     async def snapshot(self) -> tuple[dict[str, Spec], dict[str, Spec], dict[str, Spec]]:
         """Links, addresses and routes from one dump of each."""
