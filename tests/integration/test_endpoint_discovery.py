@@ -36,6 +36,8 @@ def test_easy_node_publishes_mapped_endpoint_and_class_and_the_mesh_connects(lab
     ml.start_discovery(
         disc, f"{S1}:3000", "--stun-addr", f"{S1}:{STUN_PORT}", "--stun-addr", f"{S2}:{STUN_PORT}"
     )
+    serving = lab.dir / "discovery-disc.log"
+    ml.wait("discovery-service serving", lambda: serving.exists() and '"serving"' in serving.read_text(), 30)
     easy, public = lab.site("easy", "easy-fw"), lab.site("open", "open")
     e, o = ml.start_node(easy.node, *STUN_FLAGS), ml.start_node(public.node, *STUN_FLAGS)
     mapped = f"{easy.public_ip}:{WG_PORT}"  # masquerade keeps the free port
@@ -59,5 +61,5 @@ def test_easy_node_publishes_mapped_endpoint_and_class_and_the_mesh_connects(lab
         return peer is not None and peer["nat_class"] == "eim" and mapped in peer["candidates"]
 
     ml.wait("the open node decodes the easy node's class and mapped endpoint", open_sees_easy, timeout=30)
-    ml.wait("both peers up", ml.all_up, timeout=30)
+    ml.wait("both peers up", ml.all_up, timeout=40)
     assert e.peer("open")["nat_class"] == "public"

@@ -170,6 +170,30 @@ async def test_runs_periodically_and_on_address_change(rig: StunRig) -> None:
     )
 
 
+async def test_a_run_nobody_answered_is_retried_sooner(tmp_path: Path) -> None:
+    stun = FakeStun(report=NatReport(NatClass.UNKNOWN, None, (), "192.0.2.1:3478: no answer in 2s"))
+    r = StunRig(tmp_path, stun, SERVERS)  # stun_retry: 10 s
+    await r.m.start()
+    try:
+        await r.m.reconcile()
+        await r.settle()
+        assert len(stun.calls) == 1
+        stun.report = EIM  # the responders came up
+        r.clock.t += 9
+        await r.settle()
+        assert len(stun.calls) == 1
+        r.clock.t += 1.5
+        await r.settle()
+        assert len(stun.calls) == 2
+        await r.settle()
+        assert r.m.status().nat.nat_class == "eim"
+        r.clock.t += 11  # answered: back to the 60 s interval
+        await r.settle()
+        assert len(stun.calls) == 2
+    finally:
+        await r.m.stop()
+
+
 async def test_one_discovery_in_flight_and_passes_do_not_wait(held: StunRig) -> None:
     rig = held
     await rig.m.reconcile()
