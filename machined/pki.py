@@ -71,7 +71,7 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -144,10 +144,15 @@ def _now(now: dt.datetime | None) -> dt.datetime:
 
 
 def generate_ca(
-    organization: str = CA_ORGANIZATION, ttl: dt.timedelta = CA_TTL, *, now: dt.datetime | None = None
+    organization: str = CA_ORGANIZATION,
+    ttl: dt.timedelta = CA_TTL,
+    *,
+    now: dt.datetime | None = None,
+    key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | None = None,
 ) -> KeyPair:
-    """A new self-signed ECDSA P-256 CA."""
-    key = _new_key()
+    """A new self-signed CA, ECDSA P-256 unless ``key`` is given (an Ed25519 key makes a CA as Talos
+    generates it: it loads and signs, but grpcio's TLS cannot use it)."""
+    key = key or _new_key()
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)])
     t = _now(now)
     crt = (
@@ -161,7 +166,7 @@ def generate_ca(
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
+        .sign(key, _signing_hash(key))
     )
     return KeyPair(crt.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 

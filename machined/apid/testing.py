@@ -141,31 +141,9 @@ async def start_apid(
 
 def ed25519_ca() -> pki.KeyPair:
     """A CA as Talos generates it (Ed25519): loads and signs, but grpcio's TLS cannot use it."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
-    from cryptography.x509.oid import NameOID
 
-    key = ed25519.Ed25519PrivateKey.generate()
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "talos")])
-    now = dt.datetime.now(dt.UTC)
-    crt = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, None)
-    )
-    return pki.KeyPair(
-        crt.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
-    )
+    return pki.generate_ca("talos", dt.timedelta(days=1), key=ed25519.Ed25519PrivateKey.generate())
 
 
 @contextlib.asynccontextmanager
