@@ -1,6 +1,7 @@
 """apid's backend channel cache: bounded LRU, idle expiry, never closing under a running call."""
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -16,14 +17,20 @@ class Chan:
         self.closed += 1
 
 
-def cache(**kw):
+@contextlib.asynccontextmanager
+async def cache(**kw):
+    """A ChannelCache of fake channels and the list of those it made; closed on exit."""
     made = []
 
     def factory(key):
         made.append(Chan(key))
         return made[-1]
 
-    return ChannelCache(factory, **kw), made
+    c = ChannelCache(factory, **kw)
+    try:
+        yield c, made
+    finally:
+        await c.aclose()
 
 
 async def settle():
@@ -32,8 +39,7 @@ async def settle():
 
 
 async def test_3000_targets_stay_within_the_bound_and_evicted_channels_are_closed():
-    c, made = cache(max_size=256)
-    try:
+    async with cache(max_size=256) as (c, made):
         for i in range(3000):
             with c.lease(f"10.0.{i // 250}.{i % 250}:50000"):
                 assert len(c) <= 256
@@ -43,14 +49,11 @@ async def test_3000_targets_stay_within_the_bound_and_evicted_channels_are_close
         assert all(ch.closed == 0 for ch in made[-256:])  # the most recent ones are cached
         st = c.stats()
         assert (st["evicted"], st["closed"], st["draining"], st["in_use"]) == (2744, 2744, 0, 0)
-    finally:
-        await c.aclose()
     assert all(ch.closed == 1 for ch in made)  # shutdown closes the rest, each channel once
 
 
 async def test_reuse_and_least_recently_used_first_out():
-    c, made = cache(max_size=2)
-    try:
+    async with cache(max_size=2) as (c, made):
         with c.lease("a") as a:
             pass
         with c.lease("b"):
@@ -62,13 +65,10 @@ async def test_reuse_and_least_recently_used_first_out():
         await settle()
         assert "a" in c and "c" in c and "b" not in c
         assert [ch.key for ch in made if ch.closed] == ["b"]
-    finally:
-        await c.aclose()
 
 
 async def test_an_idle_channel_is_evicted_before_a_busy_one():
-    c, _made = cache(max_size=2)
-    try:
+    async with cache(max_size=2) as (c, _made):
         with c.lease("busy") as busy:
             with c.lease("idle"):
                 pass
@@ -76,13 +76,10 @@ async def test_an_idle_channel_is_evicted_before_a_busy_one():
                 pass
             await settle()
             assert "busy" in c and "idle" not in c and not busy.closed
-    finally:
-        await c.aclose()
 
 
 async def test_an_evicted_channel_under_a_call_closes_when_the_call_ends():
-    c, _made = cache(max_size=1)
-    try:
+    async with cache(max_size=1) as (c, _made):
         with c.lease("a") as a:
             with c.lease("b") as b:  # every cached channel is busy: a leaves the cache anyway ...
                 assert len(c) == 1 and "b" in c
@@ -93,14 +90,11 @@ async def test_an_evicted_channel_under_a_call_closes_when_the_call_ends():
             assert not a.closed and not b.closed
         await settle()
         assert a.closed == 1 and not b.closed and c.stats()["draining"] == 0
-    finally:
-        await c.aclose()
 
 
 async def test_idle_expiry_with_an_injected_clock():
     clock = ManualClock()
-    c, made = cache(max_size=10, idle=300.0, clock=clock)
-    try:
+    async with cache(max_size=10, idle=300.0, clock=clock) as (c, made):
         with c.lease("old"):
             pass
         clock.t += 200
@@ -121,26 +115,20 @@ async def test_idle_expiry_with_an_injected_clock():
         assert c.sweep() == 1 and len(c) == 0
         await settle()
         assert all(ch.closed == 1 for ch in made) and c.stats()["expired"] == 3
-    finally:
-        await c.aclose()
 
 
 async def test_the_sweeper_runs_by_itself():
-    c, made = cache(idle=0.1)
-    try:
+    async with cache(idle=0.1) as (c, made):
         with c.lease("a"):
             pass
         async with asyncio.timeout(5):
             while not made[0].closed:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         assert len(c) == 0 and c.stats()["expired"] == 1
-    finally:
-        await c.aclose()
 
 
 async def test_a_new_generation_replaces_the_channel_and_the_old_one_finishes_its_call():
-    c, _made = cache()
-    try:
+    async with cache() as (c, _made):
         with c.lease("a", 1) as old:
             with c.lease("a", 2) as new:
                 assert new is not old
@@ -150,13 +138,10 @@ async def test_a_new_generation_replaces_the_channel_and_the_old_one_finishes_it
         assert old.closed == 1 and not new.closed and c.stats()["replaced"] == 1
         with c.lease("a", 2) as again:
             assert again is new
-    finally:
-        await c.aclose()
 
 
 async def test_a_failing_call_still_returns_its_lease():
-    c, made = cache(max_size=1)
-    try:
+    async with cache(max_size=1) as (c, made):
         with pytest.raises(RuntimeError), c.lease("a"):
             raise RuntimeError("call failed")
         assert c.stats()["in_use"] == 0
@@ -164,8 +149,6 @@ async def test_a_failing_call_still_returns_its_lease():
             pass
         await settle()
         assert made[0].closed == 1  # idle, so evicted and closed at once
-    finally:
-        await c.aclose()
 
 
 def test_limits_are_checked():
