@@ -127,42 +127,27 @@ async def test_list_with_label_and_id_queries(api):
     def ids(items: list[Any]) -> list[str]:
         return [i.resource.metadata.id for i in items]
 
+    def zone(op: Any, value: str, invert: bool = False) -> resource_pb2.LabelQuery:
+        return resource_pb2.LabelQuery(
+            terms=[resource_pb2.LabelTerm(key="zone", op=op, value=[value], invert=invert)]
+        )
+
+    def peer_statuses(**options: Any) -> Any:
+        request = state_pb2.ListRequest(type=KUBESPAN_PEER_STATUS, options=state_pb2.ListOptions(**options))
+        return api.List(request, FakeContext())
+
     every = await collect(api.List(state_pb2.ListRequest(type=KUBESPAN_PEER_STATUS), FakeContext(READER)))
     assert ids(every) == ["key1=", "key2=", "key3="]
-    q = resource_pb2.LabelQuery(
-        terms=[resource_pb2.LabelTerm(key="zone", op=resource_pb2.LabelTerm.EQUAL, value=["a"])]
-    )
-    got = await collect(
-        api.List(
-            state_pb2.ListRequest(type=KUBESPAN_PEER_STATUS, options=state_pb2.ListOptions(label_query=[q])),
-            FakeContext(),
-        )
-    )
+    got = await collect(peer_statuses(label_query=[zone(resource_pb2.LabelTerm.EQUAL, "a")]))
     assert ids(got) == ["key1=", "key2="]
-    notb = resource_pb2.LabelQuery(
-        terms=[resource_pb2.LabelTerm(key="zone", op=resource_pb2.LabelTerm.IN, value=["b"], invert=True)]
-    )
     got = await collect(
-        api.List(
-            state_pb2.ListRequest(
-                type=KUBESPAN_PEER_STATUS,
-                options=state_pb2.ListOptions(
-                    label_query=[notb], id_query=resource_pb2.IDQuery(regexp="^key[2-3]")
-                ),
-            ),
-            FakeContext(),
+        peer_statuses(
+            label_query=[zone(resource_pb2.LabelTerm.IN, "b", invert=True)],
+            id_query=resource_pb2.IDQuery(regexp="^key[2-3]"),
         )
     )
     assert ids(got) == ["key2="]
-    lt = resource_pb2.LabelQuery(
-        terms=[resource_pb2.LabelTerm(key="zone", op=resource_pb2.LabelTerm.LT, value=["b"])]
-    )
-    e = await aborted(
-        api.List(
-            state_pb2.ListRequest(type=KUBESPAN_PEER_STATUS, options=state_pb2.ListOptions(label_query=[lt])),
-            FakeContext(),
-        )
-    )
+    e = await aborted(peer_statuses(label_query=[zone(resource_pb2.LabelTerm.LT, "b")]))
     assert e.code is grpc.StatusCode.INVALID_ARGUMENT and "LT" in e.details
 
 
