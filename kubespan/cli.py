@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="STUN responder for endpoint discovery from the WireGuard port (discovery-service "
         "--stun-addr, or any standard STUN server); two on different IPs classify the NAT",
     )
+    run.add_argument(
+        "--relay",
+        action="store_true",
+        help="relay WireGuard traffic for peers that cannot reach each other directly (needs a public "
+        "or port-forwarded endpoint; announced in the encrypted affiliate data)",
+    )
     run.add_argument("--mac", type=_mac, help="MAC for the mesh address (default: first physical NIC)")
     run.add_argument(
         "--allow-down-peer-bypass", action="store_true", help="fail open for peers that went down"
@@ -252,6 +258,7 @@ async def run(ns: argparse.Namespace, cfg: MeshConfig) -> int:
         mac=ns.mac,
         publish_learned=not ns.no_publish_learned,
         stun_servers=tuple(ns.stun_server),
+        relay=ns.relay,
     )
     runner = await build_mesh(
         opts,
@@ -328,13 +335,14 @@ def _ago(ts: float | None, now: float) -> str:
 
 def format_table(st: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    rows = [("LABEL", "ENDPOINT", "STATE", "RX", "TX", "LAST HANDSHAKE", "NAT")]
+    rows = [("LABEL", "ENDPOINT", "STATE", "PATH", "RX", "TX", "LAST HANDSHAKE", "NAT")]
     for p in sorted(st.get("peers", []), key=lambda p: p["label"]):
         rows.append(
             (
                 p["label"],
                 p["endpoint"] or "-",
                 p["state"],
+                _path(p),
                 _human_bytes(p["rx_bytes"]),
                 _human_bytes(p["tx_bytes"]),
                 _ago(p["last_handshake"], now),
@@ -349,6 +357,16 @@ def format_table(st: dict[str, Any], now: float | None = None) -> str:
     )
     extra = [f"conflict: {c}" for c in st.get("conflicts", [])]
     return "\n".join([head, _nat_line(st.get("nat") or {}), *lines, *extra])
+
+
+def _path(p: dict[str, Any]) -> str:
+    """``direct``, ``lan``, ``relay via node-r``, ``none``; with why it is not direct in parentheses."""
+    text = p.get("path") or "none"
+    if text == "relay" and p.get("relay_via"):
+        text += f" via {p['relay_via']}"
+    if p.get("why_not_direct"):
+        text += f" ({p['why_not_direct']})"
+    return text
 
 
 def _nat_line(nat: dict[str, Any]) -> str:

@@ -358,6 +358,17 @@ class Mesh:
     def _take_nat(self, report: NatReport) -> None:
         """Keep a finished discovery's report (published by this pass) and its status."""
         previous, self.nat = self.nat, report
+        if (
+            self.relay_server is not None
+            and report.nat_class != NatClass.PUBLIC
+            and (previous is None or previous.nat_class != report.nat_class)
+        ):
+            log_event(
+                log,
+                "relaying without a public endpoint: peers reach the relay only through a port forward",
+                logging.WARNING,
+                nat_class=str(report.nat_class),
+            )
         publish = report.publishable
         error = f"STUN: {report.error}" if report.error else None
         if publish is None and error is None:  # an answered but endpoint-dependent mapping

@@ -69,7 +69,35 @@ class MeshCollector:
         conflicts = GaugeMetricFamily("kubespan_conflicts", "Address/key conflicts among affiliates.")
         conflicts.add_metric([], len(st.conflicts))
         yield from (ready, peers, state, age, switches, roams, failures, rx, tx, cands, conflicts)
+        yield from self._paths(st)
         yield from self._nat(st)
+
+    @staticmethod
+    def _paths(st: MeshStatus) -> Iterator[Metric]:
+        """Each peer's path (1 on the current one; ``relay_via`` names the relay), why it is not
+        direct (1, as a label), and the time it took to connect."""
+        labels = ["peer", "public_key"]
+        path = GaugeMetricFamily(
+            "kubespan_peer_path",
+            "The peer's path (lan, direct, relay, none): 1 on the current one.",
+            labels=[*labels, "path", "relay_via"],
+        )
+        why = GaugeMetricFamily(
+            "kubespan_peer_not_direct", "1 with the reason a peer is not direct.", labels=[*labels, "reason"]
+        )
+        connect = GaugeMetricFamily(
+            "kubespan_peer_connect_seconds",
+            "Seconds from both sides' candidates known to the first handshake.",
+            labels=labels,
+        )
+        for p in st.peers:
+            lv = [p.label, p.public_key]
+            path.add_metric([*lv, p.path, p.relay_via or ""], 1.0)
+            if p.why_not_direct:
+                why.add_metric([*lv, p.why_not_direct], 1.0)
+            if p.connect_time is not None:
+                connect.add_metric(lv, p.connect_time)
+        yield from (path, why, connect)
 
     @staticmethod
     def _nat(st: MeshStatus) -> Iterator[Metric]:

@@ -17,7 +17,18 @@ from pathlib import Path
 
 from kubespan.engine import Mesh, MeshOptions, load_node_id
 from kubespan.hostinfo import HostInfo
-from kubespan.ports import Closable, DiscoveryPort, Leaver, LinkPort, NftPort, Startable, StunPort
+from kubespan.ports import (
+    Closable,
+    DiscoveryPort,
+    Leaver,
+    LinkPort,
+    NftPort,
+    PunchPort,
+    RelayClientPort,
+    RelayServerPort,
+    Startable,
+    StunPort,
+)
 from kubespan.probe import Prober
 from kubespan.wireguard.backend import WireGuardBackend
 from spanutil.logs import log_event
@@ -65,6 +76,9 @@ class MeshDeps:
     # when it has them (Startable, Closable, Leaver)
     discovery: DiscoveryPort | None = None
     stun: StunPort | None = None  # endpoint discovery (the real one runs only with STUN servers)
+    punch: PunchPort | None = None  # hole punching (the real one runs only with STUN servers)
+    relay_client: RelayClientPort | None = None  # with STUN servers or --relay
+    relay_server: RelayServerPort | None = None  # with --relay
 
 
 class MeshRunner:
@@ -185,6 +199,21 @@ async def build_mesh(
         from kubespan.nat.stunclient import RawStun
 
         stun = RawStun(fwmark=cfg.fwmark_wireguard)  # probes skip the mesh's routing, like WireGuard's
+    # NAT traversal needs the NAT classes STUN finds; without STUN servers the mesh works as before
+    punch, relay_client, relay_server = deps.punch, deps.relay_client, deps.relay_server
+    if punch is None and opts.stun_servers:
+        from kubespan.nat.opener import RawPunch
+        from kubespan.nat.probemsg import probe_key
+
+        punch = RawPunch(probe_key(opts.cluster_secret), fwmark=cfg.fwmark_wireguard)
+    if relay_client is None and (opts.stun_servers or opts.relay):
+        from kubespan.relay.agent import MeshRelayClient
+
+        relay_client = MeshRelayClient()
+    if relay_server is None and opts.relay:
+        from kubespan.relay.agent import MeshRelayServer
+
+        relay_server = MeshRelayServer()
     mesh = Mesh(
         opts,
         backend=wg,
@@ -194,6 +223,9 @@ async def build_mesh(
         discovery=discovery,
         prober=deps.prober or Prober(),
         stun=stun,
+        punch=punch,
+        relay_client=relay_client,
+        relay_server=relay_server,
     )
     ref.append(mesh)
     return MeshRunner(mesh, discovery, wg)

@@ -145,6 +145,7 @@ class AgentSettings:
     mac: bytes | None = None
     discovery_ca: Path | None = None
     stun_servers: tuple[tuple[str, int], ...] = ()  # mesh.stunServers: endpoint discovery (HOST:PORT)
+    relay: bool = False  # mesh.relay: relay for peers that cannot connect directly (a public node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -600,6 +601,7 @@ def read_agent(r: Reader) -> tuple[AgentSettings, dict[str, int | str]]:
         stun_servers=r.items(
             "mesh.stunServers", _hostport, "must be HOST:PORT (IPv6 as [IP]:PORT, port 1-65535)"
         ),
+        relay=bool(r.boolean("mesh.relay", False)),
     )
     r.reject_unknown()
     return settings, mesh

@@ -59,6 +59,7 @@ class MeshSettings:
     mac: bytes | None = None
     machine_type: str = ""  # machine.type, published in the affiliate (workers find trustd by it)
     stun_servers: tuple[tuple[str, int], ...] = ()  # AgentConfig mesh.stunServers
+    relay: bool = False  # AgentConfig mesh.relay
 
     @property
     def discovery_urls(self) -> tuple[str, ...]:
@@ -83,6 +84,7 @@ class MeshSettings:
             publish_learned=self.publish_learned,
             machine_type=self.machine_type,
             stun_servers=self.stun_servers,
+            relay=self.relay,
         )
 
 
@@ -409,6 +411,7 @@ class MachineConfig:
             mac=agent.mac,
             machine_type=v1.machine_type,
             stun_servers=agent.stun_servers,
+            relay=agent.relay,
         )
         return self
 

@@ -166,8 +166,9 @@ class KubeSpanPeerStatusController(Controller):
                 or prev == p
                 or (
                     not flush
-                    and (prev.state, prev.endpoint, prev.label, prev.nat_class)
-                    == (p.state, p.endpoint, p.label, p.nat_class)
+                    and (prev.state, prev.endpoint, prev.label, prev.nat_class, prev.path, prev.relay_via)
+                    == (p.state, p.endpoint, p.label, p.nat_class, p.path, p.relay_via)
+                    and (prev.why_not_direct, prev.connect_time) == (p.why_not_direct, p.connect_time)
                 )
             ):
                 ctx.keep(NS_KUBESPAN, KUBESPAN_PEER_STATUS, key)
@@ -185,6 +186,12 @@ class KubeSpanPeerStatusController(Controller):
                     "lastUsedEndpoint": p.last_used_endpoint or "",
                     "lastEndpointChange": rfc3339(p.last_endpoint_change),
                     "natClass": p.nat_class,  # ours: the class the peer publishes
+                    # ours (issue 14): lan | direct | relay | none, the relay's node name, why not direct,
+                    # seconds from both sides' candidates known to the first handshake
+                    "path": p.path,
+                    "relayVia": p.relay_via or "",
+                    "whyNotDirect": p.why_not_direct or "",
+                    "connectTime": p.connect_time,
                 },
             )
             self._last[key] = p

@@ -167,8 +167,13 @@ async def test_mesh_state_is_published_as_talos_resources(make, world):
         "lastUsedEndpoint",
         "lastEndpointChange",
         "natClass",  # ours: the class the peer publishes
+        "path",  # ours (issue 14): lan | direct | relay | none
+        "relayVia",
+        "whyNotDirect",
+        "connectTime",
     }
     assert st.spec["natClass"] == "unknown"  # the remote publishes no traversal field
+    assert st.spec["path"] == "lan" and st.spec["relayVia"] == "" and st.spec["whyNotDirect"] == ""
     assert st.spec["label"] == "n2" and st.spec["endpoint"] == "10.5.0.2:51820"
     assert st.spec["receiveBytes"] > 0 and st.spec["lastHandshakeTime"].endswith("Z")
 
