@@ -82,22 +82,26 @@ async def setup():
     await p.close()
 
 
+async def refusal(p: Proxy, method: str, ctx: Ctx) -> Aborted:
+    """How ``p`` refused a unary call of ``method`` (it must abort)."""
+    with pytest.raises(Aborted) as e:
+        await p._unary(method, b"", ctx)
+    return e.value
+
+
 def pem(kp):
     return kp.crt
 
 
 async def test_authorization_refusals(setup):
     ca, p = setup
-    with pytest.raises(Aborted) as e:
-        await p._unary(VERSION, b"", Ctx())
-    assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
-    with pytest.raises(Aborted) as e:
-        await p._unary(VERSION, b"", Ctx(pem(pki.issue_server(ca, ["127.0.0.1"]))))
-    assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and "clientAuth" in e.value.details
+    e = await refusal(p, VERSION, Ctx())
+    assert e.code == grpc.StatusCode.UNAUTHENTICATED
+    e = await refusal(p, VERSION, Ctx(pem(pki.issue_server(ca, ["127.0.0.1"]))))
+    assert e.code == grpc.StatusCode.UNAUTHENTICATED and "clientAuth" in e.details
     reader = pem(pki.issue_client(ca, ["os:reader"]))
-    with pytest.raises(Aborted) as e:
-        await p._unary("/machine.MachineService/ServiceRestart", b"", Ctx(reader))
-    assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+    e = await refusal(p, "/machine.MachineService/ServiceRestart", Ctx(reader))
+    assert e.code == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_local_call_gets_roles_and_no_routing_headers(setup):
@@ -121,20 +125,16 @@ async def test_local_call_gets_roles_and_no_routing_headers(setup):
 )
 async def test_routing_errors(setup, md, method, code):
     ca, p = setup
-    with pytest.raises(Aborted) as e:
-        await p._unary(method, b"", Ctx(pem(pki.issue_client(ca, ["os:admin"])), md))
-    assert e.value.code == code
+    e = await refusal(p, method, Ctx(pem(pki.issue_client(ca, ["os:admin"])), md))
+    assert e.code == code
 
 
 async def test_no_forwarding_without_identity(setup):
     ca, _ = setup
     p = Proxy("/nonexistent.sock", None)
     try:
-        with pytest.raises(Aborted) as e:
-            await p._unary(VERSION, b"", Ctx(pem(pki.issue_client(ca, ["os:admin"])), [("node", "x")]))
-        assert (
-            e.value.code == grpc.StatusCode.PERMISSION_DENIED and "no request forwarding" in e.value.details
-        )
+        e = await refusal(p, VERSION, Ctx(pem(pki.issue_client(ca, ["os:admin"])), [("node", "x")]))
+        assert e.code == grpc.StatusCode.PERMISSION_DENIED and "no request forwarding" in e.details
     finally:
         await p.close()
 
@@ -165,12 +165,10 @@ async def test_node_forward_errors_keep_status_and_malformed_is_internal(setup, 
     chans = {"x": FakeChannel(rpc_error(grpc.StatusCode.NOT_FOUND, "nope")), "y": FakeChannel(b"\x80")}
     use(p, chans)
     admin = pem(pki.issue_client(ca, ["os:admin"]))
-    with pytest.raises(Aborted) as e:
-        await p._unary(VERSION, b"", Ctx(admin, [("node", "x")]))
-    assert (e.value.code, e.value.details) == (grpc.StatusCode.NOT_FOUND, "nope")
-    with pytest.raises(Aborted) as e:
-        await p._unary(VERSION, b"", Ctx(admin, [("node", "y")]))
-    assert e.value.code == grpc.StatusCode.INTERNAL
+    e = await refusal(p, VERSION, Ctx(admin, [("node", "x")]))
+    assert (e.code, e.details) == (grpc.StatusCode.NOT_FOUND, "nope")
+    e = await refusal(p, VERSION, Ctx(admin, [("node", "y")]))
+    assert e.code == grpc.StatusCode.INTERNAL
 
 
 async def test_channels_replaced_after_renewal_and_old_ones_closed_after_their_calls(setup):
@@ -242,9 +240,8 @@ def test_calls_to_other_nodes_end_before_the_callers_deadline():
 async def test_bad_targets_and_too_many_are_refused_before_dialing(setup, md, needle):
     ca, p = setup
     p.channels.factory = lambda target: pytest.fail(f"dialed {target}")
-    with pytest.raises(Aborted) as e:
-        await p._unary(VERSION, b"", Ctx(pem(pki.issue_client(ca, ["os:reader"])), md))
-    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details, e.value.details
+    e = await refusal(p, VERSION, Ctx(pem(pki.issue_client(ca, ["os:reader"])), md))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and needle in e.details, e.details
     assert len(p.channels) == 0
 
 
@@ -291,16 +288,14 @@ async def test_a_certificate_with_o_x_comma_admin_is_not_admin(setup):
     p.local = FakeChannel(version("front"))
     odd = pem(pki.issue_client(ca, ["x,os:admin"]))
     for method in (VERSION, "/cosi.resource.State/Get", "/machine.MachineService/ApplyConfiguration"):
-        with pytest.raises(Aborted) as e:
-            await p._unary(method, b"", Ctx(odd, [("talos-role", "os:admin")]))
-        assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+        e = await refusal(p, method, Ctx(odd, [("talos-role", "os:admin")]))
+        assert e.code == grpc.StatusCode.PERMISSION_DENIED
     assert p.local.seen == []
     both = pem(pki.issue_client(ca, ["x,os:admin", "os:reader"]))
     await p._unary(VERSION, b"", Ctx(both))
     assert [v for k, v in p.local.seen[0][2] if k == "talos-role"] == ["os:reader"]
-    with pytest.raises(Aborted) as e:
-        await p._unary("/machine.MachineService/ApplyConfiguration", b"", Ctx(both))
-    assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+    e = await refusal(p, "/machine.MachineService/ApplyConfiguration", Ctx(both))
+    assert e.code == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_an_impersonator_forwards_roles_one_value_each(setup):
@@ -310,9 +305,8 @@ async def test_an_impersonator_forwards_roles_one_value_each(setup):
     await p._unary(VERSION, b"", Ctx(imp, role_metadata({"os:reader", "os:operator"})))
     assert [v for k, v in p.local.seen[0][2] if k == "talos-role"] == ["os:operator", "os:reader"]
     # a joined value from an impersonator is no role: nothing allowed (not its own certificate's roles)
-    with pytest.raises(Aborted) as e:
-        await p._unary(VERSION, b"", Ctx(imp, [("talos-role", "os:reader,os:admin")]))
-    assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+    e = await refusal(p, VERSION, Ctx(imp, [("talos-role", "os:reader,os:admin")]))
+    assert e.code == grpc.StatusCode.PERMISSION_DENIED
 
 
 class StreamChannel:
