@@ -131,6 +131,18 @@ def test_print_columns_render_peer_status():
     assert d.columns({}) == ["", "", "", "", ""]
 
 
+def test_nat_status_resolves_by_its_aliases_and_renders_its_columns():
+    d = resolve_type("kubespannat")
+    assert d is resolve_type("kubespannatstatuses") and d.type == c.KUBESPAN_NAT_STATUS
+    assert [col.name.upper() for col in d.print_columns] == ["CLASS", "MAPPED", "PUBLISHED", "ERROR"]
+    spec = {
+        "natClass": "eim",
+        "mappedEndpoint": "198.51.100.7:40000",
+        "publishedEndpoint": "198.51.100.7:40000",
+    }
+    assert d.columns({**spec, "error": ""}) == ["eim", "198.51.100.7:40000", "198.51.100.7:40000", ""]
+
+
 def test_jsonpath_subset():
     data = {"a": {"b": [{"c": 1}, {"c": 2}]}, "ok": True, "list": ["x", "y"]}
     assert PrintColumn("n", "{.a.b[1].c}").render(data) == "2"
