@@ -25,6 +25,25 @@ PY = sys.executable
 STATUS_PORT = 51821  # kubespan run's default --http-addr port
 
 
+def discovery_argv(addr: str, *extra: str) -> list[str]:
+    """discovery-service on ``addr`` (``IP:PORT``) for a lab: gRPC only (no landing page, no metrics),
+    state in memory; ``extra`` flags after those."""
+    return [
+        PY,
+        "-m",
+        "discovery.server.main",
+        "--addr",
+        addr,
+        "--landing-addr",
+        "",
+        "--metrics-addr",
+        "",
+        "--snapshot-path",
+        "",
+        *extra,
+    ]
+
+
 @dataclass
 class MeshNode:
     node: Node
@@ -73,20 +92,7 @@ class MeshLab:
     def start_discovery(self, node: Node, addr: str, *extra: str) -> str:
         """Run discovery-service in ``node`` listening on ``addr`` (``IP:PORT`` or ``[IPv6]:PORT``)."""
         node.popen(
-            PY,
-            "-m",
-            "discovery.server.main",
-            "--addr",
-            addr,
-            "--landing-addr",
-            "",
-            "--metrics-addr",
-            "",
-            "--snapshot-path",
-            "",
-            "--rate-limit",
-            "0",
-            *extra,
+            *discovery_argv(addr, "--rate-limit", "0", *extra),
             log=self.lab.dir / f"discovery-{node.name}.log",
             private_run=False,
         )

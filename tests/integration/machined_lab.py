@@ -34,6 +34,7 @@ from google.protobuf import empty_pb2
 
 from kubespan.identity import mesh_address
 from netns.lab import Lab, LabError, Node
+from netns.mesh import discovery_argv
 from netns.nat import PortForward
 from spanapi.talos.cosi import state_pb2, state_pb2_grpc
 from spanapi.talos.machine import machine_pb2_grpc
@@ -142,10 +143,10 @@ def start_discovery(lab: Lab, segment: str, address: str) -> Node:
     disc = lab.node("disc")
     lab.attach(disc, segment, [f"{address}/24"])
     disc.popen(
-        PY, "-m", "discovery.server.main", "--addr", f"{address}:3000", "--landing-addr", "",
-        "--metrics-addr", "", "--snapshot-path", "", "--rate-limit", "0", "--no-rpc-log",
-        log=lab.dir / "discovery.log", private_run=False,
-    )  # fmt: skip
+        *discovery_argv(f"{address}:3000", "--rate-limit", "0", "--no-rpc-log"),
+        log=lab.dir / "discovery.log",
+        private_run=False,
+    )
     return disc
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from netns import Lab, Node, Router
+from netns.mesh import discovery_argv
 
 pytestmark = pytest.mark.root
 
@@ -48,21 +49,9 @@ def start_responders(lab: Lab, *nodes_ips: tuple[Node, str, str]) -> None:
     for node, ip, ip6 in nodes_ips:
         log = lab.dir / f"discovery-{node.name}.log"
         node.popen(
-            PY,
-            "-m",
-            "discovery.server.main",
-            "--addr",
-            f"{ip}:3000",
-            "--landing-addr",
-            "",
-            "--metrics-addr",
-            "",
-            "--snapshot-path",
-            "",
-            "--stun-addr",
-            f"{ip}:{STUN_PORT}",
-            "--stun-addr",
-            f"[{ip6}]:{STUN_PORT}",
+            *discovery_argv(
+                f"{ip}:3000", "--stun-addr", f"{ip}:{STUN_PORT}", "--stun-addr", f"[{ip6}]:{STUN_PORT}"
+            ),
             log=log,
             private_run=False,
         )

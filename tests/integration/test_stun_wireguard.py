@@ -18,6 +18,7 @@ from kubespan.identity import generate_private_key
 from kubespan.wireguard import UserspaceBackend, sync
 from kubespan.wireguard.types import AddrPort, DeviceConfig, PeerConfig, PresharedKey
 from netns.lab import Lab, Node
+from netns.mesh import discovery_argv
 
 pytestmark = pytest.mark.root
 
@@ -87,11 +88,10 @@ async def test_stun_probes_from_the_wireguard_port_lose_no_tunnel_packet():
 
             log = lab.dir / "discovery-b.log"
             b.popen(
-                PY, "-m", "discovery.server.main",
-                "--addr", "10.77.0.2:3000", "--landing-addr", "", "--metrics-addr", "", "--snapshot-path", "",
-                "--stun-addr", "10.77.0.2:3478", "--stun-rate-limit", "0",
-                log=log, private_run=False,
-            )  # fmt: skip
+                *discovery_argv("10.77.0.2:3000", "--stun-addr", "10.77.0.2:3478", "--stun-rate-limit", "0"),
+                log=log,
+                private_run=False,
+            )
             await wait_for_line(log, '"serving"')
             before = (await backends["b"].get()).peers[keys["a"].public_key()]  # type: ignore[union-attr]
 
