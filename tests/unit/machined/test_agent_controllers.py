@@ -175,24 +175,9 @@ async def test_machine_status_names_what_is_unmet():
     rt = Runtime(s)
     c = MachineStatusController(lambda: stage[0])
     rt.register(c)
-    await s.create(
-        Resource.new(
-            NS_RUNTIME,
-            SERVICE,
-            "etcd",
-            {"running": False, "healthy": False, "unknown": True, "state": "Waiting"},
-        ),
-        owner="t",
-    )
-    await s.create(
-        Resource.new(
-            NS_RUNTIME,
-            SERVICE,
-            "job",
-            {"running": False, "healthy": False, "unknown": False, "state": "Finished"},
-        ),
-        owner="t",
-    )
+    for sid, unknown, service_state in (("etcd", True, "Waiting"), ("job", False, "Finished")):
+        spec = {"running": False, "healthy": False, "unknown": unknown, "state": service_state}
+        await s.create(Resource.new(NS_RUNTIME, SERVICE, sid, spec), owner="t")
     await s.create(
         Resource.new(NS_KUBESPAN, KUBESPAN_PEER_STATUS, "k", {"label": "n2", "state": "down"}), owner="t"
     )
