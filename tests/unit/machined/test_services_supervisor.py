@@ -48,6 +48,12 @@ async def until(sup: Supervisor, name: str, *states: ServiceState):
         return await sup.wait_state(name, *states)
 
 
+async def sleeper(clock: FakeClock, *args: float) -> None:
+    """Until something sleeps on ``clock`` (for that long, when given)."""
+    async with asyncio.timeout(T):
+        await clock.wait_for_sleeper(*args)
+
+
 async def spawns(spawner: FakeSpawner, n: int, argv0: str):
     async with asyncio.timeout(T):
         return await spawner.wait_for_spawns(n, argv0)
@@ -109,8 +115,7 @@ async def test_spawn_failure_is_a_failure_and_is_retried_with_backoff(sup, spawn
     await until(sup, "srv", S.WAITING)
     failed = [m for s, m in trail(sup, "srv") if s is S.FAILED]
     assert failed == ["Failed to start: executable 'srv' not found"]
-    async with asyncio.timeout(T):
-        await clock.wait_for_sleeper(1.0)
+    await sleeper(clock, 1.0)
     clock.advance(1.0)
     await until(sup, "srv", S.RUNNING)
     assert sup.status("srv").restarts == 1
@@ -125,8 +130,7 @@ async def test_always_restarts_with_exponential_backoff_up_to_the_cap(sup, spawn
     await sup.start("crash")
     delays = []
     for n in range(1, 6):
-        async with asyncio.timeout(T):
-            await clock.wait_for_sleeper()
+        await sleeper(clock)
         assert sup.status("crash").state is S.WAITING
         delays.append(clock.sleepers()[0])
         assert sup.status("crash").message == f"Restarting in {delays[-1]:g}s (restart {n})"
@@ -140,8 +144,7 @@ async def test_always_restarts_after_a_clean_exit_too(sup, spawner, clock):
     spawner.program("oneshot", exits(0))
     sup.add(svc("oneshot"))
     await sup.start("oneshot")
-    async with asyncio.timeout(T):
-        await clock.wait_for_sleeper(1.0)
+    await sleeper(clock, 1.0)
     clock.advance(1.0)
     await spawns(spawner, 2, "oneshot")
 
@@ -150,8 +153,7 @@ async def test_on_failure_stops_restarting_after_success(sup, spawner, clock):
     spawner.program("migrate", exits(1), exits(0))
     sup.add(svc("migrate", restart=RestartPolicy.ON_FAILURE))
     await sup.start("migrate")
-    async with asyncio.timeout(T):
-        await clock.wait_for_sleeper(1.0)
+    await sleeper(clock, 1.0)
     clock.advance(1.0)
     st = await until(sup, "migrate", S.FINISHED)
     assert st.restarts == 1 and not sup.status("migrate").state.active
@@ -172,20 +174,17 @@ async def test_a_long_run_resets_the_backoff(sup, spawner, clock):
     sup.add(svc("flaky"))
     await sup.start("flaky")
     for d in (1, 2):
-        async with asyncio.timeout(T):
-            await clock.wait_for_sleeper(d)
+        await sleeper(clock, d)
         clock.advance(d)
         await spawns(spawner, d + 1, "flaky")
-    async with asyncio.timeout(T):
-        await clock.wait_for_sleeper(4)
+    await sleeper(clock, 4)
     spawner.program("flaky", hangs())
     clock.advance(4)
     [*_, long_run] = await spawns(spawner, 4, "flaky")
     await until(sup, "flaky", S.RUNNING)
     clock.advance(61)  # ran longer than reset_after
     long_run.exit(1)
-    async with asyncio.timeout(T):
-        await clock.wait_for_sleeper(1.0)
+    await sleeper(clock, 1.0)
     assert sup.status("flaky").message == "Restarting in 1s (restart 4)"
 
 
@@ -214,8 +213,7 @@ async def test_stop_escalates_to_sigkill_after_the_timeout(sup, spawner, clock):
     await until(sup, "stubborn", S.RUNNING)
     [proc] = spawner.of("stubborn")
     stopping = asyncio.create_task(sup.stop("stubborn"))
-    async with asyncio.timeout(T):
-        await clock.wait_for_sleeper(7)
+    await sleeper(clock, 7)
     assert proc.signals == [signal.SIGTERM] and proc.alive
     clock.advance(6.9)
     await asyncio.sleep(0.01)
@@ -309,8 +307,7 @@ async def test_dependents_wait_until_the_dependency_is_running_and_healthy(sup, 
     async with asyncio.timeout(T):
         await sup.wait_for(lambda s: not s.status("db").health.unknown)
     assert not sup.status("db").health.healthy and sup.status("app").state is S.WAITING
-    async with asyncio.timeout(T):
-        await clock.wait_for_sleeper(2)
+    await sleeper(clock, 2)
     clock.advance(2)
     await until(sup, "app", S.RUNNING)
     assert sup.status("db").health.healthy and sup.status("db").up
@@ -329,8 +326,7 @@ async def test_health_events_only_on_change(sup, spawner, clock):
     await sup.start("web")
     for n in range(1, 4):
         await spawns(spawner, n, "probe")
-        async with asyncio.timeout(T):
-            await clock.wait_for_sleeper(1)
+        await sleeper(clock, 1)
         clock.advance(1)
     assert len(trail(sup, "web", EventKind.HEALTH)) == 1
     assert sup.status("web").health.last_change == clock.time() - 3
@@ -352,15 +348,13 @@ async def test_dependents_are_told_when_a_dependency_goes_down_and_up(sup, spawn
     spawner.program("db", exits(1), hangs())
     sup.add(svc("db"), svc("app", depends_on=("db",)))
     await sup.start("db")
-    async with asyncio.timeout(T):
-        await clock.wait_for_sleeper(1)
+    await sleeper(clock, 1)
     clock.advance(1)
     [_, db2] = await spawns(spawner, 2, "db")
     await sup.start("app")
     await until(sup, "app", S.RUNNING)
     db2.exit(2)
-    async with asyncio.timeout(T):
-        await clock.wait_for_sleeper(2)
+    await sleeper(clock, 2)
     clock.advance(2)
     await until(sup, "db", S.RUNNING)
     notes = [m for _, m in trail(sup, "app", None) if "Dependency" in m]
@@ -523,8 +517,7 @@ async def test_event_ring_is_bounded(spawner, clock):
     async with s:
         await s.start("crash")
         for n in range(1, 5):
-            async with asyncio.timeout(T):
-                await clock.wait_for_sleeper()
+            await sleeper(clock)
             clock.advance(clock.sleepers()[0])
             await spawns(spawner, n + 1, "crash")
         assert len(s.status("crash").events) == 8
