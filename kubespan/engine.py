@@ -75,6 +75,7 @@ log = logging.getLogger("kubespan.engine")
 
 NODE_ID_FILE = "node-id"
 STUN_INTERVAL = 60.0  # seconds between endpoint discoveries (also re-run when our addresses change)
+FIRST_STUN_WAIT = 3.0  # with hole punching: the first publish waits this long for the first discovery
 STUN_RETRY = 10.0  # after a discovery no responder answered (e.g. started before the responders)
 _BASE62 = string.digits + string.ascii_letters
 
@@ -209,6 +210,7 @@ class Mesh:
         self._nat_status: NatStatus = self._no_stun_status()
         self._nat_classes: tuple[tuple[RemoteRecord, ...], dict[str, str]] = ((), {})  # by node id
         self._stopping = False
+        self._started_at = 0.0
         self.on_pass: Callable[[Mesh], None] | None = None  # called after each pass published its snapshot
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -232,6 +234,7 @@ class Mesh:
         await self.backend.ensure_device()
         self.prober.on_reply = self.wake
         self.prober.open()
+        self._started_at = self.clock()
         if self.punch is not None or self.relay_client is not None or self.relay_server is not None:
             self.traversal = TraversalWork(
                 self.identity.public_key,
@@ -666,6 +669,16 @@ class Mesh:
 
     async def _publish_local(self) -> None:
         assert self.identity is not None
+        if (
+            self.local is None
+            and self.traversal is not None
+            and self._local_class() == "pending"
+            and self.clock() - self._started_at < FIRST_STUN_WAIT
+        ):
+            # with hole punching, peers must see our NAT class with our first affiliate: a peer that
+            # takes us for an unknown (so not punch-gated) node tries us naively, and its early
+            # initiations pollute a bare NAT (nat.md §0); the first discovery takes milliseconds
+            return
         public_ip = self.discovery.public_ip if self.discovery is not None else None
         local = build_local_affiliate(
             node_id=self.node_id,

@@ -1,0 +1,88 @@
+"""NAT traversal end to end (root, netns; issue 14): real ``kubespan run`` agents with ``--stun-server``,
+a real discovery-service answering STUN on two internet addresses, one public relay node (``open``,
+``--relay``), two nodes behind ``hard`` (symmetric) NATs and two behind ``easy`` NATs (a bare
+``masquerade`` with no WAN input drop: the pollution case).
+
+The hard pair cannot connect directly (nat.md §2): it is relayed through the public node (``path:
+relay``, ``relay_via: relay``, "both behind symmetric NAT") and a ping crosses the mesh. The easy pair
+connects directly through a coordinated punch. Every pair ends up connected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from netns import Lab
+from netns.mesh import MeshLab, MeshNode, mesh_lab
+
+pytestmark = pytest.mark.root
+
+S1, S2 = "203.0.113.2", "203.0.113.3"  # the discovery host's two internet addresses (STUN on both)
+STUN_PORT = 3478
+STUN_FLAGS = ("--stun-server", f"{S1}:{STUN_PORT}", "--stun-server", f"{S2}:{STUN_PORT}")
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with mesh_lab() as lab:
+        yield lab
+
+
+def _path(n: MeshNode, label: str) -> tuple[str, str | None, str | None]:
+    p = n.peer(label)
+    if p is None or p["state"] != "up":
+        return ("none", None, None)
+    return (p["path"], p["relay_via"], p["why_not_direct"])
+
+
+def test_hard_pair_relayed_easy_pair_punched(lab: Lab) -> None:
+    t0 = time.monotonic()
+    ml = MeshLab(lab)
+    disc = lab.node("disc")
+    lab.attach(disc, lab.internet(), [f"{S1}/24", f"{S2}/24"])
+    ml.start_discovery(
+        disc, f"{S1}:3000", "--stun-addr", f"{S1}:{STUN_PORT}", "--stun-addr", f"{S2}:{STUN_PORT}"
+    )
+    serving = lab.dir / "discovery-disc.log"
+    ml.wait("discovery-service serving", lambda: serving.exists() and '"serving"' in serving.read_text(), 30)
+    sites = {
+        "relay": lab.site("relay", "open"),
+        "h1": lab.site("h1", "hard"),
+        "h2": lab.site("h2", "hard"),
+        "e1": lab.site("e1", "easy"),
+        "e2": lab.site("e2", "easy"),
+    }
+    nodes = {
+        name: ml.start_node(site.node, *STUN_FLAGS, *(("--relay",) if name == "relay" else ()))
+        for name, site in sites.items()
+    }
+    ml.wait("every pair up", ml.all_up, timeout=60)
+    h1, h2, e1, e2 = nodes["h1"], nodes["h2"], nodes["e1"], nodes["e2"]
+
+    ml.wait("h1-h2 relayed", lambda: _path(h1, "h2")[0] == "relay" and _path(h2, "h1")[0] == "relay", 30)
+    assert _path(h1, "h2") == ("relay", "relay", "both behind symmetric NAT")
+    assert _path(h2, "h1")[1] == "relay"
+    relay_ip = sites["relay"].public_ip
+    assert str(h1.peer("h2")["endpoint"]).startswith(f"{relay_ip}:")
+    mesh_h2 = h2.status()["mesh_address"]
+    assert ipaddress.ip_address(mesh_h2).version == 6
+    assert h1.node.ping(mesh_h2, count=3, timeout=5), "no ping over the relayed path"
+
+    ml.wait("e1-e2 direct", lambda: _path(e1, "e2")[0] == "direct" and _path(e2, "e1")[0] == "direct", 30)
+    assert _path(e1, "e2") == ("direct", None, None)
+    assert e1.node.ping(e2.status()["mesh_address"], count=3, timeout=5)
+    ct = e1.peer("e2")["connect_time"]
+    assert ct is not None and ct < 10, ct
+
+    # the relay node reaches everyone directly; easy<->hard is relayed (no direct answer)
+    for n in (h1, h2, e1, e2):
+        assert _path(n, "relay")[0] == "direct"
+    for a in (e1, e2):
+        for b in ("h1", "h2"):
+            path, via, why = _path(a, b)
+            assert (path, via) == ("relay", "relay") and why is not None and "no direct answer" in why
+    assert time.monotonic() - t0 < 120
