@@ -168,7 +168,7 @@ class PunchCall:
 @dataclass
 class FakePunch:
     """The punch port in memory: ``results[peer]`` is what a punch towards ``peer`` finds (None:
-    nothing); ``error`` makes every punch raise (no raw-socket privilege)."""
+    nothing); ``error`` makes the responder's start and every punch raise (no raw-socket privilege)."""
 
     wall: Callable[[], float] = time.time
     results: dict[PublicKey, AddrPort | None] = field(default_factory=dict)
@@ -178,6 +178,8 @@ class FakePunch:
     known: Callable[[PublicKey], bool] | None = None
 
     async def start(self, wg_port: int, own: PublicKey, known: Callable[[PublicKey], bool]) -> None:
+        if self.error is not None:
+            raise self.error
         self.started, self.known = True, known
 
     async def punch(

@@ -162,9 +162,13 @@ class Traversal:
         on the link; a failure is reported once and retried by the next pass."""
         if self._started:
             return
-        try:
-            if self.punch_port is not None:
+        if self.punch_port is not None and self.punch_error is None:
+            try:
                 await self.punch_port.start(self.wg_port, self.own, lambda k: k in self.peers)
+            except Exception as e:  # e.g. no CAP_NET_RAW: no punching, NAT'd pairs are relayed
+                self.punch_error = str(e) or type(e).__name__
+                log_event(log, "hole punching unavailable", logging.WARNING, error=self.punch_error)
+        try:
             if self.relay_client is not None:
                 await self.relay_client.start(mesh, device, self._lookup, self._on_notify)
             if self.relay_server is not None:
@@ -210,7 +214,12 @@ class Traversal:
 
     def gated(self, local_class: str, peer_class: str) -> bool:
         """Both behind NAT: only punched or relayed endpoints are configured (see the docstring)."""
-        return self.punch_port is not None and local_class in NATTED and peer_class in NATTED
+        return (
+            self.punch_port is not None
+            and self.punch_error is None
+            and local_class in NATTED
+            and peer_class in NATTED
+        )
 
     def route(self, key: PublicKey, gated: bool) -> Route:
         """The endpoint a peer's machine must use first (or only)."""

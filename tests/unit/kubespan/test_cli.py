@@ -89,3 +89,19 @@ def test_status_table_shows_the_nat_line_and_each_peers_class() -> None:
     assert lines[2].split()[-1] == "NAT" and lines[3].split()[-1] == "edm"
     st["nat"] = {"nat_class": "unknown", "error": "STUN: no responder configured"}
     assert cli.format_table(st, now=0).splitlines()[1] == "nat unknown (STUN: no responder configured)"
+
+
+def test_status_table_shows_each_peers_path() -> None:
+    peer = {"label": "n2", "endpoint": "203.0.113.9:40100", "state": "up", "rx_bytes": 0, "tx_bytes": 0}
+    st: dict[str, object] = {"nodename": "n1", "nat": {}, "peers": [peer]}
+    peer |= {
+        "last_handshake": None,
+        "path": "relay",
+        "relay_via": "r",
+        "why_not_direct": "both behind symmetric NAT",
+    }
+    lines = cli.format_table(st, now=0).splitlines()
+    assert "PATH" in lines[2].split()
+    assert "relay via r (both behind symmetric NAT)" in lines[3]
+    peer |= {"path": "direct", "relay_via": None, "why_not_direct": None}
+    assert "  direct  " in cli.format_table(st, now=0).splitlines()[3]

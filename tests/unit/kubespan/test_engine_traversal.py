@@ -313,6 +313,23 @@ async def test_relay_then_upgrade_to_direct(eim: Rig) -> None:
     assert relay in eim.m.peers  # the relay node itself is untouched
 
 
+async def test_without_raw_sockets_nat_pairs_are_relayed(tmp_path: Path) -> None:
+    r = Rig(tmp_path, NatClass.EIM)
+    r.punch.error = PermissionError("no CAP_NET_RAW")
+    await r.m.start()
+    try:
+        await r.run()
+        await _relay_node(r)
+        assert r.relay.started  # the relay client runs without punching
+        peer = key_beside(r.own, above=True)
+        r.disc.put(remote("b", "198.51.100.20", 2, peer, nat="eim"))
+        await r.until(lambda: r.endpoint(peer) == AddrPort.parse("203.0.113.9:40100"))
+        assert r.punch.calls == []
+        assert (r.status(peer).why_not_direct or "").startswith("no hole punching: no CAP_NET_RAW")
+    finally:
+        await r.m.stop()
+
+
 async def test_no_traversal_ports_no_change(tmp_path: Path) -> None:
     """Without punch and relay ports the engine publishes no intents and keeps today's paths."""
     r = Rig(tmp_path, NatClass.EIM)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kubespan.metrics import MeshCollector
@@ -62,3 +64,20 @@ def test_nat_gauges_follow_the_status() -> None:
     text = scrape(status(NatStatus(error="STUN: no responder configured"), "unknown"))
     assert 'kubespan_nat_class{class="unknown"} 1.0' in text
     assert "kubespan_nat_mapped_endpoint_published 0.0" in text
+
+
+def test_path_gauges_follow_the_status() -> None:
+    st = status(NatStatus("edm"), "edm")
+    relayed = replace(
+        st.peers[0],
+        path="relay",
+        relay_via="relay-1",
+        why_not_direct="both behind symmetric NAT",
+        connect_time=1.5,
+    )
+    text = scrape(replace(st, peers=(relayed,)))
+    assert 'kubespan_peer_path{path="relay",peer="n2",public_key="pk2",relay_via="relay-1"} 1.0' in text
+    assert (
+        'kubespan_peer_not_direct{peer="n2",public_key="pk2",reason="both behind symmetric NAT"} 1.0' in text
+    )
+    assert 'kubespan_peer_connect_seconds{peer="n2",public_key="pk2"} 1.5' in text
