@@ -42,6 +42,13 @@ def metric(srv: ServerProcess, series: str) -> float:
     raise AssertionError(f"no {series} in /metrics")
 
 
+async def full_server(discovery_server: Start, *flags: str) -> ServerProcess:
+    """A server (no RPC log, state in memory) holding a full cluster of maximum-size affiliates."""
+    srv = discovery_server("--no-rpc-log", *flags, state_dir=None)
+    assert await hostile.fill_cluster(srv.target, CID, FULL) == FULL
+    return srv
+
+
 async def wait_for(cond: Callable[[], bool], limit: float, what: str, step: float = 0.1) -> float:
     """Poll ``cond`` (run in a thread: it may do blocking HTTP) until true, for at most ``limit``
     seconds; return the time taken."""
@@ -67,17 +74,15 @@ async def test_stalled_watches_hold_bounded_memory_and_are_aborted(discovery_ser
     # Every stream sends its snapshot at once (no per-address snapshot slots): what one stalled
     # stream holds, and the stall timeout; the slots are tested below and in the abuse test.
     n = 200
-    srv = discovery_server(
-        "--no-rpc-log",
+    srv = await full_server(
+        discovery_server,
         "--watch-stall-timeout",
         "3s",
         "--keepalive-timeout",
         "60s",
         "--watch-snapshots-per-ip",
         "0",
-        state_dir=None,
     )
-    assert await hostile.fill_cluster(srv.target, CID, FULL) == FULL
     base = srv.rss_mib() * MIB
     socks = hostile.open_stalled_watches(srv.target, CID, n)
     try:
@@ -129,19 +134,11 @@ async def test_stalled_watches_hold_bounded_memory_and_are_aborted(discovery_ser
 async def test_budget_pressure_sheds_stalled_streams_for_readers(discovery_server: Start) -> None:
     # 2 MiB for all watch writes: ~32 stalled streams exhaust it; the readers' writes must not starve
     # (the per-address limits, which would stop one address first, are off here)
-    srv = discovery_server(
-        "--no-rpc-log",
-        "--watch-inflight-budget",
-        "2MiB",
-        "--keepalive-timeout",
-        "60s",
-        "--watch-snapshots-per-ip",
-        "0",
-        "--watch-inflight-per-ip",
-        "0",
-        state_dir=None,
+    srv = await full_server(
+        discovery_server,
+        *("--watch-inflight-budget", "2MiB", "--keepalive-timeout", "60s"),
+        *("--watch-snapshots-per-ip", "0", "--watch-inflight-per-ip", "0"),
     )
-    assert await hostile.fill_cluster(srv.target, CID, FULL) == FULL
     socks = hostile.open_stalled_watches(srv.target, CID, 100, source="127.0.0.2")
     try:
         await wait_for(
@@ -276,8 +273,7 @@ async def test_one_address_gets_a_few_snapshots_at_a_time(discovery_server: Star
     # 50 stalled watches from one address on a full cluster: only --watch-snapshots-per-ip (4)
     # of them send their snapshot at once, so little is pinned and another address's watch is
     # served at once; the address's own reader waits its turn, then the stalled are shed.
-    srv = discovery_server("--no-rpc-log", "--watch-snapshots-per-ip", "4", state_dir=None)
-    assert await hostile.fill_cluster(srv.target, CID, FULL) == FULL
+    srv = await full_server(discovery_server, "--watch-snapshots-per-ip", "4")
     socks = hostile.open_stalled_watches(srv.target, CID, 50, source="127.0.0.3")
     try:
         await wait_for(lambda: subscriptions(srv) == 50, 10, "the stalled watches to subscribe")
