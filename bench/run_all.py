@@ -27,6 +27,7 @@ BENCHES = [
     "registry_abuse.py",
     # issue 14: NAT traversal (need root)
     "relay_throughput.py",
+    "nat_traversal.py",
 ]
 
 
