@@ -62,6 +62,15 @@ class TraversalLab:
     url: str
     sites: dict[str, Site]  # every agent's site, the relay's included
     profiles: dict[str, str]  # agent name -> NAT profile (the relay: open)
+    agent_flags: tuple[str, ...] = ()
+
+    def start_agents(self) -> None:
+        """``kubespan run`` in every site (with ``--stun-server`` for both responders; ``--relay`` on the
+        relay node); does not wait."""
+        for name, site in self.sites.items():
+            if name not in self.ml.nodes:
+                relay = ("--relay",) if name == RELAY else ()
+                self.ml.start_node(site.node, *stun_flags(), *relay, *self.agent_flags)
 
     @property
     def agents(self) -> dict[str, MeshNode]:
@@ -186,11 +195,13 @@ def build(
     registry_flags: Sequence[str] = (),
     agent_flags: Sequence[str] = (),
     cluster_id: str = "nat-matrix",
+    start: bool = True,
 ) -> TraversalLab:
     """The registry (with STUN on two addresses), the public relay node (``relay``) and one agent per
     profile (a mapping gives agent names; a list names each agent after its profile), all started with
     ``--stun-server`` for both responders. Returns once discovery serves and every agent is started
-    (not yet connected: see :meth:`TraversalLab.wait_settled`)."""
+    (not yet connected: see :meth:`TraversalLab.wait_settled`); with ``start=False`` the sites are built
+    but no agent runs until :meth:`TraversalLab.start_agents`."""
     named = dict(profiles) if isinstance(profiles, Mapping) else {p: p for p in profiles}
     if RELAY in named:
         raise LabError(f"{RELAY!r} is the relay node's name")
@@ -200,6 +211,7 @@ def build(
     url = start_registry(ml, disc, *registry_flags)
     order = ({RELAY: "open"} if relay else {}) | named
     sites = {name: lab.site(name, prof) for name, prof in order.items()}
-    for name, site in sites.items():
-        ml.start_node(site.node, *stun_flags(), *(("--relay",) if name == RELAY else ()), *agent_flags)
-    return TraversalLab(lab, ml, disc, url, sites, order)
+    tl = TraversalLab(lab, ml, disc, url, sites, order, tuple(agent_flags))
+    if start:
+        tl.start_agents()
+    return tl
