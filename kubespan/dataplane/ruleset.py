@@ -1,26 +1,9 @@
-"""The mesh's nftables ruleset as nft JSON: rendering, parsing ``nft -j list table``, set diffs.
+"""The mesh's nftables ruleset as nft JSON: rendering, parsing ``nft -j list table``, set diffs (pure).
 
-One dedicated ``inet`` table (default ``kubespan``) holds:
-
-- two **named interval sets**, ``targets_ipv4`` and ``targets_ipv6``: the
-  destinations that must go through the mesh;
-- chain ``prerouting`` (filter, hook prerouting, priority 0) and chain
-  ``output`` (type **route**, hook output, priority 0, so the kernel re-routes
-  after the mark changes), with Talos' semantics: a packet whose mark has the
-  WireGuard bit (``mark & 0x60 == 0x20``) is accepted untouched; ``oifname lo``
-  is accepted (output only); a TCP SYN to a target gets its MSS clamped down to
-  MTU-52 (IPv4) / MTU-72 (IPv6) (output only); a packet to a target gets
-  ``mark = (mark & ~0x60) | 0x40`` and is accepted. Only the mask bits are
-  ever changed;
-- chain ``forward`` (filter, hook forward, priority mangle) clamping the MSS of
-  forwarded TCP SYNs leaving through the mesh link (Talos does not; optional).
-
-Every rule carries a comment ``kubespan:<chain>:<what> <hash>`` where the hash
-covers the rule's own JSON, so a reconcile can tell from one ``nft -j list
-table`` whether the live structure is exactly what this configuration renders
-(also across restarts and configuration changes) without re-sending it.
-
-Everything here is pure (no I/O); :class:`~kubespan.dataplane.nft.NftManager` runs the documents.
+One ``inet`` table with the two target sets and the chains that mark and clamp with Talos's semantics;
+every rule carries a hash comment so one listing tells whether the live table is exactly what this
+config renders. The chains rule by rule: docs/design/nft-ruleset.md.
+:class:`~kubespan.dataplane.nft.NftManager` runs the documents.
 """
 
 from __future__ import annotations

@@ -1,42 +1,9 @@
-"""Kernel WireGuard over generic netlink (family ``wireguard``), through pyroute2.
+"""Kernel WireGuard over generic netlink (family ``wireguard``), through pyroute2's transport.
 
-pyroute2 0.9.7 gives us the transport: :class:`pyroute2.AsyncWireGuard` (an asyncio
-generic-netlink socket that resolves the family id, numbers requests, collects
-multi-part answers and turns ``NLMSG_ERROR`` into ``NetlinkError``) and the
-message codec ``wgmsg``. Its high-level ``set()``/``info()`` are not used: they
-send one peer per message, cannot batch, never split a peer, and hand back raw
-dump parts without merging them or checking ``NLM_F_DUMP_INTR``.
-
-The WireGuard semantics are ours, in two pure functions:
-
-* :func:`encode_set` turns :mod:`kubespan.wireguard.diff` operations into as few
-  ``WG_CMD_SET_DEVICE`` messages as fit below :data:`MAX_MESSAGE_SIZE`; a peer
-  whose allowed IPs do not fit in one message is continued in the next ones.
-* :func:`parse_dump` merges the parts of a ``WG_CMD_GET_DEVICE`` dump into an
-  :class:`~kubespan.wireguard.types.ObservedDevice` and raises :class:`DumpInterrupted`
-  when the kernel flagged the dump as inconsistent (the caller re-reads).
-
-Facts about the kernel interface this module relies on (from the WireGuard UAPI
-header and the kernel's netlink handler):
-
-* Attribute lengths are 16-bit, so the nested ``WGDEVICE_A_PEERS`` attribute,
-  and with it any useful message, must stay below 64 KiB. A message carries one
-  ``WGDEVICE_A_PEERS`` (a second one would replace the first), holding any
-  number of peers; array elements are nested attributes whose type is ignored.
-* Device attributes in a ``SET_DEVICE`` message are applied before its peers.
-  ``WGPEER_F_UPDATE_ONLY`` for an unknown peer and ``WGPEER_F_REMOVE_ME`` for an
-  unknown peer are silently ignored; allowed IPs are *appended* unless
-  ``WGPEER_F_REPLACE_ALLOWEDIPS`` is set; an all-zero preshared key clears it.
-* In a dump the device attributes come in the first part only. A peer whose
-  allowed IPs overflow a part is continued in the next part with just its
-  public key and the remaining allowed IPs. Every part (and the closing
-  ``NLMSG_DONE``) carries ``NLM_F_DUMP_INTR`` if the device changed meanwhile.
-* ``GET_DEVICE`` on a missing link fails with ``ENODEV``, on a link that is not
-  WireGuard with ``EOPNOTSUPP``; a missing module shows as an unknown generic
-  netlink family (``ENOENT``) and as ``EOPNOTSUPP`` from ``ip link add``.
-
-``WGDEVICE_F_REPLACE_PEERS`` is never sent: it would drop every session.
-Key material only travels inside messages; it never appears in errors or logs.
+The WireGuard semantics are ours, in two pure functions: :func:`encode_set` batches diff operations
+into as few ``WG_CMD_SET_DEVICE`` messages as fit below :data:`MAX_MESSAGE_SIZE`, and :func:`parse_dump`
+merges a dump and refuses an interrupted one. The kernel facts they rest on, and why pyroute2's
+high-level calls are not used: docs/design/wireguard-kernel.md. Keys never appear in errors or logs.
 """
 
 from __future__ import annotations

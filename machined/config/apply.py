@@ -1,32 +1,8 @@
 """Applying a new machine config: modes AUTO, NO_REBOOT, STAGED and TRY, and dry runs.
 
-Modes (numbered as Talos's ``ApplyConfigurationRequest.Mode``):
-
-* ``AUTO`` is ``NO_REBOOT`` for an agent: nothing it runs needs a reboot. The result reports
-  ``NO_REBOOT``, the mode actually used, as Talos does.
-* ``NO_REBOOT``: persisted atomically, then applied now. Clears a staged config (the newer apply
-  wins, as a later persisted config would in Talos) and confirms a pending TRY.
-* ``STAGED``: stored as the staged config only; it becomes active at the next agent start.
-* ``TRY``: applied now without persisting, and rolled back to the config that ran before the first
-  pending TRY after ``try_timeout`` (default 60 s, Talos's) unless a later apply confirms it. A further
-  TRY replaces the tried config and restarts the timer. ``confirm()`` persists the tried config.
-  Any non-TRY apply (STAGED too, as in Talos) cancels the rollback. If the agent dies while a TRY is
-  pending, the persisted config is what it starts with, which is a rollback too.
-* ``REBOOT`` is refused (``unimplemented``), as on current Talos.
-
-``dry_run`` changes nothing and returns a unified diff of the YAML against the running config with
-secrets redacted (changed secrets are marked as changed), ``No changes.`` when equal. The diff is
-computed for a dry run only.
-
-:meth:`ConfigManager.apply_async` is what the machine API calls: the same, with parsing, the dry run's
-diff and the store's writes in a worker thread, so a large config never stalls the event loop (which
-also runs the mesh). The size of what gets that far is bounded by :mod:`machined.config.yamlio`.
-
-What a change does to the running agent is in :class:`ChangeEffects` (``result.effects``): which mesh
-settings changed (the mesh engine is rebuilt; with cleanup when the link, routing, marks, nft table,
-backend or cluster change), which services to start, stop or restart, and what waits for the next
-start (state directory, status address). Listeners (:meth:`ConfigManager.subscribe`) receive a
-:class:`ConfigEvent` after every change of the running config, including a TRY rollback.
+:class:`ConfigManager` validates, persists (or stages, or tries with a rollback timer) and reports
+what the change does to the running agent (:class:`ChangeEffects`); ``apply_async`` does the slow
+parts in a worker thread. The modes' exact semantics, as in Talos: docs/design/config-apply.md.
 """
 
 from __future__ import annotations

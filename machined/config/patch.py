@@ -1,29 +1,8 @@
 """Config patches: strategic merge (Talos semantics) and RFC 6902 JSON patch, on a multi-document config.
 
-**Strategic merge** (``talosctl patch mc -p @p.yaml``): the patch is YAML, one or more partial documents.
-Each is matched to a config document by kind and name (a document without ``apiVersion``/``kind`` is
-the v1alpha1 document; ``version`` may be left out); an unmatched one is added as a new document.
-Inside a document maps merge key by key, scalars replace, ``null`` leaves a value alone, and lists
-append, except
-
-* lists where order is meaning or appending makes no sense are *replaced*: KubeSpan
-  ``filters.endpoints`` (both places), ``cluster.network.podSubnets``/``serviceSubnets``, a
-  ServiceConfig's ``args`` and ``healthCheck.exec``;
-* lists of records are *keyed*: ``machine.network.interfaces`` by ``interface`` or ``deviceSelector``,
-  their ``vlans`` by ``vlanId``; an item with a known key merges into the matching item.
-
-``$patch: delete`` deletes what it stands in: a whole document (with ``apiVersion``, ``kind`` and
-``name`` to find it), a mapping (``network: {$patch: delete}``) or an item of a keyed list
-(``- interface: eth0`` + ``$patch: delete``). Deleting a key that is not there is not an error;
-deleting a document that is not there is.
-
-**JSON patch** (RFC 6902: ``add``, ``remove``, ``replace``, ``move``, ``copy``, ``test``; pointers
-per RFC 6901 with ``~0`` for ``~`` and ``~1`` for ``/``) applies to the v1alpha1 document, as in Talos.
-Our extension: an operation may carry ``"document": "ServiceConfig[etcd]"`` (a document label as
-in error messages) to target another document. Operations apply in order and all-or-nothing.
-
-Errors (:class:`PatchError`) name the operation index or patch document and the path; they never
-quote values (a ``test`` failure says only that the value differs).
+Both apply all-or-nothing; errors (:class:`PatchError`) name the operation or patch document and the
+path, never the values. The merge rules (replaced and keyed lists, ``$patch: delete``) and our JSON
+patch extension for other documents: docs/design/config-patch.md.
 """
 
 from __future__ import annotations

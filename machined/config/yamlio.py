@@ -1,39 +1,9 @@
 """YAML in and out, the way a machine config needs it.
 
-Loading is PyYAML's safe loader with four changes that bring it closer to what Talos (go-yaml v3)
-accepts and keep values predictable:
-
-* duplicate keys are an error (PyYAML silently keeps the last one);
-* mapping keys must be strings;
-* no sexagesimal numbers (``52:54:00:12:34:56`` stays a string, not 11 million) and no timestamps
-  (``2024-01-01`` stays a string);
-* syntax errors carry line and column but never the text of the offending line, which could be a
-  secret.
-
-Loading is also bounded, so a hostile document cannot stall machined (and the mesh on the same event
-loop) or exhaust its memory. The limits are checked while the YAML is composed, before any Python
-object is built, and a refusal names the limit (``config: alias expansion exceeds 100000 nodes``):
-
-* :data:`MAX_BYTES`, 4 MiB of text. Real machine configs are a few tens of KB; the largest are
-  Talos configs with inline manifests (a CNI manifest is 0.1 to 1.5 MB). Cloud user data, the usual
-  transport of a Talos config, is capped far lower (16 KB to 256 KB).
-* :data:`MAX_DEPTH`, 64 nested mappings/sequences, counted through aliases. A Talos config nests
-  about 8 deep (``machine.network.interfaces[].vlans[].addresses[]``); manifests are strings.
-* :data:`MAX_NODES`, 100,000 YAML nodes (keys, values, items) in the whole stream, with an alias
-  counted as the full size of the node it refers to every time it is referenced: this is the size of
-  the data after alias expansion, so an alias bomb ("billion laughs") is refused after reading a
-  few hundred bytes. A Talos config has a few hundred to a few thousand nodes. The bound also keeps
-  every later step (validation, redaction, diff, dump) to well under a second.
-* :data:`MAX_DOCUMENTS`, 64 documents. machined reads about six kinds, one document each except
-  ``ServiceConfig`` and ``DiscoveryServiceConfig``; a Talos config has one to a few dozen.
-
-A recursive alias (``&a [*a]``) is refused too: its expansion is infinite.
-
-The parser is libyaml's (PyYAML's C extension, about 50 times faster than the pure-Python scanner)
-when it is available; composing (where the limits are checked) and constructing are in Python.
-
-Dumping produces block style, 4-space indents and indented lists (Talos's look) and literal blocks for multi-line
-strings.
+PyYAML's safe loader made stricter to match Talos (duplicate keys refused, string keys only, no
+sexagesimals or timestamps, no secret text in syntax errors) and bounded while composing
+(:data:`MAX_BYTES`, :data:`MAX_DEPTH`, :data:`MAX_NODES` after alias expansion, :data:`MAX_DOCUMENTS`),
+so a hostile document cannot stall machined. Why each limit has its value: docs/design/config-yaml.md.
 """
 
 from __future__ import annotations
