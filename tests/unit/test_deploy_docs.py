@@ -100,7 +100,7 @@ def test_nginx_config_passes_client_address_to_a_trusted_registry():
 
 
 def _guides() -> list[Path]:
-    return sorted(p for p in DOCS.glob("*.md"))
+    return sorted([*DOCS.glob("*.md"), *(DOCS / "design").glob("*.md")])
 
 
 def test_docs_links_point_at_existing_files():
@@ -146,3 +146,14 @@ def test_guide_metric_names_exist():
     assert used
     for name in used:
         assert re.search(rf"^{name}[{{ ]", exported, re.M), f"{name} is not exported"
+
+
+def test_design_notes_are_listed_and_their_code_exists():
+    index = (DOCS / "design" / "README.md").read_text()
+    notes = {p.name for p in (DOCS / "design").glob("*.md")} - {"README.md"}
+    listed = set(re.findall(r"\]\(([\w.-]+\.md)\)", index))
+    assert listed == notes, f"unlisted: {sorted(notes - listed)}, missing: {sorted(listed - notes)}"
+    for code in re.findall(r"\| `([\w/.]+)`", index):
+        assert (ROOT / code).exists(), code
+    for link in re.findall(r"\]\(([\w.-]+\.md)\)", index):
+        assert (DOCS / "design" / link).is_file(), link
