@@ -20,23 +20,12 @@ from spanutil.ipcodec import IPNetwork
 # --- Routed destinations -------------------------------------------------------------------------
 
 
-class PrefixMemo:
-    """Each peer's AllowedIPs as an :class:`IPSet` from an earlier :func:`routed_prefixes`, reused
-    while the spec's ``allowed_ips`` is the same (immutable) tuple."""
-
-    __slots__ = ("sets",)
-
-    def __init__(self) -> None:
-        self.sets: dict[PublicKey, tuple[tuple[IPNetwork, ...], IPSet]] = {}
-
-
 def routed_union(
     specs: Iterable[PeerSpec],
     mesh_subnet: IPv6Network | None,
     *,
     states: Mapping[PublicKey, PeerState] | None = None,
     allow_down_peer_bypass: bool = False,
-    memo: PrefixMemo | None = None,
 ) -> IPSet:
     """The destinations steered into the mesh (the contents of the nftables target sets).
 
@@ -46,8 +35,7 @@ def routed_union(
     down peer is dropped rather than sent in the clear). With
     ``allow_down_peer_bypass`` a peer whose state is ``down`` is left out, so its
     traffic takes the normal routes; a peer that is ``unknown`` (never connected
-    yet) or missing from ``states`` is never bypassed. ``memo`` only saves work; the
-    result is the same.
+    yet) or missing from ``states`` is never bypassed.
     """
     specs = list(specs)
     counted = [
@@ -57,21 +45,7 @@ def routed_union(
             allow_down_peer_bypass and states is not None and states.get(spec.public_key) == PeerState.DOWN
         )
     ]
-    if memo is None:
-        union = IPSet(net for spec in counted for net in spec.allowed_ips)
-    else:
-        v4: list[Range] = []
-        v6: list[Range] = []
-        sets = dict(memo.sets)
-        for spec in counted:
-            entry = sets.get(spec.public_key)
-            if entry is None or entry[0] is not spec.allowed_ips:
-                entry = sets[spec.public_key] = (spec.allowed_ips, IPSet(spec.allowed_ips))
-            v4.extend(entry[1].ranges(4))
-            v6.extend(entry[1].ranges(6))
-        wanted = {spec.public_key for spec in specs}
-        memo.sets = {k: v for k, v in sets.items() if k in wanted}
-        union = IPSet.from_ranges(v4, v6)
+    union = IPSet(net for spec in counted for net in spec.allowed_ips)
     if mesh_subnet is not None:
         union = union - IPSet([mesh_subnet])
     return union
@@ -83,14 +57,13 @@ def routed_prefixes(
     *,
     states: Mapping[PublicKey, PeerState] | None = None,
     allow_down_peer_bypass: bool = False,
-    memo: PrefixMemo | None = None,
 ) -> list[IPNetwork]:
     """The destinations steered into the mesh (the contents of the nftables target sets).
 
     See :func:`routed_union`; the result is its minimal prefix cover, IPv4 first.
     """
     return routed_union(
-        specs, mesh_subnet, states=states, allow_down_peer_bypass=allow_down_peer_bypass, memo=memo
+        specs, mesh_subnet, states=states, allow_down_peer_bypass=allow_down_peer_bypass
     ).prefixes()
 
 

@@ -699,24 +699,6 @@ def test_memo_reuses_unchanged_specs_and_forgets_gone_affiliates():
     assert third.specs[1].allowed_ips == nets("10.0.0.3/32", f"{MESH}2/128")
 
 
-@settings(max_examples=50, deadline=None)
-@given(messy_affiliates(), messy_affiliates(), st.booleans())
-def test_routed_prefixes_memo_gives_the_same_result(first, second, bypass):
-    from kubespan.routed import PrefixMemo
-
-    memo = PrefixMemo()
-    for affs in (first, first, first[::2] + second):
-        specs = compute_peer_specs(affs, "me").specs
-        states = {s.public_key: PeerState.DOWN for s in specs[::2]}
-        for subnet in (MESH_NET, None):
-            want = routed_prefixes(specs, subnet, states=states, allow_down_peer_bypass=bypass)
-            assert (
-                routed_prefixes(specs, subnet, states=states, allow_down_peer_bypass=bypass, memo=memo)
-                == want
-            )
-        assert set(memo.sets) <= {s.public_key for s in specs}
-
-
 def test_local_endpoints_with_a_stun_mapping():
     # after our addresses (the global IPv6 one among them), before discovery's guess for another IP
     la = local(public_ip=ip_address("203.0.113.9"), mapped_endpoint=AddrPort("198.51.100.7", 40000))
