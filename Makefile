@@ -1,5 +1,5 @@
 # Two entry points that work on a fresh Debian machine as root:
-#   make demo   set everything up, then run the demo (the mesh across two NATed clouds; 40-60 s)
+#   make demo   set everything up, then run the demo (the mesh across NATs, punched or relayed; 30-60 s)
 #   make test   set everything up, then run lint and the whole test suite (then the kernel lab)
 #   make test-kernel   the kernel-marked tests in a VM with Debian's kernel (QEMU TCG; <= 12 min)
 SHELL := /bin/bash
@@ -62,7 +62,8 @@ unit: venv
 integration: setup
 	$(PY) -m pytest -q -rs tests/integration
 
-# The mesh demo: discovery server, a public node and two clouds behind NAT routers, in network namespaces.
+# The mesh demo: discovery server with STUN, a public node, a relay node, two clouds behind NAT routers, a
+# node behind a symmetric NAT and one behind a CGNAT, in network namespaces.
 demo: setup
 	$(PY) -m netns.demo
 

@@ -1,17 +1,23 @@
-"""Mesh demo (``make demo``): two clouds behind NAT routers, a public node and the discovery server.
+"""Mesh demo (``make demo``): two clouds behind NAT routers, a node behind a symmetric NAT, one behind two
+NATs in series, a public node, a public relay node and the discovery server.
 
 Builds this lab in network namespaces (198.51.100.0/24 plays the public internet)::
 
     internet 198.51.100.0/24
-      disc  .2   discovery-service :3000
+      disc  .2 .3  discovery-service :3000, STUN responder on .2:3478 and .3:3478
       pub   .10  mesh node with a public address
+      relay .13  public mesh node that relays (kubespan run --relay)
       nat-a .11  EIM NAT router ── cloud A 10.1.0.0/24: a1 .11, a2 .12
       nat-b .12  EIM NAT router ── cloud B 10.2.0.0/24: b1 .11, b2 .12
+      h1    .21  behind a symmetric NAT (masquerade fully-random, a new port per destination)
+      c1    .22  behind a home NAT behind a carrier NAT (CGNAT: two NATs in series)
 
-starts ``kubespan run`` (real wireguard-go, nftables, policy routing) in every node, shows the mesh
-converging, prints every node's ``kubespan status``, a ping matrix over the mesh addresses and a check that
-traffic to a node's own (underlay) address is carried by the tunnel, then tears everything down and checks
-that nothing is left. Exit status 0 only when every peer link came up and every ping passed.
+starts ``kubespan run`` (real wireguard-go, nftables, policy routing; ``--stun-server`` for both
+responders) in every node, shows the mesh converging, prints every node's ``kubespan status``, which pairs
+are direct (LAN, or punched through the NATs) and which relayed, a ping matrix over the mesh addresses and
+a check that traffic to a node's own (underlay) address is carried by the tunnel, then tears everything
+down and checks that nothing is left. Exit status 0 only when every peer link came up, every pair took the
+path nat.md §2 predicts and every ping passed.
 
 Needs root, iproute2, nftables and wireguard-go (``make demo`` installs them).
 """
@@ -37,21 +43,17 @@ from typing import Any
 
 from netns.lab import Lab, LabError, Node, list_netns, sh
 from netns.mesh import MeshLab, MeshNode
+from netns.natprofiles import direct_verdict
 from netns.probe import ping
 
 PY = sys.executable
 INTERNET = "198.51.100"  # TEST-NET-2: "public" addresses, only inside the lab
 DISC_IP = f"{INTERNET}.2"
+STUN_IPS = (DISC_IP, f"{INTERNET}.3")  # two responders on two addresses: enough to tell EIM from EDM
+STUN_PORT = 3478
 DISC_PORT = 3000
-CONVERGE_TIMEOUT = 75.0
-
-# What this topology leaves out, and why (kubespan punches through NATs with WireGuard's own packets and
-# endpoints learned by roaming; it has no relay). Checked: cloud B behind "symmetric" forms pub<->b1 only.
-NOT_SHOWN = (
-    "not shown: a node behind a symmetric (port-randomising) NAT can reach the public node but no node "
-    "behind another NAT (its mapping changes per destination and there is no relay), so both clouds use "
-    "endpoint-independent NATs here"
-)
+CONVERGE_TIMEOUT = 90.0
+STUN_FLAGS = tuple(a for ip in STUN_IPS for a in ("--stun-server", f"{ip}:{STUN_PORT}"))
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,12 @@ CLOUDS = (
     Cloud("b", "10.2.0", "eim", f"{INTERNET}.12", ("b1", "b2")),
 )
 PUBLIC_NODE = ("pub", f"{INTERNET}.10")
+RELAY_NODE = ("relay", f"{INTERNET}.13")
+# nodes behind the lab's NAT profiles (netns.natprofiles): name, profile, the site's public address
+SITES = (
+    ("h1", "hard", f"{INTERNET}.21", "symmetric NAT (masquerade fully-random, firewall)"),
+    ("c1", "cgnat", f"{INTERNET}.22", "home NAT behind a carrier NAT (two EIM NATs in series, firewalls)"),
+)
 
 # One small stdlib process per node answers "give me /status" requests on stdin with one JSON line on
 # stdout: cheaper and steadier than starting a process per sample (the full `kubespan status` CLI costs
@@ -174,6 +182,7 @@ class Demo:
     order: list[str]  # mesh node names, display order
     underlay: dict[str, str]  # mesh node -> its own address
     hosts: list[tuple[Node, int]]  # mesh node, WireGuard listen port
+    profiles: dict[str, str]  # mesh node -> its NAT profile (netns.natprofiles)
     pollers: dict[str, StatusPoller] = field(default_factory=dict)
 
     @property
@@ -200,14 +209,19 @@ def build(lab: Lab, listen_ports: str) -> Demo:
     internet = lab.internet()
     ml = MeshLab(lab, cluster_id="kubespan-demo")
     disc = lab.node("disc")
-    lab.attach(disc, internet, [f"{DISC_IP}/24"])
-    pub_name, pub_ip = PUBLIC_NODE
-    pub = lab.node(pub_name)
-    lab.attach(pub, internet, [f"{pub_ip}/24"])
-    order = [pub_name]
-    underlay = {pub_name: pub_ip}
+    lab.attach(disc, internet, [f"{ip}/24" for ip in STUN_IPS])
+    order: list[str] = []
+    underlay: dict[str, str] = {}
     routers: dict[str, Node] = {}
-    hosts: list[tuple[Node, int]] = [(pub, 51820)]
+    hosts: list[tuple[Node, int]] = []
+    profiles: dict[str, str] = {}
+    for name, ip in (PUBLIC_NODE, RELAY_NODE):
+        node = lab.node(name)
+        lab.attach(node, internet, [f"{ip}/24"])
+        order.append(name)
+        underlay[name] = ip
+        hosts.append((node, 51820))
+        profiles[name] = "open"
     for cloud in CLOUDS:
         seg = lab.segment(f"lan-{cloud.name}")
         routers[cloud.name] = lab.router(
@@ -220,8 +234,17 @@ def build(lab: Lab, listen_ports: str) -> Demo:
             order.append(name)
             underlay[name] = ip
             hosts.append((node, 51820 + i if listen_ports == "distinct" else 51820))
-    ml.start_discovery(disc, f"{DISC_IP}:{DISC_PORT}", "--no-rpc-log")
-    return Demo(lab, ml, disc, routers, order, underlay, hosts)
+            profiles[name] = "easy-fw"  # masquerade (EIM, port-restricted) behind a firewall
+    for name, prof, public, _ in SITES:
+        site = lab.site(name, prof, f"{public}/24")
+        routers[name] = site.routers[0]
+        order.append(name)
+        underlay[name] = site.lan_ip
+        hosts.append((site.node, 51820))
+        profiles[name] = prof
+    stun = [a for ip in STUN_IPS for a in ("--stun-addr", f"{ip}:{STUN_PORT}")]
+    ml.start_discovery(disc, f"{DISC_IP}:{DISC_PORT}", "--no-rpc-log", *stun)
+    return Demo(lab, ml, disc, routers, order, underlay, hosts, profiles)
 
 
 async def wait_discovery(demo: Demo, within: float = 20) -> None:
@@ -247,7 +270,9 @@ async def wait_discovery(demo: Demo, within: float = 20) -> None:
 def start_agents(demo: Demo) -> None:
     for node, port in demo.hosts:
         extra = [] if port == 51820 else ["--listen-port", str(port)]
-        demo.ml.start_node(node, *extra)
+        if node.name == RELAY_NODE[0]:
+            extra.append("--relay")
+        demo.ml.start_node(node, *STUN_FLAGS, *extra)
 
 
 async def converge(demo: Demo, within: float) -> tuple[bool, float, dict[str, dict[str, Any] | None]]:
@@ -304,13 +329,15 @@ def show_paths(demo: Demo, states: dict[str, dict[str, Any] | None]) -> None:
     discovery saw it, with its listen port), or at a NAT mapping some node learned when the peer's packets
     arrived from there (WireGuard roaming) and published for it through discovery."""
     lan = {n: demo.underlay[n].rsplit(".", 1)[0] + "." for n in demo.order}
-    counts = {"LAN": 0, "published": 0, "learned": 0}
+    counts = {"LAN": 0, "published": 0, "learned": 0, "relayed": 0}
     mapped: dict[tuple[str, str], tuple[list[str], list[str]]] = {}  # (peer, endpoint) -> users, learners
     for name in demo.order:
         for p in (states.get(name) or {}).get("peers", []):
             ep, peer = p.get("endpoint") or "", p["label"]
             published = (states.get(peer) or {}).get("endpoints", [])
-            if ep.startswith(lan[name]) and not ep.startswith(INTERNET):
+            if p.get("path") == "relay":
+                counts["relayed"] += 1
+            elif ep.startswith(lan[name]) and not ep.startswith(INTERNET):
                 counts["LAN"] += 1
             elif ep in published:
                 counts["published"] += 1
@@ -322,18 +349,68 @@ def show_paths(demo: Demo, states: dict[str, dict[str, Any] | None]) -> None:
                     learners.append(name)
     say(
         f"  links by endpoint: {counts['LAN']} over the LAN, {counts['published']} at the endpoint the peer "
-        f"published, {counts['learned']} at a NAT mapping learned by roaming"
+        f"published, {counts['learned']} at a NAT mapping learned by roaming or punching, "
+        f"{counts['relayed']} at a relay allocation"
     )
     for (peer, ep), (users, learners) in sorted(mapped.items()):
         public = [e for e in (states.get(peer) or {}).get("endpoints", []) if e.startswith(INTERNET)]
         why = ""
-        if public and public[0].rsplit(":", 1)[0] == ep.rsplit(":", 1)[0]:
+        if demo.profiles.get(peer) == "hard":
+            why = f" (its symmetric NAT gives every destination another port, so {peer} publishes none)"
+        elif public and public[0].rsplit(":", 1)[0] == ep.rsplit(":", 1)[0]:
             why = f" (a neighbour holds {public[0]}, the endpoint {peer} publishes, so its NAT picked another port)"
         who = " and ".join(learners) if learners else "a peer"
         say(
-            f"    {peer} is reached at {ep}{why}: {who} learned it when {peer}'s packets came from there and "
-            f"published it through discovery; used by {', '.join(users)}"
+            f"    {peer} is reached at {ep}{why}: {who} learned it when {peer}'s packets came from there; "
+            f"used by {', '.join(users)}"
         )
+
+
+def expected_path(demo: Demo, a: str, b: str) -> tuple[str, str]:
+    """The path nat.md §2 predicts for a pair, and why: ``lan`` inside one cloud, else ``direct`` or
+    ``relay`` by the two NAT profiles (``netns.natprofiles.direct_verdict``)."""
+    cloud = {n: c.name for c in CLOUDS for n in c.nodes}
+    if a in cloud and cloud.get(a) == cloud.get(b):
+        return "lan", "same LAN"
+    v = direct_verdict(demo.profiles[a], demo.profiles[b])
+    return ("direct" if v.possible else "relay"), v.reason
+
+
+def show_traversal(demo: Demo, states: dict[str, dict[str, Any] | None]) -> int:
+    """Every pair: direct (over the LAN, or through the NATs: the public side's endpoint or a punched
+    hole) or relayed, as each side's agent reports it (``path``, ``relay_via``, ``why_not_direct``,
+    ``connect_time``); returns the number of pairs not up, or not on the path nat.md §2 predicts."""
+    peers = {n: {p["label"]: p for p in (states.get(n) or {}).get("peers", [])} for n in demo.order}
+    width = max(len(n) for n in demo.order) * 2 + 5
+    counts = {"lan": 0, "direct": 0, "relay": 0}
+    bad = 0
+    pairs = [(a, b) for i, a in enumerate(demo.order) for b in demo.order[i + 1 :]]
+    for a, b in pairs:
+        want, reason = expected_path(demo, a, b)
+        pa, pb = peers[a].get(b) or {}, peers[b].get(a) or {}
+        up = pa.get("state") == "up" and pb.get("state") == "up"
+        path_a, path_b = pa.get("path", "none"), pb.get("path", "none")
+        got = path_a if path_a == path_b else f"{path_a}/{path_b}"
+        ok = up and got == want
+        bad += not ok
+        if ok:
+            counts[got] += 1
+        text = {"lan": "direct, over the LAN", "direct": "direct"}.get(got, got)
+        if got == "relay":
+            text = f"relayed via {pa.get('relay_via') or pb.get('relay_via')} ({pa.get('why_not_direct') or reason})"
+        times = [t for t in (pa.get("connect_time"), pb.get("connect_time")) if t is not None]
+        ct = f", first handshake {min(times):.1f} s after both knew each other" if times else ""
+        say(
+            f"  {'✓' if ok else '✗'} {f'{a} ↔ {b}'.ljust(width)} {text}{ct}"
+            + ("" if ok else f" (want {want})")
+        )
+    connected = len(pairs) - bad
+    say(
+        f"  {connected}/{len(pairs)} pairs connected ({100 * connected / len(pairs):.0f} %): "
+        f"{counts['lan']} direct over a LAN, {counts['direct']} direct through the NATs, "
+        f"{counts['relay']} relayed via {RELAY_NODE[0]}"
+    )
+    return bad
 
 
 async def ping_matrix(demo: Demo, addrs: dict[str, str]) -> int:
@@ -499,6 +576,8 @@ async def show_mesh(demo: Demo) -> bool:
     await show_status_tables(demo)
     final = await demo.statuses()
     show_paths(demo, final)
+    heading("which pairs are direct and which relayed (as nat.md §2 predicts)")
+    off_path = show_traversal(demo, final)
     addrs = {n: (final[n] or {}).get("mesh_address", "") for n in demo.order}
     heading("ping matrix over the mesh addresses (fdXX:…::/64)")
     failed = await ping_matrix(demo, addrs)
@@ -507,7 +586,7 @@ async def show_mesh(demo: Demo) -> bool:
     other_cloud = await tunnel_check(
         demo, "b1", "a1", ", private, in the other cloud: reachable only through the mesh"
     )
-    return failed == 0 and same_lan and other_cloud
+    return failed == 0 and same_lan and other_cloud and off_path == 0
 
 
 # --- the whole demo ------------------------------------------------------------------------------------
@@ -515,24 +594,32 @@ async def show_mesh(demo: Demo) -> bool:
 
 async def run_demo(lab: Lab, ns: argparse.Namespace, holder: list[Demo]) -> int:
     """Build, start, wait, show; return the exit status. Teardown is the caller's (it must not be cancelled)."""
-    heading("building the lab: internet, two clouds behind NAT routers, a public node")
+    heading(
+        "building the lab: internet, two clouds behind NAT routers, a symmetric NAT, a CGNAT, public nodes"
+    )
     demo = build(lab, ns.listen_ports)
     holder.append(demo)
-    say(f"  internet {INTERNET}.0/24: discovery {DISC_IP}:{DISC_PORT}, {PUBLIC_NODE[0]} {PUBLIC_NODE[1]}")
+    say(
+        f"  internet {INTERNET}.0/24: discovery {DISC_IP}:{DISC_PORT} with STUN on "
+        f"{' and '.join(f'{ip}:{STUN_PORT}' for ip in STUN_IPS)}, {PUBLIC_NODE[0]} {PUBLIC_NODE[1]}, "
+        f"{RELAY_NODE[0]} {RELAY_NODE[1]} (relays for pairs that cannot connect directly)"
+    )
     for cloud in CLOUDS:
         members = ", ".join(f"{n} {demo.underlay[n]}" for n in cloud.nodes)
         say(
             f"  cloud {cloud.name.upper()} {cloud.lan}.0/24 behind nat-{cloud.name} ({cloud.nat.upper()} NAT, "
             f"outside {cloud.router_ip}, firewall drops unsolicited inbound): {members}"
         )
-    say(f"  {NOT_SHOWN}")
+    for name, _, public, what in SITES:
+        say(f"  {name} {demo.underlay[name]} behind a {what}, public {public}")
     await wait_discovery(demo)
     heading(f"starting kubespan on {len(demo.order)} nodes (wireguard-go, nftables, table 180)")
     start_agents(demo)
     say(
-        "  nodes in one cloud meet over their LAN; across clouds each side first tries the other's LAN "
-        "address (unreachable from there: one 12 s trial), then its public endpoint, then NAT mappings "
-        "learned by roaming, so the last links come up after ~30-40 s"
+        "  nodes in one cloud meet over their LAN; behind a NAT each agent learns its public mapping and NAT "
+        "class from the two STUN responders, pairs behind NATs agree on a punch time through discovery "
+        "(encrypted) and punch; where no hole can be punched (the symmetric NAT against port-restricted "
+        "ones) the pair is relayed by the relay node after the 10 s punch window"
     )
     ok, took, states = await converge(demo, ns.timeout)
     if not ok:

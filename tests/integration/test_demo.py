@@ -1,9 +1,12 @@
-"""Scenario 2 of the lab issue, through the one-command demo: two clouds behind their own NAT routers,
-a public node and the discovery server on the internet segment; every node reaches every other over the
-mesh, node-IP traffic is steered into the tunnel, and nothing is left behind."""
+"""Scenario 2 of the lab issue, through the one-command demo: two clouds behind their own NAT routers, a
+node behind a symmetric NAT, one behind two NATs in series (CGNAT), a public node, a public relay node and
+the discovery server (with STUN) on the internet segment; every pair connects, directly where nat.md §2
+says it can and through the relay elsewhere, every node reaches every other over the mesh, node-IP traffic
+is steered into the tunnel, and nothing is left behind."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -14,14 +17,24 @@ from netns.lab import list_netns
 pytestmark = pytest.mark.root
 
 
-def test_two_cloud_nat_demo_forms_full_mesh_and_cleans_up() -> None:
+def test_nat_demo_forms_full_mesh_direct_or_relayed_and_cleans_up() -> None:
     before = set(list_netns())
     proc = subprocess.run(
         [sys.executable, "-m", "netns.demo"], capture_output=True, text=True, timeout=240, check=False
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "20/20 ordered pairs answered" in out, out[-4000:]
+    assert "56/56 ordered pairs answered" in out, out[-4000:]
+    # which pairs are direct and which relayed: the symmetric node h1 is relayed against every node behind
+    # a port-restricted NAT (both clouds and the CGNAT node), everything else is direct
+    assert (
+        "28/28 pairs connected (100 %): 2 direct over a LAN, 21 direct through the NATs, 5 relayed via relay"
+        in out
+    ), out[-4000:]
+    relayed = set(re.findall(r"✓ (\S+) ↔ (\S+) +relayed via relay", out))
+    assert relayed == {("a1", "h1"), ("a2", "h1"), ("b1", "h1"), ("b2", "h1"), ("h1", "c1")}, relayed
+    assert re.search(r"✓ c1 ↔ a1 +direct|✓ a1 ↔ c1 +direct", out), out[-4000:]  # two NATs in series, punched
+    assert "✗" not in out, out[-4000:]
     # traffic to another node's underlay address went through the tunnel (tx counter grew)
     assert out.count("✓ a1 → 10.1.0.12") == 1 and out.count("✓ b1 → 10.1.0.11") == 1, out[-4000:]
     assert "nothing left" in out
