@@ -15,7 +15,7 @@ from typing import Any
 from kubespan.endpoints import Candidate, EndpointMachine, EndpointStatus, order_candidates
 from kubespan.peerspec import PeerSpec
 from kubespan.snapshot import PeerStatus
-from kubespan.traversal import NO_PATH, PathStatus, classify_path
+from kubespan.traversal import NO_PATH, PathStatus
 from kubespan.wireguard.types import AddrPort, ObservedPeer, PeerConfig, PresharedKey
 from spanutil.ipcodec import IPInterface
 
@@ -141,8 +141,7 @@ def peer_status(
     engine's clock)."""
     change = st.last_endpoint_change
     endpoint = st.endpoint if st.endpoint is not None else (have.endpoint if have is not None else None)
-    if path is NO_PATH:  # no NAT traversal: lan or direct by the endpoint
-        path = PathStatus(classify_path(str(st.state) == "up", endpoint))
+    kind, relay_via, why = path.resolve(str(st.state) == "up", endpoint)
     return PeerStatus(
         label=spec.label or spec.node_id[:12],
         node_id=spec.node_id,
@@ -165,9 +164,9 @@ def peer_status(
         learned=tuple(str(e) for e in st.learned),
         allowed_ips=tuple(str(p) for p in spec.allowed_ips),
         nat_class=nat_class,
-        path=path.path,
-        relay_via=path.relay_via,
-        why_not_direct=path.why_not_direct,
+        path=kind,
+        relay_via=relay_via,
+        why_not_direct=why,
         connect_time=path.connect_time,
     )
 

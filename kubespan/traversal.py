@@ -73,12 +73,24 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class PathStatus:
-    """A peer's path for status: ``lan`` | ``direct`` | ``relay`` | ``none`` (not up)."""
+    """What traversal knows of a peer's path for status: the relay endpoint in use (and the relay's
+    name), why the peer is not direct, the connect time. The path itself (:meth:`resolve`) is
+    classified from the machine's state and endpoint when the status is built, so it never lags them."""
 
-    path: str = "none"
+    relay_endpoint: AddrPort | None = None
     relay_via: str | None = None
     why_not_direct: str | None = None
     connect_time: float | None = None
+
+    def resolve(self, up: bool, endpoint: AddrPort | None) -> tuple[str, str | None, str | None]:
+        """``(path, relay_via, why_not_direct)``: the relay only on the relay path, the reason only
+        when the path is neither direct nor LAN."""
+        path = classify_path(up, endpoint, self.relay_endpoint)
+        return (
+            path,
+            self.relay_via if path == "relay" else None,
+            None if path in ("direct", "lan") else self.why_not_direct,
+        )
 
 
 NO_PATH = PathStatus()
@@ -466,10 +478,13 @@ class Traversal:
             self.rtt[key] = None
 
     def _status(self, f: PeerFacts, st: _Peer) -> PathStatus:
-        relay_via = st.relay.name if st.relay is not None else None
-        path = classify_path(f.up, f.endpoint, st.relay.endpoint if st.relay is not None else None)
-        why = st.why if path != "direct" and path != "lan" else None
-        new = PathStatus(path, relay_via if path == "relay" else None, why, st.connect_time)
+        relay = st.relay
+        new = PathStatus(
+            relay.endpoint if relay is not None else None,
+            relay.name if relay is not None else None,
+            st.why,
+            st.connect_time,
+        )
         return st.status if new == st.status else new
 
 
