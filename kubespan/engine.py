@@ -57,7 +57,7 @@ from kubespan.snapshot import NO_STUN, MeshSnapshot, MeshStatus, NatStatus, Peer
 from kubespan.traversal import NO_PATH, PeerFacts, Route
 from kubespan.traversal import Traversal as TraversalWork
 from kubespan.wireguard.backend import WireGuardBackend, WireGuardError
-from kubespan.wireguard.diff import DiffMemo, SetDevice, apply_ops, diff_device
+from kubespan.wireguard.diff import DiffMemo, RemovePeer, SetDevice, apply_ops, diff_device
 from kubespan.wireguard.types import (
     AddrPort,
     DeviceConfig,
@@ -200,6 +200,7 @@ class Mesh:
         self._learned_pub: dict[str, tuple[AddrPort, ...]] = {}  # as last published
         self._unpublished: object = None  # what the last failed publish tried (reported once)
         self._deferred_probes: list[tuple[PublicKey, ipaddress.IPv6Address]] = []
+        self._fresh_sessions: list[PublicKey] = []  # peers to re-create in this pass's write
         self._tasks: list[asyncio.Task[None]] = []
         # endpoint discovery (STUN): one run in flight at most; its result is taken by the next pass
         self.nat: NatReport | None = None  # what the last completed run found
@@ -494,7 +495,8 @@ class Mesh:
         observed = self.device.peers if self.device is not None else {}
         desired, planned = self._plan(now, observed, answered, changed)
         probes.extend(planned)
-        return await self._write(desired)
+        fresh, self._fresh_sessions = self._fresh_sessions, []
+        return await self._write(desired, fresh)
 
     async def _read_device(self, now: float) -> None:
         """Observe the WireGuard device (creating it when it is missing)."""
@@ -542,13 +544,16 @@ class Mesh:
             if route is not None:
                 candidates = _routed_candidates(candidates, route)
             peer.machine.set_candidates(candidates)
-            if (
-                route is not None
-                and self.traversal is not None
-                and self.traversal.take_adopt(spec.public_key, route)
-            ):
+            adopt, fresh = (
+                self.traversal.take_adopt(spec.public_key, route)
+                if route is not None and self.traversal is not None
+                else (False, False)
+            )
+            if adopt:
                 # a punch answered or a relay was allocated: switch now (the machine observes next poll)
-                assert route.first is not None
+                assert route is not None and route.first is not None
+                if fresh and have is not None:
+                    self._fresh_sessions.append(spec.public_key)
                 peer.machine.adopt(now, route.first)
                 endpoint = route.first
                 log_event(log, "peer endpoint", peer=peer.label, endpoint=str(endpoint), via="traversal")
@@ -645,10 +650,17 @@ class Mesh:
             endpoint = m.current  # an absent peer is (re-)added with the machine's endpoint
         return endpoint, decision.probe
 
-    async def _write(self, desired: DeviceConfig) -> bool:
-        """Apply the difference between ``desired`` and the last observation in one write.
+    async def _write(self, desired: DeviceConfig, fresh: Sequence[PublicKey] = ()) -> bool:
+        """Apply the difference between ``desired`` and the last observation in one write; the
+        peers in ``fresh`` are removed first and re-added (a new session: see
+        :meth:`~kubespan.traversal.Traversal.take_adopt`).
         False: the write failed (WireGuard may hold part of it: the next pass re-reads)."""
-        ops = diff_device(desired, self.device, self._diff_memo)
+        pre: list[Any] = []
+        if fresh and self.device is not None:
+            pre = [RemovePeer(k) for k in fresh if k in self.device.peers]
+            self.device = apply_ops(self.device, pre)  # what the write leaves before the diff's ops
+        changes = diff_device(desired, self.device, self._diff_memo)
+        ops = [*pre, *changes] if pre else changes
         if not ops:
             return True
         if any(isinstance(op, SetDevice) for op in ops):
@@ -662,7 +674,7 @@ class Mesh:
             self._error(f"apply WireGuard config: {e}")
             return False
         if self.device is not None:
-            self.device = apply_ops(self.device, ops)
+            self.device = apply_ops(self.device, changes)  # (``pre`` is applied already)
         self.wg_writes += 1
         self._sets_due = True  # the nftables target sets follow the peers' AllowedIPs
         return True

@@ -242,13 +242,18 @@ class Traversal:
             return Route(st.punched, gated)
         return Route(None, gated)
 
-    def take_adopt(self, key: PublicKey, route: Route) -> bool:
-        """Whether the machine must switch to ``route.first`` now (once per new route)."""
+    def take_adopt(self, key: PublicKey, route: Route) -> tuple[bool, bool]:
+        """Whether the machine must switch to ``route.first`` now (once per new route), and whether
+        the peer needs a new WireGuard session for it: a relay leg latches only on a handshake, and
+        WireGuard with a live session would send only transport data to a new relay (dropped there
+        until its own re-handshake, ≥ 15 s later), so moving onto a relay from an earlier route
+        re-creates the peer."""
         st = self.peers.get(key)
         if st is None or route.first is None or st.adopted == route.first:
-            return False
+            return False, False
+        fresh = st.adopted is not None and st.relay is not None and route.first == st.relay.endpoint
         st.adopted = route.first
-        return True
+        return True, fresh
 
     def step(self, now: float, local_class: str, facts: Sequence[PeerFacts]) -> tuple[PunchIntent, ...]:
         """Plan this pass's punches and relays and start what they need; the intents to publish."""

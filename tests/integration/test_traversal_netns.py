@@ -81,6 +81,7 @@ def test_hard_pair_relayed_easy_pair_punched(lab: Lab) -> None:
     # the relay node reaches everyone directly; easy<->hard is relayed (no direct answer)
     for n in (h1, h2, e1, e2):
         assert _path(n, "relay")[0] == "direct"
+
     def easy_hard_relayed() -> bool:
         for a in (e1, e2):
             for b in ("h1", "h2"):
@@ -91,3 +92,45 @@ def test_hard_pair_relayed_easy_pair_punched(lab: Lab) -> None:
 
     ml.wait("easy<->hard relayed", easy_hard_relayed, timeout=30)
     assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.parametrize("how", ["leaves", "dies"])
+def test_relay_failover(lab: Lab, how: str) -> None:
+    """Two public relays; the hard pair's relay leaves the cluster (its agent stops) or dies (blackholed,
+    its affiliate stays): the pair moves to the other one, ping works again within 10 s."""
+    ml = MeshLab(lab)
+    disc = lab.node("disc")
+    lab.attach(disc, lab.internet(), [f"{S1}/24", f"{S2}/24"])
+    ml.start_discovery(
+        disc, f"{S1}:3000", "--stun-addr", f"{S1}:{STUN_PORT}", "--stun-addr", f"{S2}:{STUN_PORT}"
+    )
+    serving = lab.dir / "discovery-disc.log"
+    ml.wait("discovery-service serving", lambda: serving.exists() and '"serving"' in serving.read_text(), 30)
+    relays = {name: lab.site(name, "open").node for name in ("ra", "rb")}
+    for node in relays.values():
+        ml.start_node(node, *STUN_FLAGS, "--relay")
+    h1 = ml.start_node(lab.site("h1", "hard").node, *STUN_FLAGS)
+    h2 = ml.start_node(lab.site("h2", "hard").node, *STUN_FLAGS)
+    ml.wait("every pair up", ml.all_up, timeout=60)
+    ml.wait("h1-h2 relayed", lambda: _path(h1, "h2")[0] == "relay" and _path(h2, "h1")[0] == "relay", 30)
+    used = _path(h1, "h2")[1]
+    assert used in ("ra", "rb")
+    other = "rb" if used == "ra" else "ra"
+    mesh_h2 = h2.status()["mesh_address"]
+    assert h1.node.ping(mesh_h2, count=2, timeout=5)
+
+    t0 = time.monotonic()
+    if how == "leaves":
+        ml.stop_node(used)
+    else:
+        lab.blackhole(relays[used])
+    del ml.nodes[used]
+
+    def moved() -> bool:
+        return _path(h1, "h2")[:2] == ("relay", other) and _path(h2, "h1")[:2] == ("relay", other)
+
+    ml.wait(f"h1-h2 relayed via {other}", moved, timeout=30, interval=0.2)
+    ml.wait("ping over the new relay", lambda: h1.node.ping(mesh_h2, count=1, timeout=1), 15, 0.2)
+    took = time.monotonic() - t0
+    print(f"relay failover ({how}): {took:.1f} s")
+    assert took < 10, took

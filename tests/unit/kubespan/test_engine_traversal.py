@@ -23,6 +23,7 @@ from kubespan.nat.punch import PunchTimings
 from kubespan.snapshot import PeerStatus
 from kubespan.testing import Discovered, FakeDiscovery, FakeProber, FakePunch, FakeRelayClient, FakeStun
 from kubespan.traversal import RELAY_KEEPALIVE
+from kubespan.wireguard.diff import RemovePeer
 from kubespan.wireguard.fake import FakeWireGuard
 from kubespan.wireguard.types import AddrPort, PublicKey
 from spanapi.discovery.client import affiliate_pb2
@@ -279,6 +280,9 @@ async def test_relay_failover_to_the_next_relay(edm: Rig) -> None:
     await edm.run(5)
     assert edm.endpoint(peer) == AddrPort.parse("203.0.113.10:40200")
     assert edm.relay.allocations[-1] == (mesh_addr(10), peer)
+    # moved from one relay to another: the peer was re-created, so a new handshake latches the new legs
+    removed = [op for ops in edm.wg.applies for op in ops if isinstance(op, RemovePeer)]
+    assert [op.public_key for op in removed] == [peer]
     await edm.until(lambda: edm.status(peer).path == "relay", each=lambda: edm.handshake(peer))
     assert edm.status(peer).relay_via == "relay-b"
 
