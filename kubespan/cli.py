@@ -34,9 +34,11 @@ from kubespan.affiliate import EndpointFilter
 from kubespan.constants import ConfigError, MeshConfig
 from kubespan.engine import Mesh, MeshOptions
 from kubespan.metrics import MeshCollector
+from kubespan.nat.punch import PunchTimings
 from kubespan.perms import warn_permissions
 from kubespan.wireguard.types import AddrPort
 from kubespan.wiring import build_mesh
+from spanutil.durations import parse_duration
 from spanutil.ipcodec import IPNetwork
 from spanutil.logs import log_event, setup
 
@@ -191,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="relay WireGuard traffic for peers that cannot reach each other directly (needs a public "
         "or port-forwarded endpoint; announced in the encrypted affiliate data)",
     )
+    run.add_argument(
+        "--punch-retry-initial",
+        type=parse_duration,
+        default="60s",
+        metavar="DURATION",
+        help="after a failed punch, retry direct this long later (the relay carries the peer meanwhile)",
+    )
+    run.add_argument(
+        "--punch-retry-max",
+        type=parse_duration,
+        default="10m",
+        metavar="DURATION",
+        help="the retry delay doubles after each failed punch up to this (at least --punch-retry-initial)",
+    )
     run.add_argument("--mac", type=_mac, help="MAC for the mesh address (default: first physical NIC)")
     run.add_argument(
         "--allow-down-peer-bypass", action="store_true", help="fail open for peers that went down"
@@ -221,6 +237,16 @@ def mesh_config(ns: argparse.Namespace) -> MeshConfig:
 def flag_problems(error: ConfigError) -> str:
     """``--flag: rule`` for every problem MeshConfig found, joined for ``parser.error``."""
     return "; ".join(f"{MESH_FLAGS.get(e.field, e.field)}: {e.rule}" for e in error.errors)
+
+
+def punch_timings(ns: argparse.Namespace) -> PunchTimings:
+    """The punch timings the ``run`` flags describe; ``ValueError`` names the bad flag."""
+    initial, most = ns.punch_retry_initial, ns.punch_retry_max
+    if not initial > 0:
+        raise ValueError(f"--punch-retry-initial: must be greater than 0, got {initial:g}s")
+    if most < initial:
+        raise ValueError(f"--punch-retry-max: {most:g}s is below --punch-retry-initial {initial:g}s")
+    return PunchTimings(retry_initial=initial, retry_max=most)
 
 
 def read_secret(ns: argparse.Namespace) -> bytes:
@@ -259,6 +285,7 @@ async def run(ns: argparse.Namespace, cfg: MeshConfig) -> int:
         publish_learned=not ns.no_publish_learned,
         stun_servers=tuple(ns.stun_server),
         relay=ns.relay,
+        punch_timings=punch_timings(ns),
     )
     runner = await build_mesh(
         opts,
@@ -402,6 +429,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = mesh_config(ns)
     except ConfigError as e:
         parser.error(flag_problems(e))  # exits 2, like any other bad flag
+    try:
+        punch_timings(ns)
+    except ValueError as e:
+        parser.error(str(e))
     setup(debug=ns.debug)
     if os.geteuid() != 0:
         print("kubespan run: needs root (network configuration)", file=sys.stderr)
