@@ -146,6 +146,8 @@ class AgentSettings:
     discovery_ca: Path | None = None
     stun_servers: tuple[tuple[str, int], ...] = ()  # mesh.stunServers: endpoint discovery (HOST:PORT)
     relay: bool = False  # mesh.relay: relay for peers that cannot connect directly (a public node)
+    punch_retry_initial: float = 60.0  # mesh.punchRetryInitial: retry direct this long after a failed punch
+    punch_retry_max: float = 600.0  # mesh.punchRetryMax: … doubling up to this
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,6 +590,14 @@ def read_agent(r: Reader) -> tuple[AgentSettings, dict[str, int | str]]:
     if ca is not None and not ca.startswith("/"):
         r.fail("discovery.caFile", "must be an absolute path")
         ca = None
+    retry_initial = r.seconds("mesh.punchRetryInitial", 60.0)
+    retry_max = r.seconds("mesh.punchRetryMax", 600.0)
+    if retry_max < retry_initial:
+        r.fail(
+            "mesh.punchRetryMax",
+            f"must be at least mesh.punchRetryInitial ({retry_initial:g}s), got {retry_max:g}s",
+        )
+        retry_max = retry_initial
     settings = AgentSettings(
         state_dir=Path(state_dir) if state_dir else d.state_dir,
         nodename=nodename,
@@ -602,6 +612,8 @@ def read_agent(r: Reader) -> tuple[AgentSettings, dict[str, int | str]]:
             "mesh.stunServers", _hostport, "must be HOST:PORT (IPv6 as [IP]:PORT, port 1-65535)"
         ),
         relay=bool(r.boolean("mesh.relay", False)),
+        punch_retry_initial=retry_initial,
+        punch_retry_max=retry_max,
     )
     r.reject_unknown()
     return settings, mesh

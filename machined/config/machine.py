@@ -60,6 +60,8 @@ class MeshSettings:
     machine_type: str = ""  # machine.type, published in the affiliate (workers find trustd by it)
     stun_servers: tuple[tuple[str, int], ...] = ()  # AgentConfig mesh.stunServers
     relay: bool = False  # AgentConfig mesh.relay
+    punch_retry_initial: float = 60.0  # AgentConfig mesh.punchRetryInitial
+    punch_retry_max: float = 600.0  # AgentConfig mesh.punchRetryMax
 
     @property
     def discovery_urls(self) -> tuple[str, ...]:
@@ -68,6 +70,7 @@ class MeshSettings:
     def options(self, hostname: str) -> MeshOptions:
         """``kubespan.engine.MeshOptions`` for this node (``nodename`` defaults to ``hostname``)."""
         from kubespan.engine import MeshOptions
+        from kubespan.nat.punch import PunchTimings
 
         return MeshOptions(
             cluster_id=self.cluster_id,
@@ -85,6 +88,9 @@ class MeshSettings:
             machine_type=self.machine_type,
             stun_servers=self.stun_servers,
             relay=self.relay,
+            punch_timings=PunchTimings(
+                retry_initial=self.punch_retry_initial, retry_max=self.punch_retry_max
+            ),
         )
 
 
@@ -412,6 +418,8 @@ class MachineConfig:
             machine_type=v1.machine_type,
             stun_servers=agent.stun_servers,
             relay=agent.relay,
+            punch_retry_initial=agent.punch_retry_initial,
+            punch_retry_max=agent.punch_retry_max,
         )
         return self
 
