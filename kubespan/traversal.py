@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from kubespan.affiliate import PunchIntent
 from kubespan.nat.punch import PeerView, PunchPlanner, PunchTimings
 from kubespan.ports import PunchPort, RelayClientPort, RelayServerPort
-from kubespan.relay.choose import RelayOption, choose
+from kubespan.relay.choose import RelayOption, choose, chooses
 from kubespan.relay.control import CLIENT_PORT, Notice
 from kubespan.wireguard.types import AddrPort, PublicKey
 from spanutil.logs import log_event
@@ -38,6 +38,13 @@ RELAY_FAILOVER = 5.0  # seconds without rx on a relayed path before the next rel
 RELAY_KEEPALIVE = 2  # persistent keepalive of a relayed peer: rx every 2 s shows the path lives
 RELAY_AVOID = 60.0  # a relay that failed is tried last for this long
 PING_INTERVAL = 15.0
+# After a probe answered, the side that does not choose (relay.choose.chooses) adopts the punched
+# endpoint this much later. Both sides' probes usually answer within milliseconds; were both to
+# initiate at once, each crossing initiation would replace the other's handshake state (WireGuard keeps
+# one per peer), both responses would be dropped and the session would wait for the 5 s retry. By
+# then the chooser's handshake has usually made our WireGuard roam to it (the pass sees a session and
+# does not re-create the peer); if not (only our probe answered), we initiate ourselves.
+ADOPT_DEFER = 0.5
 _PRIVATE = [
     ipaddress.ip_network(n)
     for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "fe80::/10", "169.254.0.0/16")
@@ -118,6 +125,7 @@ class _Peer:
     why: str | None = None
     punch_task: asyncio.Task[None] | None = None
     punch_start: int | None = None
+    answered: int | None = None  # start (ms) of the punch a probe answered (the planner stops relaying)
     alloc_task: asyncio.Task[None] | None = None
     avoid: dict[PublicKey, float] = field(default_factory=dict)
     rx: int = -1
@@ -277,7 +285,9 @@ class Traversal:
             if local_class not in NATTED and f.nat_class not in NATTED:
                 continue  # no NAT on either side: nothing to punch
             mine = next((i for i in f.intents if i.peer == self.own), None)
-            views.append(PeerView(f.key, f.nat_class, f.candidates, self._direct_up(f, st), mine))
+            views.append(
+                PeerView(f.key, f.nat_class, f.candidates, self._direct_up(f, st), mine, st.answered)
+            )
         plan = self.planner.plan(now=now, now_ms=int(wall * 1000), local_class=local_class, peers=views)
         for op in plan.openers:
             self._maybe_punch(by_key[op.key], op.candidates, op.start_ms, local_class)
@@ -351,12 +361,14 @@ class Traversal:
             self.punch_error = str(e) or type(e).__name__
             log_event(log, "hole punching unavailable", logging.WARNING, error=self.punch_error)
             return
-        st = self.peers.get(key)
         log_event(log, "punch", peer=name, found=str(found) if found else None)
+        if found is not None and not chooses(self.own, key):
+            await asyncio.sleep(ADOPT_DEFER)
+        st = self.peers.get(key)
         if found is None or st is None:
             return
         self.punch_successes += 1
-        st.punched = found
+        st.punched, st.answered = found, start_ms
         if st.relay is not None:
             self._drop_relay(key, st, f"a probe answered from {found}")
 
@@ -450,6 +462,10 @@ class Traversal:
             return
         st = self.peers.get(peer)
         if st is None or relay.endpoint is None:
+            return
+        if st.answered is not None and st.answered == st.punch_start:
+            # a probe answered while we allocated (a pair relayed while its punch ran): direct wins
+            self._spawn(self._release(relay.mesh_address, peer), "relay-release")
             return
         self.allocations += 1
         ep = AddrPort(relay.endpoint.ip, port)

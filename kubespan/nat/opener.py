@@ -72,6 +72,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 OPENER_TTL: Final = 3  # through our NAT(s), dead a hop or two past them: never reaches the peer's NAT
 PROBE_INTERVAL: Final = 0.3  # seconds between probe rounds
 PROBE_TIMEOUT: Final = 5.0
+# Seconds from our openers to our first probe. The peer's openers must have left its NAT before our
+# full-TTL probe reaches it (nat.md §0): on time, both sides send openers at the shared start by their
+# own clocks, so this covers clock skew (NTP: milliseconds) plus a one-way trip; late (we only saw the
+# peer's intent after the start), our openers go out at once and the delay counts from them, so the
+# early side, whose openers were out before its intent reached us, is never probed too soon.
+PROBE_DELAY: Final = 0.25
 MAX_CANDIDATES: Final = 32
 IP_PKTINFO: Final = getattr(socket, "IP_PKTINFO", 8)  # Linux; Python does not export it
 IPV6_RECVPKTINFO: Final = getattr(socket, "IPV6_RECVPKTINFO", 49)
@@ -442,26 +448,41 @@ async def punch(
     key: bytes,
     own: PublicKey,
     peer: PublicKey,
-    probe_delay: float = 1.0,
+    probe_delay: float = PROBE_DELAY,
     ttl: int = OPENER_TTL,
     timeout: float = PROBE_TIMEOUT,  # noqa: ASYNC109
     fwmark: int = 0,
     wall_ms: Callable[[], int] = _wall_ms,
 ) -> AddrPort | None:
     """One punch as nat.md §5 schedules it: openers at ``start_ms`` (wall clock, the time both peers
-    agreed on; at once if it is past), probes ``probe_delay`` seconds later, the answer's source or None.
+    agreed on; at once if it is past), probes ``probe_delay`` seconds after the openers went out, the
+    answer's source or None.
 
     Call it only once the peer has committed to the same start (its intent naming us is visible):
     probes are full-TTL, and sent before the peer's openers they would pollute a bare NAT on its side.
-    The caller runs a :class:`ProbeResponder` meanwhile, for the peer's probes.
+    The delay counts from our own openers, not from the start: a side that starts late (it saw the
+    peer's intent naming our start only after the start) sends its openers at once and still waits
+    ``probe_delay``; the peer's openers are out by then (the peer committed first). On time, both
+    sides' openers leave at the start by their own clocks, so ``probe_delay`` must exceed the clock
+    skew plus a one-way trip (see :data:`PROBE_DELAY`); that both are on time is the planner's
+    ``PunchTimings.lead``. The caller runs a :class:`ProbeResponder` meanwhile, for the peer's probes.
     """
     await asyncio.sleep(max(0.0, (start_ms - wall_ms()) / 1000))
+    late_ms = max(0, wall_ms() - start_ms)
     if ttl > 0:  # 0: no openers (a public node has no NAT to open)
         send_openers(wg_port, candidates, ttl, fwmark)
-    await asyncio.sleep(max(0.0, (start_ms - wall_ms()) / 1000 + probe_delay))
-    return await probe_candidates(
+    await asyncio.sleep(probe_delay)
+    found = await probe_candidates(
         wg_port, candidates, key=key, own=own, peer=peer, timeout=timeout, fwmark=fwmark, wall_ms=wall_ms
     )
+    log.info(
+        "punch to %s: openers %d ms after the start, %s %d ms after the start",
+        peer,
+        late_ms,
+        f"answer from {found}" if found is not None else "no answer",
+        wall_ms() - start_ms,
+    )
+    return found
 
 
 class RawPunch:

@@ -18,9 +18,20 @@ from kubespan.wireguard.types import AddrPort, PublicKey
 
 @dataclass(frozen=True, slots=True)
 class PunchTimings:
-    """Durations of one punch and of the retries after a failed one (nat.md §5)."""
+    """Durations of one punch and of the retries after a failed one (nat.md §5).
 
-    lead: float = 2.0  # start = publish time + lead: the intent must reach the peer through the registry
+    ``lead``: the start is the publish time plus this. The side that published first sends its
+    openers at the start only if the peer's intent, naming the same start, has come back by then: one
+    round trip through the registry (our publish → the peer's watch and pass → its publish → our
+    watch and pass), measured in the netns lab at 0.1 to 0.3 s with eight agents on two cores
+    (``bench/nat_traversal.py`` prints it). The peer, which committed first, probes
+    ``opener.PROBE_DELAY`` (0.25 s) after the start; had our openers not gone out by then its probes
+    would pollute a bare NAT on our side (nat.md §0). So ``lead`` + 0.25 s must exceed that round
+    trip plus clock skew; 1 s leaves a margin of 3 to 4 times the lab's figure for a registry across the
+    internet. A late side only costs a failed punch: the relay carries the pair, a retry follows.
+    """
+
+    lead: float = 1.0  # start = publish time + lead: the intent's round trip through the registry
     window: float = 10.0  # no handshake this long after the start: relay
     retry_initial: float = 60.0  # then retry direct with backoff …
     retry_max: float = 600.0  # … doubling up to 10 min
@@ -54,6 +65,20 @@ def why_not_direct(local_class: str, remote_class: str) -> str | None:
     return None
 
 
+def why_relay_meanwhile(local_class: str, remote_class: str) -> str | None:
+    """Why a pair is relayed while its punch runs, or None when the punch alone decides.
+
+    One side behind endpoint-dependent mapping and the other behind NAT (or not known): a direct path
+    needs the other side's filtering to be open (a port forward, nat.md §2), which the classes do not
+    tell. Most such pairs end relayed, so the relay carries them from the first pass instead of after
+    the punch window; a probe that answers still moves the pair to direct.
+    """
+    classes = {local_class, remote_class}
+    if "edm" in classes and "public" not in classes and classes != {"edm"}:
+        return "symmetric NAT on one side: relayed while a punch is tried"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class PeerView:
     """What the planner needs to know about one peer in this pass."""
@@ -63,6 +88,7 @@ class PeerView:
     candidates: tuple[AddrPort, ...]
     direct_up: bool  # a handshake completed over a direct endpoint recently
     intent_for_us: PunchIntent | None = None  # the peer's published intent naming our key
+    answered_start: int | None = None  # start (ms) of our punch a probe answered: direct is coming
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,14 +151,21 @@ class PunchPlanner:
                 st.start_ms = None
             if st.start_ms is None and now >= st.next_try and peer.candidates:
                 st.start_ms = now_ms + lead_ms
+            meanwhile = why_relay_meanwhile(local_class, peer.nat_class)
             if st.start_ms is None:
                 if st.failures:
                     relay[peer.key] = f"no direct answer within {t.window:g} s ({st.failures} tries)"
+                elif meanwhile is not None:
+                    relay[peer.key] = meanwhile  # nothing to punch towards (no candidates) yet
                 continue
-            if st.failures:
+            if peer.answered_start is not None and peer.answered_start == st.start_ms:
+                pass  # a probe answered: the handshake on the punched endpoint follows, no relay
+            elif st.failures:
                 relay[peer.key] = (
                     f"retrying direct ({st.failures} failed)"  # the relay carries traffic meanwhile
                 )
+            elif meanwhile is not None:
+                relay[peer.key] = meanwhile
             if len(intents) < self.max_intents:
                 intents.append(PunchIntent(peer.key, candidates_hash(peer.candidates), st.start_ms))
             openers.append(Opener(peer.key, peer.candidates, st.start_ms))

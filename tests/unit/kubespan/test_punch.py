@@ -52,7 +52,7 @@ def test_first_pass_publishes_an_intent_lead_seconds_ahead() -> None:
 
 
 def test_joins_the_peers_earlier_intent() -> None:
-    p = PunchPlanner()
+    p = PunchPlanner(PunchTimings(lead=2))
     p.plan(now=0.0, now_ms=T0_MS, local_class="eim", peers=[view()])  # ours: T0 + 2 s
     theirs = PunchIntent(A, candidates_hash(CANDS), T0_MS + 500)
     plan = p.plan(now=0.1, now_ms=T0_MS + 100, local_class="eim", peers=[view(intent_for_us=theirs)])
@@ -84,7 +84,7 @@ def test_no_answer_within_the_window_relays_then_retries_with_backoff() -> None:
 
 
 def test_direct_up_resets_everything() -> None:
-    p = PunchPlanner()
+    p = PunchPlanner(PunchTimings(lead=2))
     p.plan(now=0.0, now_ms=T0_MS, local_class="eim", peers=[view()])
     p.plan(now=20.0, now_ms=T0_MS + 20_000, local_class="eim", peers=[view()])  # failed once
     up = p.plan(now=21.0, now_ms=T0_MS + 21_000, local_class="eim", peers=[view(direct_up=True)])
@@ -105,7 +105,7 @@ def test_intents_are_capped() -> None:
 
 
 def test_forgets_peers_that_left() -> None:
-    p = PunchPlanner()
+    p = PunchPlanner(PunchTimings(lead=2))
     p.plan(now=0.0, now_ms=T0_MS, local_class="eim", peers=[view()])
     p.plan(now=20.0, now_ms=T0_MS + 20_000, local_class="eim", peers=[view()])
     p.plan(now=21.0, now_ms=T0_MS + 21_000, local_class="eim", peers=[])
@@ -118,3 +118,47 @@ def test_timings_are_checked() -> None:
         PunchTimings(window=0)
     with pytest.raises(ValueError, match="retry_max: 10 is below retry_initial 60"):
         PunchTimings(retry_max=10)
+
+
+@pytest.mark.parametrize(
+    ("local", "remote", "meanwhile"),
+    [
+        ("eim", "edm", True),
+        ("edm", "eim", True),
+        ("edm", "unknown", True),
+        ("edm", "public", False),  # the symmetric side reaches a public one directly
+        ("eim", "eim", False),  # the punch decides; no relay unless it fails
+        ("edm", "edm", False),  # never punched: why_not_direct relays it
+    ],
+)
+def test_relayed_while_punching_where_direct_is_uncertain(local: str, remote: str, meanwhile: bool) -> None:
+    plan = PunchPlanner().plan(now=0.0, now_ms=T0_MS, local_class=local, peers=[view(nat_class=remote)])
+    if local == remote == "edm":
+        assert plan.openers == ()
+        return
+    assert [o.key for o in plan.openers] == [B]  # the punch is still tried
+    assert (B in plan.relay) is meanwhile
+    if meanwhile:
+        assert "relayed while a punch is tried" in plan.relay[B]
+
+
+def test_an_answered_punch_stops_the_relay_until_the_window_ends() -> None:
+    t = PunchTimings(lead=1, window=10)
+    p = PunchPlanner(t)
+    first = p.plan(now=0.0, now_ms=T0_MS, local_class="edm", peers=[view()])
+    start = first.openers[0].start_ms
+    assert B in first.relay
+    # a probe of that punch answered: the handshake on the punched endpoint follows, no relay
+    answered = p.plan(now=2.0, now_ms=T0_MS + 2000, local_class="edm", peers=[view(answered_start=start)])
+    assert answered.relay == {} and [o.start_ms for o in answered.openers] == [start]
+    # an answer to an older punch does not count
+    old = p.plan(now=2.1, now_ms=T0_MS + 2100, local_class="edm", peers=[view(answered_start=start - 1)])
+    assert B in old.relay
+    # no handshake by the end of the window: a failure like any other, relayed again
+    late = p.plan(now=11.0, now_ms=start + 10_000, local_class="edm", peers=[view(answered_start=start)])
+    assert "no direct answer" in late.relay[B]
+
+
+def test_uncertain_peer_without_candidates_is_relayed_meanwhile() -> None:
+    plan = PunchPlanner().plan(now=0.0, now_ms=T0_MS, local_class="edm", peers=[view(candidates=())])
+    assert plan.openers == () and B in plan.relay
