@@ -297,8 +297,9 @@ class Traversal:
             if reason is None and self.punch_error is not None and not self._direct_up(f, st):
                 if local_class in NATTED and f.nat_class in NATTED:
                     reason = f"no hole punching: {self.punch_error}"
-            if reason is None and st.notice is not None and not self._direct_up(f, st):
-                reason = "the peer chose a relay"
+            answered = st.answered is not None and st.answered == st.punch_start
+            if reason is None and st.notice is not None and not self._direct_up(f, st) and not answered:
+                reason = "the peer chose a relay"  # (not once our probe answered: direct is coming)
             self._relay_step(now, f, st, reason, by_key)
             st.status = self._status(f, st)
         self._ping_relays(now, facts)

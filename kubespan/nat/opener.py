@@ -73,11 +73,13 @@ OPENER_TTL: Final = 3  # through our NAT(s), dead a hop or two past them: never 
 PROBE_INTERVAL: Final = 0.3  # seconds between probe rounds
 PROBE_TIMEOUT: Final = 5.0
 # Seconds from our openers to our first probe. The peer's openers must have left its NAT before our
-# full-TTL probe reaches it (nat.md §0): on time, both sides send openers at the shared start by their
-# own clocks, so this covers clock skew (NTP: milliseconds) plus a one-way trip; late (we only saw the
-# peer's intent after the start), our openers go out at once and the delay counts from them, so the
-# early side, whose openers were out before its intent reached us, is never probed too soon.
-PROBE_DELAY: Final = 0.25
+# full-TTL probe reaches it (nat.md §0). Started on time (before the agreed start), our openers leave
+# at the start and the peer's at the start too, or as soon as our intent naming the start has come back
+# to it: so this covers clock skew (NTP: milliseconds) and how late the peer may start, which the lab
+# measured at 0.42 s at most (bench/nat_traversal.py, eight agents starting at once on two cores; p95
+# under 0.2 s). Started late (we saw the peer's intent only after the start), our openers go out at
+# once and the delay counts from them: the peer, which committed first, has had its openers out since.
+PROBE_DELAY: Final = 0.5
 MAX_CANDIDATES: Final = 32
 IP_PKTINFO: Final = getattr(socket, "IP_PKTINFO", 8)  # Linux; Python does not export it
 IPV6_RECVPKTINFO: Final = getattr(socket, "IPV6_RECVPKTINFO", 49)

@@ -22,13 +22,14 @@ class PunchTimings:
 
     ``lead``: the start is the publish time plus this. The side that published first sends its
     openers at the start only if the peer's intent, naming the same start, has come back by then: one
-    round trip through the registry (our publish → the peer's watch and pass → its publish → our
-    watch and pass), measured in the netns lab at 0.1 to 0.3 s with eight agents on two cores
-    (``bench/nat_traversal.py`` prints it). The peer, which committed first, probes
-    ``opener.PROBE_DELAY`` (0.25 s) after the start; had our openers not gone out by then its probes
-    would pollute a bare NAT on our side (nat.md §0). So ``lead`` + 0.25 s must exceed that round
-    trip plus clock skew; 1 s leaves a margin of 3 to 4 times the lab's figure for a registry across the
-    internet. A late side only costs a failed punch: the relay carries the pair, a retry follows.
+    round trip through the registry (our publish, the peer's watch and pass, its publish, our watch and
+    pass). In the netns lab (``bench/nat_traversal.py``: eight agents starting at once on two cores)
+    the first side's openers left at most 0.42 s after a 1 s lead (p95 under 0.2 s): a round trip of
+    up to 1.4 s under that load. The peer, which committed first, probes ``opener.PROBE_DELAY``
+    (0.5 s) after the start, so a first side up to 0.5 s late still has its openers out before the
+    peer's full-TTL probes arrive (nat.md §0). A later side only costs a failed punch on a bare NAT:
+    the relay carries the pair (pairs with a symmetric side are relayed from the start), a retry
+    follows. The lead is what a punched pair pays on top of the probes' round trip.
     """
 
     lead: float = 1.0  # start = publish time + lead: the intent's round trip through the registry
