@@ -552,7 +552,10 @@ class Mesh:
             if adopt:
                 # a punch answered or a relay was allocated: switch now (the machine observes next poll)
                 assert route is not None and route.first is not None
-                if fresh and have is not None:
+                # WireGuard holds the next initiation for REKEY_TIMEOUT (5 s) after its last one, even
+                # one it could not send: a peer that never had an endpoint (gated) and has no session
+                # is re-created too, so its initiation to the new route leaves at once
+                if have is not None and (fresh or (have.endpoint is None and not _has_session(have, wall))):
                     self._fresh_sessions.append(spec.public_key)
                 peer.machine.adopt(now, route.first)
                 endpoint = route.first
@@ -986,6 +989,11 @@ class Mesh:
         if len(out) == len(prev) and all(a is b for a, b in zip(out, prev, strict=True)):
             return prev
         return tuple(out)
+
+
+def _has_session(have: ObservedPeer, wall: float) -> bool:
+    """A handshake recent enough that WireGuard still holds its keys (REJECT_AFTER_TIME, 180 s)."""
+    return have.last_handshake is not None and wall - have.last_handshake < 180
 
 
 def _routed_candidates(candidates: tuple[Candidate, ...], route: Route) -> tuple[Candidate, ...]:
