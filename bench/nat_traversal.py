@@ -19,13 +19,18 @@ designed sample, one node per NAT type, not a population: the share is not compa
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import re
 import sys
 import time
+from datetime import datetime
+from pathlib import Path
 
 from _meshlab import host_load, verdict
 from _wglab import skip_unless_root
 
+from kubespan.nat.opener import PROBE_DELAY
 from kubespan.nat.punch import PunchTimings
 from netns.lab import LabError
 from netns.mesh import mesh_lab
@@ -54,11 +59,70 @@ def p95(xs: list[float]) -> float:
     return s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)]
 
 
-def one_round(i: int, timeout: float) -> tuple[dict[str, list[float]], int, int, int, list[str]]:
+def _events(log: Path) -> list[dict]:
+    """The agent's JSON log lines, each with ``t`` (Unix seconds from its ``ts``)."""
+    out = []
+    try:
+        lines = log.read_text().splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        try:
+            ev = json.loads(line)
+            ev["t"] = datetime.fromisoformat(ev["ts"].replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        out.append(ev)
+    return out
+
+
+PUNCH_LOG = re.compile(
+    r"punch to \S+: openers (\d+) ms after the start, (answer from \S+|no answer) (-?\d+) ms"
+)
+
+
+def punch_schedule(tl) -> tuple[list[float], list[float]]:
+    """From every agent's log: how late its openers left after the agreed start (> 0: the peer's
+    intent naming the start came back after it, i.e. the registry round trip exceeded the lead) and
+    how long after the start a probe was answered (s)."""
+    late, answered = [], []
+    for mn in tl.agents.values():
+        for ev in _events(mn.log):
+            m = PUNCH_LOG.match(str(ev.get("msg", "")))
+            if m:
+                late.append(int(m.group(1)) / 1000)
+                if m.group(2) != "no answer":
+                    answered.append(int(m.group(3)) / 1000)
+    return late, answered
+
+
+KEYS = ("found", "endpoint", "state", "relay", "reason", "why", "via")
+
+
+def breakdown(tl, a: str, b: str, t0: float) -> str:
+    """Where a pair's time went, from both agents' logs (seconds after the agents were started): each
+    agent's first STUN result and affiliate publish, then every event naming the other."""
+    lines = []
+    for x, y in ((a, b), (b, a)):
+        evs = _events(tl.agents[x].log)
+        stun = next((e for e in evs if e.get("msg") == "endpoint discovery"), None)
+        parts = [f"stun {stun['t'] - t0:.2f}" if stun else "stun -"]
+        for e in evs:
+            if e.get("peer") in (y, tl.agents[y].name) or (e.get("msg") == "punch" and e.get("peer") == y):
+                extra = ",".join(f"{k}={e[k]}" for k in KEYS if k in e and e[k] is not None)
+                parts.append(f"{e['msg']}{'(' + extra + ')' if extra else ''} {e['t'] - t0:.2f}")
+        lines.append(f"    {x}->{y}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def one_round(
+    i: int, timeout: float, explain: int, sched: dict[str, list[float]]
+) -> tuple[dict[str, list[float]], int, int, int, list[str]]:
     """Connect times by expected path, direct pairs, pairs nat.md allows direct, all pairs, problems."""
     times: dict[str, list[float]] = {"direct": [], "relay": []}
     problems: list[str] = []
     with mesh_lab() as lab:
+        t_wall = time.time()
         tl = build(lab, AGENTS, cluster_id=f"nat-bench-{i}")
         t0 = time.monotonic()
         try:
@@ -68,6 +132,7 @@ def one_round(i: int, timeout: float) -> tuple[dict[str, list[float]], int, int,
             took = math.nan
         m = tl.matrix()
         direct = possible = 0
+        slow: list[tuple[float, str, str]] = []
         for a, b in tl.pairs():
             want = tl.expected(a, b)
             seen = {m[x].path if x in m else "none" for x in ((a, b), (b, a))}
@@ -79,7 +144,13 @@ def one_round(i: int, timeout: float) -> tuple[dict[str, list[float]], int, int,
                 problems.append(f"{a}<->{b}: no connect_time")
                 continue
             times[want].append(ct)
+            slow.append((ct, a, b))
             print(f"  round {i} {a}<->{b}: {'/'.join(sorted(seen))} (want {want}) connect {ct:.3f} s")
+        for ct, a, b in sorted(slow, reverse=True)[:explain]:
+            print(f"  round {i} slow {a}<->{b} ({ct:.3f} s), from the logs:\n{breakdown(tl, a, b, t_wall)}")
+        late, answered = punch_schedule(tl)
+        sched["late"] += late
+        sched["answered"] += answered
         print(
             f"  round {i}: matrix settled {took:.1f} s after the agents started ({time.monotonic() - t0:.1f} s)"
         )
@@ -90,6 +161,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2, help="fresh labs (28 pairs each)")
     ap.add_argument("--timeout", type=float, default=150, help="seconds for a round's matrix to settle")
+    ap.add_argument("--explain", type=int, default=4, help="per round, the slowest pairs' log timelines")
     ns = ap.parse_args()
     if skip_unless_root(NAME):
         return 0
@@ -97,9 +169,10 @@ def main() -> int:
     direct = possible = total = 0
     problems: list[str] = []
     load0 = host_load()
+    sched: dict[str, list[float]] = {"late": [], "answered": []}
     try:
         for i in range(ns.rounds):
-            t, d, p, n, pr = one_round(i, ns.timeout)
+            t, d, p, n, pr = one_round(i, ns.timeout, ns.explain, sched)
             for k in times:
                 times[k] += t[k]
             direct, possible, total = direct + d, possible + p, total + n
@@ -120,9 +193,16 @@ def main() -> int:
     )
     t = PunchTimings()
     print(
-        f"{NAME}: the punch schedule alone: start = intent published + {t.lead:g} s (lead), probes 1 s after "
-        f"the start, so a punched pair's first handshake comes ≥ {t.lead + 1:g} s after its intent; a pair "
-        f"the classes cannot rule out (EIM against EDM) is relayed only after the {t.window:g} s window"
+        f"{NAME}: the punch schedule: start = intent published + {t.lead:g} s (lead), probes {PROBE_DELAY:g} s "
+        f"after the openers; a pair the classes cannot rule out (EIM against EDM) is relayed at once while "
+        f"its punch runs ({t.window:g} s window)"
+    )
+    late, ans = sched["late"], sched["answered"]
+    print(
+        f"{NAME}: {len(late)} punches: openers after the agreed start p95 {p95(late):.3f} s, max "
+        f"{max(late, default=math.nan):.3f} s (> 0: the intent's registry round trip exceeded the "
+        f"{t.lead:g} s lead; no pollution while under the {PROBE_DELAY:g} s probe delay); "
+        f"{len(ans)} answered, p95 {p95(ans):.3f} s after the start"
     )
     rate = direct / possible if possible else math.nan
     share = direct / total if total else math.nan
