@@ -76,8 +76,8 @@ PROBE_TIMEOUT: Final = 5.0
 # full-TTL probe reaches it (nat.md §0). Started on time (before the agreed start), our openers leave
 # at the start and the peer's at the start too, or as soon as our intent naming the start has come back
 # to it: so this covers clock skew (NTP: milliseconds) and how late the peer may start, which the lab
-# measured at 0.42 s at most (bench/nat_traversal.py, eight agents starting at once on two cores; p95
-# under 0.2 s). Started late (we saw the peer's intent only after the start), our openers go out at
+# measured at 0.57 s at most (bench/nat_traversal.py, eight agents starting at once on two cores; p95
+# under 0.2 s over 300 punches). Started late (we saw the peer's intent only after the start), our openers go out at
 # once and the delay counts from them: the peer, which committed first, has had its openers out since.
 PROBE_DELAY: Final = 0.5
 MAX_CANDIDATES: Final = 32

@@ -24,8 +24,8 @@ class PunchTimings:
     openers at the start only if the peer's intent, naming the same start, has come back by then: one
     round trip through the registry (our publish, the peer's watch and pass, its publish, our watch and
     pass). In the netns lab (``bench/nat_traversal.py``: eight agents starting at once on two cores)
-    the first side's openers left at most 0.42 s after a 1 s lead (p95 under 0.2 s): a round trip of
-    up to 1.4 s under that load. The peer, which committed first, probes ``opener.PROBE_DELAY``
+    the first side's openers left at most 0.57 s after a 1 s lead (p95 under 0.2 s, 300 punches): a
+    round trip of up to 1.6 s under that load, rarely beyond the 0.5 s below. The peer, which committed first, probes ``opener.PROBE_DELAY``
     (0.5 s) after the start, so a first side up to 0.5 s late still has its openers out before the
     peer's full-TTL probes arrive (nat.md §0). A later side only costs a failed punch on a bare NAT:
     the relay carries the pair (pairs with a symmetric side are relayed from the start), a retry
