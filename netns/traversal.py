@@ -85,6 +85,12 @@ class TraversalLab:
         """Unordered pairs of ``names`` (default: every agent but the relay)."""
         return list(itertools.combinations(self.names if names is None else names, 2))
 
+    def relay_pairs(self, names: Sequence[str] | None = None) -> list[tuple[str, str]]:
+        """(name, relay) for each of ``names`` when the lab has a relay node."""
+        if RELAY not in self.profiles:
+            return []
+        return [(n, RELAY) for n in (self.names if names is None else names)]
+
     def expected(self, a: str, b: str) -> str:
         return expected_path(self.profiles[a], self.profiles[b])
 
@@ -101,9 +107,10 @@ class TraversalLab:
         return pair_matrix(self.statuses())
 
     def settled(self, names: Sequence[str] | None = None) -> bool:
-        """Every pair of ``names`` up on both sides on the path nat.md §2 expects."""
+        """Every pair of ``names`` up on both sides on the path nat.md §2 expects, and each of them up
+        with the relay node (direct: it is public), which relayed pairs depend on."""
         m = self.matrix()
-        for a, b in self.pairs(names):
+        for a, b in self.pairs(names) + self.relay_pairs(names):
             want = self.expected(a, b)
             for x, y in ((a, b), (b, a)):
                 link = m.get((x, y))
@@ -124,7 +131,7 @@ class TraversalLab:
         """One line per unordered pair: profiles, expected and seen paths (both sides), connect times."""
         m = self.matrix()
         lines = []
-        for a, b in self.pairs():
+        for a, b in self.pairs() + self.relay_pairs():
             ab, ba = m.get((a, b)), m.get((b, a))
             seen = "/".join(x.path if x else "?" for x in (ab, ba))
             cts = "/".join(f"{x.connect_time}" if x else "?" for x in (ab, ba))
