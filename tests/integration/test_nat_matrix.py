@@ -36,6 +36,7 @@ AGENTS = {
 }
 SETTLE_TIMEOUT = 150.0
 BUDGET = 240.0  # the whole test, lab build to teardown start
+RETRIES = 5  # pings again, 2 s apart, for a pair whose first pings were lost
 
 
 @pytest.fixture
@@ -83,6 +84,17 @@ def test_matrix_direct_where_nat_allows_relayed_elsewhere_all_connected(lab: Lab
     # traffic over the mesh, every pair (echo request one way, reply the other)
     with ThreadPoolExecutor(6) as pool:
         results = dict(zip(pairs, pool.map(lambda p: tl.ping(*p), pairs), strict=True))
-    failed = {p: r for p, r in results.items() if not r.ok}
+    first = {p: r for p, r in results.items() if not r.ok}
+    # A pair that lost its first pings gets a few more tries (bounded): the claim is that every pair
+    # exchanges traffic, and a clean-clone run once saw a direct pair lose 3 pings right after settling
+    # (issue 14 note). The first losses are printed either way.
+    failed = dict(first)
+    for _ in range(RETRIES):
+        if not failed:
+            break
+        time.sleep(2)
+        failed = {p: r for p in failed if not (r := tl.ping(*p)).ok}
+    if first:
+        print(f"first pings lost (then {'still lost' if failed else 'recovered'}): {first}")
     assert not failed, f"pings lost: {failed}\n{tl.describe()}"
     assert time.monotonic() - t0 < BUDGET, tl.describe()
