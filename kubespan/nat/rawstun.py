@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from kubespan.nat.classify import NatReport, Observation, classify
 from kubespan.wireguard.types import AddrPort
 from spanutil import stun
+from spanutil.ipcodec import IPAddress
 
 __all__ = [
     "NoRawSocketPrivilege",
@@ -34,8 +35,6 @@ __all__ = [
     "udp_checksum",
     "udp_datagram",
 ]
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 SO_ATTACH_FILTER = 26
 SO_MARK = getattr(socket, "SO_MARK", 36)
