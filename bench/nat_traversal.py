@@ -34,22 +34,12 @@ from kubespan.nat.opener import PROBE_DELAY
 from kubespan.nat.punch import PunchTimings
 from netns.lab import LabError
 from netns.mesh import mesh_lab
-from netns.traversal import build, pair_connect_time
+from netns.traversal import MATRIX_AGENTS, build, pair_connect_time
 
 NAME = "nat_traversal"
 DIRECT_TARGET = 2.0
 RELAY_TARGET = 3.0
 FIELD = "nat.md: 82 % of NATs punchable (Ford et al. 2005), DCUtR 70 % ± 7.1 % of 4.4 M attempts"
-AGENTS = {
-    "open": "open",
-    "forward": "forward",
-    "easy": "easy",
-    "easy-2": "easy",
-    "easy-fw": "easy-fw",
-    "hard": "hard",
-    "hard-2": "hard",
-    "cgnat": "cgnat",
-}
 
 
 def p95(xs: list[float]) -> float:
@@ -123,7 +113,7 @@ def one_round(
     problems: list[str] = []
     with mesh_lab() as lab:
         t_wall = time.time()
-        tl = build(lab, AGENTS, cluster_id=f"nat-bench-{i}")
+        tl = build(lab, MATRIX_AGENTS, cluster_id=f"nat-bench-{i}")
         t0 = time.monotonic()
         try:
             took = tl.wait_settled(timeout)

@@ -23,6 +23,7 @@ import itertools
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from netns.lab import Lab, LabError, Node, Site
@@ -36,6 +37,21 @@ STUN_PORT = 3478
 DISC_PORT = 3000
 RELAY = "relay"
 PROFILES = ("open", "forward", "easy", "easy-fw", "hard", "cgnat")
+# The full pair matrix (agent name -> profile): every profile, plus a second easy (easy<->easy, the
+# pollution case) and a second hard (symmetric<->symmetric): 8 agents, 28 pairs. Used by
+# tests/integration/test_nat_matrix.py and bench/nat_traversal.py.
+MATRIX_AGENTS: Mapping[str, str] = MappingProxyType(
+    {
+        "open": "open",
+        "forward": "forward",
+        "easy": "easy",
+        "easy-2": "easy",
+        "easy-fw": "easy-fw",
+        "hard": "hard",
+        "hard-2": "hard",
+        "cgnat": "cgnat",
+    }
+)
 
 
 def stun_flags() -> tuple[str, ...]:

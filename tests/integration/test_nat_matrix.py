@@ -20,20 +20,10 @@ import pytest
 from netns import Lab
 from netns.mesh import mesh_lab
 from netns.natprofiles import direct_verdict
-from netns.traversal import RELAY, TraversalLab, build
+from netns.traversal import MATRIX_AGENTS, RELAY, TraversalLab, build
 
 pytestmark = pytest.mark.root
 
-AGENTS = {
-    "open": "open",
-    "forward": "forward",
-    "easy": "easy",
-    "easy-2": "easy",
-    "easy-fw": "easy-fw",
-    "hard": "hard",
-    "hard-2": "hard",
-    "cgnat": "cgnat",
-}
 SETTLE_TIMEOUT = 150.0
 BUDGET = 240.0  # the whole test, lab build to teardown start
 RETRIES = 5  # pings again, 2 s apart, for a pair whose first pings were lost
@@ -47,7 +37,7 @@ def lab() -> Iterator[Lab]:
 
 def test_matrix_direct_where_nat_allows_relayed_elsewhere_all_connected(lab: Lab) -> None:
     t0 = time.monotonic()
-    tl: TraversalLab = build(lab, AGENTS)
+    tl: TraversalLab = build(lab, MATRIX_AGENTS)
     tl.wait_settled(SETTLE_TIMEOUT)
     m = tl.matrix()
     pairs = tl.pairs()
@@ -55,7 +45,7 @@ def test_matrix_direct_where_nat_allows_relayed_elsewhere_all_connected(lab: Lab
     relay_ip = tl.sites[RELAY].public_ip
     relayed = []
     for a, b in pairs:
-        verdict = direct_verdict(AGENTS[a], AGENTS[b])
+        verdict = direct_verdict(MATRIX_AGENTS[a], MATRIX_AGENTS[b])
         for x, y in ((a, b), (b, a)):
             link = m[(x, y)]
             assert link.up, (x, y, link)
