@@ -6,7 +6,7 @@ stop together)::
 
     internet 203.0.113.0/24
       disc   .2 and .3   discovery-service :3000, STUN (--stun-addr) on .2:3478 and .3:3478
-      relay  .(100+k)    ``open`` + ``kubespan run --relay``
+      relay  .(100+k)    ``open`` + ``kubespan run --relay`` (``build(relays=...)``: other names, or none)
       <name> per site    ``Lab.site(name, profile)``: open, forward, easy, easy-fw, hard, cgnat
 
 Every agent gets ``--stun-server`` for both responders. :func:`pair_matrix` reads every agent's
@@ -14,7 +14,8 @@ Every agent gets ``--stun-server`` for both responders. :func:`pair_matrix` read
 whether the peer is up, and its ``connect_time`` (seconds from both sides' candidates known to the first
 handshake, the agent's own figure). :func:`expected_path` is what nat.md §2 says the pair must get
 (``netns.natprofiles.direct_possible``). Used by tests/integration/test_nat_matrix.py,
-tests/integration/test_blindness.py and bench/nat_traversal.py.
+test_blindness.py, test_traversal_netns.py, test_traversal_upgrade.py, test_endpoint_discovery.py and
+bench/nat_traversal.py.
 """
 
 from __future__ import annotations
@@ -76,16 +77,17 @@ class TraversalLab:
     ml: MeshLab
     disc: Node
     url: str
-    sites: dict[str, Site]  # every agent's site, the relay's included
-    profiles: dict[str, str]  # agent name -> NAT profile (the relay: open)
+    sites: dict[str, Site]  # every agent's site, the relays' included
+    profiles: dict[str, str]  # agent name -> NAT profile (the relays: open)
     agent_flags: tuple[str, ...] = ()
+    relays: tuple[str, ...] = (RELAY,)  # the public relay nodes' names (each in sites and profiles)
 
     def start_agents(self) -> None:
         """``kubespan run`` in every site (with ``--stun-server`` for both responders; ``--relay`` on the
-        relay node); does not wait."""
+        relay nodes); does not wait."""
         for name, site in self.sites.items():
             if name not in self.ml.nodes:
-                relay = ("--relay",) if name == RELAY else ()
+                relay = ("--relay",) if name in self.relays else ()
                 self.ml.start_node(site.node, *stun_flags(), *relay, *self.agent_flags)
 
     @property
@@ -94,18 +96,16 @@ class TraversalLab:
 
     @property
     def names(self) -> list[str]:
-        """The agents behind the requested profiles, in the order given (the relay not included)."""
-        return [n for n in self.profiles if n != RELAY]
+        """The agents behind the requested profiles, in the order given (the relays not included)."""
+        return [n for n in self.profiles if n not in self.relays]
 
     def pairs(self, names: Sequence[str] | None = None) -> list[tuple[str, str]]:
-        """Unordered pairs of ``names`` (default: every agent but the relay)."""
+        """Unordered pairs of ``names`` (default: every agent but the relays)."""
         return list(itertools.combinations(self.names if names is None else names, 2))
 
     def relay_pairs(self, names: Sequence[str] | None = None) -> list[tuple[str, str]]:
-        """(name, relay) for each of ``names`` when the lab has a relay node."""
-        if RELAY not in self.profiles:
-            return []
-        return [(n, RELAY) for n in (self.names if names is None else names)]
+        """(name, relay) for each of ``names`` and each relay node (none when the lab has no relay)."""
+        return [(n, r) for r in self.relays for n in (self.names if names is None else names)]
 
     def expected(self, a: str, b: str) -> str:
         return expected_path(self.profiles[a], self.profiles[b])
@@ -124,7 +124,7 @@ class TraversalLab:
 
     def settled(self, names: Sequence[str] | None = None) -> bool:
         """Every pair of ``names`` up on both sides on the path nat.md §2 expects, and each of them up
-        with the relay node (direct: it is public), which relayed pairs depend on."""
+        with each relay node (direct: it is public), which relayed pairs depend on."""
         m = self.matrix()
         for a, b in self.pairs(names) + self.relay_pairs(names):
             want = self.expected(a, b)
@@ -214,27 +214,27 @@ def build(
     lab: Lab,
     profiles: Mapping[str, str] | Iterable[str] = PROFILES,
     *,
-    relay: bool = True,
+    relays: Sequence[str] = (RELAY,),
     registry_flags: Sequence[str] = (),
     agent_flags: Sequence[str] = (),
     cluster_id: str = "nat-matrix",
     start: bool = True,
 ) -> TraversalLab:
-    """The registry (with STUN on two addresses), the public relay node (``relay``) and one agent per
-    profile (a mapping gives agent names; a list names each agent after its profile), all started with
-    ``--stun-server`` for both responders. Returns once discovery serves and every agent is started
+    """The registry (with STUN on two addresses), the public relay nodes (``relays``: by default one,
+    named ``relay``; ``()`` for none) and one agent per profile (a mapping gives agent names; a list
+    names each agent after its profile), all started with ``--stun-server`` for both responders. Returns once discovery serves and every agent is started
     (not yet connected: see :meth:`TraversalLab.wait_settled`); with ``start=False`` the sites are built
     but no agent runs until :meth:`TraversalLab.start_agents`."""
     named = dict(profiles) if isinstance(profiles, Mapping) else {p: p for p in profiles}
-    if RELAY in named:
-        raise LabError(f"{RELAY!r} is the relay node's name")
+    if clash := set(named) & set(relays):
+        raise LabError(f"{sorted(clash)} named both as an agent and as a relay node")
     ml = MeshLab(lab, cluster_id=cluster_id)
     disc = lab.node("disc")
     lab.attach(disc, lab.internet(), [f"{ip}/24" for ip in STUN_IPS])
     url = start_registry(ml, disc, *registry_flags)
-    order = ({RELAY: "open"} if relay else {}) | named
+    order = dict.fromkeys(relays, "open") | named
     sites = {name: lab.site(name, prof) for name, prof in order.items()}
-    tl = TraversalLab(lab, ml, disc, url, sites, order, tuple(agent_flags))
+    tl = TraversalLab(lab, ml, disc, url, sites, order, tuple(agent_flags), tuple(relays))
     if start:
         tl.start_agents()
     return tl

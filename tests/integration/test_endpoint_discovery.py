@@ -13,14 +13,12 @@ from collections.abc import Iterator
 import pytest
 
 from netns import Lab
-from netns.mesh import MeshLab, mesh_lab
+from netns.mesh import mesh_lab
+from netns.traversal import STUN_IPS, STUN_PORT, build
 
 pytestmark = pytest.mark.root
 
-S1, S2 = "203.0.113.2", "203.0.113.3"  # the discovery host's two internet addresses (STUN on both)
-STUN_PORT = 3478
 WG_PORT = 51820
-STUN_FLAGS = ("--stun-server", f"{S1}:{STUN_PORT}", "--stun-server", f"{S2}:{STUN_PORT}")
 
 
 @pytest.fixture
@@ -30,16 +28,10 @@ def lab() -> Iterator[Lab]:
 
 
 def test_easy_node_publishes_mapped_endpoint_and_class_and_the_mesh_connects(lab: Lab) -> None:
-    ml = MeshLab(lab)
-    disc = lab.node("disc")
-    lab.attach(disc, lab.internet(), [f"{S1}/24", f"{S2}/24"])
-    ml.start_discovery(
-        disc, f"{S1}:3000", "--stun-addr", f"{S1}:{STUN_PORT}", "--stun-addr", f"{S2}:{STUN_PORT}"
-    )
-    serving = lab.dir / "discovery-disc.log"
-    ml.wait("discovery-service serving", lambda: serving.exists() and '"serving"' in serving.read_text(), 30)
-    easy, public = lab.site("easy", "easy-fw"), lab.site("open", "open")
-    e, o = ml.start_node(easy.node, *STUN_FLAGS), ml.start_node(public.node, *STUN_FLAGS)
+    tl = build(lab, {"easy": "easy-fw", "open": "open"}, relays=(), cluster_id="endpoint-discovery")
+    ml = tl.ml
+    easy, public = tl.sites["easy"], tl.sites["open"]
+    e, o = tl.agents["easy"], tl.agents["open"]
     mapped = f"{easy.public_ip}:{WG_PORT}"  # masquerade keeps the free port
 
     def easy_found() -> bool:
@@ -49,7 +41,7 @@ def test_easy_node_publishes_mapped_endpoint_and_class_and_the_mesh_connects(lab
     ml.wait("the easy node classifies its NAT", easy_found, timeout=30)
     nat = e.status()["nat"]
     assert nat["mapped"] == mapped
-    assert sorted(nat["responders"]) == [f"{S1}:{STUN_PORT}", f"{S2}:{STUN_PORT}"]
+    assert sorted(nat["responders"]) == sorted(f"{ip}:{STUN_PORT}" for ip in STUN_IPS)
     assert nat["error"] is None
     assert mapped in e.status()["endpoints"]  # what discovery holds
 

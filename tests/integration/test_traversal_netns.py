@@ -17,13 +17,10 @@ from collections.abc import Iterator
 import pytest
 
 from netns import Lab
-from netns.mesh import MeshLab, MeshNode, mesh_lab
+from netns.mesh import MeshNode, mesh_lab
+from netns.traversal import RELAY, build
 
 pytestmark = pytest.mark.root
-
-S1, S2 = "203.0.113.2", "203.0.113.3"  # the discovery host's two internet addresses (STUN on both)
-STUN_PORT = 3478
-STUN_FLAGS = ("--stun-server", f"{S1}:{STUN_PORT}", "--stun-server", f"{S2}:{STUN_PORT}")
 
 
 @pytest.fixture
@@ -41,32 +38,15 @@ def _path(n: MeshNode, label: str) -> tuple[str, str | None, str | None]:
 
 def test_hard_pair_relayed_easy_pair_punched(lab: Lab) -> None:
     t0 = time.monotonic()
-    ml = MeshLab(lab)
-    disc = lab.node("disc")
-    lab.attach(disc, lab.internet(), [f"{S1}/24", f"{S2}/24"])
-    ml.start_discovery(
-        disc, f"{S1}:3000", "--stun-addr", f"{S1}:{STUN_PORT}", "--stun-addr", f"{S2}:{STUN_PORT}"
-    )
-    serving = lab.dir / "discovery-disc.log"
-    ml.wait("discovery-service serving", lambda: serving.exists() and '"serving"' in serving.read_text(), 30)
-    sites = {
-        "relay": lab.site("relay", "open"),
-        "h1": lab.site("h1", "hard"),
-        "h2": lab.site("h2", "hard"),
-        "e1": lab.site("e1", "easy"),
-        "e2": lab.site("e2", "easy"),
-    }
-    nodes = {
-        name: ml.start_node(site.node, *STUN_FLAGS, *(("--relay",) if name == "relay" else ()))
-        for name, site in sites.items()
-    }
+    tl = build(lab, {"h1": "hard", "h2": "hard", "e1": "easy", "e2": "easy"}, cluster_id="traversal")
+    ml = tl.ml
     ml.wait("every pair up", ml.all_up, timeout=60)
-    h1, h2, e1, e2 = nodes["h1"], nodes["h2"], nodes["e1"], nodes["e2"]
+    h1, h2, e1, e2 = (tl.agents[n] for n in ("h1", "h2", "e1", "e2"))
 
     ml.wait("h1-h2 relayed", lambda: _path(h1, "h2")[0] == "relay" and _path(h2, "h1")[0] == "relay", 30)
-    assert _path(h1, "h2") == ("relay", "relay", "both behind symmetric NAT")
-    assert _path(h2, "h1")[1] == "relay"
-    relay_ip = sites["relay"].public_ip
+    assert _path(h1, "h2") == ("relay", RELAY, "both behind symmetric NAT")
+    assert _path(h2, "h1")[1] == RELAY
+    relay_ip = tl.sites[RELAY].public_ip
     assert str(h1.peer("h2")["endpoint"]).startswith(f"{relay_ip}:")
     mesh_h2 = h2.status()["mesh_address"]
     assert ipaddress.ip_address(mesh_h2).version == 6
@@ -80,13 +60,13 @@ def test_hard_pair_relayed_easy_pair_punched(lab: Lab) -> None:
 
     # the relay node reaches everyone directly; easy<->hard is relayed (no direct answer)
     for n in (h1, h2, e1, e2):
-        assert _path(n, "relay")[0] == "direct"
+        assert _path(n, RELAY)[0] == "direct"
 
     def easy_hard_relayed() -> bool:
         for a in (e1, e2):
             for b in ("h1", "h2"):
                 path, via, why = _path(a, b)
-                if (path, via) != ("relay", "relay") or why is None or "no direct answer" not in why:
+                if (path, via) != ("relay", RELAY) or why is None or "no direct answer" not in why:
                     return False
         return True
 
@@ -98,19 +78,9 @@ def test_hard_pair_relayed_easy_pair_punched(lab: Lab) -> None:
 def test_relay_failover(lab: Lab, how: str) -> None:
     """Two public relays; the hard pair's relay leaves the cluster (its agent stops) or dies (blackholed,
     its affiliate stays): the pair moves to the other one, ping works again within 10 s."""
-    ml = MeshLab(lab)
-    disc = lab.node("disc")
-    lab.attach(disc, lab.internet(), [f"{S1}/24", f"{S2}/24"])
-    ml.start_discovery(
-        disc, f"{S1}:3000", "--stun-addr", f"{S1}:{STUN_PORT}", "--stun-addr", f"{S2}:{STUN_PORT}"
-    )
-    serving = lab.dir / "discovery-disc.log"
-    ml.wait("discovery-service serving", lambda: serving.exists() and '"serving"' in serving.read_text(), 30)
-    relays = {name: lab.site(name, "open").node for name in ("ra", "rb")}
-    for node in relays.values():
-        ml.start_node(node, *STUN_FLAGS, "--relay")
-    h1 = ml.start_node(lab.site("h1", "hard").node, *STUN_FLAGS)
-    h2 = ml.start_node(lab.site("h2", "hard").node, *STUN_FLAGS)
+    tl = build(lab, {"h1": "hard", "h2": "hard"}, relays=("ra", "rb"), cluster_id="relay-failover")
+    ml = tl.ml
+    h1, h2 = tl.agents["h1"], tl.agents["h2"]
     ml.wait("every pair up", ml.all_up, timeout=60)
     ml.wait("h1-h2 relayed", lambda: _path(h1, "h2")[0] == "relay" and _path(h2, "h1")[0] == "relay", 30)
     used = _path(h1, "h2")[1]
@@ -123,7 +93,7 @@ def test_relay_failover(lab: Lab, how: str) -> None:
     if how == "leaves":
         ml.stop_node(used)
     else:
-        lab.blackhole(relays[used])
+        lab.blackhole(tl.sites[used].node)
     del ml.nodes[used]
 
     def moved() -> bool:
