@@ -15,7 +15,6 @@ Everything runs inside namespaces a :class:`netns.lab.Lab` created; the lab remo
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -34,13 +33,11 @@ from typing import Any
 
 from netns.lab import Lab, LabError, Node
 from netns.mesh import MeshLab, MeshNode
+from netns.reflect import in_netns
 
 HTTP_PORT = 51821
 WG_PORT = 51820
 DISC_PORT = 3000
-CLONE_NEWNET = 0x40000000
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def host_load() -> str:
@@ -50,33 +47,7 @@ def host_load() -> str:
     return f"load average {one} {five} {fifteen} on {os.cpu_count()} cores"
 
 
-# --- sockets inside a node's network namespace ---------------------------------------------------
-
-
-def in_netns(ns: str, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` in a throwaway thread that joined network namespace ``ns`` (sockets keep the namespace
-    they were created in, so a socket made here works from any thread)."""
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {ns}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            out["value"] = fn()
-        except BaseException as e:
-            out["error"] = e
-
-    t = threading.Thread(target=target, name=f"netns-{ns}")
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+# --- sockets inside a node's network namespace (made by netns.reflect.in_netns) -------------------
 
 
 def status(node: Node | MeshNode, timeout: float = 5) -> dict[str, Any]:

@@ -76,31 +76,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def in_node(node: Node, make: Callable[[], _T]) -> _T:
-    """Call ``make`` in a thread that has joined ``node``'s network namespace (setns affects only the
-    calling thread); what it returns, e.g. a socket, keeps that namespace."""
+def in_netns(ns: str, make: Callable[[], _T]) -> _T:
+    """Call ``make`` in a throwaway thread that has joined network namespace ``ns`` (setns affects only
+    the calling thread); what it returns, e.g. a socket, keeps that namespace and works from any thread."""
     result: dict[str, object] = {}
 
     def work() -> None:
         try:
-            fd = os.open(f"/run/netns/{node.ns}", os.O_RDONLY)
+            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
             try:
                 libc = ctypes.CDLL(None, use_errno=True)
                 if libc.setns(fd, _CLONE_NEWNET) != 0:
                     err = ctypes.get_errno()
-                    raise OSError(err, f"setns({node.ns}): {os.strerror(err)}")
+                    raise OSError(err, f"setns({ns}): {os.strerror(err)}")
             finally:
                 os.close(fd)
             result["value"] = make()
         except BaseException as e:
             result["error"] = e
 
-    t = threading.Thread(target=work, name=f"netns-{node.name}")
+    t = threading.Thread(target=work, name=f"netns-{ns}")
     t.start()
     t.join()
     if "error" in result:
         raise result["error"]  # type: ignore[misc]
     return result["value"]  # type: ignore[return-value]
+
+
+def in_node(node: Node, make: Callable[[], _T]) -> _T:
+    """:func:`in_netns` in ``node``'s network namespace."""
+    return in_netns(node.ns, make)
 
 
 def udp_socket(node: Node, addr: str = "0.0.0.0", port: int = 0) -> socket.socket:
