@@ -26,9 +26,7 @@ many short rounds (default 12 of <= 4 s) resist bursts of it better than a few l
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -43,6 +41,7 @@ from _meshlab import (
     verdict,
     wait_for,
 )
+from _throughput import Path, measure
 from _wglab import skip_unless_root
 
 from netns.lab import Lab, LabError, Node, sh
@@ -51,60 +50,6 @@ from netns.mesh import stop_agents
 NAME = "mesh_throughput"
 TARGET = 0.95
 MTU = 1420
-PORT = 5201
-
-_SERVER = """
-import json, socket, sys, time
-addr, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((addr, port)); s.listen(1); s.settimeout(timeout)
-print("ready", flush=True)
-c, _ = s.accept(); c.settimeout(timeout); t0 = time.monotonic(); n = 0
-buf = bytearray(1 << 18)
-while True:
-    k = c.recv_into(buf)
-    if not k: break
-    n += k
-print(json.dumps([n, time.monotonic() - t0]), flush=True)
-"""
-
-_CLIENT = """
-import socket, sys, time
-addr, port, size, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-c = socket.create_connection((addr, port), timeout=10)
-end = time.monotonic() + seconds
-chunk = memoryview(b"x" * (1 << 16))
-left = size
-while left > 0 and time.monotonic() < end:
-    left -= c.send(chunk[: min(left, len(chunk))])
-c.close()
-"""
-
-
-def transfer(src: Node, dst: Node, addr: str, size: int, seconds: float) -> tuple[int, float]:
-    srv = subprocess.Popen(
-        dst.argv(sys.executable, "-c", _SERVER, addr, str(PORT), str(seconds + 20), private_run=False),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert srv.stdout is not None
-        if srv.stdout.readline().strip() != "ready":
-            raise LabError(
-                f"transfer server on {dst.name} did not start: {srv.stderr.read() if srv.stderr else ''}"
-            )
-        src.run(sys.executable, "-c", _CLIENT, addr, str(PORT), str(size), str(seconds), timeout=seconds + 30)
-        out, err = srv.communicate(timeout=seconds + 30)
-        if srv.returncode != 0:
-            raise LabError(f"transfer server on {dst.name} failed: {err.strip()}")
-        n, took = json.loads(out.strip().splitlines()[-1])
-        return int(n), float(took)
-    finally:
-        if srv.poll() is None:
-            srv.kill()
-            srv.wait(5)
 
 
 def configure_hand(
@@ -181,7 +126,6 @@ def main() -> int:
     rounds, mib, seconds = (3, 100, 3.0) if ns.quick else (ns.rounds, ns.mib, ns.seconds)
     size = mib << 20
     print(f"{NAME}: {rounds} rounds of <= {mib} MiB / {seconds:g} s per path; {host_load()}", flush=True)
-    rates: dict[str, list[float]] = {}
     with Lab() as lab:
         try:
             mesh = LanMesh.create(lab)
@@ -190,14 +134,14 @@ def main() -> int:
             wait_for("2-node mesh", lambda: full_mesh([m1, m2]), timeout=90, interval=0.25)
             m2_addr = status(m2)["mesh_address"]
             h1, h2, h2_addr = hand_tunnel(lab)
-            paths = [("mesh", m1.node, m2.node, m2_addr), ("hand", h1, h2, h2_addr)]
+            paths = [Path("mesh", m1.node, m2.node, m2_addr), Path("hand", h1, h2, h2_addr)]
             devs = [(m1.node, "kubespan"), (m2.node, "kubespan"), (h1, "wg0"), (h2, "wg0")]
             if not ns.no_same_ns:
                 # fwmark 0x20: the agent's nftables leave WireGuard-marked packets alone, so wg1's UDP to
                 # m2's node IP is not steered into the mesh
                 underlay = ("10.60.0.11", "10.60.0.12")
                 addr = configure_hand(lab, (m1.node, m2.node), underlay, "wg1", 51900, fwmark=0x20)
-                paths.append(("hand-in-mesh-ns", m1.node, m2.node, addr))
+                paths.append(Path("hand-in-mesh-ns", m1.node, m2.node, addr))
                 devs += [(m1.node, "wg1"), (m2.node, "wg1")]
             for node, dev in devs:
                 mtu = node.run("cat", f"/sys/class/net/{dev}/mtu").stdout.strip()
@@ -206,17 +150,7 @@ def main() -> int:
             agents = [p.pid for mn in (m1, m2) if (p := agent_proc(mn)) is not None]
             tx0 = status(m1)["peers"][0]["tx_bytes"]
             cpu0, t0 = cpu_seconds(agents), time.monotonic()
-            for r in range(rounds):
-                # rotate which path goes first, so none always follows another
-                order = paths[r % len(paths) :] + paths[: r % len(paths)]
-                line = []
-                for kind, src, dst, addr in order:
-                    n, took = transfer(src, dst, addr, size, seconds)
-                    rate = n * 8 / took / 1e6
-                    rates.setdefault(kind, []).append(rate)
-                    line.append(f"{kind} {rate:4.0f} Mbit/s ({n / (1 << 20):.0f} MiB/{took:.1f} s)")
-                ratio_r = rates["mesh"][-1] / rates["hand"][-1]
-                print(f"  round {r + 1}: " + ", ".join(line) + f"; mesh/hand {ratio_r:.3f}", flush=True)
+            res = measure(paths, rounds, size, seconds, ratio=("mesh", "hand"))
             agent_share = (cpu_seconds(agents) - cpu0) / (time.monotonic() - t0)
             tx = status(m1)["peers"][0]["tx_bytes"] - tx0
         finally:
@@ -227,20 +161,18 @@ def main() -> int:
         "hand": f"hand (wg0, MTU {MTU}), fresh h1 -> h2",
         "hand-in-mesh-ns": f"hand (wg1, MTU {MTU}), inside m1 -> m2",
     }
-    for kind, xs in rates.items():
-        print(
-            f"{labels[kind]:38s}: median {median(xs):5.0f} Mbit/s (rounds: {', '.join(f'{x:.0f}' for x in xs)})"
-        )
-    paired = [a / b for a, b in zip(rates["mesh"], rates["hand"], strict=True)]
+    for kind in res.mbit:
+        print(res.summary(kind, labels[kind], 38))
+    paired = [a / b for a, b in zip(res.mbit["mesh"], res.mbit["hand"], strict=True)]
     print(f"median of the per-round mesh/hand ratios: {median(paired):.3f}")
-    if "hand-in-mesh-ns" in rates:
-        same = median(rates["mesh"]) / median(rates["hand-in-mesh-ns"])
+    if "hand-in-mesh-ns" in res.mbit:
+        same = res.median("mesh") / res.median("hand-in-mesh-ns")
         print(f"for information, mesh / hand tunnel in the same namespaces: {same:.3f}")
     print(
         f"m1's WireGuard tx for m2 grew by {tx / (1 << 20):.0f} MiB over the run (the mesh transfers went through "
         f"the tunnel); the two agents used {100 * agent_share:.1f} % of one core meanwhile"
     )
-    ratio = median(rates["mesh"]) / median(rates["hand"])
+    ratio = res.median("mesh") / res.median("hand")
     print(f"mesh / hand: {ratio:.3f} (target >= {TARGET})")
     print(f"RESULT {NAME} ratio={ratio:.3f} target>={TARGET} {verdict(ratio >= TARGET)}")
     return 0

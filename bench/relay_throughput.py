@@ -23,9 +23,9 @@ import json
 import os
 import sys
 
-from _meshlab import cpu_seconds, host_load, median, verdict, wait_for
+from _meshlab import host_load, verdict, wait_for
+from _throughput import Path, measure
 from _wglab import skip_unless_root
-from mesh_throughput import transfer
 
 from kubespan.identity import generate_private_key
 from kubespan.wireguard.types import PrivateKey
@@ -102,8 +102,6 @@ def main() -> int:
         return 0
     rounds, mib, seconds = (3, 100, 3.0) if ns.quick else (ns.rounds, ns.mib, ns.seconds)
     print(f"{NAME}: {rounds} rounds of <= {mib} MiB / {seconds:g} s per path; {host_load()}", flush=True)
-    rates: dict[str, list[float]] = {"direct": [], "relayed": []}
-    relay_cpu = relay_wall = 0.0
     with Lab() as lab:
         seg = lab.segment("net")
         a, b, r = lab.node("a"), lab.node("b"), lab.node("r")
@@ -119,33 +117,22 @@ def main() -> int:
             wait_for(
                 f"tunnel to {addr} answers", lambda addr=addr: a.ping(addr, count=1), timeout=30, interval=0.2
             )
-        paths = [("direct", "fd99::2"), ("relayed", "fd98::2")]
-        for i in range(rounds):
-            line = []
-            for kind, addr in paths[i % 2 :] + paths[: i % 2]:
-                cpu0 = cpu_seconds([relay_pid])
-                n, took = transfer(a, b, addr, mib << 20, seconds)
-                if kind == "relayed":
-                    relay_cpu += cpu_seconds([relay_pid]) - cpu0
-                    relay_wall += took
-                rate = n * 8 / took / 1e6
-                rates[kind].append(rate)
-                line.append(f"{kind} {rate:4.0f} Mbit/s ({n / (1 << 20):.0f} MiB/{took:.1f} s)")
-            ratio_r = rates["relayed"][-1] / rates["direct"][-1]
-            print(f"  round {i + 1}: " + ", ".join(line) + f"; relayed/direct {ratio_r:.3f}", flush=True)
+        paths = [Path("direct", a, b, "fd99::2"), Path("relayed", a, b, "fd98::2")]
+        res = measure(paths, rounds, mib << 20, seconds, ratio=("relayed", "direct"), watch=[relay_pid])
         status = json.loads((lab.dir / "relay-status.json").read_text())["allocations"][0]
         udp = udp_errors(r)
     print(f"host after the run: {host_load()}")
-    for kind, xs in rates.items():
-        print(f"{kind:8s}: median {median(xs):5.0f} Mbit/s (rounds: {', '.join(f'{x:.0f}' for x in xs)})")
-    relayed_gbit = median(rates["relayed"]) / 1000
+    for kind in res.mbit:
+        print(res.summary(kind))
+    relayed_gbit = res.median("relayed") / 1000
+    relay_cpu, relay_wall = res.cpu.get("relayed", 0.0), res.wall.get("relayed", 0.0)
     core_share = relay_cpu / relay_wall if relay_wall else float("nan")
     print(
         f"relay: {status['forwarded_packets']} packets / {status['forwarded_bytes'] / (1 << 20):.0f} MiB forwarded, "
         f"dropped {status['dropped'] or 'nothing'}; {100 * core_share:.0f} % of a core while relaying, "
         f"{100 * core_share / relayed_gbit:.0f} % of a core per Gbit/s; UDP errors in r's namespace: {udp}"
     )
-    ratio = median(rates["relayed"]) / median(rates["direct"])
+    ratio = res.median("relayed") / res.median("direct")
     print(f"relayed / direct: {ratio:.3f} (target >= {TARGET})")
     print(f"RESULT {NAME} ratio={ratio:.3f} target>={TARGET} {verdict(ratio >= TARGET)}")
     return 0
