@@ -27,6 +27,7 @@ from kubespan.constants import (
 )
 from kubespan.identity import is_ula
 from kubespan.ipset import IPSet
+from kubespan.nat.classify import NatClass
 from kubespan.wireguard.types import AddrPort, InvalidKeyError, PublicKey
 from spanapi.discovery.client import affiliate_pb2
 from spanutil.ipcodec import IPAddress, IPNetwork, ip_from_bytes
@@ -44,7 +45,17 @@ class AffiliateError(ValueError):
 
 # --- NAT traversal (our extension) -------------------------------------------------------------
 
-NAT_CLASSES = ("unknown", "public", "eim", "edm")  # index = the NatClass enum value on the wire
+
+def _wire_nat_classes() -> tuple[str, ...]:
+    """The classifier's ``NatClass`` values indexed by their number on the wire: affiliate.proto's
+    ``NAT_CLASS_<NAME>`` carries ``NatClass.<NAME>`` (a wire class the classifier lacks fails here)."""
+    by_number = {
+        n: NatClass[name.removeprefix("NAT_CLASS_")].value for name, n in affiliate_pb2.NatClass.items()
+    }
+    return tuple(by_number[i] for i in range(len(by_number)))
+
+
+NAT_CLASSES = _wire_nat_classes()  # index = the NatClass enum value on the wire
 MAX_PUNCH_INTENTS = 16  # one affiliate must fit the registry's 2 KiB data limit
 CANDIDATES_HASH_LEN = 8
 
