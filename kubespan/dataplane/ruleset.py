@@ -12,7 +12,7 @@ import hashlib
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
@@ -37,11 +37,15 @@ COMMENT_PREFIX = "kubespan:"
 # --- Rendering -------------------------------------------------------------------------------------
 
 
+# RulesetParams field -> the MeshConfig field it is (the rest have the same name)
+_CONFIG_NAMES = {"table": "nft_table", "ifname": "link_name"}
+
+
 @dataclass(frozen=True, slots=True)
 class RulesetParams:
     """Everything the ruleset depends on (set elements aside), taken from a checked MeshConfig:
-    :meth:`from_config` for one already built, :meth:`of` for loose values (checked by MeshConfig).
-    The constructor itself checks nothing."""
+    :meth:`from_config` for one already built, :meth:`of` for loose values (checked by MeshConfig's
+    rules, like the link manager's). The constructor itself checks nothing."""
 
     table: str = C.NFT_TABLE
     ifname: str = C.LINK_NAME
@@ -54,15 +58,7 @@ class RulesetParams:
     @classmethod
     def from_config(cls, cfg: C.MeshConfig) -> RulesetParams:
         """The ruleset's part of ``cfg`` (which MeshConfig has checked: nothing is checked again)."""
-        return cls(
-            table=cfg.nft_table,
-            ifname=cfg.link_name,
-            mtu=cfg.mtu,
-            fwmark_wireguard=cfg.fwmark_wireguard,
-            fwmark_force=cfg.fwmark_force,
-            fwmark_mask=cfg.fwmark_mask,
-            clamp_forwarded_mss=cfg.clamp_forwarded_mss,
-        )
+        return cls(**{f.name: getattr(cfg, _CONFIG_NAMES.get(f.name, f.name)) for f in fields(cls)})
 
     @classmethod
     def of(
@@ -76,17 +72,13 @@ class RulesetParams:
         fwmark_mask: int = C.FWMARK_MASK,
         clamp_forwarded_mss: bool = True,
     ) -> RulesetParams:
-        """Loose values checked by MeshConfig (the one validator; ``ConfigError`` names the field)."""
-        cfg = C.MeshConfig(
-            nft_table=table,
-            link_name=ifname,
-            mtu=mtu,
-            fwmark_wireguard=fwmark_wireguard,
-            fwmark_force=fwmark_force,
-            fwmark_mask=fwmark_mask,
-            clamp_forwarded_mss=clamp_forwarded_mss,
+        """Loose values checked by MeshConfig's rules (``check_mesh_fields``, the one validator, which
+        the link manager's loose values go through too; ``ConfigError`` names the MeshConfig field)."""
+        params = cls(table, ifname, mtu, fwmark_wireguard, fwmark_force, fwmark_mask, clamp_forwarded_mss)
+        C.check_mesh_fields(
+            **{_CONFIG_NAMES.get(f.name, f.name): getattr(params, f.name) for f in fields(cls)}
         )
-        return cls.from_config(cfg)
+        return params
 
     @property
     def mss_ipv4(self) -> int:
