@@ -54,3 +54,42 @@ def test_wire_names_match_talos() -> None:
 def test_stubs_not_bare_proto_module() -> None:
     # proto-plus owns the top-level name `proto`; our stubs live under spanapi.
     assert not (ROOT / "proto" / "__init__.py").exists()
+
+
+def test_etcd_wire_names_match_etcd_v3() -> None:
+    # A real etcd answers only on its own method paths and field numbers.
+    rpc = importlib.import_module("spanapi.etcd.etcdserverpb.rpc_pb2")
+    kv = importlib.import_module("spanapi.etcd.mvccpb.kv_pb2")
+    assert rpc.DESCRIPTOR.package == "etcdserverpb"
+    assert kv.DESCRIPTOR.package == "mvccpb"
+    methods = {
+        f"/{s.full_name}/{m.name}" for s in rpc.DESCRIPTOR.services_by_name.values() for m in s.methods
+    }
+    assert {
+        "/etcdserverpb.KV/Range",
+        "/etcdserverpb.KV/Put",
+        "/etcdserverpb.KV/DeleteRange",
+        "/etcdserverpb.KV/Txn",
+        "/etcdserverpb.KV/Compact",
+        "/etcdserverpb.Watch/Watch",
+        "/etcdserverpb.Lease/LeaseGrant",
+        "/etcdserverpb.Lease/LeaseRevoke",
+        "/etcdserverpb.Lease/LeaseKeepAlive",
+        "/etcdserverpb.Lease/LeaseTimeToLive",
+        "/etcdserverpb.Maintenance/Status",
+    } <= methods
+    fields = {
+        (d.name, f.name): f.number
+        for mod in (rpc, kv)
+        for d in mod.DESCRIPTOR.message_types_by_name.values()
+        for f in d.fields
+    }
+    assert fields[("Compare", "range_end")] == 64
+    assert fields[("WatchResponse", "events")] == 11
+    assert fields[("WatchResponse", "compact_revision")] == 5
+    assert fields[("WatchCreateRequest", "prev_kv")] == 6
+    assert fields[("PutRequest", "ignore_lease")] == 6
+    assert fields[("RangeRequest", "count_only")] == 9
+    assert fields[("LeaseTimeToLiveResponse", "grantedTTL")] == 4
+    assert fields[("KeyValue", "lease")] == 6
+    assert fields[("Event", "prev_kv")] == 3
