@@ -34,6 +34,7 @@ from kubespan.affiliate import (
 from kubespan.constants import MeshConfig
 from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6
 from kubespan.endpoints import Candidate, CandidateKind, EndpointMachine, Observation
+from kubespan.firstcontact import Action, FirstContact, FirstContactTimings, waits
 from kubespan.hostinfo import HostInfo
 from kubespan.identity import MeshIdentity, load_identity, pick_mac
 from kubespan.nat.classify import NatClass, NatReport
@@ -124,6 +125,8 @@ class MeshOptions:
     relay: bool = False  # run a relay for other nodes (announced in Traversal.relay)
     punch_timings: PunchTimings | None = None  # None: the defaults (2 s lead, 10 s window, 60 s → 10 min)
     relay_failover: float = 5.0  # seconds without rx on a relayed path before the next relay
+    # who initiates a new pair's first handshake (kubespan.firstcontact); None: both at once
+    first_contact: FirstContactTimings | None = field(default_factory=FirstContactTimings)
 
 
 class Mesh:
@@ -161,6 +164,7 @@ class Mesh:
         self.traversal: TraversalWork | None = None  # created at start (needs our key)
         self._traversal_facts: tuple[tuple[RemoteRecord, ...], dict[str, Traversal]] = ((), {})
         self._traversal_dir: PeerSpecs | None = None  # the specs the relay directory was built from
+        self._traversal_seen: tuple[RemoteRecord, ...] | None = None  # the affiliates it last stepped on
         self.clock = clock
         self.wall = wall
         self.identity: MeshIdentity | None = None
@@ -201,6 +205,8 @@ class Mesh:
         self._unpublished: object = None  # what the last failed publish tried (reported once)
         self._deferred_probes: list[tuple[PublicKey, ipaddress.IPv6Address]] = []
         self._fresh_sessions: list[PublicKey] = []  # peers to re-create in this pass's write
+        self._joining: set[PublicKey] = set()  # peers whose first contact is not done
+        self._observe_at: float | None = None  # (clock) a full pass is due then (a first contact step)
         self._tasks: list[asyncio.Task[None]] = []
         # endpoint discovery (STUN): one run in flight at most; its result is taken by the next pass
         self.nat: NatReport | None = None  # what the last completed run found
@@ -311,6 +317,8 @@ class Mesh:
                 await self.reconcile()
                 # polls keep their cadence however many light passes come between them
                 delay = max(0.1 * interval, min(interval, self._last_observe + interval - self.clock()))
+                if self._observe_at is not None:
+                    delay = max(0.0, min(delay, self._observe_at - self.clock()))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # keep running; the next pass retries
@@ -426,7 +434,10 @@ class Mesh:
         await self._publish_local()
         previous = self.specs
         changed = self._compute_specs(now)
-        if self.traversal is not None and not light:
+        # traversal steps on every full pass and on every affiliate change: a new peer's punch intent,
+        # or the peer's commitment to ours, must not wait for the next poll (the start is 1 s away)
+        if self.traversal is not None and (not light or self._records is not self._traversal_seen):
+            self._traversal_seen = self._records
             if self._step_traversal(now):
                 await self._publish_local()  # new punch intents: the peer must see them before the start
 
@@ -477,6 +488,7 @@ class Mesh:
             and now - self._last_host < self.cfg.reconcile_interval
             and not self.prober.has_answered
             and not (self.traversal is not None and self.traversal.dirty)
+            and (self._observe_at is None or now < self._observe_at)
         )
 
     async def _reconcile_peers(
@@ -494,6 +506,7 @@ class Mesh:
             answered = self.prober.take_answered()
         observed = self.device.peers if self.device is not None else {}
         desired, planned = self._plan(now, observed, answered, changed)
+        self._observe_at = self._first_contact_due()
         probes.extend(planned)
         fresh, self._fresh_sessions = self._fresh_sessions, []
         return await self._write(desired, fresh)
@@ -552,26 +565,71 @@ class Mesh:
             if adopt:
                 # a punch answered or a relay was allocated: switch now (the machine observes next poll)
                 assert route is not None and route.first is not None
+                self._end_first_contact(peer)
                 # WireGuard holds the next initiation for REKEY_TIMEOUT (5 s) after its last one, even
-                # one it could not send: a peer that never had an endpoint (gated) and has no session
+                # one it could not send or that went to the previous route: a peer without a session
                 # is re-created too, so its initiation to the new route leaves at once
-                if have is not None and (fresh or (have.endpoint is None and not _has_session(have, wall))):
+                if have is not None and (fresh or not _has_session(have, wall)):
                     self._fresh_sessions.append(spec.public_key)
                 peer.machine.adopt(now, route.first)
                 endpoint = route.first
                 log_event(log, "peer endpoint", peer=peer.label, endpoint=str(endpoint), via="traversal")
                 if spec.mesh_address is not None:
                     probes.append((spec.public_key, spec.mesh_address))
-            elif changed is None or have is None:
-                endpoint, probe = self._step(peer, now, have, wall, spec.public_key in answered)
-                if probe and spec.mesh_address is not None:
-                    probes.append((spec.public_key, spec.mesh_address))
+            else:
+                act = self._first_contact(peer, now, have, wall, route)
+                if act is Action.HOLD:
+                    peers.append(peer.config_for(None, 0, self.psk))
+                    continue
+                if act is Action.RECREATE and have is not None:
+                    self._fresh_sessions.append(spec.public_key)
+                    log_event(log, "peer re-created for a first initiation", peer=peer.label)
+                if changed is None or have is None or act is Action.RECREATE:
+                    endpoint, probe = self._step(peer, now, have, wall, spec.public_key in answered)
+                    if act is Action.RECREATE:
+                        endpoint = endpoint or peer.machine.current  # the re-added peer needs it
+                    if probe and spec.mesh_address is not None:
+                        probes.append((spec.public_key, spec.mesh_address))
             ka = route.keepalive if route is not None and route.keepalive is not None else keepalive
             peers.append(peer.config_for(endpoint, ka, self.psk))
         desired = DeviceConfig.of(
             self.identity.private_key, self.cfg.listen_port, self.cfg.fwmark_wireguard, peers
         )
         return desired, probes
+
+    # -- first contact -----------------------------------------------------------------------------
+
+    def _first_contact(
+        self, peer: PeerRuntime, now: float, have: ObservedPeer | None, wall: float, route: Route | None
+    ) -> Action:
+        """A new peer's first-contact step (:mod:`kubespan.firstcontact`); GO once it is done. A
+        punch-gated peer has none: its punch decides who sends what when."""
+        first = peer.first
+        if first is None or first.done:
+            return Action.GO
+        if route is not None and route.exclusive:
+            self._end_first_contact(peer)
+            return Action.GO
+        act = first.step(now, have is not None and _has_session(have, wall))
+        if first.done:
+            self._joining.discard(peer.spec.public_key)
+        return act
+
+    def _end_first_contact(self, peer: PeerRuntime) -> None:
+        if peer.first is not None:
+            peer.first.done = True
+            self._joining.discard(peer.spec.public_key)
+
+    def _first_contact_due(self) -> float | None:
+        """When a first contact next has a step to take (a full pass is due then)."""
+        due = [d for k in self._joining if (p := self.peers.get(k)) and p.first and (d := p.first.due())]
+        return min(due) if due else None
+
+    def _waits_for(self, key: PublicKey, node_id: str) -> bool:
+        assert self.identity is not None
+        peer_class = self._remote_traversals().get(node_id, Traversal()).nat_class
+        local = self._local_class()
+        return waits(self.identity.public_key, "eim" if local == "pending" else local, key, peer_class)
 
     # -- NAT traversal -----------------------------------------------------------------------------
 
@@ -628,6 +686,7 @@ class Mesh:
                     endpoint=(have.endpoint if have is not None and have.endpoint else peer.machine.current),
                     rx_bytes=have.rx_bytes if have is not None else 0,
                     last_handshake=have.last_handshake if have is not None else None,
+                    known_at=peer.known_at,
                 )
             )
         before = t.intents
@@ -826,7 +885,13 @@ class Mesh:
         for spec in specs.specs:
             peer = self.peers.get(spec.public_key)
             if peer is None:
-                self.peers[spec.public_key] = PeerRuntime(spec, EndpointMachine(self.cfg.timings, now=now))
+                first = None
+                if self.opts.first_contact is not None:
+                    waiting = self._waits_for(spec.public_key, spec.node_id)
+                    first = FirstContact(now, waiting, self.opts.first_contact)
+                    self._joining.add(spec.public_key)
+                machine = EndpointMachine(self.cfg.timings, now=now)
+                self.peers[spec.public_key] = PeerRuntime(spec, machine, first, self.wall())
             elif peer.spec is not spec:
                 peer.respec(spec)
             else:
@@ -836,6 +901,7 @@ class Mesh:
             wanted = {s.public_key for s in specs.specs}
             for gone in [k for k in self.peers if k not in wanted]:
                 del self.peers[gone]
+                self._joining.discard(gone)
         return changed
 
     @staticmethod

@@ -13,6 +13,7 @@ from ipaddress import IPv6Network
 from typing import Any
 
 from kubespan.endpoints import Candidate, EndpointMachine, EndpointStatus, order_candidates
+from kubespan.firstcontact import FirstContact
 from kubespan.peerspec import PeerSpec
 from kubespan.snapshot import PeerStatus
 from kubespan.traversal import NO_PATH, PathStatus
@@ -31,13 +32,23 @@ class PeerRuntime:
         "_config_from",
         "_status",
         "_status_from",
+        "first",
+        "known_at",
         "machine",
         "spec",
     )
 
-    def __init__(self, spec: PeerSpec, machine: EndpointMachine) -> None:
+    def __init__(
+        self,
+        spec: PeerSpec,
+        machine: EndpointMachine,
+        first: FirstContact | None = None,
+        known_at: float | None = None,
+    ) -> None:
         self.spec = spec
         self.machine = machine
+        self.known_at = known_at  # unix time the engine first had this peer's record
+        self.first = first  # who initiates first, while the new peer has no session
         self._candidates: tuple[Candidate, ...] = ()
         self._candidates_from: tuple[Any, ...] | None = None  # (endpoints, learned, local addresses)
         self._config: PeerConfig | None = None

@@ -38,6 +38,9 @@ RELAY_FAILOVER = 5.0  # seconds without rx on a relayed path before the next rel
 RELAY_KEEPALIVE = 2  # persistent keepalive of a relayed peer: rx every 2 s shows the path lives
 RELAY_AVOID = 60.0  # a relay that failed is tried last for this long
 PING_INTERVAL = 15.0
+ALLOC_RETRY = (0.5, 4.0)  # after a failed allocation: the first retry's delay, doubling up to the second
+EARLY_NOTICES = 64  # NOTIFYs kept for peers not known yet (the relay may know the pair before we do)
+EARLY_NOTICE_TTL = 30.0
 # After a probe answered, the side that does not choose (relay.choose.chooses) adopts the punched
 # endpoint this much later. Both sides' probes usually answer within milliseconds; were both to
 # initiate at once, each crossing initiation would replace the other's handshake state (WireGuard keeps
@@ -66,6 +69,7 @@ class PeerFacts:
     endpoint: AddrPort | None  # what WireGuard uses for it
     rx_bytes: int = 0
     last_handshake: float | None = None  # unix time
+    known_at: float | None = None  # unix time the engine first had the peer's record (None: now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +131,8 @@ class _Peer:
     punch_start: int | None = None
     answered: int | None = None  # start (ms) of the punch a probe answered (the planner stops relaying)
     alloc_task: asyncio.Task[None] | None = None
+    alloc_failures: int = 0
+    alloc_after: float = 0.0  # (clock) no allocation request before this (backoff after failures)
     avoid: dict[PublicKey, float] = field(default_factory=dict)
     rx: int = -1
     rx_at: float = 0.0
@@ -169,6 +175,7 @@ class Traversal:
         self._next_ping = 0.0
         self._who: dict[str, PublicKey] = {}
         self._where: dict[PublicKey, tuple[str, int]] = {}
+        self._early: dict[PublicKey, tuple[float, Notice]] = {}  # NOTIFYs for peers not known yet
         self.punch_error: str | None = None
 
     @property
@@ -272,7 +279,12 @@ class Traversal:
             self._forget(self.peers.pop(gone))
         views: list[PeerView] = []
         for f in facts:
-            st = self.peers.setdefault(f.key, _Peer(appeared=wall))
+            st = self.peers.get(f.key)
+            if st is None:
+                st = self.peers[f.key] = _Peer(appeared=f.known_at if f.known_at is not None else wall)
+                early = self._early.pop(f.key, None)
+                if early is not None and self.clock() - early[0] < EARLY_NOTICE_TTL:
+                    st.notice = early[1]
             if st.connect_time is None and f.last_handshake is not None and f.last_handshake >= st.appeared:
                 st.connect_time = round(f.last_handshake - st.appeared, 3)
             if st.relay is not None and f.endpoint == st.relay.endpoint:
@@ -410,6 +422,9 @@ class Traversal:
         if self.relay_client is None or not self._started:
             st.why = f"{reason}; no relay client"
             return
+        options = self._options(facts)
+        if not options and st.relay is None:
+            st.need_since = now  # a follower's grace counts from when a relay could be used
         stalled = 0.0
         if st.relay is not None:
             stalled = now - max(st.relay.since, st.rx_at)
@@ -418,7 +433,7 @@ class Traversal:
         d = choose(
             self.own,
             f.key,
-            self._options(facts),
+            options,
             failover_after=self.failover_after,
             current=st.relay.key if st.relay is not None else None,
             stalled_for=stalled,
@@ -439,7 +454,7 @@ class Traversal:
             if stalled >= self.failover_after and st.relay.since < now - self.failover_after:
                 st.notice = None  # the chooser's relay is dead too: choose ourselves
         elif d.requests and d.relay is not None:
-            if st.alloc_task is None or st.alloc_task.done():
+            if (st.alloc_task is None or st.alloc_task.done()) and now >= st.alloc_after:
                 if d.failed is not None and st.relay is not None:
                     log_event(log, "relay failed", peer=f.name, relay=st.relay.name, reason=d.reason)
                 relay_f = facts[d.relay.key]
@@ -455,15 +470,28 @@ class Traversal:
             port = await self.relay_client.allocate(relay.mesh_address, peer)
         except Exception as e:
             st = self.peers.get(peer)
+            retry = ALLOC_RETRY[0]
             if st is not None:
-                st.avoid[relay.key] = self.clock() + RELAY_AVOID
+                now = self.clock()
+                st.avoid[relay.key] = now + RELAY_AVOID
+                retry = min(ALLOC_RETRY[1], ALLOC_RETRY[0] * 2**st.alloc_failures)
+                st.alloc_failures += 1
+                st.alloc_after = now + retry
+                asyncio.get_running_loop().call_later(retry, self.wake)
             log_event(
-                log, "relay allocation failed", logging.WARNING, peer=name, relay=relay.name, error=str(e)
+                log,
+                "relay allocation failed",
+                logging.WARNING,
+                peer=name,
+                relay=relay.name,
+                error=str(e),
+                retry_in=retry,
             )
             return
         st = self.peers.get(peer)
         if st is None or relay.endpoint is None:
             return
+        st.alloc_failures, st.alloc_after = 0, 0.0
         if st.answered is not None and st.answered == st.punch_start:
             # a probe answered while we allocated (a pair relayed while its punch ran): direct wins
             self._spawn(self._release(relay.mesh_address, peer), "relay-release")
@@ -477,6 +505,10 @@ class Traversal:
     def _on_notify(self, notice: Notice) -> None:
         st = self.peers.get(notice.peer)
         if st is None:
+            # the relay may know the pair before we know the peer: kept until the peer appears
+            if notice.peer not in self._early and len(self._early) >= EARLY_NOTICES:
+                del self._early[next(iter(self._early))]
+            self._early[notice.peer] = (self.clock(), notice)
             return
         st.notice = notice
         self.dirty = True

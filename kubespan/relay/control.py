@@ -316,7 +316,7 @@ class ControlServer:
         port: int = CONTROL_PORT,
         device: str | None = None,
         notify_interval: float = 0.5,
-        notify_attempts: int = 4,
+        notify_attempts: int = 10,
         max_inflight: int = 64,
     ) -> None:
         self.host = _check_bind_host(host)

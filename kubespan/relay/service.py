@@ -63,7 +63,7 @@ class RelayService:
         ports: range | None = None,
         per_requester: int = 16,
         notify_interval: float = 0.5,
-        notify_attempts: int = 4,
+        notify_attempts: int = 10,
         forwarder: Forwarder | None = None,
     ) -> None:
         if per_requester < 1:

@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from kubespan.engine import Mesh, MeshOptions, load_node_id
 from kubespan.hostinfo import StaticHost
 from kubespan.identity import LinkInfo, generate_private_key, ula_prefix
 from kubespan.testing import Discovered, FakeDiscovery, FakeProber
+from kubespan.wireguard.diff import RemovePeer
 from kubespan.wireguard.fake import FakeWireGuard
 from kubespan.wireguard.types import AddrPort, PresharedKey, PublicKey
 from spanapi.discovery.client import affiliate_pb2
@@ -85,6 +87,16 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Rig:
+    # who initiates first (kubespan.firstcontact) has its own tests below, with ``rig_first``
+    return make_rig(tmp_path, first_contact=None)
+
+
+@pytest.fixture
+def rig_first(tmp_path: Path) -> Rig:
+    return make_rig(tmp_path)
+
+
+def make_rig(tmp_path: Path, **options: Any) -> Rig:
     clock = Clock()
     disc = FakeDiscovery(public_ip=ipaddress.ip_address("203.0.113.9"))
     wg = FakeWireGuard(clock=lambda: clock.t)
@@ -100,6 +112,7 @@ def rig(tmp_path: Path) -> Rig:
         state_dir=tmp_path / "state",
         nodename="self",
         machine_type="controlplane",
+        **options,
     )
     m = Mesh(
         opts,
@@ -698,3 +711,108 @@ async def test_stop_closes_every_adapter_when_the_backend_close_raises(tmp_path:
     assert host.closed
     assert disc.closed, "the discovery client's sessions and watches are stopped"
     assert not runner.started
+
+
+# -- first contact (kubespan.firstcontact): one side initiates a new pair's first handshake --------
+
+
+def remote_beside(own: PublicKey, higher: bool, *args: Any):
+    """``remote(*args)`` with a key above (``higher``) or below ``own``."""
+    while True:
+        key, mesh, d = remote(*args)
+        if (key.raw > own.raw) is higher:
+            return key, mesh, d
+
+
+def removed(rig: Rig, since: int, key: PublicKey) -> int:
+    """How many writes after the first ``since`` removed the peer (a re-creation)."""
+    return sum(
+        1
+        for ops in rig.wg.applies[since:]
+        for op in ops
+        if isinstance(op, RemovePeer) and op.public_key == key
+    )
+
+
+async def test_the_higher_key_waits_for_the_peers_initiation(rig_first: Rig) -> None:
+    wg, clock = rig_first.wg, rig_first.clock
+    async with rig_first.running() as m:
+        assert m.identity is not None
+        k1, mesh1, d1 = remote_beside(m.identity.public_key, False, "node-a", "a", "10.5.0.2", 2)
+        rig_first.disc.put(d1)
+        await m.reconcile()
+        held = wg.device.peers[k1]
+        # held: no endpoint, no keepalive, no probe: WireGuard attempts no initiation of its own
+        assert held.endpoint is None and held.persistent_keepalive in (None, 0)
+        assert (k1, mesh1) not in m.prober.probes
+        assert m._observe_at == pytest.approx(clock.t + 0.5)
+        # the peer's initiation arrives: WireGuard answers it and learns the endpoint
+        applies = len(wg.applies)
+        clock.t += 0.3
+        rig_first.roam(k1, AddrPort.parse("10.5.0.2:51820"))
+        wg.traffic(k1, rx=148, tx=92, handshake=True)
+        clock.t += 0.2
+        assert not m._light_possible(clock.t), "the hold's end is a full pass"
+        await m.reconcile()
+        assert removed(rig_first, applies, k1) == 0, "a session came: nothing re-created"
+        assert wg.device.peers[k1].endpoint == AddrPort.parse("10.5.0.2:51820")
+        assert wg.device.peers[k1].persistent_keepalive == m.cfg.persistent_keepalive
+        assert m._observe_at is None and not m._joining
+
+
+async def test_a_hold_without_the_peers_initiation_ends_in_our_own(rig_first: Rig) -> None:
+    wg, clock = rig_first.wg, rig_first.clock
+    async with rig_first.running() as m:
+        assert m.identity is not None
+        k1, mesh1, d1 = remote_beside(m.identity.public_key, False, "node-a", "a", "10.5.0.2", 2)
+        rig_first.disc.put(d1)
+        await m.reconcile()
+        applies = len(wg.applies)
+        clock.t += 0.5
+        await m.reconcile()
+        # endpoint and keepalive set together (WireGuard initiates at once), and probed; never
+        # re-created: a session the peer made just before the write would be lost
+        assert wg.device.peers[k1].endpoint == AddrPort.parse("10.5.0.2:51820")
+        assert wg.device.peers[k1].persistent_keepalive == m.cfg.persistent_keepalive
+        assert (k1, mesh1) in m.prober.probes
+        for _ in range(3):
+            clock.t += 1.0
+            await m.reconcile()
+        assert removed(rig_first, applies, k1) == 0
+
+
+async def test_the_lower_key_initiates_at_once_and_again_once_without_a_session(rig_first: Rig) -> None:
+    wg, clock = rig_first.wg, rig_first.clock
+    async with rig_first.running() as m:
+        assert m.identity is not None
+        k1, mesh1, d1 = remote_beside(m.identity.public_key, True, "node-a", "a", "10.5.0.2", 2)
+        rig_first.disc.put(d1)
+        await m.reconcile()
+        assert wg.device.peers[k1].endpoint == AddrPort.parse("10.5.0.2:51820")
+        assert (k1, mesh1) in m.prober.probes
+        applies = len(wg.applies)
+        clock.t += 1.0
+        await m.reconcile()
+        assert removed(rig_first, applies, k1) == 0
+        # no session 1.5 s after the add: our first initiation reached a node that did not know us
+        # yet; WireGuard would retry only after 5 s, a re-created peer initiates now
+        clock.t += 0.5
+        await m.reconcile()
+        assert removed(rig_first, applies, k1) == 1
+        assert wg.device.peers[k1].endpoint == AddrPort.parse("10.5.0.2:51820")
+        clock.t += 2.0
+        await m.reconcile()
+        assert removed(rig_first, applies, k1) == 1, "once"
+
+
+async def test_an_initiator_with_a_session_is_never_recreated(rig_first: Rig) -> None:
+    wg = rig_first.wg
+    async with rig_first.running() as m:
+        assert m.identity is not None
+        k1, _, d1 = remote_beside(m.identity.public_key, True, "node-a", "a", "10.5.0.2", 2)
+        rig_first.disc.put(d1)
+        await m.reconcile()
+        applies = len(wg.applies)
+        await rig_first.bring_up(k1, passes=3)
+        assert removed(rig_first, applies, k1) == 0
+        assert not m._joining

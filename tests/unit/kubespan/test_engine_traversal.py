@@ -147,6 +147,12 @@ class Rig:
     def handshake(self, key: PublicKey, rx: int = 148) -> None:
         self.wg.traffic(key, rx=rx, tx=rx, handshake=True)
 
+    def allocations_to(self, relay: PublicKey) -> list[PublicKey]:
+        """The peers of the allocations requested on ``relay`` (by its mesh address)."""
+        assert self.m.traversal is not None
+        addr = next(a for a, k in self.m.traversal._who.items() if k == relay)
+        return [p for r, p in self.relay.allocations if str(r) == addr]
+
 
 @pytest.fixture
 async def eim(tmp_path: Path) -> AsyncIterator[Rig]:
@@ -354,3 +360,29 @@ async def test_no_traversal_ports_no_change(tmp_path: Path) -> None:
         assert r.endpoint(peer) == AddrPort.parse("198.51.100.20:51820")
     finally:
         await r.m.stop()
+
+
+async def test_failed_allocations_back_off(edm: Rig) -> None:
+    await edm.run()
+    relay = await _relay_node(edm)
+    del edm.relay.ports[mesh_addr(9)]  # the relay does not answer
+    peer = key_beside(edm.own, above=True)  # we choose
+    edm.disc.put(remote("b", "198.51.100.20", 2, peer, nat="edm"))
+    # 3 s of passes 0.1 s apart: retries 0.5, 1, 2 s after failures, not one per pass
+    await edm.run(30, advance=0.1)
+    tries = edm.allocations_to(relay)
+    assert 2 <= len(tries) <= 4, tries
+    # the relay answers again: the next retry takes it
+    edm.relay.ports[mesh_addr(9)] = 40100
+    await edm.until(lambda: edm.endpoint(peer) == AddrPort.parse("203.0.113.9:40100"), within=6)
+
+
+async def test_a_notify_before_the_peer_is_known_is_kept(edm: Rig) -> None:
+    await edm.run()
+    await _relay_node(edm)
+    peer = key_beside(edm.own, above=False)  # the peer chooses
+    edm.relay.notify(mesh_addr(9), peer, 40222)  # the relay knew the pair before we knew the peer
+    await edm.run()
+    edm.disc.put(remote("b", "198.51.100.20", 2, peer, nat="edm"))
+    await edm.until(lambda: edm.endpoint(peer) == AddrPort.parse("203.0.113.9:40222"))
+    assert edm.relay.allocations == [], "followed the early NOTIFY"

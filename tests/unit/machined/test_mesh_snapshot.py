@@ -68,7 +68,11 @@ def mesh(tmp_path: Path) -> tuple[Mesh, FakeDiscovery, FakeWireGuard, list[float
         [ipaddress.ip_interface("10.5.0.1/24")],
     )
     opts = MeshOptions(
-        cluster_id=CLUSTER, cluster_secret=bytes(32), state_dir=tmp_path / "s", nodename="self"
+        cluster_id=CLUSTER,
+        cluster_secret=bytes(32),
+        state_dir=tmp_path / "s",
+        nodename="self",
+        first_contact=None,  # peers are configured with their endpoint in the pass that adds them
     )
     m = Mesh(
         opts,

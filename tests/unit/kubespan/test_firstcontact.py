@@ -1,0 +1,79 @@
+"""Who sends a new pair's first initiation (kubespan.firstcontact)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubespan.firstcontact import Action, FirstContact, FirstContactTimings, waits
+from kubespan.identity import generate_private_key
+from kubespan.wireguard.types import PublicKey
+
+
+def keys() -> tuple[PublicKey, PublicKey]:
+    """Two keys, the lower first."""
+    a, b = (generate_private_key().public_key() for _ in range(2))
+    return (a, b) if a.raw < b.raw else (b, a)
+
+
+@pytest.mark.parametrize(
+    ("own", "peer", "low_waits", "high_waits"),
+    [
+        ("public", "eim", True, True),  # the reachable side waits, whatever the keys
+        ("unknown", "edm", True, True),
+        ("eim", "public", False, False),  # the side behind NAT goes first
+        ("edm", "unknown", False, False),
+        ("public", "public", False, True),  # alike: the higher key waits
+        ("eim", "edm", False, True),
+        ("unknown", "unknown", False, True),
+    ],
+)
+def test_one_side_of_a_pair_waits(own: str, peer: str, low_waits: bool, high_waits: bool) -> None:
+    low, high = keys()
+    assert waits(low, own, high, peer) is low_waits
+    assert waits(high, own, low, peer) is high_waits
+    # the two sides never both wait nor both go when they agree on each other's class
+    assert waits(low, own, high, peer) != waits(high, peer, low, own)
+
+
+def test_the_waiting_side_holds_then_goes_and_never_recreates() -> None:
+    t = FirstContactTimings(hold=0.5, retry=1.5)
+    fc = FirstContact(100.0, waiting=True, timings=t)
+    assert fc.due() == 100.5
+    assert fc.step(100.0, session=False) is Action.HOLD
+    assert fc.step(100.4, session=False) is Action.HOLD
+    assert fc.step(100.5, session=False) is Action.GO
+    assert fc.done and fc.due() is None
+    assert fc.step(102.0, session=False) is Action.GO
+
+
+def test_a_session_during_the_hold_ends_it_without_recreation() -> None:
+    fc = FirstContact(100.0, waiting=True)
+    assert fc.step(100.0, session=False) is Action.HOLD
+    assert fc.step(100.3, session=True) is Action.GO
+    assert fc.done
+    assert fc.step(100.6, session=False) is Action.GO
+
+
+def test_a_waiting_side_first_seen_after_its_hold_goes_at_once() -> None:
+    fc = FirstContact(100.0, waiting=True)
+    assert fc.step(100.9, session=False) is Action.GO
+
+
+def test_the_initiator_recreates_once_when_no_session_came() -> None:
+    fc = FirstContact(100.0, waiting=False, timings=FirstContactTimings(hold=0.5, retry=1.5))
+    assert fc.due() == 101.5
+    assert fc.step(100.0, session=False) is Action.GO
+    assert fc.step(101.4, session=False) is Action.GO
+    assert fc.step(101.5, session=False) is Action.RECREATE
+    assert fc.step(103.0, session=False) is Action.GO, "once"
+
+
+def test_the_initiator_with_a_session_is_done() -> None:
+    fc = FirstContact(100.0, waiting=False)
+    assert fc.step(100.2, session=True) is Action.GO
+    assert fc.done and fc.due() is None
+
+
+def test_timings_are_checked() -> None:
+    with pytest.raises(ValueError, match="hold"):
+        FirstContactTimings(hold=2.0, retry=1.0)
