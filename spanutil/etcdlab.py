@@ -8,11 +8,14 @@ Nothing here talks gRPC: health and status come from etcd's HTTP endpoints, so a
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -38,8 +41,94 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def _url(host: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class EtcdTLS:
+    """PEM files for TLS on etcd's client URLs: a CA, the members' server cert (valid for ``hosts``) and
+    a client cert the members require. Make with :func:`make_tls`."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        ctx.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return ctx
+
+
+def make_tls(directory: Path, hosts: Sequence[str] = ("127.0.0.1",)) -> EtcdTLS:
+    """A throwaway CA and certs (EC P-256, one day) in ``directory``, for tests."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None) -> tuple[Path, Path]:
+        crt, pem = directory / f"{stem}.crt", directory / f"{stem}.key"
+        crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        if key is not None:
+            pem.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        return crt, pem
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("etcdlab CA"))
+        .issuer_name(name("etcdlab CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(
+        cn: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return b.sign(ca_key, hashes.SHA256()), key
+
+    sans: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    ca_crt, _ = write("ca", ca, None)
+    server_crt, server_key = write("server", *leaf("etcd", ExtendedKeyUsageOID.SERVER_AUTH, sans))
+    client_crt, client_key = write("client", *leaf("registry", ExtendedKeyUsageOID.CLIENT_AUTH, []))
+    return EtcdTLS(ca_crt, server_crt, server_key, client_crt, client_key)
 
 
 @dataclass
@@ -50,11 +139,12 @@ class EtcdMember:
     peer_port: int
     data_dir: Path
     log_path: Path
+    tls: EtcdTLS | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def client_url(self) -> str:
-        return _url(self.host, self.client_port)
+        return _url(self.host, self.client_port, "https" if self.tls else "http")
 
     @property
     def peer_url(self) -> str:
@@ -67,7 +157,9 @@ class EtcdMember:
     def healthy(self, timeout: float = 1.0) -> bool:
         """GET /health answers {"health": "true"} (the member has a leader and serves reads)."""
         try:
-            with urllib.request.urlopen(self.client_url + "/health", timeout=timeout) as r:
+            with urllib.request.urlopen(
+                self.client_url + "/health", timeout=timeout, context=self._ssl()
+            ) as r:
                 return json.loads(r.read()).get("health") == "true"
         except (OSError, ValueError, urllib.error.URLError):
             return False
@@ -79,9 +171,12 @@ class EtcdMember:
             data=b"{}",
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=self._ssl()) as r:
             out: dict[str, object] = json.loads(r.read())
             return out
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        return self.tls.context() if self.tls else None
 
 
 class EtcdLab:
@@ -90,7 +185,8 @@ class EtcdLab:
 
     ``hosts``: one listen address per member (default: 127.0.0.1 for all); ``wrap(member)``: a command
     prefix to run a member with (e.g. ``["ip", "netns", "exec", "ns1"]``); ``extra_args``: more etcd
-    flags for every member."""
+    flags for every member; ``tls``: serve the client URLs over https, requiring client certs (peers stay
+    plain)."""
 
     def __init__(
         self,
@@ -101,6 +197,7 @@ class EtcdLab:
         wrap: Callable[[EtcdMember], list[str]] | None = None,
         extra_args: Sequence[str] = (),
         token: str = "spanlab",
+        tls: EtcdTLS | None = None,
     ) -> None:
         binary = etcd_binary()
         if binary is None:
@@ -121,6 +218,7 @@ class EtcdLab:
                 peer_port=free_port(h) if wrap is None else 2380,
                 data_dir=root / f"m{i}.etcd",
                 log_path=root / f"m{i}.log",
+                tls=tls,
             )
             for i, h in enumerate(hosts)
         ]
@@ -148,6 +246,16 @@ class EtcdLab:
             f"--initial-cluster-token={self.token}",
             "--logger=zap",  # Debian's 3.4 needs it for some flags (lease checkpointing)
             "--log-outputs=stderr",
+            *(
+                [
+                    f"--cert-file={m.tls.server_cert}",
+                    f"--key-file={m.tls.server_key}",
+                    f"--trusted-ca-file={m.tls.ca}",
+                    "--client-cert-auth",
+                ]
+                if m.tls
+                else []
+            ),
             *self.extra_args,
         ]
 

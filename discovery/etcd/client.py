@@ -866,9 +866,17 @@ class Watch:
         self.next_revision = events[-1].revision + 1
         return WatchBatch(resp.header.revision, events)
 
+    def _stopped(self) -> bool:
+        return self._closed or self._client._closed
+
     async def _run(self) -> AsyncGenerator[WatchBatch, None]:
         while not self._closed:
-            call, resp, index = await self._open()
+            try:
+                call, resp, index = await self._open()
+            except EtcdError:
+                if self._stopped():
+                    return
+                raise
             self._call = call
             try:
                 while True:
@@ -879,8 +887,15 @@ class Watch:
                     if nxt is grpc.aio.EOF:
                         raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "watch stream closed by the server")
                     resp = nxt
+            except asyncio.CancelledError:
+                # grpc raises this in read() when our own aclose() or the client's close() cancelled
+                # the call; a cancellation of the iterating task goes on up
+                task = asyncio.current_task()
+                if self._stopped() and task is not None and not task.cancelling():
+                    return
+                raise
             except grpc.aio.AioRpcError as e:
-                if self._closed:
+                if self._stopped():
                     return
                 if e.code() not in (*_RETRY_CODES, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL):
                     raise _translate(e) from None

@@ -22,9 +22,10 @@ from discovery.etcd.client import (
     Op,
     PutResult,
     RangeResult,
+    TLSFiles,
     Watch,
 )
-from spanutil.etcdlab import EtcdLab, etcd_binary, free_port
+from spanutil.etcdlab import EtcdLab, etcd_binary, free_port, make_tls
 from spanutil.testing import eventually
 
 needs_etcd = pytest.mark.skipif(
@@ -210,6 +211,24 @@ async def test_watch_from_a_revision_gets_exactly_the_later_events(
 
 
 @needs_etcd
+async def test_closing_the_client_ends_its_watches(etcd1: EtcdLab, request: pytest.FixtureRequest) -> None:
+    c = EtcdClient(etcd1.endpoints, namespace=ns_of(request))
+    w = c.watch("k")
+    got: list[Event] = []
+
+    async def follow() -> None:
+        async for batch in w:
+            got.extend(batch.events)
+
+    task = asyncio.create_task(follow())
+    await c.put("k", b"1")
+    await eventually(lambda: got, "the watch sees the put")
+    await c.close()
+    await asyncio.wait_for(task, 5)  # ends, no error
+    assert [e.kv.value for e in got] == [b"1"]
+
+
+@needs_etcd
 async def test_range_above_grpc_default_receive_limit(etcd1: EtcdLab, request: pytest.FixtureRequest) -> None:
     async with EtcdClient(etcd1.endpoints, namespace=ns_of(request)) as c:
         blob = bytes(1024 * 1024)
@@ -236,6 +255,21 @@ async def test_compaction_surfaces_with_the_compact_revision(
         async with c.watch("z", start_revision=revs[3]) as w:
             events = await collect(w, 2)
         assert [e.kv.value for e in events] == [b"3", b"4"]
+
+
+@needs_etcd
+async def test_https_with_a_client_certificate(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path / "pki")
+    with EtcdLab(tmp_path / "etcd", 1, tls=tls) as lab:
+        assert lab.endpoints[0].startswith("https://127.0.0.1:")
+        async with EtcdClient(lab.endpoints, tls=TLSFiles(tls.ca, tls.client_cert, tls.client_key)) as c:
+            await c.put("k", "v")
+            kv = await c.get("k")
+            assert kv is not None and kv.value == b"v"
+        # the member requires a client certificate: without one, no endpoint answers
+        async with EtcdClient(lab.endpoints, tls=TLSFiles(ca=tls.ca), timeout=1.0, connect_timeout=0.3) as c:
+            with pytest.raises(EtcdUnavailable):
+                await c.get("k")
 
 
 async def test_no_endpoint_reachable_raises_within_the_deadline() -> None:
@@ -297,7 +331,7 @@ async def test_failover_keeps_every_acknowledged_put_and_the_watch_whole(etcd3: 
         r = await c.range("p/", prefix=True)
         await eventually(lambda: w.next_revision > r.revision, "watch catches up with the range", within=20)
         await w.aclose()
-        wt.cancel()
+        await asyncio.wait_for(wt, 5)  # aclose ends the iteration
 
         assert c.current_endpoint != endpoints[0].removeprefix("http://")
         assert w.reconnects >= 1
