@@ -26,11 +26,15 @@ from pathlib import Path
 from types import TracebackType
 
 ETCD_BINARY = "etcd"
+ETCD_BIN_ENV = "ETCD_BIN"  # another etcd binary to test with (e.g. a 3.5 or 3.6 build)
 
 
 def etcd_binary() -> str | None:
-    """The etcd server binary's path, or None when it is not installed."""
-    return shutil.which(ETCD_BINARY) or ("/usr/bin/etcd" if os.access("/usr/bin/etcd", os.X_OK) else None)
+    """The etcd server binary (``$ETCD_BIN``, else ``etcd`` on PATH or /usr/bin/etcd), or None when
+    it is not installed."""
+    override = os.environ.get(ETCD_BIN_ENV)
+    candidates = [override] if override else [shutil.which(ETCD_BINARY), "/usr/bin/etcd"]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -28,9 +28,8 @@ from discovery.etcd.client import (
 from spanutil.etcdlab import EtcdLab, etcd_binary, free_port, make_tls
 from spanutil.testing import eventually
 
-needs_etcd = pytest.mark.skipif(
-    etcd_binary() is None, reason="etcd is not installed (Debian: etcd-server; `make sysdeps` installs it)"
-)
+NO_ETCD = "etcd is not installed (Debian: etcd-server, which `make sysdeps` installs; or set $ETCD_BIN)"
+needs_etcd = pytest.mark.skipif(etcd_binary() is None, reason=NO_ETCD)
 # Quick elections for the failover tests; frequent progress notifications.
 FAST = [
     "--heartbeat-interval=50",
@@ -42,7 +41,7 @@ FAST = [
 @pytest.fixture(scope="module")
 def etcd1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdLab]:
     if etcd_binary() is None:
-        pytest.skip("etcd is not installed (Debian: etcd-server; `make sysdeps` installs it)")
+        pytest.skip(NO_ETCD)
     with EtcdLab(tmp_path_factory.mktemp("etcd1"), 1, extra_args=FAST) as lab:
         yield lab
 
@@ -50,7 +49,7 @@ def etcd1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdLab]:
 @pytest.fixture
 def etcd3(tmp_path: Path) -> Iterator[EtcdLab]:
     if etcd_binary() is None:
-        pytest.skip("etcd is not installed (Debian: etcd-server; `make sysdeps` installs it)")
+        pytest.skip(NO_ETCD)
     with EtcdLab(tmp_path, 3, extra_args=FAST) as lab:
         yield lab
 
