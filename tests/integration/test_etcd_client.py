@@ -220,6 +220,7 @@ async def test_closing_the_client_ends_its_watches(etcd1: EtcdLab, request: pyte
             got.extend(batch.events)
 
     task = asyncio.create_task(follow())
+    await eventually(lambda: w.next_revision > 0, "the watch is created")  # it watches from now on
     await c.put("k", b"1")
     await eventually(lambda: got, "the watch sees the put")
     await c.close()
