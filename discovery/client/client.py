@@ -4,6 +4,11 @@ One :class:`DiscoveryClient` talks to one or more discovery endpoints at once. F
 task runs ``connect → Hello → publish → Watch → refresh loop`` and reconnects with jittered exponential
 backoff on any error. Affiliates seen by all sessions are merged by id (endpoint union, newest data wins).
 
+An endpoint may name several replicas of one registry (a host list, or a name with several addresses; see
+:mod:`discovery.client.replicas`). The session uses one; when it dies (UNAVAILABLE, reset, deadline, or a
+keepalive ping unanswered), the session moves to the next replica at once, says Hello, republishes and
+opens a new Watch; it backs off only after every replica of a round failed.
+
 Differences from the Go client, all compatible with upstream servers:
 
 * The first full ``AffiliateUpdate`` is sent *before* the Watch opens, so the snapshot already contains our
@@ -33,7 +38,15 @@ import grpc
 import grpc.aio
 
 from discovery.client.backoff import INITIAL_INTERVAL, MAX_INTERVAL, ExponentialBackoff
-from discovery.client.target import DiscoveryTarget, parse_endpoint_url, redirect_target
+from discovery.client.replicas import (
+    Replica,
+    ReplicaRotation,
+    Resolver,
+    is_failover_error,
+    resolve_replicas,
+    system_resolver,
+)
+from discovery.client.target import DiscoveryTarget, parse_endpoint_replicas, redirect_target
 from discovery.crypto import (
     KEY_SIZE,
     DecodeError,
@@ -79,6 +92,13 @@ MAX_OTHER_AFFILIATES_PER_REFRESH = 128
 OTHER_BACKLOG_DELAY = 1.0  # seconds between passes while other-affiliate updates are still queued
 KEEPALIVE_MIN = 10.0
 KEEPALIVE_TIMEOUT = 20.0
+# With several replicas a dead one must be noticed fast: a ping every second, answered within 0.5 s
+# (our server permits it: grpc.http2.max_ping_strikes=0). A server that refuses such pings (GOAWAY
+# too_many_pings, as Go servers' default policy does) gets the Talos rate above from then on.
+REPLICA_KEEPALIVE = 1.0
+REPLICA_KEEPALIVE_TIMEOUT = 0.5
+# Hello timeout while other replicas of the round are still untried.
+FAILOVER_HELLO_TIMEOUT = 2.0
 _WARNED_IDS_MAX = 4096
 
 OnChange = Callable[[dict[str, "DiscoveredAffiliate"]], Awaitable[None] | None]
@@ -124,6 +144,7 @@ class ClientStats:
     keepalives: int = 0  # TTL-only AffiliateUpdate sent
     other_endpoint_updates: int = 0  # endpoints-only AffiliateUpdate sent for other affiliates
     redirects: int = 0  # Hello redirects followed
+    failovers: int = 0  # moves to another replica without backoff
     deletes: int = 0  # AffiliateDelete sent
     watch_messages: int = 0  # WatchResponse messages received
 
@@ -136,12 +157,14 @@ class EndpointStatus:
     """State of one configured discovery endpoint."""
 
     url: str
-    target: str  # current target (differs from url after a redirect)
+    target: str  # current host:port as configured (one of a host list; differs from url after a redirect)
     secure: bool
     connected: bool  # Hello done and the Watch snapshot received
     public_ip: IPAddress | None
     affiliates: int
     last_error: str | None
+    replica: str | None = None  # the address in use (or tried last), ``ip:port``
+    replicas: int = 0  # replicas found in the last round (host list entries x addresses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,17 +219,21 @@ class DiscoveryClient:
         max_other_affiliates_per_refresh: int = MAX_OTHER_AFFILIATES_PER_REFRESH,
         coalesce_delay: float = 0.05,
         snapshot_grace: float = SNAPSHOT_GRACE,
+        replica_keepalive: float | None = REPLICA_KEEPALIVE,
+        resolver: Resolver = system_resolver,
     ) -> None:
         if isinstance(endpoints, str):
             raise TypeError("endpoints must be a sequence of URLs, not a single string")
         self.snapshot_grace = snapshot_grace
         if not endpoints:
             raise ValueError("at least one discovery endpoint is required")
-        targets: dict[str, DiscoveryTarget] = {}
+        targets: dict[str, tuple[DiscoveryTarget, ...]] = {}
         for url in endpoints:
             if url in targets:
                 raise ValueError(f"discovery endpoint {url!r} is listed twice")
-            targets[url] = parse_endpoint_url(url)
+            targets[url] = parse_endpoint_replicas(url)
+        if replica_keepalive is not None and replica_keepalive <= 0:
+            raise ValueError(f"replica_keepalive must be > 0 or None, got {replica_keepalive}")
         _check_id("cluster_id", cluster_id, CLUSTER_ID_MAX)
         _check_id("affiliate_id", affiliate_id, AFFILIATE_ID_MAX)
         key = parse_secret(secret) if isinstance(secret, str) else bytes(secret)
@@ -237,9 +264,11 @@ class DiscoveryClient:
         self._backoff_max = backoff_max
         self.max_other_affiliates_per_refresh = max_other_affiliates_per_refresh
         self._coalesce_delay = coalesce_delay
+        self.replica_keepalive = replica_keepalive
+        self._resolver = resolver
 
         self.stats = ClientStats()
-        self._sessions = [_Session(self, url, t) for url, t in targets.items()]
+        self._sessions = [_Session(self, url, t[0], t) for url, t in targets.items()]
         self._local: _LocalData | None = None
         self._local_version = 0
         self._delete_generation = 0
@@ -500,23 +529,36 @@ class DiscoveryClient:
             except Exception:
                 log.exception("discovery on_change callback failed")
 
-    async def _make_channel(self, target: DiscoveryTarget) -> grpc.aio.Channel:
-        keepalive = max(KEEPALIVE_MIN, self.ttl / 10)
+    async def _make_channel(self, replica: Replica, *, fast_keepalive: bool) -> grpc.aio.Channel:
+        """A channel to one replica's address; ``:authority`` and TLS use the configured host name."""
+        if fast_keepalive and self.replica_keepalive is not None:
+            keepalive, timeout = (
+                self.replica_keepalive,
+                min(REPLICA_KEEPALIVE_TIMEOUT, self.replica_keepalive),
+            )
+        else:
+            keepalive, timeout = max(KEEPALIVE_MIN, self.ttl / 10), KEEPALIVE_TIMEOUT
         options: list[tuple[str, Any]] = [
             ("grpc.keepalive_time_ms", int(keepalive * 1000)),
-            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),
+            ("grpc.keepalive_timeout_ms", int(timeout * 1000)),
             # The Watch stream is silent for long stretches; keep pinging through it.
+            ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.primary_user_agent", self.client_version),
         ]
-        if not target.secure:
-            return grpc.aio.insecure_channel(target.target, options=options)
+        name = replica.name
+        if replica.by_name:
+            options.append(("grpc.default_authority", name.target))
+        if not name.secure:
+            return grpc.aio.insecure_channel(replica.target, options=options)
         # Files are re-read on every connect, so rotated certificates are picked up on reconnect.
         ca, cert, key = await asyncio.to_thread(_read_tls, self._tls_ca, self._tls_cert, self._tls_key)
         creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
         if self._tls_server_name:
             options.append(("grpc.ssl_target_name_override", self._tls_server_name))
-        return grpc.aio.secure_channel(target.target, creds, options=options)
+        elif replica.by_name:
+            options.append(("grpc.ssl_target_name_override", name.host))
+        return grpc.aio.secure_channel(replica.target, creds, options=options)
 
     def _make_backoff(self) -> ExponentialBackoff:
         return ExponentialBackoff(initial=self._backoff_initial, max_interval=self._backoff_max)
@@ -551,7 +593,8 @@ def _describe(exc: BaseException) -> str:
 class _Session:
     client: DiscoveryClient
     url: str
-    target: DiscoveryTarget  # current; replaced by a Hello redirect and kept afterwards, as upstream does
+    target: DiscoveryTarget  # current host; a Hello redirect replaces all targets, as upstream does
+    targets: tuple[DiscoveryTarget, ...] = ()  # the endpoint's hosts (a host list, or one host)
     entries: dict[str, _Entry] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -566,10 +609,16 @@ class _Session:
     other_backlog: bool = False
     disconnected_since: float | None = None
     drop_timer: asyncio.TimerHandle | None = None  # for the entries a reconnect snapshot left out
+    replica: Replica | None = None  # in use, or tried last
+    replica_count: int = 0
+    slow_keepalive: bool = False  # the registry refused fast keepalive pings
+    rotation: ReplicaRotation = field(default_factory=ReplicaRotation)
     backoff: ExponentialBackoff = field(init=False)
 
     def __post_init__(self) -> None:
         self.backoff = self.client._make_backoff()
+        if not self.targets:
+            self.targets = (self.target,)
 
     def status(self) -> EndpointStatus:
         return EndpointStatus(
@@ -580,33 +629,88 @@ class _Session:
             public_ip=self.public_ip,
             affiliates=len(self.entries),
             last_error=self.last_error,
+            replica=self.replica.target if self.replica is not None else None,
+            replicas=self.replica_count,
         )
 
     async def run(self) -> None:
+        """Connect, serve, and on failure move to the next replica (backoff after a failed round)."""
         c = self.client
         loop = asyncio.get_running_loop()
         backoff = self.backoff
-        first = True
+        rotation = self.rotation
+        back_off = False  # the first round starts at once
+        skip_current = False  # the replica in use just died: start the round after it
+        came_from: tuple[Replica, str] | None = None  # the replica left without backoff, and why
         while True:
-            if not first:
+            if back_off:
+                came_from = None
                 delay = backoff.next_delay()
                 _event(logging.INFO, "discovery reconnect scheduled", endpoint=self.url, delay=f"{delay:.2f}")
                 await asyncio.sleep(delay)
                 c.stats.reconnects += 1
                 self._expire_stale(loop.time())
-            first = False
+            back_off = True
             try:
-                await self._connect_and_serve()
+                replicas = await resolve_replicas(self.targets, c._resolver)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 self.last_error = _describe(e)
-                _event(logging.WARNING, "discovery session error", endpoint=self.url, error=self.last_error)
-            finally:
-                if self.ready.is_set() or self.disconnected_since is None:
-                    self.disconnected_since = loop.time()
-                self.ready.clear()
-                c._fire_status()
+                _event(logging.WARNING, "discovery resolve failed", endpoint=self.url, error=self.last_error)
+                self._disconnected(loop)
+                continue
+            self.replica_count = len(replicas)
+            rotation.begin_round(replicas, skip_current=skip_current)
+            skip_current = False
+            while (replica := rotation.next()) is not None:
+                if came_from is not None:
+                    c.stats.failovers += 1
+                    _event(
+                        logging.INFO,
+                        "discovery replica failover",
+                        endpoint=self.url,
+                        **{"from": came_from[0].target},
+                        to=replica.target,
+                        reason=came_from[1],
+                    )
+                self.replica = replica
+                self.target = replica.name
+                try:
+                    await self._connect_and_serve(replica, quick=rotation.untried > 0)
+                    raise WatchEndedError("session ended")  # not reached: serving ends with an error
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    served = self.ready.is_set()
+                    self.last_error = _describe(e)
+                    _event(
+                        logging.WARNING,
+                        "discovery session error",
+                        endpoint=self.url,
+                        replica=replica.target,
+                        error=self.last_error,
+                    )
+                    if "too_many_pings" in self.last_error and not self.slow_keepalive:
+                        self.slow_keepalive = True
+                        _event(
+                            logging.WARNING, "discovery registry refuses fast keepalive", endpoint=self.url
+                        )
+                    if isinstance(e, RedirectLoopError) or not is_failover_error(e):
+                        break  # the registry answered: back off, then go on with the next replica
+                    came_from = (replica, self.last_error)
+                    if served and self.replica_count > 1:
+                        back_off = False  # a new round (re-resolved) without it, at once
+                        skip_current = True
+                        break
+                finally:
+                    self._disconnected(loop)
+
+    def _disconnected(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.ready.is_set() or self.disconnected_since is None:
+            self.disconnected_since = loop.time()
+        self.ready.clear()
+        self.client._fire_status()
 
     def _expire_stale(self, now: float) -> None:
         """After a TTL without a connection the server has forgotten everything we cached: drop it."""
@@ -620,16 +724,19 @@ class _Session:
             _event(logging.INFO, "discovery cache expired", endpoint=self.url, affiliates=len(ids))
             self.client._merge(ids)
 
-    async def _connect_and_serve(self) -> None:
+    async def _connect_and_serve(self, replica: Replica, *, quick: bool) -> None:
+        """Hello (following redirects), then serve; ``quick``: other replicas wait, so a short Hello."""
         c = self.client
         redirects = 0
+        hello_timeout = min(c.hello_timeout, FAILOVER_HELLO_TIMEOUT) if quick else c.hello_timeout
         while True:
-            channel = await c._make_channel(self.target)
+            fast = self.replica_count > 1 and not self.slow_keepalive
+            channel = await c._make_channel(replica, fast_keepalive=fast)
             try:
                 stub = cluster_pb2_grpc.ClusterStub(channel)
                 hello = await stub.Hello(
                     cluster_pb2.HelloRequest(cluster_id=c.cluster_id, client_version=c.client_version),
-                    timeout=c.hello_timeout,
+                    timeout=hello_timeout,
                 )
                 if hello.HasField("redirect") and hello.redirect.endpoint:
                     redirects += 1
@@ -638,7 +745,11 @@ class _Session:
                     new = redirect_target(hello.redirect.endpoint, secure=self.target.secure)
                     c.stats.redirects += 1
                     _event(logging.INFO, "discovery redirect", endpoint=self.url, target=new.target)
-                    self.target = new
+                    self.target, self.targets = new, (new,)
+                    replicas = await resolve_replicas(self.targets, c._resolver)
+                    self.replica_count = len(replicas)
+                    replica = self.replica = replicas[0]
+                    self.rotation.current = replica
                     continue  # the finally below closes this channel first
                 self._record_ip(hello.client_ip)
                 await self._serve(stub)
@@ -807,6 +918,7 @@ class _Session:
                         "discovery connected",
                         endpoint=self.url,
                         target=self.target.target,
+                        replica=self.replica.target if self.replica is not None else None,
                         affiliates=len(self.entries),
                     )
                     c._fire_status()
