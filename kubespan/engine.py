@@ -54,7 +54,15 @@ from kubespan.ports import (
 from kubespan.probe import Prober
 from kubespan.routed import RoutedIndex, routed_union
 from kubespan.runtime import PeerRuntime, peer_status
-from kubespan.snapshot import NO_STUN, MeshSnapshot, MeshStatus, NatStatus, PeerStatus, RemoteRecord
+from kubespan.snapshot import (
+    NO_STUN,
+    MeshSnapshot,
+    MeshStatus,
+    NatStatus,
+    PeerStatus,
+    RelayStatus,
+    RemoteRecord,
+)
 from kubespan.traversal import NO_PATH, PeerFacts, Route
 from kubespan.traversal import Traversal as TraversalWork
 from kubespan.wireguard.backend import WireGuardBackend, WireGuardError
@@ -994,6 +1002,7 @@ class Mesh:
         public_ip = self.discovery.public_ip if self.discovery is not None else None
         errors = tuple(self.errors[-5:])
         configured = self.ready.is_set()
+        relay = RelayStatus.of(self.relay_server.status()) if self.relay_server is not None else None
         if (
             prev is not None
             and prev.peers is peers
@@ -1006,6 +1015,7 @@ class Mesh:
             and prev.errors == errors
             and prev.identity is self.identity
             and prev.nat is self._nat_status
+            and prev.relay == relay
         ):
             return  # nothing changed: the previous snapshot stands
         self._snapshot = MeshSnapshot(
@@ -1024,6 +1034,7 @@ class Mesh:
             published_local=self.local,
             errors=prev.errors if prev is not None and prev.errors == errors else errors,
             nat=self._nat_status,
+            relay=prev.relay if prev is not None and prev.relay == relay else relay,
         )
 
     def _peer_nat_classes(self) -> dict[str, str]:

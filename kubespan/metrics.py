@@ -9,9 +9,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kubespan.engine import MeshStatus
+from kubespan.nat.classify import NatClass
+from kubespan.snapshot import RelayStatus
 
 STATE_VALUES = {"unknown": 0, "up": 1, "down": 2}
-NAT_CLASSES = ("public", "eim", "edm", "unknown")
+NAT_CLASSES = tuple(str(c) for c in NatClass)  # public, eim, edm, unknown
 
 
 class MeshCollector:
@@ -71,6 +73,8 @@ class MeshCollector:
         yield from (ready, peers, state, age, switches, roams, failures, rx, tx, cands, conflicts)
         yield from self._paths(st)
         yield from self._nat(st)
+        if st.relay is not None:
+            yield from self._relay(st.relay)
 
     @staticmethod
     def _paths(st: MeshStatus) -> Iterator[Metric]:
@@ -120,3 +124,28 @@ class MeshCollector:
         for p in st.peers:
             peer_nat.add_metric([p.label, p.public_key, p.nat_class], 1.0)
         yield from (nat, mapped, peer_nat)
+
+    @staticmethod
+    def _relay(r: RelayStatus) -> Iterator[Metric]:
+        """The relay service of a node run with ``--relay``."""
+        allocations = GaugeMetricFamily(
+            "kubespan_relay_allocations", "Relay allocations held for peer pairs."
+        )
+        allocations.add_metric([], r.allocations)
+        packets = CounterMetricFamily("kubespan_relay_forwarded_packets", "WireGuard datagrams forwarded.")
+        packets.add_metric([], r.forwarded_packets)
+        fwd = CounterMetricFamily("kubespan_relay_forwarded_bytes", "Bytes of WireGuard datagrams forwarded.")
+        fwd.add_metric([], r.forwarded_bytes)
+        dropped = CounterMetricFamily(
+            "kubespan_relay_dropped", "Datagrams dropped, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(r.dropped.items()):
+            dropped.add_metric([reason], n)
+        expired = CounterMetricFamily("kubespan_relay_expired", "Allocations ended by their idle timeout.")
+        expired.add_metric([], r.expired)
+        refused = CounterMetricFamily(
+            "kubespan_relay_refused", "Allocation requests refused, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(r.refused.items()):
+            refused.add_metric([reason], n)
+        yield from (allocations, packets, fwd, dropped, expired, refused)

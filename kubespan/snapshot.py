@@ -8,7 +8,8 @@ publishes the previous snapshot again, and parts that did not change are the pre
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -73,6 +74,35 @@ NO_STUN = NatStatus(error="STUN: no responder configured")
 
 
 @dataclass(frozen=True, slots=True)
+class RelayStatus:
+    """This node's relay service (``--relay``): what it carries for other nodes (ciphertext only)."""
+
+    running: bool = False
+    allocations: int = 0
+    forwarded_packets: int = 0
+    forwarded_bytes: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # by reason (junk, forged mac1, rate, ...)
+    expired: int = 0  # allocations ended by their idle timeout
+    requests: int = 0  # control requests answered (ALLOCATE, RELEASE, PING)
+    refused: dict[str, int] = field(default_factory=dict)  # control requests refused, by reason
+
+    @classmethod
+    def of(cls, status: Mapping[str, Any]) -> RelayStatus:
+        """From the relay service's status (:meth:`kubespan.relay.service.RelayService.status`)."""
+        control = status.get("control") or {}
+        return cls(
+            running=bool(status.get("running")),
+            allocations=len(status.get("allocations") or ()),
+            forwarded_packets=int(status.get("forwarded_packets") or 0),
+            forwarded_bytes=int(status.get("forwarded_bytes") or 0),
+            dropped=dict(status.get("dropped") or {}),
+            expired=int(status.get("expired") or 0),
+            requests=sum((control.get("requests") or {}).values()),
+            refused=dict(control.get("refused") or {}),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class MeshStatus:
     ready: bool
     node_id: str
@@ -87,6 +117,7 @@ class MeshStatus:
     conflicts: tuple[str, ...]
     errors: tuple[str, ...]
     nat: NatStatus = NO_STUN
+    relay: RelayStatus | None = None  # None: this node does not relay
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +142,7 @@ class MeshSnapshot:
     published_local: LocalAffiliate | None  # what discovery holds (None: nothing published yet)
     errors: tuple[str, ...]  # the last few
     nat: NatStatus = NO_STUN  # endpoint discovery, as the last completed run left it
+    relay: RelayStatus | None = None  # the relay service's counters (None: not relaying)
 
     @property
     def local_published(self) -> bool:
@@ -134,4 +166,5 @@ class MeshSnapshot:
             conflicts=tuple(str(c) for c in self.specs.conflicts),
             errors=self.errors,
             nat=self.nat,
+            relay=self.relay,
         )

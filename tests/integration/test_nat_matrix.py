@@ -87,4 +87,8 @@ def test_matrix_direct_where_nat_allows_relayed_elsewhere_all_connected(lab: Lab
     if first:
         print(f"first pings lost (then {'still lost' if failed else 'recovered'}): {first}")
     assert not failed, f"pings lost: {failed}\n{tl.describe()}"
+    # the relay node's own counters (its /status) show what it carried for the relayed pairs
+    carried = tl.agents[RELAY].status()["relay"]
+    assert carried["running"] and carried["allocations"] >= 1, carried
+    assert carried["forwarded_packets"] > 0 and carried["forwarded_bytes"] > 0, carried
     assert time.monotonic() - t0 < BUDGET, tl.describe()

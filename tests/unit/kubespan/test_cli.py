@@ -105,3 +105,17 @@ def test_status_table_shows_each_peers_path() -> None:
     assert "relay via r (both behind symmetric NAT)" in lines[3]
     peer |= {"path": "direct", "relay_via": None, "why_not_direct": None}
     assert "  direct  " in cli.format_table(st, now=0).splitlines()[3]
+
+
+def test_status_table_shows_the_relay_line_on_a_relay_node() -> None:
+    st: dict[str, object] = {"nodename": "r", "nat": {}, "peers": []}
+    assert not any(line.startswith("relay") for line in cli.format_table(st, now=0).splitlines())
+    st["relay"] = {
+        "running": True,
+        "allocations": 2,
+        "forwarded_packets": 1532,
+        "forwarded_bytes": 3 << 20,
+        "dropped": {"not_wireguard": 7, "forged_mac1": 3},
+    }
+    lines = cli.format_table(st, now=0).splitlines()
+    assert lines[2] == "relay 2 allocations, 1532 packets (3.0 MiB) forwarded, dropped forged_mac1=3 not_wireguard=7"
