@@ -2,6 +2,7 @@
 
 * :func:`ping`: loss percentage and round-trip times;
 * :func:`tcp_transfer`: bytes a one-shot server received and how long it took;
+* :class:`Ping` / :func:`longest_gap`: a background ``ping -D`` and the longest time between its replies;
 * :func:`udp_echo` / :func:`udp_mapped`: a tiny STUN-like echo server that answers every datagram with the
   source address it saw, and a client that asks several of them from one socket (how NAT mappings are
   observed).
@@ -11,9 +12,12 @@ Every function takes a :class:`~netns.lab.Node` or anything with a ``.node`` (e.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -308,3 +312,54 @@ def udp_mapped(
         timeout=len(targets) * tries * timeout + 10,
     )
     return json.loads(r.stdout)[1]
+
+
+@dataclass
+class Ping:
+    """A bounded background ping (``ping -D``), stopped with SIGINT; replies parsed afterwards."""
+
+    proc: subprocess.Popen[bytes]
+    out: Path
+    interval: float
+
+    @classmethod
+    def start(cls, node: Node, target: str, interval: float, count: int, name: str) -> Ping:
+        out = node.lab.dir / f"ping-{name}.txt"
+        argv = node.argv(
+            "stdbuf", "-oL", "ping", "-6" if ":" in target else "-4", "-D", "-n", "-W", "1",
+            "-i", str(interval), "-c", str(count), target,
+            private_run=False,
+        )  # fmt: skip
+        with out.open("wb") as f:
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        node.procs.append(proc)  # killed by the lab if the test fails first
+        return cls(proc, out, interval)
+
+    def replies(self) -> dict[int, float]:
+        """icmp_seq -> wall-clock time of the reply."""
+        got: dict[int, float] = {}
+        for m in re.finditer(r"^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)", self.out.read_text(), re.M):
+            got.setdefault(int(m.group(2)), float(m.group(1)))
+        return got
+
+    def stop(self, timeout: float = 10) -> tuple[int, int]:
+        """Stop (if still running) and return (transmitted, received) from ping's summary ((-1, -1): none)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", self.out.read_text())
+        return (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+
+
+def longest_gap(replies: dict[int, float], after: float) -> float:
+    """Longest time between consecutive replies, counting from the last reply at or before ``after``."""
+    times = sorted(replies.values())
+    start = max((t for t in times if t <= after), default=after)
+    later = [t for t in times if t > start]
+    gaps = [b - a for a, b in zip([start, *later], later, strict=False)]
+    return max(gaps, default=float("inf"))
