@@ -22,10 +22,11 @@ import grpc
 from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
+from discovery.server.backend import Backend, EmbeddedBackend, StoreUnavailable
 from discovery.server.ratelimit import RateLimiter
 from discovery.server.rpcmetrics import RpcMetrics
 from discovery.server.state import AffiliateView, Change, Code, Registry, RegistryError, change_size
-from discovery.server.storage import StorageUnavailable, Store
+from discovery.server.storage import Store
 from discovery.server.watchguard import (
     WATCH_CHUNK_BYTES,
     RefusalLog,
@@ -202,7 +203,7 @@ class Metrics:
         child.inc()
         return label
 
-    def refresh_state(self, reg: Registry) -> None:
+    def refresh_state(self, reg: Registry | Backend) -> None:
         clusters, affiliates, endpoints, subs = reg.stats()
         self.clusters.set(clusters)
         self.affiliates.set(affiliates)
@@ -263,11 +264,6 @@ class _Abort(Exception):
         super().__init__(details)
         self.code = code
         self.details = details
-
-
-def _storage_unavailable(e: StorageUnavailable) -> _Abort:
-    """A write the journal refused (disk full, I/O error): nothing changed; retryable."""
-    return _Abort(grpc.StatusCode.UNAVAILABLE, f"registry storage unavailable: {e.reason}")
 
 
 @dataclass
@@ -337,13 +333,19 @@ class ClusterService:
 
     def __init__(
         self,
-        registry: Registry,
+        registry: Registry | Backend,
         store: Store | None = None,
         config: ServiceConfig | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        self.registry = registry
-        self.store = store
+        """``registry``: a :class:`Registry` (with ``store``: the embedded backend) or any backend."""
+        if isinstance(registry, Registry):
+            registry = EmbeddedBackend(registry, store)
+        self.backend: Backend = registry
+        # The embedded backend's calls are synchronous: the handlers skip a coroutine for them.
+        self._embedded = registry if isinstance(registry, EmbeddedBackend) else None
+        self.registry = registry.registry if isinstance(registry, EmbeddedBackend) else None
+        self.store = registry.store if isinstance(registry, EmbeddedBackend) else None
         self.config = config or ServiceConfig()
         self.metrics = metrics or Metrics()
         self.limiter = RateLimiter(self.config.rate_limit, self.config.rate_burst)
@@ -466,7 +468,9 @@ class ClusterService:
                     grpc.StatusCode.INVALID_ARGUMENT, f"malformed {req.type_name}: cannot parse protobuf"
                 )
             result = body()
-            if kind != "unary":  # streams pass a coroutine function; unary bodies are plain
+            # streams pass a coroutine function; unary bodies are plain, or return a coroutine when
+            # the backend is not the embedded one
+            if kind != "unary" or asyncio.iscoroutine(result):
                 result = await result
             return result
         except RegistryError as e:
@@ -477,6 +481,10 @@ class ClusterService:
             code = e.code.name
             details = clip(e.details, DETAILS_CHARS)
             await context.abort(e.code, details)
+        except StoreUnavailable as e:  # nothing changed (or the outcome is unknown): retryable
+            code = grpc.StatusCode.UNAVAILABLE.name
+            details = clip(e.reason, DETAILS_CHARS)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, details)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -524,7 +532,7 @@ class ClusterService:
         call = _Call("Hello", req.cluster_id, extra={"client_version": req.client_version})
 
         def body() -> pb.HelloResponse:
-            self.registry.validate_ids(req.cluster_id)
+            self.backend.validate_ids(req.cluster_id)
             self.metrics.hello_version(req.client_version)
             resp = pb.HelloResponse()
             if self.config.redirect_endpoint:
@@ -541,16 +549,15 @@ class ClusterService:
     ) -> pb.AffiliateUpdateResponse:
         call = _Call("AffiliateUpdate", req.cluster_id, req.affiliate_id)
 
-        def body() -> pb.AffiliateUpdateResponse:
+        def body() -> pb.AffiliateUpdateResponse | Awaitable[pb.AffiliateUpdateResponse]:
             ttl = req.ttl.seconds + req.ttl.nanos / 1e9
             data = req.affiliate_data if req.HasField("affiliate_data") else None
             endpoints = list(req.affiliate_endpoints)
-            # validate → journal → apply (and notify): a failed journal write changes nothing.
-            try:
-                self.registry.update(req.cluster_id, req.affiliate_id, data, endpoints, ttl, self.store)
-            except StorageUnavailable as e:
-                raise _storage_unavailable(e) from None
-            return _UPDATE_OK
+            # validate → journal (or commit to etcd) → apply (and notify): a failed write changes nothing.
+            if self._embedded is not None:
+                self._embedded.update_now(req.cluster_id, req.affiliate_id, data, endpoints, ttl)
+                return _UPDATE_OK
+            return self._update_async(req.cluster_id, req.affiliate_id, data, endpoints, ttl)
 
         return await self._run("unary", call, req, context, body)
 
@@ -559,11 +566,8 @@ class ClusterService:
     ) -> pb.AffiliateDeleteResponse:
         call = _Call("AffiliateDelete", req.cluster_id, req.affiliate_id)
 
-        def body() -> pb.AffiliateDeleteResponse:
-            try:
-                self.registry.delete(req.cluster_id, req.affiliate_id, self.store)
-            except StorageUnavailable as e:
-                raise _storage_unavailable(e) from None
+        async def body() -> pb.AffiliateDeleteResponse:
+            await self.backend.delete(req.cluster_id, req.affiliate_id)
             return pb.AffiliateDeleteResponse()
 
         return await self._run("unary", call, req, context, body)
@@ -571,8 +575,8 @@ class ClusterService:
     async def list(self, req: pb.ListRequest, context: grpc.aio.ServicerContext) -> pb.ListResponse:
         call = _Call("List", req.cluster_id)
 
-        def body() -> pb.ListResponse:
-            views = self.registry.list(req.cluster_id)
+        async def body() -> pb.ListResponse:
+            views = await self.backend.list(req.cluster_id)
             return pb.ListResponse(
                 affiliates=[pb.Affiliate(id=v.id, data=v.data, endpoints=v.endpoints) for v in views]
             )
@@ -598,7 +602,7 @@ class ClusterService:
             sub = None
             wake = asyncio.Event()
             try:
-                sub = self.registry.subscribe(req.cluster_id)
+                sub = await self.backend.subscribe(req.cluster_id)
                 sub.waker = wake.set
                 self._wakers.add(wake.set)
                 async with sender.snapshot_slot(key):
@@ -627,6 +631,12 @@ class ClusterService:
                 self.watch_slots.release(key)
 
         await self._run(kind, call, req, context, body)
+
+    async def _update_async(
+        self, cluster_id: str, affiliate_id: str, data: bytes | None, endpoints: Sequence[bytes], ttl: float
+    ) -> pb.AffiliateUpdateResponse:
+        await self.backend.update(cluster_id, affiliate_id, data, endpoints, ttl)
+        return _UPDATE_OK
 
     def _refuse_watch(self, reason: str, key: str) -> _Abort:
         """Count and (rate-bounded) log a refused watch; the error to end the call with."""

@@ -424,6 +424,80 @@ class Registry:
                 self._publish(cluster, Change(affiliate_id, _view(affiliate_id, aff)))
         return changed
 
+    def validate_update(
+        self,
+        cluster_id: str,
+        affiliate_id: str,
+        data: bytes | None,
+        endpoints: Sequence[bytes],
+        ttl: float,
+        stored: Iterable[bytes] | None,
+        cluster_size: int | None,
+    ) -> None:
+        """The checks of :meth:`update` against state held elsewhere (the etcd store): ``stored`` is the
+        affiliate's current endpoints (None: the affiliate is new), ``cluster_size`` the affiliates its
+        cluster holds (None: check only what does not depend on the state). Raises the same
+        :class:`RegistryError` as :meth:`update` would, in the same order. Keep in step with
+        :meth:`_update_at`."""
+        lim = self._limits
+        self._check_id(cluster_id, "cluster_id", lim.cluster_id_max)
+        self._check_id(affiliate_id, "affiliate_id", lim.affiliate_id_max)
+        if data and len(data) > lim.affiliate_data_max:
+            raise RegistryError(
+                Code.INVALID_ARGUMENT,
+                "affiliate_data",
+                f"{len(data)} bytes exceeds the limit of {lim.affiliate_data_max}",
+            )
+        if not ttl <= lim.ttl_max:
+            raise RegistryError(
+                Code.INVALID_ARGUMENT, "ttl", f"{ttl:g} s exceeds the limit of {lim.ttl_max:g} s"
+            )
+        have = frozenset(stored) if stored is not None else frozenset()
+        emax = lim.endpoint_max
+        fresh: set[bytes] = set()
+        for i, ep in enumerate(endpoints):
+            n = len(ep)
+            if n == 0 or n > emax or n & 15:
+                raise self._endpoint_error(i, ep)
+            if ep not in have:
+                fresh.add(ep)
+        if cluster_size is None:
+            return
+        if stored is None and cluster_size >= lim.affiliates_per_cluster_max:
+            raise RegistryError(
+                Code.RESOURCE_EXHAUSTED,
+                "affiliates",
+                f"the cluster already holds {cluster_size} affiliates, "
+                f"the limit is {lim.affiliates_per_cluster_max}",
+            )
+        if len(have) + len(fresh) > lim.endpoints_per_affiliate_max:
+            raise RegistryError(
+                Code.RESOURCE_EXHAUSTED,
+                "affiliate_endpoints",
+                f"{len(have) + len(fresh)} endpoints exceeds the limit of {lim.endpoints_per_affiliate_max}",
+            )
+
+    def drop_endpoints(self, cluster_id: str, affiliate_id: str, endpoints: Iterable[bytes]) -> bool:
+        """Remove these endpoints of one affiliate (a store told us they expired); True (and watchers
+        get the updated affiliate) if any was there."""
+        cluster = self._clusters.get(cluster_id)
+        aff = cluster.affiliates.get(affiliate_id) if cluster is not None else None
+        if cluster is None or aff is None:
+            return False
+        eps = aff.endpoints
+        dropped = 0
+        for ep in endpoints:
+            if eps.pop(ep, None) is not None:
+                dropped += 1
+        if not dropped:
+            return False
+        self._n_eps -= dropped
+        aff.ep_min = min(eps.values(), default=_INF)
+        aff.view = None
+        if cluster.subscribers:
+            self._publish(cluster, Change(affiliate_id, _view(affiliate_id, aff)))
+        return True
+
     def replay_update(
         self,
         cluster_id: str,
