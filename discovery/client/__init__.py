@@ -10,7 +10,13 @@ from discovery.client.client import (
     RedirectLoopError,
     WatchEndedError,
 )
-from discovery.client.target import DiscoveryTarget, parse_endpoint_url, redirect_target
+from discovery.client.replicas import Replica, ReplicaRotation, resolve_replicas
+from discovery.client.target import (
+    DiscoveryTarget,
+    parse_endpoint_replicas,
+    parse_endpoint_url,
+    redirect_target,
+)
 
 __all__ = [
     "ClientStats",
@@ -21,10 +27,14 @@ __all__ = [
     "ExponentialBackoff",
     "OnChange",
     "RedirectLoopError",
+    "Replica",
+    "ReplicaRotation",
     "WatchEndedError",
     "jitter",
     "next_interval",
+    "parse_endpoint_replicas",
     "parse_endpoint_url",
     "redirect_target",
+    "resolve_replicas",
     "schedule",
 ]

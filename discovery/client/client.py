@@ -546,6 +546,10 @@ class DiscoveryClient:
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.primary_user_agent", self.client_version),
         ]
+        if fast_keepalive and self.replica_keepalive is not None:
+            # grpc-core times keepalive pings out after ping_timeout_ms (default 1 min), not after the
+            # keepalive timeout alone; without BDP probes only keepalive pings get that short timeout.
+            options += [("grpc.http2.ping_timeout_ms", int(timeout * 1000)), ("grpc.http2.bdp_probe", 0)]
         name = replica.name
         if replica.by_name:
             options.append(("grpc.default_authority", name.target))
