@@ -143,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="URL",
-        help="discovery service (http:// = h2c, https:// = TLS); repeatable",
+        help="discovery service (http:// = h2c, https:// = TLS); repeat for independent registries. "
+        "Replicas of one registry go in one URL: a host list (https://10.0.0.1:3000,10.0.0.2:3000,"
+        "[fd00::3]:3000; one scheme, a port per host) or a name with several A/AAAA records; "
+        "the node moves to another replica within ~2 s when its replica dies",
     )
     run.add_argument("--discovery-ca", type=Path, help="CA bundle for TLS discovery endpoints")
     run.add_argument("--state-dir", type=Path, required=True, help="where the key and node id are kept")
@@ -432,6 +435,16 @@ def status(ns: argparse.Namespace) -> int:
     return 0
 
 
+def check_discovery_urls(urls: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the first bad ``--discovery`` URL (or replica in its host list)."""
+    from discovery.client.target import parse_endpoint_replicas  # imports grpc: only when run
+
+    for url in urls:
+        parse_endpoint_replicas(url)
+    if len(set(urls)) != len(urls):
+        raise ValueError("--discovery: an endpoint is given twice")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -443,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(flag_problems(e))  # exits 2, like any other bad flag
     try:
         punch_timings(ns)
+        check_discovery_urls(ns.discovery)
     except ValueError as e:
         parser.error(str(e))
     setup(debug=ns.debug)
