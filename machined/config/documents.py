@@ -345,18 +345,22 @@ def identify(index: int, doc: Any, sink: Sink) -> DocRef | None:
 
 def check_discovery_url(text: str) -> str | None:
     """The rule a discovery endpoint breaks, or None. Never quotes URL credentials."""
-    rule = "must be a discovery endpoint URL: http://, https:// or grpc://host[:port], no path"
+    rule = (
+        "must be a discovery endpoint URL: http://, https:// or grpc://host[:port], no path; "
+        "replicas of one registry as a host list, https://host1[:port],host2[:port]"
+    )
     try:
         if "@" in urlsplit(text if "://" in text else "//" + text).netloc:
             return "must not contain credentials"
     except ValueError:
         return rule
-    from discovery.client.target import parse_endpoint_url  # imports grpc: only when needed
+    from discovery.client.target import parse_endpoint_replicas  # imports grpc: only when needed
 
     try:
-        parse_endpoint_url(text)
-    except ValueError:
-        return rule
+        parse_endpoint_replicas(text)
+    except ValueError as e:
+        entry = re.search(r": (replica \d+)", str(e))  # which entry of a host list, not its text
+        return f"{rule} ({entry.group(1)} is not valid)" if entry else rule
     return None
 
 

@@ -154,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="overwrite an existing file")
     c = gsub.add_parser("config", parents=[g], help="controlplane.yaml, worker.yaml and talosconfig")
     c.add_argument("name", help="cluster name")
-    c.add_argument("discovery_endpoint", help="discovery service URL")
+    c.add_argument(
+        "discovery_endpoint",
+        help="discovery service URL; replicas of one registry as a host list "
+        "(https://10.0.0.1:3000,10.0.0.2:3000) or a name with several A/AAAA records",
+    )
     c.add_argument("--with-secrets", help="use this secrets bundle (from gen secrets)")
     c.add_argument("--config-patch", action="append", help="patch for both configs (text or @file)")
     c.add_argument("--config-patch-control-plane", action="append", help="patch for controlplane.yaml")
