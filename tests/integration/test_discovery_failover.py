@@ -14,6 +14,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -21,7 +22,7 @@ import pytest
 
 from discovery.client import DiscoveryClient
 from discovery.hostile import FreezableProxy
-from discovery.testing import ServerProcess
+from discovery.testing import ServerProcess, self_signed_cert
 from spanapi.discovery.client import affiliate_pb2
 from spanapi.discovery.server import cluster_pb2 as pb
 from spanapi.discovery.server import cluster_pb2_grpc as rpc
@@ -37,9 +38,14 @@ def _affiliate(name: str, version: int = 1) -> affiliate_pb2.Affiliate:
     return affiliate_pb2.Affiliate(node_id=name, hostname=f"{name}-v{version}", nodename=name)
 
 
-async def _listed(target: str, cluster_id: str) -> set[str]:
-    """Affiliate ids (with data) a replica stores, through the raw List RPC."""
-    async with grpc.aio.insecure_channel(target) as ch:
+async def _listed(target: str, cluster_id: str, tls: tuple[Path, str] | None = None) -> set[str]:
+    """Affiliate ids (with data) a replica stores, through the raw List RPC (``tls``: CA, name)."""
+    if tls is None:
+        channel = grpc.aio.insecure_channel(target)
+    else:
+        creds = grpc.ssl_channel_credentials(root_certificates=tls[0].read_bytes())
+        channel = grpc.aio.secure_channel(target, creds, options=[("grpc.ssl_target_name_override", tls[1])])
+    async with channel as ch:
         resp = await rpc.ClusterStub(ch).List(pb.ListRequest(cluster_id=cluster_id), timeout=2)
     return {a.id for a in resp.affiliates if a.data}
 
@@ -91,7 +97,13 @@ class _PeerWatch:
 
 
 async def _failover(
-    me: DiscoveryClient, peer: DiscoveryClient, cid: str, url: str, kill: Callable[[], None], what: str
+    me: DiscoveryClient,
+    peer: DiscoveryClient,
+    cid: str,
+    url: str,
+    kill: Callable[[], None],
+    what: str,
+    tls: tuple[Path, str] | None = None,
 ) -> float:
     """Kill the replica ``me`` uses; return seconds until ``me`` is published on, and watching, another."""
     old = me.endpoint_status()[url].replica
@@ -107,7 +119,7 @@ async def _failover(
         await _poll(moved, HANG_GUARD_S, f"{what}: connected to another replica")
         new = me.endpoint_status()[url].replica
         assert new is not None
-        while "me" not in await _listed(new, cid):
+        while "me" not in await _listed(new, cid, tls):
             assert time.monotonic() - t0 < HANG_GUARD_S, f"{what}: not published on {new}"
             await asyncio.sleep(0.01)
         elapsed = time.monotonic() - t0
@@ -234,3 +246,45 @@ def _bindable(family: socket.AddressFamily, addr: str) -> bool:
     except OSError:
         return False
     return True
+
+
+async def test_tls_replicas_verified_against_the_given_name(discovery_server: Start, tmp_path: Path) -> None:
+    """TLS host list of a name that only our resolver knows: each replica's certificate is checked
+    against that name (not the address connected to); the same replicas by IP fail verification."""
+    cert, key = self_signed_cert("registry.test", "registry.test")
+    (tmp_path / "tls.crt").write_bytes(cert)
+    (tmp_path / "tls.key").write_bytes(key)
+    tls = ("--certificate-path", str(tmp_path / "tls.crt"), "--key-path", str(tmp_path / "tls.key"))
+    servers = [discovery_server(*tls) for _ in range(2)]
+    ports = [s.ports["grpc"] for s in servers]
+
+    async def resolver(host: str, _port: int) -> list[str]:
+        if host != "registry.test":
+            raise socket.gaierror(socket.EAI_NONAME, "unknown")
+        return ["127.0.0.1"]
+
+    url = "https://" + ",".join(f"registry.test:{p}" for p in ports)
+    async with _pair(url, tls_ca=tmp_path / "tls.crt", resolver=resolver) as (me, peer, cid):
+        st = me.endpoint_status()[url]
+        assert (
+            st.secure and st.replica == f"127.0.0.1:{ports[0]}" and st.target == f"registry.test:{ports[0]}"
+        )
+        await _failover(
+            me,
+            peer,
+            cid,
+            url,
+            servers[0].kill,
+            "TLS host list by name",
+            (tmp_path / "tls.crt", "registry.test"),
+        )
+        st = me.endpoint_status()[url]
+        assert st.replica == f"127.0.0.1:{ports[1]}" and st.target == f"registry.test:{ports[1]}"
+
+    by_ip = f"https://127.0.0.1:{ports[1]}"
+    c = DiscoveryClient(
+        [by_ip], cluster_id="c", secret=bytes(32), affiliate_id="x", tls_ca=tmp_path / "tls.crt"
+    )
+    async with c:
+        await _poll(lambda: c.endpoint_status()[by_ip].last_error is not None, 10, "TLS name mismatch")
+        assert not c.connected
