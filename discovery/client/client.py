@@ -195,6 +195,11 @@ class DiscoveryClient:
 
     Use as ``async with DiscoveryClient(...) as client:``. ``secret`` is the 32-byte key (or its base64
     form, which is parsed with :func:`discovery.crypto.parse_secret`).
+
+    Each URL is one registry; it may name several replicas (``https://h1:3000,h2:3000``, or a name with
+    several addresses, looked up with ``resolver``). While an endpoint has more than one replica its
+    channel pings every ``replica_keepalive`` seconds (``None``: the Talos rate) so a dead replica is
+    left within ~1.5 s.
     """
 
     def __init__(
