@@ -53,11 +53,13 @@ _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 )
-# Make a member without a leader end our watch streams (UNAVAILABLE) instead of keeping them silent.
+# A member without a leader refuses our calls at once ("no leader": safe to send elsewhere) and ends our
+# watch streams, instead of timing out or keeping the stream silent.
 _REQUIRE_LEADER = (("hasleader", "true"),)
-# UNAVAILABLE answers etcd gives before a request reaches raft: a txn may be sent again.
+# UNAVAILABLE answers etcd gives before a request reaches raft: a write may be sent again.
 _REFUSED_UNSEEN = ("etcdserver: no leader", "etcdserver: not capable", "etcdserver: unhealthy cluster")
-_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# etcd never answers INTERNAL itself: grpc reports a connection that broke under a call with it too.
+_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
 # watch(give_up_after=CLIENT_TIMEOUT): the client's timeout
 CLIENT_TIMEOUT = -1.0
 
@@ -542,7 +544,7 @@ class EtcdClient:
         )
 
         async def attempt(c: _Conn, t: float) -> pb.RangeResponse:
-            return await c.kv.Range(req, timeout=t)
+            return await c.kv.Range(req, timeout=t, metadata=_REQUIRE_LEADER)
 
         return self._range_result(await self._call("range", attempt, retry_sent=True))
 
@@ -572,7 +574,7 @@ class EtcdClient:
         )
 
         async def attempt(c: _Conn, t: float) -> pb.PutResponse:
-            return await c.kv.Put(req, timeout=t)
+            return await c.kv.Put(req, timeout=t, metadata=_REQUIRE_LEADER)
 
         return self._put_result(await self._call("put", attempt, retry_sent=False))
 
@@ -592,7 +594,7 @@ class EtcdClient:
         )
 
         async def attempt(c: _Conn, t: float) -> pb.DeleteRangeResponse:
-            return await c.kv.DeleteRange(req, timeout=t)
+            return await c.kv.DeleteRange(req, timeout=t, metadata=_REQUIRE_LEADER)
 
         return self._delete_result(await self._call("delete", attempt, retry_sent=False))
 
@@ -645,7 +647,7 @@ class EtcdClient:
         )
 
         async def attempt(c: _Conn, t: float) -> pb.TxnResponse:
-            return await c.kv.Txn(req, timeout=t)
+            return await c.kv.Txn(req, timeout=t, metadata=_REQUIRE_LEADER)
 
         r = await self._call("txn", attempt, retry_sent=False)
         out: list[RangeResult | PutResult | DeleteResult] = []
@@ -664,7 +666,7 @@ class EtcdClient:
         req = pb.CompactionRequest(revision=revision, physical=physical)
 
         async def attempt(c: _Conn, t: float) -> pb.CompactionResponse:
-            return await c.kv.Compact(req, timeout=t)
+            return await c.kv.Compact(req, timeout=t, metadata=_REQUIRE_LEADER)
 
         await self._call("compact", attempt, retry_sent=True)
 
@@ -674,7 +676,7 @@ class EtcdClient:
         req = pb.LeaseGrantRequest(TTL=ttl, ID=lease_id)
 
         async def attempt(c: _Conn, t: float) -> pb.LeaseGrantResponse:
-            return await c.lease.LeaseGrant(req, timeout=t)
+            return await c.lease.LeaseGrant(req, timeout=t, metadata=_REQUIRE_LEADER)
 
         # A grant repeated after a lost answer leaves an unused lease behind: it expires on its own.
         r = await self._call("lease grant", attempt, retry_sent=lease_id == 0)
@@ -692,7 +694,7 @@ class EtcdClient:
             nonlocal tries
             tries += 1
             try:
-                return await c.lease.LeaseRevoke(req, timeout=t)
+                return await c.lease.LeaseRevoke(req, timeout=t, metadata=_REQUIRE_LEADER)
             except grpc.aio.AioRpcError as e:
                 if tries > 1 and e.code() == grpc.StatusCode.NOT_FOUND:
                     return pb.LeaseRevokeResponse()  # our earlier try did it; its answer was lost
@@ -704,7 +706,7 @@ class EtcdClient:
         """Renew the lease once; return its new TTL. Raises :class:`EtcdLeaseNotFound` when it is gone."""
 
         async def attempt(c: _Conn, t: float) -> pb.LeaseKeepAliveResponse:
-            call = c.lease.LeaseKeepAlive(timeout=t)
+            call = c.lease.LeaseKeepAlive(timeout=t, metadata=_REQUIRE_LEADER)
             try:
                 await call.write(pb.LeaseKeepAliveRequest(ID=lease_id))
                 r = await call.read()
@@ -723,7 +725,7 @@ class EtcdClient:
         req = pb.LeaseTimeToLiveRequest(ID=lease_id, keys=keys)
 
         async def attempt(c: _Conn, t: float) -> pb.LeaseTimeToLiveResponse:
-            return await c.lease.LeaseTimeToLive(req, timeout=t)
+            return await c.lease.LeaseTimeToLive(req, timeout=t, metadata=_REQUIRE_LEADER)
 
         r = await self._call("lease time-to-live", attempt, retry_sent=True)
         n = len(self.namespace)
@@ -736,7 +738,7 @@ class EtcdClient:
         """The answering member's status (version, leader, db size, raft indexes)."""
 
         async def attempt(c: _Conn, t: float) -> pb.StatusResponse:
-            return await c.maintenance.Status(pb.StatusRequest(), timeout=t)
+            return await c.maintenance.Status(pb.StatusRequest(), timeout=t)  # leader or not
 
         return await self._call("status", attempt, retry_sent=True, within=within)
 
@@ -897,7 +899,7 @@ class Watch:
             except grpc.aio.AioRpcError as e:
                 if self._stopped():
                     return
-                if e.code() not in (*_RETRY_CODES, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL):
+                if e.code() not in (*_RETRY_CODES, grpc.StatusCode.CANCELLED):
                     raise _translate(e) from None
                 self.reconnects += 1
                 log.info(
