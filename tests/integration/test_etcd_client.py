@@ -272,6 +272,35 @@ async def test_https_with_a_client_certificate(tmp_path: Path) -> None:
                 await c.get("k")
 
 
+@needs_etcd
+async def test_etcd_down_then_back_the_watch_catches_up(tmp_path: Path) -> None:
+    with EtcdLab(tmp_path, 1, extra_args=FAST) as lab:
+        async with EtcdClient(lab.endpoints, timeout=1.0, connect_timeout=0.3) as c:
+            before = (await c.put("k", b"0")).revision
+            w = c.watch("k", start_revision=before, give_up_after=None)  # keeps trying while etcd is down
+            seen: list[Event] = []
+
+            async def follow() -> None:
+                async for batch in w:
+                    seen.extend(batch.events)
+
+            task = asyncio.create_task(follow())
+            await eventually(lambda: seen, "the first event")
+            lab.kill(lab.members[0])
+            with pytest.raises(EtcdUnavailable):
+                await c.put("k", b"lost")
+            await asyncio.sleep(1.0)  # the watch retries meanwhile
+            assert not task.done()
+            await asyncio.to_thread(lab.restart, lab.members[0])
+            revs = [(await c.put("k", str(i))).revision for i in range(1, 4)]
+            await eventually(lambda: len(seen) >= 4, "the watch catches up after the restart")
+            await w.aclose()
+            await asyncio.wait_for(task, 5)
+            assert [e.kv.value for e in seen] == [b"0", b"1", b"2", b"3"]
+            assert [e.revision for e in seen] == [before, *revs]
+            assert w.reconnects >= 1
+
+
 async def test_no_endpoint_reachable_raises_within_the_deadline() -> None:
     dead = [f"http://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
     async with EtcdClient(dead, timeout=1.5, connect_timeout=0.3) as c:
