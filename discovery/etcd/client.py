@@ -759,7 +759,8 @@ class EtcdClient:
         """Follow ``key`` (or a prefix or range) from ``start_revision`` (0: from now on). Iterate the
         returned :class:`Watch` for :class:`WatchBatch` es. ``give_up_after``: seconds without any
         endpoint before the iteration raises :class:`EtcdUnavailable` (default: the client's
-        ``timeout``; None: keep trying)."""
+        ``timeout``; None: keep trying); to go on after that, or after :class:`EtcdCompacted` and a
+        re-read, watch again from ``Watch.next_revision`` or the re-read's revision + 1."""
         k = _b(key)
         create = pb.WatchCreateRequest(
             key=self.namespace + k,
