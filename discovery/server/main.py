@@ -27,7 +27,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
 from discovery import limits
+from discovery.etcd.client import Endpoint, TLSFiles
 from discovery.server import stun
+from discovery.server.backend import Backend, EmbeddedBackend
+from discovery.server.etcdstore import DEFAULT_BUCKET, DEFAULT_PREFIX, EtcdBackend
 from discovery.server.service import (
     MAX_WATCHES,
     MAX_WATCHES_PER_IP,
@@ -161,6 +164,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--journal-fsync-interval", type=parse_duration, default="1s", help="group-commit fsync interval"
+    )
+    p.add_argument(
+        "--store",
+        choices=("embedded", "etcd"),
+        default="embedded",
+        help="where the registry lives: embedded (memory + journal + snapshots at --snapshot-path; one "
+        "process) or etcd (any number of stateless replicas sharing an etcd v3 cluster; the --snapshot-* "
+        "and --journal-* flags are then unused)",
+    )
+    p.add_argument(
+        "--etcd-endpoint",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="etcd client URL, http://host:port or https://host:port (repeatable; required with --store etcd)",
+    )
+    p.add_argument(
+        "--etcd-ca", default="", help="CA bundle (PEM) for https etcd endpoints (default: system roots)"
+    )
+    p.add_argument("--etcd-cert", default="", help="client certificate (PEM) for etcd; with --etcd-key")
+    p.add_argument("--etcd-key", default="", help="client private key (PEM) for etcd; with --etcd-cert")
+    p.add_argument(
+        "--etcd-prefix",
+        default=DEFAULT_PREFIX,
+        help="key prefix in etcd (several registries can share one etcd under different prefixes)",
+    )
+    p.add_argument(
+        "--etcd-lease-bucket",
+        type=parse_duration,
+        default=f"{DEFAULT_BUCKET:g}s",
+        help="TTLs share one etcd lease per bucket of this length: expiry is never early and at most one "
+        "bucket late",
     )
     p.add_argument(
         "--trusted-proxy",
@@ -308,7 +343,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         build_parser().error("--keepalive-time and --keepalive-timeout must be at least 1s")
     if ns.gc_interval <= 0 or ns.snapshot_interval <= 0:
         build_parser().error("--gc-interval and --snapshot-interval must be positive")
+    check_etcd_flags(ns)
     return ns
+
+
+def check_etcd_flags(ns: argparse.Namespace) -> None:
+    """``--store etcd`` needs endpoints; etcd flags need ``--store etcd``; TLS files need https."""
+    err = build_parser().error
+    etcd_flags = [
+        f"--{n.replace('_', '-')}"
+        for n in ("etcd_endpoint", "etcd_ca", "etcd_cert", "etcd_key")
+        if getattr(ns, n)
+    ]
+    if ns.store != "etcd":
+        if etcd_flags:
+            err(f"{', '.join(etcd_flags)} given without --store etcd")
+        return
+    if not ns.etcd_endpoint:
+        err("--store etcd needs at least one --etcd-endpoint URL")
+    try:
+        endpoints = [Endpoint.parse(u) for u in ns.etcd_endpoint]
+    except ValueError as e:
+        err(f"--etcd-endpoint: {e}")
+    if bool(ns.etcd_cert) != bool(ns.etcd_key):
+        err("--etcd-cert and --etcd-key must be given together")
+    if (ns.etcd_ca or ns.etcd_cert) and not any(e.secure for e in endpoints):
+        err("--etcd-ca/--etcd-cert/--etcd-key need https:// etcd endpoints")
+    for name in ("etcd_ca", "etcd_cert", "etcd_key"):
+        path = getattr(ns, name)
+        if path and not os.access(path, os.R_OK):
+            err(f"--{name.replace('_', '-')}: cannot read {path}")
+    if not ns.etcd_prefix:
+        err("--etcd-prefix must not be empty")
+    if ns.etcd_lease_bucket < 1:
+        err("--etcd-lease-bucket must be at least 1s")
 
 
 class ReloadingCertificate:
@@ -398,12 +466,32 @@ class Daemon:
         self.storage_metrics = StorageMetrics(self.metrics)
         self.stun_metrics = stun.StunMetrics(self.metrics.registry)
         self._stun: list[stun.Listener] = []
-        self.registry = Registry()
-        self.store: Store | None = (
-            Store(Path(self.ns.snapshot_path), on_health_change=self._storage_health_changed)
-            if self.ns.snapshot_path
-            else None
-        )
+        self.backend: Backend
+        self.store: Store | None = None
+        if getattr(self.ns, "store", "embedded") == "etcd":
+            ns = self.ns
+            etcd = EtcdBackend(
+                ns.etcd_endpoint,
+                prefix=ns.etcd_prefix,
+                tls=TLSFiles(
+                    Path(ns.etcd_ca) if ns.etcd_ca else None,
+                    Path(ns.etcd_cert) if ns.etcd_cert else None,
+                    Path(ns.etcd_key) if ns.etcd_key else None,
+                ),
+                bucket=ns.etcd_lease_bucket,
+                metrics=self.metrics.registry,
+            )
+            etcd.on_health_change = self._storage_health_changed
+            self.backend = etcd
+            self.registry = etcd.mirror  # what this replica's watchers see (stats, metrics)
+        else:
+            self.registry = Registry()
+            self.store = (
+                Store(Path(self.ns.snapshot_path), on_health_change=self._storage_health_changed)
+                if self.ns.snapshot_path
+                else None
+            )
+            self.backend = EmbeddedBackend(self.registry, self.store)
         self.storage_problem: str | None = None  # why the journal cannot be written (last applied)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._serving = False
@@ -423,7 +511,7 @@ class Daemon:
             watch_inflight_per_ip=self.ns.watch_inflight_per_ip,
             watch_snapshots_per_ip=self.ns.watch_snapshots_per_ip,
         )
-        self.service = ClusterService(self.registry, self.store, config, self.metrics)
+        self.service = ClusterService(self.backend, None, config, self.metrics)
         self.health = health.aio.HealthServicer()
         self.stopping = asyncio.Event()
         self._runners: list[web.AppRunner] = []
@@ -499,11 +587,12 @@ class Daemon:
 
     def _apply_storage_health(self) -> None:
         """Gauge, one log line per transition, gRPC health; a recovery from an fsync failure compacts."""
-        if self.store is None:
-            return
-        reason = self.store.degraded
+        reason = self.backend.health()
         before, self.storage_problem = self.storage_problem, reason
         if reason == before:
+            return
+        if self.store is None:  # etcd (or no persistence): the backend logs and counts its own state
+            self._spawn(self._push_health())
             return
         self.storage_metrics.degraded.set(1 if reason else 0)
         if reason:
@@ -590,7 +679,7 @@ class Daemon:
                 await res
 
     def gc(self) -> None:
-        st = self.registry.gc()
+        st = self.backend.gc()
         self.service.limiter.gc()
         m = self.metrics
         m.gc_runs.inc()
@@ -632,8 +721,9 @@ class Daemon:
         if self.stopping.is_set():
             return web.Response(status=503, text="stopping\n")
         if self.storage_problem:
+            what = "store (etcd)" if self.store is None else "storage"
             return web.Response(
-                status=503, text=f"degraded: registry storage unavailable: {self.storage_problem}\n"
+                status=503, text=f"degraded: registry {what} unavailable: {self.storage_problem}\n"
             )
         return web.Response(text="ok\n")
 
@@ -685,6 +775,10 @@ class Daemon:
         if report is not None and report.damage is not None:
             # Write a verified snapshot of what was recovered now, rather than at the first interval.
             await self.compact(in_thread=False)
+        await self.backend.start()
+        if isinstance(self.backend, EtcdBackend) and not await self.backend.wait_ready(10.0):
+            # Serve anyway: calls fail with UNAVAILABLE until etcd answers; /healthz says why.
+            log_event(log, "etcd not ready; serving UNAVAILABLE until it is", logging.WARNING)
         server = grpc.aio.server(
             options=grpc_options(
                 self.ns.keepalive_time,
@@ -740,7 +834,13 @@ class Daemon:
             metrics=self.ns.metrics_addr or None,
             stun=self.ns.stun_addr or None,
             ports=self.ports,
-            persistence=self.ns.snapshot_path or None,
+            persistence=self.ns.snapshot_path or None
+            if self.store is not None
+            else (
+                f"etcd {','.join(self.ns.etcd_endpoint)} prefix {self.ns.etcd_prefix}"
+                if getattr(self.ns, "store", "embedded") == "etcd"
+                else None
+            ),
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -761,6 +861,7 @@ class Daemon:
         for runner in self._runners:
             await runner.cleanup()
         self._close_stun()
+        await self.backend.stop()
         if self.store is not None:
             await self.compact(in_thread=False)
             try:
@@ -774,7 +875,7 @@ class Daemon:
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parse_args(argv)
     setup(debug=ns.debug)
-    if ns.snapshot_path:
+    if ns.snapshot_path and ns.store == "embedded":
         d = Path(ns.snapshot_path).parent
         try:
             d.mkdir(parents=True, exist_ok=True)
