@@ -120,6 +120,23 @@ def _set_mark(p: RulesetParams) -> list[dict[str, Any]]:
     return [{"mangle": {"key": _meta("mark"), "value": value}}, _ACCEPT]
 
 
+# IPv6 neighbour discovery stays on the link: a node's underlay address is often among a peer's
+# AllowedIPs (it is advertised), and a Neighbor Advertisement answering that peer's solicitation is
+# unicast to it; marked like other traffic to the peer it would be routed into the tunnel, and the
+# peer would never learn our link-layer address (nor reach our WireGuard port).
+_ND_TYPES = [
+    "nd-router-solicit",
+    "nd-router-advert",
+    "nd-neighbor-solicit",
+    "nd-neighbor-advert",
+    "nd-redirect",
+]
+
+
+def _nd_accept() -> list[dict[str, Any]]:
+    return [_match({"payload": {"protocol": "icmpv6", "field": "type"}}, {"set": _ND_TYPES}), _ACCEPT]
+
+
 def _clamp(mss: int) -> list[dict[str, Any]]:
     """TCP SYN (not RST) with an MSS above ``mss`` -> MSS ``mss`` (never raises a smaller one)."""
     return [
@@ -163,6 +180,7 @@ def chain_specs(p: RulesetParams) -> list[ChainSpec]:
             _rules(
                 ("wireguard", _wg_accept(p)),
                 ("loopback", [_match(_meta("oifname"), "lo"), _ACCEPT]),
+                ("ndp", _nd_accept()),
                 ("mss-ipv4", [_daddr_in(4), *_clamp(p.mss_ipv4)]),
                 ("mss-ipv6", [_daddr_in(6), *_clamp(p.mss_ipv6)]),
                 ("mark-ipv4", [_daddr_in(4), *_set_mark(p)]),

@@ -98,6 +98,13 @@ def test_rules_have_talos_semantics_and_touch_only_the_mask_bits() -> None:
     wg = {"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 0x60]}, "right": 0x20}}
     assert pre[0]["expr"] == [wg, {"accept": None}] and out[0]["expr"] == [wg, {"accept": None}]
     assert out[1]["expr"][0]["match"]["right"] == "lo"
+    # neighbour discovery is never marked into the tunnel (a solicitation's unicast answer to a peer
+    # whose underlay address is among the targets would be lost)
+    nd = out[2]["expr"][0]["match"]
+    assert nd["left"] == {"payload": {"protocol": "icmpv6", "field": "type"}}
+    assert {"nd-neighbor-solicit", "nd-neighbor-advert"} <= set(nd["right"]["set"])
+    assert out[2]["expr"][-1] == {"accept": None}
+    del out[2]
     mark = {
         "key": {"meta": {"key": "mark"}},
         "value": {"|": [{"&": [{"meta": {"key": "mark"}}, 0xFFFFFF9F]}, 0x40]},
@@ -124,8 +131,8 @@ def test_custom_marks_and_mtu() -> None:
         "left": {"&": [{"meta": {"key": "mark"}}, 0x600]},
         "right": 0x200,
     }
-    assert _mangles(out[4])[0]["value"] == {"|": [{"&": [{"meta": {"key": "mark"}}, 0xFFFFF9FF]}, 0x400]}
-    assert [_mangles(r)[0]["value"] for r in out[2:4]] == [1228, 1208]
+    assert _mangles(out[5])[0]["value"] == {"|": [{"&": [{"meta": {"key": "mark"}}, 0xFFFFF9FF]}, 0x400]}
+    assert [_mangles(r)[0]["value"] for r in out[3:5]] == [1228, 1208]
     fwd = _rules_of(doc, "forward")
     assert [_mangles(r)[0]["value"] for r in fwd] == [1228, 1208]
 
@@ -148,7 +155,7 @@ def test_rule_comments_identify_the_rendering() -> None:
     a = R.render_replace(RulesetParams(), {})
     b = R.render_replace(RulesetParams(mtu=1380), {})
     comments = lambda doc, ch: [r["comment"] for r in _rules_of(doc, ch)]  # noqa: E731
-    assert len(set(comments(a, "output"))) == 6
+    assert len(set(comments(a, "output"))) == 7
     assert all(c.startswith("kubespan:output:") for c in comments(a, "output"))
     assert comments(a, "prerouting") == comments(b, "prerouting")  # MTU does not matter there
     assert comments(a, "output") != comments(b, "output")
