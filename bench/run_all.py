@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,9 @@ BENCHES = [
     # issue 14: NAT traversal (need root)
     "relay_throughput.py",
     "nat_traversal.py",
+    # issue 15: registry replicas on a 3-member etcd cluster
+    "watch_fanout.py --etcd 3 --replicas 3 --procs 4",
+    "registry_ha.py",
 ]
 
 
@@ -35,7 +39,8 @@ def main() -> int:
     results = []
     for b in BENCHES:
         print(f"== {b}", flush=True)
-        proc = subprocess.run([sys.executable, str(HERE / b)], capture_output=True, text=True)
+        name, *args = shlex.split(b)
+        proc = subprocess.run([sys.executable, str(HERE / name), *args], capture_output=True, text=True)
         print(proc.stdout, end="")
         if proc.returncode:
             print(proc.stderr[-3000:], end="")
