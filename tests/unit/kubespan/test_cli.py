@@ -118,4 +118,7 @@ def test_status_table_shows_the_relay_line_on_a_relay_node() -> None:
         "dropped": {"not_wireguard": 7, "forged_mac1": 3},
     }
     lines = cli.format_table(st, now=0).splitlines()
-    assert lines[2] == "relay 2 allocations, 1532 packets (3.0 MiB) forwarded, dropped forged_mac1=3 not_wireguard=7"
+    assert (
+        lines[2]
+        == "relay 2 allocations, 1532 packets (3.0 MiB) forwarded, dropped forged_mac1=3 not_wireguard=7"
+    )
