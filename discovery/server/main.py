@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_late
 
 from discovery import limits
 from discovery.etcd.client import Endpoint, TLSFiles
-from discovery.server import stun
+from discovery.server import migrate, stun
 from discovery.server.backend import Backend, EmbeddedBackend
 from discovery.server.etcdstore import DEFAULT_BUCKET, DEFAULT_PREFIX, EtcdBackend
 from discovery.server.service import (
@@ -198,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
         "bucket late",
     )
     p.add_argument(
+        "--import-snapshot",
+        default="",
+        metavar="FILE",
+        help="with --store etcd: before serving, import an embedded-store snapshot (the file --snapshot-path "
+        "writes; the journal segments beside it are replayed too) into etcd: every unexpired affiliate with "
+        "its data, endpoints and remaining TTLs, under etcd's limits; idempotent (a second import changes "
+        "nothing); a damaged snapshot or journal is refused (exit 2, nothing imported); the counts are logged",
+    )
+    p.add_argument(
+        "--import-only",
+        action="store_true",
+        help="with --import-snapshot: exit after the import instead of serving (0: done; 1: etcd failed, "
+        "or etcd's limits refused some affiliates; 2: the snapshot was refused)",
+    )
+    p.add_argument(
         "--trusted-proxy",
         action="append",
         default=[],
@@ -352,9 +367,11 @@ def check_etcd_flags(ns: argparse.Namespace) -> None:
     err = build_parser().error
     etcd_flags = [
         f"--{n.replace('_', '-')}"
-        for n in ("etcd_endpoint", "etcd_ca", "etcd_cert", "etcd_key")
-        if getattr(ns, n)
+        for n in ("etcd_endpoint", "etcd_ca", "etcd_cert", "etcd_key", "import_snapshot")
+        if getattr(ns, n, None)
     ]
+    if getattr(ns, "import_only", False) and not ns.import_snapshot:
+        err("--import-only needs --import-snapshot FILE")
     if ns.store != "etcd":
         if etcd_flags:
             err(f"{', '.join(etcd_flags)} given without --store etcd")
@@ -473,11 +490,7 @@ class Daemon:
             etcd = EtcdBackend(
                 ns.etcd_endpoint,
                 prefix=ns.etcd_prefix,
-                tls=TLSFiles(
-                    Path(ns.etcd_ca) if ns.etcd_ca else None,
-                    Path(ns.etcd_cert) if ns.etcd_cert else None,
-                    Path(ns.etcd_key) if ns.etcd_key else None,
-                ),
+                tls=_etcd_tls(ns),
                 bucket=ns.etcd_lease_bucket,
                 metrics=self.metrics.registry,
             )
@@ -882,7 +895,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             log_event(log, "cannot create the snapshot directory", logging.ERROR, path=str(d), error=str(e))
             return 1
+    if getattr(ns, "import_snapshot", ""):
+        rc = asyncio.run(import_into_etcd(ns))
+        if rc or ns.import_only:
+            return rc
     return asyncio.run(Daemon(ns).run())
+
+
+def _etcd_tls(ns: argparse.Namespace) -> TLSFiles:
+    return TLSFiles(
+        Path(ns.etcd_ca) if ns.etcd_ca else None,
+        Path(ns.etcd_cert) if ns.etcd_cert else None,
+        Path(ns.etcd_key) if ns.etcd_key else None,
+    )
+
+
+async def import_into_etcd(ns: argparse.Namespace) -> int:
+    """``--import-snapshot``: 0 imported, 1 etcd failed (safe to run again), 2 snapshot refused."""
+    try:
+        report = await migrate.run_import(
+            ns.import_snapshot,
+            ns.etcd_endpoint,
+            prefix=ns.etcd_prefix,
+            tls=_etcd_tls(ns),
+            bucket=ns.etcd_lease_bucket,
+        )
+    except migrate.ImportRefused as e:
+        log_event(log, "snapshot import refused", logging.ERROR, path=ns.import_snapshot, problem=str(e))
+        print(f"discovery-service: import refused: {e}", file=sys.stderr)
+        return 2
+    except migrate.ImportFailed as e:
+        log_event(log, "snapshot import failed", logging.ERROR, path=ns.import_snapshot, problem=str(e))
+        print(f"discovery-service: import failed: {e}", file=sys.stderr)
+        return 1
+    log_event(log, "snapshot imported into etcd", path=ns.import_snapshot, **report.summary())
+    if ns.import_only:
+        s = report.summary()
+        print(
+            f"imported {s['clusters']} clusters, {s['affiliates']} affiliates, {s['endpoints']} endpoints "
+            f"({s['written']} written, {s['unchanged']} already in etcd); skipped as expired: "
+            f"{s['expired_affiliates']} affiliates, {s['expired_endpoints']} endpoints; "
+            f"refused by limits: {s['rejected']}"
+        )
+    # Entries refused by etcd's limits are logged (by position); --import-only says so with exit 1.
+    return 1 if report.rejected and ns.import_only else 0
 
 
 if __name__ == "__main__":

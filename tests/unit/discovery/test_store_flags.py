@@ -48,6 +48,8 @@ def test_etcd_store_with_endpoints_and_tls(tmp_path: Path) -> None:
         (["--store=etcd", "--etcd-endpoint=https://e:2379", "--etcd-ca=/nonexistent/ca"], "cannot read"),
         (["--store=etcd", "--etcd-endpoint=http://e:2379", "--etcd-prefix="], "--etcd-prefix"),
         (["--store=etcd", "--etcd-endpoint=http://e:2379", "--etcd-lease-bucket=100ms"], "at least 1s"),
+        (["--import-snapshot=/var/discovery-service/state.binpb"], "without --store etcd"),
+        (["--store=etcd", "--etcd-endpoint=http://e:2379", "--import-only"], "--import-only needs"),
     ],
 )
 def test_bad_combinations_exit_2(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
