@@ -7,6 +7,7 @@ recovery without a restart, and etcd holds only the clients' ciphertext."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import itertools
 import os
@@ -274,55 +275,151 @@ def _upd(aid: str, data: bytes) -> pb.AffiliateUpdateRequest:
     return req
 
 
+OUTAGE = 30.0  # the issue: "etcd down for 30 s, then back"
+
+
 async def test_etcd_down_unavailable_then_back_without_a_restart(tmp_path: Path) -> None:
+    """Two replicas on one etcd member; etcd killed for 30 s: throughout, updates and Lists on both get
+    UNAVAILABLE, /healthz and discovery_store_up say so, and the open Watch streams stay open (and
+    silent); etcd back: both recover without a restart, every acknowledged update is there, both
+    streams catch up with the updates made after."""
     with EtcdLab(tmp_path / "etcd", 1) as lab:
         member = lab.members[0]
-        srv = ServerProcess(
-            None,
-            "--store",
-            "etcd",
-            "--etcd-endpoint",
-            member.client_url,
-            log_path=tmp_path / "server.log",
-        ).start()
+        srvs = [
+            ServerProcess(
+                None,
+                "--store",
+                "etcd",
+                "--etcd-endpoint",
+                member.client_url,
+                log_path=tmp_path / f"server{i}.log",
+            ).start()
+            for i in range(2)
+        ]
         try:
-            async with grpc.aio.insecure_channel(srv.target) as ch:
-                stub = rpc.ClusterStub(ch)
+            async with contextlib.AsyncExitStack() as stack:
+                chans = [await stack.enter_async_context(grpc.aio.insecure_channel(s.target)) for s in srvs]
+                stubs = [rpc.ClusterStub(ch) for ch in chans]
                 acked = []
                 for i in range(10):
-                    await stub.AffiliateUpdate(_upd(f"n{i}", b"before"), timeout=10)
+                    await stubs[i % 2].AffiliateUpdate(_upd(f"n{i}", b"before"), timeout=10)
                     acked.append(f"n{i}")
-                watch = stub.Watch(pb.WatchRequest(cluster_id=CID))
-                assert len((await watch.read()).affiliates) == 10
-                assert await _healthz(srv) == (200, "ok\n")
-                assert await _metric(srv, "discovery_store_up") == 1
+                watches = [stub.Watch(pb.WatchRequest(cluster_id=CID)) for stub in stubs]
+                for w in watches:
+                    assert len((await w.read()).affiliates) == 10
+                seen: list[list[str]] = [[], []]
+
+                async def follow(k: int) -> None:
+                    while True:
+                        msg = await watches[k].read()
+                        if msg is grpc.aio.EOF:
+                            return
+                        seen[k] += [a.id for a in msg.affiliates]
+
+                readers = [asyncio.create_task(follow(k)) for k in range(2)]
+                for s in srvs:
+                    assert await _healthz(s) == (200, "ok\n")
+                    assert await _metric(s, "discovery_store_up") == 1
 
                 lab.kill(member)
-                with pytest.raises(grpc.aio.AioRpcError) as ei:
-                    await stub.AffiliateUpdate(_upd("during", b"x"), timeout=15)
-                assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value.details()
-                with pytest.raises(grpc.aio.AioRpcError) as ei:
-                    await stub.List(pb.ListRequest(cluster_id=CID), timeout=15)
-                assert ei.value.code() == grpc.StatusCode.UNAVAILABLE  # never a stale answer
-                status, text = await _healthz(srv)
-                assert status == 503 and "etcd" in text, text
-                assert await _metric(srv, "discovery_store_up") == 0
+                killed = time.monotonic()
+                call_times: list[float] = []
+
+                async def refused(n: int) -> None:
+                    """An update and a List on replica n % 2: UNAVAILABLE, never a wrong answer. (Each
+                    update adds an affiliate to a cluster of its own: new affiliates of one cluster take
+                    turns on a replica, and each waits out the store's etcd timeout while etcd is down.)"""
+                    t0 = time.monotonic()
+                    req = _upd(f"during{n}", b"x")
+                    req.cluster_id = f"during{n}"
+                    stub = stubs[n % 2]
+                    got = await asyncio.gather(
+                        stub.AffiliateUpdate(req, timeout=15),
+                        stub.List(pb.ListRequest(cluster_id=CID), timeout=15),  # never a stale answer
+                        return_exceptions=True,
+                    )
+                    for e in got:
+                        assert isinstance(e, grpc.aio.AioRpcError), e
+                        assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
+                    call_times.append(time.monotonic() - t0)
+
+                # A new update + List every second (each may take up to the store's etcd timeout, so
+                # the last ones start 8 s before the end and are done before etcd comes back); the
+                # health endpoints and the open streams are checked every half second to the end.
+                attempts = [asyncio.create_task(refused(0))]
+                next_attempt = 1.0
+                noticed = []  # the replicas' etcd probes see the outage within about a second
+                for s in srvs:
+                    for _ in range(100):
+                        if (await _healthz(s))[0] == 503:
+                            break
+                        await asyncio.sleep(0.05)
+                    else:
+                        raise AssertionError("/healthz still ok 5 s after etcd was killed")
+                    noticed.append(time.monotonic() - killed)
+                checks = 0
+                while (elapsed := time.monotonic() - killed) < OUTAGE:
+                    if elapsed >= next_attempt and elapsed < OUTAGE - 8:
+                        attempts.append(asyncio.create_task(refused(len(attempts))))
+                        next_attempt += 1.0
+                    for s in srvs:
+                        status, text = await _healthz(s)
+                        assert status == 503 and "etcd" in text, text
+                        assert await _metric(s, "discovery_store_up") == 0
+                    for r in readers:  # the open streams stay open, and say nothing
+                        assert not r.done(), r.exception() if r.done() else None
+                    assert seen == [[], []], seen
+                    for t in attempts:
+                        if t.done() and t.exception() is not None:
+                            raise t.exception()  # type: ignore[misc]
+                    checks += 1
+                    await asyncio.sleep(min(0.5, max(0.0, OUTAGE - (time.monotonic() - killed))))
+                await asyncio.gather(*attempts)
+                outage = time.monotonic() - killed
+                assert outage >= OUTAGE and len(call_times) >= 20
 
                 lab.restart(member)
-                for _ in range(100):
-                    if (await _healthz(srv))[0] == 200:
-                        break
-                    await asyncio.sleep(0.2)
-                await stub.AffiliateUpdate(_upd("after", b"y"), timeout=10)
-                acked.append("after")
-                msg = await asyncio.wait_for(watch.read(), 10)  # the open stream caught up
-                assert [a.id for a in msg.affiliates] == ["after"]
-                listed = await stub.List(pb.ListRequest(cluster_id=CID), timeout=10)
-                assert {a.id for a in listed.affiliates} >= set(acked)
-                assert "during" not in {a.id for a in listed.affiliates}
-                watch.cancel()
+                back = time.monotonic()
+                recovered = [0.0, 0.0]
+                for k, s in enumerate(srvs):
+                    for _ in range(300):
+                        if (await _healthz(s))[0] == 200:
+                            break
+                        await asyncio.sleep(0.1)
+                    else:
+                        raise AssertionError(f"replica {k} did not recover: {await _healthz(s)}")
+                    recovered[k] = time.monotonic() - back
+                for k, stub in enumerate(stubs):
+                    await stub.AffiliateUpdate(_upd(f"after{k}", b"y"), timeout=10)
+                    acked.append(f"after{k}")
+                    assert await _metric(srvs[k], "discovery_store_up") == 1
+                writable = time.monotonic() - back
+                async with asyncio.timeout(10):  # both open streams caught up, in order
+                    while seen != [["after0", "after1"]] * 2:
+                        assert len(seen[0]) <= 2 and len(seen[1]) <= 2, seen
+                        await asyncio.sleep(0.05)
+                for stub in stubs:
+                    listed = {
+                        a.id for a in (await stub.List(pb.ListRequest(cluster_id=CID), timeout=10)).affiliates
+                    }
+                    assert listed >= set(acked)  # no acknowledged update lost
+                    for n in range(len(attempts)):  # nothing refused was stored after all
+                        assert not (
+                            await stub.List(pb.ListRequest(cluster_id=f"during{n}"), timeout=10)
+                        ).affiliates
+                for r in readers:
+                    r.cancel()
+                for w in watches:
+                    w.cancel()
+                print(
+                    f"etcd down {outage:.1f} s: {len(call_times)} updates + Lists UNAVAILABLE (slowest "
+                    f"{max(call_times):.2f} s), {checks} checks of /healthz, the metric and the 2 open "
+                    f"watch streams; /healthz 503 after {noticed[0]:.2f} s / {noticed[1]:.2f} s; after etcd's restart: /healthz ok in {recovered[0]:.2f} s / "
+                    f"{recovered[1]:.2f} s, both replicas writable and both streams caught up in {writable:.2f} s"
+                )
         finally:
-            srv.kill()
+            for s in srvs:
+                s.kill()
 
 
 async def test_backend_refuses_with_store_unavailable_while_etcd_is_down(tmp_path: Path) -> None:
