@@ -20,6 +20,11 @@ compares (a new affiliate: no affiliate of the cluster created after R, and the 
 existing one: its data key unchanged since R; new endpoints: no endpoint of it created after R), and
 retries on conflict: the per-cluster and per-affiliate limits hold exactly across replicas.
 
+The fast path (:meth:`EtcdBackend._fast_update`): an affiliate the mirror holds is updated without that
+read, planned on the mirror's view at its applied revision A with the same guards taken at A; writes of
+different affiliates share Txns (group commit). A failed compare, a lost lease or a validation error on
+that view falls back to the read path.
+
 Each replica mirrors the whole prefix in a :class:`Registry` (TTL GC off: entries leave only on etcd
 DELETE events) fed by one etcd watch, and hands out the mirror's subscriptions for Watch. An update is
 acknowledged after etcd committed it and the mirror applied its revision.
@@ -70,6 +75,12 @@ DEFAULT_PREFIX = "/discovery/"
 DEFAULT_BUCKET = 60.0  # seconds per shared lease
 PROBE_INTERVAL = 1.0
 CONTENTION_TIMEOUT = 30.0  # how long an update retries Txns that lost to concurrent writes
+# Fast-path writes of different affiliates share Txns: at most this many in flight at once, each with
+# at most BATCH_OPS operations and compares (etcd's --max-txn-ops defaults to 128) and BATCH_BYTES of
+# keys and values (etcd's --max-request-bytes defaults to 1.5 MiB).
+BATCH_FLIGHTS = 2
+BATCH_OPS = 128
+BATCH_BYTES = 512 * 1024
 _INF = math.inf
 # Characters kept as they are in an ID; "/" and "%" (and everything else) are %-escaped.
 _SAFE = "-_.~+=:@!$&'()*,;"
@@ -153,10 +164,30 @@ class _Snap:
 
     revision: int
     data: KeyValue | None
-    endpoints: dict[bytes, KeyValue]
+    endpoints: dict[bytes, int]  # endpoint -> the lease its key is on
     cluster_size: int
     bucket_of: dict[int, int]  # lease id -> bucket
     lease_of: dict[int, int]  # bucket -> lease id
+
+
+@dataclass(slots=True)
+class _Write:
+    """One affiliate's guarded write, waiting for a shared Txn: its result is (succeeded, revision)."""
+
+    affiliate: tuple[str, str]
+    compares: list[Compare]
+    ops: list[Op]
+    size: int
+    fut: asyncio.Future[tuple[bool, int]]
+
+
+@dataclass(slots=True)
+class _Known:
+    """What the mirror last applied of one affiliate's keys (from the watch): the data key, and the
+    lease of each endpoint key."""
+
+    data: KeyValue | None = None
+    endpoints: dict[bytes, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -208,6 +239,14 @@ class EtcdBackend:
         self._leases: dict[int, int] = {}  # bucket -> lease id
         self._lease_tasks: dict[int, asyncio.Task[int]] = {}
         self._admit: dict[str, asyncio.Lock] = {}
+        self._known: dict[tuple[str, str], _Known] = {}  # see _fast_update
+        self.fast_updates = 0  # updates committed without a read first
+        self.batch_flights = BATCH_FLIGHTS
+        self._writes: list[_Write] = []
+        self._flights = 0
+        self.txns_shared = 0  # shared Txns sent, and the writes they carried
+        self.writes_shared = 0
+        self.slow_updates = 0  # updates that read first (new affiliates, conflicts, unknown leases)
         self._barrier_next: asyncio.Future[int] | None = None
         self._barrier_running: asyncio.Future[int] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -260,6 +299,10 @@ class EtcdBackend:
             if not fut.done():
                 fut.set_exception(StoreUnavailable("registry store stopped"))
         self._waiters.clear()
+        for w in self._writes:
+            if not w.fut.done():
+                w.fut.set_exception(StoreUnavailable("registry store stopped"))
+        self._writes.clear()
         await self.client.close()
 
     def _set_problem(self, problem: str | None) -> None:
@@ -291,6 +334,13 @@ class EtcdBackend:
         # What does not depend on the state is refused without a round trip (and while etcd is down).
         self._rules.validate_update(cluster_id, affiliate_id, data, endpoints, ttl, None, None)
         ttl = max(ttl, 0.0)
+        snap = self._known_snap(cluster_id, affiliate_id)
+        if snap is not None:
+            done = await self._fast_update(snap, cluster_id, affiliate_id, data, endpoints, ttl)
+            if done is not None:
+                self.fast_updates += 1
+                return done
+        self.slow_updates += 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         # Conflicts are retried for longer than one etcd call may take (the client's deadline binds too).
@@ -336,6 +386,121 @@ class EtcdBackend:
     def _unlock(self, cluster_id: str, lock: asyncio.Lock) -> None:
         lock.release()
 
+    def _known_snap(self, cid: str, aid: str) -> _Snap | None:
+        """The affiliate as the mirror last applied it (at revision ``applied``), if it exists there
+        and every lease its keys are on is known; else None (read etcd first)."""
+        if not self.synced:
+            return None
+        known = self._known.get((cid, aid))
+        if known is None or known.data is None:
+            return None
+        lease_of = self._leases
+        bucket_of = {lid: b for b, lid in lease_of.items()}
+        if known.data.lease not in bucket_of or any(lid not in bucket_of for lid in known.endpoints.values()):
+            return None
+        return _Snap(self.applied, known.data, dict(known.endpoints), 0, bucket_of, dict(lease_of))
+
+    async def _fast_update(
+        self, snap: _Snap, cid: str, aid: str, data: bytes | None, endpoints: Sequence[bytes], ttl: float
+    ) -> bool | None:
+        """One guarded Txn planned on the mirror's view instead of a read: the data key's mod revision
+        must be the one the mirror applied (so it still exists, unchanged), and new endpoints need no
+        endpoint of the affiliate created after the mirror's revision, the same compares the read path
+        makes at its read revision. None: fall back to the read path (a compare failed, a lease is gone,
+        or validation refused on a view that may be stale: the read path decides on etcd's state)."""
+        assert snap.data is not None
+        try:
+            plan = await self._plan(snap, cid, aid, data, endpoints, ttl)
+        except RegistryError:
+            return None
+        if plan is None:
+            # Nothing to write if the data key is still the one the mirror saw (a linearizable read).
+            try:
+                res = await self.client.txn([Compare.mod(_akey(cid, aid), "==", snap.data.mod_revision)])
+            except EtcdIndeterminate:
+                return None
+            except EtcdError as e:
+                raise self._unavailable("update", e) from None
+            return False if res.succeeded else None
+        compares, ops, changed, bucket = plan
+        try:
+            succeeded, revision = await self._shared_txn((cid, aid), compares, ops)
+        except EtcdLeaseNotFound:
+            self._leases.pop(bucket, None)
+            return None
+        except EtcdError as e:
+            raise self._unavailable("update", e) from None
+        if not succeeded:
+            return None
+        await self._wait_applied(revision, "update")
+        return changed
+
+    async def _shared_txn(
+        self, affiliate: tuple[str, str], compares: list[Compare], ops: list[Op]
+    ) -> tuple[bool, int]:
+        """Commit ``compares``/``ops`` in a Txn shared with other affiliates' writes (group commit:
+        while ``batch_flights`` Txns are in flight, writes queue and go together in the next one).
+        The writes of one Txn touch disjoint affiliates, so each one's compares mean what they would
+        alone; a shared Txn that fails reports failure to all of its writes (each then falls back to
+        the read path). Raises the Txn's EtcdError."""
+        fut: asyncio.Future[tuple[bool, int]] = asyncio.get_running_loop().create_future()
+        size = sum(len(o.key) + len(o.value) for o in ops) + sum(len(c.key) for c in compares)
+        self._writes.append(_Write(affiliate, compares, ops, size, fut))
+        if self._flights < self.batch_flights:
+            self._flights += 1
+            self._spawn(self._flush())
+        return await fut
+
+    def _take(self) -> list[_Write]:
+        """The next shared Txn's writes, in arrival order, within the limits, one per affiliate."""
+        batch: list[_Write] = []
+        rest: list[_Write] = []
+        seen: set[tuple[str, str]] = set()
+        n_ops = n_cmp = size = 0
+        for w in self._writes:
+            if batch and (
+                w.affiliate in seen
+                or n_ops + len(w.ops) > BATCH_OPS
+                or n_cmp + len(w.compares) > BATCH_OPS
+                or size + w.size > BATCH_BYTES
+            ):
+                rest.append(w)
+                continue
+            batch.append(w)
+            seen.add(w.affiliate)
+            n_ops += len(w.ops)
+            n_cmp += len(w.compares)
+            size += w.size
+        self._writes = rest
+        return batch
+
+    async def _flush(self) -> None:
+        try:
+            while self._writes:
+                batch = self._take()
+                self.txns_shared += 1
+                self.writes_shared += len(batch)
+                try:
+                    if len(batch) == 1:
+                        res = await self.client.txn(batch[0].compares, batch[0].ops)
+                    else:
+                        res = await self.client.txn(
+                            [c for w in batch for c in w.compares], [o for w in batch for o in w.ops]
+                        )
+                except BaseException as e:
+                    err = e if isinstance(e, Exception) else EtcdIndeterminate("registry store stopping")
+                    for w in batch:
+                        if not w.fut.done():
+                            w.fut.set_exception(err)
+                    if not isinstance(e, Exception):
+                        raise
+                    continue
+                for w in batch:
+                    if not w.fut.done():
+                        w.fut.set_result((res.succeeded, res.revision))
+        finally:
+            self._flights -= 1
+
     async def _read(self, cid: str, aid: str, deadline: float) -> _Snap:
         """The affiliate's keys, its cluster's size and the bucket leases, at one revision."""
         ops = [
@@ -355,11 +520,11 @@ class EtcdBackend:
             except EtcdError as e:
                 raise self._unavailable("update", e) from None
         a, e, n, leases = (r for r in res.responses if isinstance(r, RangeResult))
-        eps: dict[bytes, KeyValue] = {}
+        eps: dict[bytes, int] = {}
         for kv in e.kvs:
             parsed = _parse(kv.key)
             if parsed is not None and parsed[2] is not None:
-                eps[parsed[2]] = kv
+                eps[parsed[2]] = kv.lease
         bucket_of: dict[int, int] = {}
         lease_of: dict[int, int] = {}
         for kv in leases.kvs:
@@ -385,8 +550,8 @@ class EtcdBackend:
         )
         bucket = math.floor((self.clock() + ttl) / self.bucket) + 1
 
-        def must_move(kv: KeyValue) -> bool:
-            return snap.bucket_of.get(kv.lease, -1) < bucket
+        def must_move(lease: int) -> bool:
+            return snap.bucket_of.get(lease, -1) < bucket
 
         akey = _akey(cid, aid)
         compares: list[Compare] = []
@@ -402,7 +567,7 @@ class EtcdBackend:
             changed = True
         else:
             compares.append(Compare.mod(akey, "==", snap.data.mod_revision))
-            move = must_move(snap.data)
+            move = must_move(snap.data.lease)
             if data and data != snap.data.value:
                 writes.append((akey, data, not move))
                 changed = True
@@ -415,11 +580,11 @@ class EtcdBackend:
             if ep in seen:
                 continue
             seen.add(ep)
-            kv = snap.endpoints.get(ep)
-            if kv is None:
+            lease_id = snap.endpoints.get(ep)
+            if lease_id is None:
                 writes.append((eprefix + ep.hex(), b"", False))
                 changed = fresh = True
-            elif must_move(kv):
+            elif must_move(lease_id):
                 writes.append((eprefix + ep.hex(), b"", False))  # the value is empty: a plain put
         if not writes:
             return None
@@ -619,6 +784,10 @@ class EtcdBackend:
         for kv in leases.kvs:
             self._lease_event(EventType.PUT, kv)
         want = _views(r.kvs)
+        known: dict[tuple[str, str], _Known] = {}
+        for kv in r.kvs:
+            self._know(known, EventType.PUT, kv)
+        self._known = known
         mirror = self.mirror
         for cid in list(mirror.cluster_ids()):
             keep = want.get(cid, {})
@@ -656,6 +825,37 @@ class EtcdBackend:
             else:
                 self._leases.pop(b, None)
 
+    @staticmethod
+    def _know(
+        known: dict[tuple[str, str], _Known],
+        kind: EventType,
+        kv: KeyValue,
+        parsed: tuple[str, str, bytes | None] | None = None,
+    ) -> None:
+        """Record one applied change of a ``c/`` key in ``known``."""
+        if parsed is None:
+            parsed = _parse(kv.key)
+            if parsed is None:
+                return
+        cid, aid, ep = parsed
+        k = known.get((cid, aid))
+        if kind is EventType.PUT:
+            if k is None:
+                k = known[(cid, aid)] = _Known()
+            if ep is None:
+                k.data = kv
+            else:
+                k.endpoints[ep] = kv.lease
+            return
+        if k is None:
+            return
+        if ep is None:
+            k.data = None
+        else:
+            k.endpoints.pop(ep, None)
+        if k.data is None and not k.endpoints:
+            del known[(cid, aid)]
+
     def _apply(self, events: Sequence[Event]) -> None:
         """Apply one watch batch, one revision at a time; per affiliate and revision one change."""
         mirror = self.mirror
@@ -669,6 +869,7 @@ class EtcdBackend:
                 parsed = _parse(key)
                 if parsed is None:
                     continue
+                self._know(self._known, ev.type, ev.kv, parsed)
                 cid, aid, ep = parsed
                 p = pending.get((cid, aid))
                 if p is None:
