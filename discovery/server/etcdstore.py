@@ -78,7 +78,7 @@ CONTENTION_TIMEOUT = 30.0  # how long an update retries Txns that lost to concur
 # Fast-path writes of different affiliates share Txns: at most this many in flight at once, each with
 # at most BATCH_OPS operations and compares (etcd's --max-txn-ops defaults to 128) and BATCH_BYTES of
 # keys and values (etcd's --max-request-bytes defaults to 1.5 MiB).
-BATCH_FLIGHTS = 2
+BATCH_FLIGHTS = 1
 BATCH_OPS = 128
 BATCH_BYTES = 512 * 1024
 _INF = math.inf
