@@ -349,9 +349,19 @@ class EtcdBackend:
         try:
             for attempt in itertools.count():
                 if lock is None and (attempt or self.mirror.expirations(cluster_id, affiliate_id) is None):
-                    # Adds to one cluster conflict with each other: take turns within this replica.
-                    lock = self._admit.setdefault(cluster_id, asyncio.Lock())
-                    await lock.acquire()
+                    # Adds to one cluster conflict with each other: take turns within this replica,
+                    # but never past this call's deadline (while etcd is down, each add ahead of us
+                    # waits out its own: UNAVAILABLE in time, not the client's DEADLINE_EXCEEDED).
+                    turn = self._admit.setdefault(cluster_id, asyncio.Lock())
+                    try:
+                        async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                            await turn.acquire()
+                    except TimeoutError:
+                        self.metrics.errors.labels("update").inc()
+                        raise StoreUnavailable(
+                            "registry store unavailable: etcd did not answer in time (adds queued)"
+                        ) from None
+                    lock = turn
                 snap = await self._read(cluster_id, affiliate_id, deadline)
                 if snap.data is not None and lock is not None:
                     self._unlock(cluster_id, lock)

@@ -439,6 +439,14 @@ async def test_backend_refuses_with_store_unavailable_while_etcd_is_down(tmp_pat
                 with pytest.raises(StoreUnavailable):
                     await call
             assert b.health() is not None
+            # adds to one cluster take turns, but each answers within its own deadline (1.5 s):
+            # queued behind the others they would each wait out all the earlier ones
+            t0 = time.monotonic()
+            adds = await asyncio.gather(
+                *(b.update(CID, f"queued-{i}", b"q", [], 600) for i in range(5)), return_exceptions=True
+            )
+            assert all(isinstance(r, StoreUnavailable) for r in adds), adds
+            assert time.monotonic() - t0 < 4.0
             with pytest.raises(RegistryError):  # bad input is still refused as such, without etcd
                 await b.update(CID, "", b"2", [], 600)
             lab.restart(lab.members[0])
