@@ -463,7 +463,7 @@ def read_v1alpha1(r: Reader) -> V1Alpha1:
     ca: CertificateAuthority | None = None
     if r.mapping("machine.ca") is not None:
         crt = r.string("machine.ca.crt", required=True)
-        key = r.string("machine.ca.key")
+        key = r.string("machine.ca.key") or None  # "" = absent: Talos's stock worker config writes key: ""
         crt_pem = key_pem = None
         if crt is not None:
             try:
