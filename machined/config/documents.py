@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from kubespan.wireguard.types import AddrPort
 from machined.config.errors import Problem
 from machined.config.reader import MISSING, Reader, Sink
 from spanutil.ipcodec import IPNetwork
+
+log = logging.getLogger("machined.config")
 
 V1ALPHA1 = "v1alpha1"
 KUBESPAN_CONFIG = "KubeSpanConfig"
@@ -346,7 +349,7 @@ def identify(index: int, doc: Any, sink: Sink) -> DocRef | None:
 def check_discovery_url(text: str) -> str | None:
     """The rule a discovery endpoint breaks, or None. Never quotes URL credentials."""
     rule = (
-        "must be a discovery endpoint URL: http://, https:// or grpc://host[:port], no path; "
+        "must be a discovery endpoint URL: http://, https:// or grpc://host[:port] (a path is ignored); "
         "replicas of one registry as a host list, https://host1[:port],host2[:port]"
     )
     try:
@@ -362,6 +365,39 @@ def check_discovery_url(text: str) -> str | None:
         entry = re.search(r": (replica \d+)", str(e))  # which entry of a host list, not its text
         return f"{rule} ({entry.group(1)} is not valid)" if entry else rule
     return None
+
+
+def drop_endpoint_path(text: str) -> tuple[str, str]:
+    """A discovery endpoint without its path, query and fragment, and what was dropped ("" if nothing).
+
+    Talos connects to the endpoint's host and port only (``NormalizeEndpoint``), so a path is ignored, not
+    an error; ``https://h/`` (Talos's default form) and ``https://h`` are left as they are."""
+    scheme, sep, rest = text.strip().partition("://")
+    if not sep:
+        return text, ""
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    dropped = rest[cut:]
+    if dropped in ("", "/"):
+        return text, ""
+    return f"{scheme}://{rest[:cut]}/", dropped
+
+
+def _endpoint(r: Reader, path: str, url: str) -> str | None:
+    """A discovery endpoint as used: its path dropped (debug log), then checked (a problem: None)."""
+    url, dropped = drop_endpoint_path(url)
+    if rule := check_discovery_url(url):
+        r.fail(path, rule)
+        return None
+    if dropped:  # logged once checked (no credentials); the path's text is not logged (it may hold a token)
+        log.debug(
+            "%s.%s (document %d): the endpoint's path/query (%d characters) is ignored, as Talos does; using %s",
+            r.label,
+            path,
+            r.index + 1,
+            len(dropped),
+            url,
+        )
+    return url
 
 
 def _b64(text: str) -> bytes:
@@ -493,9 +529,8 @@ def read_v1alpha1(r: Reader) -> V1Alpha1:
         except SecretError:
             r.fail("cluster.secret", "must be base64 of 32 bytes")
     endpoint = r.string("cluster.discovery.registries.service.endpoint")
-    if endpoint is not None and (rule := check_discovery_url(endpoint)):
-        r.fail("cluster.discovery.registries.service.endpoint", rule)
-        endpoint = None
+    if endpoint is not None:
+        endpoint = _endpoint(r, "cluster.discovery.registries.service.endpoint", endpoint)
     v1 = V1Alpha1(
         machine_type=machine_type,
         token=token,
@@ -534,9 +569,8 @@ def read_discovery_service(r: Reader) -> DiscoveryEndpoint | None:
     r.raw("kind")
     name = r.string("name", required=True)
     url = r.string("endpoint", required=True)
-    if url is not None and (rule := check_discovery_url(url)):
-        r.fail("endpoint", rule)
-        url = None
+    if url is not None:
+        url = _endpoint(r, "endpoint", url)
     r.warn_unused(UNUSED_MESSAGE)
     if name is None or url is None:
         return None

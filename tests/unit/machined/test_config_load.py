@@ -268,9 +268,9 @@ CASES = [
     (_set("apiVersion", "v2", "KubeSpanConfig"), "KubeSpanConfig.apiVersion", "must be v1alpha1"),
     # DiscoveryServiceConfig
     (
-        _set("endpoint", "https://d.example/some/path", "DiscoveryServiceConfig"),
+        _set("endpoint", "ftp://d.example/", "DiscoveryServiceConfig"),
         "DiscoveryServiceConfig[ds0].endpoint",
-        "no path",
+        "must be a discovery endpoint URL",
     ),
     (_set("endpoint", _DEL, "DiscoveryServiceConfig"), "DiscoveryServiceConfig[ds0].endpoint", "is required"),
     (
