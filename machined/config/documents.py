@@ -38,6 +38,8 @@ SERVICE_CONFIG = "ServiceConfig"
 TALOS_KINDS = frozenset({KUBESPAN_CONFIG, KUBESPAN_ENDPOINTS_CONFIG, DISCOVERY_SERVICE_CONFIG})
 OUR_KINDS = frozenset({AGENT_CONFIG, SERVICE_CONFIG})
 NAMED_KINDS = frozenset({DISCOVERY_SERVICE_CONFIG, SERVICE_CONFIG})
+# top-level keys that make an untyped document the v1alpha1 one (Talos's decoder: no kind, one of these)
+V1ALPHA1_KEYS = ("version", "machine", "cluster", "debug", "persist")
 
 DEFAULT_DISCOVERY_ENDPOINT = "https://discovery.talos.dev/"
 LEGACY_DISCOVERY_NAME = "legacy"  # the v1alpha1 cluster.discovery block, as Talos names it
@@ -320,10 +322,14 @@ def identify(index: int, doc: Any, sink: Sink) -> DocRef | None:
         elif kind in TALOS_KINDS | OUR_KINDS and api != V1ALPHA1:
             sink.problem(Problem(ref.label, index, "apiVersion", f"must be v1alpha1 for kind {kind}"))
         if kind in NAMED_KINDS:
-            if name is None:
+            if name is None or name == "":
                 sink.problem(Problem(f"{kind} ({anon})", index, "name", "is required"))
                 return None
-            if not isinstance(name, str) or not _NAME.fullmatch(name):
+            if kind == DISCOVERY_SERVICE_CONFIG:  # Talos: any non-empty string
+                if not isinstance(name, str):
+                    sink.problem(Problem(f"{kind} ({anon})", index, "name", "must be a string"))
+                    return None
+            elif not isinstance(name, str) or not _NAME.fullmatch(name):
                 sink.problem(
                     Problem(
                         f"{kind} ({anon})",
@@ -335,11 +341,13 @@ def identify(index: int, doc: Any, sink: Sink) -> DocRef | None:
                 )
                 return None
         return ref
-    if "version" in doc:
-        if doc["version"] != V1ALPHA1:
+    if any(k in doc for k in V1ALPHA1_KEYS):  # as Talos: machine:/cluster:/... without version is v1alpha1
+        if "version" in doc and doc["version"] != V1ALPHA1:
             sink.problem(Problem(V1ALPHA1, index, "version", "must be v1alpha1"))
         return DocRef(V1ALPHA1, None, index)
-    sink.problem(Problem(anon, index, "", "must have version: v1alpha1, or apiVersion and kind"))
+    sink.problem(
+        Problem(anon, index, "", "must have version: v1alpha1 (or machine:/cluster:), or apiVersion and kind")
+    )
     return None
 
 
@@ -474,7 +482,8 @@ def read_kubespan(r: Reader, prefix: str) -> KubeSpanSettings:
         advertise_kubernetes_networks=r.boolean(_sub(prefix, "advertiseKubernetesNetworks"), False),
         allow_down_peer_bypass=r.boolean(_sub(prefix, "allowDownPeerBypass"), False),
         harvest_extra_endpoints=harvest,
-        mtu=r.integer(_sub(prefix, "mtu"), MTU),
+        # machine.network.kubespan.mtu: 0 is Talos's default there; a KubeSpanConfig's 0 stays an error
+        mtu=(r.integer(_sub(prefix, "mtu"), MTU) or MTU) if prefix else r.integer("mtu", MTU),
         endpoint_filters=r.items(
             _sub(prefix, "filters.endpoints"),
             _endpoint_filter,
@@ -492,7 +501,7 @@ def read_v1alpha1(r: Reader) -> V1Alpha1:
     if machine_type == "init":
         r.warn("machine.type init is deprecated; treated as controlplane", ["v1alpha1.machine.type"])
         machine_type = "controlplane"
-    token = r.string("machine.token")
+    token = r.string("machine.token") or None  # "" = unset (Talos does not check machine.token)
     if token is not None and not _TOKEN.fullmatch(token):
         r.fail("machine.token", "must be a token of the form [a-z0-9]{6}.[a-z0-9]{16}")
         token = None

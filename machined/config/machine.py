@@ -81,7 +81,7 @@ class MeshSettings:
             config=self.config,
             advertise=self.advertise,
             exclude=self.exclude,
-            endpoint_filters=self.endpoint_filters,
+            endpoint_filters=effective_endpoint_filters(self.endpoint_filters),
             extra_endpoints=self.extra_endpoints,
             mac=self.mac,
             publish_learned=self.publish_learned,
@@ -92,6 +92,20 @@ class MeshSettings:
                 retry_initial=self.punch_retry_initial, retry_max=self.punch_retry_max
             ),
         )
+
+
+# What "select none" is for the mesh's filter_ips, which starts from all addresses when no filter is positive
+SELECT_NONE = ("!0.0.0.0/0", "!::/0")
+
+
+def only_negated(filters: Sequence[str]) -> bool:
+    return bool(filters) and all(f.startswith("!") for f in filters)
+
+
+def effective_endpoint_filters(filters: Sequence[str]) -> tuple[str, ...]:
+    """The filters the engine gets: only-negated ones select no address, as in Talos (siderolabs/net
+    ``FilterIPs`` starts from an empty selection; a ``!`` filter only removes)."""
+    return (*filters, *SELECT_NONE) if only_negated(filters) else tuple(filters)
 
 
 # Mesh settings whose change means the old kernel objects / discovery entry must be removed when the
@@ -249,6 +263,8 @@ class MachineConfig:
             ref = d.identify(i, doc, sink)
             refs.append(ref)
             if ref is None:
+                if isinstance(doc, dict) and doc.get("kind") == d.DISCOVERY_SERVICE_CONFIG:
+                    discovery_declared = True  # one problem (its header), not a second about discovery
                 continue
             if ref.key in seen:
                 sink.problem(
@@ -283,10 +299,17 @@ class MachineConfig:
                 r.warn(f"document kind {ref.kind} is not used by machined (kept as is)")
 
         if v1 is None or v1_ref is None:
-            sink.problem(
-                Problem(d.V1ALPHA1, -1, "", "is required: the config has no version: v1alpha1 document")
+            # as Talos: a multi-document config may leave out the v1alpha1 document
+            sink.warn(
+                ConfigWarning(
+                    d.V1ALPHA1,
+                    -1,
+                    "no version: v1alpha1 document: machine.type is worker, no machine.ca, machine.token "
+                    "or certSANs",
+                )
             )
             v1, v1_ref = V1Alpha1(), DocRef(d.V1ALPHA1, None, -1)
+        v1_doc = docs[v1_ref.index] if v1_ref.index >= 0 else {}
         agent = agent or AgentSettings()
         agent_index = agent_ref.index if agent_ref else -1
 
@@ -323,13 +346,14 @@ class MachineConfig:
                 )
             )
         for ref, ep in discos:
-            if ep.name == d.LEGACY_DISCOVERY_NAME:
+            if ep.name == d.LEGACY_DISCOVERY_NAME and discovery:
                 sink.problem(
                     Problem(
                         ref.label,
                         ref.index,
                         "name",
-                        "must not be 'legacy': that name stands for the v1alpha1 cluster.discovery block",
+                        "must not be 'legacy' while the v1alpha1 cluster.discovery block is in use "
+                        "(that name stands for it)",
                     )
                 )
                 continue
@@ -353,9 +377,9 @@ class MachineConfig:
             "KubeSpan is enabled" if kubespan.enabled else "discovery is enabled" if discovery else ""
         )
         if needs_cluster:
-            if v1.cluster_id is None and not _present(docs[v1_ref.index], "cluster", "id"):
+            if v1.cluster_id is None and not _present(v1_doc, "cluster", "id"):
                 sink.problem(Problem(d.V1ALPHA1, v1_ref.index, "cluster.id", f"is required: {needs_cluster}"))
-            if v1.cluster_secret is None and not _present(docs[v1_ref.index], "cluster", "secret"):
+            if v1.cluster_secret is None and not _present(v1_doc, "cluster", "secret"):
                 sink.problem(
                     Problem(d.V1ALPHA1, v1_ref.index, "cluster.secret", f"is required: {needs_cluster}")
                 )
@@ -378,6 +402,16 @@ class MachineConfig:
                 else:
                     where = (d.AGENT_CONFIG, agent_index, d.AGENT_MESH_PATHS.get(err.field, err.field))
                 sink.problem(Problem(*where, err.rule))
+
+        if only_negated(kubespan.endpoint_filters):
+            sink.warn(
+                ConfigWarning(
+                    ks_label,
+                    ks_index,
+                    "filters.endpoints has only negated ('!') entries: as in Talos, they select no address, "
+                    "so the node announces none of its own; list 0.0.0.0/0 and ::/0 first for 'all but these'",
+                )
+            )
 
         services_sorted = _check_services(services, kubespan.enabled, sink)
 

@@ -273,11 +273,6 @@ CASES = [
         "must be a discovery endpoint URL",
     ),
     (_set("endpoint", _DEL, "DiscoveryServiceConfig"), "DiscoveryServiceConfig[ds0].endpoint", "is required"),
-    (
-        _set("name", "legacy", "DiscoveryServiceConfig"),
-        "DiscoveryServiceConfig[legacy].name",
-        "must not be 'legacy'",
-    ),
     # AgentConfig
     (_set("stateDir", "relative/dir", "AgentConfig"), "AgentConfig.stateDir", "must be an absolute path"),
     (
@@ -595,9 +590,12 @@ def test_document_level_problems():
     v1 = {"version": "v1alpha1", "machine": {"type": "worker"}}
     cases = [
         ([], "config", "v1alpha1 document is required"),
-        ([{"apiVersion": "v1alpha1", "kind": "AgentConfig"}], "v1alpha1", "no version: v1alpha1 document"),
         ([v1, ["a", "list"]], "document 2", "must be a mapping"),
-        ([v1, {"foo": 1}], "document 2", "must have version: v1alpha1, or apiVersion and kind"),
+        (
+            [v1, {"foo": 1}],
+            "document 2",
+            "must have version: v1alpha1 (or machine:/cluster:), or apiVersion and kind",
+        ),
         ([v1, {"apiVersion": "v1alpha1"}], "document 2.kind", "is required"),
         ([v1, {"kind": "AgentConfig"}], "AgentConfig.apiVersion", "is required"),
         (

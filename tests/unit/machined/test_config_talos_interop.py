@@ -147,3 +147,155 @@ def test_discovery_endpoint_still_needs_scheme_and_host(endpoint: str) -> None:
     (p,) = _problems(_with_discovery(endpoint))
     assert p.startswith("DiscoveryServiceConfig[ds].endpoint (document 2): must")
     assert "pw" not in p
+
+
+# --- item 9: small ones --------------------------------------------------------------------------------
+
+
+def _kubespan_docs(where: str, **kubespan: Any) -> list[dict[str, Any]]:
+    """KubeSpan settings in v1alpha1 machine.network.kubespan ("v1") or a KubeSpanConfig document ("doc")."""
+    v1 = _v1()
+    v1["cluster"] = {"id": "test-cluster", "secret": new_secret()}
+    ds = {
+        "apiVersion": "v1alpha1",
+        "kind": "DiscoveryServiceConfig",
+        "name": "ds",
+        "endpoint": "https://d.example/",
+    }
+    if where == "v1":
+        v1["machine"]["network"] = {"kubespan": {"enabled": True, **kubespan}}
+        return [v1, ds]
+    return [v1, {"apiVersion": "v1alpha1", "kind": "KubeSpanConfig", "enabled": True, **kubespan}, ds]
+
+
+# mtu -- talos v1alpha1_provider.go NetworkKubeSpan.MTU: 0 (or unset) is KubeSpanLinkMTU (1420);
+# types/network/kubespan.go KubeSpanConfigV1Alpha1.Validate: a set mtu below KubeSpanLinkMinimumMTU (1280) fails
+MTU_CASES = [
+    # (where, mtu, effective mtu or None = rejected)
+    pytest.param("v1", 0, 1420, id="v1alpha1-0-is-default"),
+    pytest.param("v1", None, 1420, id="v1alpha1-unset"),
+    pytest.param("v1", 1380, 1380, id="v1alpha1-set"),
+    pytest.param("v1", 1000, None, id="v1alpha1-below-1280"),
+    pytest.param("doc", 0, None, id="KubeSpanConfig-0-below-1280"),
+    pytest.param("doc", 1380, 1380, id="KubeSpanConfig-set"),
+]
+
+
+@pytest.mark.parametrize(("where", "mtu", "effective"), MTU_CASES)
+def test_kubespan_mtu(where: str, mtu: int | None, effective: int | None) -> None:
+    docs = _kubespan_docs(where, **({} if mtu is None else {"mtu": mtu}))
+    if effective is None:
+        (p,) = _problems(docs)
+        assert p.split(" ")[0] in ("v1alpha1.machine.network.kubespan.mtu", "KubeSpanConfig.mtu")
+        assert "1280" in p
+    else:
+        assert MachineConfig.from_documents(docs).mesh().config.mtu == effective
+
+
+# machine.token -- talos v1alpha1_validation.go does not check machine.token at all (v1alpha1_types.go:
+# MachineToken, yaml "token"); "" is an unset token. A set one keeps our format check.
+TOKEN_CASES = [
+    pytest.param("", None, id="empty-is-unset"),
+    pytest.param(None, None, id="null"),
+    pytest.param("d8cwfa.eyvpi0xwxyarbfid", "d8cwfa.eyvpi0xwxyarbfid", id="set"),
+]
+
+
+@pytest.mark.parametrize(("token", "read"), TOKEN_CASES)
+def test_machine_token(token: str | None, read: str | None) -> None:
+    assert MachineConfig.from_documents([_v1(token=token)]).v1alpha1.token == read
+
+
+# DiscoveryServiceConfig name -- talos types/cluster/discovery_service.go Validate: only "name is required";
+# "legacy" is the name v1alpha1_discoveryconfig.go gives the cluster.discovery service.
+NAME_CASES = [
+    # (name, error or None)
+    pytest.param("Primary", None, id="uppercase-accepted"),
+    pytest.param("self hosted", None, id="any-string"),
+    pytest.param("legacy", None, id="legacy-without-cluster-discovery"),
+    pytest.param("", "DiscoveryServiceConfig (document 2).name (document 2): is required", id="empty"),
+]
+
+
+@pytest.mark.parametrize(("name", "error"), NAME_CASES)
+def test_discovery_service_name(name: str, error: str | None) -> None:
+    docs = _with_discovery("https://d.example/")
+    docs[1]["name"] = name
+    if error is None:
+        cfg = MachineConfig.from_documents(docs)
+        assert [e.name for e in cfg.discovery_endpoints] == [name]
+        assert cfg.document_kinds()[1] == f"DiscoveryServiceConfig[{name}]"
+    else:
+        assert _problems(docs) == [error]
+
+
+# the v1alpha1 document -- talos configloader/internal/decoder/decoder.go: a document without kind that has
+# one of machine, cluster, debug, persist is v1alpha1; container/container.go: a config without v1alpha1 is
+# allowed (its validation simply has no v1alpha1 part)
+V1ALPHA1_CASES = [
+    pytest.param({"machine": {"type": "controlplane"}}, "controlplane", id="machine-without-version"),
+    pytest.param(
+        {"persist": True, "debug": False, "machine": {"type": "worker"}}, "worker", id="persist-debug"
+    ),
+    pytest.param({"version": "v1alpha1", "machine": {"type": "worker"}}, "worker", id="with-version"),
+]
+
+
+@pytest.mark.parametrize(("doc", "machine_type"), V1ALPHA1_CASES)
+def test_untyped_document_with_machine_or_cluster_is_v1alpha1(doc: dict[str, Any], machine_type: str) -> None:
+    cfg = MachineConfig.from_documents([doc])
+    assert cfg.document_kinds() == ("v1alpha1",) and cfg.v1alpha1.machine_type == machine_type
+
+
+def test_cluster_only_document_is_v1alpha1_without_machine_type() -> None:
+    # talos: decoded as v1alpha1, then "unknown machine type" (v1alpha1_validation.go)
+    assert _problems([{"cluster": {"clusterName": "c"}}]) == [
+        "v1alpha1.machine.type (document 1): is required (one of controlplane, worker, init)"
+    ]
+
+
+def test_untyped_document_without_v1alpha1_keys_is_still_unidentified() -> None:
+    assert _problems([_v1(), {"foo": 1}]) == [
+        "document 2 (document 2): must have version: v1alpha1 (or machine:/cluster:), or apiVersion and kind"
+    ]
+
+
+def test_config_without_v1alpha1_document_loads_with_a_warning() -> None:
+    cfg = MachineConfig.from_documents(
+        [
+            {"apiVersion": "v1alpha1", "kind": "KubeSpanConfig", "enabled": False},
+            {"apiVersion": "v1alpha1", "kind": "AgentConfig", "nodename": "n1"},
+        ]
+    )
+    assert cfg.document_kinds() == ("KubeSpanConfig", "AgentConfig")
+    assert cfg.v1alpha1.machine_type == "worker" and cfg.v1alpha1.ca is None
+    assert any(
+        w.document == "v1alpha1" and "no version: v1alpha1 document" in w.message for w in cfg.warnings
+    )
+
+
+# filters.endpoints -- siderolabs/net net.go FilterIPs (called by talos controllers/cluster/local_affiliate.go
+# when filters are set): the selection starts empty, a positive filter adds, a '!' filter removes.
+FILTER_CASES = [
+    # (filters, addresses selected from 10.0.0.1, 192.168.1.1, 2001:db8::1)
+    pytest.param(["!10.0.0.0/8"], [], id="only-negated-selects-none"),
+    pytest.param(["!10.0.0.0/8", "!::/0"], [], id="only-negated-two"),
+    pytest.param(["0.0.0.0/0", "!10.0.0.0/8"], ["192.168.1.1"], id="positive-then-negated"),
+    pytest.param(["0.0.0.0/0", "::/0", "!10.0.0.0/8"], ["192.168.1.1", "2001:db8::1"], id="all-but"),
+    pytest.param([], ["10.0.0.1", "192.168.1.1", "2001:db8::1"], id="no-filters-keep-all"),
+]
+
+
+@pytest.mark.parametrize(("filters", "selected"), FILTER_CASES)
+def test_endpoint_filters_as_talos(filters: list[str], selected: list[str]) -> None:
+    import ipaddress
+
+    from kubespan.affiliate import filter_ips
+
+    cfg = MachineConfig.from_documents(_kubespan_docs("doc", filters={"endpoints": filters}))
+    assert cfg.mesh().endpoint_filters == tuple(filters)  # as written (shown in the KubeSpanConfig resource)
+    engine_filters = cfg.mesh_options("host").endpoint_filters
+    ips = [ipaddress.ip_address(a) for a in ("10.0.0.1", "192.168.1.1", "2001:db8::1")]
+    assert [str(ip) for ip in filter_ips(ips, engine_filters)] == selected
+    warned = [w for w in cfg.warnings if "only negated" in w.message]
+    assert len(warned) == (bool(filters) and all(f.startswith("!") for f in filters))
