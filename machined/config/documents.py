@@ -32,10 +32,13 @@ V1ALPHA1 = "v1alpha1"
 KUBESPAN_CONFIG = "KubeSpanConfig"
 KUBESPAN_ENDPOINTS_CONFIG = "KubeSpanEndpointsConfig"
 DISCOVERY_SERVICE_CONFIG = "DiscoveryServiceConfig"
+DISCOVERY_IDENTITY_CONFIG = "DiscoveryIdentityConfig"  # Talos 1.14: clusterID, clusterSecret
 AGENT_CONFIG = "AgentConfig"
 SERVICE_CONFIG = "ServiceConfig"
 
-TALOS_KINDS = frozenset({KUBESPAN_CONFIG, KUBESPAN_ENDPOINTS_CONFIG, DISCOVERY_SERVICE_CONFIG})
+TALOS_KINDS = frozenset(
+    {KUBESPAN_CONFIG, KUBESPAN_ENDPOINTS_CONFIG, DISCOVERY_SERVICE_CONFIG, DISCOVERY_IDENTITY_CONFIG}
+)
 OUR_KINDS = frozenset({AGENT_CONFIG, SERVICE_CONFIG})
 NAMED_KINDS = frozenset({DISCOVERY_SERVICE_CONFIG, SERVICE_CONFIG})
 # top-level keys that make an untyped document the v1alpha1 one (Talos's decoder: no kind, one of these)
@@ -131,6 +134,14 @@ class DiscoveryEndpoint:
 
     name: str
     url: str
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryIdentity:
+    """A ``DiscoveryIdentityConfig`` document: the cluster id and secret (None: missing or invalid)."""
+
+    cluster_id: str | None
+    cluster_secret: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,17 +537,9 @@ def read_v1alpha1(r: Reader) -> V1Alpha1:
     r.raw("machine.network.kubespan")  # reports a machine.network that is not a mapping
     kubespan = read_kubespan(r, "machine.network.kubespan") if r.present("machine.network.kubespan") else None
 
-    cluster_id = r.string("cluster.id")
-    if cluster_id is not None and not 1 <= len(cluster_id.encode()) <= CLUSTER_ID_MAX:
-        r.fail("cluster.id", f"must be 1..{CLUSTER_ID_MAX} bytes")
-        cluster_id = None
-    secret_text = r.string("cluster.secret")
-    secret: bytes | None = None
-    if secret_text is not None:
-        try:
-            secret = parse_secret(secret_text)
-        except SecretError:
-            r.fail("cluster.secret", "must be base64 of 32 bytes")
+    # "" = unset: Talos 1.14's gen config leaves them empty and writes a DiscoveryIdentityConfig instead
+    cluster_id = _cluster_id(r, "cluster.id")
+    secret = _cluster_secret(r, "cluster.secret")
     endpoint = r.string("cluster.discovery.registries.service.endpoint")
     if endpoint is not None:
         endpoint = _endpoint(r, "cluster.discovery.registries.service.endpoint", endpoint)
@@ -555,6 +558,38 @@ def read_v1alpha1(r: Reader) -> V1Alpha1:
     )
     r.warn_unused(UNUSED_MESSAGE)
     return v1
+
+
+def _cluster_id(r: Reader, path: str) -> str | None:
+    cluster_id = r.string(path) or None
+    if cluster_id is not None and not 1 <= len(cluster_id.encode()) <= CLUSTER_ID_MAX:
+        r.fail(path, f"must be 1..{CLUSTER_ID_MAX} bytes")
+        return None
+    return cluster_id
+
+
+def _cluster_secret(r: Reader, path: str) -> bytes | None:
+    text = r.string(path) or None
+    if text is None:
+        return None
+    try:
+        return parse_secret(text)
+    except SecretError:
+        r.fail(path, "must be base64 of 32 bytes")
+        return None
+
+
+def read_discovery_identity(r: Reader) -> DiscoveryIdentity:
+    """Talos's rules (types/cluster/discovery_identity.go): both fields required, the secret base64 of 32
+    bytes; the id's content is not checked beyond our length limit."""
+    r.raw("apiVersion")
+    r.raw("kind")
+    for path in ("clusterID", "clusterSecret"):
+        if r.raw(path) in (MISSING, ""):  # absent, null or ""
+            r.fail(path, "is required")
+    ident = DiscoveryIdentity(_cluster_id(r, "clusterID"), _cluster_secret(r, "clusterSecret"))
+    r.warn_unused(UNUSED_MESSAGE)
+    return ident
 
 
 def read_kubespan_config(r: Reader) -> KubeSpanSettings:

@@ -258,6 +258,8 @@ class MachineConfig:
         agent_ref: DocRef | None = None
         services: list[tuple[DocRef, ServiceSpec]] = []
         discovery_declared = False  # a DiscoveryServiceConfig exists, valid or not
+        ident: d.DiscoveryIdentity | None = None
+        ident_ref: DocRef | None = None
 
         for i, doc in enumerate(docs):
             ref = d.identify(i, doc, sink)
@@ -289,6 +291,8 @@ class MachineConfig:
                 ep = d.read_discovery_service(r)
                 if ep is not None:
                     discos.append((ref, ep))
+            elif ref.kind == d.DISCOVERY_IDENTITY_CONFIG:
+                ident, ident_ref = d.read_discovery_identity(r), ref
             elif ref.kind == d.AGENT_CONFIG:
                 (agent, agent_mesh), agent_ref = d.read_agent(r), ref
             elif ref.kind == d.SERVICE_CONFIG:
@@ -373,16 +377,31 @@ class MachineConfig:
                     "through the discovery service",
                 )
             )
+        # cluster identity: v1alpha1 cluster.id/cluster.secret (legacy) or a DiscoveryIdentityConfig, never both
+        # (Talos: DiscoveryIdentityConfigV1Alpha1.V1Alpha1ConflictValidate)
+        legacy_ident = _nonempty(v1_doc, "cluster", "id") or _nonempty(v1_doc, "cluster", "secret")
+        if ident is not None and ident_ref is not None and legacy_ident:
+            sink.problem(
+                Problem(
+                    d.DISCOVERY_IDENTITY_CONFIG,
+                    ident_ref.index,
+                    "",
+                    f"must not be set together with v1alpha1 cluster.id/cluster.secret (document "
+                    f"{v1_ref.index + 1}): the cluster identity goes in one of them",
+                )
+            )
+        cluster_id, cluster_secret = v1.cluster_id, v1.cluster_secret
+        if ident is not None and not legacy_ident:
+            cluster_id, cluster_secret = ident.cluster_id, ident.cluster_secret
         needs_cluster = (
             "KubeSpan is enabled" if kubespan.enabled else "discovery is enabled" if discovery else ""
         )
-        if needs_cluster:
-            if v1.cluster_id is None and not _present(v1_doc, "cluster", "id"):
-                sink.problem(Problem(d.V1ALPHA1, v1_ref.index, "cluster.id", f"is required: {needs_cluster}"))
-            if v1.cluster_secret is None and not _present(v1_doc, "cluster", "secret"):
-                sink.problem(
-                    Problem(d.V1ALPHA1, v1_ref.index, "cluster.secret", f"is required: {needs_cluster}")
-                )
+        if needs_cluster and (ident is None or legacy_ident):  # a DiscoveryIdentityConfig checks its own
+            either = f"{needs_cluster} (or give a {d.DISCOVERY_IDENTITY_CONFIG} document instead)"
+            if v1.cluster_id is None and not _nonempty(v1_doc, "cluster", "id"):
+                sink.problem(Problem(d.V1ALPHA1, v1_ref.index, "cluster.id", f"is required: {either}"))
+            if v1.cluster_secret is None and not _nonempty(v1_doc, "cluster", "secret"):
+                sink.problem(Problem(d.V1ALPHA1, v1_ref.index, "cluster.secret", f"is required: {either}"))
 
         # the mesh's own settings, from AgentConfig and the KubeSpan settings: checked here, once
         ks_doc_label, ks_prefix = (
@@ -432,8 +451,8 @@ class MachineConfig:
         self._warnings = tuple(sink.warnings)
         self._mesh = MeshSettings(
             enabled=kubespan.enabled,
-            cluster_id=v1.cluster_id or "",
-            cluster_secret=v1.cluster_secret or b"",
+            cluster_id=cluster_id or "",
+            cluster_secret=cluster_secret or b"",
             discovery=tuple(discovery),
             config=mesh_config,
             state_dir=agent.state_dir,
@@ -557,12 +576,13 @@ def _kind(ref: DocRef | None) -> str:
     return ref.kind if ref else ""
 
 
-def _present(doc: Any, *keys: str) -> bool:
+def _nonempty(doc: Any, *keys: str) -> bool:
+    """Whether the value at ``keys`` is set: not absent, null or "" (as Talos's ``!= ""``)."""
     for k in keys:
         if not isinstance(doc, dict) or doc.get(k) is None:
             return False
         doc = doc[k]
-    return True
+    return doc != ""
 
 
 def _check_services(

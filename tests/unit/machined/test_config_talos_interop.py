@@ -299,3 +299,123 @@ def test_endpoint_filters_as_talos(filters: list[str], selected: list[str]) -> N
     assert [str(ip) for ip in filter_ips(ips, engine_filters)] == selected
     warned = [w for w in cfg.warnings if "only negated" in w.message]
     assert len(warned) == (bool(filters) and all(f.startswith("!") for f in filters))
+
+
+# --- item 2: Talos 1.14 configs: DiscoveryIdentityConfig ----------------------------------------------
+# talos types/cluster/discovery_identity.go: kind DiscoveryIdentityConfig (apiVersion v1alpha1, unnamed),
+# fields clusterID and clusterSecret, both required, clusterSecret std base64 of 32 bytes; its
+# V1Alpha1ConflictValidate refuses it when v1alpha1 .cluster.id or .cluster.secret is non-empty.
+# container/validate.go: DiscoveryServiceConfig documents need a cluster id and secret from either place.
+# generate (testdata/stability/v1.14/base-worker.yaml): v1alpha1 without cluster.id/secret, a
+# DiscoveryServiceConfig named default and the identity document, besides kinds machined does not use.
+
+TALOS_CLUSTER_ID = "0raF93qnkMvF-FZNuvyGozXNdLiT2FOWSlyBaW4PR-w="  # url-safe alphabet: not checked by Talos
+
+
+def _identity(cluster_id: Any = TALOS_CLUSTER_ID, secret: Any = None) -> dict[str, Any]:
+    doc = {"apiVersion": "v1alpha1", "kind": "DiscoveryIdentityConfig", "clusterID": cluster_id}
+    doc["clusterSecret"] = new_secret() if secret is None else secret
+    return doc
+
+
+def _talos_114(cluster: dict[str, Any] | None, identity: dict[str, Any] | None) -> list[dict[str, Any]]:
+    v1 = _v1(ca={"crt": CA_CRT, "key": ""}, token="d8cwfa.eyvpi0xwxyarbfid")
+    if cluster is not None:
+        v1["cluster"] = cluster
+    docs = [
+        v1,
+        {
+            "apiVersion": "v1alpha1",
+            "kind": "DiscoveryServiceConfig",
+            "name": "default",
+            "endpoint": "https://d.example/",
+        },
+        {"apiVersion": "v1alpha1", "kind": "KubeSpanConfig", "enabled": True},
+        {"apiVersion": "v1alpha1", "kind": "HostnameConfig", "auto": "stable"},
+    ]
+    return docs + ([identity] if identity is not None else [])
+
+
+IDENTITY_CASES = [
+    # (v1alpha1 cluster block, identity document, problems (location prefix, rule part); [] = loads)
+    pytest.param({"token": "abc"}, _identity(), [], id="gen-config-1.14"),
+    pytest.param({"id": "", "secret": ""}, _identity(), [], id="empty-legacy-fields"),
+    pytest.param(None, _identity(), [], id="no-cluster-block"),
+    pytest.param(
+        {"id": "legacy-id", "secret": new_secret()},
+        _identity(),
+        [
+            (
+                "DiscoveryIdentityConfig (document 5)",
+                "must not be set together with v1alpha1 cluster.id/cluster.secret",
+            )
+        ],
+        id="both-places",
+    ),
+    pytest.param(
+        {"secret": new_secret()},
+        _identity(),
+        [  # Talos too: the conflict, and the legacy identity (which wins) has no id
+            ("DiscoveryIdentityConfig (document 5)", "must not be set together"),
+            ("v1alpha1.cluster.id (document 1)", "is required"),
+        ],
+        id="legacy-secret-only-and-document",
+    ),
+    pytest.param(
+        {"id": ""},
+        _identity(cluster_id=""),
+        [("DiscoveryIdentityConfig.clusterID (document 5)", "is required")],
+        id="empty-clusterID",
+    ),
+    pytest.param(
+        None,
+        {"apiVersion": "v1alpha1", "kind": "DiscoveryIdentityConfig", "clusterID": "x"},
+        [("DiscoveryIdentityConfig.clusterSecret (document 5)", "is required")],
+        id="no-clusterSecret",
+    ),
+    pytest.param(
+        None,
+        _identity(secret=base64.b64encode(b"16 bytes, short.").decode()),
+        [("DiscoveryIdentityConfig.clusterSecret (document 5)", "must be base64 of 32 bytes")],
+        id="short-clusterSecret",
+    ),
+    pytest.param(
+        {"id": "", "secret": ""},
+        None,
+        [
+            (
+                "v1alpha1.cluster.id (document 1)",
+                "is required: KubeSpan is enabled (or give a DiscoveryIdentityConfig",
+            ),
+            ("v1alpha1.cluster.secret (document 1)", "is required"),
+        ],
+        id="no-identity-anywhere",
+    ),
+]
+
+
+@pytest.mark.parametrize(("cluster", "identity", "problems"), IDENTITY_CASES)
+def test_discovery_identity_config(
+    cluster: dict[str, Any] | None, identity: dict[str, Any] | None, problems: list[tuple[str, str]]
+) -> None:
+    docs = _talos_114(cluster, identity)
+    if not problems:
+        cfg = MachineConfig.from_documents(docs)
+        assert identity is not None
+        assert cfg.mesh().cluster_id == identity["clusterID"]
+        assert cfg.mesh().cluster_secret == base64.b64decode(identity["clusterSecret"])
+        assert cfg.mesh().discovery_urls == ("https://d.example/",)
+        assert identity["clusterSecret"] not in cfg.redacted_yaml()
+        assert "HostnameConfig" in cfg.document_kinds()
+        return
+    found = _problems(docs)
+    assert len(found) == len(problems), found
+    for text, (where, rule) in zip(found, problems, strict=True):
+        assert text.startswith(where + ": ") and rule in text, text
+    secrets = [identity.get("clusterSecret") if identity else None, (cluster or {}).get("secret")]
+    assert not any(s and s in t for s in secrets for t in found)
+
+
+def test_legacy_identity_alone_is_still_read() -> None:
+    docs = _talos_114({"id": "legacy-id", "secret": new_secret()}, None)
+    assert MachineConfig.from_documents(docs).mesh().cluster_id == "legacy-id"
