@@ -111,6 +111,9 @@ class EventType(enum.Enum):
     DELETE = mvccpb.Event.DELETE
 
 
+_EVENT_TYPES = {t.value: t for t in EventType}
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     type: EventType
@@ -859,10 +862,12 @@ class Watch:
             self.next_revision = max(self.next_revision, resp.header.revision + 1)
             return WatchBatch(resp.header.revision, [])
         kv = self._client._kv
+        types = _EVENT_TYPES
+        nxt = self.next_revision
         events = [
-            Event(EventType(e.type), kv(e.kv), kv(e.prev_kv) if e.HasField("prev_kv") else None)
+            Event(types[e.type], kv(e.kv), kv(e.prev_kv) if e.HasField("prev_kv") else None)
             for e in resp.events
-            if e.kv.mod_revision >= self.next_revision  # never deliver one twice
+            if e.kv.mod_revision >= nxt  # never deliver one twice
         ]
         if not events:
             return None

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -86,9 +87,16 @@ _INF = math.inf
 _SAFE = "-_.~+=:@!$&'()*,;"
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def escape_id(value: str) -> str:
-    """An ID as it appears in a key: UTF-8, %-escaped, without ``/``."""
+    """An ID as it appears in a key: UTF-8, %-escaped, without ``/`` (memoized: every update and
+    watch event of an affiliate builds or parses its keys)."""
     return quote(value, safe=_SAFE)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _unescape(part: bytes) -> str:
+    return unquote(part.decode(), errors="strict")
 
 
 def _akey(cid: str, aid: str) -> str:
@@ -113,7 +121,7 @@ def _parse(key: bytes) -> tuple[str, str, bytes | None] | None:
     try:
         if parts[0] != b"c":
             return None
-        cid, aid = unquote(parts[1].decode(), errors="strict"), unquote(parts[3].decode(), errors="strict")
+        cid, aid = _unescape(parts[1]), _unescape(parts[3])
         if len(parts) == 4 and parts[2] == b"a":
             return cid, aid, None
         if len(parts) == 5 and parts[2] == b"e":
@@ -178,7 +186,7 @@ class _Write:
     compares: list[Compare]
     ops: list[Op]
     size: int
-    fut: asyncio.Future[tuple[bool, int]]
+    fut: asyncio.Future[bool]
 
 
 @dataclass(slots=True)
@@ -236,7 +244,8 @@ class EtcdBackend:
         self.on_health_change: Callable[[str | None], None] | None = None
         self._problem: str | None = "not connected to etcd yet"
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._leases: dict[int, int] = {}  # bucket -> lease id
+        self._leases: dict[int, int] = {}  # bucket -> lease id (change only through _set_lease)
+        self._bucket_of: dict[int, int] | None = None  # lease id -> bucket, built from _leases on demand
         self._lease_tasks: dict[int, asyncio.Task[int]] = {}
         self._admit: dict[str, asyncio.Lock] = {}
         self._known: dict[tuple[str, str], _Known] = {}  # see _fast_update
@@ -373,7 +382,7 @@ class EtcdBackend:
                 try:
                     res = await self.client.txn(compares, ops)
                 except EtcdLeaseNotFound:
-                    self._leases.pop(bucket, None)
+                    self._set_lease(bucket, None)
                     continue
                 except EtcdError as e:
                     raise self._unavailable("update", e) from None
@@ -404,11 +413,14 @@ class EtcdBackend:
         known = self._known.get((cid, aid))
         if known is None or known.data is None:
             return None
-        lease_of = self._leases
-        bucket_of = {lid: b for b, lid in lease_of.items()}
+        bucket_of = self._bucket_of
+        if bucket_of is None:
+            bucket_of = self._bucket_of = {lid: b for b, lid in self._leases.items()}
         if known.data.lease not in bucket_of or any(lid not in bucket_of for lid in known.endpoints.values()):
             return None
-        return _Snap(self.applied, known.data, dict(known.endpoints), 0, bucket_of, dict(lease_of))
+        # Live views, not copies: the plan reads them before its first await (a lease creation, after
+        # which only the writes it planned are used), so they are the state at ``applied``.
+        return _Snap(self.applied, known.data, known.endpoints, 0, bucket_of, self._leases)
 
     async def _fast_update(
         self, snap: _Snap, cid: str, aid: str, data: bytes | None, endpoints: Sequence[bytes], ttl: float
@@ -434,26 +446,23 @@ class EtcdBackend:
             return False if res.succeeded else None
         compares, ops, changed, bucket = plan
         try:
-            succeeded, revision = await self._shared_txn((cid, aid), compares, ops)
+            succeeded = await self._shared_txn((cid, aid), compares, ops)
         except EtcdLeaseNotFound:
-            self._leases.pop(bucket, None)
+            self._set_lease(bucket, None)
             return None
         except EtcdError as e:
             raise self._unavailable("update", e) from None
-        if not succeeded:
-            return None
-        await self._wait_applied(revision, "update")
-        return changed
+        return changed if succeeded else None
 
-    async def _shared_txn(
-        self, affiliate: tuple[str, str], compares: list[Compare], ops: list[Op]
-    ) -> tuple[bool, int]:
+    async def _shared_txn(self, affiliate: tuple[str, str], compares: list[Compare], ops: list[Op]) -> bool:
         """Commit ``compares``/``ops`` in a Txn shared with other affiliates' writes (group commit:
         while ``batch_flights`` Txns are in flight, writes queue and go together in the next one).
         The writes of one Txn touch disjoint affiliates, so each one's compares mean what they would
         alone; a shared Txn that fails reports failure to all of its writes (each then falls back to
-        the read path). Raises the Txn's EtcdError."""
-        fut: asyncio.Future[tuple[bool, int]] = asyncio.get_running_loop().create_future()
+        the read path). True once the Txn succeeded and the mirror applied its revision (one wait per
+        Txn, see :meth:`_ack`). Raises the Txn's EtcdError, or StoreUnavailable when the mirror does
+        not catch up in time."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         size = sum(len(o.key) + len(o.value) for o in ops) + sum(len(c.key) for c in compares)
         self._writes.append(_Write(affiliate, compares, ops, size, fut))
         if self._flights < self.batch_flights:
@@ -505,11 +514,31 @@ class EtcdBackend:
                     if not isinstance(e, Exception):
                         raise
                     continue
+                if res.succeeded and self.applied < res.revision:
+                    self._spawn(self._ack(batch, res.revision))
+                    continue
                 for w in batch:
                     if not w.fut.done():
-                        w.fut.set_result((res.succeeded, res.revision))
+                        w.fut.set_result(res.succeeded)
         finally:
             self._flights -= 1
+
+    async def _ack(self, batch: list[_Write], revision: int) -> None:
+        """Answer a committed shared Txn's writes once the mirror applied ``revision``: one wait (and
+        one timeout) per Txn instead of one per write."""
+        try:
+            await self._wait_applied(revision, "update", len(batch))
+        except BaseException as e:
+            err = e if isinstance(e, Exception) else StoreUnavailable("registry store stopped")
+            for w in batch:
+                if not w.fut.done():
+                    w.fut.set_exception(err)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for w in batch:
+            if not w.fut.done():
+                w.fut.set_result(True)
 
     async def _read(self, cid: str, aid: str, deadline: float) -> _Snap:
         """The affiliate's keys, its cluster's size and the bucket leases, at one revision."""
@@ -626,7 +655,7 @@ class EtcdBackend:
     async def _create_lease(self, bucket: int) -> int:
         now = self.clock()
         for b in [b for b in self._leases if b * self.bucket < now]:
-            del self._leases[b]
+            self._set_lease(b, None)
         lease = await self.client.lease_grant(max(1, math.ceil(bucket * self.bucket - now)))
         key = _lkey(bucket)
         res = await self.client.txn(
@@ -640,7 +669,7 @@ class EtcdBackend:
             assert isinstance(got, RangeResult) and got.kvs
             lid = int(got.kvs[0].value)
             self._spawn(self._revoke(lease.id))
-        self._leases[bucket] = lid
+        self._set_lease(bucket, lid)
         return lid
 
     async def _revoke(self, lease_id: int) -> None:
@@ -687,7 +716,9 @@ class EtcdBackend:
 
     # -- read-your-writes
 
-    async def _wait_applied(self, revision: int, op: str) -> None:
+    async def _wait_applied(self, revision: int, op: str, count: int = 1) -> None:
+        """Wait until the mirror applied ``revision`` (``count``: the operations that fail, for the
+        error metric, if it does not in time)."""
         if self.applied >= revision:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -696,7 +727,7 @@ class EtcdBackend:
             async with asyncio.timeout(self.timeout):
                 await fut
         except TimeoutError:
-            self.metrics.errors.labels(op).inc()
+            self.metrics.errors.labels(op).inc(count)
             raise StoreUnavailable(
                 f"registry store unavailable: etcd committed revision {revision} but this replica's watch "
                 f"has not caught up (applied {self.applied}); retry"
@@ -827,13 +858,20 @@ class EtcdBackend:
         except RegistryError as e:  # not written by a replica of ours: skip it
             log_event(log, "etcd key skipped", logging.WARNING, error=str(e))
 
+    def _set_lease(self, bucket: int, lease_id: int | None) -> None:
+        if lease_id is None:
+            if self._leases.pop(bucket, None) is None:
+                return
+        elif self._leases.get(bucket) == lease_id:
+            return
+        else:
+            self._leases[bucket] = lease_id
+        self._bucket_of = None
+
     def _lease_event(self, kind: EventType, kv: KeyValue) -> None:
         with contextlib.suppress(ValueError):
             b = int(kv.key[2:])
-            if kind is EventType.PUT:
-                self._leases[b] = int(kv.value)
-            else:
-                self._leases.pop(b, None)
+            self._set_lease(b, int(kv.value) if kind is EventType.PUT else None)
 
     @staticmethod
     def _know(
