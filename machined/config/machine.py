@@ -257,7 +257,7 @@ class MachineConfig:
         agent_mesh: dict[str, int | str] = {}
         agent_ref: DocRef | None = None
         services: list[tuple[DocRef, ServiceSpec]] = []
-        discovery_declared = False  # a DiscoveryServiceConfig exists, valid or not
+        discovery_docs: list[str] = []  # every DiscoveryServiceConfig, valid or not: "label (document N)"
         ident: d.DiscoveryIdentity | None = None
         ident_ref: DocRef | None = None
 
@@ -266,7 +266,7 @@ class MachineConfig:
             refs.append(ref)
             if ref is None:
                 if isinstance(doc, dict) and doc.get("kind") == d.DISCOVERY_SERVICE_CONFIG:
-                    discovery_declared = True  # one problem (its header), not a second about discovery
+                    discovery_docs.append(f"document {i + 1}")  # its header's problem is reported
                 continue
             if ref.key in seen:
                 sink.problem(
@@ -287,7 +287,7 @@ class MachineConfig:
             elif ref.kind == d.KUBESPAN_ENDPOINTS_CONFIG:
                 extra = d.read_kubespan_endpoints(r)
             elif ref.kind == d.DISCOVERY_SERVICE_CONFIG:
-                discovery_declared = True
+                discovery_docs.append(f"{ref.label} (document {i + 1})")
                 ep = d.read_discovery_service(r)
                 if ep is not None:
                     discos.append((ref, ep))
@@ -341,33 +341,35 @@ class MachineConfig:
                 )
             )
 
-        # discovery: the legacy block (named "legacy") plus every DiscoveryServiceConfig
+        # discovery: the legacy block (named "legacy", as Talos) or DiscoveryServiceConfig documents, not both
+        # (Talos: DiscoveryServiceConfigV1Alpha1.V1Alpha1ConflictValidate refuses any cluster.discovery block)
         discovery: list[DiscoveryEndpoint] = []
-        if v1.discovery_enabled and not v1.discovery_service_disabled:
+        if discovery_docs and _present(v1_doc, "cluster", "discovery"):
+            sink.problem(
+                Problem(
+                    d.V1ALPHA1,
+                    v1_ref.index,
+                    "cluster.discovery",
+                    f"must not be set together with {d.DISCOVERY_SERVICE_CONFIG} documents "
+                    f"({', '.join(discovery_docs[:3])}{', ...' if len(discovery_docs) > 3 else ''}), "
+                    f"even disabled (Talos refuses the pair): configure discovery in one place, the "
+                    f"cluster.discovery block or the documents",
+                )
+            )
+        elif v1.discovery_enabled and not v1.discovery_service_disabled:
             discovery.append(
                 DiscoveryEndpoint(
                     d.LEGACY_DISCOVERY_NAME, v1.discovery_service_endpoint or d.DEFAULT_DISCOVERY_ENDPOINT
                 )
             )
         for ref, ep in discos:
-            if ep.name == d.LEGACY_DISCOVERY_NAME and discovery:
-                sink.problem(
-                    Problem(
-                        ref.label,
-                        ref.index,
-                        "name",
-                        "must not be 'legacy' while the v1alpha1 cluster.discovery block is in use "
-                        "(that name stands for it)",
-                    )
-                )
-                continue
             if ep.url in {e.url for e in discovery}:
                 sink.warn(
                     ConfigWarning(ref.label, ref.index, f"endpoint {ep.url} is listed twice; registered once")
                 )
                 continue
             discovery.append(ep)
-        if kubespan.enabled and not discovery and not discovery_declared:
+        if kubespan.enabled and not discovery and not discovery_docs:
             sink.problem(
                 Problem(
                     d.V1ALPHA1,
@@ -574,6 +576,15 @@ class MachineConfig:
 
 def _kind(ref: DocRef | None) -> str:
     return ref.kind if ref else ""
+
+
+def _present(doc: Any, *keys: str) -> bool:
+    """Whether ``keys`` lead to a non-null value."""
+    for k in keys:
+        if not isinstance(doc, dict) or doc.get(k) is None:
+            return False
+        doc = doc[k]
+    return True
 
 
 def _nonempty(doc: Any, *keys: str) -> bool:

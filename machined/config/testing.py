@@ -75,7 +75,6 @@ def config_yaml(
                 "id": cluster_id,
                 "secret": secret or new_secret(),
                 "clusterName": "test",
-                "discovery": {"enabled": False},
             },
         },
         {"apiVersion": "v1alpha1", "kind": "KubeSpanConfig", "enabled": kubespan},

@@ -170,16 +170,17 @@ def test_legacy_discovery_defaults_to_talos_endpoint():
 
 
 def test_legacy_discovery_endpoint_and_disabled_registry():
-    docs = base_docs(discovery=("http://10.0.0.1:3000",))
+    # the legacy block alone (with DiscoveryServiceConfig documents it is refused, as Talos does)
+    docs = base_docs(discovery=(), kubespan=False, services=[])
     v1 = doc(docs, "v1alpha1")
     v1["cluster"]["discovery"] = {
         "enabled": True,
         "registries": {"service": {"endpoint": "https://d.example:443/"}},
     }
     cfg = MachineConfig.from_documents(docs)
-    assert cfg.mesh().discovery_urls == ("https://d.example:443/", "http://10.0.0.1:3000")
+    assert [(e.name, e.url) for e in cfg.mesh().discovery] == [("legacy", "https://d.example:443/")]
     v1["cluster"]["discovery"]["registries"]["service"]["disabled"] = True
-    assert MachineConfig.from_documents(docs).mesh().discovery_urls == ("http://10.0.0.1:3000",)
+    assert MachineConfig.from_documents(docs).mesh().discovery_urls == ()
 
 
 def test_duplicate_discovery_url_is_registered_once_with_a_warning():

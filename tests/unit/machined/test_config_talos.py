@@ -252,6 +252,9 @@ machine:
   network:
     kubespan:
       $patch: delete
+cluster:
+  discovery:
+    $patch: delete
 ---
 apiVersion: v1alpha1
 kind: KubeSpanConfig
@@ -280,9 +283,9 @@ endpoint: https://discovery.example.net:3000/
     assert mesh.publish_learned is False  # harvestExtraEndpoints: false is honoured
     assert [str(n) for n in mesh.exclude] == ["10.96.0.0/12"]
     assert [str(e) for e in mesh.extra_endpoints] == ["203.0.113.7:51820", "[2001:db8::7]:51820"]
+    # cluster.discovery removed: Talos refuses it together with DiscoveryServiceConfig documents
     assert [(e.name, e.url) for e in mesh.discovery] == [
-        ("legacy", DEFAULT_DISCOVERY_ENDPOINT),
-        ("self-hosted", "https://discovery.example.net:3000/"),
+        ("self-hosted", "https://discovery.example.net:3000/")
     ]
     # a field of a newer Talos (filters.peerEndpoints) is accepted with a warning naming it
     ks_warning = [w for w in cfg.warnings if w.document == "KubeSpanConfig"]

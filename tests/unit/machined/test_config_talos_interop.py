@@ -419,3 +419,56 @@ def test_discovery_identity_config(
 def test_legacy_identity_alone_is_still_read() -> None:
     docs = _talos_114({"id": "legacy-id", "secret": new_secret()}, None)
     assert MachineConfig.from_documents(docs).mesh().cluster_id == "legacy-id"
+
+
+# --- item 6: cluster.discovery together with DiscoveryServiceConfig documents -----------------------------
+# talos types/cluster/discovery_service.go V1Alpha1ConflictValidate: a DiscoveryServiceConfig is refused when
+# the v1alpha1 ClusterDiscoveryConfig pointer is set, i.e. any non-null cluster.discovery, even disabled.
+# v1alpha1_discoveryconfig.go: alone, an enabled block with the service registry on is the service "legacy".
+
+LEGACY_BLOCK = {"enabled": True, "registries": {"service": {"endpoint": "https://legacy.example/"}}}
+
+LEGACY_PAIR_CASES = [
+    # (cluster.discovery value (absent if "-"), DiscoveryServiceConfig present, services or None = refused)
+    pytest.param(LEGACY_BLOCK, True, None, id="enabled-block-and-document"),
+    pytest.param({"enabled": False}, True, None, id="disabled-block-and-document"),
+    pytest.param({}, True, None, id="empty-block-and-document"),
+    pytest.param(None, True, [("ds", "https://d.example/")], id="null-block-and-document"),
+    pytest.param("-", True, [("ds", "https://d.example/")], id="document-only"),
+    pytest.param(LEGACY_BLOCK, False, [("legacy", "https://legacy.example/")], id="block-only"),
+]
+
+
+@pytest.mark.parametrize(("block", "document", "services"), LEGACY_PAIR_CASES)
+def test_legacy_discovery_with_documents(
+    block: Any, document: bool, services: list[tuple[str, str]] | None
+) -> None:
+    docs = _with_discovery("https://d.example/") if document else _with_discovery("https://d.example/")[:1]
+    if block != "-":
+        docs[0]["cluster"]["discovery"] = block
+    if services is not None:
+        cfg = MachineConfig.from_documents(docs)
+        assert [(e.name, e.url) for e in cfg.mesh().discovery] == services
+        return
+    (p,) = _problems(docs)
+    assert p.startswith(
+        "v1alpha1.cluster.discovery (document 1): must not be set together with DiscoveryServiceConfig "
+        "documents (DiscoveryServiceConfig[ds] (document 2))"
+    )
+
+
+def test_legacy_discovery_pair_names_every_document() -> None:
+    docs = _with_discovery("https://d.example/")
+    docs.append(
+        {"apiVersion": "v1alpha1", "kind": "DiscoveryServiceConfig", "name": "two", "endpoint": "https://e/"}
+    )
+    docs.append(
+        {"apiVersion": "v1alpha1", "kind": "DiscoveryServiceConfig", "endpoint": "https://f/"}
+    )  # no name
+    docs[0]["cluster"]["discovery"] = {"enabled": False}
+    found = _problems(docs)
+    assert any(
+        "(DiscoveryServiceConfig[ds] (document 2), DiscoveryServiceConfig[two] (document 3), document 4)" in p
+        for p in found
+    ), found
+    assert any(p.startswith("DiscoveryServiceConfig (document 4).name") for p in found)
