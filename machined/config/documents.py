@@ -104,8 +104,7 @@ class KubeSpanSettings:
     enabled: bool = False
     advertise_kubernetes_networks: bool = False
     allow_down_peer_bypass: bool = False
-    # None = not set: our default (publish learned endpoints) applies; Talos's default is false
-    harvest_extra_endpoints: bool | None = None
+    harvest_extra_endpoints: bool = False  # unset = false, as Talos
     mtu: int = MTU
     endpoint_filters: tuple[str, ...] = ()
     exclude_advertised_networks: tuple[IPNetwork, ...] = ()
@@ -485,14 +484,11 @@ def _sub(prefix: str, name: str) -> str:
 
 def read_kubespan(r: Reader, prefix: str) -> KubeSpanSettings:
     """``machine.network.kubespan`` (prefix) or a ``KubeSpanConfig`` document (prefix "")."""
-    harvest: bool | None = None
-    if r.present(_sub(prefix, "harvestExtraEndpoints")):
-        harvest = r.boolean(_sub(prefix, "harvestExtraEndpoints"), False)
     return KubeSpanSettings(
         enabled=r.boolean(_sub(prefix, "enabled"), False),
         advertise_kubernetes_networks=r.boolean(_sub(prefix, "advertiseKubernetesNetworks"), False),
         allow_down_peer_bypass=r.boolean(_sub(prefix, "allowDownPeerBypass"), False),
-        harvest_extra_endpoints=harvest,
+        harvest_extra_endpoints=r.boolean(_sub(prefix, "harvestExtraEndpoints"), False),
         # machine.network.kubespan.mtu: 0 is Talos's default there; a KubeSpanConfig's 0 stays an error
         mtu=(r.integer(_sub(prefix, "mtu"), MTU) or MTU) if prefix else r.integer("mtu", MTU),
         endpoint_filters=r.items(

@@ -55,7 +55,7 @@ class MeshSettings:
     exclude: tuple[IPNetwork, ...] = ()
     endpoint_filters: tuple[str, ...] = ()
     extra_endpoints: tuple[AddrPort, ...] = ()
-    publish_learned: bool = True  # harvestExtraEndpoints; unset = on (our default), false = off
+    publish_learned: bool = False  # harvestExtraEndpoints; unset = off, as Talos
     mac: bytes | None = None
     machine_type: str = ""  # machine.type, published in the affiliate (workers find trustd by it)
     stun_servers: tuple[tuple[str, int], ...] = ()  # AgentConfig mesh.stunServers
@@ -468,7 +468,7 @@ class MachineConfig:
             exclude=kubespan.exclude_advertised_networks,
             endpoint_filters=kubespan.endpoint_filters,
             extra_endpoints=extra,
-            publish_learned=kubespan.harvest_extra_endpoints is not False,
+            publish_learned=kubespan.harvest_extra_endpoints,
             mac=agent.mac,
             machine_type=v1.machine_type,
             stun_servers=agent.stun_servers,

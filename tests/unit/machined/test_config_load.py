@@ -682,15 +682,6 @@ def test_advertise_kubernetes_networks_warns_it_has_no_effect():
     assert any("advertiseKubernetesNetworks has no effect" in str(w) for w in cfg.warnings)
 
 
-def test_harvest_extra_endpoints_tristate():
-    docs = base_docs()
-    assert MachineConfig.from_documents(docs).mesh().publish_learned is True  # unset: our default
-    doc(docs, "KubeSpanConfig")["harvestExtraEndpoints"] = False
-    assert MachineConfig.from_documents(docs).mesh().publish_learned is False
-    doc(docs, "KubeSpanConfig")["harvestExtraEndpoints"] = True
-    assert MachineConfig.from_documents(docs).mesh().publish_learned is True
-
-
 def test_null_reads_as_absent():
     docs = base_docs()
     doc(docs, "AgentConfig")["wireguard"] = None

@@ -472,3 +472,26 @@ def test_legacy_discovery_pair_names_every_document() -> None:
         for p in found
     ), found
     assert any(p.startswith("DiscoveryServiceConfig (document 4).name") for p in found)
+
+
+# --- item 7: harvestExtraEndpoints unset = false ------------------------------------------------------------
+# talos types/network/kubespan.go KubeSpanConfigV1Alpha1.HarvestExtraEndpoints and v1alpha1_provider.go
+# NetworkKubeSpan.HarvestExtraEndpoints: the *bool field harvestExtraEndpoints dereferenced safely (nil = false).
+
+HARVEST_CASES = [
+    # (where, harvestExtraEndpoints (None = unset), publish learned endpoints)
+    pytest.param("doc", None, False, id="KubeSpanConfig-unset"),
+    pytest.param("doc", False, False, id="KubeSpanConfig-false"),
+    pytest.param("doc", True, True, id="KubeSpanConfig-true"),
+    pytest.param("v1", None, False, id="v1alpha1-unset"),
+    pytest.param("v1", True, True, id="v1alpha1-true"),
+]
+
+
+@pytest.mark.parametrize(("where", "harvest", "published"), HARVEST_CASES)
+def test_harvest_extra_endpoints(where: str, harvest: bool | None, published: bool) -> None:
+    docs = _kubespan_docs(where, **({} if harvest is None else {"harvestExtraEndpoints": harvest}))
+    cfg = MachineConfig.from_documents(docs)
+    assert cfg.kubespan.harvest_extra_endpoints is published
+    assert cfg.mesh().publish_learned is published
+    assert cfg.mesh_options("host").publish_learned is published
