@@ -33,7 +33,7 @@ import grpc
 
 from discovery.client.client import DiscoveryClient
 from discovery.etcd.client import EtcdClient, EventType
-from discovery.testing import ServerProcess
+from discovery.testing import ServerProcess, etcd_store_flags
 from spanapi.discovery.client import affiliate_pb2
 from spanapi.discovery.server import cluster_pb2 as pb
 from spanapi.discovery.server import cluster_pb2_grpc as rpc
@@ -165,11 +165,9 @@ def main() -> int:
         etcd = stack.enter_context(EtcdLab(Path(tmp) / "etcd", 3))
         flags = [
             *base,
-            "--store",
-            "etcd",
             "--etcd-lease-bucket",
             "1",
-            *(a for e in etcd.endpoints for a in ("--etcd-endpoint", e)),
+            *etcd_store_flags(etcd.endpoints),
         ]
         replicas = [stack.enter_context(ServerProcess(None, *flags)) for _ in range(3)]
         runs: dict[str, list[float]] = {"embedded": [], "one": [], "three": []}

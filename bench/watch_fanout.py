@@ -29,7 +29,7 @@ from pathlib import Path
 
 import grpc
 
-from discovery.testing import ServerProcess
+from discovery.testing import ServerProcess, etcd_store_flags
 from spanapi.discovery.server import cluster_pb2 as pb
 from spanapi.discovery.server import cluster_pb2_grpc as rpc
 from spanutil.etcdlab import EtcdLab
@@ -134,7 +134,7 @@ def main() -> int:
         flags = ["--no-rpc-log", "--max-watches-per-ip", "0"]
         if ns.etcd:
             etcd = stack.enter_context(EtcdLab(Path(tmp) / "etcd", ns.etcd))
-            flags += ["--store", "etcd", *(a for e in etcd.endpoints for a in ("--etcd-endpoint", e))]
+            flags += etcd_store_flags(etcd.endpoints)
             servers = [stack.enter_context(ServerProcess(None, *flags)) for _ in range(ns.replicas)]
         else:
             servers = [stack.enter_context(ServerProcess(Path(tmp) / "state", *flags))]

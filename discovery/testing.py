@@ -21,6 +21,11 @@ from types import TracebackType
 from typing import Any, Self
 
 
+def etcd_store_flags(endpoints: Sequence[str]) -> list[str]:
+    """discovery-service flags that make it a replica on the etcd members at ``endpoints``."""
+    return ["--store", "etcd", *(a for e in endpoints for a in ("--etcd-endpoint", e))]
+
+
 class ServerProcess:
     def __init__(
         self,

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from discovery.testing import etcd_store_flags
 from netns.lab import Lab, LabError, Node
 from netns.mesh import discovery_argv
 from spanutil.etcdlab import EtcdLab, EtcdMember
@@ -118,9 +119,8 @@ class RegistryHA:
     # -- registry replicas ---------------------------------------------------------------------------
 
     def start_replica(self, r: Replica, *extra: str) -> None:
-        eps = [a for url in self.etcd_endpoints() for a in ("--etcd-endpoint", url)]
         r.proc = r.node.popen(
-            *discovery_argv(r.addr, "--rate-limit", "0", "--store", "etcd", *eps, *extra),
+            *discovery_argv(r.addr, "--rate-limit", "0", *etcd_store_flags(self.etcd_endpoints()), *extra),
             log=self.lab.dir / f"discovery-{r.name}.log",
             private_run=False,
         )

@@ -1,13 +1,17 @@
-"""Integration fixtures: real discovery-service processes on loopback."""
+"""Integration fixtures: real discovery-service processes on loopback, and registry replicas on a real etcd."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from discovery.limits import Limits
+from discovery.server.etcdstore import EtcdBackend
 from discovery.testing import ServerProcess
+from spanutil.etcdlab import EtcdLab, etcd_binary
 
 
 @pytest.fixture
@@ -25,3 +29,42 @@ def discovery_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for s in started:
         s.kill()
+
+
+_prefixes = itertools.count()
+NO_ETCD = "etcd is not installed (Debian: etcd-server, which `make sysdeps` installs; or set $ETCD_BIN)"
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdLab]:
+    """One etcd member for a test module; its tests skip where etcd is missing."""
+    if etcd_binary() is None:
+        pytest.skip(NO_ETCD)
+    with EtcdLab(tmp_path_factory.mktemp("etcd"), 1) as lab:
+        yield lab
+
+
+@pytest.fixture
+async def replicas(etcd: EtcdLab) -> AsyncIterator[object]:
+    """Factory: ``await replicas(n, bucket=2.0, limits=None)`` → n started, ready EtcdBackends on one
+    fresh prefix of ``etcd``; all stopped at teardown."""
+    prefix = f"/etcd-test-{next(_prefixes)}/"
+    made: list[EtcdBackend] = []
+
+    async def factory(n: int, bucket: float = 2.0, limits: Limits | None = None) -> list[EtcdBackend]:
+        out = [
+            EtcdBackend(
+                etcd.endpoints, prefix=prefix, bucket=bucket, limits=limits or Limits(), probe_interval=0.2
+            )
+            for _ in range(n)
+        ]
+        for b in out:
+            await b.start()
+        for b in out:
+            assert await b.wait_ready(10), b.health()
+        made.extend(out)
+        return out
+
+    yield factory
+    for b in made:
+        await b.stop()

@@ -22,18 +22,9 @@ from test_discovery_server import (  # noqa: F401  (collected here again, with t
 )
 
 from discovery.testing import ServerProcess
-from spanutil.etcdlab import EtcdLab, etcd_binary
+from spanutil.etcdlab import EtcdLab
 
-NO_ETCD = "etcd is not installed (Debian: etcd-server, which `make sysdeps` installs; or set $ETCD_BIN)"
 _prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdLab]:
-    if etcd_binary() is None:
-        pytest.skip(NO_ETCD)
-    with EtcdLab(tmp_path_factory.mktemp("etcd-server"), 1) as lab:
-        yield lab
 
 
 @pytest.fixture

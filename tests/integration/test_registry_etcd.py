@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -21,7 +19,6 @@ import pytest
 
 from discovery import crypto
 from discovery.etcd.client import EtcdClient
-from discovery.limits import Limits
 from discovery.server.backend import StoreUnavailable
 from discovery.server.etcdstore import EtcdBackend
 from discovery.server.state import RegistryError, Subscription
@@ -34,38 +31,6 @@ from spanutil.etcdlab import EtcdLab, etcd_binary
 NO_ETCD = "etcd is not installed (Debian: etcd-server, which `make sysdeps` installs; or set $ETCD_BIN)"
 pytestmark = pytest.mark.skipif(etcd_binary() is None, reason=NO_ETCD)
 CID = "etcd-cluster"
-_prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdLab]:
-    with EtcdLab(tmp_path_factory.mktemp("etcd-registry"), 1) as lab:
-        yield lab
-
-
-@pytest.fixture
-async def replicas(etcd: EtcdLab) -> AsyncIterator[object]:
-    """Factory: ``await replicas(n, bucket=2.0, limits=None)`` → n started backends on one prefix."""
-    prefix = f"/etcd-test-{next(_prefixes)}/"
-    made: list[EtcdBackend] = []
-
-    async def factory(n: int, bucket: float = 2.0, limits: Limits | None = None) -> list[EtcdBackend]:
-        out = [
-            EtcdBackend(
-                etcd.endpoints, prefix=prefix, bucket=bucket, limits=limits or Limits(), probe_interval=0.2
-            )
-            for _ in range(n)
-        ]
-        for b in out:
-            await b.start()
-        for b in out:
-            assert await b.wait_ready(10), b.health()
-        made.extend(out)
-        return out
-
-    yield factory
-    for b in made:
-        await b.stop()
 
 
 async def changes(sub: Subscription, n: int, within: float = 10.0) -> list:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -19,37 +17,7 @@ from spanutil.etcdlab import EtcdLab, etcd_binary
 
 pytestmark = pytest.mark.skipif(etcd_binary() is None, reason="etcd is not installed")
 CID = "fast-cluster"
-_prefixes = itertools.count()
 EP = [bytes([i]) * 16 for i in range(1, 9)]
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdLab]:
-    with EtcdLab(tmp_path_factory.mktemp("etcd-fast"), 1) as lab:
-        yield lab
-
-
-@pytest.fixture
-async def replicas(etcd: EtcdLab) -> AsyncIterator[object]:
-    prefix = f"/etcd-fast-{next(_prefixes)}/"
-    made: list[EtcdBackend] = []
-
-    async def factory(n: int, limits: Limits | None = None) -> list[EtcdBackend]:
-        out = [
-            EtcdBackend(
-                etcd.endpoints, prefix=prefix, bucket=2.0, limits=limits or Limits(), probe_interval=0.2
-            )
-            for _ in range(n)
-        ]
-        for b in out:
-            await b.start()
-            assert await b.wait_ready(10), b.health()
-        made.extend(out)
-        return out
-
-    yield factory
-    for b in made:
-        await b.stop()
 
 
 async def _stored(b: EtcdBackend, aid: str) -> tuple[bytes, tuple[bytes, ...]] | None:
@@ -105,7 +73,7 @@ async def test_a_stale_view_of_a_deleted_affiliate_recreates_it(replicas) -> Non
 
 
 async def test_endpoint_limit_is_exact_when_replicas_race_on_one_affiliate(replicas) -> None:
-    reps = await replicas(2, Limits(endpoints_per_affiliate_max=4))
+    reps = await replicas(2, limits=Limits(endpoints_per_affiliate_max=4))
     assert await reps[0].update(CID, "x", b"d", [EP[0]], 30)
     for r in reps:
         await r._barrier()

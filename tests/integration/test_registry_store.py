@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,20 +16,11 @@ from discovery.server.backend import Backend, EmbeddedBackend
 from discovery.server.etcdstore import EtcdBackend
 from discovery.server.state import Registry, RegistryError
 from discovery.server.storage import Store
-from spanutil.etcdlab import EtcdLab, etcd_binary
+from spanutil.etcdlab import EtcdLab
 
-NO_ETCD = "etcd is not installed (Debian: etcd-server, which `make sysdeps` installs; or set $ETCD_BIN)"
 CID = "store-cluster"
 E = [bytes([i]) * 16 for i in range(1, 80)]
 _prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdLab]:
-    if etcd_binary() is None:
-        pytest.skip(NO_ETCD)
-    with EtcdLab(tmp_path_factory.mktemp("etcd-store"), 1) as lab:
-        yield lab
 
 
 async def etcd_backend(lab: EtcdLab, limits: Limits | None = None, prefix: str | None = None) -> EtcdBackend:
