@@ -37,12 +37,20 @@ def etcd_binary() -> str | None:
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (a small race with other processes remains)."""
+def free_port(host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
+    """A TCP port nothing listens on right now and not in ``taken`` (which it joins): the kernel may
+    hand the same just-closed port out twice in a row, which once gave a member the same client and
+    peer port. A small race with other processes remains."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if taken is None:
+            return port
+        if port not in taken:
+            taken.add(port)
+            return port
 
 
 def _url(host: str, port: int, scheme: str = "http") -> str:
@@ -214,12 +222,13 @@ class EtcdLab:
         self.wrap = wrap
         self.extra_args = list(extra_args)
         self.token = token
+        taken: set[int] = set()  # every port of this cluster distinct
         self.members = [
             EtcdMember(
                 name=f"m{i}",
                 host=h,
-                client_port=free_port(h) if wrap is None else 2379,
-                peer_port=free_port(h) if wrap is None else 2380,
+                client_port=free_port(h, taken) if wrap is None else 2379,
+                peer_port=free_port(h, taken) if wrap is None else 2380,
                 data_dir=root / f"m{i}.etcd",
                 log_path=root / f"m{i}.log",
                 tls=tls,
