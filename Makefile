@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The kernel lab (make test-kernel): Debian's kernel (WireGuard, netem) booted by virtme-ng under QEMU.
 KERNEL_LAB_APT := qemu-system-x86 linux-image-amd64 busybox-static
-APT_PACKAGES := python3 python3-venv python3-dev gcc wireguard-go wireguard-tools nftables iproute2 iputils-ping procps kmod nghttp2-client systemd nginx-light etcd-server etcd-client
+APT_PACKAGES := python3 python3-venv python3-dev gcc wireguard-go wireguard-tools nftables iproute2 iputils-ping procps kmod nghttp2-client systemd nginx-light etcd-server etcd-client prometheus chromium
 
 .PHONY: setup sysdeps kernel-lab-deps venv demo demo-discovery test test-kernel lint format unit integration bench proto clean
 
