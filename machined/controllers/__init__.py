@@ -11,7 +11,7 @@ inputs and are woken by the runtime. Every controller writes only what changed.
 from __future__ import annotations
 
 from .base import Outputs, rfc3339
-from .cluster import AffiliateController, MemberController
+from .cluster import LOCAL_IDENTITY, AffiliateController, MemberController, NodeIdentityController
 from .config import (
     KUBESPAN_CONFIG_ID,
     MACHINE_CONFIG_ID,
@@ -40,6 +40,7 @@ from .runtime import (
 __all__ = [
     "IDENTITY_ID",
     "KUBESPAN_CONFIG_ID",
+    "LOCAL_IDENTITY",
     "MACHINED_SERVICE",
     "MACHINE_CONFIG_ID",
     "MACHINE_STATUS_ID",
@@ -56,6 +57,7 @@ __all__ = [
     "MemberController",
     "NetworkStatusController",
     "NodeAddressController",
+    "NodeIdentityController",
     "Outputs",
     "ServiceController",
     "kubespan_config_spec",

@@ -1,5 +1,6 @@
-"""Cluster membership as resources (namespace ``cluster``): Affiliates (this node and every node
-discovery reports) and Members (one per affiliate, keyed by node name), as Talos publishes them.
+"""Cluster membership as resources (namespace ``cluster``): this node's Identity (id ``local``),
+Affiliates (this node and every node discovery reports) and Members (one per affiliate, keyed by
+node name), as Talos publishes them.
 
 Affiliates come from the engine's :class:`~kubespan.snapshot.MeshSnapshot`, already decoded: nothing
 here decodes an affiliate again."""
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from machined.runtime import Controller, ControllerContext, Output, weak
-from machined.state.catalog import AFFILIATE, MEMBER, NS_CLUSTER
+from machined.state.catalog import AFFILIATE, IDENTITY, MEMBER, NS_CLUSTER
 
 from .base import Outputs
 
@@ -19,6 +20,30 @@ if TYPE_CHECKING:
     from machined.daemon.meshhost import MeshHost
 
 AFFILIATE_TIMER = 30.0
+LOCAL_IDENTITY = "local"  # Talos's id of the node's own Identity
+
+
+class NodeIdentityController(Controller):
+    """Publishes ``Identities.cluster.talos.dev/local`` with spec ``nodeId``.
+
+    As in Talos, the node id is random (base62 of 32 bytes), made once and kept in the state
+    directory, so it survives restarts and changes only when the state is wiped. It is the same id
+    the mesh publishes as this node's affiliate id (both read ``node_id()``, which creates the file
+    on first use); it exists whether or not the mesh runs."""
+
+    name = "cluster.NodeIdentityController"
+    outputs = (Output(IDENTITY),)
+
+    def __init__(self, node_id: Callable[[], str]) -> None:
+        self.node_id = node_id
+        self.out = Outputs(NS_CLUSTER, IDENTITY)
+        self._id: str | None = None
+
+    async def reconcile(self, ctx: ControllerContext) -> None:
+        if self._id is None:
+            self._id = self.node_id()
+        await self.out.put(ctx, LOCAL_IDENTITY, {"nodeId": self._id})
+        await self.out.cleanup(ctx)
 
 
 def _affiliate_spec(

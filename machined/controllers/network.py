@@ -65,9 +65,14 @@ class NetworkStatusController(Controller):
             await out.cleanup(ctx)
 
 
-def _sort_key(text: str) -> tuple[int, int]:
-    ip = ipaddress.ip_interface(text).ip
-    return ip.version, int(ip)
+#: Talos's name for the order below (``nethelpers.AddressSortAlgorithm``: v1 compares addresses, IPv4
+#: first, then prefix lengths); NodeAddress specs say which order their lists are in.
+SORT_ALGORITHM = "v1"
+
+
+def _sort_key(text: str) -> tuple[int, int, int]:
+    iface = ipaddress.ip_interface(text)
+    return iface.ip.version, int(iface.ip), iface.network.prefixlen
 
 
 class NodeAddressController(Controller):
@@ -104,8 +109,11 @@ class NodeAddressController(Controller):
         current.sort(key=_sort_key)
         routed.sort(key=_sort_key)
         self._seen.update(current)
-        await self.out.put(ctx, "current", {"addresses": current})
-        await self.out.put(ctx, "routed", {"addresses": routed})
-        await self.out.put(ctx, "default", {"addresses": routed[:1]})
-        await self.out.put(ctx, "accumulative", {"addresses": sorted(self._seen, key=_sort_key)})
+        for id, addresses in (
+            ("current", current),
+            ("routed", routed),
+            ("default", routed[:1]),
+            ("accumulative", sorted(self._seen, key=_sort_key)),
+        ):
+            await self.out.put(ctx, id, {"addresses": addresses, "sortAlgorithm": SORT_ALGORITHM})
         await self.out.cleanup(ctx)

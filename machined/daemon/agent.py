@@ -46,6 +46,7 @@ from machined.controllers import (
     MemberController,
     NetworkStatusController,
     NodeAddressController,
+    NodeIdentityController,
     ServiceController,
 )
 from machined.runtime import Runtime
@@ -359,6 +360,13 @@ class Agent:
         self.machined_event("machined is running")
         log_event(log, "machined running", socket=str(self.opts.socket) if self.opts.serve_api else None)
 
+    def _node_id(self) -> str:
+        """The node id in the state directory (created on first use; the mesh reads the same file)."""
+        from kubespan.engine import load_node_id
+
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return load_node_id(self.state_dir)
+
     def _register_controllers(self, cfg: MachineConfig) -> None:
         def machine_type() -> str:
             running = self.config.running
@@ -372,6 +380,7 @@ class Agent:
             KubeSpanPeerStatusController(self.meshhost),
             KubeSpanNATStatusController(self.meshhost),
             KubeSpanEndpointController(),
+            NodeIdentityController(self._node_id),
             AffiliateController(self.meshhost, machine_type),
             MemberController(),
             NetworkStatusController(self.netinfo),

@@ -2,9 +2,9 @@
 
 Type names, namespaces and sensitivity follow Talos (see
 ``reference/machined.md`` §2) so that ``talosctl get kubespanpeerstatuses``
-works against us. Print columns: KubeSpanPeerStatuses is Talos's (LABEL
-ENDPOINT STATE RX TX over the camelCase spec keys); the others are small
-sensible choices of ours. Spec keys are camelCase, as in Talos's YAML.
+works against us. Print columns and aliases of Talos's types are Talos's (names and
+JSONPaths from each type's ``ResourceDefinition`` in Talos's ``pkg/machinery/resources``);
+KubeSpanNATStatuses is ours alone. Spec keys are camelCase, as in Talos's YAML.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ KUBESPAN_PEER_STATUS = "KubeSpanPeerStatuses.kubespan.talos.dev"
 KUBESPAN_ENDPOINT = "KubeSpanEndpoints.kubespan.talos.dev"
 KUBESPAN_NAT_STATUS = "KubeSpanNATStatuses.kubespan.talos.dev"  # ours: endpoint discovery (STUN)
 AFFILIATE = "Affiliates.cluster.talos.dev"
+IDENTITY = "Identities.cluster.talos.dev"  # this node's cluster identity (id "local")
 MEMBER = "Members.cluster.talos.dev"
 LINK_STATUS = "LinkStatuses.net.talos.dev"
 ADDRESS_STATUS = "AddressStatuses.net.talos.dev"
@@ -43,7 +44,12 @@ def _cols(*pairs: tuple[str, str]) -> tuple[PrintColumn, ...]:
 
 MESH_DEFINITIONS: tuple[ResourceDefinition, ...] = (
     ResourceDefinition(KUBESPAN_CONFIG, NS_CONFIG, sensitive=True),
-    ResourceDefinition(KUBESPAN_IDENTITY, NS_KUBESPAN, sensitive=True),
+    ResourceDefinition(
+        KUBESPAN_IDENTITY,
+        NS_KUBESPAN,
+        sensitive=True,
+        print_columns=_cols(("Address", "{.address}"), ("PublicKey", "{.publicKey}")),
+    ),
     ResourceDefinition(
         KUBESPAN_PEER_SPEC,
         NS_KUBESPAN,
@@ -77,7 +83,14 @@ MESH_DEFINITIONS: tuple[ResourceDefinition, ...] = (
             ("Error", "{.error}"),
         ),
     ),
-    ResourceDefinition(AFFILIATE, NS_CLUSTER),
+    ResourceDefinition(
+        AFFILIATE,
+        NS_CLUSTER,
+        print_columns=_cols(
+            ("Hostname", "{.hostname}"), ("Machine Type", "{.machineType}"), ("Addresses", "{.addresses}")
+        ),
+    ),
+    ResourceDefinition(IDENTITY, NS_CLUSTER, print_columns=_cols(("ID", "{.nodeId}"))),
     ResourceDefinition(
         MEMBER,
         NS_CLUSTER,
@@ -93,6 +106,7 @@ MESH_DEFINITIONS: tuple[ResourceDefinition, ...] = (
         NS_NETWORK,
         aliases=("link", "links"),
         print_columns=_cols(
+            ("Alias", "{.alias}"),
             ("Type", "{.type}"),
             ("Kind", "{.kind}"),
             ("Hw Addr", "{.hardwareAddr}"),
@@ -117,10 +131,15 @@ MESH_DEFINITIONS: tuple[ResourceDefinition, ...] = (
             ("Metric", "{.priority}"),
         ),
     ),
-    ResourceDefinition(NODE_ADDRESS, NS_NETWORK, print_columns=_cols(("Addresses", "{.addresses}"))),
+    ResourceDefinition(
+        NODE_ADDRESS,
+        NS_NETWORK,
+        print_columns=_cols(("Addresses", "{.addresses}"), ("SortAlgorithm", "{.sortAlgorithm}")),
+    ),
     ResourceDefinition(
         SERVICE,
         NS_RUNTIME,
+        aliases=("svc",),
         print_columns=_cols(
             ("Running", "{.running}"), ("Healthy", "{.healthy}"), ("Health Unknown", "{.unknown}")
         ),

@@ -80,12 +80,40 @@ def _walk(values: list[Any], step: str | int) -> list[Any]:
     return out
 
 
-def _cell(v: Any) -> str:
+_GO_JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def go_json(v: Any, indent: int | None = None) -> str:
+    """JSON as Go's ``encoding/json`` writes it (what talosctl prints for lists and maps): map keys
+    sorted, non-ASCII kept, ``<``, ``>``, ``&`` and U+2028/2029 escaped; compact unless ``indent``."""
+    text = json.dumps(
+        v,
+        sort_keys=True,
+        ensure_ascii=False,
+        default=str,
+        indent=indent,
+        separators=(",", ": ") if indent is not None else (",", ":"),
+    )
+    for ch, esc in _GO_JSON_ESCAPES.items():
+        text = text.replace(ch, esc)
+    return text
+
+
+def go_text(v: Any) -> str:
+    """A scalar as Go's ``fmt.Print`` shows it (lists and maps: :func:`go_json`)."""
     if v is None:
         return ""
     if isinstance(v, str):
         return v
-    return json.dumps(v, separators=(",", ":"), default=str)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple, dict)):
+        return go_json(v)
+    return str(v)
+
+
+def _cell(v: Any) -> str:
+    return go_text(v)
 
 
 @dataclass(frozen=True, slots=True)

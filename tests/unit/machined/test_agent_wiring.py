@@ -4,6 +4,7 @@ config changes applied per ChangeEffects, and shutdown order."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from machined.services.fake import FakeSpawner
 from machined.state import Resource
 from machined.state.catalog import (
     AFFILIATE,
+    IDENTITY,
     KUBESPAN_CONFIG,
     KUBESPAN_ENDPOINT,
     KUBESPAN_IDENTITY,
@@ -247,11 +249,37 @@ async def test_network_status_and_node_addresses(make):
     link = await eventually(lambda: find(a, NS_NETWORK, LINK_STATUS, "eth0"), "link status")
     assert link.spec["type"] == "ether"
     routed = await eventually(lambda: find(a, NS_NETWORK, NODE_ADDRESS, "routed"), "node addresses")
-    assert routed.spec == {"addresses": ["10.5.0.1/24"]}
+    # sortAlgorithm: Talos's name of the order (v1: IPv4 first, by address, then prefix length)
+    assert routed.spec == {"addresses": ["10.5.0.1/24"], "sortAlgorithm": "v1"}
     current = await find(a, NS_NETWORK, NODE_ADDRESS, "current")
-    assert current.spec == {"addresses": ["10.5.0.1/24", "fd00::1/64"]}  # the mesh link counts as current
+    assert current.spec["addresses"] == ["10.5.0.1/24", "fd00::1/64"]  # the mesh link counts as current
     default = await find(a, NS_NETWORK, NODE_ADDRESS, "default")
-    assert default.spec == {"addresses": ["10.5.0.1/24"]}
+    assert default.spec == {"addresses": ["10.5.0.1/24"], "sortAlgorithm": "v1"}
+
+
+# --- the node identity ---------------------------------------------------------------------------------
+
+
+async def test_node_identity_is_the_affiliate_id_and_survives_a_restart(make, world, tmp_path):
+    a = await make(cfg())
+    ident = await eventually(lambda: find(a, NS_CLUSTER, IDENTITY, "local"), "node identity")
+    node_id = ident.spec["nodeId"]
+    assert set(ident.spec) == {"nodeId"}
+    assert re.fullmatch(r"[0-9A-Za-z]{30,43}", node_id)  # base62 of 32 random bytes
+    assert node_id == world.mesh.node_id  # the id this node publishes to discovery
+    local = await eventually(lambda: find(a, NS_CLUSTER, AFFILIATE, node_id), "local affiliate")
+    assert local.spec["nodeId"] == node_id
+    assert not a.state.definition(IDENTITY).sensitive
+    await a.stop()
+    b = await make(cfg())
+    again = await eventually(lambda: find(b, NS_CLUSTER, IDENTITY, "local"), "node identity again")
+    assert again.spec == {"nodeId": node_id}
+
+
+async def test_node_identity_without_the_mesh(make, tmp_path):
+    a = await make(cfg(kubespan=False), state="nomesh")
+    ident = await eventually(lambda: find(a, NS_CLUSTER, IDENTITY, "local"), "node identity")
+    assert ident.spec["nodeId"] == (tmp_path / "nomesh" / "node-id").read_text().strip()
 
 
 # --- services and the mesh -------------------------------------------------------------------------

@@ -33,6 +33,7 @@ def test_mesh_types_in_talos_names_namespaces_and_sensitivity():
         "KubeSpanPeerStatuses.kubespan.talos.dev": ("kubespan", False),
         "KubeSpanEndpoints.kubespan.talos.dev": ("kubespan", False),
         "Affiliates.cluster.talos.dev": ("cluster", False),
+        "Identities.cluster.talos.dev": ("cluster", False),
         "Members.cluster.talos.dev": ("cluster", False),
         "LinkStatuses.net.talos.dev": ("network", False),
         "AddressStatuses.net.talos.dev": ("network", False),
