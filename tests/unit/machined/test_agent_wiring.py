@@ -4,12 +4,15 @@ config changes applied per ChangeEffects, and shutdown order."""
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+import yaml
 
 from machined.config import ApplyMode
 from machined.config.testing import ManualTimer, config_yaml, new_secret
@@ -274,6 +277,36 @@ async def test_node_identity_is_the_affiliate_id_and_survives_a_restart(make, wo
     b = await make(cfg())
     again = await eventually(lambda: find(b, NS_CLUSTER, IDENTITY, "local"), "node identity again")
     assert again.spec == {"nodeId": node_id}
+
+
+async def test_node_identity_is_served_through_the_resource_api(make, tmp_path):
+    """Over the machine API socket (real gRPC): the resource API by alias, and spanctl's table with
+    Talos's ID column."""
+    from machined.api.server import serve
+    from machined.spanctl import main as spanctl
+    from spanapi.talos.cosi import state_pb2, state_pb2_grpc
+
+    a = await make(cfg())
+    ident = await eventually(lambda: find(a, NS_CLUSTER, IDENTITY, "local"), "node identity")
+    path = tmp_path / "api" / "machine.sock"
+    server = await serve(a, path)
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{path}") as ch:
+            r = await state_pb2_grpc.StateStub(ch).Get(
+                state_pb2.GetRequest(type="identities", id="local"), metadata=(("talos-role", "os:reader"),)
+            )
+        md = r.resource.metadata
+        assert (md.namespace, md.type, md.id) == ("cluster", IDENTITY, "local")
+        assert yaml.safe_load(r.resource.spec.yaml_spec) == {"nodeId": ident.spec["nodeId"]}
+        out, err = io.StringIO(), io.StringIO()
+        rc = await asyncio.to_thread(spanctl.main, ["--socket", str(path), "get", "identities"], out, err)
+        assert rc == 0, err.getvalue()
+        header, row = out.getvalue().splitlines()
+        assert header.split() == ["NODE", "NAMESPACE", "TYPE", "ID", "VERSION", "ID"]
+        assert row.split()[1:4] == ["cluster", "Identities", "local"]
+        assert row.split()[-1] == ident.spec["nodeId"]
+    finally:
+        await server.stop(0)
 
 
 async def test_node_identity_without_the_mesh(make, tmp_path):
