@@ -1,13 +1,7 @@
 """The etcd store: stateless registry replicas that share one etcd v3 cluster (issue 15).
 
-Keys, under the client's namespace (``--etcd-prefix``, default ``/discovery/``); IDs are %-escaped so
-that they hold no ``/``:
-
-- ``c/<cluster>/a/<affiliate>``: the affiliate's encrypted data blob (empty for a data-less one);
-- ``c/<cluster>/e/<affiliate>/<hex endpoint>``: one key per encrypted endpoint (empty value), so etcd
-  expires each endpoint on its own;
-- ``l/<bucket>``: the ID of the shared lease of one time bucket (the key is on that lease);
-- ``s/<replica>``: a replica's barrier key (written before a Watch snapshot, see :meth:`subscribe`).
+Keys (:mod:`discovery.server.etcdkeys`): one per affiliate data blob, one per encrypted endpoint (so
+etcd expires each on its own), one per bucket lease, one barrier key per replica.
 
 TTL: one lease per time bucket of ``bucket`` seconds, never one per key. A key that must live until
 ``now + ttl`` goes on bucket ``floor((now + ttl) / bucket) + 1``, whose lease ends at that bucket's end:
@@ -22,8 +16,8 @@ retries on conflict: the per-cluster and per-affiliate limits hold exactly acros
 
 The fast path (:meth:`EtcdBackend._fast_update`): an affiliate the mirror holds is updated without that
 read, planned on the mirror's view at its applied revision A with the same guards taken at A; writes of
-different affiliates share Txns (group commit). A failed compare, a lost lease or a validation error on
-that view falls back to the read path.
+different affiliates share Txns (:mod:`discovery.server.groupcommit`). A failed compare, a lost lease
+or a validation error on that view falls back to the read path.
 
 Each replica mirrors the whole prefix in a :class:`Registry` (TTL GC off: entries leave only on etcd
 DELETE events) fed by one etcd watch, and hands out the mirror's subscriptions for Watch. An update is
@@ -34,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 import math
@@ -44,7 +37,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import quote, unquote
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -65,6 +57,17 @@ from discovery.etcd.client import (
 )
 from discovery.limits import DEFAULT_LIMITS, Limits
 from discovery.server.backend import StoreUnavailable
+from discovery.server.etcdkeys import (
+    affiliate_key,
+    affiliate_prefix,
+    barrier_key,
+    cluster_prefix,
+    endpoint_prefix,
+    escape_id,
+    lease_key,
+    parse_key,
+)
+from discovery.server.groupcommit import GroupCommit
 from discovery.server.state import AffiliateView, GcStats, Registry, RegistryError, Subscription
 from spanutil.logs import log_event
 
@@ -76,59 +79,7 @@ DEFAULT_PREFIX = "/discovery/"
 DEFAULT_BUCKET = 60.0  # seconds per shared lease
 PROBE_INTERVAL = 1.0
 CONTENTION_TIMEOUT = 30.0  # how long an update retries Txns that lost to concurrent writes
-# Fast-path writes of different affiliates share Txns: at most this many in flight at once, each with
-# at most BATCH_OPS operations and compares (etcd's --max-txn-ops defaults to 128) and BATCH_BYTES of
-# keys and values (etcd's --max-request-bytes defaults to 1.5 MiB).
-BATCH_FLIGHTS = 1
-BATCH_OPS = 128
-BATCH_BYTES = 512 * 1024
 _INF = math.inf
-# Characters kept as they are in an ID; "/" and "%" (and everything else) are %-escaped.
-_SAFE = "-_.~+=:@!$&'()*,;"
-
-
-@functools.lru_cache(maxsize=1 << 14)
-def escape_id(value: str) -> str:
-    """An ID as it appears in a key: UTF-8, %-escaped, without ``/`` (memoized: every update and
-    watch event of an affiliate builds or parses its keys)."""
-    return quote(value, safe=_SAFE)
-
-
-@functools.lru_cache(maxsize=1 << 14)
-def _unescape(part: bytes) -> str:
-    return unquote(part.decode(), errors="strict")
-
-
-def _akey(cid: str, aid: str) -> str:
-    return f"c/{escape_id(cid)}/a/{escape_id(aid)}"
-
-
-def _aprefix(cid: str) -> str:
-    return f"c/{escape_id(cid)}/a/"
-
-
-def _eprefix(cid: str, aid: str) -> str:
-    return f"c/{escape_id(cid)}/e/{escape_id(aid)}/"
-
-
-def _lkey(bucket: int) -> str:
-    return f"l/{bucket}"
-
-
-def _parse(key: bytes) -> tuple[str, str, bytes | None] | None:
-    """``(cluster, affiliate, endpoint or None for the data key)`` of a ``c/`` key, else None."""
-    parts = key.split(b"/")
-    try:
-        if parts[0] != b"c":
-            return None
-        cid, aid = _unescape(parts[1]), _unescape(parts[3])
-        if len(parts) == 4 and parts[2] == b"a":
-            return cid, aid, None
-        if len(parts) == 5 and parts[2] == b"e":
-            return cid, aid, bytes.fromhex(parts[4].decode())
-    except (IndexError, ValueError):
-        pass
-    return None
 
 
 def _mirror_limits(limits: Limits) -> Limits:
@@ -176,17 +127,6 @@ class _Snap:
     cluster_size: int
     bucket_of: dict[int, int]  # lease id -> bucket
     lease_of: dict[int, int]  # bucket -> lease id
-
-
-@dataclass(slots=True)
-class _Write:
-    """One affiliate's guarded write, waiting for a shared Txn: its result is (succeeded, revision)."""
-
-    affiliate: tuple[str, str]
-    compares: list[Compare]
-    ops: list[Op]
-    size: int
-    fut: asyncio.Future[bool]
 
 
 @dataclass(slots=True)
@@ -250,11 +190,12 @@ class EtcdBackend:
         self._admit: dict[str, asyncio.Lock] = {}
         self._known: dict[tuple[str, str], _Known] = {}  # see _fast_update
         self.fast_updates = 0  # updates committed without a read first
-        self.batch_flights = BATCH_FLIGHTS
-        self._writes: list[_Write] = []
-        self._flights = 0
-        self.txns_shared = 0  # shared Txns sent, and the writes they carried
-        self.writes_shared = 0
+        self.commits = GroupCommit(
+            self.client,
+            lambda: self.applied,
+            lambda rev, n: self._wait_applied(rev, "update", n),
+            self._spawn,
+        )
         self.slow_updates = 0  # updates that read first (new affiliates, conflicts, unknown leases)
         self._barrier_next: asyncio.Future[int] | None = None
         self._barrier_running: asyncio.Future[int] | None = None
@@ -308,10 +249,7 @@ class EtcdBackend:
             if not fut.done():
                 fut.set_exception(StoreUnavailable("registry store stopped"))
         self._waiters.clear()
-        for w in self._writes:
-            if not w.fut.done():
-                w.fut.set_exception(StoreUnavailable("registry store stopped"))
-        self._writes.clear()
+        self.commits.fail_all(StoreUnavailable("registry store stopped"))
         await self.client.close()
 
     def _set_problem(self, problem: str | None) -> None:
@@ -438,7 +376,9 @@ class EtcdBackend:
         if plan is None:
             # Nothing to write if the data key is still the one the mirror saw (a linearizable read).
             try:
-                res = await self.client.txn([Compare.mod(_akey(cid, aid), "==", snap.data.mod_revision)])
+                res = await self.client.txn(
+                    [Compare.mod(affiliate_key(cid, aid), "==", snap.data.mod_revision)]
+                )
             except EtcdIndeterminate:
                 return None
             except EtcdError as e:
@@ -446,7 +386,7 @@ class EtcdBackend:
             return False if res.succeeded else None
         compares, ops, changed, bucket = plan
         try:
-            succeeded = await self._shared_txn((cid, aid), compares, ops)
+            succeeded = await self.commits.commit((cid, aid), compares, ops)
         except EtcdLeaseNotFound:
             self._set_lease(bucket, None)
             return None
@@ -454,98 +394,12 @@ class EtcdBackend:
             raise self._unavailable("update", e) from None
         return changed if succeeded else None
 
-    async def _shared_txn(self, affiliate: tuple[str, str], compares: list[Compare], ops: list[Op]) -> bool:
-        """Commit ``compares``/``ops`` in a Txn shared with other affiliates' writes (group commit:
-        while ``batch_flights`` Txns are in flight, writes queue and go together in the next one).
-        The writes of one Txn touch disjoint affiliates, so each one's compares mean what they would
-        alone; a shared Txn that fails reports failure to all of its writes (each then falls back to
-        the read path). True once the Txn succeeded and the mirror applied its revision (one wait per
-        Txn, see :meth:`_ack`). Raises the Txn's EtcdError, or StoreUnavailable when the mirror does
-        not catch up in time."""
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        size = sum(len(o.key) + len(o.value) for o in ops) + sum(len(c.key) for c in compares)
-        self._writes.append(_Write(affiliate, compares, ops, size, fut))
-        if self._flights < self.batch_flights:
-            self._flights += 1
-            self._spawn(self._flush())
-        return await fut
-
-    def _take(self) -> list[_Write]:
-        """The next shared Txn's writes, in arrival order, within the limits, one per affiliate."""
-        batch: list[_Write] = []
-        rest: list[_Write] = []
-        seen: set[tuple[str, str]] = set()
-        n_ops = n_cmp = size = 0
-        for w in self._writes:
-            if batch and (
-                w.affiliate in seen
-                or n_ops + len(w.ops) > BATCH_OPS
-                or n_cmp + len(w.compares) > BATCH_OPS
-                or size + w.size > BATCH_BYTES
-            ):
-                rest.append(w)
-                continue
-            batch.append(w)
-            seen.add(w.affiliate)
-            n_ops += len(w.ops)
-            n_cmp += len(w.compares)
-            size += w.size
-        self._writes = rest
-        return batch
-
-    async def _flush(self) -> None:
-        try:
-            while self._writes:
-                batch = self._take()
-                self.txns_shared += 1
-                self.writes_shared += len(batch)
-                try:
-                    if len(batch) == 1:
-                        res = await self.client.txn(batch[0].compares, batch[0].ops)
-                    else:
-                        res = await self.client.txn(
-                            [c for w in batch for c in w.compares], [o for w in batch for o in w.ops]
-                        )
-                except BaseException as e:
-                    err = e if isinstance(e, Exception) else EtcdIndeterminate("registry store stopping")
-                    for w in batch:
-                        if not w.fut.done():
-                            w.fut.set_exception(err)
-                    if not isinstance(e, Exception):
-                        raise
-                    continue
-                if res.succeeded and self.applied < res.revision:
-                    self._spawn(self._ack(batch, res.revision))
-                    continue
-                for w in batch:
-                    if not w.fut.done():
-                        w.fut.set_result(res.succeeded)
-        finally:
-            self._flights -= 1
-
-    async def _ack(self, batch: list[_Write], revision: int) -> None:
-        """Answer a committed shared Txn's writes once the mirror applied ``revision``: one wait (and
-        one timeout) per Txn instead of one per write."""
-        try:
-            await self._wait_applied(revision, "update", len(batch))
-        except BaseException as e:
-            err = e if isinstance(e, Exception) else StoreUnavailable("registry store stopped")
-            for w in batch:
-                if not w.fut.done():
-                    w.fut.set_exception(err)
-            if not isinstance(e, Exception):
-                raise
-            return
-        for w in batch:
-            if not w.fut.done():
-                w.fut.set_result(True)
-
     async def _read(self, cid: str, aid: str, deadline: float) -> _Snap:
         """The affiliate's keys, its cluster's size and the bucket leases, at one revision."""
         ops = [
-            Op.get(_akey(cid, aid)),
-            Op.get(_eprefix(cid, aid), prefix=True),
-            Op.get(_aprefix(cid), prefix=True, count_only=True),
+            Op.get(affiliate_key(cid, aid)),
+            Op.get(endpoint_prefix(cid, aid), prefix=True),
+            Op.get(affiliate_prefix(cid), prefix=True, count_only=True),
             Op.get("l/", prefix=True),
         ]
         loop = asyncio.get_running_loop()
@@ -561,7 +415,7 @@ class EtcdBackend:
         a, e, n, leases = (r for r in res.responses if isinstance(r, RangeResult))
         eps: dict[bytes, int] = {}
         for kv in e.kvs:
-            parsed = _parse(kv.key)
+            parsed = parse_key(kv.key)
             if parsed is not None and parsed[2] is not None:
                 eps[parsed[2]] = kv.lease
         bucket_of: dict[int, int] = {}
@@ -592,7 +446,7 @@ class EtcdBackend:
         def must_move(lease: int) -> bool:
             return snap.bucket_of.get(lease, -1) < bucket
 
-        akey = _akey(cid, aid)
+        akey = affiliate_key(cid, aid)
         compares: list[Compare] = []
         # (key, value or None to keep it, keep the current lease)
         writes: list[tuple[str, bytes | None, bool]] = []
@@ -600,7 +454,7 @@ class EtcdBackend:
         if snap.data is None:
             compares += [
                 Compare.version(akey, "==", 0),
-                Compare.create(_aprefix(cid), "<", snap.revision + 1, prefix=True),
+                Compare.create(affiliate_prefix(cid), "<", snap.revision + 1, prefix=True),
             ]
             writes.append((akey, data or b"", False))
             changed = True
@@ -612,7 +466,7 @@ class EtcdBackend:
                 changed = True
             elif move:
                 writes.append((akey, None, False))
-        eprefix = _eprefix(cid, aid)
+        eprefix = endpoint_prefix(cid, aid)
         fresh = False
         seen: set[bytes] = set()
         for ep in endpoints:
@@ -657,7 +511,7 @@ class EtcdBackend:
         for b in [b for b in self._leases if b * self.bucket < now]:
             self._set_lease(b, None)
         lease = await self.client.lease_grant(max(1, math.ceil(bucket * self.bucket - now)))
-        key = _lkey(bucket)
+        key = lease_key(bucket)
         res = await self.client.txn(
             [Compare.version(key, "==", 0)],
             [Op.put(key, str(lease.id), lease=lease.id)],
@@ -687,8 +541,8 @@ class EtcdBackend:
             res = await self.client.txn(
                 (),
                 [
-                    Op.delete(_akey(cluster_id, affiliate_id)),
-                    Op.delete(_eprefix(cluster_id, affiliate_id), prefix=True),
+                    Op.delete(affiliate_key(cluster_id, affiliate_id)),
+                    Op.delete(endpoint_prefix(cluster_id, affiliate_id), prefix=True),
                 ],
             )
         except EtcdError as e:
@@ -702,7 +556,7 @@ class EtcdBackend:
         """Read from etcd (linearizable): every acknowledged update, on any replica, is in it."""
         self._rules.validate_ids(cluster_id)
         try:
-            r = await self.client.range(f"c/{escape_id(cluster_id)}/", prefix=True)
+            r = await self.client.range(cluster_prefix(cluster_id), prefix=True)
         except EtcdError as e:
             raise self._unavailable("list", e) from None
         return list(_views(r.kvs).get(cluster_id, {}).values())
@@ -760,7 +614,7 @@ class EtcdBackend:
         self._barrier_running, self._barrier_next = self._barrier_next, None
         try:
             lease = await self._lease(math.floor(self.clock() / self.bucket) + 2)
-            r = await self.client.put(f"s/{self.replica_id}", b"", lease=lease)
+            r = await self.client.put(barrier_key(self.replica_id), b"", lease=lease)
         except StoreUnavailable:
             raise
         except EtcdError as e:
@@ -882,7 +736,7 @@ class EtcdBackend:
     ) -> None:
         """Record one applied change of a ``c/`` key in ``known``."""
         if parsed is None:
-            parsed = _parse(kv.key)
+            parsed = parse_key(kv.key)
             if parsed is None:
                 return
         cid, aid, ep = parsed
@@ -914,7 +768,7 @@ class EtcdBackend:
                 if key.startswith(b"l/"):
                     self._lease_event(ev.type, ev.kv)
                     continue
-                parsed = _parse(key)
+                parsed = parse_key(key)
                 if parsed is None:
                     continue
                 self._know(self._known, ev.type, ev.kv, parsed)
@@ -946,7 +800,7 @@ def _views(kvs: Sequence[KeyValue]) -> dict[str, dict[str, AffiliateView]]:
     data: dict[tuple[str, str], KeyValue] = {}
     eps: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
     for kv in kvs:
-        parsed = _parse(kv.key)
+        parsed = parse_key(kv.key)
         if parsed is None:
             continue
         cid, aid, ep = parsed

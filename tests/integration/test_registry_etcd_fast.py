@@ -11,7 +11,8 @@ import pytest
 
 from discovery.etcd.client import EtcdClient
 from discovery.limits import Limits
-from discovery.server.etcdstore import EtcdBackend, _akey
+from discovery.server.etcdkeys import affiliate_key
+from discovery.server.etcdstore import EtcdBackend
 from discovery.server.state import RegistryError
 from spanutil.etcdlab import EtcdLab, etcd_binary
 
@@ -95,17 +96,17 @@ async def test_concurrent_writes_share_txns_one_per_affiliate(replicas, etcd: Et
     (a, b) = await replicas(2)
     aids = [f"n{i}" for i in range(40)]
     await asyncio.gather(*(a.update(CID, aid, b"0", [EP[0]], 30) for aid in aids))
-    shared = a.txns_shared, a.writes_shared
+    shared = a.commits.txns, a.commits.writes
     # two updates of the same affiliate at once, and many affiliates
     await asyncio.gather(
         *(a.update(CID, aid, f"{aid}-1".encode(), [EP[0]], 30) for aid in aids),
         a.update(CID, "n0", b"n0-2", [EP[0]], 30),
     )
-    txns, writes = a.txns_shared - shared[0], a.writes_shared - shared[1]
+    txns, writes = a.commits.txns - shared[0], a.commits.writes - shared[1]
     assert writes >= 40 and txns < writes
     got = {v.id: v.data for v in await b.list(CID)}
     assert got["n0"] in (b"n0-1", b"n0-2")
     assert all(got[aid] == f"{aid}-1".encode() for aid in aids[1:])
     async with EtcdClient(etcd.endpoints, namespace=a.client.namespace) as c:
-        kv = await c.get(_akey(CID, "n1"))
+        kv = await c.get(affiliate_key(CID, "n1"))
         assert kv is not None and kv.value == b"n1-1"
