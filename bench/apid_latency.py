@@ -138,7 +138,12 @@ def main() -> int:
         work = Path(tmp)
         s = gen.gen_secrets()
         cfg = work / "controlplane.yaml"
-        pki.write_secret_file(cfg, gen.gen_config("bench", "https://discovery.invalid/", s).controlplane)
+        pki.write_secret_file(
+            cfg,
+            gen.gen_config(
+                "bench", "https://127.0.0.1:6443", s, discovery=["https://discovery.invalid/"]
+            ).controlplane,
+        )
         try:
             t0 = time.monotonic()
             nodes = [Node("front", work, cfg)] + [Node(f"n{i}", work, cfg) for i in range(ns.nodes)]

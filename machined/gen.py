@@ -9,18 +9,22 @@
   ``worker.yaml`` (CA crt only) — multi-document machine configs that :meth:`MachineConfig.parse`
   accepts — and a client config in talosconfig's format whose certificate is signed by the CA with
   the requested roles (default ``os:admin``). :meth:`GeneratedConfig.write` writes all three 0600,
-  atomically (each holds a secret).
+  atomically (each holds a secret). As ``talosctl gen config NAME ENDPOINT``, the second argument is
+  the Kubernetes API endpoint (``cluster.controlPlane.endpoint``); the discovery services are given
+  separately, one ``DiscoveryServiceConfig`` document each (Talos 1.14's layout).
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import secrets as _random
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -34,6 +38,8 @@ TOKEN_ALPHABET = string.ascii_lowercase + string.digits
 CONTROLPLANE_FILE = "controlplane.yaml"
 WORKER_FILE = "worker.yaml"
 TALOSCONFIG_FILE = "talosconfig"
+DEFAULT_DISCOVERY_ENDPOINT = "https://discovery.talos.dev/"  # Talos's default (constants.go)
+KUBERNETES_API_PORT = 6443  # Talos's DefaultControlPlanePort: what "try:" suggestions add
 
 
 class GenError(ValueError):
@@ -156,8 +162,80 @@ class GeneratedConfig:
         return [p for p, _ in files]
 
 
+def _suggest_endpoint(text: str) -> str:
+    """``text`` as an https URL with a port (6443 when it has none), for a "try:" hint."""
+    rest = text.split("://", 1)[1] if "://" in text else text
+    host = rest.split("/", 1)[0]
+    try:
+        has_port = urlsplit("//" + host).port is not None
+    except ValueError:
+        has_port = False
+    return f"https://{host}" if has_port else f"https://{host}:{KUBERNETES_API_PORT}"
+
+
+def check_cluster_endpoint(text: str) -> None:
+    """Talos's checks of the ``gen config`` ENDPOINT (the Kubernetes API URL): an ``https://`` URL
+    with a valid host and, if given, a valid port; a path is allowed. Raises :class:`GenError` with a
+    "try:" suggestion, as talosctl does."""
+    if not isinstance(text, str) or not text.strip():
+        raise GenError("cluster endpoint must be a URL such as https://192.0.2.1:6443")
+    if "://" not in text:
+        missing = "scheme" if ":" in text.rsplit("]", 1)[-1] else "scheme and port"
+        raise GenError(f"no {missing} specified for the cluster endpoint URL; try: {_suggest_endpoint(text)}")
+    if not text.startswith("https://"):
+        raise GenError(
+            f"the cluster endpoint URL should have scheme https://; try: {_suggest_endpoint(text)}"
+        )
+    try:
+        u = urlsplit(text)
+        u.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise GenError("cluster endpoint: not a valid URL (bad host or port)") from None
+    if u.username is not None or u.password is not None:
+        raise GenError("cluster endpoint: must not contain credentials")
+    host = u.hostname or ""
+    if not host or not _valid_host(host):
+        raise GenError("cluster endpoint: must name a host (an IP address or a DNS name)")
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    return len(host) <= 253 and all(
+        0 < len(label) <= 63
+        and label[0] != "-"
+        and label[-1] != "-"
+        and all(c.isascii() and (c.isalnum() or c == "-") for c in label)
+        for label in labels
+    )
+
+
+def discovery_documents(endpoints: Sequence[str]) -> list[dict[str, Any]]:
+    """One ``DiscoveryServiceConfig`` per registry: the first named ``default`` (Talos's name for its
+    one), the next ``discovery-2``, ``discovery-3``, ... An entry may be a host list (replicas of one
+    registry); :meth:`MachineConfig.parse` checks the URLs."""
+    return [
+        {
+            "apiVersion": "v1alpha1",
+            "kind": "DiscoveryServiceConfig",
+            "name": "default" if i == 1 else f"discovery-{i}",
+            "endpoint": url,
+        }
+        for i, url in enumerate(endpoints, 1)
+    ]
+
+
 def _base_documents(
-    name: str, discovery_endpoint: str, s: Secrets, machine_type: str, cert_sans: Sequence[str]
+    name: str,
+    endpoint: str,
+    discovery: Sequence[str],
+    s: Secrets,
+    machine_type: str,
+    cert_sans: Sequence[str],
 ) -> list[dict[str, Any]]:
     ca: dict[str, str] = {"crt": _b64(s.os_ca.crt)}
     if machine_type == "controlplane":
@@ -172,14 +250,12 @@ def _base_documents(
             "cluster": {
                 "id": s.cluster_id,
                 "secret": s.cluster_secret,
+                "controlPlane": {"endpoint": endpoint},
                 "clusterName": name,
-                "discovery": {
-                    "enabled": True,
-                    "registries": {"service": {"endpoint": discovery_endpoint}},
-                },
             },
         },
         {"apiVersion": "v1alpha1", "kind": "KubeSpanConfig", "enabled": True},
+        *discovery_documents(discovery),
     ]
 
 
@@ -215,10 +291,11 @@ def talosconfig(
 
 def gen_config(
     name: str,
-    discovery_endpoint: str,
+    endpoint: str,
     secrets: Secrets | None = None,
     patches: Sequence[Patch | str | bytes] = (),
     *,
+    discovery: Sequence[str],
     controlplane_patches: Sequence[Patch | str | bytes] = (),
     worker_patches: Sequence[Patch | str | bytes] = (),
     endpoints: Sequence[str] = ("127.0.0.1",),
@@ -228,21 +305,30 @@ def gen_config(
 ) -> GeneratedConfig:
     """Machine configs for both node types and an admin client config.
 
+    ``endpoint`` is the Kubernetes API URL (``https://host:6443``), as talosctl's second argument,
+    checked by :func:`check_cluster_endpoint`. ``discovery`` lists the discovery services (at least
+    one: KubeSpan finds its peers there); spanctl's default is :data:`DEFAULT_DISCOVERY_ENDPOINT`,
+    but the library has none, so a caller never registers with a public service by accident.
     ``patches`` apply to both configs, then ``controlplane_patches`` / ``worker_patches`` (strategic
     merge or JSON patch, as objects or YAML/JSON text). Each result is validated with
     :meth:`MachineConfig.parse`; a :class:`~machined.config.ConfigValidationError` names the field.
     """
     if not name or not isinstance(name, str):
         raise GenError("cluster name must be a non-empty string")
+    check_cluster_endpoint(endpoint)
+    if isinstance(discovery, str):
+        discovery = [discovery]
+    if not discovery or not all(isinstance(u, str) and u.strip() for u in discovery):
+        raise GenError(
+            "discovery: at least one discovery service URL, such as https://discovery.example:3000/"
+        )
     s = secrets if secrets is not None else gen_secrets()
-    if not discovery_endpoint:
-        raise GenError("discovery endpoint must be a URL such as https://discovery.example:3000/")
     cp = _render(
-        _base_documents(name, discovery_endpoint, s, "controlplane", cert_sans),
+        _base_documents(name, endpoint, discovery, s, "controlplane", cert_sans),
         [*patches, *controlplane_patches],
     )
     wk = _render(
-        _base_documents(name, discovery_endpoint, s, "worker", cert_sans),
+        _base_documents(name, endpoint, discovery, s, "worker", cert_sans),
         [*patches, *worker_patches],
     )
     client = pki.issue_client(s.os_ca, list(roles))

@@ -84,7 +84,7 @@ class Cluster:
     @classmethod
     def create(cls, tmp: Path) -> Cluster:
         s = gen.gen_secrets()
-        g = gen.gen_config("test", "https://discovery.invalid/", s)
+        g = gen.gen_config("test", "https://127.0.0.1:6443", s, discovery=["https://discovery.invalid/"])
         path = tmp / "controlplane.yaml"
         pki.write_secret_file(path, g.controlplane)
         return cls(s, path)

@@ -125,6 +125,7 @@ class V1Alpha1:
     discovery_service_disabled: bool = False
     discovery_service_endpoint: str | None = None
     kubespan: KubeSpanSettings | None = None  # None when machine.network.kubespan is absent
+    control_plane_endpoint: str | None = None  # the Kubernetes API URL: checked, not otherwise used
 
 
 @dataclass(frozen=True, slots=True)
@@ -551,9 +552,28 @@ def read_v1alpha1(r: Reader) -> V1Alpha1:
         discovery_service_disabled=r.boolean("cluster.discovery.registries.service.disabled", False),
         discovery_service_endpoint=endpoint,
         kubespan=kubespan,
+        control_plane_endpoint=_control_plane_endpoint(r, "cluster.controlPlane.endpoint"),
     )
     r.warn_unused(UNUSED_MESSAGE)
     return v1
+
+
+def _control_plane_endpoint(r: Reader, path: str) -> str | None:
+    """``cluster.controlPlane.endpoint`` (talosctl gen config's ENDPOINT; spanctl's too): a URL with a
+    scheme and a host, as Talos parses it. machined runs no Kubernetes: it checks the field, no more."""
+    text = r.string(path)
+    if text is None:
+        return None
+    try:
+        u = urlsplit(text)
+        u.port  # noqa: B018 - raises ValueError on a bad port
+        ok = bool(u.scheme and u.hostname) and u.username is None
+    except ValueError:
+        ok = False
+    if not ok:
+        r.fail(path, "must be a URL such as https://192.0.2.1:6443 (the Kubernetes API endpoint)")
+        return None
+    return text
 
 
 def _cluster_id(r: Reader, path: str) -> str | None:

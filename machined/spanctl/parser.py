@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--interval", type=parse_duration, default=1.0, help=argparse.SUPPRESS)
 
     add("mesh", "every node's view of its peers, as one matrix", cmd_mesh)
-    sp = add("gen", "generate secrets and configs: gen secrets | gen config NAME DISCOVERY-ENDPOINT", cmd_gen)
+    sp = add("gen", "generate secrets and configs: gen secrets | gen config NAME ENDPOINT", cmd_gen)
     gsub = sp.add_subparsers(dest="gen_cmd", metavar="SUBCOMMAND")
     c = gsub.add_parser("secrets", parents=[g], help="a secrets bundle (cluster id/secret, OS CA, token)")
     c.add_argument("-o", "--output-file", help="where to write it (default secrets.yaml)")
@@ -155,9 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = gsub.add_parser("config", parents=[g], help="controlplane.yaml, worker.yaml and talosconfig")
     c.add_argument("name", help="cluster name")
     c.add_argument(
-        "discovery_endpoint",
-        help="discovery service URL; replicas of one registry as a host list "
-        "(https://10.0.0.1:3000,10.0.0.2:3000) or a name with several A/AAAA records",
+        "endpoint",
+        help="the Kubernetes API endpoint, as talosctl: https://HOST:6443 (cluster.controlPlane.endpoint)",
+    )
+    c.add_argument(
+        "--discovery",
+        action="append",
+        metavar="URL",
+        help="discovery service URL, repeatable (one DiscoveryServiceConfig each); replicas of one "
+        "registry as a host list (https://10.0.0.1:3000,10.0.0.2:3000); default "
+        "https://discovery.talos.dev/ (Talos's public one, as talosctl)",
     )
     c.add_argument("--with-secrets", help="use this secrets bundle (from gen secrets)")
     c.add_argument("--config-patch", action="append", help="patch for both configs (text or @file)")

@@ -272,7 +272,7 @@ def test_ed25519_config_is_refused_by_the_apid_command(tmp_path):
 
     s = gen.gen_secrets()
     ca = ed25519_ca()
-    text = gen.gen_config("t", "https://d.invalid/", s).controlplane
+    text = gen.gen_config("t", "https://127.0.0.1:6443", s, discovery=["https://d.invalid/"]).controlplane
     docs = list(yaml.safe_load_all(text))
     docs[0]["machine"]["ca"] = {
         "crt": base64.b64encode(ca.crt).decode(),

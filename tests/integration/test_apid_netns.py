@@ -40,7 +40,12 @@ def lab() -> Iterator[Lab]:
 def write_configs(agents: list[Agent], lab: Lab) -> tuple[Path, str]:
     """controlplane config for n1, worker configs for n2/n3, the operator's talosconfig."""
     g = gen.gen_config(
-        "lab", f"http://{DISC}:3000", gen.gen_secrets(), endpoints=[PUBLIC_A], cert_sans=[PUBLIC_A]
+        "lab",
+        f"https://{PUBLIC_A}:6443",
+        gen.gen_secrets(),
+        discovery=[f"http://{DISC}:3000"],
+        endpoints=[PUBLIC_A],
+        cert_sans=[PUBLIC_A],
     )
     for a in agents:
         docs = list(yaml.safe_load_all(g.controlplane if a.index == 1 else g.worker))

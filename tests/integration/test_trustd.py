@@ -21,7 +21,12 @@ from spanapi.talos.security import security_pb2, security_pb2_grpc
 
 def _worker_config(cluster: Cluster, tmp: Path) -> Path:
     path = tmp / "worker.yaml"
-    pki.write_secret_file(path, gen.gen_config("test", "https://discovery.invalid/", cluster.secrets).worker)
+    pki.write_secret_file(
+        path,
+        gen.gen_config(
+            "test", "https://127.0.0.1:6443", cluster.secrets, discovery=["https://discovery.invalid/"]
+        ).worker,
+    )
     v1 = MachineConfig.parse(path.read_bytes()).v1alpha1
     assert v1.ca is not None and v1.ca.key is None and v1.token
     return path

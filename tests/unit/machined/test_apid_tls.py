@@ -37,7 +37,7 @@ def test_identity_refuses_ed25519():
 
 def _config(tmp_path, ca=None, worker=False):
     s = gen.gen_secrets()
-    g = gen.gen_config("t", "https://d.invalid/", s)
+    g = gen.gen_config("t", "https://127.0.0.1:6443", s, discovery=["https://d.invalid/"])
     text = g.worker if worker else g.controlplane
     if ca is not None:
         docs = list(yaml.safe_load_all(text))

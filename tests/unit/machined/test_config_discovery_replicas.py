@@ -58,10 +58,10 @@ def test_credentials_in_a_host_list_are_not_echoed() -> None:
 def test_spanctl_gen_config_takes_a_host_list() -> None:
     from machined import gen
 
-    g = gen.gen_config("demo", LIST, gen.gen_secrets())
+    g = gen.gen_config("demo", "https://10.0.0.1:6443", gen.gen_secrets(), discovery=[LIST])
     for text in (g.controlplane, g.worker):
         m = MachineConfig.parse(text)
-        assert m.v1alpha1.discovery_service_endpoint == LIST
+        assert [e.url for e in m.discovery_endpoints] == [LIST]
         assert LIST in m.mesh().discovery_urls
 
 
@@ -69,4 +69,9 @@ def test_spanctl_gen_config_refuses_a_bad_host_list() -> None:
     from machined import gen
 
     with pytest.raises(ConfigValidationError, match="replica 2"):
-        gen.gen_config("demo", "https://10.0.0.1:3000,,10.0.0.2:3000", gen.gen_secrets())
+        gen.gen_config(
+            "demo",
+            "https://10.0.0.1:6443",
+            gen.gen_secrets(),
+            discovery=["https://10.0.0.1:3000,,10.0.0.2:3000"],
+        )

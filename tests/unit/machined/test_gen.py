@@ -9,6 +9,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from machined import gen, pki
 from machined.config import ConfigValidationError, MachineConfig
 
+K8S = "https://192.0.2.1:6443"
+DISC = "https://d.example/"
+
 
 def test_gen_secrets_shape():
     s = gen.gen_secrets()
@@ -65,20 +68,27 @@ def test_ed25519_secrets_load_with_warning():
 
 def test_gen_config_files_parse_and_carry_secrets(tmp_path):
     s = gen.gen_secrets()
-    g = gen.gen_config("demo", "https://disc.example:3000/", s, cert_sans=["10.0.0.1"])
+    g = gen.gen_config(
+        "demo", "https://10.0.0.1:6443", s, cert_sans=["10.0.0.1"], discovery=["https://disc.example:3000/"]
+    )
     cp = MachineConfig.parse(g.controlplane)
     wk = MachineConfig.parse(g.worker)
     assert cp.warnings == () and wk.warnings == ()
-    for m in (cp, wk):
+    for m, text in ((cp, g.controlplane), (wk, g.worker)):
         v = m.v1alpha1
         assert v.token == s.token
         assert v.ca.crt == s.os_ca.crt
         assert v.cluster_id == s.cluster_id
         assert v.cluster_secret == base64.b64decode(s.cluster_secret)
         assert v.cluster_name == "demo"
-        assert v.discovery_service_endpoint == "https://disc.example:3000/"
+        assert v.control_plane_endpoint == "https://10.0.0.1:6443"
+        assert v.discovery_service_endpoint is None  # Talos 1.14's layout: a DiscoveryServiceConfig
+        assert [(e.name, e.url) for e in m.discovery_endpoints] == [("default", "https://disc.example:3000/")]
         assert v.cert_sans == ("10.0.0.1",)
         assert m.kubespan.enabled
+        docs = list(yaml.safe_load_all(text))
+        assert docs[0]["cluster"]["controlPlane"] == {"endpoint": "https://10.0.0.1:6443"}
+        assert "discovery" not in docs[0]["cluster"]
     assert cp.v1alpha1.machine_type == "controlplane" and cp.v1alpha1.ca.key == s.os_ca.key
     assert wk.v1alpha1.machine_type == "worker" and wk.v1alpha1.ca.key is None
 
@@ -93,7 +103,9 @@ def test_gen_config_files_parse_and_carry_secrets(tmp_path):
 
 def test_talosconfig_client_cert():
     s = gen.gen_secrets()
-    g = gen.gen_config("demo", "https://d.example/", s, endpoints=["10.0.0.1"], nodes=["10.0.0.2"])
+    g = gen.gen_config(
+        "demo", K8S, s, endpoints=["10.0.0.1"], nodes=["10.0.0.2"], discovery=["https://d.example/"]
+    )
     doc = yaml.safe_load(g.talosconfig)
     assert doc["context"] == "demo"
     ctx = gen.load_talosconfig_context(g.talosconfig)
@@ -111,11 +123,12 @@ def test_gen_config_patches():
     s = gen.gen_secrets()
     g = gen.gen_config(
         "demo",
-        "https://d.example/",
+        K8S,
         s,
         ["machine:\n  certSANs: [a.example]\n"],
         controlplane_patches=["apiVersion: v1alpha1\nkind: KubeSpanConfig\nmtu: 1380\n"],
         worker_patches=['[{"op": "add", "path": "/cluster/clusterName", "value": "w"}]'],
+        discovery=["https://d.example/"],
     )
     cp, wk = MachineConfig.parse(g.controlplane), MachineConfig.parse(g.worker)
     assert cp.v1alpha1.cert_sans == ("a.example",) == wk.v1alpha1.cert_sans
@@ -126,7 +139,69 @@ def test_gen_config_patches():
 def test_gen_config_invalid_patch_names_field():
     with pytest.raises(ConfigValidationError, match="mtu"):
         gen.gen_config(
-            "demo", "https://d.example/", None, ["apiVersion: v1alpha1\nkind: KubeSpanConfig\nmtu: 5\n"]
+            "demo", K8S, None, ["apiVersion: v1alpha1\nkind: KubeSpanConfig\nmtu: 5\n"], discovery=[DISC]
         )
     with pytest.raises(gen.GenError):
-        gen.gen_config("", "https://d.example/")
+        gen.gen_config("", K8S, discovery=[DISC])
+
+
+def test_several_discovery_services_one_document_each():
+    g = gen.gen_config("demo", K8S, discovery=["https://a.example/", "http://10.0.0.1:3000,10.0.0.2:3000"])
+    m = MachineConfig.parse(g.worker)
+    assert [(e.name, e.url) for e in m.discovery_endpoints] == [
+        ("default", "https://a.example/"),
+        ("discovery-2", "http://10.0.0.1:3000,10.0.0.2:3000"),
+    ]
+
+
+def test_discovery_is_required_by_the_library():
+    with pytest.raises(gen.GenError, match="discovery"):
+        gen.gen_config("demo", K8S, discovery=[])
+    with pytest.raises(gen.GenError, match="discovery"):
+        gen.gen_config("demo", K8S, discovery=[" "])
+
+
+@pytest.mark.parametrize(
+    "endpoint, says",
+    [
+        # as talosctl's validateClusterEndpoint: scheme and port, then the https scheme, with a "try:"
+        (
+            "192.0.2.1",
+            "no scheme and port specified for the cluster endpoint URL; try: https://192.0.2.1:6443",
+        ),
+        ("192.0.2.1:6443", "no scheme specified for the cluster endpoint URL; try: https://192.0.2.1:6443"),
+        (
+            "cp.example",
+            "no scheme and port specified for the cluster endpoint URL; try: https://cp.example:6443",
+        ),
+        ("http://cp.example:6443", "should have scheme https://; try: https://cp.example:6443"),
+        ("http://cp.example", "should have scheme https://; try: https://cp.example:6443"),
+        ("https://cp.example:99999", "not a valid URL"),
+        ("https://", "must name a host"),
+        ("https://bad_host:6443", "must name a host"),
+        ("https://u:pw@cp.example:6443", "must not contain credentials"),
+        ("", "must be a URL"),
+    ],
+)
+def test_cluster_endpoint_checked_as_talosctl(endpoint, says):
+    with pytest.raises(gen.GenError) as e:
+        gen.gen_config("demo", endpoint, discovery=[DISC])
+    assert says in str(e.value)
+    assert "pw" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["https://192.0.2.1:6443", "https://cp.example", "https://[2001:db8::1]:6443", "https://lb.example:443/"],
+)
+def test_cluster_endpoint_accepted(endpoint):
+    g = gen.gen_config("demo", endpoint, discovery=[DISC])
+    assert MachineConfig.parse(g.controlplane).v1alpha1.control_plane_endpoint == endpoint
+
+
+def test_a_bad_control_plane_endpoint_in_a_config_is_refused():
+    g = gen.gen_config("demo", K8S, discovery=[DISC])
+    text = g.worker.replace(K8S, "not a url")
+    with pytest.raises(ConfigValidationError) as e:
+        MachineConfig.parse(text)
+    assert any(p.location.endswith("cluster.controlPlane.endpoint") for p in e.value.problems)

@@ -309,7 +309,8 @@ def test_gen_secrets_and_config(tmp_path: Path) -> None:
     assert cli.main(["gen", "secrets", "-o", str(s)], out, err) == 0, err.getvalue()
     assert stat.S_IMODE(s.stat().st_mode) == 0o600
     d = tmp_path / "out"
-    argv = ["gen", "config", "demo", "https://disc.example:3000/", "--with-secrets", str(s), "-o", str(d)]
+    argv = ["gen", "config", "demo", "https://192.0.2.1:6443", "--with-secrets", str(s), "-o", str(d)]
+    argv += ["--discovery", "https://disc.example:3000/"]
     assert cli.main([*argv, "-e", "192.0.2.1"], out, err) == 0, err.getvalue()
     for name in ("controlplane.yaml", "worker.yaml", "talosconfig"):
         assert stat.S_IMODE((d / name).stat().st_mode) == 0o600
