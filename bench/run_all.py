@@ -1,10 +1,18 @@
-"""Run every benchmark and print each figure beside its target."""
+"""Run every benchmark and print each figure beside its target.
+
+Each benchmark prints ``RESULT <name> <figure>=<value> target... PASS|MISS|SKIP`` lines; the summary
+gives one line per benchmark (its verdicts and wall time; ERROR when it failed or printed no RESULT)
+and the total wall time (target: the whole run under 30 minutes on the 2-core machine).
+``--only SUBSTR`` (repeatable) runs the matching benchmarks; ``--list`` prints them.
+"""
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -35,18 +43,50 @@ BENCHES = [
 ]
 
 
+WALL_TARGET = 30 * 60.0
+
+
+def summarize(bench: str, lines: list[str], seconds: float, rc: int) -> str:
+    """One line: the benchmark, each RESULT's figure and verdict, its wall time."""
+    parts = []
+    for line in lines:
+        fields = line.split()
+        figure = next((f for f in fields[2:] if "=" in f and not f.startswith("target")), "")
+        parts.append(f"{figure} {fields[-1]}".strip())
+    verdict = "; ".join(parts) if parts and rc == 0 else f"ERROR (exit {rc}, {len(parts)} results)"
+    return f"{bench:<48} {verdict}  [{seconds:.0f} s]"
+
+
 def main() -> int:
-    results = []
-    for b in BENCHES:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--only", action="append", default=[], help="run benchmarks whose line contains this")
+    ap.add_argument("--list", action="store_true", help="print the benchmarks and exit")
+    ns = ap.parse_args()
+    benches = [b for b in BENCHES if not ns.only or any(o in b for o in ns.only)]
+    if ns.list:
+        print("\n".join(benches))
+        return 0
+    results: list[str] = []
+    summary: list[str] = []
+    start = time.monotonic()
+    for b in benches:
         print(f"== {b}", flush=True)
         name, *args = shlex.split(b)
+        t0 = time.monotonic()
         proc = subprocess.run([sys.executable, str(HERE / name), *args], capture_output=True, text=True)
         print(proc.stdout, end="")
         if proc.returncode:
             print(proc.stderr[-3000:], end="")
-        results += [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
-    print("== summary")
+        mine = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+        results += mine
+        summary.append(summarize(b, mine, time.monotonic() - t0, proc.returncode))
+    wall = time.monotonic() - start
+    print("== results")
     print("\n".join(results))
+    print("== summary")
+    print("\n".join(summary))
+    ok = "PASS" if wall <= WALL_TARGET else "MISS"
+    print(f"RESULT run_all wall_time={wall:.0f}s target<={WALL_TARGET:.0f}s {ok}")
     return 0
 
 
