@@ -1,16 +1,13 @@
-"""Browser test helpers (fixtures in conftest.py): chromium flags, artifacts dir, Tab walks, a background loop.
+"""Browser test helpers (fixtures in conftest.py): chromium flags, the artifacts directory, Tab walks.
 
 Import from test modules in tests/browser as ``from browserlab import ...``."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # Flags that keep chromium from calling home on this closed network and from needing a GPU or sandbox.
@@ -29,13 +26,24 @@ CHROMIUM_ARGS = [
     "--no-default-browser-check",
 ]
 REPO = Path(__file__).resolve().parents[2]
-T = TypeVar("T")
 
 
 def artifacts_dir() -> Path:
     """Where browser artifacts go: ``$ARTIFACTS/browser`` if set, else ``build/artifacts/browser``."""
     base = os.environ.get("ARTIFACTS")
     return (Path(base) if base else REPO / "build" / "artifacts") / "browser"
+
+
+@dataclass
+class ConsoleError:
+    """One console error or uncaught page error seen by the ``page`` fixture."""
+
+    kind: str  # "console" or "pageerror"
+    text: str
+    location: str = ""
+
+    def __str__(self) -> str:
+        return f"[{self.kind}] {self.text}" + (f" ({self.location})" if self.location else "")
 
 
 @dataclass
@@ -65,46 +73,19 @@ _FOCUS_JS = """() => {
 }"""
 
 
-def tab_walk(p: Any, presses: int) -> list[Focus]:
-    """Press Tab ``presses`` times from the top of the page; return what took focus each time.
-
-    Stops early when focus leaves the document (returns to the browser UI). ``visible_indicator`` checks
-    the computed style of ``:focus-visible``: an outline or a box-shadow."""
-    p.evaluate("() => { document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0); }")
+async def tab_walk(page: Any, presses: int, *, from_top: bool = True) -> list[Focus]:
+    """Press Tab ``presses`` times (from the top of the page unless ``from_top`` is False); return what
+    took focus each time. Stops early when focus leaves the document. ``visible_indicator`` reads the
+    focused element's computed style: an outline or a box-shadow."""
+    if from_top:
+        await page.evaluate(
+            "() => { document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0); }"
+        )
     out: list[Focus] = []
     for _ in range(presses):
-        p.keyboard.press("Tab")
-        info = p.evaluate(_FOCUS_JS)
+        await page.keyboard.press("Tab")
+        info = await page.evaluate(_FOCUS_JS)
         if info is None:
             break
         out.append(Focus(info["tag"], info["id"], info["text"], bool(info["ring"])))
     return out
-
-
-class BackgroundLoop:
-    """An asyncio loop on its own thread, for sync browser tests that need to drive async clients."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="browser-test-loop", daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        """Run ``coro`` on the loop and wait for its result (raises what it raised)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        """Cancel what is left, stop the loop and join its thread."""
-
-        async def _cancel_all() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        try:
-            self.run(_cancel_all(), timeout=10)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
