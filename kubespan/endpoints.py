@@ -39,20 +39,23 @@ class CandidateKind(enum.IntEnum):
     OTHER_FAMILY = 4  # we have no address of this family: try last
 
 
-_PRIVATE = [
+# Networks a path stays inside a site on: RFC 1918, ULA, link-local. Traversal labels such a path "lan".
+LAN_NETWORKS = tuple(
     ipaddress.ip_network(n)
-    for n in (
-        "10.0.0.0/8",
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "100.64.0.0/10",
-        "169.254.0.0/16",
-        "127.0.0.0/8",
-        "fc00::/7",
-        "fe80::/10",
-        "::1/128",
-    )
-]
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "fc00::/7", "fe80::/10")
+)
+# Not reachable from the internet at large, so tried before public endpoints (no NAT on the way): the
+# LAN networks plus carrier-grade NAT space (RFC 6598: shared with the carrier's other customers, not
+# a site's LAN, so its path is labelled "direct") and loopback.
+_PRIVATE = (
+    *LAN_NETWORKS,
+    *(ipaddress.ip_network(n) for n in ("100.64.0.0/10", "127.0.0.0/8", "::1/128")),
+)
+
+
+def is_lan(ip: IPAddress) -> bool:
+    """Whether ``ip`` lies in a site-local network (:data:`LAN_NETWORKS`)."""
+    return any(ip.version == n.version and ip in n for n in LAN_NETWORKS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kubespan.affiliate import PunchIntent
+from kubespan.endpoints import is_lan
 from kubespan.nat.punch import PeerView, PunchPlanner, PunchTimings
 from kubespan.ports import PunchPort, RelayClientPort, RelayServerPort
 from kubespan.relay.choose import RelayOption, choose, chooses
@@ -48,10 +49,6 @@ EARLY_NOTICE_TTL = 30.0
 # then the chooser's handshake has usually made our WireGuard roam to it (the pass sees a session and
 # does not re-create the peer); if not (only our probe answered), we initiate ourselves.
 ADOPT_DEFER = 0.5
-_PRIVATE = [
-    ipaddress.ip_network(n)
-    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "fe80::/10", "169.254.0.0/16")
-]
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,6 +546,6 @@ def classify_path(up: bool, endpoint: AddrPort | None, relay_endpoint: AddrPort 
         return "none"
     if relay_endpoint is not None and endpoint == relay_endpoint:
         return "relay"
-    if any(endpoint.ip.version == n.version and endpoint.ip in n for n in _PRIVATE):
+    if is_lan(endpoint.ip):
         return "lan"
     return "direct"
