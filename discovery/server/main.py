@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -31,6 +30,7 @@ from discovery.etcd.client import Endpoint, TLSFiles
 from discovery.server import migrate, stun
 from discovery.server.backend import Backend, EmbeddedBackend
 from discovery.server.etcdstore import DEFAULT_BUCKET, DEFAULT_PREFIX, EtcdBackend
+from discovery.server.landing import Landing
 from discovery.server.service import (
     MAX_WATCHES,
     MAX_WATCHES_PER_IP,
@@ -432,15 +432,6 @@ class ReloadingCertificate:
         )
 
 
-LANDING_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>Discovery service</title></head>
-<body><h1>Discovery service</h1>
-<p>This is a self-hosted node discovery registry, wire-compatible with Talos Linux's discovery service.
-Nodes publish end-to-end encrypted affiliate records; this server stores only ciphertext and never sees
-hostnames, addresses, keys or endpoints.</p>
-<p>Point Talos at it with a <code>DiscoveryServiceConfig</code> endpoint (<code>http://host:3000</code> for
-h2c, <code>https://host:3000</code> for TLS). Statistics: <a href="/stats">/stats</a>.</p></body></html>"""
-
-
 SNAPSHOT_LOAD_RESULTS = ("absent", "verified", "unverified", "damaged", "missing")
 
 
@@ -529,6 +520,11 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._runners: list[web.AppRunner] = []
         self.ports: dict[str, int] = {}
+        if getattr(self.ns, "store", "embedded") == "etcd":
+            store_kind = "etcd"
+        else:
+            store_kind = "file" if self.store is not None else "memory"
+        self.landing = Landing(self.registry, self.metrics.rpcs, store_kind, lambda: self.storage_problem)
 
     def load(self) -> LoadReport | None:
         if self.store is None:
@@ -716,19 +712,9 @@ class Daemon:
 
     # -- HTTP pages -------------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, int]:
-        clusters, affiliates, endpoints, subs = self.registry.stats()
-        return {"clusters": clusters, "affiliates": affiliates, "endpoints": endpoints, "subscriptions": subs}
-
-    async def _landing(self, _: web.Request) -> web.Response:
-        return web.Response(text=LANDING_HTML, content_type="text/html")
-
-    async def _stats(self, _: web.Request) -> web.Response:
-        return web.Response(
-            text=json.dumps(self.stats()),
-            content_type="application/json",
-            headers={"Access-Control-Allow-Origin": "*"},
-        )
+    def stats(self) -> dict[str, Any]:
+        """What /stats serves: counts and cumulative counters only (see discovery.server.landing)."""
+        return self.landing.stats()
 
     async def _healthz(self, _: web.Request) -> web.Response:
         if self.stopping.is_set():
@@ -822,8 +808,7 @@ class Daemon:
                 "landing",
                 self.ns.landing_addr,
                 [
-                    web.get("/", self._landing),
-                    web.get("/stats", self._stats),
+                    *self.landing.routes(),
                     web.get("/healthz", self._healthz),
                 ],
             )
