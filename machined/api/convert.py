@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 
@@ -9,8 +10,13 @@ from google.protobuf import timestamp_pb2
 
 from machined.services import HealthStatus, ServiceEvent, ServiceStatus
 from machined.state import Resource
+from machined.state.resource import dump_yaml
 from spanapi.talos.cosi import resource_pb2
 from spanapi.talos.machine import machine_pb2
+
+from . import protospec
+
+log = logging.getLogger("machined.api")
 
 _STAGES = {
     "booting": machine_pb2.MachineStatusEvent.BOOTING,
@@ -83,11 +89,23 @@ def machine_status_event(spec: Any) -> machine_pb2.MachineStatusEvent:
     )
 
 
-def yaml_spec(r: Resource) -> str:
+def spec(r: Resource) -> resource_pb2.Spec:
+    """``yaml_spec`` and ``proto_spec`` (Talos's message, see :mod:`machined.api.protospec`) of one
+    resource, both from the same spec data. A spec value that does not fit its Talos field is logged
+    and leaves ``proto_spec`` empty: the reply still carries ``yaml_spec``."""
     text = getattr(r.spec, "yaml_text", None)
+    data: object = None
     if callable(text):
-        return text()
-    return r.yaml_spec
+        yaml_text = text()
+    else:
+        data = r.spec_data()
+        yaml_text = dump_yaml(data)
+    try:
+        proto = protospec.encode(r.metadata.type, r.spec, lambda: data)
+    except protospec.ProtoSpecError as e:
+        log.warning("proto_spec left empty for %s/%s: %s", r.metadata.namespace, r.metadata.id, e)
+        proto = b""
+    return resource_pb2.Spec(proto_spec=proto, yaml_spec=yaml_text)
 
 
 def resource(r: Resource) -> resource_pb2.Resource:
@@ -104,7 +122,7 @@ def resource(r: Resource) -> resource_pb2.Resource:
             labels=dict(md.labels),
             annotations=dict(md.annotations),
         ),
-        spec=resource_pb2.Spec(yaml_spec=yaml_spec(r)),
+        spec=spec(r),
     )
     if md.created is not None:
         out.metadata.created.FromDatetime(md.created)

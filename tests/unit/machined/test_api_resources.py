@@ -30,6 +30,8 @@ from machined.state.catalog import (
 )
 from spanapi.talos.cosi import resource_pb2, state_pb2, state_pb2_grpc
 from spanapi.talos.machine import machine_pb2, machine_pb2_grpc
+from spanapi.talos.resource.definitions.enums import enums_pb2
+from spanapi.talos.resource.definitions.kubespan import kubespan_pb2
 
 READER = ["os:reader"]
 T = 5.0
@@ -91,7 +93,9 @@ async def test_get_by_type_or_alias_in_the_default_namespace(api):
         assert (md.namespace, md.type, md.id, md.version, md.owner, md.phase) == (
             NS_KUBESPAN, KUBESPAN_PEER_STATUS, "key2=", "1", "ctl", "running",
         )  # fmt: skip
-        assert md.created.seconds > 0 and spec(r)["label"] == "n2" and not r.spec.proto_spec
+        assert md.created.seconds > 0 and spec(r)["label"] == "n2"
+        talos = kubespan_pb2.PeerStatusSpec.FromString(r.spec.proto_spec)  # what talosctl decodes
+        assert (talos.label, talos.state, talos.receive_bytes) == ("n2", enums_pb2.PEER_STATE_UP, 2)
     e = await aborted(api.Get(state_pb2.GetRequest(type=KUBESPAN_PEER_STATUS, id="nope"), FakeContext()))
     assert e.code is grpc.StatusCode.NOT_FOUND and "doesn't exist" in e.details
     e = await aborted(api.Get(state_pb2.GetRequest(type="Frobs.example.com", id="x"), FakeContext()))
