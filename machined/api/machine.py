@@ -43,6 +43,7 @@ log = logging.getLogger("machined.api")
 SERVICE = "/machine.MachineService/"
 NOT_OS = "method is not supported: machined is not the operating system"
 CHUNK = 64 * 1024
+K8S_NAMESPACE = "k8s.io"  # Talos's containerd namespace of Kubernetes containers (talosctl logs -k)
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
 _APPLY_CODES = {
     "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
@@ -318,6 +319,12 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
 
     @stream("Logs")
     async def Logs(self, request: machine_pb2.LogsRequest, context: Any) -> AsyncIterator[common_pb2.Data]:
+        if request.namespace == K8S_NAMESPACE or request.driver == common_pb2.CRI:
+            # talosctl logs -k: a Kubernetes container's logs; our nodes run none
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f'log "{request.id}" not found: this node runs no Kubernetes containers ({K8S_NAMESPACE})',
+            )
         ring = self.node.log_ring(request.id)
         if ring is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f'log "{request.id}" not found')

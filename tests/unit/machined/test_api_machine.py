@@ -31,6 +31,7 @@ from machined.daemon.logcapture import install, make_rings, uninstall
 from machined.services import EventRing, LogRing, Service, ServiceState, Supervisor
 from machined.services.fake import FakeSpawner
 from machined.state import DEFINITIONS, State, register_all
+from spanapi.talos.common import common_pb2
 from spanapi.talos.machine import machine_pb2
 
 READER, OPERATOR, ADMIN = ["os:reader"], ["os:operator"], ["os:admin"]
@@ -372,6 +373,19 @@ async def test_logs_tail_and_follow(api, node):
 
     e = await aborted(api.Logs, machine_pb2.LogsRequest(id="nope"))
     assert e.code is grpc.StatusCode.NOT_FOUND
+
+    # talosctl logs -k (namespace k8s.io, CRI driver): no Kubernetes containers here, even one named
+    # like a service
+    for req in (
+        machine_pb2.LogsRequest(id="web", namespace="k8s.io", driver=common_pb2.CRI),
+        machine_pb2.LogsRequest(id="web", namespace="k8s.io"),
+    ):
+        e = await aborted(api.Logs, req)
+        assert e.code is grpc.StatusCode.NOT_FOUND and "no Kubernetes containers" in e.details
+    out = await collect(
+        api.Logs(machine_pb2.LogsRequest(id="web", namespace="system", tail_lines=-1), FakeContext())
+    )
+    assert out
 
 
 async def test_machined_and_controller_runtime_logs_are_json_lines(api, node):
