@@ -81,6 +81,7 @@ class App:
                 endpoints=self.ns.endpoints,
                 nodes=self.ns.nodes,
                 socket=self.ns.socket,
+                cluster=getattr(self.ns, "cluster", None),
             )
             t.check()
             self._target = t

@@ -1,6 +1,9 @@
 """Connections: mTLS to apid (``endpoint:50000``, the context's certificates) or machined's unix socket
 (no TLS), and the per-node error bookkeeping of talosctl.
 
+``-c/--cluster`` (or the context's ``cluster``) is sent as ``context`` metadata on every call, as
+talosctl does for a proxy endpoint (Omni) that serves several clusters; apid itself ignores it.
+
 Routing: through apid, machine API calls for several nodes send ``nodes`` metadata (apid fans out and
 merges, one item per node), and resource API calls (which apid does not fan out) are made once per
 node with ``node`` metadata. A unix socket reaches exactly one machined: no routing metadata is sent.
@@ -20,6 +23,34 @@ from .config import ClientConfig, ConfigError, Context
 APID_PORT = 50000
 MAX_MESSAGE = 32 << 20
 UNIX_PREFIXES = ("unix://", "unix:")
+CLUSTER_METADATA = "context"  # talosctl's key for the cluster name (grpc_connection_wrapper.go)
+
+
+class _ClusterMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds ``context: CLUSTER`` to every call's metadata."""
+
+    def __init__(self, cluster: str) -> None:
+        self.cluster = cluster
+
+    def _details(self, d: Any) -> Any:
+        md = [*(d.metadata or ()), (CLUSTER_METADATA, self.cluster)]
+        return _CallDetails(d.method, d.timeout, md, d.credentials, d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):  # type: ignore[misc]
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
 
 
 class ConnectionSetupError(Exception):
@@ -74,6 +105,7 @@ class Target:
     nodes: list[str] = field(default_factory=list)
     context: Context = field(default_factory=Context)
     timeout: float = 30.0
+    cluster: str = ""
     _channel: grpc.Channel | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -85,14 +117,16 @@ class Target:
         endpoints: list[str] | None = None,
         nodes: list[str] | None = None,
         socket: str | None = None,
+        cluster: str | None = None,
     ) -> Target:
         try:
             _, ctx = config.current(context)
         except ConfigError as e:
             raise ConnectionSetupError(str(e)) from None
         node_list = list(nodes) if nodes else list(ctx.nodes)
+        name = cluster or ctx.cluster
         if socket:
-            return cls(endpoint=f"unix://{socket}", socket=socket, nodes=node_list, context=ctx)
+            return cls(endpoint=f"unix://{socket}", socket=socket, nodes=node_list, context=ctx, cluster=name)
         eps = list(endpoints) if endpoints else list(ctx.endpoints)
         if not eps:
             raise ConnectionSetupError(
@@ -101,8 +135,8 @@ class Target:
             )
         path = socket_path(eps[0])
         if path:
-            return cls(endpoint=eps[0], socket=path, nodes=node_list, context=ctx)
-        return cls(endpoint=eps[0], nodes=node_list, context=ctx)
+            return cls(endpoint=eps[0], socket=path, nodes=node_list, context=ctx, cluster=name)
+        return cls(endpoint=eps[0], nodes=node_list, context=ctx, cluster=name)
 
     @property
     def direct(self) -> bool:
@@ -128,7 +162,7 @@ class Target:
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ]
         if self.direct:
-            self._channel = grpc.insecure_channel(f"unix:{self.socket}", options=opts)
+            self._channel = self._with_cluster(grpc.insecure_channel(f"unix:{self.socket}", options=opts))
             return self._channel
         ctx = self.context
         missing = [k for k in ("ca", "crt", "key") if not getattr(ctx, k)]
@@ -140,8 +174,15 @@ class Target:
         creds = grpc.ssl_channel_credentials(
             root_certificates=ctx.ca, private_key=ctx.key, certificate_chain=ctx.crt
         )
-        self._channel = grpc.secure_channel(tcp_target(self.endpoint), creds, options=opts)
+        self._channel = self._with_cluster(
+            grpc.secure_channel(tcp_target(self.endpoint), creds, options=opts)
+        )
         return self._channel
+
+    def _with_cluster(self, channel: grpc.Channel) -> grpc.Channel:
+        if not self.cluster:
+            return channel
+        return grpc.intercept_channel(channel, _ClusterMetadata(self.cluster))
 
     def close(self) -> None:
         if self._channel is not None:

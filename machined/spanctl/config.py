@@ -8,8 +8,10 @@
         ca: <base64 of the CA PEM>
         crt: <base64 of the client certificate PEM>
         key: <base64 of the client key PEM>
+        cluster: <name>                 # optional: sent as "context" metadata (talosctl's -c/--cluster)
 
-Lookup order: ``--config``, ``$SPANCTL_CONFIG``, ``~/.spanctl/config``. Written 0600, atomically.
+Other keys of a context (talosctl's ``auth``, ``proxy-url``, ...) are kept as they are when we rewrite
+the file. Lookup (:func:`default_path`): ours first, then talosctl's. Written 0600, atomically.
 """
 
 from __future__ import annotations
@@ -27,19 +29,46 @@ from spanutil.fsutil import write_atomic
 
 ENV = "SPANCTL_CONFIG"
 DEFAULT_PATH = Path("~/.spanctl/config")
+TALOS_ENV = "TALOSCONFIG"  # talosctl's variable
+TALOS_HOME_ENV = "TALOS_HOME"  # talosctl's directory override (used when absolute), else ~/.talos
+TALOS_DEFAULT_PATH = Path("~/.talos/config")
+CONTEXT_KEYS = ("endpoints", "nodes", "ca", "crt", "key", "cluster")
 
 
 class ConfigError(ValueError):
     pass
 
 
+def talos_default_path() -> Path:
+    """talosctl's own file: ``$TALOS_HOME/config`` when that is an absolute path, else ``~/.talos/config``."""
+    home = os.environ.get(TALOS_HOME_ENV)
+    if home and os.path.isabs(home):
+        return Path(home) / "config"
+    return TALOS_DEFAULT_PATH.expanduser()
+
+
 def default_path(flag: str | os.PathLike[str] | None = None) -> Path:
+    """The client config to read and write, ours before talosctl's:
+
+    1. ``--config``/``--talosconfig``; 2. ``$SPANCTL_CONFIG``; 3. ``~/.spanctl/config`` if it exists;
+    4. ``$TALOSCONFIG``; 5. ``~/.talos/config`` (``$TALOS_HOME/config``) if it exists; 6. otherwise
+    ``~/.spanctl/config`` (created by the first write). A variable that is set is used whether or not its
+    file exists (a test or script that sets one is never handed another file)."""
     if flag:
         return Path(flag).expanduser()
     env = os.environ.get(ENV)
     if env:
         return Path(env).expanduser()
-    return DEFAULT_PATH.expanduser()
+    ours = DEFAULT_PATH.expanduser()
+    if ours.exists():
+        return ours
+    talos_env = os.environ.get(TALOS_ENV)
+    if talos_env:
+        return Path(talos_env).expanduser()
+    talos = talos_default_path()
+    if talos.exists():
+        return talos
+    return ours
 
 
 def _strs(value: Any, where: str) -> list[str]:
@@ -69,7 +98,9 @@ class Context:
     nodes: list[str] = field(default_factory=list)
     ca: bytes = b""
     crt: bytes = b""
-    key: bytes = b""
+    key: bytes = field(default=b"", repr=False)
+    cluster: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys we do not use, kept as read
 
     @classmethod
     def from_data(cls, data: Any, name: str) -> Context:
@@ -78,12 +109,17 @@ class Context:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: must be a mapping")
+        cluster = data.get("cluster") or ""
+        if not isinstance(cluster, str):
+            raise ConfigError(f"{where}.cluster: must be a string")
         return cls(
             endpoints=_strs(data.get("endpoints"), f"{where}.endpoints"),
             nodes=_strs(data.get("nodes"), f"{where}.nodes"),
             ca=_b64(data.get("ca"), f"{where}.ca"),
             crt=_b64(data.get("crt"), f"{where}.crt"),
             key=_b64(data.get("key"), f"{where}.key"),
+            cluster=cluster,
+            extra={str(k): v for k, v in data.items() if k not in CONTEXT_KEYS},
         )
 
     def to_data(self) -> dict[str, Any]:
@@ -94,6 +130,9 @@ class Context:
             v: bytes = getattr(self, k)
             if v:
                 out[k] = base64.b64encode(v).decode()
+        if self.cluster:
+            out["cluster"] = self.cluster
+        out.update(self.extra)
         return out
 
 

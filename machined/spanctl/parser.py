@@ -27,9 +27,16 @@ def _globals() -> argparse.ArgumentParser:
         "--config",
         "--talosconfig",
         default=s,
-        help="client config file (env SPANCTL_CONFIG; default ~/.spanctl/config)",
+        help="client config file (default: $SPANCTL_CONFIG, ~/.spanctl/config if it exists, $TALOSCONFIG, "
+        "~/.talos/config if it exists, else ~/.spanctl/config)",
     )
     g.add_argument("--context", default=s, help="context of the client config to use")
+    g.add_argument(
+        "-c",
+        "--cluster",
+        default=s,
+        help="cluster to connect to if a proxy endpoint is used (sent as 'context' metadata, as talosctl)",
+    )
     g.add_argument(
         "-e",
         "--endpoints",
@@ -49,6 +56,7 @@ def _globals() -> argparse.ArgumentParser:
 GLOBAL_DEFAULTS: dict[str, Any] = {
     "config": None,
     "context": None,
+    "cluster": None,
     "endpoints": None,
     "nodes": None,
     "socket": None,
@@ -114,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-p", "--patch", action="append", help="patch text (YAML or JSON), or @file; repeatable")
     apply_flags(sp)
 
-    sp = add("config", "client config: contexts, context, endpoint, node, info, merge, new", cmd_config)
+    sp = add(
+        "config",
+        "client config: contexts, context, endpoint, node, info, add, remove, merge, new",
+        cmd_config,
+    )
     csub = sp.add_subparsers(dest="config_cmd", metavar="SUBCOMMAND")
     csub.add_parser("contexts", parents=[g], help="list contexts")
     c = csub.add_parser("context", parents=[g], help="switch the current context")
@@ -126,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser("node", parents=[g], aliases=["nodes"], help="set the current context's nodes")
     c.add_argument("values", nargs="*")
     csub.add_parser("info", parents=[g], help="show the current context")
+    c = csub.add_parser("add", parents=[g], help="add a context (certificates from files), as talosctl")
+    c.add_argument("name")
+    c.add_argument("--ca", help="the path to the CA certificate")
+    c.add_argument("--crt", help="the path to the client certificate")
+    c.add_argument("--key", help="the path to the client key")
+    c = csub.add_parser(
+        "remove", parents=[g], help="remove the contexts matching a glob (not the current one)"
+    )
+    c.add_argument("name", metavar="PATTERN")
+    c.add_argument("-y", "--noconfirm", action="store_true", help="do not ask for confirmation")
+    c.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     c = csub.add_parser("merge", parents=[g], help="add the contexts of another client config")
     c.add_argument("file")
     c = csub.add_parser("new", parents=[g], help="generate a client config (GenerateClientConfiguration)")

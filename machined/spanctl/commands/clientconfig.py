@@ -1,7 +1,9 @@
-"""spanctl config: the client configuration (contexts, endpoints, nodes, new)."""
+"""spanctl config: the client configuration (contexts, endpoints, nodes, add, remove, merge, new)."""
 
 from __future__ import annotations
 
+import fnmatch
+import sys
 from pathlib import Path
 
 from google.protobuf import duration_pb2
@@ -22,7 +24,7 @@ def cmd_config(app: App) -> None:
     sub = ns.config_cmd
     if sub is None:
         raise UsageError(
-            "config: a subcommand is required (contexts, context, endpoint, node, info, merge, new)"
+            "config: a subcommand is required (contexts, context, endpoint, node, info, add, remove, merge, new)"
         )
     if sub == "new":
         _config_new(app)
@@ -40,6 +42,12 @@ def cmd_config(app: App) -> None:
             raise UsageError(f'context "{ns.name}" is not defined in {app.config_path}')
         cfg.context = ns.name
         _save(app, cfg)
+        return
+    if sub == "add":
+        _config_add(app, cfg)
+        return
+    if sub == "remove":
+        _config_remove(app, cfg)
         return
     if sub == "merge":
         other = ClientConfig.load(Path(ns.file), missing_ok=False)
@@ -63,6 +71,66 @@ def cmd_config(app: App) -> None:
         roles, expires = _cert_info(ctx)
         rows += [["Roles:", roles], ["Certificate expires:", expires]]
         app.out.write("".join(f"{k:<22}{v}\n" for k, v in rows))
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read the {what} {path}: {e.strerror}") from None
+
+
+def _config_add(app: App, cfg: ClientConfig) -> None:
+    """talosctl's ``config add NAME --ca --crt --key``: a context with those certificates (files read
+    as PEM) and no endpoints; an existing context of that name is replaced; the current one is kept."""
+    ns = app.ns
+    if not ns.name:
+        raise UsageError("config add: a context name is required")
+    if bool(ns.crt) != bool(ns.key):
+        raise UsageError("config add: --crt and --key go together (one given without the other)")
+    ctx = Context()
+    if ns.ca:
+        ctx.ca = _read(ns.ca, "CA certificate")
+    if ns.crt:
+        ctx.crt = _read(ns.crt, "certificate")
+        ctx.key = _read(ns.key, "key")
+    cfg.contexts[ns.name] = ctx
+    _save(app, cfg)
+
+
+def _confirm(app: App, prompt: str) -> bool:
+    """Ask on stderr, read a line from stdin: only y/yes confirms (end of input: no)."""
+    print(f"{prompt} [y/N]: ", end="", file=app.err, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def _config_remove(app: App, cfg: ClientConfig) -> None:
+    """talosctl's ``config remove PATTERN``: every context matching the glob, except the current one
+    (skipped with a note); each confirmed unless ``-y/--noconfirm``; ``--dry-run`` writes nothing."""
+    ns = app.ns
+    if not ns.name:
+        raise UsageError("config remove: no context specified")
+    if not cfg.contexts:
+        raise UsageError(f"no contexts defined in {app.config_path}")
+    matches = sorted(n for n in cfg.contexts if fnmatch.fnmatchcase(n, ns.name))
+    if not matches:
+        raise UsageError(f"no contexts matched {ns.name!r}")
+    changed = False
+    for name in matches:
+        if name == cfg.context:
+            print(
+                f"skipping removal of current context {name!r}: switch to another one first",
+                file=app.err,
+            )
+            continue
+        if ns.noconfirm:
+            print(f"removing context {name!r}", file=app.err)
+        elif not _confirm(app, f"remove context {name!r}?"):
+            continue
+        del cfg.contexts[name]
+        changed = True
+    if changed and not ns.dry_run:
+        _save(app, cfg)
 
 
 def _current_for_edit(app: App, cfg: ClientConfig) -> tuple[str, Context]:

@@ -73,7 +73,8 @@ def test_unknown_context_is_an_error() -> None:
 
 def test_lookup_order_flag_env_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("SPANCTL_CONFIG", raising=False)
+    for var in ("SPANCTL_CONFIG", "TALOSCONFIG", "TALOS_HOME"):
+        monkeypatch.delenv(var, raising=False)
     assert default_path(None) == tmp_path / ".spanctl" / "config"
     monkeypatch.setenv("SPANCTL_CONFIG", str(tmp_path / "env"))
     assert default_path(None) == tmp_path / "env"

@@ -73,3 +73,184 @@ def test_gen_config_bad_endpoint_as_talosctl(tmp_path: Path) -> None:
     assert rc == 1
     assert "no scheme and port specified for the cluster endpoint URL; try: https://10.0.0.1:6443" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# -- client config lookup, -c/--cluster, config add/remove (item 14) --------------------------------
+
+TALOSCONFIG_TEXT = """context: omni
+contexts:
+  omni:
+    endpoints: [https://omni.example]
+    cluster: prod
+    auth:
+      siderov1:
+        identity: ops@example.com
+    proxy-url: http://proxy.example:3128
+  lab:
+    endpoints: [192.0.2.7]
+"""
+
+
+@pytest.fixture
+def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty HOME and none of the lookup variables set."""
+    h = tmp_path / "home"
+    h.mkdir()
+    monkeypatch.setenv("HOME", str(h))
+    for var in ("SPANCTL_CONFIG", "TALOSCONFIG", "TALOS_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    return h
+
+
+def test_lookup_ours_then_talosconfig_then_talos_home(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, home: Path
+) -> None:
+    from machined.spanctl.config import default_path
+
+    ours, talos = home / ".spanctl" / "config", home / ".talos" / "config"
+    assert default_path(None) == ours  # nothing exists: ours, created by the first write
+    talos.parent.mkdir()
+    talos.write_text(TALOSCONFIG_TEXT)
+    assert default_path(None) == talos  # talosctl's file, when we have none
+    monkeypatch.setenv("TALOSCONFIG", str(tmp_path / "tc"))
+    assert default_path(None) == tmp_path / "tc"  # $TALOSCONFIG before ~/.talos/config, set = used
+    ours.parent.mkdir()
+    ours.write_text("")
+    assert default_path(None) == ours  # ours first
+    monkeypatch.setenv("SPANCTL_CONFIG", str(tmp_path / "env"))
+    assert default_path(None) == tmp_path / "env"
+    assert default_path(str(tmp_path / "flag")) == tmp_path / "flag"
+
+
+def test_talos_home_when_absolute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, home: Path) -> None:
+    from machined.spanctl.config import default_path
+
+    (tmp_path / "th").mkdir()
+    (tmp_path / "th" / "config").write_text(TALOSCONFIG_TEXT)
+    monkeypatch.setenv("TALOS_HOME", str(tmp_path / "th"))
+    assert default_path(None) == tmp_path / "th" / "config"
+    monkeypatch.setenv("TALOS_HOME", "relative/dir")  # talosctl ignores a relative one
+    assert default_path(None) == home / ".spanctl" / "config"
+
+
+def test_talosctl_file_is_read_and_written_in_place_keeping_its_keys(home: Path) -> None:
+    talos = home / ".talos" / "config"
+    talos.parent.mkdir()
+    talos.write_text(TALOSCONFIG_TEXT)
+    rc, out, err = spanctl(["config", "contexts"])
+    assert rc == 0, err
+    assert [line.split()[:2] for line in out.splitlines()[1:]] == [["lab", "192.0.2.7"], ["*", "omni"]]
+    assert spanctl(["config", "context", "lab"])[0] == 0
+    assert not (home / ".spanctl").exists()  # written where it was read
+    doc = yaml.safe_load(talos.read_text())
+    assert doc["context"] == "lab"
+    omni = doc["contexts"]["omni"]
+    assert omni["cluster"] == "prod" and omni["proxy-url"] == "http://proxy.example:3128"
+    assert omni["auth"] == {"siderov1": {"identity": "ops@example.com"}}
+
+
+def test_config_add_reads_certificate_files(tmp_path: Path, home: Path) -> None:
+    from machined import pki
+
+    ca = pki.generate_ca()
+    client = pki.issue_client(ca, ["os:reader"])
+    files = {}
+    for name, data in (("ca.crt", ca.crt), ("c.crt", client.crt), ("c.key", client.key)):
+        files[name] = tmp_path / name
+        files[name].write_bytes(data)
+    cfg = tmp_path / "talosconfig"
+    cfg.write_text("context: a\ncontexts:\n  a:\n    endpoints: [192.0.2.1]\n")
+    argv = ["--talosconfig", str(cfg), "config", "add", "b", "--ca", str(files["ca.crt"])]
+    rc, _, err = spanctl([*argv, "--crt", str(files["c.crt"]), "--key", str(files["c.key"])])
+    assert rc == 0, err
+    from machined.spanctl.config import ClientConfig
+
+    loaded = ClientConfig.load(cfg)
+    assert loaded.context == "a"  # the current context is kept, as talosctl
+    b = loaded.contexts["b"]
+    assert (b.ca, b.crt, b.key, b.endpoints) == (ca.crt, client.crt, client.key, [])
+    # adding again replaces; --crt without --key is refused; a missing file is named
+    assert spanctl(["--talosconfig", str(cfg), "config", "add", "b"])[0] == 0
+    assert ClientConfig.load(cfg).contexts["b"].crt == b""
+    rc, _, err = spanctl(["--talosconfig", str(cfg), "config", "add", "c", "--crt", str(files["c.crt"])])
+    assert rc == 1 and "--crt and --key" in err and "c" not in ClientConfig.load(cfg).contexts
+    rc, _, err = spanctl(["--talosconfig", str(cfg), "config", "add", "c", "--ca", str(tmp_path / "nope")])
+    assert rc == 1 and "cannot read the CA certificate" in err and "nope" in err
+
+
+def test_config_remove_glob_current_skipped_confirm_and_dry_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from machined.spanctl.config import ClientConfig
+
+    cfg = tmp_path / "talosconfig"
+    cfg.write_text(
+        "context: lab-1\ncontexts:\n"
+        + "".join(f"  {n}:\n    endpoints: [192.0.2.1]\n" for n in ("lab-1", "lab-2", "lab-3", "prod"))
+    )
+    base = ["--talosconfig", str(cfg), "config", "remove"]
+    names = lambda: sorted(ClientConfig.load(cfg).contexts)  # noqa: E731
+    rc, _, err = spanctl([*base, "lab-*", "-y", "--dry-run"])
+    assert rc == 0 and names() == ["lab-1", "lab-2", "lab-3", "prod"]
+    assert "skipping removal of current context 'lab-1'" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\nn\n"))  # yes to lab-2, no to lab-3
+    rc, _, err = spanctl([*base, "lab-*"])
+    assert rc == 0 and names() == ["lab-1", "lab-3", "prod"]
+    assert "remove context 'lab-2'? [y/N]" in err and "remove context 'lab-3'? [y/N]" in err
+    rc, _, err = spanctl([*base, "--noconfirm", "lab-?"])
+    assert rc == 0 and names() == ["lab-1", "prod"] and "removing context 'lab-3'" in err
+    rc, _, err = spanctl([*base, "-y", "staging*"])
+    assert rc == 1 and "no contexts matched 'staging*'" in err
+
+
+def _recorder_class() -> type:
+    from spanapi.talos.machine import machine_pb2_grpc
+
+    class Recorder(_Recorder, machine_pb2_grpc.MachineServiceServicer):  # the rest: UNIMPLEMENTED
+        pass
+
+    return Recorder
+
+
+class _Recorder:
+    """A MachineService answering ServiceList and keeping each call's metadata."""
+
+    def __init__(self) -> None:
+        self.metadata: list[dict[str, str]] = []
+
+    def ServiceList(self, request: object, context: object) -> object:
+        from spanapi.talos.machine import machine_pb2
+
+        self.metadata.append(dict(context.invocation_metadata()))  # type: ignore[attr-defined]
+        return machine_pb2.ServiceListResponse(messages=[machine_pb2.ServiceList()])
+
+
+@pytest.fixture
+def machine_socket(tmp_path: Path):
+    import grpc
+
+    from spanapi.talos.machine import machine_pb2_grpc
+
+    rec = _recorder_class()()
+    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(2))
+    machine_pb2_grpc.add_MachineServiceServicer_to_server(rec, server)  # type: ignore[arg-type]
+    sock = tmp_path / "m.sock"
+    server.add_insecure_port(f"unix:{sock}")
+    server.start()
+    try:
+        yield sock, rec
+    finally:
+        server.stop(None)
+
+
+def test_cluster_flag_and_context_cluster_sent_as_context_metadata(tmp_path: Path, machine_socket) -> None:
+    sock, rec = machine_socket
+    cfg = tmp_path / "talosconfig"
+    cfg.write_text("context: a\ncontexts:\n  a:\n    endpoints: []\n    cluster: from-config\n")
+    base = ["--talosconfig", str(cfg), "--socket", str(sock)]
+    assert spanctl([*base, "service"])[0] == 0
+    assert spanctl([*base, "-c", "prod", "service"])[0] == 0
+    assert spanctl([*base, "service", "--cluster", "staging"])[0] == 0  # after the command too
+    cfg.write_text("context: a\ncontexts:\n  a:\n    endpoints: []\n")
+    assert spanctl([*base, "service"])[0] == 0
+    assert [m.get("context") for m in rec.metadata] == ["from-config", "prod", "staging", None]
