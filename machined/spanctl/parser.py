@@ -17,6 +17,7 @@ from .commands.mesh import cmd_health, cmd_mesh
 from .commands.resources import cmd_get
 from .commands.services import cmd_dmesg, cmd_events, cmd_logs, cmd_service
 from .commands.version import cmd_version
+from .dashboard.command import cmd_dashboard
 
 
 def _globals() -> argparse.ArgumentParser:
@@ -170,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--interval", type=parse_duration, default=1.0, help=argparse.SUPPRESS)
 
     add("mesh", "every node's view of its peers, as one matrix", cmd_mesh)
+    sp = add(
+        "dashboard",
+        "a live web view of the mesh: dashboard --web [ADDR] (default 127.0.0.1:50080)",
+        cmd_dashboard,
+    )
+    sp.add_argument(
+        "--web",
+        nargs="?",
+        const="",
+        metavar="ADDR",
+        help="serve the web dashboard on ADDR (default 127.0.0.1:50080)",
+    )
+    sp.add_argument(
+        "--allow-remote", action="store_true", help="allow a non-loopback ADDR (the page has no login)"
+    )
     sp = add("gen", "generate secrets and configs: gen secrets | gen config NAME ENDPOINT", cmd_gen)
     gsub = sp.add_subparsers(dest="gen_cmd", metavar="SUBCOMMAND")
     c = gsub.add_parser("secrets", parents=[g], help="a secrets bundle (cluster id/secret, OS CA, token)")

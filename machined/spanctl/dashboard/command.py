@@ -1,0 +1,53 @@
+"""``spanctl dashboard --web [ADDR]``: serve the live mesh page for this client config's cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+from ..app import App, UsageError
+from .collector import Collector, aio_channel
+from .server import ListenError, check_listen, is_loopback, parse_listen, serve
+
+
+def cmd_dashboard(app: App) -> None:
+    ns = app.ns
+    if ns.web is None:
+        raise UsageError(
+            "dashboard: only the web dashboard exists: spanctl dashboard --web [ADDR] (default 127.0.0.1:50080)"
+        )
+    try:
+        host, port = parse_listen(ns.web or None)
+        check_listen(host, ns.allow_remote)
+    except ListenError as e:
+        raise UsageError(str(e)) from None
+    t = app.target
+    explicit = list(ns.nodes) if ns.nodes else None
+    seed = None if explicit else (t.nodes[0] if t.nodes and not t.direct else None)
+    if not is_loopback(host):
+        print(
+            "spanctl: warning: the dashboard listens beyond loopback and has no login: anyone who reaches "
+            f"{host or 'this host'}:{port} sees what your certificate can read",
+            file=app.err,
+            flush=True,
+        )
+
+    def ready(url: str) -> None:
+        app.out.write(f"dashboard: {url} (Ctrl-C to stop)\n")
+        app.out.flush()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        channel = aio_channel(t)
+        collector = Collector(channel, direct=t.direct, targets=explicit, seed=seed, where=t.where)
+        try:
+            await serve(collector, host, port, loopback_only=is_loopback(host), stop=stop, ready=ready)
+        finally:
+            await channel.close()
+
+    asyncio.run(main())
