@@ -7,7 +7,11 @@
   MachineConfigs) need ``os:admin`` (PERMISSION_DENIED otherwise).
 * Write verbs (Create, Update, Destroy, Teardown, TeardownAndDestroy) are not in our ``.proto``;
   :func:`write_refusal_handler` answers them PERMISSION_DENIED "write access is not allowed".
-* Specs are sent as ``yaml_spec`` only (what talosctl renders); ``proto_spec`` stays empty.
+* Specs are sent twice, from the same data: ``yaml_spec`` (what talosctl shows for types it does not
+  know) and ``proto_spec``, the spec in Talos's message for the type, which talosctl decodes for
+  every type Talos registers and for the resource definitions (``cosi.resource.meta.
+  ResourceDefinitionSpec``), see :mod:`machined.api.protospec`. Types of ours alone have no
+  ``proto_spec``.
 * Watch: ``bootstrap_contents`` replays the current resources as CREATED first; ``api_version`` >= 1
   adds BOOTSTRAPPED after them and reports a watcher that fell behind as ERRORED (older clients get
   the stream ended with ABORTED). ``tail_events`` and bookmarks are refused: the state keeps no history.
