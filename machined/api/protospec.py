@@ -15,7 +15,7 @@ both: ``yaml_spec`` as before, and ``proto_spec`` encoded here from the same spe
   talosctl shows their ``yaml_spec`` (it falls back to it for types it does not register).
 
 :data:`PROTO_SPECS` maps every served type name to its :class:`Schema` (or :class:`Raw` encoder, or
-:class:`OursOnly`); a served type missing from it fails ``tests/unit/test_protospec.py``. A schema
+:class:`OursOnly`); a served type missing from it fails ``tests/unit/machined/test_protospec.py``. A schema
 names the YAML key of each proto field where it is not the field's camelCase (Talos's ``yaml:`` tags)
 and the YAML keys that are ours alone (not in Talos's spec, so not in ``proto_spec``).
 """
