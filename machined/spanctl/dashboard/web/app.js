@@ -137,13 +137,17 @@ function updateMatrix(v) {
 }
 
 function fillCell(td, r, c, cell, compact) {
+  td.setAttribute("aria-selected", selected && selected[0] === r && selected[1] === c ? "true" : "false");
+  const sig = JSON.stringify(cell) + (compact ? "c" : "");
+  if (td._sig === sig) return; // unchanged: only ages move, and tick() refreshes those
+  td._sig = sig;
+  td._cell = cell;
   const state = cell.state;
   td.className = "st-" + state + (cell.stale ? " stale" : "") + (cell.path ? " path-" + cell.path : "");
   td.dataset.state = state;
   td.dataset.stale = cell.stale ? "1" : "0";
   td.setAttribute("aria-label", cellLabel(r, c, cell));
   td.title = td.getAttribute("aria-label");
-  td.setAttribute("aria-selected", selected && selected[0] === r && selected[1] === c ? "true" : "false");
   const sym = (cell.stale && state !== "nodata" ? "~" : "") + (SYM[state] || "?");
   const lines = [el("span", { class: "sym", text: sym })];
   if (cell.path && PATH[cell.path]) {
@@ -173,6 +177,7 @@ function setRoving(td) {
 function moveFocus(r, c) {
   const td = findCell(r, c);
   if (!td) return;
+  if (td._cell) td.setAttribute("aria-label", cellLabel(r, c, td._cell)); // fresh ages for a reader
   setRoving(td);
   td.focus();
 }
@@ -235,8 +240,13 @@ function svg(tag, attrs, ...kids) {
   return e;
 }
 
+let topoSig = "";
+
 function updateTopology(v) {
   const root = document.getElementById("topology");
+  const sig = JSON.stringify([v.groups, v.edges, v.nodes.map((n) => n.reach)]);
+  if (sig === topoSig) return;
+  topoSig = sig;
   const W = 800, H = 600, cx = W / 2, cy = H / 2;
   const groups = v.groups;
   const pos = {};
@@ -364,6 +374,7 @@ function summary(v) {
 }
 
 function render(v) {
+  const t0 = performance.now();
   view = v;
   offset = v.now - Date.now() / 1000;
   summary(v);
@@ -373,6 +384,7 @@ function render(v) {
   updateDetail(v);
   banner();
   document.body.dataset.version = String((Number(document.body.dataset.version) || 0) + 1);
+  document.body.dataset.renderMs = (performance.now() - t0).toFixed(1);
 }
 
 function tick() {
