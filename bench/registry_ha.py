@@ -2,12 +2,17 @@
 per key in a steady mesh.
 
 1. Throughput: ``--procs`` load processes, each with ``--concurrency`` callers, send AffiliateUpdates
-   that always change the data (every one must be stored: 500 new random bytes, 2 endpoints) for
-   ``--seconds``, against (a) one discovery-service on the embedded store (journal on disk), (b) one
-   replica on a 3-member etcd cluster, (c) three replicas on it (the load processes spread over them).
-   Targets: (b)/(a) >= 0.5; (c)/(b) >= 1.2. All of it shares this machine's cores (etcd members,
-   replicas and load), so (c) measures what a second and third replica add when they compete with
-   etcd for the same cores, a harder setting than separate hosts.
+   that always change the data (every one must be stored: 500 random bytes per caller whose first 8
+   are a per-call counter, 2 endpoints) for ``--seconds``, against (a) one discovery-service on the
+   embedded store (journal on disk), (b) one replica on a 3-member etcd cluster, (c) three replicas on
+   it (every load process has ``--conns`` connections to each replica, its callers spread over them).
+   Only updates answered with grpc-status 0 count; each setting first runs ``--warmup`` seconds
+   unmeasured (the affiliates exist before a measured run, so it measures updates, not adds). Targets: (b)/(a) >= 0.5; (c)/(b) >= 1.2. All of it
+   shares this machine's cores (etcd members, replicas and load), so (c) measures what a second and
+   third replica add when they compete with etcd for the same cores, a harder setting than separate
+   hosts. The load uses ``spanutil.h2unary`` (pre-built request bytes on raw HTTP/2), about a tenth of
+   a grpc.aio client's CPU per call, so the cores go to the servers. Each run prints the CPU (from
+   /proc/PID/stat) each role used per acknowledged update, and the cores they kept busy.
 2. Writes: 50 real ``DiscoveryClient`` s (one per node, each also publishing the endpoints it observed
    for the other 49, as the mesh does) refresh every TTL/2 against one replica; after one TTL of
    warm-up, every PUT under the registry's etcd prefix is counted (an etcd watch) for ``--periods``
@@ -22,22 +27,23 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-
-import grpc
+from typing import Any
 
 from discovery.client.client import DiscoveryClient
 from discovery.etcd.client import EtcdClient, EventType
 from discovery.testing import ServerProcess, etcd_store_flags
 from spanapi.discovery.client import affiliate_pb2
 from spanapi.discovery.server import cluster_pb2 as pb
-from spanapi.discovery.server import cluster_pb2_grpc as rpc
 from spanutil.etcdlab import EtcdLab
+from spanutil.h2unary import CountingBody, H2UnaryConnection, closed_loop
 
 NAME = "registry_ha"
 ONE_TARGET = 0.5  # one etcd replica / embedded
@@ -48,50 +54,143 @@ PREFIX = "/discovery/"
 
 # -- 1. throughput ------------------------------------------------------------------------------------
 
-
-async def _load(target: str, tag: str, concurrency: int, seconds: float) -> int:
-    ok = 0
-    async with grpc.aio.insecure_channel(target) as ch:
-        stub = rpc.ClusterStub(ch)
-        deadline = time.monotonic() + seconds
-
-        async def caller(i: int) -> None:
-            nonlocal ok
-            eps = [os.urandom(16), os.urandom(16)]
-            while time.monotonic() < deadline:
-                req = pb.AffiliateUpdateRequest(
-                    cluster_id="ha-bench",
-                    affiliate_id=f"{tag}-{i}",
-                    affiliate_data=os.urandom(500),
-                    affiliate_endpoints=eps,
-                )
-                req.ttl.seconds = 600
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await stub.AffiliateUpdate(req, timeout=5)
-                    ok += 1
-
-        await asyncio.gather(*(caller(i) for i in range(concurrency)))
-    return ok
+UPDATE = "/sidero.discovery.server.Cluster/AffiliateUpdate"
+TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _load_main(target: str, tag: str, concurrency: int, seconds: float, out: mp.Queue) -> None:
-    out.put(asyncio.run(_load(target, tag, concurrency, seconds)))
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads), from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # fields 14 and 15: utime, stime
 
 
-def throughput(targets: Sequence[str], procs: int, concurrency: int, seconds: float) -> float:
-    """Acknowledged updates per second, the load processes spread over ``targets``."""
+def _update_body(affiliate: str) -> CountingBody:
+    """An AffiliateUpdate serialized once: 500 random bytes of data (the first 8 a per-call counter,
+    so each update stores different bytes), 2 endpoints, TTL 10 min."""
+    data = os.urandom(500)
+    req = pb.AffiliateUpdateRequest(
+        cluster_id="ha-bench",
+        affiliate_id=affiliate,
+        affiliate_data=data,
+        affiliate_endpoints=[os.urandom(16), os.urandom(16)],
+    )
+    req.ttl.seconds = 600
+    msg = req.SerializeToString()
+    return CountingBody(msg, msg.index(data))
+
+
+async def _load(
+    targets: Sequence[str], tag: str, conns: int, concurrency: int, seconds: float, ready: mp.Queue, go: Any
+) -> tuple[int, int, float, float]:
+    """One load process: ``conns`` connections to each target, ``concurrency`` callers over them."""
+    links = []
+    for _ in range(conns):
+        for t in targets:
+            host, port = t.rsplit(":", 1)
+            links.append(await H2UnaryConnection.connect(host, int(port)))
+    bodies = [_update_body(f"{tag}-{i}") for i in range(concurrency)]
+    ready.put(os.getpid())
+    await asyncio.to_thread(go.wait)
+    cpu0 = cpu_seconds(os.getpid())
+    res = await closed_loop(links, UPDATE, bodies, seconds)
+    cpu = cpu_seconds(os.getpid()) - cpu0
+    for c in links:
+        await c.close()
+    return res.ok, res.failed, res.seconds, cpu
+
+
+def _load_main(
+    targets: Sequence[str],
+    tag: str,
+    conns: int,
+    concurrency: int,
+    seconds: float,
+    ready: mp.Queue,
+    go: Any,
+    out: mp.Queue,
+) -> None:
+    out.put(asyncio.run(_load(targets, tag, conns, concurrency, seconds, ready, go)))
+
+
+def _gather(q: mp.Queue, ps: Sequence[Any], timeout: float) -> list[Any]:
+    """One item from ``q`` per process of ``ps``; a clear error as soon as one of them died."""
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < len(ps):
+        try:
+            got.append(q.get(timeout=0.5))
+        except queue.Empty:
+            dead = [p.exitcode for p in ps if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in ps:
+                    p.kill()
+                raise RuntimeError(f"load processes failed (exit codes {dead}) or timed out") from None
+    return got
+
+
+@dataclass
+class Run:
+    """One throughput run: acknowledged and failed updates, wall seconds, CPU seconds per role."""
+
+    ok: int
+    failed: int
+    seconds: float
+    cpu: dict[str, float]
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.seconds
+
+
+def throughput(
+    targets: Sequence[str],
+    roles: dict[str, list[int]],
+    procs: int,
+    conns: int,
+    concurrency: int,
+    seconds: float,
+) -> Run:
+    """Acknowledged updates per second with every load process driving all of ``targets``, and the CPU
+    each role (``roles``: name -> pids; plus "load") used while the load ran."""
     ctx = mp.get_context("spawn")
+    ready: mp.Queue = ctx.Queue()
     out: mp.Queue = ctx.Queue()
+    go = ctx.Event()
     ps = [
-        ctx.Process(target=_load_main, args=(targets[i % len(targets)], f"p{i}", concurrency, seconds, out))
+        ctx.Process(
+            target=_load_main,
+            args=(targets, f"p{i}", conns, concurrency, seconds, ready, go, out),
+        )
         for i in range(procs)
     ]
     for p in ps:
         p.start()
-    total = sum(out.get(timeout=seconds + 60) for _ in ps)
+    _gather(ready, ps, 60)  # connected, bodies built: the start-up CPU is not counted
+    before = {r: sum(cpu_seconds(pid) for pid in pids) for r, pids in roles.items()}
+    go.set()
+    results = _gather(out, ps, seconds + 60)
+    cpu = {r: sum(cpu_seconds(pid) for pid in pids) - before[r] for r, pids in roles.items()}
     for p in ps:
         p.join(10)
-    return total / seconds
+    cpu["load"] = sum(r[3] for r in results)
+    return Run(
+        ok=sum(r[0] for r in results),
+        failed=sum(r[1] for r in results),
+        seconds=max(r[2] for r in results),
+        cpu=cpu,
+    )
+
+
+def cpu_line(runs: Sequence[Run]) -> str:
+    """CPU ms per acknowledged update per role over ``runs``, and the cores they kept busy."""
+    ok = sum(r.ok for r in runs) or 1
+    wall = sum(r.seconds for r in runs) or 1.0
+    roles = list(runs[0].cpu)
+    per = {role: sum(r.cpu[role] for r in runs) * 1000 / ok for role in roles}
+    total = sum(per.values())
+    parts = " | ".join(f"{role} {v:.3f}" for role, v in per.items())
+    cores = sum(sum(r.cpu.values()) for r in runs) / wall
+    return f"CPU ms per update: {parts} | total {total:.3f} ({cores:.2f} cores busy)"
 
 
 # -- 2. writes per key ----------------------------------------------------------------------------------
@@ -150,9 +249,11 @@ async def writes_per_key(
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--procs", type=int, default=3, help="load processes")
-    ap.add_argument("--concurrency", type=int, default=32, help="callers per load process")
+    ap.add_argument("--procs", type=int, default=1, help="load processes")
+    ap.add_argument("--conns", type=int, default=1, help="connections per load process and target")
+    ap.add_argument("--concurrency", type=int, default=64, help="callers per load process")
     ap.add_argument("--seconds", type=float, default=6.0, help="per throughput run")
+    ap.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per setting first")
     ap.add_argument("--rounds", type=int, default=2, help="throughput runs per setting (the median counts)")
     ap.add_argument("--nodes", type=int, default=50)
     ap.add_argument("--ttl", type=float, default=20.0)
@@ -170,16 +271,36 @@ def main() -> int:
             *etcd_store_flags(etcd.endpoints),
         ]
         replicas = [stack.enter_context(ServerProcess(None, *flags)) for _ in range(3)]
-        runs: dict[str, list[float]] = {"embedded": [], "one": [], "three": []}
+        assert embedded.proc is not None and all(r.proc is not None for r in replicas)
+        roles = {
+            "embedded": [embedded.proc.pid],
+            "replica1": [replicas[0].proc.pid],
+            "replicas2-3": [r.proc.pid for r in replicas[1:] if r.proc is not None],
+            "etcd(3)": [m.proc.pid for m in etcd.members if m.proc is not None],
+        }
+        settings = {
+            "embedded": [embedded.target],
+            "one": [replicas[0].target],
+            "three": [r.target for r in replicas],
+        }
+        for targets in settings.values():  # warm-up: affiliates created, leases made, caches filled
+            throughput(targets, roles, ns.procs, ns.conns, ns.concurrency, ns.warmup)
+        runs: dict[str, list[Run]] = {k: [] for k in settings}
         for _ in range(ns.rounds):
-            runs["embedded"].append(throughput([embedded.target], ns.procs, ns.concurrency, ns.seconds))
-            runs["one"].append(throughput([replicas[0].target], ns.procs, ns.concurrency, ns.seconds))
-            runs["three"].append(
-                throughput([r.target for r in replicas], ns.procs, ns.concurrency, ns.seconds)
-            )
-        med = {k: statistics.median(v) for k, v in runs.items()}
+            for k, targets in settings.items():
+                runs[k].append(throughput(targets, roles, ns.procs, ns.conns, ns.concurrency, ns.seconds))
+        med = {k: statistics.median(r.rate for r in v) for k, v in runs.items()}
+        print(
+            f"  load: {ns.procs} process(es) x {ns.concurrency} callers, {ns.conns} connection(s) per target, "
+            f"{ns.seconds:g} s per run; every update stores different data"
+        )
         for k, v in runs.items():
-            print(f"  {k}: {' '.join(f'{x:.0f}' for x in v)} updates/s (median {med[k]:.0f})")
+            failed = sum(r.failed for r in v)
+            print(
+                f"  {k}: {' '.join(f'{r.rate:.0f}' for r in v)} acknowledged updates/s (median {med[k]:.0f}"
+                f"{f'; {failed} failed' if failed else ''})"
+            )
+            print(f"    {cpu_line(v)}")
         one, scale = med["one"] / med["embedded"], med["three"] / med["one"]
         print(f"{NAME}: one replica on 3-member etcd / embedded store: {one:.2f} (target >= {ONE_TARGET})")
         print(
