@@ -30,6 +30,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from discovery.crypto import SecretError, parse_secret
+from kubespan import nodepage
 from kubespan.affiliate import EndpointFilter
 from kubespan.constants import ConfigError, MeshConfig
 from kubespan.engine import Mesh, MeshOptions
@@ -216,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-publish-learned", action="store_true", help="do not publish roamed endpoints")
     run.add_argument(
-        "--http-addr", default=DEFAULT_HTTP_ADDR, type=_hostport, help="/status, /metrics, /healthz"
+        "--http-addr",
+        default=DEFAULT_HTTP_ADDR,
+        type=_hostport,
+        help="/ (this node's page), /status, /metrics, /healthz (read-only; loopback by default)",
     )
     run.add_argument(
         "--keep-on-exit",
@@ -335,8 +339,22 @@ async def serve_http(addr: tuple[str, int], mesh: Mesh, registry: CollectorRegis
         ok = mesh.ready.is_set()
         return web.Response(status=200 if ok else 503, text="ok\n" if ok else "starting\n")
 
+    async def page(request: web.Request) -> web.Response:
+        found = nodepage.lookup(request.path)
+        if found is None:
+            raise web.HTTPNotFound()
+        ctype, body = found
+        return web.Response(body=body, headers={"Content-Type": ctype, **nodepage.HEADERS})
+
     app = web.Application()
-    app.add_routes([web.get("/status", status), web.get("/metrics", metrics), web.get("/healthz", healthz)])
+    app.add_routes(
+        [
+            web.get("/status", status),
+            web.get("/metrics", metrics),
+            web.get("/healthz", healthz),
+            *(web.get(path, page) for path in nodepage.FILES),
+        ]
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, addr[0], addr[1], reuse_address=True).start()

@@ -1,8 +1,9 @@
 """A tiny HTTP endpoint for probes and scrapers: ``/healthz``, ``/status`` (the mesh status as JSON,
-the document ``kubespan status -o json`` reads) and ``/metrics`` (Prometheus).
+the document ``kubespan status -o json`` reads), ``/metrics`` (Prometheus) and ``/``, the node's own
+read-only page that polls ``/status`` (:mod:`kubespan.nodepage`, shared with ``kubespan run``).
 
 Plain asyncio (HTTP/1.0, one request per connection, GET only): machined does not load a web
-framework for three read-only paths.
+framework for a few read-only paths.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable
+from email.utils import formatdate
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from kubespan import nodepage
 
 MAX_REQUEST = 8192
 
@@ -47,6 +51,9 @@ class StatusServer:
             self._server = None
 
     def _route(self, path: str) -> tuple[int, str, bytes]:
+        page = nodepage.lookup(path)
+        if page is not None:
+            return 200, *page
         if path == "/healthz":
             ok = self.healthy()
             return (200 if ok else 503), "text/plain", b"ok\n" if ok else b"starting\n"
@@ -69,11 +76,15 @@ class StatusServer:
             if method != "GET":
                 code, ctype, body = 405, "text/plain", b"method not allowed\n"
             else:
-                code, ctype, body = self._route(path.split("?", 1)[0])
+                path = path.split("?", 1)[0]
+                code, ctype, body = self._route(path)
+            page = method == "GET" and path in nodepage.FILES
+            extra = "".join(f"{k}: {v}\r\n" for k, v in nodepage.HEADERS.items()) if page else ""
             reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
             writer.write(
                 f"HTTP/1.0 {code} {reason.get(code, '')}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                f"Content-Length: {len(body)}\r\nDate: {formatdate(usegmt=True)}\r\n{extra}"
+                "Connection: close\r\n\r\n".encode()
                 + body
             )
             await writer.drain()

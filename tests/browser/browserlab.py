@@ -4,7 +4,11 @@ Import from test modules in tests/browser as ``from browserlab import ...``."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import socket
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,3 +93,60 @@ async def tab_walk(page: Any, presses: int, *, from_top: bool = True) -> list[Fo
             break
         out.append(Focus(info["tag"], info["id"], info["text"], bool(info["ring"])))
     return out
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def tcp_forward(connect: Callable[[], socket.socket]) -> AsyncIterator[int]:
+    """A TCP forwarder on 127.0.0.1 for the browser: yields its port; each connection is joined to a
+    socket from ``connect()`` (run in a thread; e.g. ``lambda: node.connect_tcp("127.0.0.1", 51821)``
+    reaches a server bound to loopback inside a lab node's network namespace)."""
+
+    open_writers: set[asyncio.StreamWriter] = set()
+    done: set[asyncio.Future[Any]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        finished = asyncio.get_running_loop().create_future()
+        done.add(finished)
+        mine = [writer]
+        open_writers.add(writer)
+        try:
+            try:
+                sock = await asyncio.to_thread(connect)
+            except OSError:
+                return
+            sock.setblocking(False)
+            up_reader, up_writer = await asyncio.open_connection(sock=sock)
+            mine.append(up_writer)
+            open_writers.add(up_writer)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            for w in mine:
+                w.close()
+                open_writers.discard(w)
+            finished.set_result(None)
+            done.discard(finished)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        # Closing every socket ends the pipes (no task is cancelled: asyncio would log that).
+        for w in list(open_writers):
+            w.close()
+        if done:
+            await asyncio.wait(list(done), timeout=5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 2)

@@ -40,6 +40,7 @@ import pytest_asyncio
 from browserlab import CHROMIUM, CHROMIUM_ARGS, ConsoleError, Focus, artifacts_dir, tab_walk
 
 HERE = Path(__file__).parent
+BODY_DONE = pytest.StashKey[bool]()
 
 
 def _missing() -> str | None:
@@ -96,23 +97,38 @@ async def browser() -> AsyncIterator[Any]:
             await b.close()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """Mark the end of the test body: console errors after it (a server fixture stopping before the page
+    closes) are not the test's."""
+    try:
+        return (yield)
+    finally:
+        item.stash[BODY_DONE] = True
+
+
 @pytest_asyncio.fixture(loop_scope="session")
-async def page(browser: Any) -> AsyncIterator[Any]:
-    """A fresh page; fails the test at teardown on any console error or uncaught JS exception."""
+async def page(browser: Any, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """A fresh page; fails the test at teardown on any console error or uncaught JS exception seen
+    while the test ran (its body and fixtures' set-up)."""
     context = await browser.new_context(viewport={"width": 1280, "height": 800})
     p = await context.new_page()
     errors: list[ConsoleError] = []
     allowed: list[str] = []
 
+    def over() -> bool:
+        return request.node.stash.get(BODY_DONE, False)
+
     def on_console(msg: Any) -> None:
-        if msg.type == "error":
+        if msg.type == "error" and not over():
             loc = msg.location or {}
             errors.append(
                 ConsoleError("console", msg.text, f"{loc.get('url', '')}:{loc.get('lineNumber', '')}")
             )
 
     def on_pageerror(exc: Any) -> None:
-        errors.append(ConsoleError("pageerror", str(exc)))
+        if not over():
+            errors.append(ConsoleError("pageerror", str(exc)))
 
     p.on("console", on_console)
     p.on("pageerror", on_pageerror)
