@@ -34,7 +34,7 @@ from kubespan import nodepage
 from kubespan.affiliate import EndpointFilter
 from kubespan.constants import ConfigError, MeshConfig
 from kubespan.engine import Mesh, MeshOptions
-from kubespan.metrics import MeshCollector
+from kubespan.metrics import DiscoveryCollector, MeshCollector
 from kubespan.nat.punch import PunchTimings
 from kubespan.perms import warn_permissions
 from kubespan.wireguard.types import AddrPort
@@ -310,6 +310,7 @@ async def run(ns: argparse.Namespace, cfg: MeshConfig) -> int:
 
     registry = CollectorRegistry()
     MeshCollector(lambda: mesh.status() if mesh.identity else None, registry)
+    DiscoveryCollector(lambda: runner.discovery, registry)
     http = await serve_http(ns.http_addr, mesh, registry)
     try:
         await runner.start()

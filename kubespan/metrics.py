@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -149,3 +150,38 @@ class MeshCollector:
         for reason, n in sorted(r.refused.items()):
             refused.add_metric([reason], n)
         yield from (allocations, packets, fwd, dropped, expired, refused)
+
+
+class DiscoveryCollector:
+    """The agent's link to its discovery registries, per configured endpoint URL:
+    ``kubespan_discovery_connected`` (1 once Hello is done and the Watch snapshot arrived),
+    ``kubespan_discovery_affiliates`` (what that registry reports), and the client's reconnect count."""
+
+    def __init__(self, client: Callable[[], Any], registry: CollectorRegistry) -> None:
+        # returns the running discovery.client.DiscoveryClient (endpoint_status(), stats), or None
+        self._client = client
+        registry.register(self)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        client = self._client()
+        if client is None or not hasattr(client, "endpoint_status"):
+            return
+        connected = GaugeMetricFamily(
+            "kubespan_discovery_connected",
+            "1 while the discovery endpoint is connected (Hello done, Watch snapshot received).",
+            labels=["endpoint"],
+        )
+        affiliates = GaugeMetricFamily(
+            "kubespan_discovery_affiliates", "Affiliates the discovery endpoint reports.", labels=["endpoint"]
+        )
+        for url, st in sorted(client.endpoint_status().items()):
+            connected.add_metric([url], 1.0 if st.connected else 0.0)
+            affiliates.add_metric([url], st.affiliates)
+        reconnects = CounterMetricFamily(
+            "kubespan_discovery_reconnects", "Discovery session reconnect attempts after an error."
+        )
+        reconnects.add_metric([], client.stats.reconnects)
+        yield from (connected, affiliates, reconnects)

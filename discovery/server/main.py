@@ -31,6 +31,7 @@ from discovery.server import migrate, stun
 from discovery.server.backend import Backend, EmbeddedBackend
 from discovery.server.etcdstore import DEFAULT_BUCKET, DEFAULT_PREFIX, EtcdBackend
 from discovery.server.landing import Landing
+from discovery.server.obsmetrics import CertificateExpiry, JournalFailures
 from discovery.server.service import (
     MAX_WATCHES,
     MAX_WATCHES_PER_IP,
@@ -525,6 +526,10 @@ class Daemon:
         else:
             store_kind = "file" if self.store is not None else "memory"
         self.landing = Landing(self.registry, self.metrics.rpcs, store_kind, lambda: self.storage_problem)
+        if self.store is not None:
+            JournalFailures(self.store, self.metrics.registry)
+        if getattr(self.ns, "certificate_path", ""):
+            CertificateExpiry(Path(self.ns.certificate_path), self.metrics.registry)
 
     def load(self) -> LoadReport | None:
         if self.store is None:

@@ -374,6 +374,8 @@ class Store:
         self._closed = False
         self.on_health_change = on_health_change
         self._failures: dict[str, str] = {}  # what fails ("journal write", "journal fsync") -> why
+        # every failure seen, by what failed (journal write, journal fsync): /metrics counts them
+        self.failure_counts: dict[str, int] = dict.fromkeys((_JOURNAL_WRITE, _JOURNAL_FSYNC), 0)
         self._health_lock = threading.Lock()
 
     # ------------------------------------------------------------------ health
@@ -388,6 +390,7 @@ class Store:
     def _fail(self, what: str, e: OSError) -> None:
         with self._health_lock:
             before = self.degraded
+            self.failure_counts[what] = self.failure_counts.get(what, 0) + 1
             self._failures[what] = _errtext(e)
             after = self.degraded
         if after != before and self.on_health_change is not None:

@@ -393,12 +393,13 @@ class Agent:
     async def _start_http(self, addr: tuple[str, int]) -> None:
         from prometheus_client import CollectorRegistry
 
-        from kubespan.metrics import MeshCollector
+        from kubespan.metrics import DiscoveryCollector, MeshCollector
 
         from .http import StatusServer
 
         registry = CollectorRegistry()
         MeshCollector(self.meshhost.status, registry)
+        DiscoveryCollector(lambda: self.meshhost.discovery, registry)
         server = StatusServer(
             self.meshhost.status, lambda: self.stage == "running" and self.meshhost.running, registry
         )
