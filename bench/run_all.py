@@ -40,6 +40,8 @@ BENCHES = [
     # issue 15: registry replicas on a 3-member etcd cluster
     "watch_fanout.py --etcd 3 --replicas 3 --procs 4",
     "registry_ha.py",
+    # issue 17: the operator's web dashboard with 50 nodes (fake data) in headless chromium
+    "dashboard.py",
 ]
 
 

@@ -67,6 +67,16 @@ def aio_channel(target: Target) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(tcp_target(target.endpoint), creds, options=opts)
 
 
+def _first_error(eg: BaseExceptionGroup) -> BaseException:
+    """The first real failure inside a task group's exception group (the others were cancelled)."""
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            return _first_error(e)
+        if not isinstance(e, asyncio.CancelledError):
+            return e
+    return eg.exceptions[0]
+
+
 class NodeGone(Exception):
     """A node's stream or heartbeat failed: the message says why (never a secret)."""
 
@@ -242,7 +252,7 @@ class Collector:
             except asyncio.CancelledError:
                 raise
             except (NodeGone, grpc.RpcError, OSError) as e:
-                msg = describe_rpc_error(e, self.where) if isinstance(e, grpc.RpcError) else str(e)
+                msg = describe_rpc_error(e, self._via(st.target)) if isinstance(e, grpc.RpcError) else str(e)
                 self._set_reach(st, model.REACH_UNREACHABLE, msg)
             except Exception as e:  # a bug must not end the node's loop: show it and try again
                 log.exception("dashboard: node %s", st.target)
@@ -271,10 +281,13 @@ class Collector:
             if not pending:
                 self._set_reach(st, model.REACH_OK)
 
-        async with asyncio.TaskGroup() as tg:
-            for kind in model.KINDS:
-                tg.create_task(self._watch(st, kind, md, bootstrapped))
-            tg.create_task(self._heartbeat(md))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for kind in model.KINDS:
+                    tg.create_task(self._watch(st, kind, md, bootstrapped))
+                tg.create_task(self._heartbeat(st.target, md))
+        except BaseExceptionGroup as eg:
+            raise _first_error(eg) from None
 
     @staticmethod
     def _first(resp: Any) -> Any:
@@ -285,13 +298,19 @@ class Collector:
             raise NodeGone(m.metadata.error)
         return m
 
-    async def _heartbeat(self, md: list[tuple[str, str]]) -> None:
+    def _via(self, target: str) -> str:
+        """Where a node's call went, for its error: the node through apid (the endpoint)."""
+        if self.direct or not target:
+            return self.where or "the endpoint"
+        return f"{target} (through {self.where})" if self.where else target
+
+    async def _heartbeat(self, target: str, md: list[tuple[str, str]]) -> None:
         while True:
             await asyncio.sleep(self.heartbeat)
             try:
                 resp = await self.machine.Hostname(empty_pb2.Empty(), metadata=md, timeout=self.heartbeat + 1)
             except grpc.RpcError as e:
-                raise NodeGone(describe_rpc_error(e, self.where)) from None
+                raise NodeGone(describe_rpc_error(e, self._via(target))) from None
             self._first(resp)
 
     async def _watch(

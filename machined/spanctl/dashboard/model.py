@@ -325,10 +325,17 @@ def build_view(
         groups.setdefault(r["site"], []).append(r["name"])
     group_list = []
     for key in sorted(groups):
-        classes = sorted({r["natClass"] for r in node_rows if r["site"] == key and r["natClass"]})
+        classes = sorted(
+            {r["natClass"] for r in node_rows if r["site"] == key and r["natClass"] not in ("", "unknown")}
+        )
         group_list.append({"key": key, "natClasses": classes, "nodes": groups[key]})
 
-    up = sum(1 for a in order for b in order if a != b and matrix[a][b].get("state") == "up")
+    up = sum(
+        1
+        for a in order
+        for b in order
+        if a != b and matrix[a][b].get("state") == "up" and not matrix[a][b].get("stale")
+    )
     return {
         "now": now,
         "link": dict(link or {"ok": True, "error": ""}),
@@ -345,7 +352,7 @@ def build_view(
         "summary": {
             "nodes": len(order),
             "reachable": sum(1 for r in node_rows if r["reach"] == REACH_OK),
-            "pairsUp": up,
+            "pairsUp": up,  # fresh ones only: a stale "up" is not known to be up
             "pairs": len(order) * (len(order) - 1),
         },
     }

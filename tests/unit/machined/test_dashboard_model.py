@@ -101,6 +101,7 @@ def test_unreachable_node_is_kept_with_its_last_data_marked_stale() -> None:
     edges = {(e["a"], e["b"]): e for e in v["edges"]}
     assert edges[("a", "c")]["state"] == "up"  # judged by the fresh direction only
     assert v["summary"]["reachable"] == 2
+    assert v["summary"]["pairsUp"] == 4  # c's two stale "up"s are not counted
 
 
 def test_node_never_reached_and_peers_only_known_by_label_are_rows() -> None:

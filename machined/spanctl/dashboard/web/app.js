@@ -154,7 +154,7 @@ function fillCell(td, r, c, cell, compact) {
     lines.push(el("span", { class: "path", text: PATH[cell.path] + (cell.path === "relay" && cell.relayVia ? "·" + cell.relayVia : "") }));
   }
   if (!compact && "handshake" in cell) {
-    lines.push(el("span", { class: "hs", "data-ts": cell.handshake ?? "", text: cell.handshake ? age(cell.handshake) : "no hs" }));
+    lines.push(el("span", { class: "hs", "data-ts": cell.handshake ?? "", text: cell.handshake ? "hs " + age(cell.handshake) : "no hs" }));
     if (cell.rtt !== null && cell.rtt !== undefined) lines.push(el("span", { class: "rtt", text: rtt(cell.rtt) }));
     lines.push(el("span", { class: "bytes", text: "↓" + bytes(cell.rx) + " ↑" + bytes(cell.tx) }));
   }
@@ -258,7 +258,7 @@ function updateTopology(v) {
     const n = g.nodes.length;
     const r = n > 1 ? Math.min(groups.length > 1 ? 90 : 230, 18 + n * 9) : 0;
     g.nodes.forEach((name, ni) => {
-      const b = (2 * Math.PI * ni) / Math.max(1, n) - Math.PI / 2;
+      const b = (2 * Math.PI * ni) / Math.max(1, n) + a + Math.PI / 2; // two nodes side by side, across the radius
       pos[name] = [gx + r * Math.cos(b), gy + r * Math.sin(b)];
     });
     parts.push(svg("circle", { cx: gx, cy: gy, r: r + 26, class: "group" }));
@@ -391,8 +391,9 @@ function tick() {
   if (!view) return;
   for (const s of document.querySelectorAll("#matrix .hs")) {
     const ts = s.dataset.ts;
-    s.textContent = ts ? age(Number(ts)) : "no hs";
+    s.textContent = ts ? "hs " + age(Number(ts)) : "no hs";
   }
+  updateNodes(view); // "unreachable for ..." ages
   banner();
 }
 
