@@ -12,8 +12,9 @@ from spanutil.durations import parse_duration
 from .app import APPLY_MODES, App, csv_items
 from .commands.clientconfig import cmd_config
 from .commands.gen import cmd_gen
+from .commands.health import add_health_flags, cmd_health
 from .commands.machineconfig import cmd_apply_config, cmd_patch
-from .commands.mesh import cmd_health, cmd_mesh
+from .commands.mesh import cmd_mesh
 from .commands.resources import cmd_get
 from .commands.services import cmd_dmesg, cmd_events, cmd_logs, cmd_service
 from .commands.version import cmd_version
@@ -157,20 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--roles", action="append", help="roles (comma-separated or repeated; default os:admin)")
     c.add_argument("--crt-ttl", type=parse_duration, help="certificate lifetime (e.g. 8760h)")
 
-    sp = add("health", "check the mesh: every peer up with a recent handshake", cmd_health)
-    sp.add_argument(
-        "--wait-timeout", type=parse_duration, default=300.0, help="how long to wait (default 5m)"
-    )
-    sp.add_argument(
-        "--handshake-max-age",
-        type=parse_duration,
-        default=300.0,
-        help="a handshake older than this fails (default 5m)",
-    )
-    sp.add_argument("--min-peers", type=int, default=1, help="peers each node must have (default 1)")
-    sp.add_argument("--interval", type=parse_duration, default=1.0, help=argparse.SUPPRESS)
+    sp = add("health", "check the nodes: answering, etcd, machined services, the mesh", cmd_health)
+    add_health_flags(sp, cluster=True)
 
-    add("mesh", "every node's view of its peers, as one matrix", cmd_mesh)
+    sp = add("mesh", "every node's view of its peers, as one matrix; mesh health: wait for it", cmd_mesh)
+    msub = sp.add_subparsers(dest="mesh_cmd", metavar="SUBCOMMAND")
+    add_health_flags(
+        msub.add_parser("health", parents=[g], help="every peer up, recent handshakes"), cluster=False
+    )
     sp = add(
         "dashboard",
         "a live web view of the mesh: dashboard --web [ADDR] (default 127.0.0.1:50080)",

@@ -4,7 +4,7 @@
 false``: no netlink, no WireGuard) and one chatty service, and checks version, ``get`` in the three
 output formats, ``service`` and ``logs --tail``. ``test_mesh_two_nodes`` (root) runs two agents in a
 netns lab with a discovery server so the peer statuses are real, and checks ``get
-kubespanpeerstatuses`` in every format, ``mesh`` and ``health``.
+kubespanpeerstatuses`` in every format, ``mesh``, ``mesh health`` and ``health``.
 """
 
 from __future__ import annotations
@@ -266,8 +266,10 @@ def test_mesh_two_nodes() -> None:
         assert p.returncode == 1 and "ambiguous" in p.stderr
 
         assert spanctl(s1, "mesh").stdout.splitlines() == ["NODE   n1   n2", "n1     -    up"]
-        health = spanctl(s1, "health", "--wait-timeout", "60s", timeout=90)
+        health = spanctl(s1, "mesh", "health", "--wait-timeout", "60s", timeout=90)
         assert health.stdout == "n1: mesh OK (1/1 peers up)\n"
+        health = spanctl(s1, "health", "--wait-timeout", "60s", timeout=90)  # services, etcd, mesh
+        assert health.stdout == "" and "waiting for the mesh to be healthy: OK" in health.stderr
 
         # get -w: the bootstrap listing is flushed with the `*` column
         w = spanctl_watch(s1, "get", "kubespanpeerstatuses", "-w")

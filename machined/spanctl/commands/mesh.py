@@ -1,4 +1,4 @@
-"""spanctl mesh and health: every node's view of the mesh."""
+"""spanctl mesh and mesh health: every node's view of the mesh (``health`` checks more: commands/health.py)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ def collect_views(app: App, *, with_hostname: bool) -> tuple[list[meshmod.NodeMe
 
 
 def cmd_mesh(app: App) -> None:
+    if getattr(app.ns, "mesh_cmd", None) == "health":
+        cmd_mesh_health(app)
+        return
     views, failures = collect_views(app, with_hostname=True)
     if views:
         app.out.write(meshmod.render_matrix(views))
@@ -42,7 +45,8 @@ def cmd_mesh(app: App) -> None:
         app.errors.add(label, msg)
 
 
-def cmd_health(app: App) -> None:
+def cmd_mesh_health(app: App) -> None:
+    """Wait until every node's peers are all up with a recent handshake; one summary line per node."""
     ns = app.ns
     deadline = time.monotonic() + ns.wait_timeout
     last_progress = ""

@@ -228,13 +228,13 @@ def test_mesh_matrix_from_several_nodes(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert err.startswith("error from node down:") and rc == 1
 
 
-def test_health_fails_after_wait_timeout_with_reasons(
+def test_mesh_health_fails_after_wait_timeout_with_reasons(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     st = FakeState({"a": [{"label": "b", "state": "up", "lastHandshakeTime": "2000-01-01T00:00:00Z"}]})
     rc, _, err = run(
         monkeypatch,
-        [*at_nodes(tmp_path, "a"), "health", "--wait-timeout", "0"],
+        [*at_nodes(tmp_path, "a"), "mesh", "health", "--wait-timeout", "0"],
         FakeMachine(),
         st,
     )
@@ -242,14 +242,14 @@ def test_health_fails_after_wait_timeout_with_reasons(
     assert "error from node a: mesh not healthy: peer b: last handshake" in err
 
 
-def test_health_ok(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_mesh_health_ok(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import datetime as dt
 
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     st = FakeState({"a": [{"label": "b", "state": "up", "lastHandshakeTime": now}]})
     rc, out, err = run(
         monkeypatch,
-        [*at_nodes(tmp_path, "a"), "health"],
+        [*at_nodes(tmp_path, "a"), "mesh", "health"],
         FakeMachine(),
         st,
     )

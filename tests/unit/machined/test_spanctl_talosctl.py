@@ -6,6 +6,7 @@ etcd and the mesh, with the mesh check also under ``mesh health``."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,205 @@ def test_cluster_flag_and_context_cluster_sent_as_context_metadata(tmp_path: Pat
     cfg.write_text("context: a\ncontexts:\n  a:\n    endpoints: []\n")
     assert spanctl([*base, "service"])[0] == 0
     assert [m.get("context") for m in rec.metadata] == ["from-config", "prod", "staging", None]
+
+
+# -- health: machined services, etcd, mesh (item 15) -----------------------------------------------
+
+
+def _svc(id_: str, state: str = "Running", health: str = "unknown", msg: str = "") -> object:
+    from spanapi.talos.machine import machine_pb2
+
+    return machine_pb2.ServiceInfo(
+        id=id_,
+        state=state,
+        health=machine_pb2.ServiceHealth(
+            unknown=health == "unknown", healthy=health == "ok", last_message=msg
+        ),
+    )
+
+
+class FakeCluster:
+    """Per node: its services, KubeSpan on/off and peer statuses; ``down`` nodes fail every call."""
+
+    def __init__(self, nodes: dict[str, dict], down: tuple[str, ...] = ()) -> None:
+        self.nodes, self.down = nodes, set(down)
+        self.calls: list[tuple[str, str | None]] = []
+
+    def _node(self, metadata: object) -> str | None:
+        return dict(metadata or ()).get("node")  # type: ignore[call-overload]
+
+    def ServiceList(self, req: object, metadata: object = None, timeout: object = None) -> object:
+        from machined.api.envelope import node_error
+        from spanapi.talos.common import common_pb2
+        from spanapi.talos.machine import machine_pb2
+
+        node = self._node(metadata)
+        self.calls.append(("ServiceList", node))
+        if node in self.down:
+            import grpc
+
+            return node_error(
+                machine_pb2.ServiceListResponse, node, grpc.StatusCode.UNAVAILABLE, "connection refused"
+            )
+        return machine_pb2.ServiceListResponse(
+            messages=[
+                machine_pb2.ServiceList(
+                    metadata=common_pb2.Metadata(hostname=node or ""),
+                    services=self.nodes[node]["services"],
+                )
+            ]
+        )
+
+    def List(self, req: object, metadata: object = None, timeout: object = None) -> Iterator[object]:
+        from spanapi.talos.cosi import resource_pb2, state_pb2
+
+        node = self._node(metadata)
+        self.calls.append((req.type, node))  # type: ignore[attr-defined]
+        if req.type == "KubeSpanConfigs.kubespan.talos.dev":  # type: ignore[attr-defined]
+            specs = [{"enabled": self.nodes[node].get("kubespan", True)}]
+        else:
+            specs = self.nodes[node].get("peers", [])
+        for spec in specs:
+            yield state_pb2.ListResponse(
+                resource=resource_pb2.Resource(spec=resource_pb2.Spec(yaml_spec=yaml.safe_dump(spec)))
+            )
+
+
+def _now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def run_health(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake: FakeCluster, *args: str
+) -> tuple[int, str, str]:
+    from machined.spanctl.app import App
+
+    monkeypatch.setattr(App, "machine", lambda self: fake)
+    monkeypatch.setattr(App, "state", lambda self: fake)
+    return spanctl(["--config", str(tmp_path / "none"), "-e", "192.0.2.1", "health", *args])
+
+
+def test_health_all_ok_prints_conditions_as_talosctl(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    peer = {"label": "b", "state": "up", "lastHandshakeTime": _now()}
+    fake = FakeCluster(
+        {
+            "a": {
+                "services": [_svc("etcd", health="ok"), _svc("web"), _svc("job", "Finished")],
+                "peers": [peer],
+            },
+            "b": {"services": [_svc("off", "Skipped")], "peers": [{**peer, "label": "a"}]},
+        }
+    )
+    rc, out, err = run_health(
+        monkeypatch, tmp_path, fake, "--control-plane-nodes", "a", "--worker-nodes", "b"
+    )
+    assert (rc, out) == (0, "")
+    assert err.splitlines() == [
+        "waiting for all nodes to answer: OK",
+        "waiting for etcd to be healthy: OK",
+        "waiting for machined services to be healthy: OK",
+        "waiting for the mesh to be healthy: OK",
+    ]
+    assert {n for _, n in fake.calls} == {"a", "b"}  # one call per node, routed with `node`
+
+
+def test_health_skips_etcd_and_mesh_where_not_configured(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake = FakeCluster({"n": {"services": [_svc("web")], "kubespan": False}})
+    rc, _, err = run_health(monkeypatch, tmp_path, fake, "--worker-nodes", "n")
+    assert rc == 0
+    assert "waiting for etcd to be healthy: SKIP" in err
+    assert "waiting for the mesh to be healthy: SKIP" in err
+    assert not any(t == "KubeSpanPeerStatuses.kubespan.talos.dev" for t, _ in fake.calls)
+
+
+@pytest.mark.parametrize(
+    "nodes, flags, failure",
+    [
+        # etcd failing its health check on a control plane node
+        (
+            {"a": {"services": [_svc("etcd", health="fail", msg="connection refused")]}},
+            ["--control-plane-nodes", "a"],
+            "error from node a: etcd not healthy: etcd is unhealthy (connection refused)",
+        ),
+        # etcd stopped: not Running (Finished is fine for other services, not for etcd)
+        (
+            {"a": {"services": [_svc("etcd", "Finished")]}, "b": {"services": [_svc("etcd")]}},
+            ["--control-plane-nodes", "a,b"],
+            "error from node a: etcd not healthy: etcd is Finished",
+        ),
+        # a control plane node without etcd while others have it
+        (
+            {"a": {"services": [_svc("etcd")]}, "b": {"services": [_svc("web")]}},
+            ["--control-plane-nodes", "a", "--control-plane-nodes", "b"],
+            "error from node b: etcd not healthy: no etcd service on this control plane node",
+        ),
+        # a failed service and a waiting one, by name
+        (
+            {"w": {"services": [_svc("web", "Failed"), _svc("db", "Waiting"), _svc("ok")]}},
+            ["--worker-nodes", "w"],
+            "error from node w: services not healthy: db is Waiting; web is Failed",
+        ),
+        # the mesh: a peer down
+        (
+            {"w": {"services": [], "peers": [{"label": "x", "state": "down"}]}},
+            ["--worker-nodes", "w"],
+            "error from node w: mesh not healthy: peer x is down",
+        ),
+    ],
+)
+def test_health_fails_naming_the_node_and_what(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, nodes: dict, flags: list[str], failure: str
+) -> None:
+    rc, out, err = run_health(monkeypatch, tmp_path, FakeCluster(nodes), *flags, "--wait-timeout", "0")
+    assert rc == 1 and out == ""
+    assert failure in err.splitlines(), err
+
+
+def test_health_stops_at_the_first_failing_condition(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = FakeCluster({"a": {"services": [_svc("web")]}, "b": {"services": []}}, down=("b",))
+    rc, _, err = run_health(monkeypatch, tmp_path, fake, "--worker-nodes", "a,b", "--wait-timeout", "0")
+    assert rc == 1
+    assert "error from node b: not answering: connection refused" in err
+    assert "etcd" not in err and "mesh" not in err  # later conditions are not reached
+
+
+def test_health_waits_until_a_condition_holds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = FakeCluster({"a": {"services": [_svc("web", "Preparing")], "kubespan": False}})
+    calls = {"n": 0}
+    real = fake.ServiceList
+
+    def flips(*a: object, **kw: object) -> object:  # answer, etcd, 2 polls Preparing, then Running
+        calls["n"] += 1
+        if calls["n"] >= 5:
+            fake.nodes["a"]["services"] = [_svc("web")]
+        return real(*a, **kw)
+
+    fake.ServiceList = flips  # type: ignore[method-assign]
+    rc, _, err = run_health(
+        monkeypatch, tmp_path, fake, "-n", "a", "--interval", "10ms", "--wait-timeout", "5s"
+    )
+    assert rc == 0, err
+    lines = err.splitlines()
+    assert "waiting for machined services to be healthy: a: web is Preparing" in lines  # said once
+    assert lines.count("waiting for machined services to be healthy: a: web is Preparing") == 1
+    assert lines[-2:] == [
+        "waiting for machined services to be healthy: OK",
+        "waiting for the mesh to be healthy: SKIP",
+    ]
+
+
+def test_mesh_health_keeps_the_old_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from machined.spanctl.app import App
+
+    fake = FakeCluster(
+        {"a": {"services": [], "peers": [{"label": "b", "state": "up", "lastHandshakeTime": _now()}]}}
+    )
+    monkeypatch.setattr(App, "state", lambda self: fake)
+    rc, out, err = spanctl(
+        ["--config", str(tmp_path / "none"), "-e", "192.0.2.1", "-n", "a", "mesh", "health"]
+    )
+    assert (rc, out, err) == (0, "a: mesh OK (1/1 peers up)\n", "")
