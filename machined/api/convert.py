@@ -17,6 +17,19 @@ from spanapi.talos.machine import machine_pb2
 from . import protospec
 
 log = logging.getLogger("machined.api")
+_warned: set[str] = set()
+_WARNED_MAX = 1024
+
+
+def _warn_once(text: str) -> None:
+    """Log a warning the first time it occurs (a List or Watch would repeat it for every reply)."""
+    if text in _warned:
+        return
+    if len(_warned) >= _WARNED_MAX:
+        _warned.clear()
+    _warned.add(text)
+    log.warning("%s", text)
+
 
 _STAGES = {
     "booting": machine_pb2.MachineStatusEvent.BOOTING,
@@ -103,7 +116,7 @@ def spec(r: Resource) -> resource_pb2.Spec:
     try:
         proto = protospec.encode(r.metadata.type, r.spec, lambda: data)
     except protospec.ProtoSpecError as e:
-        log.warning("proto_spec left empty for %s/%s: %s", r.metadata.namespace, r.metadata.id, e)
+        _warn_once(f"proto_spec left empty for {r.metadata.namespace}/{r.metadata.id}: {e}")
         proto = b""
     return resource_pb2.Spec(proto_spec=proto, yaml_spec=yaml_text)
 

@@ -451,3 +451,10 @@ def test_every_mapped_message_is_checked_for_field_numbers() -> None:
         elif isinstance(codec, protospec.Raw):
             seen.add(codec.message.DESCRIPTOR.full_name)
     assert seen <= set(TALOS_FIELDS)
+
+
+def test_a_bad_value_is_logged_once_not_per_reply(caplog: pytest.LogCaptureFixture) -> None:
+    r = Resource.new("kubespan", "KubeSpanPeerStatuses.kubespan.talos.dev", "once", {"endpoint": "bogus"})
+    for _ in range(3):
+        resource(r)
+    assert caplog.text.count("kubespan/once") == 1
