@@ -1,8 +1,9 @@
 """Rendering: talosctl's tables (UPPERCASE headers, NODE first, 3-space padding) and resources as
-``table``, ``yaml`` (``---`` documents with ``node:``, ``metadata:``, ``spec:``) or ``json`` (one
-indented object per resource). In watch mode (``get -w``) tables get a first ``*`` column (``+``
-created, ``-`` destroyed, blank updated), YAML/JSON an ``event`` field, and output is held back until
-the watch is bootstrapped, then flushed after every event.
+``table``, ``yaml`` (``---`` documents with ``node:``, ``metadata:``, ``spec:``), ``json`` (one
+indented object per resource) or ``jsonpath=TEMPLATE`` (see :mod:`.jsonpath`). In watch mode
+(``get -w``) tables get a ``*`` column right after NODE, as talosctl's (``+`` created, ``-``
+destroyed, blank updated), YAML/JSON/JSONPath an ``event`` field, and output is held back until the
+watch is bootstrapped, then flushed after every event.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from google.protobuf import timestamp_pb2
 from machined.state.definitions import PrintColumn, ResourceDefinition
 from spanapi.talos.cosi import resource_pb2, state_pb2
 
+from .jsonpath import JSONPathError, parse_format
+
 PAD = 3
-FORMATS = ("table", "yaml", "json")
+FORMATS = ("table", "yaml", "json", "jsonpath=TEMPLATE")
 BASE_HEADERS = ("NODE", "NAMESPACE", "TYPE", "ID", "VERSION")
 
 EVENT_NAMES = {
@@ -117,19 +120,30 @@ def display_type(type_: str) -> str:
     return type_.split(".", 1)[0]
 
 
+def check_format(fmt: str) -> None:
+    """Raise ValueError naming the problem when ``fmt`` is not an output format of ``get``."""
+    try:
+        template = parse_format(fmt)
+    except JSONPathError as e:
+        raise ValueError(f"output format {fmt!r}: {e}") from None
+    if template is None and fmt not in FORMATS:
+        raise ValueError(f"output format {fmt!r}: must be one of {', '.join(FORMATS)}")
+
+
 class ResourceWriter:
     """Writes resources in one format; ``watch`` adds the ``*`` column / ``event`` field.
 
     Rows are held until :meth:`flush` (called by the command after the listing, or after each
-    BOOTSTRAPPED and each later event when watching)."""
+    BOOTSTRAPPED and each later event when watching). With ``jsonpath=``, :meth:`add` raises
+    :class:`JSONPathError` for a resource the template does not fit (nothing is written for it)."""
 
     def __init__(
         self, out: IO[str], fmt: str, definition: ResourceDefinition | None, *, watch: bool = False
     ) -> None:
-        if fmt not in FORMATS:
-            raise ValueError(f"output format {fmt!r}: must be one of {', '.join(FORMATS)}")
+        check_format(fmt)
+        self.template = parse_format(fmt)
         self.out = out
-        self.fmt = fmt
+        self.fmt = "jsonpath" if self.template is not None else fmt
         self.defn = definition
         self.watch = watch
         self._rows: list[list[str]] = []
@@ -138,7 +152,10 @@ class ResourceWriter:
 
     def headers(self) -> list[str]:
         cols = [c.name.upper() for c in self.defn.print_columns] if self.defn else []
-        return (["*"] if self.watch else []) + list(BASE_HEADERS) + cols
+        base = list(BASE_HEADERS)
+        if self.watch:
+            base.insert(1, "*")
+        return base + cols
 
     def row(self, node: str, res: resource_pb2.Resource, event: int | None = None) -> list[str]:
         md = res.metadata
@@ -146,7 +163,7 @@ class ResourceWriter:
         if self.defn is not None:
             cells += self.defn.columns(spec_data(res))
         if self.watch:
-            cells = [EVENT_MARK.get(event, " ") if event is not None else " ", *cells]
+            cells.insert(1, EVENT_MARK.get(event, " ") if event is not None else " ")
         return cells
 
     def add(self, node: str, res: resource_pb2.Resource, event: int | None = None) -> None:
@@ -154,7 +171,9 @@ class ResourceWriter:
             self._rows.append(self.row(node, res, event))
             return
         data = resource_data(node, res, event if self.watch else None)
-        if self.fmt == "yaml":
+        if self.template is not None:
+            self.out.write(self.template.render(data))
+        elif self.fmt == "yaml":
             self.out.write("---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
         else:
             self.out.write(json.dumps(data, indent=4, ensure_ascii=False) + "\n")

@@ -13,13 +13,24 @@ from spanapi.talos.cosi import state_pb2
 
 from ..app import App, UsageError
 from ..client import describe_rpc_error
-from ..output import FORMATS, ResourceWriter
+from ..jsonpath import JSONPathError
+from ..output import ResourceWriter, check_format, display_type
+
+
+def _add(app: App, writer: ResourceWriter, label: str, res: Any, event: int | None = None) -> None:
+    """One resource to the writer; a JSONPath template that does not fit it is that node's error."""
+    try:
+        writer.add(label, res, event)
+    except JSONPathError as e:
+        app.errors.add(label, f"{display_type(res.metadata.type)} {res.metadata.id}: {e}")
 
 
 def cmd_get(app: App) -> None:
     ns = app.ns
-    if ns.output not in FORMATS:
-        raise UsageError(f"output format {ns.output!r}: must be one of {', '.join(FORMATS)}")
+    try:
+        check_format(ns.output)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     defn = app.resolve_type(ns.type)
     if defn is None:
         return
@@ -40,12 +51,12 @@ def cmd_get(app: App) -> None:
                     metadata=md,
                     timeout=t.timeout,
                 )
-                writer.add(label, r.resource)
+                _add(app, writer, label, r.resource)
             else:
                 for r in st.List(
                     state_pb2.ListRequest(namespace=namespace, type=defn.type), metadata=md, timeout=t.timeout
                 ):
-                    writer.add(label, r.resource)
+                    _add(app, writer, label, r.resource)
         except grpc.RpcError as e:
             app.errors.rpc(label, e, t.where)
     writer.flush()
@@ -104,7 +115,7 @@ def _watch(app: App, writer: ResourceWriter, defn: ResourceDefinition, namespace
             if ev.event_type == state_pb2.ERRORED:
                 app.errors.add(label, ev.error or "watch failed")
                 continue
-            writer.add(label, ev.resource, ev.event_type)
+            _add(app, writer, label, ev.resource, ev.event_type)
             if bootstrapped:
                 writer.flush()
         writer.flush()

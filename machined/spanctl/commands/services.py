@@ -6,6 +6,7 @@ from typing import IO, Any
 
 from google.protobuf import empty_pb2
 
+from spanapi.talos.common import common_pb2
 from spanapi.talos.machine import machine_pb2
 
 from ..app import App, age
@@ -91,10 +92,22 @@ class LinePrinter:
         self.partial.clear()
 
 
+SYSTEM_NAMESPACE = "system"  # Talos's containerd namespace of system services (our services' logs)
+K8S_NAMESPACE = "k8s.io"  # Talos's containerd namespace of Kubernetes containers (logs -k)
+
+
 def cmd_logs(app: App) -> None:
+    """A service's logs; ``-k`` asks for a Kubernetes container's instead, as talosctl does (namespace
+    k8s.io, CRI driver): our nodes run no Kubernetes containers, so machined answers not found."""
     ns = app.ns
     printer = LinePrinter(app.out, app.label(None))
-    req = machine_pb2.LogsRequest(namespace="system", id=ns.id, follow=ns.follow, tail_lines=ns.tail)
+    if ns.kubernetes:
+        namespace, driver = K8S_NAMESPACE, common_pb2.CRI
+    else:
+        namespace, driver = SYSTEM_NAMESPACE, common_pb2.CONTAINERD
+    req = machine_pb2.LogsRequest(
+        namespace=namespace, driver=driver, id=ns.id, follow=ns.follow, tail_lines=ns.tail
+    )
     app.stream(app.machine().Logs, req, printer)
     printer.close()
 
@@ -148,6 +161,9 @@ def cmd_events(app: App) -> None:
         app.out.flush()
 
     req = machine_pb2.EventsRequest(
-        tail_events=app.ns.tail, tail_id=app.ns.since or "", with_actor_id=app.ns.actor_id or ""
+        tail_events=app.ns.tail,
+        tail_id=app.ns.since or "",
+        tail_seconds=int(app.ns.duration or 0),  # whole seconds, as talosctl
+        with_actor_id=app.ns.actor_id or "",
     )
     app.stream(app.machine().Events, req, on_item)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from google.protobuf import empty_pb2
 
+from discovery.version import version, version_string
+
 from ..app import App
 from ..client import node_of
 
 
 def cmd_version(app: App) -> None:
-    try:
-        from importlib.metadata import version
-
-        tag = version("kubespan-mesh")
-    except Exception:
-        tag = "unknown"
-    app.out.write(f"Client:\n\tTag:         {tag}\n")
+    """Client and server versions; ``--short`` shortens the client part to one line (name and tag),
+    as talosctl's does, and leaves the server part as it is."""
+    if app.ns.short:
+        app.out.write(f"Client:\n{version_string('spanctl')}\n")
+    else:
+        app.out.write(f"Client:\n\tTag:         {version()}\n")
     if app.ns.client:
         return
     items = app.unary(app.machine().Version, empty_pb2.Empty())

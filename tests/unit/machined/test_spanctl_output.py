@@ -144,10 +144,12 @@ def test_watch_table_star_column_and_flush_after_bootstrap() -> None:
     w.add("n1", peer("KEY1=", "n2", "down", version=2), state_pb2.DESTROYED)
     w.flush()
     lines = buf.getvalue().splitlines()
-    assert lines[0].split()[:3] == ["*", "NODE", "NAMESPACE"]
-    assert lines[1].startswith("+   n1")
-    assert lines[2].startswith("    n1") and lines[2].split()[7] == "down"
-    assert lines[3].startswith("-   n1")
+    # talosctl: NODE first, then the event column "*" (header "NODE   *   NAMESPACE ...")
+    assert lines[0].split()[:3] == ["NODE", "*", "NAMESPACE"]
+    assert lines[0].startswith("NODE   *   NAMESPACE")
+    assert lines[1].startswith("n1     +   kubespan")
+    assert lines[2].startswith("n1         kubespan") and lines[2].split()[7] == "down"
+    assert lines[3].startswith("n1     -   kubespan")
     assert len(lines) == 4
 
 
