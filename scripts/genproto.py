@@ -23,6 +23,15 @@ def proto_files() -> list[Path]:
     return sorted(PROTO_DIR.rglob("*.proto"))
 
 
+def googleapis_include() -> str:
+    """The directory holding googleapis-common-protos' ``google/rpc/status.proto``: common.proto uses
+    that package's google.rpc.Status (a local copy collided with it in one descriptor pool)."""
+    status = Path(str(resources.files("google.rpc") / "status.proto"))
+    if not status.is_file():
+        raise SystemExit("googleapis-common-protos does not ship google/rpc/status.proto: install it")
+    return str(status.parents[2])
+
+
 def generate(out: Path) -> list[Path]:
     """Generate stubs for every .proto under proto/ into ``out``; return the files written."""
     include = str(resources.files("grpc_tools") / "_proto")
@@ -31,6 +40,7 @@ def generate(out: Path) -> list[Path]:
         "protoc",
         f"-I{PROTO_DIR}",
         f"-I{include}",
+        f"-I{googleapis_include()}",
         f"--python_out={out}",
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",

@@ -14,9 +14,9 @@ from typing import Any
 
 import grpc
 from google.protobuf import message_factory
+from google.rpc import status_pb2
 
 from spanapi.talos.common import common_pb2
-from spanapi.talos.google.rpc import status_pb2
 
 
 def metadata(hostname: str) -> common_pb2.Metadata:

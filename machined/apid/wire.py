@@ -18,9 +18,9 @@ and every ``X`` (and every stream message) starts with ``common.Metadata metadat
 from __future__ import annotations
 
 import grpc
+from google.rpc import status_pb2
 
 from spanapi.talos.common import common_pb2
-from spanapi.talos.google.rpc import status_pb2
 
 WIRE_VARINT, WIRE_I64, WIRE_LEN, WIRE_I32 = 0, 1, 2, 5
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.rpc import status_pb2
 
 from spanapi.talos.common import common_pb2
 from spanapi.talos.cosi import meta_pb2, resource_pb2, state_pb2
-from spanapi.talos.google.rpc import status_pb2
 from spanapi.talos.machine import machine_pb2
 
 MACHINE = machine_pb2.DESCRIPTOR.services_by_name["MachineService"]

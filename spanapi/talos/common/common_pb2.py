@@ -22,26 +22,26 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from spanapi.talos.google.rpc import status_pb2 as spanapi_dot_talos_dot_google_dot_rpc_dot_status__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!spanapi/talos/common/common.proto\x12\x06\x63ommon\x1a%spanapi/talos/google/rpc/status.proto\"O\n\x08Metadata\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"9\n\x04\x44\x61ta\x12\"\n\x08metadata\x18\x01 \x01(\x0b\x32\x10.common.Metadata\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\".\n\x0c\x44\x61taResponse\x12\x1e\n\x08messages\x18\x01 \x03(\x0b\x32\x0c.common.Data\"+\n\x05\x45mpty\x12\"\n\x08metadata\x18\x01 \x01(\x0b\x32\x10.common.Metadata\"0\n\rEmptyResponse\x12\x1f\n\x08messages\x18\x01 \x03(\x0b\x32\r.common.Empty**\n\x0f\x43ontainerDriver\x12\x0e\n\nCONTAINERD\x10\x00\x12\x07\n\x03\x43RI\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!spanapi/talos/common/common.proto\x12\x06\x63ommon\x1a\x17google/rpc/status.proto\"O\n\x08Metadata\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"9\n\x04\x44\x61ta\x12\"\n\x08metadata\x18\x01 \x01(\x0b\x32\x10.common.Metadata\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\".\n\x0c\x44\x61taResponse\x12\x1e\n\x08messages\x18\x01 \x03(\x0b\x32\x0c.common.Data\"+\n\x05\x45mpty\x12\"\n\x08metadata\x18\x01 \x01(\x0b\x32\x10.common.Metadata\"0\n\rEmptyResponse\x12\x1f\n\x08messages\x18\x01 \x03(\x0b\x32\r.common.Empty**\n\x0f\x43ontainerDriver\x12\x0e\n\nCONTAINERD\x10\x00\x12\x07\n\x03\x43RI\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spanapi.talos.common.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONTAINERDRIVER']._serialized_start=367
-  _globals['_CONTAINERDRIVER']._serialized_end=409
-  _globals['_METADATA']._serialized_start=84
-  _globals['_METADATA']._serialized_end=163
-  _globals['_DATA']._serialized_start=165
-  _globals['_DATA']._serialized_end=222
-  _globals['_DATARESPONSE']._serialized_start=224
-  _globals['_DATARESPONSE']._serialized_end=270
-  _globals['_EMPTY']._serialized_start=272
-  _globals['_EMPTY']._serialized_end=315
-  _globals['_EMPTYRESPONSE']._serialized_start=317
-  _globals['_EMPTYRESPONSE']._serialized_end=365
+  _globals['_CONTAINERDRIVER']._serialized_start=353
+  _globals['_CONTAINERDRIVER']._serialized_end=395
+  _globals['_METADATA']._serialized_start=70
+  _globals['_METADATA']._serialized_end=149
+  _globals['_DATA']._serialized_start=151
+  _globals['_DATA']._serialized_end=208
+  _globals['_DATARESPONSE']._serialized_start=210
+  _globals['_DATARESPONSE']._serialized_end=256
+  _globals['_EMPTY']._serialized_start=258
+  _globals['_EMPTY']._serialized_end=301
+  _globals['_EMPTYRESPONSE']._serialized_start=303
+  _globals['_EMPTYRESPONSE']._serialized_end=351
 # @@protoc_insertion_point(module_scope)

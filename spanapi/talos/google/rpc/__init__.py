@@ -1,1 +1,0 @@
-"""Generated protobuf stubs (see scripts/genproto.py)."""
