@@ -1,12 +1,14 @@
 """``machined``: the node agent.
 
     machined --config FILE --state-dir DIR [--socket PATH] [--socket-group GROUP] [--keep-on-exit]
+             [--config-lenient]
 
 ``--state-dir`` holds the persisted config (``config.yaml``; once written it wins over ``--config``
 at later starts), the mesh key and node id, and by default the API socket ``machined.sock``.
 Without ``--state-dir`` the ``stateDir`` of the config file's AgentConfig is used. SIGTERM/SIGINT stop
 the services, then the mesh (leaving the cluster and removing the link, routes, rules and nftables
-table unless ``--keep-on-exit``), and exit 0. Logs are JSON lines on stderr.
+table unless ``--keep-on-exit``), and exit 0. Logs are JSON lines on stderr. ``--config-lenient``
+accepts keys Talos does not know in Talos's documents with a warning (``machined.config.talos_keys``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="on exit keep the mesh link, routes, rules, nftables and the discovery entry (restart semantics)",
     )
     p.add_argument("--hostname", help="node name when the config sets no AgentConfig nodename")
+    p.add_argument(
+        "--config-lenient",
+        action="store_true",
+        help="accept keys Talos does not know in Talos's documents (v1alpha1, KubeSpanConfig, "
+        "KubeSpanEndpointsConfig, DiscoveryServiceConfig, DiscoveryIdentityConfig) with a warning, instead of "
+        "refusing the config as a Talos node does; for migrating configs (also: MACHINED_CONFIG_LENIENT=1)",
+    )
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -91,6 +100,10 @@ async def run(ns: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     setup(debug=ns.debug)
+    if ns.config_lenient:
+        from machined.config import talos_keys
+
+        talos_keys.set_strict_default(False)  # every parse in this process: file, persisted, applied
     if os.geteuid() != 0:
         log_event(log, "not running as root: the mesh needs CAP_NET_ADMIN", logging.WARNING)
     return asyncio.run(run(ns))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from kubespan.constants import ConfigError, MeshConfig
 from kubespan.wireguard.types import AddrPort
 from machined.config import documents as d
+from machined.config import talos_keys
 from machined.config.documents import (
     AgentSettings,
     DiscoveryEndpoint,
@@ -207,6 +208,7 @@ class MachineConfig:
         "_refs",
         "_services",
         "_source",
+        "_strict",
         "_v1",
         "_warnings",
     )
@@ -221,26 +223,34 @@ class MachineConfig:
     _refs: tuple[DocRef | None, ...]
     _services: tuple[ServiceSpec, ...]
     _source: str | None
+    _strict: bool
     _v1: V1Alpha1
     _warnings: tuple[ConfigWarning, ...]
 
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def parse(cls, text: str | bytes) -> MachineConfig:
-        """Load multi-document YAML; raises :class:`ConfigValidationError` listing every problem."""
+    def parse(cls, text: str | bytes, *, strict: bool | None = None) -> MachineConfig:
+        """Load multi-document YAML; raises :class:`ConfigValidationError` listing every problem.
+
+        ``strict``: keys Talos does not know in Talos's documents are errors, as on a Talos node
+        (:mod:`machined.config.talos_keys`); False lists them in a warning; None (the default) takes
+        the process-wide setting (``talos_keys.strict_default()``: strict unless machined runs with
+        ``--config-lenient`` or ``MACHINED_CONFIG_LENIENT=1``)."""
         docs = load_documents(text, "config")
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        return cls._build(docs, text)
+        return cls._build(docs, text, strict)
 
     @classmethod
-    def from_documents(cls, docs: Sequence[Any]) -> MachineConfig:
-        """Build from already-decoded documents (deep-copied)."""
-        return cls._build([copy.deepcopy(doc) for doc in docs], None)
+    def from_documents(cls, docs: Sequence[Any], *, strict: bool | None = None) -> MachineConfig:
+        """Build from already-decoded documents (deep-copied); ``strict`` as for :meth:`parse`."""
+        return cls._build([copy.deepcopy(doc) for doc in docs], None, strict)
 
     @classmethod
-    def _build(cls, docs: list[Any], source: str | None) -> MachineConfig:
+    def _build(cls, docs: list[Any], source: str | None, strict: bool | None = None) -> MachineConfig:
+        if strict is None:
+            strict = talos_keys.strict_default()
         sink = Sink()
         if not docs:
             sink.problem(Problem("config", -1, "", "is empty: a v1alpha1 document is required"))
@@ -279,7 +289,7 @@ class MachineConfig:
                 )
                 continue
             seen[ref.key] = i
-            r = Reader(sink, ref.label, i, ref.kind, doc)
+            r = Reader(sink, ref.label, i, ref.kind, doc, known=talos_keys.TREES.get(ref.kind), strict=strict)
             if ref.kind == d.V1ALPHA1:
                 v1, v1_ref = d.read_v1alpha1(r), ref
             elif ref.kind == d.KUBESPAN_CONFIG:
@@ -451,6 +461,7 @@ class MachineConfig:
         self._agent = agent
         self._services = services_sorted
         self._warnings = tuple(sink.warnings)
+        self._strict = strict
         self._mesh = MeshSettings(
             enabled=kubespan.enabled,
             cluster_id=cluster_id or "",
@@ -559,7 +570,7 @@ class MachineConfig:
         """Apply strategic merge and/or JSON patches in order; returns a new validated config."""
         from machined.config.patch import apply_patches
 
-        return MachineConfig.from_documents(apply_patches(self.documents(), patches))
+        return MachineConfig.from_documents(apply_patches(self.documents(), patches), strict=self._strict)
 
     # -- identity ----------------------------------------------------------------------------------
 

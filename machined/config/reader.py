@@ -13,6 +13,7 @@ import difflib
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from machined.config import talos_keys
 from machined.config.errors import ConfigWarning, Problem
 from machined.config.redact import is_secret_path
 from spanutil.durations import parse_duration
@@ -64,6 +65,16 @@ def _type_name(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
+UNKNOWN_RULE = (
+    "a Talos node refuses unknown fields, and so does machined unless started with --config-lenient "
+    "(or MACHINED_CONFIG_LENIENT=1)"
+)
+LENIENT_MESSAGE = (
+    "fields unknown to Talos: a Talos node refuses this document (accepted because strict checking is off: "
+    "--config-lenient / MACHINED_CONFIG_LENIENT)"
+)
+
+
 def _split(path: str) -> tuple[str, ...]:
     return tuple(path.split(".")) if path else ()
 
@@ -78,13 +89,25 @@ def _join(parts: Iterable[str | int]) -> str:
 class Reader:
     """Typed access to one document; see the module docstring."""
 
-    def __init__(self, sink: Sink, label: str, index: int, kind: str, data: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        label: str,
+        index: int,
+        kind: str,
+        data: dict[str, Any],
+        *,
+        known: talos_keys.KeyTree | None = None,
+        strict: bool = True,
+    ) -> None:
         self.sink = sink
         self.label = label
         self.index = index
         self.kind = kind
         self.data = data
         self.used: set[tuple[str, ...]] = set()
+        self.known = known  # a Talos document's key tree (talos_keys.TREES): checked by warn_unused
+        self.strict = strict  # keys Talos does not know: errors (True) or one warning (False)
 
     # -- reporting ---------------------------------------------------------------------------------
 
@@ -280,8 +303,22 @@ class Reader:
             self.fail(".".join(p), f"unknown field{self.suggestion(p, 0.6)}")
 
     def warn_unused(self, message: str) -> None:
-        """Talos documents: fields we do not use are accepted and listed in one warning."""
-        unused = self.unused()
+        """Talos documents: fields we do not use are accepted and listed in one warning.
+
+        With a key tree (``known``), keys Talos itself does not know come first: each is an error
+        when ``strict`` (a Talos node refuses the document), else they are listed in a warning of
+        their own; either way they are not listed again as merely unused."""
+        unknown = talos_keys.unknown_paths(self.known, self.data) if self.known is not None else []
+        if unknown and self.strict:
+            for p in unknown:
+                hint = talos_keys.suggestion(self.known or {}, p)
+                self.fail(p, f"unknown field{f' ({hint})' if hint else ''}: {UNKNOWN_RULE}")
+        elif unknown:
+            self.warn(LENIENT_MESSAGE, [f"{self.label}.{_join(p)}" for p in unknown])
+        skip = {p for p in unknown if all(isinstance(k, str) for k in p)}
+        unused = [
+            p for p in self.unused() if not any(p[: len(u)] == u for u in skip)
+        ]  # an unknown key (or one under it) is reported above
         if not unused:
             return
         hints = [f"{'.'.join(p)}{self.suggestion(p)}" for p in unused if self.suggestion(p)]

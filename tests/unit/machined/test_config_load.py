@@ -666,13 +666,18 @@ def test_machine_type_init_is_accepted_as_controlplane_with_a_warning():
     assert any("deprecated" in str(w) for w in cfg.warnings)
 
 
-def test_talos_typo_gets_a_hint_in_the_warning():
+def test_talos_typo_is_an_error_with_a_hint_and_a_warning_when_lenient():
     docs = base_docs()
     doc(docs, "KubeSpanConfig")["enabeld"] = True
-    cfg = MachineConfig.from_documents(docs)
+    with pytest.raises(ConfigValidationError) as e:
+        MachineConfig.from_documents(docs)
+    (p,) = e.value.problems
+    assert p.location == "KubeSpanConfig.enabeld"
+    assert p.rule.startswith("unknown field (did you mean 'enabled'?)")
+    cfg = MachineConfig.from_documents(docs, strict=False)
     (w,) = cfg.warnings
     assert w.paths == ("KubeSpanConfig.enabeld",)
-    assert "possible typos: enabeld (did you mean 'enabled'?)" in w.message
+    assert "unknown to Talos" in w.message
 
 
 def test_advertise_kubernetes_networks_warns_it_has_no_effect():

@@ -247,13 +247,7 @@ def test_worker_variant_has_ca_without_key():
     assert cfg.v1alpha1.ca is not None and cfg.v1alpha1.ca.key is None
 
 
-def test_typed_kubespan_documents_as_newer_talos_writes_them():
-    text = CONTROLPLANE_YAML.replace(
-        "        kubespan:\n            enabled: true # Enable the KubeSpan feature.\n",
-        "        kubespan:\n            enabled: true\n",
-    )
-    cfg = MachineConfig.parse(text).patch(
-        """\
+PATCH_TO_TYPED_DOCUMENTS = """\
 machine:
   network:
     kubespan:
@@ -270,7 +264,6 @@ mtu: 1380
 filters:
   endpoints: ["10.0.0.0/8"]
   excludeAdvertisedNetworks: ["10.96.0.0/12"]
-  peerEndpoints: ["!100.64.0.0/10"]
 ---
 apiVersion: v1alpha1
 kind: KubeSpanEndpointsConfig
@@ -283,7 +276,14 @@ kind: DiscoveryServiceConfig
 name: self-hosted
 endpoint: https://discovery.example.net:3000/
 """
+
+
+def test_typed_kubespan_documents_as_newer_talos_writes_them():
+    text = CONTROLPLANE_YAML.replace(
+        "        kubespan:\n            enabled: true # Enable the KubeSpan feature.\n",
+        "        kubespan:\n            enabled: true\n",
     )
+    cfg = MachineConfig.parse(text).patch(PATCH_TO_TYPED_DOCUMENTS)
     mesh = cfg.mesh()
     assert mesh.config.mtu == 1380
     assert mesh.publish_learned is False  # harvestExtraEndpoints: false is honoured
@@ -293,9 +293,24 @@ endpoint: https://discovery.example.net:3000/
     assert [(e.name, e.url) for e in mesh.discovery] == [
         ("self-hosted", "https://discovery.example.net:3000/")
     ]
-    # a field of a newer Talos (filters.peerEndpoints) is accepted with a warning naming it
-    ks_warning = [w for w in cfg.warnings if w.document == "KubeSpanConfig"]
-    assert ks_warning and ks_warning[0].paths == ("KubeSpanConfig.filters.peerEndpoints",)
+    assert not [w for w in cfg.warnings if w.document == "KubeSpanConfig"]
+
+
+def test_a_field_talos_does_not_know_is_refused_unless_lenient():
+    """Talos decodes strictly (a key its types lack fails the config); --config-lenient warns instead."""
+    patch = PATCH_TO_TYPED_DOCUMENTS.replace(
+        "  excludeAdvertisedNetworks:", '  peerEndpoints: ["!100.64.0.0/10"]\n  excludeAdvertisedNetworks:'
+    )
+    base = MachineConfig.parse(CONTROLPLANE_YAML)
+    with pytest.raises(ConfigValidationError) as e:
+        base.patch(patch)
+    (p,) = e.value.problems
+    assert (p.location, p.index) == ("KubeSpanConfig.filters.peerEndpoints", 1)
+    assert p.rule.startswith("unknown field") and "--config-lenient" in p.rule
+    lenient = MachineConfig.parse(CONTROLPLANE_YAML, strict=False).patch(patch)  # patches keep the mode
+    (w,) = [w for w in lenient.warnings if w.document == "KubeSpanConfig"]
+    assert w.paths == ("KubeSpanConfig.filters.peerEndpoints",)
+    assert "a Talos node refuses this document" in w.message
 
 
 def test_kubespan_in_both_places_is_an_error_as_in_talos():
