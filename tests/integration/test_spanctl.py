@@ -181,13 +181,39 @@ class TestLocalAgent:
         try:
             assert w.stdout is not None
             header = w.stdout.readline().split()
-            assert header[:3] == ["*", "NODE", "NAMESPACE"]
+            assert header[:3] == ["NODE", "*", "NAMESPACE"]  # talosctl's order
             rows = [w.stdout.readline() for _ in range(2)]
-            assert all(r.split()[:4] == ["+", "spanctl-node", "runtime", "Services"] for r in rows), rows
+            assert all(r.split()[:4] == ["spanctl-node", "+", "runtime", "Services"] for r in rows), rows
             spanctl(agent, "service", "ticker", "restart")
             later = w.stdout.readline()  # an update after the bootstrap is flushed at once, blank mark
-            assert later.startswith(" ") and later.split()[:1] == ["spanctl-node"], later
+            assert later.split()[:2] == ["spanctl-node", "runtime"], later
             assert later.split()[3] == "ticker", later
+        finally:
+            w.terminate()
+            w.wait(10)
+
+    def test_talosctl_flags_against_a_real_machined(self, agent: Path) -> None:
+        """Issue 16 item 16 on a real machined: Identities, -o jsonpath, g/svc, version --short, logs
+        -k, events --duration."""
+        node_id = (agent.parent / "node-id").read_text().strip()  # the state directory's node id
+        rows = spanctl(agent, "get", "identities").stdout.splitlines()
+        assert rows[0].split() == ["NODE", "NAMESPACE", "TYPE", "ID", "VERSION", "ID"]
+        assert rows[1].split()[1:4] == ["cluster", "Identities", "local"] and rows[1].split()[-1] == node_id
+        out = spanctl(agent, "g", "identities", "local", "-o", "jsonpath={.spec.nodeId}").stdout
+        assert out == node_id + "\n"
+        ids = spanctl(agent, "get", "svc", "-o", "jsonpath={.metadata.id}").stdout.splitlines()
+        assert {"ticker", "machined"} <= set(ids)
+        p = spanctl(agent, "get", "svc", "-o", "jsonpath={.spec.nope}", check=False)
+        assert p.returncode == 1 and "nope is not found" in p.stderr
+        out = spanctl(agent, "version", "--short").stdout
+        assert out.splitlines()[1].startswith("spanctl ") and "\tNODE:        spanctl-node" in out
+        p = spanctl(agent, "logs", "-k", "ticker", check=False)
+        assert p.returncode == 1 and "no Kubernetes containers" in p.stderr
+        w = spanctl_watch(agent, "events", "--duration", "1h")  # the past hour: machined's start
+        try:
+            assert w.stdout is not None
+            assert w.stdout.readline().split()[:3] == ["NODE", "ID", "EVENT"]
+            assert w.stdout.readline().split()[0] == "spanctl-node"
         finally:
             w.terminate()
             w.wait(10)
@@ -277,8 +303,8 @@ def test_mesh_two_nodes() -> None:
             assert w.stdout is not None
             header = w.stdout.readline().split()
             first = w.stdout.readline()
-            assert header[:2] == ["*", "NODE"]
-            assert first.startswith("+   n1") and " n2 " in first
+            assert header[:2] == ["NODE", "*"]
+            assert first.split()[:2] == ["n1", "+"] and " n2 " in first
         finally:
             w.terminate()
             w.wait(10)
