@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 import pytest
@@ -233,7 +234,7 @@ def machine_socket(tmp_path: Path):
     from spanapi.talos.machine import machine_pb2_grpc
 
     rec = _recorder_class()()
-    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(2))
+    server = grpc.server(futures.ThreadPoolExecutor(2))
     machine_pb2_grpc.add_MachineServiceServicer_to_server(rec, server)  # type: ignore[arg-type]
     sock = tmp_path / "m.sock"
     server.add_insecure_port(f"unix:{sock}")
