@@ -1,9 +1,11 @@
 """Certificates for the OS API: the cluster CA, client and server certificates, renewal, key files.
 
-Everything we issue is **ECDSA P-256** with SHA-256: grpcio's TLS cannot negotiate Ed25519
-(machined.md §0, grpc/grpc#24252). A CA that Talos generated (Ed25519) can be *loaded* — it signs
-fine with ``cryptography`` — but cannot be used by a TLS server or client built on grpcio;
-:func:`check_tls_usable` says so with the fix.
+Key types follow the CA, as Talos's ``NewKeyPair``: an **ECDSA** CA (ours, from ``spanctl gen
+secrets``) gets ECDSA P-256 leaves signed with SHA-256, an **Ed25519** CA (Talos's default) gets
+Ed25519 leaves. Both work end to end because apid and spanctl do TLS with Python's ``ssl`` on
+OpenSSL (:mod:`machined.apid.tlsterm`), not grpcio's TLS, which offers no Ed25519 (grpc/grpc#24252).
+Talos writes Ed25519 keys under the PEM label ``ED25519 PRIVATE KEY`` (PKCS#8 inside);
+:func:`load_private_key` and :func:`normalize_key_pem` accept it.
 
 * CA: self-signed, ``O=talos`` (as Talos), valid 10 years, ``BasicConstraints(ca=True)``.
 * Client certificates: ``O=<role>`` for each role (``os:admin``, ``os:reader``…), EKU exactly
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +40,7 @@ NODE_CLIENT_TTL = dt.timedelta(hours=24)  # os:impersonator certificate for node
 CA_ORGANIZATION = "talos"
 BACKDATE = dt.timedelta(seconds=30)  # tolerate small clock skew between nodes
 
-ED25519_FIX = (
-    "grpcio's TLS cannot use Ed25519 certificates (as Talos generates by default); "
-    "regenerate the secrets with `spanctl gen secrets` (ECDSA P-256) and re-issue the configs and "
-    "client configs, or replace machine.ca with an ECDSA P-256 CA"
-)
+_LABEL = re.compile(rb"-----(BEGIN|END) ([A-Z0-9]+ )?PRIVATE KEY-----")
 
 
 class PKIError(ValueError):
@@ -49,7 +48,7 @@ class PKIError(ValueError):
 
 
 class UnsupportedKeyError(PKIError):
-    """A key type grpcio's TLS cannot use (Ed25519, Ed448, RSA-less exotic curves)."""
+    """A CA key type we cannot issue with or use in TLS (anything but ECDSA and Ed25519)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +66,19 @@ class KeyPair:
 # --- keys ------------------------------------------------------------------------------------------
 
 
+LeafKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
 def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
+
+
+def _new_key_like(ca: object) -> LeafKey:
+    """A leaf key of the CA's kind (Talos's ``NewKeyPair``): Ed25519 for an Ed25519 CA, else ECDSA
+    P-256. ``ca`` is the CA's certificate or key."""
+    if key_algorithm(ca) == "Ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    return _new_key()
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
@@ -77,9 +87,19 @@ def _key_pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> byt
     )
 
 
+def normalize_key_pem(pem: bytes) -> bytes:
+    """A private key PEM OpenSSL and ``cryptography`` read: Talos's ``ED25519 PRIVATE KEY`` (and any
+    ``<ALG> PRIVATE KEY`` label holding PKCS#8) becomes ``PRIVATE KEY``; SEC1 ``EC PRIVATE KEY`` and
+    PKCS#1 ``RSA PRIVATE KEY`` are kept."""
+    m = _LABEL.search(pem)
+    if m is None or m.group(2) in (None, b"EC ", b"RSA ", b"ENCRYPTED "):
+        return pem
+    return _LABEL.sub(lambda x: b"-----" + x.group(1) + b" PRIVATE KEY-----", pem)
+
+
 def load_private_key(pem: bytes) -> object:
     try:
-        return serialization.load_pem_private_key(pem, password=None)
+        return serialization.load_pem_private_key(normalize_key_pem(pem), password=None)
     except (ValueError, TypeError) as e:
         raise PKIError(f"not a usable unencrypted PEM private key ({type(e).__name__})") from None
 
@@ -105,15 +125,20 @@ def key_algorithm(obj: object) -> str:
 
 
 def check_tls_usable(ca_crt: bytes, ca_key: bytes | None = None) -> None:
-    """Raise :class:`UnsupportedKeyError` when the CA cannot be used by grpcio's TLS (Ed25519/Ed448)."""
+    """Raise :class:`PKIError` when the CA cannot serve: not a certificate, an unreadable key, a key
+    that is not the certificate's, or (:class:`UnsupportedKeyError`) a type other than ECDSA or
+    Ed25519 (Talos's default, fine since TLS goes through OpenSSL)."""
     cert = load_certificate(ca_crt)
-    objs: list[object] = [cert]
-    if ca_key is not None:
-        objs.append(load_private_key(ca_key))
-    for o in objs:
-        alg = key_algorithm(o)
-        if alg in ("Ed25519", "Ed448"):
-            raise UnsupportedKeyError(f"the cluster CA (machine.ca) is {alg}: {ED25519_FIX}")
+    alg = key_algorithm(cert)
+    if alg != "Ed25519" and not alg.startswith("ECDSA"):
+        raise UnsupportedKeyError(f"the cluster CA (machine.ca) is {alg}: use an ECDSA or Ed25519 CA")
+    if ca_key is None:
+        return
+    key = load_private_key(ca_key)
+    pub = key.public_key()  # type: ignore[attr-defined]
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if pub.public_bytes(*raw) != cert.public_key().public_bytes(*raw):
+        raise PKIError("machine.ca.key is not the key of machine.ca.crt")
 
 
 def _signing_hash(ca_key: object) -> hashes.HashAlgorithm | None:
@@ -151,7 +176,7 @@ def generate_ca(
     key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | None = None,
 ) -> KeyPair:
     """A new self-signed CA, ECDSA P-256 unless ``key`` is given (an Ed25519 key makes a CA as Talos
-    generates it: it loads and signs, but grpcio's TLS cannot use it)."""
+    generates it by default; its leaves are then Ed25519 too)."""
     key = key or _new_key()
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)])
     t = _now(now)
@@ -178,14 +203,14 @@ def _leaf(
     ttl: dt.timedelta,
     now: dt.datetime | None,
     sans: Sequence[x509.GeneralName] = (),
-    public_key: ec.EllipticCurvePublicKey | None = None,
+    public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | None = None,
 ) -> KeyPair:
     """A CA-signed leaf; with ``public_key`` (a CSR's) the returned key is empty."""
     if ttl <= dt.timedelta(0):
         raise PKIError(f"certificate TTL must be positive, got {ttl}")
     ca_crt = load_certificate(ca.crt)
     ca_key = load_private_key(ca.key)
-    key = _new_key() if public_key is None else None
+    key = _new_key_like(ca_crt) if public_key is None else None
     t = _now(now)
     b = (
         x509.CertificateBuilder()
@@ -257,19 +282,23 @@ def issue_server(
     return _leaf(ca, subject, [ExtendedKeyUsageOID.SERVER_AUTH], ttl, now, sans)
 
 
-def server_csr(addresses: Iterable[str], hostnames: Iterable[str] = ()) -> tuple[bytes, bytes]:
-    """A new ECDSA P-256 key and a CSR for a server certificate with those SANs: (csr PEM, key PEM)."""
+def server_csr(
+    addresses: Iterable[str], hostnames: Iterable[str] = (), *, ca_crt: bytes | None = None
+) -> tuple[bytes, bytes]:
+    """A new key and a CSR for a server certificate with those SANs: (csr PEM, key PEM). The key is
+    of the CA's kind when ``ca_crt`` is given (Ed25519 for an Ed25519 CA, as a Talos worker's CSR),
+    else ECDSA P-256."""
     hostnames = list(hostnames)
     sans = server_sans(addresses, hostnames)
     if not sans:
         raise PKIError("a server certificate needs at least one address or hostname")
-    key = _new_key()
+    key = _new_key_like(load_certificate(ca_crt)) if ca_crt is not None else _new_key()
     cn = hostnames[0] if hostnames else "apid"
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .sign(key, hashes.SHA256())
+        .sign(key, _signing_hash(key))
     )
     return csr.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
@@ -279,8 +308,8 @@ def sign_server_csr(
 ) -> tuple[bytes, list[str]]:
     """Sign a node's CSR (Talos's trustd): (certificate PEM, the SANs granted).
 
-    Refused (:class:`PKIError`): not a PEM CSR, a bad signature, a key other than ECDSA P-256, a
-    request for ``CA:true``. Only IP and DNS SANs are kept, and only ``CN`` of the subject (never
+    Refused (:class:`PKIError`): not a PEM CSR, a bad signature, a key other than ECDSA P-256 or
+    Ed25519 (what Talos workers send for an Ed25519 CA), a request for ``CA:true``. Only IP and DNS SANs are kept, and only ``CN`` of the subject (never
     ``O=``: no roles). The certificate is a leaf (``CA:false``) with EKU serverAuth + clientAuth.
     """
     try:
@@ -288,8 +317,9 @@ def sign_server_csr(
     except ValueError:
         raise PKIError("not a PEM certificate signing request") from None
     pub = csr.public_key()
-    if not isinstance(pub, ec.EllipticCurvePublicKey) or not isinstance(pub.curve, ec.SECP256R1):
-        raise PKIError(f"CSR key must be ECDSA P-256, got {key_algorithm(pub)}")
+    p256 = isinstance(pub, ec.EllipticCurvePublicKey) and isinstance(pub.curve, ec.SECP256R1)
+    if not p256 and not isinstance(pub, ed25519.Ed25519PublicKey):
+        raise PKIError(f"CSR key must be ECDSA P-256 or Ed25519, got {key_algorithm(pub)}")
     if not csr.is_signature_valid:
         raise PKIError("CSR signature is invalid")
     try:

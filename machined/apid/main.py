@@ -12,8 +12,10 @@ for forwarding, both 24 h and re-issued at half-life without a restart, and serv
 ``--trustd-listen``. On a worker (no CA key) it obtains its server certificate from a control-plane
 node's trustd with a CSR and the machine token: the ``--trustd-endpoint`` values, or else the
 addresses of the control-plane members machined learnt from cluster discovery (as Talos workers find
-their control plane). Exit status 2 with a message on a config it cannot serve with (no CA, an
-Ed25519 CA, a worker that found no trustd in time). See ``machined/apid/README.md``.
+their control plane). TLS is Python's ``ssl`` in front of a private grpc server (:mod:`.tlsterm`), so
+Ed25519 CAs and certificates (Talos's default) work as ECDSA ones do. Exit status 2 with a message on a
+config it cannot serve with (no CA, a CA key that is not the certificate's, a worker that found no
+trustd in time). See ``machined/apid/README.md``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import logging
+import shutil
 import signal
 import socket
 import sys
@@ -34,7 +37,7 @@ import grpc
 import yaml
 
 from discovery.version import version_string
-from machined import pki
+from machined import pki, tlsterm
 from machined.config import ConfigValidationError, MachineConfig
 from machined.config.documents import V1Alpha1
 from spanapi.talos.cosi import state_pb2, state_pb2_grpc
@@ -124,6 +127,16 @@ def listen_address(value: str) -> str:
     return f"[::]{value}" if value.startswith(":") else value
 
 
+def listen_host_port(value: str) -> tuple[str | None, int]:
+    """``:50000`` → ``(None, 50000)`` (every address, IPv4 and IPv6); ``127.0.0.1:1`` →
+    ``("127.0.0.1", 1)``; ``[::1]:1`` → ``("::1", 1)``. ValueError names a bad value."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"listen address {value!r} must be HOST:PORT, [IPv6]:PORT or :PORT")
+    host = host.strip("[]")
+    return (None if host in ("", "::") else host), int(port)
+
+
 def read_config(path: Path) -> V1Alpha1:
     """The machine config's v1alpha1 document with a CA; :class:`StartError` says why not."""
     try:
@@ -150,7 +163,7 @@ def load_ca(path: Path) -> tuple[pki.KeyPair, tuple[str, ...]]:
     ca = pki.KeyPair(v1.ca.crt, v1.ca.key)
     try:
         pki.check_tls_usable(ca.crt, ca.key)
-    except pki.UnsupportedKeyError as e:
+    except pki.PKIError as e:
         raise StartError(f"{path}: refusing to serve: {e}") from None
     return ca, v1.cert_sans
 
@@ -217,9 +230,37 @@ class Apid:
         self.proxy: Proxy | None = None
         self.identity: Identity | None = None
         self.trustd_server: grpc.aio.Server | None = None
+        self.terminator: tlsterm.TlsTerminator | None = None
+        self.trustd_terminator: tlsterm.TlsTerminator | None = None
+        self.peers = tlsterm.PeerRegistry()
+        self.sockdir: Path | None = None
         self.port = 0
         self.trustd_port = 0
         self.worker = False
+
+    async def _terminate(
+        self, server: grpc.aio.Server, name: str, listen: str, require_client: bool
+    ) -> tuple[tlsterm.TlsTerminator, int]:
+        """The private unix listener of ``server`` and Python-ssl TLS on ``listen`` in front of it."""
+        assert self.sockdir is not None and self.identity is not None
+        backend = self.sockdir / f"{name}.sock"
+        if server.add_insecure_port(f"unix:{backend}") == 0:
+            raise StartError(f"{name}: cannot listen on the private socket {backend}")
+        await server.start()
+        identity, sockdir = self.identity, self.sockdir
+        try:
+            host, port = listen_host_port(listen)
+            term = tlsterm.TlsTerminator(
+                lambda: identity.server_context(sockdir, require_client=require_client),
+                backend,
+                self.peers,
+                sockdir,
+                name=name,
+            )
+            bound = await term.start(host, port)
+        except (ValueError, tlsterm.TlsSetupError) as e:
+            raise StartError(f"{name}: {e}") from None
+        return term, bound
 
     async def _sans(self, cert_sans: Sequence[str], *, quiet: bool = False) -> list[str]:
         found = await node_addresses(self.ns.machined_socket, quiet=quiet)
@@ -239,7 +280,7 @@ class Apid:
             raise StartError(f"{path}: machine.token is missing; a worker needs it to ask trustd")
         try:
             pki.check_tls_usable(v1.ca.crt)
-        except pki.UnsupportedKeyError as e:
+        except pki.PKIError as e:
             raise StartError(f"{path}: refusing to serve: {e}") from None
         sans = await self._sans(v1.cert_sans)
         wait = float(getattr(self.ns, "trustd_wait", 60.0))
@@ -284,17 +325,15 @@ class Apid:
         ttl = dt.timedelta(seconds=self.ns.cert_ttl)
         self.trustd_server = grpc.aio.server()
         security_pb2_grpc.add_SecurityServiceServicer_to_server(
-            trustd.SecurityService(ca, token, ttl), self.trustd_server
+            trustd.SecurityService(ca, token, ttl, self.peers), self.trustd_server
         )
-        self.trustd_port = self.trustd_server.add_secure_port(
-            listen_address(listen), trustd.server_credentials(self.identity)
+        self.trustd_terminator, self.trustd_port = await self._terminate(
+            self.trustd_server, "trustd", listen, require_client=False
         )
-        if self.trustd_port == 0:
-            raise StartError(f"trustd cannot listen on {listen}")
-        await self.trustd_server.start()
         log_event(log, "trustd serving", listen=listen, port=self.trustd_port)
 
     async def start(self) -> None:
+        self.sockdir = tlsterm.private_dir("apid-")
         v1 = read_config(self.ns.config)
         assert v1.ca is not None
         self._cert_sans = v1.cert_sans
@@ -315,6 +354,8 @@ class Apid:
             name=self.hostname,
             max_channels=getattr(self.ns, "backend_channels", DEFAULT_MAX_CHANNELS),
             channel_idle=getattr(self.ns, "backend_idle", DEFAULT_IDLE),
+            peers=self.peers,
+            sockdir=self.sockdir,
         )
         self.server = grpc.aio.server(
             options=[
@@ -323,12 +364,7 @@ class Apid:
             ]
         )
         self.server.add_generic_rpc_handlers((self.proxy,))
-        self.port = self.server.add_secure_port(
-            listen_address(self.ns.listen), self.identity.server_credentials()
-        )
-        if self.port == 0:
-            raise StartError(f"cannot listen on {self.ns.listen}")
-        await self.server.start()
+        self.terminator, self.port = await self._terminate(self.server, "apid", self.ns.listen, True)
         log_event(log, "apid serving", listen=self.ns.listen, port=self.port, sans=self.identity.addresses)
 
     async def renew_loop(self, poll: float = ADDRESS_POLL) -> None:
@@ -369,12 +405,17 @@ class Apid:
                 )
 
     async def stop(self) -> None:
+        for term in (self.trustd_terminator, self.terminator):
+            if term is not None:
+                await term.close()
         if self.trustd_server is not None:
             await self.trustd_server.stop(0.5)
         if self.server is not None:
             await self.server.stop(0.5)
         if self.proxy is not None:
             await self.proxy.close()
+        if self.sockdir is not None:
+            shutil.rmtree(self.sockdir, ignore_errors=True)
 
 
 async def run(ns: argparse.Namespace) -> int:

@@ -13,7 +13,9 @@
    INVALID_ARGUMENT.
 4. Neither: the local machined on its unix socket, with ``talos-role`` set to the caller's roles.
 
-Bytes are never decoded; unary vs server-streaming comes from the descriptor pool of our stubs
+Who the caller is comes from the TLS terminator (:mod:`.tlsterm`): the verified client certificate of
+the connection a call arrived on (:class:`~.tlsterm.PeerRegistry`), never from anything the client
+sends. Bytes are never decoded; unary vs server-streaming comes from the descriptor pool of our stubs
 (plus Talos's list of streaming method names for methods we have no descriptor for).
 """
 
@@ -25,18 +27,17 @@ import functools
 import ipaddress
 import logging
 import re
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography import x509
 from google.protobuf import descriptor_pool
 
 import spanapi.talos.cosi.state_pb2
 import spanapi.talos.machine.machine_pb2  # noqa: F401  (registers descriptors)
-from machined import pki
-from machined.api.roles import ROLE_METADATA, allowed, parse_roles, role_metadata
+from machined import tlsterm
+from machined.api.roles import ROLE_METADATA, allowed, role_metadata
 
 from . import wire
 from .channels import DEFAULT_IDLE, DEFAULT_MAX_CHANNELS, ChannelCache
@@ -180,15 +181,20 @@ class Proxy(grpc.GenericRpcHandler):
         channel_idle: float = DEFAULT_IDLE,
         max_fanout: int = MAX_FANOUT,
         channel_factory: Callable[[str], Any] | None = None,
+        peers: tlsterm.PeerRegistry | None = None,
+        sockdir: Path | None = None,
     ) -> None:
+        """``peers``: the terminator's verified identities (none: every call is unauthenticated);
+        ``sockdir``: the private directory for the unix sockets of channels to other nodes."""
         self.identity = identity
+        self.peers = peers if peers is not None else tlsterm.PeerRegistry()
+        self.sockdir = sockdir
         self.node_port = node_port
         self.name = name
         self.max_fanout = max_fanout
         self.local = grpc.aio.insecure_channel(f"unix:{machined_socket}", options=_CHANNEL_OPTIONS)
         # channels to other nodes' apid, keyed by backend_target(); bounded and idle-expiring
         self.channels = ChannelCache(channel_factory or self._dial, max_size=max_channels, idle=channel_idle)
-        self._certs: OrderedDict[bytes, tuple[bool, frozenset[str]]] = OrderedDict()
 
     async def close(self) -> None:
         await self.channels.aclose()
@@ -222,21 +228,13 @@ class Proxy(grpc.GenericRpcHandler):
 
     # -- authorization --------------------------------------------------------------------------------
 
-    def _cert_info(self, pem: bytes) -> tuple[bool, frozenset[str]]:
-        hit = self._certs.get(pem)
-        if hit is None:
-            cert = x509.load_pem_x509_certificate(pem)
-            hit = (pki.is_client_cert(cert), parse_roles(pki.roles_of(cert)))  # one role per O=
-            self._certs[pem] = hit
-            if len(self._certs) > 256:
-                self._certs.popitem(last=False)
-        return hit
-
     def authorize(self, method: str, context: grpc.aio.ServicerContext) -> frozenset[str]:
-        pems = context.auth_context().get("x509_pem_cert") or []
-        if not pems:
+        """The roles the call runs with, from the connection's verified client certificate (one role
+        per ``O=`` value) and, for an ``os:impersonator``, its ``talos-role`` metadata."""
+        info = self.peers.lookup(context.peer())
+        if info is None or info.der is None:
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
-        is_client, cert_roles = self._cert_info(pems[0])
+        is_client, cert_roles = info.is_client, info.roles
         if not is_client:
             raise _Abort(
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -288,13 +286,15 @@ class Proxy(grpc.GenericRpcHandler):
         out.append((PROXYFROM, self.name))
         return (node or nodes), out, bool(nodes)
 
-    def _dial(self, target: str) -> grpc.aio.Channel:
-        """A channel to another node's apid; ``target`` is a :func:`backend_target` (``dns:///``: a
-        host named like a grpc URI scheme, ``unix:1234``, stays a host name)."""
+    def _dial(self, target: str) -> tlsterm.TlsChannel:
+        """A channel to another node's apid; ``target`` is a :func:`backend_target` (``host:port``;
+        a host named like a grpc URI scheme, ``unix:1234``, stays a host name: grpc only ever dials
+        the dialer's private unix socket, and the dialer connects to ``host`` over TCP + TLS)."""
         assert self.identity is not None
-        return grpc.aio.secure_channel(
-            f"dns:///{target}", self.identity.client_credentials(), options=_CHANNEL_OPTIONS
-        )
+        if self.sockdir is None:
+            self.sockdir = tlsterm.private_dir("apid-")
+        ctx = self.identity.client_context(self.sockdir)
+        return tlsterm.TlsChannel.create(target, ctx, _CHANNEL_OPTIONS, sockdir=self.sockdir)
 
     @contextlib.contextmanager
     def _lease(self, node: str) -> Iterator[grpc.aio.Channel]:
@@ -302,7 +302,10 @@ class Proxy(grpc.GenericRpcHandler):
         client certificate (``identity.generation``) means a new channel for new calls."""
         assert self.identity is not None
         with self.channels.lease(backend_target(node, self.node_port), self.identity.generation) as ch:
-            yield ch
+            try:
+                yield ch
+            except grpc.aio.AioRpcError as e:
+                raise explained(e, ch) from None
 
     @staticmethod
     def _timeout(
@@ -389,7 +392,7 @@ class Proxy(grpc.GenericRpcHandler):
                     async for msg in call:
                         yield wire.splice_item(msg, targets[0]) if splice and targets else msg
                 except grpc.aio.AioRpcError as e:
-                    await self._abort(context, e)
+                    await self._abort(context, explained(e, ch))
                 except wire.WireError as e:
                     await context.abort(
                         grpc.StatusCode.INTERNAL, f"{targets and targets[0]}: malformed reply ({e})"
@@ -411,6 +414,7 @@ class Proxy(grpc.GenericRpcHandler):
                         async for msg in call:
                             await queue.put(wire.splice_item(msg, node))
                     except grpc.aio.AioRpcError as e:
+                        e = explained(e, ch)
                         await queue.put(wire.error_item(node, e.code(), _node_error(node, e)))
                     except wire.WireError as e:
                         await queue.put(
@@ -438,6 +442,22 @@ class Proxy(grpc.GenericRpcHandler):
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def explained(e: grpc.aio.AioRpcError, ch: Any) -> grpc.aio.AioRpcError:
+    """``e`` with the TLS dialer's reason (refused, unreachable, server certificate not accepted …)
+    when grpc saw only a closed socket, and without the private unix socket's path."""
+    dialer = getattr(ch, "dialer", None)
+    if dialer is None:
+        return e
+    details = e.details() or ""
+    if e.code() == grpc.StatusCode.UNAVAILABLE and dialer.last_error:
+        details = dialer.last_error
+    elif dialer.grpc_target in details:
+        details = details.replace(dialer.grpc_target, dialer.target)
+    else:
+        return e
+    return grpc.aio.AioRpcError(e.code(), grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
 def _node_error(node: str, e: grpc.aio.AioRpcError) -> str:

@@ -1,19 +1,20 @@
 """apid's certificates: the node's server certificate and its ``os:impersonator`` client certificate,
 both issued from the cluster CA held in the machine config (control-plane nodes), short-lived and
-re-issued at half-life. The server side uses grpc's dynamic server credentials: each new TLS
-handshake asks :meth:`Identity._fetch`, which hands over the new certificate once after a renewal,
-so renewal needs no restart and live connections are not dropped.
+re-issued at half-life. TLS is Python's ``ssl`` (:mod:`.tlsterm`); :meth:`Identity.server_context`
+and :meth:`Identity.client_context` build an :class:`ssl.SSLContext` per certificate generation, and
+the terminator switches new handshakes to the current one, so renewal needs no restart and live
+connections are not dropped. ECDSA and Ed25519 CAs alike (Talos's default is Ed25519).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
-import grpc
-
-from machined import pki
+from machined import pki, tlsterm
 
 SansProvider = Callable[[], Iterable[str]]
 
@@ -30,7 +31,7 @@ class Identity:
         server_ttl: dt.timedelta = pki.SERVER_TTL,
         client_ttl: dt.timedelta = pki.NODE_CLIENT_TTL,
     ) -> None:
-        pki.check_tls_usable(ca.crt, ca.key)  # Ed25519: refuse with the reason and the fix
+        pki.check_tls_usable(ca.crt, ca.key)  # a key that is not the certificate's: refuse
         self.ca = ca
         self.hostname = hostname
         self.server_ttl = server_ttl
@@ -38,7 +39,7 @@ class Identity:
         self._lock = threading.Lock()
         self._addresses = list(addresses)
         self.generation = 0
-        self._fetched = -1
+        self._contexts: dict[tuple[str, bool], tuple[int, ssl.SSLContext]] = {}
         self.server: pki.KeyPair
         self.client: pki.KeyPair
         self._issue(self._addresses)
@@ -64,25 +65,34 @@ class Identity:
     def renew(self, addresses: Iterable[str] | None = None) -> None:
         self._issue(self._addresses if addresses is None else addresses)
 
-    # -- grpc credentials ---------------------------------------------------------------------------
+    # -- TLS contexts (Python ssl) ------------------------------------------------------------------
 
-    def _config(self) -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration([(self.server.key, self.server.crt)], self.ca.crt)
-
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+    def _cached(self, kind: str, flag: bool, make: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         with self._lock:
-            if self._fetched == self.generation:
-                return None
-            self._fetched = self.generation
-            return self._config()
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        """TLS (grpc core: ≥ 1.2) with required client certificates verified against the cluster CA."""
+            gen = self.generation
+            hit = self._contexts.get((kind, flag))
+        if hit is not None and hit[0] == gen:
+            return hit[1]
+        ctx = make()
         with self._lock:
-            self._fetched = self.generation
-            initial = self._config()
-        return grpc.dynamic_ssl_server_credentials(initial, self._fetch, require_client_authentication=True)
+            self._contexts[(kind, flag)] = (gen, ctx)
+        return ctx
 
-    def client_credentials(self) -> grpc.ChannelCredentials:
-        """For forwarding to another node's apid: our ``os:impersonator`` certificate, CA-verified server."""
-        return grpc.ssl_channel_credentials(self.ca.crt, self.client.key, self.client.crt)
+    def server_context(self, workdir: Path, *, require_client: bool = True) -> ssl.SSLContext:
+        """TLS ≥ 1.2 with the current server certificate; ``require_client``: a client certificate
+        is required and verified against the cluster CA (apid), else none is asked for (trustd)."""
+        with self._lock:
+            server = self.server
+        ca = self.ca.crt if require_client else None
+        return self._cached(
+            "server", require_client, lambda: tlsterm.server_context(server.crt, server.key, workdir, ca=ca)
+        )
+
+    def client_context(self, workdir: Path) -> ssl.SSLContext:
+        """For forwarding to another node's apid: our ``os:impersonator`` certificate; the server is
+        verified against the cluster CA and the name or address dialed."""
+        with self._lock:
+            client = self.client
+        return self._cached(
+            "client", True, lambda: tlsterm.client_context(self.ca.crt, workdir, client.crt, client.key)
+        )

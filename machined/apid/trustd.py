@@ -1,9 +1,11 @@
 """The trustd role (Talos's ``securityapi.SecurityService/Certificate``).
 
-Control-plane nodes (holding the CA key) serve it on TCP 50001 over TLS (no client certificate): a
-node sends a CSR with the machine token in the ``token`` metadata and gets back a short-lived server
-certificate signed by the cluster CA (see :func:`machined.pki.sign_server_csr` for what is refused).
-Workers (CA certificate, no key) use :class:`WorkerIdentity` to obtain and renew theirs.
+Control-plane nodes (holding the CA key) serve it on TCP 50001 over TLS (no client certificate;
+Python ssl through :mod:`.tlsterm`, so Ed25519 and ECDSA alike): a node sends a CSR (ECDSA P-256 or
+Ed25519, as Talos workers send for an Ed25519 CA) with the machine token in the ``token`` metadata and
+gets back a short-lived server certificate signed by the cluster CA (see
+:func:`machined.pki.sign_server_csr` for what is refused). Workers (CA certificate, no key) use
+:class:`WorkerIdentity` to obtain and renew theirs.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import grpc
 
-from machined import pki
+from machined import pki, tlsterm
 from spanapi.talos.security import security_pb2, security_pb2_grpc
 from spanutil.logs import log_event
 
@@ -42,54 +46,50 @@ def token_ok(given: str | None, expected: str | None) -> bool:
 class SecurityService(security_pb2_grpc.SecurityServiceServicer):
     """Signs CSRs with the cluster CA for callers presenting the machine token."""
 
-    def __init__(self, ca: pki.KeyPair, token: str | None, ttl: dt.timedelta = pki.SERVER_TTL) -> None:
+    def __init__(
+        self,
+        ca: pki.KeyPair,
+        token: str | None,
+        ttl: dt.timedelta = pki.SERVER_TTL,
+        peers: tlsterm.PeerRegistry | None = None,
+    ) -> None:
         self.ca = ca
         self._token = token
         self.ttl = ttl
+        self.peers = peers
+
+    def _peer(self, context: grpc.aio.ServicerContext) -> str:
+        """The TCP peer the terminator saw (grpc itself sees the private unix socket)."""
+        peer = context.peer()
+        info = self.peers.lookup(peer) if self.peers is not None else None
+        return info.tcp_peer if info is not None else peer
 
     async def Certificate(
         self, request: security_pb2.CertificateRequest, context: grpc.aio.ServicerContext
     ) -> security_pb2.CertificateResponse:
+        if self.peers is not None and self.peers.lookup(context.peer()) is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "not through the TLS listener")
         given = next((v for k, v in context.invocation_metadata() or () if k == "token"), None)
         if isinstance(given, bytes):
             given = given.decode(errors="replace")
         if not token_ok(given, self._token):
-            log_event(log, "trustd refused", logging.WARNING, peer=context.peer(), reason="bad token")
+            log_event(log, "trustd refused", logging.WARNING, peer=self._peer(context), reason="bad token")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid machine token")
         try:
             crt, sans = pki.sign_server_csr(self.ca, request.csr, self.ttl)
         except pki.PKIError as e:
-            log_event(log, "trustd refused", logging.WARNING, peer=context.peer(), reason=str(e))
+            log_event(log, "trustd refused", logging.WARNING, peer=self._peer(context), reason=str(e))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         c = pki.load_certificate(crt)
         log_event(
             log,
             "trustd issued certificate",
-            peer=context.peer(),
+            peer=self._peer(context),
             subject=c.subject.rfc4514_string(),
             sans=sans,
             expires_at=c.not_valid_after_utc.isoformat(),
         )
         return security_pb2.CertificateResponse(ca=self.ca.crt, crt=crt)
-
-
-def server_credentials(identity: Identity) -> grpc.ServerCredentials:
-    """TLS with the node's (renewed) server certificate; clients present no certificate."""
-    seen = [-1]
-    lock = threading.Lock()
-
-    def config() -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration([(identity.server.key, identity.server.crt)])
-
-    def fetch() -> grpc.ServerCertificateConfiguration | None:
-        with lock:
-            if seen[0] == identity.generation:
-                return None
-            seen[0] = identity.generation
-            return config()
-
-    seen[0] = identity.generation
-    return grpc.dynamic_ssl_server_credentials(config(), fetch, require_client_authentication=False)
 
 
 def endpoint_target(value: str) -> str:
@@ -114,17 +114,22 @@ def request_certificate(
 ) -> pki.KeyPair:
     """Ask each endpoint in turn for a server certificate; the first valid answer wins.
 
-    trustd's own certificate is verified against the cluster CA (grpc TLS), and the returned
-    certificate must be signed by that CA and carry our public key.
+    trustd's own certificate is verified against the cluster CA and the endpoint's name or address
+    (Python ssl, :class:`tlsterm.ThreadDialer`), and the returned certificate must be signed by that
+    CA and carry our public key.
     """
-    csr, key = pki.server_csr(addresses, [hostname])
+    csr, key = pki.server_csr(addresses, [hostname], ca_crt=ca_crt)  # key of the CA's kind, as Talos
     ca = pki.load_certificate(ca_crt)
     our_pub = pki.load_private_key(key).public_key()  # type: ignore[attr-defined]
     errors = []
+    ctx = tlsterm.client_context(ca_crt)
     for ep in endpoints:
         target = endpoint_target(ep)
+        dialer: tlsterm.ThreadDialer | None = None
         try:
-            with grpc.secure_channel(target, grpc.ssl_channel_credentials(ca_crt)) as ch:
+            dialer = tlsterm.ThreadDialer(target, ctx)
+            opts = [("grpc.default_authority", target)]
+            with grpc.insecure_channel(dialer.grpc_target, options=opts) as ch:
                 stub = security_pb2_grpc.SecurityServiceStub(ch)
                 r = stub.Certificate(
                     security_pb2.CertificateRequest(csr=csr), metadata=[("token", token)], timeout=timeout
@@ -135,9 +140,19 @@ def request_certificate(
                 raise pki.PKIError("certificate is not for our key")
             return pki.KeyPair(r.crt, key)
         except grpc.RpcError as e:
-            errors.append(f"{target}: {e.code().name} {e.details()}")  # type: ignore[attr-defined]
+            why = dialer.last_error if dialer is not None else None
+            code = e.code()  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.UNAVAILABLE and why:
+                errors.append(f"{target}: UNAVAILABLE {why}")
+            else:
+                errors.append(f"{target}: {code.name} {e.details()}")  # type: ignore[attr-defined]
         except (ValueError, TypeError, pki.PKIError) as e:
             errors.append(f"{target}: bad certificate: {e}")
+        except (OSError, tlsterm.TlsSetupError) as e:
+            errors.append(f"{target}: {e}")
+        finally:
+            if dialer is not None:
+                dialer.close()
     raise TrustdError("; ".join(errors) or "no trustd endpoint")
 
 
@@ -163,7 +178,7 @@ class WorkerIdentity(Identity):
         self._lock = threading.Lock()
         self._addresses = list(addresses)
         self.generation = 0
-        self._fetched = -1
+        self._contexts: dict[tuple[str, bool], tuple[int, ssl.SSLContext]] = {}
         self._issue(self._addresses)
 
     def _issue(self, addresses: Iterable[str]) -> None:
@@ -180,5 +195,5 @@ class WorkerIdentity(Identity):
     def next_renewal(self) -> dt.datetime:
         return pki.renewal_time(self.server.crt)
 
-    def client_credentials(self) -> grpc.ChannelCredentials:
+    def client_context(self, workdir: Path) -> ssl.SSLContext:
         raise RuntimeError("a worker holds no client certificate")

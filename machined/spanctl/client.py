@@ -18,6 +18,8 @@ from typing import Any
 
 import grpc
 
+from machined import tlsterm
+
 from .config import ClientConfig, ConfigError, Context
 
 APID_PORT = 50000
@@ -88,6 +90,7 @@ def tcp_target(endpoint: str, port: int = APID_PORT) -> str:
 def describe_rpc_error(e: grpc.RpcError, where: str) -> str:
     code = e.code() if hasattr(e, "code") else None
     details = (e.details() if hasattr(e, "details") else None) or str(code)
+    details = tlsterm.explain(details, code == grpc.StatusCode.UNAVAILABLE)  # the TLS dialer's reason
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"cannot connect to {where}: {details}"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -107,6 +110,7 @@ class Target:
     timeout: float = 30.0
     cluster: str = ""
     _channel: grpc.Channel | None = field(default=None, init=False, repr=False)
+    _dialer: tlsterm.ThreadDialer | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_args(
@@ -171,12 +175,18 @@ class Target:
                 f"the client config context has no {', '.join(missing)}: cannot authenticate to apid "
                 "(use a config from 'spanctl gen config' or 'spanctl config new', or --socket for a local machined)"
             )
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=ctx.ca, private_key=ctx.key, certificate_chain=ctx.crt
-        )
-        self._channel = self._with_cluster(
-            grpc.secure_channel(tcp_target(self.endpoint), creds, options=opts)
-        )
+        # TLS with Python's ssl (OpenSSL): Ed25519 (Talos's default) and ECDSA alike; grpc speaks
+        # plaintext HTTP/2 to the dialer's private unix socket (machined/tlsterm.py)
+        target = tcp_target(self.endpoint)
+        try:
+            tls = tlsterm.client_context(ctx.ca, None, ctx.crt, ctx.key)
+            self._dialer = tlsterm.ThreadDialer(target, tls)
+        except (tlsterm.TlsSetupError, ValueError) as e:
+            raise ConnectionSetupError(
+                f"the client config context's ca/crt/key cannot be used: {e}"
+            ) from None
+        opts.append(("grpc.default_authority", target))
+        self._channel = self._with_cluster(grpc.insecure_channel(self._dialer.grpc_target, options=opts))
         return self._channel
 
     def _with_cluster(self, channel: grpc.Channel) -> grpc.Channel:
@@ -188,6 +198,9 @@ class Target:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+        if self._dialer is not None:
+            self._dialer.close()
+            self._dialer = None
 
     # -- routing ---------------------------------------------------------------------------------
 

@@ -262,45 +262,6 @@ async def test_server_certificate_renewed_and_hot_reloaded(tmp_path):
         await srv.stop()
 
 
-def test_ed25519_config_is_refused_by_the_apid_command(tmp_path):
-    import base64
-
-    import yaml
-
-    from machined import gen
-    from machined.apid.testing import ed25519_ca
-
-    s = gen.gen_secrets()
-    ca = ed25519_ca()
-    text = gen.gen_config("t", "https://127.0.0.1:6443", s, discovery=["https://d.invalid/"]).controlplane
-    docs = list(yaml.safe_load_all(text))
-    docs[0]["machine"]["ca"] = {
-        "crt": base64.b64encode(ca.crt).decode(),
-        "key": base64.b64encode(ca.key).decode(),
-    }
-    cfg = tmp_path / "cp.yaml"
-    cfg.write_text(yaml.safe_dump_all(docs))
-    from machined.config import MachineConfig
-
-    MachineConfig.parse(cfg.read_text())  # the config itself loads
-    p = subprocess.run(
-        [
-            *apid_command(),
-            "--config",
-            str(cfg),
-            "--machined-socket",
-            str(tmp_path / "none.sock"),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert p.returncode == 2
-    assert "Ed25519" in p.stderr and "grpcio" in p.stderr and "ECDSA P-256" in p.stderr
-
-
 def test_real_machined_behind_apid_process(tmp_path):
     """The real ``machined`` (no root: the mesh is off) behind the real ``apid`` process."""
     machined = shutil.which("machined", path=os.path.dirname(sys.executable))

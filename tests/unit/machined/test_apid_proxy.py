@@ -1,11 +1,14 @@
 """The proxy's authorization, routing and merging with fake channels and a fake servicer context."""
 
 import asyncio
+import itertools
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from machined import pki
+from machined import pki, tlsterm
 from machined.api.roles import role_metadata
 from machined.apid.proxy import Proxy
 from machined.apid.tls import Identity
@@ -21,12 +24,24 @@ class Aborted(Exception):
         self.code, self.details = code, details
 
 
-class Ctx:
-    def __init__(self, pem=None, md=()):
-        self._pem, self._md = pem, tuple(md)
+PEERS = tlsterm.PeerRegistry()  # what the TLS terminator would have registered
+_N = itertools.count()
 
-    def auth_context(self):
-        return {"x509_pem_cert": [self._pem]} if self._pem else {}
+
+class Ctx:
+    """A call that arrived on a connection whose verified client certificate was ``pem`` (None: the
+    connection did not come through the terminator)."""
+
+    def __init__(self, pem=None, md=()):
+        self._md = tuple(md)
+        self._peer = f"unix:/fake/c-{next(_N)}"
+        if pem:
+            der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+            is_client, roles = tlsterm.cert_identity(der)
+            PEERS.add(self._peer[5:], tlsterm.PeerInfo("ipv4:127.0.0.1:1", der, is_client, roles))
+
+    def peer(self):
+        return self._peer
 
     def invocation_metadata(self):
         return self._md
@@ -77,7 +92,7 @@ def version(host=""):
 @pytest.fixture
 async def setup():
     ca = pki.generate_ca()
-    p = Proxy("/nonexistent.sock", Identity(ca, "front", ["127.0.0.1"]), name="front")
+    p = Proxy("/nonexistent.sock", Identity(ca, "front", ["127.0.0.1"]), name="front", peers=PEERS)
     yield ca, p
     await p.close()
 
@@ -131,7 +146,7 @@ async def test_routing_errors(setup, md, method, code):
 
 async def test_no_forwarding_without_identity(setup):
     ca, _ = setup
-    p = Proxy("/nonexistent.sock", None)
+    p = Proxy("/nonexistent.sock", None, peers=PEERS)
     try:
         e = await refusal(p, VERSION, Ctx(pem(pki.issue_client(ca, ["os:admin"])), [("node", "x")]))
         assert e.code == grpc.StatusCode.PERMISSION_DENIED and "no request forwarding" in e.details
@@ -192,7 +207,8 @@ async def test_the_real_dial_is_a_dns_target(setup):
     """A host named like a grpc URI scheme (``unix:1234``) stays a host name: never a unix socket."""
     _ca, p = setup
     with p._lease("unix:1234") as ch:
-        assert isinstance(ch, grpc.aio.Channel)
+        assert isinstance(ch, tlsterm.TlsChannel)
+        assert (ch.dialer.host, ch.dialer.port) == ("unix", 1234)  # dialed over TCP + TLS
     assert "unix:1234" in p.channels
 
 
@@ -263,7 +279,9 @@ async def test_3000_distinct_targets_keep_the_cache_bounded_and_close_what_leave
         made.append(FakeChannel(rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused")))
         return made[-1]
 
-    p = Proxy("/nonexistent.sock", Identity(ca, "front"), max_channels=32, channel_factory=factory)
+    p = Proxy(
+        "/nonexistent.sock", Identity(ca, "front"), max_channels=32, channel_factory=factory, peers=PEERS
+    )
     try:
         reader = pem(pki.issue_client(ca, ["os:reader"]))
         for i in range(3000):

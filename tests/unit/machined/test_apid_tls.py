@@ -11,7 +11,7 @@ from machined.apid.testing import ed25519_ca
 from machined.apid.tls import Identity
 
 
-def test_identity_issues_server_and_impersonator_certs():
+def test_identity_issues_server_and_impersonator_certs(tmp_path):
     ca = pki.generate_ca()
     ident = Identity(ca, "node-1", ["10.0.0.1", "fd7a:1::5"], server_ttl=dt.timedelta(hours=24))
     srv = ident.server.certificate
@@ -22,17 +22,22 @@ def test_identity_issues_server_and_impersonator_certs():
     assert not ident.needs_renewal()
     assert ident.needs_renewal(dt.datetime.now(dt.UTC) + dt.timedelta(hours=13))
     gen0 = ident.generation
-    ident.server_credentials()  # hands the initial certificate to grpc
-    assert ident._fetch() is None  # nothing new for later handshakes
+    first = ident.server_context(tmp_path)
+    assert ident.server_context(tmp_path) is first  # one context per certificate generation
+    assert ident.server_context(tmp_path, require_client=False) is not first  # trustd's
     ident.renew(["10.0.0.2"])
     assert ident.generation == gen0 + 1
-    assert ident._fetch() is not None and ident._fetch() is None  # handed over once
+    assert ident.server_context(tmp_path) is not first  # new handshakes get the renewed certificate
     assert ident.addresses == ["10.0.0.2"]
+    assert list(tmp_path.iterdir()) == []  # the key files OpenSSL read are gone
 
 
-def test_identity_refuses_ed25519():
-    with pytest.raises(pki.UnsupportedKeyError, match="Ed25519"):
-        Identity(ed25519_ca(), "n", ["127.0.0.1"])
+def test_identity_with_an_ed25519_ca(tmp_path):
+    ident = Identity(ed25519_ca(), "n", ["127.0.0.1"])
+    assert pki.key_algorithm(ident.server.certificate) == "Ed25519"
+    assert pki.roles_of(ident.client.certificate) == {"os:impersonator"}
+    ident.server_context(tmp_path)
+    ident.client_context(tmp_path)
 
 
 def _config(tmp_path, ca=None, worker=False):
@@ -57,8 +62,11 @@ def test_load_ca(tmp_path):
     assert ca == s.os_ca and sans == ()
     with pytest.raises(StartError, match="no key"):
         load_ca(_config(tmp_path, worker=True)[0])
-    with pytest.raises(StartError, match=r"Ed25519.*grpcio.*spanctl gen secrets"):
-        load_ca(_config(tmp_path, ca=ed25519_ca())[0])
+    ed = ed25519_ca()
+    assert load_ca(_config(tmp_path, ca=ed)[0])[0] == ed  # Talos's default: served
+    mismatched = pki.KeyPair(ed.crt, pki.generate_ca().key)
+    with pytest.raises(StartError, match=r"refusing to serve: machine\.ca\.key is not the key"):
+        load_ca(_config(tmp_path, ca=mismatched)[0])
     with pytest.raises(StartError, match="cannot read"):
         load_ca(tmp_path / "missing.yaml")
     (tmp_path / "bad.yaml").write_text("version: v1alpha1\nmachine: {type: nope}\n")
@@ -66,15 +74,16 @@ def test_load_ca(tmp_path):
         load_ca(tmp_path / "bad.yaml")
 
 
-async def test_run_exits_2_on_ed25519(tmp_path, capsys):
-    p, _ = _config(tmp_path, ca=ed25519_ca())
+async def test_run_exits_2_on_a_ca_key_that_does_not_match(tmp_path, capsys):
+    p, _ = _config(tmp_path, ca=pki.KeyPair(ed25519_ca().crt, pki.generate_ca().key))
     ns = argparse.Namespace(
         config=p, machined_socket=tmp_path / "s", listen="127.0.0.1:0", hostname="n", address=[],
         node_port=50000, cert_ttl=3600.0, debug=False,
     )  # fmt: skip
     assert await run(ns) == 2
     err = capsys.readouterr().err
-    assert "refusing to serve" in err and "Ed25519" in err and "ECDSA P-256" in err
+    assert "refusing to serve" in err and "not the key of machine.ca.crt" in err
+    assert "PRIVATE KEY" not in err
 
 
 def test_listen_address():

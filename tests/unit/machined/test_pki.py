@@ -66,16 +66,67 @@ def test_needs_renewal_at_half_life():
     assert pki.needs_renewal(kp.crt, start - dt.timedelta(seconds=1))  # not valid yet
 
 
-def test_ed25519_ca_is_refused_with_reason_and_fix():
+def talos_label(key_pem: bytes) -> bytes:
+    """A PKCS#8 key PEM under Talos's ``ED25519 PRIVATE KEY`` label (as Talos writes Ed25519 keys)."""
+    return key_pem.replace(b"-----BEGIN PRIVATE KEY-----", b"-----BEGIN ED25519 PRIVATE KEY-----").replace(
+        b"-----END PRIVATE KEY-----", b"-----END ED25519 PRIVATE KEY-----"
+    )
+
+
+def test_an_ed25519_ca_is_usable_and_its_leaves_are_ed25519_as_talos_issues_them():
     ca = ed25519_ca()
-    with pytest.raises(pki.UnsupportedKeyError) as e:
-        pki.check_tls_usable(ca.crt, ca.key)
-    msg = str(e.value)
-    assert "Ed25519" in msg and "grpcio" in msg and "ECDSA P-256" in msg and "spanctl gen secrets" in msg
-    assert "PRIVATE KEY" not in msg
-    # it still signs (loading works), only TLS cannot use it
-    kp = pki.issue_client(ca, ["os:admin"])
+    pki.check_tls_usable(ca.crt, ca.key)
+    for kp in (pki.issue_client(ca, ["os:admin"]), pki.issue_server(ca, ["127.0.0.1"], ["n"])):
+        kp.certificate.verify_directly_issued_by(ca.certificate)
+        assert pki.key_algorithm(kp.certificate) == "Ed25519"
+        assert pki.key_algorithm(pki.load_private_key(kp.key)) == "Ed25519"
+    # an ECDSA CA keeps ECDSA P-256 leaves
+    assert (
+        pki.key_algorithm(pki.issue_client(pki.generate_ca(), ["os:admin"]).certificate) == "ECDSA secp256r1"
+    )
+
+
+def test_talos_ed25519_key_label_is_read():
+    ca = ed25519_ca()
+    labelled = talos_label(ca.key)
+    assert b"BEGIN ED25519 PRIVATE KEY" in labelled
+    assert pki.key_algorithm(pki.load_private_key(labelled)) == "Ed25519"
+    assert pki.normalize_key_pem(labelled) == ca.key
+    pki.check_tls_usable(ca.crt, labelled)
+    kp = pki.issue_client(pki.KeyPair(ca.crt, labelled), ["os:reader"])
     kp.certificate.verify_directly_issued_by(ca.certificate)
+    # SEC1 EC keys are left as they are
+    sec1 = b"-----BEGIN EC PRIVATE KEY-----\nabc\n-----END EC PRIVATE KEY-----\n"
+    assert pki.normalize_key_pem(sec1) == sec1
+
+
+def test_a_ca_key_that_is_not_the_certificates_is_refused():
+    ca, other = ed25519_ca(), pki.generate_ca()
+    with pytest.raises(pki.PKIError, match=r"not the key of machine\.ca\.crt") as e:
+        pki.check_tls_usable(ca.crt, other.key)
+    assert "PRIVATE KEY" not in str(e.value)
+
+
+def test_trustd_signs_ed25519_and_p256_csrs_and_refuses_other_keys():
+    ca = ed25519_ca()
+    for ca_crt in (ca.crt, None):  # an Ed25519 CSR (a Talos worker's) and a P-256 one
+        csr, key = pki.server_csr(["10.0.0.7"], ["w1"], ca_crt=ca_crt)
+        crt, sans = pki.sign_server_csr(ca, csr)
+        c = pki.load_certificate(crt)
+        c.verify_directly_issued_by(ca.certificate)
+        assert sans == ["10.0.0.7", "w1"]
+        assert c.public_key() == pki.load_private_key(key).public_key()
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    req = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("x")]), critical=False)
+        .sign(p384, hashes.SHA256())
+    )
+    from cryptography.hazmat.primitives import serialization
+
+    with pytest.raises(pki.PKIError, match="ECDSA P-256 or Ed25519, got ECDSA secp384r1"):
+        pki.sign_server_csr(ca, req.public_bytes(serialization.Encoding.PEM))
 
 
 def test_bad_pem_is_a_pki_error_without_material():
