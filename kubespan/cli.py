@@ -213,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--mac", type=_mac, help="MAC for the mesh address (default: first physical NIC)")
     run.add_argument(
-        "--allow-down-peer-bypass", action="store_true", help="fail open for peers that went down"
+        "--allow-down-peer-bypass",
+        action="store_true",
+        help="fail open, as Talos: route only peers that are up into the mesh; traffic to a peer that is down "
+        "or not connected yet takes the normal routes (in the clear)",
     )
     run.add_argument("--no-publish-learned", action="store_true", help="do not publish roamed endpoints")
     run.add_argument(

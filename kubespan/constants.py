@@ -187,8 +187,8 @@ class MeshConfig:
     fwmark_force: int = FWMARK_FORCE
     fwmark_mask: int = FWMARK_MASK
     nft_table: str = NFT_TABLE
-    # Talos' allowDownPeerBypass: traffic to a peer that is down leaves the mesh (fail open).
-    # Never applies to a peer that has not connected yet.
+    # Talos' allowDownPeerBypass (fail open): only peers that are up are routed into the mesh;
+    # traffic to a peer that is down or not connected yet (unknown) takes the normal routes.
     allow_down_peer_bypass: bool = False
     clamp_forwarded_mss: bool = True
     reconcile_interval: float = RECONCILE_INTERVAL

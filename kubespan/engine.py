@@ -593,7 +593,10 @@ class Mesh:
                     self._fresh_sessions.append(spec.public_key)
                     log_event(log, "peer re-created for a first initiation", peer=peer.label)
                 if changed is None or have is None or act is Action.RECREATE:
+                    state = peer.machine.state
                     endpoint, probe = self._step(peer, now, have, wall, spec.public_key in answered)
+                    if self.cfg.allow_down_peer_bypass and peer.machine.state != state:
+                        self._sets_due = True  # the bypass routes only peers that are up
                     if act is Action.RECREATE:
                         endpoint = endpoint or peer.machine.current  # the re-added peer needs it
                     if probe and spec.mesh_address is not None:
@@ -966,8 +969,8 @@ class Mesh:
 
     def _target_sets(self) -> dict[str, list[IPNetwork]]:
         """The nftables target sets: the routed prefixes by family. The routed index updates them
-        by the replaced specs; with the down-peer bypass they also depend on which peers are down
-        and are recomputed."""
+        by the replaced specs; with the bypass they also depend on which peers are up and are
+        recomputed."""
         assert self.identity is not None
         specs, subnet = self.specs.specs, self.identity.subnet
         if self.cfg.allow_down_peer_bypass:

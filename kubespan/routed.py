@@ -1,8 +1,8 @@
 """The routed-prefix index: peer specs turned into the destinations the firewall marks for the mesh.
 
-:func:`routed_prefixes` applies Talos' fail-closed default and its optional bypass of down
-peers (which never applies to a peer that has not connected yet); :class:`RoutedIndex` keeps
-the union up to date when a few specs change.
+:func:`routed_prefixes` applies Talos' fail-closed default and, with ``allowDownPeerBypass``,
+Talos' fail-open rule (only peers that are up are routed); :class:`RoutedIndex` keeps the union up
+to date when a few specs change.
 """
 
 from __future__ import annotations
@@ -31,20 +31,19 @@ def routed_union(
 
     As in Talos, the union of the peers' AllowedIPs without the mesh addresses:
     mesh-to-mesh traffic takes the link's connected /64 route, so the whole mesh
-    subnet is left out. By default every peer counts (fail closed: traffic to a
-    down peer is dropped rather than sent in the clear). With
-    ``allow_down_peer_bypass`` a peer whose state is ``down`` is left out, so its
-    traffic takes the normal routes; a peer that is ``unknown`` (never connected
-    yet) or missing from ``states`` is never bypassed.
+    subnet is left out. By default every peer counts, whatever its state (fail
+    closed: traffic to a peer that is not up is dropped rather than sent in the
+    clear). With ``allow_down_peer_bypass`` only peers whose state is ``up`` count,
+    as in Talos (its routing set takes a peer when ``forceRouting`` or the peer is
+    up): a ``down`` peer, an ``unknown`` one (not connected yet) and one missing
+    from ``states`` are bypassed, so their traffic takes the normal routes.
     """
     specs = list(specs)
-    counted = [
-        spec
-        for spec in specs
-        if not (
-            allow_down_peer_bypass and states is not None and states.get(spec.public_key) == PeerState.DOWN
-        )
-    ]
+    if allow_down_peer_bypass:
+        up = states or {}
+        counted = [spec for spec in specs if up.get(spec.public_key) == PeerState.UP]
+    else:
+        counted = specs
     union = IPSet(net for spec in counted for net in spec.allowed_ips)
     if mesh_subnet is not None:
         union = union - IPSet([mesh_subnet])
@@ -68,7 +67,7 @@ def routed_prefixes(
 
 
 class RoutedIndex:
-    """:func:`routed_union` (without down-peer bypass) kept up to date when a few specs change.
+    """:func:`routed_union` (without the bypass) kept up to date when a few specs change.
 
     Peer specs claim disjoint address sets, so the union changes by exactly the changed
     peers' old and new contributions: each old range is cut out of the merged range holding

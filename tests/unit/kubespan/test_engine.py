@@ -441,16 +441,25 @@ async def test_peer_change_updates_sets_without_rechecking_links(rig: Rig) -> No
         assert len(links.calls) > link_calls
 
 
-async def test_bypass_of_a_down_peer_still_updates_the_sets(rig: Rig) -> None:
-    rig.m.cfg = replace(rig.m.cfg, allow_down_peer_bypass=True)
+@pytest.mark.parametrize("bypass", [False, True])
+async def test_routed_sets_follow_peer_state_only_with_the_bypass(rig: Rig, bypass: bool) -> None:
+    """allowDownPeerBypass, as Talos: only a peer that is up is routed; unknown (not connected yet) and
+    down peers are bypassed. Without it every peer is routed whatever its state (fail closed)."""
+    # no periodic data-plane pass during the test's first seconds: a state change alone must update the sets
+    rig.m.cfg = replace(rig.m.cfg, allow_down_peer_bypass=bypass, reconcile_interval=600.0)
     k1, _, d1 = remote("node-a", "a", "10.5.0.2", 2, "192.0.2.7")
+    vip = ipaddress.ip_network("192.0.2.7/32")
     async with rig.running(d1) as m:
-        assert ipaddress.ip_network("192.0.2.7/32") in rig.nft.sets[SET_IPV4]
+        assert m.peers[k1].machine.state == PeerState.UNKNOWN
+        assert (vip in rig.nft.sets[SET_IPV4]) is not bypass
+        await rig.bring_up(k1, passes=1)  # one pass, a second later
+        assert m.peers[k1].machine.state == PeerState.UP
+        assert vip in rig.nft.sets[SET_IPV4], "routed in the pass that saw it up"
         m.peers[k1].machine._state = PeerState.DOWN  # what the endpoint machine decides after a failure
         rig.clock.t += m.cfg.reconcile_interval
         await m.reconcile()
         assert m.peers[k1].machine.state == PeerState.DOWN
-        assert ipaddress.ip_network("192.0.2.7/32") not in rig.nft.sets[SET_IPV4]
+        assert (vip in rig.nft.sets[SET_IPV4]) is not bypass
 
 
 # --- light passes: a discovery change between polls trusts the last observation --------------------

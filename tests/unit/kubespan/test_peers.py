@@ -570,15 +570,33 @@ def test_routed_prefixes_fail_closed_by_default():
     assert routed_prefixes(_specs(), MESH_NET, states=states) == routed_prefixes(_specs(), MESH_NET)
 
 
-def test_routed_prefixes_bypass_only_down_peers():
-    states = {key(1): PeerState.UNKNOWN, key(2): PeerState.UP, key(3): PeerState.DOWN}
-    got = IPSet(routed_prefixes(_specs(), MESH_NET, states=states, allow_down_peer_bypass=True))
-    assert ip_address("192.168.5.5") not in got  # down: bypassed
-    assert ip_address("10.0.0.1") in got  # never connected: not bypassed
-    assert ip_address("10.0.0.3") in got
-    # a peer missing from the states is not bypassed either
-    got = IPSet(routed_prefixes(_specs(), MESH_NET, states={}, allow_down_peer_bypass=True))
-    assert ip_address("192.168.5.5") in got
+@pytest.mark.parametrize(
+    ("state", "bypass", "routed"),
+    [
+        (PeerState.UP, False, True),
+        (PeerState.DOWN, False, True),  # fail closed: dropped rather than sent in the clear
+        (PeerState.UNKNOWN, False, True),
+        (None, False, True),  # no state known (not in the map)
+        (PeerState.UP, True, True),  # allowDownPeerBypass: as Talos, only peers that are up are routed
+        (PeerState.DOWN, True, False),
+        (PeerState.UNKNOWN, True, False),  # not connected yet: bypassed too, as Talos
+        (None, True, False),
+    ],
+)
+def test_routed_prefixes_by_peer_state_and_bypass(
+    state: PeerState | None, bypass: bool, routed: bool
+) -> None:
+    states = {key(1): PeerState.UP, key(2): PeerState.UP}  # peer 3 owns 192.168.5.5
+    if state is not None:
+        states[key(3)] = state
+    got = IPSet(routed_prefixes(_specs(), MESH_NET, states=states, allow_down_peer_bypass=bypass))
+    assert (ip_address("192.168.5.5") in got) is routed
+    for other in ("10.0.0.1", "10.244.1.9", "10.0.0.3", "2001:db8::3"):  # peers 1 and 2 are up: routed
+        assert ip_address(other) in got
+
+
+def test_routed_prefixes_bypass_without_states_routes_nothing() -> None:
+    assert routed_prefixes(_specs(), MESH_NET, states=None, allow_down_peer_bypass=True) == []
 
 
 def test_routed_prefixes_without_mesh_subnet_keeps_everything():
