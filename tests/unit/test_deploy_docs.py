@@ -131,16 +131,24 @@ def test_operator_guide_talos_snippet():
     assert any(d.get("kind") == "DiscoveryServiceConfig" for d in docs)
 
 
-def test_guide_metric_names_exist():
-    """Every registry metric the guide's alerts use is exported (with its _total suffix for counters)."""
+def test_guide_metric_names_exist(tmp_path: Path):
+    """Every registry metric the guide's alerts use is exported (with its _total suffix for counters):
+    the service's, the embedded store's (journal failures), the etcd store's, the certificate's."""
     from prometheus_client import generate_latest
 
+    from discovery.server.etcdstore import StoreMetrics
     from discovery.server.main import StorageMetrics
+    from discovery.server.obsmetrics import CertificateExpiry, JournalFailures
     from discovery.server.service import Metrics
+    from discovery.server.storage import Store
 
     m = Metrics()
     m.storage_ops.labels("save", "error")
     StorageMetrics(m)
+    JournalFailures(Store(tmp_path / "state.binpb"), m.registry)
+    (tmp_path / "tls.crt").write_bytes(self_signed_cert()[0])
+    CertificateExpiry(tmp_path / "tls.crt", m.registry)
+    StoreMetrics(m.registry)
     exported = generate_latest(m.registry).decode()
     used = set(re.findall(r"\b(discovery_[a-z_]+)", (DOCS / "operator-guide.md").read_text()))
     assert used
