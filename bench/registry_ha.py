@@ -64,6 +64,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # fields 14 and 15: utime, stime
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, iowait) CPU seconds of the whole machine so far, all cores, from /proc/stat: what other
+    programs on a shared machine took shows as busy beyond the roles' sum."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / TICK, f[4] / TICK
+
+
 def _update_body(affiliate: str) -> CountingBody:
     """An AffiliateUpdate serialized once: 500 random bytes of data (the first 8 a per-call counter,
     so each update stores different bytes), 2 endpoints, TTL 10 min."""
@@ -136,6 +144,7 @@ class Run:
     failed: int
     seconds: float
     cpu: dict[str, float]
+    machine: tuple[float, float]  # (busy, iowait) CPU seconds of the whole machine during the run
 
     @property
     def rate(self) -> float:
@@ -167,8 +176,10 @@ def throughput(
         p.start()
     _gather(ready, ps, 60)  # connected, bodies built: the start-up CPU is not counted
     before = {r: sum(cpu_seconds(pid) for pid in pids) for r, pids in roles.items()}
+    m0 = machine_cpu()
     go.set()
     results = _gather(out, ps, seconds + 60)
+    m1 = machine_cpu()
     cpu = {r: sum(cpu_seconds(pid) for pid in pids) - before[r] for r, pids in roles.items()}
     for p in ps:
         p.join(10)
@@ -178,19 +189,24 @@ def throughput(
         failed=sum(r[1] for r in results),
         seconds=max(r[2] for r in results),
         cpu=cpu,
+        machine=(m1[0] - m0[0], m1[1] - m0[1]),
     )
 
 
 def cpu_line(runs: Sequence[Run]) -> str:
-    """CPU ms per acknowledged update per role over ``runs``, and the cores they kept busy."""
+    """CPU ms per acknowledged update per role over ``runs`` (roles that stayed idle left out), the
+    cores the roles kept busy, and the whole machine's busy and iowait cores meanwhile."""
     ok = sum(r.ok for r in runs) or 1
     wall = sum(r.seconds for r in runs) or 1.0
-    roles = list(runs[0].cpu)
-    per = {role: sum(r.cpu[role] for r in runs) * 1000 / ok for role in roles}
-    total = sum(per.values())
-    parts = " | ".join(f"{role} {v:.3f}" for role, v in per.items())
-    cores = sum(sum(r.cpu.values()) for r in runs) / wall
-    return f"CPU ms per update: {parts} | total {total:.3f} ({cores:.2f} cores busy)"
+    per = {role: sum(r.cpu[role] for r in runs) * 1000 / ok for role in runs[0].cpu}
+    parts = " | ".join(f"{role} {v:.3f}" for role, v in per.items() if v >= 0.0005)
+    ours = sum(sum(r.cpu.values()) for r in runs) / wall
+    busy = sum(r.machine[0] for r in runs) / wall
+    iowait = sum(r.machine[1] for r in runs) / wall
+    return (
+        f"CPU ms per update: {parts} | total {sum(per.values()):.3f}; cores busy: these {ours:.2f}, "
+        f"whole machine {busy:.2f} of {os.cpu_count()} (+{iowait:.2f} iowait)"
+    )
 
 
 # -- 2. writes per key ----------------------------------------------------------------------------------
