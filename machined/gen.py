@@ -4,7 +4,9 @@
   StdEncoding), the OS CA (ECDSA P-256, self-signed) and the machine token (``[a-z0-9]{6}.[a-z0-9]{16}``).
   :meth:`Secrets.to_yaml` writes a bundle in ``talosctl gen secrets``'s layout (``cluster``,
   ``trustdinfo``, ``certs.os``), and :meth:`Secrets.from_yaml` reads ours or Talos's (extra sections
-  are ignored; an Ed25519 CA loads, but apid will refuse it — see :attr:`Secrets.warnings`).
+  are ignored; Talos's Ed25519 OS CA under its ``ED25519 PRIVATE KEY`` label loads and is served by apid;
+  :attr:`Secrets.warnings` names a CA apid cannot use: a key that is not the certificate's, or a type
+  other than ECDSA and Ed25519).
 * :func:`gen_config` → :class:`GeneratedConfig`: ``controlplane.yaml`` (CA crt + key),
   ``worker.yaml`` (CA crt only) — multi-document machine configs that :meth:`MachineConfig.parse`
   accepts — and a client config in talosconfig's format whose certificate is signed by the CA with
@@ -76,7 +78,7 @@ class Secrets:
     def warnings(self) -> tuple[str, ...]:
         try:
             pki.check_tls_usable(self.os_ca.crt, self.os_ca.key)
-        except pki.UnsupportedKeyError as e:
+        except pki.PKIError as e:
             return (str(e),)
         return ()
 

@@ -1,5 +1,5 @@
 """Client certificates for ``GenerateClientConfiguration``: signed by the machine CA (``machine.ca``),
-roles in the subject's Organization, ECDSA P-256 keys (grpcio cannot do Ed25519, see machined.md §0).
+roles in the subject's Organization, keys of the CA's type (ECDSA P-256, or Ed25519 for Talos's Ed25519 CA).
 Only a node that holds the CA key (control plane) can issue them. The certificate itself and the
 talosconfig come from :mod:`machined.pki` and :mod:`machined.gen`; this module adds the API's limits."""
 

@@ -140,7 +140,7 @@ async def start_apid(
 
 
 def ed25519_ca() -> pki.KeyPair:
-    """A CA as Talos generates it (Ed25519): loads and signs, but grpcio's TLS cannot use it."""
+    """A CA as Talos generates it (Ed25519); its leaves are Ed25519 too (TLS through OpenSSL handles them)."""
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     return pki.generate_ca("talos", dt.timedelta(days=1), key=ed25519.Ed25519PrivateKey.generate())

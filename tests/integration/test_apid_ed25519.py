@@ -23,6 +23,7 @@ import grpc
 import pytest
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from google.protobuf import empty_pb2
 
 from machined import gen, pki, tlsterm
@@ -357,3 +358,95 @@ async def test_ecdsa_still_works_through_the_same_path(tmp_path):
         assert w.get_extra_info("ssl_object").version() in ("TLSv1.3", "TLSv1.2")
         assert isinstance(w.get_extra_info("ssl_object"), ssl.SSLObject)
         w.close()
+
+
+def talos_secrets_bundle(ca: pki.KeyPair) -> str:
+    """A secrets.yaml in ``talosctl gen secrets``'s layout: the OS CA Ed25519 under Talos's label, the
+    etcd/Kubernetes CAs ECDSA under ``EC PRIVATE KEY`` (as Talos writes them), and the other sections."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    def ecdsa() -> dict[str, str]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        kp = pki.generate_ca("etcd", key=key)
+        sec1 = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        assert b"BEGIN EC PRIVATE KEY" in sec1
+        return {"crt": base64.b64encode(kp.crt).decode(), "key": base64.b64encode(sec1).decode()}
+
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    bundle = {
+        "cluster": {"id": b64(b"i" * 32), "secret": b64(b"s" * 32)},
+        "secrets": {"bootstraptoken": "abcdef.0123456789abcdef", "secretboxencryptionsecret": b64(b"e" * 32)},
+        "trustdinfo": {"token": TOKEN},
+        "certs": {
+            "etcd": ecdsa(),
+            "k8s": ecdsa(),
+            "k8saggregator": ecdsa(),
+            "k8sserviceaccount": {"key": ecdsa()["key"]},
+            "os": {"crt": b64(ca.crt), "key": b64(talos_label(ca.key))},
+        },
+    }
+    return yaml.safe_dump(bundle)
+
+
+async def test_gen_config_with_a_talos_secrets_bundle_works_end_to_end(tmp_path):
+    """``spanctl gen config --with-secrets`` on a Talos secrets.yaml (Ed25519 OS CA): no warning, the
+    configs carry the bundle's CA, and the generated talosconfig reaches an apid serving the generated
+    controlplane.yaml."""
+    import io
+
+    from machined.spanctl import main as cli
+    from machined.spanctl.client import Target
+    from machined.spanctl.config import ClientConfig
+
+    talos = TalosPki()
+    bundle = tmp_path / "secrets.yaml"
+    pki.write_secret_file(bundle, talos_secrets_bundle(talos.ca))
+    port = free_port()
+    out_dir = tmp_path / "out"
+    out, err = io.StringIO(), io.StringIO()
+    argv = [
+        "gen",
+        "config",
+        "talos",
+        "https://127.0.0.1:6443",
+        "--with-secrets",
+        str(bundle),
+        "-o",
+        str(out_dir),
+    ]
+    argv += ["--discovery", "https://d.invalid/", "-e", f"127.0.0.1:{port}"]
+    assert await asyncio.to_thread(cli.main, argv, out, err) == 0, err.getvalue()
+    assert "warning" not in err.getvalue()
+    cp = yaml.safe_load_all((out_dir / "controlplane.yaml").read_text()).__next__()
+    assert base64.b64decode(cp["machine"]["ca"]["crt"]) == talos.ca.crt
+    assert b"ED25519 PRIVATE KEY" in base64.b64decode(cp["machine"]["ca"]["key"])
+    assert cp["machine"]["token"] == TOKEN
+
+    srv, sock = await start_machined("gen-1", tmp_path)
+    procs = [
+        spawn(tmp_path, "gen-1", "--config", str(out_dir / "controlplane.yaml"), "--machined-socket",
+              str(sock), "--listen", f"127.0.0.1:{port}", "--trustd-listen", "off")
+    ]  # fmt: skip
+    try:
+        await wait_serving(port, talos.ca.crt, talos.client("os:reader"), tmp_path / "gen-1.log")
+        cfg = ClientConfig.parse((out_dir / "talosconfig").read_text())
+        _name, ctx = cfg.current(None)
+        assert pki.key_algorithm(pki.load_certificate(ctx.crt)) == "Ed25519"
+        assert pki.roles_of(pki.load_certificate(ctx.crt)) == {"os:admin"}
+
+        def call() -> str:
+            t = Target.from_args(cfg)
+            try:
+                v = machine_pb2_grpc.MachineServiceStub(t.channel()).Version(empty_pb2.Empty(), timeout=10)
+                return v.messages[0].metadata.hostname
+            finally:
+                t.close()
+
+        assert await asyncio.to_thread(call) == "gen-1"
+    finally:
+        await asyncio.to_thread(stop_processes, procs)
+        await srv.stop()

@@ -205,3 +205,38 @@ def test_a_bad_control_plane_endpoint_in_a_config_is_refused():
     with pytest.raises(ConfigValidationError) as e:
         MachineConfig.parse(text)
     assert any(p.location.endswith("cluster.controlPlane.endpoint") for p in e.value.problems)
+
+
+def test_a_bundle_whose_os_key_is_not_the_certificates_warns():
+    from machined.apid.testing import ed25519_ca
+
+    doc = gen.gen_secrets().to_dict()
+    ca, other = ed25519_ca(), pki.generate_ca()
+    doc["certs"]["os"] = {
+        "crt": base64.b64encode(ca.crt).decode(),
+        "key": base64.b64encode(other.key).decode(),
+    }
+    s = gen.Secrets.from_yaml(yaml.safe_dump(doc))
+    assert len(s.warnings) == 1 and "not the key of machine.ca.crt" in s.warnings[0]
+    assert "PRIVATE KEY" not in s.warnings[0]
+
+
+def test_a_talos_bundle_with_an_ed25519_label_makes_ed25519_client_configs():
+    """Talos's secrets.yaml: the OS key under ``ED25519 PRIVATE KEY``; the talosconfig we generate from it
+    holds an Ed25519 admin certificate signed by that CA, as talosctl's would."""
+    from machined.apid.testing import ed25519_ca
+
+    ca = ed25519_ca()
+    label = ca.key.replace(b"BEGIN PRIVATE KEY", b"BEGIN ED25519 PRIVATE KEY").replace(
+        b"END PRIVATE KEY", b"END ED25519 PRIVATE KEY"
+    )
+    doc = gen.gen_secrets().to_dict()
+    doc["certs"]["os"] = {"crt": base64.b64encode(ca.crt).decode(), "key": base64.b64encode(label).decode()}
+    doc["secrets"] = {"bootstraptoken": "abcdef.0123456789abcdef"}  # Talos's extra section: ignored
+    s = gen.Secrets.from_yaml(yaml.safe_dump(doc))
+    assert s.warnings == () and s.os_ca.key == label
+    g = gen.gen_config("t", "https://127.0.0.1:6443", s, discovery=["https://d.invalid/"])
+    ctx = gen.load_talosconfig_context(g.talosconfig)
+    crt = pki.load_certificate(ctx["crt"])
+    crt.verify_directly_issued_by(ca.certificate)
+    assert pki.key_algorithm(crt) == "Ed25519" and pki.roles_of(crt) == {"os:admin"}
