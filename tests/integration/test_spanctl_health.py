@@ -7,7 +7,8 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,23 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]
             print(log.read_text()[-3000:])
 
 
+def _health_column(sock: Path, service: str) -> str:
+    """The HEALTH cell of ``service`` in ``spanctl service`` (machined's view right now)."""
+    for line in spanctl(sock, "service").stdout.splitlines()[1:]:
+        cells = line.split()
+        if cells[1:2] == [service]:
+            return cells[3]
+    return ""
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f}s")
+        time.sleep(0.2)
+
+
 def test_health_passes_then_names_what_broke(node: tuple[Path, Path]) -> None:
     sock, flag = node
     p = spanctl(sock, "health", "--wait-timeout", "40s")
@@ -98,6 +116,7 @@ def test_health_passes_then_names_what_broke(node: tuple[Path, Path]) -> None:
     ]
     # the checker's health check fails once its file is gone
     flag.unlink()
+    wait_for(lambda: _health_column(sock, "checker") == "Fail", 20, "checker's health check failing")
     p = spanctl(sock, "health", "--wait-timeout", "3s")
     assert p.returncode == 1
     assert "error from node health-node: services not healthy: checker is unhealthy" in p.stderr
