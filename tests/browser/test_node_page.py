@@ -4,7 +4,8 @@
 The page on n1 shows n2 up with its endpoint, a fresh handshake and byte counters (read from the DOM);
 when n2 is killed the row turns down, and when n2 comes back it turns up again; screenshots at each
 step. A keyboard-only walk reaches every control with a visible focus ring, opens a peer's details,
-and focus survives the page's refreshes. No console errors.
+and focus survives the page's refreshes; an agent that cannot be reached is shown as such, its last data
+kept as stale. No console errors.
 """
 
 from __future__ import annotations
@@ -129,30 +130,43 @@ async def test_node_page_follows_a_peer_down_and_back(
     await shot(page, "n2-restarted-up")
 
 
-async def test_node_page_keyboard_walk(page: Any, shot: Shot, n1_page_url: str) -> None:
-    await page.goto(n1_page_url)
-    await wait_state(page, "n2", "up", 10_000)
-    walk = await tab_walk(page, 8)
-    names = [(f.tag, f.text) for f in walk]
-    assert names[:6] == [
-        ("a", "Skip to the peers"),
-        ("button", "Show"),
-        ("button", "Pause updates"),
-        ("a", "/status (JSON)"),
-        ("a", "/metrics"),
-        ("a", "/healthz"),
-    ], [str(f) for f in walk]
-    assert all(f.visible_indicator for f in walk[:6]), [str(f) for f in walk]
+async def test_node_page_keyboard_walk_and_lost_agent(
+    page: Any, shot: Shot, pair: tuple[MeshLab, list[MeshNode]]
+) -> None:
+    n1 = pair[1][0]
+    async with tcp_forward(lambda: n1.node.connect_tcp("127.0.0.1", STATUS_PORT)) as port:
+        await page.goto(f"http://127.0.0.1:{port}/?refresh=0.5")
+        await wait_state(page, "n2", "up", 10_000)
+        walk = await tab_walk(page, 8)
+        names = [(f.tag, f.text) for f in walk]
+        assert names[:6] == [
+            ("a", "Skip to the peers"),
+            ("button", "Show"),
+            ("button", "Pause updates"),
+            ("a", "/status (JSON)"),
+            ("a", "/metrics"),
+            ("a", "/healthz"),
+        ], [str(f) for f in walk]
+        assert all(f.visible_indicator for f in walk[:6]), [str(f) for f in walk]
 
-    # Open n2's details from the keyboard; the refreshes (every 0.5 s) keep focus and the open row.
-    await tab_walk(page, 2)
-    await page.keyboard.press("Enter")
-    details = page.locator("tr.detail").first
-    assert await details.is_visible()
-    assert "10.60.0.12" in await details.inner_text()  # a candidate endpoint
-    await page.wait_for_timeout(1500)
-    assert await page.evaluate("() => document.activeElement.getAttribute('aria-label')") == "Details of n2"
-    assert await details.is_visible()
-    await shot(page, "details-open-with-focus")
-    await page.keyboard.press("Enter")
-    assert not await details.is_visible()
+        # Open n2's details from the keyboard; the refreshes (every 0.5 s) keep focus and the open row.
+        await tab_walk(page, 2)
+        await page.keyboard.press("Enter")
+        details = page.locator("tr.detail").first
+        assert await details.is_visible()
+        assert "10.60.0.12" in await details.inner_text()  # a candidate endpoint
+        await page.wait_for_timeout(1500)
+        assert (
+            await page.evaluate("() => document.activeElement.getAttribute('aria-label')") == "Details of n2"
+        )
+        assert await details.is_visible()
+        await shot(page, "details-open-with-focus")
+        await page.keyboard.press("Enter")
+        assert not await details.is_visible()
+
+    # The agent cannot be reached any more: the page says so and keeps (dimmed) the last data.
+    page.allow_console_errors("ERR_CONNECTION_REFUSED")
+    await page.wait_for_function("() => document.body.dataset.stale === 'true'", timeout=5_000)
+    assert (await page.locator("#status").inner_text()).startswith("Cannot read /status")
+    assert (await cell(page, "n2", "state")) == "✓ up"
+    await shot(page, "agent-unreachable-stale")
