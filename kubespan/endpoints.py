@@ -53,6 +53,10 @@ _PRIVATE = (
 )
 
 
+# Timers that fire at the deadline may run a hair early by the clock's resolution.
+_EPSILON = 1e-3
+
+
 def is_lan(ip: IPAddress) -> bool:
     """Whether ``ip`` lies in a site-local network (:data:`LAN_NETWORKS`)."""
     return any(ip.version == n.version and ip in n for n in LAN_NETWORKS)
@@ -166,6 +170,8 @@ class EndpointStatus:
     trying: bool  # the current endpoint is on trial (no evidence yet)
     answers_probes: bool | None
     last_rx_progress: float | None
+    probes: int = 0  # probes asked for, in all (the probing cost: see docs/design/endpoints.md)
+    episodes: int = 0  # detection episodes on a working path (sent, no answer for a poll)
 
 
 class EndpointMachine:
@@ -208,6 +214,12 @@ class EndpointMachine:
         self._last_calibration: float | None = None
         self._last_evidence: float | None = None
         self._probed_absent = False  # a probe was sent along with adding the (absent) peer
+        self._probes_total = 0
+        self._episodes = 0
+        self._active_until: float | None = None  # tx grew lately: observe often until then
+        self._fast_left = 0  # fast trials left since the last proven path died
+        self._fast_trial = False  # the current trial is a fast one
+        self._due: float | None = None  # when the machine wants its next observation
 
     # --- inputs ----------------------------------------------------------------------------------
 
@@ -244,7 +256,16 @@ class EndpointMachine:
             trying=self._current is not None and not self._proven,
             answers_probes=self._responsive,
             last_rx_progress=self._last_rx_progress,
+            probes=self._probes_total,
+            episodes=self._episodes,
         )
+
+    @property
+    def due(self) -> float | None:
+        """When this machine wants its next observation (the caller's clock), if sooner than the
+        regular poll would give it: the next probe or verdict of an episode or fast trial, or the
+        next active poll while tx grows. None: the regular poll is soon enough."""
+        return self._due
 
     def adopt(self, now: float, endpoint: AddrPort) -> bool:
         """Switch to an endpoint found outside the machine (a punch's answer, a relay allocation): it
@@ -264,6 +285,7 @@ class EndpointMachine:
         learned_changed = False
         set_endpoint: AddrPort | None = None
         probe = False
+        self._due = None
 
         if obs is None:
             # Not configured (yet, or any more): whoever adds it must use this endpoint, and
@@ -296,7 +318,7 @@ class EndpointMachine:
                     not restarted
                     and self._probed_absent
                     and probed is not None
-                    and now - probed + slack < self.t.probe_interval
+                    and now - probed + slack < self.t.slow_probe_interval
                 ):
                     self._last_probe = probed  # ... unless one went out with the add just now
                 if restarted or obs.endpoint != self._current:
@@ -315,6 +337,8 @@ class EndpointMachine:
             self._first_calibration = None
         if rx_progress:
             self._last_rx_progress = now
+        if tx_progress:
+            self._active_until = now + self.t.poll_interval
 
         # --- what is WireGuard using? --------------------------------------------------------------
         if obs.endpoint is not None and obs.endpoint != self._current:
@@ -350,22 +374,23 @@ class EndpointMachine:
                 self._proven = True
                 self._trial_started = None
                 self._failed_trials = 0
+            self._fast_left = 0
+            self._fast_trial = False
             self._set_state(now, PeerState.UP)
         elif tx_progress and self._awaiting_since is None and self._proven:
             self._begin_episode(now)
+            self._episodes += 1
 
         dead = False
+        fast_failed = False
         if self._proven:
             if self._awaiting_since is not None:
                 waited = now - self._awaiting_since
-                if self._probe_due(now, waited, session_valid):
+                # fast only to a peer known to answer; until then the passive rule decides
+                interval = self.t.probe_interval if self._responsive else self.t.slow_probe_interval
+                if self._probe_due(now, waited, session_valid, interval=interval):
                     probe = True
-                fast = (
-                    self._responsive is True
-                    and waited >= self.t.dead_after
-                    and self._probes >= self.t.dead_min_probes
-                )
-                dead = fast or waited >= self.t.passive_dead_after
+                dead = self._fast_dead(waited) or waited >= self.t.passive_dead_after
             elif self._responsive is None and session_valid:
                 probe = self._calibrate(now)
             if (
@@ -376,21 +401,36 @@ class EndpointMachine:
                 dead = True
         else:
             assert self._trial_started is not None
-            if now - self._trial_started >= self._trial_timeout():
+            waited = now - self._trial_started
+            fast = self._fast_trial and session_valid
+            if fast and self._fast_dead(waited):
+                dead = fast_failed = True  # no answer within the fast window: the next one
+            elif waited >= self._trial_timeout():
                 dead = True
                 self._failed_trials += 1
-            elif self._probe_due(now, now - self._trial_started, session_valid, immediate=True):
+            elif self._probe_due(
+                now,
+                waited,
+                session_valid,
+                immediate=True,
+                interval=self.t.probe_interval if fast else self.t.slow_probe_interval,
+            ):
                 probe = True
 
         if dead:
             probe = False
             self._failures += 1
+            if self._proven:
+                # a working path died: each candidate (this one last) gets one fast trial, so the
+                # next working one takes over within a round trip and the probes of one window
+                self._fast_left = len(self._order())
             if self._current in self._learned:
                 self._learned.remove(self._current)
                 learned_changed = True
             if self._ever_up:
                 self._set_state(now, PeerState.DOWN)
             nxt = self._next_candidate()
+            fast_next = self._fast_left > 0 and session_valid and self._responsive is True
             if nxt is not None and nxt != self._current:
                 self._start_trial(now, nxt, counted=True)
                 set_endpoint = nxt
@@ -401,6 +441,12 @@ class EndpointMachine:
                 if obs.endpoint != self._current:
                     set_endpoint = self._current
                 probe = True
+            if fast_next:
+                self._fast_left -= 1
+                self._fast_trial = True
+            elif fast_failed:
+                self._failed_trials += 1  # the fast round is over: the slow trials take it from here
+        self._due = self._next_due(now, session_valid)
         return self._decide(before_state, set_endpoint, probe, learned_changed)
 
     # --- internals -------------------------------------------------------------------------------
@@ -410,7 +456,32 @@ class EndpointMachine:
     ) -> Decision:
         if probe:
             self._probes += 1
+            self._probes_total += 1
         return Decision(set_endpoint, probe, learned_changed, self._state != before)
+
+    def _fast_dead(self, waited: float) -> bool:
+        """A peer known to answer probes let ``dead_after`` pass and ``dead_min_probes`` go
+        unanswered (the probe sent in this same observation is not counted: it had no time)."""
+        return (
+            self._responsive is True
+            and waited + _EPSILON >= self.t.dead_after
+            and self._probes >= self.t.dead_min_probes
+        )
+
+    def _next_due(self, now: float, session_valid: bool) -> float | None:
+        """When the next observation is wanted (see :attr:`due`)."""
+        due: list[float] = []
+        active = min(self.t.active_poll_interval, self.t.poll_interval)
+        if self._active_until is not None and now < self._active_until:
+            due.append(now + active)
+        fast = self._responsive is True and session_valid and self._current is not None
+        if fast and self._awaiting_since is not None and (self._proven or self._fast_trial):
+            start = self._awaiting_since if self._proven else self._trial_started
+            assert start is not None
+            if self._last_probe is not None:
+                due.append(self._last_probe + self.t.probe_interval)
+            due.append(start + self.t.dead_after)
+        return min(due) if due else None
 
     def _set_state(self, now: float, state: PeerState) -> None:
         if state == PeerState.UP:
@@ -449,12 +520,21 @@ class EndpointMachine:
         self._last_calibration = now
         return True
 
-    def _probe_due(self, now: float, waited: float, session_valid: bool, immediate: bool = False) -> bool:
-        # a tenth of a poll of slack, so that jitter in the poll timing does not skip a poll
-        slack = 0.1 * self.t.poll_interval
+    def _probe_due(
+        self,
+        now: float,
+        waited: float,
+        session_valid: bool,
+        immediate: bool = False,
+        interval: float | None = None,
+    ) -> bool:
+        if interval is None:
+            interval = self.t.probe_interval
+        # a tenth of a poll (or of the interval) of slack, so that jitter in the poll timing does
+        # not skip a poll
+        slack = 0.1 * min(self.t.poll_interval, interval)
         if not immediate and waited + slack < self.t.probe_after:
             return False
-        interval = self.t.probe_interval
         if self._responsive is False:
             # it will not answer; one data packet a keepalive-timeout apart is enough to
             # make its WireGuard send a passive keepalive
@@ -480,6 +560,7 @@ class EndpointMachine:
         if counted:
             self._last_used = endpoint
         self._proven = False
+        self._fast_trial = False  # (the caller makes it a fast one)
         self._trial_started = now
         self._begin_episode(now)
         # the probe sent with this trial's decision is its first

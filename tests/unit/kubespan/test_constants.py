@@ -96,6 +96,10 @@ def test_timings_defaults_document_wireguard_reasoning():
     # one rate-limited initiation plus one retry (with jitter) plus a poll
     assert t.trial_timeout == pytest.approx(12.1667, abs=1e-3)
     assert t.session_dead_after == 215.0
+    # fast detection: the dead window holds the minimum probe count at the probe spacing, and
+    # a stall shows within two active polls
+    assert t.probe_after + (t.dead_min_probes - 1) * t.probe_interval < t.dead_after
+    assert 2 * t.active_poll_interval + t.dead_after <= 1.5
     # detection is well below Talos' 275 s in every path
     assert max(t.dead_after, t.passive_dead_after, t.session_dead_after) < c.TALOS_PEER_DOWN_INTERVAL
 
@@ -105,6 +109,9 @@ def test_timings_defaults_document_wireguard_reasoning():
     [
         ({"dead_after": 0}, "dead_after"),
         ({"probe_interval": -1.0}, "probe_interval"),
+        ({"probe_after": -0.1}, "probe_after"),
+        ({"active_poll_interval": 0}, "active_poll_interval"),
+        ({"slow_probe_interval": 0}, "slow_probe_interval"),
         ({"dead_min_probes": 0}, "dead_min_probes"),
         ({"learned_max": -1}, "learned_max"),
         ({"dead_after": 30.0}, "dead_after"),
@@ -122,7 +129,7 @@ def test_as_dict_is_plain_and_complete():
     d = MeshConfig().as_dict()
     assert d["mtu"] == 1420
     assert isinstance(d["timings"], dict)
-    assert d["timings"]["dead_after"] == 4.0
+    assert d["timings"]["dead_after"] == 1.0
     assert set(d) == {f.name for f in dataclasses.fields(MeshConfig)}
 
 

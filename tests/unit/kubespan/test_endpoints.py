@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import ip_interface, ip_network
 
 import pytest
@@ -100,11 +100,17 @@ def test_order_without_local_knowledge_keeps_all_families():
 # --- deterministic unit behaviour ----------------------------------------------------------------
 
 
+# The logic at one-second polls: the thresholds before fast detection (probe after 1 s, one probe a
+# second, dead after 4 s and 3 probes). The defaults' fast detection has its own tests below.
+SLOW = DetectionTimings(probe_after=1.0, probe_interval=1.0, dead_after=4.0, dead_min_probes=3)
+
+
 class Driver:
-    """Feeds a machine hand-made observations at 1 s polls."""
+    """Feeds a machine hand-made observations at 1 s polls (``SLOW`` timings unless given)."""
 
     def __init__(self, eps=(A, B), timings=None, keepalive=True):
         self.now = 0.0
+        timings = timings or SLOW
         self.m = EndpointMachine(timings, now=0.0, candidates=cands(*eps), keepalive=keepalive)
         self.rx = self.tx = 0
         self.hs: float | None = None
@@ -254,7 +260,7 @@ def test_fast_death_after_three_unanswered_probes():
 
 
 def test_fast_death_needs_the_minimum_probe_count():
-    t = DetectionTimings(probe_interval=2.0)
+    t = replace(SLOW, probe_interval=2.0)
     d = Driver(timings=t)
     d.connect()
     d.step(tx=100)
@@ -262,6 +268,125 @@ def test_fast_death_needs_the_minimum_probe_count():
     # probes at waited 1, 3, 5: the third one is only out at 5 s, so death waits for 6 s
     assert [x.probe for x in decs[:5]] == [True, False, True, False, True]
     assert [x.set_endpoint for x in decs] == [None] * 5 + [B]
+
+
+# --- fast detection (the default timings) ----------------------------------------------------------
+
+
+def fast_driver(eps=(A, B)):
+    d = Driver(eps=eps, timings=DetectionTimings())
+    d.connect()
+    assert d.m.status().answers_probes is True
+    return d
+
+
+def test_fast_detection_probes_five_times_a_second_and_switches_after_one_second():
+    d = fast_driver()
+    t = d.m.t
+    # healthy traffic: no probe, but the machine wants to be looked at every active poll
+    for _ in range(4):
+        dec = d.step(rx=96, tx=96, dt=0.25)
+        assert not dec.probe and dec.set_endpoint is None
+        assert d.m.due == pytest.approx(d.now + t.active_poll_interval)
+    # black hole: the first look without rx starts an episode and probes at once ...
+    assert d.step(tx=96, dt=0.25).probe
+    start = d.now
+    assert d.m.due == pytest.approx(start + t.probe_interval)
+    decs = []
+    while d.now < start + t.dead_after - 1e-9:
+        decs.append(d.step(tx=96, dt=d.m.due - d.now))
+    # ... then every probe_interval; the verdict comes exactly dead_after after the start
+    assert d.now == pytest.approx(start + t.dead_after)
+    assert [x.probe for x in decs[:-1]] == [True] * (t.dead_min_probes - 1)
+    assert decs[-1].set_endpoint == B and decs[-1].probe and decs[-1].state_changed
+    st = d.m.status()
+    assert st.state == PeerState.DOWN and st.switches == 1 and st.probes == 1 + t.dead_min_probes + 1
+    # the next candidate answers within a round trip
+    d.step(rx=96, tx=96, dt=0.01, answered=True)
+    assert d.m.state == PeerState.UP and d.m.current == B
+
+
+def test_fast_detection_needs_both_the_window_and_the_probe_count():
+    d = fast_driver()
+    d.step(tx=96, dt=0.25)  # episode, probe 1
+    start = d.now
+    # the engine was late: polls 0.45 s apart give only three probes by 1 s
+    decs = [d.step(tx=96, dt=0.45) for _ in range(2)]
+    assert all(x.probe and x.set_endpoint is None for x in decs)
+    for _ in range(2):  # probes 4 and 5: the window is over, but the count is not reached yet
+        dec = d.step(tx=96, dt=0.2)
+        assert d.now - start >= d.m.t.dead_after and dec.set_endpoint is None and dec.probe
+    dec = d.step(tx=96, dt=0.2)
+    assert dec.set_endpoint == B  # five probes out (the last one 0.2 s ago) and unanswered
+
+
+def test_a_lost_probe_does_not_kill_a_path():
+    d = fast_driver()
+    assert d.step(tx=96, dt=0.25).probe  # a ping was lost: episode
+    assert d.step(tx=0, dt=0.2).probe  # the first probe's answer was lost too
+    d.step(rx=96, dt=0.05, answered=True)
+    st = d.m.status()
+    assert st.state == PeerState.UP and st.switches == 0 and st.failures == 0 and st.episodes == 1
+    assert d.m.due == pytest.approx(d.now + d.m.t.active_poll_interval)  # tx grew in this poll's span
+
+
+def test_idle_and_healthy_peers_are_not_probed_and_idle_ones_not_polled_fast():
+    d = fast_driver()
+    for _ in range(40):
+        assert not d.step(rx=96, tx=96, dt=0.25).probe
+    probes = d.m.status().probes
+    d.step(rx=32, dt=1.0)  # the peer's keepalive; we send nothing
+    assert d.m.due is None  # the regular poll will do
+    for _ in range(20):
+        assert not d.step(dt=1.0).probe
+    assert d.m.due is None and d.m.status().probes == probes
+
+
+def test_fast_trials_go_round_once_then_slow_trials_take_over():
+    d = fast_driver()
+    t = d.m.t
+    d.step(tx=96, dt=0.25)
+    while d.m.current == A:
+        d.step(tx=96, dt=d.m.due - d.now)
+    # B does not answer either: after one fast window it is A's turn again (the old path may be back)
+    switched = d.now
+    while d.m.current == B:
+        d.step(tx=96, dt=d.m.due - d.now)
+    assert d.now - switched == pytest.approx(t.dead_after)
+    assert d.m.current == A
+    # A fails its fast trial too: B's next trial is a slow one (probes a second apart, 12 s)
+    while d.m.current == A:
+        d.step(tx=96, dt=d.m.due - d.now)
+    slow = d.now
+    assert d.m.due is None or d.m.due - d.now >= t.active_poll_interval - 1e-9
+    probes = [d.step(tx=96, dt=0.25).probe for _ in range(int(t.trial_timeout / 0.25) - 1)]
+    assert d.m.current == B and sum(probes) <= t.trial_timeout / t.slow_probe_interval + 1
+    while d.m.current == B:
+        d.step(tx=96, dt=0.25)
+    assert d.now - slow == pytest.approx(t.trial_timeout, abs=0.25)
+    assert d.m.status().switches == 4
+
+
+def test_fast_trial_answer_returns_to_the_old_path():
+    d = fast_driver()
+    d.step(tx=96, dt=0.25)
+    while d.m.current == A:
+        d.step(tx=96, dt=d.m.due - d.now)
+    while d.m.current == B:  # B is down as well
+        d.step(tx=96, dt=d.m.due - d.now)
+    d.step(rx=96, tx=96, dt=0.01, answered=True)  # A was only briefly down: it answers
+    st = d.m.status()
+    assert st.state == PeerState.UP and st.endpoint == A and st.switches == 2
+
+
+def test_peer_not_known_to_answer_gets_slow_probes_only():
+    d = Driver(timings=DetectionTimings())
+    d.connect(answered=False)
+    assert d.m.status().answers_probes is None
+    d.step(tx=96, dt=0.25)  # episode
+    probes = [d.step(tx=96, dt=0.2).probe for _ in range(20)]  # 4 s
+    assert 3 <= sum(probes) <= 5  # a second apart, not five a second
+    assert d.m.current == A  # only the passive rule can kill it
 
 
 def test_unknown_responsiveness_uses_passive_threshold():
@@ -343,7 +468,7 @@ def test_stale_rule_off_without_keepalive():
 
 
 def test_trial_timeout_moves_on_and_backs_off_per_sweep():
-    t = DetectionTimings(trial_timeout=10.0, trial_timeout_max=40.0)
+    t = replace(SLOW, trial_timeout=10.0, trial_timeout_max=40.0)
     d = Driver(eps=(A, B), timings=t)
     d.step()  # trial A at t=1
     switches = []
