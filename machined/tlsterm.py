@@ -20,7 +20,7 @@ without a listener per combination.
 insecure channel; every connection grpc opens on it becomes one TCP+TLS connection to the target
 (client certificate, server verified against the CA and the target's name or IP, ALPN ``h2``).
 :class:`ThreadDialer` runs one in a background event loop for synchronous grpc code (spanctl,
-trustd requests from a worker thread).
+trustd requests from a worker thread). Why this design, and what it costs: docs/design/apid-tls.md.
 """
 
 from __future__ import annotations
