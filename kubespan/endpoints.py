@@ -220,6 +220,8 @@ class EndpointMachine:
         self._fast_left = 0  # fast trials left since the last proven path died
         self._fast_trial = False  # the current trial is a fast one
         self._due: float | None = None  # when the machine wants its next observation
+        self._srtt: float | None = None  # smoothed probe round trip (as TCP's RTO estimator)
+        self._rttvar = 0.0
 
     # --- inputs ----------------------------------------------------------------------------------
 
@@ -275,12 +277,18 @@ class EndpointMachine:
         self._start_trial(now, endpoint, counted=True)
         return True
 
-    def observe(self, now: float, obs: Observation | None, *, answered: bool = False) -> Decision:
+    def observe(
+        self, now: float, obs: Observation | None, *, answered: bool = False, rtt: float | None = None
+    ) -> Decision:
         """Process one poll.
 
         ``obs`` is None while the peer is absent from the device. ``answered`` is
-        True when a reply to one of our probes arrived since the last poll.
+        True when a reply to one of our probes arrived since the last poll; ``rtt``
+        the round trip of one such reply, when known (a slow path gets a longer
+        detection window: :meth:`dead_window`).
         """
+        if rtt is not None and rtt >= 0:
+            self._take_rtt(rtt)
         before_state = self._state
         learned_changed = False
         set_endpoint: AddrPort | None = None
@@ -323,6 +331,11 @@ class EndpointMachine:
                     self._last_probe = probed  # ... unless one went out with the add just now
                 if restarted or obs.endpoint != self._current:
                     set_endpoint = self._current
+            if not restarted and self._probed_absent:
+                # we added it at the last observation: its counters started at zero then, so what
+                # they hold came since (e.g. the peer's keepalive after a handshake, while the
+                # probe sent with the add was lost: a new node sends it before its link is up)
+                rx_progress, tx_progress = obs.rx_bytes > 0, obs.tx_bytes > 0
         else:
             rx_progress = obs.rx_bytes > self._rx
             tx_progress = obs.tx_bytes > self._tx
@@ -459,12 +472,27 @@ class EndpointMachine:
             self._probes_total += 1
         return Decision(set_endpoint, probe, learned_changed, self._state != before)
 
+    def dead_window(self) -> float:
+        """How long a probe-answering peer may stay silent in an episode: ``dead_after``, or
+        longer on a path whose measured round trip needs it (smoothed round trip plus four
+        deviations plus one probe spacing, as TCP sizes its retransmission timeout)."""
+        if self._srtt is None:
+            return self.t.dead_after
+        return max(self.t.dead_after, self._srtt + 4 * self._rttvar + self.t.probe_interval)
+
+    def _take_rtt(self, rtt: float) -> None:
+        if self._srtt is None:
+            self._srtt, self._rttvar = rtt, rtt / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - rtt)
+            self._srtt = 0.875 * self._srtt + 0.125 * rtt
+
     def _fast_dead(self, waited: float) -> bool:
-        """A peer known to answer probes let ``dead_after`` pass and ``dead_min_probes`` go
+        """A peer known to answer probes let the dead window pass and ``dead_min_probes`` go
         unanswered (the probe sent in this same observation is not counted: it had no time)."""
         return (
             self._responsive is True
-            and waited + _EPSILON >= self.t.dead_after
+            and waited + _EPSILON >= self.dead_window()
             and self._probes >= self.t.dead_min_probes
         )
 
@@ -480,7 +508,7 @@ class EndpointMachine:
             assert start is not None
             if self._last_probe is not None:
                 due.append(self._last_probe + self.t.probe_interval)
-            due.append(start + self.t.dead_after)
+            due.append(start + self.dead_window())
         return min(due) if due else None
 
     def _set_state(self, now: float, state: PeerState) -> None:

@@ -80,6 +80,7 @@ class PathSim:
         self.rx = self.tx = 0
         self.hs: float | None = None
         self.answered = False
+        self.rtt: float | None = None  # of the probe answered since the last poll
         self.ping_seq = 0
         self.ping_sent: dict[int, float] = {}
         self.ping_reply: dict[int, float] = {}
@@ -135,7 +136,7 @@ class PathSim:
         if self.hs is None or self.now - self.hs >= WG_REKEY_AFTER_TIME:
             self.hs = self.now  # the re-key rides along (its loss is not modelled)
         if self._through(via):
-            self._push(self.now + self.cfg.rtt / 2, "at_peer", (kind, via, seq))
+            self._push(self.now + self.cfg.rtt / 2, "at_peer", (kind, via, seq or self.now))
 
     def _on_at_peer(self, data: object) -> None:
         kind, via, seq = data  # type: ignore[misc]
@@ -155,6 +156,7 @@ class PathSim:
             self.ping_reply.setdefault(seq, self.now)
         elif kind == "probe":
             self.answered = True
+            self.rtt = self.now - seq  # (a probe carries its send time)
             self._push(self.now, "poll", self._poll_gen)  # the prober wakes the engine
 
     def _on_ping(self, _: object) -> None:
@@ -184,8 +186,8 @@ class PathSim:
         self._last_full = self.now
         age = None if self.hs is None else self.now - self.hs
         obs = Observation(self.endpoint, self.rx, self.tx, age)
-        d = self.m.observe(self.now, obs, answered=self.answered)
-        self.answered = False
+        d = self.m.observe(self.now, obs, answered=self.answered, rtt=self.rtt)
+        self.answered, self.rtt = False, None
         if d.set_endpoint is not None or d.probe:
             self._push(self.now + self.cfg.engine_delay, "apply", (d.set_endpoint, d.probe))
         nxt = self._last_full + self.m.t.poll_interval

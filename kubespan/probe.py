@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable, Hashable
 
 from spanutil.logs import log_event
@@ -47,8 +48,9 @@ class Prober:
     def __init__(self) -> None:
         self.ident = int.from_bytes(os.urandom(2), "big")
         self._seq = 0
-        self._pending: dict[int, Hashable] = {}
+        self._pending: dict[int, tuple[Hashable, float]] = {}  # seq -> (peer, sent at)
         self._answered: set[Hashable] = set()
+        self._rtt: dict[Hashable, float] = {}  # the latest round trip per peer, until taken
         self._sock: socket.socket | None = None
         self.enabled = False
         self.sent = 0
@@ -83,7 +85,7 @@ class Prober:
         self._seq = (self._seq + 1) & 0xFFFF
         if len(self._pending) >= _PENDING_MAX:
             self._pending.clear()
-        self._pending[self._seq] = peer
+        self._pending[self._seq] = (peer, time.monotonic())
         try:
             self._sock.sendto(echo_request(self.ident, self._seq), (str(address), 0))
         except OSError:
@@ -112,10 +114,12 @@ class Prober:
             parsed = parse_echo_reply(data)
             if parsed is None or parsed[0] != self.ident:
                 continue
-            peer = self._pending.pop(parsed[1], None)
-            if peer is not None:
+            pending = self._pending.pop(parsed[1], None)
+            if pending is not None:
+                peer, sent = pending
                 self.replies += 1
                 self._answered.add(peer)
+                self._rtt[peer] = time.monotonic() - sent
 
     @property
     def has_answered(self) -> bool:
@@ -124,4 +128,9 @@ class Prober:
 
     def take_answered(self) -> set[Hashable]:
         out, self._answered = self._answered, set()
+        return out
+
+    def take_rtts(self) -> dict[Hashable, float]:
+        """The latest probe round trip (seconds) per peer answered since the last call."""
+        out, self._rtt = self._rtt, {}
         return out

@@ -179,6 +179,7 @@ def peer_status(
         relay_via=relay_via,
         why_not_direct=why,
         connect_time=path.connect_time,
+        probes=st.probes,
     )
 
 
@@ -194,4 +195,5 @@ def _status_key(st: EndpointStatus) -> tuple[Any, ...]:
         st.failures,
         st.candidates,
         st.learned,
+        st.probes,
     )

@@ -53,6 +53,7 @@ class PeerStatus:
     relay_via: str | None = None  # the relay's node name while path is relay
     why_not_direct: str | None = None  # e.g. "both behind symmetric NAT"; None on a direct or LAN path
     connect_time: float | None = None  # seconds from both sides' candidates known to the first handshake
+    probes: int = 0  # path probes its endpoint machine asked for so far (the probing cost)
 
 
 @dataclass(frozen=True, slots=True)

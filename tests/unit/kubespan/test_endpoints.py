@@ -116,7 +116,7 @@ class Driver:
         self.hs: float | None = None
         self.endpoint: AddrPort | None = None
 
-    def step(self, *, rx=0, tx=0, handshake=False, endpoint="keep", dt=1.0, answered=False):
+    def step(self, *, rx=0, tx=0, handshake=False, endpoint="keep", dt=1.0, answered=False, rtt=None):
         self.now += dt
         self.rx += rx
         self.tx += tx
@@ -125,7 +125,8 @@ class Driver:
         if endpoint != "keep":
             self.endpoint = endpoint
         age = None if self.hs is None else self.now - self.hs
-        d = self.m.observe(self.now, Observation(self.endpoint, self.rx, self.tx, age), answered=answered)
+        obs = Observation(self.endpoint, self.rx, self.tx, age)
+        d = self.m.observe(self.now, obs, answered=answered, rtt=rtt)
         if d.set_endpoint is not None:
             self.endpoint = d.set_endpoint  # the engine applies it
         return d
@@ -377,6 +378,22 @@ def test_fast_trial_answer_returns_to_the_old_path():
     d.step(rx=96, tx=96, dt=0.01, answered=True)  # A was only briefly down: it answers
     st = d.m.status()
     assert st.state == PeerState.UP and st.endpoint == A and st.switches == 2
+
+
+def test_slow_round_trips_widen_the_detection_window():
+    d = fast_driver()
+    t = d.m.t
+    for _ in range(12):  # probes answered after 0.9 s, steadily
+        d.step(rx=96, tx=96, dt=1.0, answered=True, rtt=0.9)
+    window = d.m.dead_window()
+    assert 0.9 + t.probe_interval <= window < 1.5
+    d.step(tx=96, dt=0.25)
+    start = d.now
+    while d.m.current == A:
+        d.step(tx=96, dt=d.m.due - d.now)
+    assert d.now - start == pytest.approx(window)
+    # a LAN peer keeps the configured window
+    assert fast_driver().m.dead_window() == t.dead_after
 
 
 def test_peer_not_known_to_answer_gets_slow_probes_only():

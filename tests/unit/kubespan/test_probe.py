@@ -49,6 +49,9 @@ def test_replies_map_to_peers_and_wake_the_engine() -> None:
     sock.packets = [reply(p.ident, seq_a), reply(p.ident ^ 1, seq_a), b"\x01\x02"]
     p._readable()
     assert p.take_answered() == {"peer-a"}
+    rtts = p.take_rtts()
+    assert set(rtts) == {"peer-a"} and 0 <= rtts["peer-a"] < 5
+    assert p.take_rtts() == {}
     assert woken == [1]  # one wake per batch of replies
     assert p.take_answered() == set()
     # nothing relevant arrived: no wake
