@@ -136,6 +136,7 @@ class RemoteAffiliate:
     excluded_prefixes: tuple[IPNetwork, ...] = ()
     endpoints: tuple[AddrPort, ...] = ()
     traversal: Traversal = _NO_TRAVERSAL
+    api_server_port: int | None = None  # Affiliate.control_plane (8): the node serves the Kubernetes API here
 
     @classmethod
     def from_pb(
@@ -197,6 +198,7 @@ class RemoteAffiliate:
             excluded_prefixes=excluded,
             endpoints=tuple(eps),
             traversal=traversal,
+            api_server_port=pb.control_plane.api_server_port if pb.HasField("control_plane") else None,
         )
 
 
@@ -297,6 +299,9 @@ class LocalAffiliate:
     machine_type: str = ""
     operating_system: str = ""
     traversal: Traversal = _NO_TRAVERSAL  # empty: not written, so the bytes are Talos' own layout
+    # Affiliate.control_plane (8): set on control planes, as Talos (cluster.controlPlane.localAPIServerPort);
+    # Talos nodes' KubePrism takes every member that has it as a Kubernetes API endpoint
+    api_server_port: int | None = None
 
     def to_pb(self) -> affiliate_pb2.Affiliate:
         pb = affiliate_pb2.Affiliate(
@@ -315,6 +320,8 @@ class LocalAffiliate:
         )
         if not self.traversal.empty:
             pb.kubespan.traversal.CopyFrom(self.traversal.to_pb())
+        if self.api_server_port is not None:
+            pb.control_plane.api_server_port = self.api_server_port
         return pb
 
     def endpoints_pb(self) -> list[affiliate_pb2.Endpoint]:
@@ -356,6 +363,7 @@ def build_local_affiliate(
     operating_system: str = "",
     traversal: Traversal = _NO_TRAVERSAL,
     mapped_endpoint: AddrPort | None = None,
+    api_server_port: int | None = None,
 ) -> LocalAffiliate:
     """Build this node's affiliate (see the module docstring for the rules).
 
@@ -365,6 +373,7 @@ def build_local_affiliate(
     taken from ``mesh_address`` when it is an interface, else its /64.
     ``mapped_endpoint`` is what STUN responders saw of the listen port (publishable only: public or
     endpoint-independent mapping); it replaces the guess "public IP on the listen port" for its IP.
+    ``api_server_port`` (control planes): published as ``control_plane.api_server_port``; None: not published.
     """
     if isinstance(mesh_address, IPv6Interface):
         mesh_ip, mesh_subnet = mesh_address.ip, mesh_address.network
@@ -373,6 +382,8 @@ def build_local_affiliate(
         mesh_subnet = IPv6Network((mesh_address, 64), strict=False)
     if not 0 < listen_port < 65536:
         raise ValueError(f"listen_port: {listen_port} must be 1..65535")
+    if api_server_port is not None and not 0 < api_server_port < 65536:
+        raise ValueError(f"api_server_port: {api_server_port} must be 1..65535")
     drop = IPSet(exclude_addresses)
 
     addresses: list[IPAddress] = []
@@ -418,4 +429,5 @@ def build_local_affiliate(
         machine_type=machine_type,
         operating_system=operating_system,
         traversal=traversal,
+        api_server_port=api_server_port,
     )

@@ -101,6 +101,12 @@ def _stun_server(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return int(text)
+
+
 def _mac(text: str) -> bytes:
     raw = text.replace(":", "").replace("-", "")
     if len(raw) != 12:
@@ -220,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-publish-learned", action="store_true", help="do not publish roamed endpoints")
     run.add_argument(
+        "--control-plane-port",
+        type=_port,
+        metavar="PORT",
+        help="this node serves the Kubernetes API on PORT: publish it in the affiliate (control_plane, as "
+        "Talos control planes publish cluster.controlPlane.localAPIServerPort; Talos nodes' KubePrism then "
+        "uses this node's addresses as API server endpoints); default: not published",
+    )
+    run.add_argument(
         "--http-addr",
         default=DEFAULT_HTTP_ADDR,
         type=_hostport,
@@ -276,11 +290,9 @@ def read_secret(ns: argparse.Namespace) -> bytes:
         raise SystemExit(f"kubespan: cluster secret: {e}") from None
 
 
-async def run(ns: argparse.Namespace, cfg: MeshConfig) -> int:
-    """Run the mesh until SIGTERM/SIGINT; ``cfg`` is :func:`mesh_config` of ``ns``, already checked."""
-    secret = read_secret(ns)
-    warn_permissions(log, (ns.cluster_secret_file,), ns.state_dir)
-    opts = MeshOptions(
+def mesh_options(ns: argparse.Namespace, cfg: MeshConfig, secret: bytes) -> MeshOptions:
+    """The engine's options from the ``run`` flags (``cfg``: :func:`mesh_config` of ``ns``)."""
+    return MeshOptions(
         cluster_id=ns.cluster_id,
         cluster_secret=secret,
         state_dir=ns.state_dir,
@@ -296,7 +308,15 @@ async def run(ns: argparse.Namespace, cfg: MeshConfig) -> int:
         stun_servers=tuple(ns.stun_server),
         relay=ns.relay,
         punch_timings=punch_timings(ns),
+        api_server_port=ns.control_plane_port,
     )
+
+
+async def run(ns: argparse.Namespace, cfg: MeshConfig) -> int:
+    """Run the mesh until SIGTERM/SIGINT; ``cfg`` is :func:`mesh_config` of ``ns``, already checked."""
+    secret = read_secret(ns)
+    warn_permissions(log, (ns.cluster_secret_file,), ns.state_dir)
+    opts = mesh_options(ns, cfg, secret)
     runner = await build_mesh(
         opts,
         discovery_urls=ns.discovery,

@@ -127,6 +127,8 @@ class MeshOptions:
     publish_learned: bool = True
     operating_system: str = "kubespan-mesh"
     machine_type: str = ""  # controlplane / worker (the affiliate's machine_type; empty: not a Talos role)
+    # published as the affiliate's control_plane (None: not a control plane)
+    api_server_port: int | None = None
     stun_servers: Sequence[tuple[str, int]] = ()  # (host, port) STUN responders; empty: no discovery
     stun_interval: float = STUN_INTERVAL
     stun_retry: float = STUN_RETRY
@@ -780,6 +782,7 @@ class Mesh:
             endpoint_filters=self.opts.endpoint_filters,
             operating_system=self.opts.operating_system,
             machine_type=self.opts.machine_type,
+            api_server_port=self.opts.api_server_port,
             mapped_endpoint=self.nat.publishable if self.nat is not None else None,
             traversal=Traversal(
                 nat_class=str(self.nat.nat_class) if self.nat is not None else "unknown",

@@ -45,6 +45,7 @@ NAMED_KINDS = frozenset({DISCOVERY_SERVICE_CONFIG, SERVICE_CONFIG})
 V1ALPHA1_KEYS = ("version", "machine", "cluster", "debug", "persist")
 
 DEFAULT_DISCOVERY_ENDPOINT = "https://discovery.talos.dev/"
+DEFAULT_API_SERVER_PORT = 6443  # Talos's DefaultControlPlanePort
 LEGACY_DISCOVERY_NAME = "legacy"  # the v1alpha1 cluster.discovery block, as Talos names it
 DEFAULT_STATE_DIR = Path("/var/lib/machined")
 DEFAULT_SOCKET_DIR = Path("/var/run/wireguard")
@@ -126,6 +127,8 @@ class V1Alpha1:
     discovery_service_endpoint: str | None = None
     kubespan: KubeSpanSettings | None = None  # None when machine.network.kubespan is absent
     control_plane_endpoint: str | None = None  # the Kubernetes API URL: checked, not otherwise used
+    # cluster.controlPlane.localAPIServerPort (0 or unset: 6443, as Talos); control planes publish it
+    local_api_server_port: int = DEFAULT_API_SERVER_PORT
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,6 +556,8 @@ def read_v1alpha1(r: Reader) -> V1Alpha1:
         discovery_service_endpoint=endpoint,
         kubespan=kubespan,
         control_plane_endpoint=_control_plane_endpoint(r, "cluster.controlPlane.endpoint"),
+        local_api_server_port=r.integer("cluster.controlPlane.localAPIServerPort", 0, 0, 65535)
+        or DEFAULT_API_SERVER_PORT,
     )
     r.warn_unused(UNUSED_MESSAGE)
     return v1

@@ -59,6 +59,9 @@ class MeshSettings:
     publish_learned: bool = False  # harvestExtraEndpoints; unset = off, as Talos
     mac: bytes | None = None
     machine_type: str = ""  # machine.type, published in the affiliate (workers find trustd by it)
+    # control planes: cluster.controlPlane.localAPIServerPort, published as the affiliate's control_plane (as
+    # Talos); None on workers
+    api_server_port: int | None = None
     stun_servers: tuple[tuple[str, int], ...] = ()  # AgentConfig mesh.stunServers
     relay: bool = False  # AgentConfig mesh.relay
     punch_retry_initial: float = 60.0  # AgentConfig mesh.punchRetryInitial
@@ -87,6 +90,7 @@ class MeshSettings:
             mac=self.mac,
             publish_learned=self.publish_learned,
             machine_type=self.machine_type,
+            api_server_port=self.api_server_port,
             stun_servers=self.stun_servers,
             relay=self.relay,
             punch_timings=PunchTimings(
@@ -482,6 +486,7 @@ class MachineConfig:
             publish_learned=kubespan.harvest_extra_endpoints,
             mac=agent.mac,
             machine_type=v1.machine_type,
+            api_server_port=v1.local_api_server_port if v1.machine_type == "controlplane" else None,
             stun_servers=agent.stun_servers,
             relay=agent.relay,
             punch_retry_initial=agent.punch_retry_initial,

@@ -58,6 +58,7 @@ def _affiliate_spec(
     mesh_address: Any,
     additional: Any,
     endpoints: Any,
+    api_server_port: int | None = None,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "nodeId": node_id,
@@ -74,6 +75,8 @@ def _affiliate_spec(
             "additionalAddresses": [str(p) for p in additional],
             "endpoints": [str(e) for e in endpoints],
         }
+    if api_server_port is not None:  # Talos's AffiliateSpec.controlPlane (yaml "port"), on control planes
+        spec["controlPlane"] = {"port": api_server_port}
     return spec
 
 
@@ -105,6 +108,7 @@ class AffiliateController(Controller):
             mesh_address=ra.mesh_address,
             additional=ra.additional_prefixes,
             endpoints=ra.endpoints,
+            api_server_port=ra.api_server_port,
         )
         self._cache[r.id] = (r, spec)
         return spec
@@ -140,6 +144,7 @@ class AffiliateController(Controller):
                     mesh_address=local.mesh_address,
                     additional=local.additional_prefixes,
                     endpoints=local.endpoints,
+                    api_server_port=local.api_server_port,
                 ),
             )
         ids = {r.id for r in remotes}
@@ -164,15 +169,14 @@ class MemberController(Controller):
         for a in await ctx.list(NS_CLUSTER, AFFILIATE):
             s = a.spec
             member_id = s.get("nodename") or s.get("hostname") or a.metadata.id
-            await self.out.put(
-                ctx,
-                member_id,
-                {
-                    "nodeId": s.get("nodeId", a.metadata.id),
-                    "addresses": list(s.get("addresses", [])),
-                    "hostname": s.get("hostname", ""),
-                    "machineType": s.get("machineType", ""),
-                    "operatingSystem": s.get("operatingSystem", ""),
-                },
-            )
+            member = {
+                "nodeId": s.get("nodeId", a.metadata.id),
+                "addresses": list(s.get("addresses", [])),
+                "hostname": s.get("hostname", ""),
+                "machineType": s.get("machineType", ""),
+                "operatingSystem": s.get("operatingSystem", ""),
+            }
+            if "controlPlane" in s:  # Talos's MemberSpec.controlPlane, copied from the affiliate
+                member["controlPlane"] = dict(s["controlPlane"])
+            await self.out.put(ctx, member_id, member)
         await self.out.cleanup(ctx)

@@ -31,6 +31,7 @@ from discovery.crypto import (
     endpoint_to_addr,
 )
 from discovery.testing import ServerProcess, self_signed_cert
+from kubespan.affiliate import RemoteAffiliate
 from spanapi.discovery.client import affiliate_pb2
 from spanapi.discovery.server import cluster_pb2 as pb
 from spanapi.discovery.server import cluster_pb2_grpc as rpc
@@ -85,6 +86,8 @@ class Node:
         )
         a.kubespan.public_key = self.public_key
         a.kubespan.address = ip_to_bytes(f"fd7f:175a:b2c1:{v:x}::{i + 1:x}")
+        if i == 0:  # a control plane publishes its API server port (field 8), as Talos
+            a.control_plane.api_server_port = 6443
         self.affiliate = a
         self.endpoints = [
             endpoint_from_addr(f"198.51.100.{i + 1}", 51820),
@@ -257,6 +260,12 @@ async def test_five_clients_publish_change_and_delete(discovery_server: Start) -
             assert n.id not in c.affiliates
             assert c.stats.decrypt_failures == 0 and c.stats.malformed_blobs == 0
         assert set(await server_list(srv, cid)) == {n.id for n in nodes}
+        # node 0's control_plane (field 8) went through the registry and is decoded by the others
+        cp = clients[1].affiliates[nodes[0].id].affiliate
+        # field 8 (tag 0x42), 3 bytes: ControlPlane field 1 (tag 0x08) = varint 6443 (0xab 0x32)
+        assert cp.HasField("control_plane") and b"\x42\x03\x08\xab\x32" in cp.SerializeToString()
+        assert RemoteAffiliate.from_pb(cp).api_server_port == 6443
+        assert RemoteAffiliate.from_pb(clients[0].affiliates[nodes[1].id].affiliate).api_server_port is None
 
         # node 2 changes its data: everyone else sees the new plaintext and the added endpoint
         nodes[2] = nodes[2].changed()
