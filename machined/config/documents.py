@@ -1,8 +1,10 @@
 """The documents of a machine config: value types, and how each document is read and checked.
 
 Talos documents (the ``version: v1alpha1`` document, ``KubeSpanConfig``, ``KubeSpanEndpointsConfig``,
-``DiscoveryServiceConfig``) accept fields we do not use, with one warning per document listing their
-paths. Our own documents (``AgentConfig``, ``ServiceConfig``) reject unknown fields.
+``DiscoveryServiceConfig``, ``DiscoveryIdentityConfig``) accept fields Talos knows that we do not use, with
+one warning per document listing their paths; a key Talos does not know is an error, as on a Talos node,
+unless parsing is lenient (:mod:`machined.config.talos_keys`). Our own documents (``AgentConfig``,
+``ServiceConfig``) reject unknown fields; a Talos node refuses them whole (kinds it does not register).
 """
 
 from __future__ import annotations
