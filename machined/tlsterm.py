@@ -130,8 +130,10 @@ class PeerRegistry:
 
 
 def private_dir(prefix: str) -> Path:
-    """A new 0700 directory for unix sockets (short enough for ``sun_path``)."""
-    base = tempfile.gettempdir()
+    """A new 0700 directory for unix sockets (short enough for ``sun_path``): under systemd's
+    ``$RUNTIME_DIRECTORY`` (``/run/apid`` for the apid unit) when set, else the temp directory."""
+    runtime = (os.environ.get("RUNTIME_DIRECTORY") or "").split(":")[0]
+    base = runtime if runtime and os.path.isdir(runtime) else tempfile.gettempdir()
     if len(base) > 40:
         base = "/tmp"
     d = Path(tempfile.mkdtemp(prefix=prefix, dir=base))

@@ -111,3 +111,13 @@ def test_private_dir_is_0700():
     d = tlsterm.private_dir("t-")
     assert d.stat().st_mode & 0o777 == 0o700
     d.rmdir()
+
+
+def test_private_dir_goes_under_systemds_runtime_directory(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(run))
+    d = tlsterm.private_dir("apid-")
+    assert d.parent == run and d.stat().st_mode & 0o777 == 0o700
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "missing"))
+    assert tlsterm.private_dir("apid-").parent != tmp_path / "missing"
