@@ -113,11 +113,19 @@ def test_private_dir_is_0700():
     d.rmdir()
 
 
-def test_private_dir_goes_under_systemds_runtime_directory(tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    run.mkdir()
-    monkeypatch.setenv("RUNTIME_DIRECTORY", str(run))
-    d = tlsterm.private_dir("apid-")
-    assert d.parent == run and d.stat().st_mode & 0o777 == 0o700
-    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "missing"))
-    assert tlsterm.private_dir("apid-").parent != tmp_path / "missing"
+def test_private_dir_goes_under_systemds_runtime_directory(monkeypatch):
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    run = Path(tempfile.mkdtemp(prefix="run-", dir="/tmp"))  # short, as /run/apid
+    try:
+        monkeypatch.setenv("RUNTIME_DIRECTORY", str(run))
+        d = tlsterm.private_dir("apid-")
+        assert d.parent == run and d.stat().st_mode & 0o777 == 0o700
+        monkeypatch.setenv("RUNTIME_DIRECTORY", str(run / "missing"))
+        d = tlsterm.private_dir("apid-")
+        assert d.parent != run / "missing"
+        d.rmdir()
+    finally:
+        shutil.rmtree(run)
