@@ -541,8 +541,9 @@ class TlsDialer:
 
 
 class TlsChannel:
-    """A grpc.aio channel through a :class:`TlsDialer` (what apid's channel cache holds): the
-    channel's ``unary_unary``/``unary_stream`` and ``close()`` closing both."""
+    """A grpc.aio channel through a :class:`TlsDialer` (what apid's channel cache holds, and what an
+    asyncio client such as spanctl's dashboard uses for mTLS): the channel's methods, and ``close()``
+    closing both."""
 
     def __init__(self, dialer: TlsDialer, channel: grpc.aio.Channel) -> None:
         self.dialer = dialer
@@ -569,6 +570,13 @@ class TlsChannel:
 
     def unary_stream(self, method: str, **kw: Any) -> Any:
         return self.channel.unary_stream(method, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else a ``grpc.aio.Channel`` has (``stream_unary``, ``get_state``,
+        ``channel_ready`` …), so a TlsChannel can stand where one is expected."""
+        if name in ("channel", "dialer"):
+            raise AttributeError(name)
+        return getattr(self.channel, name)
 
     async def close(self, grace: float | None = None) -> None:
         with contextlib.suppress(Exception):

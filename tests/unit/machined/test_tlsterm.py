@@ -129,3 +129,15 @@ def test_private_dir_goes_under_systemds_runtime_directory(monkeypatch):
         d.rmdir()
     finally:
         shutil.rmtree(run)
+
+
+async def test_a_tls_channel_stands_for_a_grpc_aio_channel():
+    ca = ed25519_ca()
+    ch = tlsterm.TlsChannel.create("127.0.0.1:1", tlsterm.client_context(ca.crt), [])
+    try:
+        assert ch.get_state() == grpc.ChannelConnectivity.IDLE
+        assert callable(ch.stream_unary) and callable(ch.unary_stream)
+        assert ch.dialer.path.exists()
+    finally:
+        await ch.close()
+    assert not ch.dialer.path.exists()
