@@ -14,12 +14,14 @@ Everything runs inside namespaces a :class:`netns.lab.Lab` created; the lab remo
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import json
 import math
 import os
 import random
 import select
+import shutil
 import signal
 import socket
 import statistics
@@ -29,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from netns.lab import Lab, LabError, Node
@@ -120,6 +123,7 @@ class LanMesh:
     seg: str
     disc: Node
     nodes: list[MeshNode] = field(default_factory=list)
+    env: dict[str, str] | None = None  # added to every agent's environment
     _next_ip: int = 11
 
     @classmethod
@@ -143,7 +147,7 @@ class LanMesh:
         return node
 
     def start(self, node: Node) -> MeshNode:
-        mn = self.ml.start_node(node)
+        mn = self.ml.start_node(node, env=self.env)
         self.nodes.append(mn)
         return mn
 
@@ -365,3 +369,102 @@ def median(values: Sequence[float]) -> float:
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
+
+
+# --- what the agents did, from their logs and /proc ------------------------------------------------
+
+
+def agent_events(mn: MeshNode) -> list[dict[str, Any]]:
+    """The agent's JSON log lines, each with ``t``: its wall-clock time (epoch seconds, ms resolution).
+    Other lines (a traceback, wireguard-go's) are skipped."""
+    out = []
+    try:
+        text = mn.log.read_text(errors="replace")
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            ev = json.loads(line)
+            ts = ev["ts"]
+            base = time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")
+            ev["t"] = calendar.timegm(base) + float("0" + ts[19:-1])
+        except (ValueError, KeyError, TypeError):
+            continue
+        out.append(ev)
+    return out
+
+
+# The milestones of an agent's start, by the first log line that marks each (see milestones()).
+MILESTONES = (
+    ("identity", "Python start-up, imports, wireguard-go and the engine's start"),
+    ("hello", "first Hello answered"),
+    ("snapshot", "first Watch snapshot"),
+    ("first_up", "first peer up (a handshake)"),
+    ("all_up", "every expected peer up"),
+)
+
+
+def milestones(
+    events: Sequence[dict[str, Any]], t0_wall: float, expect: Iterable[str] = ()
+) -> dict[str, float]:
+    """Seconds from ``t0_wall`` to each milestone in one agent's log: ``identity`` ("mesh identity"),
+    ``hello`` ("discovery hello"), ``snapshot`` ("discovery connected"), ``first_up`` (the first
+    "peer state" up), ``all_up`` (every peer in ``expect`` has been up once; nan without ``expect``).
+    A milestone not reached is inf."""
+    want = set(expect)
+    first: dict[str, float] = {}
+    ups: dict[str, float] = {}
+    for ev in events:
+        msg, t = ev.get("msg"), ev["t"] - t0_wall
+        if msg == "mesh identity":
+            first.setdefault("identity", t)
+        elif msg == "discovery hello":
+            first.setdefault("hello", t)
+        elif msg == "discovery connected":
+            first.setdefault("snapshot", t)
+        elif msg == "peer state" and ev.get("state") == "up":
+            first.setdefault("first_up", t)
+            ups.setdefault(str(ev.get("peer")), t)
+    out = {k: first.get(k, math.inf) for k, _ in MILESTONES[:4]}
+    out["all_up"] = math.nan if not want else (max(ups[p] for p in want) if want <= ups.keys() else math.inf)
+    return out
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of ``pid`` in MiB (nan when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.nan
+
+
+def discovery_pid(mesh: LanMesh) -> int | None:
+    """The discovery server's PID (the process the lab started in the ``disc`` node)."""
+    for p in mesh.disc.procs:
+        if p.poll() is None and "discovery.server.main" in " ".join(map(str, p.args)):
+            return p.pid
+    return None
+
+
+WG_DEBUG_ENV = {"KUBESPAN_WIREGUARD_LOG_LEVEL": "debug"}  # kubespan.wiring.WG_LOG_LEVEL_ENV
+
+
+def wg_log(mn: MeshNode) -> Path:
+    """wireguard-go's log of the node (debug lines only with :data:`WG_DEBUG_ENV`)."""
+    return mn.node.run_dir / "wireguard" / "kubespan.log"
+
+
+def keep_logs(dest: Path, nodes: Iterable[MeshNode]) -> Path:
+    """Copy the nodes' agent and wireguard-go logs to ``dest`` (the lab's directory goes when it closes)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for mn in nodes:
+        for src, name in ((mn.log, f"{mn.name}-agent.log"), (wg_log(mn), f"{mn.name}-wireguard-go.log")):
+            with contextlib.suppress(OSError):
+                shutil.copyfile(src, dest / name)
+    return dest

@@ -151,6 +151,10 @@ class Decision:
     probe: bool = False
     learned_changed: bool = False
     state_changed: bool = False
+    # Re-create the peer in this write (remove, add): the trial starting now needs a handshake, and
+    # a re-created peer initiates at once where WireGuard would hold its next initiation for up to
+    # REKEY_TIMEOUT (5 s) after the last one (sent to the path that died).
+    fresh_session: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +224,7 @@ class EndpointMachine:
         self._fast_left = 0  # fast trials left since the last proven path died
         self._fast_trial = False  # the current trial is a fast one
         self._due: float | None = None  # when the machine wants its next observation
+        self._fresh_pending = False  # we asked for a re-creation: the counters will start over
         self._srtt: float | None = None  # smoothed probe round trip (as TCP's RTO estimator)
         self._rttvar = 0.0
 
@@ -312,7 +317,14 @@ class EndpointMachine:
             return self._decide(before_state, self._current, probe, False)
 
         rx_progress = tx_progress = False
-        if not self._baseline or obs.rx_bytes < self._rx or obs.tx_bytes < self._tx:
+        fresh, self._fresh_pending = self._fresh_pending, False
+        reset = obs.rx_bytes < self._rx or obs.tx_bytes < self._tx
+        if fresh and self._baseline and reset:
+            # the re-creation we asked for: counters start over, the trial goes on
+            rx_progress, tx_progress = obs.rx_bytes > 0, obs.tx_bytes > 0
+            if obs.endpoint != self._current:
+                set_endpoint = self._current
+        elif not self._baseline or reset:
             # First sight, or the peer was (re-)created: counters start over and any
             # session is gone, so the current endpoint goes back on trial.
             restarted = self._baseline
@@ -459,18 +471,25 @@ class EndpointMachine:
                 self._fast_trial = True
             elif fast_failed:
                 self._failed_trials += 1  # the fast round is over: the slow trials take it from here
+            if not session_valid:
+                self._fresh_pending = True  # a handshake at once, to the endpoint on trial
         self._due = self._next_due(now, session_valid)
-        return self._decide(before_state, set_endpoint, probe, learned_changed)
+        return self._decide(before_state, set_endpoint, probe, learned_changed, self._fresh_pending)
 
     # --- internals -------------------------------------------------------------------------------
 
     def _decide(
-        self, before: PeerState, set_endpoint: AddrPort | None, probe: bool, learned_changed: bool
+        self,
+        before: PeerState,
+        set_endpoint: AddrPort | None,
+        probe: bool,
+        learned_changed: bool,
+        fresh_session: bool = False,
     ) -> Decision:
         if probe:
             self._probes += 1
             self._probes_total += 1
-        return Decision(set_endpoint, probe, learned_changed, self._state != before)
+        return Decision(set_endpoint, probe, learned_changed, self._state != before, fresh_session)
 
     def dead_window(self) -> float:
         """How long a probe-answering peer may stay silent in an episode: ``dead_after``, or

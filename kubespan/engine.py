@@ -34,7 +34,7 @@ from kubespan.affiliate import (
 from kubespan.constants import MeshConfig
 from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6
 from kubespan.endpoints import Candidate, CandidateKind, EndpointMachine, Observation
-from kubespan.firstcontact import Action, FirstContact, FirstContactTimings, waits
+from kubespan.firstcontact import NATTED, Action, FirstContact, FirstContactTimings, waits
 from kubespan.hostinfo import HostInfo
 from kubespan.identity import MeshIdentity, load_identity, pick_mac
 from kubespan.nat.classify import NatClass, NatReport
@@ -217,6 +217,8 @@ class Mesh:
         self._fresh_sessions: list[PublicKey] = []  # peers to re-create in this pass's write
         self._joining: set[PublicKey] = set()  # peers whose first contact is not done
         self._observe_at: float | None = None  # (clock) a full pass is due then (a first contact step)
+        # (clock) ... or then: an endpoint machine asked to observe its peer (fast detection)
+        self._machines_at: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # endpoint discovery (STUN): one run in flight at most; its result is taken by the next pass
         self.nat: NatReport | None = None  # what the last completed run found
@@ -327,8 +329,9 @@ class Mesh:
                 await self.reconcile()
                 # polls keep their cadence however many light passes come between them
                 delay = max(0.1 * interval, min(interval, self._last_observe + interval - self.clock()))
-                if self._observe_at is not None:
-                    delay = max(0.0, min(delay, self._observe_at - self.clock()))
+                due = _earliest(self._observe_at, self._machines_at)
+                if due is not None:
+                    delay = max(0.0, min(delay, due - self.clock()))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # keep running; the next pass retries
@@ -499,6 +502,7 @@ class Mesh:
             and not self.prober.has_answered
             and not (self.traversal is not None and self.traversal.dirty)
             and (self._observe_at is None or now < self._observe_at)
+            and (self._machines_at is None or now < self._machines_at)
         )
 
     async def _reconcile_peers(
@@ -511,12 +515,15 @@ class Mesh:
         None: a full pass, which reads the device first; otherwise a light one, against the last
         observation. The probes to send are added to ``probes``. False: the write failed."""
         answered: AbstractSet[Hashable] = frozenset()
+        rtts: Mapping[Hashable, float] = {}
         if changed is None:
             await self._read_device(now)
             answered = self.prober.take_answered()
+            rtts = self.prober.take_rtts()
         observed = self.device.peers if self.device is not None else {}
-        desired, planned = self._plan(now, observed, answered, changed)
+        desired, planned = self._plan(now, observed, answered, changed, rtts)
         self._observe_at = self._first_contact_due()
+        self._machines_at = self._machines_due()
         probes.extend(planned)
         fresh, self._fresh_sessions = self._fresh_sessions, []
         return await self._write(desired, fresh)
@@ -541,6 +548,7 @@ class Mesh:
         observed: Mapping[PublicKey, ObservedPeer],
         answered: AbstractSet[Hashable],
         changed: AbstractSet[PublicKey] | None,
+        rtts: Mapping[Hashable, float] | None = None,
     ) -> tuple[DeviceConfig, list[tuple[PublicKey, ipaddress.IPv6Address]]]:
         """The desired device and the probes to send.
 
@@ -596,7 +604,13 @@ class Mesh:
                     log_event(log, "peer re-created for a first initiation", peer=peer.label)
                 if changed is None or have is None or act is Action.RECREATE:
                     state = peer.machine.state
-                    endpoint, probe = self._step(peer, now, have, wall, spec.public_key in answered)
+                    key = spec.public_key
+                    rtt = rtts.get(key) if rtts else None
+                    endpoint, probe, fresh = self._step(peer, now, have, wall, key in answered, rtt)
+                    if fresh and have is not None and act is not Action.RECREATE:
+                        # the trial needs a handshake: a re-created peer initiates at once
+                        self._fresh_sessions.append(key)
+                        endpoint = endpoint or peer.machine.current
                     if self.cfg.allow_down_peer_bypass and peer.machine.state != state:
                         self._sets_due = True  # the bypass routes only peers that are up
                     if act is Action.RECREATE:
@@ -632,6 +646,12 @@ class Mesh:
         if peer.first is not None:
             peer.first.done = True
             self._joining.discard(peer.spec.public_key)
+
+    def _machines_due(self) -> float | None:
+        """The earliest observation an endpoint machine asked for (fast detection: an active poll
+        while a peer's tx grows, the next probe or verdict of an episode)."""
+        due = [d for p in self.peers.values() if (d := p.machine.due) is not None]
+        return min(due) if due else None
 
     def _first_contact_due(self) -> float | None:
         """When a first contact next has a step to take (a full pass is due then)."""
@@ -708,13 +728,18 @@ class Mesh:
 
     @staticmethod
     def _step(
-        peer: PeerRuntime, now: float, have: ObservedPeer | None, wall: float, answered: bool
-    ) -> tuple[AddrPort | None, bool]:
+        peer: PeerRuntime,
+        now: float,
+        have: ObservedPeer | None,
+        wall: float,
+        answered: bool,
+        rtt: float | None = None,
+    ) -> tuple[AddrPort | None, bool, bool]:
         """Run a peer's endpoint machine on its observation: the endpoint to configure (None:
-        keep WireGuard's) and whether to probe it."""
+        keep WireGuard's), whether to probe it and whether to re-create the peer first."""
         m = peer.machine
         obs = Observation.from_peer(have, wall) if have is not None else None
-        decision = m.observe(now, obs, answered=answered)
+        decision = m.observe(now, obs, answered=answered, rtt=rtt)
         if decision.state_changed:
             endpoint = str(m.current) if m.current else None
             log_event(log, "peer state", peer=peer.label, state=str(m.state), endpoint=endpoint)
@@ -723,7 +748,7 @@ class Mesh:
         endpoint = decision.set_endpoint
         if endpoint is None and have is None:
             endpoint = m.current  # an absent peer is (re-)added with the machine's endpoint
-        return endpoint, decision.probe
+        return endpoint, decision.probe, decision.fresh_session
 
     async def _write(self, desired: DeviceConfig, fresh: Sequence[PublicKey] = ()) -> bool:
         """Apply the difference between ``desired`` and the last observation in one write; the
@@ -902,7 +927,9 @@ class Mesh:
                 first = None
                 if self.opts.first_contact is not None:
                     waiting = self._waits_for(spec.public_key, spec.node_id)
-                    first = FirstContact(now, waiting, self.opts.first_contact)
+                    # a peer behind NAT may be unreachable from here: its hold ends without a re-creation
+                    natted = self._remote_traversals().get(spec.node_id, Traversal()).nat_class in NATTED
+                    first = FirstContact(now, waiting, self.opts.first_contact, recreate=not natted)
                     self._joining.add(spec.public_key)
                 machine = EndpointMachine(self.cfg.timings, now=now)
                 self.peers[spec.public_key] = PeerRuntime(spec, machine, first, self.wall())
@@ -1072,6 +1099,11 @@ class Mesh:
         if len(out) == len(prev) and all(a is b for a, b in zip(out, prev, strict=True)):
             return prev
         return tuple(out)
+
+
+def _earliest(*times: float | None) -> float | None:
+    known = [t for t in times if t is not None]
+    return min(known) if known else None
 
 
 def _has_session(have: ObservedPeer, wall: float) -> bool:

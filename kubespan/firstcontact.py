@@ -6,12 +6,27 @@ the pair waits for WireGuard's 5 s retry (REKEY_TIMEOUT). So one side holds back
 be reached (public or unknown) lets the side behind NAT go first (its initiation opens its NAT on
 the way out); between alike sides, the higher key waits. The waiting side adds the peer without an
 endpoint and without persistent keepalive for ``hold`` seconds (it still answers an initiation:
-WireGuard learns the endpoint from it), so its WireGuard attempts nothing; then it sets both, which
-makes WireGuard initiate at once. The initiating side re-creates a peer that has no session ``retry``
-seconds after it was added, once: its first initiation may have reached a node that did not know us
-yet, and WireGuard would wait 5 s before sending another (a re-created peer initiates at once). The
-waiting side never re-creates: a session the peer completed just before the write would be lost,
-and the waiting side may be unable to reach the peer (behind a symmetric NAT) to make a new one.
+WireGuard learns the endpoint from it). Both sides look for a session every ``check`` seconds until
+there is one: the hold ends then, and the state is up without waiting for the next poll (also where
+the probe sent with the add was lost: a new node probes before its link is up). Without a session
+at the hold's end, the waiting side re-creates the peer with endpoint and keepalive, which
+initiates at once (not a peer behind NAT: see the end). Re-created, not just given an endpoint: a
+packet routed to the held peer (any traffic to its addresses) makes WireGuard attempt an initiation
+that cannot leave without an endpoint, and WireGuard counts that attempt: the next one would wait
+REKEY_TIMEOUT (5 s), whatever is configured meanwhile (seen in bench/mesh_join.py's wireguard-go
+debug logs: "Failed to send handshake initiation: no known endpoint for peer", then nothing for 5 s).
+The initiating side re-creates a peer that has no session ``retry`` seconds after it was added, once:
+its first initiation may have reached a node that did not know us yet (normally the waiting side's
+own initiation at the hold's end has made a session by then). So the first handshake does not depend
+on which side learned of the other first: whichever initiation reaches a side that has the peer
+configured makes it, within about ``hold`` of the later side's add.
+
+A session the peer completed between the pass's device read and the re-creating write is lost (a
+window of one pass); the re-created peer's own initiation replaces it at once when the peer can be
+reached. A peer behind NAT may not be (a symmetric NAT answers only where its side sent): waiting for
+one, the hold ends by setting endpoint and keepalive without re-creating (``recreate`` False; an
+earlier run that re-created there lost such a race once and relayed after 30 s); the peer, the
+initiating side, re-creates after ``retry`` if its first initiation was lost.
 
 Pure: the engine gives times and what it observed, and does what the step says.
 """
@@ -30,10 +45,13 @@ NATTED = frozenset({"eim", "edm"})
 class FirstContactTimings:
     hold: float = 0.5  # the waiting side's wait for the peer's initiation
     retry: float = 1.5  # no session this long after the add: re-create the peer (once)
+    check: float = 0.1  # until a session, look for it this often (a full pass each: the state is up then)
 
     def __post_init__(self) -> None:
         if not 0 <= self.hold < self.retry:
             raise ValueError(f"need 0 <= hold < retry, not hold={self.hold} and retry={self.retry}")
+        if not self.check > 0:
+            raise ValueError(f"check: {self.check} must be > 0")
 
 
 def waits(own: PublicKey, own_class: str, peer: PublicKey, peer_class: str) -> bool:
@@ -54,23 +72,30 @@ class FirstContact:
     """One new peer's first contact, from when it was added (``since``) until it has a session or
     its one re-creation is done."""
 
-    __slots__ = ("done", "since", "t", "waiting")
+    __slots__ = ("checked", "done", "recreate", "since", "t", "waiting")
 
-    def __init__(self, since: float, waiting: bool, timings: FirstContactTimings | None = None) -> None:
+    def __init__(
+        self, since: float, waiting: bool, timings: FirstContactTimings | None = None, recreate: bool = True
+    ) -> None:
         self.since = since
         self.waiting = waiting
         self.t = timings or FirstContactTimings()
+        self.recreate = recreate  # False: the hold ends in GO (the peer is behind NAT)
         self.done = False
+        self.checked = since  # the last step's time
 
     def due(self) -> float | None:
-        """When the next step has something to do (None: nothing more)."""
+        """When the next step is due (None: nothing more): the next look for the peer's session,
+        or the hold's end or the initiator's re-creation when sooner."""
         if self.done:
             return None
-        return self.since + (self.t.hold if self.waiting else self.t.retry)
+        end = self.since + (self.t.hold if self.waiting else self.t.retry)
+        return min(end, self.checked + self.t.check)
 
     def step(self, now: float, session: bool) -> Action:
         """What to do with the peer in this pass; ``session``: WireGuard has a live session with it
         (observed in this pass)."""
+        self.checked = max(self.checked, now)
         if self.done:
             return Action.GO
         if session:
@@ -78,10 +103,9 @@ class FirstContact:
             return Action.GO
         if self.waiting and now < self.since + self.t.hold:
             return Action.HOLD
-        if self.waiting:
-            self.done = True  # the hold ended without the peer's initiation: ours, at once
+        if not self.waiting and now < self.since + self.t.retry:
             return Action.GO
-        if now < self.since + self.t.retry:
-            return Action.GO
+        # the hold ended without the peer's initiation (ours, at once, from a peer WireGuard has not
+        # tried to initiate to: see the module docstring), or the initiator's retry: once
         self.done = True
-        return Action.RECREATE
+        return Action.RECREATE if self.recreate or not self.waiting else Action.GO

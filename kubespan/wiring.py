@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,10 @@ log = logging.getLogger("kubespan")
 
 DEFAULT_SOCKET_DIR = Path("/var/run/wireguard")
 LEAVE_TIMEOUT = 5.0
+# wireguard-go's LOG_LEVEL (its log is <socket dir>/<link>.log): error by default; debug shows every
+# handshake message sent and received (for a stalled first handshake: bench/mesh_join.py --wg-debug)
+WG_LOG_LEVEL_ENV = "KUBESPAN_WIREGUARD_LOG_LEVEL"
+WG_LOG_LEVELS = ("silent", "error", "verbose", "debug")
 
 
 async def make_backend(
@@ -60,7 +65,12 @@ async def make_backend(
         raise ValueError(f"WireGuard backend must be auto, kernel or userspace, not {kind!r}")
     from kubespan.wireguard.userspace import UserspaceBackend
 
-    return UserspaceBackend(link_name, socket_dir=socket_dir, binary=binary, on_restart=on_restart)
+    level = os.environ.get(WG_LOG_LEVEL_ENV) or "error"
+    if level not in WG_LOG_LEVELS:
+        raise ValueError(f"{WG_LOG_LEVEL_ENV}: {level!r} must be one of {', '.join(WG_LOG_LEVELS)}")
+    return UserspaceBackend(
+        link_name, socket_dir=socket_dir, binary=binary, on_restart=on_restart, log_level=level
+    )
 
 
 @dataclass

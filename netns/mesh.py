@@ -100,7 +100,15 @@ class MeshLab:
         self.discovery_urls.append(url)
         return url
 
-    def start_node(self, node: Node, *extra: str, discovery: Sequence[str] | None = None) -> MeshNode:
+    def start_node(
+        self,
+        node: Node,
+        *extra: str,
+        discovery: Sequence[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> MeshNode:
+        """Start ``kubespan run`` in ``node``; ``env``: variables added to this process's environment
+        (e.g. kubespan.wiring.WG_LOG_LEVEL_ENV for wireguard-go's debug log)."""
         args = [
             PY,
             "-m",
@@ -118,7 +126,7 @@ class MeshLab:
             *extra,
         ]
         log = self.lab.dir / f"kubespan-{node.name}.log"
-        node.popen(*args, log=log)
+        node.popen(*args, log=log, env={**os.environ, **env} if env else None)
         mn = MeshNode(node, log, args)
         self.nodes[node.name] = mn
         return mn

@@ -760,6 +760,7 @@ class _Session:
                     replica = self.replica = replicas[0]
                     self.rotation.current = replica
                     continue  # the finally below closes this channel first
+                _event(logging.INFO, "discovery hello", endpoint=self.url, target=replica.target)
                 self._record_ip(hello.client_ip)
                 await self._serve(stub)
                 return

@@ -172,6 +172,24 @@ def test_absent_peer_is_probed_with_its_add_once():
     assert m.state == PeerState.UP and d.state_changed
 
 
+def test_first_sight_after_our_add_counts_the_traffic_since_the_add():
+    """Counters of a peer we just added started at zero: a session and received bytes at its first
+    sight are evidence (the add's probe may have been lost), without waiting for the next poll."""
+    m = EndpointMachine(now=0.0, candidates=cands(A, B))
+    assert m.observe(1.0, None).probe
+    d = m.observe(1.1, Observation(A, 32, 148, 0.05))
+    assert m.state == PeerState.UP and d.state_changed
+    # not for a peer seen first without our add (adopted: its counters say nothing about now) ...
+    other = EndpointMachine(now=0.0, candidates=cands(A, B))
+    other.observe(1.1, Observation(A, 32, 148, 0.05))
+    assert other.state == PeerState.UNKNOWN
+    # ... nor without a session
+    bare = EndpointMachine(now=0.0, candidates=cands(A, B))
+    bare.observe(1.0, None)
+    bare.observe(1.1, Observation(A, 148, 148, None))
+    assert bare.state == PeerState.UNKNOWN
+
+
 def test_first_sight_long_after_the_add_probes_again():
     m = EndpointMachine(now=0.0, candidates=cands(A))
     assert m.observe(1.0, None).probe
@@ -500,6 +518,38 @@ def test_trial_timeout_moves_on_and_backs_off_per_sweep():
     assert [s[1] for s in switches[:4]] == [B, A, B, A]
     assert d.m.state == PeerState.UNKNOWN  # never connected: stays unknown
     assert d.m.status().failures == len(switches)
+
+
+def test_switch_without_session_asks_for_a_fresh_peer_and_the_trial_goes_on():
+    d = Driver(timings=DetectionTimings())
+    d.step()  # trial A, nobody answers
+    decs = []
+    while d.m.current == A:
+        decs.append(d.step(tx=148))
+    switch = decs[-1]
+    assert switch.set_endpoint == B and switch.probe and switch.fresh_session
+    assert not any(x.fresh_session for x in decs[:-1])
+    switched = d.now
+    # the engine re-created the peer: its counters start over; that is not a restart of the trial
+    d.rx = d.tx = 0
+    dec = d.step(tx=148)
+    assert dec.set_endpoint is None and not dec.fresh_session and d.m.status().trying
+    while d.m.current == B:
+        dec = d.step(tx=148)
+    assert d.now - switched == pytest.approx(d.m.t.trial_timeout, abs=1.0)
+    assert dec.fresh_session  # back to A, again without a session
+    d.step(tx=148)  # the re-creation did not happen (say the write failed): the request lapses
+    # a counter reset nobody asked for still restarts the trial on the same endpoint
+    d.rx = d.tx = 0
+    assert d.step(tx=10).set_endpoint == A
+
+
+def test_switch_with_a_valid_session_keeps_it():
+    d = fast_driver()
+    d.step(tx=96, dt=0.25)
+    while d.m.current == A:
+        dec = d.step(tx=96, dt=d.m.due - d.now)
+    assert dec.set_endpoint == B and not dec.fresh_session
 
 
 def test_probes_spaced_by_rekey_timeout_without_session():

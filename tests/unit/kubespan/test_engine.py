@@ -754,22 +754,35 @@ async def test_the_higher_key_waits_for_the_peers_initiation(rig_first: Rig) -> 
         # held: no endpoint, no keepalive, no probe: WireGuard attempts no initiation of its own
         assert held.endpoint is None and held.persistent_keepalive in (None, 0)
         assert (k1, mesh1) not in m.prober.probes
-        assert m._observe_at == pytest.approx(clock.t + 0.5)
-        # the peer's initiation arrives: WireGuard answers it and learns the endpoint
+        # while holding, a full pass looks for the peer's session every 0.1 s (until the hold's end)
+        assert m._observe_at == pytest.approx(clock.t + 0.1)
         applies = len(wg.applies)
-        clock.t += 0.3
+        clock.t += 0.1
+        assert not m._light_possible(clock.t), "a look for the session is a full pass"
+        await m.reconcile()
+        assert wg.device.peers[k1].endpoint is None, "still held"
+        # the peer's initiation arrives: WireGuard answers it and learns the endpoint
+        clock.t += 0.1
         rig_first.roam(k1, AddrPort.parse("10.5.0.2:51820"))
         wg.traffic(k1, rx=148, tx=92, handshake=True)
-        clock.t += 0.2
-        assert not m._light_possible(clock.t), "the hold's end is a full pass"
+        clock.t += 0.1
+        assert not m._light_possible(clock.t)
         await m.reconcile()
+        # the hold ends at the next look, 0.2 s before its end: probed at once, up on the answer
         assert removed(rig_first, applies, k1) == 0, "a session came: nothing re-created"
+        assert (k1, mesh1) in m.prober.probes
+        assert not m._joining
+        clock.t += 0.01
+        m.prober.answer(k1)
+        assert not m._light_possible(clock.t), "an answered probe is a full pass"
+        await m.reconcile()
+        assert m.status().peers[0].state == "up"
         assert wg.device.peers[k1].endpoint == AddrPort.parse("10.5.0.2:51820")
         assert wg.device.peers[k1].persistent_keepalive == m.cfg.persistent_keepalive
         assert m._observe_at is None and not m._joining
 
 
-async def test_a_hold_without_the_peers_initiation_ends_in_our_own(rig_first: Rig) -> None:
+async def test_a_hold_without_the_peers_initiation_ends_in_our_own_from_a_fresh_peer(rig_first: Rig) -> None:
     wg, clock = rig_first.wg, rig_first.clock
     async with rig_first.running() as m:
         assert m.identity is not None
@@ -779,15 +792,18 @@ async def test_a_hold_without_the_peers_initiation_ends_in_our_own(rig_first: Ri
         applies = len(wg.applies)
         clock.t += 0.5
         await m.reconcile()
-        # endpoint and keepalive set together (WireGuard initiates at once), and probed; never
-        # re-created: a session the peer made just before the write would be lost
+        # re-created with endpoint and keepalive (WireGuard initiates at once), and probed: traffic
+        # to the held peer may have made WireGuard count an initiation it could not send (no
+        # endpoint), after which it would wait 5 s before the next
+        assert removed(rig_first, applies, k1) == 1
         assert wg.device.peers[k1].endpoint == AddrPort.parse("10.5.0.2:51820")
         assert wg.device.peers[k1].persistent_keepalive == m.cfg.persistent_keepalive
         assert (k1, mesh1) in m.prober.probes
+        assert not m._joining
         for _ in range(3):
             clock.t += 1.0
             await m.reconcile()
-        assert removed(rig_first, applies, k1) == 0
+        assert removed(rig_first, applies, k1) == 1, "once"
 
 
 async def test_the_lower_key_initiates_at_once_and_again_once_without_a_session(rig_first: Rig) -> None:
@@ -825,3 +841,64 @@ async def test_an_initiator_with_a_session_is_never_recreated(rig_first: Rig) ->
         await rig_first.bring_up(k1, passes=3)
         assert removed(rig_first, applies, k1) == 0
         assert not m._joining
+
+
+async def test_the_initiator_sees_the_session_at_the_next_look_when_its_probe_was_lost(
+    rig_first: Rig,
+) -> None:
+    wg, clock = rig_first.wg, rig_first.clock
+    async with rig_first.running() as m:
+        assert m.identity is not None
+        k1, _, d1 = remote_beside(m.identity.public_key, True, "node-a", "a", "10.5.0.2", 2)
+        rig_first.disc.put(d1)
+        await m.reconcile()
+        assert m._observe_at == pytest.approx(clock.t + 0.1), "looks for the session in 0.1 s"
+        # the probe sent with the add is never answered (a new node sends it before its link is up)
+        for _ in range(3):
+            assert m._observe_at is not None
+            clock.t = m._observe_at
+            assert not m._light_possible(clock.t), "a look for the session is a full pass"
+            await m.reconcile()
+        assert m.status().peers[0].state == "unknown"
+        # the session comes (the peer's initiation or ours): up at the next look, not the next poll
+        clock.t += 0.05
+        wg.traffic(k1, rx=148, tx=92, handshake=True)
+        assert m._observe_at is not None
+        clock.t = m._observe_at
+        await m.reconcile()
+        assert m.status().peers[0].state == "up"
+        assert not m._joining
+
+
+async def test_the_initiator_with_a_session_before_its_first_look_is_up_at_that_look(rig_first: Rig) -> None:
+    wg, clock = rig_first.wg, rig_first.clock
+    async with rig_first.running() as m:
+        assert m.identity is not None
+        k1, _, d1 = remote_beside(m.identity.public_key, True, "node-a", "a", "10.5.0.2", 2)
+        rig_first.disc.put(d1)
+        await m.reconcile()
+        # handshake and the peer's keepalive came before the first look; the probe was lost
+        wg.traffic(k1, rx=32, tx=148, handshake=True)
+        assert m._observe_at is not None
+        clock.t = m._observe_at
+        await m.reconcile()
+        assert m.status().peers[0].state == "up", "counters of a peer we just added start at zero"
+
+
+async def test_a_hold_for_a_peer_behind_nat_ends_without_recreation(rig_first: Rig) -> None:
+    wg, clock = rig_first.wg, rig_first.clock
+    async with rig_first.running() as m:
+        k1, mesh1, d1 = remote("node-a", "a", "10.5.0.2", 2)
+        d1.affiliate.kubespan.traversal.nat_class = 2  # eim: we (unknown) wait, whatever the keys
+        rig_first.disc.put(d1)
+        await m.reconcile()
+        assert wg.device.peers[k1].endpoint is None, "held"
+        applies = len(wg.applies)
+        clock.t += 0.5
+        await m.reconcile()
+        # endpoint and keepalive set, not re-created: a session the peer made just before the write
+        # would be lost, and a symmetric NAT would not let our own initiation through
+        assert removed(rig_first, applies, k1) == 0
+        assert wg.device.peers[k1].endpoint == AddrPort.parse("10.5.0.2:51820")
+        assert wg.device.peers[k1].persistent_keepalive == m.cfg.persistent_keepalive
+        assert (k1, mesh1) in m.prober.probes

@@ -35,15 +35,44 @@ def test_one_side_of_a_pair_waits(own: str, peer: str, low_waits: bool, high_wai
     assert waits(low, own, high, peer) != waits(high, peer, low, own)
 
 
-def test_the_waiting_side_holds_then_goes_and_never_recreates() -> None:
-    t = FirstContactTimings(hold=0.5, retry=1.5)
+def test_the_waiting_side_holds_then_recreates_once() -> None:
+    t = FirstContactTimings(hold=0.5, retry=1.5, check=0.1)
     fc = FirstContact(100.0, waiting=True, timings=t)
-    assert fc.due() == 100.5
+    assert fc.due() == pytest.approx(100.1), "looks for the peer's session while holding"
     assert fc.step(100.0, session=False) is Action.HOLD
     assert fc.step(100.4, session=False) is Action.HOLD
-    assert fc.step(100.5, session=False) is Action.GO
+    assert fc.due() == pytest.approx(100.5), "the next look, or the hold's end if sooner"
+    # no session at the hold's end: a fresh peer, since WireGuard may have counted an initiation
+    # it could not send without an endpoint (the next would wait 5 s)
+    assert fc.step(100.5, session=False) is Action.RECREATE
     assert fc.done and fc.due() is None
-    assert fc.step(102.0, session=False) is Action.GO
+    assert fc.step(102.0, session=False) is Action.GO, "once"
+
+
+def test_a_hold_for_a_peer_behind_nat_ends_without_recreation() -> None:
+    # the peer may be unreachable from here (symmetric NAT): a session it made just before the
+    # write must not be lost; it re-creates on its side if its first initiation was lost
+    fc = FirstContact(100.0, waiting=True, recreate=False)
+    assert fc.step(100.0, session=False) is Action.HOLD
+    assert fc.step(100.5, session=False) is Action.GO
+    assert fc.done
+    initiator = FirstContact(100.0, waiting=False, recreate=False)
+    assert initiator.step(101.5, session=False) is Action.RECREATE, "only the hold's end is spared"
+
+
+def test_the_hold_is_looked_at_every_check_until_its_end() -> None:
+    fc = FirstContact(100.0, waiting=True, timings=FirstContactTimings(hold=0.5, retry=1.5, check=0.2))
+    steps: list[tuple[float, Action]] = []
+    now: float | None = 100.0
+    while now is not None and len(steps) < 10:
+        steps.append((round(now, 3), fc.step(now, session=False)))
+        now = fc.due()  # the engine's next full pass
+    assert steps == [
+        (100.0, Action.HOLD),
+        (100.2, Action.HOLD),
+        (100.4, Action.HOLD),
+        (100.5, Action.RECREATE),
+    ]
 
 
 def test_a_session_during_the_hold_ends_it_without_recreation() -> None:
@@ -54,16 +83,18 @@ def test_a_session_during_the_hold_ends_it_without_recreation() -> None:
     assert fc.step(100.6, session=False) is Action.GO
 
 
-def test_a_waiting_side_first_seen_after_its_hold_goes_at_once() -> None:
+def test_a_waiting_side_first_seen_after_its_hold_initiates_at_once() -> None:
     fc = FirstContact(100.0, waiting=True)
-    assert fc.step(100.9, session=False) is Action.GO
+    assert fc.step(100.9, session=False) is Action.RECREATE
+    assert fc.done
 
 
 def test_the_initiator_recreates_once_when_no_session_came() -> None:
-    fc = FirstContact(100.0, waiting=False, timings=FirstContactTimings(hold=0.5, retry=1.5))
-    assert fc.due() == 101.5
+    fc = FirstContact(100.0, waiting=False, timings=FirstContactTimings(hold=0.5, retry=1.5, check=0.1))
+    assert fc.due() == pytest.approx(100.1), "looks for the session (the state is up at once)"
     assert fc.step(100.0, session=False) is Action.GO
     assert fc.step(101.4, session=False) is Action.GO
+    assert fc.due() == pytest.approx(101.5), "the re-creation when sooner than the next look"
     assert fc.step(101.5, session=False) is Action.RECREATE
     assert fc.step(103.0, session=False) is Action.GO, "once"
 
@@ -77,3 +108,5 @@ def test_the_initiator_with_a_session_is_done() -> None:
 def test_timings_are_checked() -> None:
     with pytest.raises(ValueError, match="hold"):
         FirstContactTimings(hold=2.0, retry=1.0)
+    with pytest.raises(ValueError, match="check"):
+        FirstContactTimings(check=0)
