@@ -27,6 +27,7 @@ import functools
 import ipaddress
 import logging
 import re
+import shutil
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,7 @@ class Proxy(grpc.GenericRpcHandler):
         self.identity = identity
         self.peers = peers if peers is not None else tlsterm.PeerRegistry()
         self.sockdir = sockdir
+        self._own_sockdir = False
         self.node_port = node_port
         self.name = name
         self.max_fanout = max_fanout
@@ -200,6 +202,8 @@ class Proxy(grpc.GenericRpcHandler):
         await self.channels.aclose()
         with contextlib.suppress(Exception):
             await self.local.close()
+        if self._own_sockdir and self.sockdir is not None:
+            shutil.rmtree(self.sockdir, ignore_errors=True)
 
     # -- grpc entry point ---------------------------------------------------------------------------
 
@@ -292,7 +296,7 @@ class Proxy(grpc.GenericRpcHandler):
         the dialer's private unix socket, and the dialer connects to ``host`` over TCP + TLS)."""
         assert self.identity is not None
         if self.sockdir is None:
-            self.sockdir = tlsterm.private_dir("apid-")
+            self.sockdir, self._own_sockdir = tlsterm.private_dir("apid-"), True
         ctx = self.identity.client_context(self.sockdir)
         return tlsterm.TlsChannel.create(target, ctx, _CHANNEL_OPTIONS, sockdir=self.sockdir)
 
