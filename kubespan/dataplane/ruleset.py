@@ -29,6 +29,8 @@ SET_FLAGS = ("interval",)
 CHAIN_PREROUTING = "prerouting"
 CHAIN_OUTPUT = "output"
 CHAIN_FORWARD = "forward"
+# regular chains (no hook) that the output chain's one set lookup per family jumps to
+CHAIN_MESH = {4: "mesh_ipv4", 6: "mesh_ipv6"}
 PRIO_FILTER = 0
 PRIO_MANGLE = -150
 COMMENT_PREFIX = "kubespan:"
@@ -137,22 +139,35 @@ def _nd_accept() -> list[dict[str, Any]]:
     return [_match({"payload": {"protocol": "icmpv6", "field": "type"}}, {"set": _ND_TYPES}), _ACCEPT]
 
 
-def _clamp(mss: int) -> list[dict[str, Any]]:
-    """TCP SYN (not RST) with an MSS above ``mss`` -> MSS ``mss`` (never raises a smaller one)."""
-    return [
-        _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "rst"]]}, "syn"),
-        _match(_MSS, mss, ">"),
-        {"mangle": {"key": _MSS, "value": mss}},
-    ]
+_SYN = _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "rst"]]}, "syn")
+
+
+def _clamp(mss: int, *between: dict[str, Any]) -> list[dict[str, Any]]:
+    """TCP SYN (not RST) with an MSS above ``mss`` -> MSS ``mss`` (never raises a smaller one).
+
+    The SYN test comes first: every other packet leaves the rule after one header load and compare,
+    before ``between`` (the rule's other matches: an interface name, a protocol) is looked at."""
+    return [_SYN, *between, _match(_MSS, mss, ">"), {"mangle": {"key": _MSS, "value": mss}}]
+
+
+def _goto_mesh(version: int) -> list[dict[str, Any]]:
+    """The family's one lookup of the target set; a hit continues in that family's mesh chain."""
+    return [_daddr_in(version), {"goto": {"target": CHAIN_MESH[version]}}]
 
 
 @dataclass(frozen=True, slots=True)
 class ChainSpec:
+    """A chain and its rules; ``type``/``hook``/``prio`` None for a regular chain (reached by a jump)."""
+
     name: str
-    type: str
-    hook: str
-    prio: int
+    type: str | None
+    hook: str | None
+    prio: int | None
     rules: tuple[tuple[str, tuple[dict[str, Any], ...]], ...]  # (what, expr)
+
+    @property
+    def base(self) -> bool:
+        return self.hook is not None
 
 
 def _rules(*items: tuple[str, list[dict[str, Any]]]) -> tuple[tuple[str, tuple[dict[str, Any], ...]], ...]:
@@ -181,11 +196,25 @@ def chain_specs(p: RulesetParams) -> list[ChainSpec]:
                 ("wireguard", _wg_accept(p)),
                 ("loopback", [_match(_meta("oifname"), "lo"), _ACCEPT]),
                 ("ndp", _nd_accept()),
-                ("mss-ipv4", [_daddr_in(4), *_clamp(p.mss_ipv4)]),
-                ("mss-ipv6", [_daddr_in(6), *_clamp(p.mss_ipv6)]),
-                ("mark-ipv4", [_daddr_in(4), *_set_mark(p)]),
-                ("mark-ipv6", [_daddr_in(6), *_set_mark(p)]),
+                ("mesh-ipv4", _goto_mesh(4)),
+                ("mesh-ipv6", _goto_mesh(6)),
             ),
+        ),
+        # reached only by packets to a target (one set lookup in the output chain); the clamp looks
+        # at SYNs only, then the mark is set and the packet accepted
+        ChainSpec(
+            CHAIN_MESH[4],
+            None,
+            None,
+            None,
+            _rules(("mss", _clamp(p.mss_ipv4)), ("mark", _set_mark(p))),
+        ),
+        ChainSpec(
+            CHAIN_MESH[6],
+            None,
+            None,
+            None,
+            _rules(("mss", _clamp(p.mss_ipv6)), ("mark", _set_mark(p))),
         ),
     ]
     if p.clamp_forwarded_mss:
@@ -197,8 +226,8 @@ def chain_specs(p: RulesetParams) -> list[ChainSpec]:
                 "forward",
                 PRIO_MANGLE,
                 _rules(
-                    ("mss-ipv4", [oif, _match(_meta("nfproto"), "ipv4"), *_clamp(p.mss_ipv4)]),
-                    ("mss-ipv6", [oif, _match(_meta("nfproto"), "ipv6"), *_clamp(p.mss_ipv6)]),
+                    ("mss-ipv4", _clamp(p.mss_ipv4, oif, _match(_meta("nfproto"), "ipv4"))),
+                    ("mss-ipv6", _clamp(p.mss_ipv6, oif, _match(_meta("nfproto"), "ipv6"))),
                 ),
             )
         )
@@ -233,22 +262,14 @@ def render_structure(p: RulesetParams) -> list[dict[str, Any]]:
         cmds.append(
             {"add": {"set": {**_set_ref(p.table, name), "type": SET_TYPES[name], "flags": list(SET_FLAGS)}}}
         )
-    for ch in chain_specs(p):
-        cmds.append(
-            {
-                "add": {
-                    "chain": {
-                        "family": FAMILY,
-                        "table": p.table,
-                        "name": ch.name,
-                        "type": ch.type,
-                        "hook": ch.hook,
-                        "prio": ch.prio,
-                        "policy": "accept",
-                    }
-                }
-            }
-        )
+    specs = chain_specs(p)
+    # regular chains first: a base chain's goto must find its target in the same transaction
+    for ch in sorted(specs, key=lambda c: c.base):
+        chain: dict[str, Any] = {"family": FAMILY, "table": p.table, "name": ch.name}
+        if ch.base:
+            chain.update(type=ch.type, hook=ch.hook, prio=ch.prio, policy="accept")
+        cmds.append({"add": {"chain": chain}})
+    for ch in specs:
         for what, expr in ch.rules:
             cmds.append(
                 {
@@ -452,7 +473,8 @@ def structure_mismatch(live: LiveTable, p: RulesetParams) -> str | None:
         return f"sets differ (have {sorted(live.sets)})"
     specs = chain_specs(p)
     want_chains = {
-        ch.name: {"type": ch.type, "hook": ch.hook, "prio": ch.prio, "policy": "accept"} for ch in specs
+        ch.name: {"type": ch.type, "hook": ch.hook, "prio": ch.prio, "policy": "accept" if ch.base else None}
+        for ch in specs
     }
     if live.chains != want_chains:
         return f"chains differ (have {sorted(live.chains)})"

@@ -421,6 +421,11 @@ async def test_marking_routes_mesh_destinations_into_table_180(lab: Lab) -> None
     expect_counts(t.s, syn4_clamped=1, syn6_clamped=1, syn4_small=1, fwd_syn4_clamped=1, syn_any=4)
     expect_counts(t.u, syn_any=0)
 
+    # no rule of ours needs connection tracking: after all that traffic the node tracks nothing
+    # (a ``ct`` match would turn conntrack on for every packet of the namespace)
+    tracked = t.a.run("sh", "-c", "cat /proc/sys/net/netfilter/nf_conntrack_count 2>/dev/null || echo 0")
+    assert tracked.stdout.strip() == "0"
+
 
 # --- 4: set diffs -----------------------------------------------------------------------------------
 

@@ -73,7 +73,14 @@ def test_replace_document_is_one_idempotent_transaction() -> None:
     )
     assert (chains["output"]["type"], chains["output"]["hook"]) == ("route", "output")
     assert (chains["forward"]["type"], chains["forward"]["hook"]) == ("filter", "forward")
-    assert all(ch["policy"] == "accept" for ch in chains.values())
+    base = {n: ch for n, ch in chains.items() if "hook" in ch}
+    assert set(base) == {"prerouting", "output", "forward"}
+    assert all(ch["policy"] == "accept" for ch in base.values())
+    # the regular chains the output chain jumps to, added before any rule can refer to them
+    regular = {n: ch for n, ch in chains.items() if "hook" not in ch}
+    assert set(regular) == {"mesh_ipv4", "mesh_ipv6"} and not any("type" in ch for ch in regular.values())
+    first_rule = next(i for i, c in enumerate(cmds) if "rule" in c.get("add", {}))
+    assert all(i < first_rule for i, c in enumerate(cmds) if "chain" in c.get("add", {}))
     elements = [c["add"]["element"] for c in cmds if "element" in c.get("add", {})]
     assert elements == [
         {
@@ -104,22 +111,68 @@ def test_rules_have_talos_semantics_and_touch_only_the_mask_bits() -> None:
     assert nd["left"] == {"payload": {"protocol": "icmpv6", "field": "type"}}
     assert {"nd-neighbor-solicit", "nd-neighbor-advert"} <= set(nd["right"]["set"])
     assert out[2]["expr"][-1] == {"accept": None}
-    del out[2]
     mark = {
         "key": {"meta": {"key": "mark"}},
         "value": {"|": [{"&": [{"meta": {"key": "mark"}}, 0xFFFFFF9F]}, 0x40]},
     }
-    for chain, rules in (("prerouting", pre[1:]), ("output", out[4:])):
-        assert len(rules) == 2, chain
-        for rule, (proto, set_name) in zip(
-            rules, (("ip", "@targets_ipv4"), ("ip6", "@targets_ipv6")), strict=True
-        ):
-            assert rule["expr"][0]["match"]["left"]["payload"] == {"protocol": proto, "field": "daddr"}
-            assert rule["expr"][0]["match"]["right"] == set_name
-            assert _mangles(rule) == [mark]
-            assert rule["expr"][-1] == {"accept": None}
-    # the MSS clamps come before the marking rules' accept
-    assert [_mangles(r)[0]["value"] for r in out[2:4]] == [1368, 1348]
+    families = (("ip", "@targets_ipv4", "mesh_ipv4", 1368), ("ip6", "@targets_ipv6", "mesh_ipv6", 1348))
+    assert len(pre) == 3 and len(out) == 5
+    for pre_rule, out_rule, (proto, set_name, chain, mss) in zip(pre[1:], out[3:], families, strict=True):
+        # prerouting: the family's target set, then the mark (mask bits only) and accept
+        daddr = {"payload": {"protocol": proto, "field": "daddr"}}
+        assert pre_rule["expr"][0]["match"] == {"op": "==", "left": daddr, "right": set_name}
+        assert _mangles(pre_rule) == [mark] and pre_rule["expr"][-1] == {"accept": None}
+        # output: the same lookup, once, after the exemptions; a hit goes on in the family's chain
+        assert out_rule["expr"] == [
+            {"match": {"op": "==", "left": daddr, "right": set_name}},
+            {"goto": {"target": chain}},
+        ]
+        clamp, marking = _rules_of(doc, chain)
+        assert _mangles(clamp)[0]["value"] == mss  # the clamp comes before the mark's accept
+        assert _mangles(marking) == [mark] and marking["expr"][-1] == {"accept": None}
+
+
+def test_output_looks_each_target_set_up_once_after_the_exemptions() -> None:
+    """Traffic that is not ours costs one set lookup in the output chain (it was two: clamp, then
+    mark); the WireGuard, loopback and neighbour-discovery exemptions all come before it."""
+    doc = R.render_replace(RulesetParams(), {})
+    lookups = {"@targets_ipv4": 0, "@targets_ipv6": 0}
+    for rule in _rules_of(doc, "output"):
+        for e in rule["expr"]:
+            right = e["match"]["right"] if "match" in e else None
+            if isinstance(right, str) and right in lookups:
+                lookups[right] += 1
+    assert lookups == {"@targets_ipv4": 1, "@targets_ipv6": 1}
+    whats = [r["comment"].split()[0].split(":")[-1] for r in _rules_of(doc, "output")]
+    assert whats == ["wireguard", "loopback", "ndp", "mesh-ipv4", "mesh-ipv6"]
+    for chain in ("mesh_ipv4", "mesh_ipv6"):  # the jump targets look nothing up again
+        assert "@targets" not in json.dumps(_rules_of(doc, chain))
+
+
+_SYN = {
+    "match": {
+        "op": "==",
+        "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "rst"]]},
+        "right": "syn",
+    }
+}
+_MSS_KEY = {"tcp option": {"name": "maxseg", "field": "size"}}
+
+
+def test_clamps_test_the_syn_flag_before_anything_else() -> None:
+    """Only a SYN of a mesh-bound flow is clamped; every other packet leaves a clamp rule at its
+    first match (in the forward chain too, before the interface name is compared)."""
+    doc = R.render_replace(RulesetParams(), {})
+    rules = [r for ch in ("mesh_ipv4", "mesh_ipv6", "forward") for r in _rules_of(doc, ch)]
+    clamps = [r for r in rules if any(m["key"] == _MSS_KEY for m in _mangles(r))]
+    assert len(clamps) == 4
+    assert all(r["expr"][0] == _SYN for r in clamps)
+
+
+def test_ruleset_uses_no_conntrack() -> None:
+    """No rule needs connection tracking, so the table does not turn it on in the node."""
+    text = json.dumps(R.render_replace(RulesetParams(), targets(["10.0.0.0/8", "fd00::/8"])))
+    assert '"ct"' not in text and "notrack" not in text and '"ct ' not in text
 
 
 def test_custom_marks_and_mtu() -> None:
@@ -131,8 +184,10 @@ def test_custom_marks_and_mtu() -> None:
         "left": {"&": [{"meta": {"key": "mark"}}, 0x600]},
         "right": 0x200,
     }
-    assert _mangles(out[5])[0]["value"] == {"|": [{"&": [{"meta": {"key": "mark"}}, 0xFFFFF9FF]}, 0x400]}
-    assert [_mangles(r)[0]["value"] for r in out[3:5]] == [1228, 1208]
+    for chain, mss in (("mesh_ipv4", 1228), ("mesh_ipv6", 1208)):
+        clamp, marking = _rules_of(doc, chain)
+        assert _mangles(clamp)[0]["value"] == mss
+        assert _mangles(marking)[0]["value"] == {"|": [{"&": [{"meta": {"key": "mark"}}, 0xFFFFF9FF]}, 0x400]}
     fwd = _rules_of(doc, "forward")
     assert [_mangles(r)[0]["value"] for r in fwd] == [1228, 1208]
 
@@ -140,9 +195,9 @@ def test_custom_marks_and_mtu() -> None:
 def test_mss_clamp_only_lowers_syns() -> None:
     (rule4, _rule6) = _rules_of(R.render_replace(RulesetParams(), {}), "forward")
     exprs = rule4["expr"]
-    assert exprs[0] == {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "kubespan"}}
-    assert exprs[1]["match"]["right"] == "ipv4"
-    assert exprs[2]["match"]["left"]["&"][1] == ["syn", "rst"] and exprs[2]["match"]["right"] == "syn"
+    assert exprs[0] == _SYN
+    assert exprs[1] == {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "kubespan"}}
+    assert exprs[2]["match"]["right"] == "ipv4"
     assert exprs[3]["match"]["op"] == ">" and exprs[3]["match"]["right"] == 1368
 
 
@@ -155,10 +210,11 @@ def test_rule_comments_identify_the_rendering() -> None:
     a = R.render_replace(RulesetParams(), {})
     b = R.render_replace(RulesetParams(mtu=1380), {})
     comments = lambda doc, ch: [r["comment"] for r in _rules_of(doc, ch)]  # noqa: E731
-    assert len(set(comments(a, "output"))) == 7
+    assert len(set(comments(a, "output"))) == 5
     assert all(c.startswith("kubespan:output:") for c in comments(a, "output"))
     assert comments(a, "prerouting") == comments(b, "prerouting")  # MTU does not matter there
-    assert comments(a, "output") != comments(b, "output")
+    assert comments(a, "output") == comments(b, "output")  # nor in the output chain's lookups
+    assert comments(a, "mesh_ipv4") != comments(b, "mesh_ipv4")  # but in the clamp they jump to
     assert comments(a, "output") == comments(R.render_replace(RulesetParams(), {}), "output")  # stable
 
 
@@ -339,7 +395,7 @@ class NftSim:
         elif kind == "set" and op == "flush":
             t["sets"][obj["name"]]["elem"] = []
         elif kind == "chain" and op == "add":
-            t["chains"][obj["name"]] = {k: obj[k] for k in ("type", "hook", "prio", "policy")}
+            t["chains"][obj["name"]] = {k: obj.get(k) for k in ("type", "hook", "prio", "policy")}
             t["rules"].setdefault(obj["name"], [])
         elif kind == "rule" and op == "add":
             self.handle += 1
@@ -383,7 +439,8 @@ class NftSim:
                 obj["elem"] = [R.element_json(n) for n in s["elem"]]
             out.append({"set": obj})
         for cname, c in t["chains"].items():
-            out.append({"chain": {"family": "inet", "table": name, "name": cname, "handle": 3, **c}})
+            listed = {k: v for k, v in c.items() if v is not None}  # a regular chain lists no hook
+            out.append({"chain": {"family": "inet", "table": name, "name": cname, "handle": 3, **listed}})
         for cname, rules in t["rules"].items():
             for r in rules:
                 rule = {
@@ -551,7 +608,7 @@ async def test_nft_structure_drift_or_config_change_replaces_the_table() -> None
     assert (await nm.reconcile(want))[0].startswith("nft table inet kubespan: replaced (sets differ")
     # a new process with another MTU: replaced once, then quiet; elements kept
     nm2 = NftManager(mtu=1380, runner=sim)
-    assert (await nm2.reconcile(want))[0].endswith("(rules of chain output differ)")
+    assert (await nm2.reconcile(want))[0].endswith("(rules of chain mesh_ipv4 differ)")  # the clamp
     assert await nm2.reconcile(want) == []
     assert sim.elements()[SET_IPV4] == [ip_network("10.1.0.0/24")]
     # the same configuration in a new process: nothing written
