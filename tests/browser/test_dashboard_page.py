@@ -224,6 +224,10 @@ async def test_dashboard_live_matrix_through_node_loss_and_restart(
         await page.keyboard.press("Tab")
         assert await page.evaluate("() => document.activeElement.textContent") == "Close details"
         assert await page.evaluate(RING), "no focus indicator on the close button"
+        # live updates (counters every 5 s) redraw the details without taking the focus away
+        seen = await page.evaluate("() => document.body.dataset.version")
+        await page.wait_for_function("v => document.body.dataset.version !== v", arg=seen, timeout=30_000)
+        assert await page.evaluate("() => document.activeElement.textContent") == "Close details"
         await shot(page, "keyboard-detail")
         await page.keyboard.press("Enter")
         assert await page.evaluate(focused) == ["n3", "n2"]

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
 from aiohttp import web
 
@@ -213,3 +214,24 @@ def test_command_refuses_without_web_or_a_remote_address(argv, says, tmp_path: P
     out, err = io.StringIO(), io.StringIO()
     rc = main(["--config", str(tmp_path / "none"), *argv], out, err)
     assert rc == 1 and says in err.getvalue(), err.getvalue()
+
+
+async def test_collector_on_machined_socket_without_apid(tmp_path: Path) -> None:
+    """``spanctl --socket PATH dashboard --web``: one node, no routing metadata, no TLS."""
+    fake, srv, sock = await start_fake_machined("solo", tmp_path)
+    await put(fake, "peer-x", "down")
+    ch = grpc.aio.insecure_channel(f"unix:{sock}")
+    col = Collector(ch, direct=True, where=str(sock), retry=0.3, heartbeat=0.5)
+    task = asyncio.create_task(col.run())
+    try:
+        await until("solo ok", lambda: _reach(col.view(), "solo") == "ok", 10)
+        v = col.view()
+        assert v["names"] == ["peer-x", "solo"]
+        assert v["matrix"]["solo"]["peer-x"]["state"] == "down"
+        assert next(n for n in v["nodes"] if n["name"] == "peer-x")["reach"] == "unwatched"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await ch.close()
+        await srv.stop()

@@ -2,8 +2,9 @@
 
 Each node gets a loop: ``Hostname`` and ``Version`` (who it is), then one ``State.Watch`` per kind of
 :data:`~.model.KINDS` (bootstrapped, so a reconnect starts from the full current set) and a heartbeat
-(``Hostname`` every ``heartbeat`` s: a node that stops answering without closing its stream still turns
-unreachable). Any failure marks the node unreachable with its data kept and marked stale, and the loop
+(``Hostname`` every ``heartbeat`` s with as long to answer: a node that dies behind the mesh sends no
+reset, so its streams would hang; one missed answer shows it unreachable at once, within 2 s, with its
+streams kept, the next answer shows it back; ``heartbeat_misses`` in a row end the streams and reconnect). Any failure marks the node unreachable with its data kept and marked stale, and the loop
 tries again every ``retry`` s; a restarted node comes back with fresh data, never dropped in between.
 
 Without explicit nodes the collector lists the Members of the node it is pointed at (every
@@ -93,6 +94,7 @@ class NodeState:
     stale: bool = False
     version: str = ""
     resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    booted: bool = False  # every watch of the current connection bootstrapped
     task: asyncio.Task[None] | None = None
 
     def snapshot(self) -> model.NodeInput:
@@ -121,11 +123,15 @@ class Collector:
         where: str = "",
         timeout: float = 5.0,
         retry: float = 1.0,
-        heartbeat: float = 2.0,
+        heartbeat: float = 1.0,
+        heartbeat_misses: int = 3,
         discover_every: float = 5.0,
         clock: Callable[[], float] = time.time,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
+        """``metadata``: sent on every call besides the ``node`` routing (``-c/--cluster``'s ``context``)."""
         self.channel = channel
+        self.metadata = list(metadata)
         self.direct = direct
         self.targets = targets
         self.seed = seed
@@ -133,6 +139,7 @@ class Collector:
         self.timeout = timeout
         self.retry = retry
         self.heartbeat = heartbeat
+        self.heartbeat_misses = heartbeat_misses
         self.discover_every = discover_every
         self.clock = clock
         self.nodes: dict[str, NodeState] = {}
@@ -198,7 +205,7 @@ class Collector:
         return st
 
     def _md(self, target: str) -> list[tuple[str, str]]:
-        return [] if self.direct or not target else [("node", target)]
+        return ([] if self.direct or not target else [("node", target)]) + self.metadata
 
     async def _watch_link(self) -> None:
         """The channel's connectivity as ``link`` (apid lost: every node's data is stale meanwhile)."""
@@ -275,17 +282,19 @@ class Collector:
         ver = await self.machine.Version(empty_pb2.Empty(), metadata=md, timeout=self.timeout)
         st.version = self._first(ver).version.tag
         pending = set(model.KINDS)
+        st.booted = False
 
         def bootstrapped(kind: str) -> None:
             pending.discard(kind)
             if not pending:
+                st.booted = True
                 self._set_reach(st, model.REACH_OK)
 
         try:
             async with asyncio.TaskGroup() as tg:
                 for kind in model.KINDS:
                     tg.create_task(self._watch(st, kind, md, bootstrapped))
-                tg.create_task(self._heartbeat(st.target, md))
+                tg.create_task(self._heartbeat(st, md))
         except BaseExceptionGroup as eg:
             raise _first_error(eg) from None
 
@@ -304,14 +313,23 @@ class Collector:
             return self.where or "the endpoint"
         return f"{target} (through {self.where})" if self.where else target
 
-    async def _heartbeat(self, target: str, md: list[tuple[str, str]]) -> None:
+    async def _heartbeat(self, st: NodeState, md: list[tuple[str, str]]) -> None:
+        misses = 0
         while True:
             await asyncio.sleep(self.heartbeat)
             try:
-                resp = await self.machine.Hostname(empty_pb2.Empty(), metadata=md, timeout=self.heartbeat + 1)
-            except grpc.RpcError as e:
-                raise NodeGone(describe_rpc_error(e, self._via(target))) from None
-            self._first(resp)
+                resp = await self.machine.Hostname(empty_pb2.Empty(), metadata=md, timeout=self.heartbeat)
+                self._first(resp)
+            except (grpc.RpcError, NodeGone) as e:
+                misses += 1
+                msg = describe_rpc_error(e, self._via(st.target)) if isinstance(e, grpc.RpcError) else str(e)
+                if misses >= self.heartbeat_misses:
+                    raise NodeGone(msg) from None
+                self._set_reach(st, model.REACH_UNREACHABLE, msg)
+                continue
+            if misses and st.booted:
+                self._set_reach(st, model.REACH_OK)
+            misses = 0
 
     async def _watch(
         self, st: NodeState, kind: str, md: list[tuple[str, str]], bootstrapped: Callable[[str], None]

@@ -7,6 +7,7 @@ import contextlib
 import signal
 
 from ..app import App, UsageError
+from ..client import CLUSTER_METADATA
 from .collector import Collector, aio_channel
 from .server import ListenError, check_listen, is_loopback, parse_listen, serve
 
@@ -44,7 +45,15 @@ def cmd_dashboard(app: App) -> None:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         channel = aio_channel(t)
-        collector = Collector(channel, direct=t.direct, targets=explicit, seed=seed, where=t.where)
+        cluster = getattr(t, "cluster", "")
+        collector = Collector(
+            channel,
+            direct=t.direct,
+            targets=explicit,
+            seed=seed,
+            where=t.where,
+            metadata=((CLUSTER_METADATA, cluster),) if cluster else (),
+        )
         try:
             await serve(collector, host, port, loopback_only=is_loopback(host), stop=stop, ready=ready)
         finally:

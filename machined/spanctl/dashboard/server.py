@@ -114,7 +114,7 @@ def _host_guard(loopback_only: bool) -> object:
 
 
 def make_app(
-    collector: Collector, *, loopback_only: bool = True, min_interval: float = 0.25
+    collector: Collector, *, loopback_only: bool = True, min_interval: float = 0.5
 ) -> web.Application:
     files = {name: _static(name) for name in STATIC}
     app = web.Application(middlewares=[_host_guard(loopback_only), _headers])  # type: ignore[list-item]

@@ -179,7 +179,7 @@ def test_bad_specs_do_not_break_the_view() -> None:
         "t", "a", "ok", resources={"peers": {"k": None, "j": {"label": "b", "lastHandshakeTime": "garbage"}}}
     )
     v = build_view([n], {}, NOW)
-    assert v["matrix"]["a"]["b"]["state"] == "unknown" and v["matrix"]["a"]["b"]["handshake"] is None
+    assert v["matrix"]["a"]["b"]["state"] == "unknown" and "handshake" not in v["matrix"]["a"]["b"]
     assert model.epoch("0001-01-01T00:00:00Z") is None
 
 
@@ -214,3 +214,19 @@ def test_non_loopback_needs_allow_remote() -> None:
         with pytest.raises(ListenError, match="--allow-remote"):
             check_listen(host, allow_remote=False)
         check_listen(host, allow_remote=True)
+
+
+async def test_collector_routes_by_node_and_keeps_the_cluster_metadata() -> None:
+    import grpc
+
+    from machined.spanctl.dashboard.collector import Collector
+
+    ch = grpc.aio.insecure_channel("unix:/nonexistent.sock")
+    try:
+        c = Collector(ch, targets=[], metadata=(("context", "prod"),))
+        assert c._md("10.0.0.1") == [("node", "10.0.0.1"), ("context", "prod")]
+        assert c._md("") == [("context", "prod")]  # the endpoint's own node: no routing
+        d = Collector(ch, direct=True)
+        assert d._md("10.0.0.1") == []  # a unix socket reaches one machined: never routed
+    finally:
+        await ch.close()

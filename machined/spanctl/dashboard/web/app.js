@@ -5,7 +5,8 @@
 const SYM = { up: "✓", down: "✗", unknown: "?", absent: "∅", nodata: "⊘", self: "—" };
 const PATH = { lan: "L", direct: "D", relay: "R", none: "" };
 const SVGNS = "http://www.w3.org/2000/svg";
-const COMPACT = 12; // more nodes than this: cells show symbol and path only
+const COMPACT = 12;
+const HAS_STATUS = { up: true, down: true, unknown: true }; // the cell holds a KubeSpanPeerStatus // more nodes than this: cells show symbol and path only
 
 let view = null;
 let offset = 0; // server clock - our clock, seconds
@@ -96,6 +97,7 @@ function buildMatrix(names) {
   }
   table.append(body);
   table.classList.toggle("compact", names.length > COMPACT);
+  document.body.classList.toggle("large", names.length > COMPACT);
   table.onkeydown = onMatrixKey;
 }
 
@@ -153,7 +155,7 @@ function fillCell(td, r, c, cell, compact) {
   if (cell.path && PATH[cell.path]) {
     lines.push(el("span", { class: "path", text: PATH[cell.path] + (cell.path === "relay" && cell.relayVia ? "·" + cell.relayVia : "") }));
   }
-  if (!compact && "handshake" in cell) {
+  if (!compact && HAS_STATUS[state]) {
     lines.push(el("span", { class: "hs", "data-ts": cell.handshake ?? "", text: cell.handshake ? "hs " + age(cell.handshake) : "no hs" }));
     if (cell.rtt !== null && cell.rtt !== undefined) lines.push(el("span", { class: "rtt", text: rtt(cell.rtt) }));
     lines.push(el("span", { class: "bytes", text: "↓" + bytes(cell.rx) + " ↑" + bytes(cell.tx) }));
@@ -306,7 +308,7 @@ function direction(v, a, b) {
   const dl = el("dl");
   const add = (k, val) => { dl.append(el("dt", { text: k }), el("dd", { text: val })); };
   add("state", c.state + (c.stale ? " (stale: last known)" : ""));
-  if ("handshake" in c) {
+  if (HAS_STATUS[c.state]) {
     add("path", pathText(c) || "none");
     add("why not direct", c.whyNotDirect || (c.path === "lan" || c.path === "direct" ? "it is direct" : "–"));
     add("endpoint", c.endpoint || "–");
@@ -333,22 +335,33 @@ function direction(v, a, b) {
   return el("section", { class: "dir" }, el("h3", { text: a + " → " + b }), dl, table);
 }
 
+function closeDetail() {
+  selected = null;
+  for (const td of document.querySelectorAll("#matrix td[aria-selected='true']")) td.setAttribute("aria-selected", "false");
+  document.getElementById("detail").replaceChildren(
+    el("p", { class: "hint", text: "Select a matrix cell to see the pair's details." }));
+  const td = focusKey && findCell(...focusKey);
+  if (td) td.focus();
+}
+
 function updateDetail(v) {
   const box = document.getElementById("detail");
   if (!v || !selected) return;
+  // the body is redrawn on every update; the close button stays the same element, so a keyboard user
+  // holding focus on it keeps it while the data changes
+  let body = document.getElementById("detail-body");
+  if (!body) {
+    body = el("div", { id: "detail-body" });
+    const close = el("button", { type: "button", class: "close", text: "Close details" });
+    close.addEventListener("click", closeDetail);
+    box.replaceChildren(body, close);
+  }
   const [a, b] = selected;
   if (a === b) {
-    box.replaceChildren(el("p", { text: a + ": a node has no link to itself; pick a cell off the diagonal." }));
+    body.replaceChildren(el("p", { text: a + ": a node has no link to itself; pick a cell off the diagonal." }));
     return;
   }
-  const close = el("button", { type: "button", class: "close", text: "Close details" });
-  close.addEventListener("click", () => {
-    selected = null;
-    box.replaceChildren(el("p", { class: "hint", text: "Select a matrix cell to see the pair's details." }));
-    const td = focusKey && findCell(...focusKey);
-    if (td) td.focus();
-  });
-  box.replaceChildren(el("h3", { class: "pair", text: a + " ↔ " + b }), direction(v, a, b), direction(v, b, a), close);
+  body.replaceChildren(el("h3", { class: "pair", text: a + " ↔ " + b }), direction(v, a, b), direction(v, b, a));
 }
 
 // -- live updates ---------------------------------------------------------------------------------
