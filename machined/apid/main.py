@@ -425,6 +425,7 @@ async def run(ns: argparse.Namespace) -> int:
     except StartError as e:
         log_event(log, "apid cannot start", logging.ERROR, error=str(e))
         print(f"apid: {e}", file=sys.stderr)
+        await apid.stop()  # what did start (the private socket directory, a trustd listener)
         return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

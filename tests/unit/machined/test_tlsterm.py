@@ -4,6 +4,7 @@ identity to handlers, target parsing, and one terminator + dialer pair over real
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 import grpc
 import pytest
@@ -105,6 +106,7 @@ async def test_terminator_and_dialer_pass_the_verified_roles(tmp_path):
     finally:
         await term.close()
         await srv.stop(0)
+        shutil.rmtree(sockdir)
 
 
 def test_private_dir_is_0700():
@@ -114,7 +116,6 @@ def test_private_dir_is_0700():
 
 
 def test_private_dir_goes_under_systemds_runtime_directory(monkeypatch):
-    import shutil
     import tempfile
     from pathlib import Path
 
