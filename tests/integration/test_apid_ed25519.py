@@ -450,3 +450,28 @@ async def test_gen_config_with_a_talos_secrets_bundle_works_end_to_end(tmp_path)
     finally:
         await asyncio.to_thread(stop_processes, procs)
         await srv.stop()
+
+
+async def test_the_spanctl_command_with_a_talos_talosconfig(talos_nodes, tmp_path):
+    """``spanctl --talosconfig FILE -n NODE version`` with Talos's Ed25519 PEMs (key under its label)."""
+    import sys
+
+    talos, ports = talos_nodes
+    kp = talos.client("os:reader")
+    assert b"ED25519 PRIVATE KEY" in kp.key
+    tc = tmp_path / "talosconfig"
+    ctx = {
+        "endpoints": [f"127.0.0.1:{ports['front']}"],
+        "ca": base64.b64encode(talos.ca.crt).decode(),
+        "crt": base64.b64encode(kp.crt).decode(),
+        "key": base64.b64encode(kp.key).decode(),
+    }
+    pki.write_secret_file(tc, yaml.safe_dump({"context": "talos", "contexts": {"talos": ctx}}))
+    n1 = f"127.0.0.1:{ports['n1']}"
+    p = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "machined.spanctl.main", "--talosconfig", str(tc), "-n", n1, "version",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(p.communicate(), 60)
+    assert p.returncode == 0, err.decode()
+    assert f"NODE:        {n1}" in out.decode()
