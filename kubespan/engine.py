@@ -219,6 +219,7 @@ class Mesh:
         self._observe_at: float | None = None  # (clock) a full pass is due then (a first contact step)
         # (clock) ... or then: an endpoint machine asked to observe its peer (fast detection)
         self._machines_at: float | None = None
+        self._full_deferred = False  # the last pass was a change's light pass ahead of a due full one
         self._tasks: list[asyncio.Task[None]] = []
         # endpoint discovery (STUN): one run in flight at most; its result is taken by the next pass
         self.nat: NatReport | None = None  # what the last completed run found
@@ -438,6 +439,14 @@ class Mesh:
         now = self.clock()
         self.passes += 1
         light = self._light_possible(now)
+        # a discovery change goes first: when only periodic work is due (the poll, the host and data
+        # plane checks, a machine's timer), a light pass writes the change now and the due full pass
+        # follows at once (woken), so a change never waits for a 1000-peer re-read and re-plan
+        deferred = not light and not self._full_deferred and self._change_first_possible()
+        self._full_deferred = deferred
+        if deferred:
+            light = True
+            self.wake()
         if not light and (now - self._last_host >= self.cfg.reconcile_interval or not self.local_addresses):
             addresses = tuple(await self.host.addresses(exclude_links=(self.cfg.link_name,)))
             if addresses != self.local_addresses:
@@ -474,7 +483,9 @@ class Mesh:
             # learned endpoints change only when machines observe, or when a peer that has some leaves
             await self._publish_learned()
 
-        if self._dataplane_due or now - self._last_dataplane >= self.cfg.reconcile_interval:
+        if self._dataplane_due or (
+            not deferred and now - self._last_dataplane >= self.cfg.reconcile_interval
+        ):
             await self._reconcile_dataplane()
             self._last_dataplane = now
         elif self._sets_due:
@@ -503,6 +514,21 @@ class Mesh:
             and not (self.traversal is not None and self.traversal.dirty)
             and (self._observe_at is None or now < self._observe_at)
             and (self._machines_at is None or now < self._machines_at)
+        )
+
+    def _change_first_possible(self) -> bool:
+        """A discovery change is pending and nothing but timers asks for a full pass: the last
+        observation is usable (device known, addresses read), nothing changed from outside, no probe
+        reply or traversal step waits. Then the change may go first, in a light pass."""
+        return (
+            self.discovery is not None
+            and self.discovery.version != self._affiliates_version
+            and self.device is not None
+            and self._device_known
+            and bool(self.local_addresses)
+            and not self._dataplane_due
+            and not self.prober.has_answered
+            and not (self.traversal is not None and self.traversal.dirty)
         )
 
     async def _reconcile_peers(
