@@ -475,3 +475,29 @@ async def test_the_spanctl_command_with_a_talos_talosconfig(talos_nodes, tmp_pat
     out, err = await asyncio.wait_for(p.communicate(), 60)
     assert p.returncode == 0, err.decode()
     assert f"NODE:        {n1}" in out.decode()
+
+
+async def test_the_dashboards_channel_with_a_talos_talosconfig(talos_nodes):
+    """spanctl dashboard's asyncio channel (its collector's) from a Talos Ed25519 context."""
+    from machined.spanctl.client import Target
+    from machined.spanctl.config import ClientConfig
+    from machined.spanctl.dashboard.collector import aio_channel
+
+    talos, ports = talos_nodes
+    kp = talos.client("os:reader")
+    ctx = {
+        "endpoints": [f"127.0.0.1:{ports['front']}"],
+        "ca": base64.b64encode(talos.ca.crt).decode(),
+        "crt": base64.b64encode(kp.crt).decode(),
+        "key": base64.b64encode(kp.key).decode(),
+    }
+    cfg = ClientConfig.parse(yaml.safe_dump({"context": "talos", "contexts": {"talos": ctx}}))
+    ch = aio_channel(Target.from_args(cfg))
+    try:
+        n2 = f"127.0.0.1:{ports['n2']}"
+        v = await machine_pb2_grpc.MachineServiceStub(ch).Version(
+            empty_pb2.Empty(), metadata=(("node", n2),), timeout=10
+        )
+        assert [x.metadata.hostname for x in v.messages] == [n2]
+    finally:
+        await ch.close()

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 
+from machined import tlsterm
 from spanapi.talos.cosi import state_pb2, state_pb2_grpc
 from spanapi.talos.machine import machine_pb2_grpc
 
@@ -43,9 +44,11 @@ _KIND_UNAVAILABLE = (
 )
 
 
-def aio_channel(target: Target) -> grpc.aio.Channel:
+def aio_channel(target: Target) -> Any:
     """An asyncio channel to ``target``: mTLS to apid with the context's certificates (as every spanctl
-    command), or machined's unix socket without TLS."""
+    command: TLS through Python's ssl, so Talos's Ed25519 talosconfig works; a
+    :class:`machined.tlsterm.TlsChannel`), or machined's unix socket without TLS. Call it inside the
+    running event loop (the TLS dialer serves on it)."""
     opts = [
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -62,10 +65,11 @@ def aio_channel(target: Target) -> grpc.aio.Channel:
         raise ConnectionSetupError(
             f"the client config context has no {', '.join(missing)}: cannot authenticate to apid"
         )
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=ctx.ca, private_key=ctx.key, certificate_chain=ctx.crt
-    )
-    return grpc.aio.secure_channel(tcp_target(target.endpoint), creds, options=opts)
+    try:
+        tls = tlsterm.client_context(ctx.ca, None, ctx.crt, ctx.key)
+    except (tlsterm.TlsSetupError, ValueError) as e:
+        raise ConnectionSetupError(f"the client config context's ca/crt/key cannot be used: {e}") from None
+    return tlsterm.TlsChannel.create(tcp_target(target.endpoint), tls, opts)
 
 
 def _first_error(eg: BaseExceptionGroup) -> BaseException:
