@@ -13,7 +13,15 @@ entries replaced rather than modified). ICMPv6 probes go to a recording fake.
 3. (b) One change while 1000 peers exist: one affiliate gains (or, the next
    round, loses) an address. ``await mesh.reconcile()`` is timed end to end;
    it must send exactly one UpdatePeer for that peer and one nft ``diff``
-   transaction holding only that element. Target: median <= 10 ms.
+   transaction holding only that element. Target: median <= 10 ms, and the
+   first change of the run too (printed beside the slowest).
+
+The first change of a run used to cost 33-70 ms (41 ms in issue 18's run): it
+landed on a due full pass (the host-address / data plane checks, every
+``reconcile_interval``, fell due just as phase (b) began), which re-reads and
+re-plans all 1000 peers. The engine now writes such a change in a light pass
+first and runs the due full pass right after (docs/design/affiliate-path.md);
+the line "passes that took the full path" counts changes that still did.
 
 Where the time of a pass goes is measured by timing the adapters' calls
 (WireGuard read and write, host addresses, links, nft read and write); the
@@ -230,6 +238,7 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
         change_ms: list[float] = []
         change_parts: list[dict[str, float]] = []
         bad: list[str] = []
+        full_changes = 0
         ids = sorted(disc.entries)
         base = {i: list(disc.entries[i].affiliate.addresses) for i in ids}
         for r in range(ns.rounds):
@@ -240,7 +249,8 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
                 if sets or txs:
                     bad.append(f"round {r}: settle pass wrote ({sets} sets, {len(txs)} nft)")
                 disc.put(with_addresses(disc.entries[target], base[target], [extra] if adding else []))
-                if ns.profile and r == ns.rounds - 1 and adding:
+                light_before = mesh.light_passes
+                if (ns.profile and r == ns.rounds - 1 and adding) or (ns.profile_first and r == 0 and adding):
                     import cProfile
                     import pstats
 
@@ -251,6 +261,7 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
                     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
                 else:
                     ms, sets, txs, parts = await one_pass()
+                full_changes += mesh.light_passes == light_before
                 change_ms.append(ms)
                 change_parts.append(parts)
                 ops = backend.client.last_set_ops
@@ -309,6 +320,10 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
         print(f"    engine errors: {errors[-3:]}")
     print(f"(b) one affiliate changed, {len(change_ms)} changes (an address added, then removed)")
     print(f"    reconcile: {median(change_ms):.1f} ms median (rounds: {fmt(change_ms)})")
+    print(
+        f"    first change {change_ms[0]:.1f} ms, slowest {max(change_ms):.1f} ms; "
+        f"passes that took the full path: {full_changes} of {len(change_ms)}"
+    )
     print(f"    where it goes (medians, ms), {breakdown(change_parts, change_ms)}")
     print(f"    only that peer and its element touched: {'yes' if not bad else 'NO'}")
     for line in bad[:5]:
@@ -317,10 +332,11 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
     print(
         f"RESULT {NAME}_noop_writes wg_sets={total_sets} nft_transactions={total_txs} target=0 {verdict(noop_ok)}"
     )
-    ms = median(change_ms)
-    ok = ms <= TARGET_MS and not bad
+    ms, first = median(change_ms), change_ms[0]
+    ok = ms <= TARGET_MS and first <= TARGET_MS and not bad
     print(
-        f"RESULT {NAME}_one_change ms={ms:.1f} target<={TARGET_MS:g} minimal_writes={not bad} {verdict(ok)}"
+        f"RESULT {NAME}_one_change ms={ms:.1f} first_ms={first:.1f} max_ms={max(change_ms):.1f} "
+        f"target<={TARGET_MS:g} (median and first) minimal_writes={not bad} {verdict(ok)}"
     )
     return 0
 
@@ -328,6 +344,7 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
 def main() -> int:
     ap = bench_parser(__doc__, rounds=7)
     ap.add_argument("--profile", action="store_true", help="print a profile of one changed pass")
+    ap.add_argument("--profile-first", action="store_true", help="print a profile of the first changed pass")
     ap.add_argument(
         "--fake-links", action="store_true", help="in-memory links/routes/rules instead of netlink"
     )
