@@ -501,3 +501,17 @@ async def test_the_dashboards_channel_with_a_talos_talosconfig(talos_nodes):
         assert [x.metadata.hostname for x in v.messages] == [n2]
     finally:
         await ch.close()
+
+
+async def test_a_dead_node_in_a_fan_out_is_named_with_the_reason(talos_nodes):
+    talos, ports = talos_nodes
+    n1, dead = f"127.0.0.1:{ports['n1']}", f"127.0.0.1:{free_port()}"
+    async with channel(ports["front"], talos.ca.crt, talos.client("os:reader")) as ch:
+        v = await machine_pb2_grpc.MachineServiceStub(ch).Version(
+            empty_pb2.Empty(), metadata=(("nodes", f"{n1},{dead}"),), timeout=10
+        )
+    bad = [x.metadata for x in v.messages if x.metadata.error]
+    assert [x.metadata.hostname for x in v.messages if not x.metadata.error] == [n1]
+    assert len(bad) == 1 and bad[0].hostname == dead
+    assert "unreachable" in bad[0].error and dead in bad[0].error
+    assert "unix:" not in bad[0].error and "/tmp" not in bad[0].error, bad[0].error
