@@ -515,3 +515,38 @@ async def test_a_dead_node_in_a_fan_out_is_named_with_the_reason(talos_nodes):
     assert len(bad) == 1 and bad[0].hostname == dead
     assert "unreachable" in bad[0].error and dead in bad[0].error
     assert "unix:" not in bad[0].error and "/tmp" not in bad[0].error, bad[0].error
+
+
+async def test_ed25519_server_certificate_renewed_and_clients_still_verified(tmp_path):
+    """After a renewal (new context from the next handshake on), client certificates are still
+    required and verified: the admin gets in, another CA's client and a client without one do not."""
+    from types import SimpleNamespace
+
+    from machined.apid.testing import start_apid
+
+    talos = TalosPki()
+    cp, _ = talos.configs(tmp_path)
+    srv, sock = await start_machined("r-1", tmp_path)
+    apid = await start_apid(SimpleNamespace(config=cp), sock, "r-1", cert_ttl=dt.timedelta(seconds=6))
+    task = asyncio.create_task(apid.renew_loop())
+    try:
+        first = apid.identity.server.crt
+        async with asyncio.timeout(20):
+            while apid.identity.server.crt == first:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+        expiry = pki.load_certificate(first).not_valid_after_utc
+        await asyncio.sleep(max(0.0, (expiry - dt.datetime.now(dt.UTC)).total_seconds()) + 0.5)
+        async with channel(apid.port, talos.ca.crt, talos.client("os:admin")) as ch:  # new handshake
+            v = await machine_pb2_grpc.MachineServiceStub(ch).Version(empty_pb2.Empty(), timeout=5)
+            assert v.messages[0].metadata.hostname == "r-1"
+        for kp in (TalosPki().client("os:admin"), None):
+            async with channel(apid.port, talos.ca.crt, kp) as ch:
+                got = await outcome(
+                    machine_pb2_grpc.MachineServiceStub(ch).Version(empty_pb2.Empty(), timeout=5)
+                )
+            assert got == grpc.StatusCode.UNAVAILABLE, got
+        assert pki.key_algorithm(apid.identity.server.certificate) == "Ed25519"
+    finally:
+        task.cancel()
+        await apid.stop()
+        await srv.stop()
