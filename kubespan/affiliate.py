@@ -245,21 +245,18 @@ class EndpointFilter:
 
 
 def filter_ips(ips: Sequence[IPAddress], filters: Sequence[EndpointFilter | str]) -> list[IPAddress]:
-    """Apply endpoint filters in order.
+    """Apply endpoint filters in order, as Talos does (siderolabs/net ``FilterIPs``).
 
-    As in Talos (siderolabs/net ``FilterIPs``): each positive filter appends the
-    addresses it matches that are not selected yet (filter order, then address
-    order) and each ``!`` filter drops the matching addresses selected so far, so
-    later filters see the effect of earlier ones. An empty filter list keeps all.
-
-    One deliberate difference: when *no* filter is positive, selection starts
-    from all addresses (Talos would select nothing, leaving the node without
-    endpoints), so ``!10.0.0.0/8`` alone means "everything but 10/8".
+    Selection starts empty; each positive filter appends the addresses it matches that are not
+    selected yet (filter order, then address order) and each ``!`` filter drops the matching
+    addresses selected so far, so later filters see the effect of earlier ones. An empty filter
+    list keeps all; only ``!`` filters select nothing (``kubespan run`` reads them as "everything
+    but": see :func:`everything_but`).
     """
     parsed = [f if isinstance(f, EndpointFilter) else EndpointFilter.parse(f) for f in filters]
     if not parsed:
         return list(ips)
-    selected: list[IPAddress] = [] if any(not f.negate for f in parsed) else list(dict.fromkeys(ips))
+    selected: list[IPAddress] = []
     for flt in parsed:
         if flt.negate:
             selected = [ip for ip in selected if not _net_contains(flt.network, ip)]
@@ -268,6 +265,14 @@ def filter_ips(ips: Sequence[IPAddress], filters: Sequence[EndpointFilter | str]
                 if _net_contains(flt.network, ip) and ip not in selected:
                     selected.append(ip)
     return selected
+
+
+def everything_but(filters: Sequence[str]) -> tuple[str, ...]:
+    """``kubespan run``'s reading of filters that are all ``!``: every address but those (both
+    families first), where Talos's rule would leave the node without endpoints."""
+    if filters and all(f.startswith("!") for f in filters):
+        return ("0.0.0.0/0", "::/0", *filters)
+    return tuple(filters)
 
 
 def _net_contains(net: IPNetwork, ip: IPAddress) -> bool:

@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from discovery.crypto import SecretError, parse_secret
 from kubespan import nodepage
-from kubespan.affiliate import EndpointFilter
+from kubespan.affiliate import EndpointFilter, everything_but
 from kubespan.constants import ConfigError, MeshConfig
 from kubespan.engine import Mesh, MeshOptions
 from kubespan.metrics import DiscoveryCollector, MeshCollector
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_filter,
         default=[],
         metavar="F",
-        help="CIDR, or !CIDR to drop",
+        help="CIDR, or !CIDR to drop (in order, as Talos; only !CIDRs: every address but those)",
     )
     run.add_argument("--extra-endpoint", action="append", type=_addrport, default=[], metavar="IP:PORT")
     run.add_argument(
@@ -301,7 +301,7 @@ def mesh_options(ns: argparse.Namespace, cfg: MeshConfig, secret: bytes) -> Mesh
         config=cfg,
         advertise=ns.advertise,
         exclude=ns.exclude,
-        endpoint_filters=ns.endpoint_filter,
+        endpoint_filters=everything_but(ns.endpoint_filter),
         extra_endpoints=ns.extra_endpoint,
         mac=ns.mac,
         publish_learned=not ns.no_publish_learned,

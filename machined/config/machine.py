@@ -85,7 +85,7 @@ class MeshSettings:
             config=self.config,
             advertise=self.advertise,
             exclude=self.exclude,
-            endpoint_filters=effective_endpoint_filters(self.endpoint_filters),
+            endpoint_filters=self.endpoint_filters,
             extra_endpoints=self.extra_endpoints,
             mac=self.mac,
             publish_learned=self.publish_learned,
@@ -99,18 +99,8 @@ class MeshSettings:
         )
 
 
-# What "select none" is for the mesh's filter_ips, which starts from all addresses when no filter is positive
-SELECT_NONE = ("!0.0.0.0/0", "!::/0")
-
-
 def only_negated(filters: Sequence[str]) -> bool:
     return bool(filters) and all(f.startswith("!") for f in filters)
-
-
-def effective_endpoint_filters(filters: Sequence[str]) -> tuple[str, ...]:
-    """The filters the engine gets: only-negated ones select no address, as in Talos (siderolabs/net
-    ``FilterIPs`` starts from an empty selection; a ``!`` filter only removes)."""
-    return (*filters, *SELECT_NONE) if only_negated(filters) else tuple(filters)
 
 
 # Mesh settings whose change means the old kernel objects / discovery entry must be removed when the

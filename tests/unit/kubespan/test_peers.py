@@ -13,6 +13,7 @@ from kubespan.affiliate import (
     EndpointFilter,
     RemoteAffiliate,
     build_local_affiliate,
+    everything_but,
     filter_ips,
     is_node_address,
 )
@@ -407,13 +408,21 @@ def test_routed_index_cuts_and_merges_neighbours():
         (["203.0.113.0/24", "10.0.0.0/8"], ["203.0.113.1", "10.0.0.1"]),
         # a plain address is a /32 or /128
         (["2001:db8::1"], ["2001:db8::1"]),
-        # only negatives: start from everything (deliberate difference from Talos)
-        (["!10.0.0.0/8", "!2001:db8::/32"], ["192.168.1.1", "203.0.113.1"]),
+        # only negatives select nothing, as in Talos
+        (["!10.0.0.0/8", "!2001:db8::/32"], []),
     ],
 )
 def test_filter_ips(filters, expected):
     addrs = list(ips("10.0.0.1", "192.168.1.1", "2001:db8::1", "203.0.113.1"))
     assert filter_ips(addrs, filters) == list(ips(*expected))
+
+
+def test_kubespan_run_reads_only_negated_filters_as_everything_but():
+    addrs = list(ips("10.0.0.1", "192.168.1.1", "2001:db8::1", "203.0.113.1"))
+    picked = filter_ips(addrs, everything_but(["!10.0.0.0/8", "!2001:db8::/32"]))
+    assert picked == list(ips("192.168.1.1", "203.0.113.1"))
+    assert everything_but(["10.0.0.0/8", "!10.1.0.0/16"]) == ("10.0.0.0/8", "!10.1.0.0/16")
+    assert everything_but([]) == ()
 
 
 def test_endpoint_filter_parse_errors_name_the_field():
