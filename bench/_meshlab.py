@@ -114,6 +114,32 @@ def wait_for(what: str, pred: Callable[[], bool], timeout: float, interval: floa
 # --- building meshes -------------------------------------------------------------------------------
 
 
+# The kernel's neighbour (ARP/ND) tables are shared by all network namespaces, and their limits
+# (gc_thresh*, settable only in the initial namespace) count every namespace's entries: 50 nodes on one
+# LAN hold ~2500 ARP entries, past the default hard limit of 1024, and sends to an unresolved
+# neighbour then fail with ENOBUFS ("neighbour table overflow"): pairs of a 50-node mesh never
+# handshake. A mesh lab raises the limits to at least these (never lowers them).
+NEIGH_THRESH = {"gc_thresh1": 4096, "gc_thresh2": 16384, "gc_thresh3": 32768}
+
+
+def ensure_neighbour_room() -> list[str]:
+    """Raise the host's neighbour-table limits to :data:`NEIGH_THRESH` where lower; returns what changed."""
+    changed = []
+    for family in ("ipv4", "ipv6"):
+        for key, want in NEIGH_THRESH.items():
+            path = f"/proc/sys/net/{family}/neigh/default/{key}"
+            try:
+                with open(path) as f:
+                    have = int(f.read())
+                if have < want:
+                    with open(path, "w") as f:
+                        f.write(str(want))
+                    changed.append(f"{family} {key} {have} -> {want}")
+            except OSError:
+                continue
+    return changed
+
+
 @dataclass
 class LanMesh:
     """Discovery server plus agents on one LAN segment (10.60.0.0/24)."""
@@ -128,6 +154,8 @@ class LanMesh:
 
     @classmethod
     def create(cls, lab: Lab) -> LanMesh:
+        for change in ensure_neighbour_room():
+            print(f"  host neighbour table: {change} (all namespaces share it)", flush=True)
         ml = MeshLab(lab)
         seg = lab.segment("lan")
         disc = lab.node("disc")

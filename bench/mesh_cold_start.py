@@ -1,11 +1,17 @@
-"""Cold start: N = 20 agents started at once on one LAN until the full mesh is up (every pair ``up``).
+"""Cold start: N = 20 and 50 agents started at once on one LAN until the full mesh is up (every pair ``up``).
 
 The lab (namespaces, veths, the discovery server) is built first and is not timed. t0 is taken just
 before the first of the N agent processes is spawned (they are spawned back to back); the mesh counts
 as up at the first moment every node's status lists all N - 1 others as ``up`` (every node is sampled
-in each sweep, a sweep about every 0.2 s). For information, afterwards (so it cannot change the figure) an
-ICMPv6 echo over the mesh addresses is sent for every ordered pair (2 Hz until its first reply), and the
-agents' and wireguard-go's CPU time is printed. Target: <= 15 s (the worst round counts).
+in each sweep, a sweep about every 0.2 s). Where the time goes comes from the agents' own logs (JSON
+lines with millisecond times), median and worst node: Python start-up to "mesh identity" (imports,
+wireguard-go, the engine's start), first Hello answered, first Watch snapshot, first peer up (its first
+handshake), every peer up. Also printed: RSS per agent and per wireguard-go (from /proc), the agents',
+wireguard-go's and the registry's CPU time (one registry serves every agent). For information,
+afterwards (so it cannot change the figure) an ICMPv6 echo over the mesh addresses is sent for every
+ordered pair (2 Hz until its first reply). Targets: <= 5 s at N = 20, <= 10 s at N = 50 (the worst
+round counts). On this 2-core machine the N agents' Python start-ups share two cores: that, not the
+mesh, is most of the figure (see the breakdown).
 """
 
 from __future__ import annotations
