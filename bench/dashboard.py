@@ -89,20 +89,24 @@ def fake_nodes(n: int, now: float, down: set[tuple[int, int]]) -> list[model.Nod
 
 
 class FakeSource:
-    """What ``make_app`` reads from a collector: ``version``, ``event``, ``view_json()``."""
+    """What ``make_app`` reads from a collector: ``version``, ``event``, ``current()``, ``view_json()``."""
 
     def __init__(self, n: int) -> None:
         self.n = n
         self.down: set[tuple[int, int]] = set()
         self.version = 0
         self.event = asyncio.Event()
+        self._view: dict = {}
         self._json = ""
         self._build()
 
     def _build(self) -> None:
         now = time.time()
-        view = model.build_view(fake_nodes(self.n, now, self.down), {}, now)
-        self._json = json.dumps(view, separators=(",", ":"))
+        self._view = model.build_view(fake_nodes(self.n, now, self.down), {}, now)
+        self._json = json.dumps(self._view, separators=(",", ":"))
+
+    def current(self) -> tuple[int, dict, str]:
+        return self.version, self._view, self._json
 
     def view_json(self) -> str:
         return self._json

@@ -161,6 +161,7 @@ ALL_UP = """names => names.every(r => {
 })"""
 
 
+@pytest.mark.timeout(900)  # a 4-node lab, trustd certificates and a node restart: minutes on a loaded machine
 async def test_dashboard_live_matrix_through_node_loss_and_restart(
     page: Any, shot: Shot, dash: DashLab
 ) -> None:

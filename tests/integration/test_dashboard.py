@@ -175,10 +175,13 @@ async def test_web_server_page_view_events_and_host_guard(tmp_path: Path) -> Non
                 assert first["matrix"]["n1"]["n2"]["state"] == "up"
                 t0 = time.monotonic()
                 await put(fake, "n2", "down")
+                v, kinds = first, []
                 while True:
-                    v = await asyncio.wait_for(_next_view(r), 2)
+                    v = await asyncio.wait_for(_next_view(r, v, kinds), 2)
                     if v["matrix"]["n1"]["n2"]["state"] == "down":
                         break
+                assert kinds and set(kinds) == {"patch"}, kinds  # after the first view, changes only
+                assert v == json.loads(col.view_json()) | {"now": v["now"], "link": v["link"]}
                 assert time.monotonic() - t0 < 2
     finally:
         await runner.cleanup()
@@ -190,14 +193,33 @@ async def test_web_server_page_view_events_and_host_guard(tmp_path: Path) -> Non
         await srv.stop()
 
 
-async def _next_view(resp: aiohttp.ClientResponse) -> dict:
+async def _next_event(resp: aiohttp.ClientResponse) -> tuple[str, dict]:
     event = None
     while True:
         line = (await resp.content.readline()).decode().rstrip("\n")
         if line.startswith("event: "):
             event = line[7:]
-        elif line.startswith("data: ") and event == "view":
-            return json.loads(line[6:])
+        elif line.startswith("data: ") and event in ("view", "patch"):
+            return event, json.loads(line[6:])
+
+
+async def _next_view(
+    resp: aiohttp.ClientResponse, held: dict | None = None, kinds: list | None = None
+) -> dict:
+    """The next view the stream gives: a whole one, or ``held`` with a patch applied (as app.js does);
+    the event's kind is appended to ``kinds``."""
+    event, data = await _next_event(resp)
+    if kinds is not None:
+        kinds.append(event)
+    if event == "view":
+        return data
+    assert held is not None, "a patch before any view"
+    out = {**held, **data["set"]}
+    out["matrix"] = {r: dict(row) for r, row in held["matrix"].items()}
+    for r, c, cell in data["cells"]:
+        out["matrix"][r][c] = cell
+    out["history"] = {**held["history"], **data["history"]}
+    return out
 
 
 @pytest.mark.parametrize(

@@ -152,7 +152,7 @@ class Collector:
         self.discovery_error = ""
         self.version = 0
         self.event = asyncio.Event()
-        self._view: tuple[int, str] = (-1, "")
+        self._view: tuple[int, dict[str, Any], str] = (-1, {}, "")
         self.machine = machine_pb2_grpc.MachineServiceStub(channel)
         self.state = state_pb2_grpc.StateStub(channel)
 
@@ -172,11 +172,15 @@ class Collector:
             ]
         return model.build_view(nodes, self.history, self.clock(), link=self.link)
 
-    def view_json(self) -> str:
-        """The current view as JSON, built once per change however many pages read it."""
+    def current(self) -> tuple[int, dict[str, Any], str]:
+        """The current view (version, dict, JSON), built once per change however many pages read it."""
         if self._view[0] != self.version:
-            self._view = (self.version, json.dumps(self.view(), separators=(",", ":")))
-        return self._view[1]
+            v = self.view()
+            self._view = (self.version, v, json.dumps(v, separators=(",", ":")))
+        return self._view
+
+    def view_json(self) -> str:
+        return self.current()[2]
 
     # -- running ----------------------------------------------------------------------------------
 

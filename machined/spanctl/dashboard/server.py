@@ -1,8 +1,10 @@
 """The dashboard's web server (aiohttp): the static page, the view as JSON and as Server-Sent Events.
 
 Routes: ``/`` the page; ``/static/{app.js,style.css}``; ``/api/view`` the current view model (JSON);
-``/events`` an SSE stream: one ``view`` event at once and one after each change (at most every
-``min_interval`` s, so a busy mesh coalesces), a comment line every 15 s to keep proxies open.
+``/events`` an SSE stream: a ``view`` event (the whole view) at once, then after each change (at most
+every ``min_interval`` s, so a busy mesh coalesces) a ``patch`` event with what changed
+(:func:`~.model.diff_view`; a ``view`` again when the set of nodes changed), a comment line every 15 s
+to keep proxies open. A reconnecting page starts again from a whole view.
 
 Bound to a loopback address (the default), requests must name a loopback host in ``Host``: a page on
 another site cannot reach the dashboard by DNS rebinding. Nothing is loaded from elsewhere (a CSP of
@@ -14,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 from importlib import resources
 
 from aiohttp import web
 
+from . import model
 from .collector import Collector
 
 DEFAULT_PORT = 50080  # apid is 50000, trustd 50001; the dashboard's page is 50080 by default
@@ -144,13 +148,19 @@ def make_app(
             }
         )
         await resp.prepare(request)
-        sent = -1
+        sent, held = -1, None
         with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
             await resp.write(b"retry: 1000\n\n")
             while True:
-                if collector.version != sent:
-                    sent = collector.version
-                    await resp.write(b"event: view\ndata: " + collector.view_json().encode() + b"\n\n")
+                version, view_dict, text = collector.current()
+                if version != sent:
+                    patch = model.diff_view(held, view_dict) if held is not None else None
+                    if patch is None:
+                        await resp.write(b"event: view\ndata: " + text.encode() + b"\n\n")
+                    else:
+                        body = json.dumps(patch, separators=(",", ":")).encode()
+                        await resp.write(b"event: patch\ndata: " + body + b"\n\n")
+                    sent, held = version, view_dict
                     await asyncio.sleep(min_interval)
                     continue
                 try:

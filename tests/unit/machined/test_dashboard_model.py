@@ -230,3 +230,35 @@ async def test_collector_routes_by_node_and_keeps_the_cluster_metadata() -> None
         assert d._md("10.0.0.1") == []  # a unix socket reaches one machined: never routed
     finally:
         await ch.close()
+
+
+def apply_patch(view: dict, patch: dict) -> dict:
+    """What the page does with a ``patch`` event (app.js), in Python."""
+    out = {**view, **patch["set"]}
+    out["matrix"] = {r: dict(row) for r, row in view["matrix"].items()}
+    for r, c, cell in patch["cells"]:
+        out["matrix"][r][c] = cell
+    out["history"] = {**view["history"], **patch["history"]}
+    return out
+
+
+def test_diff_view_carries_only_changes_and_rebuilds_the_view() -> None:
+    names = [f"n{i}" for i in range(6)]
+    old = build_view(full(names), {}, NOW)
+    nodes = full(names)
+    nodes[2] = node("n2", [peer(o, "down" if o == "n4" else "up") for o in names if o != "n2"])
+    h = observe({}, "n2", [peer("n4", "down")], NOW + 1)
+    new = build_view(nodes, h, NOW + 1)
+    patch = model.diff_view(old, new)
+    assert patch is not None
+    assert patch["cells"] == [["n2", "n4", new["matrix"]["n2"]["n4"]]]
+    assert set(patch["set"]) == {"now", "nodes", "edges", "summary"}
+    assert list(patch["history"]) == ["n2|n4"]
+    assert apply_patch(old, patch) == new
+    assert model.diff_view(new, new) == {"set": {}, "cells": [], "history": {}}
+
+
+def test_diff_view_none_when_the_nodes_change() -> None:
+    old = build_view(full(["a", "b"]), {}, NOW)
+    new = build_view(full(["a", "b", "c"]), {}, NOW)
+    assert model.diff_view(old, new) is None

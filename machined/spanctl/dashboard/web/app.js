@@ -96,12 +96,13 @@ function buildMatrix(names) {
     body.append(tr);
   }
   table.append(body);
+  table._index = null;
   table.classList.toggle("compact", names.length > COMPACT);
   document.body.classList.toggle("large", names.length > COMPACT);
   table.onkeydown = onMatrixKey;
 }
 
-function updateMatrix(v) {
+function updateMatrix(v, changed) {
   const names = v.names;
   const joined = names.join("\u0000");
   const table = document.getElementById("matrix");
@@ -112,6 +113,8 @@ function updateMatrix(v) {
   }
   const byName = Object.fromEntries(v.nodes.map((n) => [n.name, n]));
   const compact = names.length > COMPACT;
+  const rebuilt = table._names !== joined;
+  table._names = joined;
   for (const tr of table.tBodies[0].rows) {
     const r = tr.dataset.node;
     const node = byName[r] || {};
@@ -119,10 +122,18 @@ function updateMatrix(v) {
     tr.classList.toggle("row-down", node.reach !== "ok");
     tr.querySelector(".reach").textContent = node.reach === "ok" ? "" :
       " ⊘ " + (node.reach || "unwatched") + (node.stale ? " (stale)" : "");
+    if (changed && !rebuilt) continue; // a patch: only its cells, below
     for (const td of tr.cells) {
       if (!td.dataset.col) continue;
       const c = (v.matrix[r] || {})[td.dataset.col] || { state: "nodata" };
       fillCell(td, r, td.dataset.col, c, compact);
+    }
+  }
+  if (changed && !rebuilt) {
+    const index = table._index || (table._index = cellIndex(table));
+    for (const [r, c, cell] of changed) {
+      const td = index[key(r, c)];
+      if (td) fillCell(td, r, c, cell, compact);
     }
   }
   if (!focusKey || !table.querySelector("td[tabindex='0']")) {
@@ -163,11 +174,16 @@ function fillCell(td, r, c, cell, compact) {
   td.replaceChildren(...lines);
 }
 
+function cellIndex(table) {
+  const index = {};
+  for (const td of table.querySelectorAll("td[data-row]")) index[key(td.dataset.row, td.dataset.col)] = td;
+  return index;
+}
+
 function findCell(r, c) {
-  for (const td of document.querySelectorAll("#matrix td[data-row]")) {
-    if (td.dataset.row === r && td.dataset.col === c) return td;
-  }
-  return null;
+  const table = document.getElementById("matrix");
+  const index = table._index || (table._index = cellIndex(table));
+  return index[key(r, c)] || null;
 }
 
 function setRoving(td) {
@@ -243,12 +259,41 @@ function svg(tag, attrs, ...kids) {
 }
 
 let topoSig = "";
+let topoLayout = "";
+let topoEdges = {}; // "a|b" -> <line>
+let topoNodes = {}; // name -> <g>
+
+function edgeTitle(e) {
+  return e.a + " ↔ " + e.b + ": " + e.state + (e.path !== "none" ? ", " + (e.path === "relay" ? "relay via " + e.relayVia : e.path) : "");
+}
+
+function styleNode(g, name, n) {
+  g.setAttribute("class", "node reach-" + (n.reach || "unwatched"));
+  g.querySelector("text").textContent = name + (n.reach && n.reach !== "ok" ? " ⊘" : "");
+  g.querySelector("title").textContent = name + ": " + (n.reach || "unwatched");
+}
 
 function updateTopology(v) {
   const root = document.getElementById("topology");
   const sig = JSON.stringify([v.groups, v.edges, v.nodes.map((n) => n.reach)]);
   if (sig === topoSig) return;
   topoSig = sig;
+  const byName = Object.fromEntries(v.nodes.map((n) => [n.name, n]));
+  const layout = JSON.stringify([v.groups, v.edges.map((e) => e.a + "|" + e.b)]);
+  if (layout === topoLayout) {
+    // same nodes, groups and pairs: restyle in place (a 50-node mesh has 1,225 edges)
+    for (const e of v.edges) {
+      const line = topoEdges[e.a + "|" + e.b];
+      const cls = "edge e-" + e.state + " p-" + e.path;
+      if (line.getAttribute("class") !== cls) {
+        line.setAttribute("class", cls);
+        line.firstChild.textContent = edgeTitle(e);
+      }
+    }
+    for (const [name, g] of Object.entries(topoNodes)) styleNode(g, name, byName[name] || {});
+    return;
+  }
+  topoLayout = layout;
   const W = 800, H = 600, cx = W / 2, cy = H / 2;
   const groups = v.groups;
   const pos = {};
@@ -269,25 +314,23 @@ function updateTopology(v) {
     t.textContent = label;
     parts.push(t);
   });
+  topoEdges = {};
   const edges = v.edges.map((e) => {
     const [x1, y1] = pos[e.a] || [cx, cy];
     const [x2, y2] = pos[e.b] || [cx, cy];
     const line = svg("line", { x1, y1, x2, y2, class: "edge e-" + e.state + " p-" + e.path });
     const title = svg("title");
-    title.textContent = e.a + " ↔ " + e.b + ": " + e.state + (e.path !== "none" ? ", " + (e.path === "relay" ? "relay via " + e.relayVia : e.path) : "");
+    title.textContent = edgeTitle(e);
     line.append(title);
+    topoEdges[e.a + "|" + e.b] = line;
     return line;
   });
-  const byName = Object.fromEntries(v.nodes.map((n) => [n.name, n]));
+  topoNodes = {};
   const nodes = Object.entries(pos).map(([name, [x, y]]) => {
-    const n = byName[name] || {};
-    const g = svg("g", { class: "node reach-" + (n.reach || "unwatched"), transform: `translate(${x},${y})` });
-    g.append(svg("circle", { r: 9 }));
-    const t = svg("text", { y: 22, "text-anchor": "middle" });
-    t.textContent = name + (n.reach && n.reach !== "ok" ? " ⊘" : "");
-    const title = svg("title");
-    title.textContent = name + ": " + (n.reach || "unwatched");
-    g.append(t, title);
+    const g = svg("g", { transform: `translate(${x},${y})` });
+    g.append(svg("circle", { r: 9 }), svg("text", { y: 22, "text-anchor": "middle" }), svg("title"));
+    styleNode(g, name, byName[name] || {});
+    topoNodes[name] = g;
     return g;
   });
   root.replaceChildren(...parts, svg("g", { class: "edges" }, ...edges), svg("g", { class: "nodes" }, ...nodes));
@@ -386,13 +429,13 @@ function summary(v) {
     s.nodes + " nodes, " + s.reachable + " reachable; " + s.pairsUp + "/" + s.pairs + " directions up";
 }
 
-function render(v) {
+function render(v, changed) {
   const t0 = performance.now();
   view = v;
   offset = v.now - Date.now() / 1000;
   summary(v);
-  updateMatrix(v);
-  updateNodes(v);
+  updateMatrix(v, changed);
+  if (!changed || v._nodesChanged) updateNodes(v);
   updateTopology(v);
   updateDetail(v);
   banner();
@@ -415,6 +458,16 @@ function connect() {
   source.addEventListener("view", (ev) => {
     lostSince = null;
     render(JSON.parse(ev.data));
+  });
+  source.addEventListener("patch", (ev) => {
+    if (!view) return; // a patch applies to the view this page holds (the stream starts with one)
+    lostSince = null;
+    const p = JSON.parse(ev.data);
+    Object.assign(view, p.set);
+    view._nodesChanged = "nodes" in p.set;
+    for (const [r, c, cell] of p.cells) (view.matrix[r] || (view.matrix[r] = {}))[c] = cell;
+    Object.assign(view.history, p.history);
+    render(view, p.cells);
   });
   source.addEventListener("open", () => { lostSince = null; banner(); });
   source.addEventListener("error", () => {
