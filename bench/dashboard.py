@@ -8,7 +8,8 @@ driven by Playwright. Measured in the browser:
 * render: from navigation start to the first frame painted after the page rendered the first SSE view
   (every one of the 2,500 cells filled): page load, SSE connect, JSON parse, DOM, layout and paint;
   the first of six loads warms the browser and is not counted (an operator's browser is running);
-* update: from the server taking a change (one pair goes down) to the page showing it, with the
+* update: from the server taking a change (one pair goes down, and 5 nodes' rows of counters, as 50
+  nodes flushing theirs every 5 s give per 0.5 s view) to the page showing it, with the
   server's default coalescing (one view per 0.5 s at most), wall time on one clock, over ``--updates``
   changes 0.7 s apart (a change right after a sent view waits for the next slot, as in real use).
 
@@ -45,10 +46,12 @@ new MutationObserver((_, obs) => {
 UPDATE_TARGET = 2.0
 
 
-def fake_nodes(n: int, now: float, down: set[tuple[int, int]]) -> list[model.NodeInput]:
+def fake_nodes(
+    n: int, start: float, down: set[tuple[int, int]], flushes: dict[int, int]
+) -> list[model.NodeInput]:
     """``n`` nodes in 5 sites; pairs in one site go lan, across sites direct, every 7th relayed;
-    node n-1 unreachable (stale data kept)."""
-    hs = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 5))
+    node n-1 unreachable (stale data kept). ``flushes[i]``: how often node i wrote its counters (each
+    time its whole row changes: bytes and handshake time, as machined's every 5 s)."""
     names = [f"node-{i:02d}" for i in range(n)]
     out = []
     for i, name in enumerate(names):
@@ -65,9 +68,11 @@ def fake_nodes(n: int, now: float, down: set[tuple[int, int]]) -> list[model.Nod
                 "relayVia": names[(i + j) % n] if path == "relay" else "",
                 "whyNotDirect": "both behind symmetric NAT" if path == "relay" else "",
                 "endpoint": f"10.{j % 5}.0.{j + 10}:51820",
-                "lastHandshakeTime": hs,
-                "receiveBytes": 1000 * j,
-                "transmitBytes": 2000 * j,
+                "lastHandshakeTime": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(start + 5 * flushes.get(i, 0))
+                ),
+                "receiveBytes": 1000 * j + 148 * flushes.get(i, 0),
+                "transmitBytes": 2000 * j + 148 * flushes.get(i, 0),
                 "connectTime": 0.3,
             }
         res = {
@@ -83,7 +88,7 @@ def fake_nodes(n: int, now: float, down: set[tuple[int, int]]) -> list[model.Nod
         }
         reach = model.REACH_UNREACHABLE if i == n - 1 else model.REACH_OK
         out.append(
-            model.NodeInput(f"10.{i % 5}.0.{i + 10}", name, reach, "", now, reach != "ok", "v0.1.0", res)
+            model.NodeInput(f"10.{i % 5}.0.{i + 10}", name, reach, "", start, reach != "ok", "v0.1.0", res)
         )
     return out
 
@@ -94,6 +99,8 @@ class FakeSource:
     def __init__(self, n: int) -> None:
         self.n = n
         self.down: set[tuple[int, int]] = set()
+        self.flushes: dict[int, int] = {}
+        self.start = time.time()
         self.version = 0
         self.event = asyncio.Event()
         self._view: dict = {}
@@ -102,7 +109,7 @@ class FakeSource:
 
     def _build(self) -> None:
         now = time.time()
-        self._view = model.build_view(fake_nodes(self.n, now, self.down), {}, now)
+        self._view = model.build_view(fake_nodes(self.n, self.start, self.down, self.flushes), {}, now)
         self._json = json.dumps(self._view, separators=(",", ":"))
 
     def current(self) -> tuple[int, dict, str]:
@@ -111,8 +118,12 @@ class FakeSource:
     def view_json(self) -> str:
         return self._json
 
-    def change(self, pair: tuple[int, int]) -> None:
+    def change(self, pair: tuple[int, int], k: int) -> None:
+        """``pair`` goes down; 5 nodes (a tenth: each flushes every 5 s, a view goes every 0.5 s) wrote
+        their counters meanwhile: ~250 cells change."""
         self.down.add(pair)
+        for i in range(5 * k, 5 * k + 5):
+            self.flushes[i % self.n] = self.flushes.get(i % self.n, 0) + 1
         self._build()
         self.version += 1
         old, self.event = self.event, asyncio.Event()
@@ -172,7 +183,7 @@ async def main() -> int:
                 sel = f'#matrix td[data-row="node-{i:02d}"][data-col="node-{j:02d}"]'
                 await asyncio.sleep(0.7)
                 t = time.perf_counter()
-                src.change((i, j))
+                src.change((i, j), k)
                 await page.wait_for_function(
                     "s => document.querySelector(s).dataset.state === 'down'",
                     arg=sel,
