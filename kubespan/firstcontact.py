@@ -43,7 +43,7 @@ NATTED = frozenset({"eim", "edm"})
 
 @dataclass(frozen=True, slots=True)
 class FirstContactTimings:
-    hold: float = 0.5  # the waiting side's wait for the peer's initiation
+    hold: float = 0.25  # the waiting side's wait for the peer's initiation (was 0.5: nat-traversal.md)
     retry: float = 1.5  # no session this long after the add: re-create the peer (once)
     check: float = 0.1  # until a session, look for it this often (a full pass each: the state is up then)
 

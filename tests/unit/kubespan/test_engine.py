@@ -768,7 +768,7 @@ async def test_the_higher_key_waits_for_the_peers_initiation(rig_first: Rig) -> 
         clock.t += 0.1
         assert not m._light_possible(clock.t)
         await m.reconcile()
-        # the hold ends at the next look, 0.2 s before its end: probed at once, up on the answer
+        # the look after the peer's initiation ends the hold: probed at once, up on the answer
         assert removed(rig_first, applies, k1) == 0, "a session came: nothing re-created"
         assert (k1, mesh1) in m.prober.probes
         assert not m._joining
