@@ -82,11 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("version", "client and server versions", cmd_version)
     sp.add_argument("--client", action="store_true", help="only the client version")
+    sp.add_argument("--short", action="store_true", help="the client version on one line")
 
-    sp = add("get", "resources (by type alias): get TYPE [ID]", cmd_get)
+    sp = add("get", "resources (by type alias): get TYPE [ID]", cmd_get, aliases=["g"])
     sp.add_argument("type")
     sp.add_argument("id", nargs="?")
-    sp.add_argument("-o", "--output", default="table", help="table, yaml or json")
+    sp.add_argument(
+        "-o", "--output", default="table", help="table, yaml, json or jsonpath=TEMPLATE (e.g. '{.spec.x}')"
+    )
     sp.add_argument("-w", "--watch", action="store_true", help="watch for changes")
     sp.add_argument("--namespace", help="resource namespace (default: the type's)")
 
@@ -98,9 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("id")
     sp.add_argument("-f", "--follow", action="store_true")
     sp.add_argument("--tail", type=int, default=-1, help="lines of history (-1: all)")
+    sp.add_argument(
+        "-k",
+        "--kubernetes",
+        action="store_true",
+        help="a Kubernetes container's log (namespace k8s.io; our nodes run none: not found)",
+    )
 
     sp = add("events", "stream runtime events", cmd_events)
     sp.add_argument("--tail", type=int, default=0, help="past events to show (-1: all)")
+    sp.add_argument(
+        "--duration", type=parse_duration, help="show events of this past interval (whole seconds, e.g. 10m)"
+    )
     sp.add_argument("--since", help="show events after this event id")
     sp.add_argument("--actor-id", help="only events of this actor")
 
@@ -117,11 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("apply-config", "apply a machine config", cmd_apply_config, aliases=["apply"])
     sp.add_argument("-f", "--file", required=True)
+    sp.add_argument(
+        "-p",
+        "--config-patch",
+        action="append",
+        help="patch the file before sending it (text or @file; repeatable, applied in order)",
+    )
+    sp.add_argument(
+        "-i",
+        "--insecure",
+        action="store_true",
+        help="refused: talosctl's maintenance mode; our nodes have none (machined starts only with a config)",
+    )
     apply_flags(sp)
 
     sp = add("patch", "patch the machine config: patch machineconfig -p @patch.yaml", cmd_patch)
     sp.add_argument("resource")
     sp.add_argument("-p", "--patch", action="append", help="patch text (YAML or JSON), or @file; repeatable")
+    sp.add_argument("--patch-file", help="a file holding a patch (applied after the -p patches)")
+    sp.add_argument("--namespace", help="the resource's namespace (default: config)")
     apply_flags(sp)
 
     sp = add(
