@@ -267,7 +267,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--procs", type=int, default=1, help="load processes")
     ap.add_argument("--conns", type=int, default=1, help="connections per load process and target")
-    ap.add_argument("--concurrency", type=int, default=64, help="callers per load process")
+    ap.add_argument("--concurrency", type=int, default=128, help="callers per load process")
     ap.add_argument("--seconds", type=float, default=6.0, help="per throughput run")
     ap.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per setting first")
     ap.add_argument("--rounds", type=int, default=2, help="throughput runs per setting (the median counts)")
