@@ -113,8 +113,12 @@ def _daddr_in(version: int) -> dict[str, Any]:
     return _match({"payload": {"protocol": proto, "field": "daddr"}}, f"@{name}")
 
 
+def _wg_mark(p: RulesetParams, op: str = "==") -> dict[str, Any]:
+    return _match({"&": [_meta("mark"), p.fwmark_mask]}, p.fwmark_wireguard, op)
+
+
 def _wg_accept(p: RulesetParams) -> list[dict[str, Any]]:
-    return [_match({"&": [_meta("mark"), p.fwmark_mask]}, p.fwmark_wireguard), _ACCEPT]
+    return [_wg_mark(p), _ACCEPT]
 
 
 def _set_mark(p: RulesetParams) -> list[dict[str, Any]]:
@@ -175,6 +179,10 @@ def _rules(*items: tuple[str, list[dict[str, Any]]]) -> tuple[tuple[str, tuple[d
 
 
 def chain_specs(p: RulesetParams) -> list[ChainSpec]:
+    """The chains, ordered for the packets that are not ours: each family's target set is looked up
+    once per chain, and the exemptions that only matter for a target (loopback, neighbour discovery)
+    are tested after that lookup, in the family's mesh chain (docs/design/nft-ruleset.md)."""
+    lo_accept = [_match(_meta("oifname"), "lo"), _ACCEPT]
     chains = [
         ChainSpec(
             CHAIN_PREROUTING,
@@ -182,9 +190,9 @@ def chain_specs(p: RulesetParams) -> list[ChainSpec]:
             "prerouting",
             PRIO_FILTER,
             _rules(
-                ("wireguard", _wg_accept(p)),
-                ("mark-ipv4", [_daddr_in(4), *_set_mark(p)]),
-                ("mark-ipv6", [_daddr_in(6), *_set_mark(p)]),
+                # to a target and not WireGuard's own: marked (the lookup first, then the mark test)
+                ("mark-ipv4", [_daddr_in(4), _wg_mark(p, "!="), *_set_mark(p)]),
+                ("mark-ipv6", [_daddr_in(6), _wg_mark(p, "!="), *_set_mark(p)]),
             ),
         ),
         ChainSpec(
@@ -193,28 +201,32 @@ def chain_specs(p: RulesetParams) -> list[ChainSpec]:
             "output",
             PRIO_FILTER,
             _rules(
+                # WireGuard's own packets (every tunnel packet) leave before any lookup
                 ("wireguard", _wg_accept(p)),
-                ("loopback", [_match(_meta("oifname"), "lo"), _ACCEPT]),
-                ("ndp", _nd_accept()),
                 ("mesh-ipv4", _goto_mesh(4)),
                 ("mesh-ipv6", _goto_mesh(6)),
             ),
         ),
-        # reached only by packets to a target (one set lookup in the output chain); the clamp looks
-        # at SYNs only, then the mark is set and the packet accepted
+        # reached only by packets to a target (one set lookup in the output chain): the exemptions,
+        # then the clamp (SYNs only), then the mark and accept
         ChainSpec(
             CHAIN_MESH[4],
             None,
             None,
             None,
-            _rules(("mss", _clamp(p.mss_ipv4)), ("mark", _set_mark(p))),
+            _rules(("loopback", lo_accept), ("mss", _clamp(p.mss_ipv4)), ("mark", _set_mark(p))),
         ),
         ChainSpec(
             CHAIN_MESH[6],
             None,
             None,
             None,
-            _rules(("mss", _clamp(p.mss_ipv6)), ("mark", _set_mark(p))),
+            _rules(
+                ("loopback", lo_accept),
+                ("ndp", _nd_accept()),
+                ("mss", _clamp(p.mss_ipv6)),
+                ("mark", _set_mark(p)),
+            ),
         ),
     ]
     if p.clamp_forwarded_mss:

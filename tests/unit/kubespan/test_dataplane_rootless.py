@@ -102,49 +102,65 @@ def test_empty_sets_send_no_element_commands() -> None:
 def test_rules_have_talos_semantics_and_touch_only_the_mask_bits() -> None:
     doc = R.render_replace(RulesetParams(), {})
     pre, out = _rules_of(doc, "prerouting"), _rules_of(doc, "output")
-    wg = {"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 0x60]}, "right": 0x20}}
-    assert pre[0]["expr"] == [wg, {"accept": None}] and out[0]["expr"] == [wg, {"accept": None}]
-    assert out[1]["expr"][0]["match"]["right"] == "lo"
-    # neighbour discovery is never marked into the tunnel (a solicitation's unicast answer to a peer
-    # whose underlay address is among the targets would be lost)
-    nd = out[2]["expr"][0]["match"]
-    assert nd["left"] == {"payload": {"protocol": "icmpv6", "field": "type"}}
-    assert {"nd-neighbor-solicit", "nd-neighbor-advert"} <= set(nd["right"]["set"])
-    assert out[2]["expr"][-1] == {"accept": None}
+    wg_is = {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 0x60]}, "right": 0x20}
+    wg_not = {**wg_is, "op": "!="}
+    assert out[0]["expr"] == [{"match": wg_is}, {"accept": None}]  # WireGuard's own, before any lookup
     mark = {
         "key": {"meta": {"key": "mark"}},
         "value": {"|": [{"&": [{"meta": {"key": "mark"}}, 0xFFFFFF9F]}, 0x40]},
     }
     families = (("ip", "@targets_ipv4", "mesh_ipv4", 1368), ("ip6", "@targets_ipv6", "mesh_ipv6", 1348))
-    assert len(pre) == 3 and len(out) == 5
-    for pre_rule, out_rule, (proto, set_name, chain, mss) in zip(pre[1:], out[3:], families, strict=True):
-        # prerouting: the family's target set, then the mark (mask bits only) and accept
+    assert len(pre) == 2 and len(out) == 3
+    for pre_rule, out_rule, (proto, set_name, chain, mss) in zip(pre, out[1:], families, strict=True):
+        # prerouting: the family's target set, not WireGuard's own, then the mark (mask bits only)
         daddr = {"payload": {"protocol": proto, "field": "daddr"}}
-        assert pre_rule["expr"][0]["match"] == {"op": "==", "left": daddr, "right": set_name}
+        assert pre_rule["expr"][:2] == [
+            {"match": {"op": "==", "left": daddr, "right": set_name}},
+            {"match": wg_not},
+        ]
         assert _mangles(pre_rule) == [mark] and pre_rule["expr"][-1] == {"accept": None}
-        # output: the same lookup, once, after the exemptions; a hit goes on in the family's chain
+        # output: the same lookup, once; a hit goes on in the family's chain
         assert out_rule["expr"] == [
             {"match": {"op": "==", "left": daddr, "right": set_name}},
             {"goto": {"target": chain}},
         ]
-        clamp, marking = _rules_of(doc, chain)
+        rules = _rules_of(doc, chain)
+        # loopback accepted, then (IPv6) neighbour discovery, then the clamp, then the mark
+        assert rules[0]["expr"] == [
+            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "lo"}},
+            {"accept": None},
+        ]
+        clamp, marking = rules[-2:]
         assert _mangles(clamp)[0]["value"] == mss  # the clamp comes before the mark's accept
         assert _mangles(marking) == [mark] and marking["expr"][-1] == {"accept": None}
+    # neighbour discovery to a target is never marked into the tunnel (a solicitation's unicast
+    # answer to a peer whose underlay address is among the targets would be lost)
+    nd_rule = _rules_of(doc, "mesh_ipv6")[1]
+    nd = nd_rule["expr"][0]["match"]
+    assert nd["left"] == {"payload": {"protocol": "icmpv6", "field": "type"}}
+    assert {"nd-neighbor-solicit", "nd-neighbor-advert"} <= set(nd["right"]["set"])
+    assert nd_rule["expr"][-1] == {"accept": None}
+    assert len(_rules_of(doc, "mesh_ipv4")) == 3  # no ND in IPv4
 
 
-def test_output_looks_each_target_set_up_once_after_the_exemptions() -> None:
-    """Traffic that is not ours costs one set lookup in the output chain (it was two: clamp, then
-    mark); the WireGuard, loopback and neighbour-discovery exemptions all come before it."""
+def test_traffic_that_is_not_ours_meets_one_lookup_and_few_rules() -> None:
+    """A packet that is not mesh-bound costs one set lookup per hook (it was two in the output chain:
+    clamp, then mark) and passes 3 output and 2 prerouting rules (it was 7 and 3): the exemptions
+    that only matter for a target are tested after the lookup. WireGuard's own packets leave the
+    output chain at its first rule, before any lookup."""
     doc = R.render_replace(RulesetParams(), {})
-    lookups = {"@targets_ipv4": 0, "@targets_ipv6": 0}
-    for rule in _rules_of(doc, "output"):
-        for e in rule["expr"]:
-            right = e["match"]["right"] if "match" in e else None
-            if isinstance(right, str) and right in lookups:
-                lookups[right] += 1
-    assert lookups == {"@targets_ipv4": 1, "@targets_ipv6": 1}
+    for chain, n_rules in (("output", 3), ("prerouting", 2)):
+        rules = _rules_of(doc, chain)
+        assert len(rules) == n_rules
+        lookups = {"@targets_ipv4": 0, "@targets_ipv6": 0}
+        for rule in rules:
+            for e in rule["expr"]:
+                right = e["match"]["right"] if "match" in e else None
+                if isinstance(right, str) and right in lookups:
+                    lookups[right] += 1
+        assert lookups == {"@targets_ipv4": 1, "@targets_ipv6": 1}, chain
     whats = [r["comment"].split()[0].split(":")[-1] for r in _rules_of(doc, "output")]
-    assert whats == ["wireguard", "loopback", "ndp", "mesh-ipv4", "mesh-ipv6"]
+    assert whats == ["wireguard", "mesh-ipv4", "mesh-ipv6"]
     for chain in ("mesh_ipv4", "mesh_ipv6"):  # the jump targets look nothing up again
         assert "@targets" not in json.dumps(_rules_of(doc, chain))
 
@@ -185,7 +201,7 @@ def test_custom_marks_and_mtu() -> None:
         "right": 0x200,
     }
     for chain, mss in (("mesh_ipv4", 1228), ("mesh_ipv6", 1208)):
-        clamp, marking = _rules_of(doc, chain)
+        clamp, marking = _rules_of(doc, chain)[-2:]
         assert _mangles(clamp)[0]["value"] == mss
         assert _mangles(marking)[0]["value"] == {"|": [{"&": [{"meta": {"key": "mark"}}, 0xFFFFF9FF]}, 0x400]}
     fwd = _rules_of(doc, "forward")
@@ -210,7 +226,7 @@ def test_rule_comments_identify_the_rendering() -> None:
     a = R.render_replace(RulesetParams(), {})
     b = R.render_replace(RulesetParams(mtu=1380), {})
     comments = lambda doc, ch: [r["comment"] for r in _rules_of(doc, ch)]  # noqa: E731
-    assert len(set(comments(a, "output"))) == 5
+    assert len(set(comments(a, "output"))) == 3
     assert all(c.startswith("kubespan:output:") for c in comments(a, "output"))
     assert comments(a, "prerouting") == comments(b, "prerouting")  # MTU does not matter there
     assert comments(a, "output") == comments(b, "output")  # nor in the output chain's lookups
