@@ -8,7 +8,8 @@ it finds the nodes from n1's Members. The browser (on the host) reaches the oper
 through a small TCP relay whose connections are made inside the operator's namespace.
 
 Checked from the DOM: every pair up; n4 killed -> its row unreachable with stale cells; n4 restarted ->
-its row fresh and up again; a keyboard-only walk (skip link, one tab stop for the matrix, arrows,
+its row fresh and up again; n1's apid (the dashboard's endpoint) killed -> a banner and every row
+unreachable, nothing dropped; apid back -> every pair up again without a reload; a keyboard-only walk (skip link, one tab stop for the matrix, arrows,
 Enter opens the pair, focus visible throughout); no console errors. Screenshots at each step.
 """
 
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -76,6 +79,10 @@ def _configs(agents: list[Agent], lab: Lab) -> Path:
 
 def _start(a: Agent) -> None:
     a.start()
+    _start_apid(a)
+
+
+def _start_apid(a: Agent) -> None:
     a.node.popen(
         PY, "-m", "machined.apid.main", "--config", str(a.config), "--machined-socket", str(a.socket),
         "--hostname", a.name, "--trustd-wait", "240",
@@ -105,6 +112,14 @@ def _setup(lab: Lab) -> DashLab:
 
     port = wait("dashboard listening", url, 30, agents)
     return DashLab(lab, agents, op, port)
+
+
+def _kill_apid(a: Agent) -> None:
+    """SIGKILL ``a``'s apid only (machined and the mesh stay up)."""
+    for pid in a.node.pids():
+        with contextlib.suppress(OSError):
+            if b"machined.apid.main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.asynccontextmanager
@@ -204,6 +219,23 @@ async def test_dashboard_live_matrix_through_node_loss_and_restart(
         await page.wait_for_function(ALL_UP, arg=NAMES, timeout=240_000)
         print(f"every pair up again {time.monotonic() - t0:.1f}s after n4's restart")
         await shot(page, "n4-back")
+
+        # the apid the dashboard goes through (n1's) goes away: a banner, every row unreachable and
+        # stale, nothing dropped; back: every pair up and fresh again, without reloading the page
+        await asyncio.to_thread(_kill_apid, dash.agent("n1"))
+        await page.wait_for_function(
+            """names => !document.getElementById("banner").hidden && names.every(n =>
+                document.querySelector(`#matrix tr[data-node="${n}"]`).dataset.reach === "unreachable")""",
+            arg=NAMES,
+            timeout=20_000,
+        )
+        assert "stale" in await page.locator("#banner").inner_text()
+        assert await page.locator("#matrix tbody tr").count() == 4
+        await shot(page, "apid-lost")
+        await asyncio.to_thread(_start_apid, dash.agent("n1"))
+        await page.wait_for_function(ALL_UP, arg=NAMES, timeout=120_000)
+        assert await page.locator("#banner").is_hidden()
+        await shot(page, "apid-back")
 
         # keyboard only: skip link, then one tab stop for the whole matrix; focus visible on each
         walk = await tab_walk(page, 2)

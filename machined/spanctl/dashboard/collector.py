@@ -222,7 +222,7 @@ class Collector:
             ok = s in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE)
             name = s.name.lower() if hasattr(s, "name") else str(s)
             if ok != self.link["ok"] or name != self.link["state"]:
-                err = "" if ok else f"connection to {self.where or 'apid'}: {name.replace('_', ' ')}"
+                err = "" if ok else f"{self.where or 'the endpoint'}: {name.replace('_', ' ')}"
                 self.link = {"ok": ok, "state": name, "error": err, "since": self.clock()}
                 self.changed()
             await asyncio.sleep(0.25)

@@ -164,7 +164,7 @@ function fillCell(td, r, c, cell, compact) {
   const sym = (cell.stale && state !== "nodata" ? "~" : "") + (SYM[state] || "?");
   const lines = [el("span", { class: "sym", text: sym })];
   if (cell.path && PATH[cell.path]) {
-    lines.push(el("span", { class: "path", text: PATH[cell.path] + (cell.path === "relay" && cell.relayVia ? "·" + cell.relayVia : "") }));
+    lines.push(el("span", { class: "path", text: PATH[cell.path] + (cell.path === "relay" && cell.relayVia && !compact ? "·" + cell.relayVia : "") }));
   }
   if (!compact && HAS_STATUS[state]) {
     lines.push(el("span", { class: "hs", "data-ts": cell.handshake ?? "", text: cell.handshake ? "hs " + age(cell.handshake) : "no hs" }));
@@ -294,26 +294,34 @@ function updateTopology(v) {
     return;
   }
   topoLayout = layout;
-  const W = 800, H = 600, cx = W / 2, cy = H / 2;
+  // groups on a circle wide enough that they do not overlap; the viewBox then fits the drawing
+  const cx = 0, cy = 0;
   const groups = v.groups;
   const pos = {};
-  const R = groups.length > 1 ? Math.min(W, H) / 2 - 110 : 0;
+  const radius = (n) => (n > 1 ? Math.max(30, (n * 48) / (2 * Math.PI)) : 0);
+  const widest = Math.max(0, ...groups.map((g) => radius(g.nodes.length)));
+  const R = groups.length > 1 ? (widest + 26 + 60) / Math.sin(Math.PI / groups.length) : 0;
   const parts = [];
+  let minX = 0, minY = 0, maxX = 0, maxY = 0;
   groups.forEach((g, gi) => {
     const a = (2 * Math.PI * gi) / Math.max(1, groups.length) - Math.PI / 2;
     const gx = cx + R * Math.cos(a), gy = cy + R * Math.sin(a);
     const n = g.nodes.length;
-    const r = n > 1 ? Math.min(groups.length > 1 ? 90 : 230, 18 + n * 9) : 0;
+    const r = radius(n);
     g.nodes.forEach((name, ni) => {
       const b = (2 * Math.PI * ni) / Math.max(1, n) + a + Math.PI / 2; // two nodes side by side, across the radius
       pos[name] = [gx + r * Math.cos(b), gy + r * Math.sin(b)];
     });
+    minX = Math.min(minX, gx - r - 40); maxX = Math.max(maxX, gx + r + 40);
+    minY = Math.min(minY, gy - r - 56); maxY = Math.max(maxY, gy + r + 40);
     parts.push(svg("circle", { cx: gx, cy: gy, r: r + 26, class: "group" }));
     const label = g.key + (g.natClasses.length ? " (" + g.natClasses.join(", ") + ")" : "");
-    const t = svg("text", { x: gx, y: gy - r - 32, class: "glabel", "text-anchor": "middle" });
+    const t = svg("text", { x: gx, y: gy - r - 34, class: "glabel", "text-anchor": "middle" });
     t.textContent = label;
     parts.push(t);
   });
+  const w = Math.max(400, maxX - minX), h = Math.max(300, maxY - minY);
+  root.setAttribute("viewBox", `${(minX + maxX - w) / 2} ${(minY + maxY - h) / 2} ${w} ${h}`);
   topoEdges = {};
   const edges = v.edges.map((e) => {
     const [x1, y1] = pos[e.a] || [cx, cy];
@@ -415,12 +423,12 @@ function banner() {
   if (lostSince !== null) {
     text = "Lost the connection to the dashboard server " + age(lostSince) + " ago: reconnecting; the data shown is stale.";
   } else if (view && !view.link.ok) {
-    text = "apid connection " + (view.link.state || "lost") + (view.link.error ? " (" + view.link.error + ")" : "") +
-      " for " + age(view.link.since) + ": reconnecting; the data shown is stale.";
+    text = "No connection to apid" + (view.link.error ? " (" + view.link.error + ")" : "") + " for " +
+      age(view.link.since) + ": reconnecting; the data shown is stale.";
   }
   b.hidden = !text;
   b.textContent = text;
-  document.body.classList.toggle("stale", Boolean(text));
+  document.body.classList.toggle("is-stale", Boolean(text));
 }
 
 function summary(v) {
