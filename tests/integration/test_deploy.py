@@ -86,6 +86,9 @@ def test_wheel_and_sdist(dist: dict[str, Path]):
         eps = z.read(f"kubespan_mesh-{VERSION}.dist-info/entry_points.txt").decode()
     for pkg in ("discovery/server/main.py", "kubespan/cli.py", "machined/main.py", "spanapi/__init__.py"):
         assert pkg in names
+    # spanctl dashboard's page is package data (no build step, nothing fetched at run time)
+    for page in ("index.html", "app.js", "style.css"):
+        assert f"machined/spanctl/dashboard/web/{page}" in names, page
     for script in SCRIPTS:
         assert re.search(rf"^{re.escape(script)} = ", eps, re.M), eps
 
