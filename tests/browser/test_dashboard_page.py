@@ -5,7 +5,7 @@ Lab (tests/integration/machined_lab.py): discovery on the lab internet; cloud a 
 processes (real WireGuard mesh); the operator host on the internet runs ``spanctl dashboard --web
 127.0.0.1:0`` with the generated talosconfig, pointed at n1's apid (a port forward on nat-a), no -n:
 it finds the nodes from n1's Members. The browser (on the host) reaches the operator's loopback
-through a small TCP relay whose connections are made inside the operator's namespace.
+through ``browserlab.tcp_forward``, whose connections are made inside the operator's namespace.
 
 Checked from the DOM: every pair up; n4 killed -> its row unreachable with stale cells; n4 restarted ->
 its row fresh and up again; n1's apid (the dashboard's endpoint) killed -> a banner and every row
@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import yaml
-from browserlab import REPO, tab_walk
+from browserlab import REPO, tab_walk, tcp_forward
 
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 from machined_lab import CLOUDS, PY, Agent, build, full_mesh, kill_node, wait
@@ -122,36 +122,6 @@ def _kill_apid(a: Agent) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-@contextlib.asynccontextmanager
-async def relay(op: Node, port: int) -> AsyncIterator[int]:
-    """A host loopback port whose connections are forwarded to ``op``'s 127.0.0.1:``port``."""
-
-    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        with contextlib.suppress(OSError):
-            w.close()
-
-    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            sock = await asyncio.to_thread(op.connect_tcp, "127.0.0.1", port)
-        except OSError:
-            w.close()
-            return
-        sock.settimeout(None)
-        sock.setblocking(False)
-        r2, w2 = await asyncio.open_connection(sock=sock)
-        await asyncio.gather(pipe(r, w2), pipe(r2, w))
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-
-
 @pytest_asyncio.fixture(loop_scope="session")
 async def dash() -> AsyncIterator[DashLab]:
     lab = Lab()
@@ -180,7 +150,7 @@ ALL_UP = """names => names.every(r => {
 async def test_dashboard_live_matrix_through_node_loss_and_restart(
     page: Any, shot: Shot, dash: DashLab
 ) -> None:
-    async with relay(dash.op, dash.port) as port:
+    async with tcp_forward(lambda: dash.op.connect_tcp("127.0.0.1", dash.port)) as port:
         await page.goto(f"http://127.0.0.1:{port}/")
         # the workers' apids get their certificates from n1's trustd: allow for that
         await page.wait_for_function(ALL_UP, arg=NAMES, timeout=240_000)
