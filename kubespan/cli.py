@@ -405,9 +405,17 @@ def _ago(ts: float | None, now: float) -> str:
     return f"{s // 3600}h ago"
 
 
+def _rtt(seconds: Any) -> str:
+    """A smoothed probe round trip in ms, or ``-`` when there is none (no probe answered yet): never
+    a made-up 0."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return "-"
+    return f"{seconds * 1000:.1f} ms"
+
+
 def format_table(st: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    rows = [("LABEL", "ENDPOINT", "STATE", "PATH", "RX", "TX", "LAST HANDSHAKE", "NAT")]
+    rows = [("LABEL", "ENDPOINT", "STATE", "PATH", "RX", "TX", "LAST HANDSHAKE", "RTT", "NAT")]
     for p in sorted(st.get("peers", []), key=lambda p: p["label"]):
         rows.append(
             (
@@ -418,6 +426,7 @@ def format_table(st: dict[str, Any], now: float | None = None) -> str:
                 _human_bytes(p["rx_bytes"]),
                 _human_bytes(p["tx_bytes"]),
                 _ago(p["last_handshake"], now),
+                _rtt(p.get("rtt")),
                 p.get("nat_class") or "unknown",
             )
         )

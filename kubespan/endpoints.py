@@ -176,6 +176,7 @@ class EndpointStatus:
     last_rx_progress: float | None
     probes: int = 0  # probes asked for, in all (the probing cost: see docs/design/endpoints.md)
     episodes: int = 0  # detection episodes on a working path (sent, no answer for a poll)
+    rtt: float | None = None  # smoothed probe round trip, seconds (None: no probe answered yet)
 
 
 class EndpointMachine:
@@ -265,6 +266,7 @@ class EndpointMachine:
             last_rx_progress=self._last_rx_progress,
             probes=self._probes_total,
             episodes=self._episodes,
+            rtt=self._srtt,
         )
 
     @property

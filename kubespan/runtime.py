@@ -180,6 +180,7 @@ def peer_status(
         why_not_direct=why,
         connect_time=path.connect_time,
         probes=st.probes,
+        rtt=round(st.rtt, 4) if st.rtt is not None else None,
     )
 
 
@@ -196,4 +197,5 @@ def _status_key(st: EndpointStatus) -> tuple[Any, ...]:
         st.candidates,
         st.learned,
         st.probes,
+        st.rtt,
     )

@@ -54,6 +54,9 @@ class PeerStatus:
     why_not_direct: str | None = None  # e.g. "both behind symmetric NAT"; None on a direct or LAN path
     connect_time: float | None = None  # seconds from both sides' candidates known to the first handshake
     probes: int = 0  # path probes its endpoint machine asked for so far (the probing cost)
+    # smoothed round trip of answered path probes, seconds; None: no probe answered yet (no probes
+    # so far, or a peer that does not answer them)
+    rtt: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

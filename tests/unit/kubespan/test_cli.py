@@ -107,6 +107,17 @@ def test_status_table_shows_each_peers_path() -> None:
     assert "  direct  " in cli.format_table(st, now=0).splitlines()[3]
 
 
+def test_status_table_shows_the_round_trip_or_a_dash_never_zero() -> None:
+    peer = {"label": "n2", "endpoint": "203.0.113.9:40100", "state": "up", "rx_bytes": 0, "tx_bytes": 0}
+    peer |= {"last_handshake": None, "path": "direct", "rtt": 0.0123}
+    st: dict[str, object] = {"nodename": "n1", "nat": {}, "peers": [peer]}
+    lines = cli.format_table(st, now=0).splitlines()
+    assert "RTT" in lines[2].split() and "  12.3 ms  " in lines[3]
+    peer["rtt"] = None  # no probe answered yet
+    row = cli.format_table(st, now=0).splitlines()[3]
+    assert row.split()[-2:] == ["-", "unknown"] and "ms" not in row
+
+
 def test_status_table_shows_the_relay_line_on_a_relay_node() -> None:
     st: dict[str, object] = {"nodename": "r", "nat": {}, "peers": []}
     assert not any(line.startswith("relay") for line in cli.format_table(st, now=0).splitlines())

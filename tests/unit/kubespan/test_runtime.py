@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 
 from kubespan.endpoints import EndpointMachine, Observation, order_candidates
 from kubespan.identity import generate_private_key
@@ -87,3 +88,20 @@ def test_status_is_kept_only_while_spec_observation_and_machine_are_unchanged() 
     # a light pass does not ask the machine; a replaced spec is still news
     peer.respec(spec(ep("10.5.0.2"), allowed=("10.5.0.2/32", "10.9.9.9/32")))
     assert "10.9.9.9/32" in peer.status(more, light=True, wall=102.0, now=3.0).allowed_ips
+
+
+def test_status_carries_the_smoothed_probe_round_trip_and_none_before_any_answer() -> None:
+    peer = PeerRuntime(spec(ep("10.5.0.2")), EndpointMachine(now=0.0))
+    have = ObservedPeer(KEY, endpoint=ep("10.5.0.2"), rx_bytes=10, tx_bytes=20)
+    before = peer.status(have, light=False, wall=100.0, now=1.0)
+    assert before.rtt is None, "no probe answered yet: no round trip, not 0"
+    peer.machine.observe(2.0, None, answered=True, rtt=0.040)
+    first = peer.status(have, light=False, wall=101.0, now=2.0)
+    assert first is not before and first.rtt == 0.04
+    peer.machine.observe(3.0, None, answered=True, rtt=0.080)
+    second = peer.status(have, light=False, wall=102.0, now=3.0)
+    assert second.rtt == 0.045, "smoothed (7/8 old + 1/8 new), not the last sample"
+    # the status JSON (MeshStatus.as_dict, what /status serves) carries it
+    d = asdict(second)
+    assert d["rtt"] == 0.045 and asdict(before)["rtt"] is None
+    assert json.loads(json.dumps(d))["rtt"] == 0.045
