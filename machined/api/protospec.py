@@ -379,8 +379,8 @@ PROTO_SPECS: dict[str, Schema | Raw | OursOnly] = {
     ),
     "KubeSpanPeerStatuses.kubespan.talos.dev": Schema(
         kubespan_pb2.PeerStatusSpec,
-        # issue 14's path report and the NAT class the peer publishes
-        ours=frozenset({"natClass", "path", "relayVia", "whyNotDirect", "connectTime"}),
+        # issue 14's path report, the NAT class the peer publishes, issue 17's probe round trip
+        ours=frozenset({"natClass", "path", "relayVia", "whyNotDirect", "connectTime", "rtt"}),
     ),
     "KubeSpanEndpoints.kubespan.talos.dev": Schema(
         kubespan_pb2.EndpointSpec, keys={"affiliate_id": "affiliateID"}

@@ -192,6 +192,9 @@ class KubeSpanPeerStatusController(Controller):
                     "relayVia": p.relay_via or "",
                     "whyNotDirect": p.why_not_direct or "",
                     "connectTime": p.connect_time,
+                    # ours (issue 17): smoothed round trip of answered path probes, seconds; null
+                    # while none was answered (a change alone waits for the counter refresh)
+                    "rtt": p.rtt,
                 },
             )
             self._last[key] = p

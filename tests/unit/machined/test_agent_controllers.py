@@ -44,7 +44,9 @@ async def _ready(s: State) -> bool:
     return (await s.get(NS_RUNTIME, MACHINE_STATUS, "machine")).spec["status"]["ready"]
 
 
-def peer(label: str, state: str, rx: int = 0, endpoint: str = "10.0.0.1:51820") -> PeerStatus:
+def peer(
+    label: str, state: str, rx: int = 0, endpoint: str = "10.0.0.1:51820", rtt: float | None = None
+) -> PeerStatus:
     return PeerStatus(
         label=label,
         node_id=f"id-{label}",
@@ -63,6 +65,7 @@ def peer(label: str, state: str, rx: int = 0, endpoint: str = "10.0.0.1:51820") 
         candidates=(),
         learned=(),
         allowed_ips=(),
+        rtt=rtt,
     )
 
 
@@ -133,6 +136,30 @@ async def test_counter_only_changes_are_batched_state_changes_are_not():
         await settle(rt, c.name, 4)
         r = await s.get(NS_KUBESPAN, KUBESPAN_PEER_STATUS, "a-key=")
         assert r.spec["state"] == "down" and r.spec["receiveBytes"] == 11  # a state change: at once
+
+
+async def test_peer_status_spec_carries_the_round_trip_null_until_one_is_measured():
+    s, host, now = state(), Host(), [100.0]
+    host.views = [peer("a", "up")]
+    rt = Runtime(s)
+    c = KubeSpanPeerStatusController(host, clock=lambda: now[0])  # type: ignore[arg-type]
+    rt.register(c)
+
+    async def spec() -> dict:
+        return (await s.get(NS_KUBESPAN, KUBESPAN_PEER_STATUS, "a-key=")).spec
+
+    async with rt:
+        await settle(rt, c.name, 1)
+        assert "rtt" in await spec() and (await spec())["rtt"] is None, "no probe answered: null, not 0"
+        host.views = [peer("a", "up", rtt=0.0123)]
+        now[0] += 1
+        rt.wake(c.name)
+        await settle(rt, c.name, 2)
+        assert (await spec())["rtt"] is None, "a round trip change alone waits for the refresh"
+        now[0] += 5
+        rt.wake(c.name)
+        await settle(rt, c.name, 3)
+        assert (await spec())["rtt"] == 0.0123
 
 
 async def test_members_follow_affiliates():

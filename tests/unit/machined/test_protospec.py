@@ -86,6 +86,7 @@ SAMPLES: dict[str, list[Callable[[], Any]]] = {
             "relayVia": "",
             "whyNotDirect": "",
             "connectTime": 0.42,
+            "rtt": 0.0123,
         },
         lambda: {
             "label": "n3",
@@ -101,6 +102,7 @@ SAMPLES: dict[str, list[Callable[[], Any]]] = {
             "relayVia": "",
             "whyNotDirect": "no endpoints",
             "connectTime": None,
+            "rtt": None,
         },
     ],
     "KubeSpanEndpoints.kubespan.talos.dev": [
@@ -390,7 +392,7 @@ def test_a_type_without_mapping_is_an_error() -> None:
 
 
 def test_peer_status_keys_of_ours_stay_out_of_proto_spec() -> None:
-    data = {"label": "n", "path": "relay", "relayVia": "n9", "connectTime": 1.5}
+    data = {"label": "n", "path": "relay", "relayVia": "n9", "connectTime": 1.5, "rtt": 0.02}
     raw = protospec.encode("KubeSpanPeerStatuses.kubespan.talos.dev", data, lambda: data)
     msg = kubespan_pb2.PeerStatusSpec.FromString(raw)
     assert msg.label == "n" and msg.SerializeToString() == raw  # nothing but Talos's fields
