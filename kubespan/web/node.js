@@ -36,6 +36,12 @@
     return `${Math.round(s / 3600)} h ago`;
   }
 
+  // The smoothed probe round trip (seconds in /status) in ms; "–" when there is none (no probe
+  // answered yet, or a peer that does not answer probes), never a made-up 0.
+  function rtt(seconds) {
+    return typeof seconds === "number" ? `${(seconds * 1000).toFixed(1)} ms` : "–";
+  }
+
   function pathText(p) {
     if (p.path === "relay") return `relay via ${p.relay_via || "?"}`;
     return p.path || "none";
@@ -49,10 +55,10 @@
     const row = document.createElement("tr");
     row.dataset.peer = label;
     const cells = {};
-    for (const key of ["peer", "state", "path", "endpoint", "handshake", "rx", "tx", "switches", "roams", "failures"]) {
+    for (const key of ["peer", "state", "path", "endpoint", "handshake", "rtt", "rx", "tx", "switches", "roams", "failures"]) {
       const td = document.createElement(key === "peer" ? "th" : "td");
       if (key === "peer") td.scope = "row";
-      td.className = { rx: "num", tx: "num", switches: "num", roams: "num", failures: "num", endpoint: "mono" }[key] || "";
+      td.className = { rtt: "num", rx: "num", tx: "num", switches: "num", roams: "num", failures: "num", endpoint: "mono" }[key] || "";
       if (key === "state") td.classList.add("state");
       td.dataset.col = key;
       row.appendChild(td);
@@ -71,7 +77,7 @@
     detail.className = "detail";
     detail.hidden = true;
     const dtd = document.createElement("td");
-    dtd.colSpan = 11;
+    dtd.colSpan = 12;
     detail.appendChild(dtd);
     detail.id = `detail-${label.replace(/[^A-Za-z0-9_-]/g, "_")}`;
     button.setAttribute("aria-controls", detail.id);
@@ -151,6 +157,7 @@
       c.path.title = p.why_not_direct || "";
       c.endpoint.textContent = dash(p.endpoint);
       c.handshake.textContent = p.last_handshake ? age(nowSeconds - p.last_handshake) : "never";
+      c.rtt.textContent = rtt(p.rtt);
       c.rx.textContent = bytes(p.rx_bytes);
       c.tx.textContent = bytes(p.tx_bytes);
       c.switches.textContent = String(p.endpoint_switches);

@@ -224,6 +224,7 @@ async def test_dashboard_live_matrix_through_node_loss_and_restart(
         text = await detail.inner_text()
         assert "n3 ↔ n2" in text and "n3 → n2" in text and "n2 → n3" in text, text
         assert "why not direct" in text and "Endpoint history" in text, text
+        assert re.search(r"RTT\s+(\u2013|\d+\.\d ms)", text), text  # a value or a dash, never a 0 made up
         await page.keyboard.press("Tab")
         assert await page.evaluate("() => document.activeElement.textContent") == "Close details"
         assert await page.evaluate(RING), "no focus indicator on the close button"

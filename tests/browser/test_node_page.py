@@ -109,6 +109,12 @@ async def test_node_page_follows_a_peer_down_and_back(
         page, "n2", "handshake"
     )
     assert (await cell(page, "n2", "rx")) != "0 B"
+    # n2 answers path probes: the smoothed round trip shows once one was answered (a dash before)
+    assert re.fullmatch(r"\u2013|\d+\.\d ms", await cell(page, "n2", "rtt")), await cell(page, "n2", "rtt")
+    await page.wait_for_function(
+        "() => /^\\d+\\.\\d ms$/.test(document.querySelector(\"tr[data-peer='n2'] [data-col='rtt']\").textContent)",
+        timeout=15_000,
+    )
     assert "1 up, 0 down" in await page.locator("#peer-summary").inner_text()
     await shot(page, "n2-up")
 

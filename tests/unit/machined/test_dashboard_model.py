@@ -89,6 +89,19 @@ def test_down_peer_relay_path_and_absent_status() -> None:
     assert v["summary"]["pairsUp"] == 4
 
 
+def test_cell_round_trip_passes_through_and_is_absent_without_one_never_zero() -> None:
+    nodes = [
+        node("a", [peer("b", rtt=0.0123), peer("c", rtt=None)]),
+        node("b", [peer("a")]),  # a status from before the rtt key: none
+        node("c", [peer("a", rtt="fast"), peer("b", rtt=True)]),  # garbage: none
+    ]
+    m = build_view(nodes, {}, NOW)["matrix"]
+    assert m["a"]["b"]["rtt"] == 0.0123
+    for r, c in (("a", "c"), ("b", "a"), ("c", "a"), ("c", "b")):
+        assert "rtt" not in m[r][c], (r, c)  # the page shows a dash for a missing rtt
+    assert model.cell({"state": "up", "rtt": 0}, stale=False)["rtt"] == 0.0, "a measured 0 is kept"
+
+
 def test_unreachable_node_is_kept_with_its_last_data_marked_stale() -> None:
     nodes = full(["a", "b", "c"])
     nodes[2] = NodeInput("t-c", "c", "unreachable", "cannot connect", NOW - 5, True, "", nodes[2].resources)

@@ -48,8 +48,10 @@ function bytes(n) {
   return (i ? n.toFixed(1) : String(n)) + " " + u[i];
 }
 
+// The smoothed probe round trip (seconds in the status): "–" when the status has none (no probe
+// answered yet, or a peer that does not answer probes), never a made-up 0.
 function rtt(s) {
-  return s === null || s === undefined ? "–" : (s * 1000).toFixed(1) + " ms";
+  return typeof s === "number" ? (s * 1000).toFixed(1) + " ms" : "–";
 }
 
 function pathText(c) {
@@ -65,7 +67,7 @@ function cellLabel(row, col, c) {
   const p = pathText(c);
   if (p) parts.push(p);
   parts.push("handshake " + (c.handshake ? age(c.handshake) + " ago" : "never"));
-  if (c.rtt !== null && c.rtt !== undefined) parts.push("RTT " + rtt(c.rtt));
+  parts.push(typeof c.rtt === "number" ? "RTT " + rtt(c.rtt) : "no RTT measured");
   parts.push("rx " + bytes(c.rx) + ", tx " + bytes(c.tx));
   if (c.stale) parts.push("stale");
   return parts.join(", ");
@@ -168,7 +170,7 @@ function fillCell(td, r, c, cell, compact) {
   }
   if (!compact && HAS_STATUS[state]) {
     lines.push(el("span", { class: "hs", "data-ts": cell.handshake ?? "", text: cell.handshake ? "hs " + age(cell.handshake) : "no hs" }));
-    if (cell.rtt !== null && cell.rtt !== undefined) lines.push(el("span", { class: "rtt", text: rtt(cell.rtt) }));
+    lines.push(el("span", { class: "rtt", text: "rtt " + rtt(cell.rtt) }));
     lines.push(el("span", { class: "bytes", text: "↓" + bytes(cell.rx) + " ↑" + bytes(cell.tx) }));
   }
   td.replaceChildren(...lines);
