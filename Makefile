@@ -64,8 +64,9 @@ integration: setup
 
 # The mesh demo: discovery server with STUN, a public node, a relay node, two clouds behind NAT routers, a
 # node behind a symmetric NAT and one behind a CGNAT, in network namespaces.
+# DEMO_ARGS=--keep leaves the lab up after the checks (node pages forwarded to 127.0.0.1) until Ctrl-C.
 demo: setup
-	$(PY) -m netns.demo
+	$(PY) -m netns.demo $(DEMO_ARGS)
 
 # The discovery-only demo: a server and three encrypted clients on loopback.
 demo-discovery: setup

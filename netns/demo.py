@@ -17,7 +17,9 @@ responders) in every node, shows the mesh converging, prints every node's ``kube
 are direct (LAN, or punched through the NATs) and which relayed, a ping matrix over the mesh addresses and
 a check that traffic to a node's own (underlay) address is carried by the tunnel, then tears everything
 down and checks that nothing is left. Exit status 0 only when every peer link came up, every pair took the
-path nat.md §2 predicts and every ping passed.
+path nat.md §2 predicts and every ping passed. ``--keep`` leaves the lab up after the checks, forwards every
+node's page (``/`` of ``kubespan run``) to the host's loopback and prints the URLs; Ctrl-C tears it down.
+The web dashboard (``spanctl dashboard --web``) reads machined through apid, which this lab does not run.
 
 Needs root, iproute2, nftables and wireguard-go (``make demo`` installs them).
 """
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from netns.forward import Forward
 from netns.lab import Lab, LabError, Node, list_netns, sh
 from netns.mesh import MeshLab, MeshNode
 from netns.natprofiles import direct_verdict
@@ -53,6 +56,11 @@ STUN_IPS = (DISC_IP, f"{INTERNET}.3")  # two responders on two addresses: enough
 STUN_PORT = 3478
 DISC_PORT = 3000
 CONVERGE_TIMEOUT = 90.0
+AGENT_HTTP_PORT = 51821  # kubespan run's --http-addr default (127.0.0.1), inside each node
+DASHBOARD_NOTE = (
+    "the web dashboard (spanctl dashboard --web) reads machined through apid; this lab runs `kubespan run` "
+    "agents without them: run it against a machined cluster (docs/operator-guide.md section 6)"
+)
 STUN_FLAGS = tuple(a for ip in STUN_IPS for a in ("--stun-server", f"{ip}:{STUN_PORT}"))
 
 
@@ -626,7 +634,36 @@ async def run_demo(lab: Lab, ns: argparse.Namespace, holder: list[Demo]) -> int:
         await report_failure(demo, took, states)
         return 1
     say(f"  mesh formed in {took:.1f} s")
-    return 0 if await show_mesh(demo) else 1
+    code = 0 if await show_mesh(demo) else 1
+    if ns.keep:
+        await keep_up(demo)
+    return code
+
+
+async def keep_up(demo: Demo) -> None:
+    """``--keep``: forward every node's page to the host's loopback, say how to look at it, and wait
+    for Ctrl-C (or SIGTERM), which ends the wait rather than the demo: the caller tears down."""
+    heading("the lab stays up (--keep): every node's page (kubespan run's /), forwarded to this host")
+    forwards: list[Forward] = []
+    try:
+        for name in demo.order:
+            node = demo.mesh[name].node
+            fwd = Forward(lambda node=node: node.connect_tcp("127.0.0.1", AGENT_HTTP_PORT))
+            forwards.append(fwd)
+            say(f"  {name:6} http://127.0.0.1:{await fwd.start()}/")
+        first = demo.mesh[demo.order[0]].node
+        say(
+            f"  from a shell, inside a node: ip netns exec {first.ns} {PY} -m kubespan.cli status "
+            f"(or curl -s http://127.0.0.1:{AGENT_HTTP_PORT}/status)"
+        )
+        say(f"  {DASHBOARD_NOTE}")
+        say(f"  Ctrl-C (or kill -INT {os.getpid()}) tears the lab down")
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        pass  # the signal handler's cancel: on to the teardown
+    finally:
+        for fwd in forwards:
+            await fwd.close()
 
 
 async def teardown(lab: Lab, demo: Demo | None, keep_logs: Path | None = None) -> int:
@@ -722,6 +759,12 @@ async def demo_main(ns: argparse.Namespace) -> int:
     code = code or (0 if clean == 0 else 1)
     verdict = {0: "demo finished", 130: "demo interrupted"}.get(code, "demo FAILED")
     say(f"\n== {verdict} in {time.monotonic() - t_start:.1f} s")
+    if code == 0 and not ns.keep:
+        say(
+            "   to look at the mesh live: make demo DEMO_ARGS=--keep (python -m netns.demo --keep) keeps the "
+            "lab up until Ctrl-C and prints each node's page URL"
+        )
+        say(f"   {DASHBOARD_NOTE}")
     return code
 
 
@@ -738,6 +781,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument(
         "--keep-logs", type=Path, metavar="DIR", help="copy the agents' and discovery's logs here"
+    )
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="after the checks, keep the lab up and forward every node's page to 127.0.0.1 until Ctrl-C",
     )
     ns = ap.parse_args(argv)
     if os.geteuid() != 0:

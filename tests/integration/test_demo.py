@@ -6,9 +6,12 @@ is steered into the tunnel, and nothing is left behind."""
 
 from __future__ import annotations
 
+import json
 import re
+import signal
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -17,17 +20,50 @@ from netns.lab import PREFIX, list_netns
 pytestmark = pytest.mark.root
 
 
+def _get(url: str) -> tuple[str, bytes]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+    with opener.open(url, timeout=10) as r:
+        return r.headers.get("Content-Type", ""), r.read()
+
+
 def test_nat_demo_forms_full_mesh_direct_or_relayed_and_cleans_up() -> None:
+    """Run with ``--keep``: the checks, then the lab stays up with every node's page forwarded to the
+    host's loopback until SIGINT, then the same teardown (one demo run covers both)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "netns.demo"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, "-m", "netns.demo", "--keep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
+    lines: list[str] = []
+    urls: dict[str, str] = {}
+    rest = ""
     try:
-        out, _ = proc.communicate(timeout=240)
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the pytest timeout bounds this
+            lines.append(line)
+            if m := re.fullmatch(r"\s+(\S+)\s+(http://127\.0\.0\.1:\d+/)", line.rstrip()):
+                urls[m[1]] = m[2]
+            if "tears the lab down" in line:
+                break
+        kept = "".join(lines)
+        assert "tears the lab down" in kept and len(urls) == 8, kept[-4000:]
+        # a node's page and its /status, from the host, through the forwarder into the namespace
+        ctype, page = _get(urls["a1"])
+        assert ctype.startswith("text/html") and b"node.js" in page
+        _, body = _get(urls["h1"] + "status")
+        st = json.loads(body)
+        assert st["nodename"] == "h1" and len(st["peers"]) == 7
+        assert all("rtt" in p for p in st["peers"]) and any(p["rtt"] for p in st["peers"]), st["peers"]
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    out = "".join(lines) + rest
     assert proc.returncode == 0, out[-4000:]
+    assert "== demo finished" in out, out[-4000:]
     assert "56/56 ordered pairs answered" in out, out[-4000:]
     # which pairs are direct and which relayed: the symmetric node h1 is relayed against every node behind
     # a port-restricted NAT (both clouds and the CGNAT node), everything else is direct
