@@ -8,7 +8,8 @@ the output and prerouting hooks run in the sending task) is divided by their num
 than wall time, so other programs on the machine move it little; variants take turns, medians of
 ``--rounds``.
 
-Variants: ``none``; ``hooks`` (the three base chains, no rules); ``ruleset, empty sets``; ``ruleset,
+Variants: ``none`` (the baseline: no table, the policy rule in place); ``no policy rule`` (no table,
+no rule either: what the rule alone costs, shown as a negative difference); ``hooks`` (the three base chains, no rules); ``ruleset, empty sets``; ``ruleset,
 1000 peers`` (a /32 node address and a /128 mesh address per peer: 2000 interval-set elements), to a
 destination that is not a target (traffic that is not ours) and to one that is (marked and re-routed
 into table 180). What remains above ``hooks`` is rule evaluation and the target-set lookup
@@ -41,6 +42,7 @@ HOOKS = (
     " chain forward { type filter hook forward priority -150; policy accept; }; }"
 )
 PEERS = 1000
+NO_RULE = "no policy rule"
 
 
 def targets_of(peers: int) -> list[str]:
@@ -67,17 +69,25 @@ def setup(node: Node) -> None:
     node.run("ip", "-6", "neigh", "add", "fd99::2", "lladdr", mac0, "dev", "eth0")
     node.run("ip", "neigh", "add", "10.98.0.2", "lladdr", mac1, "dev", "kubespan")
     node.run("ip", "route", "add", "10.64.0.0/10", "via", "10.99.0.2", "dev", "eth0")
-    for fam in ("-4", "-6"):
-        node.run("ip", fam, "rule", "add", "priority", "32500", "fwmark", "0x40/0x60", "lookup", "180")
+    policy_rules(node, present=True)
     node.run(
         "ip", "route", "add", "default", "via", "10.98.0.2", "dev", "kubespan", "table", "180", "mtu", "1420"
     )
     node.run("ip", "-6", "route", "add", "default", "dev", "kubespan", "table", "180", "mtu", "1420")
 
 
+def policy_rules(node: Node, present: bool) -> None:
+    for fam in ("-4", "-6"):
+        verb = "add" if present else "del"
+        node.run("ip", fam, "rule", verb, "priority", "32500", "fwmark", "0x40/0x60", "lookup", "180")
+
+
 def installer(node: Node, variant: str) -> Callable[[], None]:
     def install() -> None:
         node.run("nft", "delete", "table", "inet", "kubespan", check=False)
+        if variant == NO_RULE:
+            policy_rules(node, present=False)
+            return
         if variant == "none":
             return
         if variant == "hooks":
@@ -109,7 +119,7 @@ def main() -> int:
     if skip_unless_root(NAME):
         return 0
     print(f"{NAME}: {ns.rounds} rounds of {ns.packets} datagrams per variant; {host_load()}", flush=True)
-    variants = ["none", "hooks", "ruleset, empty sets", f"ruleset, {PEERS} peers"]
+    variants = ["none", NO_RULE, "hooks", "ruleset, empty sets", f"ruleset, {PEERS} peers"]
     dests = {
         "IPv4, not ours": ("10.99.0.2", socket.AF_INET),
         "IPv6, not ours": ("fd99::2", socket.AF_INET6),
@@ -130,19 +140,21 @@ def main() -> int:
                         raise OSError(ctypes.get_errno(), "setns into the lab node")
                     try:
                         for d, (dest, family) in dests.items():
-                            if variant == "none" and d == "IPv4, to a target":
+                            if variant in ("none", NO_RULE) and d == "IPv4, to a target":
                                 res[(variant, d)].append(cost_ns("10.99.0.2", family, ns.packets))
                                 continue
                             res[(variant, d)].append(cost_ns(dest, family, ns.packets))
                     finally:
                         libc.setns(own, CLONE_NEWNET)
+                    if variant == NO_RULE:
+                        policy_rules(node, present=True)
         finally:
             os.close(fd)
             os.close(own)
     print(f"host after the run: {host_load()}")
     for d in dests:
         base = median(res[("none", d)])
-        cells = ", ".join(f"{v} +{median(res[(v, d)]) - base:.0f}" for v in variants[1:])
+        cells = ", ".join(f"{v} {median(res[(v, d)]) - base:+.0f}" for v in variants[1:])
         print(f"  {d:18s}: none {base:.0f} ns/datagram; {cells} ns")
     extra = median(res[(variants[-1], "IPv4, not ours")]) - median(res[("none", "IPv4, not ours")])
     print(f"RESULT {NAME} ns_per_packet_not_ours={extra:.0f} peers={PEERS} (information, no target)")
