@@ -62,6 +62,11 @@ def is_lan(ip: IPAddress) -> bool:
     return any(ip.version == n.version and ip in n for n in LAN_NETWORKS)
 
 
+# A handshake this recent (beyond the sample's own round trip) may have been inside a probe's flight;
+# the engine reads the device right after a reply, so the gap between reply and reading is small.
+RTT_HANDSHAKE_SLACK = 0.1
+
+
 @dataclass(frozen=True, slots=True)
 class Candidate:
     endpoint: AddrPort
@@ -294,7 +299,16 @@ class EndpointMachine:
         the round trip of one such reply, when known (a slow path gets a longer
         detection window: :meth:`dead_window`).
         """
-        if rtt is not None and rtt >= 0:
+        # A reply whose flight spans the session's handshake timed the handshake too: not a round trip.
+        if (
+            rtt is not None
+            and rtt >= 0
+            and not (
+                obs is not None
+                and obs.handshake_age is not None
+                and obs.handshake_age < rtt + RTT_HANDSHAKE_SLACK
+            )
+        ):
             self._take_rtt(rtt)
         before_state = self._state
         learned_changed = False
@@ -375,6 +389,7 @@ class EndpointMachine:
                     self._roams += 1
                 self._last_endpoint_change = now
                 self._current = obs.endpoint
+                self._forget_rtt()
                 set_endpoint = None
                 if evidence:
                     learned_changed = self._learn(obs.endpoint)
@@ -501,6 +516,10 @@ class EndpointMachine:
             return self.t.dead_after
         return max(self.t.dead_after, self._srtt + 4 * self._rttvar + self.t.probe_interval)
 
+    def _forget_rtt(self) -> None:
+        """A new path: the old path's round trip says nothing of it."""
+        self._srtt, self._rttvar = None, 0.0
+
     def _take_rtt(self, rtt: float) -> None:
         if self._srtt is None:
             self._srtt, self._rttvar = rtt, rtt / 2
@@ -605,6 +624,8 @@ class EndpointMachine:
             if self._current is not None or self._last_used is not None:
                 self._switches += 1
             self._last_endpoint_change = now
+        if endpoint != self._current:
+            self._forget_rtt()
         self._current = endpoint
         if counted:
             self._last_used = endpoint
