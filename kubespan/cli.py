@@ -5,6 +5,11 @@
 
 ``run`` serves ``/status`` (JSON), ``/metrics`` (Prometheus) and ``/healthz``
 on ``--http-addr``; SIGTERM/SIGINT remove everything it created.
+
+Start-up CPU matters (N agents start at once in a cold start: bench/mesh_cold_start.py, issue 18), so
+two costly imports wait until they are used, each in the one place that needs it:
+importlib.metadata (``--version``) and prometheus_client with kubespan.metrics (the first
+``/metrics`` scrape: :class:`MetricsPage`).
 """
 
 from __future__ import annotations
@@ -21,20 +26,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
-from importlib import metadata
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from discovery.crypto import SecretError, parse_secret
 from kubespan import nodepage
 from kubespan.affiliate import EndpointFilter, everything_but
 from kubespan.constants import ConfigError, MeshConfig
-from kubespan.engine import Mesh, MeshOptions
-from kubespan.metrics import DiscoveryCollector, MeshCollector
+from kubespan.engine import Mesh, MeshOptions, MeshStatus
 from kubespan.nat.punch import PunchTimings
 from kubespan.perms import warn_permissions
 from kubespan.wireguard.types import AddrPort
@@ -42,6 +44,9 @@ from kubespan.wiring import build_mesh
 from spanutil.durations import parse_duration
 from spanutil.ipcodec import IPNetwork
 from spanutil.logs import log_event, setup
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("kubespan")
 
@@ -119,15 +124,41 @@ def _mac(text: str) -> bytes:
 
 def _version() -> str:
     """From the installed metadata, like discovery.version (kubespan may not import it; see test_layers)."""
+    from importlib import metadata  # deferred: only --version needs it (see the module docstring)
+
     try:
         return metadata.version("kubespan-mesh")
     except metadata.PackageNotFoundError:
         return "0+unknown"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: prints ``kubespan VERSION`` and exits, like argparse's ``version`` action, but reads
+    the version only when the flag is given (not on every start)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS) -> None:
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=argparse.SUPPRESS,
+            help="show program's version number and exit",
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"kubespan {_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubespan", description="KubeSpan-style WireGuard mesh, standalone.")
-    p.add_argument("--version", action="version", version=f"kubespan {_version()}")
+    p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="command", required=True)
     d = MeshConfig()
 
@@ -331,10 +362,8 @@ async def run(ns: argparse.Namespace, cfg: MeshConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    registry = CollectorRegistry()
-    MeshCollector(lambda: mesh.status() if mesh.identity else None, registry)
-    DiscoveryCollector(lambda: runner.discovery, registry)
-    http = await serve_http(ns.http_addr, mesh, registry)
+    metrics = MetricsPage(lambda: mesh.status() if mesh.identity else None, lambda: runner.discovery)
+    http = await serve_http(ns.http_addr, mesh, metrics)
     try:
         await runner.start()
     except Exception as e:
@@ -350,14 +379,45 @@ async def run(ns: argparse.Namespace, cfg: MeshConfig) -> int:
     return 0
 
 
-async def serve_http(addr: tuple[str, int], mesh: Mesh, registry: CollectorRegistry) -> web.AppRunner:
+class MetricsPage:
+    """``/metrics``: the mesh's and the discovery link's collectors (kubespan.metrics) in a registry of
+    their own. Both compute everything at scrape time, so the registry is built on the first scrape
+    rather than at start: prometheus_client is imported only then (start-up CPU, issue 18)."""
+
+    def __init__(self, status: Callable[[], MeshStatus | None], discovery: Callable[[], Any]) -> None:
+        self._status = status
+        self._discovery = discovery  # the running discovery client, or None
+        self._registry: CollectorRegistry | None = None
+
+    def registry(self) -> CollectorRegistry:
+        """The registry with both collectors (built on the first call)."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry  # deferred: see the class docstring
+
+            from kubespan.metrics import DiscoveryCollector, MeshCollector
+
+            registry = CollectorRegistry()
+            MeshCollector(self._status, registry)
+            DiscoveryCollector(self._discovery, registry)
+            self._registry = registry
+        return self._registry
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition body and its Content-Type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry()), CONTENT_TYPE_LATEST
+
+
+async def serve_http(addr: tuple[str, int], mesh: Mesh, metrics_page: MetricsPage) -> web.AppRunner:
     async def status(_: web.Request) -> web.Response:
         if mesh.identity is None:
             return web.json_response({"error": "starting"}, status=503)
         return web.json_response(mesh.status().as_dict())
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body, ctype = metrics_page.render()
+        return web.Response(body=body, headers={"Content-Type": ctype})
 
     async def healthz(_: web.Request) -> web.Response:
         ok = mesh.ready.is_set()

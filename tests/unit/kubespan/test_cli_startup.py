@@ -1,0 +1,110 @@
+"""``kubespan run`` start-up (issue 18): what the CLI defers until used still behaves as before.
+
+``--version`` reads the installed metadata only when given, and ``/metrics`` builds its registry on the
+first scrape; the output of both is the same as when they were built at start.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from kubespan import cli
+from kubespan.metrics import DiscoveryCollector, MeshCollector
+from kubespan.snapshot import MeshStatus, NatStatus, PeerStatus
+
+
+class FakeDiscovery:
+    """What DiscoveryCollector reads from the running discovery client."""
+
+    stats = SimpleNamespace(reconnects=3)
+
+    def endpoint_status(self) -> dict[str, SimpleNamespace]:
+        return {"http://10.0.0.2:3000": SimpleNamespace(connected=True, affiliates=4)}
+
+
+def mesh_status() -> MeshStatus:
+    peer = PeerStatus(
+        label="n2",
+        node_id="id2",
+        public_key="pk2",
+        mesh_address=None,
+        endpoint="10.0.0.12:51820",
+        state="up",
+        rx_bytes=100,
+        tx_bytes=200,
+        last_handshake=None,
+        last_used_endpoint=None,
+        last_endpoint_change=None,
+        endpoint_switches=1,
+        roams=0,
+        failures=0,
+        candidates=(),
+        learned=(),
+        allowed_ips=(),
+        nat_class="eim",
+    )
+    return MeshStatus(
+        ready=True,
+        node_id="id1",
+        nodename="n1",
+        public_key="pk1",
+        mesh_address="fd00::1",
+        listen_port=51820,
+        backend="userspace",
+        public_ip=None,
+        endpoints=(),
+        peers=(peer,),
+        conflicts=(),
+        errors=(),
+        nat=NatStatus("eim", None, None),
+    )
+
+
+def test_version_flag_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    try:
+        expected = metadata.version("kubespan-mesh")
+    except metadata.PackageNotFoundError:
+        expected = "0+unknown"
+    out = capsys.readouterr()
+    assert out.out == f"kubespan {expected}\n"
+    assert out.err == ""
+
+
+def test_metrics_page_scrapes_what_an_eager_registry_does() -> None:
+    st = mesh_status()
+    disc = FakeDiscovery()
+    eager = CollectorRegistry()
+    MeshCollector(lambda: st, eager)
+    DiscoveryCollector(lambda: disc, eager)
+
+    page = cli.MetricsPage(lambda: st, lambda: disc)
+    body, ctype = page.render()
+    assert ctype == CONTENT_TYPE_LATEST
+    assert body == generate_latest(eager)
+    assert b'kubespan_peer_state{peer="n2",public_key="pk2"} 1.0' in body
+    assert b'kubespan_discovery_affiliates{endpoint="http://10.0.0.2:3000"} 4.0' in body
+    assert page.registry() is page.registry()  # built once: a second scrape registers nothing twice
+    assert page.render()[0] == body
+
+
+def test_metrics_page_before_the_mesh_and_discovery_exist_is_empty() -> None:
+    body, _ = cli.MetricsPage(lambda: None, lambda: None).render()
+    assert body == b""
+
+
+def test_importing_the_cli_leaves_the_deferred_modules_unloaded() -> None:
+    code = (
+        "import sys, kubespan.cli\n"
+        "print(*[m for m in ('prometheus_client', 'kubespan.metrics', 'importlib.metadata') if m in sys.modules])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert r.stdout.strip() == ""
