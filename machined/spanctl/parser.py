@@ -207,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--allow-remote", action="store_true", help="allow a non-loopback ADDR (the page has no login)"
     )
+    sp.add_argument(
+        "--agent",
+        action="append",
+        metavar="URL",
+        help="read plain `kubespan run` agents instead of machined through apid: an agent's HTTP address "
+        "(its --http-addr, e.g. http://127.0.0.1:51821), repeatable, polled every second at /status; "
+        "plain HTTP without mTLS or login (agents bind it to loopback by default); not with -n/-e/--socket",
+    )
     sp = add("gen", "generate secrets and configs: gen secrets | gen config NAME ENDPOINT", cmd_gen)
     gsub = sp.add_subparsers(dest="gen_cmd", metavar="SUBCOMMAND")
     c = gsub.add_parser("secrets", parents=[g], help="a secrets bundle (cluster id/secret, OS CA, token)")

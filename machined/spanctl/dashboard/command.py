@@ -8,6 +8,7 @@ import signal
 
 from ..app import App, UsageError
 from ..client import CLUSTER_METADATA
+from .agents import AgentCollector, AgentURLError, parse_agent_url
 from .collector import Collector, aio_channel
 from .server import ListenError, check_listen, is_loopback, parse_listen, serve
 
@@ -23,6 +24,9 @@ def cmd_dashboard(app: App) -> None:
         check_listen(host, ns.allow_remote)
     except ListenError as e:
         raise UsageError(str(e)) from None
+    if ns.agent:
+        serve_agents(app, host, port, ns.agent)
+        return
     t = app.target
     explicit = list(ns.nodes) if ns.nodes else None
     seed = None if explicit else (t.nodes[0] if t.nodes and not t.direct else None)
@@ -58,5 +62,54 @@ def cmd_dashboard(app: App) -> None:
             await serve(collector, host, port, loopback_only=is_loopback(host), stop=stop, ready=ready)
         finally:
             await channel.close()
+
+    asyncio.run(main())
+
+
+def serve_agents(app: App, host: str, port: int, agents: list[str]) -> None:
+    """``--agent URL ...``: the page from plain agents' ``/status`` (no client config, no apid); the
+    apid flags are refused rather than ignored, so a mixed command line does not show something else
+    than asked for."""
+    ns = app.ns
+    clash = [
+        flag
+        for flag, value in (
+            ("-n/--nodes", ns.nodes),
+            ("-e/--endpoints", ns.endpoints),
+            ("--socket", ns.socket),
+        )
+        if value
+    ]
+    if ns.cluster:
+        clash.append("-c/--cluster")
+    if clash:
+        raise UsageError(
+            f"dashboard: --agent reads the agents' HTTP /status directly; it cannot be combined with "
+            f"{', '.join(clash)} (those select nodes through apid)"
+        )
+    try:
+        urls = [parse_agent_url(u) for u in agents]
+    except AgentURLError as e:
+        raise UsageError(f"dashboard: {e}") from None
+    if not is_loopback(host):
+        print(
+            "spanctl: warning: the dashboard listens beyond loopback and has no login: anyone who reaches "
+            f"{host or 'this host'}:{port} sees the agents' status",
+            file=app.err,
+            flush=True,
+        )
+
+    def ready(url: str) -> None:
+        app.out.write(f"dashboard: {url} ({len(urls)} agents; Ctrl-C to stop)\n")
+        app.out.flush()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        collector = AgentCollector(urls)
+        await serve(collector, host, port, loopback_only=is_loopback(host), stop=stop, ready=ready)
 
     asyncio.run(main())

@@ -283,7 +283,7 @@ def build_view(
                 "meshAddress": str(kubespan.get("address") or ""),
                 "natClass": nat_class,
                 "site": _site(addresses, mapped),
-                "services": _services(n.specs("services")) if n else None,
+                "services": _services(n.specs("services")) if n and "services" in n.resources else None,
                 "peersUp": sum(1 for s in peers if s.get("state") == "up"),
                 "peers": len(peers),
             }

@@ -22,6 +22,7 @@ from importlib import resources
 from aiohttp import web
 
 from . import model
+from .agents import AgentCollector
 from .collector import Collector
 
 DEFAULT_PORT = 50080  # apid is 50000, trustd 50001; the dashboard's page is 50080 by default
@@ -118,7 +119,7 @@ def _host_guard(loopback_only: bool) -> object:
 
 
 def make_app(
-    collector: Collector, *, loopback_only: bool = True, min_interval: float = 0.5
+    collector: Collector | AgentCollector, *, loopback_only: bool = True, min_interval: float = 0.5
 ) -> web.Application:
     files = {name: _static(name) for name in STATIC}
     app = web.Application(middlewares=[_host_guard(loopback_only), _headers])  # type: ignore[list-item]
@@ -177,7 +178,7 @@ def make_app(
 
 
 async def serve(
-    collector: Collector,
+    collector: Collector | AgentCollector,
     host: str,
     port: int,
     *,
