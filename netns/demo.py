@@ -18,8 +18,9 @@ are direct (LAN, or punched through the NATs) and which relayed, a ping matrix o
 a check that traffic to a node's own (underlay) address is carried by the tunnel, then tears everything
 down and checks that nothing is left. Exit status 0 only when every peer link came up, every pair took the
 path nat.md §2 predicts and every ping passed. ``--keep`` leaves the lab up after the checks, forwards every
-node's page (``/`` of ``kubespan run``) to the host's loopback and prints the URLs; Ctrl-C tears it down.
-The web dashboard (``spanctl dashboard --web``) reads machined through apid, which this lab does not run.
+node's page (``/`` of ``kubespan run``) to the host's loopback and prints the URLs, serves the web dashboard
+of the whole mesh from those pages (``spanctl dashboard --web --agent URL ...``, in this process) and prints
+its URL and the command that serves the same from another shell; Ctrl-C tears it down.
 
 Needs root, iproute2, nftables and wireguard-go (``make demo`` installs them).
 """
@@ -57,10 +58,8 @@ STUN_PORT = 3478
 DISC_PORT = 3000
 CONVERGE_TIMEOUT = 90.0
 AGENT_HTTP_PORT = 51821  # kubespan run's --http-addr default (127.0.0.1), inside each node
-DASHBOARD_NOTE = (
-    "the web dashboard (spanctl dashboard --web) reads machined through apid; this lab runs `kubespan run` "
-    "agents without them: run it against a machined cluster (docs/operator-guide.md section 6)"
-)
+# the spanctl next to this interpreter (the venv's), else the one on PATH
+SPANCTL = str(Path(PY).parent / "spanctl") if (Path(PY).parent / "spanctl").exists() else "spanctl"
 STUN_FLAGS = tuple(a for ip in STUN_IPS for a in ("--stun-server", f"{ip}:{STUN_PORT}"))
 
 
@@ -645,25 +644,65 @@ async def keep_up(demo: Demo) -> None:
     for Ctrl-C (or SIGTERM), which ends the wait rather than the demo: the caller tears down."""
     heading("the lab stays up (--keep): every node's page (kubespan run's /), forwarded to this host")
     forwards: list[Forward] = []
+    dashboard: asyncio.Task[None] | None = None
+    stop = asyncio.Event()
     try:
+        urls: list[str] = []
         for name in demo.order:
             node = demo.mesh[name].node
             fwd = Forward(lambda node=node: node.connect_tcp("127.0.0.1", AGENT_HTTP_PORT))
             forwards.append(fwd)
-            say(f"  {name:6} http://127.0.0.1:{await fwd.start()}/")
+            urls.append(f"http://127.0.0.1:{await fwd.start()}")
+            say(f"  {name:6} {urls[-1]}/")
         first = demo.mesh[demo.order[0]].node
         say(
             f"  from a shell, inside a node: ip netns exec {first.ns} {PY} -m kubespan.cli status "
             f"(or curl -s http://127.0.0.1:{AGENT_HTTP_PORT}/status)"
         )
-        say(f"  {DASHBOARD_NOTE}")
+        dashboard, url = await start_dashboard(urls, stop)
+        if url:
+            say(f"  the web dashboard of the whole mesh (reads the pages above every second): {url}")
+        else:
+            say("  the web dashboard could not be started here; run it yourself:")
+        agents = " ".join(f"--agent {u}" for u in urls)
+        say(f"  the same from another shell: {SPANCTL} dashboard --web {agents}")
         say(f"  Ctrl-C (or kill -INT {os.getpid()}) tears the lab down")
         await asyncio.Event().wait()
     except asyncio.CancelledError:
         pass  # the signal handler's cancel: on to the teardown
     finally:
+        stop.set()
+        if dashboard is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(dashboard, 5)
         for fwd in forwards:
             await fwd.close()
+
+
+async def start_dashboard(urls: list[str], stop: asyncio.Event) -> tuple[asyncio.Task[None] | None, str]:
+    """Serve ``spanctl dashboard --web --agent URL ...``'s page in this process on a free loopback port
+    (until ``stop``); the task and the page's URL, or ``(task or None, "")`` when it did not start (the
+    demo goes on: the printed command still works)."""
+    from machined.spanctl.dashboard.agents import AgentCollector
+    from machined.spanctl.dashboard.server import serve
+
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def on_ready(url: str) -> None:
+        if not ready.done():
+            ready.set_result(url)
+
+    task = asyncio.create_task(
+        serve(AgentCollector(urls), "127.0.0.1", 0, loopback_only=True, stop=stop, ready=on_ready)
+    )
+    done, _ = await asyncio.wait({task, ready}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    if ready in done:
+        return task, ready.result()
+    if task in done:
+        with contextlib.suppress(Exception):
+            task.result()
+        return None, ""
+    return task, ""
 
 
 async def teardown(lab: Lab, demo: Demo | None, keep_logs: Path | None = None) -> int:
@@ -762,9 +801,9 @@ async def demo_main(ns: argparse.Namespace) -> int:
     if code == 0 and not ns.keep:
         say(
             "   to look at the mesh live: make demo DEMO_ARGS=--keep (python -m netns.demo --keep) keeps the "
-            "lab up until Ctrl-C and prints each node's page URL"
+            "lab up until Ctrl-C, prints each node's page URL and serves the web dashboard of the whole mesh "
+            "(spanctl dashboard --web --agent URL ...)"
         )
-        say(f"   {DASHBOARD_NOTE}")
     return code
 
 
@@ -785,7 +824,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--keep",
         action="store_true",
-        help="after the checks, keep the lab up and forward every node's page to 127.0.0.1 until Ctrl-C",
+        help="after the checks, keep the lab up until Ctrl-C: every node's page forwarded to 127.0.0.1 and "
+        "the web dashboard of the whole mesh served from them",
     )
     ns = ap.parse_args(argv)
     if os.geteuid() != 0:

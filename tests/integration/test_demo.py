@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
+from typing import Any
 
 import pytest
 
@@ -26,9 +29,59 @@ def _get(url: str) -> tuple[str, bytes]:
         return r.headers.get("Content-Type", ""), r.read()
 
 
+def _wait_all_up(url: str, names: set[str], timeout: float = 15.0) -> dict[str, Any]:
+    """The dashboard's /api/view once every node is reachable and every ordered pair up (fresh)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, body = _get(url + "api/view")
+        v = json.loads(body)
+        n = len(names)
+        if v["summary"] == {"nodes": n, "reachable": n, "pairsUp": n * (n - 1), "pairs": n * (n - 1)}:
+            return v
+        assert time.monotonic() < deadline, v["summary"]
+        time.sleep(0.5)
+
+
+def _check_view(v: dict[str, Any], names: set[str]) -> None:
+    assert set(v["names"]) == names
+    for a in names:
+        for b in names - {a}:
+            c = v["matrix"][a][b]
+            assert c["state"] == "up" and not c["stale"] and c["path"] in ("lan", "direct", "relay"), (
+                a,
+                b,
+                c,
+            )
+    assert v["matrix"]["h1"]["a1"]["path"] == "relay" and v["matrix"]["h1"]["a1"]["relayVia"] == "relay"
+    rows = {r["name"]: r for r in v["nodes"]}
+    assert rows["h1"]["natClass"] and rows["a1"]["meshAddress"] and rows["a1"]["services"] is None
+
+
+def _spanctl_dashboard(command: str, names: set[str]) -> None:
+    """Run the command the demo printed (on a free port instead of the default): its page shows the same."""
+    argv = shlex.split(command)
+    assert argv[1:3] == ["dashboard", "--web"] and argv.count("--agent") == len(names), argv
+    argv[3:3] = ["127.0.0.1:0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        m = re.match(r"dashboard: (http://127\.0\.0\.1:\d+/)", line)
+        assert m, line + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        _check_view(_wait_all_up(m[1], names), names)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_nat_demo_forms_full_mesh_direct_or_relayed_and_cleans_up() -> None:
     """Run with ``--keep``: the checks, then the lab stays up with every node's page forwarded to the
-    host's loopback until SIGINT, then the same teardown (one demo run covers both)."""
+    host's loopback and the web dashboard served from those pages until SIGINT, then the same teardown
+    (one demo run covers both). The dashboard (the demo's own, and the printed command run here) shows
+    every node reachable and every pair up."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "netns.demo", "--keep"],
         stdout=subprocess.PIPE,
@@ -37,6 +90,7 @@ def test_nat_demo_forms_full_mesh_direct_or_relayed_and_cleans_up() -> None:
     )
     lines: list[str] = []
     urls: dict[str, str] = {}
+    dashboard, command = "", ""
     rest = ""
     try:
         assert proc.stdout is not None
@@ -44,6 +98,12 @@ def test_nat_demo_forms_full_mesh_direct_or_relayed_and_cleans_up() -> None:
             lines.append(line)
             if m := re.fullmatch(r"\s+(\S+)\s+(http://127\.0\.0\.1:\d+/)", line.rstrip()):
                 urls[m[1]] = m[2]
+            if m := re.search(
+                r"web dashboard of the whole mesh .*: (http://127\.0\.0\.1:\d+/)$", line.rstrip()
+            ):
+                dashboard = m[1]
+            if m := re.search(r"the same from another shell: (.*)$", line.rstrip()):
+                command = m[1]
             if "tears the lab down" in line:
                 break
         kept = "".join(lines)
@@ -55,6 +115,13 @@ def test_nat_demo_forms_full_mesh_direct_or_relayed_and_cleans_up() -> None:
         st = json.loads(body)
         assert st["nodename"] == "h1" and len(st["peers"]) == 7
         assert all("rtt" in p for p in st["peers"]) and any(p["rtt"] for p in st["peers"]), st["peers"]
+        # the web dashboard from the agents' pages: the demo's own, then the printed command
+        assert dashboard and command, kept[-4000:]
+        ctype, page = _get(dashboard)
+        assert ctype.startswith("text/html")
+        _check_view(_wait_all_up(dashboard, set(urls)), set(urls))
+        assert all(f"--agent {u.rstrip('/')}" in command for u in urls.values()), command
+        _spanctl_dashboard(command, set(urls))
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
     finally:
