@@ -1,6 +1,7 @@
 """Cold start: N = 20 and 50 agents started at once on one LAN until the full mesh is up (every pair ``up``).
 
-The lab (namespaces, veths, the discovery server) is built first and is not timed. t0 is taken just
+The lab (namespaces, veths, the discovery server) is built first and is not timed; so is bringing the
+product's ``.pyc`` files up to date (an installed agent has them; see _meshlab.compile_bytecode). t0 is taken just
 before the first of the N agent processes is spawned (they are spawned back to back); the mesh counts
 as up at the first moment every node's status lists all N - 1 others as ``up`` (every node is sampled
 in each sweep, a sweep about every 0.2 s). Where the time goes comes from the agents' own logs (JSON
