@@ -282,6 +282,8 @@ def _describe(e: BaseException, url: str) -> str:
         return f"{url}: no answer in time"
     if isinstance(e, aiohttp.ClientConnectorError):
         return f"{url}: cannot connect ({e.os_error.strerror or e.os_error})"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return f"{url}: connection closed without an answer"
     if isinstance(e, aiohttp.ClientError | OSError):
         return f"{url}: {type(e).__name__}: {e}"
     log.exception("dashboard: agent %s", url)
