@@ -19,8 +19,8 @@ a check that traffic to a node's own (underlay) address is carried by the tunnel
 down and checks that nothing is left. Exit status 0 only when every peer link came up, every pair took the
 path nat.md §2 predicts and every ping passed. ``--keep`` leaves the lab up after the checks, forwards every
 node's page (``/`` of ``kubespan run``) to the host's loopback and prints the URLs, serves the web dashboard
-of the whole mesh from those pages (``spanctl dashboard --web --agent URL ...``, in this process) and prints
-its URL and the command that serves the same from another shell; Ctrl-C tears it down.
+of the whole mesh from those pages (``spanctl dashboard --web --agent URL ...``, a process on the host) and
+prints its URL and the command that serves the same from another shell; Ctrl-C tears it down.
 
 Needs root, iproute2, nftables and wireguard-go (``make demo`` installs them).
 """
@@ -644,8 +644,7 @@ async def keep_up(demo: Demo) -> None:
     for Ctrl-C (or SIGTERM), which ends the wait rather than the demo: the caller tears down."""
     heading("the lab stays up (--keep): every node's page (kubespan run's /), forwarded to this host")
     forwards: list[Forward] = []
-    dashboard: asyncio.Task[None] | None = None
-    stop = asyncio.Event()
+    dashboard: asyncio.subprocess.Process | None = None
     try:
         urls: list[str] = []
         for name in demo.order:
@@ -659,50 +658,62 @@ async def keep_up(demo: Demo) -> None:
             f"  from a shell, inside a node: ip netns exec {first.ns} {PY} -m kubespan.cli status "
             f"(or curl -s http://127.0.0.1:{AGENT_HTTP_PORT}/status)"
         )
-        dashboard, url = await start_dashboard(urls, stop)
+        dashboard, url = await start_dashboard(demo, urls)
         if url:
             say(f"  the web dashboard of the whole mesh (reads the pages above every second): {url}")
         else:
-            say("  the web dashboard could not be started here; run it yourself:")
+            say(f"  the web dashboard did not start (see {demo.lab.dir / 'dashboard.log'}); run it yourself:")
         agents = " ".join(f"--agent {u}" for u in urls)
-        say(f"  the same from another shell: {SPANCTL} dashboard --web {agents}")
+        say(
+            f"  {'the same from another shell' if url else 'from another shell'}: {SPANCTL} dashboard --web {agents}"
+        )
         say(f"  Ctrl-C (or kill -INT {os.getpid()}) tears the lab down")
         await asyncio.Event().wait()
     except asyncio.CancelledError:
         pass  # the signal handler's cancel: on to the teardown
     finally:
-        stop.set()
         if dashboard is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(dashboard, 5)
+            await stop_dashboard(dashboard)
         for fwd in forwards:
             await fwd.close()
 
 
-async def start_dashboard(urls: list[str], stop: asyncio.Event) -> tuple[asyncio.Task[None] | None, str]:
-    """Serve ``spanctl dashboard --web --agent URL ...``'s page in this process on a free loopback port
-    (until ``stop``); the task and the page's URL, or ``(task or None, "")`` when it did not start (the
-    demo goes on: the printed command still works)."""
-    from machined.spanctl.dashboard.agents import AgentCollector
-    from machined.spanctl.dashboard.server import serve
+async def start_dashboard(demo: Demo, urls: list[str]) -> tuple[asyncio.subprocess.Process | None, str]:
+    """Start ``spanctl dashboard --web 127.0.0.1:0 --agent URL ...`` on the host (a process: the lab
+    does not import the product); the process and its page's URL, or ``(None, "")`` when it did not
+    start (the demo goes on: the printed command still works). Its stderr goes to the lab's
+    ``dashboard.log`` (kept with ``--keep-logs``)."""
+    argv = [PY, "-m", "machined.spanctl.main", "dashboard", "--web", "127.0.0.1:0"]
+    argv += [a for u in urls for a in ("--agent", u)]
+    with open(demo.lab.dir / "dashboard.log", "ab") as log:  # noqa: ASYNC230 - a local file, instant
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log
+        )
+    assert proc.stdout is not None
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+    except TimeoutError:
+        line = ""
+    except asyncio.CancelledError:  # Ctrl-C while it starts: not left behind
+        await stop_dashboard(proc)
+        raise
+    if m := re.match(r"dashboard: (http://\S+/)", line):
+        return proc, m[1]
+    await stop_dashboard(proc)
+    return None, ""
 
-    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
-    def on_ready(url: str) -> None:
-        if not ready.done():
-            ready.set_result(url)
-
-    task = asyncio.create_task(
-        serve(AgentCollector(urls), "127.0.0.1", 0, loopback_only=True, stop=stop, ready=on_ready)
-    )
-    done, _ = await asyncio.wait({task, ready}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
-    if ready in done:
-        return task, ready.result()
-    if task in done:
-        with contextlib.suppress(Exception):
-            task.result()
-        return None, ""
-    return task, ""
+async def stop_dashboard(proc: asyncio.subprocess.Process) -> None:
+    """SIGINT (as Ctrl-C), then SIGKILL after 5 s; reaped either way."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
 
 
 async def teardown(lab: Lab, demo: Demo | None, keep_logs: Path | None = None) -> int:
