@@ -48,7 +48,8 @@ class NodeInput:
     ``target``: the address apid routes to (``node`` metadata; empty for the endpoint's own node);
     ``name``: its hostname once known (peer labels are hostnames); ``reach``: one of the REACH_*
     values, ``since`` when it last changed; ``stale``: ``resources`` are from before a lost watch;
-    ``resources``: kind -> resource id -> spec."""
+    ``resources``: kind -> resource id -> spec; a kind missing altogether is unknown rather than empty
+    (a plain agent's ``/status`` has no services: the node list shows none, not "0/0 healthy")."""
 
     target: str
     name: str = ""
