@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from ..app import App, UsageError
 from ..client import CLUSTER_METADATA
@@ -30,40 +33,24 @@ def cmd_dashboard(app: App) -> None:
     t = app.target
     explicit = list(ns.nodes) if ns.nodes else None
     seed = None if explicit else (t.nodes[0] if t.nodes and not t.direct else None)
-    if not is_loopback(host):
-        print(
-            "spanctl: warning: the dashboard listens beyond loopback and has no login: anyone who reaches "
-            f"{host or 'this host'}:{port} sees what your certificate can read",
-            file=app.err,
-            flush=True,
-        )
 
-    def ready(url: str) -> None:
-        app.out.write(f"dashboard: {url} (Ctrl-C to stop)\n")
-        app.out.flush()
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
+    @contextlib.asynccontextmanager
+    async def through_apid() -> AsyncIterator[Collector]:
         channel = aio_channel(t)
         cluster = getattr(t, "cluster", "")
-        collector = Collector(
-            channel,
-            direct=t.direct,
-            targets=explicit,
-            seed=seed,
-            where=t.where,
-            metadata=((CLUSTER_METADATA, cluster),) if cluster else (),
-        )
         try:
-            await serve(collector, host, port, loopback_only=is_loopback(host), stop=stop, ready=ready)
+            yield Collector(
+                channel,
+                direct=t.direct,
+                targets=explicit,
+                seed=seed,
+                where=t.where,
+                metadata=((CLUSTER_METADATA, cluster),) if cluster else (),
+            )
         finally:
             await channel.close()
 
-    asyncio.run(main())
+    _serve_page(app, host, port, sees="what your certificate can read", note="", collectors=through_apid)
 
 
 def serve_agents(app: App, host: str, port: int, agents: list[str]) -> None:
@@ -91,16 +78,37 @@ def serve_agents(app: App, host: str, port: int, agents: list[str]) -> None:
         urls = [parse_agent_url(u) for u in agents]
     except AgentURLError as e:
         raise UsageError(f"dashboard: {e}") from None
+
+    @contextlib.asynccontextmanager
+    async def from_agents() -> AsyncIterator[AgentCollector]:
+        yield AgentCollector(urls)
+
+    _serve_page(
+        app, host, port, sees="the agents' status", note=f"{len(urls)} agents; ", collectors=from_agents
+    )
+
+
+def _serve_page(
+    app: App,
+    host: str,
+    port: int,
+    *,
+    sees: str,
+    note: str,
+    collectors: Callable[[], AbstractAsyncContextManager[Any]],
+) -> None:
+    """Serve the page from the collector ``collectors()`` opens until SIGINT/SIGTERM; warn first when
+    the address is beyond loopback (the page has no login)."""
     if not is_loopback(host):
         print(
             "spanctl: warning: the dashboard listens beyond loopback and has no login: anyone who reaches "
-            f"{host or 'this host'}:{port} sees the agents' status",
+            f"{host or 'this host'}:{port} sees {sees}",
             file=app.err,
             flush=True,
         )
 
     def ready(url: str) -> None:
-        app.out.write(f"dashboard: {url} ({len(urls)} agents; Ctrl-C to stop)\n")
+        app.out.write(f"dashboard: {url} ({note}Ctrl-C to stop)\n")
         app.out.flush()
 
     async def main() -> None:
@@ -109,7 +117,7 @@ def serve_agents(app: App, host: str, port: int, agents: list[str]) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
-        collector = AgentCollector(urls)
-        await serve(collector, host, port, loopback_only=is_loopback(host), stop=stop, ready=ready)
+        async with collectors() as collector:
+            await serve(collector, host, port, loopback_only=is_loopback(host), stop=stop, ready=ready)
 
     asyncio.run(main())
