@@ -14,7 +14,6 @@ shows it back. No TLS and no login: these pages are bound to loopback unless the
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import urllib.parse
@@ -25,6 +24,7 @@ from typing import Any
 import aiohttp
 
 from . import model
+from .source import ViewSource
 
 log = logging.getLogger("spanctl.dashboard")
 
@@ -167,7 +167,7 @@ class AgentState:
         )
 
 
-class AgentCollector:
+class AgentCollector(ViewSource):
     """Polls every agent's ``/status`` and keeps what the view model needs; the interface the server
     reads (``run``, ``current``, ``view_json``, ``event``) is :class:`~.collector.Collector`'s."""
 
@@ -182,33 +182,12 @@ class AgentCollector:
         self.urls = list(dict.fromkeys(urls))
         self.interval = interval
         self.timeout = timeout
-        self.clock = clock
-        self.nodes: dict[str, AgentState] = {u: AgentState(u, clock()) for u in self.urls}
-        self.history: dict[tuple[str, str], list[model.HistoryEntry]] = {}
         # no apid in between: the page's "link" is always up, each agent's reach says the rest
-        self.link: dict[str, Any] = {"ok": True, "state": "agents", "error": "", "since": clock()}
-        self.version = 0
-        self.event = asyncio.Event()
-        self._view: tuple[int, dict[str, Any], str] = (-1, {}, "")
+        super().__init__(clock, {"ok": True, "state": "agents", "error": "", "since": clock()})
+        self.nodes: dict[str, AgentState] = {u: AgentState(u, clock()) for u in self.urls}
 
-    def changed(self) -> None:
-        self.version += 1
-        old, self.event = self.event, asyncio.Event()
-        old.set()
-
-    def view(self) -> dict[str, Any]:
-        nodes = [n.snapshot() for n in self.nodes.values()]
-        return model.build_view(nodes, self.history, self.clock(), link=self.link)
-
-    def current(self) -> tuple[int, dict[str, Any], str]:
-        """The current view (version, dict, JSON), built once per change however many pages read it."""
-        if self._view[0] != self.version:
-            v = self.view()
-            self._view = (self.version, v, json.dumps(v, separators=(",", ":")))
-        return self._view
-
-    def view_json(self) -> str:
-        return self.current()[2]
+    def node_inputs(self) -> list[model.NodeInput]:
+        return [n.snapshot() for n in self.nodes.values()]
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.timeout)

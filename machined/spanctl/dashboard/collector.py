@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from spanapi.talos.machine import machine_pb2_grpc
 from ..client import MAX_MESSAGE, ConnectionSetupError, Target, describe_rpc_error, tcp_target
 from ..output import spec_data
 from . import model
+from .source import ViewSource
 
 log = logging.getLogger("spanctl.dashboard")
 
@@ -114,7 +114,7 @@ class NodeState:
         )
 
 
-class Collector:
+class Collector(ViewSource):
     """Watches every node through one channel and keeps what the view model needs."""
 
     def __init__(
@@ -145,42 +145,22 @@ class Collector:
         self.heartbeat = heartbeat
         self.heartbeat_misses = heartbeat_misses
         self.discover_every = discover_every
-        self.clock = clock
+        super().__init__(clock, {"ok": False, "state": "connecting", "error": "", "since": clock()})
         self.nodes: dict[str, NodeState] = {}
-        self.history: dict[tuple[str, str], list[model.HistoryEntry]] = {}
-        self.link: dict[str, Any] = {"ok": False, "state": "connecting", "error": "", "since": clock()}
         self.discovery_error = ""
-        self.version = 0
-        self.event = asyncio.Event()
-        self._view: tuple[int, dict[str, Any], str] = (-1, {}, "")
         self.machine = machine_pb2_grpc.MachineServiceStub(channel)
         self.state = state_pb2_grpc.StateStub(channel)
 
     # -- change notification ----------------------------------------------------------------------
 
-    def changed(self) -> None:
-        self.version += 1
-        old, self.event = self.event, asyncio.Event()
-        old.set()
-
-    def view(self) -> dict[str, Any]:
+    def node_inputs(self) -> list[model.NodeInput]:
         nodes = [n.snapshot() for n in self.nodes.values()]
         if not nodes and self.discovery_error:
             label = self.seed or self.where or "(endpoint)"
             nodes = [
                 model.NodeInput(self.seed or "", label, model.REACH_UNREACHABLE, self.discovery_error, None)
             ]
-        return model.build_view(nodes, self.history, self.clock(), link=self.link)
-
-    def current(self) -> tuple[int, dict[str, Any], str]:
-        """The current view (version, dict, JSON), built once per change however many pages read it."""
-        if self._view[0] != self.version:
-            v = self.view()
-            self._view = (self.version, v, json.dumps(v, separators=(",", ":")))
-        return self._view
-
-    def view_json(self) -> str:
-        return self.current()[2]
+        return nodes
 
     # -- running ----------------------------------------------------------------------------------
 
