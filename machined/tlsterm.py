@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import secrets
@@ -407,14 +406,6 @@ def split_target(target: str) -> tuple[str, int]:
         return host, int(rest.lstrip(":"))
     host, _, port = target.rpartition(":")
     return host, int(port)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 _DIALERS: weakref.WeakValueDictionary[str, TlsDialer] = weakref.WeakValueDictionary()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["IPAddress", "IPInterface", "IPNetwork", "ip_from_bytes", "ip_to_bytes"]
+__all__ = ["IPAddress", "IPInterface", "IPNetwork", "ip_from_bytes", "ip_to_bytes", "is_ip_literal"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -29,3 +29,12 @@ def ip_from_bytes(raw: bytes) -> IPAddress:
     if len(raw) == 16:
         return ipaddress.IPv6Address(bytes(raw))
     raise ValueError(f"binary IP address must be 4 or 16 bytes, got {len(raw)}")
+
+
+def is_ip_literal(host: str) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address (not a name): TLS checks it as an IP SAN."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 
 from discovery.client.target import DiscoveryTarget
+from spanutil.ipcodec import is_ip_literal
 
 __all__ = ["Replica", "ReplicaRotation", "is_failover_error", "resolve_replicas"]
 
@@ -56,14 +57,6 @@ class Replica:
         return self.target
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 async def system_resolver(host: str, port: int) -> list[str]:
     """Every A/AAAA address of ``host``, in the system resolver's order."""
     infos = await asyncio.get_running_loop().getaddrinfo(
@@ -82,7 +75,7 @@ async def resolve_replicas(
     out: list[Replica] = []
     first_error: OSError | None = None
     for t in targets:
-        if _is_ip(t.host):
+        if is_ip_literal(t.host):
             addrs = [t.host]
         else:
             try:
