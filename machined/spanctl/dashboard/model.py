@@ -11,11 +11,12 @@ Nothing here reads a clock or the network: ``now`` is an argument, so tests pin 
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..mesh import parse_time
 
 #: Short kinds of the resources the collector watches on each node (namespace, type).
 KINDS: dict[str, tuple[str, str]] = {
@@ -98,17 +99,8 @@ History = Mapping[tuple[str, str], Sequence[HistoryEntry]]
 
 def epoch(value: Any) -> float | None:
     """Seconds since the epoch of an RFC 3339 time (None for empty, Go's zero time or garbage)."""
-    if not value or not isinstance(value, str):
-        return None
-    try:
-        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if t.year <= 1:
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return t.timestamp()
+    t = parse_time(value) if isinstance(value, str) else None
+    return None if t is None else t.timestamp()
 
 
 def _num(value: Any) -> float | None:
