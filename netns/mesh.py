@@ -205,3 +205,30 @@ def mesh_lab(stop_timeout: float = 15) -> Iterator[Lab]:
             yield lab
         finally:
             stop_agents(lab, stop_timeout)
+
+
+def lan_pair(
+    subnet: str, flags: Sequence[Sequence[str]] = ((), ()), timeout: float = 60
+) -> tuple[Lab, MeshLab, list[MeshNode]]:
+    """A started lab: a registry (``SUBNET.2``) and two ``kubespan run`` nodes ``n1``/``n2``
+    (``SUBNET.11``/``.12``, each with its ``flags``) on one LAN segment, both up. The caller owns the
+    lab: :func:`stop_agents`, then ``lab.__exit__``; on a failure here the lab is closed."""
+    lab = Lab()
+    lab.__enter__()
+    try:
+        ml = MeshLab(lab)
+        seg = lab.segment("lan")
+        disc = lab.node("disc")
+        lab.attach(disc, seg, [f"{subnet}.2/24"])
+        ml.start_discovery(disc, f"{subnet}.2:3000")
+        nodes = []
+        for i, extra in enumerate(flags, 1):
+            node = lab.node(f"n{i}")
+            lab.attach(node, seg, [f"{subnet}.1{i}/24"])
+            nodes.append(ml.start_node(node, *extra))
+        ml.wait("both nodes up", ml.all_up, timeout=timeout)
+    except BaseException:
+        stop_agents(lab)
+        lab.__exit__(None, None, None)
+        raise
+    return lab, ml, nodes

@@ -25,8 +25,7 @@ import pytest
 import pytest_asyncio
 from browserlab import tcp_forward
 
-from netns.lab import Lab
-from netns.mesh import STATUS_PORT, MeshLab, MeshNode, stop_agents
+from netns.mesh import STATUS_PORT, MeshLab, MeshNode, lan_pair, stop_agents
 
 pytestmark = pytest.mark.root
 
@@ -41,30 +40,9 @@ ALL_UP = """names => names.every(r => {
 })"""
 
 
-def _build() -> tuple[Lab, MeshLab, list[MeshNode]]:
-    lab = Lab()
-    lab.__enter__()
-    try:
-        ml = MeshLab(lab)
-        seg = lab.segment("lan")
-        disc = lab.node("disc")
-        lab.attach(disc, seg, ["10.61.0.2/24"])
-        ml.start_discovery(disc, "10.61.0.2:3000")
-        nodes = []
-        for i in (1, 2):
-            node = lab.node(f"n{i}")
-            lab.attach(node, seg, [f"10.61.0.1{i}/24"])
-            nodes.append(ml.start_node(node))
-        ml.wait("both nodes up", ml.all_up, timeout=60)
-    except BaseException:
-        lab.__exit__(None, None, None)
-        raise
-    return lab, ml, nodes
-
-
 @pytest_asyncio.fixture(loop_scope="session")
 async def pair() -> AsyncIterator[tuple[MeshLab, list[MeshNode]]]:
-    lab, ml, nodes = await asyncio.to_thread(_build)
+    lab, ml, nodes = await asyncio.to_thread(lan_pair, "10.61.0")
     try:
         yield ml, nodes
     finally:

@@ -23,8 +23,7 @@ import pytest
 import pytest_asyncio
 from browserlab import tab_walk, tcp_forward
 
-from netns.lab import Lab
-from netns.mesh import STATUS_PORT, MeshLab, MeshNode, stop_agents
+from netns.mesh import STATUS_PORT, MeshLab, MeshNode, lan_pair, stop_agents
 
 pytestmark = pytest.mark.root
 
@@ -33,31 +32,10 @@ DOWN_WITHIN_MS = 30_000  # probes declare a dead path in ~4 s; slack for a loade
 UP_WITHIN_MS = 60_000
 
 
-def _build() -> tuple[Lab, MeshLab, list[MeshNode]]:
-    lab = Lab()
-    lab.__enter__()
-    try:
-        ml = MeshLab(lab)
-        seg = lab.segment("lan")
-        disc = lab.node("disc")
-        lab.attach(disc, seg, ["10.60.0.2/24"])
-        ml.start_discovery(disc, "10.60.0.2:3000")
-        nodes = []
-        for i in (1, 2):
-            node = lab.node(f"n{i}")
-            lab.attach(node, seg, [f"10.60.0.1{i}/24"])
-            nodes.append(ml.start_node(node))
-        ml.wait("both nodes up", ml.all_up, timeout=60)
-    except BaseException:
-        lab.__exit__(None, None, None)
-        raise
-    return lab, ml, nodes
-
-
 @pytest_asyncio.fixture(loop_scope="session")
 async def pair() -> AsyncIterator[tuple[MeshLab, list[MeshNode]]]:
     """Two ``kubespan run`` nodes on one LAN segment, up; agents stopped together at teardown."""
-    lab, ml, nodes = await asyncio.to_thread(_build)
+    lab, ml, nodes = await asyncio.to_thread(lan_pair, "10.60.0")
     try:
         yield ml, nodes
     finally:

@@ -23,8 +23,7 @@ import yaml
 
 from discovery.client.client import DiscoveryClient
 from discovery.testing import ServerProcess, etcd_store_flags, self_signed_cert
-from netns.lab import Lab
-from netns.mesh import STATUS_PORT, MeshLab, stop_agents
+from netns.mesh import STATUS_PORT, lan_pair, stop_agents
 from spanapi.discovery.client import affiliate_pb2
 from spanutil.etcdlab import EtcdLab, etcd_binary
 
@@ -264,26 +263,16 @@ def test_registry_queries_use_exported_metrics(registry_exposition: str) -> None
 
 @pytest.mark.root
 def test_mesh_queries_use_exported_metrics() -> None:
-    with Lab() as lab:
-        try:
-            ml = MeshLab(lab)
-            seg = lab.segment("lan")
-            disc = lab.node("disc")
-            lab.attach(disc, seg, ["10.60.0.2/24"])
-            ml.start_discovery(disc, "10.60.0.2:3000")
-            nodes = []
-            for i in (1, 2):
-                node = lab.node(f"n{i}")
-                lab.attach(node, seg, [f"10.60.0.1{i}/24"])
-                nodes.append(ml.start_node(node, *(("--relay",) if i == 1 else ())))
-            ml.wait("both nodes up", ml.all_up, timeout=60)
-            texts = []
-            for mn in nodes:
-                code, body = mn.node.http_get("127.0.0.1", STATUS_PORT, "/metrics")
-                assert code == 200
-                texts.append(body.decode())
-        finally:
-            stop_agents(lab)
+    lab, _, nodes = lan_pair("10.60.0", (("--relay",), ()))
+    try:
+        texts = []
+        for mn in nodes:
+            code, body = mn.node.http_get("127.0.0.1", STATUS_PORT, "/metrics")
+            assert code == 200
+            texts.append(body.decode())
+    finally:
+        stop_agents(lab)
+        lab.__exit__(None, None, None)
     have = exported_names("\n".join(texts))
     want = wanted(("kubespan_",))
     assert want, "no mesh metric in any query"
