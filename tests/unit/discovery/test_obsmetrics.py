@@ -107,3 +107,60 @@ def test_discovery_collector_reports_each_endpoint() -> None:
     assert reg.get_sample_value("kubespan_discovery_connected", {"endpoint": "https://b:3000"}) == 0
     assert reg.get_sample_value("kubespan_discovery_affiliates", {"endpoint": "https://a:3000"}) == 4
     assert reg.get_sample_value("kubespan_discovery_reconnects_total") == 3
+
+
+def _signed(key, not_after: dt.datetime, version_v1: bool = False) -> bytes:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "registry")])
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+        .not_valid_after(not_after)
+    )
+    if not version_v1:
+        b = b.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    algo = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return b.sign(key, algo).public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize(
+    "not_after",
+    [
+        dt.datetime(2027, 3, 4, 5, 6, 7, tzinfo=dt.UTC),  # UTCTime
+        dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=dt.UTC),  # UTCTime, last year of it
+        dt.datetime(2051, 1, 2, 3, 4, 5, tzinfo=dt.UTC),  # GeneralizedTime
+    ],
+)
+@pytest.mark.parametrize("kind", ["ecdsa", "ed25519"])
+def test_not_after_read_without_cryptography_agrees_with_it(kind: str, not_after: dt.datetime) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from discovery.server.obsmetrics import pem_not_after
+
+    key = ec.generate_private_key(ec.SECP256R1()) if kind == "ecdsa" else ed25519.Ed25519PrivateKey.generate()
+    pem = _signed(key, not_after)
+    expected = x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()
+    assert pem_not_after(pem) == expected == not_after.timestamp()
+    # a key in front of the certificate, as in a combined file
+    assert pem_not_after(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n" + pem) == expected
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"",
+        b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+        b"-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n",
+        b"-----BEGIN CERTIFICATE-----\nAgEB\n-----END CERTIFICATE-----\n",
+    ],
+)
+def test_not_after_refuses_what_is_not_a_certificate(bad: bytes) -> None:
+    from discovery.server.obsmetrics import pem_not_after
+
+    with pytest.raises(ValueError):
+        pem_not_after(bad)
