@@ -176,6 +176,7 @@ async def test_mesh_state_is_published_as_talos_resources(make, world):
         "relayVia",
         "whyNotDirect",
         "connectTime",
+        "rtt",  # ours (issue 17): the smoothed probe round trip, null until a probe is answered
     }
     assert st.spec["natClass"] == "unknown"  # the remote publishes no traversal field
     assert st.spec["path"] == "lan" and st.spec["relayVia"] == "" and st.spec["whyNotDirect"] == ""
