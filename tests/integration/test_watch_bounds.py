@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Callable
 
@@ -251,8 +252,11 @@ async def test_idle_connections_are_closed(discovery_server: Start) -> None:
     # after --max-connection-idle, so refused clients cannot hold connection memory forever.
     srv = discovery_server("--max-watches-per-ip", "1", "--max-connection-idle", "1s", state_dir=None)
     held = hostile.open_stalled_watches(srv.target, CID, 1, source="127.0.0.77")
-    refused = hostile.open_stalled_watches(srv.target, CID, 1, source="127.0.0.77")
+    refused: list[socket.socket] = []
     try:
+        # the second watch must be the refused one: open it only once the first holds the slot
+        await wait_for(lambda: subscriptions(srv) == 1, 10, "the first watch to subscribe")
+        refused = hostile.open_stalled_watches(srv.target, CID, 1, source="127.0.0.77")
         sock = refused[0]
         sock.settimeout(15)
 
