@@ -62,11 +62,6 @@ def is_lan(ip: IPAddress) -> bool:
     return any(ip.version == n.version and ip in n for n in LAN_NETWORKS)
 
 
-# A handshake this recent (beyond the sample's own round trip) may have been inside a probe's flight;
-# the engine reads the device right after a reply, so the gap between reply and reading is small.
-RTT_HANDSHAKE_SLACK = 0.1
-
-
 @dataclass(frozen=True, slots=True)
 class Candidate:
     endpoint: AddrPort
@@ -299,16 +294,10 @@ class EndpointMachine:
         the round trip of one such reply, when known (a slow path gets a longer
         detection window: :meth:`dead_window`).
         """
-        # A reply whose flight spans the session's handshake timed the handshake too: not a round trip.
-        if (
-            rtt is not None
-            and rtt >= 0
-            and not (
-                obs is not None
-                and obs.handshake_age is not None
-                and obs.handshake_age < rtt + RTT_HANDSHAKE_SLACK
-            )
-        ):
+        # (a reply whose flight spans the session's handshake also timed the handshake; it is kept:
+        # a peer with traffic is not probed again, so dropping it would leave most peers without a
+        # round trip — later samples smooth it out)
+        if rtt is not None and rtt >= 0:
             self._take_rtt(rtt)
         before_state = self._state
         learned_changed = False
