@@ -7,9 +7,10 @@
 on ``--http-addr``; SIGTERM/SIGINT remove everything it created.
 
 Start-up CPU matters (N agents start at once in a cold start: bench/mesh_cold_start.py, issue 18), so
-two costly imports wait until they are used, each in the one place that needs it:
-importlib.metadata (``--version``) and prometheus_client with kubespan.metrics (the first
-``/metrics`` scrape: :class:`MetricsPage`).
+costly imports wait until they are used, each in the one place that needs it:
+importlib.metadata (``--version``), urllib.request (``status``) and prometheus_client with
+kubespan.metrics (the first ``/metrics`` scrape: :class:`MetricsPage`). The HTTP server is
+spanutil.minihttp, not aiohttp (importing aiohttp.web cost ~0.14 s CPU per agent).
 """
 
 from __future__ import annotations
@@ -24,13 +25,9 @@ import signal
 import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from aiohttp import web
 
 from discovery.crypto import SecretError, parse_secret
 from kubespan import nodepage
@@ -44,6 +41,7 @@ from kubespan.wiring import build_mesh
 from spanutil.durations import parse_duration
 from spanutil.ipcodec import IPNetwork
 from spanutil.logs import log_event, setup
+from spanutil.minihttp import Request, Response, Server
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -368,14 +366,14 @@ async def run(ns: argparse.Namespace, cfg: MeshConfig) -> int:
         await runner.start()
     except Exception as e:
         log_event(log, "mesh failed to start", logging.ERROR, error=str(e))
-        await http.cleanup()
+        await http.stop()
         return 1
     log_event(log, "mesh running", http=f"{ns.http_addr[0]}:{ns.http_addr[1]}", discovery=ns.discovery)
     await stop.wait()
     log_event(log, "stopping", leave=not ns.keep_on_exit)
     # leaving: tell discovery first so peers drop us now rather than when the TTL runs out
     await runner.stop(cleanup=not ns.keep_on_exit)
-    await http.cleanup()
+    await http.stop()
     return 0
 
 
@@ -409,40 +407,37 @@ class MetricsPage:
         return generate_latest(self.registry()), CONTENT_TYPE_LATEST
 
 
-async def serve_http(addr: tuple[str, int], mesh: Mesh, metrics_page: MetricsPage) -> web.AppRunner:
-    async def status(_: web.Request) -> web.Response:
+async def serve_http(addr: tuple[str, int], mesh: Mesh, metrics_page: MetricsPage) -> Server:
+    """Start the agent's HTTP server on ``addr``: /status, /metrics, /healthz and the node page.
+
+    spanutil.minihttp rather than aiohttp: importing aiohttp.web was the largest single start-up cost
+    (issue 18), and these pages need only GET on fixed paths."""
+
+    async def status(_: Request) -> Response:
         if mesh.identity is None:
-            return web.json_response({"error": "starting"}, status=503)
-        return web.json_response(mesh.status().as_dict())
+            return Response.json({"error": "starting"}, status=503)
+        return Response.json(mesh.status().as_dict())
 
-    async def metrics(_: web.Request) -> web.Response:
+    async def metrics(_: Request) -> Response:
         body, ctype = metrics_page.render()
-        return web.Response(body=body, headers={"Content-Type": ctype})
+        return Response(200, body, {"Content-Type": ctype})
 
-    async def healthz(_: web.Request) -> web.Response:
+    async def healthz(_: Request) -> Response:
         ok = mesh.ready.is_set()
-        return web.Response(status=200 if ok else 503, text="ok\n" if ok else "starting\n")
+        return Response.text("ok\n" if ok else "starting\n", status=200 if ok else 503)
 
-    async def page(request: web.Request) -> web.Response:
+    async def page(request: Request) -> Response:
         found = nodepage.lookup(request.path)
-        if found is None:
-            raise web.HTTPNotFound()
+        if found is None:  # not reached: routed only for nodepage.FILES
+            return Response.text("404: Not Found", status=404)
         ctype, body = found
-        return web.Response(body=body, headers={"Content-Type": ctype, **nodepage.HEADERS})
+        return Response(200, body, {"Content-Type": ctype, **nodepage.HEADERS})
 
-    app = web.Application()
-    app.add_routes(
-        [
-            web.get("/status", status),
-            web.get("/metrics", metrics),
-            web.get("/healthz", healthz),
-            *(web.get(path, page) for path in nodepage.FILES),
-        ]
+    server = Server(
+        {"/status": status, "/metrics": metrics, "/healthz": healthz, **dict.fromkeys(nodepage.FILES, page)}
     )
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, addr[0], addr[1], reuse_address=True).start()
-    return runner
+    await server.start(addr[0], addr[1])
+    return server
 
 
 def _human_bytes(n: int) -> str:
@@ -535,6 +530,9 @@ def _nat_line(nat: dict[str, Any]) -> str:
 
 
 def status(ns: argparse.Namespace) -> int:
+    import urllib.error  # deferred: only this subcommand needs it (start-up CPU of `run`, issue 18)
+    import urllib.request
+
     url = f"http://{ns.http_addr}/status"
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:

@@ -108,3 +108,18 @@ def test_importing_the_cli_leaves_the_deferred_modules_unloaded() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert r.stdout.strip() == ""
+
+
+def test_the_run_path_imports_neither_aiohttp_nor_urllib_request() -> None:
+    """The agent's HTTP server is spanutil.minihttp (aiohttp.web was ~0.14 s CPU per start) and only
+    ``kubespan status`` needs urllib.request; the modules ``run`` imports later (wiring, discovery
+    client, dataplane, backends) must not bring either back."""
+    code = (
+        "import sys, kubespan.cli\n"
+        "import discovery.client, discovery.client.target, kubespan.wiring, kubespan.hostinfo\n"
+        "import kubespan.dataplane.links, kubespan.dataplane.nft, kubespan.nat.opener, kubespan.nat.stunclient\n"
+        "import kubespan.relay.agent, kubespan.wireguard.kernel, kubespan.wireguard.userspace\n"
+        "print(*[m for m in ('aiohttp', 'urllib.request', 'http.client') if m in sys.modules])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert r.stdout.strip() == ""
