@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubespan.affiliate import (
     AffiliateError,
@@ -31,7 +31,7 @@ from kubespan.affiliate import (
     Traversal,
     build_local_affiliate,
 )
-from kubespan.constants import MeshConfig
+from kubespan.constants import WATCHED_LINKS_CHECK_INTERVAL, MeshConfig
 from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6
 from kubespan.endpoints import Candidate, CandidateKind, EndpointMachine, Observation
 from kubespan.firstcontact import NATTED, Action, FirstContact, FirstContactTimings, waits
@@ -79,6 +79,9 @@ from kubespan.wireguard.types import (
 from spanapi.discovery.client import affiliate_pb2
 from spanutil.ipcodec import IPInterface, IPNetwork
 from spanutil.logs import log_event
+
+if TYPE_CHECKING:
+    from kubespan.dataplane.links import NetlinkEvent
 
 log = logging.getLogger("kubespan.engine")
 
@@ -195,6 +198,9 @@ class Mesh:
         self._dataplane_due = True
         self._sets_due = False
         self._last_dataplane = -1e9
+        self._last_links = -1e9  # when links, routes and rules were last re-read
+        # set while the netlink watch is subscribed (it reports every change to what the links own)
+        self._watched = asyncio.Event()
         self._last_host = -1e9
         self._last_observe = -1e9  # when the device was last read (a full pass)
         # self.device holds what WireGuard has after our last writes (no failed write since it was read)
@@ -313,7 +319,7 @@ class Mesh:
     async def _watch_netlink(self, watcher: LinkWatcher) -> None:
         while not self._stopping:
             try:
-                await watcher.watch(lambda *_: self.wake(dataplane=True))
+                await watcher.watch(self._on_netlink, ready=self._watched)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -341,6 +347,11 @@ class Mesh:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
             self._wake.clear()
+
+    def _on_netlink(self, event: NetlinkEvent) -> None:
+        if event.kind == "resync":  # events may have been lost: re-read every 2 s until resubscribed
+            self._watched.clear()
+        self.wake(dataplane=True)
 
     def _error(self, text: str) -> None:
         self.errors.append(text)
@@ -486,10 +497,18 @@ class Mesh:
         if self._dataplane_due or (
             not deferred and now - self._last_dataplane >= self.cfg.reconcile_interval
         ):
-            await self._reconcile_dataplane()
+            # links, routes and rules: when something changed (or may have) and, while the netlink
+            # watch reports every change to them, only every WATCHED_LINKS_CHECK_INTERVAL besides
+            links_every = (
+                WATCHED_LINKS_CHECK_INTERVAL if self._watched.is_set() else self.cfg.reconcile_interval
+            )
+            links = self._dataplane_due or now - self._last_links >= links_every
+            await self._reconcile_dataplane(links=links, reread=True)
             self._last_dataplane = now
+            if links:
+                self._last_links = now
         elif self._sets_due:
-            await self._reconcile_dataplane(links=False)
+            await self._reconcile_dataplane(links=False, reread=False)
         if self.traversal is not None and self._last_dataplane > -1e9 and not self._stopping:
             await self.traversal.ensure_started(self.identity.address.ip, self.cfg.link_name)
         if not self.ready.is_set() and self.device is not None:
@@ -997,8 +1016,9 @@ class Mesh:
         self._learned_pub = learned  # only what was published
         self._unpublished = None
 
-    async def _reconcile_dataplane(self, links: bool = True) -> None:
-        """Links, routes and rules (unless ``links`` is False), then the nftables table and sets."""
+    async def _reconcile_dataplane(self, links: bool = True, reread: bool = True) -> None:
+        """Links, routes and rules (unless ``links`` is False), then the nftables table and sets
+        (read back from the kernel when ``reread``; else our last write is trusted)."""
         assert self.identity is not None
         self._sets_due = False
         changes: list[str] = []
@@ -1015,7 +1035,7 @@ class Mesh:
         try:
             # a sets-only pass follows our own WireGuard writes: nothing to re-read (the periodic
             # check reads the table and repairs what was changed from outside)
-            changes += await self.nft.reconcile(sets, trust_cache=not links, normalized=True)
+            changes += await self.nft.reconcile(sets, trust_cache=not reread, normalized=True)
         except Exception as e:
             self._error(f"nftables: {e}")
             self._dataplane_due = True
