@@ -136,7 +136,7 @@ def parse_head(head: bytes) -> tuple[Request, int]:
     if not target.startswith("/"):
         raise _Refuse(400)
     path, _, query = target.partition("?")
-    return Request(method.upper(), path, query, version, headers), int(length)
+    return Request(method, path, query, version, headers), int(length)
 
 
 def _keep_alive(req: Request) -> bool:

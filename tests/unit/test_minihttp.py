@@ -112,6 +112,8 @@ async def test_unknown_path_404_and_other_method_405_with_allow(server: Server) 
     )
     assert status == 405
     assert headers["allow"] == "GET, HEAD"
+    (status, _, _), _ = await request(server.port, b"get /hello HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert status == 405  # methods are case-sensitive (RFC 9110 9.1)
 
 
 async def test_oversized_head_and_too_many_headers_get_431(server: Server) -> None:
