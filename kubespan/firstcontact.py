@@ -17,7 +17,11 @@ REKEY_TIMEOUT (5 s), whatever is configured meanwhile (seen in bench/mesh_join.p
 debug logs: "Failed to send handshake initiation: no known endpoint for peer", then nothing for 5 s).
 The initiating side re-creates a peer that has no session ``retry`` seconds after it was added, once:
 its first initiation may have reached a node that did not know us yet (normally the waiting side's
-own initiation at the hold's end has made a session by then). So the first handshake does not depend
+own initiation at the hold's end has made a session by then). The waiting side, once its hold has
+ended in a re-creation, does the same: when the peer learned of us about a hold later, the two first
+initiations cross and each side drops the other's response (seen in a 20-node cold start: the pair
+waited WireGuard's REKEY_TIMEOUT, 5 s, since the peer had a session and never retried); one more
+re-creation ``retry`` later initiates alone. So the first handshake does not depend
 on which side learned of the other first: whichever initiation reaches a side that has the peer
 configured makes it, within about ``hold`` of the later side's add.
 
@@ -107,5 +111,12 @@ class FirstContact:
             return Action.GO
         # the hold ended without the peer's initiation (ours, at once, from a peer WireGuard has not
         # tried to initiate to: see the module docstring), or the initiator's retry: once
+        if self.waiting and self.recreate:
+            # from now on as an initiator: our initiation may cross the peer's first one (it learned
+            # of us about a hold later) and both would wait REKEY_TIMEOUT; without a session
+            # ``retry`` after this re-creation, one more re-creation breaks the tie
+            self.waiting = False
+            self.since = now
+            return Action.RECREATE
         self.done = True
         return Action.RECREATE if self.recreate or not self.waiting else Action.GO

@@ -799,11 +799,16 @@ async def test_a_hold_without_the_peers_initiation_ends_in_our_own_from_a_fresh_
         assert wg.device.peers[k1].endpoint == AddrPort.parse("10.5.0.2:51820")
         assert wg.device.peers[k1].persistent_keepalive == m.cfg.persistent_keepalive
         assert (k1, mesh1) in m.prober.probes
+        assert k1 in m._joining, "the session is still looked for: our initiation may have crossed the peer's"
+        for _ in range(3):
+            clock.t += 1.0
+            await m.reconcile()
+        assert removed(rig_first, applies, k1) == 2, "one more re-creation after retry without a session"
         assert not m._joining
         for _ in range(3):
             clock.t += 1.0
             await m.reconcile()
-        assert removed(rig_first, applies, k1) == 1, "once"
+        assert removed(rig_first, applies, k1) == 2, "then no more"
 
 
 async def test_the_lower_key_initiates_at_once_and_again_once_without_a_session(rig_first: Rig) -> None:

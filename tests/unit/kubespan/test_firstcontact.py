@@ -45,8 +45,19 @@ def test_the_waiting_side_holds_then_recreates_once() -> None:
     # no session at the hold's end: a fresh peer, since WireGuard may have counted an initiation
     # it could not send without an endpoint (the next would wait 5 s)
     assert fc.step(100.5, session=False) is Action.RECREATE
+    # then as an initiator: our initiation may have crossed the peer's first one
+    assert not fc.done and fc.due() == pytest.approx(100.6)
+    assert fc.step(101.9, session=False) is Action.GO
+    assert fc.step(102.0, session=False) is Action.RECREATE, "one more try, retry after the first"
     assert fc.done and fc.due() is None
-    assert fc.step(102.0, session=False) is Action.GO, "once"
+    assert fc.step(104.0, session=False) is Action.GO, "no more"
+
+
+def test_a_session_after_the_hold_ends_the_waiting_sides_retry() -> None:
+    fc = FirstContact(100.0, waiting=True, timings=FirstContactTimings(hold=0.25, retry=1.5, check=0.1))
+    assert fc.step(100.25, session=False) is Action.RECREATE
+    assert fc.step(100.35, session=True) is Action.GO
+    assert fc.done and fc.due() is None
 
 
 def test_a_hold_for_a_peer_behind_nat_ends_without_recreation() -> None:
@@ -72,6 +83,12 @@ def test_the_hold_is_looked_at_every_check_until_its_end() -> None:
         (100.2, Action.HOLD),
         (100.4, Action.HOLD),
         (100.5, Action.RECREATE),
+        (100.7, Action.GO),  # the session is looked for as by an initiator
+        (100.9, Action.GO),
+        (101.1, Action.GO),
+        (101.3, Action.GO),
+        (101.5, Action.GO),
+        (101.7, Action.GO),
     ]
 
 
@@ -86,7 +103,7 @@ def test_a_session_during_the_hold_ends_it_without_recreation() -> None:
 def test_a_waiting_side_first_seen_after_its_hold_initiates_at_once() -> None:
     fc = FirstContact(100.0, waiting=True)
     assert fc.step(100.9, session=False) is Action.RECREATE
-    assert fc.done
+    assert not fc.waiting and fc.since == 100.9
 
 
 def test_the_initiator_recreates_once_when_no_session_came() -> None:
