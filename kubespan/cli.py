@@ -428,8 +428,7 @@ async def serve_http(addr: tuple[str, int], mesh: Mesh, metrics_page: MetricsPag
 
     async def page(request: Request) -> Response:
         found = nodepage.lookup(request.path)
-        if found is None:  # not reached: routed only for nodepage.FILES
-            return Response.text("404: Not Found", status=404)
+        assert found is not None, "routed only for nodepage.FILES"
         ctype, body = found
         return Response(200, body, {"Content-Type": ctype, **nodepage.HEADERS})
 

@@ -1016,7 +1016,7 @@ class Mesh:
         self._learned_pub = learned  # only what was published
         self._unpublished = None
 
-    async def _reconcile_dataplane(self, links: bool = True, reread: bool = True) -> None:
+    async def _reconcile_dataplane(self, *, links: bool, reread: bool) -> None:
         """Links, routes and rules (unless ``links`` is False), then the nftables table and sets
         (read back from the kernel when ``reread``; else our last write is trusted)."""
         assert self.identity is not None
