@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import logging
@@ -51,7 +52,9 @@ from .tls import Identity
 
 log = logging.getLogger("apid")
 
-ADDRESS_POLL = 30.0  # seconds between checks of machined's NodeAddresses
+ADDRESS_POLL = 30.0  # seconds between checks of machined's NodeAddresses without a watch event (safety net)
+WATCH_RETRY = 1.0  # seconds before re-opening a broken NodeAddresses watch (machined restarting)
+ADDRESS_SETTLE = 0.2  # seconds to let a burst of address changes settle before re-issuing once
 
 
 class StartError(RuntimeError):
@@ -199,8 +202,8 @@ async def control_plane_endpoints(socket_path: Path, wait: float = 2.0) -> list[
     return out
 
 
-async def node_addresses(socket_path: Path, wait: float = 2.0, *, quiet: bool = False) -> list[str]:
-    """``NodeAddresses/current`` from machined (incl. the mesh address); [] when unavailable."""
+async def node_addresses(socket_path: Path, wait: float = 2.0, *, quiet: bool = False) -> list[str] | None:
+    """``NodeAddresses/current`` from machined (incl. the mesh address); None when unavailable."""
     try:
         async with grpc.aio.insecure_channel(f"unix:{socket_path}") as ch:
             stub = state_pb2_grpc.StateStub(ch)
@@ -219,7 +222,31 @@ async def node_addresses(socket_path: Path, wait: float = 2.0, *, quiet: bool = 
     except (grpc.aio.AioRpcError, yaml.YAMLError, AttributeError) as e:
         level = logging.DEBUG if quiet else logging.WARNING
         log_event(log, "node addresses unavailable", level, error=str(e)[:200])
-        return []
+        return None
+
+
+async def watch_node_addresses(socket_path: Path, changed: asyncio.Event, retry: float = WATCH_RETRY) -> None:
+    """Set ``changed`` whenever machined reports ``NodeAddresses/current`` (its first state included),
+    so the certificates follow the node's addresses within a moment, not at the next poll: at start
+    machined may not have published them yet (a control-plane certificate without the node address
+    turns the workers' trustd requests away). Re-opens the watch ``retry`` seconds after it breaks."""
+    req = state_pb2.WatchRequest(
+        namespace="network",
+        type="NodeAddresses.net.talos.dev",
+        id="current",
+        api_version=1,
+        options=state_pb2.WatchOptions(bootstrap_contents=True),
+    )
+    while True:
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{socket_path}") as ch:
+                async for resp in state_pb2_grpc.StateStub(ch).Watch(req):
+                    if any(ev.event_type != state_pb2.BOOTSTRAPPED for ev in resp.event):
+                        changed.set()
+        except grpc.aio.AioRpcError as e:
+            log_event(log, "node addresses watch broke; re-opening", logging.DEBUG, error=str(e)[:200])
+        changed.set()  # something may have changed while the watch was down
+        await asyncio.sleep(retry)
 
 
 class Apid:
@@ -262,9 +289,17 @@ class Apid:
             raise StartError(f"{name}: {e}") from None
         return term, bound
 
-    async def _sans(self, cert_sans: Sequence[str], *, quiet: bool = False) -> list[str]:
+    async def _sans(self, cert_sans: Sequence[str], *, quiet: bool = False) -> list[str] | None:
+        """The server certificate's SANs; None when machined's addresses are unavailable."""
         found = await node_addresses(self.ns.machined_socket, quiet=quiet)
+        if found is None:
+            return None
         return [*self.ns.address, *found, *cert_sans, "127.0.0.1", "::1", "localhost"]
+
+    async def _start_sans(self, cert_sans: Sequence[str]) -> list[str]:
+        """SANs to start with: without machined's addresses for now (the renew loop adds them)."""
+        sans = await self._sans(cert_sans)
+        return sans if sans is not None else [*self.ns.address, *cert_sans, "127.0.0.1", "::1", "localhost"]
 
     async def _trustd_endpoints(self) -> tuple[list[str], str]:
         """The trustd endpoints to try and where they came from."""
@@ -282,7 +317,7 @@ class Apid:
             pki.check_tls_usable(v1.ca.crt)
         except pki.PKIError as e:
             raise StartError(f"{path}: refusing to serve: {e}") from None
-        sans = await self._sans(v1.cert_sans)
+        sans = await self._start_sans(v1.cert_sans)
         wait = float(getattr(self.ns, "trustd_wait", 60.0))
         deadline = asyncio.get_running_loop().time() + wait
         last = ""
@@ -344,7 +379,7 @@ class Apid:
             ca, cert_sans = load_ca(self.ns.config)
             ttl = dt.timedelta(seconds=self.ns.cert_ttl)
             self.identity = Identity(
-                ca, self.hostname, await self._sans(cert_sans), server_ttl=ttl, client_ttl=ttl
+                ca, self.hostname, await self._start_sans(cert_sans), server_ttl=ttl, client_ttl=ttl
             )
             await self._start_trustd(ca, v1.token)
         self.proxy = Proxy(
@@ -368,13 +403,30 @@ class Apid:
         log_event(log, "apid serving", listen=self.ns.listen, port=self.port, sans=self.identity.addresses)
 
     async def renew_loop(self, poll: float = ADDRESS_POLL) -> None:
-        """Re-issue at half-life, and as soon as the node's addresses change (the mesh address
-        appears after machined brings the mesh up)."""
+        """Re-issue at half-life, and as soon as the node's addresses change (the node address when
+        machined publishes it after apid started, the mesh address when the mesh comes up): machined's
+        NodeAddresses watch wakes the loop, ``poll`` is the safety net."""
+        assert self.identity is not None
+        changed = asyncio.Event()
+        watch = asyncio.create_task(watch_node_addresses(self.ns.machined_socket, changed))
+        try:
+            await self._renew_loop(poll, changed)
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+
+    async def _renew_loop(self, poll: float, changed: asyncio.Event) -> None:
         assert self.identity is not None
         while True:
             wait = (self.identity.next_renewal() - dt.datetime.now(dt.UTC)).total_seconds()
-            await asyncio.sleep(max(min(1.0, poll), min(wait, poll)))
-            sans = await self._sans(self._cert_sans, quiet=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), max(min(1.0, poll), min(wait, poll)))
+                await asyncio.sleep(ADDRESS_SETTLE)
+            changed.clear()
+            found = await self._sans(self._cert_sans, quiet=True)
+            # machined unavailable (restarting): keep the addresses we have, not a certificate without them
+            sans = found if found is not None else list(self.identity.addresses)
             reason = None
             if self.identity.needs_renewal():
                 reason = "half-life"
