@@ -438,6 +438,7 @@ class TlsDialer:
         self.server: asyncio.AbstractServer | None = None
         self.last_error: str | None = None
         self._conns: set[_Pipe] = set()
+        self._dials: set[asyncio.Task[None]] = set()  # connections being dialled (close() cancels them)
         self._starting: asyncio.Task[None] | None = None
         _DIALERS[self.grpc_target] = self
 
@@ -478,7 +479,9 @@ class TlsDialer:
     def _open(self, local: _Pipe) -> None:
         if local.transport is not None:
             local.transport.pause_reading()
-        asyncio.get_running_loop().create_task(self._dial(local))
+        task = asyncio.get_running_loop().create_task(self._dial(local))
+        self._dials.add(task)
+        task.add_done_callback(self._dials.discard)
 
     async def _dial(self, local: _Pipe) -> None:
         remote = _Pipe()
@@ -494,6 +497,9 @@ class TlsDialer:
                 ),
                 CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT,
             )
+        except asyncio.CancelledError:  # close() while dialling
+            local.close()
+            raise
         except ssl.SSLCertVerificationError as e:
             self.last_error = f"{self.target}: server certificate not accepted ({e.verify_message})"
             local.close()
@@ -523,6 +529,11 @@ class TlsDialer:
                 await self._starting
         if self.server is not None:
             self.server.close()
+        dials = list(self._dials)
+        for t in dials:
+            t.cancel()
+        if dials:  # a dial in flight would otherwise be destroyed pending when its loop ends
+            await asyncio.gather(*dials, return_exceptions=True)
         for c in list(self._conns):
             c.close()
         with contextlib.suppress(FileNotFoundError):

@@ -142,3 +142,26 @@ async def test_a_tls_channel_stands_for_a_grpc_aio_channel():
     finally:
         await ch.close()
     assert not ch.dialer.path.exists()
+
+
+async def test_closing_a_dialer_ends_its_dials_in_flight(tmp_path):
+    """A dial still in its TLS handshake (the server accepts TCP, never answers) ends with close():
+    the grpc side's connection is closed, nothing is left pending (no "Task was destroyed" at loop end)."""
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    dialer = tlsterm.TlsDialer(f"127.0.0.1:{port}", tlsterm.client_context(pki.generate_ca().crt))
+    await dialer.start()
+    reader, writer = await asyncio.open_unix_connection(str(dialer.path))
+    try:
+        async with asyncio.timeout(5):
+            while not dialer._dials:  # noqa: ASYNC110 (the dial starts on the next loop turns)
+                await asyncio.sleep(0.01)
+        dial = next(iter(dialer._dials))
+        await dialer.close()
+        assert dial.cancelled() and not dialer._dials
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # the grpc side sees its connection closed
+    finally:
+        writer.close()
+        silent.close()
+        await silent.wait_closed()
