@@ -36,7 +36,7 @@ def test_one_side_of_a_pair_waits(own: str, peer: str, low_waits: bool, high_wai
 
 
 def test_the_waiting_side_holds_then_recreates_once() -> None:
-    t = FirstContactTimings(hold=0.5, retry=1.5, check=0.1)
+    t = FirstContactTimings(hold=0.5, retry=1.5, check=0.1, recheck=0.4)
     fc = FirstContact(100.0, waiting=True, timings=t)
     assert fc.due() == pytest.approx(100.1), "looks for the peer's session while holding"
     assert fc.step(100.0, session=False) is Action.HOLD
@@ -47,8 +47,11 @@ def test_the_waiting_side_holds_then_recreates_once() -> None:
     assert fc.step(100.5, session=False) is Action.RECREATE
     # then as an initiator: our initiation may have crossed the peer's first one
     assert not fc.done and fc.due() == pytest.approx(100.6)
-    assert fc.step(101.9, session=False) is Action.GO
-    assert fc.step(102.0, session=False) is Action.RECREATE, "one more try, retry after the first"
+    assert fc.step(100.8, session=False) is Action.GO
+    assert fc.due() == pytest.approx(100.9), "the re-check, sooner than the next look"
+    # recheck after the first, before the peer's own retry (1.5 s after its add, about when our
+    # hold ended): one initiation alone
+    assert fc.step(100.9, session=False) is Action.RECREATE, "one more try, recheck after the first"
     assert fc.done and fc.due() is None
     assert fc.step(104.0, session=False) is Action.GO, "no more"
 
@@ -85,11 +88,9 @@ def test_the_hold_is_looked_at_every_check_until_its_end() -> None:
         (100.5, Action.RECREATE),
         (100.7, Action.GO),  # the session is looked for as by an initiator
         (100.9, Action.GO),
-        (101.1, Action.GO),
-        (101.3, Action.GO),
-        (101.5, Action.GO),
-        (101.7, Action.GO),
+        (101.0, Action.RECREATE),  # recheck (0.5 s) after the hold's end: once more, then done
     ]
+    assert fc.done
 
 
 def test_a_session_during_the_hold_ends_it_without_recreation() -> None:
@@ -127,3 +128,7 @@ def test_timings_are_checked() -> None:
         FirstContactTimings(hold=2.0, retry=1.0)
     with pytest.raises(ValueError, match="check"):
         FirstContactTimings(check=0)
+    with pytest.raises(ValueError, match="recheck"):
+        FirstContactTimings(recheck=0)
+    with pytest.raises(ValueError, match="recheck"):
+        FirstContactTimings(retry=1.0, recheck=1.5)
