@@ -682,7 +682,8 @@ class Mesh:
         if route is not None and route.exclusive:
             self._end_first_contact(peer)
             return Action.GO
-        act = first.step(now, have is not None and _has_session(have, wall))
+        session = have is not None and _has_session(have, wall)
+        act = first.step(now, session, answered=have is not None and not session and have.rx_bytes > 0)
         if first.done:
             self._joining.discard(peer.spec.public_key)
         return act

@@ -811,6 +811,34 @@ async def test_a_hold_without_the_peers_initiation_ends_in_our_own_from_a_fresh_
         assert removed(rig_first, applies, k1) == 2, "then no more"
 
 
+async def test_a_hold_that_answered_the_peers_initiation_is_not_ended_by_our_own(rig_first: Rig) -> None:
+    wg, clock = rig_first.wg, rig_first.clock
+    async with rig_first.running() as m:
+        assert m.identity is not None
+        k1, _, d1 = remote_beside(m.identity.public_key, False, "node-a", "a", "10.5.0.2", 2)
+        rig_first.disc.put(d1)
+        await m.reconcile()
+        applies = len(wg.applies)
+        # the peer's initiation arrives just before the hold's end and WireGuard answers it (rx 148,
+        # tx 92, no handshake yet: the responder has one when the initiator's first packet comes)
+        clock.t += 0.2
+        wg.traffic(k1, rx=148, tx=92, handshake=False)
+        await m.reconcile()
+        clock.t += 0.15  # past the plain hold's end
+        await m.reconcile()
+        assert removed(rig_first, applies, k1) == 0, "our initiation now would cross the peer's"
+        assert wg.device.peers[k1].endpoint is None, "still held"
+        wg.traffic(k1, rx=32, tx=0, handshake=True)  # the initiator's keepalive confirms
+        clock.t += 0.1
+        await m.reconcile()
+        assert removed(rig_first, applies, k1) == 0 and not m._joining, "the session ended the hold"
+        clock.t += 0.01
+        m.prober.answer(k1)
+        await m.reconcile()
+        assert m.status().peers[0].state == "up"
+        assert removed(rig_first, applies, k1) == 0
+
+
 async def test_the_lower_key_initiates_at_once_and_again_once_without_a_session(rig_first: Rig) -> None:
     wg, clock = rig_first.wg, rig_first.clock
     async with rig_first.running() as m:

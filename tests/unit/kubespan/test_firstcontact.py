@@ -63,6 +63,36 @@ def test_a_session_after_the_hold_ends_the_waiting_sides_retry() -> None:
     assert fc.done and fc.due() is None
 
 
+def test_a_hold_that_answered_the_peers_initiation_waits_for_its_confirmation() -> None:
+    """The peer's initiation arrived and was answered just before the hold's end: our own initiation
+    now would cross it (both responses dropped), so the hold goes on, recheck after the answer."""
+    t = FirstContactTimings(hold=0.25, retry=1.5, check=0.1, recheck=0.5)
+    fc = FirstContact(100.0, waiting=True, timings=t)
+    assert fc.step(100.2, session=False, answered=True) is Action.HOLD
+    assert fc.step(100.3, session=False, answered=True) is Action.HOLD, "past the plain hold's end"
+    assert fc.due() == pytest.approx(100.4)
+    assert fc.step(100.35, session=True) is Action.GO, "the confirmation came"
+    assert fc.done
+
+
+def test_an_answered_hold_without_confirmation_ends_in_the_recreation_after_recheck() -> None:
+    t = FirstContactTimings(hold=0.25, retry=1.5, check=0.1, recheck=0.5)
+    fc = FirstContact(100.0, waiting=True, timings=t)
+    assert fc.step(100.1, session=False, answered=True) is Action.HOLD
+    assert fc.step(100.5, session=False, answered=True) is Action.HOLD
+    assert fc.due() == pytest.approx(100.6), "the hold's new end: the answer's time + recheck"
+    assert fc.step(100.6, session=False, answered=True) is Action.RECREATE, "our response was lost"
+    assert not fc.done and fc.step(101.1, session=False) is Action.RECREATE
+    assert fc.done
+
+
+def test_an_initiator_ignores_answered() -> None:
+    fc = FirstContact(100.0, waiting=False, timings=FirstContactTimings(retry=1.5, check=0.1))
+    assert fc.step(101.0, session=False, answered=True) is Action.GO
+    assert fc.step(101.5, session=False, answered=True) is Action.RECREATE
+    assert fc.done
+
+
 def test_a_hold_for_a_peer_behind_nat_ends_without_recreation() -> None:
     # the peer may be unreachable from here (symmetric NAT): a session it made just before the
     # write must not be lost; it re-creates on its side if its first initiation was lost
