@@ -29,8 +29,7 @@ configured makes it, within about ``hold`` of the later side's add.
 A hold whose peer's initiation has arrived and been answered (its rx bytes grew, no session yet:
 the initiator's confirming packet is on the way) does not end in our own initiation, which would
 cross it; it goes on up to ``recheck`` after the answer was seen (in a 50-node join the peers'
-initiations reached the new node about when its holds ended: the worst round 1.63-1.73 s without
-this, 0.80-1.39 s with it).
+initiations reached the new node about when its holds ended: nat-traversal.md).
 
 A session the peer completed between the pass's device read and the re-creating write is lost (a
 window of one pass); the re-created peer's own initiation replaces it at once when the peer can be
