@@ -289,17 +289,17 @@ class Apid:
             raise StartError(f"{name}: {e}") from None
         return term, bound
 
+    def _san_list(self, cert_sans: Sequence[str], found: Sequence[str]) -> list[str]:
+        return [*self.ns.address, *found, *cert_sans, "127.0.0.1", "::1", "localhost"]
+
     async def _sans(self, cert_sans: Sequence[str], *, quiet: bool = False) -> list[str] | None:
         """The server certificate's SANs; None when machined's addresses are unavailable."""
         found = await node_addresses(self.ns.machined_socket, quiet=quiet)
-        if found is None:
-            return None
-        return [*self.ns.address, *found, *cert_sans, "127.0.0.1", "::1", "localhost"]
+        return None if found is None else self._san_list(cert_sans, found)
 
     async def _start_sans(self, cert_sans: Sequence[str]) -> list[str]:
         """SANs to start with: without machined's addresses for now (the renew loop adds them)."""
-        sans = await self._sans(cert_sans)
-        return sans if sans is not None else [*self.ns.address, *cert_sans, "127.0.0.1", "::1", "localhost"]
+        return await self._sans(cert_sans) or self._san_list(cert_sans, [])
 
     async def _trustd_endpoints(self) -> tuple[list[str], str]:
         """The trustd endpoints to try and where they came from."""
