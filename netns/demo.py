@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubespan.nat.punch import PunchTimings
 from netns.forward import Forward
 from netns.lab import Lab, LabError, Node, list_netns, sh
 from netns.mesh import MeshLab, MeshNode
@@ -57,6 +58,7 @@ STUN_IPS = (DISC_IP, f"{INTERNET}.3")  # two responders on two addresses: enough
 STUN_PORT = 3478
 DISC_PORT = 3000
 CONVERGE_TIMEOUT = 90.0
+PUNCH_RETRY_MARGIN = 20.0  # beyond a missed punch's retry time: the retry's own lead and probes
 AGENT_HTTP_PORT = 51821  # kubespan run's --http-addr default (127.0.0.1), inside each node
 # the spanctl next to this interpreter (the venv's), else the one on PATH
 SPANCTL = str(Path(PY).parent / "spanctl") if (Path(PY).parent / "spanctl").exists() else "spanctl"
@@ -383,11 +385,57 @@ def expected_path(demo: Demo, a: str, b: str) -> tuple[str, str]:
     return ("direct" if v.possible else "relay"), v.reason
 
 
+def _peer_rows(demo: Demo, states: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each node's status rows by peer label."""
+    return {n: {p["label"]: p for p in (states.get(n) or {}).get("peers", [])} for n in demo.order}
+
+
+def missed_punches(demo: Demo, states: dict[str, dict[str, Any] | None]) -> list[tuple[str, str]]:
+    """Pairs up but relayed where nat.md §2 predicts a direct path: a punch that missed. Under load the
+    side that published first can get the peer's intent back after the punch's start and send no
+    openers (``PunchTimings``); the relay then carries the pair and the agents retry direct later."""
+    peers = _peer_rows(demo, states)
+    missed = []
+    for i, a in enumerate(demo.order):
+        for b in demo.order[i + 1 :]:
+            pa, pb = peers[a].get(b) or {}, peers[b].get(a) or {}
+            up = pa.get("state") == "up" and pb.get("state") == "up"
+            if (
+                up
+                and expected_path(demo, a, b)[0] == "direct"
+                and "relay" in (pa.get("path"), pb.get("path"))
+            ):
+                missed.append((a, b))
+    return missed
+
+
+async def await_punch_retries(demo: Demo, states: dict[str, dict[str, Any] | None]) -> None:
+    """After a missed punch, wait for the agents' retry (``PunchTimings.retry_initial`` after the punch
+    window) instead of judging the pair on its relay."""
+    missed = missed_punches(demo, states)
+    if not missed:
+        return
+    t = PunchTimings()
+    limit = t.retry_initial + t.window + PUNCH_RETRY_MARGIN
+    names = ", ".join(f"{a} ↔ {b}" for a, b in missed)
+    say(
+        f"  relayed where a direct path is predicted: {names} (a punch missed its start under load); the "
+        f"agents retry direct {t.retry_initial:g} s after the {t.window:g} s punch window: waiting up to {limit:.0f} s"
+    )
+    t0 = time.monotonic()
+    while missed and time.monotonic() - t0 < limit:
+        await asyncio.sleep(1.0)
+        missed = missed_punches(demo, await demo.statuses())
+    took = time.monotonic() - t0
+    left = ", ".join(f"{a} ↔ {b}" for a, b in missed)
+    say(f"  after {took:.0f} s: " + (f"still relayed: {left}" if missed else "direct after the retry"))
+
+
 def show_traversal(demo: Demo, states: dict[str, dict[str, Any] | None]) -> int:
     """Every pair: direct (over the LAN, or through the NATs: the public side's endpoint or a punched
     hole) or relayed, as each side's agent reports it (``path``, ``relay_via``, ``why_not_direct``,
     ``connect_time``); returns the number of pairs not up, or not on the path nat.md §2 predicts."""
-    peers = {n: {p["label"]: p for p in (states.get(n) or {}).get("peers", [])} for n in demo.order}
+    peers = _peer_rows(demo, states)
     width = max(len(n) for n in demo.order) * 2 + 5
     counts = {"lan": 0, "direct": 0, "relay": 0}
     bad = 0
@@ -633,6 +681,7 @@ async def run_demo(lab: Lab, ns: argparse.Namespace, holder: list[Demo]) -> int:
         await report_failure(demo, took, states)
         return 1
     say(f"  mesh formed in {took:.1f} s")
+    await await_punch_retries(demo, states)
     code = 0 if await show_mesh(demo) else 1
     if ns.keep:
         await keep_up(demo)
