@@ -141,6 +141,11 @@ class DetectionTimings:
     # A freshly chosen candidate gets this long to show a reply: one rate-limited handshake
     # initiation (REKEY_TIMEOUT + jitter) and one retransmission, plus a poll.
     trial_timeout: float = 2 * (WG_REKEY_TIMEOUT + WG_REKEY_TIMEOUT_JITTER) + 1.5
+    # A peer never up: its candidates in private networks (LAN, CGNAT, loopback) get this long each in
+    # the first sweep. On its own LAN a handshake answers within a round trip of the re-created peer's
+    # initiation, and first contact re-creates at most retry + recheck (2 s) after the add; another
+    # site's private address never answers, and a full trial each delayed the public ones behind it.
+    private_trial_timeout: float = 3.0
     # After each full sweep of the candidates without success the trial time doubles up to this.
     trial_timeout_max: float = 60.0
     # A session older than this is dead even if bytes arrive (they can only be handshakes).
@@ -159,6 +164,7 @@ class DetectionTimings:
             "dead_after",
             "passive_dead_after",
             "trial_timeout",
+            "private_trial_timeout",
             "trial_timeout_max",
             "session_dead_after",
         )
@@ -181,6 +187,11 @@ class DetectionTimings:
             raise ConfigError(
                 "trial_timeout",
                 f"{self.trial_timeout} must not exceed trial_timeout_max ({self.trial_timeout_max})",
+            )
+        if self.private_trial_timeout > self.trial_timeout:
+            raise ConfigError(
+                "private_trial_timeout",
+                f"{self.private_trial_timeout} must not exceed trial_timeout ({self.trial_timeout})",
             )
         if self.session_dead_after <= WG_REJECT_AFTER_TIME:
             raise ConfigError(

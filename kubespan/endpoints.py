@@ -605,8 +605,17 @@ class EndpointMachine:
         return True
 
     def _trial_timeout(self) -> float:
-        sweeps = self._failed_trials // max(1, len(self._order()))
+        """The current trial's length: short for a never-up peer's private candidates in the first
+        sweep when there is another candidate to go on to (``private_trial_timeout``), else
+        ``trial_timeout`` doubling per failed sweep."""
+        n = len(self._order())
+        if n > 1 and not self._ever_up and self._failed_trials < n and self._current_is_private():
+            return self.t.private_trial_timeout
+        sweeps = self._failed_trials // max(1, n)
         return min(self.t.trial_timeout * (2**sweeps), self.t.trial_timeout_max)
+
+    def _current_is_private(self) -> bool:
+        return any(c.endpoint == self._current and c.kind <= CandidateKind.PRIVATE for c in self._candidates)
 
     def _start_trial(self, now: float, endpoint: AddrPort | None, *, counted: bool) -> None:
         if counted and endpoint != self._current:

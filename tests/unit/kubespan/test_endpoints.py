@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field, replace
 from ipaddress import ip_interface, ip_network
 
 import pytest
 
-from kubespan.constants import WG_REKEY_TIMEOUT, DetectionTimings
+from kubespan.constants import WG_REKEY_TIMEOUT, ConfigError, DetectionTimings
 from kubespan.endpoints import (
     Candidate,
     CandidateKind,
@@ -518,6 +519,81 @@ def test_trial_timeout_moves_on_and_backs_off_per_sweep():
     assert [s[1] for s in switches[:4]] == [B, A, B, A]
     assert d.m.state == PeerState.UNKNOWN  # never connected: stays unknown
     assert d.m.status().failures == len(switches)
+
+
+P = AddrPort("10.1.0.12", 51820)  # a private address: on our LAN, or another site's
+
+
+def private_then_public(timings=None):
+    d = Driver(eps=(A, B), timings=timings or DetectionTimings())
+    d.m.set_candidates([Candidate(P, CandidateKind.PRIVATE), Candidate(B, CandidateKind.PUBLIC)])
+    return d
+
+
+def switch_times(d, until):
+    out = []
+    while d.now < until:
+        dec = d.step(tx=148, dt=0.5)
+        if dec.set_endpoint is not None:
+            out.append((d.now, dec.set_endpoint, dec.fresh_session))
+    return out
+
+
+def test_a_never_up_peers_private_candidate_gets_a_short_first_trial():
+    """Another site's private address never answers: the public candidate behind it is tried after
+    private_trial_timeout (3 s), not a full trial (12.2 s); from the second sweep on every candidate
+    has the full, doubling trial."""
+    d = private_then_public()
+    t = d.m.t
+    d.step(dt=0.5)  # first sight: trial of the private candidate
+    assert d.m.current == P
+    started = d.now
+    sw = switch_times(d, 60.0)
+    assert [(ep, fresh) for _, ep, fresh in sw[:3]] == [(B, True), (P, True), (B, True)]
+    gaps = [b - a for a, b in zip([started] + [x[0] for x in sw], [x[0] for x in sw], strict=False)]
+    assert gaps[0] == pytest.approx(t.private_trial_timeout, abs=0.5)
+    assert gaps[1] == pytest.approx(t.trial_timeout, abs=0.5)
+    assert gaps[2] == pytest.approx(2 * t.trial_timeout, abs=0.5), "second sweep: private gets a full trial"
+
+
+def test_an_answer_on_the_private_candidate_within_the_short_trial_keeps_it():
+    d = private_then_public()
+    d.step(dt=0.5)
+    d.step(tx=148, dt=0.5)
+    d.step(rx=92, tx=148, handshake=True, dt=0.5)  # the LAN answered within a round trip
+    assert d.m.state == PeerState.UP and d.m.current == P
+    assert switch_times(d, 20.0) == []
+
+
+def test_a_peer_once_up_gets_full_trials_on_private_candidates():
+    d = private_then_public()
+    d.step(dt=0.5)
+    d.step(rx=92, tx=148, handshake=True, dt=0.5)
+    assert d.m.state == PeerState.UP
+    d.hs = d.now - 1000  # the session expired: the path is dead, the candidates go on trial again
+    sw = switch_times(d, 120.0)
+    private = [b[0] - a[0] for a, b in itertools.pairwise(sw) if a[1] == P]
+    assert private and min(private) >= d.m.t.trial_timeout - 0.5, sw
+
+
+def test_a_sole_private_candidate_keeps_the_full_trial():
+    """With nothing else to go on to, a short trial would only re-create the peer sooner."""
+    d = Driver(eps=(P,), timings=DetectionTimings())
+    d.m.set_candidates([Candidate(P, CandidateKind.PRIVATE)])
+    d.step(dt=0.5)
+    fresh = []
+    while d.now < 40.0:
+        if d.step(tx=148, dt=0.5).fresh_session:  # the trial starts over: a re-created peer
+            fresh.append(d.now)
+    assert fresh and fresh[0] - 0.5 == pytest.approx(d.m.t.trial_timeout, abs=0.5), fresh
+
+
+def test_private_trial_timeout_is_checked():
+    with pytest.raises(ConfigError) as e:
+        DetectionTimings(private_trial_timeout=20.0)
+    assert e.value.field == "private_trial_timeout" and "trial_timeout" in str(e.value)
+    with pytest.raises(ConfigError):
+        DetectionTimings(private_trial_timeout=0)
 
 
 def test_switch_without_session_asks_for_a_fresh_peer_and_the_trial_goes_on():

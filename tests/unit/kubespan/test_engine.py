@@ -803,7 +803,9 @@ async def test_a_hold_without_the_peers_initiation_ends_in_our_own_from_a_fresh_
         for _ in range(3):
             clock.t += 1.0
             await m.reconcile()
-        assert removed(rig_first, applies, k1) == 2, "one more re-creation after retry without a session"
+        assert removed(rig_first, applies, k1) == 2, (
+            "one more re-creation, recheck after the hold-end one, without a session"
+        )
         assert not m._joining
         for _ in range(3):
             clock.t += 1.0
