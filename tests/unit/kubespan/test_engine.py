@@ -733,6 +733,16 @@ def remote_beside(own: PublicKey, higher: bool, *args: Any):
             return key, mesh, d
 
 
+async def added_peer(rig: Rig, m: Mesh, *, higher: bool) -> tuple[PublicKey, ipaddress.IPv6Address]:
+    """A remote node on our LAN with a key above (``higher``: we initiate) or below ours (we hold),
+    put in discovery and reconciled once; its key and mesh address."""
+    assert m.identity is not None
+    key, mesh, d = remote_beside(m.identity.public_key, higher, "node-a", "a", "10.5.0.2", 2)
+    rig.disc.put(d)
+    await m.reconcile()
+    return key, mesh
+
+
 def removed(rig: Rig, since: int, key: PublicKey) -> int:
     """How many writes after the first ``since`` removed the peer (a re-creation)."""
     return sum(
@@ -746,10 +756,7 @@ def removed(rig: Rig, since: int, key: PublicKey) -> int:
 async def test_the_higher_key_waits_for_the_peers_initiation(rig_first: Rig) -> None:
     wg, clock = rig_first.wg, rig_first.clock
     async with rig_first.running() as m:
-        assert m.identity is not None
-        k1, mesh1, d1 = remote_beside(m.identity.public_key, False, "node-a", "a", "10.5.0.2", 2)
-        rig_first.disc.put(d1)
-        await m.reconcile()
+        k1, mesh1 = await added_peer(rig_first, m, higher=False)
         held = wg.device.peers[k1]
         # held: no endpoint, no keepalive, no probe: WireGuard attempts no initiation of its own
         assert held.endpoint is None and held.persistent_keepalive in (None, 0)
@@ -785,10 +792,7 @@ async def test_the_higher_key_waits_for_the_peers_initiation(rig_first: Rig) -> 
 async def test_a_hold_without_the_peers_initiation_ends_in_our_own_from_a_fresh_peer(rig_first: Rig) -> None:
     wg, clock = rig_first.wg, rig_first.clock
     async with rig_first.running() as m:
-        assert m.identity is not None
-        k1, mesh1, d1 = remote_beside(m.identity.public_key, False, "node-a", "a", "10.5.0.2", 2)
-        rig_first.disc.put(d1)
-        await m.reconcile()
+        k1, mesh1 = await added_peer(rig_first, m, higher=False)
         applies = len(wg.applies)
         clock.t += 0.5
         await m.reconcile()
@@ -816,10 +820,7 @@ async def test_a_hold_without_the_peers_initiation_ends_in_our_own_from_a_fresh_
 async def test_a_hold_that_answered_the_peers_initiation_is_not_ended_by_our_own(rig_first: Rig) -> None:
     wg, clock = rig_first.wg, rig_first.clock
     async with rig_first.running() as m:
-        assert m.identity is not None
-        k1, _, d1 = remote_beside(m.identity.public_key, False, "node-a", "a", "10.5.0.2", 2)
-        rig_first.disc.put(d1)
-        await m.reconcile()
+        k1, _ = await added_peer(rig_first, m, higher=False)
         applies = len(wg.applies)
         # the peer's initiation arrives just before the hold's end and WireGuard answers it (rx 148,
         # tx 92, no handshake yet: the responder has one when the initiator's first packet comes)
@@ -844,10 +845,7 @@ async def test_a_hold_that_answered_the_peers_initiation_is_not_ended_by_our_own
 async def test_the_lower_key_initiates_at_once_and_again_once_without_a_session(rig_first: Rig) -> None:
     wg, clock = rig_first.wg, rig_first.clock
     async with rig_first.running() as m:
-        assert m.identity is not None
-        k1, mesh1, d1 = remote_beside(m.identity.public_key, True, "node-a", "a", "10.5.0.2", 2)
-        rig_first.disc.put(d1)
-        await m.reconcile()
+        k1, mesh1 = await added_peer(rig_first, m, higher=True)
         assert wg.device.peers[k1].endpoint == AddrPort.parse("10.5.0.2:51820")
         assert (k1, mesh1) in m.prober.probes
         applies = len(wg.applies)
@@ -868,10 +866,7 @@ async def test_the_lower_key_initiates_at_once_and_again_once_without_a_session(
 async def test_an_initiator_with_a_session_is_never_recreated(rig_first: Rig) -> None:
     wg = rig_first.wg
     async with rig_first.running() as m:
-        assert m.identity is not None
-        k1, _, d1 = remote_beside(m.identity.public_key, True, "node-a", "a", "10.5.0.2", 2)
-        rig_first.disc.put(d1)
-        await m.reconcile()
+        k1, _ = await added_peer(rig_first, m, higher=True)
         applies = len(wg.applies)
         await rig_first.bring_up(k1, passes=3)
         assert removed(rig_first, applies, k1) == 0
@@ -883,10 +878,7 @@ async def test_the_initiator_sees_the_session_at_the_next_look_when_its_probe_wa
 ) -> None:
     wg, clock = rig_first.wg, rig_first.clock
     async with rig_first.running() as m:
-        assert m.identity is not None
-        k1, _, d1 = remote_beside(m.identity.public_key, True, "node-a", "a", "10.5.0.2", 2)
-        rig_first.disc.put(d1)
-        await m.reconcile()
+        k1, _ = await added_peer(rig_first, m, higher=True)
         assert m._observe_at == pytest.approx(clock.t + 0.1), "looks for the session in 0.1 s"
         # the probe sent with the add is never answered (a new node sends it before its link is up)
         for _ in range(3):
@@ -908,10 +900,7 @@ async def test_the_initiator_sees_the_session_at_the_next_look_when_its_probe_wa
 async def test_the_initiator_with_a_session_before_its_first_look_is_up_at_that_look(rig_first: Rig) -> None:
     wg, clock = rig_first.wg, rig_first.clock
     async with rig_first.running() as m:
-        assert m.identity is not None
-        k1, _, d1 = remote_beside(m.identity.public_key, True, "node-a", "a", "10.5.0.2", 2)
-        rig_first.disc.put(d1)
-        await m.reconcile()
+        k1, _ = await added_peer(rig_first, m, higher=True)
         # handshake and the peer's keepalive came before the first look; the probe was lost
         wg.traffic(k1, rx=32, tx=148, handshake=True)
         assert m._observe_at is not None
