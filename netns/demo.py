@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubespan.nat.punch import PunchTimings
 from netns.forward import Forward
 from netns.lab import Lab, LabError, Node, list_netns, sh
 from netns.mesh import MeshLab, MeshNode
@@ -58,6 +57,10 @@ STUN_IPS = (DISC_IP, f"{INTERNET}.3")  # two responders on two addresses: enough
 STUN_PORT = 3478
 DISC_PORT = 3000
 CONVERGE_TIMEOUT = 90.0
+# the agents' punch timings (kubespan.nat.punch.PunchTimings defaults; netns does not import kubespan):
+# a pair that found no direct answer within the window is relayed, then retried direct this long after
+PUNCH_WINDOW = 10.0
+PUNCH_RETRY_INITIAL = 60.0
 PUNCH_RETRY_MARGIN = 20.0  # beyond a missed punch's retry time: the retry's own lead and probes
 AGENT_HTTP_PORT = 51821  # kubespan run's --http-addr default (127.0.0.1), inside each node
 # the spanctl next to this interpreter (the venv's), else the one on PATH
@@ -410,17 +413,16 @@ def missed_punches(demo: Demo, states: dict[str, dict[str, Any] | None]) -> list
 
 
 async def await_punch_retries(demo: Demo, states: dict[str, dict[str, Any] | None]) -> None:
-    """After a missed punch, wait for the agents' retry (``PunchTimings.retry_initial`` after the punch
+    """After a missed punch, wait for the agents' retry (``PUNCH_RETRY_INITIAL`` after the punch
     window) instead of judging the pair on its relay."""
     missed = missed_punches(demo, states)
     if not missed:
         return
-    t = PunchTimings()
-    limit = t.retry_initial + t.window + PUNCH_RETRY_MARGIN
+    limit = PUNCH_RETRY_INITIAL + PUNCH_WINDOW + PUNCH_RETRY_MARGIN
     names = ", ".join(f"{a} ↔ {b}" for a, b in missed)
     say(
         f"  relayed where a direct path is predicted: {names} (a punch missed its start under load); the "
-        f"agents retry direct {t.retry_initial:g} s after the {t.window:g} s punch window: waiting up to {limit:.0f} s"
+        f"agents retry direct {PUNCH_RETRY_INITIAL:g} s after the {PUNCH_WINDOW:g} s punch window: waiting up to {limit:.0f} s"
     )
     t0 = time.monotonic()
     while missed and time.monotonic() - t0 < limit:

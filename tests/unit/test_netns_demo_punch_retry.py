@@ -80,3 +80,11 @@ def test_nothing_missed_means_no_wait() -> None:
     demo = FakeDemo([])
     asyncio.run(D.await_punch_retries(demo, states(RELAYED_AS_PREDICTED)))
     assert demo.calls == 0
+
+
+def test_the_demos_punch_timings_are_the_agents_defaults() -> None:
+    """netns does not import kubespan: the demo keeps its own copy of the two timings it waits on."""
+    from kubespan.nat.punch import PunchTimings
+
+    t = PunchTimings()
+    assert (D.PUNCH_WINDOW, D.PUNCH_RETRY_INITIAL) == (t.window, t.retry_initial)
