@@ -451,6 +451,7 @@ class EndpointMachine:
         if dead:
             probe = False
             self._failures += 1
+            was_proven = self._proven
             if self._proven:
                 # a working path died: each candidate (this one last) gets one fast trial, so the
                 # next working one takes over within a round trip and the probes of one window
@@ -472,6 +473,11 @@ class EndpointMachine:
                 if obs.endpoint != self._current:
                     set_endpoint = self._current
                 probe = True
+                if was_proven:
+                    # ... from a new handshake: it re-latches a relay's leg after our NAT rebound
+                    # (the relay forwards only from where a handshake came: docs/design/relay.md),
+                    # where WireGuard would initiate only after 15 s without an answer
+                    self._fresh_pending = True
             if fast_next:
                 self._fast_left -= 1
                 self._fast_trial = True

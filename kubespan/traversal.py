@@ -414,8 +414,9 @@ class Traversal:
             return
         if st.need_since is None:
             st.need_since = now
-        if f.rx_bytes != st.rx:
-            st.rx, st.rx_at = f.rx_bytes, now
+        if f.rx_bytes > st.rx:
+            st.rx_at = now
+        st.rx = f.rx_bytes  # a re-created peer's counters start over: a drop is no progress
         if self.relay_client is None or not self._started:
             st.why = f"{reason}; no relay client"
             return

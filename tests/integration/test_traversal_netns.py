@@ -11,6 +11,7 @@ connects directly through a coordinated punch. Every pair ends up connected.
 from __future__ import annotations
 
 import ipaddress
+import sys
 import time
 from collections.abc import Iterator
 
@@ -104,3 +105,29 @@ def test_relay_failover(lab: Lab, how: str) -> None:
     took = time.monotonic() - t0
     print(f"relay failover ({how}): {took:.1f} s")
     assert took < 10, f"{took:.1f} s; the agents' last log lines:\n{tl.logs(40)}"
+
+
+def test_a_relayed_pair_recovers_from_a_nat_rebind_in_seconds(lab: Lab) -> None:
+    """h1's NAT forgets its mappings (conntrack flushed on its router): h1's packets reach the relay
+    from a new port, which the relay drops until a handshake initiation from there re-latches h1's leg
+    (docs/design/relay.md). WireGuard alone initiates again only after 15 s without an answer; the
+    agent, whose only path died (nothing else to try), re-creates the peer, which initiates at once."""
+    tl = build(lab, {"h1": "hard", "h2": "hard"}, cluster_id="relay-rebind")
+    ml = tl.ml
+    h1, h2 = tl.agents["h1"], tl.agents["h2"]
+    ml.wait("every pair up", ml.all_up, timeout=60)
+    ml.wait("h1-h2 relayed", lambda: _path(h1, "h2")[0] == "relay" and _path(h2, "h1")[0] == "relay", 30)
+    mesh_h2 = h2.status()["mesh_address"]
+    assert h1.node.ping(mesh_h2, count=2, timeout=5)
+    before = h1.peer("h2")["endpoint"]
+
+    router = tl.sites["h1"].routers[0]
+    router.run(sys.executable, "-c", "from pyroute2 import Conntrack; Conntrack().flush()")
+    t0 = time.monotonic()
+    # traffic meanwhile (a ping a second at most): the agent notices the silence by it
+    ml.wait("ping over the relay again", lambda: h1.node.ping(mesh_h2, count=1, timeout=1), 30, 0.0)
+    took = time.monotonic() - t0
+    print(f"relayed pair after a NAT rebind: ping again after {took:.1f} s")
+    ml.wait("h1 reports h2 up", lambda: _path(h1, "h2")[:2] == ("relay", RELAY), 10, 0.2)
+    assert h1.peer("h2")["endpoint"] == before, "the same allocation: its leg re-latched"
+    assert took < 5, f"{took:.1f} s; the agents' last log lines:\n{tl.logs(40)}"

@@ -628,6 +628,28 @@ def test_switch_with_a_valid_session_keeps_it():
     assert dec.set_endpoint == B and not dec.fresh_session
 
 
+def test_a_sole_path_that_died_is_tried_again_from_a_fresh_peer():
+    """Nothing else to try (a relayed peer has the relay alone): the same endpoint's next trial starts
+    with a new handshake, which re-latches the relay's leg after our NAT rebound; WireGuard would
+    initiate only 15 s after the silence began."""
+    d = fast_driver(eps=(A,))
+    d.step(tx=96, dt=0.25)  # sent, nothing back: an episode begins
+    began = d.now
+    decs = []
+    while d.m.state == PeerState.UP:
+        decs.append(d.step(tx=96, dt=d.m.due - d.now))
+    died = decs[-1]
+    assert died.fresh_session and died.probe and died.set_endpoint is None and d.m.current == A
+    assert not any(x.fresh_session for x in decs[:-1])
+    assert d.now - began <= d.m.t.dead_after + 0.5, "a fast verdict"
+    # the re-created peer's counters start over; its handshake answers: up on the same endpoint
+    d.rx = d.tx = 0
+    d.hs = None
+    assert not d.step(tx=148, dt=0.2).fresh_session
+    d.step(rx=92, tx=148, handshake=True, dt=0.2)
+    assert d.m.state == PeerState.UP and d.m.current == A
+
+
 def test_probes_spaced_by_rekey_timeout_without_session():
     d = Driver()
     d.step()  # trial starts with a probe

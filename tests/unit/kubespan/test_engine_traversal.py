@@ -8,6 +8,7 @@ import asyncio
 import ipaddress
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -295,6 +296,29 @@ async def test_relay_failover_to_the_next_relay(edm: Rig) -> None:
     assert [op.public_key for op in removed] == [peer, peer]
     await edm.until(lambda: edm.status(peer).path == "relay", each=lambda: edm.handshake(peer))
     assert edm.status(peer).relay_via == "relay-b"
+
+
+async def test_a_counter_reset_is_no_progress_on_a_relayed_path(edm: Rig) -> None:
+    """A re-created peer's counters start over (the endpoint machine re-creates a peer whose only path
+    died): that drop is not receive progress, so the relay's stall still fails over on time."""
+    await edm.run()
+    first = await _relay_node(edm, 9, "relay-a", 40100)
+    await _relay_node(edm, 10, "relay-b", 40200)
+    edm.relay.rtts = {mesh_addr(9): 0.001, mesh_addr(10): 0.005}
+    edm.m.traversal.rtt = {first: 0.001}  # type: ignore[union-attr]
+    peer = key_beside(edm.own, above=True)
+    edm.disc.put(remote("b", "198.51.100.20", 2, peer, nat="edm"))
+    await edm.until(lambda: edm.endpoint(peer) == AddrPort.parse("203.0.113.9:40100"))
+    edm.handshake(peer, rx=5000)
+    await edm.run()
+    await edm.run(2)  # relay-a went silent
+    dev = edm.wg.device
+    assert dev is not None
+    reset = replace(dev.peers[peer], rx_bytes=0, tx_bytes=0)  # as after a re-creation
+    edm.wg.device = replace(dev, peers={**dev.peers, peer: reset})
+    # failover_after (3 s) counts from the last rx, not from the reset (which would take 6 passes)
+    await edm.run(4)
+    assert edm.endpoint(peer) == AddrPort.parse("203.0.113.10:40200")
 
 
 async def test_relay_then_upgrade_to_direct(eim: Rig) -> None:
