@@ -204,6 +204,10 @@ class Demo:
     def others(self, name: str) -> list[str]:
         return [o for o in self.order if o != name]
 
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every unordered pair of mesh nodes, in display order."""
+        return [(a, b) for i, a in enumerate(self.order) for b in self.order[i + 1 :]]
+
     async def status(self, name: str) -> dict[str, Any] | None:
         if name not in self.pollers:
             self.pollers[name] = StatusPoller(self.mesh[name].node)
@@ -399,16 +403,11 @@ def missed_punches(demo: Demo, states: dict[str, dict[str, Any] | None]) -> list
     openers (``PunchTimings``); the relay then carries the pair and the agents retry direct later."""
     peers = _peer_rows(demo, states)
     missed = []
-    for i, a in enumerate(demo.order):
-        for b in demo.order[i + 1 :]:
-            pa, pb = peers[a].get(b) or {}, peers[b].get(a) or {}
-            up = pa.get("state") == "up" and pb.get("state") == "up"
-            if (
-                up
-                and expected_path(demo, a, b)[0] == "direct"
-                and "relay" in (pa.get("path"), pb.get("path"))
-            ):
-                missed.append((a, b))
+    for a, b in demo.pairs():
+        pa, pb = peers[a].get(b) or {}, peers[b].get(a) or {}
+        up = pa.get("state") == "up" and pb.get("state") == "up"
+        if up and expected_path(demo, a, b)[0] == "direct" and "relay" in (pa.get("path"), pb.get("path")):
+            missed.append((a, b))
     return missed
 
 
@@ -441,7 +440,7 @@ def show_traversal(demo: Demo, states: dict[str, dict[str, Any] | None]) -> int:
     width = max(len(n) for n in demo.order) * 2 + 5
     counts = {"lan": 0, "direct": 0, "relay": 0}
     bad = 0
-    pairs = [(a, b) for i, a in enumerate(demo.order) for b in demo.order[i + 1 :]]
+    pairs = demo.pairs()
     for a, b in pairs:
         want, reason = expected_path(demo, a, b)
         pa, pb = peers[a].get(b) or {}, peers[b].get(a) or {}
