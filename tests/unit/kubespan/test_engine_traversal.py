@@ -272,7 +272,8 @@ async def test_follower_applies_the_notify(edm: Rig) -> None:
     assert edm.relay.allocations == []
 
 
-async def test_relay_failover_to_the_next_relay(edm: Rig) -> None:
+async def _relayed_via_a(edm: Rig) -> PublicKey:
+    """Two relays (relay-a the nearer); a peer behind symmetric NAT that we allocate for: on relay-a."""
     await edm.run()
     first = await _relay_node(edm, 9, "relay-a", 40100)
     await _relay_node(edm, 10, "relay-b", 40200)
@@ -281,6 +282,11 @@ async def test_relay_failover_to_the_next_relay(edm: Rig) -> None:
     peer = key_beside(edm.own, above=True)
     edm.disc.put(remote("b", "198.51.100.20", 2, peer, nat="edm"))
     await edm.until(lambda: edm.endpoint(peer) == AddrPort.parse("203.0.113.9:40100"))
+    return peer
+
+
+async def test_relay_failover_to_the_next_relay(edm: Rig) -> None:
+    peer = await _relayed_via_a(edm)
     # the first route of a peer without a session re-creates it: WireGuard would hold the initiation
     # for up to 5 s after the one it could not send without an endpoint
     first_removed = [op.public_key for ops in edm.wg.applies for op in ops if isinstance(op, RemovePeer)]
@@ -301,14 +307,7 @@ async def test_relay_failover_to_the_next_relay(edm: Rig) -> None:
 async def test_a_counter_reset_is_no_progress_on_a_relayed_path(edm: Rig) -> None:
     """A re-created peer's counters start over (the endpoint machine re-creates a peer whose only path
     died): that drop is not receive progress, so the relay's stall still fails over on time."""
-    await edm.run()
-    first = await _relay_node(edm, 9, "relay-a", 40100)
-    await _relay_node(edm, 10, "relay-b", 40200)
-    edm.relay.rtts = {mesh_addr(9): 0.001, mesh_addr(10): 0.005}
-    edm.m.traversal.rtt = {first: 0.001}  # type: ignore[union-attr]
-    peer = key_beside(edm.own, above=True)
-    edm.disc.put(remote("b", "198.51.100.20", 2, peer, nat="edm"))
-    await edm.until(lambda: edm.endpoint(peer) == AddrPort.parse("203.0.113.9:40100"))
+    peer = await _relayed_via_a(edm)
     edm.handshake(peer, rx=5000)
     await edm.run()
     await edm.run(2)  # relay-a went silent
