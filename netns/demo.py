@@ -397,6 +397,18 @@ def _peer_rows(demo: Demo, states: dict[str, dict[str, Any] | None]) -> dict[str
     return {n: {p["label"]: p for p in (states.get(n) or {}).get("peers", [])} for n in demo.order}
 
 
+def _pair(
+    peers: dict[str, dict[str, dict[str, Any]]], a: str, b: str
+) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """The two sides' status rows of a pair (empty when missing) and whether both report it up."""
+    pa, pb = peers[a].get(b) or {}, peers[b].get(a) or {}
+    return pa, pb, pa.get("state") == "up" and pb.get("state") == "up"
+
+
+def _pair_names(pairs: Sequence[tuple[str, str]]) -> str:
+    return ", ".join(f"{a} ↔ {b}" for a, b in pairs)
+
+
 def missed_punches(demo: Demo, states: dict[str, dict[str, Any] | None]) -> list[tuple[str, str]]:
     """Pairs up but relayed where nat.md §2 predicts a direct path: a punch that missed. Under load the
     side that published first can get the peer's intent back after the punch's start and send no
@@ -404,8 +416,7 @@ def missed_punches(demo: Demo, states: dict[str, dict[str, Any] | None]) -> list
     peers = _peer_rows(demo, states)
     missed = []
     for a, b in demo.pairs():
-        pa, pb = peers[a].get(b) or {}, peers[b].get(a) or {}
-        up = pa.get("state") == "up" and pb.get("state") == "up"
+        pa, pb, up = _pair(peers, a, b)
         if up and expected_path(demo, a, b)[0] == "direct" and "relay" in (pa.get("path"), pb.get("path")):
             missed.append((a, b))
     return missed
@@ -418,9 +429,8 @@ async def await_punch_retries(demo: Demo, states: dict[str, dict[str, Any] | Non
     if not missed:
         return
     limit = PUNCH_RETRY_INITIAL + PUNCH_WINDOW + PUNCH_RETRY_MARGIN
-    names = ", ".join(f"{a} ↔ {b}" for a, b in missed)
     say(
-        f"  relayed where a direct path is predicted: {names} (a punch missed its start under load); the "
+        f"  relayed where a direct path is predicted: {_pair_names(missed)} (a punch missed its start under load); the "
         f"agents retry direct {PUNCH_RETRY_INITIAL:g} s after the {PUNCH_WINDOW:g} s punch window: waiting up to {limit:.0f} s"
     )
     t0 = time.monotonic()
@@ -428,8 +438,10 @@ async def await_punch_retries(demo: Demo, states: dict[str, dict[str, Any] | Non
         await asyncio.sleep(1.0)
         missed = missed_punches(demo, await demo.statuses())
     took = time.monotonic() - t0
-    left = ", ".join(f"{a} ↔ {b}" for a, b in missed)
-    say(f"  after {took:.0f} s: " + (f"still relayed: {left}" if missed else "direct after the retry"))
+    say(
+        f"  after {took:.0f} s: "
+        + (f"still relayed: {_pair_names(missed)}" if missed else "direct after the retry")
+    )
 
 
 def show_traversal(demo: Demo, states: dict[str, dict[str, Any] | None]) -> int:
@@ -443,8 +455,7 @@ def show_traversal(demo: Demo, states: dict[str, dict[str, Any] | None]) -> int:
     pairs = demo.pairs()
     for a, b in pairs:
         want, reason = expected_path(demo, a, b)
-        pa, pb = peers[a].get(b) or {}, peers[b].get(a) or {}
-        up = pa.get("state") == "up" and pb.get("state") == "up"
+        pa, pb, up = _pair(peers, a, b)
         path_a, path_b = pa.get("path", "none"), pb.get("path", "none")
         got = path_a if path_a == path_b else f"{path_a}/{path_b}"
         ok = up and got == want
