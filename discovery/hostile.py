@@ -27,6 +27,7 @@ import struct
 from collections.abc import Iterable, Sequence
 
 from discovery.limits import AFFILIATE_DATA_MAX, ENDPOINT_MAX, ENDPOINTS_PER_AFFILIATE_MAX
+from spanutil.hostport import split_host_port
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 WATCH_PATH = "/sidero.discovery.server.Cluster/Watch"
@@ -88,8 +89,7 @@ def _pb_string(field: int, value: bytes) -> bytes:
 
 def split_addr(addr: str) -> tuple[str, int]:
     """``127.0.0.1:3000`` / ``[::1]:3000`` → (host, port)."""
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]"), int(port)
+    return split_host_port(addr)
 
 
 def _read_server_settings(sock: socket.socket, timeout: float) -> None:

@@ -39,6 +39,7 @@ from kubespan.perms import warn_permissions
 from kubespan.wireguard.types import AddrPort
 from kubespan.wiring import build_mesh
 from spanutil.durations import parse_duration
+from spanutil.hostport import split_host_port
 from spanutil.ipcodec import IPNetwork
 from spanutil.logs import log_event, setup
 from spanutil.minihttp import Request, Response, Server
@@ -90,18 +91,18 @@ def _addrport(text: str) -> AddrPort:
 
 
 def _hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        host, port = split_host_port(text, what="listen address", empty_host=True, port_zero=True)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return host or "0.0.0.0", port
 
 
 def _stun_server(text: str) -> tuple[str, int]:
-    host, sep, port = text.strip().rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (IPv6 as [IP]:PORT, port 1-65535)")
-    return host, int(port)
+    try:
+        return split_host_port(text, what="STUN server")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _port(text: str) -> int:

@@ -47,6 +47,7 @@ from cryptography import x509
 
 from machined import pki
 from machined.api.roles import parse_roles
+from spanutil.hostport import split_host_port
 from spanutil.logs import log_event
 
 log = logging.getLogger("tls")
@@ -400,12 +401,8 @@ class _Front(_Pipe):
 
 
 def split_target(target: str) -> tuple[str, int]:
-    """``host:port`` / ``[v6]:port`` → ``(host, port)``."""
-    if target.startswith("["):
-        host, _, rest = target[1:].partition("]")
-        return host, int(rest.lstrip(":"))
-    host, _, port = target.rpartition(":")
-    return host, int(port)
+    """``host:port`` / ``[v6]:port`` → ``(host, port)``; ValueError names a bad target."""
+    return split_host_port(target, what="target")
 
 
 _DIALERS: weakref.WeakValueDictionary[str, TlsDialer] = weakref.WeakValueDictionary()

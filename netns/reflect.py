@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from netns.errors import LabError
+from spanutil.hostport import split_host_port
 
 if TYPE_CHECKING:
     from netns.lab import Node
@@ -41,11 +42,7 @@ def format_addr(peer: tuple[str, int] | tuple[str, int, int, int]) -> str:
 
 def parse_addr(text: str) -> tuple[str, int]:
     """The inverse of :func:`format_addr`."""
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]:")
-    else:
-        host, _, port = text.rpartition(":")
-    return host, int(port)
+    return split_host_port(text, port_zero=True)
 
 
 def serve(sock: socket.socket, lifetime: float) -> None:

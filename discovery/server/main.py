@@ -48,6 +48,7 @@ from discovery.server.state import Registry
 from discovery.server.storage import LoadReport, Store
 from discovery.version import version_string
 from spanutil.durations import parse_duration
+from spanutil.hostport import split_listen
 from spanutil.ipcodec import IPNetwork
 from spanutil.logs import log_event, setup
 from spanutil.sizes import parse_size
@@ -104,17 +105,18 @@ GRPC_OPTIONS: list[tuple[str, Any]] = grpc_options()
 
 
 def listen_target(addr: str) -> str:
-    """``:3000`` → ``[::]:3000``; ``127.0.0.1:3000`` unchanged."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"invalid listen address {addr!r}: expected HOST:PORT or :PORT")
-    return f"[::]:{port}" if host in ("", "*") else addr
+    """``:3000`` → ``[::]:3000``; ``127.0.0.1:3000`` unchanged (ArgumentTypeError names a bad one)."""
+    try:
+        host, port = split_listen(addr)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return f"[::]:{port}" if host is None else addr.strip()
 
 
 def split_host_port(addr: str) -> tuple[str, int]:
-    host, _, port = listen_target(addr).rpartition(":")
-    host = host.strip("[]")
-    return ("::" if host in ("", "::") else host), int(port)
+    """A checked listen address as (host, port); every address is ``::``."""
+    host, port = split_listen(addr)
+    return host or "::", port
 
 
 def build_parser() -> argparse.ArgumentParser:

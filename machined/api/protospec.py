@@ -36,6 +36,7 @@ from spanapi.talos.resource.definitions.kubespan import kubespan_pb2
 from spanapi.talos.resource.definitions.network import network_pb2
 from spanapi.talos.resource.definitions.runtime import runtime_pb2
 from spanapi.talos.resource.definitions.v1alpha1 import v1alpha1_pb2
+from spanutil.hostport import split_host_port
 
 _FD = descriptor.FieldDescriptor
 
@@ -250,14 +251,8 @@ def _ip(value: Any) -> bytes:
 
 
 def _ip_port(value: Any) -> tuple[bytes, int]:
-    text = str(value)
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError("expected ADDRESS:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    host = host.split("%", 1)[0]
-    return ipaddress.ip_address(host).packed, int(port)
+    host, port = split_host_port(str(value), what="endpoint", port_zero=True)
+    return ipaddress.ip_address(host.split("%", 1)[0]).packed, port
 
 
 def _prefix(value: Any) -> tuple[bytes, int]:

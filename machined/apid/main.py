@@ -43,6 +43,7 @@ from machined.config import ConfigValidationError, MachineConfig
 from machined.config.documents import V1Alpha1
 from spanapi.talos.cosi import state_pb2, state_pb2_grpc
 from spanapi.talos.security import security_pb2_grpc
+from spanutil.hostport import split_listen
 from spanutil.logs import log_event, setup
 
 from . import trustd
@@ -128,16 +129,6 @@ def _positive_float(text: str) -> float:
 def listen_address(value: str) -> str:
     """``:50000`` → ``[::]:50000``; ``127.0.0.1:1`` and ``[::1]:1`` kept."""
     return f"[::]{value}" if value.startswith(":") else value
-
-
-def listen_host_port(value: str) -> tuple[str | None, int]:
-    """``:50000`` → ``(None, 50000)`` (every address, IPv4 and IPv6); ``127.0.0.1:1`` →
-    ``("127.0.0.1", 1)``; ``[::1]:1`` → ``("::1", 1)``. ValueError names a bad value."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"listen address {value!r} must be HOST:PORT, [IPv6]:PORT or :PORT")
-    host = host.strip("[]")
-    return (None if host in ("", "::") else host), int(port)
 
 
 def read_config(path: Path) -> V1Alpha1:
@@ -276,7 +267,7 @@ class Apid:
         await server.start()
         identity, sockdir = self.identity, self.sockdir
         try:
-            host, port = listen_host_port(listen)
+            host, port = split_listen(listen)
             term = tlsterm.TlsTerminator(
                 lambda: identity.server_context(sockdir, require_client=require_client),
                 backend,

@@ -26,6 +26,7 @@ from kubespan.constants import MTU
 from kubespan.wireguard.types import AddrPort
 from machined.config.errors import Problem
 from machined.config.reader import MISSING, Reader, Sink
+from spanutil.hostport import split_host_port
 from spanutil.ipcodec import IPNetwork
 
 log = logging.getLogger("machined.config")
@@ -467,11 +468,7 @@ def _endpoint_filter(text: str) -> str:
 
 
 def _hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.strip().rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError("not host:port")
-    return host, int(port)
+    return split_host_port(text)
 
 
 def _mac(text: str) -> bytes:

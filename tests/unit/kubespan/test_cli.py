@@ -55,7 +55,9 @@ def test_stun_servers_are_repeatable_host_port_pairs(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exit_info:
         cli.build_parser().parse_args([*REQUIRED, "--stun-server", "stun.example.net"])
     assert exit_info.value.code == 2
-    assert "is not HOST:PORT" in capsys.readouterr().err
+    assert "STUN server 'stun.example.net': no port (expected HOST:PORT or [IPv6]:PORT, port 1-65535)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_status_table_shows_the_nat_line_and_each_peers_class() -> None:

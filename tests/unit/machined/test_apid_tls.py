@@ -89,16 +89,3 @@ async def test_run_exits_2_on_a_ca_key_that_does_not_match(tmp_path, capsys):
 def test_listen_address():
     assert listen_address(":50000") == "[::]:50000"
     assert listen_address("127.0.0.1:1") == "127.0.0.1:1"
-
-
-def test_listen_host_port():
-    from machined.apid.main import listen_host_port
-
-    assert listen_host_port(":50000") == (None, 50000)  # every address, IPv4 and IPv6
-    assert listen_host_port("[::]:50000") == (None, 50000)
-    assert listen_host_port("0.0.0.0:1") == ("0.0.0.0", 1)
-    assert listen_host_port("127.0.0.1:0") == ("127.0.0.1", 0)
-    assert listen_host_port("[::1]:7") == ("::1", 7)
-    for bad in ("50000", "host:", "h:70000", "h:x"):
-        with pytest.raises(ValueError, match="listen address"):
-            listen_host_port(bad)
