@@ -169,7 +169,7 @@ def join_once(
         + ", ".join(f"{k} {ms[k]:.2f}" for k, _ in MILESTONES)
     )
     if res["join"] > STALL and keep_dir is not None:
-        slow = [mn for mn in existing if mn.name in (slow_peer, slow_new)]
+        slow = [mn for mn in existing if mn.name in (slow_peer, slow_new, slow_ping[1])]
         kept = keep_logs(keep_dir / f"{name}-{time.strftime('%H%M%S')}", [new, *slow])
         detail += f"; stalled: logs of {name} and {', '.join(mn.name for mn in slow) or '-'} kept in {kept}"
     return res, detail, new
