@@ -1,7 +1,7 @@
 # Two entry points that work on a fresh Debian machine as root:
 #   make demo   set everything up, then run the demo (the mesh across NATs, punched or relayed; 30-60 s)
 #   make test   set everything up, then run lint and the whole test suite (then the kernel lab)
-#   make test-kernel   the kernel-marked tests in a VM with Debian's kernel (QEMU TCG; <= 12 min)
+#   make test-kernel   the kernel-marked tests in a VM with Debian's kernel (QEMU TCG; <= 15 min)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -48,7 +48,7 @@ format: venv
 	$(VENV)/bin/ruff format .
 
 test: setup kernel-lab-deps lint
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs --durations=20 tests
 	$(PY) scripts/kernel_lab.py
 
 # The kernel-marked tests inside a VM running Debian's kernel (see scripts/kernel_lab.py); in CI (CI=true)
