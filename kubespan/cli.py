@@ -91,18 +91,12 @@ def _addrport(text: str) -> AddrPort:
 
 
 def _hostport(text: str) -> tuple[str, int]:
-    try:
-        host, port = split_host_port(text, what="listen address", empty_host=True, port_zero=True)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    host, port = split_host_port(text, what="listen address", empty_host=True, port_zero=True)
     return host or "0.0.0.0", port
 
 
 def _stun_server(text: str) -> tuple[str, int]:
-    try:
-        return split_host_port(text, what="STUN server")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return split_host_port(text, what="STUN server")
 
 
 def _port(text: str) -> int:

@@ -3,15 +3,27 @@
 ``host:port`` and ``[ipv6]:port``; where the caller allows it, an empty host (``:port``, every
 address). An unbracketed IPv6 address splits at its last colon (``::1:80`` is ``::1`` port 80), as
 the per-module parsers this one replaced did. The port is ASCII digits in 1-65535 (0 too where the
-caller allows an ephemeral port). Errors are ValueError naming what the value is for, the value and
-the rule it broke.
+caller allows an ephemeral port). Errors are :class:`HostPortError` naming what the value is for, the
+value and the rule it broke.
 """
 
 from __future__ import annotations
 
-__all__ = ["PORT_MAX", "split_host_port", "split_listen"]
+import argparse
+
+__all__ = ["PORT_MAX", "HostPortError", "split_host_port", "split_listen"]
 
 PORT_MAX = 65535
+
+
+class HostPortError(argparse.ArgumentTypeError, ValueError):
+    """Not HOST:PORT. A ``ValueError``; also an ``ArgumentTypeError``, so argparse shows the message
+    (a flag's ``type=`` needs no wrapper). ``reason`` is the broken rule alone, for callers that
+    name the field and the value themselves (configuration files)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def split_host_port(
@@ -22,8 +34,8 @@ def split_host_port(
     low = 0 if port_zero else 1
     form = "HOST:PORT or [IPv6]:PORT" + (" or :PORT" if empty_host else "")
 
-    def bad(why: str) -> ValueError:
-        return ValueError(f"{what} {text!r}: {why} (expected {form}, port {low}-{PORT_MAX})")
+    def bad(why: str) -> HostPortError:
+        return HostPortError(f"{what} {text!r}: {why} (expected {form}, port {low}-{PORT_MAX})", why)
 
     if value.startswith("["):
         host, closed, rest = value[1:].partition("]")

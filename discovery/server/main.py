@@ -105,16 +105,13 @@ GRPC_OPTIONS: list[tuple[str, Any]] = grpc_options()
 
 
 def listen_target(addr: str) -> str:
-    """``:3000`` → ``[::]:3000``; ``127.0.0.1:3000`` unchanged (ArgumentTypeError names a bad one)."""
-    try:
-        host, port = split_listen(addr)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    """``:3000`` → ``[::]:3000``; ``127.0.0.1:3000`` unchanged (HostPortError names a bad one)."""
+    host, port = split_listen(addr)
     return f"[::]:{port}" if host is None else addr.strip()
 
 
-def split_host_port(addr: str) -> tuple[str, int]:
-    """A checked listen address as (host, port); every address is ``::``."""
+def bind_host_port(addr: str) -> tuple[str, int]:
+    """A checked listen address as the (host, port) to bind; every address is ``::``."""
     host, port = split_listen(addr)
     return host or "::", port
 
@@ -743,7 +740,7 @@ class Daemon:
         app.add_routes(routes)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        host, port = split_host_port(addr)
+        host, port = bind_host_port(addr)
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
         self._runners.append(runner)
@@ -756,7 +753,7 @@ class Daemon:
         limiter = stun.RateTable(self.ns.stun_rate_limit, self.ns.stun_rate_burst)
         for i, addr in enumerate(self.ns.stun_addr):
             responder = stun.StunResponder(limiter)
-            host, port = split_host_port(addr)
+            host, port = bind_host_port(addr)
             try:
                 listener, bound = await stun.serve(host, port, responder)
             except OSError as e:

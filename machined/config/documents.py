@@ -26,7 +26,7 @@ from kubespan.constants import MTU
 from kubespan.wireguard.types import AddrPort
 from machined.config.errors import Problem
 from machined.config.reader import MISSING, Reader, Sink
-from spanutil.hostport import split_host_port
+from spanutil.hostport import HostPortError, split_host_port
 from spanutil.ipcodec import IPNetwork
 
 log = logging.getLogger("machined.config")
@@ -467,10 +467,6 @@ def _endpoint_filter(text: str) -> str:
     return str(EndpointFilter.parse(text))
 
 
-def _hostport(text: str) -> tuple[str, int]:
-    return split_host_port(text)
-
-
 def _mac(text: str) -> bytes:
     raw = text.replace(":", "").replace("-", "")
     if len(raw) != 12:
@@ -664,9 +660,12 @@ def read_agent(r: Reader) -> tuple[AgentSettings, dict[str, int | str]]:
             http = None
         else:
             try:
-                http = _hostport(http_text)
-            except ValueError:
-                r.fail("httpStatusAddr", f"must be HOST:PORT or empty (not served), got {http_text!r}")
+                http = split_host_port(http_text)
+            except HostPortError as e:
+                r.fail(
+                    "httpStatusAddr",
+                    f"must be HOST:PORT or empty (not served), got {http_text!r}: {e.reason}",
+                )
     socket_dir = r.string("wireguard.socketDir")
     if socket_dir is not None and not socket_dir.startswith("/"):
         r.fail("wireguard.socketDir", "must be an absolute path")
@@ -711,7 +710,7 @@ def read_agent(r: Reader) -> tuple[AgentSettings, dict[str, int | str]]:
         mac=mac,
         discovery_ca=Path(ca) if ca else None,
         stun_servers=r.items(
-            "mesh.stunServers", _hostport, "must be HOST:PORT (IPv6 as [IP]:PORT, port 1-65535)"
+            "mesh.stunServers", split_host_port, "must be HOST:PORT (IPv6 as [IP]:PORT, port 1-65535)"
         ),
         relay=bool(r.boolean("mesh.relay", False)),
         punch_retry_initial=retry_initial,
@@ -764,9 +763,9 @@ def _read_health(r: Reader) -> HealthCheck | None:
         return HealthCheck("exec", command=command, interval=interval, timeout=timeout, initial_delay=initial)
     if kind == "tcp":
         try:
-            address = _hostport(tcp or "")
-        except ValueError:
-            r.fail("healthCheck.tcp", f"must be HOST:PORT, got {tcp!r}")
+            address = split_host_port(tcp or "")
+        except HostPortError as e:
+            r.fail("healthCheck.tcp", f"must be HOST:PORT, got {tcp!r}: {e.reason}")
             return None
         return HealthCheck("tcp", address=address, interval=interval, timeout=timeout, initial_delay=initial)
     try:

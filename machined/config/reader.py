@@ -241,8 +241,12 @@ class Reader:
                 continue
             try:
                 out.append(parse(item))
-            except ValueError:
-                self.fail((*parts, i), f"{rule}, {self.show((*parts, i), item)}")
+            except ValueError as e:
+                # a parser that says which rule broke (``reason``, e.g. HostPortError) adds it
+                why = getattr(e, "reason", None)
+                self.fail(
+                    (*parts, i), f"{rule}, {self.show((*parts, i), item)}" + (f": {why}" if why else "")
+                )
         return tuple(out)
 
     def mapping(self, path: str) -> dict[str, Any] | None:

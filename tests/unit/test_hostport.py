@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
-from spanutil.hostport import split_host_port, split_listen
+from spanutil.hostport import HostPortError, split_host_port, split_listen
 
 
 @pytest.mark.parametrize(
@@ -43,6 +45,7 @@ def test_split_host_port_names_value_and_rule(text: str, why: str) -> None:
     msg = str(e.value)
     assert msg.startswith(f"--target {text!r}: ") and why in msg
     assert "port 1-65535" in msg
+    assert isinstance(e.value, HostPortError) and why in e.value.reason and text not in e.value.reason
 
 
 def test_options_widen_the_grammar() -> None:
@@ -62,3 +65,14 @@ def test_split_listen() -> None:
     for bad in ("50000", "host:", "h:70000", "h:x"):
         with pytest.raises(ValueError, match=r"^listen address"):
             split_listen(bad)
+
+
+def test_a_flag_type_needs_no_wrapper(capsys: pytest.CaptureFixture[str]) -> None:
+    """HostPortError is an ArgumentTypeError: argparse prints our message, not "invalid value"."""
+    p = argparse.ArgumentParser(prog="prog")
+    p.add_argument("--addr", type=split_listen)
+    assert p.parse_args(["--addr", ":7"]).addr == (None, 7)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--addr", "h:99999"])
+    err = capsys.readouterr().err
+    assert "argument --addr: listen address 'h:99999': port 99999 out of range" in err

@@ -314,11 +314,21 @@ CASES = [
         "must be HOST:PORT",
     ),
     (
+        _set("mesh", {"stunServers": ["stun.example.net:70000"]}, "AgentConfig"),
+        "AgentConfig.mesh.stunServers[0]",
+        "'stun.example.net:70000': port 70000 out of range",
+    ),
+    (
         _set("mesh", {"advertisedNetworks": ["10.1.0.0/16", 5]}, "AgentConfig"),
         "AgentConfig.mesh.advertisedNetworks[1]",
         "must be a CIDR",
     ),
     (_set("httpStatusAddr", "nohostport", "AgentConfig"), "AgentConfig.httpStatusAddr", "must be HOST:PORT"),
+    (
+        _set("httpStatusAddr", "127.0.0.1:http", "AgentConfig"),
+        "AgentConfig.httpStatusAddr",
+        "got '127.0.0.1:http': port 'http' is not a number",
+    ),
     (
         _set("stateDirectory", "/x", "AgentConfig"),
         "AgentConfig.stateDirectory",
@@ -379,7 +389,7 @@ CASES = [
     (
         _set("healthCheck", {"tcp": "no-port"}, "ServiceConfig", "app"),
         "ServiceConfig[app].healthCheck.tcp",
-        "must be HOST:PORT",
+        "must be HOST:PORT, got 'no-port': no port",
     ),
     (
         _set("healthCheck", {"exec": []}, "ServiceConfig", "app"),
