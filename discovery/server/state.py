@@ -305,6 +305,33 @@ class Registry:
             )
         return RegistryError(Code.INVALID_ARGUMENT, field, f"{n} bytes is not a multiple of 16")
 
+    # the errors of an update, shared by :meth:`_update_at` and :meth:`validate_update` (one text for
+    # both stores); built only on the rejecting path
+
+    def _data_error(self, n: int) -> RegistryError:
+        limit = self._limits.affiliate_data_max
+        return RegistryError(
+            Code.INVALID_ARGUMENT, "affiliate_data", f"{n} bytes exceeds the limit of {limit}"
+        )
+
+    def _ttl_error(self, ttl: float) -> RegistryError:
+        limit = self._limits.ttl_max
+        return RegistryError(Code.INVALID_ARGUMENT, "ttl", f"{ttl:g} s exceeds the limit of {limit:g} s")
+
+    def _cluster_full_error(self, size: int) -> RegistryError:
+        limit = self._limits.affiliates_per_cluster_max
+        return RegistryError(
+            Code.RESOURCE_EXHAUSTED,
+            "affiliates",
+            f"the cluster already holds {size} affiliates, the limit is {limit}",
+        )
+
+    def _endpoints_full_error(self, n: int) -> RegistryError:
+        limit = self._limits.endpoints_per_affiliate_max
+        return RegistryError(
+            Code.RESOURCE_EXHAUSTED, "affiliate_endpoints", f"{n} endpoints exceeds the limit of {limit}"
+        )
+
     # ------------------------------------------------------------------ mutations
 
     def update(
@@ -349,15 +376,9 @@ class Registry:
         if not (affiliate_id.isascii() and 0 < len(affiliate_id) <= lim.affiliate_id_max):
             self._check_id(affiliate_id, "affiliate_id", lim.affiliate_id_max)
         if data and len(data) > lim.affiliate_data_max:
-            raise RegistryError(
-                Code.INVALID_ARGUMENT,
-                "affiliate_data",
-                f"{len(data)} bytes exceeds the limit of {lim.affiliate_data_max}",
-            )
+            raise self._data_error(len(data))
         if not ttl <= lim.ttl_max:  # also rejects NaN
-            raise RegistryError(
-                Code.INVALID_ARGUMENT, "ttl", f"{ttl:g} s exceeds the limit of {lim.ttl_max:g} s"
-            )
+            raise self._ttl_error(ttl)
         if ttl < 0:
             ttl = 0.0
         cluster = self._clusters.get(cluster_id)
@@ -372,23 +393,14 @@ class Registry:
             if stored is None or ep not in stored:
                 fresh += 1
         if aff is None and cluster is not None and len(cluster.affiliates) >= lim.affiliates_per_cluster_max:
-            raise RegistryError(
-                Code.RESOURCE_EXHAUSTED,
-                "affiliates",
-                f"the cluster already holds {len(cluster.affiliates)} affiliates, "
-                f"the limit is {lim.affiliates_per_cluster_max}",
-            )
+            raise self._cluster_full_error(len(cluster.affiliates))
         if fresh:
             have = len(stored) if stored is not None else 0
             if have + fresh > lim.endpoints_per_affiliate_max:
                 # Duplicates inside the request count once: compute exactly (rare path).
                 fresh = len({ep for ep in endpoints if stored is None or ep not in stored})
                 if have + fresh > lim.endpoints_per_affiliate_max:
-                    raise RegistryError(
-                        Code.RESOURCE_EXHAUSTED,
-                        "affiliate_endpoints",
-                        f"{have + fresh} endpoints exceeds the limit of {lim.endpoints_per_affiliate_max}",
-                    )
+                    raise self._endpoints_full_error(have + fresh)
         # --- journal (may raise: still nothing changed), then apply (cannot fail).
         if journal is not None:
             journal.record_update(cluster_id, affiliate_id, data, endpoints, raw_ttl)
@@ -443,15 +455,9 @@ class Registry:
         self._check_id(cluster_id, "cluster_id", lim.cluster_id_max)
         self._check_id(affiliate_id, "affiliate_id", lim.affiliate_id_max)
         if data and len(data) > lim.affiliate_data_max:
-            raise RegistryError(
-                Code.INVALID_ARGUMENT,
-                "affiliate_data",
-                f"{len(data)} bytes exceeds the limit of {lim.affiliate_data_max}",
-            )
+            raise self._data_error(len(data))
         if not ttl <= lim.ttl_max:
-            raise RegistryError(
-                Code.INVALID_ARGUMENT, "ttl", f"{ttl:g} s exceeds the limit of {lim.ttl_max:g} s"
-            )
+            raise self._ttl_error(ttl)
         have = frozenset(stored) if stored is not None else frozenset()
         emax = lim.endpoint_max
         fresh: set[bytes] = set()
@@ -464,18 +470,9 @@ class Registry:
         if cluster_size is None:
             return
         if stored is None and cluster_size >= lim.affiliates_per_cluster_max:
-            raise RegistryError(
-                Code.RESOURCE_EXHAUSTED,
-                "affiliates",
-                f"the cluster already holds {cluster_size} affiliates, "
-                f"the limit is {lim.affiliates_per_cluster_max}",
-            )
+            raise self._cluster_full_error(cluster_size)
         if len(have) + len(fresh) > lim.endpoints_per_affiliate_max:
-            raise RegistryError(
-                Code.RESOURCE_EXHAUSTED,
-                "affiliate_endpoints",
-                f"{len(have) + len(fresh)} endpoints exceeds the limit of {lim.endpoints_per_affiliate_max}",
-            )
+            raise self._endpoints_full_error(len(have) + len(fresh))
 
     def drop_endpoints(self, cluster_id: str, affiliate_id: str, endpoints: Iterable[bytes]) -> bool:
         """Remove these endpoints of one affiliate (a store told us they expired); True (and watchers
