@@ -14,7 +14,10 @@ wireguard-go, the engine's start), first Hello answered, first Watch snapshot, f
 handshake), every peer up. Also printed: RSS per agent and per wireguard-go (from /proc), the agents',
 wireguard-go's and the registry's CPU time (one registry serves every agent). For information,
 afterwards (so it cannot change the figure) an ICMPv6 echo over the mesh addresses is sent for every
-ordered pair (2 Hz until its first reply). Targets: <= 5 s at N = 20, <= 10 s at N = 50 (the worst
+ordered pair (2 Hz until its first reply); a pair without a reply 10 s after the full mesh is printed
+with both sides' /status view of each other and when it answered, and its logs are kept in
+``--keep-dir`` (with ``--wg-debug``, wireguard-go's debug log: how the one-way first sessions of
+nat-traversal.md were traced). Targets: <= 5 s at N = 20, <= 10 s at N = 50 (the worst
 round counts). On this 2-core machine the N agents' Python start-ups share two cores: that, not the
 mesh, is most of the figure (see the breakdown).
 """
@@ -25,10 +28,13 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 from _meshlab import (
     MILESTONES,
+    WG_DEBUG_ENV,
     LanMesh,
+    Pair,
     Pinger,
     UpWatch,
     agent_events,
@@ -37,6 +43,7 @@ from _meshlab import (
     discovery_pid,
     full_mesh,
     host_load,
+    keep_logs,
     median,
     milestones,
     rss_mib,
@@ -54,10 +61,51 @@ NAME = "mesh_cold_start"
 TARGETS = {20: 5.0, 50: 10.0}  # N -> seconds
 
 
-def one_round(n: int, timeout: float) -> dict[str, float]:
+PEER_FIELDS = ("state", "endpoint", "path", "last_handshake", "rx_bytes", "tx_bytes", "allowed_ips")
+
+
+def report_late(
+    late: list[Pair], by_name: dict[str, MeshNode], pinger: Pinger, t1: float, keep_dir: Path | None
+) -> None:
+    """Pairs without an echo reply 10 s after the full mesh: both sides' view of each other (from
+    /status, now), then how long each took to answer (the pinger goes on to its 30 s bound); with
+    ``keep_dir``, both sides' agent and wireguard-go logs are kept there."""
+    wall = time.time()
+    print(f"    {len(late)} ordered pair(s) without an echo reply after 10 s; both sides now:", flush=True)
+    shown_pairs: set[frozenset[str]] = set()
+    for pair in late[:6]:
+        a, b = pair.key
+        if frozenset(pair.key) in shown_pairs:
+            print(f"      echo {a} -> {b}: {len(pair.sent)} sent, {pair.send_errors} send errors", flush=True)
+            continue
+        shown_pairs.add(frozenset(pair.key))
+        for src, dst in ((a, b), (b, a)):
+            view = (safe_peers(by_name[src]) or {}).get(dst) or {}
+            shown = {k: view.get(k) for k in PEER_FIELDS}
+            if shown["last_handshake"]:
+                shown["last_handshake"] = f"{wall - shown['last_handshake']:.1f} s ago"
+            print(f"      {src} -> {dst}: {shown}", flush=True)
+        print(f"      echo {a} -> {b}: {len(pair.sent)} sent, {pair.send_errors} send errors", flush=True)
+    end = t1 + 29
+    while time.monotonic() < end and any(p.first_reply() is None for p in late):
+        time.sleep(0.2)
+    for pair in late[:6]:
+        first = pair.first_reply()
+        after = f"{first - t1:.1f} s" if first is not None else "none within 29 s"
+        print(f"      echo {pair.key[0]} -> {pair.key[1]}: first reply {after}", flush=True)
+    if keep_dir is not None:
+        names = dict.fromkeys(name for pair in late[:6] for name in pair.key)
+        kept = keep_logs(keep_dir / time.strftime("%H%M%S"), [by_name[x] for x in names])
+        print(f"      their logs: {kept}", flush=True)
+
+
+def one_round(
+    n: int, timeout: float, wg_debug: bool = False, keep_dir: Path | None = None
+) -> dict[str, float]:
     with Lab() as lab:
         try:
             mesh = LanMesh.create(lab)
+            mesh.env = dict(WG_DEBUG_ENV) if wg_debug else None
             nodes = [mesh.add_node(f"n{i}") for i in range(1, n + 1)]
             disc = discovery_pid(mesh)
             reg0 = cpu_seconds([disc] if disc else [])
@@ -107,6 +155,9 @@ def one_round(n: int, timeout: float) -> dict[str, float]:
                     ):
                         time.sleep(0.1)
                     firsts = [p.first_reply() for p in pinger.pairs.values()]
+                    late = [p for p in pinger.pairs.values() if p.first_reply() is None]
+                    if late:
+                        report_late(late, {mn.name: mn for mn in agents}, pinger, t1, keep_dir)
                 ping_ok = sum(f is not None for f in firsts)
                 if ping_ok == len(firsts):
                     ping_after = max(f for f in firsts if f is not None) - t1
@@ -148,6 +199,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=120)
     ap.add_argument("--quick", action="store_true", help="one round")
+    ap.add_argument(
+        "--wg-debug", action="store_true", help="wireguard-go at LOG_LEVEL=debug (kept for late echoes)"
+    )
+    ap.add_argument(
+        "--keep-dir",
+        type=Path,
+        default=Path("/tmp/mesh_cold_start-late"),
+        help="pairs that do not echo within 10 s of the full mesh keep both sides' logs here",
+    )
     ns = ap.parse_args()
     if skip_unless_root(NAME):
         return 0
@@ -158,7 +218,7 @@ def main() -> int:
     for n in sizes:
         results[n] = []
         for r in range(rounds):
-            res = one_round(n, ns.timeout)
+            res = one_round(n, ns.timeout, ns.wg_debug, ns.keep_dir)
             results[n].append(res)
             print(
                 f"  N={n} round {r + 1}: full mesh {res['mesh']:.2f} s (confirmed by /status at {res['confirmed']:.2f} s; "

@@ -640,13 +640,16 @@ class Mesh:
                 if spec.mesh_address is not None:
                     probes.append((spec.public_key, spec.mesh_address))
             else:
-                act = self._first_contact(peer, now, have, wall, route)
+                act = self._first_contact(peer, now, have, wall, route, spec.public_key in answered)
                 if act is Action.HOLD:
                     peers.append(peer.config_for(None, 0, self.psk))
                     continue
+                if act is Action.PROBE and spec.mesh_address is not None:
+                    probes.append((spec.public_key, spec.mesh_address))
                 if act is Action.RECREATE and have is not None:
                     self._fresh_sessions.append(spec.public_key)
-                    log_event(log, "peer re-created for a first initiation", peer=peer.label)
+                    why = peer.first.why if peer.first is not None else ""
+                    log_event(log, "peer re-created for a first initiation", peer=peer.label, why=why)
                 if changed is None or have is None or act is Action.RECREATE:
                     state = peer.machine.state
                     key = spec.public_key
@@ -672,10 +675,17 @@ class Mesh:
     # -- first contact -----------------------------------------------------------------------------
 
     def _first_contact(
-        self, peer: PeerRuntime, now: float, have: ObservedPeer | None, wall: float, route: Route | None
+        self,
+        peer: PeerRuntime,
+        now: float,
+        have: ObservedPeer | None,
+        wall: float,
+        route: Route | None,
+        heard: bool,
     ) -> Action:
         """A new peer's first-contact step (:mod:`kubespan.firstcontact`); GO once it is done. A
-        punch-gated peer has none: its punch decides who sends what when."""
+        punch-gated peer has none: its punch decides who sends what when. ``heard``: a probe to
+        the peer was answered in this pass (what confirms a session, when the peer can be probed)."""
         first = peer.first
         if first is None or first.done:
             return Action.GO
@@ -683,7 +693,13 @@ class Mesh:
             self._end_first_contact(peer)
             return Action.GO
         session = have is not None and _has_session(have, wall)
-        act = first.step(now, session, answered=have is not None and not session and have.rx_bytes > 0)
+        probed = self.prober.enabled and peer.spec.mesh_address is not None
+        act = first.step(
+            now,
+            session,
+            answered=have is not None and not session and have.rx_bytes > 0,
+            heard=heard if probed else None,
+        )
         if first.done:
             self._joining.discard(peer.spec.public_key)
         return act

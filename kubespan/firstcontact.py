@@ -38,6 +38,22 @@ one, the hold ends by setting endpoint and keepalive without re-creating (``recr
 earlier run that re-created there lost such a race once and relayed after 30 s); the peer, the
 initiating side, re-creates after ``retry`` if its first initiation was lost.
 
+The same holds after the hold's end: a re-created peer that has answered the peer's initiation (its
+rx bytes grew, no session) is not re-created again before ``recheck`` after the answer. Re-creating
+it would drop the keys of the answered handshake while the peer completes it with our response and
+goes on sending with them: seen in 50-node cold starts, where the peer then took the keys of its own
+initiation as current and ours only as previous, and our side heard nothing for 15 s (until
+WireGuard's "stopped hearing back" retry) while both reported the pair up.
+
+One-way sessions: a session we made as initiator proves only that our initiation reached the peer;
+the peer may still send with keys of an earlier handshake that a re-creation dropped on our side (a
+race of one pass under load). So a session ends the first contact only once a probe through it is
+answered (the reply comes with the keys the peer sends with): the step asks for a probe when it
+first sees the session, and again ``confirm``/2 later; no answer within ``confirm``, and the peer is
+re-created once (its new initiation makes the peer take the new keys). A peer that cannot be probed
+(no mesh address, no raw socket: ``heard`` None) is done at its session, as before; one that never
+answers probes costs one re-creation.
+
 Pure: the engine gives times and what it observed, and does what the step says.
 """
 
@@ -60,6 +76,8 @@ class FirstContactTimings:
     # more (the initiations crossed). After a hold-end re-creation that did not cross, the session
     # came within 0.24 s in 4 traced 20-node cold starts (543 pairs, 2 cores)
     recheck: float = 0.5
+    # a session must carry a probe's answer within this long, else the peer is re-created once
+    confirm: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.hold < self.retry:
@@ -68,6 +86,8 @@ class FirstContactTimings:
             raise ValueError(f"check: {self.check} must be > 0")
         if not 0 < self.recheck <= self.retry:
             raise ValueError(f"need 0 < recheck <= retry, not recheck={self.recheck} and retry={self.retry}")
+        if not self.confirm > 0:
+            raise ValueError(f"confirm: {self.confirm} must be > 0")
 
 
 def waits(own: PublicKey, own_class: str, peer: PublicKey, peer_class: str) -> bool:
@@ -82,13 +102,28 @@ class Action(enum.Enum):
     HOLD = "hold"  # configure no endpoint, no keepalive, no probes: the peer initiates
     GO = "go"  # the endpoint machine decides, as for any peer
     RECREATE = "recreate"  # re-create the peer (a new initiation at once), then as GO
+    PROBE = "probe"  # as GO, and probe the peer: its answer confirms the session
 
 
 class FirstContact:
-    """One new peer's first contact, from when it was added (``since``) until it has a session or
-    its one re-creation is done."""
+    """One new peer's first contact, from when it was added (``since``) until a session that carried
+    a probe's answer, or until its re-creations are spent."""
 
-    __slots__ = ("answered", "checked", "done", "held", "recreate", "since", "t", "waiting")
+    __slots__ = (
+        "answered",
+        "checked",
+        "confirming",
+        "done",
+        "held",
+        "last",
+        "probed",
+        "reconfirmed",
+        "recreate",
+        "since",
+        "t",
+        "waiting",
+        "why",
+    )
 
     def __init__(
         self, since: float, waiting: bool, timings: FirstContactTimings | None = None, recreate: bool = True
@@ -99,39 +134,52 @@ class FirstContact:
         self.recreate = recreate  # False: the hold ends in GO (the peer is behind NAT)
         self.done = False
         self.held = False  # our hold ended in a re-creation: the next one comes ``recheck`` after it
+        self.last = False  # the last re-creation is made: no session ``retry`` after it ends the contact
         self.answered: float | None = None  # when, holding, we first saw the peer's initiation answered
+        self.confirming: float | None = None  # when a session was first seen without a probe's answer
+        self.probed = since  # the last probe this contact asked for
+        self.reconfirmed = False  # the re-creation for an unconfirmed session is spent
         self.checked = since  # the last step's time
+        self.why = ""  # why the last re-creation (for the log)
 
     def due(self) -> float | None:
         """When the next step is due (None: nothing more): the next look for the peer's session,
-        or the hold's end or the initiator's re-creation when sooner."""
+        or the hold's end, a re-creation or a confirmation's deadline when sooner."""
         if self.done:
             return None
+        if self.confirming is not None:
+            return min(self.confirming + self.t.confirm, self.checked + self.t.check)
         return min(self.since + self._wait(), self.checked + self.t.check)
 
     def _wait(self) -> float:
-        if self.waiting:
+        if self.waiting or self.held:
+            base = self.t.hold if self.waiting else self.t.recheck
             if self.answered is None:
-                return self.t.hold
-            return max(self.t.hold, self.answered + self.t.recheck - self.since)
-        return self.t.recheck if self.held else self.t.retry
+                return base
+            return max(base, self.answered + self.t.recheck - self.since)
+        return self.t.retry
 
-    def step(self, now: float, session: bool, answered: bool = False) -> Action:
+    def step(self, now: float, session: bool, answered: bool = False, heard: bool | None = None) -> Action:
         """What to do with the peer in this pass; ``session``: WireGuard has a live session with it
         (observed in this pass); ``answered``: no session yet, but the peer's initiation reached us
         and WireGuard answered it (wireguard-go counts a received initiation in the peer's rx bytes;
-        a held peer receives nothing else): its confirmation is on the way, so the hold goes on up
-        to ``recheck`` after that rather than ending in our own initiation, which would cross it."""
+        a held peer receives nothing else): its confirmation is on the way, so the hold (or the wait
+        after its end) goes on up to ``recheck`` after that rather than ending in our own
+        initiation, which would cross it; ``heard``: a probe to the peer was answered since the last
+        step (None: the peer cannot be probed, a session is enough)."""
         self.checked = max(self.checked, now)
         if self.done:
             return Action.GO
         if session:
-            self.done = True
-            return Action.GO
-        if answered and self.waiting and self.answered is None:
+            return self._confirm(now, heard)
+        self.confirming = None
+        if answered and (self.waiting or self.held) and self.answered is None:
             self.answered = now
         if now < self.since + self._wait():
             return Action.HOLD if self.waiting else Action.GO
+        if self.last:
+            self.done = True  # no session after the last re-creation: the endpoint machine goes on
+            return Action.GO
         # the hold ended without the peer's initiation (ours, at once, from a peer WireGuard has not
         # tried to initiate to: see the module docstring), or the initiator's retry: once
         if self.waiting and self.recreate:
@@ -139,9 +187,41 @@ class FirstContact:
             # of us about a hold later) and both would wait REKEY_TIMEOUT; without a session
             # ``recheck`` after this re-creation, one more re-creation breaks the tie (before the
             # peer's own retry, ``retry`` after its add)
-            self.waiting = False
-            self.held = True
-            self.since = now
+            self._restart(now, held=True, why="the hold ended without the peer's initiation")
             return Action.RECREATE
-        self.done = True
-        return Action.RECREATE if self.recreate or not self.waiting else Action.GO
+        if self.waiting:
+            self.done = True
+            return Action.GO
+        self._restart(now, held=False, why="no session")
+        self.last = True
+        return Action.RECREATE
+
+    def _confirm(self, now: float, heard: bool | None) -> Action:
+        if heard is None or heard:
+            self.done = True
+            return Action.GO
+        if self.confirming is None:
+            self.confirming = self.probed = now
+            return Action.PROBE
+        if now < self.confirming + self.t.confirm:
+            if now >= self.probed + self.t.confirm / 2:
+                self.probed = now
+                return Action.PROBE
+            return Action.GO
+        # no answer through the session: the peer may send with keys a re-creation dropped here
+        if self.reconfirmed or not self.recreate:
+            self.done = True
+            return Action.GO
+        self.reconfirmed = True
+        self._restart(now, held=False, why="no probe answered through the session")
+        self.last = True
+        return Action.RECREATE
+
+    def _restart(self, now: float, *, held: bool, why: str) -> None:
+        """A re-creation: a new WireGuard peer (new counters, no handshake) from ``now``."""
+        self.why = why
+        self.waiting = False
+        self.held = held
+        self.since = now
+        self.answered = None
+        self.confirming = None

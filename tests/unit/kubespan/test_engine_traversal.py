@@ -146,7 +146,10 @@ class Rig:
         return next(p for p in self.m.status().peers if p.public_key == key.b64)
 
     def handshake(self, key: PublicKey, rx: int = 148) -> None:
+        """A session on a working path: a probe through it is answered too (first contact's
+        confirmation, kubespan.firstcontact)."""
         self.wg.traffic(key, rx=rx, tx=rx, handshake=True)
+        self.m.prober.answer(key)
 
     def allocations_to(self, relay: PublicKey) -> list[PublicKey]:
         """The peers of the allocations requested on ``relay`` (by its mesh address)."""
