@@ -241,7 +241,9 @@ class Mesh:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, loop: bool = True) -> None:
+        """Load the identity, open the device and start the pass loop (``loop`` False: the caller
+        runs :meth:`reconcile` itself, as benchmarks do; the netlink watch runs either way)."""
         self.opts.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.node_id = load_node_id(self.opts.state_dir)
         mac = self.opts.mac or pick_mac(await self.host.links())
@@ -274,7 +276,8 @@ class Mesh:
                 timings=self.opts.punch_timings,
                 failover_after=self.opts.relay_failover,
             )
-        self._tasks.append(asyncio.create_task(self._run(), name="mesh-loop"))
+        if loop:
+            self._tasks.append(asyncio.create_task(self._run(), name="mesh-loop"))
         if isinstance(self.links, LinkWatcher):
             self._tasks.append(asyncio.create_task(self._watch_netlink(self.links), name="mesh-netlink"))
 
@@ -310,6 +313,11 @@ class Mesh:
                 closing.push_async_callback(self.links.close)
             await self.backend.close(remove=cleanup)
         log_event(log, "mesh stopped", cleanup=cleanup)
+
+    @property
+    def joining(self) -> int:
+        """Peers whose first contact is not over (:mod:`kubespan.firstcontact`)."""
+        return len(self._joining)
 
     def wake(self, dataplane: bool = False) -> None:
         if dataplane:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -962,3 +963,21 @@ async def test_a_hold_for_a_peer_behind_nat_ends_without_recreation(rig_first: R
         assert wg.device.peers[k1].endpoint == AddrPort.parse("10.5.0.2:51820")
         assert wg.device.peers[k1].persistent_keepalive == m.cfg.persistent_keepalive
         assert (k1, mesh1) in m.prober.probes
+
+
+async def test_start_without_the_loop_leaves_the_passes_to_the_caller(rig_first: Rig) -> None:
+    """``start(loop=False)`` (benchmarks drive the passes): no pass runs unless called; ``joining``
+    counts the peers whose first contact is not over."""
+    m = rig_first.m
+    await m.start(loop=False)
+    try:
+        assert all(t.get_name() != "mesh-loop" for t in m._tasks)
+        k1, _ = await added_peer(rig_first, m, higher=True)
+        assert m.joining == 1
+        passes = m.passes
+        await asyncio.sleep(0.05)
+        assert m.passes == passes, "nothing runs a pass but the caller"
+        await rig_first.bring_up(k1)
+        assert m.joining == 0
+    finally:
+        await m.stop()
