@@ -14,6 +14,7 @@ Everything runs inside namespaces a :class:`netns.lab.Lab` created; the lab remo
 
 from __future__ import annotations
 
+import argparse
 import calendar
 import compileall
 import contextlib
@@ -571,6 +572,20 @@ WG_DEBUG_ENV = {"KUBESPAN_WIREGUARD_LOG_LEVEL": "debug"}  # kubespan.wiring.WG_L
 def wg_log(mn: MeshNode) -> Path:
     """wireguard-go's log of the node (debug lines only with :data:`WG_DEBUG_ENV`)."""
     return mn.node.run_dir / "wireguard" / "kubespan.log"
+
+
+def add_log_flags(ap: argparse.ArgumentParser, keep_dir: str, kept_when: str) -> None:
+    """``--wg-debug`` (wireguard-go's debug log) and ``--keep-dir`` (where the logs of a round that
+    went wrong are kept: ``kept_when`` says which)."""
+    ap.add_argument(
+        "--wg-debug", action="store_true", help=f"wireguard-go at LOG_LEVEL=debug (kept {kept_when})"
+    )
+    ap.add_argument(
+        "--keep-dir",
+        type=Path,
+        default=Path(keep_dir),
+        help=f"the agent and wireguard-go logs of both sides are kept here {kept_when}",
+    )
 
 
 def keep_logs(dest: Path, nodes: Iterable[MeshNode]) -> Path:

@@ -37,6 +37,7 @@ from _meshlab import (
     Pair,
     Pinger,
     UpWatch,
+    add_log_flags,
     agent_events,
     agent_proc,
     cpu_seconds,
@@ -199,15 +200,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=120)
     ap.add_argument("--quick", action="store_true", help="one round")
-    ap.add_argument(
-        "--wg-debug", action="store_true", help="wireguard-go at LOG_LEVEL=debug (kept for late echoes)"
-    )
-    ap.add_argument(
-        "--keep-dir",
-        type=Path,
-        default=Path("/tmp/mesh_cold_start-late"),
-        help="pairs that do not echo within 10 s of the full mesh keep both sides' logs here",
-    )
+    add_log_flags(ap, "/tmp/mesh_cold_start-late", "for pairs that do not echo within 10 s of the full mesh")
     ns = ap.parse_args()
     if skip_unless_root(NAME):
         return 0

@@ -46,6 +46,7 @@ from _meshlab import (
     LanMesh,
     Pinger,
     UpWatch,
+    add_log_flags,
     agent_events,
     agent_proc,
     cpu_seconds,
@@ -234,15 +235,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=60, help="give up on one join after this many seconds")
     ap.add_argument("--settle", type=float, default=5, help="quiet seconds before each join")
     ap.add_argument("--quick", action="store_true", help="one join per N")
-    ap.add_argument(
-        "--wg-debug", action="store_true", help="wireguard-go at LOG_LEVEL=debug (kept for a stalled join)"
-    )
-    ap.add_argument(
-        "--keep-dir",
-        type=Path,
-        default=Path("/tmp/mesh_join-stalls"),
-        help=f"a join slower than {STALL:g} s keeps the agent and wireguard-go logs of both sides here",
-    )
+    add_log_flags(ap, "/tmp/mesh_join-stalls", f"for a join slower than {STALL:g} s")
     ns = ap.parse_args()
     if skip_unless_root(NAME):
         return 0
