@@ -11,9 +11,7 @@ wireguard-go instances with the same interface name can coexist on one host.
 ``with Lab() as lab:`` and ``async with Lab() as lab:`` both work; the async form
 adds supervised processes (``await node.spawn(...)``). Every process log is
 kept for ``lab.report()``, and a lab left by an exception attaches that report
-to the exception as a note. Inside ``with``/``async with``, SIGTERM (``timeout``,
-a CI job's end) acts as Ctrl-C when nothing else handles it: the lab's cleanup runs
-instead of the process dying with its namespaces left for the next lab.
+to the exception as a note.
 
 Needs root and iproute2 (nftables for routers and impairments). Traffic stays
 inside the namespaces the lab created.
@@ -124,43 +122,6 @@ def cleanup_stale(prefix: str = PREFIX) -> list[str]:
             if m and entry.is_dir() and not _pid_alive(int(m.group(1))):
                 shutil.rmtree(entry, ignore_errors=True)
     return removed
-
-
-class _SigtermAsInterrupt:
-    """SIGTERM raises KeyboardInterrupt while at least one lab is open, in the main thread, when
-    the process left SIGTERM at its default (killed at once, with no cleanup). A handler someone
-    installed (the demo's event loop) is left alone; the default comes back with the last lab."""
-
-    def __init__(self) -> None:
-        self.labs = 0
-        self.installed = False
-
-    def _raise(self, signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}: cleaning up the lab")
-
-    def acquire(self) -> None:
-        self.labs += 1
-        if (
-            self.labs == 1
-            and threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-        ):
-            signal.signal(signal.SIGTERM, self._raise)
-            self.installed = True
-
-    def release(self) -> None:
-        self.labs = max(0, self.labs - 1)
-        if self.labs or not self.installed:
-            return
-        self.installed = False
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) == self._raise
-        ):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-_sigterm = _SigtermAsInterrupt()
 
 
 def _kill_netns_pids(ns: str) -> None:
@@ -853,27 +814,19 @@ class Lab:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Self:
-        _sigterm.acquire()
         return self
 
     def __exit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        try:
-            self._note(e)
-            self.close()
-        finally:
-            _sigterm.release()
+        self._note(e)
+        self.close()
 
     async def __aenter__(self) -> Self:
-        _sigterm.acquire()
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        try:
-            self._note(e)
-            await self.aclose()
-        finally:
-            _sigterm.release()
+        self._note(e)
+        await self.aclose()
