@@ -11,7 +11,9 @@ wireguard-go instances with the same interface name can coexist on one host.
 ``with Lab() as lab:`` and ``async with Lab() as lab:`` both work; the async form
 adds supervised processes (``await node.spawn(...)``). Every process log is
 kept for ``lab.report()``, and a lab left by an exception attaches that report
-to the exception as a note.
+to the exception as a note. Inside ``with``/``async with``, SIGTERM (``timeout``,
+a CI job's end) acts as Ctrl-C when nothing else handles it: the lab's cleanup runs
+instead of the process dying with its namespaces left for the next lab.
 
 Needs root and iproute2 (nftables for routers and impairments). Traffic stays
 inside the namespaces the lab created.
@@ -122,6 +124,53 @@ def cleanup_stale(prefix: str = PREFIX) -> list[str]:
             if m and entry.is_dir() and not _pid_alive(int(m.group(1))):
                 shutil.rmtree(entry, ignore_errors=True)
     return removed
+
+
+class _SigtermAsInterrupt:
+    """SIGTERM raises KeyboardInterrupt while at least one lab is open, in the main thread, when
+    the process left SIGTERM at its default (killed at once, with no cleanup). A handler someone
+    installed (the demo's event loop) is left alone; the default comes back with the last lab."""
+
+    def __init__(self) -> None:
+        self.labs = 0
+        self.installed = False
+
+    def _raise(self, signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}: cleaning up the lab")
+
+    def acquire(self) -> None:
+        self.labs += 1
+        if (
+            self.labs == 1
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        ):
+            signal.signal(signal.SIGTERM, self._raise)
+            self.installed = True
+
+    def release(self) -> None:
+        self.labs = max(0, self.labs - 1)
+        if self.labs or not self.installed:
+            return
+        self.installed = False
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == self._raise
+        ):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def forked(self) -> None:
+        """In a child forked without exec (pyroute2's netns helpers): SIGTERM kills it again.
+        With the handler inherited, such a child unwinds Python code instead of dying, and the
+        parent's asyncio subprocess waits were seen to stall until their timeout."""
+        if self.installed:
+            self.labs, self.installed = 0, False
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_sigterm = _SigtermAsInterrupt()
+os.register_at_fork(after_in_child=_sigterm.forked)
 
 
 def _kill_netns_pids(ns: str) -> None:
@@ -814,19 +863,27 @@ class Lab:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Self:
+        _sigterm.acquire()
         return self
 
     def __exit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._note(e)
-        self.close()
+        try:
+            self._note(e)
+            self.close()
+        finally:
+            _sigterm.release()
 
     async def __aenter__(self) -> Self:
+        _sigterm.acquire()
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._note(e)
-        await self.aclose()
+        try:
+            self._note(e)
+            await self.aclose()
+        finally:
+            _sigterm.release()

@@ -113,6 +113,90 @@ time.sleep(60)
     assert _gone(info["pid"])
 
 
+SIGTERM_OWNER = """
+import asyncio, json, signal, sys, time
+from netns.lab import Lab
+
+async def main():
+    async with Lab() as lab:
+        a = lab.node("a")
+        p = await a.spawn("sleep", "300")
+        print(json.dumps({"ns": a.ns, "dir": str(lab.dir), "pid": p.pid}), flush=True)
+        await asyncio.sleep(60)
+
+if sys.argv[1] == "async":
+    asyncio.run(main())
+else:
+    with Lab() as lab:
+        a = lab.node("a")
+        p = a.popen("sleep", "300")
+        print(json.dumps({"ns": a.ns, "dir": str(lab.dir), "pid": p.pid}), flush=True)
+        time.sleep(60)
+assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+"""
+
+
+@pytest.mark.parametrize("form", ["sync", "async"])
+def test_sigterm_runs_the_labs_cleanup(form: str) -> None:
+    """``timeout`` or a CI job's end sends SIGTERM: the lab is removed at once, not left for the next."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_OWNER, form], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert owner.stdout is not None
+        ready, _, _ = select.select([owner.stdout], [], [], 30)
+        assert ready, "owner did not build its lab"
+        info = json.loads(owner.stdout.readline())
+        assert info["ns"] in list_netns()
+        owner.terminate()
+        _, err = owner.communicate(timeout=30)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(10)
+    assert owner.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
+    assert info["ns"] not in list_netns(), "removed by the owner's own cleanup"
+    assert not Path(info["dir"]).exists()
+    assert _gone(info["pid"])
+
+
+def test_a_lab_restores_sigterms_default_and_leaves_other_handlers_alone() -> None:
+    import signal
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with Lab():
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        with Lab():  # nested: the outer one restores
+            pass
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    def mine(signum: int, frame: object) -> None:
+        return None
+
+    signal.signal(signal.SIGTERM, mine)
+    try:
+        with Lab():
+            assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_a_child_forked_inside_a_lab_dies_on_sigterm() -> None:
+    """A child forked without exec (pyroute2's netns helpers) gets SIGTERM's default back: with the
+    lab's handler inherited, test_dataplane's asyncio subprocess waits stalled until their timeout."""
+    import signal
+
+    with Lab():
+        pid = os.fork()
+        if pid == 0:  # the child: report, never return into pytest
+            os._exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the parent keeps its handler
+
+
 async def test_async_lab_supervises_processes_and_cleans_up_after_an_exception() -> None:
     with pytest.raises(RuntimeError, match="boom") as raised:
         async with Lab() as lab:
