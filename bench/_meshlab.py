@@ -172,6 +172,7 @@ class LanMesh:
     disc: Node
     nodes: list[MeshNode] = field(default_factory=list)
     env: dict[str, str] | None = None  # added to every agent's environment
+    args: tuple[str, ...] = ()  # added to every agent's command line (say --steering routes)
     _next_ip: int = 11
 
     @classmethod
@@ -198,7 +199,7 @@ class LanMesh:
         return node
 
     def start(self, node: Node) -> MeshNode:
-        mn = self.ml.start_node(node, env=self.env)
+        mn = self.ml.start_node(node, *self.args, env=self.env)
         self.nodes.append(mn)
         return mn
 

@@ -3,8 +3,9 @@
 One lab, two identical pairs of namespaces, each pair on its own LAN segment (veth MTU 1500):
 
 * mesh pair m1, m2: the discovery server and two ``kubespan run`` agents (link MTU 1420, their
-  nftables marking, policy routing and MSS clamp, the agents polling once a second); traffic from
-  m1 to m2's mesh address (IPv6);
+  nftables marking, policy routing and MSS clamp with ``--steering marks``, the default; a route per
+  peer prefix and one ``not fwmark`` rule with ``--steering routes``; the agents polling once a
+  second); traffic from m1 to m2's mesh address (IPv6);
 * hand pair h1, h2: fresh namespaces with ``wireguard-go -f wg0`` started like the agent starts it
   (same binary, ``WG_PROCESS_FOREGROUND=1 LOG_LEVEL=error``), configured by hand with ``wg set`` and
   ``ip`` (MTU 1420, a preshared key and keepalive 25 like the mesh, an IPv6 tunnel address so the
@@ -44,6 +45,7 @@ from _meshlab import (
 from _throughput import Path, measure
 from _wglab import skip_unless_root
 
+from kubespan.constants import STEERINGS, MeshConfig
 from netns.lab import Lab, LabError, Node, sh
 from netns.mesh import stop_agents
 
@@ -120,15 +122,26 @@ def main() -> int:
         help="skip the informational hand tunnel inside the mesh namespaces",
     )
     ap.add_argument("--quick", action="store_true", help="3 rounds of at most 100 MiB / 3 s")
+    ap.add_argument(
+        "--steering",
+        choices=STEERINGS,
+        default=MeshConfig().steering,
+        help="the agents' --steering (default: theirs)",
+    )
     ns = ap.parse_args()
     if skip_unless_root(NAME):
         return 0
     rounds, mib, seconds = (3, 100, 3.0) if ns.quick else (ns.rounds, ns.mib, ns.seconds)
     size = mib << 20
-    print(f"{NAME}: {rounds} rounds of <= {mib} MiB / {seconds:g} s per path; {host_load()}", flush=True)
+    print(
+        f"{NAME}: {rounds} rounds of <= {mib} MiB / {seconds:g} s per path, steering {ns.steering}; "
+        f"{host_load()}",
+        flush=True,
+    )
     with Lab() as lab:
         try:
             mesh = LanMesh.create(lab)
+            mesh.args = ("--steering", ns.steering)
             m1 = mesh.start(mesh.add_node("m1"))
             m2 = mesh.start(mesh.add_node("m2"))
             wait_for("2-node mesh", lambda: full_mesh([m1, m2]), timeout=90, interval=0.25)
@@ -174,7 +187,9 @@ def main() -> int:
     )
     ratio = res.median("mesh") / res.median("hand")
     print(f"mesh / hand: {ratio:.3f} (target >= {TARGET})")
-    print(f"RESULT {NAME} ratio={ratio:.3f} target>={TARGET} {verdict(ratio >= TARGET)}")
+    print(
+        f"RESULT {NAME} ratio={ratio:.3f} target>={TARGET} {verdict(ratio >= TARGET)} steering={ns.steering}"
+    )
     return 0
 
 

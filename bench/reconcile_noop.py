@@ -52,8 +52,10 @@ from _wglab import (
 )
 
 from discovery.crypto import endpoint_from_addr
+from kubespan.constants import STEERING_ROUTES, STEERINGS, MeshConfig
 from kubespan.dataplane.links import LinkManager
 from kubespan.dataplane.nft import NftManager
+from kubespan.dataplane.steering import RouteSteering
 from kubespan.engine import Mesh, MeshOptions
 from kubespan.hostinfo import NetlinkHost
 from kubespan.identity import generate_private_key, ula_prefix
@@ -137,6 +139,22 @@ def node_setup() -> None:
         subprocess.run(cmd, check=True)
 
 
+def record_route_ops(links: LinkManager, ops: list[tuple[str, str]]) -> None:
+    """Append ``(add|delete, prefix)`` to ``ops`` for every prefix route the link manager writes."""
+    add, delete = links._route_add, links._route_del
+
+    async def route_add(index: int, net: Any) -> None:
+        ops.append(("add", str(net)))
+        await add(index, net)
+
+    async def route_del(index: int, net: Any) -> None:
+        ops.append(("delete", str(net)))
+        await delete(index, net)
+
+    links._route_add = route_add  # type: ignore[method-assign]
+    links._route_del = route_del  # type: ignore[method-assign]
+
+
 async def bench(ns: argparse.Namespace, tmp: Path) -> int:
     node_setup()
     disc = FakeDiscovery()
@@ -146,28 +164,42 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
         disc.entries[d.id] = d
         keys[d.id] = key
     backend = UserspaceBackend(IFNAME, existing="replace", request_timeout=120, log_path=tmp / "wg-go.log")
-    links = LinkManager() if not ns.fake_links else None
+    cfg = MeshConfig(steering=ns.steering)
+    links = LinkManager.from_config(cfg) if not ns.fake_links else None
     if links is None:
         from kubespan.dataplane.fake import FakeLinkManager
 
-        links = FakeLinkManager()
-    nft = NftManager()
+        links = FakeLinkManager(cfg)
+    nft = NftManager.from_config(cfg)
+    by_routes = ns.steering == STEERING_ROUTES
     opts = MeshOptions(
         cluster_id=CLUSTER,
         cluster_secret=SECRET,
         state_dir=tmp / "state",
         nodename="bench",
         mac=bytes.fromhex("2e1ab6538169"),
+        config=cfg,
     )
     mesh = Mesh(
-        opts, backend=backend, links=links, nft=nft, host=NetlinkHost(), discovery=disc, prober=FakeProber()
+        opts,
+        backend=backend,
+        links=links,
+        nft=RouteSteering(links, nft) if by_routes else nft,
+        host=NetlinkHost(),
+        discovery=disc,
+        prober=FakeProber(),
     )
+    # steering "routes": the prefix routes written (netlink messages), as nft transactions are
+    route_ops: list[tuple[str, str]] = []
+    if by_routes and not ns.fake_links:
+        record_route_ops(links, route_ops)
     timers = Timers()
     timers.wrap(backend, "get", "wg read")
     timers.wrap(backend, "apply", "wg write")
     timers.wrap(mesh.host, "addresses", "host addresses")
     for m in ("reconcile_link", "reconcile_routes", "reconcile_rules"):
         timers.wrap(links, m, "links")
+    timers.wrap(links, "reconcile_prefix_routes", "prefix routes")
     timers.wrap(nft, "_list", "nft read")
     timers.wrap(nft, "_apply", "nft write")
     # the engine's own steps (sync code), to show where "the rest" goes
@@ -185,12 +217,14 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
         if force_dataplane:
             mesh.wake(dataplane=True)
         nft.transactions = []
+        route_ops.clear()
         sets = backend.client.sets
         timers.take()
         t0 = time.perf_counter()
         await mesh.reconcile()
         ms = (time.perf_counter() - t0) * 1000
-        return ms, backend.client.sets - sets, list(nft.transactions), timers.take()
+        writes: list[Any] = [*nft.transactions, *route_ops]
+        return ms, backend.client.sets - sets, writes, timers.take()
 
     # the benchmark drives the passes itself: no engine loop (the netlink watcher runs, and marks the
     # data plane due when something changes, as in production)
@@ -274,7 +308,9 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
                 )
                 want_cmd = "add" if adding else "delete"
                 ok_nft = (
-                    len(txs) == 1
+                    txs == [(want_cmd, f"{extra}/32")]
+                    if by_routes
+                    else len(txs) == 1
                     and txs[0].kind == "diff"
                     and txs[0].ok
                     and [list(c) for c in txs[0].document["nftables"]] == [[want_cmd]]
@@ -283,13 +319,14 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
                 if not ok_wg:
                     bad.append(f"round {r} {want_cmd}: WireGuard wrote {sets} sets, ops {ops!r}")
                 if not ok_nft:
-                    bad.append(
-                        f"round {r} {want_cmd}: nft {[(t.kind, json.dumps(t.document)[:200]) for t in txs]}"
-                    )
+                    written = [
+                        t if isinstance(t, tuple) else (t.kind, json.dumps(t.document)[:200]) for t in txs
+                    ]
+                    bad.append(f"round {r} {want_cmd}: data plane wrote {written}")
     finally:
         await mesh.stop(cleanup=True)
 
-    io = ["wg read", "wg write", "host addresses", "links", "nft read", "nft write"]
+    io = ["wg read", "wg write", "host addresses", "links", "prefix routes", "nft read", "nft write"]
     cpu = ["engine: specs", "engine: plan", "engine: diff", "engine: routed", "nft: normalize", "nft: diff"]
 
     def breakdown(samples: list[dict[str, float]], total: list[float]) -> str:
@@ -306,7 +343,8 @@ async def bench(ns: argparse.Namespace, tmp: Path) -> int:
         )
 
     print(f"(a) no-op reconcile, {2 * ns.rounds} passes ({ns.rounds} with the data plane check forced)")
-    print(f"    UAPI sets {total_sets} (target 0), nft transactions {total_txs} (target 0)")
+    what = "nft transactions and route writes" if by_routes else "nft transactions"
+    print(f"    steering {ns.steering}: UAPI sets {total_sets} (target 0), {what} {total_txs} (target 0)")
     print(f"    pass time: {median(noop_ms):.1f} ms median (rounds: {fmt(noop_ms)})")
     print(
         f"    with the data plane check: {median(noop_full_ms):.1f} ms median (rounds: {fmt(noop_full_ms)})"
@@ -343,6 +381,9 @@ def main() -> int:
     ap.add_argument("--profile-first", action="store_true", help="print a profile of the first changed pass")
     ap.add_argument(
         "--fake-links", action="store_true", help="in-memory links/routes/rules instead of netlink"
+    )
+    ap.add_argument(
+        "--steering", choices=STEERINGS, default=MeshConfig().steering, help="the mesh's steering"
     )
     return main_in_node(NAME, __file__, ap, bench)
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from discovery.crypto import SecretError, parse_secret
 from kubespan import nodepage
 from kubespan.affiliate import EndpointFilter, everything_but
-from kubespan.constants import ConfigError, MeshConfig
+from kubespan.constants import STEERINGS, ConfigError, MeshConfig
 from kubespan.engine import Mesh, MeshOptions, MeshStatus
 from kubespan.nat.punch import PunchTimings
 from kubespan.perms import warn_permissions
@@ -64,6 +64,7 @@ MESH_FLAGS = {
     "fwmark_force": "--fwmark-force",
     "fwmark_mask": "--fwmark-mask",
     "nft_table": "--nft-table",
+    "steering": "--steering",
     "allow_down_peer_bypass": "--allow-down-peer-bypass",
 }
 
@@ -199,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fwmark-force", type=lambda s: int(s, 0), default=d.fwmark_force)
     run.add_argument("--fwmark-mask", type=lambda s: int(s, 0), default=d.fwmark_mask)
     run.add_argument("--nft-table", default=d.nft_table, help="dedicated inet table")
+    run.add_argument(
+        "--steering",
+        choices=STEERINGS,
+        default=d.steering,
+        help="how mesh traffic finds the link: 'marks' (Talos: nftables marks, a fwmark rule, a default "
+        "route in the table) or 'routes' (a route per peer prefix, a 'not fwmark' rule, no nftables "
+        "on the packet path: faster)",
+    )
     run.add_argument("--advertise", action="append", type=_cidr, default=[], metavar="CIDR")
     run.add_argument(
         "--exclude", action="append", type=_cidr, default=[], metavar="CIDR", help="never advertised"

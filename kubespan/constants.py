@@ -46,6 +46,16 @@ FWMARK_FORCE = 0x40  # "send this through the mesh"
 FWMARK_MASK = 0x60  # only these bits are ever read or written
 FWMARK_MAX = 2**32 - 1
 
+# --- Steering: how traffic for the mesh finds the mesh link ---------------------------------------
+# "marks" (Talos's layout): nftables marks packets to a peer's prefixes with fwmark_force and a rule
+# sends marked packets to the routing table, whose default route is the link. "routes" (Tailscale's
+# layout): no nftables on the path; one rule sends everything but WireGuard's own packets to the
+# table, which holds a route per peer prefix (a miss falls through to main). docs/design/nft-ruleset.md
+STEERING_MARKS = "marks"
+STEERING_ROUTES = "routes"
+STEERINGS = (STEERING_MARKS, STEERING_ROUTES)
+MAIN_TABLE = 254
+
 # --- nftables ------------------------------------------------------------------------------------
 
 NFT_TABLE = "kubespan"  # a dedicated "inet" table (Talos shares "inet talos")
@@ -213,6 +223,7 @@ class MeshConfig:
     fwmark_wireguard: int = FWMARK_WIREGUARD
     fwmark_force: int = FWMARK_FORCE
     fwmark_mask: int = FWMARK_MASK
+    steering: str = STEERING_MARKS
     nft_table: str = NFT_TABLE
     # Talos' allowDownPeerBypass (fail open): only peers that are up are routed into the mesh;
     # traffic to a peer that is down or not connected yet (unknown) takes the normal routes.
@@ -264,7 +275,7 @@ _RANGES = {
     "fwmark_wireguard": (1, FWMARK_MAX),
     "fwmark_force": (1, FWMARK_MAX),
 }
-_CHECKED = ("link_name", *_RANGES, "nft_table", "reconcile_interval")
+_CHECKED = ("link_name", *_RANGES, "steering", "nft_table", "reconcile_interval")
 
 
 def check_mesh_fields(**values: object) -> None:
@@ -300,6 +311,14 @@ def _mesh_problems(v: Mapping[str, object]) -> Iterator[ConfigError]:
     marks = (valid.get("fwmark_wireguard"), valid.get("fwmark_force"))
     if None not in marks and marks[0] == marks[1]:
         yield ConfigError("fwmark_force", f"{marks[1]:#x} must differ from fwmark_wireguard")
+    steering = v.get("steering", STEERING_MARKS)
+    if steering not in STEERINGS:
+        yield ConfigError("steering", f"{steering!r} must be one of: {', '.join(STEERINGS)}")
+    elif steering == STEERING_ROUTES and valid.get("rule_priority") == RULE_PRIORITY_MIN:
+        # the WireGuard port's exemption rule sits one priority before ours
+        yield ConfigError(
+            "rule_priority", f"{RULE_PRIORITY_MIN} leaves no room for the exemption rule of steering 'routes'"
+        )
     nft = v.get("nft_table", NFT_TABLE)
     if not isinstance(nft, str) or not _NFT_NAME.fullmatch(nft) or len(nft) > NFT_NAME_MAX:
         yield ConfigError(

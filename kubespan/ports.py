@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from kubespan.wireguard.backend import WireGuardBackend
-from spanutil.ipcodec import IPAddress, IPInterface
+from spanutil.ipcodec import IPAddress, IPInterface, IPNetwork
 
 if TYPE_CHECKING:
     import asyncio
@@ -45,7 +45,7 @@ __all__ = [
 
 @runtime_checkable
 class LinkPort(Protocol):
-    """The mesh link's addresses, the default routes in the mesh table and the fwmark rules.
+    """The mesh link's addresses, the routes in the mesh table and the fwmark rules.
 
     Every ``reconcile_*`` is idempotent and returns the changes it made (``[]``: none).
     """
@@ -55,6 +55,10 @@ class LinkPort(Protocol):
     async def reconcile_routes(self) -> list[str]: ...
 
     async def reconcile_rules(self) -> list[str]: ...
+
+    async def reconcile_prefix_routes(
+        self, desired: Mapping[int, Sequence[IPNetwork]], *, trust_cache: bool = False
+    ) -> list[str]: ...
 
     async def teardown(self, remove_link: bool = False) -> None: ...
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubespan import constants as C
 from kubespan.engine import Mesh, MeshOptions, load_node_id
 from kubespan.hostinfo import HostInfo
 from kubespan.ports import (
@@ -199,6 +200,10 @@ async def build_mesh(
         from kubespan.dataplane.nft import NftManager
 
         nft = NftManager.from_config(cfg)
+    if cfg.steering == C.STEERING_ROUTES:
+        from kubespan.dataplane.steering import RouteSteering
+
+        nft = RouteSteering(links, nft)  # the target sets become routes; the table only clamps
     host = deps.host
     if host is None:
         from kubespan.hostinfo import NetlinkHost

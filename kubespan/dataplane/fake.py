@@ -63,14 +63,18 @@ class FakeLinkManager(_Failures, ReconcileInOrder):
         super().__init__()
         cfg = cfg or C.MeshConfig()
         self.ifname, self.mtu, self.table = cfg.link_name, cfg.mtu, cfg.routing_table
-        self.priority, self.fwmark, self.fwmask = cfg.rule_priority, cfg.fwmark_force, cfg.fwmark_mask
+        self.steering = cfg.steering
+        self.by_routes = cfg.steering == C.STEERING_ROUTES
+        self.priority, self.fwmask = cfg.rule_priority, cfg.fwmark_mask
+        self.fwmark = cfg.fwmark_wireguard if self.by_routes else cfg.fwmark_force
         self.netns = netns
         # observable kernel state
         self.link_exists = link_exists
         self.link_mtu = 1500 if link_exists else None
         self.link_up = False
         self.addresses: set[IPInterface] = set()
-        self.routes: set[str] = set()  # {"inet", "inet6"}
+        self.routes: set[str] = set()  # {"inet", "inet6"}: the default routes (steering "marks")
+        self.prefix_routes: dict[int, set[IPNetwork]] = {4: set(), 6: set()}  # steering "routes"
         self.rules: set[str] = set()
         self.calls: list[tuple[str, Any]] = []
         self.closed = False
@@ -97,6 +101,7 @@ class FakeLinkManager(_Failures, ReconcileInOrder):
         self.link_exists, self.link_mtu, self.link_up = False, None, False
         self.addresses.clear()
         self.routes.clear()
+        self.prefix_routes = {4: set(), 6: set()}
         await self._emit("link", "del", self.ifname)
 
     async def remove_address(self, address: IPInterface | str) -> None:
@@ -156,6 +161,8 @@ class FakeLinkManager(_Failures, ReconcileInOrder):
         self._maybe_fail("reconcile_routes")
         self._require_link()
         changes = []
+        if self.by_routes:
+            return changes  # reconcile_prefix_routes owns the table
         for fam in (INET, INET6):
             if fam not in self.routes:
                 self.routes.add(fam)
@@ -171,17 +178,32 @@ class FakeLinkManager(_Failures, ReconcileInOrder):
         for fam in (INET, INET6):
             if fam not in self.rules:
                 self.rules.add(fam)
-                changes.append(
-                    f"rule: add {fam} priority {self.priority} fwmark {self.fwmark:#x}/{self.fwmask:#x} "
-                    f"lookup {self.table}"
-                )
+                mark = f"{'not ' if self.by_routes else ''}fwmark {self.fwmark:#x}/{self.fwmask:#x}"
+                changes.append(f"rule: add {fam} priority {self.priority} {mark} lookup {self.table}")
         return changes
+
+    async def reconcile_prefix_routes(
+        self, desired: Mapping[int, Sequence[IPNetwork]], *, trust_cache: bool = False
+    ) -> list[str]:
+        """Steering "routes": the table's routes per peer prefix, as one counted change."""
+        self.calls.append(("reconcile_prefix_routes", {v: tuple(n) for v, n in desired.items()}))
+        self._maybe_fail("reconcile_prefix_routes")
+        self._require_link()
+        want = {v: set(desired.get(v, ())) for v in (4, 6)}
+        added = sum(len(want[v] - self.prefix_routes[v]) for v in want)
+        deleted = sum(len(self.prefix_routes[v] - want[v]) for v in want) + len(self.routes)
+        self.routes.clear()  # the marking layout's default routes go too
+        self.prefix_routes = want
+        if not (added or deleted):
+            return []
+        return [f"routes in table {self.table} dev {self.ifname}: add {added}, delete {deleted}"]
 
     async def teardown(self, remove_link: bool = False) -> None:
         self.calls.append(("teardown", remove_link))
         self._maybe_fail("teardown")
         self.rules.clear()
         self.routes.clear()
+        self.prefix_routes = {4: set(), 6: set()}
         self.addresses.clear()
         if remove_link:
             self.link_exists, self.link_mtu, self.link_up = False, None, False
@@ -202,7 +224,7 @@ class FakeLinkManager(_Failures, ReconcileInOrder):
             self.link_exists
             and self.link_up
             and self.link_mtu == self.mtu
-            and self.routes == {INET, INET6}
+            and self.routes == (set() if self.by_routes else {INET, INET6})
             and self.rules == {INET, INET6}
         )
 

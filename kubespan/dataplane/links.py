@@ -1,4 +1,4 @@
-"""The mesh link's addresses, the table-180 default routes and the fwmark rules, over rtnetlink.
+"""The mesh link's addresses, the table-180 routes and the fwmark rules, over rtnetlink.
 
 Everything goes through pyroute2's :class:`~pyroute2.AsyncIPRoute`. Every
 ``reconcile_*`` method is level-triggered and idempotent: it reads the live
@@ -9,10 +9,16 @@ the changes it made (empty when nothing changed). What is "ours":
   (the kernel's autoconf); the link itself belongs to the WireGuard backend and
   is never created here (a missing link raises :class:`LinkNotFoundError`) and
   only removed by ``teardown(remove_link=True)``;
-- **routes**: the IPv4 and IPv6 *default* routes in our routing table; other
-  routes in that table (say an operator's LAN bypass) are left alone;
-- **rules**: rules at our priority that look up our table. Every other rule
-  is never touched.
+- **routes**: with steering "marks", the IPv4 and IPv6 *default* routes in our
+  routing table; with "routes", one route per peer prefix via the link (and no
+  default route); other routes in that table (say an operator's LAN bypass) are
+  left alone;
+- **rules**: rules at our priority that look up our table ("marks": ``fwmark
+  force/mask``; "routes": ``not fwmark wireguard/mask``), and with "routes",
+  while strict IPv4 reverse-path filtering is on, the WireGuard port's
+  exemption one priority before (``ipproto udp sport <port> lookup main``: the
+  reverse lookup of an incoming tunnel packet is unmarked, its ports swapped).
+  Every other rule is never touched.
 
 The pure helpers (``plan_*``, ``parse_*``, :func:`classify_event`) hold the
 decisions and are unit-tested without root; :class:`LinkManager` is the thin
@@ -24,17 +30,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import glob
 import inspect
 import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kubespan import constants as C
-from spanutil.ipcodec import IPInterface
+from spanutil.ipcodec import IPInterface, IPNetwork
 
 log = logging.getLogger("kubespan.dataplane.links")
 
@@ -48,6 +55,7 @@ RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
 FR_ACT_TO_TBL = 1
 FIB_RULE_INVERT = 0x2
+IPPROTO_UDP = 17
 NO_SUPPRESS_PREFIXLEN = 0xFFFFFFFF
 # Rule attributes that narrow a rule's match: a rule with any of them is not the rule we want.
 RULE_SELECTORS = (
@@ -109,6 +117,12 @@ class LiveRoute:
     gateway: str | None = None
     type: int = RTN_UNICAST
     proto: int = 0
+    dst: str | None = None
+
+    @property
+    def prefix(self) -> str:
+        """``addr/len`` as ipaddress prints it (the key prefix routes are compared by)."""
+        return f"{self.dst}/{self.dst_len}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +138,8 @@ class LiveRule:
     dst_len: int = 0
     tos: int = 0
     selectors: tuple[str, ...] = ()
+    ip_proto: int = 0
+    sport: str | None = None  # "start:end", as pyroute2 renders FRA_SPORT_RANGE
 
     def delete_args(self) -> dict[str, Any]:
         """Keyword arguments that make the kernel delete exactly this rule."""
@@ -132,14 +148,27 @@ class LiveRule:
             args["fwmark"] = self.fwmark
         if self.fwmask is not None:
             args["fwmask"] = self.fwmask
+        if self.flags & FIB_RULE_INVERT:
+            args["flags"] = FIB_RULE_INVERT
+        if self.ip_proto:
+            args["ip_proto"] = self.ip_proto
+        if self.sport is not None:
+            args["sport_range"] = self.sport
         return args
 
     def describe(self) -> str:
         mark = ""
         if self.fwmark is not None:
             mark = f" fwmark {self.fwmark:#x}" + (f"/{self.fwmask:#x}" if self.fwmask is not None else "")
-        extra = f" +{','.join(self.selectors)}" if self.selectors else ""
-        return f"{FAMILY_NAMES.get(self.family, self.family)} priority {self.priority}{mark} lookup {self.table}{extra}"
+            if self.flags & FIB_RULE_INVERT:
+                mark = " not" + mark
+        port = ""
+        if self.ip_proto:
+            port = f" ipproto {self.ip_proto}" + (f" sport {self.sport}" if self.sport else "")
+        shown = [n for n in self.selectors if n not in ("FRA_IP_PROTO", "FRA_SPORT_RANGE") or not port]
+        extra = f" +{','.join(shown)}" if shown else ""
+        fam = FAMILY_NAMES.get(self.family, self.family)
+        return f"{fam} priority {self.priority}{mark}{port} lookup {self.table}{extra}"
 
 
 def parse_address(msg: _Msg) -> LiveAddress:
@@ -160,7 +189,17 @@ def parse_route(msg: _Msg) -> LiveRoute:
         gateway=msg.get("RTA_GATEWAY"),
         type=msg.get("type", RTN_UNICAST),
         proto=msg.get("proto") or 0,
+        dst=msg.get("RTA_DST"),
     )
+
+
+def _port_range(value: Any) -> str | None:
+    """FRA_SPORT_RANGE as ``start:end`` (pyroute2 decodes it to that string)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return f"{value.get('start')}:{value.get('end')}"
 
 
 def parse_rule(msg: _Msg) -> LiveRule:
@@ -178,6 +217,8 @@ def parse_rule(msg: _Msg) -> LiveRule:
         flags=msg.get("flags") or 0,
         src_len=msg.get("src_len") or 0,
         dst_len=msg.get("dst_len") or 0,
+        ip_proto=msg.get("FRA_IP_PROTO") or 0,
+        sport=_port_range(msg.get("FRA_SPORT_RANGE")),
         tos=msg.get("tos") or 0,
         selectors=selectors,
     )
@@ -224,17 +265,72 @@ def plan_routes(
     return remove, keep is None
 
 
+def prefix_route_ok(route: LiveRoute, *, oif: int, mtu: int, metric: int) -> bool:
+    """Is this prefix route exactly one we install (via the link, its MTU, our metric)?"""
+    return (
+        route.oif == oif
+        and route.mtu == mtu
+        and route.metric == metric
+        and route.gateway is None
+        and route.type == RTN_UNICAST
+    )
+
+
+def plan_prefix_routes(
+    live: Iterable[LiveRoute],
+    desired: Iterable[IPNetwork],
+    *,
+    family: int,
+    table: int,
+    oif: int,
+    mtu: int,
+    metric: int,
+) -> tuple[list[LiveRoute], list[IPNetwork]]:
+    """(routes to remove, prefixes to add) for steering "routes": the table's routes of ``family``
+    via our link are ours, and so is any default route in it (the marking layout's, which would
+    take every unmarked packet); other routes in the table are left alone."""
+    want = {str(n): n for n in desired}
+    keep: set[str] = set()
+    remove: list[LiveRoute] = []
+    for r in live:
+        if r.family != family or r.table != table:
+            continue
+        if r.dst_len == 0:
+            remove.append(r)
+            continue
+        if r.oif != oif:
+            continue
+        key = r.prefix
+        if key in want and key not in keep and prefix_route_ok(r, oif=oif, mtu=mtu, metric=metric):
+            keep.add(key)
+        else:
+            remove.append(r)
+    return remove, [n for key, n in want.items() if key not in keep]
+
+
+def diff_prefixes(
+    known: Mapping[int, Iterable[IPNetwork]], desired: Mapping[int, Iterable[IPNetwork]]
+) -> tuple[list[IPNetwork], list[IPNetwork]]:
+    """(prefixes to delete, prefixes to add) between two ``{4: [...], 6: [...]}`` maps."""
+    old = {n for v in known.values() for n in v}
+    new = {n for v in desired.values() for n in v}
+    key = lambda n: (n.version, int(n.network_address), n.prefixlen)  # noqa: E731
+    return sorted(old - new, key=key), sorted(new - old, key=key)
+
+
 def rule_ours(rule: LiveRule, *, priority: int, table: int) -> bool:
     return rule.priority == priority and rule.table == table
 
 
-def rule_ok(rule: LiveRule, *, priority: int, table: int, fwmark: int, fwmask: int) -> bool:
+def rule_ok(
+    rule: LiveRule, *, priority: int, table: int, fwmark: int, fwmask: int, invert: bool = False
+) -> bool:
     return (
         rule_ours(rule, priority=priority, table=table)
         and rule.fwmark == fwmark
         and rule.fwmask == fwmask
         and rule.action == FR_ACT_TO_TBL
-        and not rule.flags & FIB_RULE_INVERT
+        and bool(rule.flags & FIB_RULE_INVERT) == invert
         and rule.src_len == 0
         and rule.dst_len == 0
         and rule.tos == 0
@@ -243,23 +339,91 @@ def rule_ok(rule: LiveRule, *, priority: int, table: int, fwmark: int, fwmask: i
 
 
 def plan_rules(
-    live: Iterable[LiveRule], *, family: int, priority: int, table: int, fwmark: int, fwmask: int
+    live: Iterable[LiveRule],
+    *,
+    family: int,
+    priority: int,
+    table: int,
+    fwmark: int,
+    fwmask: int,
+    invert: bool = False,
 ) -> tuple[list[LiveRule], bool]:
     """(our stale rules of ``family`` to remove, whether the wanted rule must be added).
 
-    Only rules at our priority that look up our table are considered ours.
+    Only rules at our priority that look up our table are considered ours. ``invert``: the rule
+    matches packets *without* the mark (steering "routes").
     """
     ours = [r for r in live if r.family == family and rule_ours(r, priority=priority, table=table)]
     keep = next(
         (
             i
             for i, r in enumerate(ours)
-            if rule_ok(r, priority=priority, table=table, fwmark=fwmark, fwmask=fwmask)
+            if rule_ok(r, priority=priority, table=table, fwmark=fwmark, fwmask=fwmask, invert=invert)
         ),
         None,
     )
     remove = [r for i, r in enumerate(ours) if i != keep]
     return remove, keep is None
+
+
+def exemption_ours(rule: LiveRule, *, priority: int) -> bool:
+    """A UDP rule at the exemption's priority that looks up main (steering "routes")."""
+    return rule.priority == priority and rule.table == C.MAIN_TABLE and rule.ip_proto == IPPROTO_UDP
+
+
+def exemption_ok(rule: LiveRule, *, priority: int, port: int) -> bool:
+    return (
+        exemption_ours(rule, priority=priority)
+        and rule.sport == f"{port}:{port}"
+        and not rule.fwmark
+        and rule.action == FR_ACT_TO_TBL
+        and not rule.flags & FIB_RULE_INVERT
+        and rule.src_len == 0
+        and rule.dst_len == 0
+        and rule.tos == 0
+        and set(rule.selectors) <= {"FRA_IP_PROTO", "FRA_SPORT_RANGE"}
+    )
+
+
+def plan_exemption(
+    live: Iterable[LiveRule], *, family: int, priority: int, port: int | None
+) -> tuple[list[LiveRule], bool]:
+    """(our stale exemption rules of ``family`` to remove, whether it must be added); ``port``
+    None: no exemption wanted (steering "marks"), every one of ours goes."""
+    ours = [r for r in live if r.family == family and exemption_ours(r, priority=priority)]
+    keep = None
+    if port is not None:
+        keep = next((i for i, r in enumerate(ours) if exemption_ok(r, priority=priority, port=port)), None)
+    remove = [r for i, r in enumerate(ours) if i != keep]
+    return remove, port is not None and keep is None
+
+
+def parse_rp_filter(text: str) -> dict[str, int]:
+    """``{interface: rp_filter}`` from ``grep -H . /proc/sys/net/ipv4/conf/*/rp_filter`` lines."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        path, _, value = line.rpartition(":")
+        parts = path.split("/")
+        if len(parts) >= 2 and parts[-1] == "rp_filter" and value.strip().isdigit():
+            out[parts[-2]] = int(value)
+    return out
+
+
+def _read_rp_filter() -> str:
+    """This namespace's rp_filter files as ``path:value`` lines (procfs: reads never block)."""
+    lines = []
+    for path in sorted(glob.glob("/proc/sys/net/ipv4/conf/*/rp_filter")):
+        with contextlib.suppress(OSError), open(path) as f:
+            lines.append(f"{path}:{f.read().strip()}")
+    return "\n".join(lines)
+
+
+def strict_rp_filter(values: Mapping[str, int], *, ignore: Iterable[str] = ()) -> bool:
+    """Does strict IPv4 reverse-path filtering (1) apply to an interface other than ``ignore``? The
+    kernel uses max(conf/all, conf/<interface>); 2 (loose, Debian's default) passes tunnel packets."""
+    every = values.get("all", 0)
+    skip = {"all", "default", "lo", *ignore}
+    return any(max(every, v) == 1 for name, v in values.items() if name not in skip)
 
 
 # --- Events ---------------------------------------------------------------------------------------
@@ -283,17 +447,32 @@ _EVENT_KINDS = {
     "RTM_DELROUTE": ("route", "del"),
     "RTM_NEWRULE": ("rule", "new"),
     "RTM_DELRULE": ("rule", "del"),
+    "RTM_NEWNETCONF": ("netconf", "new"),
 }
 
 
 def classify_event(
-    event: str | None, msg: _Msg, *, ifname: str, ifindex: int | None, table: int, priority: int
+    event: str | None,
+    msg: _Msg,
+    *,
+    ifname: str,
+    ifindex: int | None,
+    table: int,
+    priority: int,
+    prefix_routes: bool = False,
 ) -> NetlinkEvent | None:
-    """Is this rtnetlink broadcast about something we own? Returns the event or ``None``."""
+    """Is this rtnetlink broadcast about something we own? Returns the event or ``None``.
+
+    With ``prefix_routes`` (steering "routes") a new prefix route via our link in our table is
+    our own write and ignored (a cold start adds one per peer prefix); its removal still counts,
+    as do a rule at the exemption's priority (one before ours) and an IPv4 netconf change (say
+    rp_filter: whether the exemption is needed)."""
     kind_action = _EVENT_KINDS.get(event or "")
     if kind_action is None:
         return None
     kind, action = kind_action
+    if kind == "netconf":
+        return NetlinkEvent(kind, action, "ipv4 netconf") if prefix_routes else None
     if kind == "link":
         name = msg.get("IFLA_IFNAME")
         index = msg.get("index")
@@ -308,6 +487,14 @@ def classify_event(
         return None
     if kind == "route":
         t = msg.get("RTA_TABLE") or msg.get("table")
+        if (
+            prefix_routes
+            and action == "new"
+            and msg.get("dst_len")
+            and ifindex is not None
+            and msg.get("RTA_OIF") == ifindex
+        ):
+            return None
         if t == table:
             dst = msg.get("RTA_DST") or "default"
             return NetlinkEvent(kind, action, f"{dst}/{msg.get('dst_len')} table {t}")
@@ -315,7 +502,7 @@ def classify_event(
     # rule
     prio = msg.get("FRA_PRIORITY") or 0
     t = msg.get("FRA_TABLE") or msg.get("table")
-    if prio == priority or t == table:
+    if prio == priority or t == table or (prefix_routes and prio == priority - 1):
         return NetlinkEvent(kind, action, f"priority {prio} lookup {t}")
     return None
 
@@ -325,13 +512,17 @@ Callback = Callable[[NetlinkEvent], Awaitable[None] | None]
 
 def link_args(cfg: C.MeshConfig) -> dict[str, Any]:
     """The :class:`LinkManager` constructor arguments that ``cfg`` sets."""
+    routes = cfg.steering == C.STEERING_ROUTES
     return {
         "ifname": cfg.link_name,
         "mtu": cfg.mtu,
         "table": cfg.routing_table,
         "priority": cfg.rule_priority,
-        "fwmark": cfg.fwmark_force,
+        # the rule's mark: "send into the mesh" (marks), or "not WireGuard's own" (routes)
+        "fwmark": cfg.fwmark_wireguard if routes else cfg.fwmark_force,
         "fwmask": cfg.fwmark_mask,
+        "steering": cfg.steering,
+        "listen_port": cfg.listen_port,
     }
 
 
@@ -351,6 +542,11 @@ class ReconcileInOrder:
     async def reconcile_rules(self) -> list[str]:
         raise NotImplementedError
 
+    async def reconcile_prefix_routes(
+        self, desired: Mapping[int, Sequence[IPNetwork]], *, trust_cache: bool = False
+    ) -> list[str]:
+        raise NotImplementedError
+
     async def reconcile(self, addresses: Sequence[IPInterface], up: bool = True) -> list[str]:
         """Link, then routes, then rules; the changes made (empty when nothing changed)."""
         changes = await self.reconcile_link(addresses, up)
@@ -361,7 +557,7 @@ class ReconcileInOrder:
 
 
 class LinkManager(ReconcileInOrder):
-    """Addresses on the mesh link, default routes in the mesh table and the fwmark rules.
+    """Addresses on the mesh link, the routes in the mesh table and the fwmark rules.
 
     ``netns`` names a network namespace (``ip netns`` name) to work in; it is
     never created here. Use as ``async with LinkManager(...) as lm:`` or call
@@ -379,19 +575,37 @@ class LinkManager(ReconcileInOrder):
         *,
         metric: int = C.ROUTE_METRIC,
         netns: str | None = None,
+        steering: str = C.STEERING_MARKS,
+        listen_port: int = C.LISTEN_PORT,
     ) -> None:
-        """Loose values, checked by MeshConfig's rules (:meth:`from_config` takes a checked config)."""
+        """Loose values, checked by MeshConfig's rules (:meth:`from_config` takes a checked config).
+        ``fwmark`` is the rule's mark: fwmark_force with steering "marks", fwmark_wireguard with
+        "routes"; ``listen_port`` is WireGuard's (the "routes" exemption rule)."""
+        mark = "fwmark_wireguard" if steering == C.STEERING_ROUTES else "fwmark_force"
         C.check_mesh_fields(
             link_name=ifname,
             mtu=mtu,
             routing_table=table,
             rule_priority=priority,
-            fwmark_force=fwmark,
             fwmark_mask=fwmask,
+            steering=steering,
+            listen_port=listen_port,
+            **{mark: fwmark},
         )
         if isinstance(metric, bool) or not isinstance(metric, int) or not 0 <= metric <= 2**32 - 1:
             raise C.ConfigError("route_metric", f"{metric!r} must be an integer in 0..{2**32 - 1}")
-        self._setup(ifname, mtu, table, priority, fwmark, fwmask, metric=metric, netns=netns)
+        self._setup(
+            ifname,
+            mtu,
+            table,
+            priority,
+            fwmark,
+            fwmask,
+            metric=metric,
+            netns=netns,
+            steering=steering,
+            listen_port=listen_port,
+        )
 
     def _setup(
         self,
@@ -404,6 +618,8 @@ class LinkManager(ReconcileInOrder):
         *,
         metric: int,
         netns: str | None,
+        steering: str,
+        listen_port: int,
     ) -> None:
         self.ifname = ifname
         self.mtu = mtu
@@ -413,8 +629,22 @@ class LinkManager(ReconcileInOrder):
         self.fwmask = fwmask
         self.metric = metric
         self.netns = netns
+        self.steering = steering
+        self.listen_port = listen_port
         self._ipr: Any = None
         self._lock = asyncio.Lock()
+        # steering "routes": the prefix routes last read or written, and the link they went to
+        self._known_prefixes: dict[int, list[IPNetwork]] | None = None
+        self._known_index: int | None = None
+
+    @property
+    def by_routes(self) -> bool:
+        """Steering "routes": a route per peer prefix and a ``not fwmark`` rule, no default route."""
+        return self.steering == C.STEERING_ROUTES
+
+    @property
+    def exemption_priority(self) -> int:
+        return self.priority - 1
 
     @classmethod
     def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None) -> LinkManager:
@@ -427,7 +657,7 @@ class LinkManager(ReconcileInOrder):
         where = f" netns={self.netns}" if self.netns else ""
         return (
             f"LinkManager({self.ifname} mtu={self.mtu} table={self.table} priority={self.priority} "
-            f"fwmark={self.fwmark:#x}/{self.fwmask:#x}{where})"
+            f"fwmark={self.fwmark:#x}/{self.fwmask:#x} steering={self.steering}{where})"
         )
 
     # -- socket lifecycle ---------------------------------------------------------------------
@@ -564,10 +794,13 @@ class LinkManager(ReconcileInOrder):
             return changes
 
     async def reconcile_routes(self) -> list[str]:
-        """IPv4 and IPv6 default routes in our table via the link, carrying the link MTU.
+        """IPv4 and IPv6 default routes in our table via the link, carrying the link MTU (steering
+        "routes": nothing here; :meth:`reconcile_prefix_routes` owns the table, defaults included).
 
         The link must exist and be up (the kernel refuses IPv4 routes on a down link).
         """
+        if self.by_routes:
+            return []  # one dump of a table of 2000 routes costs ~100 ms of parsing: done once there
         async with self._lock:
             link = await self._require_link()
             index = link["index"]
@@ -621,6 +854,7 @@ class LinkManager(ReconcileInOrder):
         """``priority P: fwmark F/M lookup T`` for IPv4 and IPv6; other rules are never touched."""
         async with self._lock:
             changes: list[str] = []
+            strict = self.by_routes and strict_rp_filter(await self._rp_filter(), ignore=(self.ifname,))
             for family in FAMILIES:
                 fam = FAMILY_NAMES[family]
                 live = [
@@ -628,6 +862,9 @@ class LinkManager(ReconcileInOrder):
                     for m in await self._dump(f"read {fam} rules", "rule", family=family)
                     if m.get("family") == family
                 ]
+                invert = self.by_routes
+                # the exemption costs every received packet a flow dissection: only where needed
+                exempt_port = self.listen_port if strict and family == socket.AF_INET else None
                 remove, add = plan_rules(
                     live,
                     family=family,
@@ -635,12 +872,43 @@ class LinkManager(ReconcileInOrder):
                     table=self.table,
                     fwmark=self.fwmark,
                     fwmask=self.fwmask,
+                    invert=invert,
                 )
-                for r in remove:
+                stale, exempt = plan_exemption(
+                    live,
+                    family=family,
+                    priority=self.exemption_priority,
+                    port=exempt_port,
+                )
+                for r in [*remove, *stale]:
                     await self._delete(f"delete rule {r.describe()}", "rule", **r.delete_args())
                     changes.append(f"rule: del {r.describe()}")
+                if exempt:  # before the rule it exempts from
+                    port = f"{self.listen_port}:{self.listen_port}"
+                    want = LiveRule(
+                        family,
+                        self.exemption_priority,
+                        C.MAIN_TABLE,
+                        None,
+                        None,
+                        ip_proto=IPPROTO_UDP,
+                        sport=port,
+                    )
+                    await self._send(
+                        f"add rule {want.describe()}",
+                        "rule",
+                        "add",
+                        family=family,
+                        priority=self.exemption_priority,
+                        ip_proto=IPPROTO_UDP,
+                        sport_range=port,
+                        table=C.MAIN_TABLE,
+                        action="FR_ACT_TO_TBL",
+                    )
+                    changes.append(f"rule: add {want.describe()}")
                 if add:
-                    want = LiveRule(family, self.priority, self.table, self.fwmark, self.fwmask)
+                    flags = FIB_RULE_INVERT if invert else 0
+                    want = LiveRule(family, self.priority, self.table, self.fwmark, self.fwmask, flags=flags)
                     await self._send(
                         f"add rule {want.describe()}",
                         "rule",
@@ -651,13 +919,134 @@ class LinkManager(ReconcileInOrder):
                         fwmask=self.fwmask,
                         table=self.table,
                         action="FR_ACT_TO_TBL",
+                        **({"flags": flags} if flags else {}),
                     )
                     changes.append(f"rule: add {want.describe()}")
             self._log(changes)
             return changes
 
+    async def reconcile_prefix_routes(
+        self, desired: Mapping[int, Sequence[IPNetwork]], *, trust_cache: bool = False
+    ) -> list[str]:
+        """Steering "routes": exactly ``desired`` (``{4: [...], 6: [...]}``, minimal prefix covers)
+        as routes via the link in our table, carrying the link MTU.
+
+        With ``trust_cache`` the table is not read when an earlier call read or wrote it: the
+        difference to that is sent, and only when it fails is the table read and repaired (as
+        :meth:`NftManager.reconcile` does with its sets)."""
+        want = {4: list(desired.get(4, ())), 6: list(desired.get(6, ()))}
+        async with self._lock:
+            known, index = self._known_prefixes, self._known_index
+            self._known_prefixes = None
+            if trust_cache and known is not None and index is not None:
+                delete, add = diff_prefixes(known, want)
+                try:
+                    for n in delete:
+                        await self._route_del(index, n)
+                    for n in add:
+                        await self._route_add(index, n)
+                except DataplaneError as e:
+                    log.info("prefix routes changed behind our back (%s): reading the table", e)
+                else:
+                    self._known_prefixes = want
+                    return self._counted(len(add), len(delete))
+            link = await self._require_link()
+            index = link["index"]
+            added = deleted = 0
+            for family in FAMILIES:
+                version = 4 if family == socket.AF_INET else 6
+                live = [
+                    parse_route(m)
+                    for m in await self._dump(
+                        f"read {FAMILY_NAMES[family]} routes in table {self.table}",
+                        "route",
+                        family=family,
+                        table=self.table,
+                    )
+                ]
+                stale, missing = plan_prefix_routes(
+                    live,
+                    want[version],
+                    family=family,
+                    table=self.table,
+                    oif=index,
+                    mtu=self.mtu,
+                    metric=self.metric,
+                )
+                for r in stale:
+                    dst = r.prefix if r.dst_len else DEFAULT_DST[family]
+                    kw: dict[str, Any] = {"oif": r.oif} if r.oif is not None else {}
+                    if r.gateway is not None:
+                        kw["gateway"] = r.gateway
+                    await self._delete(
+                        f"delete route {dst} in table {self.table}",
+                        "route",
+                        family=family,
+                        dst=dst,
+                        table=self.table,
+                        priority=r.metric,
+                        **kw,
+                    )
+                for n in missing:
+                    await self._route_add(index, n)
+                added, deleted = added + len(missing), deleted + len(stale)
+            self._known_prefixes, self._known_index = want, index
+            return self._counted(added, deleted)
+
+    async def _route_add(self, index: int, net: IPNetwork) -> None:
+        await self._send(
+            f"add route {net} in table {self.table}",
+            "route",
+            "replace",
+            family=socket.AF_INET if net.version == 4 else socket.AF_INET6,
+            dst=str(net),
+            oif=index,
+            table=self.table,
+            priority=self.metric,
+            proto="static",
+            metrics={"mtu": self.mtu},
+        )
+
+    async def _route_del(self, index: int, net: IPNetwork) -> None:
+        if not await self._delete(
+            f"delete route {net} in table {self.table}",
+            "route",
+            family=socket.AF_INET if net.version == 4 else socket.AF_INET6,
+            dst=str(net),
+            table=self.table,
+            oif=index,
+            priority=self.metric,
+        ):
+            raise DataplaneError(f"route {net} in table {self.table} was already gone")
+
+    def _counted(self, added: int, deleted: int) -> list[str]:
+        """One change line for a batch of prefix routes (a cold start adds one per peer prefix)."""
+        if not (added or deleted):
+            return []
+        changes = [f"routes in table {self.table} dev {self.ifname}: add {added}, delete {deleted}"]
+        self._log(changes)
+        return changes
+
+    async def _rp_filter(self) -> dict[str, int]:
+        """The namespace's IPv4 rp_filter settings by interface (``all`` and ``default`` too)."""
+        if self.netns is None:
+            return parse_rp_filter(_read_rp_filter())
+        proc = await asyncio.create_subprocess_exec(
+            "ip",
+            "netns",
+            "exec",
+            self.netns,
+            "sh",
+            "-c",
+            "grep -H . /proc/sys/net/ipv4/conf/*/rp_filter",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await proc.communicate()
+        return parse_rp_filter(out.decode())
+
     async def teardown(self, remove_link: bool = False) -> None:
-        """Remove our rules, default routes and addresses (and the link itself if asked)."""
+        """Remove our rules, our routes and addresses (and the link itself if asked)."""
         async with self._lock:
             for family in FAMILIES:
                 live = [
@@ -666,8 +1055,11 @@ class LinkManager(ReconcileInOrder):
                     if m.get("family") == family
                 ]
                 for r in live:
-                    if rule_ours(r, priority=self.priority, table=self.table):
+                    if rule_ours(r, priority=self.priority, table=self.table) or exemption_ours(
+                        r, priority=self.exemption_priority
+                    ):
                         await self._delete(f"delete rule {r.describe()}", "rule", **r.delete_args())
+            self._known_prefixes = self._known_index = None
             link = await self._link()
             if link is None:
                 return  # its routes and addresses went with it
@@ -678,12 +1070,12 @@ class LinkManager(ReconcileInOrder):
                     for m in await self._dump("read routes", "route", family=family, table=self.table)
                 ]
                 for r in routes:
-                    if r.table == self.table and r.dst_len == 0 and r.oif == index:
+                    if r.table == self.table and r.oif == index and (r.dst_len == 0 or self.by_routes):
                         await self._delete(
-                            "delete default route",
+                            f"delete route {r.prefix if r.dst_len else 'default'}",
                             "route",
                             family=family,
-                            dst=DEFAULT_DST[family],
+                            dst=r.prefix if r.dst_len else DEFAULT_DST[family],
                             table=self.table,
                             oif=index,
                             priority=r.metric,
@@ -716,6 +1108,7 @@ class LinkManager(ReconcileInOrder):
             RTMGRP_IPV6_ROUTE,
             RTMGRP_IPV6_RULE,
             RTMGRP_LINK,
+            RTNLGRP_IPV4_NETCONF,
         )
 
         groups = (
@@ -727,6 +1120,8 @@ class LinkManager(ReconcileInOrder):
             | RTMGRP_IPV4_RULE
             | RTMGRP_IPV6_RULE
         )
+        if self.by_routes:  # rp_filter changes decide the exemption rule
+            groups |= 1 << (RTNLGRP_IPV4_NETCONF - 1)
         delay = WATCH_RETRY_DELAY
         while True:
             try:
@@ -755,6 +1150,7 @@ class LinkManager(ReconcileInOrder):
                                 ifindex=ifindex,
                                 table=self.table,
                                 priority=self.priority,
+                                prefix_routes=self.by_routes,
                             )
                             if (
                                 event == "RTM_NEWLINK"

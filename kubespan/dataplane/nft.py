@@ -116,6 +116,7 @@ class NftManager:
         fwmark_force: int = C.FWMARK_FORCE,
         fwmark_mask: int = C.FWMARK_MASK,
         clamp_forwarded_mss: bool = True,
+        steering: str = C.STEERING_MARKS,
         nft: str = "nft",
         timeout: float = DEFAULT_TIMEOUT,
         runner: Runner | None = None,
@@ -130,6 +131,7 @@ class NftManager:
             fwmark_force=fwmark_force,
             fwmark_mask=fwmark_mask,
             clamp_forwarded_mss=clamp_forwarded_mss,
+            steering=steering,
         )
         self.netns = netns
         self.nft = nft

@@ -56,6 +56,7 @@ class RulesetParams:
     fwmark_force: int = C.FWMARK_FORCE
     fwmark_mask: int = C.FWMARK_MASK
     clamp_forwarded_mss: bool = True
+    steering: str = C.STEERING_MARKS
 
     @classmethod
     def from_config(cls, cfg: C.MeshConfig) -> RulesetParams:
@@ -73,10 +74,13 @@ class RulesetParams:
         fwmark_force: int = C.FWMARK_FORCE,
         fwmark_mask: int = C.FWMARK_MASK,
         clamp_forwarded_mss: bool = True,
+        steering: str = C.STEERING_MARKS,
     ) -> RulesetParams:
         """Loose values checked by MeshConfig's rules (``check_mesh_fields``, the one validator, which
         the link manager's loose values go through too; ``ConfigError`` names the MeshConfig field)."""
-        params = cls(table, ifname, mtu, fwmark_wireguard, fwmark_force, fwmark_mask, clamp_forwarded_mss)
+        params = cls(
+            table, ifname, mtu, fwmark_wireguard, fwmark_force, fwmark_mask, clamp_forwarded_mss, steering
+        )
         C.check_mesh_fields(
             **{_CONFIG_NAMES.get(f.name, f.name): getattr(params, f.name) for f in fields(cls)}
         )
@@ -181,9 +185,30 @@ def _rules(*items: tuple[str, list[dict[str, Any]]]) -> tuple[tuple[str, tuple[d
 def chain_specs(p: RulesetParams) -> list[ChainSpec]:
     """The chains, ordered for the packets that are not ours: each family's target set is looked up
     once per chain, and the exemptions that only matter for a target (loopback, neighbour discovery)
-    are tested after that lookup, in the family's mesh chain (docs/design/nft-ruleset.md)."""
+    are tested after that lookup, in the family's mesh chain (docs/design/nft-ruleset.md). Steering
+    "routes" has none of the marking chains: only the forward clamp (the routes carry the MTU)."""
+    chains = _marking_chains(p) if p.steering == C.STEERING_MARKS else []
+    if p.clamp_forwarded_mss:
+        oif = _match(_meta("oifname"), p.ifname)
+        chains.append(
+            ChainSpec(
+                CHAIN_FORWARD,
+                "filter",
+                "forward",
+                PRIO_MANGLE,
+                _rules(
+                    ("mss-ipv4", _clamp(p.mss_ipv4, oif, _match(_meta("nfproto"), "ipv4"))),
+                    ("mss-ipv6", _clamp(p.mss_ipv6, oif, _match(_meta("nfproto"), "ipv6"))),
+                ),
+            )
+        )
+    return chains
+
+
+def _marking_chains(p: RulesetParams) -> list[ChainSpec]:
+    """Steering "marks": prerouting and output mark packets to a target; the mesh chains clamp."""
     lo_accept = [_match(_meta("oifname"), "lo"), _ACCEPT]
-    chains = [
+    return [
         ChainSpec(
             CHAIN_PREROUTING,
             "filter",
@@ -229,21 +254,6 @@ def chain_specs(p: RulesetParams) -> list[ChainSpec]:
             ),
         ),
     ]
-    if p.clamp_forwarded_mss:
-        oif = _match(_meta("oifname"), p.ifname)
-        chains.append(
-            ChainSpec(
-                CHAIN_FORWARD,
-                "filter",
-                "forward",
-                PRIO_MANGLE,
-                _rules(
-                    ("mss-ipv4", _clamp(p.mss_ipv4, oif, _match(_meta("nfproto"), "ipv4"))),
-                    ("mss-ipv6", _clamp(p.mss_ipv6, oif, _match(_meta("nfproto"), "ipv6"))),
-                ),
-            )
-        )
-    return chains
 
 
 def rule_comment(chain: str, what: str, expr: Sequence[dict[str, Any]]) -> str:

@@ -72,7 +72,11 @@ AGENT_MESH_INTS = {
     "fwmark_force": "routing.fwmarkForce",
     "fwmark_mask": "routing.fwmarkMask",
 }
-AGENT_MESH_STRINGS = {"link_name": "wireguard.linkName", "nft_table": "routing.nftTable"}
+AGENT_MESH_STRINGS = {
+    "link_name": "wireguard.linkName",
+    "nft_table": "routing.nftTable",
+    "steering": "routing.steering",
+}
 AGENT_MESH_PATHS = {**AGENT_MESH_STRINGS, **AGENT_MESH_INTS}
 KUBESPAN_MESH_PATHS = {"mtu": "mtu", "allow_down_peer_bypass": "allowDownPeerBypass"}
 

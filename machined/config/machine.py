@@ -121,6 +121,7 @@ MESH_CLEANUP_FIELDS = frozenset(
         "config.fwmark_force",
         "config.fwmark_mask",
         "config.nft_table",
+        "config.steering",
     }
 )
 

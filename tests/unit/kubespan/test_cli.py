@@ -15,7 +15,7 @@ def test_flags_map_onto_every_mesh_field() -> None:
         [
             *REQUIRED,
             *("--link", "ks0", "--listen-port", "51999", "--mtu", "1380", "--keepalive", "0"),
-            *("--table", "181", "--rule-priority", "32000", "--nft-table", "ks_t"),
+            *("--table", "181", "--rule-priority", "32000", "--nft-table", "ks_t", "--steering", "routes"),
             *("--fwmark-wireguard", "0x100", "--fwmark-force", "0x200", "--fwmark-mask", "0x300"),
             "--allow-down-peer-bypass",
         ]
@@ -31,6 +31,7 @@ def test_flags_map_onto_every_mesh_field() -> None:
         fwmark_force=0x200,
         fwmark_mask=0x300,
         nft_table="ks_t",
+        steering="routes",
         allow_down_peer_bypass=True,
     )
     assert cli.mesh_config(cli.build_parser().parse_args(REQUIRED)) == MeshConfig()

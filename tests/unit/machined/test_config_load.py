@@ -122,6 +122,7 @@ def test_agent_config_full():
             "fwmarkForce": 0x200,
             "fwmarkMask": 0x300,
             "nftTable": "ks_t",
+            "steering": "routes",
         },
         "mesh": {
             "advertisedNetworks": ["10.10.0.0/24", "fd00::/64"],
@@ -145,6 +146,7 @@ def test_agent_config_full():
         m.config.link_name == "ks0" and m.config.listen_port == 51999 and m.config.persistent_keepalive == 0
     )
     assert (m.config.routing_table, m.config.rule_priority, m.config.nft_table) == (181, 32000, "ks_t")
+    assert m.config.steering == "routes"
     assert (m.config.fwmark_wireguard, m.config.fwmark_force, m.config.fwmark_mask) == (0x100, 0x200, 0x300)
     assert m.advertise == (ipaddress.ip_network("10.10.0.0/24"), ipaddress.ip_network("fd00::/64"))
     assert m.mac == bytes.fromhex("525400123456")
