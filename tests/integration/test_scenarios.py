@@ -113,8 +113,11 @@ def stale_state(node: Node, link: str = "kubespan") -> list[str]:
     if link in node.run("ip", "link").stdout:
         left.append("link")
     for fam in ("-4", "-6"):
-        if "32500:" in node.run("ip", fam, "rule").stdout:
+        rules = node.run("ip", fam, "rule").stdout
+        if "32500:" in rules:
             left.append(f"rule {fam}")
+        if "32499:" in rules:  # steering "routes": the WireGuard port's exemption
+            left.append(f"exemption rule {fam}")
         if node.run("ip", fam, "route", "show", "table", "180").stdout.strip():
             left.append(f"table 180 {fam}")
     if node.run("nft", "list", "table", "inet", "kubespan", check=False).returncode == 0:

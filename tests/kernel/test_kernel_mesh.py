@@ -60,6 +60,34 @@ def test_auto_picks_kernel_mesh_carries_ping_and_tcp_then_sigterm_removes_everyt
     assert wg_peers(n2) == []
 
 
+def test_steering_by_routes_under_strict_rp_filter(lab: Lab) -> None:
+    """``--steering routes`` with the kernel device: node-IP traffic through the tunnel by a route per
+    peer prefix, and WireGuard's own packets past strict reverse-path filtering by the exemption."""
+    ml = scenarios.lan(lab, ["n1", "n2"])
+    for name in ("n1", "n2"):
+        for key in ("all", "default", "eth0"):
+            lab.nodes[name].run("sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter=1")
+    n1, n2 = (ml.start_node(lab.nodes[n], "--steering", "routes") for n in ("n1", "n2"))
+    ml.wait("2-node kernel mesh, routes", lambda: full_mesh([n1, n2]), timeout=UP_TIMEOUT, interval=1)
+    node = n1.node
+    assert status(n1)["backend"] == "kernel"
+    assert "32499:\tfrom all ipproto udp sport 51820 lookup main" in node.run("ip", "rule").stdout
+    assert "not from all fwmark 0x20/0x60 lookup 180" in node.run("ip", "rule").stdout
+    assert "10.60.0.12 dev kubespan" in node.run("ip", "route", "show", "table", "180").stdout
+    assert node.run("nft", "list", "chain", "inet", "kubespan", "output", check=False).returncode != 0
+    size = 2 << 20
+    before = peers(n1)["n2"]["tx_bytes"]
+    assert scenarios.tcp_transfer(n1.node, n2.node, "10.60.0.12", 7814, size, timeout=120) == size
+    ml.wait(
+        "node-IP traffic counted on the kernel tunnel",
+        lambda: peers(n1)["n2"]["tx_bytes"] - before > size,
+        timeout=30,
+        interval=1,
+    )
+    assert ml.stop_node("n1", timeout=60) == 0
+    assert scenarios.stale_state(node) == []
+
+
 def ifindex(mn: MeshNode) -> int:
     return int(mn.node.run("cat", "/sys/class/net/kubespan/ifindex").stdout)
 
