@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubespan.constants import STEERINGS, MeshConfig
 from netns.lab import Lab, LabError, Node
 from netns.mesh import MeshLab, MeshNode
 from netns.reflect import in_netns
@@ -573,6 +574,13 @@ WG_DEBUG_ENV = {"KUBESPAN_WIREGUARD_LOG_LEVEL": "debug"}  # kubespan.wiring.WG_L
 def wg_log(mn: MeshNode) -> Path:
     """wireguard-go's log of the node (debug lines only with :data:`WG_DEBUG_ENV`)."""
     return mn.node.run_dir / "wireguard" / "kubespan.log"
+
+
+def add_steering_flag(ap: argparse.ArgumentParser) -> None:
+    """``--steering``: the agents' data-plane layout (default: theirs)."""
+    ap.add_argument(
+        "--steering", choices=STEERINGS, default=MeshConfig().steering, help="the agents' --steering"
+    )
 
 
 def add_log_flags(ap: argparse.ArgumentParser, keep_dir: str, kept_when: str) -> None:

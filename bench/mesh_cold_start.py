@@ -38,6 +38,7 @@ from _meshlab import (
     Pinger,
     UpWatch,
     add_log_flags,
+    add_steering_flag,
     agent_events,
     agent_proc,
     cpu_seconds,
@@ -101,12 +102,13 @@ def report_late(
 
 
 def one_round(
-    n: int, timeout: float, wg_debug: bool = False, keep_dir: Path | None = None
+    n: int, timeout: float, wg_debug: bool = False, keep_dir: Path | None = None, steering: str = "marks"
 ) -> dict[str, float]:
     with Lab() as lab:
         try:
             mesh = LanMesh.create(lab)
             mesh.env = dict(WG_DEBUG_ENV) if wg_debug else None
+            mesh.args = ("--steering", steering)
             nodes = [mesh.add_node(f"n{i}") for i in range(1, n + 1)]
             disc = discovery_pid(mesh)
             reg0 = cpu_seconds([disc] if disc else [])
@@ -201,17 +203,18 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=120)
     ap.add_argument("--quick", action="store_true", help="one round")
     add_log_flags(ap, "/tmp/mesh_cold_start-late", "for pairs that do not echo within 10 s of the full mesh")
+    add_steering_flag(ap)
     ns = ap.parse_args()
     if skip_unless_root(NAME):
         return 0
     rounds = 1 if ns.quick else ns.rounds
     sizes = [int(x) for x in ns.nodes.split(",") if x.strip()]
-    print(f"{NAME}: N={sizes}, {rounds} round(s) each; {host_load()}", flush=True)
+    print(f"{NAME}: N={sizes}, {rounds} round(s) each, steering {ns.steering}; {host_load()}", flush=True)
     results: dict[int, list[dict[str, float]]] = {}
     for n in sizes:
         results[n] = []
         for r in range(rounds):
-            res = one_round(n, ns.timeout, ns.wg_debug, ns.keep_dir)
+            res = one_round(n, ns.timeout, ns.wg_debug, ns.keep_dir, ns.steering)
             results[n].append(res)
             print(
                 f"  N={n} round {r + 1}: full mesh {res['mesh']:.2f} s (confirmed by /status at {res['confirmed']:.2f} s; "

@@ -33,6 +33,7 @@ import time
 
 from _meshlab import (
     LanMesh,
+    add_steering_flag,
     agent_proc,
     cpu_seconds,
     full_mesh,
@@ -45,7 +46,6 @@ from _meshlab import (
 from _throughput import Path, measure
 from _wglab import skip_unless_root
 
-from kubespan.constants import STEERINGS, MeshConfig
 from netns.lab import Lab, LabError, Node, sh
 from netns.mesh import stop_agents
 
@@ -122,12 +122,7 @@ def main() -> int:
         help="skip the informational hand tunnel inside the mesh namespaces",
     )
     ap.add_argument("--quick", action="store_true", help="3 rounds of at most 100 MiB / 3 s")
-    ap.add_argument(
-        "--steering",
-        choices=STEERINGS,
-        default=MeshConfig().steering,
-        help="the agents' --steering (default: theirs)",
-    )
+    add_steering_flag(ap)
     ns = ap.parse_args()
     if skip_unless_root(NAME):
         return 0
