@@ -25,6 +25,22 @@ def two_nodes(lab: Lab, *extra: str) -> tuple[MeshLab, MeshNode, MeshNode]:
     return ml, n1, n2
 
 
+def node_ip_tcp_through_tunnel(ml: MeshLab, n1: MeshNode, n2: MeshNode, port: int, both: bool) -> None:
+    """2 MiB of TCP to n2's node IP (and back to n1's with ``both``), counted on n1's tunnel for n2:
+    else the traffic bypassed the mesh."""
+    size = 2 << 20
+    before = peers(n1)["n2"]["tx_bytes"]
+    if both:
+        assert scenarios.tcp_transfer(n2.node, n1.node, "10.60.0.11", port + 1, size, timeout=120) == size
+    assert scenarios.tcp_transfer(n1.node, n2.node, "10.60.0.12", port, size, timeout=120) == size
+    ml.wait(
+        "node-IP traffic counted on the kernel tunnel",
+        lambda: peers(n1)["n2"]["tx_bytes"] - before > size,
+        timeout=30,
+        interval=1,
+    )
+
+
 def wg_peers(mn: MeshNode) -> list[str]:
     """Public keys of the peers the kernel device has, as the wg tool lists them."""
     return mn.node.run("wg", "show", "kubespan", "peers").stdout.split()
@@ -44,15 +60,7 @@ def test_auto_picks_kernel_mesh_carries_ping_and_tcp_then_sigterm_removes_everyt
     size = 2 << 20
     assert scenarios.tcp_transfer(n1.node, n2.node, mesh2, 7811, size, timeout=120) == size
     # node IP to node IP: marked by nftables, routed through table 180 into the kernel device
-    before = peers(n1)["n2"]["tx_bytes"]
-    assert scenarios.tcp_transfer(n2.node, n1.node, "10.60.0.11", 7812, size, timeout=120) == size
-    assert scenarios.tcp_transfer(n1.node, n2.node, "10.60.0.12", 7813, size, timeout=120) == size
-    ml.wait(
-        "node-IP traffic counted on the kernel tunnel",
-        lambda: peers(n1)["n2"]["tx_bytes"] - before > size,
-        timeout=30,
-        interval=1,
-    )
+    node_ip_tcp_through_tunnel(ml, n1, n2, 7812, both=True)
 
     assert ml.stop_node("n1", timeout=60) == 0
     assert scenarios.stale_state(n1.node) == []
@@ -75,15 +83,7 @@ def test_steering_by_routes_under_strict_rp_filter(lab: Lab) -> None:
     assert "not from all fwmark 0x20/0x60 lookup 180" in node.run("ip", "rule").stdout
     assert "10.60.0.12 dev kubespan" in node.run("ip", "route", "show", "table", "180").stdout
     assert node.run("nft", "list", "chain", "inet", "kubespan", "output", check=False).returncode != 0
-    size = 2 << 20
-    before = peers(n1)["n2"]["tx_bytes"]
-    assert scenarios.tcp_transfer(n1.node, n2.node, "10.60.0.12", 7814, size, timeout=120) == size
-    ml.wait(
-        "node-IP traffic counted on the kernel tunnel",
-        lambda: peers(n1)["n2"]["tx_bytes"] - before > size,
-        timeout=30,
-        interval=1,
-    )
+    node_ip_tcp_through_tunnel(ml, n1, n2, 7814, both=False)
     assert ml.stop_node("n1", timeout=60) == 0
     assert scenarios.stale_state(node) == []
 
