@@ -64,9 +64,8 @@ class FakeLinkManager(_Failures, ReconcileInOrder):
         cfg = cfg or C.MeshConfig()
         self.ifname, self.mtu, self.table = cfg.link_name, cfg.mtu, cfg.routing_table
         self.steering = cfg.steering
-        self.by_routes = cfg.steering == C.STEERING_ROUTES
         self.priority, self.fwmask = cfg.rule_priority, cfg.fwmark_mask
-        self.fwmark = cfg.fwmark_wireguard if self.by_routes else cfg.fwmark_force
+        self.fwmark = cfg.fwmark_wireguard if cfg.steering == C.STEERING_ROUTES else cfg.fwmark_force
         self.netns = netns
         # observable kernel state
         self.link_exists = link_exists
@@ -83,6 +82,10 @@ class FakeLinkManager(_Failures, ReconcileInOrder):
     @classmethod
     def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None) -> FakeLinkManager:
         return cls(cfg, netns=netns)
+
+    @property
+    def by_routes(self) -> bool:
+        return self.steering == C.STEERING_ROUTES
 
     # -- test controls ------------------------------------------------------------------------
 

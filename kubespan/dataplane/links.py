@@ -124,6 +124,20 @@ class LiveRoute:
         """``addr/len`` as ipaddress prints it (the key prefix routes are compared by)."""
         return f"{self.dst}/{self.dst_len}"
 
+    def delete_args(self) -> dict[str, Any]:
+        """Keyword arguments that make the kernel delete exactly this route."""
+        args: dict[str, Any] = {
+            "family": self.family,
+            "dst": self.prefix if self.dst_len else DEFAULT_DST[self.family],
+            "table": self.table,
+            "priority": self.metric,
+        }
+        if self.oif is not None:
+            args["oif"] = self.oif
+        if self.gateway is not None:
+            args["gateway"] = self.gateway
+        return args
+
 
 @dataclass(frozen=True, slots=True)
 class LiveRule:
@@ -245,14 +259,7 @@ def plan_addresses(
 
 def route_ok(route: LiveRoute, *, oif: int, mtu: int, metric: int) -> bool:
     """Is this default route exactly the one we install?"""
-    return (
-        route.dst_len == 0
-        and route.oif == oif
-        and route.mtu == mtu
-        and route.metric == metric
-        and route.gateway is None
-        and route.type == RTN_UNICAST
-    )
+    return route.dst_len == 0 and prefix_route_ok(route, oif=oif, mtu=mtu, metric=metric)
 
 
 def plan_routes(
@@ -322,6 +329,17 @@ def rule_ours(rule: LiveRule, *, priority: int, table: int) -> bool:
     return rule.priority == priority and rule.table == table
 
 
+def _plain(rule: LiveRule, *, invert: bool = False) -> bool:
+    """A lookup rule with no selector beyond the ones its caller checks (and ``not`` if asked)."""
+    return (
+        rule.action == FR_ACT_TO_TBL
+        and bool(rule.flags & FIB_RULE_INVERT) == invert
+        and rule.src_len == 0
+        and rule.dst_len == 0
+        and rule.tos == 0
+    )
+
+
 def rule_ok(
     rule: LiveRule, *, priority: int, table: int, fwmark: int, fwmask: int, invert: bool = False
 ) -> bool:
@@ -329,11 +347,7 @@ def rule_ok(
         rule_ours(rule, priority=priority, table=table)
         and rule.fwmark == fwmark
         and rule.fwmask == fwmask
-        and rule.action == FR_ACT_TO_TBL
-        and bool(rule.flags & FIB_RULE_INVERT) == invert
-        and rule.src_len == 0
-        and rule.dst_len == 0
-        and rule.tos == 0
+        and _plain(rule, invert=invert)
         and not rule.selectors
     )
 
@@ -376,11 +390,7 @@ def exemption_ok(rule: LiveRule, *, priority: int, port: int) -> bool:
         exemption_ours(rule, priority=priority)
         and rule.sport == f"{port}:{port}"
         and not rule.fwmark
-        and rule.action == FR_ACT_TO_TBL
-        and not rule.flags & FIB_RULE_INVERT
-        and rule.src_len == 0
-        and rule.dst_len == 0
-        and rule.tos == 0
+        and _plain(rule)
         and set(rule.selectors) <= {"FRA_IP_PROTO", "FRA_SPORT_RANGE"}
     )
 
@@ -817,17 +827,9 @@ class LinkManager(ReconcileInOrder):
                     live, family=family, table=self.table, oif=index, mtu=self.mtu, metric=self.metric
                 )
                 for r in remove:
-                    kw: dict[str, Any] = {
-                        "family": family,
-                        "dst": DEFAULT_DST[family],
-                        "table": self.table,
-                        "priority": r.metric,
-                    }
-                    if r.oif is not None:
-                        kw["oif"] = r.oif
-                    if r.gateway is not None:
-                        kw["gateway"] = r.gateway
-                    await self._delete(f"delete {fam} default route in table {self.table}", "route", **kw)
+                    await self._delete(
+                        f"delete {fam} default route in table {self.table}", "route", **r.delete_args()
+                    )
                     changes.append(
                         f"route table {self.table}: del {fam} default oif {r.oif} metric {r.metric} mtu {r.mtu}"
                     )
@@ -974,19 +976,8 @@ class LinkManager(ReconcileInOrder):
                     metric=self.metric,
                 )
                 for r in stale:
-                    dst = r.prefix if r.dst_len else DEFAULT_DST[family]
-                    kw: dict[str, Any] = {"oif": r.oif} if r.oif is not None else {}
-                    if r.gateway is not None:
-                        kw["gateway"] = r.gateway
-                    await self._delete(
-                        f"delete route {dst} in table {self.table}",
-                        "route",
-                        family=family,
-                        dst=dst,
-                        table=self.table,
-                        priority=r.metric,
-                        **kw,
-                    )
+                    args = r.delete_args()
+                    await self._delete(f"delete route {args['dst']} in table {self.table}", "route", **args)
                 for n in missing:
                     await self._route_add(index, n)
                 added, deleted = added + len(missing), deleted + len(stale)
@@ -1071,15 +1062,8 @@ class LinkManager(ReconcileInOrder):
                 ]
                 for r in routes:
                     if r.table == self.table and r.oif == index and (r.dst_len == 0 or self.by_routes):
-                        await self._delete(
-                            f"delete route {r.prefix if r.dst_len else 'default'}",
-                            "route",
-                            family=family,
-                            dst=r.prefix if r.dst_len else DEFAULT_DST[family],
-                            table=self.table,
-                            oif=index,
-                            priority=r.metric,
-                        )
+                        args = r.delete_args()
+                        await self._delete(f"delete route {args['dst']}", "route", **args)
             for a in [parse_address(m) for m in await self._dump("read addresses", "addr", index=index)]:
                 if a.owned:
                     await self._delete_address(index, a)

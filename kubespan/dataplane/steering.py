@@ -10,7 +10,7 @@ traffic: one ``not fwmark`` rule and a lookup in a small table (docs/design/nft-
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6, normalize_desired
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 class PrefixRoutes(Protocol):
     async def reconcile_prefix_routes(
-        self, desired: Mapping[int, list[IPNetwork]], *, trust_cache: bool = False
+        self, desired: Mapping[int, Sequence[IPNetwork]], *, trust_cache: bool = False
     ) -> list[str]: ...
 
 
@@ -41,11 +41,7 @@ class RouteSteering:
         normalized: bool = False,
     ) -> list[str]:
         """The changes made to the table and the routes (empty: nothing written)."""
-        sets = (
-            {name: list(v) for name, v in desired_sets.items()}
-            if normalized
-            else normalize_desired(desired_sets)
-        )
+        sets = desired_sets if normalized else normalize_desired(desired_sets)
         changes = await self.nft.reconcile({}, trust_cache=trust_cache, normalized=True)
         by_family = {4: list(sets.get(SET_IPV4, ())), 6: list(sets.get(SET_IPV6, ()))}
         return changes + await self.routes.reconcile_prefix_routes(by_family, trust_cache=trust_cache)

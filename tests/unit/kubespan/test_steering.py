@@ -79,6 +79,18 @@ def test_plan_prefix_routes_keeps_exact_ones_and_leaves_others_alone() -> None:
     assert L.plan_prefix_routes([good, good], want[:1], **spec) == ([good], [])
 
 
+def test_route_delete_args_name_exactly_that_route() -> None:
+    assert _route("10.1.0.0/24").delete_args() == dict(
+        family=AF4, dst="10.1.0.0/24", table=180, priority=1, oif=5
+    )
+    default = _route("::/0", dst=None, oif=None, gateway="fe80::1", metric=7)
+    assert default.delete_args() == dict(family=AF6, dst="::/0", table=180, priority=7, gateway="fe80::1")
+    # the default route check is the prefix route check plus "default"
+    assert L.route_ok(_route("0.0.0.0/0", dst=None), oif=5, mtu=1420, metric=1)
+    assert not L.route_ok(_route("10.1.0.0/24"), oif=5, mtu=1420, metric=1)
+    assert not L.route_ok(_route("0.0.0.0/0", dst=None, mtu=1500), oif=5, mtu=1420, metric=1)
+
+
 def test_diff_prefixes() -> None:
     known = {4: [ip_network("10.1.0.0/24"), ip_network("10.2.0.0/24")], 6: [ip_network("fd00::/64")]}
     desired = {4: [ip_network("10.2.0.0/24"), ip_network("10.3.0.0/24")], 6: []}
