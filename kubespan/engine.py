@@ -31,7 +31,7 @@ from kubespan.affiliate import (
     Traversal,
     build_local_affiliate,
 )
-from kubespan.constants import WATCHED_LINKS_CHECK_INTERVAL, MeshConfig
+from kubespan.constants import STEERING_ROUTES, WATCHED_LINKS_CHECK_INTERVAL, MeshConfig
 from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6
 from kubespan.endpoints import Candidate, CandidateKind, EndpointMachine, Observation
 from kubespan.firstcontact import NATTED, Action, FirstContact, FirstContactTimings, waits
@@ -1062,7 +1062,8 @@ class Mesh:
             # check reads the table and repairs what was changed from outside)
             changes += await self.nft.reconcile(sets, trust_cache=not reread, normalized=True)
         except Exception as e:
-            self._error(f"nftables: {e}")
+            # the target sets drive the marking chains, or become prefix routes (steering "routes")
+            self._error(f"{'prefix routes' if self.cfg.steering == STEERING_ROUTES else 'nftables'}: {e}")
             self._dataplane_due = True
         if changes:
             self.dataplane_changes = (self.dataplane_changes + changes)[-50:]

@@ -383,6 +383,23 @@ def _warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> int:
     )
 
 
+async def test_a_failed_write_of_the_target_sets_names_the_layout(tmp_path: Path) -> None:
+    """Behind steering "routes" the target sets become prefix routes: a failed write says so."""
+    from kubespan.constants import MeshConfig
+    from kubespan.dataplane.links import DataplaneError
+    from kubespan.dataplane.steering import RouteSteering
+
+    for steering, label in (("marks", "nftables: "), ("routes", "prefix routes: ")):
+        rig = make_rig(tmp_path / steering, first_contact=None, config=MeshConfig(steering=steering))
+        if steering == "routes":
+            rig.m.nft = RouteSteering(rig.links, rig.nft)
+            rig.links.fail_next("reconcile_prefix_routes", DataplaneError("injected"))
+        else:
+            rig.nft.fail_next("reconcile", DataplaneError("injected"))
+        async with rig.running(remote("node-a", "a", "10.5.0.2", 2)[2]) as m:
+            assert f"{label}injected" in m.errors, m.errors
+
+
 async def test_malformed_affiliate_is_reported_once_per_content(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
