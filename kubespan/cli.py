@@ -492,7 +492,8 @@ def format_table(st: dict[str, Any], now: float | None = None) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     head = (
         f"node {st.get('nodename')} mesh {st.get('mesh_address')} port {st.get('listen_port')} "
-        f"backend {st.get('backend')} ready {str(st.get('ready')).lower()}"
+        f"backend {st.get('backend')} steering {st.get('steering', 'marks')} "
+        f"ready {str(st.get('ready')).lower()}"
     )
     extra = [f"conflict: {c}" for c in st.get("conflicts", [])]
     relay = [_relay_line(st["relay"])] if st.get("relay") else []

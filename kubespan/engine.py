@@ -257,6 +257,7 @@ class Mesh:
             public_key=self.identity.public_key.b64,
             mesh_address=str(self.identity.address),
             backend=self.backend.name,
+            steering=self.cfg.steering,
         )
         self._publish_snapshot(light=False, at=None)
         await self.backend.ensure_device()
@@ -1140,6 +1141,7 @@ class Mesh:
             errors=prev.errors if prev is not None and prev.errors == errors else errors,
             nat=self._nat_status,
             relay=prev.relay if prev is not None and prev.relay == relay else relay,
+            steering=self.cfg.steering,
         )
 
     def _peer_nat_classes(self) -> dict[str, str]:

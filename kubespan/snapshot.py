@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kubespan.constants import STEERING_MARKS
+
 if TYPE_CHECKING:
     from kubespan.affiliate import LocalAffiliate, RemoteAffiliate
     from kubespan.identity import MeshIdentity
@@ -122,6 +124,7 @@ class MeshStatus:
     errors: tuple[str, ...]
     nat: NatStatus = NO_STUN
     relay: RelayStatus | None = None  # None: this node does not relay
+    steering: str = STEERING_MARKS  # how traffic for peers reaches the link (marks or routes)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,6 +150,7 @@ class MeshSnapshot:
     errors: tuple[str, ...]  # the last few
     nat: NatStatus = NO_STUN  # endpoint discovery, as the last completed run left it
     relay: RelayStatus | None = None  # the relay service's counters (None: not relaying)
+    steering: str = STEERING_MARKS  # the data-plane layout (MeshConfig.steering)
 
     @property
     def local_published(self) -> bool:
@@ -171,4 +175,5 @@ class MeshSnapshot:
             errors=self.errors,
             nat=self.nat,
             relay=self.relay,
+            steering=self.steering,
         )

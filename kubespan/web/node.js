@@ -124,6 +124,7 @@
     setFact("public-key", st.public_key);
     setFact("listen-port", st.listen_port);
     setFact("backend", st.backend);
+    setFact("steering", st.steering);
     setFact("public-ip", st.public_ip);
     setFact("endpoints", (st.endpoints || []).join(", "));
     const nat = st.nat || {};

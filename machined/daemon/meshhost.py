@@ -192,6 +192,7 @@ class MeshHost:
             "mesh started",
             mesh_address=str(snap.identity.address.ip) if snap is not None else None,
             backend=snap.backend if snap is not None else "?",
+            steering=snap.steering if snap is not None else "?",
             discovery=list(settings.discovery_urls),
         )
         self._notify("started")

@@ -80,6 +80,7 @@ async def test_node_page_follows_a_peer_down_and_back(
     await wait_state(page, "n2", "up", 10_000)
     assert (await page.locator("#nodename").inner_text()) == "n1"
     assert (await page.locator("#mesh-address").inner_text()) == st["mesh_address"]
+    assert (await page.locator("#steering").inner_text()) == st["steering"] == "marks"
     assert (await cell(page, "n2", "state")) == "✓ up"
     assert (await cell(page, "n2", "endpoint")).startswith("10.60.0.12:")
     assert (await cell(page, "n2", "path")) == "lan"

@@ -88,10 +88,13 @@ def test_status_table_shows_the_nat_line_and_each_peers_class() -> None:
         ],
     }
     lines = cli.format_table(st, now=0).splitlines()
+    assert lines[0] == "node n1 mesh fd00::1 port 51820 backend userspace steering marks ready true"
     assert lines[1] == "nat eim mapped 198.51.100.7:40000 (published) via 2 responders"
     assert lines[2].split()[-1] == "NAT" and lines[3].split()[-1] == "edm"
     st["nat"] = {"nat_class": "unknown", "error": "STUN: no responder configured"}
-    assert cli.format_table(st, now=0).splitlines()[1] == "nat unknown (STUN: no responder configured)"
+    st["steering"] = "routes"
+    lines = cli.format_table(st, now=0).splitlines()
+    assert lines[1] == "nat unknown (STUN: no responder configured)" and " steering routes " in lines[0]
 
 
 def test_status_table_shows_each_peers_path() -> None:

@@ -384,7 +384,8 @@ def _warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> int:
 
 
 async def test_a_failed_write_of_the_target_sets_names_the_layout(tmp_path: Path) -> None:
-    """Behind steering "routes" the target sets become prefix routes: a failed write says so."""
+    """Behind steering "routes" the target sets become prefix routes: a failed write says so, and
+    the status names the layout."""
     from kubespan.constants import MeshConfig
     from kubespan.dataplane.links import DataplaneError
     from kubespan.dataplane.steering import RouteSteering
@@ -398,6 +399,7 @@ async def test_a_failed_write_of_the_target_sets_names_the_layout(tmp_path: Path
             rig.nft.fail_next("reconcile", DataplaneError("injected"))
         async with rig.running(remote("node-a", "a", "10.5.0.2", 2)[2]) as m:
             assert f"{label}injected" in m.errors, m.errors
+            assert m.status().steering == steering  # operators see the layout in the status
 
 
 async def test_malformed_affiliate_is_reported_once_per_content(
