@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -81,6 +81,7 @@ class TraversalLab:
     profiles: dict[str, str]  # agent name -> NAT profile (the relays: open)
     agent_flags: tuple[str, ...] = ()
     relays: tuple[str, ...] = (RELAY,)  # the public relay nodes' names (each in sites and profiles)
+    node_flags: Mapping[str, Sequence[str]] = field(default_factory=dict)  # more flags for some agents
 
     def start_agents(self) -> None:
         """``kubespan run`` in every site (with ``--stun-server`` for both responders; ``--relay`` on the
@@ -88,7 +89,8 @@ class TraversalLab:
         for name, site in self.sites.items():
             if name not in self.ml.nodes:
                 relay = ("--relay",) if name in self.relays else ()
-                self.ml.start_node(site.node, *stun_flags(), *relay, *self.agent_flags)
+                own = self.node_flags.get(name, ())
+                self.ml.start_node(site.node, *stun_flags(), *relay, *self.agent_flags, *own)
 
     @property
     def agents(self) -> dict[str, MeshNode]:
@@ -217,12 +219,14 @@ def build(
     relays: Sequence[str] = (RELAY,),
     registry_flags: Sequence[str] = (),
     agent_flags: Sequence[str] = (),
+    node_flags: Mapping[str, Sequence[str]] | None = None,
     cluster_id: str = "nat-matrix",
     start: bool = True,
 ) -> TraversalLab:
     """The registry (with STUN on two addresses), the public relay nodes (``relays``: by default one,
     named ``relay``; ``()`` for none) and one agent per profile (a mapping gives agent names; a list
-    names each agent after its profile), all started with ``--stun-server`` for both responders. Returns once discovery serves and every agent is started
+    names each agent after its profile), all started with ``--stun-server`` for both responders and
+    ``agent_flags`` (``node_flags``: more flags for the agents it names). Returns once discovery serves and every agent is started
     (not yet connected: see :meth:`TraversalLab.wait_settled`); with ``start=False`` the sites are built
     but no agent runs until :meth:`TraversalLab.start_agents`."""
     named = dict(profiles) if isinstance(profiles, Mapping) else {p: p for p in profiles}
@@ -234,7 +238,11 @@ def build(
     url = start_registry(ml, disc, *registry_flags)
     order = dict.fromkeys(relays, "open") | named
     sites = {name: lab.site(name, prof) for name, prof in order.items()}
-    tl = TraversalLab(lab, ml, disc, url, sites, order, tuple(agent_flags), tuple(relays))
+    if unknown := set(node_flags or ()) - set(order):
+        raise LabError(f"node_flags for {sorted(unknown)}: no such agent")
+    tl = TraversalLab(
+        lab, ml, disc, url, sites, order, tuple(agent_flags), tuple(relays), dict(node_flags or {})
+    )
     if start:
         tl.start_agents()
     return tl

@@ -5,7 +5,8 @@ a real discovery-service answering STUN on two internet addresses, one public re
 
 The hard pair cannot connect directly (nat.md §2): it is relayed through the public node (``path:
 relay``, ``relay_via: relay``, "both behind symmetric NAT") and a ping crosses the mesh. The easy pair
-connects directly through a coordinated punch. Every pair ends up connected.
+connects directly through a coordinated punch. Every pair ends up connected. One node of each pair
+steers by routes (``--steering routes``), the other by marks: the layouts are local and interoperate.
 """
 
 from __future__ import annotations
@@ -39,10 +40,18 @@ def _path(n: MeshNode, label: str) -> tuple[str, str | None, str | None]:
 
 def test_hard_pair_relayed_easy_pair_punched(lab: Lab) -> None:
     t0 = time.monotonic()
-    tl = build(lab, {"h1": "hard", "h2": "hard", "e1": "easy", "e2": "easy"}, cluster_id="traversal")
+    by_routes = ("--steering", "routes")
+    tl = build(
+        lab,
+        {"h1": "hard", "h2": "hard", "e1": "easy", "e2": "easy"},
+        node_flags={"h1": by_routes, "e1": by_routes},
+        cluster_id="traversal",
+    )
     ml = tl.ml
     ml.wait("every pair up", ml.all_up, timeout=60)
     h1, h2, e1, e2 = (tl.agents[n] for n in ("h1", "h2", "e1", "e2"))
+    assert [n.status()["steering"] for n in (h1, h2, e1, e2)] == ["routes", "marks", "routes", "marks"]
+    assert "not from all fwmark 0x20/0x60 lookup 180" in h1.node.run("ip", "rule").stdout
 
     ml.wait("h1-h2 relayed", lambda: _path(h1, "h2")[0] == "relay" and _path(h2, "h1")[0] == "relay", 30)
     assert _path(h1, "h2") == ("relay", RELAY, "both behind symmetric NAT")
