@@ -1,5 +1,5 @@
 """Test doubles for the engine's ports that have no package of their own: discovery, the prober, STUN,
-hole punching and the relay.
+hole punching and the relay; and status values for the status readers' tests.
 
 A test-support module: production code never imports it (``tests/unit/test_layers.py``
 checks). The WireGuard and data-plane fakes are beside their interfaces, in
@@ -18,6 +18,7 @@ from typing import Any
 from kubespan.nat.classify import NatClass, NatReport
 from kubespan.probe import Prober
 from kubespan.relay.control import Notice
+from kubespan.snapshot import MeshStatus, NatStatus, PeerStatus
 from kubespan.wireguard.types import AddrPort, PublicKey
 from spanapi.discovery.client import affiliate_pb2
 from spanutil.ipcodec import IPAddress
@@ -273,3 +274,47 @@ class FakeRelayServer:
 
     async def stop(self) -> None:
         self.started = False
+
+
+def peer_status(label: str = "n2", **fields: Any) -> PeerStatus:
+    """A peer's status, up with zero counters and no endpoint; ``fields`` override."""
+    base: dict[str, Any] = dict(
+        label=label,
+        node_id=f"id-{label}",
+        public_key=f"pk-{label}",
+        mesh_address=None,
+        endpoint=None,
+        state="up",
+        rx_bytes=0,
+        tx_bytes=0,
+        last_handshake=None,
+        last_used_endpoint=None,
+        last_endpoint_change=None,
+        endpoint_switches=0,
+        roams=0,
+        failures=0,
+        candidates=(),
+        learned=(),
+        allowed_ips=(),
+    )
+    return PeerStatus(**(base | fields))
+
+
+def mesh_status(*peers: PeerStatus, **fields: Any) -> MeshStatus:
+    """Node n1's status with ``peers``, ready, on the userspace backend; ``fields`` override."""
+    base: dict[str, Any] = dict(
+        ready=True,
+        node_id="id1",
+        nodename="n1",
+        public_key="pk1",
+        mesh_address="fd00::1",
+        listen_port=51820,
+        backend="userspace",
+        public_ip=None,
+        endpoints=(),
+        peers=peers,
+        conflicts=(),
+        errors=(),
+        nat=NatStatus(),
+    )
+    return MeshStatus(**(base | fields))

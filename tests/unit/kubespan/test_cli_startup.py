@@ -14,9 +14,10 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from kubespan import cli
+from kubespan import cli, testing
 from kubespan.metrics import DiscoveryCollector, MeshCollector
-from kubespan.snapshot import MeshStatus, NatStatus, PeerStatus
+from kubespan.snapshot import MeshStatus, NatStatus
+from kubespan.testing import peer_status
 
 
 class FakeDiscovery:
@@ -29,41 +30,17 @@ class FakeDiscovery:
 
 
 def mesh_status() -> MeshStatus:
-    peer = PeerStatus(
-        label="n2",
+    peer = peer_status(
+        "n2",
         node_id="id2",
         public_key="pk2",
-        mesh_address=None,
         endpoint="10.0.0.12:51820",
-        state="up",
         rx_bytes=100,
         tx_bytes=200,
-        last_handshake=None,
-        last_used_endpoint=None,
-        last_endpoint_change=None,
         endpoint_switches=1,
-        roams=0,
-        failures=0,
-        candidates=(),
-        learned=(),
-        allowed_ips=(),
         nat_class="eim",
     )
-    return MeshStatus(
-        ready=True,
-        node_id="id1",
-        nodename="n1",
-        public_key="pk1",
-        mesh_address="fd00::1",
-        listen_port=51820,
-        backend="userspace",
-        public_ip=None,
-        endpoints=(),
-        peers=(peer,),
-        conflicts=(),
-        errors=(),
-        nat=NatStatus("eim", None, None),
-    )
+    return testing.mesh_status(peer, nat=NatStatus("eim", None, None))
 
 
 def test_version_flag_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,45 +7,12 @@ from dataclasses import replace
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kubespan.metrics import MeshCollector
-from kubespan.snapshot import MeshStatus, NatStatus, PeerStatus, RelayStatus
+from kubespan.snapshot import MeshStatus, NatStatus, RelayStatus
+from kubespan.testing import mesh_status, peer_status
 
 
 def status(nat: NatStatus, peer_class: str) -> MeshStatus:
-    peer = PeerStatus(
-        label="n2",
-        node_id="id2",
-        public_key="pk2",
-        mesh_address=None,
-        endpoint=None,
-        state="up",
-        rx_bytes=0,
-        tx_bytes=0,
-        last_handshake=None,
-        last_used_endpoint=None,
-        last_endpoint_change=None,
-        endpoint_switches=0,
-        roams=0,
-        failures=0,
-        candidates=(),
-        learned=(),
-        allowed_ips=(),
-        nat_class=peer_class,
-    )
-    return MeshStatus(
-        ready=True,
-        node_id="id1",
-        nodename="n1",
-        public_key="pk1",
-        mesh_address="fd00::1",
-        listen_port=51820,
-        backend="userspace",
-        public_ip=None,
-        endpoints=(),
-        peers=(peer,),
-        conflicts=(),
-        errors=(),
-        nat=nat,
-    )
+    return mesh_status(peer_status("n2", node_id="id2", public_key="pk2", nat_class=peer_class), nat=nat)
 
 
 def scrape(st: MeshStatus) -> str:

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from kubespan.snapshot import MeshStatus, NatStatus, PeerStatus
+from kubespan.snapshot import NatStatus, PeerStatus
+from kubespan.testing import mesh_status, peer_status
 from machined.spanctl.dashboard import model
 from machined.spanctl.dashboard.agents import (
     AgentCollector,
@@ -28,47 +29,33 @@ NAMES = ("a1", "b1", "h1")
 
 def peer(label: str, **kw: Any) -> PeerStatus:
     base: dict[str, Any] = {
-        "label": label,
         "node_id": f"id-{label}",
         "public_key": f"key-{label}=",
         "mesh_address": f"fd00::{label}",
         "endpoint": f"198.51.100.{len(label) + 10}:51820",
-        "state": "up",
         "rx_bytes": 1000,
         "tx_bytes": 2000,
         "last_handshake": NOW - 5,
-        "last_used_endpoint": None,
         "last_endpoint_change": NOW - 60,
         "endpoint_switches": 1,
-        "roams": 0,
-        "failures": 0,
-        "candidates": (),
-        "learned": (),
-        "allowed_ips": (),
         "nat_class": "eim",
         "path": "direct",
         "rtt": 0.0012,
         "connect_time": 0.4,
     }
-    base.update(kw)
-    return PeerStatus(**base)
+    return peer_status(label, **(base | kw))
 
 
 def status_doc(name: str, peers: list[PeerStatus], nat_class: str = "eim") -> dict[str, Any]:
     """A ``/status`` body as the agent serves it: ``MeshStatus.as_dict()`` through JSON."""
-    st = MeshStatus(
-        ready=True,
+    st = mesh_status(
+        *peers,
         node_id=f"id-{name}",
         nodename=name,
         public_key=f"key-{name}=",
         mesh_address=f"fd00::{name}",
-        listen_port=51820,
         backend="wireguard-go",
-        public_ip=None,
         endpoints=("10.1.0.11:51820", "203.0.113.7:40001"),
-        peers=tuple(peers),
-        conflicts=(),
-        errors=(),
         nat=NatStatus(nat_class=nat_class, mapped="203.0.113.7:40001", published="203.0.113.7:40001"),
     )
     return json.loads(json.dumps(st.as_dict()))
