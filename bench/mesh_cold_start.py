@@ -75,7 +75,8 @@ def report_late(
     wall = time.time()
     print(f"    {len(late)} ordered pair(s) without an echo reply after 10 s; both sides now:", flush=True)
     shown_pairs: set[frozenset[str]] = set()
-    for pair in late[:6]:
+    described = late[:6]  # the first few: each costs two /status reads
+    for pair in described:
         a, b = pair.key
         if frozenset(pair.key) in shown_pairs:
             print(f"      echo {a} -> {b}: {len(pair.sent)} sent, {pair.send_errors} send errors", flush=True)
@@ -91,12 +92,12 @@ def report_late(
     end = t1 + 29
     while time.monotonic() < end and any(p.first_reply() is None for p in late):
         time.sleep(0.2)
-    for pair in late[:6]:
+    for pair in described:
         first = pair.first_reply()
         after = f"{first - t1:.1f} s" if first is not None else "none within 29 s"
         print(f"      echo {pair.key[0]} -> {pair.key[1]}: first reply {after}", flush=True)
     if keep_dir is not None:
-        names = dict.fromkeys(name for pair in late[:6] for name in pair.key)
+        names = dict.fromkeys(name for pair in described for name in pair.key)
         kept = keep_logs(keep_dir / time.strftime("%H%M%S"), [by_name[x] for x in names])
         print(f"      their logs: {kept}", flush=True)
 

@@ -192,8 +192,7 @@ class FirstContact:
         if self.waiting:
             self.done = True
             return Action.GO
-        self._restart(now, held=False, why="no session")
-        self.last = True
+        self._restart(now, held=False, why="no session", last=True)
         return Action.RECREATE
 
     def _confirm(self, now: float, heard: bool | None) -> Action:
@@ -213,13 +212,15 @@ class FirstContact:
             self.done = True
             return Action.GO
         self.reconfirmed = True
-        self._restart(now, held=False, why="no probe answered through the session")
-        self.last = True
+        self._restart(now, held=False, why="no probe answered through the session", last=True)
         return Action.RECREATE
 
-    def _restart(self, now: float, *, held: bool, why: str) -> None:
-        """A re-creation: a new WireGuard peer (new counters, no handshake) from ``now``."""
+    def _restart(self, now: float, *, held: bool, why: str, last: bool = False) -> None:
+        """A re-creation: a new WireGuard peer (new counters, no handshake) from ``now``; ``last``:
+        no other re-creation follows it."""
         self.why = why
+        if last:
+            self.last = True
         self.waiting = False
         self.held = held
         self.since = now
