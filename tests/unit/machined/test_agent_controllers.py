@@ -4,6 +4,7 @@ resources follow their inputs, cleanup removes what is no longer produced."""
 from __future__ import annotations
 
 from kubespan.snapshot import PeerStatus
+from kubespan.testing import peer_status
 from machined.controllers import (
     KubeSpanPeerStatusController,
     MachineStatusController,
@@ -47,24 +48,14 @@ async def _ready(s: State) -> bool:
 def peer(
     label: str, state: str, rx: int = 0, endpoint: str = "10.0.0.1:51820", rtt: float | None = None
 ) -> PeerStatus:
-    return PeerStatus(
-        label=label,
-        node_id=f"id-{label}",
+    return peer_status(
+        label,
         public_key=f"{label}-key=",
-        mesh_address=None,
         endpoint=endpoint,
         state=state,
         rx_bytes=rx,
         tx_bytes=rx,
         last_handshake=1_700_000_000.0,
-        last_used_endpoint=None,
-        last_endpoint_change=None,
-        endpoint_switches=0,
-        roams=0,
-        failures=0,
-        candidates=(),
-        learned=(),
-        allowed_ips=(),
         rtt=rtt,
     )
 
