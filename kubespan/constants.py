@@ -85,6 +85,9 @@ WG_REKEY_TIMEOUT = 5.0  # an unanswered handshake initiation is retried after th
 WG_REKEY_TIMEOUT_JITTER = 1.0 / 3.0  # ... plus up to this much random jitter
 WG_REKEY_ATTEMPT_TIME = 90.0  # handshake retries stop after this
 WG_KEEPALIVE_TIMEOUT = 10.0  # passive keepalive: data received, nothing sent back for this long
+# A keepalive as the peer's tx/rx byte counters count it: a transport message without payload (16-byte
+# header, 16-byte tag). Any data message is longer (its payload is padded to 16 bytes).
+WG_KEEPALIVE_BYTES = 32
 
 # --- Talos' KubeSpan timers, for comparison (seconds) --------------------------------------------
 

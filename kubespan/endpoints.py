@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kubespan.constants import (
+    WG_KEEPALIVE_BYTES,
     WG_KEEPALIVE_TIMEOUT,
     WG_REJECT_AFTER_TIME,
     WG_REKEY_TIMEOUT,
@@ -322,6 +323,7 @@ class EndpointMachine:
             return self._decide(before_state, self._current, probe, False)
 
         rx_progress = tx_progress = False
+        keepalive_only = False  # all we sent since the last observation is one keepalive
         fresh, self._fresh_pending = self._fresh_pending, False
         reset = obs.rx_bytes < self._rx or obs.tx_bytes < self._tx
         if fresh and self._baseline and reset:
@@ -356,6 +358,7 @@ class EndpointMachine:
         else:
             rx_progress = obs.rx_bytes > self._rx
             tx_progress = obs.tx_bytes > self._tx
+            keepalive_only = obs.tx_bytes - self._tx == WG_KEEPALIVE_BYTES
         self._rx, self._tx = obs.rx_bytes, obs.tx_bytes
         self._probed_absent = False
 
@@ -367,7 +370,10 @@ class EndpointMachine:
             self._first_calibration = None
         if rx_progress:
             self._last_rx_progress = now
-        if tx_progress:
+        if tx_progress and not keepalive_only:
+            # traffic flows: observe often, so that a stall shows within an active poll. A lone
+            # keepalive is no flow (it still starts an episode below): 100 idle peers send four a
+            # second, which would keep the engine at active polls all the time
             self._active_until = now + self.t.poll_interval
 
         # --- what is WireGuard using? --------------------------------------------------------------

@@ -9,7 +9,7 @@ from ipaddress import ip_interface, ip_network
 
 import pytest
 
-from kubespan.constants import WG_REKEY_TIMEOUT, ConfigError, DetectionTimings
+from kubespan.constants import WG_KEEPALIVE_BYTES, WG_REKEY_TIMEOUT, ConfigError, DetectionTimings
 from kubespan.endpoints import (
     Candidate,
     CandidateKind,
@@ -360,6 +360,23 @@ def test_idle_and_healthy_peers_are_not_probed_and_idle_ones_not_polled_fast():
     for _ in range(20):
         assert not d.step(dt=1.0).probe
     assert d.m.due is None and d.m.status().probes == probes
+
+
+def test_our_lone_keepalive_is_not_traffic_to_poll_fast_for():
+    """An idle peer's keepalive (one 32-byte message) still starts an episode, but asks for no
+    active polls: with 100 peers four go out a second, and active polls would never stop."""
+    d = fast_driver()
+    for _ in range(20):
+        d.step(dt=1.0)
+    dec = d.step(tx=WG_KEEPALIVE_BYTES, dt=1.0)
+    assert dec.probe and d.m.status().episodes == 1  # tx without rx: looked into as before
+    assert d.m.due == pytest.approx(d.now + d.m.t.probe_interval)  # the episode's next probe only
+    d.step(rx=96, dt=0.05, answered=True)
+    assert d.m.due is None  # answered: back to the regular poll
+    d.step(rx=WG_KEEPALIVE_BYTES, tx=WG_KEEPALIVE_BYTES, dt=1.0)  # both keepalives in one poll
+    assert d.m.due is None
+    d.step(rx=96, tx=2 * WG_KEEPALIVE_BYTES, dt=1.0)  # more than a keepalive: traffic
+    assert d.m.due == pytest.approx(d.now + d.m.t.active_poll_interval)
 
 
 def test_fast_trials_go_round_once_then_slow_trials_take_over():
