@@ -31,7 +31,7 @@ from kubespan.affiliate import (
     Traversal,
     build_local_affiliate,
 )
-from kubespan.constants import STEERING_ROUTES, WATCHED_LINKS_CHECK_INTERVAL, MeshConfig
+from kubespan.constants import WATCHED_LINKS_CHECK_INTERVAL, MeshConfig
 from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6
 from kubespan.endpoints import Candidate, CandidateKind, EndpointMachine, Observation
 from kubespan.firstcontact import NATTED, Action, FirstContact, FirstContactTimings, waits
@@ -300,7 +300,7 @@ class Mesh:
             await self.traversal.close()
         if cleanup:
             for what, step in (
-                ("nftables", self.nft.teardown),
+                (self.nft.what, self.nft.teardown),
                 ("routes and rules", lambda: self.links.teardown(remove_link=False)),
             ):
                 try:
@@ -1064,7 +1064,7 @@ class Mesh:
             changes += await self.nft.reconcile(sets, trust_cache=not reread, normalized=True)
         except Exception as e:
             # the target sets drive the marking chains, or become prefix routes (steering "routes")
-            self._error(f"{'prefix routes' if self.cfg.steering == STEERING_ROUTES else 'nftables'}: {e}")
+            self._error(f"{self.nft.what}: {e}")
             self._dataplane_due = True
         if changes:
             self.dataplane_changes = (self.dataplane_changes + changes)[-50:]

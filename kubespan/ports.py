@@ -77,7 +77,12 @@ class LinkWatcher(Protocol):
 
 @runtime_checkable
 class NftPort(Protocol):
-    """The mesh's nftables table and its destination sets."""
+    """The mesh's nftables table and its destination sets.
+
+    ``what`` names what the sets become, for error messages ("nftables", "prefix routes").
+    """
+
+    what: str
 
     async def reconcile(
         self,

@@ -65,7 +65,7 @@ class FakeLinkManager(_Failures, ReconcileInOrder):
         self.ifname, self.mtu, self.table = cfg.link_name, cfg.mtu, cfg.routing_table
         self.steering = cfg.steering
         self.priority, self.fwmask = cfg.rule_priority, cfg.fwmark_mask
-        self.fwmark = cfg.fwmark_wireguard if cfg.steering == C.STEERING_ROUTES else cfg.fwmark_force
+        self.fwmark = cfg.fwmark_wireguard if self.by_routes else cfg.fwmark_force
         self.netns = netns
         # observable kernel state
         self.link_exists = link_exists
@@ -234,6 +234,8 @@ class FakeLinkManager(_Failures, ReconcileInOrder):
 
 class FakeNftManager(_Failures):
     """The table as ``{set name: set of prefixes}`` (``None`` = no table); same change strings."""
+
+    what = "nftables"
 
     def __init__(
         self,

@@ -105,6 +105,8 @@ class Transaction:
 class NftManager:
     """The mesh's nftables table: created when missing, sets kept equal to the desired prefixes."""
 
+    what = "nftables"
+
     def __init__(
         self,
         table_name: str = C.NFT_TABLE,

@@ -30,6 +30,8 @@ class RouteSteering:
     """:class:`~kubespan.ports.NftPort` for steering "routes": sets in, prefix routes and the
     clamp-only table out (in that order: the table first, as with marks)."""
 
+    what = "prefix routes"
+
     def __init__(self, routes: PrefixRoutes, nft: NftPort) -> None:
         self.routes, self.nft = routes, nft
 
@@ -43,7 +45,7 @@ class RouteSteering:
         """The changes made to the table and the routes (empty: nothing written)."""
         sets = desired_sets if normalized else normalize_desired(desired_sets)
         changes = await self.nft.reconcile({}, trust_cache=trust_cache, normalized=True)
-        by_family = {4: list(sets.get(SET_IPV4, ())), 6: list(sets.get(SET_IPV6, ()))}
+        by_family = {4: sets.get(SET_IPV4, ()), 6: sets.get(SET_IPV6, ())}  # copied by the routes
         return changes + await self.routes.reconcile_prefix_routes(by_family, trust_cache=trust_cache)
 
     async def teardown(self) -> None:
