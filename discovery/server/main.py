@@ -104,6 +104,11 @@ def grpc_options(
 GRPC_OPTIONS: list[tuple[str, Any]] = grpc_options()
 
 
+def server_options(ns: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The channel arguments for the parsed flags (the defaults give :data:`GRPC_OPTIONS`)."""
+    return grpc_options(ns.keepalive_time, ns.keepalive_timeout, ns.max_request_size, ns.max_connection_idle)
+
+
 def listen_target(addr: str) -> str:
     """``:3000`` → ``[::]:3000``; ``127.0.0.1:3000`` unchanged (HostPortError names a bad one)."""
     host, port = split_listen(addr)
@@ -782,14 +787,7 @@ class Daemon:
         if isinstance(self.backend, EtcdBackend) and not await self.backend.wait_ready(10.0):
             # Serve anyway: calls fail with UNAVAILABLE until etcd answers; /healthz says why.
             log_event(log, "etcd not ready; serving UNAVAILABLE until it is", logging.WARNING)
-        server = grpc.aio.server(
-            options=grpc_options(
-                self.ns.keepalive_time,
-                self.ns.keepalive_timeout,
-                self.ns.max_request_size,
-                self.ns.max_connection_idle,
-            )
-        )
+        server = grpc.aio.server(options=server_options(self.ns))
         server.add_generic_rpc_handlers((self.service.generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
