@@ -541,3 +541,36 @@ async def test_teardown_removes_ours_only(lab: Lab) -> None:
     async with LinkManager(netns=n.ns) as lm:
         await lm.teardown(remove_link=True)
     assert n.run("ip", "link", "show", "kubespan", check=False).returncode != 0
+
+
+HOST_ADDRESSES = """
+import asyncio, json, sys
+from kubespan.hostinfo import NetlinkHost
+async def main():
+    h = NetlinkHost()
+    try:
+        out = {}
+        for name, exclude in (("none", ()), ("mesh", ("kubespan",)), ("absent", ("nosuchlink",))):
+            out[name] = sorted(str(a) for a in await h.addresses(exclude_links=exclude))
+        print(json.dumps(out))
+    finally:
+        await h.close()
+asyncio.run(main())
+"""
+
+
+def test_host_addresses_leave_out_the_mesh_link_loopback_and_link_local(lab: Lab) -> None:
+    """The mesh's host view (kubespan.hostinfo.NetlinkHost, read inside the node): global addresses
+    of every link except the excluded ones (by name; a name no link has excludes nothing)."""
+    node = lab.node("h")
+    make_link(node)
+    node.run("ip", "addr", "add", "10.77.0.1/24", "dev", "ks0")
+    node.run("ip", "addr", "add", "2001:db8:77::1/64", "dev", "ks0", "nodad")
+    node.run("ip", "addr", "add", str(MESH_ADDR), "dev", "kubespan", "nodad")
+    node.run("ip", "addr", "add", "10.78.0.1/24", "dev", "kubespan")
+    node.run("ip", "addr", "add", "fe80::77/64", "dev", "ks0", "nodad")
+    got = json.loads(node.run(sys.executable, "-c", HOST_ADDRESSES).stdout)
+    ks0 = ["10.77.0.1/24", "2001:db8:77::1/64"]
+    mesh = ["10.78.0.1/24", str(MESH_ADDR)]
+    assert got["mesh"] == sorted(ks0)
+    assert got["none"] == got["absent"] == sorted(ks0 + mesh)
