@@ -92,7 +92,7 @@ class NetlinkHost(RtnlDumps):
         """Global addresses of every link but ``exclude_links`` (absent ones are ignored). The
         excluded links' indexes come from if_nametoindex: a link dump (every 2 s in an idle agent)
         costs more than the address dump itself."""
-        skip = set()
+        skip: set[int] = set()
         for name in exclude_links:
             try:
                 skip.add(socket.if_nametoindex(name))
