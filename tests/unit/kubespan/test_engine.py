@@ -155,6 +155,22 @@ async def test_identity_and_local_affiliate(rig: Rig) -> None:
         assert (m.opts.state_dir / "node-id").stat().st_mode & 0o077 == 0
 
 
+async def test_the_first_pass_brings_the_data_plane_up_before_publishing_us(rig: Rig) -> None:
+    """Reachable before announced: once published, every peer initiates to us, and WireGuard
+    handshakes only on an up link (a 50-node join: bench/mesh_join.py)."""
+    seen: list[tuple[bool, set[str], dict | None]] = []
+    publish = rig.disc.set_local_data
+
+    async def recording(*args: Any, **kwargs: Any) -> bool:
+        sets = None if rig.nft.sets is None else {k: set(v) for k, v in rig.nft.sets.items()}
+        seen.append((rig.links.link_up, set(rig.links.rules), sets))
+        return await publish(*args, **kwargs)
+
+    rig.disc.set_local_data = recording  # type: ignore[method-assign]
+    async with rig.running():
+        assert seen[0] == (True, {"inet", "inet6"}, {SET_IPV4: set(), SET_IPV6: set()})
+
+
 async def test_peers_from_discovery_and_no_write_when_unchanged(rig: Rig) -> None:
     wg, nft = rig.wg, rig.nft
     k1, mesh1, d1 = remote("node-a", "a", "10.5.0.2", 2, "192.0.2.7")
