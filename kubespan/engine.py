@@ -473,7 +473,7 @@ class Mesh:
                 self.local_addresses = addresses  # a new object: the peers' candidates are reordered
             self._last_host = now
         self._step_stun(now)
-        if self._last_dataplane == -1e9:
+        if not self._dataplane_started:
             # the first pass: link, routes, rules and table before we are published. WireGuard
             # handshakes only on an up link, and once we are published every peer's pass competes
             # for the CPU (a 50-node join on 2 cores: 0.7 s from our first peers' write to the link)
@@ -524,13 +524,18 @@ class Mesh:
                 self._last_links = now
         elif self._sets_due:
             await self._reconcile_dataplane(links=False, reread=False)
-        if self.traversal is not None and self._last_dataplane > -1e9 and not self._stopping:
+        if self.traversal is not None and self._dataplane_started and not self._stopping:
             await self.traversal.ensure_started(self.identity.address.ip, self.cfg.link_name)
         if not self.ready.is_set() and self.device is not None:
             self.ready.set()
         self._publish_snapshot(light=light, at=self.wall())
         if self.on_pass is not None:
             self.on_pass(self)
+
+    @property
+    def _dataplane_started(self) -> bool:
+        """Whether a pass has reconciled the data plane (link, routes, rules, table) yet."""
+        return self._last_dataplane > -1e9
 
     def _light_possible(self, now: float) -> bool:
         """Whether this pass may trust the last observation: between polls, with no probe reply

@@ -97,6 +97,7 @@ class FakeProber(Prober):
         super().__init__()
         self.enabled = True
         self.probes: list[tuple[Hashable, ipaddress.IPv6Address]] = []
+        self._unanswered: set[Hashable] = set()  # peers sent a probe that no answer_sent took yet
 
     def open(self) -> bool:
         return True
@@ -106,10 +107,20 @@ class FakeProber(Prober):
 
     def send(self, peer: Hashable, address: ipaddress.IPv6Address) -> bool:
         self.probes.append((peer, address))
+        self._unanswered.add(peer)
         return True
 
     def answer(self, peer: Hashable) -> None:
         self._answered.add(peer)
+
+    def answer_sent(self, peer: Hashable) -> bool:
+        """Answer ``peer`` only if it was sent a probe since its last such answer (as a real peer
+        answers the probes it gets, not every packet); whether it answered."""
+        if peer not in self._unanswered:
+            return False
+        self._unanswered.discard(peer)
+        self.answer(peer)
+        return True
 
 
 @dataclass
