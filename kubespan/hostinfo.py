@@ -62,7 +62,7 @@ class RtnlDumps:
 
     def _sock(self) -> Any:
         if self._ipr is None:
-            from pyroute2 import AsyncIPRoute
+            from pyroute2.iproute import AsyncIPRoute
 
             self._ipr = AsyncIPRoute()
         return self._ipr

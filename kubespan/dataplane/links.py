@@ -673,7 +673,7 @@ class LinkManager(ReconcileInOrder):
     # -- socket lifecycle ---------------------------------------------------------------------
 
     def _open(self) -> Any:
-        from pyroute2 import AsyncIPRoute  # local import: keep module import cheap for unit tests
+        from pyroute2.iproute import AsyncIPRoute  # here: keep module import cheap for unit tests
 
         # flags=0: never create the namespace (pyroute2's default is O_CREAT).
         if self.netns is None:

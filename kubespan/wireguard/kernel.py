@@ -522,7 +522,7 @@ def _pyroute2_kwargs(netns: str | None) -> dict[str, Any]:
 
 def default_genl_factory(netns: str | None) -> Callable[[], GenlSocket]:
     def make() -> GenlSocket:
-        from pyroute2 import AsyncWireGuard
+        from pyroute2.netlink.generic.wireguard import AsyncWireGuard
 
         return AsyncWireGuard(**_pyroute2_kwargs(netns))
 
@@ -531,7 +531,7 @@ def default_genl_factory(netns: str | None) -> Callable[[], GenlSocket]:
 
 def default_iproute_factory(netns: str | None) -> Callable[[], IPRoute]:
     def make() -> IPRoute:
-        from pyroute2 import AsyncIPRoute
+        from pyroute2.iproute import AsyncIPRoute
 
         return AsyncIPRoute(groups=0, **_pyroute2_kwargs(netns))
 
