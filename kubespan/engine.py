@@ -222,6 +222,7 @@ class Mesh:
         self._deferred_probes: list[tuple[PublicKey, ipaddress.IPv6Address]] = []
         self._fresh_sessions: list[PublicKey] = []  # peers to re-create in this pass's write
         self._joining: set[PublicKey] = set()  # peers whose first contact is not done
+        self._contact_heard = False  # a joining peer's probe reached us: look for its session now
         self._observe_at: float | None = None  # (clock) a full pass is due then (a first contact step)
         # (clock) ... or then: an endpoint machine asked to observe its peer (fast detection)
         self._machines_at: float | None = None
@@ -262,6 +263,7 @@ class Mesh:
         self._publish_snapshot(light=False, at=None)
         await self.backend.ensure_device()
         self.prober.on_reply = self.wake
+        self.prober.on_request = self._probe_request
         self.prober.open()
         self._started_at = self.clock()
         if self.punch is not None or self.relay_client is not None or self.relay_server is not None:
@@ -550,6 +552,7 @@ class Mesh:
             and now - self._last_dataplane < self.cfg.reconcile_interval
             and now - self._last_host < self.cfg.reconcile_interval
             and not self.prober.has_answered
+            and not self._contact_heard
             and not (self.traversal is not None and self.traversal.dirty)
             and (self._observe_at is None or now < self._observe_at)
             and (self._machines_at is None or now < self._machines_at)
@@ -567,6 +570,7 @@ class Mesh:
             and bool(self.local_addresses)
             and not self._dataplane_due
             and not self.prober.has_answered
+            and not self._contact_heard
             and not (self.traversal is not None and self.traversal.dirty)
         )
 
@@ -582,6 +586,7 @@ class Mesh:
         answered: AbstractSet[Hashable] = frozenset()
         rtts: Mapping[Hashable, float] = {}
         if changed is None:
+            self._contact_heard = False
             await self._read_device(now)
             answered = self.prober.take_answered()
             rtts = self.prober.take_rtts()
@@ -723,6 +728,17 @@ class Mesh:
         if first.done:
             self._joining.discard(peer.spec.public_key)
         return act
+
+    def _probe_request(self, source: ipaddress.IPv6Address) -> None:
+        """An echo request arrived (the prober's callback). From a joining peer's mesh address it
+        came through the peer's session to us: the next pass is a full one, at once, so the session
+        is seen without waiting for the first contact's next look (``check``)."""
+        for key in self._joining:
+            peer = self.peers.get(key)
+            if peer is not None and peer.spec.mesh_address == source:
+                self._contact_heard = True
+                self.wake()
+                return
 
     def _end_first_contact(self, peer: PeerRuntime) -> None:
         if peer.first is not None:

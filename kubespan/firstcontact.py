@@ -6,9 +6,11 @@ the pair waits for WireGuard's 5 s retry (REKEY_TIMEOUT). So one side holds back
 be reached (public or unknown) lets the side behind NAT go first (its initiation opens its NAT on
 the way out); between alike sides, the higher key waits. The waiting side adds the peer without an
 endpoint and without persistent keepalive for ``hold`` seconds (it still answers an initiation:
-WireGuard learns the endpoint from it). Both sides look for a session every ``check`` seconds until
-there is one: the hold ends then, and the state is up without waiting for the next poll (also where
-the probe sent with the add was lost: a new node probes before its link is up). Without a session
+WireGuard learns the endpoint from it). Both sides look for a session at once when the peer's probe
+arrives through it (the engine hears echo requests from joining peers' mesh addresses; the initiator
+probes with the add, and the probe leaves with the first session), and every ``check`` seconds until
+there is one (also where that probe was lost: a new node probes before its link is up): the hold
+ends then, and the state is up without waiting for the next poll. Without a session
 at the hold's end, the waiting side re-creates the peer with endpoint and keepalive, which
 initiates at once (not a peer behind NAT: see the end). Re-created, not just given an endpoint: a
 packet routed to the held peer (any traffic to its addresses) makes WireGuard attempt an initiation
@@ -71,7 +73,11 @@ NATTED = frozenset({"eim", "edm"})
 class FirstContactTimings:
     hold: float = 0.25  # the waiting side's wait for the peer's initiation (was 0.5: nat-traversal.md)
     retry: float = 1.5  # no session this long after the add: re-create the peer (once)
-    check: float = 0.1  # until a session, look for it this often (a full pass each: the state is up then)
+    # until a session, look for it this often besides the peer's probe: a full pass each (the device
+    # read, every peer planned), so 0.1 s made a 50-node join cost its 49 peers' agents ten full
+    # passes a second each (bench/mesh_join.py --sizes 50, worst of 3: 2.0-2.1 s with 0.1 s,
+    # 1.10 s with 0.3 s before a probe's arrival woke the look, 2.00 s with 0.5 s)
+    check: float = 0.3
     # the waiting side's hold ended in a re-creation and no session this long after: re-create once
     # more (the initiations crossed). After a hold-end re-creation that did not cross, the session
     # came within 0.24 s in 4 traced 20-node cold starts (543 pairs, 2 cores)

@@ -27,11 +27,20 @@ log = logging.getLogger("kubespan.probe")
 ECHO_REQUEST = 128
 ECHO_REPLY = 129
 _PENDING_MAX = 4096
+_REQUEST_HEAD = bytes((ECHO_REQUEST, 0))  # type, code
 
 
 def echo_request(ident: int, seq: int, payload: bytes = b"kubespan-probe") -> bytes:
     """An ICMPv6 echo request (the kernel fills in the checksum on raw ICMPv6 sockets)."""
     return struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, ident, seq) + payload
+
+
+def _source(addr: tuple[object, ...]) -> ipaddress.IPv6Address | None:
+    """The IPv6 source of a ``recvfrom`` address tuple, else None."""
+    try:
+        return ipaddress.IPv6Address(str(addr[0]).split("%", 1)[0])
+    except (ValueError, IndexError):
+        return None
 
 
 def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
@@ -57,6 +66,9 @@ class Prober:
         self.replies = 0
         # called after replies arrived (the engine wakes so evidence is used at once, not at the next poll)
         self.on_reply: Callable[[], None] | None = None
+        # called with the source of each echo request that arrives (the kernel answers it): from a
+        # peer's mesh address, the peer's probe came through its session to us
+        self.on_request: Callable[[ipaddress.IPv6Address], None] | None = None
 
     def open(self) -> bool:
         try:
@@ -106,11 +118,16 @@ class Prober:
         assert self._sock is not None
         for _ in range(256):
             try:
-                data = self._sock.recv(2048)
+                data, addr = self._sock.recvfrom(2048)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
+            if data[:2] == _REQUEST_HEAD and self.on_request is not None:
+                source = _source(addr)
+                if source is not None:
+                    self.on_request(source)
+                continue
             parsed = parse_echo_reply(data)
             if parsed is None or parsed[0] != self.ident:
                 continue

@@ -797,21 +797,24 @@ async def test_the_higher_key_waits_for_the_peers_initiation(rig_first: Rig) -> 
         # held: no endpoint, no keepalive, no probe: WireGuard attempts no initiation of its own
         assert held.endpoint is None and held.persistent_keepalive in (None, 0)
         assert (k1, mesh1) not in m.prober.probes
-        # while holding, a full pass looks for the peer's session every 0.1 s (until the hold's end)
-        assert m._observe_at == pytest.approx(clock.t + 0.1)
+        # while holding, a full pass looks for the peer's session every `check`, or at the hold's end
+        t = m.opts.first_contact
+        assert t is not None
+        assert m._observe_at == pytest.approx(clock.t + min(t.check, t.hold))
         applies = len(wg.applies)
         clock.t += 0.1
-        assert not m._light_possible(clock.t), "a look for the session is a full pass"
-        await m.reconcile()
-        assert wg.device.peers[k1].endpoint is None, "still held"
-        # the peer's initiation arrives: WireGuard answers it and learns the endpoint
-        clock.t += 0.1
+        assert m._light_possible(clock.t), "no look before then"
+        # the peer's initiation arrives: WireGuard answers it and learns the endpoint; then the
+        # peer's probe comes through the new session (the kernel answers it, the prober hears it)
         rig_first.roam(k1, AddrPort.parse("10.5.0.2:51820"))
         wg.traffic(k1, rx=148, tx=92, handshake=True)
-        clock.t += 0.1
-        assert not m._light_possible(clock.t)
+        m.prober.on_request(ipaddress.IPv6Address("fd00::77"))  # not a joining peer: nothing
+        assert m._light_possible(clock.t)
+        m.prober.on_request(mesh1)
+        assert not m._light_possible(clock.t), "the peer's probe: a look at once, a full pass"
         await m.reconcile()
-        # the look after the peer's initiation ends the hold: probed at once, up on the answer
+        assert m._light_possible(clock.t + 0.01), "one look per probe heard"
+        # the look ends the hold: probed at once, up on the answer
         assert removed(rig_first, applies, k1) == 0, "a session came: nothing re-created"
         assert (k1, mesh1) in m.prober.probes
         assert k1 in m._joining, "the session is confirmed by the probe's answer"
@@ -823,6 +826,9 @@ async def test_the_higher_key_waits_for_the_peers_initiation(rig_first: Rig) -> 
         assert wg.device.peers[k1].endpoint == AddrPort.parse("10.5.0.2:51820")
         assert wg.device.peers[k1].persistent_keepalive == m.cfg.persistent_keepalive
         assert m._observe_at is None and not m._joining
+        # done: a probe from the peer wakes no full pass any more
+        m.prober.on_request(mesh1)
+        assert not m._contact_heard
 
 
 async def test_a_hold_without_the_peers_initiation_ends_in_our_own_from_a_fresh_peer(rig_first: Rig) -> None:
@@ -856,7 +862,7 @@ async def test_a_hold_without_the_peers_initiation_ends_in_our_own_from_a_fresh_
 async def test_a_hold_that_answered_the_peers_initiation_is_not_ended_by_our_own(rig_first: Rig) -> None:
     wg, clock = rig_first.wg, rig_first.clock
     async with rig_first.running() as m:
-        k1, _ = await added_peer(rig_first, m, higher=False)
+        k1, mesh1 = await added_peer(rig_first, m, higher=False)
         applies = len(wg.applies)
         # the peer's initiation arrives just before the hold's end and WireGuard answers it (rx 148,
         # tx 92, no handshake yet: the responder has one when the initiator's first packet comes)
@@ -867,8 +873,10 @@ async def test_a_hold_that_answered_the_peers_initiation_is_not_ended_by_our_own
         await m.reconcile()
         assert removed(rig_first, applies, k1) == 0, "our initiation now would cross the peer's"
         assert wg.device.peers[k1].endpoint is None, "still held"
-        wg.traffic(k1, rx=32, tx=0, handshake=True)  # the initiator's keepalive confirms
+        # the initiator's first packet, its probe, confirms (and comes through to our prober)
+        wg.traffic(k1, rx=148, tx=0, handshake=True)
         clock.t += 0.1
+        m.prober.on_request(mesh1)
         await m.reconcile()
         assert removed(rig_first, applies, k1) == 0, "the session ended the hold"
         clock.t += 0.01
@@ -915,7 +923,9 @@ async def test_the_initiator_sees_the_session_at_the_next_look_when_its_probe_wa
     wg, clock = rig_first.wg, rig_first.clock
     async with rig_first.running() as m:
         k1, _ = await added_peer(rig_first, m, higher=True)
-        assert m._observe_at == pytest.approx(clock.t + 0.1), "looks for the session in 0.1 s"
+        t = m.opts.first_contact
+        assert t is not None
+        assert m._observe_at == pytest.approx(clock.t + t.check), "looks for the session every check"
         # the probe sent with the add is never answered (a new node sends it before its link is up)
         for _ in range(3):
             assert m._observe_at is not None
@@ -946,8 +956,9 @@ async def test_a_session_whose_probes_go_unanswered_is_recreated_once(rig_first:
     async with rig_first.running() as m:
         k1, mesh1 = await added_peer(rig_first, m, higher=True)
         applies = len(wg.applies)
-        clock.t += 0.1
         wg.traffic(k1, rx=92, tx=148, handshake=True)  # the response to our initiation, nothing else
+        assert m._observe_at is not None
+        clock.t = m._observe_at  # the next look
         await m.reconcile()
         assert m.status().peers[0].state == "up" and k1 in m._joining
         sent = [p for p in m.prober.probes if p == (k1, mesh1)]

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 
 from kubespan.probe import ECHO_REPLY, Prober, echo_request, parse_echo_reply
 
+PEER = ("fd00::9", 0, 0, 0)  # a recvfrom address: host, port (raw: the protocol), flow info, scope
+
 
 class FakeSock:
-    def __init__(self, packets: list[bytes]) -> None:
+    """Packets arrive from PEER, or from the (packet, address) given."""
+
+    def __init__(self, packets: list[bytes | tuple[bytes, tuple[object, ...]]]) -> None:
         self.packets = packets
         self.sent: list[tuple[bytes, tuple[str, int]]] = []
 
-    def recv(self, n: int) -> bytes:
+    def recvfrom(self, n: int) -> tuple[bytes, tuple[object, ...]]:
         if not self.packets:
             raise BlockingIOError
-        return self.packets.pop(0)
+        item = self.packets.pop(0)
+        return item if isinstance(item, tuple) else (item, PEER)
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> int:
         self.sent.append((data, addr))
@@ -40,8 +46,6 @@ def test_replies_map_to_peers_and_wake_the_engine() -> None:
     p._sock = sock  # type: ignore[assignment]
     woken: list[int] = []
     p.on_reply = lambda: woken.append(1)
-    import ipaddress
-
     assert p.send("peer-a", ipaddress.IPv6Address("fd00::1"))
     assert p.send("peer-b", ipaddress.IPv6Address("fd00::2"))
     seq_a = struct.unpack("!H", sock.sent[0][0][6:8])[0]
@@ -58,3 +62,32 @@ def test_replies_map_to_peers_and_wake_the_engine() -> None:
     sock.packets = [reply(p.ident ^ 1, 99)]
     p._readable()
     assert woken == [1]
+
+
+def test_echo_requests_report_their_source_and_are_no_replies() -> None:
+    """A peer's probe to us (the kernel answers it) tells the engine the peer's session carries
+    data; it answers none of our probes and wakes nothing as a reply."""
+    p = Prober()
+    sock = FakeSock([])
+    p._sock = sock  # type: ignore[assignment]
+    sources: list[ipaddress.IPv6Address] = []
+    replies: list[int] = []
+    p.on_request = sources.append
+    p.on_reply = lambda: replies.append(1)
+    assert p.send("peer-a", ipaddress.IPv6Address("fd00::9"))
+    seq = struct.unpack("!H", sock.sent[0][0][6:8])[0]
+    # the peer's probe (its own identifier, our sequence number by chance), a link-local ping with a
+    # scope, a request with a nonzero code (not an echo request), a truncated packet
+    sock.packets = [
+        echo_request(p.ident ^ 1, seq),
+        (echo_request(7, 1), ("fe80::5%eth0", 0, 0, 2)),
+        b"\x80\x01" + bytes(6),
+        b"\x80",
+    ]
+    p._readable()
+    assert sources == [ipaddress.IPv6Address("fd00::9"), ipaddress.IPv6Address("fe80::5")]
+    assert p.take_answered() == set() and replies == []
+    p.on_request = None  # without a listener, requests are dropped as before
+    sock.packets = [echo_request(7, 2)]
+    p._readable()
+    assert len(sources) == 2
