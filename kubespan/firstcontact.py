@@ -73,10 +73,9 @@ NATTED = frozenset({"eim", "edm"})
 class FirstContactTimings:
     hold: float = 0.25  # the waiting side's wait for the peer's initiation (was 0.5: nat-traversal.md)
     retry: float = 1.5  # no session this long after the add: re-create the peer (once)
-    # until a session, look for it this often besides the peer's probe: a full pass each (the device
-    # read, every peer planned), so 0.1 s made a 50-node join cost its 49 peers' agents ten full
-    # passes a second each (bench/mesh_join.py --sizes 50, worst of 3: 2.0-2.1 s with 0.1 s,
-    # 1.10 s with 0.3 s before a probe's arrival woke the look, 2.00 s with 0.5 s)
+    # until a session, look for it this often besides at the peer's probe: a full pass each (the
+    # device read, every peer planned); 0.1 s cost each of a 50-node join's 49 peers' agents ten a
+    # second on saturated cores (docs/benchmarks.md, "Join a mesh of 50")
     check: float = 0.3
     # the waiting side's hold ended in a re-creation and no session this long after: re-create once
     # more (the initiations crossed). After a hold-end re-creation that did not cross, the session
