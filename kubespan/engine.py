@@ -475,12 +475,14 @@ class Mesh:
                 self.local_addresses = addresses  # a new object: the peers' candidates are reordered
             self._last_host = now
         self._step_stun(now)
+        failed_early = False  # the first pass's data plane failed (reported once; the next pass retries)
         if not self._dataplane_started:
             # the first pass: link, routes, rules and table before we are published. WireGuard
             # handshakes only on an up link, and once we are published every peer's pass competes
             # for the CPU (a 50-node join on 2 cores: 0.7 s from our first peers' write to the link)
             await self._reconcile_dataplane(links=True, reread=True)
             self._last_dataplane = self._last_links = now
+            failed_early = self._dataplane_due
         await self._publish_local()
         previous = self.specs
         changed = self._compute_specs(now)
@@ -511,7 +513,9 @@ class Mesh:
             # learned endpoints change only when machines observe, or when a peer that has some leaves
             await self._publish_learned()
 
-        if self._dataplane_due or (
+        if failed_early:
+            pass  # not twice in one pass: the same error again, for nothing
+        elif self._dataplane_due or (
             not deferred and now - self._last_dataplane >= self.cfg.reconcile_interval
         ):
             # links, routes and rules: when something changed (or may have) and, while the netlink
@@ -861,9 +865,10 @@ class Mesh:
         ops = [*pre, *changes] if pre else changes
         if not ops:
             return True
-        if any(isinstance(op, SetDevice) for op in ops):
-            # device-level settings were missing: a re-created device, which lost its
-            # addresses and routes (peer-only changes leave links, routes and rules alone)
+        if self.wg_writes and any(isinstance(op, SetDevice) for op in ops):
+            # device-level settings were missing after we had written them: a re-created device,
+            # which lost its addresses and routes (peer-only changes leave links, routes and rules
+            # alone). Our first write sets them on the device the first pass's data plane just saw.
             self._dataplane_due = True
         try:
             await self.backend.apply(ops)

@@ -171,6 +171,38 @@ async def test_the_first_pass_brings_the_data_plane_up_before_publishing_us(rig:
         assert seen[0] == (True, {"inet", "inet6"}, {SET_IPV4: set(), SET_IPV6: set()})
 
 
+async def test_the_first_pass_reads_links_once_and_then_writes_the_peers_sets(rig: Rig) -> None:
+    """The first WireGuard write sets the device's own settings (key, port, fwmark): on the device the
+    pass's data plane has just seen, not a re-created one, so links, routes and rules are not read
+    again in the same pass; only the target sets follow the peers just written."""
+    _k1, _mesh1, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    async with rig.running(d1) as m:
+        assert [c for c, _ in rig.links.calls].count("reconcile_link") == 1
+        nft_calls = [sets for c, sets in rig.nft.calls if c == "reconcile"]
+        assert nft_calls[0] == {SET_IPV4: (), SET_IPV6: ()}, "the table, before we are published"
+        assert nft_calls[-1][SET_IPV4] == (ipaddress.ip_network("10.5.0.2/32"),)
+        assert not m._dataplane_due
+        # a device that lost its settings after our first write is a re-created one: read again
+        assert m.device is not None
+        rig.wg.device = replace(rig.wg.device, private_key=None, peers={})
+        rig.clock.t += 1
+        await m.reconcile()
+        assert [c for c, _ in rig.links.calls].count("reconcile_link") == 2
+
+
+async def test_a_failed_first_data_plane_is_reported_once_and_retried_by_the_next_pass(rig: Rig) -> None:
+    from kubespan.dataplane.links import DataplaneError
+
+    rig.nft.fail_next("reconcile", DataplaneError("injected"))
+    async with rig.running(remote("node-a", "a", "10.5.0.2", 2)[2]) as m:
+        assert m.errors.count("nftables: injected") == 1, m.errors
+        assert m._dataplane_due, "the next pass tries again"
+        rig.clock.t += 1
+        await m.reconcile()
+        assert m.errors.count("nftables: injected") == 1 and not m._dataplane_due
+        assert rig.nft.sets is not None and rig.nft.sets[SET_IPV4] == {ipaddress.ip_network("10.5.0.2/32")}
+
+
 async def test_peers_from_discovery_and_no_write_when_unchanged(rig: Rig) -> None:
     wg, nft = rig.wg, rig.nft
     k1, mesh1, d1 = remote("node-a", "a", "10.5.0.2", 2, "192.0.2.7")
