@@ -20,6 +20,7 @@ import struct
 import time
 from collections.abc import Callable, Hashable
 
+from spanutil.ipcodec import ip_without_scope
 from spanutil.logs import log_event
 
 log = logging.getLogger("kubespan.probe")
@@ -38,9 +39,10 @@ def echo_request(ident: int, seq: int, payload: bytes = b"kubespan-probe") -> by
 def _source(addr: tuple[object, ...]) -> ipaddress.IPv6Address | None:
     """The IPv6 source of a ``recvfrom`` address tuple, else None."""
     try:
-        return ipaddress.IPv6Address(str(addr[0]).split("%", 1)[0])
+        ip = ip_without_scope(addr[0])
     except (ValueError, IndexError):
         return None
+    return ip if isinstance(ip, ipaddress.IPv6Address) else None
 
 
 def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["IPAddress", "IPInterface", "IPNetwork", "ip_from_bytes", "ip_to_bytes", "is_ip_literal"]
+__all__ = [
+    "IPAddress",
+    "IPInterface",
+    "IPNetwork",
+    "ip_from_bytes",
+    "ip_to_bytes",
+    "ip_without_scope",
+    "is_ip_literal",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -38,3 +46,12 @@ def is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def ip_without_scope(host: object) -> IPAddress:
+    """Parse ``host`` (a socket address's host part) without its IPv6 zone: ``fe80::1%eth0`` → ``fe80::1``.
+
+    A zone makes ``ipaddress`` values unequal to the same address without one; sources from
+    ``recvfrom``/``getaddrinfo`` carry it on link-local addresses. Raises ``ValueError`` if not an IP.
+    """
+    return ipaddress.ip_address(str(host).split("%", 1)[0])

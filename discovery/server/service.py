@@ -36,7 +36,7 @@ from discovery.server.watchguard import (
     client_key,
 )
 from spanapi.discovery.server import cluster_pb2 as pb
-from spanutil.ipcodec import IPAddress, IPNetwork
+from spanutil.ipcodec import IPAddress, IPNetwork, ip_without_scope
 from spanutil.logs import CLIP_CHARS, FastEventLog, clip, encode_str, log_event
 
 SERVICE = "sidero.discovery.server.Cluster"
@@ -100,8 +100,10 @@ def parse_peer(peer: str) -> IPAddress | None:
             return ipaddress.IPv4Address(rest.rsplit(":", 1)[0])
         if kind == "ipv6":
             host = rest.rsplit(":", 1)[0].strip("[]")
-            addr = ipaddress.IPv6Address(host.split("%", 1)[0])
-            return addr.ipv4_mapped or addr
+            addr = ip_without_scope(host)
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                return addr.ipv4_mapped
+            return addr
     except ValueError:
         return None
     return None

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from spanutil import stun
+from spanutil.ipcodec import ip_without_scope
 
 __all__ = ["MAX_GROWTH", "Listener", "RateTable", "StunResponder", "reply_source", "serve"]
 
@@ -89,7 +90,7 @@ def limit_key(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
 def source_address(addr: Any) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
     """The datagram's source as (ip, port), IPv4-mapped IPv6 (dual-stack socket) turned back into IPv4."""
     try:
-        ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+        ip = ip_without_scope(addr[0])
         port = int(addr[1])
     except (TypeError, ValueError, IndexError):
         return None

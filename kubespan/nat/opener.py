@@ -52,6 +52,7 @@ from kubespan.nat.rawstun import (
     udp_datagram,
 )
 from kubespan.wireguard.types import AddrPort, PublicKey
+from spanutil.ipcodec import IPAddress, ip_without_scope
 
 __all__ = [
     "OPENER_TTL",
@@ -66,8 +67,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 OPENER_TTL: Final = 3  # through our NAT(s), dead a hop or two past them: never reaches the peer's NAT
 PROBE_INTERVAL: Final = 0.3  # seconds between probe rounds
@@ -208,7 +207,7 @@ def parse_datagram(
         dst = ipaddress.IPv4Address(data[16:20])
         data = data[(data[0] & 0x0F) * 4 :]
     else:
-        src_ip = ipaddress.IPv6Address(addr[0].split("%", 1)[0])
+        src_ip = ip_without_scope(addr[0])
     if len(data) < 8:
         return None
     sport, dport, length, _ = struct.unpack_from("!HHHH", data)

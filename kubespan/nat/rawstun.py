@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from kubespan.nat.classify import NatReport, Observation, classify
 from kubespan.wireguard.types import AddrPort
 from spanutil import stun
-from spanutil.ipcodec import IPAddress
+from spanutil.ipcodec import IPAddress, ip_without_scope
 
 __all__ = [
     "NoRawSocketPrivilege",
@@ -130,7 +130,7 @@ def _source_for(server: IPAddress, port: int, fwmark: int) -> IPAddress:
         if fwmark:
             s.setsockopt(socket.SOL_SOCKET, SO_MARK, fwmark)
         s.connect((str(server), port))
-        return ipaddress.ip_address(s.getsockname()[0].split("%", 1)[0])
+        return ip_without_scope(s.getsockname()[0])
 
 
 def _open(server: IPAddress, port: int, wg_port: int, fwmark: int) -> tuple[socket.socket, IPAddress]:
@@ -176,7 +176,7 @@ def _reply(data: bytes, addr: tuple[str, int], server: IPAddress, port: int, wg_
         if ipaddress.IPv4Address(data[12:16]) != server:
             return None
         data = data[(data[0] & 0x0F) * 4 :]
-    elif ipaddress.ip_address(addr[0].split("%", 1)[0]) != server:
+    elif ip_without_scope(addr[0]) != server:
         return None
     if len(data) < 8:
         return None

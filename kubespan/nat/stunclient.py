@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from kubespan.nat import rawstun
 from kubespan.nat.classify import NatClass, NatReport, Observation, classify
-from spanutil.ipcodec import IPAddress
+from spanutil.ipcodec import IPAddress, ip_without_scope
 
 __all__ = ["NO_PRIVILEGE", "RawStun"]
 
@@ -73,7 +73,7 @@ class RawStun:
             by_family: dict[int, IPAddress] = {}
             for family, _, _, _, addr in infos:
                 if family in (socket.AF_INET, socket.AF_INET6):
-                    by_family.setdefault(family, ipaddress.ip_address(str(addr[0]).split("%", 1)[0]))
+                    by_family.setdefault(family, ip_without_scope(addr[0]))
             ips = tuple(by_family.values())
             if not ips:
                 raise OSError(f"{host}: no IPv4 or IPv6 address") from None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import socket
@@ -33,6 +32,7 @@ from enum import IntEnum
 from typing import Any, Protocol
 
 from kubespan.wireguard.types import PublicKey
+from spanutil.ipcodec import ip_without_scope
 from spanutil.logs import log_event
 
 log = logging.getLogger("kubespan.relay.control")
@@ -176,7 +176,7 @@ def decode(data: bytes | memoryview) -> Message:
 def _check_bind_host(host: str) -> str:
     """``host`` as a specific address: the control sockets must never listen on a wildcard."""
     try:
-        ip = ipaddress.ip_address(host.split("%")[0])
+        ip = ip_without_scope(host)
     except ValueError:
         raise ValueError(f"host must be an IP address (the node's mesh address), not {host!r}") from None
     if ip.is_unspecified:
@@ -187,7 +187,7 @@ def _check_bind_host(host: str) -> str:
 def _same_host(a: str, b: str) -> bool:
     """Whether two address strings name the same IP (``::1`` and ``0::1`` alike)."""
     try:
-        return ipaddress.ip_address(a.split("%")[0]) == ipaddress.ip_address(b.split("%")[0])
+        return ip_without_scope(a) == ip_without_scope(b)
     except ValueError:
         return a == b
 

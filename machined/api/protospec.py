@@ -37,6 +37,7 @@ from spanapi.talos.resource.definitions.network import network_pb2
 from spanapi.talos.resource.definitions.runtime import runtime_pb2
 from spanapi.talos.resource.definitions.v1alpha1 import v1alpha1_pb2
 from spanutil.hostport import split_host_port
+from spanutil.ipcodec import ip_without_scope
 
 _FD = descriptor.FieldDescriptor
 
@@ -252,7 +253,7 @@ def _ip(value: Any) -> bytes:
 
 def _ip_port(value: Any) -> tuple[bytes, int]:
     host, port = split_host_port(str(value), what="endpoint", port_zero=True)
-    return ipaddress.ip_address(host.split("%", 1)[0]).packed, port
+    return ip_without_scope(host).packed, port
 
 
 def _prefix(value: Any) -> tuple[bytes, int]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
-import ipaddress
 import os
 import threading
 import time
@@ -43,6 +42,7 @@ from kubespan.relay.service import RelayService
 from kubespan.wireguard import UserspaceBackend, sync
 from kubespan.wireguard.types import AddrPort, DeviceConfig, PeerConfig, PrivateKey, PublicKey
 from netns import Lab, Node, ping
+from spanutil.ipcodec import ip_without_scope
 
 pytestmark = pytest.mark.root
 
@@ -121,7 +121,7 @@ def peer(key: PrivateKey, *allowed: str, endpoint: str | None = None) -> PeerCon
 
 
 def normal(addr: str) -> str:
-    return str(ipaddress.ip_address(addr.split("%")[0]))
+    return str(ip_without_scope(addr))
 
 
 async def wait_until(cond: Callable[[], Awaitable[bool]], within: float) -> bool:

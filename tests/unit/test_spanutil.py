@@ -8,7 +8,7 @@ import ipaddress
 import pytest
 
 from spanutil.durations import DurationError, parse_duration
-from spanutil.ipcodec import IPAddress, IPNetwork, ip_from_bytes, ip_to_bytes
+from spanutil.ipcodec import IPAddress, IPNetwork, ip_from_bytes, ip_to_bytes, ip_without_scope
 from spanutil.sizes import SizeError, parse_size
 from spanutil.testing import eventually
 
@@ -111,6 +111,18 @@ def test_ip_codec_refuses_other_lengths(size):
 def test_ip_codec_refuses_bad_text():
     with pytest.raises(ValueError):
         ip_to_bytes("10.0.0.256")
+
+
+def test_ip_without_scope_drops_the_zone_only():
+    scoped = ipaddress.ip_address("fe80::1%eth0")
+    assert scoped != ipaddress.ip_address("fe80::1")  # why callers strip it: the zone takes part in equality
+    assert ip_without_scope("fe80::1%eth0") == ipaddress.IPv6Address("fe80::1")
+    assert ip_without_scope(scoped) == ipaddress.IPv6Address("fe80::1")  # any object, through str()
+    assert ip_without_scope("10.0.0.1") == ipaddress.IPv4Address("10.0.0.1")
+    assert ip_without_scope("::ffff:10.0.0.1") == ipaddress.IPv6Address("::ffff:10.0.0.1")
+    for bad in ("", "%eth0", "fe80::zz%eth0", "host.example"):
+        with pytest.raises(ValueError):
+            ip_without_scope(bad)
 
 
 def test_network_alias():
