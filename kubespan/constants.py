@@ -100,9 +100,10 @@ TALOS_PEER_RECONCILE_INTERVAL = 30.0
 POLL_INTERVAL = 1.0  # how often the engine reads WireGuard's peer counters
 ACTIVE_POLL_INTERVAL = 0.25  # ... while a peer has traffic in flight (see DetectionTimings)
 RECONCILE_INTERVAL = 2.0  # timer-driven reconcile (self-healing within 5 s)
-# links, routes and rules are re-read this often while the netlink watch is subscribed: it reports
-# every change to them at once, so the 2 s re-read (5 netlink dumps) is only a safety net then
-WATCHED_LINKS_CHECK_INTERVAL = 30.0
+# links, routes and rules are re-read this often while the netlink watch is subscribed, and the
+# nftables table while its watch is too: they report every change from outside at once, so the 2 s
+# re-read (5 netlink dumps, the table) is only a safety net then
+WATCHED_CHECK_INTERVAL = 30.0
 LEARNED_ENDPOINTS_MAX = 4  # roamed endpoints remembered (and published) per peer
 
 

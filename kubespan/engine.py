@@ -31,7 +31,7 @@ from kubespan.affiliate import (
     Traversal,
     build_local_affiliate,
 )
-from kubespan.constants import WATCHED_LINKS_CHECK_INTERVAL, MeshConfig
+from kubespan.constants import WATCHED_CHECK_INTERVAL, MeshConfig
 from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6
 from kubespan.endpoints import Candidate, CandidateKind, EndpointMachine, Observation
 from kubespan.firstcontact import NATTED, Action, FirstContact, FirstContactTimings, waits
@@ -159,6 +159,7 @@ class Mesh:
         punch: PunchPort | None = None,
         relay_client: RelayClientPort | None = None,
         relay_server: RelayServerPort | None = None,
+        nft_watch: LinkWatcher | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -174,6 +175,7 @@ class Mesh:
         self.punch = punch
         self.relay_client = relay_client
         self.relay_server = relay_server if opts.relay else None
+        self.nft_watch = nft_watch  # reports changes to the nftables table made from outside
         self.traversal: TraversalWork | None = None  # created at start (needs our key)
         self._traversal_facts: tuple[tuple[RemoteRecord, ...], dict[str, Traversal]] = ((), {})
         self._traversal_dir: PeerSpecs | None = None  # the specs the relay directory was built from
@@ -201,7 +203,10 @@ class Mesh:
         self._last_links = -1e9  # when links, routes and rules were last re-read
         # set while the netlink watch is subscribed (it reports every change to what the links own)
         self._watched = asyncio.Event()
+        self._nft_watched = asyncio.Event()  # the same for the nftables watch (``nft_watch``)
+        self._nft_due = False  # the nftables watch reported a change from outside (or lost some)
         self._last_host = -1e9
+        self._host_due = False  # the netlink watch reported a node address change
         self._last_observe = -1e9  # when the device was last read (a full pass)
         # self.device holds what WireGuard has after our last writes (no failed write since it was read)
         self._device_known = False
@@ -282,7 +287,11 @@ class Mesh:
         if loop:
             self._tasks.append(asyncio.create_task(self._run(), name="mesh-loop"))
         if isinstance(self.links, LinkWatcher):
-            self._tasks.append(asyncio.create_task(self._watch_netlink(self.links), name="mesh-netlink"))
+            task = self._watch(self.links, self._on_netlink, self._watched, "netlink")
+            self._tasks.append(asyncio.create_task(task, name="mesh-netlink"))
+        if self.nft_watch is not None:
+            task = self._watch(self.nft_watch, self._on_nft, self._nft_watched, "nftables")
+            self._tasks.append(asyncio.create_task(task, name="mesh-nft-watch"))
 
     async def stop(self, cleanup: bool = True) -> None:
         """Stop the loops; with ``cleanup`` remove everything we created (rules, routes, nft, link)."""
@@ -327,14 +336,23 @@ class Mesh:
             self._dataplane_due = True
         self._wake.set()
 
-    async def _watch_netlink(self, watcher: LinkWatcher) -> None:
+    async def _watch(
+        self,
+        watcher: LinkWatcher,
+        callback: Callable[[NetlinkEvent], None],
+        ready: asyncio.Event,
+        what: str,
+    ) -> None:
         while not self._stopping:
             try:
-                await watcher.watch(self._on_netlink, ready=self._watched)
+                await watcher.watch(callback, ready=ready)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:
-                log_event(log, "netlink watch failed; retrying", logging.WARNING, error=str(e))
+            except Exception as e:  # changes may have gone unreported: read everything back
+                ready.clear()
+                self._nft_due = True
+                self.wake(dataplane=True)
+                log_event(log, f"{what} watch failed; retrying", logging.WARNING, error=str(e))
                 await asyncio.sleep(1)
 
     async def _run(self) -> None:
@@ -360,9 +378,29 @@ class Mesh:
             self._wake.clear()
 
     def _on_netlink(self, event: NetlinkEvent) -> None:
+        if event.kind == "hostaddr":  # a node address came or went: read them in the next pass
+            self._host_due = True
+            self._wake.set()
+            return
         if event.kind == "resync":  # events may have been lost: re-read every 2 s until resubscribed
             self._watched.clear()
+            self._host_due = True
         self.wake(dataplane=True)
+
+    def _on_nft(self, event: NetlinkEvent) -> None:
+        if event.kind == "resync":
+            self._nft_watched.clear()
+        else:
+            log_event(log, "nftables table changed from outside", detail=event.detail)
+        self._nft_due = True
+        self._wake.set()
+
+    def _check_every(self, *watches: asyncio.Event) -> float:
+        """How often to read back what ``watches`` cover: every ``reconcile_interval``, or while all
+        of them are subscribed (they report every change from outside at once) as a safety net."""
+        if all(w.is_set() for w in watches):
+            return WATCHED_CHECK_INTERVAL
+        return self.cfg.reconcile_interval
 
     def _error(self, text: str) -> None:
         self.errors.append(text)
@@ -469,7 +507,9 @@ class Mesh:
         if deferred:
             light = True
             self.wake()
-        if not light and (now - self._last_host >= self.cfg.reconcile_interval or not self.local_addresses):
+        host_every = self._check_every(self._watched)
+        if not light and (self._host_due or now - self._last_host >= host_every or not self.local_addresses):
+            self._host_due = False
             addresses = tuple(await self.host.addresses(exclude_links=(self.cfg.link_name,)))
             if addresses != self.local_addresses:
                 self.local_addresses = addresses  # a new object: the peers' candidates are reordered
@@ -515,15 +555,17 @@ class Mesh:
 
         if failed_early:
             pass  # not twice in one pass: the same error again, for nothing
-        elif self._dataplane_due or (
-            not deferred and now - self._last_dataplane >= self.cfg.reconcile_interval
+        elif (
+            self._dataplane_due
+            or self._nft_due
+            or (
+                not deferred
+                and now - self._last_dataplane >= self._check_every(self._watched, self._nft_watched)
+            )
         ):
             # links, routes and rules: when something changed (or may have) and, while the netlink
-            # watch reports every change to them, only every WATCHED_LINKS_CHECK_INTERVAL besides
-            links_every = (
-                WATCHED_LINKS_CHECK_INTERVAL if self._watched.is_set() else self.cfg.reconcile_interval
-            )
-            links = self._dataplane_due or now - self._last_links >= links_every
+            # watch reports every change to them, only every WATCHED_CHECK_INTERVAL besides
+            links = self._dataplane_due or now - self._last_links >= self._check_every(self._watched)
             await self._reconcile_dataplane(links=links, reread=True)
             self._last_dataplane = now
             if links:
@@ -552,9 +594,10 @@ class Mesh:
             and self._device_known
             and bool(self.local_addresses)
             and not self._dataplane_due
+            and not self._host_due
             and now - self._last_observe + 0.1 * poll < poll
-            and now - self._last_dataplane < self.cfg.reconcile_interval
-            and now - self._last_host < self.cfg.reconcile_interval
+            and now - self._last_dataplane < self._check_every(self._watched, self._nft_watched)
+            and now - self._last_host < self._check_every(self._watched)
             and not self.prober.has_answered
             and not self._contact_heard
             and not (self.traversal is not None and self.traversal.dirty)
@@ -1078,7 +1121,7 @@ class Mesh:
         """Links, routes and rules (unless ``links`` is False), then the nftables table and sets
         (read back from the kernel when ``reread``; else our last write is trusted)."""
         assert self.identity is not None
-        self._sets_due = False
+        self._sets_due = self._nft_due = False
         changes: list[str] = []
         if links:
             self._dataplane_due = False

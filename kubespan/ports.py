@@ -65,7 +65,12 @@ class LinkPort(Protocol):
 
 @runtime_checkable
 class LinkWatcher(Protocol):
-    """Optional: reports changes to what the link port owns; runs until cancelled."""
+    """Reports changes made from outside to what a data-plane port owns; runs until cancelled.
+
+    The link port's link, addresses, routes and rules (optional: when it has ``watch``), or the
+    nftables table (:class:`kubespan.dataplane.nftwatch.NftWatch`). ``ready`` is set once
+    subscribed; a ``resync`` event means changes may have been lost.
+    """
 
     async def watch(
         self,

@@ -24,6 +24,7 @@ from kubespan.ports import (
     DiscoveryPort,
     Leaver,
     LinkPort,
+    LinkWatcher,
     NftPort,
     PunchPort,
     RelayClientPort,
@@ -90,6 +91,8 @@ class MeshDeps:
     punch: PunchPort | None = None  # hole punching (the real one runs only with STUN servers)
     relay_client: RelayClientPort | None = None  # with STUN servers or --relay
     relay_server: RelayServerPort | None = None  # with --relay
+    # changes to the nftables table from outside; the real one runs with the real, in-process table
+    nft_watch: LinkWatcher | None = None
 
 
 class MeshRunner:
@@ -195,11 +198,15 @@ async def build_mesh(
         from kubespan.dataplane.links import LinkManager
 
         links = LinkManager.from_config(cfg)
-    nft = deps.nft
+    nft, nft_watch = deps.nft, deps.nft_watch
     if nft is None:
         from kubespan.dataplane.nft import NftManager
 
         nft = NftManager.from_config(cfg)
+        if nft_watch is None and nft.in_process:  # our own writes are known by our thread ids
+            from kubespan.dataplane.nftwatch import NftWatch
+
+            nft_watch = NftWatch(cfg.nft_table)
     if cfg.steering == C.STEERING_ROUTES:
         from kubespan.dataplane.steering import RouteSteering
 
@@ -241,6 +248,7 @@ async def build_mesh(
         punch=punch,
         relay_client=relay_client,
         relay_server=relay_server,
+        nft_watch=nft_watch,
     )
     ref.append(mesh)
     return MeshRunner(mesh, discovery, wg)

@@ -21,7 +21,7 @@ from kubespan.dataplane.links import (
     LinkNotFoundError,
     NetlinkEvent,
     ReconcileInOrder,
-    _notify,
+    notify,
 )
 from kubespan.dataplane.nft import NftError, Transaction
 from kubespan.dataplane.ruleset import (
@@ -53,7 +53,28 @@ class _Failures:
             raise queue.pop(0)
 
 
-class FakeLinkManager(_Failures, ReconcileInOrder):
+class FakeWatch:
+    """A watch (the engine's ``LinkWatcher``) whose events a test sends with ``_emit``; the nftables
+    watch's fake, and the link manager's watch."""
+
+    def __init__(self) -> None:
+        self._watchers: list[Callback] = []
+
+    async def _emit(self, kind: str, action: str, detail: str) -> None:
+        for cb in list(self._watchers):
+            await notify(cb, NetlinkEvent(kind, action, detail))
+
+    async def watch(self, callback: Callback, *, ready: asyncio.Event | None = None) -> None:
+        self._watchers.append(callback)
+        if ready is not None:
+            ready.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._watchers.remove(callback)
+
+
+class FakeLinkManager(_Failures, FakeWatch, ReconcileInOrder):
     """The link, its addresses, our two default routes and our two rules, as plain state."""
 
     def __init__(
@@ -77,7 +98,7 @@ class FakeLinkManager(_Failures, ReconcileInOrder):
         self.rules: set[str] = set()
         self.calls: list[tuple[str, Any]] = []
         self.closed = False
-        self._watchers: list[Callback] = []
+        self._watchers = []  # FakeWatch's (the first base's __init__ does not chain)
 
     @classmethod
     def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None) -> FakeLinkManager:
@@ -88,10 +109,6 @@ class FakeLinkManager(_Failures, ReconcileInOrder):
         return self.steering == C.STEERING_ROUTES
 
     # -- test controls ------------------------------------------------------------------------
-
-    async def _emit(self, kind: str, action: str, detail: str) -> None:
-        for cb in list(self._watchers):
-            await _notify(cb, NetlinkEvent(kind, action, detail))
 
     async def create_link(self) -> None:
         """What the WireGuard backend does."""
@@ -210,15 +227,6 @@ class FakeLinkManager(_Failures, ReconcileInOrder):
         self.addresses.clear()
         if remove_link:
             self.link_exists, self.link_mtu, self.link_up = False, None, False
-
-    async def watch(self, callback: Callback, *, ready: asyncio.Event | None = None) -> None:
-        self._watchers.append(callback)
-        if ready is not None:
-            ready.set()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            self._watchers.remove(callback)
 
     @property
     def healthy(self) -> bool:

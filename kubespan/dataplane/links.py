@@ -471,7 +471,9 @@ def classify_event(
     priority: int,
     prefix_routes: bool = False,
 ) -> NetlinkEvent | None:
-    """Is this rtnetlink broadcast about something we own? Returns the event or ``None``.
+    """Is this rtnetlink broadcast about something we own, or a node address? The event or ``None``.
+
+    A global address on another link is a ``hostaddr`` event: the node's endpoints may change.
 
     With ``prefix_routes`` (steering "routes") a new prefix route via our link in our table is
     our own write and ignored (a cold start adds one per peer prefix); its removal still counts,
@@ -491,10 +493,16 @@ def classify_event(
         return None
     if kind == "addr":
         index = msg.get("index")
+        addr = msg.get("IFA_ADDRESS") or msg.get("IFA_LOCAL")
         if ifindex is not None and index == ifindex:
-            addr = msg.get("IFA_ADDRESS") or msg.get("IFA_LOCAL")
             return NetlinkEvent(kind, action, f"{addr}/{msg.get('prefixlen')} dev {ifname}")
-        return None
+        try:
+            ip = ipaddress.ip_address(addr or "")
+        except ValueError:
+            return None
+        if ip.is_loopback or ip.is_link_local:  # never a node address (NetlinkHost.addresses)
+            return None
+        return NetlinkEvent("hostaddr", action, f"{addr}/{msg.get('prefixlen')} index {index}")
     if kind == "route":
         t = msg.get("RTA_TABLE") or msg.get("table")
         if (
@@ -1143,19 +1151,20 @@ class LinkManager(ReconcileInOrder):
                             ):
                                 ifindex = None  # renamed away
                             if ev is not None:
-                                await _notify(callback, ev)
+                                await notify(callback, ev)
                         if not received:  # pyroute2 ends a read with nothing when the socket closed
                             raise ConnectionError("netlink socket closed")
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 log.warning("netlink watch failed, resubscribing in %.1fs: %s", delay, e)
-                await _notify(callback, NetlinkEvent("resync", "resync", str(e)))
+                await notify(callback, NetlinkEvent("resync", "resync", str(e)))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, WATCH_RETRY_MAX)
 
 
-async def _notify(callback: Callback, event: NetlinkEvent) -> None:
+async def notify(callback: Callback, event: NetlinkEvent) -> None:
+    """Call ``callback`` (a plain or coroutine function); its errors are logged, never raised."""
     try:
         result = callback(event)
         if inspect.isawaitable(result):

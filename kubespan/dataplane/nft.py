@@ -157,6 +157,11 @@ class NftManager:
     def table(self) -> str:
         return self.params.table
 
+    @property
+    def in_process(self) -> bool:
+        """Whether commands run in this process (libnftables), not as ``nft`` subprocesses."""
+        return self._lib is not None
+
     def argv(self, *args: str) -> list[str]:
         """The command line for ``nft args``, inside the namespace when one is set."""
         base = [self.nft, *args]

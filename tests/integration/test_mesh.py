@@ -158,6 +158,26 @@ def test_self_healing_and_wireguard_go_restart(lab: Lab) -> None:
     ml.wait("mesh back after the link was deleted", lambda: node.ping(mesh_addr, count=1), timeout=40)
 
 
+def test_a_change_to_the_table_from_outside_is_reported_and_repaired(lab: Lab) -> None:
+    """The agent's own nftables writes are not reported as changes; another process's are, by name,
+    and repaired at once (not at the 30 s safety-net read-back the watch leaves)."""
+    ml, (n1, _n2) = build(lab, 2)
+    ml.wait("both peers up", ml.all_up, timeout=60)
+    node = n1.node
+    line = "nftables table changed from outside"
+    assert line not in n1.log.read_text(), "the agent's own writes were reported as foreign"
+
+    def elements() -> str:
+        out = node.run("nft", "list", "set", "inet", "kubespan", "targets_ipv4", check=False).stdout
+        return out.split("elements =", 1)[1] if "elements =" in out else ""
+
+    assert elements(), "the peer's prefixes are in the set"
+    node.run("nft", "flush", "set", "inet", "kubespan", "targets_ipv4")  # only a read-back would see it
+    ml.wait("the set refilled", lambda: bool(elements()), timeout=20, interval=0.2)
+    reported = [entry for entry in n1.log.read_text().splitlines() if line in entry]
+    assert reported and "by nft (task " in reported[0], n1.log_tail()
+
+
 def test_sigterm_removes_everything(lab: Lab) -> None:
     ml, (n1, n2) = build(lab, 2)
     ml.wait("both peers up", ml.all_up, timeout=60)

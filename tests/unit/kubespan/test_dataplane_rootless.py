@@ -851,13 +851,16 @@ def test_classify_event_filters_to_what_we_own() -> None:
     assert L.classify_event(
         "RTM_DELADDR", Msg({"IFA_ADDRESS": "fd7f::1"}, index=5, prefixlen=64), **kw
     ) == NetlinkEvent("addr", "del", "fd7f::1/64 dev kubespan")
-    assert (
-        L.classify_event("RTM_NEWADDR", Msg({"IFA_ADDRESS": "10.0.0.1"}, index=2, prefixlen=24), **kw) is None
-    )
-    assert (
-        L.classify_event("RTM_NEWADDR", Msg({"IFA_ADDRESS": "10.0.0.1"}, index=2), **{**kw, "ifindex": None})
-        is None
-    )
+    # another link's global address is a node address: the host view is read again
+    assert L.classify_event(
+        "RTM_NEWADDR", Msg({"IFA_ADDRESS": "10.0.0.1"}, index=2, prefixlen=24), **kw
+    ) == NetlinkEvent("hostaddr", "new", "10.0.0.1/24 index 2")
+    assert L.classify_event(
+        "RTM_DELADDR", Msg({"IFA_LOCAL": "2001:db8::7"}, index=2, prefixlen=64), **{**kw, "ifindex": None}
+    ) == NetlinkEvent("hostaddr", "del", "2001:db8::7/64 index 2")
+    for never_a_node_address in ("fe80::1", "127.0.0.2", "169.254.1.1", "::1", None):
+        msg = Msg({"IFA_ADDRESS": never_a_node_address}, index=2, prefixlen=64)
+        assert L.classify_event("RTM_NEWADDR", msg, **kw) is None
     assert (
         L.classify_event("RTM_DELROUTE", Msg({"RTA_TABLE": 180}, dst_len=0, table=180), **kw).kind == "route"
     )
@@ -1254,6 +1257,8 @@ async def test_watch_filters_events_and_resubscribes(monkeypatch: pytest.MonkeyP
         )
         assert (await asyncio.wait_for(got.get(), 2)).kind == "link"
         assert (await asyncio.wait_for(got.get(), 2)).detail == "fd7f::1/64 dev kubespan"
+        # the old index is another link now: its global address is a node address
+        assert (await asyncio.wait_for(got.get(), 2)) == NetlinkEvent("hostaddr", "new", "fd7f::1/64 index 5")
         # a socket error (e.g. ENOBUFS: events lost) -> "resync", then a fresh subscription
         await batches.put(OSError(errno.ENOBUFS, "No buffer space available"))
         ev = await asyncio.wait_for(got.get(), 2)
@@ -1273,17 +1278,17 @@ async def test_watch_filters_events_and_resubscribes(monkeypatch: pytest.MonkeyP
 
 async def test_notify_accepts_sync_and_async_callbacks() -> None:
     seen: list[str] = []
-    await L._notify(lambda ev: seen.append(ev.kind), NetlinkEvent("link", "new"))
+    await L.notify(lambda ev: seen.append(ev.kind), NetlinkEvent("link", "new"))
 
     async def acb(ev: NetlinkEvent) -> None:
         seen.append(ev.action)
 
-    await L._notify(acb, NetlinkEvent("link", "del"))
+    await L.notify(acb, NetlinkEvent("link", "del"))
 
     def bad(ev: NetlinkEvent) -> None:
         raise ValueError("x")
 
-    await L._notify(bad, NetlinkEvent("link", "del"))
+    await L.notify(bad, NetlinkEvent("link", "del"))
     assert seen == ["link", "del"]
 
 

@@ -161,8 +161,9 @@ async def test_runs_periodically_and_on_address_change(rig: StunRig) -> None:
     assert len(rig.stun.calls) == 2  # 60 s after the last run started
 
     rig.host.address_list = [ipaddress.ip_interface("10.5.0.1/24"), ipaddress.ip_interface("10.6.0.1/24")]
-    rig.clock.t += 3  # past reconcile_interval: the next full pass re-reads the host's addresses
-    await rig.settle()
+    await rig.m.links._emit("hostaddr", "new", "10.6.0.1/24 index 2")  # as the netlink watch reports it
+    rig.clock.t += 0.01
+    await rig.settle()  # the next pass re-reads the host's addresses
     assert len(rig.stun.calls) == 3
     assert rig.stun.calls[-1].local_addrs == (
         ipaddress.ip_address("10.5.0.1"),
