@@ -28,7 +28,6 @@ TYPE_URL_PREFIX = "talos/runtime/"
 
 _MACHINE = secrets.token_bytes(3)
 _counter = itertools.count(int.from_bytes(secrets.token_bytes(3), "big"))
-_B32HEX = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", "abcdefghijklmnopqrstuv0123456789")
 
 
 def xid(now: float | None = None) -> str:
@@ -40,8 +39,8 @@ def xid(now: float | None = None) -> str:
         + (os.getpid() & 0xFFFF).to_bytes(2, "big")
         + (next(_counter) & 0xFFFFFF).to_bytes(3, "big")
     )
-    # rs/xid uses base32hex ("0-9a-v") without padding; standard base32 translated to that alphabet
-    return base64.b32encode(raw).decode().rstrip("=").translate(_B32HEX)
+    # rs/xid: base32hex ("0-9a-v", in value order: the text sorts as the bytes do), no padding
+    return base64.b32hexencode(raw).decode().rstrip("=").lower()
 
 
 def type_url(message: Any) -> str:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import threading
 
 import pytest
 
+from machined.daemon import events as events_mod
 from machined.daemon.events import EventsLagged, MachineEvents, xid
 from machined.daemon.logcapture import CONTROLLER_RUNTIME, MACHINED, RingHandler, make_rings
 from spanapi.talos.machine import machine_pb2
@@ -22,6 +24,22 @@ def test_xids_are_20_base32hex_chars_and_sort_by_time():
     a, b = xid(1_700_000_000), xid(1_700_000_001)
     assert re.fullmatch(r"[0-9a-v]{20}", a) and a < b
     assert len({xid() for _ in range(1000)}) == 1000
+
+
+def test_xids_sort_in_the_order_they_were_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    # every value of the last characters within one second (the alphabet was once out of value order:
+    # "...hhvq" sorted after "...hh0a", the id made after it; a machined unit test caught it by chance)
+    monkeypatch.setattr(events_mod, "_counter", itertools.count(0))
+    ids = [xid(1_700_000_000) for _ in range(2048)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def test_xid_text_is_rs_xids(monkeypatch: pytest.MonkeyPatch) -> None:
+    # rs/xid's documented example: these 12 bytes are "9m4e2mr0ui3e8a215n4g"
+    monkeypatch.setattr(events_mod, "_MACHINE", bytes([0x60, 0xF4, 0x86]))
+    monkeypatch.setattr(events_mod.os, "getpid", lambda: 0xE428)
+    monkeypatch.setattr(events_mod, "_counter", itertools.count(0x412DC9))
+    assert xid(0x4D88E15B) == "9m4e2mr0ui3e8a215n4g"
 
 
 def test_history_tail_options():
