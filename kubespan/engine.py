@@ -41,10 +41,10 @@ from kubespan.nat.classify import NatClass, NatReport
 from kubespan.nat.punch import PunchTimings
 from kubespan.peerspec import PeerSpecMemo, PeerSpecs, compute_peer_specs
 from kubespan.ports import (
+    ChangeWatcher,
     Closable,
     DiscoveryPort,
     LinkPort,
-    LinkWatcher,
     NftPort,
     PunchPort,
     RelayClientPort,
@@ -159,7 +159,7 @@ class Mesh:
         punch: PunchPort | None = None,
         relay_client: RelayClientPort | None = None,
         relay_server: RelayServerPort | None = None,
-        nft_watch: LinkWatcher | None = None,
+        nft_watch: ChangeWatcher | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -286,7 +286,7 @@ class Mesh:
             )
         if loop:
             self._tasks.append(asyncio.create_task(self._run(), name="mesh-loop"))
-        if isinstance(self.links, LinkWatcher):
+        if isinstance(self.links, ChangeWatcher):
             task = self._watch(self.links, self._on_netlink, self._watched, "netlink")
             self._tasks.append(asyncio.create_task(task, name="mesh-netlink"))
         if self.nft_watch is not None:
@@ -338,7 +338,7 @@ class Mesh:
 
     async def _watch(
         self,
-        watcher: LinkWatcher,
+        watcher: ChangeWatcher,
         callback: Callable[[NetlinkEvent], None],
         ready: asyncio.Event,
         what: str,

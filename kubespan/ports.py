@@ -28,11 +28,11 @@ if TYPE_CHECKING:
     from spanapi.discovery.client import affiliate_pb2
 
 __all__ = [
+    "ChangeWatcher",
     "Closable",
     "DiscoveryPort",
     "Leaver",
     "LinkPort",
-    "LinkWatcher",
     "NftPort",
     "PunchPort",
     "RelayClientPort",
@@ -64,7 +64,7 @@ class LinkPort(Protocol):
 
 
 @runtime_checkable
-class LinkWatcher(Protocol):
+class ChangeWatcher(Protocol):
     """Reports changes made from outside to what a data-plane port owns; runs until cancelled.
 
     The link port's link, addresses, routes and rules (optional: when it has ``watch``), or the

@@ -20,11 +20,11 @@ from kubespan import constants as C
 from kubespan.engine import Mesh, MeshOptions, load_node_id
 from kubespan.hostinfo import HostInfo
 from kubespan.ports import (
+    ChangeWatcher,
     Closable,
     DiscoveryPort,
     Leaver,
     LinkPort,
-    LinkWatcher,
     NftPort,
     PunchPort,
     RelayClientPort,
@@ -92,7 +92,7 @@ class MeshDeps:
     relay_client: RelayClientPort | None = None  # with STUN servers or --relay
     relay_server: RelayServerPort | None = None  # with --relay
     # changes to the nftables table from outside; the real one runs with the real, in-process table
-    nft_watch: LinkWatcher | None = None
+    nft_watch: ChangeWatcher | None = None
 
 
 class MeshRunner:

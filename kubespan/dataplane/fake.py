@@ -41,6 +41,7 @@ INET, INET6 = "inet", "inet6"
 
 class _Failures:
     def __init__(self) -> None:
+        super().__init__()  # the next base's state (FakeWatch's watchers) too
         self._fail: dict[str, list[BaseException]] = {}
 
     def fail_next(self, method: str, exc: BaseException) -> None:
@@ -54,7 +55,7 @@ class _Failures:
 
 
 class FakeWatch:
-    """A watch (the engine's ``LinkWatcher``) whose events a test sends with ``_emit``; the nftables
+    """A watch (the engine's ``ChangeWatcher``) whose events a test sends with ``_emit``; the nftables
     watch's fake, and the link manager's watch."""
 
     def __init__(self) -> None:
@@ -98,7 +99,6 @@ class FakeLinkManager(_Failures, FakeWatch, ReconcileInOrder):
         self.rules: set[str] = set()
         self.calls: list[tuple[str, Any]] = []
         self.closed = False
-        self._watchers = []  # FakeWatch's (the first base's __init__ does not chain)
 
     @classmethod
     def from_config(cls, cfg: C.MeshConfig, *, netns: str | None = None) -> FakeLinkManager:

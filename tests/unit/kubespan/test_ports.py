@@ -10,15 +10,16 @@ import pytest
 
 from discovery.client import DiscoveryClient
 from kubespan import constants as C
-from kubespan.dataplane.fake import FakeLinkManager, FakeNftManager
+from kubespan.dataplane.fake import FakeLinkManager, FakeNftManager, FakeWatch
 from kubespan.dataplane.links import LinkManager
 from kubespan.dataplane.nft import NftManager
+from kubespan.dataplane.nftwatch import NftWatch
 from kubespan.ports import (
+    ChangeWatcher,
     Closable,
     DiscoveryPort,
     Leaver,
     LinkPort,
-    LinkWatcher,
     NftPort,
     Startable,
     WireGuardBackend,
@@ -33,13 +34,15 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_links_real_and_fake_implement_the_port_and_its_abilities() -> None:
     for links in (LinkManager(), FakeLinkManager()):
         assert isinstance(links, LinkPort)
-        assert isinstance(links, LinkWatcher)
+        assert isinstance(links, ChangeWatcher)
         assert isinstance(links, Closable)
 
 
 def test_nft_real_and_fake_implement_the_port() -> None:
     assert isinstance(NftManager(), NftPort)
     assert isinstance(FakeNftManager(), NftPort)
+    assert isinstance(NftWatch(C.NFT_TABLE), ChangeWatcher)  # the table's watch, and its fake
+    assert isinstance(FakeWatch(), ChangeWatcher)
 
 
 def test_wireguard_real_and_fake_implement_the_port(tmp_path: Path) -> None:
