@@ -4,8 +4,8 @@ The kernel multicasts every committed nf_tables change to the NFNLGRP_NFTABLES g
 NETLINK_NETFILTER sockets: one message per object (table, chain, rule, set, element; attribute 1
 of each names its table), then one NEWGEN message per transaction with the committing task's id
 and name. :class:`NftWatch` reports a transaction that touched our table, unless a thread of this
-process committed it (our own writes: libnftables runs in a worker thread, whose id the kernel
-reports). So the engine repairs a foreign change at once, and reads the table back only as a
+process committed it (our own writes: libnftables runs in a worker thread, whose id and name the
+kernel reports). So the engine repairs a foreign change at once, and reads the table back only as a
 safety net while the watch is subscribed (docs/design/affiliate-path.md).
 
 The kernel reports ids as seen from the initial pid namespace. In a container with its own pid
@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -102,9 +101,19 @@ def parse_notices(data: bytes) -> Iterator[Notice]:
             yield Notice(family, table=name.split(b"\0", 1)[0].decode(errors="replace"))
 
 
-def own_task(task: int | None) -> bool:
-    """Whether the kernel's task id is this process or one of its threads."""
-    return task is not None and (task == os.getpid() or os.path.exists(f"/proc/self/task/{task}"))
+def own_task(task: int | None, name: str) -> bool:
+    """Whether the kernel's task (id and name) is one of this process's threads (the main one too).
+
+    The name must match as well: in a pid namespace the kernel's ids are not ours, and one of them
+    could be the id of a thread of ours by chance."""
+    if task is None:
+        return False
+    try:
+        with open(f"/proc/self/task/{task}/comm", encoding="utf-8", errors="replace") as f:
+            comm = f.read().rstrip("\n")
+    except OSError:
+        return False
+    return comm == name
 
 
 class TableChanges:
@@ -120,7 +129,7 @@ class TableChanges:
                 self._touched += 1
             return None
         touched, self._touched = self._touched, 0
-        if not touched or own_task(notice.task):
+        if not touched or own_task(notice.task, notice.task_name):
             return None
         by = f"{notice.task_name or '?'} (task {notice.task})" if notice.task is not None else "unknown"
         return NetlinkEvent("nft", "changed", f"{touched} change(s) to table {self.table} by {by}")

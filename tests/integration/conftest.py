@@ -46,15 +46,22 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdLab]:
 
 @pytest.fixture
 async def replicas(etcd: EtcdLab) -> AsyncIterator[object]:
-    """Factory: ``await replicas(n, bucket=2.0, limits=None)`` → n started, ready EtcdBackends on one
-    fresh prefix of ``etcd``; all stopped at teardown."""
+    """Factory: ``await replicas(n, bucket=2.0, limits=None, call_timeout=5.0)`` → n started, ready
+    EtcdBackends on one fresh prefix of ``etcd``; all stopped at teardown."""
     prefix = f"/etcd-test-{next(_prefixes)}/"
     made: list[EtcdBackend] = []
 
-    async def factory(n: int, bucket: float = 2.0, limits: Limits | None = None) -> list[EtcdBackend]:
+    async def factory(
+        n: int, bucket: float = 2.0, limits: Limits | None = None, call_timeout: float = 5.0
+    ) -> list[EtcdBackend]:
         out = [
             EtcdBackend(
-                etcd.endpoints, prefix=prefix, bucket=bucket, limits=limits or Limits(), probe_interval=0.2
+                etcd.endpoints,
+                prefix=prefix,
+                bucket=bucket,
+                limits=limits or Limits(),
+                probe_interval=0.2,
+                timeout=call_timeout,
             )
             for _ in range(n)
         ]

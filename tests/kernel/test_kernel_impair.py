@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.root, pytest.mark.kernel, pytest.mark.timeout(900)]
 WG_PORT = scenarios.WG_PORT
 full_mesh, peers, status = scenarios.full_mesh, scenarios.peers, scenarios.status
 #: How long the mesh must keep its endpoints under delay and loss (bench/mesh_failover.py uses 300 s).
-STEADY_SECONDS = 90.0
+STEADY_SECONDS = 60.0
 
 
 def two_paths(lab: Lab) -> tuple[MeshLab, MeshNode, MeshNode]:

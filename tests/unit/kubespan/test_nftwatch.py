@@ -97,7 +97,12 @@ def test_transactions_that_do_not_concern_us_are_not_events() -> None:
 
 def test_our_own_writes_from_any_thread_are_not_events() -> None:
     changes = TableChanges("kubespan")
-    assert feed(changes, obj(NFT_MSG_NEWSETELEM, "kubespan") + gen(1, os.getpid(), "python")) == []
+    comm = open("/proc/self/comm").read().rstrip("\n")  # what the kernel names our tasks
+    assert feed(changes, obj(NFT_MSG_NEWSETELEM, "kubespan") + gen(1, os.getpid(), comm)) == []
+    # our id with another name: not us (a pid namespace's ids are not the kernel's)
+    assert feed(changes, obj(NFT_MSG_NEWSETELEM, "kubespan") + gen(3, os.getpid(), "nft")) == [
+        f"1 change(s) to table kubespan by nft (task {os.getpid()})"
+    ]
     ids: list[int] = []
     started, hold = threading.Event(), threading.Event()
 
@@ -111,7 +116,7 @@ def test_our_own_writes_from_any_thread_are_not_events() -> None:
     try:
         assert started.wait(5)
         # libnftables runs in a worker thread: the kernel names that thread
-        assert feed(changes, obj(NFT_MSG_NEWSETELEM, "kubespan") + gen(2, ids[0], "python")) == []
+        assert feed(changes, obj(NFT_MSG_NEWSETELEM, "kubespan") + gen(2, ids[0], comm)) == []
     finally:
         hold.set()
         worker.join()
