@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kubespan.affiliate import (
     AffiliateError,
@@ -32,6 +32,7 @@ from kubespan.affiliate import (
     build_local_affiliate,
 )
 from kubespan.constants import WATCHED_CHECK_INTERVAL, MeshConfig
+from kubespan.dataplane.links import NetlinkEvent
 from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6
 from kubespan.endpoints import Candidate, CandidateKind, EndpointMachine, Observation
 from kubespan.firstcontact import NATTED, Action, FirstContact, FirstContactTimings, waits
@@ -79,9 +80,6 @@ from kubespan.wireguard.types import (
 from spanapi.discovery.client import affiliate_pb2
 from spanutil.ipcodec import IPInterface, IPNetwork
 from spanutil.logs import log_event
-
-if TYPE_CHECKING:
-    from kubespan.dataplane.links import NetlinkEvent
 
 log = logging.getLogger("kubespan.engine")
 
@@ -348,10 +346,9 @@ class Mesh:
                 await watcher.watch(callback, ready=ready)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # changes may have gone unreported: read everything back
+            except Exception as e:  # changes may have gone unreported: the watch's own resync
                 ready.clear()
-                self._nft_due = True
-                self.wake(dataplane=True)
+                callback(NetlinkEvent("resync", "resync", str(e)))
                 log_event(log, f"{what} watch failed; retrying", logging.WARNING, error=str(e))
                 await asyncio.sleep(1)
 

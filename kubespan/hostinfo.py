@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kubespan.identity import LinkInfo
-from spanutil.ipcodec import IPInterface
+from spanutil.ipcodec import IPInterface, is_node_address
 
 
 class HostInfo(Protocol):
@@ -106,7 +106,7 @@ class NetlinkHost(RtnlDumps):
             if not addr:
                 continue
             iface = ipaddress.ip_interface(f"{addr}/{m.get('prefixlen')}")
-            if iface.ip.is_loopback or iface.ip.is_link_local:
+            if not is_node_address(iface.ip):
                 continue
             out.append(iface)
         return out

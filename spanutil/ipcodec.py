@@ -55,3 +55,9 @@ def ip_without_scope(host: object) -> IPAddress:
     ``recvfrom``/``getaddrinfo`` carry it on link-local addresses. Raises ``ValueError`` if not an IP.
     """
     return ipaddress.ip_address(str(host).split("%", 1)[0])
+
+
+def is_node_address(ip: IPAddress) -> bool:
+    """Whether ``ip`` on one of the node's links can be a node address (an endpoint to publish, a
+    change worth reacting to): not loopback and not link-local (their scope is the link or the host)."""
+    return not (ip.is_loopback or ip.is_link_local)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kubespan import constants as C
-from spanutil.ipcodec import IPInterface, IPNetwork
+from spanutil.ipcodec import IPInterface, IPNetwork, is_node_address
 
 log = logging.getLogger("kubespan.dataplane.links")
 
@@ -500,7 +500,7 @@ def classify_event(
             ip = ipaddress.ip_address(addr or "")
         except ValueError:
             return None
-        if ip.is_loopback or ip.is_link_local:  # never a node address (NetlinkHost.addresses)
+        if not is_node_address(ip):  # the rule NetlinkHost.addresses applies
             return None
         return NetlinkEvent("hostaddr", action, f"{addr}/{msg.get('prefixlen')} index {index}")
     if kind == "route":

@@ -40,7 +40,7 @@ NFT_MSG_NEWGEN: Final = 15
 NFT_MSG_GETGEN: Final = 16
 NFT_MSG_TRACE: Final = 17
 NFTA_OBJECT_TABLE: Final = 1  # NFTA_TABLE_NAME, NFTA_CHAIN_TABLE, NFTA_SET_TABLE, ...: all 1
-NFTA_GEN_ID: Final = 1
+NFTA_GEN_ID: Final = 1  # the generation number (not used: the task says whose it was)
 NFTA_GEN_PROC_PID: Final = 2
 NFTA_GEN_PROC_NAME: Final = 3
 NLMSG_HDR: Final = struct.Struct("=IHHII")  # len, type, flags, seq, pid
@@ -57,8 +57,8 @@ class Notice:
 
     family: int
     table: str | None = None
-    generation: int | None = None  # NEWGEN only, with the committing task:
-    task: int | None = None
+    task: int | None = None  # NEWGEN only: the committing task
+
     task_name: str = ""
 
 
@@ -90,10 +90,9 @@ def parse_notices(data: bytes) -> Iterator[Notice]:
         family = data[body]
         attrs = dict(_attrs(data, body + NFGEN_HDR, end))
         if msg == NFT_MSG_NEWGEN:
-            gen, pid = attrs.get(NFTA_GEN_ID), attrs.get(NFTA_GEN_PROC_PID)
+            pid = attrs.get(NFTA_GEN_PROC_PID)
             yield Notice(
                 family,
-                generation=int.from_bytes(gen, "big") if gen and len(gen) == 4 else None,
                 task=int.from_bytes(pid, "big") if pid and len(pid) == 4 else None,
                 task_name=attrs.get(NFTA_GEN_PROC_NAME, b"").split(b"\0", 1)[0].decode(errors="replace"),
             )

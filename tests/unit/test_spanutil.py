@@ -8,7 +8,14 @@ import ipaddress
 import pytest
 
 from spanutil.durations import DurationError, parse_duration
-from spanutil.ipcodec import IPAddress, IPNetwork, ip_from_bytes, ip_to_bytes, ip_without_scope
+from spanutil.ipcodec import (
+    IPAddress,
+    IPNetwork,
+    ip_from_bytes,
+    ip_to_bytes,
+    ip_without_scope,
+    is_node_address,
+)
 from spanutil.sizes import SizeError, parse_size
 from spanutil.testing import eventually
 
@@ -189,3 +196,20 @@ async def test_eventually_returns_the_first_truthy_value_of_a_sync_or_async_pred
 async def test_eventually_names_what_it_waited_for_when_it_gives_up() -> None:
     with pytest.raises(AssertionError, match=r"not reached within 0.05 s: the moon"):
         await eventually(lambda: False, "the moon", within=0.05)
+
+
+@pytest.mark.parametrize(
+    ("text", "node"),
+    [
+        ("192.0.2.7", True),
+        ("10.0.0.1", True),
+        ("2001:db8::1", True),
+        ("fd00::1", True),
+        ("127.0.0.1", False),
+        ("::1", False),
+        ("169.254.1.1", False),
+        ("fe80::1", False),
+    ],
+)
+def test_node_addresses_are_neither_loopback_nor_link_local(text: str, node: bool) -> None:
+    assert is_node_address(ipaddress.ip_address(text)) is node

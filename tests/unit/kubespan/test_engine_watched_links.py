@@ -18,6 +18,7 @@ from test_engine import Rig, make_rig, remote
 
 from kubespan.constants import WATCHED_CHECK_INTERVAL
 from kubespan.dataplane.fake import FakeWatch
+from kubespan.dataplane.links import Callback
 from kubespan.dataplane.ruleset import SET_IPV4
 from kubespan.hostinfo import StaticHost
 
@@ -153,3 +154,42 @@ async def test_node_addresses_are_read_when_reported_and_as_a_safety_net(rig: Ri
         rig.clock.t += WATCHED_CHECK_INTERVAL
         await m.reconcile()
         assert added not in m.local_addresses
+
+
+class FailingWatch(FakeWatch):
+    """Subscribes, then fails (say its socket broke) when the test sets ``fail``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = asyncio.Event()
+
+    async def watch(self, callback: Callback, *, ready: asyncio.Event | None = None) -> None:
+        if ready is not None:
+            ready.set()
+        await self.fail.wait()
+        raise OSError("netlink socket gone")
+
+
+async def test_a_failed_table_watch_reads_the_table_back_not_the_links(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = FailingWatch()
+    rig.m.nft_watch = broken
+    _, _, d1 = remote("node-a", "a", "10.5.0.2", 2)
+    async with rig.running(d1) as m:
+        await subscribed(rig, m._nft_watched)
+        rig.clock.t += 0.01
+        await m.reconcile()
+        rig.links.routes.discard("inet6")  # changes no event reports
+        rig.nft.remove_table()
+        broken.fail.set()
+        for _ in range(50):  # the watch fails, its resync wakes a pass
+            await asyncio.sleep(0.001)
+            if rig.nft.sets is not None:
+                break
+        # the table watch's own resync: the table is read back (and repaired) at once ...
+        assert rig.nft.sets is not None and SET_IPV4 in rig.nft.sets
+        assert not m._nft_watched.is_set() and m._watched.is_set()
+        # ... and nothing else: the link watch is live, so the links are not re-read
+        assert rig.links.routes == {"inet"}, "a table watch's failure forced a read of the links"
+        assert any("nftables watch failed" in r.getMessage() for r in caplog.records)

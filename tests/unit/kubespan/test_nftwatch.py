@@ -57,7 +57,7 @@ def test_object_and_generation_notices_are_parsed() -> None:
     assert list(parse_notices(data)) == [
         Notice(NFPROTO_INET, table="kubespan"),
         Notice(NFPROTO_IPV4, table="other"),
-        Notice(0, generation=7, task=4242, task_name="nft"),
+        Notice(0, task=4242, task_name="nft"),
     ]
 
 
