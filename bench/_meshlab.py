@@ -38,7 +38,8 @@ from typing import Any
 
 from kubespan.constants import STEERINGS, MeshConfig
 from netns.lab import Lab, LabError, Node
-from netns.mesh import MeshLab, MeshNode
+from netns.launcher import ForkedProcess
+from netns.mesh import LAUNCHES, MeshLab, MeshNode
 from netns.reflect import in_netns
 
 HTTP_PORT = 51821
@@ -174,19 +175,24 @@ class LanMesh:
     nodes: list[MeshNode] = field(default_factory=list)
     env: dict[str, str] | None = None  # added to every agent's environment
     args: tuple[str, ...] = ()  # added to every agent's command line (say --steering routes)
+    #: "fork": CPU seconds one agent's start-up takes that forked agents skip (see add_launch_flag)
+    start_cpu: float = 0.0
     _next_ip: int = 11
 
     @classmethod
-    def create(cls, lab: Lab) -> LanMesh:
+    def create(cls, lab: Lab, launch: str = "exec") -> LanMesh:
+        """``launch``: how agents start (netns.mesh.LAUNCHES); "fork" starts the lab's launcher here,
+        before anything is timed."""
         for change in ensure_neighbour_room():
             print(f"  host neighbour table: {change} (all namespaces share it)", flush=True)
         compile_bytecode()
-        ml = MeshLab(lab)
+        ml = MeshLab(lab, launch=launch)
+        start_cpu = float(lab.launcher().ready["start_cpu"]) if launch == "fork" else 0.0
         seg = lab.segment("lan")
         disc = lab.node("disc")
         lab.attach(disc, seg, ["10.60.0.2/24"])
         ml.start_discovery(disc, f"10.60.0.2:{DISC_PORT}")
-        mesh = cls(lab, ml, seg, disc)
+        mesh = cls(lab, ml, seg, disc, start_cpu=start_cpu)
         wait_for("discovery listening", lambda: listening(disc, "10.60.0.2", DISC_PORT), timeout=30)
         return mesh
 
@@ -204,6 +210,12 @@ class LanMesh:
         self.nodes.append(mn)
         return mn
 
+    def start_all(self, nodes: Sequence[Node]) -> list[MeshNode]:
+        """Start agents in all of ``nodes`` back to back (forked ones in one batch)."""
+        started = self.ml.start_nodes(nodes, *self.args, env=self.env)
+        self.nodes.extend(started)
+        return started
+
     def forget(self, mn: MeshNode) -> None:
         self.nodes.remove(mn)
         self.ml.nodes.pop(mn.name, None)
@@ -220,7 +232,7 @@ def listening(node: Node, addr: str, port: int) -> bool:
     return bool(in_netns(node.ns, probe))
 
 
-def agent_proc(mn: MeshNode) -> subprocess.Popen[bytes] | None:
+def agent_proc(mn: MeshNode) -> subprocess.Popen[bytes] | ForkedProcess | None:
     for p in mn.node.procs:
         if p.poll() is None and "kubespan.cli" in " ".join(map(str, p.args)):
             return p
@@ -580,6 +592,29 @@ def add_steering_flag(ap: argparse.ArgumentParser) -> None:
     """``--steering``: the agents' data-plane layout (default: theirs)."""
     ap.add_argument(
         "--steering", choices=STEERINGS, default=MeshConfig().steering, help="the agents' --steering"
+    )
+
+
+def add_launch_flag(ap: argparse.ArgumentParser) -> None:
+    """``--launch``: fork (default) or exec the agents; see netns.launcher for why."""
+    ap.add_argument(
+        "--launch",
+        choices=LAUNCHES,
+        default="fork",
+        help="fork: agents forked from the lab's launcher, which imported their modules once "
+        "(netns.launcher); the figure adds one agent's start-up CPU (interpreter and imports), which a "
+        "node pays on its own core. exec: `python -m kubespan.cli` per agent, their start-ups sharing "
+        "this machine's cores (the figures before 2026-12-08)",
+    )
+
+
+def launch_note(mesh: LanMesh) -> str:
+    """How the agents started, for a benchmark's output."""
+    if mesh.ml.launch != "fork":
+        return "agents exec'd (each imports its modules)"
+    return (
+        f"agents forked from the launcher (imports shared); + {mesh.start_cpu:.2f} s: one agent's "
+        "start-up CPU, added to the figure"
     )
 
 

@@ -44,6 +44,7 @@ from typing import Any, Self, TypeVar
 
 from netns import impair
 from netns.errors import LabError, NetemUnavailableError
+from netns.launcher import ForkedProcess, Launcher
 from netns.nat import FW_TABLE, NAT_TABLE, NAT_TYPES, PortForward
 from netns.nat import ruleset as nat_ruleset
 from netns.natprofiles import WG_PORT, NatProfile
@@ -255,7 +256,7 @@ class Node:
     name: str
     ns: str
     run_dir: Path
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes] | ForkedProcess] = field(default_factory=list)
     spawned: list[LabProcess] = field(default_factory=list)
     links: dict[str, tuple[str, str]] = field(default_factory=dict)  # ifname -> other end (netns, ifname)
 
@@ -290,6 +291,19 @@ class Node:
         )
         if log is not None:
             out.close()
+        self.procs.append(proc)
+        return proc
+
+    def fork(
+        self, module: str, *args: str, log: Path, env: dict[str, str] | None = None, private_run: bool = True
+    ) -> ForkedProcess:
+        """Start ``python -m MODULE ARGS`` in this node as :meth:`popen` would, but forked from the
+        lab's launcher, which imported the agent's modules once (netns.launcher)."""
+        self.lab._logs.setdefault(log, f"{self.name}: {log.stem}")
+        wg = self.run_dir / "wireguard" if private_run else None
+        proc = self.lab.launcher().spawn(
+            module, args, ns=self.ns, log=log, env=dict(os.environ if env is None else env), wg_dir=wg
+        )
         self.procs.append(proc)
         return proc
 
@@ -495,6 +509,7 @@ class Lab:
         self._logs: dict[Path, str] = {}  # log file -> label, for report()
         self._log_ids = itertools.count()
         self._sites = itertools.count(1)
+        self._launcher: Launcher | None = None
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.id}-"))
         Path("/run/wireguard").mkdir(parents=True, exist_ok=True)
 
@@ -846,6 +861,12 @@ class Lab:
         finally:
             await asyncio.to_thread(self.close)
 
+    def launcher(self) -> Launcher:
+        """The lab's fork server for agents (started on first use; see netns.launcher)."""
+        if self._launcher is None:
+            self._launcher = Launcher(self.dir / "launcher.log")
+        return self._launcher
+
     def close(self) -> None:
         for h in list(self._handles):
             with contextlib.suppress(LabError, subprocess.SubprocessError):
@@ -854,6 +875,9 @@ class Lab:
         # newest first: agents stop before the services they report to (e.g. a discovery server)
         for node in reversed(self.nodes.values()):
             node.stop_processes()
+        if self._launcher is not None:
+            self._launcher.close()
+            self._launcher = None
         for ns in dict.fromkeys([n.ns for n in self.nodes.values()] + self._switches + self._created):
             _kill_netns_pids(ns)
             sh("ip", "netns", "del", ns, check=False)

@@ -22,6 +22,8 @@ from typing import Any
 from netns.lab import Lab, LabError, Node
 
 PY = sys.executable
+#: How a MeshLab starts its agents (see MeshLab).
+LAUNCHES = ("exec", "fork")
 STATUS_PORT = 51821  # kubespan run's default --http-addr port
 
 
@@ -80,8 +82,13 @@ class MeshNode:
 class MeshLab:
     """A lab with one discovery server and any number of mesh nodes."""
 
-    def __init__(self, lab: Lab, cluster_id: str = "lab-cluster") -> None:
+    def __init__(self, lab: Lab, cluster_id: str = "lab-cluster", launch: str = "exec") -> None:
+        """``launch``: how agents start: "exec" (``python -m kubespan.cli`` each) or "fork" (from
+        the lab's fork server, sharing the imports: netns.launcher)."""
+        if launch not in LAUNCHES:
+            raise LabError(f"launch must be one of {', '.join(LAUNCHES)}, not {launch!r}")
         self.lab = lab
+        self.launch = launch
         self.cluster_id = cluster_id
         self.secret_file = lab.dir / "cluster-secret"
         self.secret_file.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
@@ -109,10 +116,7 @@ class MeshLab:
     ) -> MeshNode:
         """Start ``kubespan run`` in ``node``; ``env``: variables added to this process's environment
         (e.g. kubespan.wiring.WG_LOG_LEVEL_ENV for wireguard-go's debug log)."""
-        args = [
-            PY,
-            "-m",
-            "kubespan.cli",
+        cli = [
             "run",
             "--cluster-id",
             self.cluster_id,
@@ -126,10 +130,22 @@ class MeshLab:
             *extra,
         ]
         log = self.lab.dir / f"kubespan-{node.name}.log"
-        node.popen(*args, log=log, env={**os.environ, **env} if env else None)
-        mn = MeshNode(node, log, args)
+        full_env = {**os.environ, **env} if env else None
+        if self.launch == "fork":
+            node.fork("kubespan.cli", *cli, log=log, env=full_env)
+        else:
+            node.popen(PY, "-m", "kubespan.cli", *cli, log=log, env=full_env)
+        mn = MeshNode(node, log, [PY, "-m", "kubespan.cli", *cli])
         self.nodes[node.name] = mn
         return mn
+
+    def start_nodes(
+        self, nodes: Sequence[Node], *extra: str, env: dict[str, str] | None = None
+    ) -> list[MeshNode]:
+        """:meth:`start_node` for each of ``nodes`` (forked ones in one batch: netns.launcher)."""
+        batch = self.lab.launcher().batch() if self.launch == "fork" else contextlib.nullcontext()
+        with batch:
+            return [self.start_node(node, *extra, env=env) for node in nodes]
 
     def start_two_paths(self, disc_port: int) -> tuple[MeshNode, MeshNode]:
         """Discovery and two nodes on two segments (10.61/24 with discovery at 10.61.0.2, and 10.62/24):
