@@ -40,6 +40,14 @@ one, the hold ends by setting endpoint and keepalive without re-creating (``recr
 earlier run that re-created there lost such a race once and relayed after 30 s); the peer, the
 initiating side, re-creates after ``retry`` if its first initiation was lost.
 
+Under load the timers do not keep the two sides apart: in 50-node cold starts a pair's last
+re-creations still crossed (wireguard-go's debug logs: each side answered the other's initiation,
+neither received an answer to its own; the pair came up at WireGuard's 5 s retry). Then each side has
+answered the other (its rx bytes grew) without a session ``retry`` after its last re-creation and
+still none ``recheck`` after it first saw that answer (a peer that just initiated has confirmed by
+then: a cold start's late learner does, and re-creating would drop that session): the designated
+initiator (the side that did not wait) re-creates once more, alone; the waiting side does not.
+
 The same holds after the hold's end: a re-created peer that has answered the peer's initiation (its
 rx bytes grew, no session) is not re-created again before ``recheck`` after the answer. Re-creating
 it would drop the keys of the answered handshake while the peer completes it with our response and
@@ -118,8 +126,10 @@ class FirstContact:
         "answered",
         "checked",
         "confirming",
+        "crossed",
         "done",
         "held",
+        "initiator",
         "last",
         "probed",
         "reconfirmed",
@@ -137,6 +147,8 @@ class FirstContact:
         self.waiting = waiting
         self.t = timings or FirstContactTimings()
         self.recreate = recreate  # False: the hold ends in GO (the peer is behind NAT)
+        self.initiator = not waiting  # the pair's designated initiator (``waits``), whatever comes after
+        self.crossed = False  # the re-creation for crossed last initiations is spent
         self.done = False
         self.held = False  # our hold ended in a re-creation: the next one comes ``recheck`` after it
         self.last = False  # the last re-creation is made: no session ``retry`` after it ends the contact
@@ -162,7 +174,13 @@ class FirstContact:
             if self.answered is None:
                 return base
             return max(base, self.answered + self.t.recheck - self.since)
+        if self.answered is not None and self._may_cross():
+            return max(self.t.retry, self.answered + self.t.recheck - self.since)
         return self.t.retry
+
+    def _may_cross(self) -> bool:
+        """Whether a crossing of the last initiations would be broken by one more re-creation here."""
+        return self.last and self.initiator and self.recreate and not self.crossed
 
     def step(self, now: float, session: bool, answered: bool = False, heard: bool | None = None) -> Action:
         """What to do with the peer in this pass; ``session``: WireGuard has a live session with it
@@ -178,11 +196,20 @@ class FirstContact:
         if session:
             return self._confirm(now, heard)
         self.confirming = None
-        if answered and (self.waiting or self.held) and self.answered is None:
+        if answered and (self.waiting or self.held or self._may_cross()) and self.answered is None:
             self.answered = now
         if now < self.since + self._wait():
             return Action.HOLD if self.waiting else Action.GO
         if self.last:
+            if answered and self._may_cross():
+                # we answered the peer's initiation ``recheck`` ago and still have no session (its
+                # confirmation would have come): our last initiation and the peer's crossed, each
+                # side dropped the answer to its own; the designated initiator alone tries once
+                # more (the waiting side's re-creations are spent), before WireGuard's own retry,
+                # REKEY_TIMEOUT (5 s) after them
+                self.crossed = True
+                self._restart(now, held=False, why="our initiation and the peer's crossed", last=True)
+                return Action.RECREATE
             self.done = True  # no session after the last re-creation: the endpoint machine goes on
             return Action.GO
         # the hold ended without the peer's initiation (ours, at once, from a peer WireGuard has not

@@ -151,6 +151,41 @@ def test_the_initiator_recreates_once_when_no_session_came() -> None:
     assert fc.step(103.0, session=False) is Action.GO, "once"
 
 
+def test_crossed_last_initiations_the_initiator_alone_recreates_once_more() -> None:
+    t = FirstContactTimings(hold=0.5, retry=1.5, check=0.1, recheck=0.4)
+    initiator = FirstContact(100.0, waiting=False, timings=t)
+    assert initiator.step(101.5, session=False) is Action.RECREATE  # its retry, the last
+    # retry after it: it has answered the peer's initiation (rx grew), no session yet: the peer's
+    # confirmation may be on the way, so it looks again recheck later
+    assert initiator.step(103.0, session=False, answered=True) is Action.GO and not initiator.done
+    assert initiator.due() == pytest.approx(103.1)  # the next look (recheck ends at 103.4)
+    assert initiator.step(103.1, session=False, answered=True) is Action.GO
+    assert initiator.due() == pytest.approx(103.2)
+    # still none recheck after the answer: the initiations crossed; one more re-creation
+    act = initiator.step(103.4, session=False, answered=True)
+    assert act is Action.RECREATE and "crossed" in initiator.why and not initiator.done
+    assert initiator.step(104.9, session=False, answered=True) is Action.GO and initiator.done, "once"
+    # the waiting side, in the same state after its two re-creations, leaves the initiation to it
+    waiting = FirstContact(100.0, waiting=True, timings=t)
+    assert waiting.step(100.5, session=False) is Action.RECREATE
+    assert waiting.step(100.9, session=False) is Action.RECREATE and waiting.last
+    assert waiting.step(102.4, session=False, answered=True) is Action.GO and waiting.done
+
+
+def test_an_answer_confirmed_within_recheck_is_not_a_crossing() -> None:
+    t = FirstContactTimings(hold=0.5, retry=1.5, check=0.1, recheck=0.4)
+    fc = FirstContact(100.0, waiting=False, timings=t)
+    assert fc.step(101.5, session=False) is Action.RECREATE
+    assert fc.step(103.0, session=False, answered=True) is Action.GO  # the peer just initiated
+    assert fc.step(103.2, session=True) is Action.GO and fc.done  # and confirmed: no re-creation
+
+
+def test_no_answer_after_the_last_recreation_is_not_a_crossing() -> None:
+    fc = FirstContact(100.0, waiting=False, timings=FirstContactTimings(retry=1.5, check=0.1))
+    assert fc.step(101.5, session=False) is Action.RECREATE
+    assert fc.step(103.0, session=False, answered=False) is Action.GO and fc.done
+
+
 def test_the_initiator_with_a_session_is_done() -> None:
     fc = FirstContact(100.0, waiting=False)
     assert fc.step(100.2, session=True) is Action.GO
