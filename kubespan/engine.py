@@ -32,7 +32,7 @@ from kubespan.affiliate import (
     build_local_affiliate,
 )
 from kubespan.constants import WATCHED_CHECK_INTERVAL, MeshConfig
-from kubespan.dataplane.links import NetlinkEvent
+from kubespan.dataplane.links import NetlinkEvent, notify
 from kubespan.dataplane.ruleset import SET_IPV4, SET_IPV6
 from kubespan.endpoints import Candidate, CandidateKind, EndpointMachine, Observation
 from kubespan.firstcontact import NATTED, Action, FirstContact, FirstContactTimings, waits
@@ -348,7 +348,7 @@ class Mesh:
                 raise
             except Exception as e:  # changes may have gone unreported: the watch's own resync
                 ready.clear()
-                callback(NetlinkEvent("resync", "resync", str(e)))
+                await notify(callback, NetlinkEvent("resync", "resync", str(e)))
                 log_event(log, f"{what} watch failed; retrying", logging.WARNING, error=str(e))
                 await asyncio.sleep(1)
 

@@ -140,6 +140,8 @@ def _spawn(req: dict[str, Any]) -> int:
     for key, kind in (("module", str), ("args", list), ("ns", str), ("log", str), ("env", dict)):
         if not isinstance(req.get(key), kind):
             raise LaunchError(f"spawn: {key!r} must be a {kind.__name__}")
+    if not isinstance(req.get("wg_dir"), (str, type(None))):
+        raise LaunchError("spawn: 'wg_dir' must be a str or null")
     pid = os.fork()
     if pid == 0:
         _child(req)
@@ -157,7 +159,9 @@ def _wait(pid: int, timeout: float) -> int | None:
         time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
 
 
-def _answer(req: dict[str, Any]) -> dict[str, Any]:
+def _answer(req: object) -> dict[str, Any]:
+    if not isinstance(req, dict):
+        raise LaunchError("a request must be a JSON object")
     op = req.get("op")
     if op == "spawn":
         return {"pid": _spawn(req)}
@@ -236,6 +240,11 @@ class Launcher:
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
         return json.loads(line)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the server still runs (its children's exit codes come from it while it does)."""
+        return self._proc.poll() is None
 
     def _send(self, req: dict[str, Any]) -> None:
         if self._proc.poll() is not None or self._proc.stdin is None:
@@ -348,18 +357,23 @@ class ForkedProcess:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            try:
+            if self.launcher.alive:
                 self.returncode = self.launcher.request({"op": "wait", "pid": self.pid, "timeout": 0})["code"]
-            except LaunchError:  # the server is gone: its children were re-parented and reaped
-                if not _alive(self.pid):
-                    self.returncode = -signal.SIGKILL
+            elif not _alive(self.pid):  # the server is gone and init reaped its children: code lost
+                self.returncode = -signal.SIGKILL
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
             limit = 3600.0 if timeout is None else timeout
-            req = {"op": "wait", "pid": self.pid, "timeout": limit}
-            self.returncode = self.launcher.request(req, timeout=limit + 30)["code"]
+            if self.launcher.alive:
+                req = {"op": "wait", "pid": self.pid, "timeout": limit}
+                self.returncode = self.launcher.request(req, timeout=limit + 30)["code"]
+            else:
+                deadline = time.monotonic() + limit
+                while _alive(self.pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                self.poll()
             if self.returncode is None:
                 raise subprocess.TimeoutExpired(self.args, limit)
         return self.returncode
@@ -379,13 +393,12 @@ class ForkedProcess:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: where init does not reap, one stays a zombie)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 if __name__ == "__main__":

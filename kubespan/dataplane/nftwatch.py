@@ -58,7 +58,6 @@ class Notice:
     family: int
     table: str | None = None
     task: int | None = None  # NEWGEN only: the committing task
-
     task_name: str = ""
 
 

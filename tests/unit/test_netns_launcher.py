@@ -3,6 +3,7 @@ bad requests with an error naming the field, reaps what it forked, and ends at E
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,14 @@ def test_ready_after_the_agents_imports(launcher: Launcher) -> None:
         ),
         ({"op": "spawn", "module": "m", "args": [], "ns": "x", "log": "/dev/null"}, "'env' must be a dict"),
         ({"op": "wait", "pid": "1"}, "'pid' must be an int"),
+        ([1, 2], "a request must be a JSON object"),
+        (
+            {"op": "spawn", "module": "m", "args": [], "ns": "x", "log": "/dev/null", "env": {}, "wg_dir": 3},
+            "'wg_dir' must be a str or null",
+        ),
     ],
 )
-def test_bad_requests_name_the_field(launcher: Launcher, req: dict, says: str) -> None:
+def test_bad_requests_name_the_field(launcher: Launcher, req: object, says: str) -> None:
     with pytest.raises(LaunchError, match=says):
         launcher.request(req)
 
@@ -101,3 +107,13 @@ def test_a_failed_spawn_in_a_batch_is_named_and_the_server_stays_in_step(
     assert first.wait(30) in (1, -9)  # killed with the failed batch, or already failed to enter "none"
     with pytest.raises(LaunchError, match="unknown op"):  # the next answer is this request's
         launcher.request({"op": "?"})
+
+
+def test_children_of_a_server_that_is_gone_are_polled_by_their_pid(tmp_path: Path) -> None:
+    la = Launcher(tmp_path / "launcher.log")
+    proc = la.spawn(
+        "kubespan.cli", ["--version"], ns="no-such-netns", log=tmp_path / "a.log", env={}, wg_dir=None
+    )
+    la.close()  # the child (failed at once) is re-parented to init and reaped there: its code is lost
+    assert not la.alive
+    assert proc.wait(10) == -signal.SIGKILL and proc.poll() == -signal.SIGKILL
