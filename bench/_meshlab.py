@@ -175,7 +175,8 @@ class LanMesh:
     nodes: list[MeshNode] = field(default_factory=list)
     env: dict[str, str] | None = None  # added to every agent's environment
     args: tuple[str, ...] = ()  # added to every agent's command line (say --steering routes)
-    #: "fork": CPU seconds one agent's start-up takes that forked agents skip (see add_launch_flag)
+    #: "fork": CPU seconds one agent's start-up takes that forked agents skip (see add_launch_flag);
+    #: kept here: the figure is computed after the lab, and its launcher, are gone
     start_cpu: float = 0.0
     _next_ip: int = 11
 
@@ -186,7 +187,7 @@ class LanMesh:
         for change in ensure_neighbour_room():
             print(f"  host neighbour table: {change} (all namespaces share it)", flush=True)
         compile_bytecode()
-        ml = MeshLab(lab, launch=launch)
+        ml = MeshLab(lab, launch=launch)  # "fork": its launcher starts here
         start_cpu = float(lab.launcher().ready["start_cpu"]) if launch == "fork" else 0.0
         seg = lab.segment("lan")
         disc = lab.node("disc")

@@ -861,10 +861,11 @@ class Lab:
         finally:
             await asyncio.to_thread(self.close)
 
-    def launcher(self) -> Launcher:
-        """The lab's fork server for agents (started on first use; see netns.launcher)."""
+    def launcher(self, preload: Sequence[str] = ()) -> Launcher:
+        """The lab's fork server for agents, started on first use with ``preload`` imported (see
+        netns.launcher); later calls return it as it is."""
         if self._launcher is None:
-            self._launcher = Launcher(self.dir / "launcher.log")
+            self._launcher = Launcher(self.dir / "launcher.log", preload)
         return self._launcher
 
     def close(self) -> None:

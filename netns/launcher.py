@@ -10,8 +10,9 @@ node like ``Node.argv`` does (a new session, a private mount namespace with the 
 (by name) with the given arguments and environment, and spawns its own wireguard-go. The collector is not
 frozen: a forked agent collects like an exec'd one.
 
-The lab knows the agent by name only (``PRELOAD``, a spawn's ``module``), as it knows the command
-line it would exec. Protocol (the lab side is :class:`Launcher`): one JSON object per line on stdin,
+The server knows no agent: its command line names the modules to preload (netns.mesh's
+``AGENT_PRELOAD``), a spawn the module to run; the lab knows the agent by name only, as it knows the
+command line it would exec. Protocol (the lab side is :class:`Launcher`): one JSON object per line on stdin,
 one answer per line on stdout. ``{"op": "spawn", "module": "kubespan.cli", "args": [...], "ns": ...,
 "log": ..., "env": {...}, "wg_dir": ...}`` (``module.main(args)``, run in the child) →
 ``{"pid": N}``; ``{"op": "wait", "pid": N, "timeout": T}`` → ``{"code": C}`` (``null``: still
@@ -38,27 +39,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from netns.errors import LabError
-
-#: What ``kubespan run`` imports, at module level or on its way to the mesh (kubespan.wiring's lazy
-#: imports). A module missing here is imported by each agent again: slower, not wrong.
-PRELOAD: tuple[str, ...] = (
-    "kubespan.cli",
-    "kubespan.wireguard.userspace",
-    "kubespan.wireguard.kernel",
-    "kubespan.dataplane.links",
-    "kubespan.dataplane.nft",
-    "kubespan.dataplane.nftwatch",
-    "kubespan.dataplane.steering",
-    "kubespan.hostinfo",
-    "kubespan.nat.stunclient",
-    "kubespan.nat.opener",
-    "kubespan.nat.probemsg",
-    "kubespan.relay.agent",
-    "discovery.client",
-    "discovery.client.target",
-    "cryptography.hazmat.primitives.asymmetric.x25519",
-    "cryptography.hazmat.primitives.serialization",
-)
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWNET = 0x40000000
@@ -173,7 +153,7 @@ def _answer(req: object) -> dict[str, Any]:
     raise LaunchError(f"unknown op {op!r} (spawn, wait)")
 
 
-def serve(preload: Sequence[str] = PRELOAD) -> int:
+def serve(preload: Sequence[str]) -> int:
     """Import ``preload``, say ready, then answer requests until EOF."""
     _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     with contextlib.suppress(OSError):  # not root: forks at the default priority
@@ -205,10 +185,13 @@ def serve(preload: Sequence[str] = PRELOAD) -> int:
 class Launcher:
     """A running fork server and the requests to it (thread-safe: one request at a time)."""
 
-    def __init__(self, log: Path, python: str = sys.executable, timeout: float = 60.0) -> None:
+    def __init__(
+        self, log: Path, preload: Sequence[str] = (), python: str = sys.executable, timeout: float = 60.0
+    ) -> None:
+        """``preload``: the modules to import once, before any fork (the agent's: netns.mesh)."""
         with log.open("ab") as err:
             self._proc = subprocess.Popen(
-                [python, "-m", "netns.launcher"],
+                [python, "-m", "netns.launcher", *preload],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -402,4 +385,4 @@ def _alive(pid: int) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(serve())
+    sys.exit(serve(sys.argv[1:]))

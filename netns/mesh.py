@@ -24,6 +24,27 @@ from netns.lab import Lab, LabError, Node
 PY = sys.executable
 #: How a MeshLab starts its agents (see MeshLab).
 LAUNCHES = ("exec", "fork")
+#: What ``kubespan run`` imports, at module level or on its way to the mesh (kubespan.wiring's lazy
+#: imports): a "fork" MeshLab's launcher imports them once. A module missing here is imported by each
+#: agent again: slower, not wrong.
+AGENT_PRELOAD: tuple[str, ...] = (
+    "kubespan.cli",
+    "kubespan.wireguard.userspace",
+    "kubespan.wireguard.kernel",
+    "kubespan.dataplane.links",
+    "kubespan.dataplane.nft",
+    "kubespan.dataplane.nftwatch",
+    "kubespan.dataplane.steering",
+    "kubespan.hostinfo",
+    "kubespan.nat.stunclient",
+    "kubespan.nat.opener",
+    "kubespan.nat.probemsg",
+    "kubespan.relay.agent",
+    "discovery.client",
+    "discovery.client.target",
+    "cryptography.hazmat.primitives.asymmetric.x25519",
+    "cryptography.hazmat.primitives.serialization",
+)
 STATUS_PORT = 51821  # kubespan run's default --http-addr port
 
 
@@ -89,6 +110,8 @@ class MeshLab:
             raise LabError(f"launch must be one of {', '.join(LAUNCHES)}, not {launch!r}")
         self.lab = lab
         self.launch = launch
+        if launch == "fork":
+            lab.launcher(AGENT_PRELOAD)
         self.cluster_id = cluster_id
         self.secret_file = lab.dir / "cluster-secret"
         self.secret_file.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
@@ -143,7 +166,9 @@ class MeshLab:
         self, nodes: Sequence[Node], *extra: str, env: dict[str, str] | None = None
     ) -> list[MeshNode]:
         """:meth:`start_node` for each of ``nodes`` (forked ones in one batch: netns.launcher)."""
-        batch = self.lab.launcher().batch() if self.launch == "fork" else contextlib.nullcontext()
+        batch = (
+            self.lab.launcher(AGENT_PRELOAD).batch() if self.launch == "fork" else contextlib.nullcontext()
+        )
         with batch:
             return [self.start_node(node, *extra, env=env) for node in nodes]
 

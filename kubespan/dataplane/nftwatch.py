@@ -21,7 +21,7 @@ import errno
 import logging
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -117,8 +117,13 @@ def own_task(task: int | None, name: str) -> bool:
 class TableChanges:
     """Notices in, one event per foreign transaction that touched ``table`` (of ``family``) out."""
 
-    def __init__(self, table: str, family: int = NFPROTO_INET) -> None:
+    def __init__(
+        self, table: str, family: int = NFPROTO_INET, own: Callable[[int | None, str], bool] = own_task
+    ) -> None:
+        """``own``: whether a committing task (id, name) is this process (:func:`own_task` reads
+        /proc; the parsing here does no I/O of its own)."""
         self.table, self.family = table, family
+        self._own = own
         self._touched = 0
 
     def feed(self, notice: Notice) -> NetlinkEvent | None:
@@ -127,7 +132,7 @@ class TableChanges:
                 self._touched += 1
             return None
         touched, self._touched = self._touched, 0
-        if not touched or own_task(notice.task, notice.task_name):
+        if not touched or self._own(notice.task, notice.task_name):
             return None
         by = f"{notice.task_name or '?'} (task {notice.task})" if notice.task is not None else "unknown"
         return NetlinkEvent("nft", "changed", f"{touched} change(s) to table {self.table} by {by}")

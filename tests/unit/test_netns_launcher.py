@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from netns.launcher import PRELOAD, Launcher, LaunchError
+from netns.launcher import Launcher, LaunchError
+from netns.mesh import AGENT_PRELOAD as PRELOAD
 
 
 @pytest.fixture
 def launcher(tmp_path: Path):
-    la = Launcher(tmp_path / "launcher.log")
+    la = Launcher(tmp_path / "launcher.log", PRELOAD)
     yield la
     la.close()
 
@@ -71,7 +72,7 @@ def test_a_child_that_cannot_enter_its_node_exits_1_with_the_reason_in_its_log(
 
 
 def test_eof_ends_the_server(tmp_path: Path) -> None:
-    la = Launcher(tmp_path / "launcher.log")
+    la = Launcher(tmp_path / "launcher.log", PRELOAD)
     proc = la._proc
     la.close()
     assert proc.returncode == 0
@@ -110,7 +111,7 @@ def test_a_failed_spawn_in_a_batch_is_named_and_the_server_stays_in_step(
 
 
 def test_children_of_a_server_that_is_gone_are_polled_by_their_pid(tmp_path: Path) -> None:
-    la = Launcher(tmp_path / "launcher.log")
+    la = Launcher(tmp_path / "launcher.log", PRELOAD)
     proc = la.spawn(
         "kubespan.cli", ["--version"], ns="no-such-netns", log=tmp_path / "a.log", env={}, wg_dir=None
     )
